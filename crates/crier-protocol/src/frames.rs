@@ -1,0 +1,330 @@
+//! Frames: JSON text frames, one object each.
+//!
+//! Decoding is lenient about what it does not know (unknown fields are ignored) and strict about
+//! what it does: a wrong type for a known field is `bad_request`, an unknown `type` is
+//! `unknown_type`. `data` is kept as raw JSON and never re-serialised: the `message` frame that
+//! carries it is built once, by [`encode_message`], and its bytes are shared by every subscriber.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::codes::ErrorCode;
+
+/// A point in a channel's stream: the channel's epoch and an offset in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamPosition {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// A decoded client → server frame. Borrows from the frame text.
+#[derive(Debug)]
+pub enum ClientFrame<'a> {
+    Subscribe { id: Option<u64>, channel: Cow<'a, str>, recover: Option<StreamPosition> },
+    Unsubscribe { id: Option<u64>, channel: Cow<'a, str> },
+    Publish { id: Option<u64>, channel: Cow<'a, str>, data: &'a RawValue },
+    Ping { id: Option<u64> },
+    Refresh { id: Option<u64>, token: Cow<'a, str> },
+    Presence { id: Option<u64>, channel: Cow<'a, str> },
+    History { id: Option<u64>, channel: Cow<'a, str>, since: Option<StreamPosition>, limit: Option<usize> },
+}
+
+impl ClientFrame<'_> {
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            ClientFrame::Subscribe { id, .. }
+            | ClientFrame::Unsubscribe { id, .. }
+            | ClientFrame::Publish { id, .. }
+            | ClientFrame::Ping { id }
+            | ClientFrame::Refresh { id, .. }
+            | ClientFrame::Presence { id, .. }
+            | ClientFrame::History { id, .. } => *id,
+        }
+    }
+
+    /// The frame's `type`, as a static string (for logs and metric labels).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientFrame::Subscribe { .. } => "subscribe",
+            ClientFrame::Unsubscribe { .. } => "unsubscribe",
+            ClientFrame::Publish { .. } => "publish",
+            ClientFrame::Ping { .. } => "ping",
+            ClientFrame::Refresh { .. } => "refresh",
+            ClientFrame::Presence { .. } => "presence",
+            ClientFrame::History { .. } => "history",
+        }
+    }
+}
+
+/// Why a frame could not be decoded; becomes an `error` frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    pub id: Option<u64>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl FrameError {
+    pub fn new(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Self {
+        FrameError { id, code, message: message.into() }
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(borrow, default)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(default)]
+    recover: Option<StreamPosition>,
+    #[serde(default)]
+    since: Option<StreamPosition>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
+}
+
+/// Decodes one client frame.
+pub fn decode<'a>(text: &'a str) -> Result<ClientFrame<'a>, FrameError> {
+    let env: Envelope<'a> = serde_json::from_str(text).map_err(|e| {
+        FrameError::new(None, ErrorCode::BadRequest, format!("malformed frame: {e}"))
+    })?;
+    let id = env.id;
+    let channel = |c: Option<Cow<'a, str>>| -> Result<Cow<'a, str>, FrameError> {
+        c.ok_or_else(|| FrameError::new(id, ErrorCode::BadRequest, "missing field `channel`"))
+    };
+    let Some(kind) = env.kind else {
+        return Err(FrameError::new(id, ErrorCode::BadRequest, "missing field `type`"));
+    };
+    Ok(match kind.as_ref() {
+        "subscribe" => ClientFrame::Subscribe { id, channel: channel(env.channel)?, recover: env.recover },
+        "unsubscribe" => ClientFrame::Unsubscribe { id, channel: channel(env.channel)? },
+        "publish" => {
+            let channel = channel(env.channel)?;
+            let Some(data) = env.data else {
+                return Err(FrameError::new(id, ErrorCode::BadRequest, "missing field `data`"));
+            };
+            check_depth(data.get()).map_err(|m| FrameError::new(id, ErrorCode::BadRequest, m))?;
+            ClientFrame::Publish { id, channel, data }
+        }
+        "ping" => ClientFrame::Ping { id },
+        "refresh" => match env.token {
+            Some(token) => ClientFrame::Refresh { id, token },
+            None => return Err(FrameError::new(id, ErrorCode::BadRequest, "missing field `token`")),
+        },
+        "presence" => ClientFrame::Presence { id, channel: channel(env.channel)? },
+        "history" => ClientFrame::History { id, channel: channel(env.channel)?, since: env.since, limit: env.limit },
+        other => {
+            let shown: String = other.chars().take(32).collect();
+            return Err(FrameError::new(id, ErrorCode::UnknownType, format!("unknown frame type `{shown}`")));
+        }
+    })
+}
+
+/// Deepest nesting of arrays and objects accepted in `data`.
+pub const MAX_DATA_DEPTH: usize = 64;
+
+/// Refuses JSON nested deeper than [`MAX_DATA_DEPTH`] (subscribers' parsers may recurse).
+/// `raw` must already be valid JSON.
+pub fn check_depth(raw: &str) -> Result<(), String> {
+    let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
+    for b in raw.bytes() {
+        if in_str {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DATA_DEPTH {
+                    return Err(format!("`data` is nested deeper than {MAX_DATA_DEPTH} levels"));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Builds the `message` frame for a publication. Called once per message per cluster; the
+/// result is shared by every subscriber and every history read.
+///
+/// `data` must be valid JSON (it is, when it comes from a parsed frame or request body).
+pub fn encode_message(channel: &str, epoch: &str, offset: u64, data: &str) -> Bytes {
+    let mut out = Vec::with_capacity(64 + channel.len() + epoch.len() + data.len());
+    out.extend_from_slice(br#"{"type":"message","channel":"#);
+    push_json_str(&mut out, channel);
+    out.extend_from_slice(br#","epoch":"#);
+    push_json_str(&mut out, epoch);
+    out.extend_from_slice(br#","offset":"#);
+    out.extend_from_slice(offset.to_string().as_bytes());
+    out.extend_from_slice(br#","data":"#);
+    out.extend_from_slice(data.as_bytes());
+    out.push(b'}');
+    Bytes::from(out)
+}
+
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    // Serialising a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// A server → client frame other than `message` (see [`encode_message`]).
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ServerFrame<'a> {
+    Welcome { client: &'a str, user: &'a str, node: &'a str, ping_interval_ms: u64 },
+    Ack {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channel: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+    },
+    Pong {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
+    Error {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        code: &'a str,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channel: Option<&'a str>,
+    },
+    /// Reply to `presence`.
+    Presence {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        channel: &'a str,
+        clients: &'a [PresenceEntry],
+    },
+    /// Pushed when the server ends a subscription by itself (e.g. a refreshed token no longer
+    /// covers the channel).
+    Unsubscribed { channel: &'a str, reason: &'a str },
+}
+
+impl ServerFrame<'_> {
+    pub fn encode(&self) -> Bytes {
+        // Serialising these plain structs cannot fail.
+        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+    }
+}
+
+/// One client in a channel's presence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceEntry {
+    pub client: String,
+    pub user: String,
+    pub node: String,
+}
+
+/// Builds the reply to a `history` frame: the channel's position and the `message` frames
+/// (already encoded) after the requested offset.
+pub fn encode_history(id: Option<u64>, channel: &str, epoch: &str, offset: u64, messages: &[Bytes]) -> Bytes {
+    let mut out = Vec::with_capacity(96 + messages.iter().map(|m| m.len() + 1).sum::<usize>());
+    out.extend_from_slice(br#"{"type":"history","#);
+    if let Some(id) = id {
+        out.extend_from_slice(format!(r#""id":{id},"#).as_bytes());
+    }
+    out.extend_from_slice(br#""channel":"#);
+    push_json_str(&mut out, channel);
+    out.extend_from_slice(br#","epoch":"#);
+    push_json_str(&mut out, epoch);
+    out.extend_from_slice(format!(r#","offset":{offset},"messages":["#).as_bytes());
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(m);
+    }
+    out.extend_from_slice(b"]}");
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn v(b: &Bytes) -> Value {
+        serde_json::from_slice(b).unwrap_or(Value::Null)
+    }
+
+    #[test]
+    fn decodes_every_type() {
+        let f = decode(r#"{"type":"subscribe","id":1,"channel":"chat:lobby"}"#);
+        assert!(matches!(f, Ok(ClientFrame::Subscribe { id: Some(1), ref channel, recover: None }) if channel == "chat:lobby"));
+        let f = decode(r#"{"type":"subscribe","id":2,"channel":"c","recover":{"epoch":"x1","offset":41}}"#);
+        assert!(matches!(f, Ok(ClientFrame::Subscribe { recover: Some(StreamPosition { offset: 41, .. }), .. })));
+        let f = decode(r#"{"type":"publish","id":4,"channel":"c","data":{"a":[1,2]}}"#);
+        assert!(matches!(f, Ok(ClientFrame::Publish { data, .. }) if data.get() == r#"{"a":[1,2]}"#));
+        assert!(matches!(decode(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping { id: None })));
+        assert!(matches!(decode(r#"{"type":"refresh","token":"t"}"#), Ok(ClientFrame::Refresh { .. })));
+        assert!(matches!(decode(r#"{"type":"presence","channel":"c"}"#), Ok(ClientFrame::Presence { .. })));
+        let f = decode(r#"{"type":"history","channel":"c","since":{"epoch":"e","offset":3},"limit":5,"extra":true}"#);
+        assert!(matches!(f, Ok(ClientFrame::History { limit: Some(5), since: Some(_), .. })));
+    }
+
+    #[test]
+    fn refuses_bad_frames_with_codes() {
+        let code = |t: &str| decode(t).map(|_| ()).map_err(|e| e.code);
+        assert_eq!(code("nope"), Err(ErrorCode::BadRequest));
+        assert_eq!(code("[]"), Err(ErrorCode::BadRequest));
+        assert_eq!(code(r#"{"id":1}"#), Err(ErrorCode::BadRequest));
+        assert_eq!(code(r#"{"type":"subscribe"}"#), Err(ErrorCode::BadRequest));
+        assert_eq!(code(r#"{"type":"subscribe","channel":5}"#), Err(ErrorCode::BadRequest));
+        assert_eq!(code(r#"{"type":"publish","channel":"c"}"#), Err(ErrorCode::BadRequest));
+        assert_eq!(code(r#"{"type":"dance","id":9}"#), Err(ErrorCode::UnknownType));
+        assert_eq!(decode(r#"{"type":"dance","id":9}"#).err().and_then(|e| e.id), Some(9));
+        let deep = "[".repeat(10_000) + &"]".repeat(10_000);
+        let deep = format!(r#"{{"type":"publish","channel":"c","data":{deep}}}"#);
+        assert_eq!(code(&deep), Err(ErrorCode::BadRequest));
+        let ok = "[".repeat(64) + &"]".repeat(64);
+        assert!(check_depth(&ok).is_ok());
+        assert!(check_depth(r#"["[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\"["]"#).is_ok());
+    }
+
+    #[test]
+    fn message_frame_is_valid_json() {
+        let b = encode_message("chat:lobby", "x1", 58, r#"{"text":"hi \"there\""}"#);
+        assert_eq!(
+            v(&b),
+            json!({"type":"message","channel":"chat:lobby","epoch":"x1","offset":58,"data":{"text":"hi \"there\""}})
+        );
+    }
+
+    #[test]
+    fn server_frames() {
+        let ack = ServerFrame::Ack { id: Some(2), channel: Some("c"), epoch: Some("e"), offset: Some(3), recovered: Some(true) };
+        assert_eq!(v(&ack.encode()), json!({"type":"ack","id":2,"channel":"c","epoch":"e","offset":3,"recovered":true}));
+        assert_eq!(v(&ServerFrame::Pong { id: None }.encode()), json!({"type":"pong"}));
+        let m = encode_message("c", "e", 1, "1");
+        let h = encode_history(Some(8), "c", "e", 1, &[m.clone(), m]);
+        assert_eq!(v(&h)["messages"].as_array().map(|a| a.len()), Some(2));
+        assert_eq!(v(&h)["id"], json!(8));
+        assert_eq!(v(&encode_history(None, "c", "e", 0, &[])), json!({"type":"history","channel":"c","epoch":"e","offset":0,"messages":[]}));
+    }
+}
