@@ -1,1 +1,34 @@
-//! placeholder
+//! crier's delivery core: everything between "a message was accepted" and "its bytes are queued
+//! for a socket", independent of HTTP and of Redis.
+//!
+//! - [`outbox`]: a connection's bounded outbound queue (bytes-bounded; overflow = close 4009).
+//! - [`hub`]: the node's local subscriptions, channel → subscribers, sharded; fan-out of one
+//!   shared frame; the buffering that makes recovery race-free.
+//! - [`broker`]: the [`Broker`] trait (publish with offsets/epochs, history, node-level
+//!   subscriptions, presence, cluster-wide connection counts) and the embedded [`MemoryBroker`];
+//!   [`broker::conformance`] is the test suite every broker passes.
+//! - [`node`]: subscribe/unsubscribe orchestration between hub and broker (one broker subscription
+//!   per channel per node, rolled back on failure) and the recovery merge.
+//! - [`registry`]: the node's live connections, by id and by user (disconnects, drain).
+//!
+//! Architecture invariant: crier-core knows nothing of HTTP, WebSockets or Redis.
+
+pub mod broker;
+pub mod hub;
+pub mod node;
+pub mod outbox;
+pub mod registry;
+
+pub use broker::{Broker, BrokerError, BrokerHandler, History, MemoryBroker, NodeInfo, Publication, PublishResult};
+pub use hub::Hub;
+pub use node::{Node, SubscribeError};
+pub use outbox::{Close, Next, Out, Outbox, Push};
+pub use registry::Registry;
+
+/// A connection's id, unique within a node.
+pub type ConnId = u64;
+
+/// Microseconds since the Unix epoch (publication timestamps; compared across nodes).
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}

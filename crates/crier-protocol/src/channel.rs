@@ -23,10 +23,9 @@ impl std::fmt::Display for ChannelError {
         match self {
             ChannelError::Empty => f.write_str("channel name is empty"),
             ChannelError::TooLong => write!(f, "channel name is longer than {MAX_CHANNEL_LEN} bytes"),
-            ChannelError::BadByte(b) => write!(
-                f,
-                "channel name contains byte 0x{b:02x}; allowed are A-Z a-z 0-9 _ - : . @ / ="
-            ),
+            ChannelError::BadByte(b) => {
+                write!(f, "channel name contains byte 0x{b:02x}; allowed are A-Z a-z 0-9 _ - : . @ / =")
+            }
         }
     }
 }

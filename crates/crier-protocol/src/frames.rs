@@ -95,9 +95,8 @@ struct Envelope<'a> {
 
 /// Decodes one client frame.
 pub fn decode<'a>(text: &'a str) -> Result<ClientFrame<'a>, FrameError> {
-    let env: Envelope<'a> = serde_json::from_str(text).map_err(|e| {
-        FrameError::new(None, ErrorCode::BadRequest, format!("malformed frame: {e}"))
-    })?;
+    let env: Envelope<'a> = serde_json::from_str(text)
+        .map_err(|e| FrameError::new(None, ErrorCode::BadRequest, format!("malformed frame: {e}")))?;
     let id = env.id;
     let channel = |c: Option<Cow<'a, str>>| -> Result<Cow<'a, str>, FrameError> {
         c.ok_or_else(|| FrameError::new(id, ErrorCode::BadRequest, "missing field `channel`"))
@@ -189,7 +188,12 @@ fn push_json_str(out: &mut Vec<u8>, s: &str) {
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ServerFrame<'a> {
-    Welcome { client: &'a str, user: &'a str, node: &'a str, ping_interval_ms: u64 },
+    Welcome {
+        client: &'a str,
+        user: &'a str,
+        node: &'a str,
+        ping_interval_ms: u64,
+    },
     Ack {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
@@ -223,7 +227,10 @@ pub enum ServerFrame<'a> {
     },
     /// Pushed when the server ends a subscription by itself (e.g. a refreshed token no longer
     /// covers the channel).
-    Unsubscribed { channel: &'a str, reason: &'a str },
+    Unsubscribed {
+        channel: &'a str,
+        reason: &'a str,
+    },
 }
 
 impl ServerFrame<'_> {
@@ -276,7 +283,9 @@ mod tests {
     #[test]
     fn decodes_every_type() {
         let f = decode(r#"{"type":"subscribe","id":1,"channel":"chat:lobby"}"#);
-        assert!(matches!(f, Ok(ClientFrame::Subscribe { id: Some(1), ref channel, recover: None }) if channel == "chat:lobby"));
+        assert!(
+            matches!(f, Ok(ClientFrame::Subscribe { id: Some(1), ref channel, recover: None }) if channel == "chat:lobby")
+        );
         let f = decode(r#"{"type":"subscribe","id":2,"channel":"c","recover":{"epoch":"x1","offset":41}}"#);
         assert!(matches!(f, Ok(ClientFrame::Subscribe { recover: Some(StreamPosition { offset: 41, .. }), .. })));
         let f = decode(r#"{"type":"publish","id":4,"channel":"c","data":{"a":[1,2]}}"#);
@@ -304,7 +313,9 @@ mod tests {
         assert_eq!(code(&deep), Err(ErrorCode::BadRequest));
         let ok = "[".repeat(64) + &"]".repeat(64);
         assert!(check_depth(&ok).is_ok());
-        assert!(check_depth(r#"["[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\"["]"#).is_ok());
+        assert!(
+            check_depth(r#"["[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\"["]"#).is_ok()
+        );
     }
 
     #[test]
@@ -318,13 +329,25 @@ mod tests {
 
     #[test]
     fn server_frames() {
-        let ack = ServerFrame::Ack { id: Some(2), channel: Some("c"), epoch: Some("e"), offset: Some(3), recovered: Some(true) };
-        assert_eq!(v(&ack.encode()), json!({"type":"ack","id":2,"channel":"c","epoch":"e","offset":3,"recovered":true}));
+        let ack = ServerFrame::Ack {
+            id: Some(2),
+            channel: Some("c"),
+            epoch: Some("e"),
+            offset: Some(3),
+            recovered: Some(true),
+        };
+        assert_eq!(
+            v(&ack.encode()),
+            json!({"type":"ack","id":2,"channel":"c","epoch":"e","offset":3,"recovered":true})
+        );
         assert_eq!(v(&ServerFrame::Pong { id: None }.encode()), json!({"type":"pong"}));
         let m = encode_message("c", "e", 1, "1");
         let h = encode_history(Some(8), "c", "e", 1, &[m.clone(), m]);
         assert_eq!(v(&h)["messages"].as_array().map(|a| a.len()), Some(2));
         assert_eq!(v(&h)["id"], json!(8));
-        assert_eq!(v(&encode_history(None, "c", "e", 0, &[])), json!({"type":"history","channel":"c","epoch":"e","offset":0,"messages":[]}));
+        assert_eq!(
+            v(&encode_history(None, "c", "e", 0, &[])),
+            json!({"type":"history","channel":"c","epoch":"e","offset":0,"messages":[]})
+        );
     }
 }

@@ -1,0 +1,286 @@
+//! The broker conformance suite: the promises of the [`Broker`] trait, as executable checks.
+//! Every broker (memory, Redis) runs it from its own tests with a factory for fresh instances:
+//!
+//! ```ignore
+//! crier_core::broker::conformance::run(|s| async move { make_broker(s) }).await;
+//! ```
+//!
+//! Checks poll with a deadline (delivery through Redis is asynchronous) and panic with a clear
+//! message on failure. Channel names carry a random prefix so runs never collide.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crier_protocol::StreamPosition;
+use crier_protocol::frames::PresenceEntry;
+
+use super::{Broker, BrokerHandler, NodeInfo, Publication, PublishOptions};
+
+/// What a factory is asked for.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub history_size: usize,
+    pub history_ttl: Duration,
+}
+
+/// A handler that records what it is given.
+#[derive(Default)]
+pub struct RecordingHandler {
+    pub publications: Mutex<Vec<(String, Publication)>>,
+    pub subscribed: Mutex<HashSet<String>>,
+    pub disconnected: Mutex<Vec<String>>,
+}
+
+impl RecordingHandler {
+    pub fn offsets(&self, channel: &str) -> Vec<u64> {
+        let p = self.publications.lock().unwrap_or_else(|e| e.into_inner());
+        p.iter().filter(|(c, _)| c == channel).map(|(_, p)| p.offset).collect()
+    }
+}
+
+impl BrokerHandler for RecordingHandler {
+    fn on_publication(&self, channel: &str, publication: Publication) {
+        self.publications.lock().unwrap_or_else(|e| e.into_inner()).push((channel.to_owned(), publication));
+    }
+    fn on_disconnect_user(&self, user: &str) -> usize {
+        self.disconnected.lock().unwrap_or_else(|e| e.into_inner()).push(user.to_owned());
+        1
+    }
+    fn has_subscribers(&self, channel: &str) -> bool {
+        self.subscribed.lock().unwrap_or_else(|e| e.into_inner()).contains(channel)
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn prefix() -> String {
+    format!("conf{}", super::memory::new_epoch())
+}
+
+async fn fresh<F, Fut>(make: &F, s: Settings) -> (Arc<dyn Broker>, Arc<RecordingHandler>)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let b = make(s).await;
+    let h = Arc::new(RecordingHandler::default());
+    b.set_handler(h.clone());
+    (b, h)
+}
+
+/// Runs every check.
+pub async fn run<F, Fut>(make: F)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let s = Settings { history_size: 10, history_ttl: Duration::from_secs(60) };
+    offsets_and_order(&make, s).await;
+    history_windows(&make, s).await;
+    idempotency(&make, s).await;
+    unsubscribe_rechecks(&make, s).await;
+    presence_and_connections(&make, s).await;
+    history_expiry(&make, Settings { history_size: 10, history_ttl: Duration::from_millis(300) }).await;
+}
+
+async fn offsets_and_order<F, Fut>(make: &F, s: Settings)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let (b, h) = fresh(make, s).await;
+    let ch = format!("{}:order", prefix());
+    let other = format!("{}:other", prefix());
+    h.subscribed.lock().unwrap_or_else(|e| e.into_inner()).insert(ch.clone());
+    b.subscribe(&ch).await.unwrap_or_else(|e| panic!("subscribe: {e}"));
+    let mut epoch = None;
+    for i in 1..=50u64 {
+        let r = b
+            .publish(&ch, &format!("{{\"n\":{i}}}"), PublishOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("publish: {e}"));
+        assert_eq!(r.offset, i, "offsets go up by one per message");
+        let e = epoch.get_or_insert_with(|| r.epoch.clone());
+        assert_eq!(*e, r.epoch, "epoch is stable");
+    }
+    b.publish(&other, "1", PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}"));
+    assert!(eventually(WAIT, || h.offsets(&ch).len() == 50).await, "all 50 delivered, got {:?}", h.offsets(&ch));
+    assert_eq!(h.offsets(&ch), (1..=50).collect::<Vec<_>>(), "delivered in offset order");
+    assert!(h.offsets(&other).is_empty(), "unsubscribed channels are not delivered");
+    let p = h.publications.lock().unwrap_or_else(|e| e.into_inner())[0].1.clone();
+    let v: serde_json::Value = serde_json::from_slice(&p.frame).unwrap_or_default();
+    assert_eq!(v["type"], "message");
+    assert_eq!(v["channel"], ch.as_str());
+    assert_eq!(v["offset"], 1);
+    assert_eq!(v["data"]["n"], 1);
+    assert_eq!(v["epoch"].as_str(), epoch.as_deref());
+}
+
+async fn history_windows<F, Fut>(make: &F, s: Settings)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let (b, _h) = fresh(make, s).await;
+    let ch = format!("{}:hist", prefix());
+    let empty = b.history(&ch, None, 10).await.unwrap_or_else(|e| panic!("history: {e}"));
+    assert_eq!(empty.offset, 0);
+    assert!(empty.publications.is_empty() && !empty.gap);
+    let empty2 = b.history(&ch, None, 10).await.unwrap_or_else(|e| panic!("history: {e}"));
+    assert_eq!(empty.epoch, empty2.epoch, "an unpublished channel keeps its epoch");
+    let mut epoch = String::new();
+    for i in 1..=15u64 {
+        epoch = b
+            .publish(&ch, &i.to_string(), PublishOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("publish: {e}"))
+            .epoch;
+    }
+    assert_eq!(epoch, empty.epoch, "the epoch seen before the first publish is the channel's epoch");
+    let offs = |h: &super::History| h.publications.iter().map(|p| p.offset).collect::<Vec<_>>();
+    let latest = b.history(&ch, None, 3).await.unwrap_or_else(|e| panic!("history: {e}"));
+    assert_eq!((latest.offset, offs(&latest)), (15, vec![13, 14, 15]), "latest N without since");
+    let pos = |o| StreamPosition { epoch: epoch.clone(), offset: o };
+    let h = b.history(&ch, Some(&pos(10)), 100).await.unwrap_or_else(|e| panic!("history: {e}"));
+    assert_eq!((offs(&h), h.gap), (vec![11, 12, 13, 14, 15], false), "since within history");
+    let h = b.history(&ch, Some(&pos(10)), 2).await.unwrap_or_else(|e| panic!("history: {e}"));
+    assert_eq!(offs(&h), vec![11, 12], "limit takes the oldest after since");
+    let h = b.history(&ch, Some(&pos(15)), 100).await.unwrap_or_else(|e| panic!("history: {e}"));
+    assert!(h.publications.is_empty() && !h.gap, "nothing missed");
+    let h = b.history(&ch, Some(&pos(5)), 100).await.unwrap_or_else(|e| panic!("history: {e}"));
+    assert_eq!((offs(&h).len(), h.gap), (10, false), "history_size 10 holds 6..=15: nothing missing after 5");
+    let h = b.history(&ch, Some(&pos(4)), 100).await.unwrap_or_else(|e| panic!("history: {e}"));
+    assert!(h.gap, "offset 5 was trimmed");
+    let h = b
+        .history(&ch, Some(&StreamPosition { epoch: "other".into(), offset: 10 }), 100)
+        .await
+        .unwrap_or_else(|e| panic!("history: {e}"));
+    assert!(h.gap, "a different epoch is a gap");
+    let h = b.history(&ch, Some(&pos(99)), 100).await.unwrap_or_else(|e| panic!("history: {e}"));
+    assert!(h.gap, "an offset beyond the top is a gap");
+}
+
+async fn idempotency<F, Fut>(make: &F, s: Settings)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let (b, h) = fresh(make, s).await;
+    let ch = format!("{}:idem", prefix());
+    h.subscribed.lock().unwrap_or_else(|e| e.into_inner()).insert(ch.clone());
+    b.subscribe(&ch).await.unwrap_or_else(|e| panic!("subscribe: {e}"));
+    let k = PublishOptions { idempotency_key: Some("k1") };
+    let r1 = b.publish(&ch, "1", k).await.unwrap_or_else(|e| panic!("publish: {e}"));
+    let r2 = b.publish(&ch, "1", k).await.unwrap_or_else(|e| panic!("publish: {e}"));
+    assert_eq!(r1, r2, "a retried publish returns the first result");
+    let r3 = b
+        .publish(&ch, "2", PublishOptions { idempotency_key: Some("k2") })
+        .await
+        .unwrap_or_else(|e| panic!("publish: {e}"));
+    assert_eq!(r3.offset, r1.offset + 1);
+    assert!(eventually(WAIT, || h.offsets(&ch).len() == 2).await);
+    let marker = b.publish(&ch, "3", PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}"));
+    assert!(eventually(WAIT, || h.offsets(&ch).contains(&marker.offset)).await);
+    assert_eq!(h.offsets(&ch), vec![1, 2, 3], "the retry was not delivered again");
+}
+
+async fn unsubscribe_rechecks<F, Fut>(make: &F, s: Settings)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let (b, h) = fresh(make, s).await;
+    let ch = format!("{}:unsub", prefix());
+    h.subscribed.lock().unwrap_or_else(|e| e.into_inner()).insert(ch.clone());
+    b.subscribe(&ch).await.unwrap_or_else(|e| panic!("subscribe: {e}"));
+    // The handler still has subscribers: a (late) unsubscribe must not take effect.
+    b.unsubscribe(&ch).await.unwrap_or_else(|e| panic!("unsubscribe: {e}"));
+    b.publish(&ch, "1", PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}"));
+    assert!(eventually(WAIT, || h.offsets(&ch) == [1]).await, "still delivered after a stale unsubscribe");
+    h.subscribed.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    b.unsubscribe(&ch).await.unwrap_or_else(|e| panic!("unsubscribe: {e}"));
+    b.publish(&ch, "2", PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}"));
+    // Prove the unsubscribe took effect: subscribe another channel, publish there, and once that
+    // arrives, the earlier publish on `ch` would have too.
+    let probe = format!("{}:probe", prefix());
+    h.subscribed.lock().unwrap_or_else(|e| e.into_inner()).insert(probe.clone());
+    b.subscribe(&probe).await.unwrap_or_else(|e| panic!("subscribe: {e}"));
+    b.publish(&probe, "1", PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}"));
+    assert!(eventually(WAIT, || h.offsets(&probe) == [1]).await);
+    assert_eq!(h.offsets(&ch), vec![1], "not delivered after unsubscribe");
+}
+
+async fn presence_and_connections<F, Fut>(make: &F, s: Settings)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let (b, h) = fresh(make, s).await;
+    let ch = format!("{}:presence", prefix());
+    let user = format!("{}-user", prefix());
+    let e1 = PresenceEntry { client: "c1".into(), user: user.clone(), node: "n1".into() };
+    let e2 = PresenceEntry { client: "c2".into(), user: "u2".into(), node: "n1".into() };
+    b.presence_add(&ch, &e1).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    b.presence_add(&ch, &e2).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    b.presence_add(&ch, &e2).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    let mut p = b.presence(&ch).await.unwrap_or_else(|e| panic!("presence: {e}"));
+    p.sort_by(|a, b| a.client.cmp(&b.client));
+    assert_eq!(p, vec![e1.clone(), e2.clone()]);
+    b.presence_remove(&ch, "c2").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    assert_eq!(b.presence(&ch).await.unwrap_or_default(), vec![e1]);
+
+    assert_eq!(b.connection_opened(&user, "c1").await.ok(), Some(1));
+    assert_eq!(b.connection_opened(&user, "c2").await.ok(), Some(2));
+    b.connection_closed(&user, "c1").await.unwrap_or_else(|e| panic!("connection_closed: {e}"));
+    assert_eq!(b.connection_opened(&user, "c3").await.ok(), Some(2));
+
+    assert!(b.disconnect_user(&user).await.is_ok());
+    assert!(
+        eventually(WAIT, || h.disconnected.lock().unwrap_or_else(|e| e.into_inner()).contains(&user)).await,
+        "disconnect_user reaches the handler"
+    );
+
+    let me = NodeInfo { node: format!("{}-node", prefix()), connections: 3, version: "t".into() };
+    b.report_node(&me).await.unwrap_or_else(|e| panic!("report_node: {e}"));
+    let nodes = b.nodes().await.unwrap_or_else(|e| panic!("nodes: {e}"));
+    assert!(nodes.contains(&me), "the node registry lists this node: {nodes:?}");
+    assert!(b.is_up());
+}
+
+async fn history_expiry<F, Fut>(make: &F, s: Settings)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let (b, _h) = fresh(make, s).await;
+    let ch = format!("{}:ttl", prefix());
+    let r = b.publish(&ch, "1", PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}"));
+    let pos = StreamPosition { epoch: r.epoch.clone(), offset: 0 };
+    let h = b.history(&ch, Some(&pos), 10).await.unwrap_or_else(|e| panic!("history: {e}"));
+    assert_eq!(h.publications.len(), 1);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let h = b.history(&ch, Some(&pos), 10).await.unwrap_or_else(|e| panic!("history: {e}"));
+        if h.publications.is_empty() && h.gap {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "history expires after history_ttl");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

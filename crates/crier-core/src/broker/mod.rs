@@ -1,0 +1,146 @@
+//! The Broker: what a node needs from the rest of the cluster.
+//!
+//! Delivery guarantee (enforced by the implementations, checked by [`conformance`]):
+//! - `publish` assigns the channel's next `offset` and appends to its history atomically, so every
+//!   node sees one order per channel; an `Ok` means the message is in the history and on its way
+//!   to every node subscribed to the channel.
+//! - A node subscribed to a channel receives its publications through
+//!   [`BrokerHandler::on_publication`] in offset order. A subscriber that cannot be sure it saw
+//!   every message (reconnect, node restart, broker blip) recovers from `history` by offset;
+//!   when the history no longer holds the gap (trimmed, expired, or the epoch changed), the
+//!   broker says so (`History::gap`) and the client is told `recovered: false`.
+//! - The epoch changes whenever a channel's history is lost, so an offset is only meaningful with
+//!   its epoch.
+//!
+//! Besides messages, the broker holds the little cluster state a node needs from the others:
+//! presence, per-user connection counts, the node registry, and user disconnects.
+
+pub mod conformance;
+mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use crier_protocol::StreamPosition;
+use crier_protocol::frames::PresenceEntry;
+use serde::Serialize;
+
+pub use memory::MemoryBroker;
+
+/// One published message as nodes pass it around: its place in the channel's stream and the
+/// `message` frame, encoded once.
+#[derive(Debug, Clone)]
+pub struct Publication {
+    pub offset: u64,
+    pub epoch: Arc<str>,
+    /// The complete `message` frame (valid UTF-8 JSON).
+    pub frame: Bytes,
+    /// When the publish was accepted, in microseconds since the Unix epoch.
+    pub published_at_us: u64,
+}
+
+/// The answer to a publish: where the message landed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PublishResult {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// A channel's position and the requested part of its history.
+#[derive(Debug, Clone)]
+pub struct History {
+    pub epoch: String,
+    /// The channel's last offset (0 when nothing was ever published in this epoch).
+    pub offset: u64,
+    /// Oldest first.
+    pub publications: Vec<Publication>,
+    /// `since` was given and the history cannot fill the gap after it: the epoch differs, or
+    /// messages after `since` were trimmed or expired.
+    pub gap: bool,
+}
+
+/// A node as listed by `/api/v1/info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeInfo {
+    pub node: String,
+    pub connections: u64,
+    pub version: String,
+}
+
+/// Broker failures. `Unavailable` is what callers turn into `unavailable` / 503.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("broker error: {0}")]
+    Internal(String),
+}
+
+/// What a broker calls back into (the node's hub, via the server).
+pub trait BrokerHandler: Send + Sync + 'static {
+    /// A publication on a channel this node subscribed to. Called in offset order per channel.
+    fn on_publication(&self, channel: &str, publication: Publication);
+    /// Close every local connection of `user` (cluster-wide disconnect). Returns how many.
+    fn on_disconnect_user(&self, user: &str) -> usize;
+    /// Does this node still have local subscribers of `channel`? Checked before a broker-level
+    /// unsubscribe, so a late unsubscribe never undoes a newer subscribe.
+    fn has_subscribers(&self, channel: &str) -> bool;
+}
+
+/// Options of a publish.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PublishOptions<'a> {
+    /// A repeated publish with the same key (per channel) within [`IDEMPOTENCY_WINDOW`] returns
+    /// the first result and is not delivered again.
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// How long idempotency keys are remembered.
+pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// See the module docs.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Installs the handler that receives publications and cluster events. Called once, before
+    /// any subscribe.
+    fn set_handler(&self, handler: Arc<dyn BrokerHandler>);
+
+    /// Publishes raw JSON `data` on `channel` (already validated and authorized).
+    async fn publish(&self, channel: &str, data: &str, opts: PublishOptions<'_>) -> Result<PublishResult, BrokerError>;
+
+    /// Starts delivering `channel`'s publications to this node. Idempotent.
+    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError>;
+
+    /// Stops delivering `channel` to this node, unless the handler has subscribers again.
+    async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError>;
+
+    /// The channel's position, and its publications after `since` (oldest first, at most
+    /// `limit`), or the latest `limit` when `since` is `None`.
+    async fn history(
+        &self,
+        channel: &str,
+        since: Option<&StreamPosition>,
+        limit: usize,
+    ) -> Result<History, BrokerError>;
+
+    /// Presence: adds or refreshes a client in a channel.
+    async fn presence_add(&self, channel: &str, entry: &PresenceEntry) -> Result<(), BrokerError>;
+    async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError>;
+    async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError>;
+
+    /// Counts a new connection of `user` cluster-wide; returns the user's count including it.
+    async fn connection_opened(&self, user: &str, client: &str) -> Result<u64, BrokerError>;
+    async fn connection_closed(&self, user: &str, client: &str) -> Result<(), BrokerError>;
+
+    /// Closes every connection of `user` on every node; returns how many were closed.
+    async fn disconnect_user(&self, user: &str) -> Result<u64, BrokerError>;
+
+    /// Records this node in the node registry (called periodically).
+    async fn report_node(&self, info: &NodeInfo) -> Result<(), BrokerError>;
+    /// Live nodes.
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError>;
+
+    /// Whether the broker is reachable right now (readiness, `crier_broker_up`).
+    fn is_up(&self) -> bool;
+}

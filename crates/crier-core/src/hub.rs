@@ -1,0 +1,248 @@
+//! The hub: this node's local subscriptions, channel → subscribers.
+//!
+//! Sharded by channel (short `std` mutex critical sections, never held across an await). A
+//! publication is fanned out by pushing the same [`Bytes`] (a reference-count increment) into
+//! each live subscriber's [`Outbox`]; nothing is serialised per subscriber.
+//!
+//! A new subscriber starts *buffering*: live publications are kept aside while the session reads
+//! the channel's position/history from the broker. [`Hub::activate`] then, in one critical
+//! section, queues the ack and the recovered messages, the buffered publications newer than
+//! those, and flips the subscriber to live. That is the race-free recovery merge: subscribe to the
+//! live stream first, read history, merge by offset, go live — no gap, no duplicate.
+//!
+//! Empty channels leave no entry behind.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::OnceCell;
+
+use crate::ConnId;
+use crate::broker::Publication;
+use crate::outbox::{Outbox, Push};
+
+const SHARDS: usize = 64;
+
+/// Resolves once this node's broker subscription for a channel is in place; shared by every
+/// local subscriber that joined while it was being made.
+pub type BrokerReady = Arc<OnceCell<()>>;
+
+struct Subscriber {
+    outbox: Arc<Outbox>,
+    /// `Some` while buffering (before [`Hub::activate`]).
+    buffer: Option<Vec<Publication>>,
+}
+
+struct Channel {
+    subscribers: HashMap<ConnId, Subscriber>,
+    ready: BrokerReady,
+}
+
+/// Counts from one fan-out.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fanout {
+    /// Frames queued to live subscribers.
+    pub delivered: usize,
+    /// Subscribers closed as slow consumers by this fan-out.
+    pub slow: usize,
+}
+
+/// The subscriber is already subscribed to that channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlreadySubscribed;
+
+/// See the module docs.
+pub struct Hub {
+    shards: Vec<Mutex<HashMap<String, Channel>>>,
+    hasher: RandomState,
+    channels: AtomicUsize,
+    subscriptions: AtomicUsize,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub::new()
+    }
+}
+
+impl Hub {
+    pub fn new() -> Hub {
+        Hub {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            channels: AtomicUsize::new(0),
+            subscriptions: AtomicUsize::new(0),
+        }
+    }
+
+    fn shard(&self, channel: &str) -> MutexGuard<'_, HashMap<String, Channel>> {
+        let i = (self.hasher.hash_one(channel) as usize) % SHARDS;
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a buffering subscriber. Returns the channel's broker-readiness cell: the caller makes
+    /// sure it is initialised (broker subscribe) before reading history.
+    pub fn add(&self, channel: &str, conn: ConnId, outbox: Arc<Outbox>) -> Result<BrokerReady, AlreadySubscribed> {
+        let mut shard = self.shard(channel);
+        let ch = match shard.entry(channel.to_owned()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                self.channels.fetch_add(1, Ordering::Relaxed);
+                e.insert(Channel { subscribers: HashMap::new(), ready: Arc::new(OnceCell::new()) })
+            }
+        };
+        match ch.subscribers.entry(conn) {
+            Entry::Occupied(_) => Err(AlreadySubscribed),
+            Entry::Vacant(e) => {
+                e.insert(Subscriber { outbox, buffer: Some(Vec::new()) });
+                self.subscriptions.fetch_add(1, Ordering::Relaxed);
+                Ok(ch.ready.clone())
+            }
+        }
+    }
+
+    /// Queues `frames` (the ack, then recovered messages) to a buffering subscriber, then every
+    /// buffered publication after `after` (same epoch; all of them if the epoch differs), and
+    /// makes the subscriber live — all in one critical section. Returns `false` if the subscriber
+    /// is gone, or its outbox overflowed.
+    pub fn activate(&self, channel: &str, conn: ConnId, frames: Vec<Bytes>, after: (&str, u64)) -> bool {
+        let mut shard = self.shard(channel);
+        let Some(sub) = shard.get_mut(channel).and_then(|c| c.subscribers.get_mut(&conn)) else {
+            return false;
+        };
+        let buffered = sub.buffer.take().unwrap_or_default();
+        if sub.outbox.push_all(frames) != Push::Queued {
+            return false;
+        }
+        let (epoch, offset) = after;
+        let newer = buffered.into_iter().filter(|p| *p.epoch != *epoch || p.offset > offset).map(|p| p.frame);
+        sub.outbox.push_all(newer) == Push::Queued
+    }
+
+    /// Removes a subscriber. Returns `true` when it was the channel's last one (the entry is gone
+    /// and the caller should release the broker subscription).
+    pub fn remove(&self, channel: &str, conn: ConnId) -> bool {
+        let mut shard = self.shard(channel);
+        let Some(ch) = shard.get_mut(channel) else {
+            return false;
+        };
+        if ch.subscribers.remove(&conn).is_some() {
+            self.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        }
+        if ch.subscribers.is_empty() {
+            shard.remove(channel);
+            self.channels.fetch_sub(1, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Fans a publication out to the channel's local subscribers.
+    pub fn deliver(&self, channel: &str, publication: &Publication) -> Fanout {
+        let mut out = Fanout::default();
+        let mut shard = self.shard(channel);
+        let Some(ch) = shard.get_mut(channel) else {
+            return out;
+        };
+        for sub in ch.subscribers.values_mut() {
+            match &mut sub.buffer {
+                Some(buf) => buf.push(publication.clone()),
+                None => match sub.outbox.push(publication.frame.clone()) {
+                    Push::Queued => out.delivered += 1,
+                    Push::Overflow => out.slow += 1,
+                    Push::Closed => {}
+                },
+            }
+        }
+        out
+    }
+
+    /// Does this node have subscribers (live or buffering) on `channel`?
+    pub fn has_channel(&self, channel: &str) -> bool {
+        self.shard(channel).contains_key(channel)
+    }
+
+    /// Channels with at least one local subscriber.
+    pub fn channel_count(&self) -> usize {
+        self.channels.load(Ordering::Relaxed)
+    }
+
+    /// Local subscriptions, all channels.
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::{Next, Out};
+
+    fn publication(offset: u64) -> Publication {
+        Publication { offset, epoch: "e".into(), frame: Bytes::from(offset.to_string()), published_at_us: 0 }
+    }
+
+    async fn drain(o: &Outbox) -> Vec<String> {
+        let mut batch = Vec::new();
+        if o.queued_bytes() > 0 {
+            assert_eq!(o.next(&mut batch).await, Next::Batch);
+        }
+        batch
+            .into_iter()
+            .filter_map(|b| match b {
+                Out::Frame(f) => Some(String::from_utf8_lossy(&f).into_owned()),
+                Out::Ping => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn buffering_merge_has_no_gap_and_no_duplicate() {
+        let hub = Hub::new();
+        let o = Arc::new(Outbox::new(1 << 20));
+        assert!(hub.add("c", 1, o.clone()).is_ok());
+        assert_eq!(hub.add("c", 1, o.clone()).err(), Some(AlreadySubscribed));
+        // Live messages 5 and 6 arrive while history (up to 5) is being read.
+        hub.deliver("c", &publication(5));
+        hub.deliver("c", &publication(6));
+        assert!(drain(&o).await.is_empty(), "nothing reaches a buffering subscriber");
+        assert!(hub.activate("c", 1, vec![Bytes::from("ack"), Bytes::from("4"), Bytes::from("5")], ("e", 5)));
+        hub.deliver("c", &publication(7));
+        assert_eq!(drain(&o).await, ["ack", "4", "5", "6", "7"]);
+    }
+
+    #[tokio::test]
+    async fn entries_go_away_and_counts_follow() {
+        let hub = Hub::new();
+        let (a, b) = (Arc::new(Outbox::new(100)), Arc::new(Outbox::new(100)));
+        assert!(hub.add("c", 1, a).is_ok());
+        assert!(hub.add("c", 2, b).is_ok());
+        assert_eq!((hub.channel_count(), hub.subscription_count()), (1, 2));
+        assert!(!hub.remove("c", 1));
+        assert!(hub.remove("c", 2), "last one out");
+        assert!(!hub.has_channel("c"));
+        assert_eq!((hub.channel_count(), hub.subscription_count()), (0, 0));
+        assert!(!hub.remove("c", 2));
+    }
+
+    #[tokio::test]
+    async fn slow_subscriber_does_not_affect_others() {
+        let hub = Hub::new();
+        let (slow, fast) = (Arc::new(Outbox::new(3)), Arc::new(Outbox::new(1000)));
+        for (id, o) in [(1, &slow), (2, &fast)] {
+            assert!(hub.add("c", id, o.clone()).is_ok());
+            assert!(hub.activate("c", id, vec![], ("e", 0)));
+        }
+        let mut slow_count = 0;
+        for i in 10..20 {
+            slow_count += hub.deliver("c", &publication(i)).slow;
+        }
+        assert_eq!(slow_count, 1, "closed once");
+        assert!(slow.is_closing());
+        assert_eq!(drain(&fast).await.len(), 10);
+    }
+}

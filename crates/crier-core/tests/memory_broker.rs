@@ -1,0 +1,11 @@
+//! The memory broker passes the broker conformance suite (the Redis broker runs the same one).
+
+use std::sync::Arc;
+
+use crier_core::broker::conformance;
+use crier_core::{Broker, MemoryBroker};
+
+#[tokio::test]
+async fn memory_broker_conforms() {
+    conformance::run(|s| async move { MemoryBroker::new(s.history_size, s.history_ttl) as Arc<dyn Broker> }).await;
+}
