@@ -55,18 +55,21 @@ struct State {
     bytes: usize,
     close: Option<Close>,
     closing: bool,
+    aborted: bool,
 }
 
 /// See the module docs.
 pub struct Outbox {
     state: Mutex<State>,
     notify: Notify,
+    /// Wakes a writer blocked on a socket that does not drain when queued data is dropped.
+    abort: Notify,
     max_bytes: usize,
 }
 
 impl Outbox {
     pub fn new(max_bytes: usize) -> Outbox {
-        Outbox { state: Mutex::new(State::default()), notify: Notify::new(), max_bytes }
+        Outbox { state: Mutex::new(State::default()), notify: Notify::new(), abort: Notify::new(), max_bytes }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -84,9 +87,11 @@ impl Outbox {
             s.queue.clear();
             s.bytes = 0;
             s.closing = true;
+            s.aborted = true;
             s.close = Some(Close { code: CloseCode::SLOW_CONSUMER, reason: "slow consumer".into() });
             drop(s);
             self.notify.notify_one();
+            self.abort.notify_waiters();
             return Push::Overflow;
         }
         s.bytes += frame.len();
@@ -133,11 +138,27 @@ impl Outbox {
         if !flush {
             s.queue.clear();
             s.bytes = 0;
+            s.aborted = true;
         }
         s.close = Some(Close { code, reason: reason.into() });
         drop(s);
         self.notify.notify_one();
+        if !flush {
+            self.abort.notify_waiters();
+        }
         true
+    }
+
+    /// Resolves once a close that drops queued data was requested (slow consumer, heartbeat
+    /// timeout...): a writer blocked on a socket that does not drain races its writes with this.
+    pub async fn aborted(&self) {
+        loop {
+            let notified = self.abort.notified();
+            if self.lock().aborted {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// True once a close was requested.

@@ -1,1 +1,85 @@
-//! Authentication (being written).
+//! Authentication: JWT verification, token extraction, the Origin allow-list and REST API keys.
+//!
+//! - [`Verifier`] checks a client's JWT (CONTRACT §2 "JWT claims") against the configured key
+//!   ([`KeySource`]: an HMAC secret, a PEM public key or a JWKS file) and yields its [`Claims`].
+//!   A rejection is a [`TokenError`] whose text is the human reason for the `message` field of a
+//!   `token_invalid` response; it never contains the token.
+//! - [`extract_token`] finds the token of a handshake: `Authorization: Bearer`, then the
+//!   `crier.bearer.<jwt>` WebSocket subprotocol, then `?token=`.
+//! - [`OriginPolicy`] is the `allowed_origins` list.
+//! - [`api_key_matches`] compares a REST API key in constant time.
+//! - [`mint_hs256`] and [`generate_secret`] serve `--dev` and tests.
+
+mod extract;
+mod jwt;
+mod keys;
+mod origin;
+
+pub use extract::{BEARER_SUBPROTOCOL_PREFIX, TokenSource, bearer_token, extract_token};
+pub use jwt::{
+    Claims, KeySource, LEEWAY_SECS, MAX_TOKEN_BYTES, TokenError, Verifier, generate_secret, mint_hs256, parse_algorithm,
+};
+pub use origin::OriginPolicy;
+
+use std::sync::OnceLock;
+use subtle::{Choice, ConstantTimeEq};
+
+/// Is `presented` one of `keys`?
+///
+/// Every configured key is compared, with no early exit, and the comparison is on fixed-size
+/// keyed digests (HMAC-SHA256 under a random per-process key) so neither the content nor the
+/// length of a configured key leaks through timing. An empty `presented` key and empty
+/// configured keys never match.
+pub fn api_key_matches(keys: &[String], presented: &str) -> bool {
+    if presented.is_empty() {
+        return false;
+    }
+    let Some(presented_digest) = api_key_digest(presented.as_bytes()) else {
+        return false;
+    };
+    let mut found = Choice::from(0u8);
+    for key in keys {
+        let Some(digest) = api_key_digest(key.as_bytes()) else {
+            continue;
+        };
+        let non_empty = Choice::from(u8::from(!key.is_empty()));
+        found |= digest.as_bytes().ct_eq(presented_digest.as_bytes()) & non_empty;
+    }
+    found.into()
+}
+
+/// HMAC-SHA256 of `data` under a random per-process key, base64url (always 43 bytes).
+fn api_key_digest(data: &[u8]) -> Option<String> {
+    static DIGEST_KEY: OnceLock<jsonwebtoken::EncodingKey> = OnceLock::new();
+    let key = DIGEST_KEY.get_or_init(|| jsonwebtoken::EncodingKey::from_secret(&rand::random::<[u8; 32]>()));
+    jsonwebtoken::crypto::sign(data, key, jsonwebtoken::Algorithm::HS256).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_keys() {
+        let keys = vec!["alpha-key-123".to_string(), "beta".to_string()];
+        assert!(api_key_matches(&keys, "alpha-key-123"));
+        assert!(api_key_matches(&keys, "beta"));
+        assert!(!api_key_matches(&keys, "alpha-key-12"));
+        assert!(!api_key_matches(&keys, "alpha-key-1234"));
+        assert!(!api_key_matches(&keys, "Beta"));
+        assert!(!api_key_matches(&keys, ""));
+        assert!(!api_key_matches(&[], "beta"));
+        // An empty configured key matches nothing, not even an empty presented key.
+        let with_empty = vec![String::new()];
+        assert!(!api_key_matches(&with_empty, ""));
+        assert!(!api_key_matches(&with_empty, "x"));
+    }
+
+    #[test]
+    fn api_key_digests_are_fixed_size() {
+        let short = api_key_digest(b"a");
+        let long = api_key_digest(&[b'z'; 4096]);
+        assert_eq!(short.map(|d| d.len()), Some(43));
+        assert_eq!(long.map(|d| d.len()), Some(43));
+    }
+}

@@ -1,6 +1,161 @@
 //! crier, the server: everything between a TCP listener and the delivery core.
 //!
 //! - [`config`]: settings from flags, `CRIER_*` environment, a TOML file and defaults.
-//! - [`auth`]: JWT verification, token extraction, the Origin allow-list.
+//! - [`auth`]: JWT verification, token extraction, the Origin allow-list, API keys.
+//! - [`http`]: the router ([`http::app`]): handshake, REST API, health, metrics, demo page.
+//! - [`handshake`]: `GET /ws`, every check before the upgrade.
+//! - [`session`]: one WebSocket connection: frames in, replies and messages out, heartbeats.
+//! - [`api`]: the REST API.
+//! - [`state`]: the shared state handle and the broker → hub handler.
+//! - [`limits`]: rate limits (per IP handshakes, per user frames).
+//! - [`metrics`]: metric names and the Prometheus recorder.
+//! - [`error`]: the JSON error body.
+//!
+//! The library never binds ports or reads signals: `main` does, and calls [`run`] with the
+//! listener, the settings and a shutdown future.
+
+pub mod api;
 pub mod auth;
 pub mod config;
+pub mod error;
+pub mod handshake;
+pub mod http;
+pub mod limits;
+pub mod metrics;
+pub mod session;
+pub mod state;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use crier_core::{Broker, Hub, MemoryBroker, Node, NodeInfo, Registry};
+use crier_protocol::CloseCode;
+use tokio::net::TcpListener;
+
+use crate::auth::{KeySource, OriginPolicy, Verifier};
+use crate::config::Config;
+use crate::limits::Limits;
+use crate::state::{AppState, Inner, NodeHandler};
+
+/// How often a node refreshes its entry in the node registry.
+const REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a stopping node waits for its sessions to end after the drain.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// Builds a node's state: broker, hub, verifier, limits. `dev_token` enables the demo page.
+pub async fn build_state(config: Config, dev_token: Option<String>) -> anyhow::Result<AppState> {
+    let verifier = Verifier::new(&KeySource {
+        secret: config.jwt.secret.clone(),
+        public_key_file: config.jwt.public_key_file.clone(),
+        jwks_file: config.jwt.jwks_file.clone(),
+        algorithms: config.jwt.algorithms.clone(),
+        issuer: config.jwt.issuer.clone(),
+        audience: config.jwt.audience.clone(),
+    })
+    .map_err(anyhow::Error::msg)
+    .context("JWT key")?;
+    let origins = OriginPolicy::new(&config.allowed_origins).map_err(anyhow::Error::msg).context("allowed_origins")?;
+    let broker: Arc<dyn Broker> = match &config.redis_url {
+        Some(_url) => anyhow::bail!("the Redis broker is not available in this build yet"),
+        None => MemoryBroker::new(config.history_size, config.history_ttl),
+    };
+    let hub = Arc::new(Hub::new());
+    let registry = Arc::new(Registry::new());
+    broker.set_handler(Arc::new(NodeHandler { hub: hub.clone(), registry: registry.clone() }));
+    let limits = Limits::new(config.handshake_rate, config.handshake_burst, config.user_rate, config.user_burst);
+    Ok(AppState(Arc::new(Inner {
+        node: Node::new(hub, broker),
+        registry,
+        verifier,
+        origins,
+        limits,
+        metrics: crate::metrics::install(),
+        draining: AtomicBool::new(false),
+        started: Instant::now(),
+        dev_token,
+        config,
+    })))
+}
+
+/// Serves until `shutdown` resolves, then drains (see [`drain`]) and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    dev_token: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let st = build_state(config, dev_token).await?;
+    serve(listener, st, shutdown).await
+}
+
+/// Serves a built state (see [`run`]).
+pub async fn serve(
+    listener: TcpListener,
+    st: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let background = tokio::spawn(background(st.clone()));
+    let app = http::app(st.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let drain_st = st.clone();
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            drain(&drain_st).await;
+        })
+        .await;
+    let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
+    while !st.registry.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    background.abort();
+    result.context("HTTP server")
+}
+
+/// Stops a node gently: readiness turns 503 and new upgrades are refused, then every client is
+/// closed with 1012, the closes spread evenly over `shutdown_drain` so they do not all reconnect
+/// to the other nodes at once.
+pub async fn drain(st: &AppState) {
+    st.draining.store(true, Ordering::SeqCst);
+    let outboxes = st.registry.outboxes();
+    tracing::info!(connections = outboxes.len(), over = ?st.config.shutdown_drain, "draining");
+    let n = outboxes.len() as u32;
+    if n > 0 {
+        let step = st.config.shutdown_drain / n;
+        for (i, o) in outboxes.iter().enumerate() {
+            o.close(CloseCode::RESTART, "node draining; reconnect to another node", true);
+            if (i as u32) + 1 < n {
+                tokio::time::sleep(step).await;
+            }
+        }
+    }
+}
+
+/// Publishes this node's entry in the node registry.
+pub async fn report_node(st: &AppState) {
+    let info = NodeInfo {
+        node: st.config.node_id.clone(),
+        connections: st.registry.len() as u64,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    if let Err(e) = st.broker().report_node(&info).await {
+        tracing::debug!(error = %e, "node report failed");
+    }
+}
+
+/// Periodic chores: node registry, limiter housekeeping.
+async fn background(st: AppState) {
+    let mut tick = tokio::time::interval(REPORT_INTERVAL);
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        report_node(&st).await;
+        n += 1;
+        if n.is_multiple_of(12) {
+            st.limits.shrink();
+        }
+    }
+}

@@ -1,1 +1,130 @@
-fn main() {}
+//! The `crier` binary: reads settings, sets up logging, binds the listener, installs signal
+//! handlers, and hands over to [`crier::run`].
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crier::auth;
+use crier::config::{self, Config, ConfigError, LogFormat};
+
+fn main() -> ExitCode {
+    let env: HashMap<String, String> = std::env::vars_os()
+        .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
+        .collect();
+    let mut config = match config::load(std::env::args_os(), &env) {
+        Ok(c) => c,
+        Err(ConfigError::Help(text)) => {
+            println!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("crier: invalid configuration:\n{e}");
+            return ExitCode::from(64);
+        }
+    };
+    init_logging(config.log_format);
+    let dev_token = if config.dev { Some(prepare_dev(&mut config)) } else { None };
+    if config.jwt.secret.is_none() && config.jwt.public_key_file.is_none() && config.jwt.jwks_file.is_none() {
+        eprintln!(
+            "crier: no JWT key configured. Set jwt_secret, jwt_public_key_file or jwt_jwks_file \
+             (flags --jwt-secret..., env CRIER_JWT_SECRET..., or the config file), or run `crier --dev`."
+        );
+        return ExitCode::from(64);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("crier: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve(config, dev_token))
+}
+
+async fn serve(config: Config, dev_token: Option<String>) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("crier: cannot listen on {}: {e}", config.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| config.listen.to_string());
+    // Tests and scripts read this line to learn the port when listening on port 0.
+    println!("crier listening on http://{addr}");
+    tracing::info!(%addr, node = %config.node_id, broker = if config.redis_url.is_some() { "redis" } else { "memory" }, "crier started");
+    if let Some(token) = &dev_token {
+        print_dev_banner(&addr, token, &config);
+    }
+    match crier::run(listener, config, dev_token, shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("crier: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--dev`: a generated secret and API key (unless given), any Origin, and a token to print.
+fn prepare_dev(config: &mut Config) -> String {
+    if config.jwt.secret.is_none() && config.jwt.public_key_file.is_none() && config.jwt.jwks_file.is_none() {
+        config.jwt.secret = Some(auth::generate_secret());
+    }
+    if config.api_keys.is_empty() {
+        config.api_keys = vec![format!("dev-{}", auth::generate_secret())];
+    }
+    if config.allowed_origins.is_empty() {
+        config.allowed_origins = vec!["*".into()];
+    }
+    let secret = config.jwt.secret.clone().unwrap_or_default();
+    auth::mint_hs256(secret.as_bytes(), "dev-user", &["*"], &["*"], Duration::from_secs(24 * 3600)).unwrap_or_default()
+}
+
+fn print_dev_banner(addr: &str, token: &str, config: &Config) {
+    let host = addr.replace("0.0.0.0", "localhost").replace("[::]", "localhost");
+    let key = config.api_keys.first().map(String::as_str).unwrap_or_default();
+    println!(
+        "\n  crier --dev: single node, memory broker, any Origin allowed. Not for production.\n\n  \
+         demo page:   http://{host}/\n  \
+         token (24h): {token}\n  \
+         connect:     ws://{host}/ws   (Authorization: Bearer <token>, or subprotocols crier.v1, crier.bearer.<token>)\n  \
+         publish:     curl -s -X POST http://{host}/api/v1/publish -H 'Authorization: Bearer {key}' \
+         -H 'Content-Type: application/json' -d '{{\"channel\":\"chat:lobby\",\"data\":{{\"text\":\"hello\"}}}}'\n"
+    );
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,210 @@
+//! The REST API (server-to-server), `Authorization: Bearer <api key>`.
+//!
+//! Bodies are read with a size bound and parsed here (not by an extractor) so every rejection is
+//! the contract's JSON error: 400 `bad_request` / `invalid_channel`, 401 `unauthorized`,
+//! 413 `message_too_large`, 503 `unavailable`.
+
+use axum::Json;
+use axum::body::{Body, to_bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use crier_core::broker::PublishOptions;
+use crier_protocol::frames::check_depth;
+use crier_protocol::{StreamPosition, validate_channel};
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+
+use crate::auth::api_key_matches;
+use crate::error::ApiError;
+use crate::metrics as m;
+use crate::state::AppState;
+
+/// Largest number of channels in one broadcast.
+pub const MAX_BROADCAST_CHANNELS: usize = 1000;
+/// Largest `limit` of a history request.
+const MAX_HISTORY_LIMIT: usize = 1000;
+
+/// Middleware: checks the API key and counts requests.
+pub async fn require_api_key(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let endpoint = endpoint_label(req.uri().path());
+    let resp = match presented {
+        Some(key) if api_key_matches(&st.config.api_keys, key) => next.run(req).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown API key").into_response(),
+        None => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing `Authorization: Bearer <api key>`")
+            .into_response(),
+    };
+    metrics::counter!(m::API_REQUESTS, "endpoint" => endpoint, "status" => resp.status().as_str().to_owned())
+        .increment(1);
+    resp
+}
+
+fn endpoint_label(path: &str) -> &'static str {
+    match path {
+        "/api/v1/publish" => "publish",
+        "/api/v1/broadcast" => "broadcast",
+        "/api/v1/disconnect" => "disconnect",
+        "/api/v1/info" => "info",
+        p if p.ends_with("/history") => "history",
+        p if p.ends_with("/presence") => "presence",
+        _ => "other",
+    }
+}
+
+/// Reads and parses a JSON body of at most `limit` bytes.
+async fn read_json<'de, T: Deserialize<'de>>(body: Body, limit: usize, buf: &'de mut Vec<u8>) -> Result<T, ApiError> {
+    let bytes = to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "message_too_large", format!("request body over {limit} bytes"))
+    })?;
+    *buf = bytes.to_vec();
+    serde_json::from_slice(buf).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn check_channel(channel: &str) -> Result<(), ApiError> {
+    validate_channel(channel).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()))
+}
+
+fn check_data(st: &AppState, data: &RawValue) -> Result<(), ApiError> {
+    if data.get().len() > st.config.max_message_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "message_too_large",
+            format!("`data` is over max_message_bytes ({})", st.config.max_message_bytes),
+        ));
+    }
+    check_depth(data.get()).map_err(ApiError::bad_request)
+}
+
+/// Body limit: the payload bound plus room for the envelope.
+fn body_limit(st: &AppState, channels: usize) -> usize {
+    st.config.max_message_bytes + 1024 + channels * 260
+}
+
+#[derive(Deserialize)]
+struct PublishBody<'a> {
+    channel: String,
+    #[serde(borrow)]
+    data: &'a RawValue,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+pub async fn publish(State(st): State<AppState>, body: Body) -> Result<Response, ApiError> {
+    let mut buf = Vec::new();
+    let req: PublishBody<'_> = read_json(body, body_limit(&st, 1), &mut buf).await?;
+    check_channel(&req.channel)?;
+    check_data(&st, req.data)?;
+    if req.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 256) {
+        return Err(ApiError::bad_request("idempotency_key must be 1-256 bytes"));
+    }
+    let opts = PublishOptions { idempotency_key: req.idempotency_key.as_deref() };
+    let r = st
+        .broker()
+        .publish(&req.channel, req.data.get(), opts)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    metrics::counter!(m::PUBLISHED, "source" => "api").increment(1);
+    Ok(Json(json!({"channel": req.channel, "epoch": r.epoch, "offset": r.offset})).into_response())
+}
+
+#[derive(Deserialize)]
+struct BroadcastBody<'a> {
+    channels: Vec<String>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+pub async fn broadcast(State(st): State<AppState>, body: Body) -> Result<Response, ApiError> {
+    let mut buf = Vec::new();
+    let req: BroadcastBody<'_> = read_json(body, body_limit(&st, MAX_BROADCAST_CHANNELS), &mut buf).await?;
+    if req.channels.is_empty() || req.channels.len() > MAX_BROADCAST_CHANNELS {
+        return Err(ApiError::bad_request(format!("`channels` must hold 1-{MAX_BROADCAST_CHANNELS} channels")));
+    }
+    check_data(&st, req.data)?;
+    let mut results = Vec::with_capacity(req.channels.len());
+    for channel in &req.channels {
+        if let Err(e) = validate_channel(channel) {
+            results.push(json!({"channel": channel, "error": "invalid_channel", "message": e.to_string()}));
+            continue;
+        }
+        match st.broker().publish(channel, req.data.get(), PublishOptions::default()).await {
+            Ok(r) => {
+                metrics::counter!(m::PUBLISHED, "source" => "api").increment(1);
+                results.push(json!({"channel": channel, "epoch": r.epoch, "offset": r.offset}));
+            }
+            Err(e) => results.push(json!({"channel": channel, "error": "unavailable", "message": e.to_string()})),
+        }
+    }
+    Ok(Json(json!({ "results": results })).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct HistoryQuery {
+    since_offset: Option<u64>,
+    epoch: Option<String>,
+    limit: Option<usize>,
+}
+
+pub async fn history(
+    State(st): State<AppState>,
+    Path(channel): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Response, ApiError> {
+    check_channel(&channel)?;
+    let since = match (q.since_offset, q.epoch) {
+        (Some(offset), Some(epoch)) => Some(StreamPosition { epoch, offset }),
+        (None, None) => None,
+        _ => return Err(ApiError::bad_request("give both `since_offset` and `epoch`, or neither")),
+    };
+    let limit = q.limit.unwrap_or(st.config.history_size).min(MAX_HISTORY_LIMIT);
+    let h =
+        st.broker().history(&channel, since.as_ref(), limit).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let messages: Vec<&RawValue> = h
+        .publications
+        .iter()
+        .filter_map(|p| std::str::from_utf8(&p.frame).ok())
+        .filter_map(|s| serde_json::from_str::<&RawValue>(s).ok())
+        .collect();
+    let body = json!({"epoch": h.epoch, "offset": h.offset, "recovered": since.as_ref().map(|_| !h.gap), "messages": messages});
+    Ok(Json(body).into_response())
+}
+
+pub async fn presence(State(st): State<AppState>, Path(channel): Path<String>) -> Result<Response, ApiError> {
+    check_channel(&channel)?;
+    let clients = st.broker().presence(&channel).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    Ok(Json(json!({ "clients": clients })).into_response())
+}
+
+#[derive(Deserialize)]
+struct DisconnectBody {
+    user: String,
+}
+
+pub async fn disconnect(State(st): State<AppState>, body: Body) -> Result<Response, ApiError> {
+    let mut buf = Vec::new();
+    let req: DisconnectBody = read_json(body, 4096, &mut buf).await?;
+    if req.user.is_empty() {
+        return Err(ApiError::bad_request("`user` must not be empty"));
+    }
+    let n = st.broker().disconnect_user(&req.user).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    Ok(Json(json!({ "disconnected": n })).into_response())
+}
+
+pub async fn info(State(st): State<AppState>) -> Result<Response, ApiError> {
+    crate::report_node(&st).await;
+    let nodes = st.broker().nodes().await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    Ok(Json(json!({ "nodes": nodes })).into_response())
+}
+
+/// 404 for unknown API routes, in the contract's shape.
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}

@@ -1,0 +1,443 @@
+//! The typed pass: every raw value parsed and checked, every problem collected.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, AlgorithmFamily};
+use rand::Rng;
+
+use super::sources::{Raw, RawSettings, RawValue, Source, suggest};
+use super::table;
+use super::{Config, ConfigError, JwtSettings, LogFormat};
+
+const MIN_MESSAGE_BYTES: usize = 64;
+const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+const MAX_HISTORY_SIZE: usize = 1_000_000;
+const MIN_SECRET_BYTES: usize = 32;
+const MAX_NODE_ID_BYTES: usize = 128;
+/// Upper bound for heartbeats and the drain: far beyond any sane value, far below
+/// anything that could overflow `Instant + Duration`.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+const MAX_HISTORY_TTL: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+const KEY_SETTINGS: [&str; 3] = ["jwt_secret", "jwt_public_key_file", "jwt_jwks_file"];
+const ALGORITHMS: [&str; 12] =
+    ["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"];
+
+struct Parser<'a> {
+    raw: &'a RawSettings,
+    problems: Vec<String>,
+}
+
+impl<'a> Parser<'a> {
+    fn source(&self, name: &str) -> Option<&'a Source> {
+        self.raw.get(name).map(|r| &r.source)
+    }
+
+    /// Records `name: <value> (<source>): <problem>`, hiding secret values.
+    fn report(&mut self, name: &str, value: &str, source: &Source, problem: impl Display) {
+        let shown = if table::find(name).is_some_and(|s| s.secret) {
+            "the value".to_owned()
+        } else if name == "redis_url" {
+            format!("`{}`", redact_url(value))
+        } else {
+            format!("`{value}`")
+        };
+        self.problems.push(format!("{name}: {shown} ({source}): {problem}"));
+    }
+
+    /// The text of a one-value setting, or `None` when it has no value at all.
+    fn text(&mut self, name: &str) -> Option<(&'a str, &'a Source)> {
+        let raw: &'a Raw = self.raw.get(name)?;
+        match &raw.value {
+            RawValue::Text(t) => Some((t.as_str(), &raw.source)),
+            // `sources` only makes lists for list settings; be safe anyway.
+            RawValue::List(items) => {
+                self.report(name, &items.join(","), &raw.source, "expected a single value, not a list");
+                None
+            }
+        }
+    }
+
+    /// A setting with a default: always has a value, which must pass `check`.
+    fn required<T>(&mut self, name: &str, check: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+        let Some((text, source)) = self.text(name) else {
+            if self.raw.get(name).is_none() {
+                self.problems.push(format!("{name}: no value"));
+            }
+            return None;
+        };
+        match check(text) {
+            Ok(v) => Some(v),
+            Err(problem) => {
+                self.report(name, text, source, problem);
+                None
+            }
+        }
+    }
+
+    /// A setting that may be unset (blank counts as unset). `None` = invalid (reported).
+    fn optional<T>(&mut self, name: &str, check: impl FnOnce(&str) -> Result<T, String>) -> Option<Option<T>> {
+        if !self.raw.contains_key(name) {
+            return Some(None);
+        }
+        let (text, source) = self.text(name)?;
+        if text.trim().is_empty() {
+            return Some(None);
+        }
+        match check(text) {
+            Ok(v) => Some(Some(v)),
+            Err(problem) => {
+                self.report(name, text, source, problem);
+                None
+            }
+        }
+    }
+
+    /// A list setting: items trimmed, empties dropped, each passed through `check`.
+    /// `None` if any item was invalid (each one reported).
+    fn list<T>(&mut self, name: &str, check: impl Fn(&str) -> Result<T, String>) -> Option<Vec<T>> {
+        let Some(raw) = self.raw.get(name) else {
+            return Some(Vec::new());
+        };
+        let items: Vec<&str> = match &raw.value {
+            RawValue::Text(t) => t.split(',').collect(),
+            RawValue::List(items) => items.iter().map(String::as_str).collect(),
+        };
+        let mut out = Vec::with_capacity(items.len());
+        let mut ok = true;
+        for item in items.into_iter().map(str::trim).filter(|i| !i.is_empty()) {
+            match check(item) {
+                Ok(v) => out.push(v),
+                Err(problem) => {
+                    self.report(name, item, &raw.source, problem);
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(out)
+    }
+}
+
+/// Turns raw values into a [`Config`], adding every problem to `problems`.
+pub(super) fn build(
+    raw: &RawSettings,
+    env: &HashMap<String, String>,
+    problems: Vec<String>,
+) -> Result<Config, ConfigError> {
+    let mut p = Parser { raw, problems };
+
+    let dev = p.required("dev", boolean);
+    let listen = p.required("listen", |s| {
+        s.trim()
+            .parse::<SocketAddr>()
+            .map_err(|_| "expected an IP address and a port, like 0.0.0.0:8080 or [::]:8080".to_owned())
+    });
+    let node_id = p.optional("node_id", node_id).map(|id| id.unwrap_or_else(|| default_node_id(env)));
+    let redis_url = p.optional("redis_url", |s| {
+        let s = s.trim();
+        if ["redis://", "rediss://", "unix://"].iter().any(|scheme| s.starts_with(scheme)) {
+            Ok(s.to_owned())
+        } else {
+            Err("expected a URL starting with redis://, rediss:// or unix://".to_owned())
+        }
+    });
+
+    // JWT
+    let secret = p.optional("jwt_secret", |s| Ok(s.to_owned()));
+    if let (Some(Some(secret)), Some(false)) = (&secret, dev)
+        && secret.len() < MIN_SECRET_BYTES
+        && let Some(source) = p.source("jwt_secret")
+    {
+        p.report(
+            "jwt_secret",
+            secret,
+            source,
+            format!(
+                "is {} bytes; HS256 secrets shorter than {MIN_SECRET_BYTES} bytes are \
+                 guessable, so use at least {MIN_SECRET_BYTES} random bytes (e.g. \
+                 `openssl rand -base64 48`), or --dev for local testing",
+                secret.len()
+            ),
+        );
+    }
+    let public_key_file = p.optional("jwt_public_key_file", path);
+    let jwks_file = p.optional("jwt_jwks_file", path);
+    let key_set = [
+        secret.as_ref().is_some_and(Option::is_some),
+        public_key_file.as_ref().is_some_and(Option::is_some),
+        jwks_file.as_ref().is_some_and(Option::is_some),
+    ];
+    if key_set.iter().filter(|set| **set).count() > 1 {
+        let which: Vec<String> = KEY_SETTINGS
+            .iter()
+            .zip(key_set)
+            .filter(|(_, set)| *set)
+            .map(|(name, _)| match p.source(name) {
+                Some(source) => format!("{name} ({source})"),
+                None => (*name).to_owned(),
+            })
+            .collect();
+        p.problems
+            .push(format!("{}: set only one of jwt_secret, jwt_public_key_file and jwt_jwks_file", which.join(", ")));
+    }
+    let algorithms = p.list("jwt_algorithms", algorithm).map(|algs| {
+        let mut unique: Vec<Algorithm> = Vec::with_capacity(algs.len());
+        for alg in algs {
+            if !unique.contains(&alg) {
+                unique.push(alg);
+            }
+        }
+        unique
+    });
+    if let Some(algs) = &algorithms {
+        check_algorithms_fit_key(&mut p, algs, key_set);
+    }
+    let issuer = p.optional("jwt_issuer", |s| Ok(s.trim().to_owned()));
+    let audience = p.optional("jwt_audience", |s| Ok(s.trim().to_owned()));
+
+    // Access
+    let allowed_origins = p.list("allowed_origins", origin);
+    let allow_anonymous = p.required("allow_anonymous", boolean);
+    let api_keys = p.list("api_keys", |s| Ok(s.to_owned()));
+
+    // Heartbeats and limits
+    let ping_interval = p.required("ping_interval", |s| duration_within(s, false, MAX_DURATION));
+    let pong_timeout = p.required("pong_timeout", |s| duration_within(s, false, MAX_DURATION));
+    let max_message_bytes = p.required("max_message_bytes", |s| {
+        let n: usize = number(s)?;
+        if (MIN_MESSAGE_BYTES..=MAX_MESSAGE_BYTES).contains(&n) {
+            Ok(n)
+        } else {
+            Err(format!("must be between {MIN_MESSAGE_BYTES} and {MAX_MESSAGE_BYTES} (16 MiB)"))
+        }
+    });
+    let max_subscriptions = p.required("max_subscriptions_per_connection", at_least_one::<usize>);
+    let max_connections_per_user = p.required("max_connections_per_user", number::<usize>);
+    let client_queue_max_bytes = p.required("client_queue_max_bytes", number::<usize>);
+    if let (Some(queue), Some(max)) = (client_queue_max_bytes, max_message_bytes)
+        && queue < max
+        && let (Some((text, source)), Some(max_source)) =
+            (p.text("client_queue_max_bytes"), p.source("max_message_bytes"))
+    {
+        p.report(
+            "client_queue_max_bytes",
+            text,
+            source,
+            format!(
+                "must be at least max_message_bytes ({max}, {max_source}), or no message \
+                 could ever be queued"
+            ),
+        );
+    }
+    let user_rate = p.required("user_rate", at_least_one::<u32>);
+    let user_burst = p.required("user_burst", at_least_one::<u32>);
+    let handshake_rate = p.required("handshake_rate", at_least_one::<u32>);
+    let handshake_burst = p.required("handshake_burst", at_least_one::<u32>);
+
+    // History, shutdown, logs
+    let history_size = p.required("history_size", |s| {
+        let n: usize = number(s)?;
+        if n <= MAX_HISTORY_SIZE { Ok(n) } else { Err(format!("must be at most {MAX_HISTORY_SIZE}")) }
+    });
+    let history_ttl = p.required("history_ttl", |s| {
+        duration_within(s, history_size == Some(0), MAX_HISTORY_TTL).map_err(|e| {
+            if e.starts_with("must be more than") {
+                format!("{e} (set history_size to 0 to keep no history)")
+            } else {
+                e
+            }
+        })
+    });
+    let shutdown_drain = p.required("shutdown_drain", |s| duration_within(s, true, MAX_DURATION));
+    let log_format = p.required("log_format", |s| match s.trim().to_ascii_lowercase().as_str() {
+        "human" | "text" => Ok(LogFormat::Human),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("expected `human` or `json`".to_owned()),
+    });
+
+    if !p.problems.is_empty() {
+        return Err(ConfigError::Invalid(p.problems));
+    }
+    Ok(Config {
+        listen: got(listen)?,
+        node_id: got(node_id)?,
+        redis_url: got(redis_url)?,
+        jwt: JwtSettings {
+            secret: got(secret)?,
+            public_key_file: got(public_key_file)?,
+            jwks_file: got(jwks_file)?,
+            algorithms: got(algorithms)?,
+            issuer: got(issuer)?,
+            audience: got(audience)?,
+        },
+        allowed_origins: got(allowed_origins)?,
+        allow_anonymous: got(allow_anonymous)?,
+        api_keys: got(api_keys)?,
+        ping_interval: got(ping_interval)?,
+        pong_timeout: got(pong_timeout)?,
+        max_message_bytes: got(max_message_bytes)?,
+        max_subscriptions_per_connection: got(max_subscriptions)?,
+        max_connections_per_user: got(max_connections_per_user)?,
+        client_queue_max_bytes: got(client_queue_max_bytes)?,
+        user_rate: got(user_rate)?,
+        user_burst: got(user_burst)?,
+        handshake_rate: got(handshake_rate)?,
+        handshake_burst: got(handshake_burst)?,
+        history_size: got(history_size)?,
+        history_ttl: got(history_ttl)?,
+        shutdown_drain: got(shutdown_drain)?,
+        log_format: got(log_format)?,
+        dev: got(dev)?,
+    })
+}
+
+/// Every failed value was reported, so with no problems every value is present.
+fn got<T>(value: Option<T>) -> Result<T, ConfigError> {
+    value.ok_or_else(|| ConfigError::Invalid(vec!["internal error: a setting failed without saying why".to_owned()]))
+}
+
+/// HS* needs a secret and a secret only does HS*: mixing them is the classic
+/// algorithm-confusion hole (an HS256 token "signed" with the public key).
+fn check_algorithms_fit_key(p: &mut Parser<'_>, algs: &[Algorithm], key_set: [bool; 3]) {
+    let Some(source) = p.source("jwt_algorithms") else {
+        return;
+    };
+    let [secret, public_key, _] = key_set;
+    for alg in algs {
+        let hmac = alg.family() == AlgorithmFamily::Hmac;
+        let name = format!("{alg:?}");
+        if secret && !hmac {
+            p.report(
+                "jwt_algorithms",
+                &name,
+                source,
+                "does not fit jwt_secret: a secret only verifies HS256, HS384 or HS512",
+            );
+        } else if public_key && hmac {
+            p.report(
+                "jwt_algorithms",
+                &name,
+                source,
+                "does not fit jwt_public_key_file: accepting HS* with a public key lets anyone \
+                 holding the public key forge tokens",
+            );
+        }
+    }
+}
+
+fn boolean(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("expected true or false (or 1/0, yes/no, on/off)".to_owned()),
+    }
+}
+
+fn number<T: FromStr>(s: &str) -> Result<T, String> {
+    s.trim().parse().map_err(|_| "expected a whole number (digits only, no units)".to_owned())
+}
+
+fn at_least_one<T: FromStr + PartialOrd + From<u8>>(s: &str) -> Result<T, String> {
+    let n: T = number(s)?;
+    if n >= T::from(1) { Ok(n) } else { Err("must be at least 1".to_owned()) }
+}
+
+fn duration_within(s: &str, zero_ok: bool, max: Duration) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim()).map_err(|_| "expected a duration like 25s, 500ms or 2m".to_owned())?;
+    if d.is_zero() && !zero_ok {
+        Err("must be more than 0s".to_owned())
+    } else if d > max {
+        Err(format!("must be at most {}", humantime::format_duration(max)))
+    } else {
+        Ok(d)
+    }
+}
+
+fn path(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s.trim()))
+}
+
+fn node_id(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "_-:.@/=".contains(c);
+    if s.len() <= MAX_NODE_ID_BYTES && s.chars().all(allowed) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("expected 1 to {MAX_NODE_ID_BYTES} characters from A-Z a-z 0-9 _ - : . @ / ="))
+    }
+}
+
+fn algorithm(s: &str) -> Result<Algorithm, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Err("`none` is never accepted: an unsigned token would let anyone claim to be \
+                    anyone"
+            .to_owned());
+    }
+    let name = ALGORITHMS.iter().find(|a| a.eq_ignore_ascii_case(s)).copied().unwrap_or(s);
+    Algorithm::from_str(name).map_err(|_| {
+        format!(
+            "unknown algorithm{}; expected one of {}",
+            suggest(s, ALGORITHMS.iter().map(|a| (*a).to_owned())),
+            ALGORITHMS.join(", ")
+        )
+    })
+}
+
+/// `*`, or `scheme://host[:port]` where the host may start with `*.`.
+fn origin(s: &str) -> Result<String, String> {
+    const EXPECTED: &str = "expected `*` or an origin like https://app.example.com or \
+                            https://*.example.com (scheme://host[:port], no path)";
+    if s == "*" {
+        return Ok(s.to_owned());
+    }
+    let Some((scheme, host)) = s.split_once("://") else {
+        return Err(EXPECTED.to_owned());
+    };
+    let scheme_ok = scheme.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    if !scheme_ok {
+        return Err(EXPECTED.to_owned());
+    }
+    if let Some(bare) = host.strip_suffix('/')
+        && !bare.contains('/')
+    {
+        return Err(format!("an Origin never ends with `/`: write {scheme}://{bare}"));
+    }
+    let bare_host = host.strip_prefix("*.").unwrap_or(host);
+    let host_ok = !bare_host.is_empty() && bare_host.chars().all(|c| c.is_ascii_alphanumeric() || "-.:[]_".contains(c));
+    if host_ok { Ok(s.to_owned()) } else { Err(EXPECTED.to_owned()) }
+}
+
+/// A URL with any `user:password@` replaced by `***@`.
+pub(super) fn redact_url(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = url.get(start..).unwrap_or_default();
+    let end = rest.find(['/', '?', '#']).map_or(rest.len(), |i| i);
+    let authority = rest.get(..end).unwrap_or_default();
+    match authority.rfind('@') {
+        Some(at) => format!("{}***@{}", url.get(..start).unwrap_or_default(), rest.get(at + 1..).unwrap_or_default()),
+        None => url.to_owned(),
+    }
+}
+
+/// Hostname (`$HOSTNAME` from `env`, else `/etc/hostname`, else `crier`) + `-` + 6 random
+/// lowercase letters and digits.
+pub(super) fn default_node_id(env: &HashMap<String, String>) -> String {
+    let clean = |h: &str| -> String {
+        h.trim().chars().filter(|c| c.is_ascii_alphanumeric() || "-._".contains(*c)).take(64).collect()
+    };
+    let host = env
+        .get("HOSTNAME")
+        .map(|h| clean(h))
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| clean(&h)).filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| "crier".to_owned());
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let suffix: String = (0..6).map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())])).collect();
+    format!("{host}-{suffix}")
+}

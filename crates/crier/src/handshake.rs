@@ -1,0 +1,115 @@
+//! `GET /ws`: every check of the contract's handshake table, in its order, before the upgrade.
+//! A rejection is an HTTP response with the contract's JSON body, counted in
+//! `crier_handshakes_total{result=CODE}`.
+
+use std::net::SocketAddr;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::auth::{self, Claims};
+use crate::error::ApiError;
+use crate::metrics as m;
+use crate::session::{self, Session};
+use crate::state::AppState;
+
+/// The subprotocol crier speaks; selected whenever the client offers it.
+pub const SUBPROTOCOL: &str = "crier.v1";
+
+fn reject(err: ApiError) -> Response {
+    metrics::counter!(m::HANDSHAKES, "result" => err.code).increment(1);
+    err.into_response()
+}
+
+pub async fn ws_handler(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    uri: Uri,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if let Err(wait) = st.limits.check_handshake(peer.ip()) {
+        metrics::counter!(m::RATE_LIMITED, "kind" => "handshake").increment(1);
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        return reject(
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many handshakes from this address")
+                .with_retry_after(secs.max(1)),
+        );
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let allowed = origin.to_str().is_ok_and(|o| st.origins.allows(o));
+        if !allowed {
+            return reject(ApiError::new(StatusCode::FORBIDDEN, "origin_not_allowed", "this Origin is not allowed"));
+        }
+    }
+    let claims = match auth::extract_token(&headers, uri.query()) {
+        Some((token, _source)) => match st.verifier.verify(&token) {
+            Ok(c) => c,
+            Err(e) => return reject(ApiError::new(StatusCode::UNAUTHORIZED, "token_invalid", e.0)),
+        },
+        None if st.config.allow_anonymous => anonymous(),
+        None => return reject(ApiError::new(StatusCode::UNAUTHORIZED, "token_missing", "no token given")),
+    };
+    let conn_id = st.registry.next_id();
+    let client_id = format!("{}-{}", st.config.node_id, conn_id);
+    let max = st.config.max_connections_per_user as u64;
+    if max > 0 {
+        match st.broker().connection_opened(&claims.sub, &client_id).await {
+            Ok(n) if n > max => {
+                release(&st, &claims.sub, &client_id).await;
+                return reject(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_connections",
+                    format!("user already has {max} connections"),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => return reject(ApiError::unavailable(e.to_string())),
+        }
+    }
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(e) => {
+            release_if_counted(&st, &claims.sub, &client_id).await;
+            let status = e.status();
+            let status = if status == StatusCode::UPGRADE_REQUIRED { status } else { StatusCode::BAD_REQUEST };
+            return reject(ApiError::new(status, "bad_upgrade", e.body_text()));
+        }
+    };
+    if st.is_draining() {
+        release_if_counted(&st, &claims.sub, &client_id).await;
+        return reject(ApiError::unavailable("node is draining; connect to another node"));
+    }
+    metrics::counter!(m::HANDSHAKES, "result" => "ok").increment(1);
+    let max_bytes = st.config.max_message_bytes;
+    let session = Session::new(st.clone(), conn_id, client_id, claims);
+    upgrade
+        .protocols([SUBPROTOCOL])
+        .max_message_size(max_bytes)
+        .max_frame_size(max_bytes)
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(usize::MAX)
+        .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
+        .on_upgrade(move |socket| session::run(session, socket))
+}
+
+/// An anonymous connection (`allow_anonymous`): may subscribe to any channel, never publish,
+/// has no personal channel, never expires.
+fn anonymous() -> Claims {
+    Claims { sub: String::new(), exp: u64::MAX, channels: vec!["*".into()], publish: Vec::new() }
+}
+
+async fn release_if_counted(st: &AppState, user: &str, client: &str) {
+    if st.config.max_connections_per_user > 0 {
+        release(st, user, client).await;
+    }
+}
+
+async fn release(st: &AppState, user: &str, client: &str) {
+    if let Err(e) = st.broker().connection_closed(user, client).await {
+        tracing::warn!(error = %e, "could not release a connection count");
+    }
+}

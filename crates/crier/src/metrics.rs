@@ -1,0 +1,68 @@
+//! Metric names (the contract's; never renamed), their descriptions, and the Prometheus
+//! recorder. Labels only ever take a handful of values: a handshake result or error code, a
+//! publish source, a limiter kind — never a channel or a user.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS: &str = "crier_connections";
+pub const HANDSHAKES: &str = "crier_handshakes_total";
+pub const SUBSCRIPTIONS: &str = "crier_subscriptions";
+pub const CHANNELS: &str = "crier_channels";
+pub const PUBLISHED: &str = "crier_messages_published_total";
+pub const DELIVERED: &str = "crier_messages_delivered_total";
+pub const BROADCAST_LATENCY: &str = "crier_broadcast_latency_seconds";
+pub const RATE_LIMITED: &str = "crier_rate_limited_total";
+pub const SLOW_CONSUMERS: &str = "crier_slow_consumers_total";
+pub const HEARTBEAT_TIMEOUTS: &str = "crier_heartbeat_timeouts_total";
+pub const CLIENT_ERRORS: &str = "crier_client_errors_total";
+pub const BROKER_UP: &str = "crier_broker_up";
+pub const BROKER_RECONNECTS: &str = "crier_broker_reconnects_total";
+pub const RECOVERIES: &str = "crier_recoveries_total";
+/// crier extension: REST API requests by route group and status class.
+pub const API_REQUESTS: &str = "crier_api_requests_total";
+
+/// Buckets of the broadcast latency histogram, in seconds (100 µs … 5 s).
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
+/// `None` if another recorder was installed first.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(BROADCAST_LATENCY.into()), LATENCY_BUCKETS)
+                .ok()?;
+            let handle = builder.install_recorder().ok()?;
+            describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(CONNECTIONS, "Open WebSocket connections on this node");
+    describe_counter!(HANDSHAKES, "WebSocket handshakes by result (ok or the rejection code)");
+    describe_gauge!(SUBSCRIPTIONS, "Channel subscriptions of this node's connections");
+    describe_gauge!(CHANNELS, "Channels with at least one subscriber on this node");
+    describe_counter!(PUBLISHED, "Messages accepted for publishing, by source (api or client)");
+    describe_counter!(DELIVERED, "Message frames queued to local subscribers");
+    describe_histogram!(
+        BROADCAST_LATENCY,
+        metrics::Unit::Seconds,
+        "Publish accepted (any node) to frame queued to a local subscriber"
+    );
+    describe_counter!(RATE_LIMITED, "Refusals by a rate limit, by kind (handshake, user)");
+    describe_counter!(SLOW_CONSUMERS, "Connections closed with 4009 because their outbound queue overflowed");
+    describe_counter!(HEARTBEAT_TIMEOUTS, "Connections closed for not answering pings in time");
+    describe_counter!(CLIENT_ERRORS, "Error frames sent to clients, by code");
+    describe_gauge!(BROKER_UP, "1 when the broker is reachable, 0 otherwise");
+    describe_counter!(BROKER_RECONNECTS, "Reconnections of the broker's connections");
+    describe_counter!(RECOVERIES, "Subscriptions with recovery, by result (recovered, failed)");
+    describe_counter!(API_REQUESTS, "REST API requests by endpoint and status code");
+}

@@ -1,0 +1,81 @@
+//! The shared state of a running node: one cheap-to-clone handle passed to every handler and
+//! session, plus the [`BrokerHandler`] that connects the broker to the hub.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use crier_core::{Broker, BrokerHandler, Hub, Node, Publication, Registry};
+use crier_protocol::CloseCode;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::auth::{OriginPolicy, Verifier};
+use crate::config::Config;
+use crate::limits::Limits;
+use crate::metrics as m;
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct AppState(pub Arc<Inner>);
+
+pub struct Inner {
+    pub config: Config,
+    pub node: Node,
+    pub registry: Arc<Registry>,
+    pub verifier: Verifier,
+    pub origins: OriginPolicy,
+    pub limits: Limits,
+    pub metrics: Option<PrometheusHandle>,
+    pub draining: AtomicBool,
+    pub started: Instant,
+    /// Set by `--dev`: a token for the demo page.
+    pub dev_token: Option<String>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.node.broker
+    }
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.node.hub
+    }
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Receives what the broker delivers: fans publications out through the hub, closes users'
+/// connections on cluster-wide disconnects.
+pub struct NodeHandler {
+    pub hub: Arc<Hub>,
+    pub registry: Arc<Registry>,
+}
+
+impl BrokerHandler for NodeHandler {
+    fn on_publication(&self, channel: &str, publication: Publication) {
+        let fanout = self.hub.deliver(channel, &publication);
+        if fanout.delivered > 0 {
+            metrics::counter!(m::DELIVERED).increment(fanout.delivered as u64);
+            let latency_us = crier_core::now_micros().saturating_sub(publication.published_at_us);
+            metrics::histogram!(m::BROADCAST_LATENCY).record(latency_us as f64 / 1e6);
+        }
+        if fanout.slow > 0 {
+            metrics::counter!(m::SLOW_CONSUMERS).increment(fanout.slow as u64);
+        }
+    }
+
+    fn on_disconnect_user(&self, user: &str) -> usize {
+        self.registry.close_user(user, CloseCode::DISCONNECTED, "disconnected by the API")
+    }
+
+    fn has_subscribers(&self, channel: &str) -> bool {
+        self.hub.has_channel(channel)
+    }
+}

@@ -1,0 +1,172 @@
+//! `GET /ws`: every way to present a token, and every rejection of the contract's table, against
+//! the real binary over real sockets.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{Client, Server};
+use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+/// Attempts a handshake; on an HTTP rejection returns (status, JSON body, headers).
+async fn rejected(server: &Server, path_and_query: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut req = format!("ws://{}{}", server.addr, path_and_query).into_client_request().unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(*k, HeaderValue::from_str(v).unwrap());
+    }
+    match Client::connect(req).await {
+        Ok(_) => panic!("handshake unexpectedly succeeded"),
+        Err(WsError::Http(resp)) => {
+            let status = resp.status().as_u16();
+            let body: Value = serde_json::from_slice(resp.body().as_deref().unwrap_or_default()).expect("JSON body");
+            assert!(body["message"].is_string(), "the body has a message: {body}");
+            (status, body)
+        }
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+#[tokio::test]
+async fn token_in_header_subprotocol_or_query() {
+    let server = Server::start(&[]).await;
+    let token = server.token("alice", &["chat:*"], &[]);
+
+    // Authorization header.
+    let _c = server.client(&token).await;
+
+    // Subprotocol pair: the server picks crier.v1 and never echoes the token.
+    let mut req = server.ws_url().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", HeaderValue::from_str(&format!("crier.v1, crier.bearer.{token}")).unwrap());
+    let mut c = Client::connect(req).await.expect("subprotocol handshake");
+    assert_eq!(c.response_protocol.as_deref(), Some("crier.v1"));
+    let w = c.recv().await;
+    assert_eq!(
+        (w["type"].as_str(), w["user"].as_str(), w["node"].as_str()),
+        (Some("welcome"), Some("alice"), Some("test-node"))
+    );
+    assert_eq!(w["ping_interval_ms"], 25000);
+
+    // Query string; the token must never reach the logs.
+    let req = format!("ws://{}/ws?token={token}", server.addr).into_client_request().unwrap();
+    let mut c = Client::connect(req).await.expect("query handshake");
+    assert_eq!(c.recv().await["type"], "welcome");
+    assert!(server.wait_metric("crier_handshakes_total{result=\"ok\"}", 3.0).await >= 3.0);
+    assert!(!server.logs().contains(&token), "a token appeared in the logs");
+}
+
+#[tokio::test]
+async fn every_rejection_has_its_status_and_code() {
+    let server = Server::start(&["--allowed-origins", "https://app.example.com,https://*.example.org"]).await;
+    let good = server.token("bob", &[], &[]);
+
+    let (s, b) = rejected(&server, "/ws", &[]).await;
+    assert_eq!((s, b["error"].as_str()), (401, Some("token_missing")));
+
+    let (s, b) = rejected(&server, "/ws?token=not.a.jwt", &[]).await;
+    assert_eq!((s, b["error"].as_str()), (401, Some("token_invalid")));
+
+    let other_key = crier::auth::mint_hs256(
+        b"another-secret-another-secret-another-secret",
+        "bob",
+        &[],
+        &[],
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let (s, b) = rejected(&server, &format!("/ws?token={other_key}"), &[]).await;
+    assert_eq!((s, b["error"].as_str()), (401, Some("token_invalid")));
+
+    // alg: none is never accepted.
+    let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJib2IiLCJleHAiOjQxMDI0NDQ4MDB9.";
+    let (s, b) = rejected(&server, &format!("/ws?token={none}"), &[]).await;
+    assert_eq!((s, b["error"].as_str()), (401, Some("token_invalid")));
+
+    // Expired (well beyond any leeway).
+    let old = old_token();
+    let (s, b) = rejected(&server, &format!("/ws?token={old}"), &[]).await;
+    assert_eq!((s, b["error"].as_str()), (401, Some("token_invalid")));
+    assert!(b["message"].as_str().unwrap_or_default().contains("expired"), "{b}");
+
+    // Origin: a listed one passes, a wildcard subdomain passes, anything else is 403.
+    let auth = format!("Bearer {good}");
+    let (s, b) = rejected(&server, "/ws", &[("origin", "https://evil.example.com"), ("authorization", &auth)]).await;
+    assert_eq!((s, b["error"].as_str()), (403, Some("origin_not_allowed")));
+    for origin in ["https://app.example.com", "https://a.b.example.org"] {
+        let mut req = server.ws_url().into_client_request().unwrap();
+        req.headers_mut().insert("origin", HeaderValue::from_str(origin).unwrap());
+        req.headers_mut().insert("authorization", HeaderValue::from_str(&auth).unwrap());
+        assert!(Client::connect(req).await.is_ok(), "{origin} is allowed");
+    }
+
+    // Not a WebSocket upgrade.
+    let r = reqwest::Client::new().get(server.url("/ws")).bearer_auth(&good).send().await.unwrap();
+    assert!([400, 426].contains(&r.status().as_u16()), "status {}", r.status());
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"], "bad_upgrade");
+
+    let m = server.metrics().await;
+    for code in ["token_missing", "token_invalid", "origin_not_allowed", "bad_upgrade"] {
+        assert!(
+            support::metric_value(&m, &format!("crier_handshakes_total{{result=\"{code}\"}}")) >= 1.0,
+            "{code} counted"
+        );
+    }
+}
+
+/// A token signed with the right key that expired an hour ago.
+fn old_token() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims = serde_json::json!({"sub": "bob", "exp": now - 3600});
+    let key = jsonwebtoken::EncodingKey::from_secret(support::SECRET.as_bytes());
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+}
+
+#[tokio::test]
+async fn handshake_rate_limit_answers_429_with_retry_after() {
+    let server = Server::start(&["--handshake-rate", "1", "--handshake-burst", "2"]).await;
+    let token = server.token("carol", &[], &[]);
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..4 {
+        let r = reqwest::Client::new().get(server.url("/ws")).bearer_auth(&token).send().await.unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 {
+            retry_after = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let b: Value = r.json().await.unwrap();
+            assert_eq!(b["error"], "rate_limited");
+        }
+    }
+    assert_eq!(&statuses[..2], &[400, 400], "the burst passes the limiter (then fails as a bad upgrade)");
+    assert!(statuses[2..].contains(&429), "{statuses:?}");
+    assert!(retry_after.and_then(|s| s.parse::<u64>().ok()).is_some_and(|s| s >= 1));
+    assert!(server.wait_metric("crier_rate_limited_total{kind=\"handshake\"}", 1.0).await >= 1.0);
+}
+
+#[tokio::test]
+async fn too_many_connections_per_user() {
+    let server = Server::start(&["--max-connections-per-user", "2"]).await;
+    let token = server.token("dave", &[], &[]);
+    let a = server.client(&token).await;
+    let _b = server.client(&token).await;
+    let (s, b) = rejected(&server, &format!("/ws?token={token}"), &[]).await;
+    assert_eq!((s, b["error"].as_str()), (429, Some("too_many_connections")));
+    // Another user is unaffected; a closed connection frees its slot.
+    let _e = server.client(&server.token("erin", &[], &[])).await;
+    drop(a);
+    let deadline = tokio::time::Instant::now() + support::WAIT;
+    loop {
+        let mut req = server.ws_url().into_client_request().unwrap();
+        req.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {token}")).unwrap());
+        if Client::connect(req).await.is_ok() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the slot was never freed");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -1,0 +1,206 @@
+//! The process as operators see it: configuration errors, --dev, heartbeats, slow consumers,
+//! and the SIGTERM drain.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::{Server, WAIT};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+#[tokio::test]
+async fn bad_configuration_is_reported_at_once_with_exit_64() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_crier"))
+        .args(["--ping-interval", "soon", "--max-message-bytes", "lots", "--listen", "nowhere"])
+        .env_remove("CRIER_JWT_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for setting in ["ping_interval", "max_message_bytes", "listen"] {
+        assert!(err.contains(setting), "{setting} not reported in:\n{err}");
+    }
+    // No key and no --dev: refuses to start, saying why.
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_crier")).args(["--listen", "127.0.0.1:0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--dev"));
+}
+
+#[tokio::test]
+async fn dev_mode_prints_a_working_token_and_serves_the_demo() {
+    let server = Server::start_raw(&["--dev", "--listen", "127.0.0.1:0"], &[]).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let stdout = loop {
+        let s = server.stdout();
+        if s.contains("curl") {
+            break s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no dev banner:\n{s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let token = stdout.lines().find_map(|l| l.trim().strip_prefix("token (24h): ")).unwrap().trim().to_owned();
+    let key = stdout.split("Bearer ").nth(1).and_then(|s| s.split('\'').next()).unwrap().to_owned();
+    let page = reqwest::get(server.url("/")).await.unwrap().text().await.unwrap();
+    assert!(page.contains("WebSocket") && page.contains(&token), "the demo page embeds the dev token");
+    // A browser-like client (with an Origin) connects with the printed token.
+    let mut req = server.ws_url().into_client_request().unwrap();
+    req.headers_mut().insert("origin", "http://localhost:1234".parse().unwrap());
+    req.headers_mut().insert("sec-websocket-protocol", format!("crier.v1, crier.bearer.{token}").parse().unwrap());
+    let mut c = support::Client::connect(req).await.unwrap();
+    assert_eq!(c.recv().await["type"], "welcome");
+    c.subscribe("chat:lobby", 1).await;
+    let r = reqwest::Client::new()
+        .post(server.url("/api/v1/publish"))
+        .bearer_auth(&key)
+        .json(&json!({"channel":"chat:lobby","data":{"text":"hello"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(c.recv().await["data"]["text"], "hello");
+}
+
+#[tokio::test]
+async fn json_logs_never_contain_tokens() {
+    let server = Server::start_raw(
+        &["--dev", "--listen", "127.0.0.1:0"],
+        &[("CRIER_LOG_FORMAT", "json"), ("RUST_LOG", "debug")],
+    )
+    .await
+    .unwrap();
+    let token = support::token_for("x", &[], &[], Duration::from_secs(60));
+    let _ = reqwest::get(format!("{}?token={token}", server.url("/ws"))).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !server.logs().contains("crier started") {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logs = server.logs();
+    let first = logs.lines().next().unwrap();
+    assert!(serde_json::from_str::<Value>(first).is_ok(), "JSON log line: {first}");
+    assert!(!logs.contains(&token));
+}
+
+/// A raw client that completes the handshake and then never reads or answers anything.
+fn silent_client(server: &Server, token: &str) -> std::net::TcpStream {
+    let mut s = std::net::TcpStream::connect(server.addr).unwrap();
+    write!(
+        s,
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {token}\r\n\r\n",
+        server.addr
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+#[tokio::test]
+async fn a_client_that_never_answers_pings_is_closed() {
+    let server = Server::start(&["--ping-interval", "200ms", "--pong-timeout", "300ms"]).await;
+    let token = server.token("quiet", &[], &[]);
+    let _silent = silent_client(&server, &token);
+    // A normal client answers pings (tungstenite does it) and survives the same period.
+    let mut alive = server.client(&token).await;
+    server.wait_metric("crier_heartbeat_timeouts_total", 1.0).await;
+    assert_eq!(alive.request(json!({"type":"ping"}), 1).await["type"], "pong");
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
+    let server = Server::start(&["--client-queue-max-bytes", "131072"]).await;
+    let token = server.token("reader", &["firehose"], &[]);
+    let silent = silent_client(&server, &token);
+    silent.set_nonblocking(true).unwrap();
+    let mut s2 = silent.try_clone().unwrap();
+    // Subscribe the silent client by writing a masked frame by hand.
+    s2.set_nonblocking(false).unwrap();
+    s2.write_all(&masked_text(r#"{"type":"subscribe","channel":"firehose","id":1}"#)).unwrap();
+    let mut fast = server.client(&token).await;
+    fast.subscribe("firehose", 1).await;
+    // The reader that reads, concurrently: collects every offset until the last message.
+    let reader = tokio::spawn(async move {
+        let mut offsets = Vec::new();
+        loop {
+            let m = fast.recv().await;
+            if m["type"] != "message" {
+                continue;
+            }
+            offsets.push(m["offset"].as_u64().unwrap());
+            if m["data"] == "last" {
+                return offsets;
+            }
+        }
+    });
+    let payload = "y".repeat(60_000);
+    let mut sent = 0u64;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.metric("crier_slow_consumers_total").await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the silent client was never dropped");
+        for _ in 0..10 {
+            server.publish("firehose", json!(payload)).await;
+            sent += 1;
+        }
+    }
+    server.publish("firehose", json!("last")).await;
+    sent += 1;
+    let offsets = reader.await.unwrap();
+    assert_eq!(offsets, (1..=sent).collect::<Vec<_>>(), "the reading subscriber got every message in order");
+    drop(silent);
+}
+
+/// A client → server text frame (masked, as clients must send).
+fn masked_text(text: &str) -> Vec<u8> {
+    let payload = text.as_bytes();
+    let mask = [1u8, 2, 3, 4];
+    let mut f = vec![0x81u8];
+    assert!(payload.len() < 126);
+    f.push(0x80 | payload.len() as u8);
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+#[tokio::test]
+async fn sigterm_drains_with_1012_and_exits_zero() {
+    let mut server = Server::start(&["--shutdown-drain", "600ms"]).await;
+    let token = server.token("d", &[], &[]);
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(server.client(&token).await);
+    }
+    server.sigterm();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = reqwest::get(server.url("/readyz")).await.map(|r| r.status().as_u16());
+        if r == Ok(503) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "readyz never turned 503");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // New upgrades are refused while draining.
+    let mut req = server.ws_url().into_client_request().unwrap();
+    req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    match support::Client::connect(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        Err(_) => {} // the listener may already be closed at the very end of the drain
+        Ok(_) => panic!("an upgrade was accepted while draining"),
+    }
+    for c in &mut clients {
+        assert_eq!(c.closed().await, Some(1012));
+    }
+    assert_eq!(server.wait_exit().await, Some(0));
+}
