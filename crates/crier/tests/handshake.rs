@@ -17,7 +17,8 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 async fn rejected(server: &Server, path_and_query: &str, headers: &[(&str, &str)]) -> (u16, Value) {
     let mut req = format!("ws://{}{}", server.addr, path_and_query).into_client_request().unwrap();
     for (k, v) in headers {
-        req.headers_mut().insert(*k, HeaderValue::from_str(v).unwrap());
+        let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+        req.headers_mut().insert(name, HeaderValue::from_str(v).unwrap());
     }
     match Client::connect(req).await {
         Ok(_) => panic!("handshake unexpectedly succeeded"),

@@ -44,7 +44,8 @@ async fn dev_mode_prints_a_working_token_and_serves_the_demo() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let token = stdout.lines().find_map(|l| l.trim().strip_prefix("token (24h): ")).unwrap().trim().to_owned();
-    let key = stdout.split("Bearer ").nth(1).and_then(|s| s.split('\'').next()).unwrap().to_owned();
+    let curl = stdout.lines().find(|l| l.contains("curl")).unwrap();
+    let key = curl.split("Bearer ").nth(1).and_then(|s| s.split('\'').next()).unwrap().to_owned();
     let page = reqwest::get(server.url("/")).await.unwrap().text().await.unwrap();
     assert!(page.contains("WebSocket") && page.contains(&token), "the demo page embeds the dev token");
     // A browser-like client (with an Origin) connects with the printed token.
@@ -111,10 +112,30 @@ fn silent_client(server: &Server, token: &str) -> std::net::TcpStream {
 async fn a_client_that_never_answers_pings_is_closed() {
     let server = Server::start(&["--ping-interval", "200ms", "--pong-timeout", "300ms"]).await;
     let token = server.token("quiet", &[], &[]);
-    let _silent = silent_client(&server, &token);
-    // A normal client answers pings (tungstenite does it) and survives the same period.
-    let mut alive = server.client(&token).await;
+    let mut silent = silent_client(&server, &token);
+    // A normal client that keeps reading answers pings (tungstenite does) and survives.
+    let alive = server.client(&token).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let alive = tokio::spawn(async move {
+        let mut alive = alive;
+        let mut stopped = stopped;
+        loop {
+            tokio::select! {
+                m = futures_util::StreamExt::next(&mut alive.ws) => match m {
+                    Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) | Some(Err(_)) | None => return None,
+                    Some(Ok(_)) => {}
+                },
+                _ = &mut stopped => return Some(alive),
+            }
+        }
+    });
     server.wait_metric("crier_heartbeat_timeouts_total", 1.0).await;
+    // The silent client's socket ends (after the close frame, if the socket took it).
+    silent.set_read_timeout(Some(WAIT)).unwrap();
+    let mut rest = Vec::new();
+    assert!(silent.read_to_end(&mut rest).is_ok(), "the server closed the silent connection");
+    let _ = stop.send(());
+    let mut alive = alive.await.unwrap().expect("the answering client was not closed");
     assert_eq!(alive.request(json!({"type":"ping"}), 1).await["type"], "pong");
 }
 
@@ -185,7 +206,7 @@ async fn sigterm_drains_with_1012_and_exits_zero() {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let r = reqwest::get(server.url("/readyz")).await.map(|r| r.status().as_u16());
-        if r == Ok(503) {
+        if r.is_ok_and(|s| s == 503) {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "readyz never turned 503");

@@ -223,6 +223,9 @@ pub fn token_for(sub: &str, channels: &[&str], publish: &[&str], ttl: Duration) 
 pub struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     pub response_protocol: Option<String>,
+    /// Frames received while [`Client::request`] waited for its reply; [`Client::recv`] returns
+    /// them first, in order.
+    pending: std::collections::VecDeque<Value>,
 }
 
 impl Client {
@@ -230,7 +233,7 @@ impl Client {
         let (ws, resp) = tokio_tungstenite::connect_async(req).await?;
         let response_protocol =
             resp.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        Ok(Client { ws, response_protocol })
+        Ok(Client { ws, response_protocol, pending: Default::default() })
     }
 
     pub async fn send(&mut self, v: Value) {
@@ -243,6 +246,13 @@ impl Client {
 
     /// The next text frame as JSON (fails the test after [`WAIT`]).
     pub async fn recv(&mut self) -> Value {
+        if let Some(v) = self.pending.pop_front() {
+            return v;
+        }
+        self.recv_wire().await
+    }
+
+    async fn recv_wire(&mut self) -> Value {
         match self.next().await {
             Some(Message::Text(t)) => serde_json::from_str(t.as_str()).expect("frame is JSON"),
             other => panic!("expected a text frame, got {other:?}"),
@@ -277,10 +287,11 @@ impl Client {
         v["id"] = json!(id);
         self.send(v).await;
         loop {
-            let r = self.recv().await;
+            let r = self.recv_wire().await;
             if r["id"] == json!(id) {
                 return r;
             }
+            self.pending.push_back(r);
         }
     }
 
