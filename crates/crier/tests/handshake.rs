@@ -171,3 +171,44 @@ async fn too_many_connections_per_user() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+fn sign(alg: jsonwebtoken::Algorithm, kid: Option<&str>, key: jsonwebtoken::EncodingKey) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.kid = kid.map(str::to_owned);
+    let claims = serde_json::json!({"sub": "pk-user", "exp": now + 600, "channels": ["a"]});
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+fn key_file(name: &str) -> String {
+    format!("{}/tests/keys/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[tokio::test]
+async fn public_key_and_jwks_verification_on_the_real_binary() {
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    let rsa_private = std::fs::read(key_file("rsa_private.pem")).unwrap();
+    let rsa_public = std::fs::read(key_file("rsa_public.pem")).unwrap();
+    let ec_private = std::fs::read(key_file("ec_private.pem")).unwrap();
+
+    let pem = key_file("rsa_public.pem");
+    let server = Server::start_raw(&["--listen", "127.0.0.1:0", "--jwt-public-key-file", &pem], &[]).await.unwrap();
+    let rs = sign(Algorithm::RS256, None, EncodingKey::from_rsa_pem(&rsa_private).unwrap());
+    let mut c = server.client(&rs).await;
+    assert_eq!(c.subscribe("a", 1).await["type"], "ack");
+    // RS → HS confusion: an HS256 token keyed with the public key's bytes is refused.
+    let confused = sign(Algorithm::HS256, None, EncodingKey::from_secret(&rsa_public));
+    let (s, b) = rejected(&server, &format!("/ws?token={confused}"), &[]).await;
+    assert_eq!((s, b["error"].as_str()), (401, Some("token_invalid")));
+
+    let jwks = key_file("jwks.json");
+    let server = Server::start_raw(&["--listen", "127.0.0.1:0", "--jwt-jwks-file", &jwks], &[]).await.unwrap();
+    let rs = sign(Algorithm::RS256, Some("rsa-1"), EncodingKey::from_rsa_pem(&rsa_private).unwrap());
+    let es = sign(Algorithm::ES256, Some("ec-1"), EncodingKey::from_ec_pem(&ec_private).unwrap());
+    let _a = server.client(&rs).await;
+    let _b = server.client(&es).await;
+    let wrong_kid = sign(Algorithm::RS256, Some("nope"), EncodingKey::from_rsa_pem(&rsa_private).unwrap());
+    let (s, b) = rejected(&server, &format!("/ws?token={wrong_kid}"), &[]).await;
+    assert_eq!((s, b["error"].as_str()), (401, Some("token_invalid")));
+    assert!(b["message"].as_str().unwrap().contains("unknown key id"), "{b}");
+}
