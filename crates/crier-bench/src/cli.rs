@@ -1,0 +1,193 @@
+//! Command line: one subcommand per scenario, each with its own defaults (sized to finish in
+//! under a minute on a 2-core machine), plus the options every scenario shares.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "crier-bench",
+    version,
+    about = "Load generator and report for crier: memory per connection, fan-out throughput, latency, churn, cluster",
+    long_about = "Load generator and report for crier.\n\n\
+        By default each scenario starts its own crier node(s) from target/release/crier on 127.0.0.1 \
+        (with the handshake and per-user rate limits raised), runs bounded in count and time, \
+        prints a table, optionally writes JSON (--json FILE), and stops what it started. \
+        Use --url (with --jwt-secret, --api-key and --gateway-pid) to measure nodes that are already running.\n\n\
+        All traffic goes to loopback: subscribers connect from 127.0.0.2, 127.0.0.3, ... (--source-addrs) \
+        so that more than ~28k connections fit."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Scenario {
+    /// Gateway RSS per idle subscribed connection, at one or more sizes (e.g. 10000,50000,100000).
+    Idle(IdleArgs),
+    /// One channel, many subscribers: deliveries/s, latency percentiles and loss at each publish rate.
+    Fanout(FanoutArgs),
+    /// Many channels with a few subscribers each, publishes spread over the channels.
+    Channels(ChannelsArgs),
+    /// Connect/subscribe/disconnect loops on top of a base of idle connections.
+    Churn(ChurnArgs),
+    /// Several nodes sharing one redis-server; subscribers and publishes spread over the nodes.
+    Cluster(ClusterArgs),
+}
+
+/// Where the gateway is, and how the generator behaves.
+#[derive(Args, Debug, Clone)]
+pub struct GatewayArgs {
+    /// crier binary to start [default: `crier` next to this binary, else $CARGO_TARGET_DIR/release/crier, else target/release/crier]
+    #[arg(long, value_name = "PATH")]
+    pub crier: Option<PathBuf>,
+    /// Extra flag for every node started (repeat it), e.g. --crier-arg=--client-queue-max-bytes=4194304
+    #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
+    pub crier_arg: Vec<String>,
+    /// Use running nodes instead of starting them (comma list, loopback only), e.g. http://127.0.0.1:8080
+    #[arg(long, value_name = "URL", value_delimiter = ',')]
+    pub url: Vec<String>,
+    /// HS256 secret of the running nodes (with --url)
+    #[arg(long)]
+    pub jwt_secret: Option<String>,
+    /// API key of the running nodes (with --url)
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// PIDs of the running nodes, in --url order, for RSS and CPU figures (with --url)
+    #[arg(long, value_name = "PID", value_delimiter = ',')]
+    pub gateway_pid: Vec<u32>,
+    /// redis-server binary for the cluster scenario
+    #[arg(long, default_value = "redis-server", value_name = "PATH")]
+    pub redis_server: String,
+    /// Number of local source addresses (127.0.0.2 ...) subscribers connect from; ~28k connections fit per address
+    #[arg(long, default_value_t = 4)]
+    pub source_addrs: usize,
+    /// Handshakes in flight at once while connecting
+    #[arg(long, default_value_t = 64)]
+    pub connect_concurrency: usize,
+    /// Generator worker threads
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Write the report as JSON to this file
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+impl GatewayArgs {
+    pub fn crier_path(&self) -> PathBuf {
+        if let Some(p) = &self.crier {
+            return p.clone();
+        }
+        // Built in the same target directory as this binary (cargo run --release -p crier-bench).
+        if let Some(p) = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("crier")))
+            && p.exists()
+        {
+            return p;
+        }
+        if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
+            let p = PathBuf::from(dir).join("release/crier");
+            if p.exists() {
+                return p;
+            }
+        }
+        PathBuf::from("target/release/crier")
+    }
+}
+
+/// Publishing options of the pub/sub scenarios.
+#[derive(Args, Debug, Clone)]
+pub struct PublishArgs {
+    /// Publish rates to step through, messages per second over all channels (comma list)
+    #[arg(long, value_delimiter = ',', value_name = "MSGS_PER_S")]
+    pub rate: Vec<f64>,
+    /// How long each rate step publishes
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub step_duration: Duration,
+    /// Bytes of padding in each message's data (besides the timestamp)
+    #[arg(long, default_value_t = 64)]
+    pub payload_bytes: usize,
+    /// After a step, how long to wait for the last deliveries without progress
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// REST publish requests in flight at once
+    #[arg(long, default_value_t = 32)]
+    pub publish_concurrency: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct IdleArgs {
+    /// Connection counts to measure at, ascending (comma list), e.g. 10000,50000,100000
+    #[arg(long, alias = "connections", value_delimiter = ',', default_value = "10000")]
+    pub sizes: Vec<usize>,
+    /// Channels the connections subscribe to (connection i → channel i mod N); 0 = no subscription
+    #[arg(long, default_value_t = 100)]
+    pub channels: usize,
+    /// Wait after connecting before reading RSS
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub settle: Duration,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct FanoutArgs {
+    /// Subscribers of the one channel
+    #[arg(long, default_value_t = 5000)]
+    pub subscribers: usize,
+    #[command(flatten)]
+    pub publish: PublishArgs,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ChannelsArgs {
+    /// Number of channels
+    #[arg(long, default_value_t = 1000)]
+    pub channels: usize,
+    /// Subscribers per channel
+    #[arg(long, default_value_t = 5)]
+    pub subscribers_per_channel: usize,
+    #[command(flatten)]
+    pub publish: PublishArgs,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Nodes sharing one redis-server (the issue's target shape is 2)
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Subscribers in total, spread round-robin over the nodes
+    #[arg(long, default_value_t = 6000)]
+    pub subscribers: usize,
+    /// Channels (subscriber i → channel i mod N)
+    #[arg(long, default_value_t = 1)]
+    pub channels: usize,
+    #[command(flatten)]
+    pub publish: PublishArgs,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ChurnArgs {
+    /// Idle subscribed connections kept open during the churn
+    #[arg(long, default_value_t = 1000)]
+    pub base: usize,
+    /// Concurrent connect → subscribe → close loops
+    #[arg(long, default_value_t = 32)]
+    pub workers: usize,
+    /// How long the loops run
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Upper bound on cycles over all loops
+    #[arg(long, default_value_t = 200_000)]
+    pub max_cycles: u64,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}

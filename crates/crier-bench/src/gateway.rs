@@ -1,0 +1,274 @@
+//! The gateway under test: crier nodes (and a `redis-server` for a cluster) that the bench starts
+//! on loopback and stops afterwards, or nodes already running that it is pointed at with `--url`.
+//!
+//! Nodes the bench starts get limits fit for a load test (handshake and per-user frame rates
+//! raised), a fresh HS256 secret and API key, `RUST_LOG=warn`, and their stderr in a log file.
+//! Their PIDs give the RSS and CPU figures. Everything started here is killed by PID when the
+//! [`Gateway`] is stopped or dropped (`kill_on_drop`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::cli::GatewayArgs;
+use crate::procfs;
+
+/// Flags given to every node the bench starts, before the user's `--crier-arg`s.
+const NODE_FLAGS: &[&str] = &[
+    "--handshake-rate",
+    "1000000",
+    "--handshake-burst",
+    "1000000",
+    "--user-rate",
+    "100000",
+    "--user-burst",
+    "100000",
+    "--max-connections-per-user",
+    "0",
+];
+
+pub struct Node {
+    pub addr: SocketAddr,
+    pub pid: Option<u32>,
+    pub log: Option<PathBuf>,
+    child: Option<Child>,
+}
+
+pub struct Redis {
+    pub url: String,
+    pub pid: Option<u32>,
+    child: Child,
+}
+
+/// See the module docs.
+pub struct Gateway {
+    pub nodes: Vec<Node>,
+    pub redis: Option<Redis>,
+    pub secret: String,
+    pub api_key: String,
+    pub started_by_bench: bool,
+}
+
+/// What the report says about the gateway.
+#[derive(Debug, Clone, Serialize)]
+pub struct GatewayInfo {
+    pub started_by_bench: bool,
+    pub nodes: Vec<String>,
+    pub pids: Vec<u32>,
+    pub broker: String,
+    pub crier_binary: Option<String>,
+    pub extra_flags: Vec<String>,
+    pub node_logs: Vec<String>,
+}
+
+fn random_token(len: usize) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released; good enough for a test harness).
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+impl Gateway {
+    /// Starts `nodes` crier nodes (with a `redis-server` when `redis`), or connects to the
+    /// `--url` nodes given.
+    pub async fn new(args: &GatewayArgs, nodes: usize, redis: bool) -> anyhow::Result<Gateway> {
+        if !args.url.is_empty() {
+            return Gateway::existing(args);
+        }
+        let crier = args.crier_path();
+        if !crier.exists() {
+            bail!(
+                "crier binary not found at {} (build it with `cargo build --release -p crier`, or pass --crier PATH, or --url to use running nodes)",
+                crier.display()
+            );
+        }
+        let mut gw = Gateway {
+            nodes: Vec::new(),
+            redis: None,
+            secret: random_token(48),
+            api_key: format!("bench-{}", random_token(24)),
+            started_by_bench: true,
+        };
+        if redis {
+            gw.redis = Some(start_redis(&args.redis_server).await?);
+        }
+        for i in 0..nodes {
+            let node = start_node(&crier, i, &gw, args).await?;
+            eprintln!("  started crier node {i} at {} (pid {})", node.addr, node.pid.unwrap_or(0));
+            gw.nodes.push(node);
+        }
+        Ok(gw)
+    }
+
+    fn existing(args: &GatewayArgs) -> anyhow::Result<Gateway> {
+        let secret = args.jwt_secret.clone().context("--url needs --jwt-secret (the nodes' HS256 secret)")?;
+        let api_key = args.api_key.clone().context("--url needs --api-key (one of the nodes' API keys)")?;
+        let mut nodes = Vec::new();
+        for (i, u) in args.url.iter().enumerate() {
+            let hostport = u.trim_start_matches("http://").trim_start_matches("ws://").trim_end_matches('/');
+            let addr: SocketAddr = hostport.parse().with_context(|| format!("--url {u}: expected http://IP:PORT"))?;
+            if !addr.ip().is_loopback() {
+                bail!("--url {u}: crier-bench only sends traffic to loopback addresses");
+            }
+            nodes.push(Node { addr, pid: args.gateway_pid.get(i).copied(), log: None, child: None });
+        }
+        Ok(Gateway { nodes, redis: None, secret, api_key, started_by_bench: false })
+    }
+
+    /// PIDs of the crier nodes known to the bench.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().filter_map(|n| n.pid).collect()
+    }
+
+    pub fn rss_kib(&self) -> Option<u64> {
+        procfs::total_rss_kib(&self.pids())
+    }
+
+    pub fn cpu_secs(&self) -> Option<f64> {
+        procfs::total_cpu_secs(&self.pids())
+    }
+
+    pub fn redis_cpu_secs(&self) -> Option<f64> {
+        self.redis.as_ref().and_then(|r| r.pid).and_then(procfs::cpu_secs)
+    }
+
+    pub fn info(&self, args: &GatewayArgs) -> GatewayInfo {
+        GatewayInfo {
+            started_by_bench: self.started_by_bench,
+            nodes: self.nodes.iter().map(|n| n.addr.to_string()).collect(),
+            pids: self.pids(),
+            broker: match &self.redis {
+                Some(r) => format!("redis {}", r.url),
+                None if self.started_by_bench => "memory".into(),
+                None => "unknown (running nodes)".into(),
+            },
+            crier_binary: self.started_by_bench.then(|| args.crier_path().display().to_string()),
+            extra_flags: args.crier_arg.clone(),
+            node_logs: self.nodes.iter().filter_map(|n| n.log.as_ref()).map(|p| p.display().to_string()).collect(),
+        }
+    }
+
+    /// Scrapes `/metrics` of every node and sums the `name` samples (no labels).
+    pub async fn metric_sum(&self, name: &str) -> Option<f64> {
+        let client = reqwest::Client::new();
+        let mut sum = 0.0;
+        for n in &self.nodes {
+            let text = client.get(format!("http://{}/metrics", n.addr)).send().await.ok()?.text().await.ok()?;
+            let line = text.lines().find(|l| l.split_whitespace().next() == Some(name))?;
+            sum += line.split_whitespace().nth(1)?.parse::<f64>().ok()?;
+        }
+        Some(sum)
+    }
+
+    /// Kills what the bench started (by PID, through the child handles) and waits for it.
+    pub async fn stop(mut self) {
+        for n in &mut self.nodes {
+            if let Some(c) = &mut n.child {
+                let _ = c.kill().await;
+            }
+        }
+        if let Some(r) = &mut self.redis {
+            let _ = r.child.kill().await;
+        }
+    }
+}
+
+async fn start_node(crier: &Path, i: usize, gw: &Gateway, args: &GatewayArgs) -> anyhow::Result<Node> {
+    let log = std::env::temp_dir().join(format!("crier-bench-{}-node{i}.log", std::process::id()));
+    let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let mut cmd = Command::new(crier);
+    cmd.arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--node-id")
+        .arg(format!("bench-{i}"))
+        .arg("--jwt-secret")
+        .arg(&gw.secret)
+        .arg("--api-keys")
+        .arg(&gw.api_key)
+        .args(NODE_FLAGS)
+        .args(&args.crier_arg)
+        .env("RUST_LOG", std::env::var("CRIER_BENCH_NODE_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log_file))
+        .kill_on_drop(true);
+    // The node's own settings come from the flags above, not from this shell's CRIER_* variables.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("CRIER_") {
+            cmd.env_remove(k);
+        }
+    }
+    if let Some(r) = &gw.redis {
+        cmd.env("CRIER_REDIS_URL", &r.url);
+    }
+    let mut child = cmd.spawn().with_context(|| format!("starting {}", crier.display()))?;
+    let pid = child.id();
+    let stdout = child.stdout.take().context("crier stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let wait = async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(a) = line.strip_prefix("crier listening on http://") {
+                return Ok::<_, anyhow::Error>(Some(a.trim().parse::<SocketAddr>()?));
+            }
+        }
+        Ok(None)
+    };
+    let addr = match tokio::time::timeout(Duration::from_secs(20), wait).await {
+        Ok(Ok(Some(a))) => a,
+        other => {
+            let _ = child.kill().await;
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: String = tail.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            bail!("crier node {i} did not start ({:?}); its log {}:\n{tail}", other.err().map(|_| "timeout"), log.display());
+        }
+    };
+    // Keep draining stdout so the node never blocks on a full pipe.
+    tokio::spawn(async move {
+        let mut rest = lines.into_inner();
+        let mut buf = [0u8; 4096];
+        while matches!(rest.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    Ok(Node { addr, pid, log: Some(log), child: Some(child) })
+}
+
+async fn start_redis(binary: &str) -> anyhow::Result<Redis> {
+    let port = free_port()?;
+    let mut child = Command::new(binary)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--loglevel", "warning", "--protected-mode", "yes"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {binary} (install redis-server, or pass --redis-server PATH)"))?;
+    let pid = child.id();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            let mut buf = [0u8; 16];
+            if s.write_all(b"PING\r\n").await.is_ok() && matches!(s.read(&mut buf).await, Ok(n) if buf[..n].starts_with(b"+PONG")) {
+                break;
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = child.kill().await;
+            bail!("redis-server did not answer PING on port {port} within 10s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("  started redis-server on 127.0.0.1:{port} (pid {})", pid.unwrap_or(0));
+    Ok(Redis { url: format!("redis://127.0.0.1:{port}/0"), pid, child })
+}

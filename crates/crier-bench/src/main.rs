@@ -1,0 +1,153 @@
+//! crier-bench: the load generator and report for crier.
+//!
+//! `cargo run --release -p crier-bench -- <idle|fanout|channels|churn|cluster> [options]`; every
+//! scenario has `--help`. Modules:
+//! - [`cli`]: the subcommands, their options and defaults.
+//! - [`gateway`]: starting crier nodes (and redis-server) on loopback, or using running ones;
+//!   their PIDs for RSS and CPU.
+//! - [`clients`]: lean WebSocket subscribers bound to several 127.0.0.x source addresses.
+//! - [`publisher`]: REST publishes at a target rate, stamped with the send time.
+//! - [`stats`]: shared counters and HDR latency histograms.
+//! - [`procfs`]: `/proc` readings (VmRSS, utime+stime), the machine, RLIMIT_NOFILE.
+//! - [`report`]: the table and the JSON report.
+//! - [`scenarios`]: idle, fanout/channels/cluster (pub/sub), churn.
+
+mod cli;
+mod clients;
+mod gateway;
+mod procfs;
+mod publisher;
+mod report;
+mod scenarios;
+mod stats;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Scenario};
+use crate::scenarios::pubsub::Plan;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let threads = match &cli.scenario {
+        Scenario::Idle(a) => a.gateway.threads,
+        Scenario::Fanout(a) => a.gateway.threads,
+        Scenario::Channels(a) => a.gateway.threads,
+        Scenario::Churn(a) => a.gateway.threads,
+        Scenario::Cluster(a) => a.gateway.threads,
+    };
+    // Subscribers, and the nodes the bench starts (they inherit the limit), need a descriptor each.
+    let nofile = procfs::raise_nofile(1 << 20);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads.max(1)).enable_all().build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("crier-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        tokio::select! {
+            r = run(cli.scenario, nofile) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; stopping what was started")),
+        }
+    });
+    // Dropping the runtime drops every task: started nodes are killed (kill_on_drop).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("crier-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
+    let (outcome, json) = match scenario {
+        Scenario::Idle(a) => {
+            let max = a.sizes.iter().copied().max().unwrap_or(0) as u64;
+            warn_nofile(max, nofile);
+            let json = a.gateway.json.clone();
+            (scenarios::idle::run(a).await?, json)
+        }
+        Scenario::Fanout(a) => {
+            warn_nofile(a.subscribers as u64, nofile);
+            let json = a.gateway.json.clone();
+            let plan = Plan {
+                scenario: "fanout",
+                nodes: 1,
+                redis: false,
+                channels: 1,
+                subscribers: a.subscribers,
+                default_rates: vec![20.0, 50.0],
+                publish: a.publish,
+                gateway: a.gateway,
+            };
+            (scenarios::pubsub::run(plan).await?, json)
+        }
+        Scenario::Channels(a) => {
+            let subscribers = a.channels * a.subscribers_per_channel;
+            warn_nofile(subscribers as u64, nofile);
+            let json = a.gateway.json.clone();
+            let plan = Plan {
+                scenario: "channels",
+                nodes: 1,
+                redis: false,
+                channels: a.channels,
+                subscribers,
+                default_rates: vec![500.0, 2000.0],
+                publish: a.publish,
+                gateway: a.gateway,
+            };
+            (scenarios::pubsub::run(plan).await?, json)
+        }
+        Scenario::Cluster(a) => {
+            warn_nofile(a.subscribers as u64, nofile);
+            let json = a.gateway.json.clone();
+            let plan = Plan {
+                scenario: "cluster",
+                nodes: a.nodes.max(1),
+                redis: true,
+                channels: a.channels.max(1),
+                subscribers: a.subscribers,
+                default_rates: vec![20.0, 50.0],
+                publish: a.publish,
+                gateway: a.gateway,
+            };
+            (scenarios::pubsub::run(plan).await?, json)
+        }
+        Scenario::Churn(a) => {
+            warn_nofile(a.base as u64 + a.workers as u64, nofile);
+            let json = a.gateway.json.clone();
+            (scenarios::churn::run(a).await?, json)
+        }
+    };
+    let m = &outcome.report.machine;
+    println!(
+        "\nmachine: {} × {}, {} MiB, Linux {}; load at start {}",
+        m.nproc, m.cpu_model, m.mem_total_mib, m.kernel, m.loadavg_at_start
+    );
+    println!("gateway: {} node(s) {:?}, broker {}", outcome.report.gateway.nodes.len(), outcome.report.gateway.nodes, outcome.report.gateway.broker);
+    for t in &outcome.tables {
+        print!("{}", t.render());
+    }
+    for n in &outcome.report.notes {
+        println!("note: {n}");
+    }
+    if let Some(path) = json {
+        outcome.report.write_json(&path)?;
+        println!("JSON report written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn warn_nofile(connections: u64, nofile: u64) {
+    if connections + 1000 > nofile {
+        eprintln!(
+            "warning: RLIMIT_NOFILE is {nofile}, below the {connections} connections asked for; \
+             raise it (ulimit -n) or run as a user allowed to"
+        );
+    }
+}
