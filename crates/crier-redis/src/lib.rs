@@ -9,8 +9,9 @@
 //! - `payload.rs`: the `offset:epoch:ts_us:frame` payload published and kept in the history.
 //! - `command.rs`: the command connection (auto-reconnecting, every call with a deadline) and
 //!   the mapping of Redis errors to `BrokerError`.
-//! - `pubsub.rs`: the task owning the node's single pub/sub connection: subscriptions,
-//!   delivery in offset order, probe, reconnect, gap-fill.
+//! - `pubsub/`: the task owning the node's single pub/sub connection: subscriptions, probe,
+//!   reconnect with backoff (`mod.rs`, `backoff.rs`); delivery in offset order and gap-fill
+//!   (`delivery.rs`).
 //! - `tracker.rs`: per-channel "last delivered" bookkeeping (duplicates, holes), pure logic.
 //! - `presence.rs`: presence, connections per user and the node registry, with expiry and a
 //!   background refresh of this node's entries.
@@ -186,7 +187,13 @@ impl RedisBroker {
         };
         let instance = scripts::new_epoch();
         let (up_tx, up) = watch::channel(false);
-        let shared = Arc::new(Shared { handler: OnceLock::new(), up: up_tx, reconnects: Default::default(), instance });
+        let shared = Arc::new(Shared {
+            handler: OnceLock::new(),
+            up: up_tx,
+            reconnects: Default::default(),
+            gap_filled: Default::default(),
+            instance,
+        });
         let (shutdown, shutdown_rx) = watch::channel(());
         let (pubsub, commands_rx) = mpsc::channel(1024);
         let client_name: String = format!("crier-pubsub-{}", opts.node_id)
@@ -243,6 +250,12 @@ impl RedisBroker {
     /// (`crier_broker_reconnects_total`).
     pub fn reconnects(&self) -> u64 {
         self.shared.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// How many publications were delivered by gap-fills: missed on the live stream (pub/sub
+    /// reconnect, hole) and read from the history instead.
+    pub fn gap_filled(&self) -> u64 {
+        self.shared.gap_filled.load(Ordering::Relaxed)
     }
 
     /// Waits until [`Broker::is_up`] is `up` or `timeout` passes; returns whether it is.

@@ -99,6 +99,14 @@ impl RedisServer {
         }
     }
 
+    /// SIGSTOP / SIGCONT: the server hangs with its sockets open (a wedged Redis).
+    pub fn pause(&self, paused: bool) {
+        let Some(pid) = self.child.as_ref().map(|c| c.id()) else { return };
+        let sig = if paused { "-STOP" } else { "-CONT" };
+        let ok = Command::new("kill").arg(sig).arg(pid.to_string()).status().is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     /// Starts again on the same port with the same settings (and data directory).
     pub fn restart(&mut self) {
         self.kill();
@@ -127,6 +135,7 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        self.pause(false);
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
