@@ -371,4 +371,8 @@ impl Broker for RedisBroker {
     fn is_up(&self) -> bool {
         *self.up.borrow()
     }
+
+    fn reconnects(&self) -> u64 {
+        RedisBroker::reconnects(self)
+    }
 }

@@ -60,13 +60,24 @@ pub async fn build_state(config: Config, dev_token: Option<String>) -> anyhow::R
     .context("JWT key")?;
     let origins = OriginPolicy::new(&config.allowed_origins).map_err(anyhow::Error::msg).context("allowed_origins")?;
     let broker: Arc<dyn Broker> = match &config.redis_url {
-        Some(_url) => anyhow::bail!("the Redis broker is not available in this build yet"),
+        Some(url) => {
+            let mut opts = crier_redis::RedisOptions::new(url.clone(), config.node_id.clone());
+            opts.history_size = config.history_size;
+            opts.history_ttl = config.history_ttl;
+            opts.presence_ttl = config.presence_ttl;
+            opts.node_ttl = config.presence_ttl;
+            let broker = crier_redis::RedisBroker::connect(opts).await.context("redis_url")?;
+            if !broker.is_up() {
+                tracing::warn!("Redis is not reachable yet; the node stays unready and keeps retrying");
+            }
+            broker
+        }
         None => MemoryBroker::new(config.history_size, config.history_ttl),
     };
     let hub = Arc::new(Hub::new());
     let registry = Arc::new(Registry::new());
     broker.set_handler(Arc::new(NodeHandler { hub: hub.clone(), registry: registry.clone() }));
-    let limits = Limits::new(config.handshake_rate, config.handshake_burst, config.user_rate, config.user_burst);
+    let limits = Limits::new(&config);
     Ok(AppState(Arc::new(Inner {
         node: Node::new(hub, broker),
         registry,

@@ -193,7 +193,8 @@ impl Task {
             .set_connection_timeout(Some(t))
             .set_response_timeout(Some(t))
             .set_push_sender(tx);
-        let mut con = bounded(t, self.client.get_multiplexed_async_connection_with_config(&config)).await.map_err(lost)?;
+        let mut con =
+            bounded(t, self.client.get_multiplexed_async_connection_with_config(&config)).await.map_err(lost)?;
         let mut name = redis::cmd("CLIENT");
         name.arg("SETNAME").arg(&self.settings.client_name);
         if let Err(e) = bounded(t, name.query_async::<Value>(&mut con)).await {
@@ -324,7 +325,11 @@ impl Task {
         result
     }
 
-    async fn subscribe(&mut self, conn: &mut Conn, subs: Vec<(String, oneshot::Sender<Result<(), BrokerError>>)>) -> Step {
+    async fn subscribe(
+        &mut self,
+        conn: &mut Conn,
+        subs: Vec<(String, oneshot::Sender<Result<(), BrokerError>>)>,
+    ) -> Step {
         if subs.is_empty() {
             return Ok(());
         }
@@ -346,7 +351,9 @@ impl Task {
         }
         for (reply, known) in replies {
             let answer = match &result {
-                Err(End::Lost(why)) if !known => Err(BrokerError::Unavailable(format!("redis subscribe failed: {why}"))),
+                Err(End::Lost(why)) if !known => {
+                    Err(BrokerError::Unavailable(format!("redis subscribe failed: {why}")))
+                }
                 Err(End::Exit) if !known => Err(BrokerError::Unavailable("broker stopped".into())),
                 _ => Ok(()),
             };
@@ -365,7 +372,9 @@ impl Task {
         for chunk in fresh.chunks(FILL_BATCH) {
             let mut pipe = redis::pipe();
             for channel in chunk {
-                pipe.add_command(HistoryCall::new(&self.keys, &self.params, channel, None, 0).evalsha(&conn.history_sha));
+                pipe.add_command(
+                    HistoryCall::new(&self.keys, &self.params, channel, None, 0).evalsha(&conn.history_sha),
+                );
             }
             let replies: Vec<Value> = bounded(t, pipe.query_async(&mut conn.con)).await.map_err(lost)?;
             for v in replies {
