@@ -317,6 +317,13 @@ impl Broker for RedisBroker {
         since: Option<&StreamPosition>,
         limit: usize,
     ) -> Result<History, BrokerError> {
+        if self.shared.has_subscribers(channel) {
+            // The node is (being) subscribed: read on the pub/sub connection, in order with the
+            // live stream, so the node's merge by offset is exact (see `pubsub`).
+            let (reply, rx) = oneshot::channel();
+            let read = pubsub::HistoryRead { channel: channel.to_owned(), since: since.cloned(), limit, reply };
+            return self.ask(Command::History(read), rx).await?;
+        }
         let since = since.map(|p| (p.epoch.as_str(), p.offset));
         let call = HistoryCall::new(&self.keys, &self.params, channel, since, limit);
         scripts::parse_history(self.commands.invoke(&call.invocation(&self.scripts.history)).await?)
