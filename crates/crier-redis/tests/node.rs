@@ -95,7 +95,8 @@ async fn clients_joining_recovering_and_leaving_under_load_miss_nothing() {
     let mut live: Vec<u64> = Vec::new();
     for round in 0..16u64 {
         let seen = clients.iter().flat_map(|c| c.offsets()).max().unwrap_or(1);
-        let recover = (round % 2 == 1).then(|| StreamPosition { epoch: first.epoch.clone(), offset: seen.saturating_sub(3) });
+        let recover =
+            (round % 2 == 1).then(|| StreamPosition { epoch: first.epoch.clone(), offset: seen.saturating_sub(3) });
         let outbox = Arc::new(Outbox::new(1 << 20));
         let s = node.subscribe(ch, round, &outbox, recover.as_ref(), ack).await;
         assert!(s.is_ok(), "subscribe {round}: {:?}", s.err());

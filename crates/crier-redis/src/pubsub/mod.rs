@@ -9,6 +9,9 @@
 //!   effect: they are delivered first; the position then becomes the channel's baseline. The
 //!   caller gets its answer only after all this, so the node's history read comes after the
 //!   subscription is live.
+//! - **history reads** of locally subscribed channels run here too, pipelined: the pushes that
+//!   precede their replies are delivered before the callers get the histories, so a node's
+//!   merge by offset never sees a covered publication arrive live afterwards.
 //! - **live**: each publication is checked against the channel's [`Position`]: in order →
 //!   delivered; at or below the last delivered offset → dropped as a duplicate; a hole → filled
 //!   from the history first.
@@ -75,8 +78,14 @@ impl Shared {
 
 /// What the broker asks of the task.
 pub(crate) enum Command {
-    Subscribe { channel: String, reply: oneshot::Sender<Result<(), BrokerError>> },
-    Unsubscribe { channel: String, reply: oneshot::Sender<()> },
+    Subscribe {
+        channel: String,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
+    },
+    Unsubscribe {
+        channel: String,
+        reply: oneshot::Sender<()>,
+    },
     /// A history read of a channel with local subscribers, ordered with the live stream (see
     /// `Task::read_histories`).
     History(HistoryRead),
@@ -206,7 +215,8 @@ impl Task {
             .set_connection_timeout(Some(t))
             .set_response_timeout(Some(t))
             .set_push_sender(tx);
-        let mut con = bounded(t, self.client.get_multiplexed_async_connection_with_config(&config)).await.map_err(lost)?;
+        let mut con =
+            bounded(t, self.client.get_multiplexed_async_connection_with_config(&config)).await.map_err(lost)?;
         let mut name = redis::cmd("CLIENT");
         name.arg("SETNAME").arg(&self.settings.client_name);
         if let Err(e) = bounded(t, name.query_async::<Value>(&mut con)).await {
@@ -363,7 +373,9 @@ impl Task {
         let mut pipe = redis::pipe();
         for r in &reads {
             let since = r.since.as_ref().map(|p| (p.epoch.as_str(), p.offset));
-            pipe.add_command(HistoryCall::new(&self.keys, &self.params, &r.channel, since, r.limit).evalsha(&conn.history_sha));
+            pipe.add_command(
+                HistoryCall::new(&self.keys, &self.params, &r.channel, since, r.limit).evalsha(&conn.history_sha),
+            );
         }
         let replies = bounded(self.settings.command_timeout, pipe.query_async::<Vec<Value>>(&mut conn.con)).await;
         let replies = match replies {
@@ -408,7 +420,9 @@ impl Task {
         }
         for (reply, known) in replies {
             let answer = match &result {
-                Err(End::Lost(why)) if !known => Err(BrokerError::Unavailable(format!("redis subscribe failed: {why}"))),
+                Err(End::Lost(why)) if !known => {
+                    Err(BrokerError::Unavailable(format!("redis subscribe failed: {why}")))
+                }
                 Err(End::Exit) if !known => Err(BrokerError::Unavailable("broker stopped".into())),
                 _ => Ok(()),
             };
@@ -427,7 +441,9 @@ impl Task {
         for chunk in fresh.chunks(FILL_BATCH) {
             let mut pipe = redis::pipe();
             for channel in chunk {
-                pipe.add_command(HistoryCall::new(&self.keys, &self.params, channel, None, 0).evalsha(&conn.history_sha));
+                pipe.add_command(
+                    HistoryCall::new(&self.keys, &self.params, channel, None, 0).evalsha(&conn.history_sha),
+                );
             }
             let replies: Vec<Value> = bounded(t, pipe.query_async(&mut conn.con)).await.map_err(lost)?;
             for v in replies {
