@@ -9,6 +9,9 @@
 //!   effect: they are delivered first; the position then becomes the channel's baseline. The
 //!   caller gets its answer only after all this, so the node's history read comes after the
 //!   subscription is live.
+//! - **history reads** of locally subscribed channels run here too, pipelined: the pushes that
+//!   precede their replies are delivered before the callers get the histories, so a node's
+//!   merge by offset never sees a covered publication arrive live afterwards.
 //! - **live**: each publication is checked against the channel's [`Position`]: in order →
 //!   delivered; at or below the last delivered offset → dropped as a duplicate; a hole → filled
 //!   from the history first.
@@ -25,7 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crier_core::{BrokerError, BrokerHandler, Publication};
+use crier_core::{BrokerError, BrokerHandler, History, Publication};
+use crier_protocol::StreamPosition;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, PushInfo, Value};
 use serde::{Deserialize, Serialize};
@@ -67,15 +71,33 @@ impl Shared {
         }
     }
 
-    fn has_subscribers(&self, channel: &str) -> bool {
+    pub(crate) fn has_subscribers(&self, channel: &str) -> bool {
         self.handler.get().is_some_and(|h| h.has_subscribers(channel))
     }
 }
 
 /// What the broker asks of the task.
 pub(crate) enum Command {
-    Subscribe { channel: String, reply: oneshot::Sender<Result<(), BrokerError>> },
-    Unsubscribe { channel: String, reply: oneshot::Sender<()> },
+    Subscribe {
+        channel: String,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
+    },
+    Unsubscribe {
+        channel: String,
+        reply: oneshot::Sender<()>,
+    },
+    /// A history read of a channel with local subscribers, ordered with the live stream (see
+    /// `Task::read_histories`).
+    History(HistoryRead),
+}
+
+type Subscribe = (String, oneshot::Sender<Result<(), BrokerError>>);
+
+pub(crate) struct HistoryRead {
+    pub channel: String,
+    pub since: Option<StreamPosition>,
+    pub limit: usize,
+    pub reply: oneshot::Sender<Result<History, BrokerError>>,
 }
 
 /// A message on the control channel.
@@ -274,6 +296,9 @@ impl Task {
                 self.forget(&channel);
                 let _ = reply.send(());
             }
+            Command::History(read) => {
+                let _ = read.reply.send(Err(BrokerError::Unavailable("redis pub/sub is reconnecting".into())));
+            }
         }
     }
 
@@ -292,14 +317,17 @@ impl Task {
                 Err(_) => break,
             }
         }
-        let mut subs = Vec::new();
+        // Subscribes and history reads are batched (subscribes first); an unsubscribe is done
+        // after everything queued before it.
+        let (mut subs, mut reads) = (Vec::new(), Vec::new());
         let mut batch = batch.into_iter();
         let mut result = Ok(());
         for cmd in batch.by_ref() {
             match cmd {
                 Command::Subscribe { channel, reply } => subs.push((channel, reply)),
+                Command::History(read) => reads.push(read),
                 Command::Unsubscribe { channel, reply } => {
-                    result = self.subscribe(conn, std::mem::take(&mut subs)).await;
+                    result = self.flush(conn, &mut subs, &mut reads).await;
                     if result.is_ok() {
                         result = self.unsubscribe(conn, &channel).await;
                     } else {
@@ -313,11 +341,14 @@ impl Task {
             }
         }
         if result.is_ok() {
-            return self.subscribe(conn, subs).await;
+            result = self.flush(conn, &mut subs, &mut reads).await;
         }
         // The connection is gone: answer the rest as if offline.
         for (channel, reply) in subs {
             self.answer_offline(Command::Subscribe { channel, reply });
+        }
+        for read in reads {
+            self.answer_offline(Command::History(read));
         }
         for cmd in batch {
             self.answer_offline(cmd);
@@ -325,11 +356,49 @@ impl Task {
         result
     }
 
-    async fn subscribe(
-        &mut self,
-        conn: &mut Conn,
-        subs: Vec<(String, oneshot::Sender<Result<(), BrokerError>>)>,
-    ) -> Step {
+    async fn flush(&mut self, conn: &mut Conn, subs: &mut Vec<Subscribe>, reads: &mut Vec<HistoryRead>) -> Step {
+        self.subscribe(conn, std::mem::take(subs)).await?;
+        self.read_histories(conn, std::mem::take(reads)).await
+    }
+
+    /// History reads ordered with the live stream: the replies come on this connection after
+    /// every publication pushed before the reads ran, and those are delivered (drained) before
+    /// the callers get their answers. So a node that reads a channel's history at top T has
+    /// already been handed every publication <= T that it will get live: its merge by offset
+    /// (buffer, then drop what the history covered) is exact — no duplicate, no gap.
+    async fn read_histories(&mut self, conn: &mut Conn, reads: Vec<HistoryRead>) -> Step {
+        if reads.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for r in &reads {
+            let since = r.since.as_ref().map(|p| (p.epoch.as_str(), p.offset));
+            pipe.add_command(
+                HistoryCall::new(&self.keys, &self.params, &r.channel, since, r.limit).evalsha(&conn.history_sha),
+            );
+        }
+        let replies = bounded(self.settings.command_timeout, pipe.query_async::<Vec<Value>>(&mut conn.con)).await;
+        let replies = match replies {
+            Ok(replies) => self.drain(conn).await.map(|()| replies),
+            Err(e) => Err(lost(e)),
+        };
+        match replies {
+            Ok(replies) => {
+                for (r, v) in reads.into_iter().zip(replies) {
+                    let _ = r.reply.send(scripts::parse_history(v));
+                }
+                Ok(())
+            }
+            Err(end) => {
+                for r in reads {
+                    self.answer_offline(Command::History(r));
+                }
+                Err(end)
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, conn: &mut Conn, subs: Vec<Subscribe>) -> Step {
         if subs.is_empty() {
             return Ok(());
         }
