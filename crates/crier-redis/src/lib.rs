@@ -206,6 +206,7 @@ impl RedisBroker {
             reconnects: Default::default(),
             gap_filled: Default::default(),
             instance,
+            commands: commands.clone(),
         });
         let (shutdown, shutdown_rx) = watch::channel(());
         let (pubsub, commands_rx) = mpsc::channel(1024);

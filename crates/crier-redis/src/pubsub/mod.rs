@@ -62,6 +62,9 @@ pub(crate) struct Shared {
     pub gap_filled: AtomicU64,
     /// Random id of this broker instance (control messages skip their sender).
     pub instance: String,
+    /// The command connection, probed before the broker reports itself up again, so that
+    /// readiness never turns green while publishes would still fail.
+    pub commands: crate::command::Commands,
 }
 
 impl Shared {
@@ -174,6 +177,19 @@ impl Task {
         Task { client, keys, params, scripts, shared, settings, commands, shutdown, channels, control }
     }
 
+    /// Makes sure the command connection answers too (after a Redis restart its first call fails
+    /// and makes it reconnect). Bounded: after a few tries the broker reports up anyway, since
+    /// the pub/sub side works and the command connection keeps reconnecting by itself.
+    async fn probe_commands(&self) {
+        for attempt in 0..5u64 {
+            if self.shared.commands.query(&redis::cmd("PING")).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(self.settings.reconnect_min * (attempt as u32 + 1)).await;
+        }
+        tracing::warn!("redis command connection does not answer yet");
+    }
+
     /// Runs until the broker is dropped.
     pub(crate) async fn run(mut self) {
         let mut backoff = Backoff::new(self.settings.reconnect_min, self.settings.reconnect_max);
@@ -187,6 +203,7 @@ impl Task {
                         self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
                     connected_before = true;
+                    self.probe_commands().await;
                     self.shared.up.send_replace(true);
                     tracing::info!(channels = self.channels.len(), "redis pub/sub connected");
                     let end = self.serve(&mut conn).await;
