@@ -31,6 +31,12 @@ const NODE_FLAGS: &[&str] = &[
     "100000",
     "--max-connections-per-user",
     "0",
+    "--max-connections",
+    "0",
+    "--api-rate",
+    "1000000",
+    "--api-burst",
+    "1000000",
 ];
 
 pub struct Node {
@@ -109,6 +115,17 @@ impl Gateway {
             eprintln!("  started crier node {i} at {} (pid {})", node.addr, node.pid.unwrap_or(0));
             gw.nodes.push(node);
         }
+        // A node that prints its address and then fails (e.g. its broker) must not pass for a
+        // running one: give it a moment, check it is alive and ready.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for (i, n) in gw.nodes.iter_mut().enumerate() {
+            if let Some(c) = &mut n.child
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                bail!("crier node {i} exited ({status}); its log {}:\n{}", log_path(n), log_tail(n));
+            }
+        }
+        gw.wait_ready().await?;
         Ok(gw)
     }
 
@@ -125,6 +142,25 @@ impl Gateway {
             nodes.push(Node { addr, pid: args.gateway_pid.get(i).copied(), log: None, child: None });
         }
         Ok(Gateway { nodes, redis: None, secret, api_key, started_by_bench: false })
+    }
+
+    /// Waits (10 s at most) until every node answers 200 on `/readyz`.
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        for (i, n) in self.nodes.iter().enumerate() {
+            loop {
+                let ok = client.get(format!("http://{}/readyz", n.addr)).send().await.is_ok_and(|r| r.status().is_success());
+                if ok {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    bail!("crier node {i} at {} is not ready after 10s; its log {}:\n{}", n.addr, log_path(n), log_tail(n));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
     }
 
     /// PIDs of the crier nodes known to the bench.
@@ -183,6 +219,16 @@ impl Gateway {
             let _ = r.child.kill().await;
         }
     }
+}
+
+fn log_path(n: &Node) -> String {
+    n.log.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+}
+
+fn log_tail(n: &Node) -> String {
+    let text = n.log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
 async fn start_node(crier: &Path, i: usize, gw: &Gateway, args: &GatewayArgs) -> anyhow::Result<Node> {

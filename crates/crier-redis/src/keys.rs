@@ -1,0 +1,87 @@
+//! The Redis key layout, in one place (documented in the crate root).
+//!
+//! Every key starts with the configured prefix (`crier` by default). Keys of one channel share
+//! the hash tag `{<channel>}` so a future Redis Cluster keeps a channel's keys in one slot (the
+//! publish script touches several of them atomically). Channel names never contain `{` or `}`
+//! (see `crier_protocol::channel`), so the tag is exact.
+
+/// Builds key and pub/sub channel names.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    prefix: String,
+    /// `<prefix>:ch:`, the pub/sub channel prefix for channel publications.
+    pubsub_prefix: String,
+}
+
+impl Keys {
+    pub(crate) fn new(prefix: &str) -> Keys {
+        Keys { prefix: prefix.to_owned(), pubsub_prefix: format!("{prefix}:ch:") }
+    }
+
+    /// HASH `epoch`, `top`: the channel's epoch and last offset.
+    pub(crate) fn meta(&self, channel: &str) -> String {
+        format!("{}:{{{channel}}}:meta", self.prefix)
+    }
+
+    /// LIST of history entries (`offset:epoch:ts_us:frame`), oldest first.
+    pub(crate) fn history(&self, channel: &str) -> String {
+        format!("{}:{{{channel}}}:hist", self.prefix)
+    }
+
+    /// STRING `epoch:offset`: the first result of a publish with this idempotency key.
+    pub(crate) fn idempotency(&self, channel: &str, key: &str) -> String {
+        format!("{}:{{{channel}}}:idem:{key}", self.prefix)
+    }
+
+    /// ZSET member → expiry (ms) and HASH member → entry JSON: a channel's presence.
+    pub(crate) fn presence(&self, channel: &str) -> (String, String) {
+        (format!("{}:{{{channel}}}:pres", self.prefix), format!("{}:{{{channel}}}:pres:data", self.prefix))
+    }
+
+    /// ZSET member → expiry (ms): a user's live connections, cluster-wide.
+    pub(crate) fn connections(&self, user: &str) -> String {
+        format!("{}:user:{{{user}}}:conns", self.prefix)
+    }
+
+    /// ZSET node → expiry (ms) and HASH node → NodeInfo JSON: the node registry.
+    pub(crate) fn nodes(&self) -> (String, String) {
+        (format!("{}:nodes", self.prefix), format!("{}:nodes:info", self.prefix))
+    }
+
+    /// The pub/sub channel carrying `channel`'s publications.
+    pub(crate) fn pubsub(&self, channel: &str) -> String {
+        format!("{}{channel}", self.pubsub_prefix)
+    }
+
+    /// The node-wide control channel (user disconnects).
+    pub(crate) fn control(&self) -> String {
+        format!("{}:control", self.prefix)
+    }
+
+    /// The crier channel behind a pub/sub channel name, if it is one of ours.
+    pub(crate) fn channel_of<'a>(&self, pubsub: &'a [u8]) -> Option<&'a str> {
+        let rest = pubsub.strip_prefix(self.pubsub_prefix.as_bytes())?;
+        std::str::from_utf8(rest).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout() {
+        let k = Keys::new("crier");
+        assert_eq!(k.meta("chat:lobby"), "crier:{chat:lobby}:meta");
+        assert_eq!(k.history("chat:lobby"), "crier:{chat:lobby}:hist");
+        assert_eq!(k.idempotency("c", "k1"), "crier:{c}:idem:k1");
+        assert_eq!(k.presence("c"), ("crier:{c}:pres".to_owned(), "crier:{c}:pres:data".to_owned()));
+        assert_eq!(k.connections("u1"), "crier:user:{u1}:conns");
+        assert_eq!(k.nodes(), ("crier:nodes".to_owned(), "crier:nodes:info".to_owned()));
+        assert_eq!(k.pubsub("chat:lobby"), "crier:ch:chat:lobby");
+        assert_eq!(k.control(), "crier:control");
+        assert_eq!(k.channel_of(b"crier:ch:chat:lobby"), Some("chat:lobby"));
+        assert_eq!(k.channel_of(b"crier:control"), None);
+        assert_eq!(k.channel_of(b"other:ch:x"), None);
+    }
+}

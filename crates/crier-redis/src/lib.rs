@@ -1,0 +1,399 @@
+//! crier's Redis broker: any number of nodes sharing one Redis form one cluster.
+//! [`RedisBroker`] implements [`crier_core::Broker`] and passes the same conformance suite as the
+//! memory broker. This is the only crate that knows `redis`.
+//!
+//! # Map
+//! - `lib.rs`: [`RedisOptions`], [`RedisBroker`] and its `Broker` impl (thin: it delegates).
+//! - `keys.rs`: the key layout below, in code.
+//! - `scripts.rs`: the Lua scripts (publish, history, expiring sets) and their reply parsing.
+//! - `payload.rs`: the `offset:epoch:ts_us:frame` payload published and kept in the history.
+//! - `command.rs`: the command connection (auto-reconnecting, every call with a deadline) and
+//!   the mapping of Redis errors to `BrokerError`.
+//! - `pubsub/`: the task owning the node's single pub/sub connection: subscriptions, probe,
+//!   reconnect with backoff (`mod.rs`, `backoff.rs`); delivery in offset order and gap-fill
+//!   (`delivery.rs`).
+//! - `tracker.rs`: per-channel "last delivered" bookkeeping (duplicates, holes), pure logic.
+//! - `presence.rs`: presence, connections per user and the node registry, with expiry and a
+//!   background refresh of this node's entries.
+//!
+//! # Key layout
+//! Prefix `crier` (configurable, [`RedisOptions::key_prefix`]); `{...}` is a Cluster hash tag.
+//!
+//! | key | type | content | lifetime |
+//! |---|---|---|---|
+//! | `crier:{<channel>}:meta` | HASH | `epoch`, `top` (last offset) | `meta_ttl` (24h) after the last publish |
+//! | `crier:{<channel>}:hist` | LIST | entries `offset:epoch:ts_us:frame`, oldest first, at most `history_size` | `history_ttl` after the last publish; entries older than `history_ttl` are dropped |
+//! | `crier:{<channel>}:idem:<key>` | STRING | `epoch:offset` of the first publish with that key | 300s |
+//! | `crier:{<channel>}:pres` / `:pres:data` | ZSET / HASH | member → expiry ms / entry JSON | `presence_ttl` (30s), refreshed by the owning node |
+//! | `crier:user:{<user>}:conns` | ZSET | member → expiry ms | `presence_ttl`, refreshed |
+//! | `crier:nodes` / `crier:nodes:info` | ZSET / HASH | node → expiry ms / `NodeInfo` JSON | `node_ttl` (30s), refreshed |
+//!
+//! Pub/sub channels: `crier:ch:<channel>` carries the channel's publications (payload
+//! `offset:epoch:published_at_us:<message frame>`); `crier:control` carries node-wide control
+//! messages (user disconnects). Presence and connection members are `<broker instance>/<client>`.
+//!
+//! # Publishing
+//! One Lua script does it all atomically: it creates the epoch if the channel has no meta (a new
+//! channel, or one whose state Redis lost: flush, restart without persistence, expiry, eviction —
+//! so a lost history always means a new epoch and clients are told `recovered: false`),
+//! increments `top`, builds the `message` frame by concatenation (byte-identical to
+//! `crier_protocol::frames::encode_message`: channel names and epochs need no JSON escaping and
+//! `data` is raw JSON), appends it to the history (trimmed to `history_size`, pruned by age),
+//! sets the TTLs, PUBLISHes it, and records the idempotency key (`SET ... EX 300` semantics: a
+//! repeat returns the first result and publishes nothing).
+//!
+//! # Delivery
+//! The node's single pub/sub connection (RESP3) is owned by one task (`pubsub/`), which delivers
+//! each channel's publications to the handler in offset order, exactly once (duplicates after
+//! a gap-fill are dropped by offset). `subscribe` answers only after Redis confirmed the
+//! SUBSCRIBE and the channel's baseline position was read on that connection. `history` of a
+//! channel with local subscribers (`BrokerHandler::has_subscribers`) is read on that same
+//! connection too: its reply comes after every publication it covers has been handed to the
+//! handler, so the node's "buffer live, read history, merge by offset" leaves no duplicate and
+//! no gap. Other history reads (e.g. the REST API on a channel nobody here watches) use the
+//! command connection.
+//!
+//! # Faults
+//! - Every Redis call has a deadline (`command_timeout`, 2s): when Redis is unreachable, calls
+//!   fail with `BrokerError::Unavailable` instead of hanging. A publish that times out may still
+//!   have been applied; idempotency keys make retries safe.
+//! - [`RedisBroker::connect`] only fails on a malformed URL. When Redis is down it still returns
+//!   (after waiting up to `connect_wait` for a first connection) with `is_up() == false`, and
+//!   keeps retrying in the background.
+//! - While the pub/sub connection is down, `subscribe` of a new channel and `history` of a
+//!   locally subscribed channel fail with `Unavailable` (the node could not merge safely).
+//! - `is_up()` follows the pub/sub connection: false from a lost connection or a failed probe
+//!   (PING every `probe_interval`) until it is back, re-subscribed and gap-filled. Reconnects use
+//!   jittered exponential backoff from `reconnect_min` (50ms) to `reconnect_max` (2s).
+//! - After a reconnect every subscribed channel is gap-filled from its history, after the last
+//!   offset delivered to the handler, before live publications; duplicates are dropped. When
+//!   the epoch changed, the new epoch's history is delivered as it is; when the history no longer
+//!   holds the whole gap, what it holds is delivered (logged as an incomplete gap-fill).
+//! - With persistence and a restart that lost the last writes (e.g. `appendfsync everysec`), a
+//!   channel can keep its epoch while its offsets go back; the broker follows the history then.
+
+mod command;
+mod keys;
+mod payload;
+mod presence;
+mod pubsub;
+mod scripts;
+mod tracker;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use crier_core::broker::{IDEMPOTENCY_WINDOW, PublishOptions};
+use crier_core::{Broker, BrokerError, BrokerHandler, History, NodeInfo, PublishResult};
+use crier_protocol::StreamPosition;
+use crier_protocol::frames::PresenceEntry;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{IntoConnectionInfo, ProtocolVersion};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::command::Commands;
+use crate::keys::Keys;
+use crate::presence::ClusterState;
+use crate::pubsub::{Command, Shared};
+use crate::scripts::{HistoryCall, Params, Scripts};
+
+/// How to reach Redis and how long things live. [`RedisOptions::new`] fills in the defaults.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: String,
+    /// This node's name (names the pub/sub connection in `CLIENT LIST`).
+    pub node_id: String,
+    /// Messages kept per channel for recovery (0 disables history and gap-fill).
+    pub history_size: usize,
+    /// How long history is kept: after the last publish for the list, per message for reads.
+    pub history_ttl: Duration,
+    /// How long a channel's epoch and offset outlive its last publish. Never less than
+    /// `history_ttl`. Default 24h.
+    pub meta_ttl: Duration,
+    /// Expiry of presence and connection entries; a dead node's entries vanish within it.
+    /// Live ones are refreshed every third of it. Default 30s.
+    pub presence_ttl: Duration,
+    /// Expiry of node registry entries (refreshed like presence). Default 30s.
+    pub node_ttl: Duration,
+    /// Prefix of every key and pub/sub channel. Default `crier`.
+    pub key_prefix: String,
+    /// Deadline of every Redis call, and of a connection attempt. Default 2s.
+    pub command_timeout: Duration,
+    /// PING period on the pub/sub connection. Default 1s.
+    pub probe_interval: Duration,
+    /// Reconnect backoff bounds. Default 50ms → 2s.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// How long [`RedisBroker::connect`] waits for a first connection before returning with
+    /// `is_up() == false`. Default 2s.
+    pub connect_wait: Duration,
+}
+
+impl RedisOptions {
+    /// Options with the defaults (history: 100 messages for 300s, like the contract's defaults).
+    pub fn new(url: impl Into<String>, node_id: impl Into<String>) -> RedisOptions {
+        RedisOptions {
+            url: url.into(),
+            node_id: node_id.into(),
+            history_size: 100,
+            history_ttl: Duration::from_secs(300),
+            meta_ttl: Duration::from_secs(24 * 3600),
+            presence_ttl: Duration::from_secs(30),
+            node_ttl: Duration::from_secs(30),
+            key_prefix: "crier".into(),
+            command_timeout: Duration::from_secs(2),
+            probe_interval: Duration::from_secs(1),
+            reconnect_min: Duration::from_millis(50),
+            reconnect_max: Duration::from_secs(2),
+            connect_wait: Duration::from_secs(2),
+        }
+    }
+}
+
+/// See the crate docs.
+pub struct RedisBroker {
+    keys: Keys,
+    params: Params,
+    scripts: Arc<Scripts>,
+    commands: Commands,
+    shared: Arc<Shared>,
+    state: Arc<ClusterState>,
+    pubsub: mpsc::Sender<Command>,
+    command_timeout: Duration,
+    up: watch::Receiver<bool>,
+    /// Dropped with the broker: stops the background tasks.
+    _shutdown: watch::Sender<()>,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl RedisBroker {
+    /// Starts the broker: the command connection, the pub/sub task and the refresh task. Fails
+    /// only on a malformed URL; see the crate docs for starting while Redis is down.
+    pub async fn connect(opts: RedisOptions) -> Result<Arc<RedisBroker>, BrokerError> {
+        let bad_url = |e: redis::RedisError| BrokerError::Internal(format!("invalid redis url: {e}"));
+        let info = opts.url.as_str().into_connection_info().map_err(bad_url)?;
+        let resp3 = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+        let pubsub_client = redis::Client::open(info.clone().set_redis_settings(resp3)).map_err(bad_url)?;
+        let client = redis::Client::open(info).map_err(bad_url)?;
+        let t = opts.command_timeout;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(t))
+            .set_response_timeout(Some(t))
+            .set_number_of_retries(1)
+            .set_min_delay(opts.reconnect_min)
+            .set_max_delay(opts.reconnect_max);
+        let manager = ConnectionManager::new_lazy_with_config(client, config).map_err(bad_url)?;
+        let commands = Commands::new(manager, t);
+
+        let keys = Keys::new(&opts.key_prefix);
+        let scripts = Arc::new(Scripts::new());
+        let params = Params {
+            history_size: opts.history_size,
+            history_ttl_ms: millis(opts.history_ttl),
+            meta_ttl_ms: millis(opts.meta_ttl.max(opts.history_ttl)),
+        };
+        let instance = scripts::new_epoch();
+        let (up_tx, up) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            handler: OnceLock::new(),
+            up: up_tx,
+            reconnects: Default::default(),
+            gap_filled: Default::default(),
+            instance,
+            commands: commands.clone(),
+        });
+        let (shutdown, shutdown_rx) = watch::channel(());
+        let (pubsub, commands_rx) = mpsc::channel(1024);
+        let client_name: String = format!("crier-pubsub-{}", opts.node_id)
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || "-_.:".contains(c) { c } else { '_' })
+            .collect();
+        let settings = pubsub::Settings {
+            command_timeout: t,
+            probe_interval: opts.probe_interval,
+            reconnect_min: opts.reconnect_min,
+            reconnect_max: opts.reconnect_max,
+            client_name,
+        };
+        let task = pubsub::Task::new(
+            pubsub_client,
+            keys.clone(),
+            params,
+            scripts.clone(),
+            shared.clone(),
+            settings,
+            commands_rx,
+            shutdown_rx.clone(),
+        );
+        tokio::spawn(task.run());
+        let state = Arc::new(ClusterState::new(
+            commands.clone(),
+            keys.clone(),
+            scripts.clone(),
+            shared.instance.clone(),
+            opts.presence_ttl,
+            opts.node_ttl,
+        ));
+        tokio::spawn(presence::refresh_loop(state.clone(), shutdown_rx));
+
+        let mut wait = up.clone();
+        if tokio::time::timeout(opts.connect_wait, wait.wait_for(|up| *up)).await.is_err() {
+            tracing::warn!("redis is not reachable yet; the broker keeps trying in the background");
+        }
+        Ok(Arc::new(RedisBroker {
+            keys,
+            params,
+            scripts,
+            commands,
+            shared,
+            state,
+            pubsub,
+            command_timeout: t,
+            up,
+            _shutdown: shutdown,
+        }))
+    }
+
+    /// How many times the pub/sub connection was re-established after a loss
+    /// (`crier_broker_reconnects_total`).
+    pub fn reconnects(&self) -> u64 {
+        self.shared.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// How many publications were delivered by gap-fills: missed on the live stream (pub/sub
+    /// reconnect, hole) and read from the history instead.
+    pub fn gap_filled(&self) -> u64 {
+        self.shared.gap_filled.load(Ordering::Relaxed)
+    }
+
+    /// Waits until [`Broker::is_up`] is `up` or `timeout` passes; returns whether it is.
+    pub async fn wait_up(&self, up: bool, timeout: Duration) -> bool {
+        let mut rx = self.up.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|v| *v == up)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    /// Sends a command to the pub/sub task and waits for its answer (bounded: the task may be
+    /// busy re-subscribing after a reconnect).
+    async fn ask<T>(&self, cmd: Command, rx: oneshot::Receiver<T>) -> Result<T, BrokerError> {
+        let deadline = self.command_timeout * 3;
+        let gone = || BrokerError::Unavailable("redis pub/sub task is gone".into());
+        let slow = || BrokerError::Unavailable(format!("redis pub/sub did not answer within {deadline:?}"));
+        tokio::time::timeout(deadline, self.pubsub.send(cmd)).await.map_err(|_| slow())?.map_err(|_| gone())?;
+        tokio::time::timeout(deadline, rx).await.map_err(|_| slow())?.map_err(|_| gone())
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    fn set_handler(&self, handler: Arc<dyn BrokerHandler>) {
+        let _ = self.shared.handler.set(handler);
+    }
+
+    async fn publish(&self, channel: &str, data: &str, opts: PublishOptions<'_>) -> Result<PublishResult, BrokerError> {
+        // The script copies the channel into the frame verbatim: only valid names may go there.
+        crier_protocol::validate_channel(channel).map_err(|e| BrokerError::Internal(format!("publish: {e}")))?;
+        let mut inv = self.scripts.publish.key(self.keys.meta(channel));
+        inv.key(self.keys.history(channel));
+        if let Some(k) = opts.idempotency_key {
+            inv.key(self.keys.idempotency(channel, k));
+        }
+        inv.arg(channel)
+            .arg(data)
+            .arg(scripts::new_epoch())
+            .arg(self.params.history_size)
+            .arg(self.params.history_ttl_ms)
+            .arg(self.params.meta_ttl_ms)
+            .arg(self.keys.pubsub(channel))
+            .arg(IDEMPOTENCY_WINDOW.as_secs());
+        let (result, _fresh) = scripts::parse_publish(&self.commands.invoke(&inv).await?)?;
+        Ok(result)
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        let (reply, rx) = oneshot::channel();
+        self.ask(Command::Subscribe { channel: channel.to_owned(), reply }, rx).await?
+    }
+
+    async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        let (reply, rx) = oneshot::channel();
+        self.ask(Command::Unsubscribe { channel: channel.to_owned(), reply }, rx).await
+    }
+
+    async fn history(
+        &self,
+        channel: &str,
+        since: Option<&StreamPosition>,
+        limit: usize,
+    ) -> Result<History, BrokerError> {
+        if self.shared.has_subscribers(channel) {
+            // The node is (being) subscribed: read on the pub/sub connection, in order with the
+            // live stream, so the node's merge by offset is exact (see `pubsub`).
+            let (reply, rx) = oneshot::channel();
+            let read = pubsub::HistoryRead { channel: channel.to_owned(), since: since.cloned(), limit, reply };
+            return self.ask(Command::History(read), rx).await?;
+        }
+        let since = since.map(|p| (p.epoch.as_str(), p.offset));
+        let call = HistoryCall::new(&self.keys, &self.params, channel, since, limit);
+        scripts::parse_history(self.commands.invoke(&call.invocation(&self.scripts.history)).await?)
+    }
+
+    async fn presence_add(&self, channel: &str, entry: &PresenceEntry) -> Result<(), BrokerError> {
+        self.state.presence_add(channel, entry).await
+    }
+
+    async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
+        self.state.presence_remove(channel, client).await
+    }
+
+    async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError> {
+        self.state.presence(channel).await
+    }
+
+    async fn connection_opened(&self, user: &str, client: &str) -> Result<u64, BrokerError> {
+        self.state.connection_opened(user, client).await
+    }
+
+    async fn connection_closed(&self, user: &str, client: &str) -> Result<(), BrokerError> {
+        self.state.connection_closed(user, client).await
+    }
+
+    /// Counts the user's connections cluster-wide, tells every other node over the control
+    /// channel, and closes this node's ones directly. Returns the larger of the cluster-wide
+    /// count and the number closed here.
+    async fn disconnect_user(&self, user: &str) -> Result<u64, BrokerError> {
+        let count = self.state.connection_count(user).await?;
+        let msg = pubsub::Control {
+            op: pubsub::DISCONNECT_USER.into(),
+            user: user.to_owned(),
+            origin: self.shared.instance.clone(),
+        };
+        let msg = serde_json::to_string(&msg).map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(self.keys.control()).arg(msg);
+        self.commands.query(&publish).await?;
+        let here = self.shared.handler.get().map_or(0, |h| h.on_disconnect_user(user)) as u64;
+        Ok(count.max(here))
+    }
+
+    async fn report_node(&self, info: &NodeInfo) -> Result<(), BrokerError> {
+        self.state.report_node(info).await
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError> {
+        self.state.nodes().await
+    }
+
+    fn is_up(&self) -> bool {
+        *self.up.borrow()
+    }
+
+    fn reconnects(&self) -> u64 {
+        RedisBroker::reconnects(self)
+    }
+}

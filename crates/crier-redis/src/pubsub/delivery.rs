@@ -1,0 +1,146 @@
+//! The pub/sub task's delivery side: pushes from Redis (publications, control messages, the
+//! connection's end) and the gap-fill from the history. Every publication reaches the handler
+//! from here, in offset order per channel, exactly once (see [`Position`]).
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use crier_core::Publication;
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::mpsc;
+
+use super::{Conn, Control, DISCONNECT_USER, FILL_BATCH, State, Step, Task, lost};
+use crate::command::bounded;
+use crate::payload;
+use crate::scripts::{self, ALL, HistoryCall};
+use crate::tracker::{Position, Verdict};
+
+impl Task {
+    /// Handles every push already received.
+    pub(super) async fn drain(&mut self, conn: &mut Conn) -> Step {
+        loop {
+            match conn.pushes.try_recv() {
+                Ok(push) => self.on_push(conn, push).await?,
+                Err(mpsc::error::TryRecvError::Empty) => return Ok(()),
+                Err(mpsc::error::TryRecvError::Disconnected) => return Err(lost("push stream ended")),
+            }
+        }
+    }
+
+    pub(super) async fn on_push(&mut self, conn: &mut Conn, push: PushInfo) -> Step {
+        match push.kind {
+            PushKind::Disconnection => Err(lost("connection closed")),
+            PushKind::Message => {
+                let mut data = push.data.into_iter();
+                let (Some(Value::BulkString(name)), Some(Value::BulkString(payload))) = (data.next(), data.next())
+                else {
+                    return Ok(());
+                };
+                if name == self.control {
+                    self.on_control(&payload);
+                    return Ok(());
+                }
+                match self.keys.channel_of(&name) {
+                    Some(channel) => self.on_message(conn, channel, Bytes::from(payload)).await,
+                    None => Ok(()),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn on_control(&self, payload: &[u8]) {
+        let Ok(msg) = serde_json::from_slice::<Control>(payload) else {
+            tracing::warn!("malformed control message ignored");
+            return;
+        };
+        if msg.origin != self.shared.instance
+            && msg.op == DISCONNECT_USER
+            && let Some(h) = self.shared.handler.get()
+        {
+            h.on_disconnect_user(&msg.user);
+        }
+    }
+
+    async fn on_message(&mut self, conn: &mut Conn, channel: &str, payload: Bytes) -> Step {
+        let Some(h) = payload::header(&payload) else {
+            tracing::warn!("malformed publication payload ignored");
+            return Ok(());
+        };
+        let (offset, ts, start) = (h.offset, h.published_at_us, h.frame_start);
+        let gap_fill = self.params.history_size > 0;
+        let Some(state) = self.channels.get_mut(channel) else {
+            return Ok(()); // a late message after an unsubscribe
+        };
+        let verdict = match state {
+            State::Pending => {
+                *state = State::Tracking(Position::new(h.epoch.into(), offset));
+                Verdict::Deliver
+            }
+            State::Tracking(pos) => pos.check(h.epoch, offset, gap_fill),
+        };
+        let verdict = match verdict {
+            Verdict::Gap => {
+                let epoch = h.epoch.to_owned();
+                self.fill(conn, &[channel.to_owned()]).await?;
+                match self.channels.get_mut(channel) {
+                    Some(State::Tracking(pos)) => pos.check(&epoch, offset, false),
+                    _ => Verdict::Duplicate,
+                }
+            }
+            v => v,
+        };
+        if verdict == Verdict::Deliver
+            && let Some(State::Tracking(pos)) = self.channels.get(channel)
+        {
+            let publication =
+                Publication { offset, epoch: pos.epoch.clone(), frame: payload.slice(start..), published_at_us: ts };
+            self.shared.deliver(channel, publication);
+        }
+        Ok(())
+    }
+
+    /// Reads the tracked channels' histories after their last delivered offsets and delivers
+    /// what this node missed.
+    pub(super) async fn fill(&mut self, conn: &mut Conn, channels: &[String]) -> Step {
+        let t = self.settings.command_timeout;
+        for chunk in channels.chunks(FILL_BATCH) {
+            let mut pipe = redis::pipe();
+            let mut asked = Vec::with_capacity(chunk.len());
+            for channel in chunk {
+                if let Some(State::Tracking(pos)) = self.channels.get(channel) {
+                    let since = Some((&*pos.epoch, pos.last));
+                    let call = HistoryCall::new(&self.keys, &self.params, channel, since, ALL);
+                    pipe.add_command(call.evalsha(&conn.history_sha));
+                    asked.push(channel);
+                }
+            }
+            if asked.is_empty() {
+                continue;
+            }
+            let replies: Vec<Value> = bounded(t, pipe.query_async(&mut conn.con)).await.map_err(lost)?;
+            for (channel, v) in asked.into_iter().zip(replies) {
+                let h = scripts::parse_history(v).map_err(lost)?;
+                let Some(State::Tracking(pos)) = self.channels.get_mut(channel) else { continue };
+                let before = (pos.epoch.clone(), pos.last);
+                pos.rebase(&h.epoch, h.offset);
+                let mut delivered = 0usize;
+                for mut p in h.publications {
+                    if pos.take(p.offset) {
+                        p.epoch = pos.epoch.clone();
+                        self.shared.deliver(channel, p);
+                        delivered += 1;
+                    }
+                }
+                pos.settle(h.offset);
+                self.shared.gap_filled.fetch_add(delivered as u64, Ordering::Relaxed);
+                if h.gap || *before.0 != *h.epoch {
+                    tracing::warn!(channel, delivered, epoch_changed = *before.0 != *h.epoch, "gap-fill incomplete");
+                } else if delivered > 0 {
+                    tracing::debug!(channel, delivered, "gap filled from history");
+                }
+            }
+        }
+        Ok(())
+    }
+}

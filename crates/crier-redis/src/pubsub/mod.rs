@@ -1,0 +1,489 @@
+//! The pub/sub task: the node's ONE Redis pub/sub connection, owned by ONE task that takes
+//! subscribe/unsubscribe commands over a channel and delivers publications to the handler.
+//!
+//! The connection speaks RESP3, so ordinary commands (PING, the history script) run on it between
+//! pushes, and their replies are ordered with the pushes. That ordering is what makes the
+//! bookkeeping exact:
+//! - **subscribe**: SUBSCRIBE, then read the channel's position (epoch, top) on the same
+//!   connection. Publications pushed before that reply were published after the SUBSCRIBE took
+//!   effect: they are delivered first; the position then becomes the channel's baseline. The
+//!   caller gets its answer only after all this, so the node's history read comes after the
+//!   subscription is live.
+//! - **history reads** of locally subscribed channels run here too, pipelined: the pushes that
+//!   precede their replies are delivered before the callers get the histories, so a node's
+//!   merge by offset never sees a covered publication arrive live afterwards.
+//! - **live**: each publication is checked against the channel's [`Position`]: in order →
+//!   delivered; at or below the last delivered offset → dropped as a duplicate; a hole → filled
+//!   from the history first.
+//! - **reconnect** (jittered exponential backoff): re-SUBSCRIBE every channel in batches, then
+//!   GAP-FILL: read each channel's history after its last delivered offset (pipelined) and deliver
+//!   what is missing before any live publication; live ones already delivered are dropped. When
+//!   the epoch changed (Redis lost the data), the new epoch's history is delivered as it is; when
+//!   the history no longer holds the whole gap (trimmed, expired), what it holds is delivered.
+//! - **probe**: a PING every `probe_interval`; no answer within the command timeout marks the
+//!   broker down and forces a reconnect.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crier_core::{BrokerError, BrokerHandler, History, Publication};
+use crier_protocol::StreamPosition;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, PushInfo, Value};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::command::bounded;
+use crate::keys::Keys;
+use crate::scripts::{self, HistoryCall, Params, Scripts};
+use crate::tracker::Position;
+
+mod backoff;
+mod delivery;
+
+use backoff::Backoff;
+
+/// Channels per SUBSCRIBE command.
+const SUBSCRIBE_BATCH: usize = 500;
+/// History reads per pipeline.
+const FILL_BATCH: usize = 100;
+/// Commands taken from the queue at once.
+const COMMAND_BATCH: usize = 256;
+
+/// State shared between the broker handle and its tasks.
+pub(crate) struct Shared {
+    pub handler: OnceLock<Arc<dyn BrokerHandler>>,
+    /// Whether the pub/sub connection is up (subscribed and gap-filled).
+    pub up: watch::Sender<bool>,
+    pub reconnects: AtomicU64,
+    /// Publications delivered by gap-fills (missed live, recovered from the history).
+    pub gap_filled: AtomicU64,
+    /// Random id of this broker instance (control messages skip their sender).
+    pub instance: String,
+    /// The command connection, probed before the broker reports itself up again, so that
+    /// readiness never turns green while publishes would still fail.
+    pub commands: crate::command::Commands,
+}
+
+impl Shared {
+    fn deliver(&self, channel: &str, publication: Publication) {
+        if let Some(h) = self.handler.get() {
+            h.on_publication(channel, publication);
+        }
+    }
+
+    pub(crate) fn has_subscribers(&self, channel: &str) -> bool {
+        self.handler.get().is_some_and(|h| h.has_subscribers(channel))
+    }
+}
+
+/// What the broker asks of the task.
+pub(crate) enum Command {
+    Subscribe {
+        channel: String,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
+    },
+    Unsubscribe {
+        channel: String,
+        reply: oneshot::Sender<()>,
+    },
+    /// A history read of a channel with local subscribers, ordered with the live stream (see
+    /// `Task::read_histories`).
+    History(HistoryRead),
+}
+
+type Subscribe = (String, oneshot::Sender<Result<(), BrokerError>>);
+
+pub(crate) struct HistoryRead {
+    pub channel: String,
+    pub since: Option<StreamPosition>,
+    pub limit: usize,
+    pub reply: oneshot::Sender<Result<History, BrokerError>>,
+}
+
+/// A message on the control channel.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Control {
+    pub op: String,
+    pub user: String,
+    pub origin: String,
+}
+
+pub(crate) const DISCONNECT_USER: &str = "disconnect_user";
+
+/// Timing of the task.
+pub(crate) struct Settings {
+    pub command_timeout: Duration,
+    pub probe_interval: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub client_name: String,
+}
+
+enum State {
+    /// SUBSCRIBE sent, baseline not read yet: everything that arrives is delivered.
+    Pending,
+    Tracking(Position),
+}
+
+struct Conn {
+    con: MultiplexedConnection,
+    pushes: mpsc::UnboundedReceiver<PushInfo>,
+    history_sha: String,
+}
+
+/// Why the connected phase ended.
+enum End {
+    Exit,
+    Lost(String),
+}
+
+type Step = Result<(), End>;
+
+fn lost(e: impl std::fmt::Display) -> End {
+    End::Lost(e.to_string())
+}
+
+/// See the module docs.
+pub(crate) struct Task {
+    pub client: redis::Client,
+    pub keys: Keys,
+    pub params: Params,
+    pub scripts: Arc<Scripts>,
+    pub shared: Arc<Shared>,
+    pub settings: Settings,
+    pub commands: mpsc::Receiver<Command>,
+    pub shutdown: watch::Receiver<()>,
+    channels: HashMap<String, State>,
+    control: Vec<u8>,
+}
+
+impl Task {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        client: redis::Client,
+        keys: Keys,
+        params: Params,
+        scripts: Arc<Scripts>,
+        shared: Arc<Shared>,
+        settings: Settings,
+        commands: mpsc::Receiver<Command>,
+        shutdown: watch::Receiver<()>,
+    ) -> Task {
+        let control = keys.control().into_bytes();
+        let channels = HashMap::new();
+        Task { client, keys, params, scripts, shared, settings, commands, shutdown, channels, control }
+    }
+
+    /// Makes sure the command connection answers too (after a Redis restart its first call fails
+    /// and makes it reconnect). Bounded: after a few tries the broker reports up anyway, since
+    /// the pub/sub side works and the command connection keeps reconnecting by itself.
+    async fn probe_commands(&self) {
+        for attempt in 0..5u64 {
+            if self.shared.commands.query(&redis::cmd("PING")).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(self.settings.reconnect_min * (attempt as u32 + 1)).await;
+        }
+        tracing::warn!("redis command connection does not answer yet");
+    }
+
+    /// Runs until the broker is dropped.
+    pub(crate) async fn run(mut self) {
+        let mut backoff = Backoff::new(self.settings.reconnect_min, self.settings.reconnect_max);
+        let (mut connected_before, mut failures) = (false, 0u64);
+        loop {
+            let end = match self.connect().await {
+                Ok(mut conn) => {
+                    backoff.reset();
+                    failures = 0;
+                    if connected_before {
+                        self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    connected_before = true;
+                    self.probe_commands().await;
+                    self.shared.up.send_replace(true);
+                    tracing::info!(channels = self.channels.len(), "redis pub/sub connected");
+                    let end = self.serve(&mut conn).await;
+                    self.shared.up.send_replace(false);
+                    end
+                }
+                Err(end) => end,
+            };
+            match end {
+                End::Exit => return,
+                End::Lost(why) if failures == 0 => tracing::warn!(%why, "redis pub/sub unavailable; reconnecting"),
+                End::Lost(why) => tracing::debug!(%why, failures, "redis pub/sub still unavailable"),
+            }
+            failures += 1;
+            if self.wait_down(backoff.next()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Connects, subscribes the control channel and every channel, and gap-fills them.
+    async fn connect(&mut self) -> Result<Conn, End> {
+        let t = self.settings.command_timeout;
+        let (tx, pushes) = mpsc::unbounded_channel();
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(t))
+            .set_response_timeout(Some(t))
+            .set_push_sender(tx);
+        let mut con =
+            bounded(t, self.client.get_multiplexed_async_connection_with_config(&config)).await.map_err(lost)?;
+        let mut name = redis::cmd("CLIENT");
+        name.arg("SETNAME").arg(&self.settings.client_name);
+        if let Err(e) = bounded(t, name.query_async::<Value>(&mut con)).await {
+            tracing::debug!(error = %e, "CLIENT SETNAME failed");
+        }
+        let history_sha = bounded(t, self.scripts.history.load_async(&mut con)).await.map_err(lost)?;
+        let mut conn = Conn { con, pushes, history_sha };
+        let mut names = vec![self.keys.control()];
+        names.extend(self.channels.keys().map(|c| self.keys.pubsub(c)));
+        for chunk in names.chunks(SUBSCRIBE_BATCH) {
+            bounded(t, conn.con.subscribe(chunk)).await.map_err(lost)?;
+        }
+        let tracked: Vec<String> = self.channels.keys().cloned().collect();
+        self.fill(&mut conn, &tracked).await?;
+        self.drain(&mut conn).await?;
+        Ok(conn)
+    }
+
+    async fn serve(&mut self, conn: &mut Conn) -> End {
+        let mut probe = tokio::time::interval(self.settings.probe_interval);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        probe.reset();
+        loop {
+            let step = tokio::select! {
+                _ = self.shutdown.changed() => Err(End::Exit),
+                push = conn.pushes.recv() => match push {
+                    Some(push) => self.on_push(conn, push).await,
+                    None => Err(lost("push stream ended")),
+                },
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.on_commands(conn, cmd).await,
+                    None => Err(End::Exit),
+                },
+                _ = probe.tick() => {
+                    let ping = redis::cmd("PING");
+                    bounded(self.settings.command_timeout, ping.query_async::<Value>(&mut conn.con))
+                        .await
+                        .map(drop)
+                        .map_err(|e| lost(format!("probe failed: {e}")))
+                }
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// While disconnected: answers commands without Redis until `delay` passes.
+    async fn wait_down(&mut self, delay: Duration) -> Step {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return Ok(()),
+                _ = self.shutdown.changed() => return Err(End::Exit),
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.answer_offline(cmd),
+                    None => return Err(End::Exit),
+                },
+            }
+        }
+    }
+
+    /// Answers a command without a connection: a new subscribe is refused; an unsubscribe only
+    /// forgets the channel (it is not re-subscribed on reconnect).
+    fn answer_offline(&mut self, cmd: Command) {
+        match cmd {
+            Command::Subscribe { channel, reply } => {
+                let answer = if self.channels.contains_key(&channel) {
+                    Ok(())
+                } else {
+                    Err(BrokerError::Unavailable("redis pub/sub is reconnecting".into()))
+                };
+                let _ = reply.send(answer);
+            }
+            Command::Unsubscribe { channel, reply } => {
+                self.forget(&channel);
+                let _ = reply.send(());
+            }
+            Command::History(read) => {
+                let _ = read.reply.send(Err(BrokerError::Unavailable("redis pub/sub is reconnecting".into())));
+            }
+        }
+    }
+
+    /// Drops a channel from the subscription set unless the node has subscribers again.
+    fn forget(&mut self, channel: &str) {
+        if !self.shared.has_subscribers(channel) {
+            self.channels.remove(channel);
+        }
+    }
+
+    async fn on_commands(&mut self, conn: &mut Conn, first: Command) -> Step {
+        let mut batch = vec![first];
+        while batch.len() < COMMAND_BATCH {
+            match self.commands.try_recv() {
+                Ok(cmd) => batch.push(cmd),
+                Err(_) => break,
+            }
+        }
+        // Subscribes and history reads are batched (subscribes first); an unsubscribe is done
+        // after everything queued before it.
+        let (mut subs, mut reads) = (Vec::new(), Vec::new());
+        let mut batch = batch.into_iter();
+        let mut result = Ok(());
+        for cmd in batch.by_ref() {
+            match cmd {
+                Command::Subscribe { channel, reply } => subs.push((channel, reply)),
+                Command::History(read) => reads.push(read),
+                Command::Unsubscribe { channel, reply } => {
+                    result = self.flush(conn, &mut subs, &mut reads).await;
+                    if result.is_ok() {
+                        result = self.unsubscribe(conn, &channel).await;
+                    } else {
+                        self.forget(&channel);
+                    }
+                    let _ = reply.send(());
+                    if result.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        if result.is_ok() {
+            result = self.flush(conn, &mut subs, &mut reads).await;
+        }
+        // The connection is gone: answer the rest as if offline.
+        for (channel, reply) in subs {
+            self.answer_offline(Command::Subscribe { channel, reply });
+        }
+        for read in reads {
+            self.answer_offline(Command::History(read));
+        }
+        for cmd in batch {
+            self.answer_offline(cmd);
+        }
+        result
+    }
+
+    async fn flush(&mut self, conn: &mut Conn, subs: &mut Vec<Subscribe>, reads: &mut Vec<HistoryRead>) -> Step {
+        self.subscribe(conn, std::mem::take(subs)).await?;
+        self.read_histories(conn, std::mem::take(reads)).await
+    }
+
+    /// History reads ordered with the live stream: the replies come on this connection after
+    /// every publication pushed before the reads ran, and those are delivered (drained) before
+    /// the callers get their answers. So a node that reads a channel's history at top T has
+    /// already been handed every publication <= T that it will get live: its merge by offset
+    /// (buffer, then drop what the history covered) is exact — no duplicate, no gap.
+    async fn read_histories(&mut self, conn: &mut Conn, reads: Vec<HistoryRead>) -> Step {
+        if reads.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for r in &reads {
+            let since = r.since.as_ref().map(|p| (p.epoch.as_str(), p.offset));
+            pipe.add_command(
+                HistoryCall::new(&self.keys, &self.params, &r.channel, since, r.limit).evalsha(&conn.history_sha),
+            );
+        }
+        let replies = bounded(self.settings.command_timeout, pipe.query_async::<Vec<Value>>(&mut conn.con)).await;
+        let replies = match replies {
+            Ok(replies) => self.drain(conn).await.map(|()| replies),
+            Err(e) => Err(lost(e)),
+        };
+        match replies {
+            Ok(replies) => {
+                for (r, v) in reads.into_iter().zip(replies) {
+                    let _ = r.reply.send(scripts::parse_history(v));
+                }
+                Ok(())
+            }
+            Err(end) => {
+                for r in reads {
+                    self.answer_offline(Command::History(r));
+                }
+                Err(end)
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, conn: &mut Conn, subs: Vec<Subscribe>) -> Step {
+        if subs.is_empty() {
+            return Ok(());
+        }
+        let mut fresh = Vec::new();
+        let mut replies = Vec::with_capacity(subs.len());
+        for (channel, reply) in subs {
+            let known = self.channels.contains_key(&channel) && !fresh.contains(&channel);
+            if !self.channels.contains_key(&channel) {
+                self.channels.insert(channel.clone(), State::Pending);
+                fresh.push(channel);
+            }
+            replies.push((reply, known));
+        }
+        let result = self.subscribe_fresh(conn, &fresh).await;
+        if result.is_err() {
+            for channel in &fresh {
+                self.channels.remove(channel);
+            }
+        }
+        for (reply, known) in replies {
+            let answer = match &result {
+                Err(End::Lost(why)) if !known => {
+                    Err(BrokerError::Unavailable(format!("redis subscribe failed: {why}")))
+                }
+                Err(End::Exit) if !known => Err(BrokerError::Unavailable("broker stopped".into())),
+                _ => Ok(()),
+            };
+            let _ = reply.send(answer);
+        }
+        result
+    }
+
+    async fn subscribe_fresh(&mut self, conn: &mut Conn, fresh: &[String]) -> Step {
+        let t = self.settings.command_timeout;
+        let names: Vec<String> = fresh.iter().map(|c| self.keys.pubsub(c)).collect();
+        for chunk in names.chunks(SUBSCRIBE_BATCH) {
+            bounded(t, conn.con.subscribe(chunk)).await.map_err(lost)?;
+        }
+        let mut positions = Vec::with_capacity(fresh.len());
+        for chunk in fresh.chunks(FILL_BATCH) {
+            let mut pipe = redis::pipe();
+            for channel in chunk {
+                pipe.add_command(
+                    HistoryCall::new(&self.keys, &self.params, channel, None, 0).evalsha(&conn.history_sha),
+                );
+            }
+            let replies: Vec<Value> = bounded(t, pipe.query_async(&mut conn.con)).await.map_err(lost)?;
+            for v in replies {
+                positions.push(scripts::parse_history(v).map_err(lost)?);
+            }
+        }
+        // Publications pushed before the positions were read came after the SUBSCRIBE: deliver
+        // them before the baseline is set.
+        self.drain(conn).await?;
+        for (channel, h) in fresh.iter().zip(positions) {
+            match self.channels.get_mut(channel) {
+                Some(state @ State::Pending) => *state = State::Tracking(Position::new(h.epoch.into(), h.offset)),
+                Some(State::Tracking(pos)) if *pos.epoch == *h.epoch => pos.settle(h.offset),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn unsubscribe(&mut self, conn: &mut Conn, channel: &str) -> Step {
+        if self.shared.has_subscribers(channel) || self.channels.remove(channel).is_none() {
+            return Ok(());
+        }
+        bounded(self.settings.command_timeout, conn.con.unsubscribe(self.keys.pubsub(channel))).await.map_err(lost)
+    }
+}

@@ -1,0 +1,334 @@
+//! The Lua scripts (every multi-step change is one script, so it is atomic) and the parsing of
+//! their replies.
+//!
+//! Timestamps come from Redis `TIME` inside the scripts, so history ages and presence expiries
+//! are measured on one clock, whatever the nodes' clocks say. Numbers handed back to Redis go
+//! through `string.format('%d', ...)` so large values never turn into floating-point notation.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use crier_core::{BrokerError, History, PublishResult};
+use redis::{Script, Value};
+
+use crate::keys::Keys;
+use crate::payload;
+
+/// Shared by the scripts: milliseconds and microseconds of Redis `TIME`, and the pruning of a
+/// history list's expired head.
+const PRELUDE: &str = r#"
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function prune(hist, cutoff_us)
+  while true do
+    local head = redis.call('LINDEX', hist, 0)
+    if not head then return end
+    local ts = tonumber(string.match(head, '^%d+:%w+:(%d+):'))
+    if ts and ts >= cutoff_us then return end
+    redis.call('LPOP', hist)
+  end
+end
+"#;
+
+/// KEYS: meta, history, [idempotency]. ARGV: channel, data, new epoch, history size,
+/// history ttl ms, meta ttl ms, pub/sub channel, idempotency ttl s.
+/// Returns `{1, "epoch:offset"}`, or `{0, "epoch:offset"}` for a repeated idempotency key.
+const PUBLISH: &str = r#"
+local meta, hist, idem = KEYS[1], KEYS[2], KEYS[3]
+if idem then
+  local prev = redis.call('GET', idem)
+  if prev then return {0, prev} end
+end
+local epoch = redis.call('HGET', meta, 'epoch')
+if not epoch or not string.match(epoch, '^%w+$') then
+  -- No meta: the channel is new, or its state was lost (flush, restart without persistence,
+  -- expiry, eviction). A new epoch begins and any stale history goes with the old one.
+  epoch = ARGV[3]
+  redis.call('DEL', meta, hist)
+  redis.call('HSET', meta, 'epoch', epoch, 'top', 0)
+end
+local off = string.format('%d', redis.call('HINCRBY', meta, 'top', 1))
+local now = now_us()
+local frame = '{"type":"message","channel":"' .. ARGV[1] .. '","epoch":"' .. epoch ..
+  '","offset":' .. off .. ',"data":' .. ARGV[2] .. '}'
+local payload = off .. ':' .. epoch .. ':' .. string.format('%d', now) .. ':' .. frame
+local size = tonumber(ARGV[4])
+if size > 0 then
+  redis.call('RPUSH', hist, payload)
+  redis.call('LTRIM', hist, -size, -1)
+  prune(hist, now - tonumber(ARGV[5]) * 1000)
+  redis.call('PEXPIRE', hist, ARGV[5])
+else
+  redis.call('DEL', hist)
+end
+redis.call('PEXPIRE', meta, ARGV[6])
+redis.call('PUBLISH', ARGV[7], payload)
+local result = epoch .. ':' .. off
+if idem then redis.call('SET', idem, result, 'EX', ARGV[8]) end
+return {1, result}
+"#;
+
+/// KEYS: meta, history. ARGV: new epoch, meta ttl ms, history ttl ms, since epoch ('' for the
+/// latest `limit`), since offset, limit. Returns `{epoch, top, gap, entry...}`.
+///
+/// History entries are contiguous by offset (every publish appends one; only the head is ever
+/// trimmed), so the offset of the head entry locates every other one.
+const HISTORY: &str = r#"
+local meta, hist = KEYS[1], KEYS[2]
+local cur = redis.call('HMGET', meta, 'epoch', 'top')
+local epoch, top = cur[1], tonumber(cur[2]) or 0
+if not epoch or not string.match(epoch, '^%w+$') then
+  epoch = ARGV[1]
+  top = 0
+  redis.call('DEL', meta, hist)
+  redis.call('HSET', meta, 'epoch', epoch, 'top', 0)
+  redis.call('PEXPIRE', meta, ARGV[2])
+end
+prune(hist, now_us() - tonumber(ARGV[3]) * 1000)
+local len = redis.call('LLEN', hist)
+local first = top + 1
+if len > 0 then
+  first = tonumber(string.match(redis.call('LINDEX', hist, 0), '^(%d+):')) or first
+end
+local limit = tonumber(ARGV[6])
+local gap, from, n = 0, 0, 0
+if ARGV[4] == '' then
+  n = math.min(limit, len)
+  from = len - n
+else
+  local since = tonumber(ARGV[5])
+  if ARGV[4] == epoch and since <= top then
+    if first > since + 1 then gap = 1 end
+    from = math.max(since + 1, first) - first
+    n = math.min(limit, len - from)
+  else
+    gap = 1
+    n = math.min(limit, len)
+  end
+end
+local out = {epoch, top, gap}
+if n > 0 then
+  local entries = redis.call('LRANGE', hist, from, from + n - 1)
+  for i = 1, #entries do out[#out + 1] = entries[i] end
+end
+return out
+"#;
+
+/// Shared by the expiring-set scripts: drops members whose expiry passed (and their hash fields).
+const TTL_PRELUDE: &str = r#"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function cleanup(z, h, now)
+  local cutoff = string.format('%d', now)
+  if not h then
+    redis.call('ZREMRANGEBYSCORE', z, '-inf', cutoff)
+    return
+  end
+  while true do
+    local dead = redis.call('ZRANGEBYSCORE', z, '-inf', cutoff, 'LIMIT', 0, 500)
+    if #dead == 0 then return end
+    redis.call('HDEL', h, unpack(dead))
+    redis.call('ZREM', z, unpack(dead))
+  end
+end
+"#;
+
+/// KEYS: zset, [hash]. ARGV: member, ttl ms, [value]. Adds or refreshes a member; the keys
+/// live as long as their longest-lived member. Returns the number of live members.
+const TTL_ADD: &str = r#"
+local z, h = KEYS[1], KEYS[2]
+local now = now_ms()
+cleanup(z, h, now)
+redis.call('ZADD', z, string.format('%d', now + tonumber(ARGV[2])), ARGV[1])
+local last = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', z, last[2])
+if h then
+  redis.call('HSET', h, ARGV[1], ARGV[3])
+  redis.call('PEXPIREAT', h, last[2])
+end
+return redis.call('ZCARD', z)
+"#;
+
+/// KEYS: zset, [hash]. Returns the live members' values (with a hash) or their count.
+const TTL_LIST: &str = r#"
+local z, h = KEYS[1], KEYS[2]
+cleanup(z, h, now_ms())
+if h then return redis.call('HVALS', h) end
+return redis.call('ZCARD', z)
+"#;
+
+/// KEYS: zset, [hash]. ARGV: member.
+const TTL_REMOVE: &str = r#"
+redis.call('ZREM', KEYS[1], ARGV[1])
+if KEYS[2] then redis.call('HDEL', KEYS[2], ARGV[1]) end
+return 1
+"#;
+
+/// The scripts, hashed once.
+pub(crate) struct Scripts {
+    pub publish: Script,
+    pub history: Script,
+    pub ttl_add: Script,
+    pub ttl_list: Script,
+    pub ttl_remove: Script,
+}
+
+impl Scripts {
+    pub(crate) fn new() -> Scripts {
+        Scripts {
+            publish: Script::new(&format!("{PRELUDE}{PUBLISH}")),
+            history: Script::new(&format!("{PRELUDE}{HISTORY}")),
+            ttl_add: Script::new(&format!("{TTL_PRELUDE}{TTL_ADD}")),
+            ttl_list: Script::new(&format!("{TTL_PRELUDE}{TTL_LIST}")),
+            ttl_remove: Script::new(TTL_REMOVE),
+        }
+    }
+}
+
+/// TTLs and sizes the channel scripts are called with.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Params {
+    pub history_size: usize,
+    pub history_ttl_ms: u64,
+    pub meta_ttl_ms: u64,
+}
+
+/// Largest `limit` handed to the history script ("everything").
+pub(crate) const ALL: usize = 1 << 40;
+
+/// The keys and arguments of one history-script call; run through the command connection
+/// ([`HistoryCall::invocation`]) or pipelined on the pub/sub connection ([`HistoryCall::evalsha`]).
+pub(crate) struct HistoryCall {
+    keys: [String; 2],
+    args: [String; 6],
+}
+
+impl HistoryCall {
+    /// `since: None` asks for the latest `limit` publications.
+    pub(crate) fn new(keys: &Keys, params: &Params, channel: &str, since: Option<(&str, u64)>, limit: usize) -> Self {
+        // '' asks for the latest; a `since` with an empty epoch must still be a position (one
+        // that matches no epoch: epochs are alphanumeric).
+        let (since_epoch, since_offset) = match since {
+            Some(("", offset)) => ("-", offset),
+            Some(pos) => pos,
+            None => ("", 0),
+        };
+        HistoryCall {
+            keys: [keys.meta(channel), keys.history(channel)],
+            args: [
+                new_epoch(),
+                params.meta_ttl_ms.to_string(),
+                params.history_ttl_ms.to_string(),
+                since_epoch.to_owned(),
+                since_offset.to_string(),
+                limit.min(ALL).to_string(),
+            ],
+        }
+    }
+
+    pub(crate) fn invocation<'a>(&self, script: &'a Script) -> redis::ScriptInvocation<'a> {
+        let mut inv = script.prepare_invoke();
+        for k in &self.keys {
+            inv.key(k);
+        }
+        for a in &self.args {
+            inv.arg(a);
+        }
+        inv
+    }
+
+    pub(crate) fn evalsha(&self, sha: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(sha).arg(self.keys.len()).arg(&self.keys).arg(&self.args);
+        cmd
+    }
+}
+
+/// A fresh random epoch: 8 alphanumerics (used only if the channel has none).
+pub(crate) fn new_epoch() -> String {
+    use rand::Rng;
+    rand::rng().sample_iter(rand::distr::Alphanumeric).take(8).map(char::from).collect()
+}
+
+fn bad(what: &str) -> BrokerError {
+    BrokerError::Internal(format!("unexpected reply from redis: {what}"))
+}
+
+pub(crate) fn bulk(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        Value::VerbatimString { text, .. } => Some(text.as_bytes()),
+        _ => None,
+    }
+}
+
+pub(crate) fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => std::str::from_utf8(bulk(other)?).ok()?.parse().ok(),
+    }
+}
+
+/// `{fresh, "epoch:offset"}` → the result, and whether this call published (false: an
+/// idempotent repeat).
+pub(crate) fn parse_publish(v: &Value) -> Result<(PublishResult, bool), BrokerError> {
+    let Value::Array(items) = v else { return Err(bad("publish: not an array")) };
+    let (Some(fresh), Some(result)) = (items.first().and_then(int), items.get(1).and_then(bulk)) else {
+        return Err(bad("publish: fields"));
+    };
+    let result = std::str::from_utf8(result).map_err(|_| bad("publish: not utf-8"))?;
+    let (epoch, offset) = result.rsplit_once(':').ok_or_else(|| bad("publish: result"))?;
+    let offset = offset.parse().map_err(|_| bad("publish: offset"))?;
+    Ok((PublishResult { epoch: epoch.to_owned(), offset }, fresh == 1))
+}
+
+/// `{epoch, top, gap, entry...}` → a [`History`]. Consumes the value so the entries' buffers
+/// become the publications' frames without a copy.
+pub(crate) fn parse_history(v: Value) -> Result<History, BrokerError> {
+    let Value::Array(items) = v else { return Err(bad("history: not an array")) };
+    let mut items = items.into_iter();
+    let epoch = items.next().as_ref().and_then(bulk).and_then(|b| std::str::from_utf8(b).ok()).map(Arc::<str>::from);
+    let top = items.next().as_ref().and_then(int).and_then(|i| u64::try_from(i).ok());
+    let gap = items.next().as_ref().and_then(int);
+    let (Some(epoch), Some(offset), Some(gap)) = (epoch, top, gap) else {
+        return Err(bad("history: header"));
+    };
+    let mut publications = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::BulkString(entry) = item else { return Err(bad("history: entry")) };
+        let p = payload::publication(Bytes::from(entry), Some(&epoch)).ok_or_else(|| bad("history: entry header"))?;
+        publications.push(p);
+    }
+    Ok(History { epoch: epoch.to_string(), offset, publications, gap: gap != 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_replies() {
+        let v = Value::Array(vec![Value::Int(1), Value::BulkString(b"abc:42".to_vec())]);
+        let (r, fresh) = parse_publish(&v).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((r.epoch.as_str(), r.offset, fresh), ("abc", 42, true));
+        assert!(parse_publish(&Value::Nil).is_err());
+        let frame = crier_protocol::frames::encode_message("c", "abc", 7, "1");
+        let mut entry = b"7:abc:5:".to_vec();
+        entry.extend_from_slice(&frame);
+        let v = Value::Array(vec![
+            Value::BulkString(b"abc".to_vec()),
+            Value::Int(7),
+            Value::Int(0),
+            Value::BulkString(entry),
+        ]);
+        let h = parse_history(v).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((h.epoch.as_str(), h.offset, h.gap, h.publications.len()), ("abc", 7, false, 1));
+        assert_eq!(h.publications[0].frame, frame);
+        assert!(parse_history(Value::Array(vec![Value::Int(1)])).is_err());
+    }
+}

@@ -1,0 +1,24 @@
+//! The Redis broker passes the broker conformance suite, unchanged, against a real redis-server.
+
+mod support;
+
+use std::sync::Arc;
+
+use crier_core::Broker;
+use crier_core::broker::conformance;
+use crier_redis::RedisBroker;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_broker_conforms() {
+    let server = support::RedisServer::start();
+    let server = &server;
+    conformance::run(|s| async move {
+        let mut o = support::options(server, "conformance");
+        o.history_size = s.history_size;
+        o.history_ttl = s.history_ttl;
+        let b = RedisBroker::connect(o).await.unwrap_or_else(|e| panic!("connect: {e}"));
+        assert!(b.is_up(), "connected to a running redis");
+        b as Arc<dyn Broker>
+    })
+    .await;
+}

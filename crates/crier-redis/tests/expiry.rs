@@ -1,0 +1,84 @@
+//! Cluster state of a node that is gone expires within a bounded time, while a live node's
+//! entries are kept alive by its broker's refresh.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use crier_core::{Broker, NodeInfo};
+use crier_protocol::frames::PresenceEntry;
+use support::{RedisServer, broker, options};
+
+const TTL: Duration = Duration::from_secs(1);
+
+/// The user's live connection count, read through `observer` (open + close a probe connection).
+async fn connections(observer: &dyn Broker, user: &str) -> u64 {
+    let n = observer.connection_opened(user, "probe").await.unwrap_or_else(|e| panic!("connection_opened: {e}"));
+    observer.connection_closed(user, "probe").await.unwrap_or_else(|e| panic!("connection_closed: {e}"));
+    n - 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_nodes_entries_expire_and_a_live_nodes_do_not() {
+    let server = RedisServer::start();
+    let short = |name: &str| {
+        let mut o = options(&server, name);
+        o.presence_ttl = TTL;
+        o.node_ttl = TTL;
+        o
+    };
+    let (dying, _) = broker(short("dying")).await;
+    let (living, _) = broker(short("living")).await;
+    let (observer, _) = broker(options(&server, "observer")).await;
+    for (b, name) in [(&dying, "dying"), (&living, "living")] {
+        let e = PresenceEntry { client: format!("{name}-c"), user: "u".into(), node: name.into() };
+        b.presence_add("room", &e).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+        b.connection_opened("u", &format!("{name}-c")).await.unwrap_or_else(|e| panic!("connection_opened: {e}"));
+        let info = NodeInfo { node: name.into(), connections: 1, version: "t".into() };
+        b.report_node(&info).await.unwrap_or_else(|e| panic!("report_node: {e}"));
+    }
+    assert_eq!(observer.presence("room").await.map(|p| p.len()).ok(), Some(2));
+    assert_eq!(connections(&*observer, "u").await, 2);
+
+    // Well past the TTL, the refresh keeps both alive.
+    let deadline = Instant::now() + TTL * 3;
+    while Instant::now() < deadline {
+        assert_eq!(observer.presence("room").await.map(|p| p.len()).ok(), Some(2), "refreshed presence stays");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(connections(&*observer, "u").await, 2, "refreshed connections stay");
+    assert_eq!(observer.nodes().await.map(|n| n.len()).ok(), Some(2), "refreshed nodes stay");
+
+    drop(dying);
+    let dropped = Instant::now();
+    let bound = TTL * 2 + Duration::from_secs(1);
+    loop {
+        let presence = observer.presence("room").await.unwrap_or_default();
+        let nodes = observer.nodes().await.unwrap_or_default();
+        if presence.len() == 1 && nodes.len() == 1 && connections(&*observer, "u").await == 1 {
+            assert_eq!(presence[0].node, "living");
+            assert_eq!(nodes[0].node, "living");
+            break;
+        }
+        assert!(dropped.elapsed() < bound, "the dropped node's entries outlived {bound:?}: {presence:?} {nodes:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(dropped.elapsed() >= TTL / 2, "and they did not vanish before their time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_come_back_after_redis_lost_them() {
+    let mut server = RedisServer::start();
+    let mut o = options(&server, "n");
+    o.presence_ttl = TTL;
+    o.node_ttl = TTL;
+    let (b, _) = broker(o).await;
+    let e = PresenceEntry { client: "c".into(), user: "u".into(), node: "n".into() };
+    b.presence_add("room", &e).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    server.restart(); // no persistence: everything is gone
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.presence("room").await.ok() != Some(vec![e.clone()]) {
+        assert!(Instant::now() < deadline, "the refresh re-created the entry");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
