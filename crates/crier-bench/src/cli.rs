@@ -71,6 +71,9 @@ pub struct GatewayArgs {
     /// Generator worker threads
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+    /// At the end, how long started nodes get to exit after SIGTERM before SIGKILL
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub stop_grace: Duration,
     /// Write the report as JSON to this file
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

@@ -208,10 +208,21 @@ impl Gateway {
         Some(sum)
     }
 
-    /// Kills what the bench started (by PID, through the child handles) and waits for it.
-    pub async fn stop(mut self) {
+    /// Stops what the bench started, by PID: SIGTERM to every node (crier drains and exits, and a
+    /// wrapper such as valgrind writes its output), SIGKILL to what is still running after
+    /// `grace`; then redis-server.
+    pub async fn stop(mut self, grace: Duration) {
+        for n in &self.nodes {
+            if n.child.is_some()
+                && let Some(pid) = n.pid.and_then(|p| rustix::process::Pid::from_raw(p as i32))
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+        }
         for n in &mut self.nodes {
-            if let Some(c) = &mut n.child {
+            if let Some(c) = &mut n.child
+                && tokio::time::timeout(grace, c.wait()).await.is_err()
+            {
                 let _ = c.kill().await;
             }
         }

@@ -109,6 +109,6 @@ mod tests {
         assert_eq!(opt_f(None, 1), "n/a");
         let mut t = Table::new("t", vec!["a".into(), "bb".into()]);
         t.row("metric", vec!["1".into(), "22".into()]);
-        assert!(t.render().contains("metric   1  22"));
+        assert!(t.render().contains("  metric  1  22\n"), "{}", t.render());
     }
 }

@@ -162,7 +162,7 @@ pub async fn run(a: ChurnArgs) -> anyhow::Result<Outcome> {
     subs.abort_all();
     drop(tasks);
     if let Ok(gw) = Arc::try_unwrap(gw) {
-        gw.stop().await;
+        gw.stop(a.gateway.stop_grace).await;
     }
     Ok(Outcome { report, tables: vec![t] })
 }

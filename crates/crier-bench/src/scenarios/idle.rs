@@ -116,6 +116,6 @@ pub async fn run(a: IdleArgs) -> anyhow::Result<Outcome> {
     }
     report.notes.push("RSS is user-space memory; kernel socket buffers are not included".into());
     subs.abort_all();
-    gw.stop().await;
+    gw.stop(a.gateway.stop_grace).await;
     Ok(Outcome { report, tables: vec![t] })
 }

@@ -179,7 +179,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
         steps,
     })?;
     subs.abort_all();
-    gw.stop().await;
+    gw.stop(plan.gateway.stop_grace).await;
     Ok(Outcome { report, tables })
 }
 
