@@ -36,6 +36,27 @@ pub enum Scenario {
     Churn(ChurnArgs),
     /// Several nodes sharing one redis-server; subscribers and publishes spread over the nodes.
     Cluster(ClusterArgs),
+    /// (internal) Holds a slice of idle connections for another crier-bench process.
+    #[command(hide = true)]
+    Hold(HoldArgs),
+}
+
+/// A helper process of `idle`: connects its slice, prints a JSON summary line on stdout, and
+/// holds the connections until its stdin closes. The secret comes in CRIER_BENCH_HOLD_SECRET.
+#[derive(Args, Debug, Clone)]
+pub struct HoldArgs {
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub node: Vec<std::net::SocketAddr>,
+    #[arg(long)]
+    pub first: usize,
+    #[arg(long)]
+    pub count: usize,
+    #[arg(long)]
+    pub channels: usize,
+    #[arg(long)]
+    pub source_addrs: usize,
+    #[arg(long)]
+    pub connect_concurrency: usize,
 }
 
 /// Where the gateway is, and how the generator behaves.
@@ -103,7 +124,7 @@ impl GatewayArgs {
 /// Publishing options of the pub/sub scenarios.
 #[derive(Args, Debug, Clone)]
 pub struct PublishArgs {
-    /// Publish rates to step through, messages per second over all channels (comma list)
+    /// Publish rates to step through, messages per second over all channels (comma list) [default: fanout and cluster 20,50; channels 500,2000]
     #[arg(long, value_delimiter = ',', value_name = "MSGS_PER_S")]
     pub rate: Vec<f64>,
     /// How long each rate step publishes
@@ -118,6 +139,13 @@ pub struct PublishArgs {
     /// REST publish requests in flight at once
     #[arg(long, default_value_t = 32)]
     pub publish_concurrency: usize,
+    /// Shell command run (and awaited) just before each measured step, with CRIER_BENCH_PIDS set
+    /// to the gateway PIDs (space-separated), e.g. "callgrind_control -z $CRIER_BENCH_PIDS"
+    #[arg(long, value_name = "CMD")]
+    pub hook_step_start: Option<String>,
+    /// Shell command run (and awaited) just after each measured step, e.g. "callgrind_control -d $CRIER_BENCH_PIDS"
+    #[arg(long, value_name = "CMD")]
+    pub hook_step_end: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -131,6 +159,14 @@ pub struct IdleArgs {
     /// Wait after connecting before reading RSS
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub settle: Duration,
+    /// Nodes to start (connections spread round-robin, RSS summed). Raised automatically when
+    /// one node cannot hold the largest size within RLIMIT_NOFILE
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// Generator processes holding connections (0 = this process alone when RLIMIT_NOFILE allows,
+    /// else as many helper processes as needed)
+    #[arg(long, default_value_t = 0)]
+    pub procs: usize,
     #[command(flatten)]
     pub gateway: GatewayArgs,
 }

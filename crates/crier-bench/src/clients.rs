@@ -53,11 +53,19 @@ pub fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(1 << 20))
 }
 
+/// An I/O error, short enough to count by kind.
+fn io_name(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(24) => "io EMFILE (too many open files: RLIMIT_NOFILE)".into(),
+        _ => format!("io {:?}", e.kind()),
+    }
+}
+
 /// Why a connection attempt failed, short enough to count by kind.
 fn classify(e: &WsError) -> String {
     match e {
         WsError::Http(resp) => format!("http {}", resp.status().as_u16()),
-        WsError::Io(io) => format!("io {:?}", io.kind()),
+        WsError::Io(io) => io_name(io),
         other => format!("ws {}", other.to_string().chars().take(60).collect::<String>()),
     }
 }
@@ -84,7 +92,7 @@ pub async fn connect(server: SocketAddr, local: IpAddr, token: &str) -> Result<W
 }
 
 async fn connect_once(server: SocketAddr, local: IpAddr, token: &str) -> Result<Ws, String> {
-    let io = |e: std::io::Error| format!("io {:?}", e.kind());
+    let io = |e: std::io::Error| io_name(&e);
     let sock = TcpSocket::new_v4().map_err(io)?;
     sock.bind(SocketAddr::new(local, 0)).map_err(io)?;
     let tcp = sock.connect(server).await.map_err(io)?;
@@ -184,7 +192,7 @@ pub struct Target {
 }
 
 /// The outcome of opening a batch of subscribers.
-#[derive(Debug, Default, Clone, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ConnectSummary {
     pub requested: usize,
     pub connected: usize,

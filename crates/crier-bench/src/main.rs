@@ -36,6 +36,7 @@ fn main() -> ExitCode {
         Scenario::Channels(a) => a.gateway.threads,
         Scenario::Churn(a) => a.gateway.threads,
         Scenario::Cluster(a) => a.gateway.threads,
+        Scenario::Hold(_) => 2,
     };
     // Subscribers, and the nodes the bench starts (they inherit the limit), need a descriptor each.
     let nofile = procfs::raise_nofile(1 << 20);
@@ -66,11 +67,10 @@ fn main() -> ExitCode {
 
 async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
     let (outcome, json) = match scenario {
+        Scenario::Hold(a) => return scenarios::hold::run(a).await,
         Scenario::Idle(a) => {
-            let max = a.sizes.iter().copied().max().unwrap_or(0) as u64;
-            warn_nofile(max, nofile);
             let json = a.gateway.json.clone();
-            (scenarios::idle::run(a).await?, json)
+            (scenarios::idle::run(a, nofile).await?, json)
         }
         Scenario::Fanout(a) => {
             warn_nofile(a.subscribers as u64, nofile);
@@ -146,8 +146,10 @@ async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
 fn warn_nofile(connections: u64, nofile: u64) {
     if connections + 1000 > nofile {
         eprintln!(
-            "warning: RLIMIT_NOFILE is {nofile}, below the {connections} connections asked for; \
-             raise it (ulimit -n) or run as a user allowed to"
+            "warning: RLIMIT_NOFILE is {nofile} (and could not be raised: raising the hard limit needs \
+             CAP_SYS_RESOURCE), below the {connections} connections asked for plus a margin; expect \
+             'EMFILE' connect errors in this process and in the node it starts. The idle scenario \
+             spreads over several processes and nodes by itself; for the others, stay below it."
         );
     }
 }

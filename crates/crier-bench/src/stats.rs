@@ -53,7 +53,7 @@ pub struct Received {
 }
 
 /// Latency percentiles, milliseconds.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Latency {
     pub samples: u64,
     pub p50_ms: f64,

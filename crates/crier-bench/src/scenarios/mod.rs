@@ -4,8 +4,10 @@
 //! - [`pubsub`]: fan-out, many channels and cluster — subscribers on channels, REST publishes
 //!   stepped through rates; deliveries/s, latency, loss, CPU.
 //! - [`churn`]: connect → subscribe → close loops over a base of idle connections.
+//! - [`hold`]: a helper process holding a slice of `idle`'s connections (descriptor limits).
 
 pub mod churn;
+pub mod hold;
 pub mod idle;
 pub mod pubsub;
 
@@ -25,7 +27,11 @@ pub const CHANNEL_PATTERN: &str = "bench:*";
 
 /// A token for user `sub` allowed to subscribe to `bench:*`, valid for two hours.
 pub fn token(gw: &Gateway, sub: &str) -> String {
-    crier::auth::mint_hs256(gw.secret.as_bytes(), sub, &[CHANNEL_PATTERN], &[], Duration::from_secs(7200))
+    token_with(&gw.secret, sub)
+}
+
+pub fn token_with(secret: &str, sub: &str) -> String {
+    crier::auth::mint_hs256(secret.as_bytes(), sub, &[CHANNEL_PATTERN], &[], Duration::from_secs(7200))
         .unwrap_or_default()
 }
 

@@ -117,6 +117,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
     let mut steps = Vec::new();
     for &rate in &rates {
         eprintln!("  step: {rate} msg/s for {:?}", plan.publish.step_duration);
+        run_hook(plan.publish.hook_step_start.as_deref(), &gw).await;
         let _ = stats.take();
         let ended0 = stats.ended_total();
         let (g0, s0, r0) = (gw.cpu_secs(), procfs::self_cpu_secs(), gw.redis_cpu_secs());
@@ -130,6 +131,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
         let (g1, s1, r1) = (gw.cpu_secs(), procfs::self_cpu_secs(), gw.redis_cpu_secs());
         let per_node1: Vec<_> = gw.nodes.iter().map(|n| n.pid.and_then(procfs::cpu_secs)).collect();
         let received = stats.take();
+        run_hook(plan.publish.hook_step_end.as_deref(), &gw).await;
         let window_s = (end - t0).as_secs_f64();
         let gateway_cpu_s = g0.zip(g1).map(|(a, b)| b - a);
         steps.push(Step {
@@ -181,6 +183,16 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
     subs.abort_all();
     gw.stop(plan.gateway.stop_grace).await;
     Ok(Outcome { report, tables })
+}
+
+/// Runs a step hook through `sh -c`, with the gateway PIDs in `CRIER_BENCH_PIDS`.
+async fn run_hook(cmd: Option<&str>, gw: &Gateway) {
+    let Some(cmd) = cmd else { return };
+    let pids = gw.pids().iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" ");
+    let status = tokio::process::Command::new("sh").arg("-c").arg(cmd).env("CRIER_BENCH_PIDS", pids).status().await;
+    if !status.as_ref().is_ok_and(|s| s.success()) {
+        eprintln!("  hook `{cmd}` failed: {status:?}");
+    }
 }
 
 /// Waits until `expected` messages were received since the last `take`, or until `quiet` passes
