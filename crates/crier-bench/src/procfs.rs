@@ -33,6 +33,15 @@ pub fn self_cpu_secs() -> f64 {
 }
 
 fn stat_cpu(path: &str) -> Option<f64> {
+    stat_cpu_split(path).map(|(u, s)| u + s)
+}
+
+/// (user, system) CPU seconds used so far by `pid`.
+pub fn cpu_split(pid: u32) -> Option<(f64, f64)> {
+    stat_cpu_split(&format!("/proc/{pid}/stat"))
+}
+
+fn stat_cpu_split(path: &str) -> Option<(f64, f64)> {
     let text = fs::read_to_string(path).ok()?;
     // The command name (field 2) is in parentheses and may contain spaces: split after the last ')'.
     let rest = &text[text.rfind(')')? + 1..];
@@ -40,8 +49,16 @@ fn stat_cpu(path: &str) -> Option<f64> {
     // After ')': field 3 (state) is index 0, so utime (14) is index 11 and stime (15) index 12.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    let ticks = rustix::param::clock_ticks_per_second().max(1);
-    Some((utime + stime) as f64 / ticks as f64)
+    let ticks = rustix::param::clock_ticks_per_second().max(1) as f64;
+    Some((utime as f64 / ticks, stime as f64 / ticks))
+}
+
+/// Sum of [`cpu_split`] over `pids`; `None` if there are none or one cannot be read.
+pub fn total_cpu_split(pids: &[u32]) -> Option<(f64, f64)> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| cpu_split(*p)).try_fold((0.0, 0.0), |acc, x| x.map(|(u, s)| (acc.0 + u, acc.1 + s)))
 }
 
 /// Sum of [`rss_kib`] over `pids`; `None` if there are none or one cannot be read.

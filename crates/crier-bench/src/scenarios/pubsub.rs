@@ -43,6 +43,9 @@ struct Step {
     window_s: f64,
     deliveries_per_s: f64,
     gateway_cpu_s: Option<f64>,
+    /// Of which user / system (kernel: socket writes, epoll, wakeups).
+    gateway_cpu_user_s: Option<f64>,
+    gateway_cpu_sys_s: Option<f64>,
     gateway_cpu_by_node_s: Vec<Option<f64>>,
     gateway_cores: Option<f64>,
     deliveries_per_gateway_cpu_s: Option<f64>,
@@ -121,6 +124,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
         let _ = stats.take();
         let ended0 = stats.ended_total();
         let (g0, s0, r0) = (gw.cpu_secs(), procfs::self_cpu_secs(), gw.redis_cpu_secs());
+        let split0 = procfs::total_cpu_split(&gw.pids());
         let per_node0: Vec<_> = gw.nodes.iter().map(|n| n.pid.and_then(procfs::cpu_secs)).collect();
         let t0 = Instant::now();
         let published = publisher.run(&channels, rate, plan.publish.step_duration).await;
@@ -129,6 +133,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
         let last_progress = wait_for(&stats, expected, plan.publish.drain_timeout).await;
         let end = last_progress.max(publish_end);
         let (g1, s1, r1) = (gw.cpu_secs(), procfs::self_cpu_secs(), gw.redis_cpu_secs());
+        let split1 = procfs::total_cpu_split(&gw.pids());
+        let split = split0.zip(split1).map(|(a, b)| (b.0 - a.0, b.1 - a.1));
         let per_node1: Vec<_> = gw.nodes.iter().map(|n| n.pid.and_then(procfs::cpu_secs)).collect();
         let received = stats.take();
         run_hook(plan.publish.hook_step_end.as_deref(), &gw).await;
@@ -140,6 +146,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
             gateway_cores: gateway_cpu_s.map(|c| c / window_s.max(1e-9)),
             deliveries_per_gateway_cpu_s: gateway_cpu_s.filter(|c| *c > 0.0).map(|c| received.received as f64 / c),
             gateway_cpu_s,
+            gateway_cpu_user_s: split.map(|s| s.0),
+            gateway_cpu_sys_s: split.map(|s| s.1),
             gateway_cpu_by_node_s: per_node0.iter().zip(&per_node1).map(|(a, b)| a.zip(*b).map(|(a, b)| b - a)).collect(),
             generator_cpu_s: s1 - s0,
             redis_cpu_s: r0.zip(r1).map(|(a, b)| b - a),
@@ -241,6 +249,10 @@ fn table(plan: &Plan, connect: &ConnectSummary, steps: &[Step], gw: &Gateway) ->
     t.row("latency p99.9 ms", col(&|s| format!("{:.2}", s.received.latency.p999_ms)));
     t.row("latency max ms", col(&|s| format!("{:.2}", s.received.latency.max_ms)));
     t.row("gateway CPU s", col(&|s| opt_f(s.gateway_cpu_s, 2)));
+    t.row(
+        "gateway CPU user / sys s",
+        col(&|s| format!("{} / {}", opt_f(s.gateway_cpu_user_s, 2), opt_f(s.gateway_cpu_sys_s, 2))),
+    );
     t.row("gateway cores busy", col(&|s| opt_f(s.gateway_cores, 2)));
     t.row("deliveries per gateway CPU-s", col(&|s| s.deliveries_per_gateway_cpu_s.map(int).unwrap_or_else(|| "n/a".into())));
     t.row("generator CPU s", col(&|s| format!("{:.2}", s.generator_cpu_s)));
