@@ -150,12 +150,18 @@ impl Gateway {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         for (i, n) in self.nodes.iter().enumerate() {
             loop {
-                let ok = client.get(format!("http://{}/readyz", n.addr)).send().await.is_ok_and(|r| r.status().is_success());
+                let ok =
+                    client.get(format!("http://{}/readyz", n.addr)).send().await.is_ok_and(|r| r.status().is_success());
                 if ok {
                     break;
                 }
                 if tokio::time::Instant::now() > deadline {
-                    bail!("crier node {i} at {} is not ready after 10s; its log {}:\n{}", n.addr, log_path(n), log_tail(n));
+                    bail!(
+                        "crier node {i} at {} is not ready after 10s; its log {}:\n{}",
+                        n.addr,
+                        log_path(n),
+                        log_tail(n)
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -287,8 +293,13 @@ async fn start_node(crier: &Path, i: usize, gw: &Gateway, args: &GatewayArgs) ->
         other => {
             let _ = child.kill().await;
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
-            let tail: String = tail.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-            bail!("crier node {i} did not start ({:?}); its log {}:\n{tail}", other.err().map(|_| "timeout"), log.display());
+            let tail: String =
+                tail.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            bail!(
+                "crier node {i} did not start ({:?}); its log {}:\n{tail}",
+                other.err().map(|_| "timeout"),
+                log.display()
+            );
         }
     };
     // Keep draining stdout so the node never blocks on a full pipe.
@@ -316,7 +327,9 @@ async fn start_redis(binary: &str) -> anyhow::Result<Redis> {
     loop {
         if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
             let mut buf = [0u8; 16];
-            if s.write_all(b"PING\r\n").await.is_ok() && matches!(s.read(&mut buf).await, Ok(n) if buf[..n].starts_with(b"+PONG")) {
+            if s.write_all(b"PING\r\n").await.is_ok()
+                && matches!(s.read(&mut buf).await, Ok(n) if buf[..n].starts_with(b"+PONG"))
+            {
                 break;
             }
         }

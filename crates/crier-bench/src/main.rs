@@ -129,7 +129,12 @@ async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
         "\nmachine: {} × {}, {} MiB, Linux {}; load at start {}",
         m.nproc, m.cpu_model, m.mem_total_mib, m.kernel, m.loadavg_at_start
     );
-    println!("gateway: {} node(s) {:?}, broker {}", outcome.report.gateway.nodes.len(), outcome.report.gateway.nodes, outcome.report.gateway.broker);
+    println!(
+        "gateway: {} node(s) {:?}, broker {}",
+        outcome.report.gateway.nodes.len(),
+        outcome.report.gateway.nodes,
+        outcome.report.gateway.broker
+    );
     for t in &outcome.tables {
         print!("{}", t.render());
     }

@@ -64,11 +64,7 @@ impl Publisher {
         let total = (rate * duration.as_secs_f64()).round().max(1.0) as u64;
         let sem = Arc::new(Semaphore::new(self.concurrency));
         let mut tasks = JoinSet::new();
-        let mut out = Published {
-            target_rate: rate,
-            ok_per_channel: vec![0; channels.len()],
-            ..Default::default()
-        };
+        let mut out = Published { target_rate: rate, ok_per_channel: vec![0; channels.len()], ..Default::default() };
         let start = Instant::now();
         for k in 0..total {
             sleep_until(start + Duration::from_secs_f64(k as f64 / rate)).await;

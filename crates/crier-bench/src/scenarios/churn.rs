@@ -13,8 +13,8 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::{Outcome, base_report, kib, token};
-use crate::clients::{ConnectSummary, SourceAddrs, Subscribers, Target, connect, open_many, subscribe};
 use crate::cli::ChurnArgs;
+use crate::clients::{ConnectSummary, SourceAddrs, Subscribers, Target, connect, open_many, subscribe};
 use crate::gateway::Gateway;
 use crate::procfs;
 use crate::report::{Table, int, opt_f};
@@ -137,12 +137,21 @@ pub async fn run(a: ChurnArgs) -> anyhow::Result<Outcome> {
     t.row("cycles (connect+subscribe+close)", vec![int(results.cycles as f64)]);
     t.row("cycles/s", vec![int(results.cycles_per_s)]);
     t.row("errors", vec![int(results.errors.values().sum::<u64>() as f64)]);
-    t.row("handshake p50 / p99 ms", vec![format!("{:.2} / {:.2}", results.handshake_latency.p50_ms, results.handshake_latency.p99_ms)]);
-    t.row("cycle p50 / p99 ms", vec![format!("{:.2} / {:.2}", results.cycle_latency.p50_ms, results.cycle_latency.p99_ms)]);
+    t.row(
+        "handshake p50 / p99 ms",
+        vec![format!("{:.2} / {:.2}", results.handshake_latency.p50_ms, results.handshake_latency.p99_ms)],
+    );
+    t.row(
+        "cycle p50 / p99 ms",
+        vec![format!("{:.2} / {:.2}", results.cycle_latency.p50_ms, results.cycle_latency.p99_ms)],
+    );
     t.row("gateway CPU s", vec![opt_f(results.gateway_cpu_s, 2)]);
     t.row("gateway CPU µs per cycle", vec![opt_f(results.gateway_cpu_us_per_cycle, 0)]);
     t.row("generator CPU s", vec![format!("{:.2}", results.generator_cpu_s)]);
-    t.row("gateway RSS before / after KiB", vec![format!("{} / {}", kib(results.gateway_rss_before_kib), kib(results.gateway_rss_after_kib))]);
+    t.row(
+        "gateway RSS before / after KiB",
+        vec![format!("{} / {}", kib(results.gateway_rss_before_kib), kib(results.gateway_rss_after_kib))],
+    );
     t.row(
         "crier_connections before / after",
         vec![format!("{} / {}", opt_f(results.connections_gauge_before, 0), opt_f(results.connections_gauge_after, 0))],

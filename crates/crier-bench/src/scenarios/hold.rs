@@ -10,8 +10,8 @@ use anyhow::Context;
 use tokio::io::AsyncReadExt;
 
 use super::token_with;
-use crate::clients::{SourceAddrs, Subscribers, Target, open_many};
 use crate::cli::HoldArgs;
+use crate::clients::{SourceAddrs, Subscribers, Target, open_many};
 use crate::stats::Stats;
 
 /// The environment variable the secret travels in (not on the command line, where `ps` shows it).

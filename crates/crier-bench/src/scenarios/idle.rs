@@ -20,8 +20,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use super::{Outcome, base_report, kib, token};
-use crate::clients::{ConnectSummary, SourceAddrs, Subscribers, Target, open_many};
 use crate::cli::IdleArgs;
+use crate::clients::{ConnectSummary, SourceAddrs, Subscribers, Target, open_many};
 use crate::gateway::Gateway;
 use crate::procfs;
 use crate::report::{Table, int, opt_f};

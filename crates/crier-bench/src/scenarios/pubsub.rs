@@ -14,8 +14,8 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::{Outcome, base_report, kib, token};
-use crate::clients::{ConnectSummary, SourceAddrs, Subscribers, Target, open_many};
 use crate::cli::{GatewayArgs, PublishArgs};
+use crate::clients::{ConnectSummary, SourceAddrs, Subscribers, Target, open_many};
 use crate::gateway::Gateway;
 use crate::procfs;
 use crate::publisher::{Published, Publisher};
@@ -148,7 +148,11 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
             gateway_cpu_s,
             gateway_cpu_user_s: split.map(|s| s.0),
             gateway_cpu_sys_s: split.map(|s| s.1),
-            gateway_cpu_by_node_s: per_node0.iter().zip(&per_node1).map(|(a, b)| a.zip(*b).map(|(a, b)| b - a)).collect(),
+            gateway_cpu_by_node_s: per_node0
+                .iter()
+                .zip(&per_node1)
+                .map(|(a, b)| a.zip(*b).map(|(a, b)| b - a))
+                .collect(),
             generator_cpu_s: s1 - s0,
             redis_cpu_s: r0.zip(r1).map(|(a, b)| b - a),
             connections_ended: stats.ended_total() - ended0,
@@ -254,7 +258,10 @@ fn table(plan: &Plan, connect: &ConnectSummary, steps: &[Step], gw: &Gateway) ->
         col(&|s| format!("{} / {}", opt_f(s.gateway_cpu_user_s, 2), opt_f(s.gateway_cpu_sys_s, 2))),
     );
     t.row("gateway cores busy", col(&|s| opt_f(s.gateway_cores, 2)));
-    t.row("deliveries per gateway CPU-s", col(&|s| s.deliveries_per_gateway_cpu_s.map(int).unwrap_or_else(|| "n/a".into())));
+    t.row(
+        "deliveries per gateway CPU-s",
+        col(&|s| s.deliveries_per_gateway_cpu_s.map(int).unwrap_or_else(|| "n/a".into())),
+    );
     t.row("generator CPU s", col(&|s| format!("{:.2}", s.generator_cpu_s)));
     if gw.redis.is_some() {
         t.row("redis CPU s", col(&|s| opt_f(s.redis_cpu_s, 2)));
