@@ -25,6 +25,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::time::{Instant, sleep_until};
 
 use crate::auth::Claims;
+use crate::config::RateScope;
 use crate::metrics as m;
 use crate::state::AppState;
 
@@ -93,9 +94,10 @@ impl Session {
         true
     }
 
-    /// Counts a frame against the user's rate; `false` (and maybe a 4008 close) when refused.
-    fn admit(&mut self) -> bool {
-        if self.st.limits.check_frame(&self.user) {
+    /// Counts a frame against the user's rate (this node's, or the cluster's with
+    /// `user_rate_scope = cluster`); `false` (and maybe a 4008 close) when refused.
+    async fn admit(&mut self, id: Option<u64>) -> bool {
+        if self.allowed().await {
             return true;
         }
         metrics::counter!(m::RATE_LIMITED, "kind" => "user").increment(1);
@@ -108,16 +110,35 @@ impl Session {
         if self.strikes >= MAX_STRIKES {
             self.outbox.close(CloseCode::RATE_LIMITED, "too many rate-limit violations", false);
         } else {
-            self.error(None, ErrorCode::RateLimited, "too many frames; slow down", None);
+            self.error(id, ErrorCode::RateLimited, "too many frames; slow down", None);
         }
         false
     }
 
+    /// The rate decision. The cluster-wide limiter lives in the broker; if the broker cannot
+    /// answer, the node-local limiter decides (fail over, never fail open without a limit).
+    async fn allowed(&self) -> bool {
+        let cfg = &self.st.config;
+        if cfg.user_rate_scope == RateScope::Cluster && self.st.broker().shares_rate_limits() {
+            match self.st.broker().rate_limit(&self.user, cfg.user_rate, cfg.user_burst).await {
+                Ok(limited) => return limited.is_none(),
+                Err(e) => tracing::debug!(error = %e, "cluster rate limit unavailable; using the node's"),
+            }
+        }
+        self.st.limits.check_frame(&self.user)
+    }
+
     async fn on_text(&mut self, text: &str) {
-        if !self.admit() {
+        // Decoded first so that even a refusal carries the frame's id.
+        let decoded = frames::decode(text);
+        let id = match &decoded {
+            Ok(frame) => frame.id(),
+            Err(e) => e.id,
+        };
+        if !self.admit(id).await {
             return;
         }
-        match frames::decode(text) {
+        match decoded {
             Ok(frame) => self.on_frame(frame).await,
             Err(e) => self.error(e.id, e.code, &e.message, None),
         }
@@ -352,7 +373,7 @@ pub async fn run(mut s: Session, socket: WebSocket) {
                 match msg {
                     Some(Ok(Message::Text(text))) => s.on_text(text.as_str()).await,
                     Some(Ok(Message::Binary(_))) => {
-                        if s.admit() {
+                        if s.admit(None).await {
                             s.error(None, ErrorCode::BadRequest, "binary frames are not supported; send JSON text frames", None);
                         }
                     }
