@@ -26,6 +26,7 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::auth::Claims;
 use crate::config::RateScope;
+use crate::handshake::ConnSlot;
 use crate::metrics as m;
 use crate::state::AppState;
 
@@ -47,10 +48,11 @@ pub struct Session {
     strikes: u32,
     strike_window: Instant,
     expires_at: Option<Instant>,
+    slot: Option<ConnSlot>,
 }
 
 impl Session {
-    pub fn new(st: AppState, conn: ConnId, client: String, claims: Claims) -> Session {
+    pub fn new(st: AppState, conn: ConnId, client: String, claims: Claims, slot: Option<ConnSlot>) -> Session {
         let outbox = Arc::new(Outbox::new(st.config.client_queue_max_bytes));
         Session {
             conn,
@@ -62,6 +64,7 @@ impl Session {
             subs: HashSet::new(),
             strikes: 0,
             strike_window: Instant::now(),
+            slot,
             st,
         }
     }
@@ -309,10 +312,8 @@ impl Session {
             self.leave(&channel).await;
         }
         self.st.registry.unregister(self.conn);
-        if self.st.config.max_connections_per_user > 0
-            && let Err(e) = self.st.broker().connection_closed(&self.user, &self.client).await
-        {
-            tracing::warn!(error = %e, "could not release a connection count");
+        if let Some(slot) = self.slot.take() {
+            slot.release().await;
         }
     }
 }
