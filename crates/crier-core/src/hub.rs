@@ -177,6 +177,20 @@ impl Hub {
     }
 }
 
+/// A hub alone can take a broker's deliveries (tests, embedding); the server wraps it to add
+/// metrics and user disconnects.
+impl crate::broker::BrokerHandler for Hub {
+    fn on_publication(&self, channel: &str, publication: Publication) {
+        self.deliver(channel, &publication);
+    }
+    fn on_disconnect_user(&self, _user: &str) -> usize {
+        0
+    }
+    fn has_subscribers(&self, channel: &str) -> bool {
+        self.has_channel(channel)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
