@@ -116,7 +116,7 @@ fn error_messages_are_bounded() {
         format!(r#"{{"type":"history","channel":"c","limit":"{long}"}}"#),
         format!("\"{}\"", "\u{7f}".repeat(10_000)),
     ] {
-        let e = decode(&frame).err().expect("refused");
+        let e = decode(&frame).expect_err("refused");
         assert!(e.message.len() <= 256, "a {} byte error message for a {} byte frame", e.message.len(), frame.len());
     }
 }
