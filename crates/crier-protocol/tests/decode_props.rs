@@ -67,7 +67,7 @@ fn check_decode(text: &str) -> Result<(), TestCaseError> {
             prop_assert_eq!(v["channel"].as_str(), Some(channel.as_ref()));
         }
         Ok(_) => {}
-        Err(e) => prop_assert!(!e.message.is_empty() && e.message.len() <= 8 * text.len() + 256, "{:?}", e.message),
+        Err(e) => prop_assert!(!e.message.is_empty() && e.message.len() <= 512, "{:?}", e.message),
     }
     Ok(())
 }
@@ -105,8 +105,6 @@ proptest! {
 /// characters comes back six times larger (`\u{7f}`) — an amplifier (found by the
 /// `frame_decode` fuzz target).
 #[test]
-#[ignore = "bug: decode's `malformed frame` message quotes client input unbounded \
-            (crates/crier-protocol/src/frames.rs decode: cut the serde_json error message)"]
 fn error_messages_are_bounded() {
     let long = "x".repeat(60_000);
     for frame in [
@@ -126,8 +124,6 @@ fn error_messages_are_bounded() {
 /// serde_json among them — refuse the `message` frame built from it, so every Rust subscriber of
 /// the channel fails on that message (found by the `frame_decode` fuzz target).
 #[test]
-#[ignore = "bug: `data` that serde_json cannot parse (lone surrogate escapes, numbers beyond f64) is \
-            accepted and forwarded (crates/crier-protocol/src/frames.rs decode: parse `data` strictly)"]
 fn data_that_serde_json_refuses_is_refused() {
     for data in [r#""\ud800""#, r#""\udc00""#, r#"["\ud800x"]"#, r#"{"k":"\ud83d\u0041"}"#, "1e400", "[-1e309]"] {
         assert!(serde_json::from_str::<Value>(data).is_err(), "serde_json refuses {data}");
@@ -146,8 +142,6 @@ fn data_that_serde_json_refuses_is_refused() {
 /// reply has no `id`, although the frame's `id` was a fine integer: the client cannot tell which
 /// request failed.
 #[test]
-#[ignore = "bug: a malformed frame's error drops its valid `id` (crates/crier-protocol/src/frames.rs \
-            decode: on an envelope error, re-read just `id` leniently)"]
 fn errors_for_malformed_frames_carry_a_valid_id() {
     for (frame, id) in [
         (r#"{"type":"history","id":3,"channel":"c","limit":-1}"#, 3),
