@@ -97,7 +97,9 @@ struct Envelope<'a> {
 pub fn decode<'a>(text: &'a str) -> Result<ClientFrame<'a>, FrameError> {
     let env: Envelope<'a> = serde_json::from_str(text).map_err(|e| {
         // The frame as a whole is malformed; its `id` may still be fine, and the reply carries it.
-        let id = serde_json::from_str::<IdOnly>(text).ok().and_then(|i| i.id);
+        // (Objects only: serde would also read a struct from an array such as `[1]`.)
+        let object = text.trim_start().starts_with('{');
+        let id = if object { serde_json::from_str::<IdOnly>(text).ok().and_then(|i| i.id) } else { None };
         FrameError::new(id, ErrorCode::BadRequest, format!("malformed frame: {}", cut(&e.to_string())))
     })?;
     let id = env.id;
