@@ -42,6 +42,17 @@
 //! sets the TTLs, PUBLISHes it, and records the idempotency key (`SET ... EX 300` semantics: a
 //! repeat returns the first result and publishes nothing).
 //!
+//! # Delivery
+//! The node's single pub/sub connection (RESP3) is owned by one task (`pubsub/`), which delivers
+//! each channel's publications to the handler in offset order, exactly once (duplicates after
+//! a gap-fill are dropped by offset). `subscribe` answers only after Redis confirmed the
+//! SUBSCRIBE and the channel's baseline position was read on that connection. `history` of a
+//! channel with local subscribers (`BrokerHandler::has_subscribers`) is read on that same
+//! connection too: its reply comes after every publication it covers has been handed to the
+//! handler, so the node's "buffer live, read history, merge by offset" leaves no duplicate and
+//! no gap. Other history reads (e.g. the REST API on a channel nobody here watches) use the
+//! command connection.
+//!
 //! # Faults
 //! - Every Redis call has a deadline (`command_timeout`, 2s): when Redis is unreachable, calls
 //!   fail with `BrokerError::Unavailable` instead of hanging. A publish that times out may still
@@ -49,6 +60,8 @@
 //! - [`RedisBroker::connect`] only fails on a malformed URL. When Redis is down it still returns
 //!   (after waiting up to `connect_wait` for a first connection) with `is_up() == false`, and
 //!   keeps retrying in the background.
+//! - While the pub/sub connection is down, `subscribe` of a new channel and `history` of a
+//!   locally subscribed channel fail with `Unavailable` (the node could not merge safely).
 //! - `is_up()` follows the pub/sub connection: false from a lost connection or a failed probe
 //!   (PING every `probe_interval`) until it is back, re-subscribed and gap-filled. Reconnects use
 //!   jittered exponential backoff from `reconnect_min` (50ms) to `reconnect_max` (2s).
@@ -193,6 +206,7 @@ impl RedisBroker {
             reconnects: Default::default(),
             gap_filled: Default::default(),
             instance,
+            commands: commands.clone(),
         });
         let (shutdown, shutdown_rx) = watch::channel(());
         let (pubsub, commands_rx) = mpsc::channel(1024);
@@ -317,6 +331,13 @@ impl Broker for RedisBroker {
         since: Option<&StreamPosition>,
         limit: usize,
     ) -> Result<History, BrokerError> {
+        if self.shared.has_subscribers(channel) {
+            // The node is (being) subscribed: read on the pub/sub connection, in order with the
+            // live stream, so the node's merge by offset is exact (see `pubsub`).
+            let (reply, rx) = oneshot::channel();
+            let read = pubsub::HistoryRead { channel: channel.to_owned(), since: since.cloned(), limit, reply };
+            return self.ask(Command::History(read), rx).await?;
+        }
         let since = since.map(|p| (p.epoch.as_str(), p.offset));
         let call = HistoryCall::new(&self.keys, &self.params, channel, since, limit);
         scripts::parse_history(self.commands.invoke(&call.invocation(&self.scripts.history)).await?)
@@ -370,5 +391,9 @@ impl Broker for RedisBroker {
 
     fn is_up(&self) -> bool {
         *self.up.borrow()
+    }
+
+    fn reconnects(&self) -> u64 {
+        RedisBroker::reconnects(self)
     }
 }

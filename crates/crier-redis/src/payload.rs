@@ -74,7 +74,8 @@ mod tests {
 
     #[test]
     fn refuses_garbage() {
-        for bad in [&b""[..], b"x:e:1:{}", b"1:e:1", b"1::1:{}", b"1:e-1:1:{}", b"1:e:x:{}", b"1:e:1:[]", b"-1:e:1:{}"] {
+        for bad in [&b""[..], b"x:e:1:{}", b"1:e:1", b"1::1:{}", b"1:e-1:1:{}", b"1:e:x:{}", b"1:e:1:[]", b"-1:e:1:{}"]
+        {
             assert!(header(bad).is_none(), "{:?}", String::from_utf8_lossy(bad));
         }
         assert!(header(b"99999999999999999999999:e:1:{}").is_none(), "offset overflow");

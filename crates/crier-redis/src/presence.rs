@@ -147,7 +147,10 @@ impl ClusterState {
         let mut inv = self.scripts.ttl_list.key(&z);
         inv.key(&h);
         let stored = json_values::<StoredNode>(&self.commands.invoke(&inv).await?);
-        Ok(stored.into_iter().map(|n| NodeInfo { node: n.node, connections: n.connections, version: n.version }).collect())
+        Ok(stored
+            .into_iter()
+            .map(|n| NodeInfo { node: n.node, connections: n.connections, version: n.version })
+            .collect())
     }
 
     /// Re-adds every entry of this node with a fresh expiry (pipelined).

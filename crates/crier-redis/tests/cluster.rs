@@ -5,8 +5,8 @@ mod support;
 
 use std::time::Duration;
 
-use crier_core::broker::conformance::eventually;
 use crier_core::broker::PublishOptions;
+use crier_core::broker::conformance::eventually;
 use crier_core::{Broker, NodeInfo};
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::encode_message;

@@ -98,7 +98,11 @@ async fn killed_pubsub_connections_are_gap_filled_in_order_exactly_once() {
     }
     assert_eq!(publisher.await.ok(), Some(0), "the publisher's own connection was never touched");
     let expected: Vec<u64> = (1..=N).collect();
-    assert!(eventually(WAIT, || ha.offsets("wedge:1").len() >= N as usize).await, "got {}", ha.offsets("wedge:1").len());
+    assert!(
+        eventually(WAIT, || ha.offsets("wedge:1").len() >= N as usize).await,
+        "got {}",
+        ha.offsets("wedge:1").len()
+    );
     assert_eq!(ha.offsets("wedge:1"), expected, "in order, no gap, no duplicate");
     assert!(a.reconnects() >= 3, "reconnected after every kill: {}", a.reconnects());
     assert!(a.gap_filled() > 0, "publications missed while reconnecting came from the history");

@@ -19,6 +19,7 @@ use serde_json::value::RawValue;
 
 use crate::auth::api_key_matches;
 use crate::error::ApiError;
+use crate::limits::retry_after_secs;
 use crate::metrics as m;
 use crate::state::AppState;
 
@@ -36,15 +37,30 @@ pub async fn require_api_key(State(st): State<AppState>, req: Request, next: Nex
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim);
     let endpoint = endpoint_label(req.uri().path());
-    let resp = match presented {
-        Some(key) if api_key_matches(&st.config.api_keys, key) => next.run(req).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown API key").into_response(),
+    let resp = match presented.and_then(|key| api_key_index(&st.config.api_keys, key)) {
+        Some(index) => match st.limits.check_api(index) {
+            Ok(()) => next.run(req).await,
+            Err(wait) => {
+                metrics::counter!(m::RATE_LIMITED, "kind" => "api").increment(1);
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests for this API key")
+                    .with_retry_after(retry_after_secs(wait))
+                    .into_response()
+            }
+        },
+        None if presented.is_some() => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown API key").into_response()
+        }
         None => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing `Authorization: Bearer <api key>`")
             .into_response(),
     };
     metrics::counter!(m::API_REQUESTS, "endpoint" => endpoint, "status" => resp.status().as_str().to_owned())
         .increment(1);
     resp
+}
+
+/// Which configured key was presented (each compared in constant time).
+fn api_key_index(keys: &[String], presented: &str) -> Option<usize> {
+    keys.iter().position(|k| api_key_matches(std::slice::from_ref(k), presented))
 }
 
 fn endpoint_label(path: &str) -> &'static str {

@@ -63,6 +63,15 @@ pub struct Config {
     pub handshake_burst: u32,
     pub history_size: usize,
     pub history_ttl: Duration,
+    /// Redis broker: expiry of presence, connection-count and node-registry entries.
+    pub presence_ttl: Duration,
+    /// Connections this node accepts (0 = unlimited).
+    pub max_connections: usize,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// REST API requests per second per API key, and the burst.
+    pub api_rate: u32,
+    pub api_burst: u32,
     pub shutdown_drain: Duration,
     pub log_format: LogFormat,
     pub dev: bool,
@@ -161,6 +170,11 @@ impl Default for Config {
             handshake_burst: 100,
             history_size: 100,
             history_ttl: Duration::from_secs(300),
+            presence_ttl: Duration::from_secs(30),
+            max_connections: 0,
+            trusted_proxies: Vec::new(),
+            api_rate: 1000,
+            api_burst: 2000,
             shutdown_drain: Duration::from_secs(10),
             log_format: LogFormat::Human,
             dev: false,
@@ -190,6 +204,11 @@ impl fmt::Debug for Config {
             .field("handshake_burst", &self.handshake_burst)
             .field("history_size", &self.history_size)
             .field("history_ttl", &self.history_ttl)
+            .field("presence_ttl", &self.presence_ttl)
+            .field("max_connections", &self.max_connections)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("api_rate", &self.api_rate)
+            .field("api_burst", &self.api_burst)
             .field("shutdown_drain", &self.shutdown_drain)
             .field("log_format", &self.log_format)
             .field("dev", &self.dev)

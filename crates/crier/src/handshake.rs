@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::auth::{self, Claims};
 use crate::error::ApiError;
+use crate::limits::retry_after_secs;
 use crate::metrics as m;
 use crate::session::{self, Session};
 use crate::state::AppState;
@@ -30,13 +31,17 @@ pub async fn ws_handler(
     uri: Uri,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    if let Err(wait) = st.limits.check_handshake(peer.ip()) {
+    let ip = st.limits.client_ip(peer.ip(), &headers);
+    if let Err(wait) = st.limits.check_handshake(ip) {
         metrics::counter!(m::RATE_LIMITED, "kind" => "handshake").increment(1);
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         return reject(
             ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many handshakes from this address")
-                .with_retry_after(secs.max(1)),
+                .with_retry_after(retry_after_secs(wait)),
         );
+    }
+    let max_conns = st.config.max_connections;
+    if max_conns > 0 && st.registry.len() >= max_conns {
+        return reject(ApiError::unavailable("this node is at max_connections; connect to another node"));
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
         let allowed = origin.to_str().is_ok_and(|o| st.origins.allows(o));

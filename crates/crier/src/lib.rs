@@ -26,7 +26,6 @@ pub mod session;
 pub mod state;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -60,13 +59,24 @@ pub async fn build_state(config: Config, dev_token: Option<String>) -> anyhow::R
     .context("JWT key")?;
     let origins = OriginPolicy::new(&config.allowed_origins).map_err(anyhow::Error::msg).context("allowed_origins")?;
     let broker: Arc<dyn Broker> = match &config.redis_url {
-        Some(_url) => anyhow::bail!("the Redis broker is not available in this build yet"),
+        Some(url) => {
+            let mut opts = crier_redis::RedisOptions::new(url.clone(), config.node_id.clone());
+            opts.history_size = config.history_size;
+            opts.history_ttl = config.history_ttl;
+            opts.presence_ttl = config.presence_ttl;
+            opts.node_ttl = config.presence_ttl;
+            let broker = crier_redis::RedisBroker::connect(opts).await.context("redis_url")?;
+            if !broker.is_up() {
+                tracing::warn!("Redis is not reachable yet; the node stays unready and keeps retrying");
+            }
+            broker
+        }
         None => MemoryBroker::new(config.history_size, config.history_ttl),
     };
     let hub = Arc::new(Hub::new());
     let registry = Arc::new(Registry::new());
     broker.set_handler(Arc::new(NodeHandler { hub: hub.clone(), registry: registry.clone() }));
-    let limits = Limits::new(config.handshake_rate, config.handshake_burst, config.user_rate, config.user_burst);
+    let limits = Limits::new(&config);
     Ok(AppState(Arc::new(Inner {
         node: Node::new(hub, broker),
         registry,
@@ -99,20 +109,69 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let background = tokio::spawn(background(st.clone()));
-    let app = http::app(st.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let drain_st = st.clone();
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            drain(&drain_st).await;
-        })
-        .await;
+    accept_loop(listener, http::app(st.clone()), async move {
+        shutdown.await;
+        drain(&drain_st).await;
+    })
+    .await;
     let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
     while !st.registry.is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     background.abort();
-    result.context("HTTP server")
+    Ok(())
+}
+
+/// How long a client may take to send its request headers (slowloris defence).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head (request line + headers) accepted, in bytes; larger ones get 431.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Accepts connections until `stop` resolves (the listener stays open during the drain, so late
+/// handshakes get a clear 503 rather than a refused connection), then waits a bounded time for
+/// in-flight HTTP requests. HTTP/1.1 only, with a header read timeout and a header size bound.
+async fn accept_loop(listener: TcpListener, app: axum::Router, stop: impl Future<Output = ()>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
+
+    let graceful = GracefulShutdown::new();
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(MAX_HEADER_BYTES);
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = app.clone().map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+            req
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc));
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::debug!("some HTTP connections were still open after the grace period");
+    }
 }
 
 /// Stops a node gently: readiness turns 503 and new upgrades are refused, then every client is

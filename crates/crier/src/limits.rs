@@ -1,18 +1,25 @@
-//! Rate limits (governor GCRA, keyed): WebSocket handshakes per client IP, and client frames per
-//! user (shared by all of the user's connections on this node).
+//! Rate limits (governor GCRA, keyed): WebSocket handshakes per client IP, client frames per
+//! user (shared by all of the user's connections on this node), REST requests per API key; and
+//! the client IP itself, which honours `X-Forwarded-For` only from trusted proxies.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::HeaderMap;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
+use ipnet::IpNet;
+
+use crate::config::Config;
 
 /// The node's limiters.
 pub struct Limits {
     handshakes: DefaultKeyedRateLimiter<IpAddr>,
     frames: DefaultKeyedRateLimiter<Arc<str>>,
+    api: DefaultKeyedRateLimiter<usize>,
+    trusted_proxies: Vec<IpNet>,
     clock: DefaultClock,
 }
 
@@ -23,17 +30,45 @@ fn quota(rate: u32, burst: u32) -> Quota {
 }
 
 impl Limits {
-    pub fn new(handshake_rate: u32, handshake_burst: u32, user_rate: u32, user_burst: u32) -> Limits {
+    pub fn new(config: &Config) -> Limits {
         Limits {
-            handshakes: DefaultKeyedRateLimiter::keyed(quota(handshake_rate, handshake_burst)),
-            frames: DefaultKeyedRateLimiter::keyed(quota(user_rate, user_burst)),
+            handshakes: DefaultKeyedRateLimiter::keyed(quota(config.handshake_rate, config.handshake_burst)),
+            frames: DefaultKeyedRateLimiter::keyed(quota(config.user_rate, config.user_burst)),
+            api: DefaultKeyedRateLimiter::keyed(quota(config.api_rate, config.api_burst)),
+            trusted_proxies: config.trusted_proxies.clone(),
             clock: DefaultClock::default(),
         }
+    }
+
+    /// The client's IP: the peer, unless the peer is a trusted proxy — then the right-most
+    /// `X-Forwarded-For` address that is not itself a trusted proxy.
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let trusted = |ip: &IpAddr| self.trusted_proxies.iter().any(|net| net.contains(ip));
+        if !trusted(&peer) {
+            return peer;
+        }
+        let mut client = peer;
+        for value in headers.get_all("x-forwarded-for").iter().rev() {
+            let Ok(value) = value.to_str() else { return client };
+            for part in value.rsplit(',') {
+                match part.trim().parse::<IpAddr>() {
+                    Ok(ip) if trusted(&ip) => client = ip,
+                    Ok(ip) => return ip,
+                    Err(_) => return client,
+                }
+            }
+        }
+        client
     }
 
     /// `Err(retry_after)` when `ip` is over its handshake rate.
     pub fn check_handshake(&self, ip: IpAddr) -> Result<(), Duration> {
         self.handshakes.check_key(&ip).map_err(|nu| nu.wait_time_from(self.clock.now()))
+    }
+
+    /// `Err(retry_after)` when the API key (by its index in `api_keys`) is over its rate.
+    pub fn check_api(&self, key_index: usize) -> Result<(), Duration> {
+        self.api.check_key(&key_index).map_err(|nu| nu.wait_time_from(self.clock.now()))
     }
 
     /// `false` when `user` is over its frame rate.
@@ -45,7 +80,35 @@ impl Limits {
     pub fn shrink(&self) {
         self.handshakes.retain_recent();
         self.frames.retain_recent();
+        self.api.retain_recent();
         self.handshakes.shrink_to_fit();
         self.frames.shrink_to_fit();
+    }
+}
+
+/// Seconds for a `Retry-After` header: rounded up, at least 1.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_only_from_trusted_proxies() {
+        let config = Config {
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap_or_else(|_| IpNet::default())],
+            ..Config::default()
+        };
+        let limits = Limits::new(&config);
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "203.0.113.9, 10.1.1.1".parse().unwrap_or_else(|_| unreachable!()));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or_else(|_| unreachable!());
+        assert_eq!(limits.client_ip(ip("10.0.0.1"), &h), ip("203.0.113.9"), "trusted peer, trusted hop skipped");
+        assert_eq!(limits.client_ip(ip("198.51.100.1"), &h), ip("198.51.100.1"), "untrusted peer: header ignored");
+        assert_eq!(limits.client_ip(ip("10.0.0.1"), &HeaderMap::new()), ip("10.0.0.1"));
+        h.insert("x-forwarded-for", "junk".parse().unwrap_or_else(|_| unreachable!()));
+        assert_eq!(limits.client_ip(ip("10.0.0.1"), &h), ip("10.0.0.1"), "junk: fall back to the proxy");
     }
 }

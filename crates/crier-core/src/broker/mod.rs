@@ -143,4 +143,9 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether the broker is reachable right now (readiness, `crier_broker_up`).
     fn is_up(&self) -> bool;
+
+    /// How many times the broker re-established its connections (`crier_broker_reconnects_total`).
+    fn reconnects(&self) -> u64 {
+        0
+    }
 }

@@ -9,6 +9,9 @@
 //!   effect: they are delivered first; the position then becomes the channel's baseline. The
 //!   caller gets its answer only after all this, so the node's history read comes after the
 //!   subscription is live.
+//! - **history reads** of locally subscribed channels run here too, pipelined: the pushes that
+//!   precede their replies are delivered before the callers get the histories, so a node's
+//!   merge by offset never sees a covered publication arrive live afterwards.
 //! - **live**: each publication is checked against the channel's [`Position`]: in order →
 //!   delivered; at or below the last delivered offset → dropped as a duplicate; a hole → filled
 //!   from the history first.
@@ -25,7 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crier_core::{BrokerError, BrokerHandler, Publication};
+use crier_core::{BrokerError, BrokerHandler, History, Publication};
+use crier_protocol::StreamPosition;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, PushInfo, Value};
 use serde::{Deserialize, Serialize};
@@ -58,6 +62,9 @@ pub(crate) struct Shared {
     pub gap_filled: AtomicU64,
     /// Random id of this broker instance (control messages skip their sender).
     pub instance: String,
+    /// The command connection, probed before the broker reports itself up again, so that
+    /// readiness never turns green while publishes would still fail.
+    pub commands: crate::command::Commands,
 }
 
 impl Shared {
@@ -67,15 +74,33 @@ impl Shared {
         }
     }
 
-    fn has_subscribers(&self, channel: &str) -> bool {
+    pub(crate) fn has_subscribers(&self, channel: &str) -> bool {
         self.handler.get().is_some_and(|h| h.has_subscribers(channel))
     }
 }
 
 /// What the broker asks of the task.
 pub(crate) enum Command {
-    Subscribe { channel: String, reply: oneshot::Sender<Result<(), BrokerError>> },
-    Unsubscribe { channel: String, reply: oneshot::Sender<()> },
+    Subscribe {
+        channel: String,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
+    },
+    Unsubscribe {
+        channel: String,
+        reply: oneshot::Sender<()>,
+    },
+    /// A history read of a channel with local subscribers, ordered with the live stream (see
+    /// `Task::read_histories`).
+    History(HistoryRead),
+}
+
+type Subscribe = (String, oneshot::Sender<Result<(), BrokerError>>);
+
+pub(crate) struct HistoryRead {
+    pub channel: String,
+    pub since: Option<StreamPosition>,
+    pub limit: usize,
+    pub reply: oneshot::Sender<Result<History, BrokerError>>,
 }
 
 /// A message on the control channel.
@@ -152,6 +177,19 @@ impl Task {
         Task { client, keys, params, scripts, shared, settings, commands, shutdown, channels, control }
     }
 
+    /// Makes sure the command connection answers too (after a Redis restart its first call fails
+    /// and makes it reconnect). Bounded: after a few tries the broker reports up anyway, since
+    /// the pub/sub side works and the command connection keeps reconnecting by itself.
+    async fn probe_commands(&self) {
+        for attempt in 0..5u64 {
+            if self.shared.commands.query(&redis::cmd("PING")).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(self.settings.reconnect_min * (attempt as u32 + 1)).await;
+        }
+        tracing::warn!("redis command connection does not answer yet");
+    }
+
     /// Runs until the broker is dropped.
     pub(crate) async fn run(mut self) {
         let mut backoff = Backoff::new(self.settings.reconnect_min, self.settings.reconnect_max);
@@ -165,6 +203,7 @@ impl Task {
                         self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
                     connected_before = true;
+                    self.probe_commands().await;
                     self.shared.up.send_replace(true);
                     tracing::info!(channels = self.channels.len(), "redis pub/sub connected");
                     let end = self.serve(&mut conn).await;
@@ -193,7 +232,8 @@ impl Task {
             .set_connection_timeout(Some(t))
             .set_response_timeout(Some(t))
             .set_push_sender(tx);
-        let mut con = bounded(t, self.client.get_multiplexed_async_connection_with_config(&config)).await.map_err(lost)?;
+        let mut con =
+            bounded(t, self.client.get_multiplexed_async_connection_with_config(&config)).await.map_err(lost)?;
         let mut name = redis::cmd("CLIENT");
         name.arg("SETNAME").arg(&self.settings.client_name);
         if let Err(e) = bounded(t, name.query_async::<Value>(&mut con)).await {
@@ -273,6 +313,9 @@ impl Task {
                 self.forget(&channel);
                 let _ = reply.send(());
             }
+            Command::History(read) => {
+                let _ = read.reply.send(Err(BrokerError::Unavailable("redis pub/sub is reconnecting".into())));
+            }
         }
     }
 
@@ -291,14 +334,17 @@ impl Task {
                 Err(_) => break,
             }
         }
-        let mut subs = Vec::new();
+        // Subscribes and history reads are batched (subscribes first); an unsubscribe is done
+        // after everything queued before it.
+        let (mut subs, mut reads) = (Vec::new(), Vec::new());
         let mut batch = batch.into_iter();
         let mut result = Ok(());
         for cmd in batch.by_ref() {
             match cmd {
                 Command::Subscribe { channel, reply } => subs.push((channel, reply)),
+                Command::History(read) => reads.push(read),
                 Command::Unsubscribe { channel, reply } => {
-                    result = self.subscribe(conn, std::mem::take(&mut subs)).await;
+                    result = self.flush(conn, &mut subs, &mut reads).await;
                     if result.is_ok() {
                         result = self.unsubscribe(conn, &channel).await;
                     } else {
@@ -312,11 +358,14 @@ impl Task {
             }
         }
         if result.is_ok() {
-            return self.subscribe(conn, subs).await;
+            result = self.flush(conn, &mut subs, &mut reads).await;
         }
         // The connection is gone: answer the rest as if offline.
         for (channel, reply) in subs {
             self.answer_offline(Command::Subscribe { channel, reply });
+        }
+        for read in reads {
+            self.answer_offline(Command::History(read));
         }
         for cmd in batch {
             self.answer_offline(cmd);
@@ -324,7 +373,49 @@ impl Task {
         result
     }
 
-    async fn subscribe(&mut self, conn: &mut Conn, subs: Vec<(String, oneshot::Sender<Result<(), BrokerError>>)>) -> Step {
+    async fn flush(&mut self, conn: &mut Conn, subs: &mut Vec<Subscribe>, reads: &mut Vec<HistoryRead>) -> Step {
+        self.subscribe(conn, std::mem::take(subs)).await?;
+        self.read_histories(conn, std::mem::take(reads)).await
+    }
+
+    /// History reads ordered with the live stream: the replies come on this connection after
+    /// every publication pushed before the reads ran, and those are delivered (drained) before
+    /// the callers get their answers. So a node that reads a channel's history at top T has
+    /// already been handed every publication <= T that it will get live: its merge by offset
+    /// (buffer, then drop what the history covered) is exact — no duplicate, no gap.
+    async fn read_histories(&mut self, conn: &mut Conn, reads: Vec<HistoryRead>) -> Step {
+        if reads.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for r in &reads {
+            let since = r.since.as_ref().map(|p| (p.epoch.as_str(), p.offset));
+            pipe.add_command(
+                HistoryCall::new(&self.keys, &self.params, &r.channel, since, r.limit).evalsha(&conn.history_sha),
+            );
+        }
+        let replies = bounded(self.settings.command_timeout, pipe.query_async::<Vec<Value>>(&mut conn.con)).await;
+        let replies = match replies {
+            Ok(replies) => self.drain(conn).await.map(|()| replies),
+            Err(e) => Err(lost(e)),
+        };
+        match replies {
+            Ok(replies) => {
+                for (r, v) in reads.into_iter().zip(replies) {
+                    let _ = r.reply.send(scripts::parse_history(v));
+                }
+                Ok(())
+            }
+            Err(end) => {
+                for r in reads {
+                    self.answer_offline(Command::History(r));
+                }
+                Err(end)
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, conn: &mut Conn, subs: Vec<Subscribe>) -> Step {
         if subs.is_empty() {
             return Ok(());
         }
@@ -346,7 +437,9 @@ impl Task {
         }
         for (reply, known) in replies {
             let answer = match &result {
-                Err(End::Lost(why)) if !known => Err(BrokerError::Unavailable(format!("redis subscribe failed: {why}"))),
+                Err(End::Lost(why)) if !known => {
+                    Err(BrokerError::Unavailable(format!("redis subscribe failed: {why}")))
+                }
                 Err(End::Exit) if !known => Err(BrokerError::Unavailable("broker stopped".into())),
                 _ => Ok(()),
             };
@@ -365,7 +458,9 @@ impl Task {
         for chunk in fresh.chunks(FILL_BATCH) {
             let mut pipe = redis::pipe();
             for channel in chunk {
-                pipe.add_command(HistoryCall::new(&self.keys, &self.params, channel, None, 0).evalsha(&conn.history_sha));
+                pipe.add_command(
+                    HistoryCall::new(&self.keys, &self.params, channel, None, 0).evalsha(&conn.history_sha),
+                );
             }
             let replies: Vec<Value> = bounded(t, pipe.query_async(&mut conn.con)).await.map_err(lost)?;
             for v in replies {

@@ -49,10 +49,8 @@ impl RedisServer {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let dir = std::env::temp_dir().join(format!("crier-redis-test-{}-{port}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("temp dir {dir:?}: {e}"));
-        let mut args: Vec<String> = ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut args: Vec<String> =
+            ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""].iter().map(|s| s.to_string()).collect();
         args.extend(["--dir".to_string(), dir.display().to_string()]);
         if persistent {
             args.extend(["--appendonly", "yes", "--appendfsync", "always"].map(String::from));

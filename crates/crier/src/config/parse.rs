@@ -252,6 +252,16 @@ pub(super) fn build(
             }
         })
     });
+    let presence_ttl = p.required("presence_ttl", |s| duration_within(s, false, MAX_DURATION));
+    let max_connections = p.required("max_connections", number::<usize>);
+    let trusted_proxies = p.list("trusted_proxies", |s| {
+        let s = s.trim();
+        s.parse::<ipnet::IpNet>()
+            .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| format!("`{s}` is neither an IP address nor a CIDR like 10.0.0.0/8"))
+    });
+    let api_rate = p.required("api_rate", at_least_one::<u32>);
+    let api_burst = p.required("api_burst", at_least_one::<u32>);
     let shutdown_drain = p.required("shutdown_drain", |s| duration_within(s, true, MAX_DURATION));
     let log_format = p.required("log_format", |s| match s.trim().to_ascii_lowercase().as_str() {
         "human" | "text" => Ok(LogFormat::Human),
@@ -289,6 +299,11 @@ pub(super) fn build(
         handshake_burst: got(handshake_burst)?,
         history_size: got(history_size)?,
         history_ttl: got(history_ttl)?,
+        presence_ttl: got(presence_ttl)?,
+        max_connections: got(max_connections)?,
+        trusted_proxies: got(trusted_proxies)?,
+        api_rate: got(api_rate)?,
+        api_burst: got(api_burst)?,
         shutdown_drain: got(shutdown_drain)?,
         log_format: got(log_format)?,
         dev: got(dev)?,

@@ -1,0 +1,202 @@
+//! The node's race-free subscribe (subscribe live, read history, merge by offset) through the
+//! Redis broker: clients that join, recover and leave while another node publishes see, after
+//! their ack, every message exactly once and in order.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use crier_core::{Broker, BrokerHandler, History, Hub, Next, Node, Out, Outbox, Publication};
+use crier_protocol::StreamPosition;
+use serde_json::Value;
+use support::{RedisServer, broker, options, publish};
+
+struct HubHandler(Arc<Hub>);
+
+impl BrokerHandler for HubHandler {
+    fn on_publication(&self, channel: &str, p: Publication) {
+        self.0.deliver(channel, &p);
+    }
+    fn on_disconnect_user(&self, _: &str) -> usize {
+        0
+    }
+    fn has_subscribers(&self, channel: &str) -> bool {
+        self.0.has_channel(channel)
+    }
+}
+
+/// One client: its outbox and every frame taken out of it so far.
+struct Client {
+    outbox: Arc<Outbox>,
+    frames: Vec<Value>,
+    recover: Option<StreamPosition>,
+}
+
+impl Client {
+    async fn drain(&mut self) {
+        while self.outbox.queued_bytes() > 0 {
+            let mut batch = Vec::new();
+            if self.outbox.next(&mut batch).await != Next::Batch {
+                return;
+            }
+            for out in batch {
+                if let Out::Frame(f) = out {
+                    self.frames.push(serde_json::from_slice(&f).unwrap_or(Value::Null));
+                }
+            }
+        }
+    }
+
+    fn offsets(&self) -> Vec<u64> {
+        self.frames.iter().filter(|f| f["type"] == "message").filter_map(|f| f["offset"].as_u64()).collect()
+    }
+
+    /// The ack's offset, or the recovery position when recovery succeeded: where messages start.
+    fn start(&self) -> u64 {
+        let ack = &self.frames[0];
+        assert_eq!(ack["type"], "ack", "the ack comes first");
+        match (&self.recover, ack["recovered"].as_bool()) {
+            (Some(pos), Some(true)) => pos.offset,
+            _ => ack["offset"].as_u64().unwrap_or(0),
+        }
+    }
+}
+
+fn ack(h: &History, recovered: Option<bool>) -> Bytes {
+    let v = serde_json::json!({"type": "ack", "epoch": h.epoch, "offset": h.offset, "recovered": recovered});
+    Bytes::from(v.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_joining_recovering_and_leaving_under_load_miss_nothing() {
+    let server = RedisServer::start();
+    let (publisher, _) = broker(options(&server, "pub")).await;
+    let broker_b = crier_redis::RedisBroker::connect(options(&server, "sub")).await;
+    let broker_b = broker_b.unwrap_or_else(|e| panic!("connect: {e}"));
+    let hub = Arc::new(Hub::new());
+    broker_b.set_handler(Arc::new(HubHandler(hub.clone())));
+    let node = Node::new(hub.clone(), broker_b.clone());
+    const N: u64 = 400;
+    let ch = "live:merge";
+    let first = publish(&publisher, ch, "0").await.unwrap_or_else(|e| panic!("publish: {e}"));
+    let pub_task = {
+        let p = publisher.clone();
+        tokio::spawn(async move {
+            for i in 2..=N {
+                let _ = publish(&p, ch, &i.to_string()).await;
+                tokio::time::sleep(Duration::from_millis(2)).await; // pacing
+            }
+        })
+    };
+
+    let mut clients: Vec<Client> = Vec::new();
+    let mut live: Vec<u64> = Vec::new();
+    for round in 0..16u64 {
+        let seen = clients.iter().flat_map(|c| c.offsets()).max().unwrap_or(1);
+        let recover =
+            (round % 2 == 1).then(|| StreamPosition { epoch: first.epoch.clone(), offset: seen.saturating_sub(3) });
+        let outbox = Arc::new(Outbox::new(1 << 20));
+        let s = node.subscribe(ch, round, &outbox, recover.as_ref(), ack).await;
+        assert!(s.is_ok(), "subscribe {round}: {:?}", s.err());
+        clients.push(Client { outbox, frames: Vec::new(), recover });
+        live.push(round);
+        // Every third round, everyone leaves: the node drops its broker subscription and the
+        // next client makes it again while messages keep coming.
+        if round % 3 == 2 {
+            for id in live.drain(..) {
+                node.unsubscribe(ch, id).await;
+            }
+            assert!(!hub.has_channel(ch));
+        }
+        let target = seen + 10;
+        let mut progressed = false;
+        for _ in 0..500 {
+            for c in clients.iter_mut() {
+                c.drain().await;
+            }
+            if clients.iter().flat_map(|c| c.offsets()).max().unwrap_or(0) >= target.min(N) || live.is_empty() {
+                progressed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(progressed, "messages keep flowing in round {round}");
+    }
+    let _ = pub_task.await;
+    let still: Vec<usize> = live.iter().map(|id| *id as usize).collect();
+    assert!(!still.is_empty());
+    for _ in 0..1000 {
+        for c in clients.iter_mut() {
+            c.drain().await;
+        }
+        if still.iter().all(|i| clients[*i].offsets().last() == Some(&N)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for (i, c) in clients.iter().enumerate() {
+        let offsets = c.offsets();
+        let start = c.start();
+        let expected: Vec<u64> = (start + 1..start + 1 + offsets.len() as u64).collect();
+        assert_eq!(offsets, expected, "client {i}: every message after its start, once, in order");
+        if still.contains(&i) {
+            assert_eq!(offsets.last(), Some(&N), "client {i} is still subscribed and got everything");
+        }
+        if c.recover.is_some() {
+            assert_eq!(c.frames[0]["recovered"], true, "client {i}: the history held the gap");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_clients_get_a_gap_filled_stream_through_pubsub_kills() {
+    let server = RedisServer::start();
+    let (publisher, _) = broker(options(&server, "pub")).await;
+    let broker_b = crier_redis::RedisBroker::connect(options(&server, "sub")).await;
+    let broker_b = broker_b.unwrap_or_else(|e| panic!("connect: {e}"));
+    let hub = Arc::new(Hub::new());
+    broker_b.set_handler(Arc::new(HubHandler(hub.clone())));
+    let node = Node::new(hub.clone(), broker_b.clone());
+    let ch = "live:kill";
+    let mut clients = Vec::new();
+    for id in 0..3u64 {
+        let outbox = Arc::new(Outbox::new(1 << 20));
+        let s = node.subscribe(ch, id, &outbox, None, ack).await;
+        assert!(s.is_ok(), "subscribe: {:?}", s.err());
+        clients.push(Client { outbox, frames: Vec::new(), recover: None });
+    }
+    const N: u64 = 300;
+    let pub_task = {
+        let p = publisher.clone();
+        tokio::spawn(async move {
+            for i in 1..=N {
+                let _ = publish(&p, ch, &i.to_string()).await;
+                tokio::time::sleep(Duration::from_millis(2)).await; // pacing
+            }
+        })
+    };
+    let mut kills = 0;
+    for _ in 0..2000 {
+        for c in clients.iter_mut() {
+            c.drain().await;
+        }
+        let seen = clients[0].offsets().len() as u64;
+        if (kills == 0 && seen >= 60) || (kills == 1 && seen >= 180) {
+            server.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+            kills += 1;
+        }
+        if clients.iter().all(|c| c.offsets().len() as u64 >= N) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = pub_task.await;
+    assert_eq!(kills, 2);
+    let expected: Vec<u64> = (1..=N).collect();
+    for (i, c) in clients.iter().enumerate() {
+        assert_eq!(c.offsets(), expected, "client {i}: one stream, in order, exactly once");
+    }
+    assert!(broker_b.gap_filled() > 0 && broker_b.reconnects() >= 2);
+}

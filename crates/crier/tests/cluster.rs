@@ -1,0 +1,282 @@
+//! Many nodes, one cluster: real `redis-server` processes and several real crier nodes.
+//! Cross-node fan-out in one order, recovery on another node, Redis restarts with and without
+//! persistence, a node killed with SIGKILL, presence expiry, cluster-wide operations.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../crier-redis/tests/support/mod.rs"]
+mod redis_support;
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use redis_support::RedisServer;
+use serde_json::{Value, json};
+use support::{Server, WAIT};
+
+async fn node(redis: &RedisServer, name: &str, extra: &[&str]) -> Server {
+    let url = redis.url();
+    let mut args = vec!["--redis-url", url.as_str(), "--node-id", name, "--presence-ttl", "2s"];
+    args.extend_from_slice(extra);
+    Server::start(&args).await
+}
+
+async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn status(server: &Server, path: &str) -> u16 {
+    reqwest::get(server.url(path)).await.map(|r| r.status().as_u16()).unwrap_or(0)
+}
+
+/// Collects `n` message frames from a client (skipping other frames).
+async fn messages(c: &mut support::Client, n: usize) -> Vec<Value> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let m = c.recv().await;
+        if m["type"] == "message" {
+            out.push(m);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_thousand_publishes_over_three_nodes_arrive_everywhere_in_one_order() {
+    let redis = RedisServer::start();
+    let nodes = [node(&redis, "n1", &[]).await, node(&redis, "n2", &[]).await, node(&redis, "n3", &[]).await];
+    let mut clients = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let mut c = n.client(&n.token(&format!("u{i}"), &["chat:*"], &[])).await;
+        c.subscribe("chat:big", 1).await;
+        clients.push(c);
+    }
+    // Three concurrent publishers, one per node.
+    let mut tasks = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let url = n.url("/api/v1/publish");
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut offsets = Vec::new();
+            for k in 0..334 {
+                if i == 2 && k == 332 {
+                    break;
+                }
+                let r = http
+                    .post(&url)
+                    .bearer_auth(support::API_KEY)
+                    .json(&json!({"channel":"chat:big","data":{"from":i,"k":k}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                offsets.push(r.json::<Value>().await.unwrap()["offset"].as_u64().unwrap());
+            }
+            offsets
+        }));
+    }
+    let mut acked = HashSet::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    assert_eq!(acked, (1..=1000).collect::<HashSet<u64>>(), "every publish got its own offset");
+    let mut orders = Vec::new();
+    for c in &mut clients {
+        let got = messages(c, 1000).await;
+        let offsets: Vec<u64> = got.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+        assert_eq!(offsets, (1..=1000).collect::<Vec<_>>(), "no gap, no duplicate, in order");
+        orders.push(got.iter().map(|m| m["data"].clone()).collect::<Vec<_>>());
+    }
+    assert!(orders.windows(2).all(|w| w[0] == w[1]), "every node delivered the same order");
+    // The latency histogram is fed on every node.
+    for n in &nodes {
+        assert!(n.metric("crier_broadcast_latency_seconds_count").await >= 1000.0);
+    }
+}
+
+#[tokio::test]
+async fn recovery_after_reconnecting_to_another_node() {
+    let redis = RedisServer::start();
+    let (a, b, c) = (node(&redis, "a", &[]).await, node(&redis, "b", &[]).await, node(&redis, "c", &[]).await);
+    let token = a.token("roamer", &["news"], &[]);
+    let mut client = a.client(&token).await;
+    let ack = client.subscribe("news", 1).await;
+    let epoch = ack["epoch"].as_str().unwrap().to_owned();
+    b.publish("news", json!(1)).await;
+    assert_eq!(client.recv().await["offset"], 1);
+    drop(client);
+    for i in 2..=5 {
+        b.publish("news", json!(i)).await;
+    }
+    let mut client = c.client(&token).await;
+    let ack =
+        client.request(json!({"type":"subscribe","channel":"news","recover":{"epoch":epoch,"offset":1}}), 2).await;
+    assert_eq!((ack["recovered"].as_bool(), ack["offset"].as_u64()), (Some(true), Some(5)));
+    a.publish("news", json!(6)).await;
+    let got: Vec<u64> = messages(&mut client, 5).await.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert_eq!(got, vec![2, 3, 4, 5, 6]);
+}
+
+/// Publishes `data` through `server`; `Some(offset)` on 200, `None` on 503 (never anything else).
+async fn try_publish(server: &Server, channel: &str, data: Value) -> Option<(String, u64)> {
+    let r = server.post("/api/v1/publish", json!({"channel": channel, "data": data})).await;
+    match r.status().as_u16() {
+        200 => {
+            let v: Value = r.json().await.unwrap();
+            Some((v["epoch"].as_str().unwrap().to_owned(), v["offset"].as_u64().unwrap()))
+        }
+        503 => {
+            assert_eq!(r.json::<Value>().await.unwrap()["error"], "unavailable");
+            None
+        }
+        s => panic!("publish answered {s}"),
+    }
+}
+
+#[tokio::test]
+async fn redis_restart_with_persistence_loses_nothing_acknowledged() {
+    let mut redis = RedisServer::start_persistent();
+    let (a, b) = (node(&redis, "pa", &[]).await, node(&redis, "pb", &[]).await);
+    let mut sub = b.client(&b.token("s", &["ev"], &[])).await;
+    sub.subscribe("ev", 1).await;
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        acked.extend(try_publish(&a, "ev", json!(i)).await);
+    }
+    redis.kill();
+    until("readyz 503 on both nodes", async || {
+        status(&a, "/readyz").await == 503 && status(&b, "/readyz").await == 503
+    })
+    .await;
+    assert_eq!(a.metric("crier_broker_up").await, 0.0);
+    assert_eq!(try_publish(&a, "ev", json!("during")).await, None, "a publish during the outage is a 503");
+    // The WebSocket stays open meanwhile.
+    assert_eq!(sub.request(json!({"type":"ping"}), 2).await["type"], "pong");
+    redis.restart();
+    until("readyz 200 again", async || status(&a, "/readyz").await == 200 && status(&b, "/readyz").await == 200).await;
+    for i in 20..40 {
+        acked.extend(try_publish(&a, "ev", json!(i)).await);
+    }
+    assert_eq!(acked.len(), 40);
+    let got: Vec<(String, u64)> = messages(&mut sub, acked.len())
+        .await
+        .iter()
+        .map(|m| (m["epoch"].as_str().unwrap().to_owned(), m["offset"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(got, acked, "every acknowledged message, once, in order, same epoch");
+    assert!(b.metric("crier_broker_reconnects_total").await >= 1.0);
+}
+
+#[tokio::test]
+async fn redis_restart_without_persistence_is_never_silent() {
+    let mut redis = RedisServer::start();
+    let (a, b) = (node(&redis, "va", &[]).await, node(&redis, "vb", &[]).await);
+    let token = b.token("s", &["ev"], &[]);
+    let mut sub = b.client(&token).await;
+    let old_epoch = sub.subscribe("ev", 1).await["epoch"].as_str().unwrap().to_owned();
+    let before = try_publish(&a, "ev", json!("before")).await.unwrap();
+    assert_eq!(messages(&mut sub, 1).await[0]["offset"], before.1);
+    redis.kill();
+    until("unready", async || status(&a, "/readyz").await == 503).await;
+    redis.restart();
+    until("ready", async || status(&a, "/readyz").await == 200 && status(&b, "/readyz").await == 200).await;
+    // Once ready again, publishes are accepted (readiness waits for the command connection too).
+    let after = try_publish(&a, "ev", json!("after")).await.expect("accepted once ready");
+    assert_ne!(after.0, old_epoch, "lost history means a new epoch");
+    let m = messages(&mut sub, 1).await.remove(0);
+    assert_eq!((m["epoch"].as_str().unwrap(), m["offset"].as_u64().unwrap()), (after.0.as_str(), after.1));
+    // A client recovering from the old epoch is told it cannot.
+    let mut late = a.client(&token).await;
+    let ack =
+        late.request(json!({"type":"subscribe","channel":"ev","recover":{"epoch":old_epoch,"offset":1}}), 1).await;
+    assert_eq!(ack["recovered"], false);
+}
+
+#[tokio::test]
+async fn a_killed_node_clients_recover_elsewhere_and_its_presence_expires() {
+    let redis = RedisServer::start();
+    let mut doomed = node(&redis, "doomed", &[]).await;
+    let survivor = node(&redis, "survivor", &[]).await;
+    let token = survivor.token("k", &["room"], &[]);
+    let mut c = doomed.client(&token).await;
+    let epoch = c.subscribe("room", 1).await["epoch"].as_str().unwrap().to_owned();
+    let mut watcher = survivor.client(&survivor.token("w", &["room"], &[])).await;
+    watcher.subscribe("room", 1).await;
+    survivor.publish("room", json!(1)).await;
+    assert_eq!(messages(&mut c, 1).await[0]["offset"], 1);
+    let p: Value = survivor.get("/api/v1/channels/room/presence").await.json().await.unwrap();
+    assert_eq!(p["clients"].as_array().map(Vec::len), Some(2));
+
+    let _ = std::process::Command::new("kill").arg("-KILL").arg(doomed.pid().to_string()).status();
+    assert!(doomed.wait_exit().await.is_none(), "killed by a signal, no exit code");
+    assert_eq!(c.closed().await, None, "the connection just ends");
+    for i in 2..=4 {
+        survivor.publish("room", json!(i)).await;
+    }
+    let mut c = survivor.client(&token).await;
+    let ack = c.request(json!({"type":"subscribe","channel":"room","recover":{"epoch":epoch,"offset":1}}), 2).await;
+    assert_eq!(ack["recovered"], true);
+    let got: Vec<u64> = messages(&mut c, 3).await.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert_eq!(got, vec![2, 3, 4]);
+
+    // The killed node's presence entry expires (presence_ttl 2s); the live ones stay.
+    until("the dead node's presence expired", async || {
+        let p: Value = survivor.get("/api/v1/channels/room/presence").await.json().await.unwrap();
+        let nodes: Vec<&str> = p["clients"].as_array().unwrap().iter().map(|e| e["node"].as_str().unwrap()).collect();
+        !nodes.contains(&"doomed") && nodes.len() == 2
+    })
+    .await;
+    until("the dead node left the node registry", async || {
+        let info: Value = survivor.get("/api/v1/info").await.json().await.unwrap();
+        info["nodes"].as_array().unwrap().iter().all(|n| n["node"] != "doomed")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn cluster_wide_disconnect_info_and_connection_limit() {
+    let redis = RedisServer::start();
+    let extra = ["--max-connections-per-user", "2"];
+    let (a, b, c) =
+        (node(&redis, "x1", &extra).await, node(&redis, "x2", &extra).await, node(&redis, "x3", &extra).await);
+    let token = a.token("many", &[], &[]);
+    let mut on_a = a.client(&token).await;
+    let mut on_b = b.client(&token).await;
+    // A third connection anywhere in the cluster is one too many.
+    let r = reqwest::Client::new()
+        .get(c.url("/ws"))
+        .query(&[("token", &token)])
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "too_many_connections");
+
+    let info: Value = c.get("/api/v1/info").await.json().await.unwrap();
+    let mut names: Vec<String> =
+        info["nodes"].as_array().unwrap().iter().map(|n| n["node"].as_str().unwrap().to_owned()).collect();
+    names.sort();
+    assert_eq!(names, vec!["x1", "x2", "x3"]);
+
+    let d: Value = c.post("/api/v1/disconnect", json!({"user":"many"})).await.json().await.unwrap();
+    assert_eq!(d["disconnected"], 2);
+    assert_eq!(on_a.closed().await, Some(4003));
+    assert_eq!(on_b.closed().await, Some(4003));
+    // Their slots are released: the user can connect again.
+    until("slots released", async || {
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(c.ws_url()).unwrap();
+        req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        support::Client::connect(req).await.is_ok()
+    })
+    .await;
+}
