@@ -5,9 +5,9 @@ to answer pings), and Prometheus queries. Every wait is bounded by a deadline.""
 import base64
 import hashlib
 import hmac
+import http.client
 import json
 import os
-import queue
 import random
 import shlex
 import socket
@@ -60,6 +60,26 @@ def http(method, url, body=None, headers=None, timeout=5):
         return status, json.loads(raw)
     except ValueError:
         return status, raw.decode(errors="replace")
+
+
+def handshake(url, token, source="127.0.0.1", headers=None, timeout=5):
+    """A WebSocket handshake request from a chosen loopback address: (status, JSON body).
+    Meant for rejected handshakes (a valid one would switch protocols)."""
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout, source_address=(source, 0))
+    h = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+         "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Authorization": "Bearer " + token}
+    h.update(headers or {})
+    try:
+        conn.request("GET", u.path or "/", headers=h)
+        r = conn.getresponse()
+        body = r.read()
+    finally:
+        conn.close()
+    try:
+        return r.status, json.loads(body)
+    except ValueError:
+        return r.status, body.decode(errors="replace")
 
 
 def b64url(b):
@@ -380,12 +400,3 @@ class RawClient:
             self.sock.close()
         except OSError:
             pass
-
-
-def drain_queue(q):
-    items = []
-    while True:
-        try:
-            items.append(q.get_nowait())
-        except queue.Empty:
-            return items
