@@ -5,7 +5,7 @@ to answer pings), and Prometheus queries. Every wait is bounded by a deadline.""
 import base64
 import hashlib
 import hmac
-import http.client
+import http.client as httpclient
 import json
 import os
 import random
@@ -66,7 +66,7 @@ def handshake(url, token, source="127.0.0.1", headers=None, timeout=5):
     """A WebSocket handshake request from a chosen loopback address: (status, JSON body).
     Meant for rejected handshakes (a valid one would switch protocols)."""
     u = urllib.parse.urlparse(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout, source_address=(source, 0))
+    conn = httpclient.HTTPConnection(u.hostname, u.port, timeout=timeout, source_address=(source, 0))
     h = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
          "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Authorization": "Bearer " + token}
     h.update(headers or {})
@@ -245,7 +245,8 @@ class Client:
                         self.cond.notify_all()
                     if self.stopping or code not in self.RECONNECT:
                         return
-                    time.sleep(random.random() * 0.3)  # jitter, as the contract asks for 1012
+                    # 1012 (draining): reconnect after a jittered delay, as the contract asks
+                    time.sleep((0.2 + random.random() * 0.3) if code == 1012 else random.random() * 0.1)
                     self.ws = self._connect(deadline=time.monotonic() + 20)
                     for channel in sorted(self.subscribed):
                         self._subscribe(channel, recover=True)
@@ -272,6 +273,20 @@ class Client:
             elif t == "error":
                 self.errors.append(f)
             self.cond.notify_all()
+
+    def replayed(self, channel):
+        """Offsets replayed by recovering subscribes: messages after a `recovered: true` ack up to
+        the offset that ack reported."""
+        out, limit = [], None
+        for f in self.frames:
+            if f.get("type") == "ack" and f.get("channel") == channel and "recovered" in f:
+                limit = f["offset"] if f["recovered"] else None
+            elif f.get("type") == "message" and f["channel"] == channel and limit is not None:
+                if f["offset"] <= limit:
+                    out.append(f["offset"])
+                else:
+                    limit = None
+        return out
 
     def send(self, frame):
         if "id" not in frame:
