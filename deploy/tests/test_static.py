@@ -143,6 +143,9 @@ def test_docker_compose_topology():
         assert int(services[n]["stop_grace_period"].rstrip("s")) > drain
     for s in ("redis", "nginx", "prometheus", "grafana"):
         assert s in services
+    # crier trusts X-Forwarded-For from nginx's fixed address, and only from it.
+    nginx_ip = services["nginx"]["networks"]["crier"]["ipv4_address"]
+    assert all(services[n]["environment"]["CRIER_TRUSTED_PROXIES"] == nginx_ip for n in nodes)
     # nginx balances over exactly those nodes; Prometheus scrapes each of them.
     nginx = read("deploy", "nginx.conf")
     assert sorted(re.findall(r"server (crier\d+):8080", nginx)) == nodes

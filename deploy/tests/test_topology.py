@@ -49,6 +49,7 @@ def topo():
     state = os.environ.get("DEPLOY_TEST_DIR", os.path.join(ROOT, "target", "deploy-test"))
     os.makedirs(state, exist_ok=True)
     t = Topology(state, BROKER, os.environ["DEPLOY_CRIER_BIN"], CRIER_ENV)
+    t.down()  # leftovers of an interrupted earlier run in this state directory, if any
     try:
         t.up()
         yield t
