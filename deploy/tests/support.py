@@ -45,7 +45,7 @@ def eventually(check, timeout, what, interval=0.1):
         time.sleep(interval)
 
 
-def http(method, url, body=None, headers=None, timeout=5):
+def http(method, url, body=None, headers=None, timeout=15):
     """(status, parsed JSON body or text)."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
@@ -62,7 +62,7 @@ def http(method, url, body=None, headers=None, timeout=5):
         return status, raw.decode(errors="replace")
 
 
-def handshake(url, token, source="127.0.0.1", headers=None, timeout=5):
+def handshake(url, token, source="127.0.0.1", headers=None, timeout=15):
     """A WebSocket handshake request from a chosen loopback address: (status, JSON body).
     Meant for rejected handshakes (a valid one would switch protocols)."""
     u = urllib.parse.urlparse(url)
@@ -209,7 +209,7 @@ class Client:
         self.next_id = 1
         self.stopping = False
         self.failure = None
-        self.ws = self._connect(deadline=time.monotonic() + 10)
+        self.ws = self._connect(deadline=time.monotonic() + 15)
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -217,9 +217,9 @@ class Client:
         while True:
             try:
                 ws = connect(self.url, additional_headers={"Authorization": "Bearer " + self.token},
-                             subprotocols=["crier.v1"], proxy=None, open_timeout=5, compression=None,
+                             subprotocols=["crier.v1"], proxy=None, open_timeout=10, compression=None,
                              max_size=2**24, legacy=True)
-                welcome = json.loads(ws.recv(timeout=5))
+                welcome = json.loads(ws.recv(timeout=10))
                 assert welcome["type"] == "welcome", welcome
                 with self.cond:
                     self.frames.append(welcome)
@@ -303,7 +303,7 @@ class Client:
             frame["recover"] = {"epoch": epoch, "offset": offset}
         return self.send(frame)
 
-    def subscribe(self, channel, timeout=5):
+    def subscribe(self, channel, timeout=15):
         fid = self._subscribe(channel)
         ack = self.wait(lambda: next((f for f in self.frames if f.get("id") == fid and f["type"] in ("ack", "error")), None),
                         timeout, f"{self.name}: subscribe ack for {channel}")
@@ -342,7 +342,7 @@ class RawClient:
     """A minimal WebSocket client on a plain socket, for clients that misbehave: one that never
     reads (a slow consumer) or never answers pings (a dead peer)."""
 
-    def __init__(self, url, token, rcvbuf=None, timeout=5):
+    def __init__(self, url, token, rcvbuf=None, timeout=15):
         u = urllib.parse.urlparse(url)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf:

@@ -13,6 +13,7 @@ tests are then skipped."""
 import json
 import os
 import re
+import sys
 import threading
 import time
 
@@ -45,7 +46,7 @@ S = {}  # state shared by the tests, in order
 
 
 @pytest.fixture(scope="module")
-def topo():
+def topo(request):
     state = os.environ.get("DEPLOY_TEST_DIR", os.path.join(ROOT, "target", "deploy-test"))
     os.makedirs(state, exist_ok=True)
     t = Topology(state, BROKER, os.environ["DEPLOY_CRIER_BIN"], CRIER_ENV)
@@ -58,6 +59,14 @@ def topo():
             c.close()
         r = t.down()
         print(r.stdout)
+        if request.session.testsfailed:
+            # What the components said, for the failure report (not captured by pytest).
+            for name in ("node1", "node2", "node3", "nginx", "redis", "prometheus"):
+                try:
+                    tail = "".join(t.log(name).splitlines(keepends=True)[-15:])
+                except OSError:
+                    continue
+                print(f"--- last lines of {state}/{name}.log\n{tail}", file=sys.__stderr__)
 
 
 def token(topo, sub, **kw):
@@ -99,7 +108,7 @@ def test_publish_through_nginx_reaches_clients(topo):
     if BROKER == "redis":
         resp = topo.publish("news:lobby", {"text": "hello"})
         for c in clients:
-            c.wait(lambda c=c: resp["offset"] in c.messages.get("news:lobby", []), 5, f"{c.name} gets the message")
+            c.wait(lambda c=c: resp["offset"] in c.messages.get("news:lobby", []), 15, f"{c.name} gets the message")
     else:
         # Memory brokers: a publish reaches the clients of the node nginx sent it to. Publish
         # until every node got one, which also shows REST calls are spread.
@@ -107,7 +116,7 @@ def test_publish_through_nginx_reaches_clients(topo):
             before = sum(len(c.messages.get("news:lobby", [])) for c in clients)
             topo.publish("news:lobby", {"text": "hello"})
             # wait for this publish to arrive somewhere, then look at everyone
-            eventually(lambda: sum(len(c.messages.get("news:lobby", [])) for c in clients) > before, 5, "delivery")
+            eventually(lambda: sum(len(c.messages.get("news:lobby", [])) for c in clients) > before, 15, "delivery")
             return all(c.messages.get("news:lobby") for c in clients)
 
         eventually(every_client_got_one, 20, "a message on every node", interval=0)
@@ -129,8 +138,9 @@ def test_handshake_limit_is_per_client_ip_behind_nginx(topo):
     forged = [handshake(url, bad, source="127.0.0.3", headers={"X-Forwarded-For": f"10.9.8.{i}"})[0] for i in range(5)]
     other = handshake(url, bad, source="127.0.0.4")
     assert other[0] == 401 and other[1]["error"] == "token_invalid", other
-    # (a token may come back within the 1/s refill: allow one)
-    assert forged.count(429) >= 4, forged
+    # Had the forged header counted, each would have had a fresh budget (401). A token may come
+    # back meanwhile (1/s per node, more if the machine is slow): most must still be refused.
+    assert forged.count(429) >= 3, forged
 
 
 @cluster_only
@@ -229,29 +239,29 @@ def test_misbehaving_clients_are_counted(topo):
     c.subscribe("news:replay")
     for i in range(3):
         topo.publish("news:replay", {"i": i}, url=rest)
-    c.wait(lambda: len(c.messages.get("news:replay", [])) == 3, 5, "three messages")
+    c.wait(lambda: len(c.messages.get("news:replay", [])) == 3, 15, "three messages")
     epoch, offset = c.positions["news:replay"]
     c.close()
     missed = [topo.publish("news:replay", {"i": i}, url=rest)["offset"] for i in range(3, 5)]
     r = Client(base, tok, "recoverer-again")
     r.positions["news:replay"] = (epoch, offset)
     fid = r._subscribe("news:replay", recover=True)
-    ack = r.wait(lambda: next((f for f in r.frames if f.get("id") == fid), None), 5, "recover ack")
+    ack = r.wait(lambda: next((f for f in r.frames if f.get("id") == fid), None), 15, "recover ack")
     assert ack.get("recovered") is True, ack
-    r.wait(lambda: r.messages.get("news:replay") == missed, 5, "the missed messages")
+    r.wait(lambda: r.messages.get("news:replay") == missed, 15, "the missed messages")
 
     # Client errors and the per-user rate limit: 60 frames at once (burst 40).
     r.send({"type": "no-such-type"})
     for _ in range(60):
         r.send({"type": "ping"})
-    r.wait(lambda: any(e["code"] == "unknown_type" for e in r.errors), 5, "unknown_type error")
-    r.wait(lambda: any(e["code"] == "rate_limited" for e in r.errors), 5, "rate_limited error")
+    r.wait(lambda: any(e["code"] == "unknown_type" for e in r.errors), 15, "unknown_type error")
+    r.wait(lambda: any(e["code"] == "rate_limited" for e in r.errors), 15, "rate_limited error")
     r.close()
 
     # A peer that never answers pings is closed with 4010 after ping_interval + pong_timeout.
     dead = RawClient(topo["WS_URL"], token(topo, "dead"))
     assert dead.read_json()["type"] == "welcome"
-    assert dead.wait_close(10) == 4010
+    assert dead.wait_close(15) == 4010
     dead.close()
 
     # A client that stops reading is dropped as a slow consumer once its node has queued more
