@@ -168,7 +168,8 @@ pub struct RedisBroker {
     _shutdown: watch::Sender<()>,
 }
 
-fn millis(d: Duration) -> u64 {
+/// A duration in whole milliseconds, at least 1 (Redis expiries of 0 mean "now").
+pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 

@@ -35,7 +35,7 @@ use crier_core::{Broker, Hub, MemoryBroker, Node, NodeInfo, Registry};
 use crier_protocol::CloseCode;
 use tokio::net::TcpListener;
 
-use crate::auth::{KeySource, OriginPolicy, Verifier};
+use crate::auth::{OriginPolicy, Verifier};
 use crate::config::Config;
 use crate::limits::Limits;
 use crate::state::{AppState, Inner, NodeHandler};
@@ -47,16 +47,7 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// Builds a node's state: broker, hub, verifier, limits. `dev_token` enables the demo page.
 pub async fn build_state(config: Config, dev_token: Option<String>) -> anyhow::Result<AppState> {
-    let verifier = Verifier::new(&KeySource {
-        secret: config.jwt.secret.clone(),
-        public_key_file: config.jwt.public_key_file.clone(),
-        jwks_file: config.jwt.jwks_file.clone(),
-        algorithms: config.jwt.algorithms.clone(),
-        issuer: config.jwt.issuer.clone(),
-        audience: config.jwt.audience.clone(),
-    })
-    .map_err(anyhow::Error::msg)
-    .context("JWT key")?;
+    let verifier = Verifier::new(&config.jwt).map_err(anyhow::Error::msg).context("JWT key")?;
     let origins = OriginPolicy::new(&config.allowed_origins).map_err(anyhow::Error::msg).context("allowed_origins")?;
     let broker: Arc<dyn Broker> = match &config.redis_url {
         Some(url) => {
