@@ -106,22 +106,9 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::{BrokerHandler, MemoryBroker, Publication, PublishOptions};
+    use crate::broker::{MemoryBroker, PublishOptions};
     use crate::outbox::{Next, Out};
     use std::time::Duration;
-
-    struct HubHandler(Arc<Hub>);
-    impl BrokerHandler for HubHandler {
-        fn on_publication(&self, channel: &str, p: Publication) {
-            self.0.deliver(channel, &p);
-        }
-        fn on_disconnect_user(&self, _: &str) -> usize {
-            0
-        }
-        fn has_subscribers(&self, channel: &str) -> bool {
-            self.0.has_channel(channel)
-        }
-    }
 
     fn offsets(batch: &[Out]) -> Vec<u64> {
         batch
@@ -139,7 +126,7 @@ mod tests {
     async fn recover_then_live_in_order() {
         let hub = Arc::new(Hub::new());
         let broker = MemoryBroker::new(100, Duration::from_secs(60));
-        broker.set_handler(Arc::new(HubHandler(hub.clone())));
+        broker.set_handler(hub.clone());
         let node = Node::new(hub.clone(), broker.clone());
         let mut epoch = String::new();
         for i in 0..5 {

@@ -107,3 +107,109 @@ mod tests {
         assert!(!any_matches::<&str>(&[], "b:c"));
     }
 }
+
+/// Property tests: the channel-name rules against a reference model, and the pattern semantics
+/// the permission checks rely on (exact name, `prefix*`, `*`).
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// 1–255 of the allowed bytes.
+    fn valid_name() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9_\\-:.@/=]{1,255}"
+    }
+
+    /// Mostly-plausible names: allowed bytes plus a few troublemakers (`*`, space, quote,
+    /// backslash, control, non-ASCII), any length around the bounds.
+    fn any_name() -> impl Strategy<Value = String> {
+        prop_oneof![valid_name(), "[A-Za-z0-9_\\-:.@/=* \"\\\\\u{0}\u{7f}é€]{0,300}", any::<String>(),]
+    }
+
+    /// Reference model of the contract's rule: 1–255 bytes of `A-Z a-z 0-9 _ - : . @ / =`.
+    fn model_valid(name: &str) -> bool {
+        (1..=255).contains(&name.len()) && name.bytes().all(model_byte)
+    }
+
+    fn model_byte(b: u8) -> bool {
+        b.is_ascii_alphanumeric() || b"_-:.@/=".contains(&b)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn validation_matches_the_contract(name in any_name()) {
+            let got = validate_channel(&name);
+            prop_assert_eq!(got.is_ok(), model_valid(&name), "{:?} -> {:?}", name, got);
+            match got {
+                Ok(()) => {}
+                Err(ChannelError::Empty) => prop_assert!(name.is_empty()),
+                Err(ChannelError::TooLong) => prop_assert!(name.len() > MAX_CHANNEL_LEN),
+                Err(ChannelError::BadByte(b)) => {
+                    prop_assert!(name.len() <= MAX_CHANNEL_LEN);
+                    // The reported byte is the first offending one.
+                    prop_assert_eq!(name.bytes().find(|b| !model_byte(*b)), Some(b));
+                }
+            }
+        }
+
+        #[test]
+        fn a_valid_name_needs_no_json_escaping(name in valid_name()) {
+            // encode_message copies channel names verbatim into frames; this is why it may.
+            prop_assert_eq!(serde_json::to_string(&name).ok(), Some(format!("\"{name}\"")));
+        }
+
+        #[test]
+        fn a_valid_name_matches_itself_and_nothing_else_exactly(name in valid_name(), other in any_name()) {
+            prop_assert!(channel_matches(&name, &name));
+            prop_assert_eq!(channel_matches(&name, &other), name == other);
+        }
+
+        #[test]
+        fn star_matches_everything(channel in any_name()) {
+            prop_assert!(channel_matches("*", &channel));
+            prop_assert!(any_matches(&["*"], &channel));
+        }
+
+        #[test]
+        fn prefix_star_matches_iff_starts_with(prefix in any_name(), channel in any_name()) {
+            let pattern = format!("{prefix}*");
+            prop_assert_eq!(channel_matches(&pattern, &channel), channel.starts_with(prefix.as_str()));
+        }
+
+        #[test]
+        fn prefix_star_covers_every_extension(prefix in "[a-z:]{0,20}", rest in valid_name()) {
+            let (channel, pattern) = (format!("{prefix}{rest}"), format!("{prefix}*"));
+            prop_assert!(channel_matches(&pattern, &channel));
+        }
+
+        #[test]
+        fn an_inner_star_is_literal_and_matches_no_valid_channel(
+            a in "[a-z:]{0,10}", b in "[a-z:]{1,10}", channel in valid_name()
+        ) {
+            // `chat:*:room` is not a glob: only a trailing `*` is special. Valid channel names
+            // cannot contain `*`, so such a pattern grants nothing.
+            let pattern = format!("{a}*{b}");
+            prop_assert!(!channel_matches(&pattern, &channel));
+        }
+
+        #[test]
+        fn any_matches_is_any_of_channel_matches(patterns in prop::collection::vec(any_name(), 0..6), channel in any_name()) {
+            let want = patterns.iter().any(|p| channel_matches(p, &channel));
+            prop_assert_eq!(any_matches(&patterns, &channel), want);
+        }
+
+        #[test]
+        fn namespace_is_the_part_before_the_first_colon(channel in any_name()) {
+            let ns = namespace(&channel);
+            prop_assert!(channel.starts_with(ns));
+            prop_assert!(!ns.contains(':'));
+            if channel.contains(':') {
+                prop_assert_eq!(channel.as_bytes().get(ns.len()), Some(&b':'));
+            } else {
+                prop_assert_eq!(ns, "");
+            }
+        }
+    }
+}

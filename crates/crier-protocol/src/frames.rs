@@ -95,8 +95,13 @@ struct Envelope<'a> {
 
 /// Decodes one client frame.
 pub fn decode<'a>(text: &'a str) -> Result<ClientFrame<'a>, FrameError> {
-    let env: Envelope<'a> = serde_json::from_str(text)
-        .map_err(|e| FrameError::new(None, ErrorCode::BadRequest, format!("malformed frame: {e}")))?;
+    let env: Envelope<'a> = serde_json::from_str(text).map_err(|e| {
+        // The frame as a whole is malformed; its `id` may still be fine, and the reply carries it.
+        // (Objects only: serde would also read a struct from an array such as `[1]`.)
+        let object = text.trim_start().starts_with('{');
+        let id = if object { serde_json::from_str::<IdOnly>(text).ok().and_then(|i| i.id) } else { None };
+        FrameError::new(id, ErrorCode::BadRequest, format!("malformed frame: {}", cut(&e.to_string())))
+    })?;
     let id = env.id;
     let channel = |c: Option<Cow<'a, str>>| -> Result<Cow<'a, str>, FrameError> {
         c.ok_or_else(|| FrameError::new(id, ErrorCode::BadRequest, "missing field `channel`"))
@@ -112,7 +117,7 @@ pub fn decode<'a>(text: &'a str) -> Result<ClientFrame<'a>, FrameError> {
             let Some(data) = env.data else {
                 return Err(FrameError::new(id, ErrorCode::BadRequest, "missing field `data`"));
             };
-            check_depth(data.get()).map_err(|m| FrameError::new(id, ErrorCode::BadRequest, m))?;
+            check_data(data.get()).map_err(|m| FrameError::new(id, ErrorCode::BadRequest, m))?;
             ClientFrame::Publish { id, channel, data }
         }
         "ping" => ClientFrame::Ping { id },
@@ -127,6 +132,79 @@ pub fn decode<'a>(text: &'a str) -> Result<ClientFrame<'a>, FrameError> {
             return Err(FrameError::new(id, ErrorCode::UnknownType, format!("unknown frame type `{shown}`")));
         }
     })
+}
+
+/// Only the `id` of a frame, everything else ignored: recovers the id of a malformed frame.
+#[derive(Deserialize)]
+struct IdOnly {
+    #[serde(default)]
+    id: Option<u64>,
+}
+
+/// Longest part of an error message built from a serde_json error (which quotes client input).
+const MAX_ERROR_MESSAGE: usize = 160;
+
+fn cut(message: &str) -> String {
+    if message.len() <= MAX_ERROR_MESSAGE {
+        return message.to_owned();
+    }
+    let mut end = MAX_ERROR_MESSAGE;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &message[..end])
+}
+
+/// Checks published `data` (already valid JSON grammar): nesting depth, then a strict parse that
+/// refuses what strict parsers refuse (lone surrogate escapes, numbers beyond f64), so that no
+/// subscriber is sent a message it cannot parse.
+pub fn check_data(raw: &str) -> Result<(), String> {
+    check_depth(raw)?;
+    serde_json::from_str::<Strict>(raw).map(|_| ()).map_err(|e| format!("invalid `data`: {}", cut(&e.to_string())))
+}
+
+/// Parses any JSON value completely (decoding strings and numbers) and keeps nothing.
+struct Strict;
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Strict, D::Error> {
+        d.deserialize_any(StrictVisitor)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Strict;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+    fn visit_unit<E>(self) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
+        while seq.next_element::<Strict>()?.is_some() {}
+        Ok(Strict)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
+        while map.next_entry::<Strict, Strict>()?.is_some() {}
+        Ok(Strict)
+    }
 }
 
 /// Deepest nesting of arrays and objects accepted in `data`.

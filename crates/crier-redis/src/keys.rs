@@ -43,6 +43,11 @@ impl Keys {
         format!("{}:user:{{{user}}}:conns", self.prefix)
     }
 
+    /// STRING: the theoretical arrival time (ms) of a cluster-wide rate limit (GCRA).
+    pub(crate) fn rate(&self, key: &str) -> String {
+        format!("{}:rate:{{{key}}}", self.prefix)
+    }
+
     /// ZSET node → expiry (ms) and HASH node → NodeInfo JSON: the node registry.
     pub(crate) fn nodes(&self) -> (String, String) {
         (format!("{}:nodes", self.prefix), format!("{}:nodes:info", self.prefix))

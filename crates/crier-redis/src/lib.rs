@@ -168,7 +168,8 @@ pub struct RedisBroker {
     _shutdown: watch::Sender<()>,
 }
 
-fn millis(d: Duration) -> u64 {
+/// A duration in whole milliseconds, at least 1 (Redis expiries of 0 mean "now").
+pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
@@ -395,5 +396,20 @@ impl Broker for RedisBroker {
 
     fn reconnects(&self) -> u64 {
         RedisBroker::reconnects(self)
+    }
+
+    async fn rate_limit(&self, key: &str, rate: u32, burst: u32) -> Result<Option<Duration>, BrokerError> {
+        let interval_ms = 1000.0 / f64::from(rate.max(1));
+        let mut inv = self.scripts.rate.key(self.keys.rate(key));
+        inv.arg(interval_ms).arg(burst.max(1));
+        match self.commands.invoke(&inv).await? {
+            redis::Value::Int(0) => Ok(None),
+            redis::Value::Int(ms) => Ok(Some(Duration::from_millis(ms.unsigned_abs()))),
+            other => Err(BrokerError::Internal(format!("unexpected rate-limit reply {other:?}"))),
+        }
+    }
+
+    fn shares_rate_limits(&self) -> bool {
+        true
     }
 }

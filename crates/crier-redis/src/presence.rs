@@ -54,9 +54,7 @@ pub(crate) struct ClusterState {
     local: Mutex<Local>,
 }
 
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-}
+use crate::millis as ms;
 
 impl ClusterState {
     pub(crate) fn new(

@@ -175,6 +175,7 @@ pub(crate) struct Scripts {
     pub ttl_add: Script,
     pub ttl_list: Script,
     pub ttl_remove: Script,
+    pub rate: Script,
 }
 
 impl Scripts {
@@ -185,9 +186,29 @@ impl Scripts {
             ttl_add: Script::new(&format!("{TTL_PRELUDE}{TTL_ADD}")),
             ttl_list: Script::new(&format!("{TTL_PRELUDE}{TTL_LIST}")),
             ttl_remove: Script::new(TTL_REMOVE),
+            rate: Script::new(RATE),
         }
     }
 }
+
+/// Cluster-wide GCRA (generic cell rate algorithm), the same algorithm as governor's.
+/// KEYS[1] = the key; ARGV[1] = emission interval in ms (1000 / rate), ARGV[2] = burst.
+/// Returns 0 when allowed, else the milliseconds until the next event would be allowed.
+/// Time comes from Redis (`TIME`), so nodes' clocks do not matter.
+const RATE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local tolerance = interval * tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local new_tat = tat + interval
+if new_tat - now > tolerance then
+  return math.max(1, math.ceil(new_tat - now - tolerance))
+end
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.max(1, math.ceil(new_tat - now)))
+return 0
+"#;
 
 /// TTLs and sizes the channel scripts are called with.
 #[derive(Debug, Clone, Copy)]

@@ -8,24 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use crier_core::{Broker, BrokerHandler, History, Hub, Next, Node, Out, Outbox, Publication};
+use crier_core::{Broker, History, Hub, Next, Node, Out, Outbox};
 use crier_protocol::StreamPosition;
 use serde_json::Value;
 use support::{RedisServer, broker, options, publish};
-
-struct HubHandler(Arc<Hub>);
-
-impl BrokerHandler for HubHandler {
-    fn on_publication(&self, channel: &str, p: Publication) {
-        self.0.deliver(channel, &p);
-    }
-    fn on_disconnect_user(&self, _: &str) -> usize {
-        0
-    }
-    fn has_subscribers(&self, channel: &str) -> bool {
-        self.0.has_channel(channel)
-    }
-}
 
 /// One client: its outbox and every frame taken out of it so far.
 struct Client {
@@ -76,7 +62,7 @@ async fn clients_joining_recovering_and_leaving_under_load_miss_nothing() {
     let broker_b = crier_redis::RedisBroker::connect(options(&server, "sub")).await;
     let broker_b = broker_b.unwrap_or_else(|e| panic!("connect: {e}"));
     let hub = Arc::new(Hub::new());
-    broker_b.set_handler(Arc::new(HubHandler(hub.clone())));
+    broker_b.set_handler(hub.clone());
     let node = Node::new(hub.clone(), broker_b.clone());
     const N: u64 = 400;
     let ch = "live:merge";
@@ -157,7 +143,7 @@ async fn live_clients_get_a_gap_filled_stream_through_pubsub_kills() {
     let broker_b = crier_redis::RedisBroker::connect(options(&server, "sub")).await;
     let broker_b = broker_b.unwrap_or_else(|e| panic!("connect: {e}"));
     let hub = Arc::new(Hub::new());
-    broker_b.set_handler(Arc::new(HubHandler(hub.clone())));
+    broker_b.set_handler(hub.clone());
     let node = Node::new(hub.clone(), broker_b.clone());
     let ch = "live:kill";
     let mut clients = Vec::new();

@@ -11,7 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use crier_core::broker::PublishOptions;
-use crier_protocol::frames::check_depth;
+use crier_protocol::frames;
 use crier_protocol::{StreamPosition, validate_channel};
 use serde::Deserialize;
 use serde_json::json;
@@ -77,8 +77,16 @@ fn endpoint_label(path: &str) -> &'static str {
 
 /// Reads and parses a JSON body of at most `limit` bytes.
 async fn read_json<'de, T: Deserialize<'de>>(body: Body, limit: usize, buf: &'de mut Vec<u8>) -> Result<T, ApiError> {
-    let bytes = to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "message_too_large", format!("request body over {limit} bytes"))
+    let bytes = to_bytes(body, limit).await.map_err(|e| {
+        if e.into_inner().is::<http_body_util::LengthLimitError>() {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "message_too_large",
+                format!("request body over {limit} bytes"),
+            )
+        } else {
+            ApiError::bad_request("could not read the request body")
+        }
     })?;
     *buf = bytes.to_vec();
     serde_json::from_slice(buf).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
@@ -96,7 +104,7 @@ fn check_data(st: &AppState, data: &RawValue) -> Result<(), ApiError> {
             format!("`data` is over max_message_bytes ({})", st.config.max_message_bytes),
         ));
     }
-    check_depth(data.get()).map_err(ApiError::bad_request)
+    frames::check_data(data.get()).map_err(ApiError::bad_request)
 }
 
 /// Body limit: the payload bound plus room for the envelope.

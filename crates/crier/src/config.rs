@@ -69,6 +69,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Where `user_rate` is counted.
+    pub user_rate_scope: RateScope,
     /// REST API requests per second per API key, and the burst.
     pub api_rate: u32,
     pub api_burst: u32,
@@ -93,6 +95,17 @@ pub struct JwtSettings {
     pub algorithms: Vec<jsonwebtoken::Algorithm>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
+}
+
+/// Where the per-user frame rate is counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RateScope {
+    /// Each node counts the user's frames on that node (the contract's default).
+    #[default]
+    Node,
+    /// All nodes count together, in the broker (Redis); a user cannot multiply the limit by
+    /// spreading connections over nodes.
+    Cluster,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -173,6 +186,7 @@ impl Default for Config {
             presence_ttl: Duration::from_secs(30),
             max_connections: 0,
             trusted_proxies: Vec::new(),
+            user_rate_scope: RateScope::Node,
             api_rate: 1000,
             api_burst: 2000,
             shutdown_drain: Duration::from_secs(10),
@@ -207,6 +221,7 @@ impl fmt::Debug for Config {
             .field("presence_ttl", &self.presence_ttl)
             .field("max_connections", &self.max_connections)
             .field("trusted_proxies", &self.trusted_proxies)
+            .field("user_rate_scope", &self.user_rate_scope)
             .field("api_rate", &self.api_rate)
             .field("api_burst", &self.api_burst)
             .field("shutdown_drain", &self.shutdown_drain)

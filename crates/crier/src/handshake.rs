@@ -18,6 +18,9 @@ use crate::state::AppState;
 
 /// The subprotocol crier speaks; selected whenever the client offers it.
 pub const SUBPROTOCOL: &str = "crier.v1";
+/// Frames are gathered in the socket's write buffer up to this size before a write; the
+/// writer flushes once per batch.
+const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
 fn reject(err: ApiError) -> Response {
     metrics::counter!(m::HANDSHAKES, "result" => err.code).increment(1);
@@ -60,43 +63,50 @@ pub async fn ws_handler(
     let conn_id = st.registry.next_id();
     let client_id = format!("{}-{}", st.config.node_id, conn_id);
     let max = st.config.max_connections_per_user as u64;
+    let mut slot = None;
     if max > 0 {
         match st.broker().connection_opened(&claims.sub, &client_id).await {
-            Ok(n) if n > max => {
-                release(&st, &claims.sub, &client_id).await;
-                return reject(ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too_many_connections",
-                    format!("user already has {max} connections"),
-                ));
+            Ok(n) => {
+                let held = ConnSlot { st: st.clone(), user: claims.sub.clone(), client: client_id.clone(), held: true };
+                if n > max {
+                    held.release().await;
+                    return reject(ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too_many_connections",
+                        format!("user already has {max} connections"),
+                    ));
+                }
+                slot = Some(held);
             }
-            Ok(_) => {}
             Err(e) => return reject(ApiError::unavailable(e.to_string())),
         }
     }
     let upgrade = match upgrade {
         Ok(u) => u,
         Err(e) => {
-            release_if_counted(&st, &claims.sub, &client_id).await;
+            if let Some(slot) = slot {
+                slot.release().await;
+            }
             let status = e.status();
             let status = if status == StatusCode::UPGRADE_REQUIRED { status } else { StatusCode::BAD_REQUEST };
             return reject(ApiError::new(status, "bad_upgrade", e.body_text()));
         }
     };
     if st.is_draining() {
-        release_if_counted(&st, &claims.sub, &client_id).await;
+        if let Some(slot) = slot {
+            slot.release().await;
+        }
         return reject(ApiError::unavailable("node is draining; connect to another node"));
     }
     metrics::counter!(m::HANDSHAKES, "result" => "ok").increment(1);
     let max_bytes = st.config.max_message_bytes;
-    let session = Session::new(st.clone(), conn_id, client_id, claims);
+    let session = Session::new(st.clone(), conn_id, client_id, claims, slot);
     upgrade
         .protocols([SUBPROTOCOL])
         .max_message_size(max_bytes)
         .max_frame_size(max_bytes)
         .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
-        .max_write_buffer_size(usize::MAX)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
         .on_upgrade(move |socket| session::run(session, socket))
 }
@@ -107,14 +117,32 @@ fn anonymous() -> Claims {
     Claims { sub: String::new(), exp: u64::MAX, channels: vec!["*".into()], publish: Vec::new() }
 }
 
-async fn release_if_counted(st: &AppState, user: &str, client: &str) {
-    if st.config.max_connections_per_user > 0 {
-        release(st, user, client).await;
+/// A connection's place in the user's cluster-wide connection count. Released exactly once: by
+/// the session's cleanup, by a later handshake check, or — when the upgrade never completes —
+/// on drop.
+pub struct ConnSlot {
+    st: AppState,
+    user: String,
+    client: String,
+    held: bool,
+}
+
+impl ConnSlot {
+    pub async fn release(mut self) {
+        self.held = false;
+        if let Err(e) = self.st.broker().connection_closed(&self.user, &self.client).await {
+            tracing::warn!(error = %e, "could not release a connection count");
+        }
     }
 }
 
-async fn release(st: &AppState, user: &str, client: &str) {
-    if let Err(e) = st.broker().connection_closed(user, client).await {
-        tracing::warn!(error = %e, "could not release a connection count");
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        if self.held {
+            let (st, user, client) =
+                (self.st.clone(), std::mem::take(&mut self.user), std::mem::take(&mut self.client));
+            let release = ConnSlot { st, user, client, held: false };
+            tokio::spawn(release.release());
+        }
     }
 }

@@ -35,7 +35,7 @@ use crier_core::{Broker, Hub, MemoryBroker, Node, NodeInfo, Registry};
 use crier_protocol::CloseCode;
 use tokio::net::TcpListener;
 
-use crate::auth::{KeySource, OriginPolicy, Verifier};
+use crate::auth::{OriginPolicy, Verifier};
 use crate::config::Config;
 use crate::limits::Limits;
 use crate::state::{AppState, Inner, NodeHandler};
@@ -47,16 +47,7 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// Builds a node's state: broker, hub, verifier, limits. `dev_token` enables the demo page.
 pub async fn build_state(config: Config, dev_token: Option<String>) -> anyhow::Result<AppState> {
-    let verifier = Verifier::new(&KeySource {
-        secret: config.jwt.secret.clone(),
-        public_key_file: config.jwt.public_key_file.clone(),
-        jwks_file: config.jwt.jwks_file.clone(),
-        algorithms: config.jwt.algorithms.clone(),
-        issuer: config.jwt.issuer.clone(),
-        audience: config.jwt.audience.clone(),
-    })
-    .map_err(anyhow::Error::msg)
-    .context("JWT key")?;
+    let verifier = Verifier::new(&config.jwt).map_err(anyhow::Error::msg).context("JWT key")?;
     let origins = OriginPolicy::new(&config.allowed_origins).map_err(anyhow::Error::msg).context("allowed_origins")?;
     let broker: Arc<dyn Broker> = match &config.redis_url {
         Some(url) => {
@@ -132,15 +123,20 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// handshakes get a clear 503 rather than a refused connection), then waits a bounded time for
 /// in-flight HTTP requests. HTTP/1.1 only, with a header read timeout and a header size bound.
 async fn accept_loop(listener: TcpListener, app: axum::Router, stop: impl Future<Output = ()>) {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::server::conn::auto::Builder;
-    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper::server::conn::http1;
+    use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
     use tower::ServiceExt;
 
-    let graceful = GracefulShutdown::new();
-    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(MAX_HEADER_BYTES);
+    // hyper's HTTP/1 connection directly, not hyper_util's auto builder: the auto builder's
+    // protocol sniffing has no timeout (a silent connection stayed open forever) and it serves
+    // HTTP/2 even when told http1_only together with upgrades. Here the header read timeout runs
+    // from the first poll.
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(MAX_HEADER_BYTES);
+    let (closing, _) = tokio::sync::watch::channel(false);
+    // Each connection task holds a clone: the strong count is the number of open connections.
+    let open = Arc::new(());
     tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
@@ -160,17 +156,29 @@ async fn accept_loop(listener: TcpListener, app: axum::Router, stop: impl Future
             req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
             req
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc));
-        let conn = graceful.watch(conn.into_owned());
+        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc)).with_upgrades();
+        let mut closing = closing.subscribe();
+        let open = open.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let _open = open;
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = async { let _ = closing.wait_for(|c| *c).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_GRACE, graceful.shutdown()).await.is_err() {
-        tracing::debug!("some HTTP connections were still open after the grace period");
+    let _ = closing.send(true);
+    let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
+    while Arc::strong_count(&open) > 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -15,27 +15,27 @@ fn main() -> ExitCode {
     let mut config = match config::load(std::env::args_os(), &env) {
         Ok(c) => c,
         Err(ConfigError::Help(text)) => {
-            println!("{text}");
+            say(&text);
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("crier: invalid configuration:\n{e}");
+            complain(&format!("crier: invalid configuration:\n{e}"));
             return ExitCode::from(64);
         }
     };
     init_logging(config.log_format);
     let dev_token = if config.dev { Some(prepare_dev(&mut config)) } else { None };
     if config.jwt.secret.is_none() && config.jwt.public_key_file.is_none() && config.jwt.jwks_file.is_none() {
-        eprintln!(
+        complain(
             "crier: no JWT key configured. Set jwt_secret, jwt_public_key_file or jwt_jwks_file \
-             (flags --jwt-secret..., env CRIER_JWT_SECRET..., or the config file), or run `crier --dev`."
+             (flags --jwt-secret..., env CRIER_JWT_SECRET..., or the config file), or run `crier --dev`.",
         );
         return ExitCode::from(64);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("crier: cannot start the runtime: {e}");
+            complain(&format!("crier: cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -46,13 +46,13 @@ async fn serve(config: Config, dev_token: Option<String>) -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("crier: cannot listen on {}: {e}", config.listen);
+            complain(&format!("crier: cannot listen on {}: {e}", config.listen));
             return ExitCode::FAILURE;
         }
     };
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| config.listen.to_string());
     // Tests and scripts read this line to learn the port when listening on port 0.
-    println!("crier listening on http://{addr}");
+    say(&format!("crier listening on http://{addr}"));
     tracing::info!(%addr, node = %config.node_id, broker = if config.redis_url.is_some() { "redis" } else { "memory" }, "crier started");
     if let Some(token) = &dev_token {
         print_dev_banner(&addr, token, &config);
@@ -63,7 +63,7 @@ async fn serve(config: Config, dev_token: Option<String>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("crier: {e:#}");
+            complain(&format!("crier: {e:#}"));
             ExitCode::FAILURE
         }
     }
@@ -87,14 +87,28 @@ fn prepare_dev(config: &mut Config) -> String {
 fn print_dev_banner(addr: &str, token: &str, config: &Config) {
     let host = addr.replace("0.0.0.0", "localhost").replace("[::]", "localhost");
     let key = config.api_keys.first().map(String::as_str).unwrap_or_default();
-    println!(
+    say(&format!(
         "\n  crier --dev: single node, memory broker, any Origin allowed. Not for production.\n\n  \
          demo page:   http://{host}/\n  \
          token (24h): {token}\n  \
          connect:     ws://{host}/ws   (Authorization: Bearer <token>, or subprotocols crier.v1, crier.bearer.<token>)\n  \
          publish:     curl -s -X POST http://{host}/api/v1/publish -H 'Authorization: Bearer {key}' \
          -H 'Content-Type: application/json' -d '{{\"channel\":\"chat:lobby\",\"data\":{{\"text\":\"hello\"}}}}'\n"
-    );
+    ));
+}
+
+/// Prints a line to stdout; a closed or broken stdout (a pipe whose reader left) is not an
+/// error worth dying for.
+fn say(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}").and_then(|()| out.flush());
+}
+
+/// Prints a line to stderr, ignoring a broken stderr.
+fn complain(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
 }
 
 fn init_logging(format: LogFormat) {

@@ -39,6 +39,7 @@ pub fn install() -> Option<PrometheusHandle> {
                 .ok()?;
             let handle = builder.install_recorder().ok()?;
             describe();
+            zero();
             Some(handle)
         })
         .clone()
@@ -65,4 +66,38 @@ fn describe() {
     describe_counter!(BROKER_RECONNECTS, "Reconnections of the broker's connections");
     describe_counter!(RECOVERIES, "Subscriptions with recovery, by result (recovered, failed)");
     describe_counter!(API_REQUESTS, "REST API requests by endpoint and status code");
+}
+
+/// Every counter starts at 0 with each of its known label values, so dashboards and alerts see
+/// a quiet series instead of none.
+fn zero() {
+    use metrics::counter;
+    let handshake_results = [
+        "ok",
+        "rate_limited",
+        "origin_not_allowed",
+        "token_missing",
+        "token_invalid",
+        "too_many_connections",
+        "bad_upgrade",
+        "unavailable",
+    ];
+    for result in handshake_results {
+        counter!(HANDSHAKES, "result" => result).absolute(0);
+    }
+    for source in ["api", "client"] {
+        counter!(PUBLISHED, "source" => source).absolute(0);
+    }
+    for kind in ["handshake", "user", "api"] {
+        counter!(RATE_LIMITED, "kind" => kind).absolute(0);
+    }
+    for code in crier_protocol::ErrorCode::ALL {
+        counter!(CLIENT_ERRORS, "code" => code.as_str()).absolute(0);
+    }
+    for result in ["recovered", "failed"] {
+        counter!(RECOVERIES, "result" => result).absolute(0);
+    }
+    for name in [DELIVERED, SLOW_CONSUMERS, HEARTBEAT_TIMEOUTS, BROKER_RECONNECTS] {
+        counter!(name).absolute(0);
+    }
 }

@@ -25,6 +25,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::time::{Instant, sleep_until};
 
 use crate::auth::Claims;
+use crate::config::RateScope;
+use crate::handshake::ConnSlot;
 use crate::metrics as m;
 use crate::state::AppState;
 
@@ -46,10 +48,11 @@ pub struct Session {
     strikes: u32,
     strike_window: Instant,
     expires_at: Option<Instant>,
+    slot: Option<ConnSlot>,
 }
 
 impl Session {
-    pub fn new(st: AppState, conn: ConnId, client: String, claims: Claims) -> Session {
+    pub fn new(st: AppState, conn: ConnId, client: String, claims: Claims, slot: Option<ConnSlot>) -> Session {
         let outbox = Arc::new(Outbox::new(st.config.client_queue_max_bytes));
         Session {
             conn,
@@ -61,6 +64,7 @@ impl Session {
             subs: HashSet::new(),
             strikes: 0,
             strike_window: Instant::now(),
+            slot,
             st,
         }
     }
@@ -93,9 +97,10 @@ impl Session {
         true
     }
 
-    /// Counts a frame against the user's rate; `false` (and maybe a 4008 close) when refused.
-    fn admit(&mut self) -> bool {
-        if self.st.limits.check_frame(&self.user) {
+    /// Counts a frame against the user's rate (this node's, or the cluster's with
+    /// `user_rate_scope = cluster`); `false` (and maybe a 4008 close) when refused.
+    async fn admit(&mut self, id: Option<u64>) -> bool {
+        if self.allowed().await {
             return true;
         }
         metrics::counter!(m::RATE_LIMITED, "kind" => "user").increment(1);
@@ -108,16 +113,35 @@ impl Session {
         if self.strikes >= MAX_STRIKES {
             self.outbox.close(CloseCode::RATE_LIMITED, "too many rate-limit violations", false);
         } else {
-            self.error(None, ErrorCode::RateLimited, "too many frames; slow down", None);
+            self.error(id, ErrorCode::RateLimited, "too many frames; slow down", None);
         }
         false
     }
 
+    /// The rate decision. The cluster-wide limiter lives in the broker; if the broker cannot
+    /// answer, the node-local limiter decides (fail over, never fail open without a limit).
+    async fn allowed(&self) -> bool {
+        let cfg = &self.st.config;
+        if cfg.user_rate_scope == RateScope::Cluster && self.st.broker().shares_rate_limits() {
+            match self.st.broker().rate_limit(&self.user, cfg.user_rate, cfg.user_burst).await {
+                Ok(limited) => return limited.is_none(),
+                Err(e) => tracing::debug!(error = %e, "cluster rate limit unavailable; using the node's"),
+            }
+        }
+        self.st.limits.check_frame(&self.user)
+    }
+
     async fn on_text(&mut self, text: &str) {
-        if !self.admit() {
+        // Decoded first so that even a refusal carries the frame's id.
+        let decoded = frames::decode(text);
+        let id = match &decoded {
+            Ok(frame) => frame.id(),
+            Err(e) => e.id,
+        };
+        if !self.admit(id).await {
             return;
         }
-        match frames::decode(text) {
+        match decoded {
             Ok(frame) => self.on_frame(frame).await,
             Err(e) => self.error(e.id, e.code, &e.message, None),
         }
@@ -288,10 +312,8 @@ impl Session {
             self.leave(&channel).await;
         }
         self.st.registry.unregister(self.conn);
-        if self.st.config.max_connections_per_user > 0
-            && let Err(e) = self.st.broker().connection_closed(&self.user, &self.client).await
-        {
-            tracing::warn!(error = %e, "could not release a connection count");
+        if let Some(slot) = self.slot.take() {
+            slot.release().await;
         }
     }
 }
@@ -352,7 +374,7 @@ pub async fn run(mut s: Session, socket: WebSocket) {
                 match msg {
                     Some(Ok(Message::Text(text))) => s.on_text(text.as_str()).await,
                     Some(Ok(Message::Binary(_))) => {
-                        if s.admit() {
+                        if s.admit(None).await {
                             s.error(None, ErrorCode::BadRequest, "binary frames are not supported; send JSON text frames", None);
                         }
                     }

@@ -144,6 +144,20 @@ pub trait Broker: Send + Sync + 'static {
     /// Whether the broker is reachable right now (readiness, `crier_broker_up`).
     fn is_up(&self) -> bool;
 
+    /// Cluster-wide rate limit (GCRA): counts one event for `key` at `rate` per second with a
+    /// burst of `burst`. `Ok(None)` when allowed, `Ok(Some(retry_after))` when refused.
+    /// Brokers without shared state (the memory broker) return `Ok(None)`: on one node the
+    /// node-local limiter already is the cluster-wide one. See [`Broker::shares_rate_limits`].
+    async fn rate_limit(&self, key: &str, rate: u32, burst: u32) -> Result<Option<std::time::Duration>, BrokerError> {
+        let _ = (key, rate, burst);
+        Ok(None)
+    }
+
+    /// Whether [`Broker::rate_limit`] is shared by every node of the cluster.
+    fn shares_rate_limits(&self) -> bool {
+        false
+    }
+
     /// How many times the broker re-established its connections (`crier_broker_reconnects_total`).
     fn reconnects(&self) -> u64 {
         0

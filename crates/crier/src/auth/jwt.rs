@@ -1,7 +1,5 @@
 //! JWT verification (CONTRACT §2 "JWT claims") and minting for `--dev`.
 
-use std::fmt;
-use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -33,39 +31,9 @@ pub struct Claims {
     pub publish: Vec<String>,
 }
 
-/// Where verification keys come from. Exactly one of `secret`, `public_key_file` and
-/// `jwks_file` must be set.
-#[derive(Clone, Default)]
-pub struct KeySource {
-    /// HMAC secret; its UTF-8 bytes are the key (not base64-decoded).
-    pub secret: Option<String>,
-    /// PEM public key: RSA (`PUBLIC KEY` / `RSA PUBLIC KEY`), EC P-256/P-384, or Ed25519.
-    pub public_key_file: Option<PathBuf>,
-    /// JWKS file (`{"keys":[...]}`) with RSA, EC and/or Ed25519 public keys; keys chosen by `kid`.
-    pub jwks_file: Option<PathBuf>,
-    /// Accepted algorithms. Empty = the key's default: HS256 for a secret; every algorithm the
-    /// key can verify for a PEM key (RSA: RS256..512 and PS256..512; EC P-256: ES256;
-    /// EC P-384: ES384; Ed25519: EdDSA); for a JWKS, each key's algorithms.
-    pub algorithms: Vec<Algorithm>,
-    /// Required `iss`, when set (an empty string counts as unset).
-    pub issuer: Option<String>,
-    /// Required member of `aud`, when set (an empty string counts as unset). When unset, `aud`
-    /// is not checked at all.
-    pub audience: Option<String>,
-}
-
-impl fmt::Debug for KeySource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeySource")
-            .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
-            .field("public_key_file", &self.public_key_file)
-            .field("jwks_file", &self.jwks_file)
-            .field("algorithms", &self.algorithms)
-            .field("issuer", &self.issuer)
-            .field("audience", &self.audience)
-            .finish()
-    }
-}
+/// Where verification keys come from: the `jwt_*` settings. Exactly one of `secret`,
+/// `public_key_file` and `jwks_file` must be set.
+pub use crate::config::JwtSettings as KeySource;
 
 /// Why a token was refused: the human reason for the `message` of a `token_invalid` response.
 /// Never contains the token.
@@ -419,7 +387,7 @@ mod tests {
     use super::*;
     use jsonwebtoken::{EncodingKey, Header, encode};
     use serde_json::json;
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;

@@ -12,7 +12,7 @@ use rand::Rng;
 
 use super::sources::{Raw, RawSettings, RawValue, Source, suggest};
 use super::table;
-use super::{Config, ConfigError, JwtSettings, LogFormat};
+use super::{Config, ConfigError, JwtSettings, LogFormat, RateScope};
 
 const MIN_MESSAGE_BYTES: usize = 64;
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -260,6 +260,11 @@ pub(super) fn build(
             .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
             .map_err(|_| format!("`{s}` is neither an IP address nor a CIDR like 10.0.0.0/8"))
     });
+    let user_rate_scope = p.required("user_rate_scope", |s| match s.trim().to_ascii_lowercase().as_str() {
+        "node" => Ok(RateScope::Node),
+        "cluster" => Ok(RateScope::Cluster),
+        _ => Err("expected `node` or `cluster`".to_owned()),
+    });
     let api_rate = p.required("api_rate", at_least_one::<u32>);
     let api_burst = p.required("api_burst", at_least_one::<u32>);
     let shutdown_drain = p.required("shutdown_drain", |s| duration_within(s, true, MAX_DURATION));
@@ -302,6 +307,7 @@ pub(super) fn build(
         presence_ttl: got(presence_ttl)?,
         max_connections: got(max_connections)?,
         trusted_proxies: got(trusted_proxies)?,
+        user_rate_scope: got(user_rate_scope)?,
         api_rate: got(api_rate)?,
         api_burst: got(api_burst)?,
         shutdown_drain: got(shutdown_drain)?,

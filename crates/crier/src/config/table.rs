@@ -214,6 +214,14 @@ pub(super) static SETTINGS: &[Setting] = &[
         "empty (trust no proxy)",
         "comma list of proxy IPs or CIDRs (`10.0.0.0/8`) whose `X-Forwarded-For` gives the client IP",
     ),
+    setting(
+        "user_rate_scope",
+        Scalar,
+        "SCOPE",
+        Some("node"),
+        "`node`",
+        "where `user_rate` is counted: `node` (each node separately) or `cluster` (all nodes together, in Redis)",
+    ),
     setting("api_rate", Scalar, "N", Some("1000"), "`1000`", "REST API requests per second per API key"),
     setting("api_burst", Scalar, "N", Some("2000"), "`2000`", "REST API requests an API key may make in a burst"),
     setting(

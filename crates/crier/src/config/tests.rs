@@ -538,6 +538,7 @@ fn sample(name: &str) -> &'static str {
         "max_message_bytes" => "777",
         "client_queue_max_bytes" => "777777",
         "log_format" => "json",
+        "user_rate_scope" => "cluster",
         "allow_anonymous" | "dev" => "true",
         _ => "7",
     }

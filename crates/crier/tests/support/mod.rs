@@ -31,6 +31,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
+    /// One pooled HTTP client per node (keep-alive: no connection per request).
+    pub http: reqwest::Client,
     stderr: Arc<Mutex<String>>,
     stdout: Arc<Mutex<String>>,
 }
@@ -94,7 +96,13 @@ impl Server {
         });
         let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(WAIT)).await.map_err(|e| e.to_string())?;
         match addr {
-            Ok(a) => Ok(Server { child, addr: a.parse().map_err(|e| format!("{e}"))?, stderr, stdout }),
+            Ok(a) => Ok(Server {
+                child,
+                addr: a.parse().map_err(|e| format!("{e}"))?,
+                http: reqwest::Client::new(),
+                stderr,
+                stdout,
+            }),
             Err(_) => {
                 let _ = child.kill();
                 let status = child.wait().map_err(|e| e.to_string())?;
@@ -162,11 +170,11 @@ impl Server {
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        reqwest::Client::new().get(self.url(path)).bearer_auth(API_KEY).send().await.expect("GET")
+        self.http.get(self.url(path)).bearer_auth(API_KEY).send().await.expect("GET")
     }
 
     pub async fn post(&self, path: &str, body: Value) -> reqwest::Response {
-        reqwest::Client::new().post(self.url(path)).bearer_auth(API_KEY).json(&body).send().await.expect("POST")
+        self.http.post(self.url(path)).bearer_auth(API_KEY).json(&body).send().await.expect("POST")
     }
 
     /// REST publish; returns the JSON answer (asserting 200).
@@ -177,7 +185,7 @@ impl Server {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap()
+        self.http.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap()
     }
 
     /// The value of a metric line (`name{labels}` exactly as rendered), or 0.
