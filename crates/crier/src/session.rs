@@ -364,10 +364,14 @@ pub async fn run(mut s: Session, socket: WebSocket) {
         last_seen: Instant::now(),
     };
     let far_future = Instant::now() + Duration::from_secs(100 * 365 * 86400);
+    let mut writer_done = false;
     loop {
         let expiry = s.expires_at.unwrap_or(far_future);
         tokio::select! {
-            _ = &mut writer => break,
+            _ = &mut writer => {
+                writer_done = true;
+                break;
+            }
             msg = stream.next() => {
                 hb.last_seen = Instant::now();
                 hb.ping_sent = None;
@@ -379,7 +383,10 @@ pub async fn run(mut s: Session, socket: WebSocket) {
                         }
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    Some(Ok(Message::Close(_))) | None => break,
+                    // The client's close: reading on lets tungstenite send its reply (echoing the
+                    // client's code) and end the stream.
+                    Some(Ok(Message::Close(_))) => continue,
+                    None => break,
                     Some(Err(e)) => {
                         on_read_error(&s.outbox, e);
                         break;
@@ -407,7 +414,7 @@ pub async fn run(mut s: Session, socket: WebSocket) {
     }
     s.cleanup().await;
     s.outbox.close(CloseCode::NORMAL, "", true);
-    if tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
+    if !writer_done && tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
         writer.abort();
     }
 }
@@ -466,7 +473,13 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, outbox: Arc<Outbox>
             }
             Next::Close(close) => {
                 let frame = CloseFrame { code: close.code.0, reason: Utf8Bytes::from(close.reason) };
-                let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
+                // When the client closed first, tungstenite refuses a second close but has queued
+                // its reply (echoing the client's code): the flush sends it.
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = sink.feed(Message::Close(Some(frame))).await;
+                    sink.flush().await
+                })
+                .await;
                 return;
             }
         }

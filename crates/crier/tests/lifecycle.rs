@@ -225,3 +225,33 @@ async fn sigterm_drains_with_1012_and_exits_zero() {
     }
     assert_eq!(server.wait_exit().await, Some(0));
 }
+
+#[tokio::test]
+async fn a_client_close_is_answered_with_a_close_and_nothing_panics() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let server = Server::start(&[]).await;
+    let token = server.token("closer", &["c"], &[]);
+    for _ in 0..5 {
+        let mut c = server.client(&token).await;
+        c.subscribe("c", 1).await;
+        let frame = CloseFrame { code: CloseCode::Normal, reason: "bye".into() };
+        c.ws.send(tokio_tungstenite::tungstenite::Message::Close(Some(frame))).await.unwrap();
+        let reply = c.ws.next().await;
+        assert!(
+            matches!(reply, Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(ref f)))) if f.code == CloseCode::Normal),
+            "the server answers a close with a close: {reply:?}"
+        );
+    }
+    // A connection the server closes (slow path: the writer ends first) must not panic either.
+    let mut d = server.client(&token).await;
+    server.post("/api/v1/disconnect", json!({"user":"closer"})).await;
+    assert_eq!(d.closed().await, Some(4003));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.metric("crier_connections").await > 0.0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!server.logs().contains("panicked"), "a task panicked:\n{}", server.logs());
+}
