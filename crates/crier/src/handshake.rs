@@ -18,6 +18,10 @@ use crate::state::AppState;
 
 /// The subprotocol crier speaks; selected whenever the client offers it.
 pub const SUBPROTOCOL: &str = "crier.v1";
+/// tungstenite allocates its read buffer at the upgrade and keeps it for the connection's life;
+/// client frames are small (subscribe, ping...), so a small buffer keeps idle connections lean
+/// (a large frame just takes more reads). Measured: 4 KiB → 512 B saves ~3.5 KiB per connection.
+const READ_BUFFER_BYTES: usize = 512;
 /// Frames are gathered in the socket's write buffer up to this size before a write; the
 /// writer flushes once per batch.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
@@ -105,7 +109,7 @@ pub async fn ws_handler(
         .protocols([SUBPROTOCOL])
         .max_message_size(max_bytes)
         .max_frame_size(max_bytes)
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
         .on_upgrade(move |socket| session::run(session, socket))
