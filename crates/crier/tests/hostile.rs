@@ -57,19 +57,7 @@ impl Bystander {
         let mut c = server.client(&server.token("bystander", &[NEWS], &[])).await;
         let ack = c.subscribe(NEWS, 1).await;
         assert_eq!(ack["offset"], 0, "the bystander's channel starts empty");
-        let reader = tokio::spawn(async move {
-            let mut offsets = Vec::new();
-            loop {
-                let m = c.recv().await;
-                if m["type"] != "message" {
-                    continue;
-                }
-                offsets.push(m["offset"].as_u64().unwrap());
-                if m["data"] == "last" {
-                    return offsets;
-                }
-            }
-        });
+        let reader = c.offsets_until_last();
         let url = server.url("/api/v1/publish");
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let publisher = tokio::spawn(async move {

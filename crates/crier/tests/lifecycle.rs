@@ -152,19 +152,7 @@ async fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
     let mut fast = server.client(&token).await;
     fast.subscribe("firehose", 1).await;
     // The reader that reads, concurrently: collects every offset until the last message.
-    let reader = tokio::spawn(async move {
-        let mut offsets = Vec::new();
-        loop {
-            let m = fast.recv().await;
-            if m["type"] != "message" {
-                continue;
-            }
-            offsets.push(m["offset"].as_u64().unwrap());
-            if m["data"] == "last" {
-                return offsets;
-            }
-        }
-    });
+    let reader = fast.offsets_until_last();
     let payload = "y".repeat(60_000);
     let mut sent = 0u64;
     let deadline = tokio::time::Instant::now() + WAIT;

@@ -309,6 +309,23 @@ impl Client {
         ack
     }
 
+    /// Reads on in a task: every `message` offset, until the message whose `data` is `"last"`.
+    pub fn offsets_until_last(mut self) -> tokio::task::JoinHandle<Vec<u64>> {
+        tokio::spawn(async move {
+            let mut offsets = Vec::new();
+            loop {
+                let m = self.recv().await;
+                if m["type"] != "message" {
+                    continue;
+                }
+                offsets.push(m["offset"].as_u64().expect("offset"));
+                if m["data"] == "last" {
+                    return offsets;
+                }
+            }
+        })
+    }
+
     /// Waits for the close frame; returns its code (None if the connection just ended).
     pub async fn closed(&mut self) -> Option<u16> {
         loop {
