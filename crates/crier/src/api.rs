@@ -130,11 +130,7 @@ pub async fn publish(State(st): State<AppState>, body: Body) -> Result<Response,
         return Err(ApiError::bad_request("idempotency_key must be 1-256 bytes"));
     }
     let opts = PublishOptions { idempotency_key: req.idempotency_key.as_deref() };
-    let r = st
-        .broker()
-        .publish(&req.channel, req.data.get(), opts)
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let r = st.broker().publish(&req.channel, req.data.get(), opts).await.map_err(ApiError::broker)?;
     metrics::counter!(m::PUBLISHED, "source" => "api").increment(1);
     Ok(Json(json!({"channel": req.channel, "epoch": r.epoch, "offset": r.offset})).into_response())
 }
@@ -164,7 +160,12 @@ pub async fn broadcast(State(st): State<AppState>, body: Body) -> Result<Respons
                 metrics::counter!(m::PUBLISHED, "source" => "api").increment(1);
                 results.push(json!({"channel": channel, "epoch": r.epoch, "offset": r.offset}));
             }
-            Err(e) => results.push(json!({"channel": channel, "error": "unavailable", "message": e.to_string()})),
+            Err(e) => {
+                tracing::warn!(error = %e, "broadcast publish failed");
+                results.push(
+                    json!({"channel": channel, "error": "unavailable", "message": "the message broker is unavailable"}),
+                )
+            }
         }
     }
     Ok(Json(json!({ "results": results })).into_response())
@@ -189,8 +190,7 @@ pub async fn history(
         _ => return Err(ApiError::bad_request("give both `since_offset` and `epoch`, or neither")),
     };
     let limit = q.limit.unwrap_or(st.config.history_size).min(MAX_HISTORY_LIMIT);
-    let h =
-        st.broker().history(&channel, since.as_ref(), limit).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let h = st.broker().history(&channel, since.as_ref(), limit).await.map_err(ApiError::broker)?;
     let messages: Vec<&RawValue> = h
         .publications
         .iter()
@@ -203,7 +203,7 @@ pub async fn history(
 
 pub async fn presence(State(st): State<AppState>, Path(channel): Path<String>) -> Result<Response, ApiError> {
     check_channel(&channel)?;
-    let clients = st.broker().presence(&channel).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let clients = st.broker().presence(&channel).await.map_err(ApiError::broker)?;
     Ok(Json(json!({ "clients": clients })).into_response())
 }
 
@@ -218,13 +218,13 @@ pub async fn disconnect(State(st): State<AppState>, body: Body) -> Result<Respon
     if req.user.is_empty() {
         return Err(ApiError::bad_request("`user` must not be empty"));
     }
-    let n = st.broker().disconnect_user(&req.user).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let n = st.broker().disconnect_user(&req.user).await.map_err(ApiError::broker)?;
     Ok(Json(json!({ "disconnected": n })).into_response())
 }
 
 pub async fn info(State(st): State<AppState>) -> Result<Response, ApiError> {
     crate::report_node(&st).await;
-    let nodes = st.broker().nodes().await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let nodes = st.broker().nodes().await.map_err(ApiError::broker)?;
     Ok(Json(json!({ "nodes": nodes })).into_response())
 }
 

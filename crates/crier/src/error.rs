@@ -24,6 +24,12 @@ impl ApiError {
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
+    /// A broker failure: logged with its detail, answered 503 `unavailable` without it (the
+    /// detail may name internal addresses).
+    pub fn broker(e: crier_core::BrokerError) -> ApiError {
+        tracing::warn!(error = %e, "broker call failed");
+        ApiError::unavailable("the message broker is unavailable; retry later")
+    }
     /// Logs `detail` and answers 500 `internal` without it.
     pub fn internal(detail: impl std::fmt::Display) -> ApiError {
         tracing::error!(error = %detail, "internal error");

@@ -68,7 +68,8 @@ pub async fn ws_handler(
     let client_id = format!("{}-{}", st.config.node_id, conn_id);
     let max = st.config.max_connections_per_user as u64;
     let mut slot = None;
-    if max > 0 {
+    // Anonymous connections have no user to count.
+    if max > 0 && !claims.sub.is_empty() {
         match st.broker().connection_opened(&claims.sub, &client_id).await {
             Ok(n) => {
                 let held = ConnSlot { st: st.clone(), user: claims.sub.clone(), client: client_id.clone(), held: true };
@@ -82,7 +83,7 @@ pub async fn ws_handler(
                 }
                 slot = Some(held);
             }
-            Err(e) => return reject(ApiError::unavailable(e.to_string())),
+            Err(e) => return reject(ApiError::broker(e)),
         }
     }
     let upgrade = match upgrade {
