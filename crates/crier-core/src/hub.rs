@@ -161,6 +161,21 @@ impl Hub {
         out
     }
 
+    /// Queues `frame` (a notice about the channel, not a publication) to the channel's live
+    /// subscribers; buffering ones learn the channel's state from their own history read.
+    /// Returns how many subscribers were closed as slow consumers.
+    pub fn notify(&self, channel: &str, frame: &Bytes) -> usize {
+        let mut shard = self.shard(channel);
+        let Some(ch) = shard.get_mut(channel) else {
+            return 0;
+        };
+        ch.subscribers
+            .values()
+            .filter(|sub| sub.buffer.is_none())
+            .filter(|sub| sub.outbox.push(frame.clone()) == Push::Overflow)
+            .count()
+    }
+
     /// Does this node have subscribers (live or buffering) on `channel`?
     pub fn has_channel(&self, channel: &str) -> bool {
         self.shard(channel).contains_key(channel)

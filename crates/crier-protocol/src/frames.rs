@@ -303,6 +303,14 @@ pub enum ServerFrame<'a> {
         channel: &'a str,
         clients: &'a [PresenceEntry],
     },
+    /// Pushed when messages of a subscribed channel were lost and cannot be recovered (a broker
+    /// outage longer than the history, or the history itself lost): live messages continue at
+    /// `epoch`/`offset`; the client should resync the channel from its source of truth.
+    Gap {
+        channel: &'a str,
+        epoch: &'a str,
+        offset: u64,
+    },
     /// Pushed when the server ends a subscription by itself (e.g. a refreshed token no longer
     /// covers the channel).
     Unsubscribed {

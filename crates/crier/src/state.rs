@@ -71,6 +71,13 @@ impl BrokerHandler for NodeHandler {
         }
     }
 
+    fn on_gap(&self, channel: &str, epoch: &str, offset: u64) {
+        let frame = crier_protocol::frames::ServerFrame::Gap { channel, epoch, offset }.encode();
+        let slow = self.hub.notify(channel, &frame);
+        metrics::counter!(m::SLOW_CONSUMERS).increment(slow as u64);
+        tracing::warn!(channel, epoch, offset, "messages lost for this node's subscribers; they were told (gap frame)");
+    }
+
     fn on_disconnect_user(&self, user: &str) -> usize {
         self.registry.close_user(user, CloseCode::DISCONNECTED, "disconnected by the API")
     }

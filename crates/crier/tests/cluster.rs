@@ -163,11 +163,13 @@ async fn redis_restart_with_persistence_loses_nothing_acknowledged() {
         acked.extend(try_publish(&a, "ev", json!(i)).await);
     }
     assert_eq!(acked.len(), 40);
-    let got: Vec<(String, u64)> = messages(&mut sub, acked.len())
-        .await
-        .iter()
-        .map(|m| (m["epoch"].as_str().unwrap().to_owned(), m["offset"].as_u64().unwrap()))
-        .collect();
+    // Nothing was lost, so nothing but messages arrives (no `gap` notice).
+    let mut got = Vec::new();
+    while got.len() < acked.len() {
+        let m = sub.recv().await;
+        assert_eq!(m["type"], "message", "only messages: {m}");
+        got.push((m["epoch"].as_str().unwrap().to_owned(), m["offset"].as_u64().unwrap()));
+    }
     assert_eq!(got, acked, "every acknowledged message, once, in order, same epoch");
     assert!(b.metric("crier_broker_reconnects_total").await >= 1.0);
 }
@@ -188,6 +190,10 @@ async fn redis_restart_without_persistence_is_never_silent() {
     // Once ready again, publishes are accepted (readiness waits for the command connection too).
     let after = try_publish(&a, "ev", json!("after")).await.expect("accepted once ready");
     assert_ne!(after.0, old_epoch, "lost history means a new epoch");
+    // The live subscriber is told before the next message: a `gap` frame with the new epoch.
+    let gap = sub.recv().await;
+    assert_eq!((gap["type"].as_str(), gap["channel"].as_str()), (Some("gap"), Some("ev")), "{gap}");
+    assert_eq!(gap["epoch"].as_str(), Some(after.0.as_str()));
     let m = messages(&mut sub, 1).await.remove(0);
     assert_eq!((m["epoch"].as_str().unwrap(), m["offset"].as_u64().unwrap()), (after.0.as_str(), after.1));
     // A client recovering from the old epoch is told it cannot.

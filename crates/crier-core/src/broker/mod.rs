@@ -83,6 +83,13 @@ pub trait BrokerHandler: Send + Sync + 'static {
     fn on_publication(&self, channel: &str, publication: Publication);
     /// Close every local connection of `user` (cluster-wide disconnect). Returns how many.
     fn on_disconnect_user(&self, user: &str) -> usize;
+    /// Publications of `channel` were lost for this node and cannot be recovered (after a broker
+    /// outage the history no longer held them, or the channel's history itself was lost: a new
+    /// epoch). Called before the publications that follow the loss; `epoch`/`offset` is the
+    /// channel's position after it. Brokers that never lose messages never call it.
+    fn on_gap(&self, channel: &str, epoch: &str, offset: u64) {
+        let _ = (channel, epoch, offset);
+    }
     /// Does this node still have local subscribers of `channel`? Checked before a broker-level
     /// unsubscribe, so a late unsubscribe never undoes a newer subscribe.
     fn has_subscribers(&self, channel: &str) -> bool;

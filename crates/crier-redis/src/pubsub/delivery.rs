@@ -123,6 +123,11 @@ impl Task {
                 let h = scripts::parse_history(v).map_err(lost)?;
                 let Some(State::Tracking(pos)) = self.channels.get_mut(channel) else { continue };
                 let before = (pos.epoch.clone(), pos.last);
+                let incomplete = h.gap || *before.0 != *h.epoch;
+                if incomplete && let Some(handler) = self.shared.handler.get() {
+                    // Before the publications that follow the loss, so subscribers hear of it first.
+                    handler.on_gap(channel, &h.epoch, h.offset);
+                }
                 pos.rebase(&h.epoch, h.offset);
                 let mut delivered = 0usize;
                 for mut p in h.publications {
@@ -134,7 +139,7 @@ impl Task {
                 }
                 pos.settle(h.offset);
                 self.shared.gap_filled.fetch_add(delivered as u64, Ordering::Relaxed);
-                if h.gap || *before.0 != *h.epoch {
+                if incomplete {
                     tracing::warn!(channel, delivered, epoch_changed = *before.0 != *h.epoch, "gap-fill incomplete");
                 } else if delivered > 0 {
                     tracing::debug!(channel, delivered, "gap filled from history");
