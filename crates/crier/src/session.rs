@@ -178,24 +178,31 @@ impl Session {
                 Some(channel),
             );
         }
+        // Presence first, so that once the client holds its ack, everyone can see it.
+        let entry = PresenceEntry {
+            client: self.client.clone(),
+            user: self.user.to_string(),
+            node: self.st.config.node_id.clone(),
+        };
+        if let Err(e) = self.st.broker().presence_add(channel, &entry).await {
+            tracing::warn!(error = %e, "presence add failed");
+        }
         let ack = |h: &crier_core::History, recovered: Option<bool>| {
             ServerFrame::Ack { id, channel: Some(channel), epoch: Some(&h.epoch), offset: Some(h.offset), recovered }
                 .encode()
         };
-        match self.st.node.subscribe(channel, self.conn, &self.outbox, recover.as_ref(), ack).await {
+        let result = self.st.node.subscribe(channel, self.conn, &self.outbox, recover.as_ref(), ack).await;
+        if result.is_err()
+            && let Err(e) = self.st.broker().presence_remove(channel, &self.client).await
+        {
+            tracing::warn!(error = %e, "presence remove failed");
+        }
+        match result {
             Ok(s) => {
                 self.subs.insert(channel.to_owned());
                 if let Some(ok) = s.recovered {
                     let result = if ok { "recovered" } else { "failed" };
                     metrics::counter!(m::RECOVERIES, "result" => result).increment(1);
-                }
-                let entry = PresenceEntry {
-                    client: self.client.clone(),
-                    user: self.user.to_string(),
-                    node: self.st.config.node_id.clone(),
-                };
-                if let Err(e) = self.st.broker().presence_add(channel, &entry).await {
-                    tracing::warn!(error = %e, "presence add failed");
                 }
             }
             Err(SubscribeError::AlreadySubscribed) => {
