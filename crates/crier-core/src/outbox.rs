@@ -1,7 +1,8 @@
 //! A connection's bounded outbound queue.
 //!
 //! Producers (the hub's fan-out, the session's replies) push already-encoded frames; the
-//! connection's writer task drains everything queued in one go and writes it with one flush.
+//! connection's task drains everything queued in one go and writes it with one flush. One waker
+//! slot (the connection task is the only consumer) instead of a notifier per connection.
 //! The queue is bounded in bytes (`client_queue_max_bytes`): a push that would exceed it closes
 //! the connection with 4009 (slow consumer) and drops what was queued, so a consumer that does
 //! not read can never slow the publisher or any other subscriber. Critical sections are a few
@@ -9,10 +10,10 @@
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use crier_protocol::CloseCode;
-use tokio::sync::Notify;
 
 /// An item for the writer.
 #[derive(Debug, Clone)]
@@ -56,20 +57,31 @@ struct State {
     close: Option<Close>,
     closing: bool,
     aborted: bool,
+    /// The connection task, parked until there is something for it.
+    waker: Option<Waker>,
+}
+
+impl State {
+    fn take_waker(&mut self) -> Option<Waker> {
+        self.waker.take()
+    }
+}
+
+fn wake(waker: Option<Waker>) {
+    if let Some(w) = waker {
+        w.wake();
+    }
 }
 
 /// See the module docs.
 pub struct Outbox {
     state: Mutex<State>,
-    notify: Notify,
-    /// Wakes a writer blocked on a socket that does not drain when queued data is dropped.
-    abort: Notify,
     max_bytes: usize,
 }
 
 impl Outbox {
     pub fn new(max_bytes: usize) -> Outbox {
-        Outbox { state: Mutex::new(State::default()), notify: Notify::new(), abort: Notify::new(), max_bytes }
+        Outbox { state: Mutex::new(State::default()), max_bytes }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -89,18 +101,16 @@ impl Outbox {
             s.closing = true;
             s.aborted = true;
             s.close = Some(Close { code: CloseCode::SLOW_CONSUMER, reason: "slow consumer".into() });
+            let waker = s.take_waker();
             drop(s);
-            self.notify.notify_one();
-            self.abort.notify_waiters();
+            wake(waker);
             return Push::Overflow;
         }
         s.bytes += frame.len();
         s.queue.push_back(Out::Frame(frame));
-        let wake = s.queue.len() == 1;
+        let waker = s.take_waker();
         drop(s);
-        if wake {
-            self.notify.notify_one();
-        }
+        wake(waker);
         Push::Queued
     }
 
@@ -122,8 +132,9 @@ impl Outbox {
         let mut s = self.lock();
         if !s.closing {
             s.queue.push_back(Out::Ping);
+            let waker = s.take_waker();
             drop(s);
-            self.notify.notify_one();
+            wake(waker);
         }
     }
 
@@ -141,24 +152,26 @@ impl Outbox {
             s.aborted = true;
         }
         s.close = Some(Close { code, reason: reason.into() });
+        let waker = s.take_waker();
         drop(s);
-        self.notify.notify_one();
-        if !flush {
-            self.abort.notify_waiters();
-        }
+        wake(waker);
         true
     }
 
-    /// Resolves once a close that drops queued data was requested (slow consumer, heartbeat
-    /// timeout...): a writer blocked on a socket that does not drain races its writes with this.
-    pub async fn aborted(&self) {
-        loop {
-            let notified = self.abort.notified();
-            if self.lock().aborted {
-                return;
-            }
-            notified.await;
+    /// Ready once a close that drops queued data was requested (slow consumer, heartbeat
+    /// timeout...): a writer blocked on a socket that does not drain checks this.
+    pub fn poll_aborted(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.lock();
+        if s.aborted {
+            return Poll::Ready(());
         }
+        s.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Async form of [`Outbox::poll_aborted`].
+    pub async fn aborted(&self) {
+        std::future::poll_fn(|cx| self.poll_aborted(cx)).await
     }
 
     /// True once a close was requested.
@@ -171,27 +184,29 @@ impl Outbox {
         self.lock().bytes
     }
 
-    /// Waits for work: appends every queued item to `batch`, or returns the close once the queue
-    /// is empty. Only the connection's writer calls this.
-    pub async fn next(&self, batch: &mut Vec<Out>) -> Next {
-        loop {
-            {
-                let mut s = self.lock();
-                if !s.queue.is_empty() {
-                    batch.extend(s.queue.drain(..));
-                    s.bytes = 0;
-                    return Next::Batch;
-                }
-                if let Some(c) = s.close.take() {
-                    return Next::Close(c);
-                }
-                if s.closing {
-                    // The close was already handed out; nothing else will come.
-                    return Next::Close(Close { code: CloseCode::NORMAL, reason: String::new() });
-                }
-            }
-            self.notify.notified().await;
+    /// Appends every queued item to `batch` (`Ready(Batch)`), or gives the close once the queue
+    /// is empty (`Ready(Close)`), or parks the caller. Only the connection's task calls this.
+    pub fn poll_next(&self, cx: &mut Context<'_>, batch: &mut Vec<Out>) -> Poll<Next> {
+        let mut s = self.lock();
+        if !s.queue.is_empty() {
+            batch.extend(s.queue.drain(..));
+            s.bytes = 0;
+            return Poll::Ready(Next::Batch);
         }
+        if let Some(c) = s.close.take() {
+            return Poll::Ready(Next::Close(c));
+        }
+        if s.closing {
+            // The close was already handed out; nothing else will come.
+            return Poll::Ready(Next::Close(Close { code: CloseCode::NORMAL, reason: String::new() }));
+        }
+        s.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Async form of [`Outbox::poll_next`].
+    pub async fn next(&self, batch: &mut Vec<Out>) -> Next {
+        std::future::poll_fn(|cx| self.poll_next(cx, batch)).await
     }
 }
 

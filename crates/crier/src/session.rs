@@ -1,27 +1,30 @@
 //! One WebSocket connection, from `welcome` to close.
 //!
-//! Two tasks per connection: this session (reads frames, answers them, runs the heartbeat and
-//! token-expiry timers) and its writer ([`write_loop`]), which drains the connection's
-//! [`Outbox`] in batches and flushes once per batch. Everything the server sends goes through
-//! the outbox, so its byte bound covers replies as well as messages.
+//! One task per connection: it reads frames and answers them, runs the heartbeat and
+//! token-expiry timers, and writes what the connection's [`Outbox`] holds (everything queued is
+//! taken in one go and written with one flush). Everything the server sends goes through the
+//! outbox, so its byte bound covers replies as well as messages; a write stuck on a socket that
+//! does not drain is abandoned as soon as the outbox is aborted (slow consumer, heartbeat).
 //!
 //! Close codes sent from here: 1007 (invalid UTF-8), 1009 (frame too large), 4001 (token
 //! expired), 4008 (rate-limit abuse), 4010 (heartbeat timeout); 4009 comes from the outbox,
 //! 4003 from the registry, 1012 from the drain. See `crier_protocol::codes`.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
 use crier_core::node::SubscribeError;
-use crier_core::{ConnId, Next, Out, Outbox};
+use crier_core::{Close, ConnId, Next, Out, Outbox};
 use crier_protocol::channel::any_matches;
 use crier_protocol::frames::{self, ClientFrame, PresenceEntry, ServerFrame};
 use crier_protocol::{CloseCode, ErrorCode, StreamPosition, validate_channel};
-use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, StreamExt};
 use tokio::time::{Instant, sleep_until};
 
 use crate::auth::Claims;
@@ -357,9 +360,94 @@ impl Heartbeat {
     }
 }
 
-/// Runs a connection to its end.
-pub async fn run(mut s: Session, socket: WebSocket) {
-    let (sink, mut stream) = socket.split();
+/// What woke the connection task.
+enum Event {
+    /// A frame from the client, the end of its stream, or a read error.
+    Inbound(Option<Result<Message, axum::Error>>),
+    /// The outbox has frames (now in the batch) or a close.
+    Outbound(Next),
+    /// Writing failed, or the outbox was aborted while a write was stuck.
+    WriteEnded,
+}
+
+/// The connection's write side: messages being written and whether a flush is owed.
+#[derive(Default)]
+struct Writing {
+    queue: VecDeque<Message>,
+    flushing: bool,
+}
+
+impl Writing {
+    fn busy(&self) -> bool {
+        self.flushing || !self.queue.is_empty()
+    }
+
+    /// Moves the outbox's batch into the write queue.
+    fn take(&mut self, batch: &mut Vec<Out>) {
+        for item in batch.drain(..) {
+            match item {
+                Out::Frame(bytes) => {
+                    if let Ok(text) = Utf8Bytes::try_from(bytes) {
+                        self.queue.push_back(Message::Text(text));
+                    }
+                }
+                Out::Ping => self.queue.push_back(Message::Ping(Bytes::new())),
+            }
+        }
+    }
+
+    /// Drives queued writes (feeding all, then one flush); `Err` when the socket failed.
+    fn poll_drive(&mut self, ws: &mut WebSocket, cx: &mut Context<'_>) -> Result<(), ()> {
+        while !self.queue.is_empty() {
+            match Pin::new(&mut *ws).poll_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return Err(()),
+                Poll::Pending => return Ok(()),
+            }
+            let Some(msg) = self.queue.pop_front() else { break };
+            Pin::new(&mut *ws).start_send(msg).map_err(drop)?;
+            self.flushing = true;
+        }
+        if self.flushing {
+            match Pin::new(&mut *ws).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.flushing = false,
+                Poll::Ready(Err(_)) => return Err(()),
+                Poll::Pending => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Waits for the next event of a connection while driving its writes: one task reads the socket,
+/// writes what the outbox holds (batched, one flush per batch) and watches for aborts.
+fn next_event<'a>(
+    ws: &'a mut WebSocket,
+    writing: &'a mut Writing,
+    outbox: &'a Outbox,
+    batch: &'a mut Vec<Out>,
+) -> impl Future<Output = Event> + 'a {
+    std::future::poll_fn(move |cx| {
+        if writing.poll_drive(ws, cx).is_err() {
+            return Poll::Ready(Event::WriteEnded);
+        }
+        if writing.busy() {
+            // Stuck on a socket that does not drain: give up as soon as the outbox is aborted.
+            if outbox.poll_aborted(cx).is_ready() {
+                return Poll::Ready(Event::WriteEnded);
+            }
+        } else if let Poll::Ready(next) = outbox.poll_next(cx, batch) {
+            return Poll::Ready(Event::Outbound(next));
+        }
+        if let Poll::Ready(msg) = ws.poll_next_unpin(cx) {
+            return Poll::Ready(Event::Inbound(msg));
+        }
+        Poll::Pending
+    })
+}
+
+/// Runs a connection to its end, in one task.
+pub async fn run(mut s: Session, mut ws: WebSocket) {
     s.st.registry.register(s.conn, &s.user, s.outbox.clone());
     s.send(&ServerFrame::Welcome {
         client: &s.client,
@@ -367,7 +455,6 @@ pub async fn run(mut s: Session, socket: WebSocket) {
         node: &s.st.config.node_id,
         ping_interval_ms: s.st.config.ping_interval.as_millis() as u64,
     });
-    let mut writer = tokio::spawn(write_loop(sink, s.outbox.clone()));
     let mut hb = Heartbeat {
         interval: s.st.config.ping_interval,
         timeout: s.st.config.pong_timeout,
@@ -375,59 +462,105 @@ pub async fn run(mut s: Session, socket: WebSocket) {
         last_seen: Instant::now(),
     };
     let far_future = Instant::now() + Duration::from_secs(100 * 365 * 86400);
-    let mut writer_done = false;
-    loop {
+    let mut writing = Writing::default();
+    let mut batch = Vec::new();
+    let outbox = s.outbox.clone();
+    let close = loop {
         let expiry = s.expires_at.unwrap_or(far_future);
-        tokio::select! {
-            _ = &mut writer => {
-                writer_done = true;
-                break;
-            }
-            msg = stream.next() => {
-                hb.last_seen = Instant::now();
-                hb.ping_sent = None;
-                match msg {
-                    Some(Ok(Message::Text(text))) => Box::pin(s.on_text(text.as_str())).await,
-                    Some(Ok(Message::Binary(_))) => {
-                        if s.admit(None).await {
-                            s.error(None, ErrorCode::BadRequest, "binary frames are not supported; send JSON text frames", None);
-                        }
-                    }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    // The client's close: reading on lets tungstenite send its reply (echoing the
-                    // client's code) and end the stream.
-                    Some(Ok(Message::Close(_))) => continue,
-                    None => break,
-                    Some(Err(e)) => {
-                        on_read_error(&s.outbox, e);
-                        break;
-                    }
-                }
-            }
+        let event = tokio::select! {
+            event = next_event(&mut ws, &mut writing, &outbox, &mut batch) => event,
             _ = sleep_until(hb.next_wake()) => {
                 match hb.ping_sent {
                     Some(_) => {
                         metrics::counter!(m::HEARTBEAT_TIMEOUTS).increment(1);
                         s.outbox.close(CloseCode::HEARTBEAT_TIMEOUT, "no pong within pong_timeout", false);
-                        break;
                     }
                     None => {
                         s.outbox.ping();
                         hb.ping_sent = Some(Instant::now());
                     }
                 }
+                continue;
             }
             _ = sleep_until(expiry) => {
                 s.outbox.close(CloseCode::TOKEN_EXPIRED, "token expired", true);
                 s.expires_at = None;
+                continue;
+            }
+        };
+        match event {
+            Event::Outbound(Next::Batch) => writing.take(&mut batch),
+            Event::Outbound(Next::Close(close)) => break Some(close),
+            Event::WriteEnded => {
+                // Aborted (what was queued is dropped) or the socket failed: nothing more to write.
+                writing = Writing::default();
+                break outbox_close(&s.outbox);
+            }
+            Event::Inbound(msg) => {
+                hb.last_seen = Instant::now();
+                hb.ping_sent = None;
+                match msg {
+                    Some(Ok(Message::Text(text))) => Box::pin(s.on_text(text.as_str())).await,
+                    Some(Ok(Message::Binary(_))) => {
+                        if s.admit(None).await {
+                            s.error(
+                                None,
+                                ErrorCode::BadRequest,
+                                "binary frames are not supported; send JSON text frames",
+                                None,
+                            );
+                        }
+                    }
+                    // The client's close: reading on lets tungstenite send its reply (echoing the
+                    // client's code) and end the stream.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_))) => {}
+                    None => break None,
+                    Some(Err(e)) => {
+                        on_read_error(&s.outbox, e);
+                        break outbox_close(&s.outbox);
+                    }
+                }
             }
         }
-    }
+    };
     Box::pin(s.cleanup()).await;
-    s.outbox.close(CloseCode::NORMAL, "", true);
-    if !writer_done && tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
-        writer.abort();
+    if let Some(close) = close {
+        // A client that does not read (slow consumer) or answer (heartbeat timeout) gets the close
+        // frame but no wait for a reply it will not send.
+        let linger = !matches!(close.code, CloseCode::SLOW_CONSUMER | CloseCode::HEARTBEAT_TIMEOUT);
+        send_close(&mut ws, &mut writing, close, linger).await;
     }
+}
+
+/// The close the outbox holds, if any (after a write failure or a read error).
+fn outbox_close(outbox: &Outbox) -> Option<Close> {
+    let mut batch = Vec::new();
+    let waker = std::task::Waker::noop();
+    match outbox.poll_next(&mut Context::from_waker(waker), &mut batch) {
+        Poll::Ready(Next::Close(c)) => Some(c),
+        _ => None,
+    }
+}
+
+/// Writes what is still queued (unless the close dropped it), then the close frame, then — with
+/// `linger` — reads until the client's close reply (discarding what it still sends), so the socket
+/// is not reset under the close frame by unread data. Bounded: 2 s at most.
+async fn send_close(ws: &mut WebSocket, writing: &mut Writing, close: Close, linger: bool) {
+    let frame = CloseFrame { code: close.code.0, reason: Utf8Bytes::from(close.reason) };
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        std::future::poll_fn(|cx| match writing.poll_drive(ws, cx) {
+            Err(()) => Poll::Ready(()),
+            Ok(()) if writing.busy() => Poll::Pending,
+            Ok(()) => Poll::Ready(()),
+        })
+        .await;
+        // When the client closed first, tungstenite refuses a second close but has queued its
+        // reply (echoing the client's code): the flush sends it.
+        let _ = ws.feed(Message::Close(Some(frame))).await;
+        let _ = ws.flush().await;
+        while linger && matches!(ws.next().await, Some(Ok(_))) {}
+    })
+    .await;
 }
 
 /// Maps a read error to a close code (best effort: the socket may be gone).
@@ -448,51 +581,5 @@ fn on_read_error(outbox: &Outbox, e: axum::Error) {
             outbox.close(CloseCode(1002), "WebSocket protocol error", false);
         }
         _ => tracing::debug!(error = %inner, "websocket read error"),
-    }
-}
-
-/// The writer: drains the outbox in batches, one flush per batch; gives up when the outbox is
-/// aborted (slow consumer, heartbeat timeout) even if the socket does not drain.
-async fn write_loop(mut sink: SplitSink<WebSocket, Message>, outbox: Arc<Outbox>) {
-    let mut batch = Vec::new();
-    loop {
-        match outbox.next(&mut batch).await {
-            Next::Batch => {
-                let write = async {
-                    for item in batch.drain(..) {
-                        let msg = match item {
-                            Out::Frame(bytes) => match Utf8Bytes::try_from(bytes) {
-                                Ok(text) => Message::Text(text),
-                                Err(_) => continue,
-                            },
-                            Out::Ping => Message::Ping(Bytes::new()),
-                        };
-                        sink.feed(msg).await?;
-                    }
-                    sink.flush().await
-                };
-                let ok = tokio::select! {
-                    r = write => r.is_ok(),
-                    _ = outbox.aborted() => false,
-                };
-                if !ok {
-                    batch.clear();
-                    if !outbox.is_closing() {
-                        return;
-                    }
-                }
-            }
-            Next::Close(close) => {
-                let frame = CloseFrame { code: close.code.0, reason: Utf8Bytes::from(close.reason) };
-                // When the client closed first, tungstenite refuses a second close but has queued
-                // its reply (echoing the client's code): the flush sends it.
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    let _ = sink.feed(Message::Close(Some(frame))).await;
-                    sink.flush().await
-                })
-                .await;
-                return;
-            }
-        }
     }
 }
