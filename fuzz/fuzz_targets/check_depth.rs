@@ -7,13 +7,9 @@ use crier_protocol::frames::{MAX_DATA_DEPTH, check_depth};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
-fn depth_of(v: &Value) -> usize {
-    match v {
-        Value::Array(a) => 1 + a.iter().map(depth_of).max().unwrap_or(0),
-        Value::Object(o) => 1 + o.values().map(depth_of).max().unwrap_or(0),
-        _ => 0,
-    }
-}
+#[path = "common.rs"]
+mod common;
+use common::depth_of;
 
 fuzz_target!(|bytes: &[u8]| {
     let Ok(text) = std::str::from_utf8(bytes) else { return };

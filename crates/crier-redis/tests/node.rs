@@ -55,8 +55,8 @@ fn ack(h: &History, recovered: Option<bool>) -> Bytes {
     Bytes::from(v.to_string())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_joining_recovering_and_leaving_under_load_miss_nothing() {
+/// A Redis, a publishing broker, and a second broker with a real hub and node on top.
+async fn two_nodes() -> (RedisServer, Arc<crier_redis::RedisBroker>, Arc<crier_redis::RedisBroker>, Arc<Hub>, Node) {
     let server = RedisServer::start();
     let (publisher, _) = broker(options(&server, "pub")).await;
     let broker_b = crier_redis::RedisBroker::connect(options(&server, "sub")).await;
@@ -64,6 +64,12 @@ async fn clients_joining_recovering_and_leaving_under_load_miss_nothing() {
     let hub = Arc::new(Hub::new());
     broker_b.set_handler(hub.clone());
     let node = Node::new(hub.clone(), broker_b.clone());
+    (server, publisher, broker_b, hub, node)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_joining_recovering_and_leaving_under_load_miss_nothing() {
+    let (_server, publisher, _broker_b, hub, node) = two_nodes().await;
     const N: u64 = 400;
     let ch = "live:merge";
     let first = publish(&publisher, ch, "0").await.unwrap_or_else(|e| panic!("publish: {e}"));
@@ -138,13 +144,7 @@ async fn clients_joining_recovering_and_leaving_under_load_miss_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_clients_get_a_gap_filled_stream_through_pubsub_kills() {
-    let server = RedisServer::start();
-    let (publisher, _) = broker(options(&server, "pub")).await;
-    let broker_b = crier_redis::RedisBroker::connect(options(&server, "sub")).await;
-    let broker_b = broker_b.unwrap_or_else(|e| panic!("connect: {e}"));
-    let hub = Arc::new(Hub::new());
-    broker_b.set_handler(hub.clone());
-    let node = Node::new(hub.clone(), broker_b.clone());
+    let (server, publisher, broker_b, _hub, node) = two_nodes().await;
     let ch = "live:kill";
     let mut clients = Vec::new();
     for id in 0..3u64 {
