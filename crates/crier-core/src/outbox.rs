@@ -169,9 +169,10 @@ impl Outbox {
         Poll::Pending
     }
 
-    /// Async form of [`Outbox::poll_aborted`].
-    pub async fn aborted(&self) {
-        std::future::poll_fn(|cx| self.poll_aborted(cx)).await
+    /// The requested close, if any and not handed out yet (for a connection ending on its own
+    /// after a read error or a stuck write: what to tell the client).
+    pub fn take_close(&self) -> Option<Close> {
+        self.lock().close.take()
     }
 
     /// True once a close was requested.

@@ -494,7 +494,7 @@ pub async fn run(mut s: Session, mut ws: WebSocket) {
             Event::WriteEnded => {
                 // Aborted (what was queued is dropped) or the socket failed: nothing more to write.
                 writing = Writing::default();
-                break outbox_close(&s.outbox);
+                break s.outbox.take_close();
             }
             Event::Inbound(msg) => {
                 hb.last_seen = Instant::now();
@@ -517,7 +517,7 @@ pub async fn run(mut s: Session, mut ws: WebSocket) {
                     None => break None,
                     Some(Err(e)) => {
                         on_read_error(&s.outbox, e);
-                        break outbox_close(&s.outbox);
+                        break s.outbox.take_close();
                     }
                 }
             }
@@ -529,16 +529,6 @@ pub async fn run(mut s: Session, mut ws: WebSocket) {
         // frame but no wait for a reply it will not send.
         let linger = !matches!(close.code, CloseCode::SLOW_CONSUMER | CloseCode::HEARTBEAT_TIMEOUT);
         send_close(&mut ws, &mut writing, close, linger).await;
-    }
-}
-
-/// The close the outbox holds, if any (after a write failure or a read error).
-fn outbox_close(outbox: &Outbox) -> Option<Close> {
-    let mut batch = Vec::new();
-    let waker = std::task::Waker::noop();
-    match outbox.poll_next(&mut Context::from_waker(waker), &mut batch) {
-        Poll::Ready(Next::Close(c)) => Some(c),
-        _ => None,
     }
 }
 

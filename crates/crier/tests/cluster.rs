@@ -114,8 +114,7 @@ async fn recovery_after_reconnecting_to_another_node() {
         b.publish("news", json!(i)).await;
     }
     let mut client = c.client(&token).await;
-    let ack =
-        client.request(json!({"type":"subscribe","channel":"news","recover":{"epoch":epoch,"offset":1}}), 2).await;
+    let ack = client.resubscribe("news", &epoch, 1, 2).await;
     assert_eq!((ack["recovered"].as_bool(), ack["offset"].as_u64()), (Some(true), Some(5)));
     a.publish("news", json!(6)).await;
     let got: Vec<u64> = messages(&mut client, 5).await.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
@@ -198,8 +197,7 @@ async fn redis_restart_without_persistence_is_never_silent() {
     assert_eq!((m["epoch"].as_str().unwrap(), m["offset"].as_u64().unwrap()), (after.0.as_str(), after.1));
     // A client recovering from the old epoch is told it cannot.
     let mut late = a.client(&token).await;
-    let ack =
-        late.request(json!({"type":"subscribe","channel":"ev","recover":{"epoch":old_epoch,"offset":1}}), 1).await;
+    let ack = late.resubscribe("ev", &old_epoch, 1, 1).await;
     assert_eq!(ack["recovered"], false);
 }
 
@@ -225,7 +223,7 @@ async fn a_killed_node_clients_recover_elsewhere_and_its_presence_expires() {
         survivor.publish("room", json!(i)).await;
     }
     let mut c = survivor.client(&token).await;
-    let ack = c.request(json!({"type":"subscribe","channel":"room","recover":{"epoch":epoch,"offset":1}}), 2).await;
+    let ack = c.resubscribe("room", &epoch, 1, 2).await;
     assert_eq!(ack["recovered"], true);
     let got: Vec<u64> = messages(&mut c, 3).await.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
     assert_eq!(got, vec![2, 3, 4]);

@@ -118,7 +118,7 @@ async fn recovery_after_reconnect_and_failed_recovery() {
         server.publish("news", json!(i)).await;
     }
     let mut c = server.client(&token).await;
-    let ack = c.request(json!({"type":"subscribe","channel":"news","recover":{"epoch":epoch,"offset":1}}), 2).await;
+    let ack = c.resubscribe("news", &epoch, 1, 2).await;
     assert_eq!(
         (ack["type"].as_str(), ack["recovered"].as_bool(), ack["offset"].as_u64()),
         (Some("ack"), Some(true), Some(4))
@@ -135,12 +135,12 @@ async fn recovery_after_reconnect_and_failed_recovery() {
     for i in 6..=12 {
         server.publish("news", json!(i)).await;
     }
-    let ack = d.request(json!({"type":"subscribe","channel":"news","recover":{"epoch":epoch,"offset":1}}), 3).await;
+    let ack = d.resubscribe("news", &epoch, 1, 3).await;
     assert_eq!((ack["recovered"].as_bool(), ack["offset"].as_u64()), (Some(false), Some(12)));
     // Wrong epoch: recovered false.
     let ack = d.request(json!({"type":"unsubscribe","channel":"news"}), 4).await;
     assert_eq!(ack["type"], "ack");
-    let ack = d.request(json!({"type":"subscribe","channel":"news","recover":{"epoch":"other","offset":11}}), 5).await;
+    let ack = d.resubscribe("news", "other", 11, 5).await;
     assert_eq!(ack["recovered"], false);
     server.publish("news", json!(13)).await;
     assert_eq!(d.recv().await["offset"], 13);

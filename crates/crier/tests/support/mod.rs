@@ -326,6 +326,11 @@ impl Client {
         })
     }
 
+    /// Subscribes with recovery from `epoch`/`offset`; returns the reply (the ack, or an error).
+    pub async fn resubscribe(&mut self, channel: &str, epoch: &str, offset: u64, id: u64) -> Value {
+        self.request(json!({"type":"subscribe","channel":channel,"recover":{"epoch":epoch,"offset":offset}}), id).await
+    }
+
     /// Waits for the close frame; returns its code (None if the connection just ended).
     pub async fn closed(&mut self) -> Option<u16> {
         loop {
