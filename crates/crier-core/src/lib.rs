@@ -22,7 +22,7 @@ pub mod registry;
 pub use broker::{Broker, BrokerError, BrokerHandler, History, MemoryBroker, NodeInfo, Publication, PublishResult};
 pub use hub::Hub;
 pub use node::{Node, SubscribeError};
-pub use outbox::{Close, Next, Out, Outbox, Push};
+pub use outbox::{Beat, Close, Next, Out, Outbox, Push, clock_ms};
 pub use registry::Registry;
 
 /// A connection's id, unique within a node.

@@ -9,8 +9,10 @@
 //! pointer moves; no lock is held across an await.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 use bytes::Bytes;
 use crier_protocol::CloseCode;
@@ -73,15 +75,78 @@ fn wake(waker: Option<Waker>) {
     }
 }
 
-/// See the module docs.
+/// Milliseconds on the process's monotonic clock (counted from its first use); never 0.
+pub fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// What a connection's heartbeat check found (see [`Outbox::heartbeat`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    /// Nothing to do.
+    Alive,
+    /// A ping is due; it is now recorded as sent.
+    Ping,
+    /// The last ping went unanswered for the whole timeout.
+    TimedOut,
+    /// The token expired (reported once).
+    Expired,
+}
+
+/// See the module docs. Besides the queue it carries the connection's liveness (when the client
+/// was last heard from, when a ping went out, when its token expires) as atomics: the node checks
+/// every connection from one periodic sweep instead of each connection keeping its own timers.
 pub struct Outbox {
     state: Mutex<State>,
     max_bytes: usize,
+    /// [`clock_ms`] when the client last sent anything.
+    last_seen: AtomicU64,
+    /// [`clock_ms`] of the last ping sent (0: none yet).
+    ping_sent: AtomicU64,
+    /// [`clock_ms`] at which the token expires (`u64::MAX`: never).
+    expires: AtomicU64,
 }
 
 impl Outbox {
     pub fn new(max_bytes: usize) -> Outbox {
-        Outbox { state: Mutex::new(State::default()), max_bytes }
+        Outbox {
+            state: Mutex::new(State::default()),
+            max_bytes,
+            last_seen: AtomicU64::new(clock_ms()),
+            ping_sent: AtomicU64::new(0),
+            expires: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// The client was heard from (any frame counts as proof of life).
+    pub fn touch(&self) {
+        self.last_seen.store(clock_ms(), Ordering::Relaxed);
+    }
+
+    /// Sets when the token expires, in [`clock_ms`] (`u64::MAX`: never).
+    pub fn set_expiry(&self, at_ms: u64) {
+        self.expires.store(at_ms, Ordering::Relaxed);
+    }
+
+    /// The heartbeat rule, checked by the node's sweep at `now` ([`clock_ms`]): a ping once the
+    /// client has been silent for `interval_ms`; `TimedOut` when a ping went unanswered for
+    /// `timeout_ms`; `Expired` once the token's expiry has passed. The caller acts on the result.
+    pub fn heartbeat(&self, now: u64, interval_ms: u64, timeout_ms: u64) -> Beat {
+        if now >= self.expires.load(Ordering::Relaxed) {
+            self.expires.store(u64::MAX, Ordering::Relaxed);
+            return Beat::Expired;
+        }
+        let seen = self.last_seen.load(Ordering::Relaxed);
+        let ping = self.ping_sent.load(Ordering::Relaxed);
+        if ping > seen {
+            if now >= ping + timeout_ms { Beat::TimedOut } else { Beat::Alive }
+        } else if now >= seen + interval_ms {
+            self.ping_sent.store(now, Ordering::Relaxed);
+            Beat::Ping
+        } else {
+            Beat::Alive
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -187,10 +252,16 @@ impl Outbox {
 
     /// Appends every queued item to `batch` (`Ready(Batch)`), or gives the close once the queue
     /// is empty (`Ready(Close)`), or parks the caller. Only the connection's task calls this.
+    /// Into an empty `batch` the queue moves whole, leaving the outbox without an allocation
+    /// (an idle connection holds no queue memory once the caller drops the batch).
     pub fn poll_next(&self, cx: &mut Context<'_>, batch: &mut Vec<Out>) -> Poll<Next> {
         let mut s = self.lock();
         if !s.queue.is_empty() {
-            batch.extend(s.queue.drain(..));
+            if batch.is_empty() {
+                *batch = Vec::from(std::mem::take(&mut s.queue));
+            } else {
+                batch.extend(s.queue.drain(..));
+            }
             s.bytes = 0;
             return Poll::Ready(Next::Batch);
         }
@@ -258,5 +329,22 @@ mod tests {
         tokio::task::yield_now().await;
         o.push(Bytes::from_static(b"x"));
         assert_eq!(writer.await.ok(), Some(1));
+    }
+
+    #[test]
+    fn heartbeat_pings_after_silence_and_times_out_without_an_answer() {
+        let o = Outbox::new(100);
+        let t0 = o.last_seen.load(Ordering::Relaxed);
+        assert_eq!(o.heartbeat(t0 + 99, 100, 50), Beat::Alive);
+        assert_eq!(o.heartbeat(t0 + 100, 100, 50), Beat::Ping);
+        assert_eq!(o.heartbeat(t0 + 149, 100, 50), Beat::Alive, "waiting for the pong");
+        assert_eq!(o.heartbeat(t0 + 150, 100, 50), Beat::TimedOut);
+        // An answer (any frame) after the ping resets the cycle.
+        o.last_seen.store(t0 + 160, Ordering::Relaxed);
+        assert_eq!(o.heartbeat(t0 + 200, 100, 50), Beat::Alive);
+        assert_eq!(o.heartbeat(t0 + 260, 100, 50), Beat::Ping);
+        o.set_expiry(t0 + 300);
+        assert_eq!(o.heartbeat(t0 + 300, 100, 50), Beat::Expired);
+        assert_ne!(o.heartbeat(t0 + 301, 100, 50), Beat::Expired, "reported once");
     }
 }

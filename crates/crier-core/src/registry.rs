@@ -82,6 +82,14 @@ impl Registry {
         self.lock().by_id.values().map(|e| e.outbox.clone()).collect()
     }
 
+    /// Calls `f` with every live connection's outbox, under the registry's lock (keep `f` short:
+    /// registering and unregistering wait for it).
+    pub fn for_each(&self, mut f: impl FnMut(&Outbox)) {
+        for e in self.lock().by_id.values() {
+            f(&e.outbox);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.lock().by_id.len()
     }

@@ -19,11 +19,13 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod handshake;
+pub mod heartbeat;
 pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod session;
 pub mod state;
+pub mod ws;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -100,6 +102,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let background = tokio::spawn(background(st.clone()));
+    let heartbeats = tokio::spawn(heartbeat::run(st.clone()));
     let drain_st = st.clone();
     accept_loop(listener, http::app(st.clone()), async move {
         shutdown.await;
@@ -111,6 +114,7 @@ pub async fn serve(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     background.abort();
+    heartbeats.abort();
     Ok(())
 }
 

@@ -10,28 +10,30 @@
 //! expired), 4008 (rate-limit abuse), 4010 (heartbeat timeout); 4009 comes from the outbox,
 //! 4003 from the registry, 1012 from the drain. See `crier_protocol::codes`.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
 use crier_core::node::SubscribeError;
-use crier_core::{Close, ConnId, Next, Out, Outbox};
+use crier_core::{Close, ConnId, Next, Outbox, clock_ms};
 use crier_protocol::channel::any_matches;
 use crier_protocol::frames::{self, ClientFrame, PresenceEntry, ServerFrame};
+use crier_protocol::ws::{Incoming, Violation};
 use crier_protocol::{CloseCode, ErrorCode, StreamPosition, validate_channel};
-use futures_util::{Sink, SinkExt, StreamExt};
-use tokio::time::{Instant, sleep_until};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::auth::Claims;
 use crate::config::RateScope;
 use crate::handshake::ConnSlot;
 use crate::metrics as m;
 use crate::state::AppState;
+use crate::ws::{ReadError, WsSocket};
 
 /// Refused frames within [`STRIKE_WINDOW`] after which the connection is closed with 4008.
 const MAX_STRIKES: u32 = 50;
@@ -50,7 +52,6 @@ pub struct Session {
     subs: HashSet<String>,
     strikes: u32,
     strike_window: Instant,
-    expires_at: Option<Instant>,
     slot: Option<ConnSlot>,
 }
 
@@ -61,7 +62,6 @@ impl Session {
             conn,
             client,
             user: claims.sub.as_str().into(),
-            expires_at: expiry_instant(claims.exp),
             claims,
             outbox,
             subs: HashSet::new(),
@@ -276,7 +276,7 @@ impl Session {
         if claims.sub != self.claims.sub {
             return self.error(id, ErrorCode::TokenInvalid, "the new token is for another user", None);
         }
-        self.expires_at = expiry_instant(claims.exp);
+        self.outbox.set_expiry(expiry_ms(claims.exp));
         self.claims = claims;
         let revoked: Vec<String> = self.subs.iter().filter(|c| !self.can_subscribe(c)).cloned().collect();
         for channel in revoked {
@@ -332,244 +332,155 @@ impl Session {
     }
 }
 
-/// The `Instant` at which a token with this `exp` (Unix seconds) expires; `None` if never.
-fn expiry_instant(exp: u64) -> Option<Instant> {
+/// The [`clock_ms`] at which a token with this `exp` (Unix seconds) expires; `u64::MAX` if never.
+fn expiry_ms(exp: u64) -> u64 {
     let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
     let left = exp as f64 - now_unix;
     if left > 10.0 * 365.0 * 86400.0 {
-        return None;
+        return u64::MAX;
     }
-    Some(Instant::now() + Duration::from_secs_f64(left.max(0.0)))
-}
-
-/// Heartbeat: Ping every `interval`; after a Ping, anything received within `timeout` is proof of
-/// life, otherwise the connection is closed with 4010.
-struct Heartbeat {
-    interval: Duration,
-    timeout: Duration,
-    ping_sent: Option<Instant>,
-    last_seen: Instant,
-}
-
-impl Heartbeat {
-    fn next_wake(&self) -> Instant {
-        match self.ping_sent {
-            Some(at) => at + self.timeout,
-            None => self.last_seen + self.interval,
-        }
-    }
+    clock_ms() + (left.max(0.0) * 1000.0) as u64
 }
 
 /// What woke the connection task.
 enum Event {
-    /// A frame from the client, the end of its stream, or a read error.
-    Inbound(Option<Result<Message, axum::Error>>),
-    /// The outbox has frames (now in the batch) or a close.
-    Outbound(Next),
+    /// A message from the client, the end of its stream, or a read error.
+    Inbound(Result<Option<Incoming>, ReadError>),
+    /// The outbox asks for this close (what was queued before it is written).
+    Close(Close),
     /// Writing failed, or the outbox was aborted while a write was stuck.
     WriteEnded,
 }
 
-/// The connection's write side: messages being written and whether a flush is owed.
-#[derive(Default)]
-struct Writing {
-    queue: VecDeque<Message>,
-    flushing: bool,
-}
-
-impl Writing {
-    fn busy(&self) -> bool {
-        self.flushing || !self.queue.is_empty()
-    }
-
-    /// Moves the outbox's batch into the write queue.
-    fn take(&mut self, batch: &mut Vec<Out>) {
-        for item in batch.drain(..) {
-            match item {
-                Out::Frame(bytes) => {
-                    if let Ok(text) = Utf8Bytes::try_from(bytes) {
-                        self.queue.push_back(Message::Text(text));
+/// Waits for the next event of a connection while driving its writes: one task reads the socket,
+/// writes what the outbox holds (one `writev` per batch) and watches for aborts.
+fn next_event<'a>(ws: &'a mut WsSocket, outbox: &'a Outbox) -> impl Future<Output = Event> + 'a {
+    std::future::poll_fn(move |cx| {
+        loop {
+            if ws.is_writing() {
+                match ws.poll_write_pending(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => return Poll::Ready(Event::WriteEnded),
+                    // Stuck on a socket that does not drain: give up as soon as the outbox is aborted.
+                    Poll::Pending if outbox.poll_aborted(cx).is_ready() => return Poll::Ready(Event::WriteEnded),
+                    Poll::Pending => break,
+                }
+            }
+            let mut batch = Vec::new();
+            match outbox.poll_next(cx, &mut batch) {
+                Poll::Ready(Next::Batch) => {
+                    if ws.write_batch(cx, &batch).is_err() {
+                        return Poll::Ready(Event::WriteEnded);
                     }
                 }
-                Out::Ping => self.queue.push_back(Message::Ping(Bytes::new())),
+                Poll::Ready(Next::Close(close)) => return Poll::Ready(Event::Close(close)),
+                Poll::Pending => break,
             }
         }
-    }
-
-    /// Drives queued writes (feeding all, then one flush); `Err` when the socket failed.
-    fn poll_drive(&mut self, ws: &mut WebSocket, cx: &mut Context<'_>) -> Result<(), ()> {
-        while !self.queue.is_empty() {
-            match Pin::new(&mut *ws).poll_ready(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(_)) => return Err(()),
-                Poll::Pending => return Ok(()),
-            }
-            let Some(msg) = self.queue.pop_front() else { break };
-            Pin::new(&mut *ws).start_send(msg).map_err(drop)?;
-            self.flushing = true;
-        }
-        if self.flushing {
-            match Pin::new(&mut *ws).poll_flush(cx) {
-                Poll::Ready(Ok(())) => self.flushing = false,
-                Poll::Ready(Err(_)) => return Err(()),
-                Poll::Pending => {}
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Waits for the next event of a connection while driving its writes: one task reads the socket,
-/// writes what the outbox holds (batched, one flush per batch) and watches for aborts.
-fn next_event<'a>(
-    ws: &'a mut WebSocket,
-    writing: &'a mut Writing,
-    outbox: &'a Outbox,
-    batch: &'a mut Vec<Out>,
-) -> impl Future<Output = Event> + 'a {
-    std::future::poll_fn(move |cx| {
-        if writing.poll_drive(ws, cx).is_err() {
-            return Poll::Ready(Event::WriteEnded);
-        }
-        if writing.busy() {
-            // Stuck on a socket that does not drain: give up as soon as the outbox is aborted.
-            if outbox.poll_aborted(cx).is_ready() {
-                return Poll::Ready(Event::WriteEnded);
-            }
-        } else if let Poll::Ready(next) = outbox.poll_next(cx, batch) {
-            return Poll::Ready(Event::Outbound(next));
-        }
-        if let Poll::Ready(msg) = ws.poll_next_unpin(cx) {
-            return Poll::Ready(Event::Inbound(msg));
-        }
-        Poll::Pending
+        ws.poll_message(cx).map(Event::Inbound)
     })
 }
 
-/// Runs a connection to its end, in one task.
-pub async fn run(mut s: Session, mut ws: WebSocket) {
+/// How a connection ends.
+enum Ending {
+    /// The socket is gone: nothing to send.
+    Gone,
+    /// Send this close frame; with `linger`, wait (briefly) for the client's reply.
+    Close(Close, bool),
+    /// The client closed: echo its code (RFC 6455 §5.5.1).
+    Echo(Option<u16>),
+}
+
+/// Runs a connection to its end, in one task: waits for hyper to hand over the upgraded socket,
+/// then reads, writes and answers until a close. Heartbeats and token expiry are checked by the
+/// node's sweep ([`crate::heartbeat`]), which acts through the outbox.
+pub async fn run(mut s: Session, upgrade: OnUpgrade) {
+    let mut ws = match upgrade.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
+        Ok(Ok(parts)) => WsSocket::new(parts.io.into_inner(), parts.read_buf, s.st.config.max_message_bytes),
+        Ok(Err(_)) => return tracing::error!("the upgraded connection is not a TCP stream"),
+        Err(e) => return tracing::debug!(error = %e, "websocket upgrade failed"),
+    };
     s.st.registry.register(s.conn, &s.user, s.outbox.clone());
+    s.outbox.set_expiry(expiry_ms(s.claims.exp));
     s.send(&ServerFrame::Welcome {
         client: &s.client,
         user: &s.user,
         node: &s.st.config.node_id,
         ping_interval_ms: s.st.config.ping_interval.as_millis() as u64,
     });
-    let mut hb = Heartbeat {
-        interval: s.st.config.ping_interval,
-        timeout: s.st.config.pong_timeout,
-        ping_sent: None,
-        last_seen: Instant::now(),
-    };
-    let far_future = Instant::now() + Duration::from_secs(100 * 365 * 86400);
-    let mut writing = Writing::default();
-    let mut batch = Vec::new();
-    let outbox = s.outbox.clone();
-    let close = loop {
-        let expiry = s.expires_at.unwrap_or(far_future);
-        let event = tokio::select! {
-            event = next_event(&mut ws, &mut writing, &outbox, &mut batch) => event,
-            _ = sleep_until(hb.next_wake()) => {
-                match hb.ping_sent {
-                    Some(_) => {
-                        metrics::counter!(m::HEARTBEAT_TIMEOUTS).increment(1);
-                        s.outbox.close(CloseCode::HEARTBEAT_TIMEOUT, "no pong within pong_timeout", false);
-                    }
-                    None => {
-                        s.outbox.ping();
-                        hb.ping_sent = Some(Instant::now());
-                    }
-                }
-                continue;
+    let ending = loop {
+        let event = next_event(&mut ws, &s.outbox).await;
+        let inbound = match event {
+            Event::Close(close) => {
+                // A client that does not read (slow consumer) or answer (heartbeat timeout) gets
+                // the close frame but no wait for a reply it will not send.
+                let linger = !matches!(close.code, CloseCode::SLOW_CONSUMER | CloseCode::HEARTBEAT_TIMEOUT);
+                break Ending::Close(close, linger);
             }
-            _ = sleep_until(expiry) => {
-                s.outbox.close(CloseCode::TOKEN_EXPIRED, "token expired", true);
-                s.expires_at = None;
-                continue;
-            }
+            // Aborted (the batch being written is abandoned) or the socket failed.
+            Event::WriteEnded => break s.outbox.take_close().map_or(Ending::Gone, |c| Ending::Close(c, false)),
+            Event::Inbound(inbound) => inbound,
         };
-        match event {
-            Event::Outbound(Next::Batch) => writing.take(&mut batch),
-            Event::Outbound(Next::Close(close)) => break Some(close),
-            Event::WriteEnded => {
-                // Aborted (what was queued is dropped) or the socket failed: nothing more to write.
-                writing = Writing::default();
-                break s.outbox.take_close();
-            }
-            Event::Inbound(msg) => {
-                hb.last_seen = Instant::now();
-                hb.ping_sent = None;
-                match msg {
-                    Some(Ok(Message::Text(text))) => Box::pin(s.on_text(text.as_str())).await,
-                    Some(Ok(Message::Binary(_))) => {
-                        if s.admit(None).await {
-                            s.error(
-                                None,
-                                ErrorCode::BadRequest,
-                                "binary frames are not supported; send JSON text frames",
-                                None,
-                            );
-                        }
-                    }
-                    // The client's close: reading on lets tungstenite send its reply (echoing the
-                    // client's code) and end the stream.
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_))) => {}
-                    None => break None,
-                    Some(Err(e)) => {
-                        on_read_error(&s.outbox, e);
-                        break s.outbox.take_close();
-                    }
+        s.outbox.touch();
+        match inbound {
+            Ok(Some(Incoming::Text(text))) => Box::pin(s.on_text(&text)).await,
+            Ok(Some(Incoming::Binary(_))) => {
+                if Box::pin(s.admit(None)).await {
+                    s.error(
+                        None,
+                        ErrorCode::BadRequest,
+                        "binary frames are not supported; send JSON text frames",
+                        None,
+                    );
                 }
+            }
+            Ok(Some(Incoming::Ping(_) | Incoming::Pong)) => {}
+            Ok(Some(Incoming::Close(c))) => break Ending::Echo(c.map(|(code, _)| code)),
+            Ok(None) => break Ending::Gone,
+            Err(ReadError::Violation(v)) => {
+                let code = match v {
+                    Violation::TooBig => ErrorCode::MessageTooLarge,
+                    _ => ErrorCode::BadRequest,
+                };
+                metrics::counter!(m::CLIENT_ERRORS, "code" => code.as_str()).increment(1);
+                break Ending::Close(Close { code: CloseCode(v.close_code()), reason: v.reason().into() }, false);
+            }
+            Err(ReadError::Io(e)) => {
+                tracing::debug!(error = %e, "websocket read error");
+                break Ending::Gone;
             }
         }
     };
     Box::pin(s.cleanup()).await;
-    if let Some(close) = close {
-        // A client that does not read (slow consumer) or answer (heartbeat timeout) gets the close
-        // frame but no wait for a reply it will not send.
-        let linger = !matches!(close.code, CloseCode::SLOW_CONSUMER | CloseCode::HEARTBEAT_TIMEOUT);
-        send_close(&mut ws, &mut writing, close, linger).await;
-    }
+    Box::pin(finish(ws, ending)).await;
 }
 
-/// Writes what is still queued (unless the close dropped it), then the close frame, then — with
-/// `linger` — reads until the client's close reply (discarding what it still sends), so the socket
-/// is not reset under the close frame by unread data. Bounded: 2 s at most.
-async fn send_close(ws: &mut WebSocket, writing: &mut Writing, close: Close, linger: bool) {
-    let frame = CloseFrame { code: close.code.0, reason: Utf8Bytes::from(close.reason) };
+/// Writes what is still pending, then the close frame, then — with `linger` — reads until the
+/// client's close reply (discarding what it still sends), so the socket is not reset under the
+/// close frame by unread data. Bounded: 2 s at most.
+async fn finish(mut ws: WsSocket, ending: Ending) {
+    let linger = match ending {
+        Ending::Gone => return,
+        Ending::Close(close, linger) => {
+            ws.queue_close(Some((close.code.0, &close.reason)));
+            linger
+        }
+        Ending::Echo(code) => {
+            ws.queue_close(code.map(|c| (c, "")));
+            false
+        }
+    };
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        std::future::poll_fn(|cx| match writing.poll_drive(ws, cx) {
-            Err(()) => Poll::Ready(()),
-            Ok(()) if writing.busy() => Poll::Pending,
-            Ok(()) => Poll::Ready(()),
-        })
-        .await;
-        // When the client closed first, tungstenite refuses a second close but has queued its
-        // reply (echoing the client's code): the flush sends it.
-        let _ = ws.feed(Message::Close(Some(frame))).await;
-        let _ = ws.flush().await;
-        while linger && matches!(ws.next().await, Some(Ok(_))) {}
+        if std::future::poll_fn(|cx| ws.poll_write_pending(cx)).await.is_err() {
+            return;
+        }
+        if linger {
+            while let Ok(Some(m)) = std::future::poll_fn(|cx| ws.poll_message(cx)).await {
+                if matches!(m, Incoming::Close(_)) {
+                    break;
+                }
+            }
+        }
     })
     .await;
-}
-
-/// Maps a read error to a close code (best effort: the socket may be gone).
-fn on_read_error(outbox: &Outbox, e: axum::Error) {
-    use tungstenite::error::{CapacityError, Error as WsError};
-    let inner = e.into_inner();
-    match inner.downcast_ref::<WsError>() {
-        Some(WsError::Capacity(CapacityError::MessageTooLong { .. })) => {
-            metrics::counter!(m::CLIENT_ERRORS, "code" => ErrorCode::MessageTooLarge.as_str()).increment(1);
-            outbox.close(CloseCode::TOO_BIG, "frame larger than max_message_bytes", false);
-        }
-        Some(WsError::Utf8(_)) => {
-            metrics::counter!(m::CLIENT_ERRORS, "code" => ErrorCode::BadRequest.as_str()).increment(1);
-            outbox.close(CloseCode(1007), "invalid UTF-8 in a text frame", false);
-        }
-        Some(WsError::Protocol(_)) => {
-            metrics::counter!(m::CLIENT_ERRORS, "code" => ErrorCode::BadRequest.as_str()).increment(1);
-            outbox.close(CloseCode(1002), "WebSocket protocol error", false);
-        }
-        _ => tracing::debug!(error = %inner, "websocket read error"),
-    }
 }

@@ -1,0 +1,436 @@
+//! WebSocket framing (RFC 6455), server side, without I/O.
+//!
+//! [`Reader`] takes client messages off the front of a byte buffer: it checks every rule a
+//! server must enforce (masking, reserved bits and opcodes, control-frame limits, fragmentation,
+//! UTF-8 of text messages and close reasons, close codes, the message size bound before the
+//! payload arrives) and reassembles fragmented messages. [`encode_frame`] and [`encode_close`]
+//! write unmasked server frames.
+//!
+//! Why crier frames WebSockets itself instead of using tungstenite: a connection then owns no
+//! buffer while it is idle. The server reads into a stack buffer and keeps bytes only while a
+//! frame is incomplete; it writes shared, already-encoded frames straight from the outbox. With
+//! tungstenite every connection kept a read buffer, a write buffer the size of its largest
+//! batch, a copy of its configuration and two waker proxies for its whole life, and every
+//! outgoing frame was validated as UTF-8 once per subscriber (see BENCHMARKS.md for the figures).
+//! No permessage-deflate (an extension is never negotiated).
+
+/// Frame opcodes.
+pub const OP_CONTINUATION: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+/// Longest frame header: 2 bytes, 8 of extended length, 4 of mask.
+pub const MAX_HEADER_BYTES: usize = 14;
+/// Largest payload of a control frame.
+pub const MAX_CONTROL_PAYLOAD: usize = 125;
+
+/// Why a connection must be closed; [`Violation::close_code`] is the code RFC 6455 prescribes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Violation {
+    /// 1002: the bytes break the framing rules.
+    Protocol(&'static str),
+    /// 1009: a frame or a reassembled message is larger than the bound.
+    TooBig,
+    /// 1007: a text message or a close reason is not UTF-8.
+    InvalidUtf8,
+}
+
+impl Violation {
+    pub fn close_code(self) -> u16 {
+        match self {
+            Violation::Protocol(_) => 1002,
+            Violation::TooBig => 1009,
+            Violation::InvalidUtf8 => 1007,
+        }
+    }
+
+    /// The close frame's reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Violation::Protocol(why) => why,
+            Violation::TooBig => "message larger than max_message_bytes",
+            Violation::InvalidUtf8 => "invalid UTF-8 in a text frame",
+        }
+    }
+}
+
+/// A complete message from the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    Text(String),
+    /// A binary message (crier speaks JSON text only); its length.
+    Binary(usize),
+    /// A ping; its payload is owed back in a pong.
+    Ping(Vec<u8>),
+    Pong,
+    /// The client's close: its code and reason, if it gave a code.
+    Close(Option<(u16, String)>),
+}
+
+struct Header {
+    fin: bool,
+    opcode: u8,
+    mask: [u8; 4],
+    header_len: usize,
+    payload_len: u64,
+}
+
+/// Parses a frame header from the front of `buf`; `Ok(None)` if more bytes are needed.
+fn parse_header(buf: &[u8]) -> Result<Option<Header>, Violation> {
+    let [b0, b1, ..] = *buf else { return Ok(None) };
+    if b0 & 0x70 != 0 {
+        return Err(Violation::Protocol("reserved bits set without an extension"));
+    }
+    let opcode = b0 & 0x0F;
+    if !matches!(opcode, OP_CONTINUATION | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG) {
+        return Err(Violation::Protocol("reserved opcode"));
+    }
+    if b1 & 0x80 == 0 {
+        return Err(Violation::Protocol("unmasked frame from a client"));
+    }
+    let (payload_len, at) = match b1 & 0x7F {
+        126 => match buf.get(2..4) {
+            Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
+            None => return Ok(None),
+        },
+        127 => match buf.get(2..10) {
+            Some(b) => {
+                let mut len = [0u8; 8];
+                len.copy_from_slice(b);
+                let len = u64::from_be_bytes(len);
+                if len >> 63 != 0 {
+                    return Err(Violation::Protocol("frame length with the most significant bit set"));
+                }
+                (len, 10)
+            }
+            None => return Ok(None),
+        },
+        n => (u64::from(n), 2),
+    };
+    let Some(m) = buf.get(at..at + 4) else { return Ok(None) };
+    Ok(Some(Header { fin: b0 & 0x80 != 0, opcode, mask: [m[0], m[1], m[2], m[3]], header_len: at + 4, payload_len }))
+}
+
+fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    for (i, b) in payload.iter_mut().enumerate() {
+        *b ^= mask[i & 3];
+    }
+}
+
+/// Close codes a peer may send (RFC 6455 §7.4; 1005, 1006 and 1015 are never sent on the wire).
+pub fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+fn parse_close(payload: Vec<u8>) -> Result<Incoming, Violation> {
+    match payload.len() {
+        0 => Ok(Incoming::Close(None)),
+        1 => Err(Violation::Protocol("close frame with a one-byte payload")),
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if !close_code_allowed(code) {
+                return Err(Violation::Protocol("invalid close code"));
+            }
+            let reason = String::from_utf8(payload[2..].to_vec()).map_err(|_| Violation::InvalidUtf8)?;
+            Ok(Incoming::Close(Some((code, reason))))
+        }
+    }
+}
+
+/// Reassembles client messages; see the module docs. Holds bytes only for a fragmented message
+/// in progress.
+#[derive(Debug)]
+pub struct Reader {
+    /// A fragmented message being assembled: its opcode and its payload so far.
+    partial: Option<(u8, Vec<u8>)>,
+    max_message: usize,
+}
+
+impl Reader {
+    /// A reader refusing frames and messages over `max_message` bytes (1009).
+    pub fn new(max_message: usize) -> Reader {
+        Reader { partial: None, max_message }
+    }
+
+    /// Takes the next complete message off the front of `buf`, removing the bytes it used;
+    /// `Ok(None)` when `buf` holds no complete message yet (what it holds stays there, except
+    /// complete fragments, which move into the reader). A frame announcing more than the bound
+    /// is refused as soon as its header is in, before its payload.
+    pub fn next(&mut self, buf: &mut Vec<u8>) -> Result<Option<Incoming>, Violation> {
+        loop {
+            let Some(h) = parse_header(buf)? else { return Ok(None) };
+            let control = h.opcode & 0x8 != 0;
+            if control {
+                if !h.fin {
+                    return Err(Violation::Protocol("fragmented control frame"));
+                }
+                if h.payload_len > MAX_CONTROL_PAYLOAD as u64 {
+                    return Err(Violation::Protocol("control frame over 125 bytes"));
+                }
+            } else {
+                match (h.opcode, &self.partial) {
+                    (OP_CONTINUATION, None) => {
+                        return Err(Violation::Protocol("continuation frame with nothing to continue"));
+                    }
+                    (OP_TEXT | OP_BINARY, Some(_)) => {
+                        return Err(Violation::Protocol("new message inside a fragmented one"));
+                    }
+                    _ => {}
+                }
+                let so_far = self.partial.as_ref().map_or(0, |(_, p)| p.len()) as u64;
+                if so_far.saturating_add(h.payload_len) > self.max_message as u64 {
+                    return Err(Violation::TooBig);
+                }
+            }
+            // Bounded by max_message (data) or 125 (control), so it fits in usize.
+            let end = h.header_len + h.payload_len as usize;
+            if buf.len() < end {
+                return Ok(None);
+            }
+            let mut payload = buf[h.header_len..end].to_vec();
+            buf.drain(..end);
+            unmask(&mut payload, h.mask);
+            let message = match h.opcode {
+                OP_PING => Incoming::Ping(payload),
+                OP_PONG => Incoming::Pong,
+                OP_CLOSE => parse_close(payload)?,
+                OP_CONTINUATION => {
+                    let Some((opcode, mut acc)) = self.partial.take() else {
+                        return Err(Violation::Protocol("continuation frame with nothing to continue"));
+                    };
+                    acc.extend_from_slice(&payload);
+                    if !h.fin {
+                        self.partial = Some((opcode, acc));
+                        continue;
+                    }
+                    finish(opcode, acc)?
+                }
+                opcode if h.fin => finish(opcode, payload)?,
+                opcode => {
+                    self.partial = Some((opcode, payload));
+                    continue;
+                }
+            };
+            return Ok(Some(message));
+        }
+    }
+}
+
+fn finish(opcode: u8, payload: Vec<u8>) -> Result<Incoming, Violation> {
+    if opcode == OP_TEXT {
+        String::from_utf8(payload).map(Incoming::Text).map_err(|_| Violation::InvalidUtf8)
+    } else {
+        Ok(Incoming::Binary(payload.len()))
+    }
+}
+
+/// Bytes [`encode_frame`] adds in front of a payload of `len` bytes.
+pub fn header_len(len: usize) -> usize {
+    match len {
+        0..=125 => 2,
+        126..=65535 => 4,
+        _ => 10,
+    }
+}
+
+/// Writes the header of an unmasked, final server frame into `out`; returns its length.
+pub fn encode_header(out: &mut [u8; 10], opcode: u8, len: usize) -> usize {
+    out[0] = 0x80 | opcode;
+    match len {
+        0..=125 => {
+            out[1] = len as u8;
+            2
+        }
+        126..=65535 => {
+            out[1] = 126;
+            out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            4
+        }
+        _ => {
+            out[1] = 127;
+            out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            10
+        }
+    }
+}
+
+/// Appends an unmasked, final server frame to `out`.
+pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    let mut header = [0u8; 10];
+    let n = encode_header(&mut header, opcode, payload.len());
+    out.extend_from_slice(&header[..n]);
+    out.extend_from_slice(payload);
+}
+
+/// Appends a close frame; the reason is cut (on a character boundary) to fit in 123 bytes.
+pub fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
+    let mut cut = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut payload = Vec::with_capacity(2 + cut);
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(&reason.as_bytes()[..cut]);
+    encode_frame(out, OP_CLOSE, &payload);
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A client frame, masked.
+    fn client(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        match payload.len() {
+            n @ 0..=125 => out.push(0x80 | n as u8),
+            n @ 126..=65535 => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        let mut p = payload.to_vec();
+        unmask(&mut p, mask);
+        out.extend(p);
+        out
+    }
+
+    fn read_all(bytes: &[u8], max: usize) -> Result<Vec<Incoming>, Violation> {
+        let mut r = Reader::new(max);
+        let mut buf = bytes.to_vec();
+        let mut out = Vec::new();
+        while let Some(m) = r.next(&mut buf)? {
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    const M: [u8; 4] = [1, 2, 3, 4];
+
+    #[test]
+    fn messages_control_frames_and_fragments() {
+        let mut bytes = client(true, OP_TEXT, b"hello", M);
+        bytes.extend(client(false, OP_TEXT, "caf".as_bytes(), M));
+        bytes.extend(client(true, OP_PING, b"p", M));
+        bytes.extend(client(false, OP_CONTINUATION, &"é!".as_bytes()[..1], M));
+        bytes.extend(client(true, OP_CONTINUATION, &"é!".as_bytes()[1..], M));
+        bytes.extend(client(true, OP_BINARY, &[0, 255], M));
+        bytes.extend(client(true, OP_PONG, b"", M));
+        bytes.extend(client(true, OP_CLOSE, &[0x03, 0xE8, b'o', b'k'], M));
+        let got = read_all(&bytes, 1024).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Incoming::Text("hello".into()),
+                Incoming::Ping(b"p".to_vec()),
+                Incoming::Text("café!".into()),
+                Incoming::Binary(2),
+                Incoming::Pong,
+                Incoming::Close(Some((1000, "ok".into()))),
+            ]
+        );
+    }
+
+    #[test]
+    fn every_violation_has_its_code() {
+        let mut unmasked = client(true, OP_TEXT, b"x", M);
+        unmasked[1] &= 0x7F;
+        let mut rsv = client(true, OP_TEXT, b"x", M);
+        rsv[0] |= 0x40;
+        let mut huge = vec![0x81, 0xFF];
+        huge.extend_from_slice(&u64::MAX.to_be_bytes());
+        let cases: Vec<(Vec<u8>, u16)> = vec![
+            (unmasked, 1002),
+            (rsv, 1002),
+            (client(true, 0x3, b"x", M), 1002),
+            (client(true, 0xB, b"x", M), 1002),
+            (client(true, OP_CONTINUATION, b"x", M), 1002),
+            ([client(false, OP_TEXT, b"a", M), client(true, OP_TEXT, b"b", M)].concat(), 1002),
+            (client(false, OP_PING, b"x", M), 1002),
+            (client(true, OP_PING, &[0; 126], M), 1002),
+            (client(true, OP_CLOSE, &[3], M), 1002),
+            (client(true, OP_CLOSE, &1005u16.to_be_bytes(), M), 1002),
+            (client(true, OP_CLOSE, &[0x03, 0xE8, 0xFF], M), 1007),
+            (huge, 1002),
+            (client(true, OP_TEXT, &[0xC3, 0x28], M), 1007),
+            ([client(false, OP_TEXT, b"ok", M), client(true, OP_CONTINUATION, &[0xC3], M)].concat(), 1007),
+            (client(true, OP_TEXT, &[b' '; 11], M), 1009),
+            ([client(false, OP_TEXT, &[b' '; 6], M), client(true, OP_CONTINUATION, &[b' '; 6], M)].concat(), 1009),
+        ];
+        for (i, (bytes, code)) in cases.into_iter().enumerate() {
+            assert_eq!(read_all(&bytes, 10).map_err(Violation::close_code), Err(code), "case {i}");
+        }
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_from_its_header_alone() {
+        let mut header = vec![0x81, 0xFF];
+        header.extend_from_slice(&(i64::MAX as u64).to_be_bytes());
+        header.extend_from_slice(&M);
+        assert_eq!(Reader::new(1 << 20).next(&mut header), Err(Violation::TooBig));
+    }
+
+    #[test]
+    fn server_frames_have_the_right_headers() {
+        for len in [0usize, 125, 126, 65535, 65536] {
+            let mut out = Vec::new();
+            encode_frame(&mut out, OP_TEXT, &vec![b'x'; len]);
+            assert_eq!(out.len(), header_len(len) + len);
+            assert_eq!(out[0], 0x81);
+        }
+        let mut out = Vec::new();
+        encode_close(&mut out, 4009, &"é".repeat(100));
+        assert!(out.len() <= 2 + MAX_CONTROL_PAYLOAD);
+        assert!(std::str::from_utf8(&out[4..]).is_ok(), "cut on a character boundary");
+    }
+
+    proptest! {
+        /// Messages cut into fragments and delivered in arbitrary chunks come out whole, once.
+        #[test]
+        fn fragments_in_any_chunks_reassemble(
+            texts in proptest::collection::vec(".{0,40}", 1..6),
+            cuts in proptest::collection::vec(1usize..4, 1..6),
+            chunk in 1usize..30,
+            mask in any::<[u8; 4]>(),
+        ) {
+            let mut bytes = Vec::new();
+            for (t, parts) in texts.iter().zip(cuts.iter().cycle()) {
+                let b = t.as_bytes();
+                let step = b.len().div_ceil(*parts).max(1);
+                let pieces: Vec<&[u8]> = if b.is_empty() { vec![b] } else { b.chunks(step).collect() };
+                for (i, p) in pieces.iter().enumerate() {
+                    let op = if i == 0 { OP_TEXT } else { OP_CONTINUATION };
+                    bytes.extend(client(i + 1 == pieces.len(), op, p, mask));
+                }
+            }
+            let mut r = Reader::new(1 << 16);
+            let mut buf = Vec::new();
+            let mut got = Vec::new();
+            for c in bytes.chunks(chunk) {
+                buf.extend_from_slice(c);
+                while let Some(m) = r.next(&mut buf).unwrap() {
+                    got.push(m);
+                }
+            }
+            prop_assert!(buf.is_empty());
+            prop_assert_eq!(got, texts.into_iter().map(Incoming::Text).collect::<Vec<_>>());
+        }
+
+        /// Arbitrary bytes never panic and never hold more than the bound plus a header.
+        #[test]
+        fn arbitrary_bytes_are_refused_or_wait(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut r = Reader::new(64);
+            let mut buf = bytes;
+            while let Ok(Some(_)) = r.next(&mut buf) {}
+        }
+    }
+}

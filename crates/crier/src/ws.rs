@@ -1,0 +1,197 @@
+//! The WebSocket side of a connection: the upgrade response and the socket that reads client
+//! messages and writes server frames, holding no buffer while idle.
+//!
+//! Reads go into a buffer on the stack; only the bytes of an incomplete frame are kept (in
+//! `rbuf`, freed once a message completes). Writes go straight from the outbox's shared frames to
+//! the socket with one `writev` per batch; only what the socket does not take at once is copied
+//! (into `wbuf`, freed once written). Framing rules live in [`crier_protocol::ws`].
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use base64::Engine;
+use bytes::Bytes;
+use crier_core::Out;
+use crier_protocol::ws::{self as frame, Incoming, Violation};
+use sha1::{Digest, Sha1};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Bytes read from the socket per read call (on the stack).
+const READ_CHUNK: usize = 4096;
+/// Frames per `writev` (each takes two slices; Linux allows 1024).
+const FRAMES_PER_WRITE: usize = 64;
+
+/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 §4.2.2).
+pub fn accept_key(key: &[u8]) -> String {
+    let mut sha1 = Sha1::new();
+    sha1.update(key);
+    sha1.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(sha1.finalize())
+}
+
+/// What ended reading.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The client broke a framing rule: close with the violation's code.
+    Violation(Violation),
+    Io(io::Error),
+}
+
+/// A server-side WebSocket over a TCP stream; see the module docs.
+pub struct WsSocket {
+    io: TcpStream,
+    reader: frame::Reader,
+    /// Bytes of an incomplete frame (empty, without allocation, between messages).
+    rbuf: Vec<u8>,
+    /// Bytes the socket did not take yet, and how many of them were written.
+    wbuf: Vec<u8>,
+    written: usize,
+    /// The payload of the last ping still owed a pong (only the latest is answered, RFC 6455 §5.5.3).
+    pong: Option<Vec<u8>>,
+}
+
+impl WsSocket {
+    /// `leftover`: bytes the HTTP layer read past the upgrade request (a client may send its
+    /// first frame without waiting for the 101).
+    pub fn new(io: TcpStream, leftover: Bytes, max_message: usize) -> WsSocket {
+        WsSocket {
+            io,
+            reader: frame::Reader::new(max_message),
+            rbuf: leftover.to_vec(),
+            wbuf: Vec::new(),
+            written: 0,
+            pong: None,
+        }
+    }
+
+    /// The next message; `Ok(None)` when the client's stream ended. A ping is answered (the pong
+    /// goes out with the next write) and also reported.
+    pub fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Incoming>, ReadError>> {
+        loop {
+            if !self.rbuf.is_empty() {
+                match self.reader.next(&mut self.rbuf) {
+                    Ok(Some(message)) => {
+                        if self.rbuf.is_empty() {
+                            self.rbuf = Vec::new();
+                        }
+                        if let Incoming::Ping(payload) = &message {
+                            self.pong = Some(payload.clone());
+                        }
+                        return Poll::Ready(Ok(Some(message)));
+                    }
+                    Ok(None) => {}
+                    Err(v) => return Poll::Ready(Err(ReadError::Violation(v))),
+                }
+            }
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut buf = ReadBuf::new(&mut chunk);
+            if let Err(e) = ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf)) {
+                return Poll::Ready(Err(ReadError::Io(e)));
+            }
+            if buf.filled().is_empty() {
+                return Poll::Ready(Ok(None));
+            }
+            self.rbuf.extend_from_slice(buf.filled());
+        }
+    }
+
+    /// True while bytes wait to be written (a pong counts).
+    pub fn is_writing(&self) -> bool {
+        self.written < self.wbuf.len() || self.pong.is_some()
+    }
+
+    /// Writes what waits; `Ready(Ok)` once everything is out (the buffer is then freed).
+    pub fn poll_write_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.written == self.wbuf.len()
+            && let Some(payload) = self.pong.take()
+        {
+            self.wbuf.clear();
+            self.written = 0;
+            frame::encode_frame(&mut self.wbuf, frame::OP_PONG, &payload);
+        }
+        while self.written < self.wbuf.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        self.wbuf = Vec::new();
+        self.written = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Starts writing a batch (call only when [`WsSocket::is_writing`] is false): frames go out
+    /// with `writev` straight from their shared bytes; whatever the socket does not take now is
+    /// copied into the write buffer for [`WsSocket::poll_write_pending`].
+    pub fn write_batch(&mut self, cx: &mut Context<'_>, batch: &[Out]) -> io::Result<()> {
+        let mut rest = batch;
+        while !rest.is_empty() {
+            let (now, later) = rest.split_at(rest.len().min(FRAMES_PER_WRITE));
+            let mut headers = [[0u8; 10]; FRAMES_PER_WRITE];
+            let mut lens = [0usize; FRAMES_PER_WRITE];
+            for (i, out) in now.iter().enumerate() {
+                let (op, payload) = parts(out);
+                lens[i] = frame::encode_header(&mut headers[i], op, payload.len());
+            }
+            let mut slices = [io::IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
+            let mut total = 0;
+            for (i, out) in now.iter().enumerate() {
+                let payload = parts(out).1;
+                slices[2 * i] = io::IoSlice::new(&headers[i][..lens[i]]);
+                slices[2 * i + 1] = io::IoSlice::new(payload);
+                total += lens[i] + payload.len();
+            }
+            let written = match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..2 * now.len()]) {
+                Poll::Ready(Ok(0)) if total > 0 => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => 0,
+            };
+            if written < total {
+                // The socket is full: keep the unwritten tail (this chunk's, then the rest).
+                let mut skip = written;
+                for s in &slices[..2 * now.len()] {
+                    let take = skip.min(s.len());
+                    skip -= take;
+                    self.wbuf.extend_from_slice(&s[take..]);
+                }
+                for out in later {
+                    let (op, payload) = parts(out);
+                    frame::encode_frame(&mut self.wbuf, op, payload);
+                }
+                self.written = 0;
+                return Ok(());
+            }
+            rest = later;
+        }
+        Ok(())
+    }
+
+    /// Queues a close frame (with a code and reason, or empty) after whatever waits.
+    pub fn queue_close(&mut self, close: Option<(u16, &str)>) {
+        match close {
+            Some((code, reason)) => frame::encode_close(&mut self.wbuf, code, reason),
+            None => frame::encode_frame(&mut self.wbuf, frame::OP_CLOSE, &[]),
+        }
+    }
+}
+
+fn parts(out: &Out) -> (u8, &[u8]) {
+    match out {
+        Out::Frame(bytes) => (frame::OP_TEXT, bytes),
+        Out::Ping => (frame::OP_PING, &[]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_key_matches_rfc_6455() {
+        assert_eq!(accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+}
