@@ -59,7 +59,7 @@ pub async fn ws_handler(
         None => return reject(ApiError::new(StatusCode::UNAUTHORIZED, "token_missing", "no token given")),
     };
     let conn_id = st.registry.next_id();
-    let client_id = format!("{}-{}", st.config.node_id, conn_id);
+    let client_id = session::client_id(&st.config.node_id, conn_id);
     let max = st.config.max_connections_per_user as u64;
     let mut slot = None;
     // Anonymous connections have no user to count.
@@ -97,7 +97,7 @@ pub async fn ws_handler(
         return reject(ApiError::unavailable("node is draining; connect to another node"));
     }
     metrics::counter!(m::HANDSHAKES, "result" => "ok").increment(1);
-    let session = Session::new(st.clone(), conn_id, client_id, claims, slot);
+    let session = Session::new(st.clone(), conn_id, claims, slot);
     tokio::spawn(session::run(session, on_upgrade));
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

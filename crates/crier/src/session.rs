@@ -10,7 +10,6 @@
 //! expired), 4008 (rate-limit abuse), 4010 (heartbeat timeout); 4009 comes from the outbox,
 //! 4003 from the registry, 1012 from the drain. See `crier_protocol::codes`.
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::task::Poll;
@@ -41,35 +40,55 @@ const STRIKE_WINDOW: Duration = Duration::from_secs(10);
 /// Largest `limit` of a `history` frame.
 const MAX_HISTORY_LIMIT: usize = 1000;
 
-/// A connection's state, owned by its session task.
+/// The client id of connection `conn` on node `node` (in `welcome`, presence and connection
+/// counts).
+pub fn client_id(node: &str, conn: ConnId) -> String {
+    format!("{node}-{conn}")
+}
+
+/// A connection's state, owned by its session task. Kept small on purpose: it lives in every
+/// connection's task for the connection's whole life (the client id is derived, not stored; the
+/// token's patterns are kept, its other claims are not).
 pub struct Session {
     st: AppState,
     conn: ConnId,
-    client: String,
+    /// The token's `sub` (empty for an anonymous connection).
     user: Arc<str>,
-    claims: Claims,
+    /// Channel patterns the token allows subscribing to and publishing to.
+    channels: Vec<String>,
+    publish: Vec<String>,
     outbox: Arc<Outbox>,
-    subs: HashSet<String>,
+    /// Subscribed channels (at most `max_subscriptions_per_connection`, searched linearly).
+    subs: Vec<Box<str>>,
     strikes: u32,
     strike_window: Instant,
-    slot: Option<ConnSlot>,
+    slot: Option<Box<ConnSlot>>,
 }
 
 impl Session {
-    pub fn new(st: AppState, conn: ConnId, client: String, claims: Claims, slot: Option<ConnSlot>) -> Session {
+    pub fn new(st: AppState, conn: ConnId, claims: Claims, slot: Option<ConnSlot>) -> Session {
         let outbox = Arc::new(Outbox::new(st.config.client_queue_max_bytes));
+        outbox.set_expiry(expiry_ms(claims.exp));
         Session {
             conn,
-            client,
-            user: claims.sub.as_str().into(),
-            claims,
+            user: claims.sub.into(),
+            channels: claims.channels,
+            publish: claims.publish,
             outbox,
-            subs: HashSet::new(),
+            subs: Vec::new(),
             strikes: 0,
             strike_window: Instant::now(),
-            slot,
+            slot: slot.map(Box::new),
             st,
         }
+    }
+
+    fn client(&self) -> String {
+        client_id(&self.st.config.node_id, self.conn)
+    }
+
+    fn subscribed(&self, channel: &str) -> Option<usize> {
+        self.subs.iter().position(|c| &**c == channel)
     }
 
     fn send(&self, frame: &ServerFrame<'_>) {
@@ -82,9 +101,8 @@ impl Session {
     }
 
     fn can_subscribe(&self, channel: &str) -> bool {
-        any_matches(&self.claims.channels, channel)
-            || (!self.claims.sub.is_empty()
-                && channel.strip_prefix("user:").is_some_and(|rest| rest == self.claims.sub))
+        any_matches(&self.channels, channel)
+            || (!self.user.is_empty() && channel.strip_prefix("user:").is_some_and(|rest| rest == &*self.user))
     }
 
     /// Validates a channel name and the right to read it; sends the error when refused.
@@ -170,7 +188,7 @@ impl Session {
         if !self.readable(id, channel) {
             return;
         }
-        if self.subs.contains(channel) {
+        if self.subscribed(channel).is_some() {
             return self.error(id, ErrorCode::AlreadySubscribed, "already subscribed", Some(channel));
         }
         if self.subs.len() >= self.st.config.max_subscriptions_per_connection {
@@ -183,7 +201,7 @@ impl Session {
         }
         // Presence first, so that once the client holds its ack, everyone can see it.
         let entry = PresenceEntry {
-            client: self.client.clone(),
+            client: self.client(),
             user: self.user.to_string(),
             node: self.st.config.node_id.clone(),
         };
@@ -196,13 +214,15 @@ impl Session {
         };
         let result = self.st.node.subscribe(channel, self.conn, &self.outbox, recover.as_ref(), ack).await;
         if result.is_err()
-            && let Err(e) = self.st.broker().presence_remove(channel, &self.client).await
+            && let Err(e) = self.st.broker().presence_remove(channel, &entry.client).await
         {
             tracing::warn!(error = %e, "presence remove failed");
         }
         match result {
             Ok(s) => {
-                self.subs.insert(channel.to_owned());
+                // Grown one at a time: most connections hold a channel or two.
+                self.subs.reserve_exact(1);
+                self.subs.push(channel.into());
                 if let Some(ok) = s.recovered {
                     let result = if ok { "recovered" } else { "failed" };
                     metrics::counter!(m::RECOVERIES, "result" => result).increment(1);
@@ -223,9 +243,10 @@ impl Session {
         if let Err(e) = validate_channel(channel) {
             return self.error(id, ErrorCode::InvalidChannel, &e.to_string(), None);
         }
-        if !self.subs.remove(channel) {
+        let Some(at) = self.subscribed(channel) else {
             return self.error(id, ErrorCode::NotSubscribed, "not subscribed", Some(channel));
-        }
+        };
+        self.subs.swap_remove(at);
         self.leave(channel).await;
         self.send(&ServerFrame::Ack { id, channel: Some(channel), epoch: None, offset: None, recovered: None });
     }
@@ -233,7 +254,7 @@ impl Session {
     /// Hub, broker and presence side of leaving a channel.
     async fn leave(&self, channel: &str) {
         self.st.node.unsubscribe(channel, self.conn).await;
-        if let Err(e) = self.st.broker().presence_remove(channel, &self.client).await {
+        if let Err(e) = self.st.broker().presence_remove(channel, &self.client()).await {
             tracing::warn!(error = %e, "presence remove failed");
         }
     }
@@ -242,7 +263,7 @@ impl Session {
         if let Err(e) = validate_channel(channel) {
             return self.error(id, ErrorCode::InvalidChannel, &e.to_string(), None);
         }
-        if !any_matches(&self.claims.publish, channel) {
+        if !any_matches(&self.publish, channel) {
             return self.error(id, ErrorCode::Forbidden, "the token does not allow publishing here", Some(channel));
         }
         match self.st.broker().publish(channel, data, Default::default()).await {
@@ -273,14 +294,15 @@ impl Session {
             Ok(c) => c,
             Err(e) => return self.error(id, ErrorCode::TokenInvalid, &e.0, None),
         };
-        if claims.sub != self.claims.sub {
+        if *claims.sub != *self.user {
             return self.error(id, ErrorCode::TokenInvalid, "the new token is for another user", None);
         }
         self.outbox.set_expiry(expiry_ms(claims.exp));
-        self.claims = claims;
-        let revoked: Vec<String> = self.subs.iter().filter(|c| !self.can_subscribe(c)).cloned().collect();
+        self.channels = claims.channels;
+        self.publish = claims.publish;
+        let revoked: Vec<Box<str>> = self.subs.iter().filter(|c| !self.can_subscribe(c)).cloned().collect();
         for channel in revoked {
-            self.subs.remove(&channel);
+            self.subs.retain(|c| *c != channel);
             self.leave(&channel).await;
             self.send(&ServerFrame::Unsubscribed {
                 channel: &channel,
@@ -394,65 +416,70 @@ enum Ending {
 /// Runs a connection to its end, in one task: waits for hyper to hand over the upgraded socket,
 /// then reads, writes and answers until a close. Heartbeats and token expiry are checked by the
 /// node's sweep ([`crate::heartbeat`]), which acts through the outbox.
-pub async fn run(mut s: Session, upgrade: OnUpgrade) {
-    let mut ws = match upgrade.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
-        Ok(Ok(parts)) => WsSocket::new(parts.io.into_inner(), parts.read_buf, s.st.config.max_message_bytes),
-        Ok(Err(_)) => return tracing::error!("the upgraded connection is not a TCP stream"),
-        Err(e) => return tracing::debug!(error = %e, "websocket upgrade failed"),
-    };
-    s.st.registry.register(s.conn, &s.user, s.outbox.clone());
-    s.outbox.set_expiry(expiry_ms(s.claims.exp));
-    s.send(&ServerFrame::Welcome {
-        client: &s.client,
-        user: &s.user,
-        node: &s.st.config.node_id,
-        ping_interval_ms: s.st.config.ping_interval.as_millis() as u64,
-    });
-    let ending = loop {
-        let event = next_event(&mut ws, &s.outbox).await;
-        let inbound = match event {
-            Event::Close(close) => {
-                // A client that does not read (slow consumer) or answer (heartbeat timeout) gets
-                // the close frame but no wait for a reply it will not send.
-                let linger = !matches!(close.code, CloseCode::SLOW_CONSUMER | CloseCode::HEARTBEAT_TIMEOUT);
-                break Ending::Close(close, linger);
-            }
-            // Aborted (the batch being written is abandoned) or the socket failed.
-            Event::WriteEnded => break s.outbox.take_close().map_or(Ending::Gone, |c| Ending::Close(c, false)),
-            Event::Inbound(inbound) => inbound,
+///
+/// Not an `async fn`: the `async move` block uses the captured session in place, where an
+/// `async fn` would keep a second copy of its argument in the task (rust-lang/rust#62958;
+/// measured: 864 → ~580 bytes per connection task).
+pub fn run(mut s: Session, upgrade: OnUpgrade) -> impl Future<Output = ()> + Send {
+    async move {
+        let mut ws = match upgrade.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
+            Ok(Ok(parts)) => WsSocket::new(parts.io.into_inner(), parts.read_buf, s.st.config.max_message_bytes),
+            Ok(Err(_)) => return tracing::error!("the upgraded connection is not a TCP stream"),
+            Err(e) => return tracing::debug!(error = %e, "websocket upgrade failed"),
         };
-        s.outbox.touch();
-        match inbound {
-            Ok(Some(Incoming::Text(text))) => Box::pin(s.on_text(&text)).await,
-            Ok(Some(Incoming::Binary(_))) => {
-                if Box::pin(s.admit(None)).await {
-                    s.error(
-                        None,
-                        ErrorCode::BadRequest,
-                        "binary frames are not supported; send JSON text frames",
-                        None,
-                    );
+        s.st.registry.register(s.conn, s.user.clone(), s.outbox.clone());
+        s.send(&ServerFrame::Welcome {
+            client: &s.client(),
+            user: &s.user,
+            node: &s.st.config.node_id,
+            ping_interval_ms: s.st.config.ping_interval.as_millis() as u64,
+        });
+        let ending = loop {
+            let event = next_event(&mut ws, &s.outbox).await;
+            let inbound = match event {
+                Event::Close(close) => {
+                    // A client that does not read (slow consumer) or answer (heartbeat timeout) gets
+                    // the close frame but no wait for a reply it will not send.
+                    let linger = !matches!(close.code, CloseCode::SLOW_CONSUMER | CloseCode::HEARTBEAT_TIMEOUT);
+                    break Ending::Close(close, linger);
+                }
+                // Aborted (the batch being written is abandoned) or the socket failed.
+                Event::WriteEnded => break s.outbox.take_close().map_or(Ending::Gone, |c| Ending::Close(c, false)),
+                Event::Inbound(inbound) => inbound,
+            };
+            s.outbox.touch();
+            match inbound {
+                Ok(Some(Incoming::Text(text))) => Box::pin(s.on_text(&text)).await,
+                Ok(Some(Incoming::Binary(_))) => {
+                    if Box::pin(s.admit(None)).await {
+                        s.error(
+                            None,
+                            ErrorCode::BadRequest,
+                            "binary frames are not supported; send JSON text frames",
+                            None,
+                        );
+                    }
+                }
+                Ok(Some(Incoming::Ping(_) | Incoming::Pong)) => {}
+                Ok(Some(Incoming::Close(c))) => break Ending::Echo(c.map(|(code, _)| code)),
+                Ok(None) => break Ending::Gone,
+                Err(ReadError::Violation(v)) => {
+                    let code = match v {
+                        Violation::TooBig => ErrorCode::MessageTooLarge,
+                        _ => ErrorCode::BadRequest,
+                    };
+                    metrics::counter!(m::CLIENT_ERRORS, "code" => code.as_str()).increment(1);
+                    break Ending::Close(Close { code: CloseCode(v.close_code()), reason: v.reason().into() }, false);
+                }
+                Err(ReadError::Io(e)) => {
+                    tracing::debug!(error = %e, "websocket read error");
+                    break Ending::Gone;
                 }
             }
-            Ok(Some(Incoming::Ping(_) | Incoming::Pong)) => {}
-            Ok(Some(Incoming::Close(c))) => break Ending::Echo(c.map(|(code, _)| code)),
-            Ok(None) => break Ending::Gone,
-            Err(ReadError::Violation(v)) => {
-                let code = match v {
-                    Violation::TooBig => ErrorCode::MessageTooLarge,
-                    _ => ErrorCode::BadRequest,
-                };
-                metrics::counter!(m::CLIENT_ERRORS, "code" => code.as_str()).increment(1);
-                break Ending::Close(Close { code: CloseCode(v.close_code()), reason: v.reason().into() }, false);
-            }
-            Err(ReadError::Io(e)) => {
-                tracing::debug!(error = %e, "websocket read error");
-                break Ending::Gone;
-            }
-        }
-    };
-    Box::pin(s.cleanup()).await;
-    Box::pin(finish(ws, ending)).await;
+        };
+        Box::pin(s.cleanup()).await;
+        Box::pin(finish(ws, ending)).await;
+    }
 }
 
 /// Writes what is still pending, then the close frame, then — with `linger` — reads until the

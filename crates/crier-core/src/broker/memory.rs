@@ -56,6 +56,33 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Who is in each channel: client → (user, node). One entry per subscription of every
+/// connection, so kept compact: boxed strings, node names shared.
+#[derive(Default)]
+struct Presence {
+    channels: HashMap<String, BTreeMap<Box<str>, (Box<str>, Arc<str>)>>,
+    /// Node names seen (a memory broker serves one node: in practice one name).
+    nodes: Vec<Arc<str>>,
+}
+
+impl Presence {
+    fn add(&mut self, channel: &str, entry: &PresenceEntry) {
+        let node = match self.nodes.iter().find(|n| ***n == *entry.node) {
+            Some(n) => n.clone(),
+            None => {
+                let n: Arc<str> = entry.node.as_str().into();
+                self.nodes.push(n.clone());
+                n
+            }
+        };
+        let members = match self.channels.get_mut(channel) {
+            Some(m) => m,
+            None => self.channels.entry(channel.to_owned()).or_default(),
+        };
+        members.insert(entry.client.as_str().into(), (entry.user.as_str().into(), node));
+    }
+}
+
 /// See the module docs.
 pub struct MemoryBroker {
     shards: Vec<Mutex<HashMap<String, ChannelState>>>,
@@ -65,7 +92,7 @@ pub struct MemoryBroker {
     history_size: usize,
     history_ttl: Duration,
     idempotency: Mutex<HashMap<(String, String), (PublishResult, Instant)>>,
-    presence: Mutex<HashMap<String, BTreeMap<String, PresenceEntry>>>,
+    presence: Mutex<Presence>,
     connections: Mutex<HashMap<String, HashSet<String>>>,
     node: Mutex<Option<NodeInfo>>,
 }
@@ -82,7 +109,7 @@ impl MemoryBroker {
             history_size,
             history_ttl,
             idempotency: Mutex::new(HashMap::new()),
-            presence: Mutex::new(HashMap::new()),
+            presence: Mutex::new(Presence::default()),
             connections: Mutex::new(HashMap::new()),
             node: Mutex::new(None),
         });
@@ -219,23 +246,31 @@ impl Broker for MemoryBroker {
     }
 
     async fn presence_add(&self, channel: &str, entry: &PresenceEntry) -> Result<(), BrokerError> {
-        lock(&self.presence).entry(channel.to_owned()).or_default().insert(entry.client.clone(), entry.clone());
+        lock(&self.presence).add(channel, entry);
         Ok(())
     }
 
     async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
         let mut p = lock(&self.presence);
-        if let Some(m) = p.get_mut(channel) {
+        if let Some(m) = p.channels.get_mut(channel) {
             m.remove(client);
             if m.is_empty() {
-                p.remove(channel);
+                p.channels.remove(channel);
             }
         }
         Ok(())
     }
 
     async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError> {
-        Ok(lock(&self.presence).get(channel).map(|m| m.values().cloned().collect()).unwrap_or_default())
+        let p = lock(&self.presence);
+        let entries = p.channels.get(channel).into_iter().flatten();
+        Ok(entries
+            .map(|(client, (user, node))| PresenceEntry {
+                client: client.to_string(),
+                user: user.to_string(),
+                node: node.to_string(),
+            })
+            .collect())
     }
 
     async fn connection_opened(&self, user: &str, client: &str) -> Result<u64, BrokerError> {
