@@ -200,11 +200,8 @@ impl Session {
             );
         }
         // Presence first, so that once the client holds its ack, everyone can see it.
-        let entry = PresenceEntry {
-            client: self.client(),
-            user: self.user.to_string(),
-            node: self.st.config.node_id.clone(),
-        };
+        let entry =
+            PresenceEntry { client: self.client(), user: self.user.to_string(), node: self.st.config.node_id.clone() };
         if let Err(e) = self.st.broker().presence_add(channel, &entry).await {
             tracing::warn!(error = %e, "presence add failed");
         }
@@ -420,6 +417,7 @@ enum Ending {
 /// Not an `async fn`: the `async move` block uses the captured session in place, where an
 /// `async fn` would keep a second copy of its argument in the task (rust-lang/rust#62958;
 /// measured: 864 → ~580 bytes per connection task).
+#[allow(clippy::manual_async_fn)] // on purpose, see above
 pub fn run(mut s: Session, upgrade: OnUpgrade) -> impl Future<Output = ()> + Send {
     async move {
         let mut ws = match upgrade.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {

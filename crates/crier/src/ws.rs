@@ -5,9 +5,12 @@
 //! `rbuf`, freed once a message completes). Writes go straight from the outbox's shared frames to
 //! the socket with one `writev` per batch; only what the socket does not take at once is copied
 //! (into `wbuf`, freed once written). Framing rules live in [`crier_protocol::ws`].
+//!
+//! The socket calls are `sendmsg`/`send`/`recv` (through socket2) rather than tokio's
+//! `writev`/`write`/`read`: the socket calls skip the VFS layer (`fdget_pos`, `vfs_writev`),
+//! which took ~10% of the gateway's CPU in a fan-out profile (`perf record`, 10,000 subscribers).
 
-use std::io;
-use std::pin::Pin;
+use std::io::{self, Read};
 use std::task::{Context, Poll, ready};
 
 use base64::Engine;
@@ -15,7 +18,8 @@ use bytes::Bytes;
 use crier_core::Out;
 use crier_protocol::ws::{self as frame, Incoming, Violation};
 use sha1::{Digest, Sha1};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// Bytes read from the socket per read call (on the stack).
@@ -86,14 +90,33 @@ impl WsSocket {
                 }
             }
             let mut chunk = [0u8; READ_CHUNK];
-            let mut buf = ReadBuf::new(&mut chunk);
-            if let Err(e) = ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf)) {
-                return Poll::Ready(Err(ReadError::Io(e)));
+            let n = match ready!(self.poll_io(cx, Interest::READABLE, |io| (&*SockRef::from(io)).read(&mut chunk))) {
+                Ok(0) => return Poll::Ready(Ok(None)),
+                Ok(n) => n,
+                Err(e) => return Poll::Ready(Err(ReadError::Io(e))),
+            };
+            self.rbuf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Runs a non-blocking socket call once the socket is ready for it; `Pending` (with the
+    /// waker registered) while it would block.
+    fn poll_io<T>(
+        &self,
+        cx: &mut Context<'_>,
+        interest: Interest,
+        mut call: impl FnMut(&TcpStream) -> io::Result<T>,
+    ) -> Poll<io::Result<T>> {
+        loop {
+            if interest.is_readable() {
+                ready!(self.io.poll_read_ready(cx))?;
+            } else {
+                ready!(self.io.poll_write_ready(cx))?;
             }
-            if buf.filled().is_empty() {
-                return Poll::Ready(Ok(None));
+            match self.io.try_io(interest, || call(&self.io)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result),
             }
-            self.rbuf.extend_from_slice(buf.filled());
         }
     }
 
@@ -112,7 +135,8 @@ impl WsSocket {
             frame::encode_frame(&mut self.wbuf, frame::OP_PONG, &payload);
         }
         while self.written < self.wbuf.len() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.written..]))?;
+            let rest = &self.wbuf[self.written..];
+            let n = ready!(self.poll_io(cx, Interest::WRITABLE, |io| SockRef::from(io).send(rest)))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -144,7 +168,8 @@ impl WsSocket {
                 slices[2 * i + 1] = io::IoSlice::new(payload);
                 total += lens[i] + payload.len();
             }
-            let written = match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..2 * now.len()]) {
+            let slices = &slices[..2 * now.len()];
+            let written = match self.poll_io(cx, Interest::WRITABLE, |io| SockRef::from(io).send_vectored(slices)) {
                 Poll::Ready(Ok(0)) if total > 0 => return Err(io::ErrorKind::WriteZero.into()),
                 Poll::Ready(Ok(n)) => n,
                 Poll::Ready(Err(e)) => return Err(e),
@@ -153,7 +178,7 @@ impl WsSocket {
             if written < total {
                 // The socket is full: keep the unwritten tail (this chunk's, then the rest).
                 let mut skip = written;
-                for s in &slices[..2 * now.len()] {
+                for s in slices {
                     let take = skip.min(s.len());
                     skip -= take;
                     self.wbuf.extend_from_slice(&s[take..]);

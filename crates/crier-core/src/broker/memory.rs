@@ -56,11 +56,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// One channel's presence: client → (user, node).
+type Members = BTreeMap<Box<str>, (Box<str>, Arc<str>)>;
+
 /// Who is in each channel: client → (user, node). One entry per subscription of every
 /// connection, so kept compact: boxed strings, node names shared.
 #[derive(Default)]
 struct Presence {
-    channels: HashMap<String, BTreeMap<Box<str>, (Box<str>, Arc<str>)>>,
+    channels: HashMap<String, Members>,
     /// Node names seen (a memory broker serves one node: in practice one name).
     nodes: Vec<Arc<str>>,
 }
