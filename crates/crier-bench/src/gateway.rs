@@ -110,9 +110,15 @@ impl Gateway {
         if redis {
             gw.redis = Some(start_redis(&args.redis_server).await?);
         }
+        let threads = worker_threads(nodes, &args.crier_arg);
         for i in 0..nodes {
-            let node = start_node(&crier, i, &gw, args).await?;
-            eprintln!("  started crier node {i} at {} (pid {})", node.addr, node.pid.unwrap_or(0));
+            let node = start_node(&crier, i, &gw, args, threads).await?;
+            let threads = threads.map_or("one per core".to_string(), |t| t.to_string());
+            eprintln!(
+                "  started crier node {i} at {} (pid {}, worker threads: {threads})",
+                node.addr,
+                node.pid.unwrap_or(0)
+            );
             gw.nodes.push(node);
         }
         // A node that prints its address and then fails (e.g. its broker) must not pass for a
@@ -248,7 +254,24 @@ fn log_tail(n: &Node) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-async fn start_node(crier: &Path, i: usize, gw: &Gateway, args: &GatewayArgs) -> anyhow::Result<Node> {
+/// Worker threads per node when several nodes share this machine: each gets its share of the
+/// cores (as a deployment co-locating nodes would configure `worker_threads`), unless the user
+/// set `--worker-threads` through `--crier-arg`. With one node: the node's default (one per core).
+/// Measured with 2 nodes on 2 cores: 2 threads each oversubscribe the cores and cost ~30% of
+/// the deliveries per CPU-second (BENCHMARKS.md).
+fn worker_threads(nodes: usize, crier_args: &[String]) -> Option<usize> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let user_set = crier_args.iter().any(|a| a.starts_with("--worker-threads"));
+    (nodes > 1 && !user_set).then(|| (cores / nodes).max(1))
+}
+
+async fn start_node(
+    crier: &Path,
+    i: usize,
+    gw: &Gateway,
+    args: &GatewayArgs,
+    threads: Option<usize>,
+) -> anyhow::Result<Node> {
     let log = std::env::temp_dir().join(format!("crier-bench-{}-node{i}.log", std::process::id()));
     let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let mut cmd = Command::new(crier);
@@ -261,6 +284,7 @@ async fn start_node(crier: &Path, i: usize, gw: &Gateway, args: &GatewayArgs) ->
         .arg("--api-keys")
         .arg(&gw.api_key)
         .args(NODE_FLAGS)
+        .args(threads.map(|t| format!("--worker-threads={t}")))
         .args(&args.crier_arg)
         .env("RUST_LOG", std::env::var("CRIER_BENCH_NODE_LOG").unwrap_or_else(|_| "warn".into()))
         .stdin(Stdio::null())

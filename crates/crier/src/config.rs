@@ -67,6 +67,8 @@ pub struct Config {
     pub presence_ttl: Duration,
     /// Connections this node accepts (0 = unlimited).
     pub max_connections: usize,
+    /// Runtime worker threads (0 = one per core).
+    pub worker_threads: usize,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Where `user_rate` is counted.
@@ -185,6 +187,7 @@ impl Default for Config {
             history_ttl: Duration::from_secs(300),
             presence_ttl: Duration::from_secs(30),
             max_connections: 0,
+            worker_threads: 0,
             trusted_proxies: Vec::new(),
             user_rate_scope: RateScope::Node,
             api_rate: 1000,
@@ -220,6 +223,7 @@ impl fmt::Debug for Config {
             .field("history_ttl", &self.history_ttl)
             .field("presence_ttl", &self.presence_ttl)
             .field("max_connections", &self.max_connections)
+            .field("worker_threads", &self.worker_threads)
             .field("trusted_proxies", &self.trusted_proxies)
             .field("user_rate_scope", &self.user_rate_scope)
             .field("api_rate", &self.api_rate)

@@ -254,6 +254,9 @@ pub(super) fn build(
     });
     let presence_ttl = p.required("presence_ttl", |s| duration_within(s, false, MAX_DURATION));
     let max_connections = p.required("max_connections", number::<usize>);
+    let worker_threads = p.required("worker_threads", |s| {
+        number::<usize>(s).and_then(|n| if n <= 1024 { Ok(n) } else { Err("at most 1024".into()) })
+    });
     let trusted_proxies = p.list("trusted_proxies", |s| {
         let s = s.trim();
         s.parse::<ipnet::IpNet>()
@@ -306,6 +309,7 @@ pub(super) fn build(
         history_ttl: got(history_ttl)?,
         presence_ttl: got(presence_ttl)?,
         max_connections: got(max_connections)?,
+        worker_threads: got(worker_threads)?,
         trusted_proxies: got(trusted_proxies)?,
         user_rate_scope: got(user_rate_scope)?,
         api_rate: got(api_rate)?,

@@ -207,6 +207,14 @@ pub(super) static SETTINGS: &[Setting] = &[
         "connections this node accepts; more are refused with 503 before the upgrade; 0 = unlimited",
     ),
     setting(
+        "worker_threads",
+        Scalar,
+        "N",
+        Some("0"),
+        "`0` (one per core)",
+        "threads serving connections (at most 1024); when several nodes share a host, give each its share of the cores",
+    ),
+    setting(
         "trusted_proxies",
         List,
         "CIDRS",
