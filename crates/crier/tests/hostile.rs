@@ -130,6 +130,7 @@ const OP_TEXT: u8 = 0x1;
 const OP_BINARY: u8 = 0x2;
 const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
 
 /// A client → server frame: masked, as clients must send, any opcode, FIN as given.
 fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
@@ -181,8 +182,14 @@ struct Frame {
 impl RawWs {
     /// Upgrades and reads the welcome frame.
     async fn connect(server: &Server, token: &str) -> RawWs {
+        RawWs::connect_with(server, token, &[]).await
+    }
+
+    /// Upgrades with `early` bytes sent in the same write as the request (before the 101), and
+    /// reads the welcome frame.
+    async fn connect_with(server: &Server, token: &str, early: &[u8]) -> RawWs {
         let mut s = TcpStream::connect(server.addr).await.unwrap();
-        s.write_all(upgrade_request(server, token).as_bytes()).await.unwrap();
+        s.write_all(&[upgrade_request(server, token).as_bytes(), early].concat()).await.unwrap();
         let mut ws = RawWs { s, buf: Vec::new() };
         let deadline = Instant::now() + WAIT;
         let end = loop {
@@ -667,6 +674,40 @@ async fn junk_after_the_upgrade_is_a_protocol_error_closed_with_1002() {
         let mut ws = RawWs::connect(&server, &token).await;
         ws.send(&bytes).await;
         assert_eq!(ws.close_code().await, Some(1002), "{name}");
+    }
+    by.finish(&server).await;
+}
+
+#[tokio::test]
+async fn early_frames_pings_and_closes_are_answered_as_rfc_6455_says() {
+    let server = start(&[]).await;
+    let by = Bystander::start(&server).await;
+    let token = hostile_token(&server);
+    // A frame sent together with the upgrade request (the HTTP layer read it) is not lost.
+    let mut ws = RawWs::connect_with(&server, &token, &text(r#"{"type":"ping","id":1}"#)).await;
+    assert_eq!(ws.text().await, json!({"type":"pong","id":1}));
+    // A WebSocket ping gets a pong with its payload.
+    ws.send(&frame(true, OP_PING, b"are you there")).await;
+    let f = ws.frame().await.expect("a pong");
+    assert_eq!((f.opcode, f.payload.as_slice()), (OP_PONG, &b"are you there"[..]));
+    ws.assert_alive(2).await;
+    // The client's close is echoed with its code.
+    ws.send(&frame(true, OP_CLOSE, &[&4321u16.to_be_bytes()[..], b"bye"].concat())).await;
+    assert_eq!(ws.close_code().await, Some(4321));
+    // Close codes that must not be sent (1005, 1006, 1015, 1004, 2999, 5000) and a one-byte close
+    // payload are protocol errors.
+    for bad in [
+        vec![0x03u8, 0xED],
+        vec![0x03, 0xEE],
+        vec![0x03, 0xF7],
+        vec![0x03, 0xEC],
+        vec![0x0B, 0xB7],
+        vec![0x13, 0x88],
+        vec![3],
+    ] {
+        let mut ws = RawWs::connect(&server, &token).await;
+        ws.send(&frame(true, OP_CLOSE, &bad)).await;
+        assert_eq!(ws.close_code().await, Some(1002), "close payload {bad:?}");
     }
     by.finish(&server).await;
 }
