@@ -87,7 +87,12 @@ pub async fn ws_handler(
             if let Some(slot) = slot {
                 slot.release().await;
             }
-            return reject(ApiError::new(status, "bad_upgrade", message));
+            let mut response = reject(ApiError::new(status, "bad_upgrade", message));
+            if status == StatusCode::UPGRADE_REQUIRED {
+                // RFC 6455 §4.4: say which version this server speaks.
+                response.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            }
+            return response;
         }
     };
     if st.is_draining() {
@@ -130,7 +135,7 @@ fn check_upgrade(req: &mut Request) -> Result<(HeaderValue, OnUpgrade), (StatusC
         return Err((StatusCode::BAD_REQUEST, "Upgrade header did not include 'websocket'"));
     }
     if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v.as_bytes() != b"13") {
-        return Err((StatusCode::BAD_REQUEST, "Sec-WebSocket-Version header did not include '13'"));
+        return Err((StatusCode::UPGRADE_REQUIRED, "Sec-WebSocket-Version must be 13"));
     }
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
         return Err((StatusCode::BAD_REQUEST, "Sec-WebSocket-Key header missing"));

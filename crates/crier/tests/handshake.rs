@@ -110,6 +110,19 @@ async fn every_rejection_has_its_status_and_code() {
     assert!([400, 426].contains(&r.status().as_u16()), "status {}", r.status());
     let b: Value = r.json().await.unwrap();
     assert_eq!(b["error"], "bad_upgrade");
+    // An upgrade for another WebSocket version: 426 naming the version spoken (RFC 6455 §4.4).
+    let r = reqwest::Client::new()
+        .get(server.url("/ws"))
+        .bearer_auth(&good)
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("sec-websocket-version", "8")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 426);
+    assert_eq!(r.headers().get("sec-websocket-version").map(|v| v.as_bytes()), Some(&b"13"[..]));
 
     let m = server.metrics().await;
     for code in ["token_missing", "token_invalid", "origin_not_allowed", "bad_upgrade"] {
