@@ -11,7 +11,7 @@ const MAX: usize = 256;
 
 fn read(bytes: &[u8], chunk: usize) -> (Vec<Incoming>, Option<Violation>) {
     let mut reader = Reader::new(MAX);
-    let mut buf = Vec::new();
+    let mut buf = bytes::BytesMut::new();
     let mut got = Vec::new();
     for piece in bytes.chunks(chunk.max(1)) {
         buf.extend_from_slice(piece);

@@ -14,6 +14,8 @@
 //! outgoing frame was validated as UTF-8 once per subscriber (see BENCHMARKS.md for the figures).
 //! No permessage-deflate (an extension is never negotiated).
 
+use bytes::{Buf, BytesMut};
+
 /// Frame opcodes.
 pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
@@ -155,11 +157,12 @@ impl Reader {
         Reader { partial: None, max_message }
     }
 
-    /// Takes the next complete message off the front of `buf`, removing the bytes it used;
-    /// `Ok(None)` when `buf` holds no complete message yet (what it holds stays there, except
-    /// complete fragments, which move into the reader). A frame announcing more than the bound
-    /// is refused as soon as its header is in, before its payload.
-    pub fn next(&mut self, buf: &mut Vec<u8>) -> Result<Option<Incoming>, Violation> {
+    /// Takes the next complete message off the front of `buf`, removing the bytes it used (in
+    /// O(1): many small frames in one read cost no repeated moves of the rest); `Ok(None)` when
+    /// `buf` holds no complete message yet (what it holds stays there, except complete
+    /// fragments, which move into the reader). A frame announcing more than the bound is
+    /// refused as soon as its header is in, before its payload.
+    pub fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Incoming>, Violation> {
         loop {
             let Some(h) = parse_header(buf)? else { return Ok(None) };
             let control = h.opcode & 0x8 != 0;
@@ -191,7 +194,7 @@ impl Reader {
                 return Ok(None);
             }
             let mut payload = buf[h.header_len..end].to_vec();
-            buf.drain(..end);
+            buf.advance(end);
             unmask(&mut payload, h.mask);
             let message = match h.opcode {
                 OP_PING => Incoming::Ping(payload),
@@ -306,7 +309,7 @@ mod tests {
 
     fn read_all(bytes: &[u8], max: usize) -> Result<Vec<Incoming>, Violation> {
         let mut r = Reader::new(max);
-        let mut buf = bytes.to_vec();
+        let mut buf = BytesMut::from(bytes);
         let mut out = Vec::new();
         while let Some(m) = r.next(&mut buf)? {
             out.push(m);
@@ -376,7 +379,7 @@ mod tests {
         let mut header = vec![0x81, 0xFF];
         header.extend_from_slice(&(i64::MAX as u64).to_be_bytes());
         header.extend_from_slice(&M);
-        assert_eq!(Reader::new(1 << 20).next(&mut header), Err(Violation::TooBig));
+        assert_eq!(Reader::new(1 << 20).next(&mut BytesMut::from(&header[..])), Err(Violation::TooBig));
     }
 
     #[test]
@@ -413,7 +416,7 @@ mod tests {
                 }
             }
             let mut r = Reader::new(1 << 16);
-            let mut buf = Vec::new();
+            let mut buf = BytesMut::new();
             let mut got = Vec::new();
             for c in bytes.chunks(chunk) {
                 buf.extend_from_slice(c);
@@ -429,7 +432,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_are_refused_or_wait(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut r = Reader::new(64);
-            let mut buf = bytes;
+            let mut buf = BytesMut::from(&bytes[..]);
             while let Ok(Some(_)) = r.next(&mut buf) {}
         }
     }

@@ -14,7 +14,7 @@ use std::io::{self, Read};
 use std::task::{Context, Poll, ready};
 
 use base64::Engine;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use crier_core::Out;
 use crier_protocol::ws::{self as frame, Incoming, Violation};
 use sha1::{Digest, Sha1};
@@ -49,7 +49,7 @@ pub struct WsSocket {
     io: TcpStream,
     reader: frame::Reader,
     /// Bytes of an incomplete frame (empty, without allocation, between messages).
-    rbuf: Vec<u8>,
+    rbuf: BytesMut,
     /// Bytes the socket did not take yet, and how many of them were written.
     wbuf: Vec<u8>,
     written: usize,
@@ -64,7 +64,7 @@ impl WsSocket {
         WsSocket {
             io,
             reader: frame::Reader::new(max_message),
-            rbuf: leftover.to_vec(),
+            rbuf: BytesMut::from(&leftover[..]),
             wbuf: Vec::new(),
             written: 0,
             pong: None,
@@ -79,7 +79,7 @@ impl WsSocket {
                 match self.reader.next(&mut self.rbuf) {
                     Ok(Some(message)) => {
                         if self.rbuf.is_empty() {
-                            self.rbuf = Vec::new();
+                            self.rbuf = BytesMut::new();
                         }
                         if let Incoming::Ping(payload) = &message {
                             self.pong = Some(payload.clone());
