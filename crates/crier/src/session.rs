@@ -372,7 +372,7 @@ enum Event {
 }
 
 /// Waits for the next event of a connection while driving its writes: one task reads the socket,
-/// writes what the outbox holds (one `writev` per batch) and watches for aborts.
+/// writes what the outbox holds (one `sendmsg` per batch) and watches for aborts.
 fn next_event<'a>(ws: &'a mut WsSocket, outbox: &'a Outbox) -> impl Future<Output = Event> + 'a {
     std::future::poll_fn(move |cx| {
         loop {
