@@ -146,8 +146,9 @@ fn parse_close(payload: Vec<u8>) -> Result<Incoming, Violation> {
 /// in progress.
 #[derive(Debug)]
 pub struct Reader {
-    /// A fragmented message being assembled: its opcode and its payload so far.
-    partial: Option<(u8, Vec<u8>)>,
+    /// A fragmented message being assembled: its opcode and its payload so far (boxed: rare,
+    /// and the reader lives in every connection).
+    partial: Option<Box<(u8, Vec<u8>)>>,
     max_message: usize,
 }
 
@@ -183,7 +184,7 @@ impl Reader {
                     }
                     _ => {}
                 }
-                let so_far = self.partial.as_ref().map_or(0, |(_, p)| p.len()) as u64;
+                let so_far = self.partial.as_ref().map_or(0, |p| p.1.len()) as u64;
                 if so_far.saturating_add(h.payload_len) > self.max_message as u64 {
                     return Err(Violation::TooBig);
                 }
@@ -201,19 +202,20 @@ impl Reader {
                 OP_PONG => Incoming::Pong,
                 OP_CLOSE => parse_close(payload)?,
                 OP_CONTINUATION => {
-                    let Some((opcode, mut acc)) = self.partial.take() else {
+                    let Some(mut partial) = self.partial.take() else {
                         return Err(Violation::Protocol("continuation frame with nothing to continue"));
                     };
-                    acc.extend_from_slice(&payload);
+                    partial.1.extend_from_slice(&payload);
                     if !h.fin {
-                        self.partial = Some((opcode, acc));
+                        self.partial = Some(partial);
                         continue;
                     }
+                    let (opcode, acc) = *partial;
                     finish(opcode, acc)?
                 }
                 opcode if h.fin => finish(opcode, payload)?,
                 opcode => {
-                    self.partial = Some((opcode, payload));
+                    self.partial = Some(Box::new((opcode, payload)));
                     continue;
                 }
             };

@@ -25,7 +25,6 @@ use crier_protocol::{CloseCode, ErrorCode, StreamPosition, validate_channel};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use crate::auth::Claims;
 use crate::config::RateScope;
@@ -55,13 +54,14 @@ pub struct Session {
     /// The token's `sub` (empty for an anonymous connection).
     user: Arc<str>,
     /// Channel patterns the token allows subscribing to and publishing to.
-    channels: Vec<String>,
-    publish: Vec<String>,
+    channels: Box<[String]>,
+    publish: Box<[String]>,
     outbox: Arc<Outbox>,
     /// Subscribed channels (at most `max_subscriptions_per_connection`, searched linearly).
     subs: Vec<Box<str>>,
     strikes: u32,
-    strike_window: Instant,
+    /// [`clock_ms`] when the current strike window began.
+    strike_window: u64,
     slot: Option<Box<ConnSlot>>,
 }
 
@@ -72,12 +72,12 @@ impl Session {
         Session {
             conn,
             user: claims.sub.into(),
-            channels: claims.channels,
-            publish: claims.publish,
+            channels: claims.channels.into_boxed_slice(),
+            publish: claims.publish.into_boxed_slice(),
             outbox,
             subs: Vec::new(),
             strikes: 0,
-            strike_window: Instant::now(),
+            strike_window: clock_ms(),
             slot: slot.map(Box::new),
             st,
         }
@@ -125,8 +125,8 @@ impl Session {
             return true;
         }
         metrics::counter!(m::RATE_LIMITED, "kind" => "user").increment(1);
-        let now = Instant::now();
-        if now.duration_since(self.strike_window) > STRIKE_WINDOW {
+        let now = clock_ms();
+        if now.saturating_sub(self.strike_window) > STRIKE_WINDOW.as_millis() as u64 {
             self.strike_window = now;
             self.strikes = 0;
         }
@@ -295,8 +295,8 @@ impl Session {
             return self.error(id, ErrorCode::TokenInvalid, "the new token is for another user", None);
         }
         self.outbox.set_expiry(expiry_ms(claims.exp));
-        self.channels = claims.channels;
-        self.publish = claims.publish;
+        self.channels = claims.channels.into_boxed_slice();
+        self.publish = claims.publish.into_boxed_slice();
         let revoked: Vec<Box<str>> = self.subs.iter().filter(|c| !self.can_subscribe(c)).cloned().collect();
         for channel in revoked {
             self.subs.retain(|c| *c != channel);

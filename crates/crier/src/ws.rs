@@ -54,7 +54,7 @@ pub struct WsSocket {
     wbuf: Vec<u8>,
     written: usize,
     /// The payload of the last ping still owed a pong (only the latest is answered, RFC 6455 §5.5.3).
-    pong: Option<Vec<u8>>,
+    pong: Option<Box<[u8]>>,
 }
 
 impl WsSocket {
@@ -82,7 +82,7 @@ impl WsSocket {
                             self.rbuf = BytesMut::new();
                         }
                         if let Incoming::Ping(payload) = &message {
-                            self.pong = Some(payload.clone());
+                            self.pong = Some(payload.as_slice().into());
                         }
                         return Poll::Ready(Ok(Some(message)));
                     }
