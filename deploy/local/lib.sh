@@ -30,6 +30,8 @@ need() { # program...: fails with the install command when one is missing
 export PATH="$PATH:/usr/sbin:/sbin"
 
 port_of() { sed -n "s/^$1=//p" "$STATE/ports"; }
+# The three crier nodes as a comma list of addresses (nginx upstreams, Prometheus targets).
+node_addrs() { echo "127.0.0.1:$(port_of node1),127.0.0.1:$(port_of node2),127.0.0.1:$(port_of node3)"; }
 
 crier_bin() {
   if [ -n "${DEPLOY_CRIER_BIN:-}" ]; then echo "$DEPLOY_CRIER_BIN"; return; fi
@@ -119,7 +121,7 @@ start_node() { # nodeN
 start_nginx() {
   local port ups
   port=$(port_of nginx)
-  ups="127.0.0.1:$(port_of node1),127.0.0.1:$(port_of node2),127.0.0.1:$(port_of node3)"
+  ups=$(node_addrs)
   mkdir -p "$STATE/nginx/tmp"
   python3 "$ROOT/deploy/local/render.py" nginx "$ROOT/deploy/nginx.conf" "$STATE/nginx/nginx.conf" \
     --listen "127.0.0.1:$port" --upstreams "$ups" --prefix "$STATE/nginx"
@@ -132,7 +134,7 @@ start_nginx() {
 start_prometheus() {
   local port targets
   port=$(port_of prometheus)
-  targets="127.0.0.1:$(port_of node1),127.0.0.1:$(port_of node2),127.0.0.1:$(port_of node3)"
+  targets=$(node_addrs)
   mkdir -p "$STATE/prometheus/data"
   python3 "$ROOT/deploy/local/render.py" prometheus "$ROOT/deploy/prometheus.yml" "$STATE/prometheus/prometheus.yml" \
     --targets "$targets" --rules "$ROOT/deploy/alerts.yml" --interval "${DEPLOY_LOCAL_SCRAPE_INTERVAL:-1s}"
