@@ -30,7 +30,8 @@ pub enum Out {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Close {
     pub code: CloseCode,
-    pub reason: String,
+    /// The close frame's reason ([`CloseCode::reason`] for closes asked of the outbox).
+    pub reason: &'static str,
 }
 
 /// Result of a push.
@@ -165,7 +166,7 @@ impl Outbox {
             s.bytes = 0;
             s.closing = true;
             s.aborted = true;
-            s.close = Some(Close { code: CloseCode::SLOW_CONSUMER, reason: "slow consumer".into() });
+            s.close = Some(Close { code: CloseCode::SLOW_CONSUMER, reason: CloseCode::SLOW_CONSUMER.reason() });
             let waker = s.take_waker();
             drop(s);
             wake(waker);
@@ -203,9 +204,12 @@ impl Outbox {
         }
     }
 
-    /// Asks the writer to close the connection. With `flush`, frames already queued are written
-    /// first; otherwise they are dropped. The first close wins; returns whether this one did.
-    pub fn close(&self, code: CloseCode, reason: impl Into<String>, flush: bool) -> bool {
+    /// Asks the writer to close the connection with `code` and its reason from the close-code
+    /// table. When the code [flushes the queue](CloseCode::flushes_queue), frames already queued
+    /// are written first; otherwise they are dropped. The first close wins; returns whether this
+    /// one did.
+    pub fn close(&self, code: CloseCode) -> bool {
+        let flush = code.flushes_queue();
         let mut s = self.lock();
         if s.closing {
             return false;
@@ -216,7 +220,7 @@ impl Outbox {
             s.bytes = 0;
             s.aborted = true;
         }
-        s.close = Some(Close { code, reason: reason.into() });
+        s.close = Some(Close { code, reason: code.reason() });
         let waker = s.take_waker();
         drop(s);
         wake(waker);
@@ -270,7 +274,7 @@ impl Outbox {
         }
         if s.closing {
             // The close was already handed out; nothing else will come.
-            return Poll::Ready(Next::Close(Close { code: CloseCode::NORMAL, reason: String::new() }));
+            return Poll::Ready(Next::Close(Close { code: CloseCode::NORMAL, reason: "" }));
         }
         s.waker = Some(cx.waker().clone());
         Poll::Pending
@@ -310,8 +314,8 @@ mod tests {
     async fn flush_close_writes_queue_first() {
         let o = Outbox::new(100);
         o.push(Bytes::from_static(b"a"));
-        assert!(o.close(CloseCode::RESTART, "drain", true));
-        assert!(!o.close(CloseCode::NORMAL, "second", false), "first close wins");
+        assert!(o.close(CloseCode::RESTART));
+        assert!(!o.close(CloseCode::RATE_LIMITED), "first close wins");
         let mut batch = Vec::new();
         assert_eq!(o.next(&mut batch).await, Next::Batch);
         assert!(matches!(o.next(&mut batch).await, Next::Close(Close { code: CloseCode::RESTART, .. })));

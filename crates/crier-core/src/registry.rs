@@ -52,10 +52,10 @@ impl Registry {
     }
 
     /// Closes every connection of `user` on this node; returns how many.
-    pub fn close_user(&self, user: &str, code: CloseCode, reason: &str) -> usize {
+    pub fn close_user(&self, user: &str, code: CloseCode) -> usize {
         let outboxes: Vec<Arc<Outbox>> =
             self.lock().values().filter(|e| &*e.user == user).map(|e| e.outbox.clone()).collect();
-        outboxes.iter().filter(|o| o.close(code, reason, true)).count()
+        outboxes.iter().filter(|o| o.close(code)).count()
     }
 
     /// Every live connection's outbox (for the drain).
@@ -91,11 +91,11 @@ mod tests {
         r.register(1, "u1".into(), a.clone());
         r.register(2, "u1".into(), b.clone());
         r.register(3, "u2".into(), c.clone());
-        assert_eq!(r.close_user("u1", CloseCode::DISCONNECTED, "bye"), 2);
+        assert_eq!(r.close_user("u1", CloseCode::DISCONNECTED), 2);
         assert!(a.is_closing() && b.is_closing() && !c.is_closing());
         r.unregister(1);
         r.unregister(2);
         assert_eq!(r.len(), 1);
-        assert_eq!(r.close_user("u1", CloseCode::DISCONNECTED, "bye"), 0);
+        assert_eq!(r.close_user("u1", CloseCode::DISCONNECTED), 0);
     }
 }

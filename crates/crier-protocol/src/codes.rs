@@ -1,18 +1,10 @@
 //! Error codes (`error` frames, REST bodies, handshake bodies) and WebSocket close codes.
 //!
-//! | close | when | the client should |
-//! |---|---|---|
-//! | 1000 | normal | stop |
-//! | 1001 | node shutting down | reconnect now, with recovery |
-//! | 1008 | policy violation | stop |
-//! | 1009 | frame larger than `max_message_bytes` | stop |
-//! | 1011 | internal error | reconnect with backoff |
-//! | 1012 | node restarting / draining | reconnect after a jittered delay, with recovery |
-//! | 4001 | token expired, not refreshed | get a new token, reconnect |
-//! | 4003 | disconnected by the API or permissions revoked | stop |
-//! | 4008 | too many rate-limit violations | reconnect with backoff |
-//! | 4009 | slow consumer (outbound queue over limit) | reconnect with recovery |
-//! | 4010 | heartbeat timeout (crier extension) | reconnect with recovery |
+//! [`CLOSE_CODES`] is the one table of the close codes crier sends — code, name, the reason sent
+//! in the close frame, when, and what the client should do. The code that closes a connection
+//! takes the reason from it ([`CloseCode::reason`]), client libraries take the reconnect decision
+//! from it ([`CloseCode::action`]), and docs/protocol.md shows it ([`close_code_table`]; a test
+//! keeps the two equal).
 
 /// Codes of `error` frames and of JSON error bodies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -72,12 +64,14 @@ impl std::fmt::Display for ErrorCode {
 }
 
 /// A WebSocket close code the server sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CloseCode(pub u16);
 
 impl CloseCode {
     pub const NORMAL: CloseCode = CloseCode(1000);
     pub const GOING_AWAY: CloseCode = CloseCode(1001);
+    pub const PROTOCOL_ERROR: CloseCode = CloseCode(1002);
+    pub const INVALID_PAYLOAD: CloseCode = CloseCode(1007);
     pub const POLICY: CloseCode = CloseCode(1008);
     pub const TOO_BIG: CloseCode = CloseCode(1009);
     pub const INTERNAL: CloseCode = CloseCode(1011);
@@ -87,4 +81,214 @@ impl CloseCode {
     pub const RATE_LIMITED: CloseCode = CloseCode(4008);
     pub const SLOW_CONSUMER: CloseCode = CloseCode(4009);
     pub const HEARTBEAT_TIMEOUT: CloseCode = CloseCode(4010);
+
+    /// This code's row of [`CLOSE_CODES`] (`None` for a code crier never sends, e.g. one a
+    /// client chose and the server echoes).
+    pub fn spec(self) -> Option<&'static CloseSpec> {
+        CLOSE_CODES.iter().find(|s| s.code == self)
+    }
+
+    /// The reason crier sends with this code (empty for a code not in the table).
+    pub fn reason(self) -> &'static str {
+        self.spec().map_or("", |s| s.reason)
+    }
+
+    /// What a client should do after this close. Codes not in the table: reconnect with
+    /// backoff (the safe default for a code a newer server may send).
+    pub fn action(self) -> ClientAction {
+        self.spec().map_or(ClientAction::ReconnectWithBackoff, |s| s.action)
+    }
+
+    /// Whether what was queued before the close is still written ahead of the close frame
+    /// (`false`: the queue is dropped, e.g. a consumer that does not read).
+    pub fn flushes_queue(self) -> bool {
+        self.spec().is_none_or(|s| s.flush)
+    }
+
+    /// Whether the server waits (briefly) for the client's close reply; not for a client that
+    /// is not reading or not answering.
+    pub fn lingers(self) -> bool {
+        !matches!(self, CloseCode::SLOW_CONSUMER | CloseCode::HEARTBEAT_TIMEOUT)
+    }
+}
+
+/// What a client should do after a close (the last column of [`CLOSE_CODES`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAction {
+    /// Stop: reconnecting would get the same answer.
+    Stop,
+    /// Reconnect at once, recovering every subscription.
+    ReconnectNow,
+    /// Reconnect after a jittered delay, recovering every subscription.
+    ReconnectAfterJitter,
+    /// Reconnect with exponential backoff, recovering every subscription.
+    ReconnectWithBackoff,
+    /// Get a new token, then reconnect.
+    RefreshToken,
+}
+
+impl ClientAction {
+    pub fn describe(self) -> &'static str {
+        match self {
+            ClientAction::Stop => "stop",
+            ClientAction::ReconnectNow => "reconnect now, with recovery",
+            ClientAction::ReconnectAfterJitter => "reconnect after a jittered delay, with recovery",
+            ClientAction::ReconnectWithBackoff => "reconnect with backoff, with recovery",
+            ClientAction::RefreshToken => "get a new token, reconnect",
+        }
+    }
+}
+
+/// One close code crier may send.
+#[derive(Debug)]
+pub struct CloseSpec {
+    pub code: CloseCode,
+    pub name: &'static str,
+    /// When crier sends it.
+    pub when: &'static str,
+    /// The close frame's reason (for 1002 the framing rule broken is sent instead).
+    pub reason: &'static str,
+    /// Queued frames are written before the close frame.
+    pub flush: bool,
+    pub action: ClientAction,
+}
+
+const fn spec(
+    code: CloseCode,
+    name: &'static str,
+    when: &'static str,
+    reason: &'static str,
+    flush: bool,
+    action: ClientAction,
+) -> CloseSpec {
+    CloseSpec { code, name, when, reason, flush, action }
+}
+
+use ClientAction::{ReconnectAfterJitter, ReconnectNow, ReconnectWithBackoff, RefreshToken, Stop};
+
+/// Every close code crier sends (the contract's table, plus 1002, 1007 and the 4010 extension).
+pub static CLOSE_CODES: &[CloseSpec] = &[
+    spec(CloseCode::NORMAL, "normal", "normal closure", "", true, Stop),
+    spec(
+        CloseCode::GOING_AWAY,
+        "going_away",
+        "node shutting down (reserved: the drain sends 1012)",
+        "node shutting down",
+        true,
+        ReconnectNow,
+    ),
+    spec(
+        CloseCode::PROTOCOL_ERROR,
+        "protocol_error",
+        "the client broke a WebSocket framing rule (RFC 6455)",
+        "protocol error",
+        false,
+        Stop,
+    ),
+    spec(
+        CloseCode::INVALID_PAYLOAD,
+        "invalid_payload",
+        "a text frame or close reason is not UTF-8",
+        "invalid UTF-8 in a text frame",
+        false,
+        Stop,
+    ),
+    spec(
+        CloseCode::POLICY,
+        "policy",
+        "policy violation (reserved: not sent by this version)",
+        "policy violation",
+        true,
+        Stop,
+    ),
+    spec(
+        CloseCode::TOO_BIG,
+        "too_big",
+        "frame larger than `max_message_bytes`",
+        "message larger than max_message_bytes",
+        false,
+        Stop,
+    ),
+    spec(
+        CloseCode::INTERNAL,
+        "internal",
+        "internal error (reserved: not sent by this version)",
+        "internal error",
+        true,
+        ReconnectWithBackoff,
+    ),
+    spec(
+        CloseCode::RESTART,
+        "restart",
+        "node restarting / draining",
+        "node draining; reconnect to another node",
+        true,
+        ReconnectAfterJitter,
+    ),
+    spec(
+        CloseCode::TOKEN_EXPIRED,
+        "token_expired",
+        "token expired, not refreshed",
+        "token expired",
+        true,
+        RefreshToken,
+    ),
+    spec(
+        CloseCode::DISCONNECTED,
+        "disconnected",
+        "disconnected by the API or permissions revoked",
+        "disconnected by the API",
+        true,
+        Stop,
+    ),
+    spec(
+        CloseCode::RATE_LIMITED,
+        "rate_limited",
+        "too many rate-limit violations",
+        "too many rate-limit violations",
+        false,
+        ReconnectWithBackoff,
+    ),
+    spec(
+        CloseCode::SLOW_CONSUMER,
+        "slow_consumer",
+        "slow consumer (outbound queue over `client_queue_max_bytes`)",
+        "slow consumer",
+        false,
+        ReconnectWithBackoff,
+    ),
+    spec(
+        CloseCode::HEARTBEAT_TIMEOUT,
+        "heartbeat_timeout",
+        "heartbeat timeout: no pong within `pong_timeout` (crier extension)",
+        "no pong within pong_timeout",
+        false,
+        ReconnectWithBackoff,
+    ),
+];
+
+/// [`CLOSE_CODES`] as the markdown table docs/protocol.md shows.
+pub fn close_code_table() -> String {
+    let mut out = String::from("| code | name | when | reason sent | the client should |\n|---|---|---|---|---|\n");
+    for s in CLOSE_CODES {
+        let reason = if s.reason.is_empty() { String::new() } else { format!("`{}`", s.reason) };
+        out.push_str(&format!("| {} | `{}` | {} | {} | {} |\n", s.code.0, s.name, s.when, reason, s.action.describe()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_are_listed_once() {
+        for (i, a) in CLOSE_CODES.iter().enumerate() {
+            assert!(CLOSE_CODES[i + 1..].iter().all(|b| b.code != a.code && b.name != a.name), "{}", a.code.0);
+        }
+        assert_eq!(CloseCode::SLOW_CONSUMER.reason(), "slow consumer");
+        assert_eq!(CloseCode(4321).reason(), "");
+        assert_eq!(CloseCode::DISCONNECTED.action(), ClientAction::Stop);
+        assert!(!CloseCode::SLOW_CONSUMER.flushes_queue() && CloseCode::RESTART.flushes_queue());
+    }
 }

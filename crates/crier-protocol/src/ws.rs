@@ -14,6 +14,7 @@
 //! outgoing frame was validated as UTF-8 once per subscriber (see BENCHMARKS.md for the figures).
 //! No permessage-deflate (an extension is never negotiated).
 
+use crate::codes::CloseCode;
 use bytes::{Buf, BytesMut};
 
 /// Frame opcodes.
@@ -41,20 +42,19 @@ pub enum Violation {
 }
 
 impl Violation {
-    pub fn close_code(self) -> u16 {
+    pub fn close_code(self) -> CloseCode {
         match self {
-            Violation::Protocol(_) => 1002,
-            Violation::TooBig => 1009,
-            Violation::InvalidUtf8 => 1007,
+            Violation::Protocol(_) => CloseCode::PROTOCOL_ERROR,
+            Violation::TooBig => CloseCode::TOO_BIG,
+            Violation::InvalidUtf8 => CloseCode::INVALID_PAYLOAD,
         }
     }
 
-    /// The close frame's reason.
+    /// The close frame's reason: the rule broken, or the close code's reason.
     pub fn reason(self) -> &'static str {
         match self {
             Violation::Protocol(why) => why,
-            Violation::TooBig => "message larger than max_message_bytes",
-            Violation::InvalidUtf8 => "invalid UTF-8 in a text frame",
+            other => other.close_code().reason(),
         }
     }
 }
@@ -372,7 +372,7 @@ mod tests {
             ([client(false, OP_TEXT, &[b' '; 6], M), client(true, OP_CONTINUATION, &[b' '; 6], M)].concat(), 1009),
         ];
         for (i, (bytes, code)) in cases.into_iter().enumerate() {
-            assert_eq!(read_all(&bytes, 10).map_err(Violation::close_code), Err(code), "case {i}");
+            assert_eq!(read_all(&bytes, 10).map_err(|v| v.close_code().0), Err(code), "case {i}");
         }
     }
 

@@ -223,7 +223,7 @@ pub async fn disconnect(State(st): State<AppState>, body: Body) -> Result<Respon
 }
 
 pub async fn info(State(st): State<AppState>) -> Result<Response, ApiError> {
-    crate::report_node(&st).await;
+    st.report_node().await;
     let nodes = st.broker().nodes().await.map_err(ApiError::broker)?;
     Ok(Json(json!({ "nodes": nodes })).into_response())
 }

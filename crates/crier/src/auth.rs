@@ -1,25 +1,27 @@
 //! Authentication: JWT verification, token extraction, the Origin allow-list and REST API keys.
 //!
-//! - [`Verifier`] checks a client's JWT (CONTRACT §2 "JWT claims") against the configured key
-//!   ([`KeySource`]: an HMAC secret, a PEM public key or a JWKS file) and yields its [`Claims`].
+//! - `Verifier` (in `jwt`) checks a client's JWT (the contract's "JWT claims") against the
+//!   configured key ([`crate::config::KeySource`]: an HMAC secret, a PEM public key or a JWKS
+//!   file, loaded by `keys`) and yields its `Claims`.
 //!   A rejection is a [`TokenError`] whose text is the human reason for the `message` field of a
 //!   `token_invalid` response; it never contains the token.
-//! - [`extract_token`] finds the token of a handshake: `Authorization: Bearer`, then the
+//! - `extract_token` finds the token of a handshake: `Authorization: Bearer`, then the
 //!   `crier.bearer.<jwt>` WebSocket subprotocol, then `?token=`.
-//! - [`OriginPolicy`] is the `allowed_origins` list.
-//! - [`api_key_matches`] compares a REST API key in constant time.
-//! - [`mint_hs256`] and [`generate_secret`] serve `--dev` and tests.
+//! - `OriginPolicy` is the `allowed_origins` list.
+//! - `api_key_matches` compares a REST API key in constant time.
+//! - [`mint_hs256`] and [`generate_secret`] (in `mint`) serve `--dev`, the tests and the bench.
 
 mod extract;
 mod jwt;
 mod keys;
+mod mint;
 mod origin;
 
-pub use extract::{BEARER_SUBPROTOCOL_PREFIX, TokenSource, bearer_token, extract_token};
-pub use jwt::{
-    Claims, KeySource, LEEWAY_SECS, MAX_TOKEN_BYTES, TokenError, Verifier, generate_secret, mint_hs256, parse_algorithm,
-};
-pub use origin::OriginPolicy;
+pub(crate) use extract::extract_token;
+pub use jwt::NO_KEY;
+pub(crate) use jwt::{Claims, Verifier};
+pub use mint::{generate_secret, mint_hs256};
+pub(crate) use origin::OriginPolicy;
 
 use std::sync::OnceLock;
 use subtle::{Choice, ConstantTimeEq};
@@ -30,7 +32,7 @@ use subtle::{Choice, ConstantTimeEq};
 /// keyed digests (HMAC-SHA256 under a random per-process key) so neither the content nor the
 /// length of a configured key leaks through timing. An empty `presented` key and empty
 /// configured keys never match.
-pub fn api_key_matches(keys: &[String], presented: &str) -> bool {
+pub(crate) fn api_key_matches(keys: &[String], presented: &str) -> bool {
     if presented.is_empty() {
         return false;
     }

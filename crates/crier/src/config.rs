@@ -29,7 +29,7 @@ mod tests;
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -38,18 +38,21 @@ pub use table::usage_table;
 /// Every setting, typed and checked. Field names are the setting names (see
 /// [`usage_table`]); the JWT ones are grouped in [`JwtSettings`].
 ///
-/// `Debug` hides `jwt.secret`, `api_keys` and any password in `redis_url`.
-#[derive(Clone, PartialEq, Eq)]
+/// A setting is written in three places: its row in the settings table (name, default, help),
+/// its line in the parse, and its field here. `Default` is the table's defaults parsed, and
+/// `Debug` is derived: the secrets' types hide them (`jwt_secret` in [`KeySource`], `api_keys`
+/// in [`Redacted`], the password of `redis_url` in [`RedisUrl`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub listen: SocketAddr,
     pub node_id: String,
     /// Unset = the embedded in-memory broker (single node).
-    pub redis_url: Option<String>,
+    pub redis_url: Option<RedisUrl>,
     pub jwt: JwtSettings,
     /// As written (trimmed): `*`, `https://app.example.com`, `https://*.example.com`.
     pub allowed_origins: Vec<String>,
     pub allow_anonymous: bool,
-    pub api_keys: Vec<String>,
+    pub api_keys: Redacted<Vec<String>>,
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
     pub max_message_bytes: usize,
@@ -81,22 +84,39 @@ pub struct Config {
     pub dev: bool,
 }
 
-/// How client tokens are verified. At most one of `secret`, `public_key_file` and
-/// `jwks_file` is set; none being set is allowed here (the caller decides, since `--dev`
-/// generates a secret).
-#[derive(Clone, Default, PartialEq, Eq)]
+/// How client tokens are verified.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct JwtSettings {
-    /// `jwt_secret`: at least 32 bytes unless `dev`.
-    pub secret: Option<String>,
-    /// `jwt_public_key_file`: a PEM file (not read or checked here).
-    pub public_key_file: Option<PathBuf>,
-    /// `jwt_jwks_file`: a JWKS file (not read or checked here).
-    pub jwks_file: Option<PathBuf>,
+    /// Where the verification key comes from; `None` is allowed here (the caller decides, since
+    /// `--dev` generates a secret).
+    pub key: Option<KeySource>,
     /// `jwt_algorithms`, deduplicated; empty = decide from the key. Never contains HS* with a
     /// public key file, nor non-HS* with a secret.
     pub algorithms: Vec<jsonwebtoken::Algorithm>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
+}
+
+/// The one setting of `jwt_secret`, `jwt_public_key_file` and `jwt_jwks_file` that is set (more
+/// than one is a configuration error). `Debug` hides the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `jwt_secret`: HS256/384/512; at least 32 bytes unless `dev`. Its UTF-8 bytes are the key.
+    Secret(String),
+    /// `jwt_public_key_file`: a PEM file (read when the verifier is built).
+    PublicKeyFile(PathBuf),
+    /// `jwt_jwks_file`: a JWKS file, keys chosen by `kid` (read when the verifier is built).
+    JwksFile(PathBuf),
+}
+
+impl fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::Secret(_) => f.write_str("Secret(<redacted>)"),
+            KeySource::PublicKeyFile(p) => f.debug_tuple("PublicKeyFile").field(p).finish(),
+            KeySource::JwksFile(p) => f.debug_tuple("JwksFile").field(p).finish(),
+        }
+    }
 }
 
 /// Where the per-user frame rate is counted.
@@ -162,88 +182,61 @@ where
 }
 
 impl Default for Config {
-    /// The built-in defaults, as [`load`] gives them with no flags, environment or file
-    /// (with a fresh `node_id`). Handy for tests: `Config { dev: true, ..Config::default() }`.
+    /// The built-in defaults: the settings table's, exactly as [`load`] gives them with no flags,
+    /// environment or file (with a fresh `node_id`). Handy for tests:
+    /// `Config { dev: true, ..Config::default() }`.
     fn default() -> Self {
-        Config {
-            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 8080)),
-            node_id: parse::default_node_id(&HashMap::new()),
-            redis_url: None,
-            jwt: JwtSettings::default(),
-            allowed_origins: Vec::new(),
-            allow_anonymous: false,
-            api_keys: Vec::new(),
-            ping_interval: Duration::from_secs(25),
-            pong_timeout: Duration::from_secs(10),
-            max_message_bytes: 65_536,
-            max_subscriptions_per_connection: 128,
-            max_connections_per_user: 0,
-            client_queue_max_bytes: 1_048_576,
-            user_rate: 20,
-            user_burst: 40,
-            handshake_rate: 50,
-            handshake_burst: 100,
-            history_size: 100,
-            history_ttl: Duration::from_secs(300),
-            presence_ttl: Duration::from_secs(30),
-            max_connections: 0,
-            worker_threads: 0,
-            trusted_proxies: Vec::new(),
-            user_rate_scope: RateScope::Node,
-            api_rate: 1000,
-            api_burst: 2000,
-            shutdown_drain: Duration::from_secs(10),
-            log_format: LogFormat::Human,
-            dev: false,
+        match load(["crier"], &HashMap::new()) {
+            Ok(config) => config,
+            // The table's own defaults always parse (`config::tests::defaults_with_no_input`).
+            Err(e) => unreachable!("the built-in defaults do not parse: {e}"),
         }
     }
 }
 
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("listen", &self.listen)
-            .field("node_id", &self.node_id)
-            .field("redis_url", &self.redis_url.as_deref().map(parse::redact_url))
-            .field("jwt", &self.jwt)
-            .field("allowed_origins", &self.allowed_origins)
-            .field("allow_anonymous", &self.allow_anonymous)
-            .field("api_keys", &format_args!("[{} redacted]", self.api_keys.len()))
-            .field("ping_interval", &self.ping_interval)
-            .field("pong_timeout", &self.pong_timeout)
-            .field("max_message_bytes", &self.max_message_bytes)
-            .field("max_subscriptions_per_connection", &self.max_subscriptions_per_connection)
-            .field("max_connections_per_user", &self.max_connections_per_user)
-            .field("client_queue_max_bytes", &self.client_queue_max_bytes)
-            .field("user_rate", &self.user_rate)
-            .field("user_burst", &self.user_burst)
-            .field("handshake_rate", &self.handshake_rate)
-            .field("handshake_burst", &self.handshake_burst)
-            .field("history_size", &self.history_size)
-            .field("history_ttl", &self.history_ttl)
-            .field("presence_ttl", &self.presence_ttl)
-            .field("max_connections", &self.max_connections)
-            .field("worker_threads", &self.worker_threads)
-            .field("trusted_proxies", &self.trusted_proxies)
-            .field("user_rate_scope", &self.user_rate_scope)
-            .field("api_rate", &self.api_rate)
-            .field("api_burst", &self.api_burst)
-            .field("shutdown_drain", &self.shutdown_drain)
-            .field("log_format", &self.log_format)
-            .field("dev", &self.dev)
-            .finish()
+/// A value never shown by `Debug` (the API keys).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Redacted<T>(pub T);
+
+impl<T> std::ops::Deref for Redacted<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
     }
 }
 
-impl fmt::Debug for JwtSettings {
+impl<T> fmt::Debug for Redacted<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JwtSettings")
-            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
-            .field("public_key_file", &self.public_key_file)
-            .field("jwks_file", &self.jwks_file)
-            .field("algorithms", &self.algorithms)
-            .field("issuer", &self.issuer)
-            .field("audience", &self.audience)
-            .finish()
+        f.write_str("<redacted>")
+    }
+}
+
+/// A Redis URL (`redis://`, `rediss://` or `unix://`); `Debug` and `Display` hide its user
+/// info (a password).
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(pub String);
+
+impl RedisUrl {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for RedisUrl {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&parse::redact_url(&self.0), f)
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&parse::redact_url(&self.0))
     }
 }

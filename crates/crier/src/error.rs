@@ -30,11 +30,6 @@ impl ApiError {
         tracing::warn!(error = %e, "broker call failed");
         ApiError::unavailable("the message broker is unavailable; retry later")
     }
-    /// Logs `detail` and answers 500 `internal` without it.
-    pub fn internal(detail: impl std::fmt::Display) -> ApiError {
-        tracing::error!(error = %detail, "internal error");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
-    }
     pub fn with_retry_after(mut self, secs: u64) -> ApiError {
         self.retry_after = Some(secs);
         self

@@ -36,12 +36,12 @@ pub async fn run(st: AppState) {
             Beat::Alive => {}
             Beat::Ping => outbox.ping(),
             Beat::TimedOut => {
-                if outbox.close(CloseCode::HEARTBEAT_TIMEOUT, "no pong within pong_timeout", false) {
+                if outbox.close(CloseCode::HEARTBEAT_TIMEOUT) {
                     timed_out += 1;
                 }
             }
             Beat::Expired => {
-                outbox.close(CloseCode::TOKEN_EXPIRED, "token expired", true);
+                outbox.close(CloseCode::TOKEN_EXPIRED);
             }
         });
         if timed_out > 0 {

@@ -13,9 +13,10 @@ use axum::routing::{get, post};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::api;
 use crate::metrics as m;
 use crate::state::AppState;
-use crate::{api, handshake};
+use crate::transport::ws;
 
 /// Time limit of one REST request.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,7 +33,7 @@ pub fn app(st: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(st.clone(), api::require_api_key))
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, API_TIMEOUT));
     Router::new()
-        .route("/ws", get(handshake::ws_handler))
+        .route("/ws", get(ws::handler))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

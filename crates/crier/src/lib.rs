@@ -1,232 +1,57 @@
-//! crier, the server: everything between a TCP listener and the delivery core.
+//! crier, the server: everything between a TCP listener and the delivery core (crier-core).
 //!
+//! How a connection flows through the modules:
+//!
+//! - [`server`]: the accept loop hands each HTTP/1 connection to the router, runs the background
+//!   chores and the drain on shutdown.
+//! - [`http`]: the router ([`http::app`]): `/ws`, the REST API, health, metrics, demo page.
+//! - [`transport`]: how a connection's bytes travel — [`transport::ws`] is WebSocket (the
+//!   upgrade, crier's own framing, the connection's task).
+//! - [`handshake`]: the checks every transport runs before a connection opens.
+//! - [`session`]: what a client's frames mean (subscriptions, recovery, limits, refresh),
+//!   independent of the transport; it answers through the connection's outbox.
+//! - [`heartbeat`]: one sweep per node: pings, heartbeat timeouts, token expiry.
+//! - [`api`]: the REST API (publish, broadcast, history, presence, disconnect, info).
+//! - [`state`]: the shared state handle, how it is built, and the broker → hub handler.
 //! - [`config`]: settings from flags, `CRIER_*` environment, a TOML file and defaults.
 //! - [`auth`]: JWT verification, token extraction, the Origin allow-list, API keys.
-//! - [`http`]: the router ([`http::app`]): handshake, REST API, health, metrics, demo page.
-//! - [`handshake`]: `GET /ws`, every check before the upgrade.
-//! - [`session`]: one WebSocket connection: frames in, replies and messages out, heartbeats.
-//! - [`api`]: the REST API.
-//! - [`state`]: the shared state handle and the broker → hub handler.
-//! - [`limits`]: rate limits (per IP handshakes, per user frames).
-//! - [`metrics`]: metric names and the Prometheus recorder.
-//! - [`error`]: the JSON error body.
+//! - [`limits`]: rate limits (per-IP handshakes, per-user frames, per-key REST requests).
+//! - [`metrics`]: metric names and the Prometheus recorder; [`error`]: the JSON error body.
 //!
 //! The library never binds ports or reads signals: `main` does, and calls [`run`] with the
-//! listener, the settings and a shutdown future.
+//! listener, the settings and a shutdown future. Its public surface is what the binary, the
+//! bench and the tests use: [`run`], [`config`], [`auth::mint_hs256`] and
+//! [`auth::generate_secret`], and the request-head bounds.
 
-pub mod api;
+mod api;
 pub mod auth;
 pub mod config;
-pub mod error;
-pub mod handshake;
-pub mod heartbeat;
-pub mod http;
-pub mod limits;
-pub mod metrics;
-pub mod session;
-pub mod state;
-pub mod ws;
+mod error;
+mod handshake;
+mod heartbeat;
+mod http;
+mod limits;
+mod metrics;
+mod server;
+mod session;
+mod state;
+mod transport;
 
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use crier_core::{Broker, Hub, MemoryBroker, Node, NodeInfo, Registry};
-use crier_protocol::CloseCode;
 use tokio::net::TcpListener;
 
-use crate::auth::{OriginPolicy, Verifier};
 use crate::config::Config;
-use crate::limits::Limits;
-use crate::state::{AppState, Inner, NodeHandler};
+pub use crate::server::{HEADER_READ_TIMEOUT, MAX_HEADER_BYTES};
 
-/// How often a node refreshes its entry in the node registry.
-const REPORT_INTERVAL: Duration = Duration::from_secs(5);
-/// How long a stopping node waits for its sessions to end after the drain.
-const DRAIN_GRACE: Duration = Duration::from_secs(5);
-
-/// Builds a node's state: broker, hub, verifier, limits. `dev_token` enables the demo page.
-pub async fn build_state(config: Config, dev_token: Option<String>) -> anyhow::Result<AppState> {
-    let verifier = Verifier::new(&config.jwt).map_err(anyhow::Error::msg).context("JWT key")?;
-    let origins = OriginPolicy::new(&config.allowed_origins).map_err(anyhow::Error::msg).context("allowed_origins")?;
-    let broker: Arc<dyn Broker> = match &config.redis_url {
-        Some(url) => {
-            let mut opts = crier_redis::RedisOptions::new(url.clone(), config.node_id.clone());
-            opts.history_size = config.history_size;
-            opts.history_ttl = config.history_ttl;
-            opts.presence_ttl = config.presence_ttl;
-            opts.node_ttl = config.presence_ttl;
-            let broker = crier_redis::RedisBroker::connect(opts).await.context("redis_url")?;
-            if !broker.is_up() {
-                tracing::warn!("Redis is not reachable yet; the node stays unready and keeps retrying");
-            }
-            broker
-        }
-        None => MemoryBroker::new(config.history_size, config.history_ttl),
-    };
-    let hub = Arc::new(Hub::new());
-    let registry = Arc::new(Registry::new());
-    broker.set_handler(Arc::new(NodeHandler { hub: hub.clone(), registry: registry.clone() }));
-    let limits = Limits::new(&config);
-    Ok(AppState(Arc::new(Inner {
-        node: Node::new(hub, broker),
-        registry,
-        verifier,
-        origins,
-        limits,
-        metrics: crate::metrics::install(),
-        draining: AtomicBool::new(false),
-        started: Instant::now(),
-        dev_token,
-        config,
-    })))
-}
-
-/// Serves until `shutdown` resolves, then drains (see [`drain`]) and returns.
+/// Serves until `shutdown` resolves, then drains (every client closed with 1012, spread over
+/// `shutdown_drain`) and returns. `dev_token` (from `--dev`) enables the demo page.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     dev_token: Option<String>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let st = build_state(config, dev_token).await?;
-    serve(listener, st, shutdown).await
-}
-
-/// Serves a built state (see [`run`]).
-pub async fn serve(
-    listener: TcpListener,
-    st: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let background = tokio::spawn(background(st.clone()));
-    let heartbeats = tokio::spawn(heartbeat::run(st.clone()));
-    let drain_st = st.clone();
-    accept_loop(listener, http::app(st.clone()), async move {
-        shutdown.await;
-        drain(&drain_st).await;
-    })
-    .await;
-    let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
-    while !st.registry.is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    background.abort();
-    heartbeats.abort();
-    Ok(())
-}
-
-/// How long a client may take to send its request headers (slowloris defence).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest request head (request line + headers) accepted, in bytes; larger ones get 431.
-pub const MAX_HEADER_BYTES: usize = 16 * 1024;
-
-/// Accepts connections until `stop` resolves (the listener stays open during the drain, so late
-/// handshakes get a clear 503 rather than a refused connection), then waits a bounded time for
-/// in-flight HTTP requests. HTTP/1.1 only, with a header read timeout and a header size bound.
-async fn accept_loop(listener: TcpListener, app: axum::Router, stop: impl Future<Output = ()>) {
-    use hyper::server::conn::http1;
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
-    use tower::ServiceExt;
-
-    // hyper's HTTP/1 connection directly, not hyper_util's auto builder: the auto builder's
-    // protocol sniffing has no timeout (a silent connection stayed open forever) and it serves
-    // HTTP/2 even when told http1_only together with upgrades. Here the header read timeout runs
-    // from the first poll.
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(MAX_HEADER_BYTES);
-    let (closing, _) = tokio::sync::watch::channel(false);
-    // Each connection task holds a clone: the strong count is the number of open connections.
-    let open = Arc::new(());
-    tokio::pin!(stop);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut stop => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let svc = app.clone().map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
-            req
-        });
-        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc)).with_upgrades();
-        let mut closing = closing.subscribe();
-        let open = open.clone();
-        tokio::spawn(async move {
-            let _open = open;
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = async { let _ = closing.wait_for(|c| *c).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    let _ = closing.send(true);
-    let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
-    while Arc::strong_count(&open) > 1 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Stops a node gently: readiness turns 503 and new upgrades are refused, then every client is
-/// closed with 1012, the closes spread evenly over `shutdown_drain` so they do not all reconnect
-/// to the other nodes at once.
-pub async fn drain(st: &AppState) {
-    st.draining.store(true, Ordering::SeqCst);
-    let outboxes = st.registry.outboxes();
-    tracing::info!(connections = outboxes.len(), over = ?st.config.shutdown_drain, "draining");
-    let n = outboxes.len() as u32;
-    if n > 0 {
-        let step = st.config.shutdown_drain / n;
-        for (i, o) in outboxes.iter().enumerate() {
-            o.close(CloseCode::RESTART, "node draining; reconnect to another node", true);
-            if (i as u32) + 1 < n {
-                tokio::time::sleep(step).await;
-            }
-        }
-    }
-}
-
-/// Publishes this node's entry in the node registry.
-pub async fn report_node(st: &AppState) {
-    let info = NodeInfo {
-        node: st.config.node_id.clone(),
-        connections: st.registry.len() as u64,
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-    };
-    if let Err(e) = st.broker().report_node(&info).await {
-        tracing::debug!(error = %e, "node report failed");
-    }
-}
-
-/// Periodic chores: node registry, limiter housekeeping.
-async fn background(st: AppState) {
-    let mut tick = tokio::time::interval(REPORT_INTERVAL);
-    let mut n: u64 = 0;
-    loop {
-        tick.tick().await;
-        report_node(&st).await;
-        n += 1;
-        if n.is_multiple_of(12) {
-            st.limits.shrink();
-        }
-    }
+    let st = state::build(config, dev_token).await?;
+    server::serve(listener, st, shutdown).await
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crier::auth;
-use crier::config::{self, Config, ConfigError, LogFormat};
+use crier::config::{self, Config, ConfigError, KeySource, LogFormat};
 
 fn main() -> ExitCode {
     let env: HashMap<String, String> = std::env::vars_os()
@@ -25,11 +25,8 @@ fn main() -> ExitCode {
     };
     init_logging(config.log_format);
     let dev_token = if config.dev { Some(prepare_dev(&mut config)) } else { None };
-    if config.jwt.secret.is_none() && config.jwt.public_key_file.is_none() && config.jwt.jwks_file.is_none() {
-        complain(
-            "crier: no JWT key configured. Set jwt_secret, jwt_public_key_file or jwt_jwks_file \
-             (flags --jwt-secret..., env CRIER_JWT_SECRET..., or the config file), or run `crier --dev`.",
-        );
+    if config.jwt.key.is_none() {
+        complain(&format!("crier: {}", auth::NO_KEY));
         return ExitCode::from(64);
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -75,16 +72,18 @@ async fn serve(config: Config, dev_token: Option<String>) -> ExitCode {
 
 /// `--dev`: a generated secret and API key (unless given), any Origin, and a token to print.
 fn prepare_dev(config: &mut Config) -> String {
-    if config.jwt.secret.is_none() && config.jwt.public_key_file.is_none() && config.jwt.jwks_file.is_none() {
-        config.jwt.secret = Some(auth::generate_secret());
-    }
+    let key = config.jwt.key.get_or_insert_with(|| KeySource::Secret(auth::generate_secret()));
+    let secret = match key {
+        KeySource::Secret(secret) => secret.clone(),
+        // A dev page with a public key of the user's: no token can be minted here.
+        KeySource::PublicKeyFile(_) | KeySource::JwksFile(_) => String::new(),
+    };
     if config.api_keys.is_empty() {
-        config.api_keys = vec![format!("dev-{}", auth::generate_secret())];
+        config.api_keys.0 = vec![format!("dev-{}", auth::generate_secret())];
     }
     if config.allowed_origins.is_empty() {
         config.allowed_origins = vec!["*".into()];
     }
-    let secret = config.jwt.secret.clone().unwrap_or_default();
     auth::mint_hs256(secret.as_bytes(), "dev-user", &["*"], &["*"], Duration::from_secs(24 * 3600)).unwrap_or_default()
 }
 

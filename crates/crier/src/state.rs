@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
-use crier_core::{Broker, BrokerHandler, Hub, Node, Publication, Registry};
+use anyhow::Context;
+use crier_core::{Broker, BrokerHandler, Hub, MemoryBroker, Node, NodeInfo, Publication, Registry};
 use crier_protocol::CloseCode;
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -27,7 +27,6 @@ pub struct Inner {
     pub limits: Limits,
     pub metrics: Option<PrometheusHandle>,
     pub draining: AtomicBool,
-    pub started: Instant,
     /// Set by `--dev`: a token for the demo page.
     pub dev_token: Option<String>,
 }
@@ -49,6 +48,55 @@ impl AppState {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
+
+    /// Publishes this node's entry in the node registry (`/api/v1/info`).
+    pub async fn report_node(&self) {
+        let info = NodeInfo {
+            node: self.config.node_id.clone(),
+            connections: self.registry.len() as u64,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        if let Err(e) = self.broker().report_node(&info).await {
+            tracing::debug!(error = %e, "node report failed");
+        }
+    }
+}
+
+/// Builds a node's state: broker, hub, verifier, limits. `dev_token` enables the demo page.
+pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<AppState> {
+    let verifier = Verifier::new(&config.jwt).map_err(anyhow::Error::msg).context("JWT key")?;
+    tracing::info!(algorithms = ?verifier.algorithms(), "JWT verification ready");
+    let origins = OriginPolicy::new(&config.allowed_origins).map_err(anyhow::Error::msg).context("allowed_origins")?;
+    let broker: Arc<dyn Broker> = match &config.redis_url {
+        Some(url) => {
+            let mut opts = crier_redis::RedisOptions::new(url.as_str().to_owned(), config.node_id.clone());
+            opts.history_size = config.history_size;
+            opts.history_ttl = config.history_ttl;
+            opts.presence_ttl = config.presence_ttl;
+            opts.node_ttl = config.presence_ttl;
+            let broker = crier_redis::RedisBroker::connect(opts).await.context("redis_url")?;
+            if !broker.is_up() {
+                tracing::warn!("Redis is not reachable yet; the node stays unready and keeps retrying");
+            }
+            broker
+        }
+        None => MemoryBroker::new(config.history_size, config.history_ttl),
+    };
+    let hub = Arc::new(Hub::new());
+    let registry = Arc::new(Registry::new());
+    broker.set_handler(Arc::new(NodeHandler { hub: hub.clone(), registry: registry.clone() }));
+    let limits = Limits::new(&config);
+    Ok(AppState(Arc::new(Inner {
+        node: Node::new(hub, broker),
+        registry,
+        verifier,
+        origins,
+        limits,
+        metrics: crate::metrics::install(),
+        draining: AtomicBool::new(false),
+        dev_token,
+        config,
+    })))
 }
 
 /// Receives what the broker delivers: fans publications out through the hub, closes users'
@@ -79,7 +127,7 @@ impl BrokerHandler for NodeHandler {
     }
 
     fn on_disconnect_user(&self, user: &str) -> usize {
-        self.registry.close_user(user, CloseCode::DISCONNECTED, "disconnected by the API")
+        self.registry.close_user(user, CloseCode::DISCONNECTED)
     }
 
     fn has_subscribers(&self, channel: &str) -> bool {

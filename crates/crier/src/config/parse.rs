@@ -12,7 +12,7 @@ use rand::Rng;
 
 use super::sources::{Raw, RawSettings, RawValue, Source, suggest};
 use super::table;
-use super::{Config, ConfigError, JwtSettings, LogFormat, RateScope};
+use super::{Config, ConfigError, JwtSettings, KeySource, LogFormat, RateScope, Redacted, RedisUrl};
 
 const MIN_MESSAGE_BYTES: usize = 64;
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -196,6 +196,14 @@ pub(super) fn build(
     if let Some(algs) = &algorithms {
         check_algorithms_fit_key(&mut p, algs, key_set);
     }
+    let key = match (secret, public_key_file, jwks_file) {
+        (Some(Some(secret)), _, _) => Some(Some(KeySource::Secret(secret))),
+        (_, Some(Some(path)), _) => Some(Some(KeySource::PublicKeyFile(path))),
+        (_, _, Some(Some(path))) => Some(Some(KeySource::JwksFile(path))),
+        (Some(None), Some(None), Some(None)) => Some(None),
+        // A value that failed to parse was reported.
+        _ => None,
+    };
     let issuer = p.optional("jwt_issuer", |s| Ok(s.trim().to_owned()));
     let audience = p.optional("jwt_audience", |s| Ok(s.trim().to_owned()));
 
@@ -283,18 +291,16 @@ pub(super) fn build(
     Ok(Config {
         listen: got(listen)?,
         node_id: got(node_id)?,
-        redis_url: got(redis_url)?,
+        redis_url: got(redis_url)?.map(RedisUrl),
         jwt: JwtSettings {
-            secret: got(secret)?,
-            public_key_file: got(public_key_file)?,
-            jwks_file: got(jwks_file)?,
+            key: got(key)?,
             algorithms: got(algorithms)?,
             issuer: got(issuer)?,
             audience: got(audience)?,
         },
         allowed_origins: got(allowed_origins)?,
         allow_anonymous: got(allow_anonymous)?,
-        api_keys: got(api_keys)?,
+        api_keys: Redacted(got(api_keys)?),
         ping_interval: got(ping_interval)?,
         pong_timeout: got(pong_timeout)?,
         max_message_bytes: got(max_message_bytes)?,

@@ -1,5 +1,5 @@
-//! The WebSocket side of a connection: the upgrade response and the socket that reads client
-//! messages and writes server frames, holding no buffer while idle.
+//! The upgraded WebSocket socket: reads client messages and writes server frames, holding no
+//! buffer while idle.
 //!
 //! Reads go into a buffer on the stack; only the bytes of an incomplete frame are kept (in
 //! `rbuf`, freed once a message completes). Writes go straight from the outbox's shared frames to
@@ -13,11 +13,9 @@
 use std::io::{self, Read};
 use std::task::{Context, Poll, ready};
 
-use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use crier_core::Out;
 use crier_protocol::ws::{self as frame, Incoming, Violation};
-use sha1::{Digest, Sha1};
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -27,14 +25,6 @@ const READ_CHUNK: usize = 4096;
 /// Frames per `sendmsg` (each takes two slices). Small: the slice and header arrays are
 /// initialised on every write, and most batches hold one to a few frames.
 const FRAMES_PER_WRITE: usize = 16;
-
-/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 §4.2.2).
-pub fn accept_key(key: &[u8]) -> String {
-    let mut sha1 = Sha1::new();
-    sha1.update(key);
-    sha1.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
-    base64::engine::general_purpose::STANDARD.encode(sha1.finalize())
-}
 
 /// What ended reading.
 #[derive(Debug)]
@@ -136,21 +126,23 @@ impl WsSocket {
 
     /// Starts writing a batch (call only when [`WsSocket::is_writing`] is false): frames go out
     /// with `sendmsg` straight from their shared bytes; whatever the socket does not take now is
-    /// copied into the write buffer for [`WsSocket::poll_write_pending`].
-    pub fn write_batch(&mut self, cx: &mut Context<'_>, batch: &[Out]) -> io::Result<()> {
+    /// copied into the write buffer for [`WsSocket::poll_write_pending`]. `text`: the frames are
+    /// text (the connection's encoding says so), else binary.
+    pub fn write_batch(&mut self, cx: &mut Context<'_>, batch: &[Out], text: bool) -> io::Result<()> {
+        let data_op = if text { frame::OP_TEXT } else { frame::OP_BINARY };
         let mut rest = batch;
         while !rest.is_empty() {
             let (now, later) = rest.split_at(rest.len().min(FRAMES_PER_WRITE));
             let mut headers = [[0u8; 10]; FRAMES_PER_WRITE];
             let mut lens = [0usize; FRAMES_PER_WRITE];
             for (i, out) in now.iter().enumerate() {
-                let (op, payload) = parts(out);
+                let (op, payload) = parts(out, data_op);
                 lens[i] = frame::encode_header(&mut headers[i], op, payload.len());
             }
             let mut slices = [io::IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
             let mut total = 0;
             for (i, out) in now.iter().enumerate() {
-                let payload = parts(out).1;
+                let payload = parts(out, data_op).1;
                 slices[2 * i] = io::IoSlice::new(&headers[i][..lens[i]]);
                 slices[2 * i + 1] = io::IoSlice::new(payload);
                 total += lens[i] + payload.len();
@@ -172,7 +164,7 @@ impl WsSocket {
                     self.wbuf.extend_from_slice(&s[take..]);
                 }
                 for out in later {
-                    let (op, payload) = parts(out);
+                    let (op, payload) = parts(out, data_op);
                     frame::encode_frame(&mut self.wbuf, op, payload);
                 }
                 self.written = 0;
@@ -213,19 +205,9 @@ fn poll_io<T>(
     }
 }
 
-fn parts(out: &Out) -> (u8, &[u8]) {
+fn parts(out: &Out, data_op: u8) -> (u8, &[u8]) {
     match out {
-        Out::Frame(bytes) => (frame::OP_TEXT, bytes),
+        Out::Frame(bytes) => (data_op, bytes),
         Out::Ping => (frame::OP_PING, &[]),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn accept_key_matches_rfc_6455() {
-        assert_eq!(accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 }

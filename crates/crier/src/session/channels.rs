@@ -1,0 +1,138 @@
+//! Subscribing, unsubscribing and refreshing the token: the session's channel set and the
+//! permission checks behind it.
+
+use crier_core::History;
+use crier_core::node::SubscribeError;
+use crier_protocol::channel::any_matches;
+use crier_protocol::frames::{PresenceEntry, ServerFrame};
+use crier_protocol::{ErrorCode, StreamPosition, validate_channel};
+
+use super::{Session, expiry_ms};
+use crate::metrics as m;
+
+impl Session {
+    pub(super) fn subscribed(&self, channel: &str) -> Option<usize> {
+        self.subs.iter().position(|c| &**c == channel)
+    }
+
+    fn can_subscribe(&self, channel: &str) -> bool {
+        any_matches(&self.channels, channel)
+            || (!self.user.is_empty() && channel.strip_prefix("user:").is_some_and(|rest| rest == &*self.user))
+    }
+
+    /// Validates a channel name and the right to read it; sends the error when refused.
+    pub(super) fn readable(&self, id: Option<u64>, channel: &str) -> bool {
+        if let Err(e) = validate_channel(channel) {
+            self.error(id, ErrorCode::InvalidChannel, &e.to_string(), None);
+            return false;
+        }
+        if !self.can_subscribe(channel) {
+            self.error(id, ErrorCode::Forbidden, "the token does not allow this channel", Some(channel));
+            return false;
+        }
+        true
+    }
+
+    pub(super) async fn subscribe(&mut self, id: Option<u64>, channel: &str, recover: Option<StreamPosition>) {
+        if !self.readable(id, channel) {
+            return;
+        }
+        if self.subscribed(channel).is_some() {
+            return self.error(id, ErrorCode::AlreadySubscribed, "already subscribed", Some(channel));
+        }
+        if self.subs.len() >= self.st.config.max_subscriptions_per_connection {
+            return self.error(
+                id,
+                ErrorCode::TooManySubscriptions,
+                "max_subscriptions_per_connection reached",
+                Some(channel),
+            );
+        }
+        // Presence first, so that once the client holds its ack, everyone can see it.
+        let entry =
+            PresenceEntry { client: self.client(), user: self.user.to_string(), node: self.st.config.node_id.clone() };
+        if let Err(e) = self.st.broker().presence_add(channel, &entry).await {
+            tracing::warn!(error = %e, "presence add failed");
+        }
+        let encoding = self.encoding;
+        let ack = |h: &History, recovered: Option<bool>| {
+            encoding.encode(&ServerFrame::Ack {
+                id,
+                channel: Some(channel),
+                epoch: Some(&h.epoch),
+                offset: Some(h.offset),
+                recovered,
+            })
+        };
+        let result = self.st.node.subscribe(channel, self.conn, &self.outbox, recover.as_ref(), ack).await;
+        if result.is_err()
+            && let Err(e) = self.st.broker().presence_remove(channel, &entry.client).await
+        {
+            tracing::warn!(error = %e, "presence remove failed");
+        }
+        match result {
+            Ok(s) => {
+                // Grown one at a time: most connections hold a channel or two.
+                self.subs.reserve_exact(1);
+                self.subs.push(channel.into());
+                if let Some(ok) = s.recovered {
+                    let result = if ok { "recovered" } else { "failed" };
+                    metrics::counter!(m::RECOVERIES, "result" => result).increment(1);
+                }
+            }
+            Err(SubscribeError::AlreadySubscribed) => {
+                self.error(id, ErrorCode::AlreadySubscribed, "already subscribed", Some(channel))
+            }
+            Err(SubscribeError::Unavailable(e)) => {
+                tracing::warn!(error = %e, "subscribe failed");
+                self.error(id, ErrorCode::Unavailable, "broker unavailable; retry later", Some(channel))
+            }
+            Err(SubscribeError::Closed) => {}
+        }
+    }
+
+    pub(super) async fn unsubscribe(&mut self, id: Option<u64>, channel: &str) {
+        if let Err(e) = validate_channel(channel) {
+            return self.error(id, ErrorCode::InvalidChannel, &e.to_string(), None);
+        }
+        let Some(at) = self.subscribed(channel) else {
+            return self.error(id, ErrorCode::NotSubscribed, "not subscribed", Some(channel));
+        };
+        self.subs.swap_remove(at);
+        self.leave(channel).await;
+        self.send(&ServerFrame::Ack { id, channel: Some(channel), epoch: None, offset: None, recovered: None });
+    }
+
+    /// Hub, broker and presence side of leaving a channel.
+    pub(super) async fn leave(&self, channel: &str) {
+        self.st.node.unsubscribe(channel, self.conn).await;
+        if let Err(e) = self.st.broker().presence_remove(channel, &self.client()).await {
+            tracing::warn!(error = %e, "presence remove failed");
+        }
+    }
+
+    /// A new token for the same user: new expiry and permissions; channels the new token no
+    /// longer covers are left, each with an `unsubscribed` push.
+    pub(super) async fn refresh(&mut self, id: Option<u64>, token: &str) {
+        let claims = match self.st.verifier.verify(token) {
+            Ok(c) => c,
+            Err(e) => return self.error(id, ErrorCode::TokenInvalid, &e.0, None),
+        };
+        if *claims.sub != *self.user {
+            return self.error(id, ErrorCode::TokenInvalid, "the new token is for another user", None);
+        }
+        self.outbox.set_expiry(expiry_ms(claims.exp));
+        self.channels = claims.channels.into_boxed_slice();
+        self.publish = claims.publish.into_boxed_slice();
+        let revoked: Vec<Box<str>> = self.subs.iter().filter(|c| !self.can_subscribe(c)).cloned().collect();
+        for channel in revoked {
+            self.subs.retain(|c| *c != channel);
+            self.leave(&channel).await;
+            self.send(&ServerFrame::Unsubscribed {
+                channel: &channel,
+                reason: "the refreshed token does not allow it",
+            });
+        }
+        self.send(&ServerFrame::Ack { id, channel: None, epoch: None, offset: None, recovered: None });
+    }
+}

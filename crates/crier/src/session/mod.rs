@@ -1,0 +1,201 @@
+//! A client's session: what its frames mean, whatever carries them.
+//!
+//! The session consumes decoded client frames ([`Session::on_frame`]) and answers through the
+//! connection's [`Outbox`]: replies, errors and pushes are encoded in the connection's
+//! [`Encoding`] and queued; published messages reach the outbox from the hub. It owns the
+//! subscriptions, recovery on subscribe, the per-user frame rate and its strike count, token
+//! refresh and permission checks. It knows nothing of sockets, WebSocket framing or HTTP: a
+//! transport ([`crate::transport`]) decodes what the client sends, calls the session, writes
+//! what the outbox holds and renders the outbox's close in its own way.
+//!
+//! Lifecycle, driven by the transport: [`Session::new`] (from an admitted handshake) →
+//! [`Session::open`] (registered, `welcome` queued) → [`Session::on_frame`] for each client
+//! frame → [`Session::close`] (leaves every channel, releases the user's connection slot).
+//!
+//! The session closes a connection only through its outbox: 4008 after [`MAX_STRIKES`] refused
+//! frames. Other closes come from elsewhere and reach the transport the same way: 4009 from the
+//! outbox itself, 4001/4010 from the heartbeat sweep, 4003 from the registry, 1012 from the drain;
+//! framing violations (1002/1007/1009) are the transport's own. See
+//! [`crier_protocol::codes::CLOSE_CODES`].
+
+mod channels;
+mod requests;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crier_core::{ConnId, Outbox, clock_ms};
+use crier_protocol::frames::{ClientFrame, FrameError, ServerFrame};
+use crier_protocol::{CloseCode, Encoding, ErrorCode};
+
+use crate::config::RateScope;
+use crate::handshake::{Admitted, ConnSlot, client_id};
+use crate::metrics as m;
+use crate::state::AppState;
+
+/// Refused frames within [`STRIKE_WINDOW`] after which the connection is closed with 4008.
+pub const MAX_STRIKES: u32 = 50;
+const STRIKE_WINDOW: Duration = Duration::from_secs(10);
+
+/// A connection's state, owned by its transport's task. Kept small on purpose: it lives in every
+/// connection's task for the connection's whole life (the client id is derived, not stored; the
+/// token's patterns are kept, its other claims are not).
+pub struct Session {
+    st: AppState,
+    conn: ConnId,
+    /// The token's `sub` (empty for an anonymous connection).
+    user: Arc<str>,
+    /// Channel patterns the token allows subscribing to and publishing to.
+    channels: Box<[String]>,
+    publish: Box<[String]>,
+    outbox: Arc<Outbox>,
+    /// Subscribed channels (at most `max_subscriptions_per_connection`, searched linearly).
+    subs: Vec<Box<str>>,
+    encoding: Encoding,
+    strikes: u32,
+    /// [`clock_ms`] when the current strike window began.
+    strike_window: u64,
+    slot: Option<Box<ConnSlot>>,
+}
+
+impl Session {
+    /// A session for an admitted handshake, speaking `encoding`.
+    pub fn new(st: AppState, admitted: Admitted, encoding: Encoding) -> Session {
+        let Admitted { conn, claims, slot } = admitted;
+        let outbox = Arc::new(Outbox::new(st.config.client_queue_max_bytes));
+        outbox.set_expiry(expiry_ms(claims.exp));
+        Session {
+            conn,
+            user: claims.sub.into(),
+            channels: claims.channels.into_boxed_slice(),
+            publish: claims.publish.into_boxed_slice(),
+            outbox,
+            subs: Vec::new(),
+            encoding,
+            strikes: 0,
+            strike_window: clock_ms(),
+            slot: slot.map(Box::new),
+            st,
+        }
+    }
+
+    /// The outbox the transport writes from (and touches whenever the client is heard from).
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    /// The connection is open: it is registered with the node (drain, disconnects, heartbeats)
+    /// and its first frame, `welcome`, is queued.
+    pub fn open(&mut self) {
+        self.st.registry.register(self.conn, self.user.clone(), self.outbox.clone());
+        self.send(&ServerFrame::Welcome {
+            client: &self.client(),
+            user: &self.user,
+            node: &self.st.config.node_id,
+            ping_interval_ms: self.st.config.ping_interval.as_millis() as u64,
+        });
+    }
+
+    /// One client frame, as the connection's encoding decoded it (a decoding error still
+    /// counts against the rate and gets its error reply, with the frame's `id` when known).
+    ///
+    /// The broker-bound branches are boxed: an idle connection's task then holds only a pointer
+    /// instead of the largest of those futures inline (~1.5 KiB per connection).
+    pub async fn on_frame(&mut self, decoded: Result<ClientFrame<'_>, FrameError>) {
+        let id = match &decoded {
+            Ok(frame) => frame.id(),
+            Err(e) => e.id,
+        };
+        if !self.admit(id).await {
+            return;
+        }
+        let frame = match decoded {
+            Ok(frame) => frame,
+            Err(e) => return self.error(e.id, e.code, &e.message, None),
+        };
+        match frame {
+            ClientFrame::Subscribe { id, channel, recover } => Box::pin(self.subscribe(id, &channel, recover)).await,
+            ClientFrame::Unsubscribe { id, channel } => Box::pin(self.unsubscribe(id, &channel)).await,
+            ClientFrame::Publish { id, channel, data } => Box::pin(self.publish(id, &channel, data.get())).await,
+            ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id }),
+            ClientFrame::Refresh { id, token } => Box::pin(self.refresh(id, &token)).await,
+            ClientFrame::Presence { id, channel } => Box::pin(self.presence(id, &channel)).await,
+            ClientFrame::History { id, channel, since, limit } => {
+                Box::pin(self.history(id, &channel, since, limit)).await
+            }
+        }
+    }
+
+    /// The connection ended (whatever ended it): leaves every channel, forgets the connection
+    /// and releases the user's connection slot.
+    pub async fn close(mut self) {
+        for channel in std::mem::take(&mut self.subs) {
+            self.leave(&channel).await;
+        }
+        self.st.registry.unregister(self.conn);
+        if let Some(slot) = self.slot.take() {
+            slot.release().await;
+        }
+    }
+
+    fn client(&self) -> String {
+        client_id(&self.st.config.node_id, self.conn)
+    }
+
+    fn send(&self, frame: &ServerFrame<'_>) {
+        self.outbox.push(self.encoding.encode(frame));
+    }
+
+    fn error(&self, id: Option<u64>, code: ErrorCode, message: &str, channel: Option<&str>) {
+        metrics::counter!(m::CLIENT_ERRORS, "code" => code.as_str()).increment(1);
+        self.send(&ServerFrame::Error { id, code: code.as_str(), message, channel });
+    }
+
+    /// Counts a frame against the user's rate (this node's, or the cluster's with
+    /// `user_rate_scope = cluster`); `false` (and maybe a 4008 close) when refused.
+    async fn admit(&mut self, id: Option<u64>) -> bool {
+        if self.allowed().await {
+            return true;
+        }
+        metrics::counter!(m::RATE_LIMITED, "kind" => "user").increment(1);
+        let now = clock_ms();
+        if now.saturating_sub(self.strike_window) > STRIKE_WINDOW.as_millis() as u64 {
+            self.strike_window = now;
+            self.strikes = 0;
+        }
+        self.strikes += 1;
+        if self.strikes >= MAX_STRIKES {
+            self.outbox.close(CloseCode::RATE_LIMITED);
+        } else {
+            self.error(id, ErrorCode::RateLimited, "too many frames; slow down", None);
+        }
+        false
+    }
+
+    /// The rate decision. The cluster-wide limiter lives in the broker; if the broker cannot
+    /// answer, the node-local limiter decides (fail over, never fail open without a limit).
+    async fn allowed(&self) -> bool {
+        let cfg = &self.st.config;
+        if cfg.user_rate_scope == RateScope::Cluster && self.st.broker().shares_rate_limits() {
+            match self.st.broker().rate_limit(&self.user, cfg.user_rate, cfg.user_burst).await {
+                Ok(limited) => return limited.is_none(),
+                Err(e) => tracing::debug!(error = %e, "cluster rate limit unavailable; using the node's"),
+            }
+        }
+        self.st.limits.check_frame(&self.user)
+    }
+}
+
+/// The [`clock_ms`] at which a token with this `exp` (Unix seconds) expires; `u64::MAX` if never.
+fn expiry_ms(exp: u64) -> u64 {
+    let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let left = exp as f64 - now_unix;
+    if left > 10.0 * 365.0 * 86400.0 {
+        return u64::MAX;
+    }
+    clock_ms() + (left.max(0.0) * 1000.0) as u64
+}

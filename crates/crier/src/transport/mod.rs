@@ -1,0 +1,18 @@
+//! Transports: how a session's frames travel to and from a client.
+//!
+//! A transport owns the bytes: it runs the handshake checks ([`crate::handshake`]) plus its
+//! own, builds a [`Session`](crate::session::Session) with the connection's
+//! [`Encoding`](crier_protocol::Encoding), and then, in one task per connection, decodes what the
+//! client sends into client frames for [`Session::on_frame`](crate::session::Session::on_frame),
+//! writes what the session's outbox holds in its own framing, turns the outbox's keep-alive
+//! ([`Out::Ping`](crier_core::Out::Ping)) and close ([`Close`](crier_core::Close)) into its own
+//! signals, touches the outbox whenever the client is heard from, and calls
+//! [`Session::close`](crate::session::Session::close) when the connection ends.
+//!
+//! *Invariant:* the session never sees transport bytes and the transport never interprets a
+//! frame: everything the server sends goes through the outbox (so its byte bound covers replies
+//! as well as messages), and every client frame goes through `Session::on_frame`.
+//!
+//! - [`ws`]: WebSocket (RFC 6455), crier's own framing over the upgraded TCP stream.
+
+pub mod ws;
