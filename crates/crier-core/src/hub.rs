@@ -1,8 +1,12 @@
 //! The hub: this node's local subscriptions, channel → subscribers.
 //!
-//! Sharded by channel (short `std` mutex critical sections, never held across an await). A
-//! publication is fanned out by pushing the same [`Bytes`] (a reference-count increment) into
-//! each live subscriber's [`Outbox`]; nothing is serialised per subscriber.
+//! Sharded by channel (`std` mutexes, never held across an await). A publication is fanned out by
+//! pushing the same [`Bytes`] (a reference-count increment) into each live subscriber's
+//! [`Outbox`]; nothing is serialised per subscriber. The fan-out runs *under the channel's shard
+//! lock* on purpose: that is what orders live messages against a new subscriber's recovery merge
+//! ([`Hub::activate`] takes the same lock), so the critical section grows with the channel's
+//! local subscribers (one outbox push each — a short lock of its own, no allocation unless the
+//! outbox's queue was just taken by its writer).
 //!
 //! A new subscriber starts *buffering*: live publications are kept aside while the session reads
 //! the channel's position/history from the broker. [`Hub::activate`] then, in one critical

@@ -9,7 +9,8 @@
 //!   [`broker::conformance`] is the test suite every broker passes.
 //! - [`node`]: subscribe/unsubscribe orchestration between hub and broker (one broker subscription
 //!   per channel per node, rolled back on failure) and the recovery merge.
-//! - [`registry`]: the node's live connections, by id and by user (disconnects, drain).
+//! - [`registry`]: the node's live connections, by id (a disconnect by user scans; drain,
+//!   heartbeat sweep, the connection gauge).
 //!
 //! Architecture invariant: crier-core knows nothing of HTTP, WebSockets or Redis.
 

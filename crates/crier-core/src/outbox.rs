@@ -1,7 +1,9 @@
 //! A connection's bounded outbound queue.
 //!
 //! Producers (the hub's fan-out, the session's replies) push already-encoded frames; the
-//! connection's task drains everything queued in one go and writes it with one flush. One waker
+//! connection's task takes everything queued in one go and writes it with one flush. Taking
+//! moves the queue out whole, so an idle outbox holds no allocation; the next push allocates a
+//! fresh queue (the one per-subscriber allocation of a fan-out, once per batch, not per frame). One waker
 //! slot (the connection task is the only consumer) instead of a notifier per connection.
 //! The queue is bounded in bytes (`client_queue_max_bytes`): a push that would exceed it closes
 //! the connection with 4009 (slow consumer) and drops what was queued, so a consumer that does
@@ -20,9 +22,9 @@ use crier_protocol::CloseCode;
 /// An item for the writer.
 #[derive(Debug, Clone)]
 pub enum Out {
-    /// A text frame (valid UTF-8 JSON).
+    /// A server frame, encoded in the connection's encoding.
     Frame(Bytes),
-    /// A WebSocket Ping.
+    /// A keep-alive is due: the transport sends its own (a WebSocket Ping).
     Ping,
 }
 
@@ -180,8 +182,10 @@ impl Outbox {
         Push::Queued
     }
 
-    /// Pushes several frames atomically with respect to other pushers (used for ack + recovered
-    /// messages). Stops at the first frame that does not fit.
+    /// Pushes several frames in order (ack + recovered messages), stopping at the first that does
+    /// not fit. Not atomic by itself: another pusher may interleave between two frames. The
+    /// recovery merge gets its order from the hub, which calls this under the channel's shard
+    /// lock that live fan-out also takes.
     pub fn push_all(&self, frames: impl IntoIterator<Item = Bytes>) -> Push {
         let mut last = Push::Queued;
         for f in frames {
@@ -193,7 +197,7 @@ impl Outbox {
         last
     }
 
-    /// Queues a WebSocket Ping (not counted against the byte bound).
+    /// Queues a keep-alive ([`Out::Ping`]; not counted against the byte bound).
     pub fn ping(&self) {
         let mut s = self.lock();
         if !s.closing {

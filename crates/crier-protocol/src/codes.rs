@@ -127,18 +127,6 @@ pub enum ClientAction {
     RefreshToken,
 }
 
-impl ClientAction {
-    pub fn describe(self) -> &'static str {
-        match self {
-            ClientAction::Stop => "stop",
-            ClientAction::ReconnectNow => "reconnect now, with recovery",
-            ClientAction::ReconnectAfterJitter => "reconnect after a jittered delay, with recovery",
-            ClientAction::ReconnectWithBackoff => "reconnect with backoff, with recovery",
-            ClientAction::RefreshToken => "get a new token, reconnect",
-        }
-    }
-}
-
 /// One close code crier may send.
 #[derive(Debug)]
 pub struct CloseSpec {
@@ -151,6 +139,8 @@ pub struct CloseSpec {
     /// Queued frames are written before the close frame.
     pub flush: bool,
     pub action: ClientAction,
+    /// What the client should do, in the contract's words.
+    pub advice: &'static str,
 }
 
 const fn spec(
@@ -159,23 +149,23 @@ const fn spec(
     when: &'static str,
     reason: &'static str,
     flush: bool,
-    action: ClientAction,
+    (action, advice): (ClientAction, &'static str),
 ) -> CloseSpec {
-    CloseSpec { code, name, when, reason, flush, action }
+    CloseSpec { code, name, when, reason, flush, action, advice }
 }
 
 use ClientAction::{ReconnectAfterJitter, ReconnectNow, ReconnectWithBackoff, RefreshToken, Stop};
 
 /// Every close code crier sends (the contract's table, plus 1002, 1007 and the 4010 extension).
 pub static CLOSE_CODES: &[CloseSpec] = &[
-    spec(CloseCode::NORMAL, "normal", "normal closure", "", true, Stop),
+    spec(CloseCode::NORMAL, "normal", "normal closure", "", true, (Stop, "stop")),
     spec(
         CloseCode::GOING_AWAY,
         "going_away",
         "node shutting down (reserved: the drain sends 1012)",
         "node shutting down",
         true,
-        ReconnectNow,
+        (ReconnectNow, "reconnect now, with recovery"),
     ),
     spec(
         CloseCode::PROTOCOL_ERROR,
@@ -183,7 +173,7 @@ pub static CLOSE_CODES: &[CloseSpec] = &[
         "the client broke a WebSocket framing rule (RFC 6455)",
         "protocol error",
         false,
-        Stop,
+        (Stop, "fix the client"),
     ),
     spec(
         CloseCode::INVALID_PAYLOAD,
@@ -191,7 +181,7 @@ pub static CLOSE_CODES: &[CloseSpec] = &[
         "a text frame or close reason is not UTF-8",
         "invalid UTF-8 in a text frame",
         false,
-        Stop,
+        (Stop, "fix the client"),
     ),
     spec(
         CloseCode::POLICY,
@@ -199,7 +189,7 @@ pub static CLOSE_CODES: &[CloseSpec] = &[
         "policy violation (reserved: not sent by this version)",
         "policy violation",
         true,
-        Stop,
+        (Stop, "stop"),
     ),
     spec(
         CloseCode::TOO_BIG,
@@ -207,7 +197,7 @@ pub static CLOSE_CODES: &[CloseSpec] = &[
         "frame larger than `max_message_bytes`",
         "message larger than max_message_bytes",
         false,
-        Stop,
+        (Stop, "stop"),
     ),
     spec(
         CloseCode::INTERNAL,
@@ -215,7 +205,7 @@ pub static CLOSE_CODES: &[CloseSpec] = &[
         "internal error (reserved: not sent by this version)",
         "internal error",
         true,
-        ReconnectWithBackoff,
+        (ReconnectWithBackoff, "reconnect with backoff"),
     ),
     spec(
         CloseCode::RESTART,
@@ -223,7 +213,7 @@ pub static CLOSE_CODES: &[CloseSpec] = &[
         "node restarting / draining",
         "node draining; reconnect to another node",
         true,
-        ReconnectAfterJitter,
+        (ReconnectAfterJitter, "reconnect after a jittered delay, with recovery"),
     ),
     spec(
         CloseCode::TOKEN_EXPIRED,
@@ -231,7 +221,7 @@ pub static CLOSE_CODES: &[CloseSpec] = &[
         "token expired, not refreshed",
         "token expired",
         true,
-        RefreshToken,
+        (RefreshToken, "get a new token, reconnect"),
     ),
     spec(
         CloseCode::DISCONNECTED,
@@ -239,7 +229,7 @@ pub static CLOSE_CODES: &[CloseSpec] = &[
         "disconnected by the API or permissions revoked",
         "disconnected by the API",
         true,
-        Stop,
+        (Stop, "stop"),
     ),
     spec(
         CloseCode::RATE_LIMITED,
@@ -247,7 +237,7 @@ pub static CLOSE_CODES: &[CloseSpec] = &[
         "too many rate-limit violations",
         "too many rate-limit violations",
         false,
-        ReconnectWithBackoff,
+        (ReconnectWithBackoff, "reconnect with backoff"),
     ),
     spec(
         CloseCode::SLOW_CONSUMER,
@@ -255,7 +245,7 @@ pub static CLOSE_CODES: &[CloseSpec] = &[
         "slow consumer (outbound queue over `client_queue_max_bytes`)",
         "slow consumer",
         false,
-        ReconnectWithBackoff,
+        (ReconnectWithBackoff, "reconnect with recovery"),
     ),
     spec(
         CloseCode::HEARTBEAT_TIMEOUT,
@@ -263,7 +253,7 @@ pub static CLOSE_CODES: &[CloseSpec] = &[
         "heartbeat timeout: no pong within `pong_timeout` (crier extension)",
         "no pong within pong_timeout",
         false,
-        ReconnectWithBackoff,
+        (ReconnectWithBackoff, "reconnect with recovery"),
     ),
 ];
 
@@ -272,7 +262,7 @@ pub fn close_code_table() -> String {
     let mut out = String::from("| code | name | when | reason sent | the client should |\n|---|---|---|---|---|\n");
     for s in CLOSE_CODES {
         let reason = if s.reason.is_empty() { String::new() } else { format!("`{}`", s.reason) };
-        out.push_str(&format!("| {} | `{}` | {} | {} | {} |\n", s.code.0, s.name, s.when, reason, s.action.describe()));
+        out.push_str(&format!("| {} | `{}` | {} | {} | {} |\n", s.code.0, s.name, s.when, reason, s.advice));
     }
     out
 }

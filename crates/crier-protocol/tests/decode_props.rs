@@ -137,7 +137,7 @@ fn data_that_serde_json_refuses_is_refused() {
     }
 }
 
-/// CONTRACT §4: "`id` is optional; when present, the reply carries it". When any field of a
+/// docs/protocol.md, "Frames": "`id` (optional) ... replies carry it". When any field of a
 /// frame has the wrong type, the whole envelope fails to deserialize and the `bad_request`
 /// reply has no `id`, although the frame's `id` was a fine integer: the client cannot tell which
 /// request failed.

@@ -1,4 +1,4 @@
-//! Finding the token of a handshake (CONTRACT §2).
+//! Finding the token of a handshake (docs/protocol.md, "Handshake").
 
 use axum::http::HeaderMap;
 use axum::http::header::{AUTHORIZATION, SEC_WEBSOCKET_PROTOCOL};

@@ -1,4 +1,4 @@
-//! The `allowed_origins` list (CONTRACT §1, §2).
+//! The `allowed_origins` list (docs/protocol.md, "Handshake").
 
 /// Which browser `Origin`s may open a WebSocket. Entries:
 /// - `*`: any origin (including `null`);
