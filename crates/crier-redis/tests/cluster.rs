@@ -87,9 +87,7 @@ async fn disconnect_user_counts_cluster_wide_and_reaches_every_node() {
     assert_eq!(b.connection_opened("u1", "b-2").await.ok(), Some(3));
     assert_eq!(a.connection_opened("u2", "a-2").await.ok(), Some(1));
     assert_eq!(a.disconnect_user("u1").await.ok(), Some(3), "the user's connections, cluster-wide");
-    let got = |h: &RecordingHandler| {
-        h.disconnected.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    };
+    let got = |h: &RecordingHandler| h.disconnected.lock().unwrap_or_else(|e| e.into_inner()).clone();
     poll_within("the other node was told", WAIT, async || {
         let g = got(&hb);
         if g == ["u1"] { Ok(()) } else { Err(format!("{g:?}")) }

@@ -89,7 +89,8 @@ async fn killed_pubsub_connections_are_gap_filled_in_order_exactly_once() {
         })
     };
     for at in [50, 150, 250] {
-        until_within(format!("{at} deliveries (stalled before?)"), WAIT, async || ha.offsets("wedge:1").len() >= at).await;
+        until_within(format!("{at} deliveries (stalled before?)"), WAIT, async || ha.offsets("wedge:1").len() >= at)
+            .await;
         let killed = server.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
         assert!(killed.starts_with(':') && !killed.starts_with(":0"), "killed pub/sub clients: {killed}");
     }

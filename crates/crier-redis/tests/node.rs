@@ -158,17 +158,21 @@ async fn live_clients_get_a_gap_filled_stream_through_pubsub_kills() {
         })
     };
     let mut kills = 0;
-    until_within(format!("every client to get {N} messages through two pub/sub kills"), Duration::from_secs(30), async || {
-        for c in clients.iter_mut() {
-            c.drain().await;
-        }
-        let seen = clients[0].offsets().len() as u64;
-        if (kills == 0 && seen >= 60) || (kills == 1 && seen >= 180) {
-            server.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
-            kills += 1;
-        }
-        clients.iter().all(|c| c.offsets().len() as u64 >= N)
-    })
+    until_within(
+        format!("every client to get {N} messages through two pub/sub kills"),
+        Duration::from_secs(30),
+        async || {
+            for c in clients.iter_mut() {
+                c.drain().await;
+            }
+            let seen = clients[0].offsets().len() as u64;
+            if (kills == 0 && seen >= 60) || (kills == 1 && seen >= 180) {
+                server.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+                kills += 1;
+            }
+            clients.iter().all(|c| c.offsets().len() as u64 >= N)
+        },
+    )
     .await;
     let _ = pub_task.await;
     assert_eq!(kills, 2);

@@ -55,7 +55,11 @@ impl Process {
             Err(_) => {
                 let _ = p.child.kill();
                 let status = p.child.wait().map_err(|e| e.to_string())?;
-                Err(format!("exited {status:?} without printing its ready line\nstdout:\n{}\nstderr:\n{}", p.stdout(), p.logs()))
+                Err(format!(
+                    "exited {status:?} without printing its ready line\nstdout:\n{}\nstderr:\n{}",
+                    p.stdout(),
+                    p.logs()
+                ))
             }
         }
     }

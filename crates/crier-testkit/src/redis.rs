@@ -66,7 +66,9 @@ impl RedisServer {
             .unwrap_or_else(|e| panic!("cannot start redis-server ({e}); install it: apt-get install -y redis-server"));
         self.child = Some(child);
         let what = format!("redis-server on port {} to answer PING", self.port);
-        until_blocking(what, Duration::from_secs(10), || self.try_cmd(&["PING"]).is_some_and(|r| r.starts_with("+PONG")));
+        until_blocking(what, Duration::from_secs(10), || {
+            self.try_cmd(&["PING"]).is_some_and(|r| r.starts_with("+PONG"))
+        });
     }
 
     pub fn port(&self) -> u16 {
