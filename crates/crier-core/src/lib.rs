@@ -6,7 +6,7 @@
 //!   shared frame; the buffering that makes recovery race-free.
 //! - [`broker`]: the [`Broker`] trait (publish with offsets/epochs, history, node-level
 //!   subscriptions, presence, cluster-wide connection counts) and the embedded [`MemoryBroker`];
-//!   [`broker::conformance`] is the test suite every broker passes.
+//!   the test suite every broker passes is `crier_testkit::conformance` (dev-only).
 //! - [`node`]: subscribe/unsubscribe orchestration between hub and broker (one broker subscription
 //!   per channel per node, rolled back on failure) and the recovery merge.
 //! - [`registry`]: the node's live connections, by id (a disconnect by user scans; drain,

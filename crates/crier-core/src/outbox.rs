@@ -336,7 +336,9 @@ mod tests {
         });
         tokio::task::yield_now().await;
         o.push(Bytes::from_static(b"x"));
-        assert_eq!(writer.await.ok(), Some(1));
+        // Bounded: a lost wake-up fails the test instead of hanging it.
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(10), writer).await;
+        assert_eq!(woken.ok().and_then(Result::ok), Some(1), "the push woke the waiting writer within 10s");
     }
 
     #[test]

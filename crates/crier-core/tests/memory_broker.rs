@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use crier_core::broker::conformance;
 use crier_core::{Broker, MemoryBroker};
+use crier_testkit::conformance;
 
 #[tokio::test]
 async fn memory_broker_conforms() {

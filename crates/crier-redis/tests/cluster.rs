@@ -6,10 +6,11 @@ mod support;
 use std::time::Duration;
 
 use crier_core::broker::PublishOptions;
-use crier_core::broker::conformance::eventually;
 use crier_core::{Broker, NodeInfo};
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::encode_message;
+use crier_testkit::conformance::RecordingHandler;
+use crier_testkit::{poll_within, until_within};
 use support::{RedisServer, broker, options, publish, subscribe};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -23,7 +24,7 @@ async fn a_publish_on_one_node_reaches_the_other_byte_identical() {
     let before = crier_core::now_micros();
     let data = r#"{"text":"héllo \"there\"","n":[1,2.5,null]}"#;
     let r = publish(&a, "chat:lobby", data).await.unwrap_or_else(|e| panic!("publish: {e}"));
-    assert!(eventually(WAIT, || hb.offsets("chat:lobby") == [r.offset]).await, "delivered to the other node");
+    until_within("delivered to the other node", WAIT, async || hb.offsets("chat:lobby") == [r.offset]).await;
     let p = hb.publications.lock().unwrap_or_else(|e| e.into_inner())[0].1.clone();
     assert_eq!(p.frame, encode_message("chat:lobby", &r.epoch, r.offset, data), "byte-identical frame");
     assert_eq!(&*p.epoch, r.epoch);
@@ -66,7 +67,7 @@ async fn a_thousand_publishes_over_three_nodes_arrive_everywhere_in_one_order() 
     assert_eq!(published, 1000, "every publish succeeded");
     let expected: Vec<u64> = (1..=1000).collect();
     for (b, h) in &nodes {
-        assert!(eventually(WAIT, || h.offsets("load:one").len() >= 1000).await, "all 1000 reached a node");
+        until_within("all 1000 reached a node", WAIT, async || h.offsets("load:one").len() >= 1000).await;
         assert_eq!(h.offsets("load:one"), expected, "in offset order, no gap, no duplicate");
         assert!(b.is_up());
     }
@@ -86,10 +87,12 @@ async fn disconnect_user_counts_cluster_wide_and_reaches_every_node() {
     assert_eq!(b.connection_opened("u1", "b-2").await.ok(), Some(3));
     assert_eq!(a.connection_opened("u2", "a-2").await.ok(), Some(1));
     assert_eq!(a.disconnect_user("u1").await.ok(), Some(3), "the user's connections, cluster-wide");
-    let got = |h: &crier_core::broker::conformance::RecordingHandler| {
-        h.disconnected.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    };
-    assert!(eventually(WAIT, || got(&hb) == ["u1"]).await, "the other node was told: {:?}", got(&hb));
+    let got = |h: &RecordingHandler| h.disconnected.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    poll_within("the other node was told", WAIT, async || {
+        let g = got(&hb);
+        if g == ["u1"] { Ok(()) } else { Err(format!("{g:?}")) }
+    })
+    .await;
     assert_eq!(got(&ha), ["u1"], "the calling node closes its own directly, once");
     // Same client id on two nodes: two connections, not one.
     assert_eq!(a.connection_opened("u3", "c").await.ok(), Some(1));
@@ -107,7 +110,7 @@ async fn idempotency_keys_hold_across_nodes() {
     let r2 = b.publish("idem:x", "1", k).await.unwrap_or_else(|e| panic!("publish: {e}"));
     assert_eq!(r1, r2, "the retry on another node returns the first result");
     let r3 = publish(&a, "idem:x", "2").await.unwrap_or_else(|e| panic!("publish: {e}"));
-    assert!(eventually(WAIT, || hb.offsets("idem:x").contains(&r3.offset)).await);
+    until_within("the second publish delivered", WAIT, async || hb.offsets("idem:x").contains(&r3.offset)).await;
     assert_eq!(hb.offsets("idem:x"), [1, 2], "delivered once");
 }
 

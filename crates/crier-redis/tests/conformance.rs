@@ -5,8 +5,8 @@ mod support;
 use std::sync::Arc;
 
 use crier_core::Broker;
-use crier_core::broker::conformance;
 use crier_redis::RedisBroker;
+use crier_testkit::conformance;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_broker_conforms() {

@@ -6,23 +6,16 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use crier_core::broker::conformance::eventually;
 use crier_core::{Broker, BrokerError};
 use crier_protocol::StreamPosition;
+use crier_testkit::{poll_within, until_within};
 use support::{RedisServer, broker, epochs, options, publish, subscribe};
 
 const WAIT: Duration = Duration::from_secs(15);
 
 /// Publishes until it succeeds (the command connection reconnects on demand), with a deadline.
 async fn publish_eventually(b: &crier_redis::RedisBroker, channel: &str, data: &str) -> crier_core::PublishResult {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match publish(b, channel, data).await {
-            Ok(r) => return r,
-            Err(e) => assert!(Instant::now() < deadline, "publish never succeeded: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_within(format!("a publish on {channel} to succeed"), WAIT, async || publish(b, channel, data).await).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,7 +33,7 @@ async fn restart_without_persistence_starts_a_new_epoch_and_delivery_resumes() {
     for i in 1..=3 {
         old_epoch = publish(&b, "r:1", &i.to_string()).await.unwrap_or_else(|e| panic!("publish: {e}")).epoch;
     }
-    assert!(eventually(WAIT, || ha.offsets("r:1") == [1, 2, 3]).await);
+    until_within("1..=3 delivered", WAIT, async || ha.offsets("r:1") == [1, 2, 3]).await;
 
     server.kill();
     assert!(a.wait_up(false, WAIT).await, "is_up goes false");
@@ -59,7 +52,11 @@ async fn restart_without_persistence_starts_a_new_epoch_and_delivery_resumes() {
     publish_eventually(&b, "r:1", "6").await;
     assert!(a.wait_up(true, WAIT).await, "is_up comes back by itself");
     let r = publish_eventually(&b, "r:1", "7").await;
-    assert!(eventually(WAIT, || ha.offsets("r:1") == [1, 2, 3, 1, 2, 3]).await, "got {:?}", ha.offsets("r:1"));
+    poll_within("the old epoch's 1..=3 then the new one's 1..=3", WAIT, async || {
+        let got = ha.offsets("r:1");
+        if got == [1, 2, 3, 1, 2, 3] { Ok(()) } else { Err(format!("got {got:?}")) }
+    })
+    .await;
     assert_eq!(support::data(&ha, "r:1"), ["1", "2", "3", "5", "6", "7"]);
     let e = epochs(&ha, "r:1");
     assert!(e[..3].iter().all(|x| *x == old_epoch) && e[3..].iter().all(|x| *x == r.epoch));
@@ -92,17 +89,18 @@ async fn killed_pubsub_connections_are_gap_filled_in_order_exactly_once() {
         })
     };
     for at in [50, 150, 250] {
-        assert!(eventually(WAIT, || ha.offsets("wedge:1").len() >= at).await, "deliveries stalled before {at}");
+        until_within(format!("{at} deliveries (stalled before?)"), WAIT, async || ha.offsets("wedge:1").len() >= at)
+            .await;
         let killed = server.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
         assert!(killed.starts_with(':') && !killed.starts_with(":0"), "killed pub/sub clients: {killed}");
     }
     assert_eq!(publisher.await.ok(), Some(0), "the publisher's own connection was never touched");
     let expected: Vec<u64> = (1..=N).collect();
-    assert!(
-        eventually(WAIT, || ha.offsets("wedge:1").len() >= N as usize).await,
-        "got {}",
-        ha.offsets("wedge:1").len()
-    );
+    poll_within(format!("all {N} delivered"), WAIT, async || {
+        let n = ha.offsets("wedge:1").len();
+        if n >= N as usize { Ok(()) } else { Err(format!("got {n}")) }
+    })
+    .await;
     assert_eq!(ha.offsets("wedge:1"), expected, "in order, no gap, no duplicate");
     assert!(a.reconnects() >= 3, "reconnected after every kill: {}", a.reconnects());
     assert!(a.gap_filled() > 0, "publications missed while reconnecting came from the history");
@@ -119,13 +117,17 @@ async fn restart_with_persistence_keeps_the_epoch_and_fills_the_gap() {
     let (b, _) = broker(options(&server, "pub")).await;
     subscribe(&a, &ha, "p:1").await;
     let first = publish(&b, "p:1", "1").await.unwrap_or_else(|e| panic!("publish: {e}"));
-    assert!(eventually(WAIT, || ha.offsets("p:1") == [1]).await);
+    until_within("1 delivered", WAIT, async || ha.offsets("p:1") == [1]).await;
     server.restart();
     for i in 2..=5 {
         let r = publish_eventually(&b, "p:1", &i.to_string()).await;
         assert_eq!((r.epoch.as_str(), r.offset), (first.epoch.as_str(), i), "same epoch, offsets go on");
     }
-    assert!(eventually(WAIT, || ha.offsets("p:1").len() >= 5).await, "got {:?}", ha.offsets("p:1"));
+    poll_within("1..=5 delivered", WAIT, async || {
+        let got = ha.offsets("p:1");
+        if got.len() >= 5 { Ok(()) } else { Err(format!("got {got:?}")) }
+    })
+    .await;
     assert_eq!(ha.offsets("p:1"), [1, 2, 3, 4, 5]);
     assert!(epochs(&ha, "p:1").iter().all(|e| *e == first.epoch));
     assert!(a.reconnects() >= 1);
@@ -146,7 +148,7 @@ async fn a_wedged_redis_is_detected_and_never_hangs_callers() {
     server.pause(false);
     assert!(a.wait_up(true, WAIT).await, "back by itself");
     let r = publish_eventually(&a, "w:1", "2").await;
-    assert!(eventually(WAIT, || ha.offsets("w:1").contains(&r.offset)).await);
+    until_within("the publish after the wedge delivered", WAIT, async || ha.offsets("w:1").contains(&r.offset)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,7 +167,7 @@ async fn a_broker_starts_while_redis_is_down_and_comes_up_later() {
     assert!(a.wait_up(true, WAIT).await, "comes up by itself");
     subscribe(&a, &ha, "s:1").await;
     let r = publish_eventually(&a, "s:1", "2").await;
-    assert!(eventually(WAIT, || ha.offsets("s:1") == [r.offset]).await);
+    until_within("the first publish delivered", WAIT, async || ha.offsets("s:1") == [r.offset]).await;
 }
 
 #[test]

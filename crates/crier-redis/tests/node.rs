@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use crier_core::{Broker, History, Hub, Next, Node, Out, Outbox};
 use crier_protocol::StreamPosition;
+use crier_testkit::{until, until_within};
 use serde_json::Value;
 use support::{RedisServer, broker, options, publish};
 
@@ -103,31 +104,24 @@ async fn clients_joining_recovering_and_leaving_under_load_miss_nothing() {
             assert!(!hub.has_channel(ch));
         }
         let target = seen + 10;
-        let mut progressed = false;
-        for _ in 0..500 {
+        until(format!("messages keep flowing in round {round}"), async || {
             for c in clients.iter_mut() {
                 c.drain().await;
             }
-            if clients.iter().flat_map(|c| c.offsets()).max().unwrap_or(0) >= target.min(N) || live.is_empty() {
-                progressed = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(progressed, "messages keep flowing in round {round}");
+            clients.iter().flat_map(|c| c.offsets()).max().unwrap_or(0) >= target.min(N) || live.is_empty()
+        })
+        .await;
     }
     let _ = pub_task.await;
     let still: Vec<usize> = live.iter().map(|id| *id as usize).collect();
     assert!(!still.is_empty());
-    for _ in 0..1000 {
+    until(format!("clients {still:?}, still subscribed, to get message {N}"), async || {
         for c in clients.iter_mut() {
             c.drain().await;
         }
-        if still.iter().all(|i| clients[*i].offsets().last() == Some(&N)) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        still.iter().all(|i| clients[*i].offsets().last() == Some(&N))
+    })
+    .await;
     for (i, c) in clients.iter().enumerate() {
         let offsets = c.offsets();
         let start = c.start();
@@ -164,20 +158,22 @@ async fn live_clients_get_a_gap_filled_stream_through_pubsub_kills() {
         })
     };
     let mut kills = 0;
-    for _ in 0..2000 {
-        for c in clients.iter_mut() {
-            c.drain().await;
-        }
-        let seen = clients[0].offsets().len() as u64;
-        if (kills == 0 && seen >= 60) || (kills == 1 && seen >= 180) {
-            server.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
-            kills += 1;
-        }
-        if clients.iter().all(|c| c.offsets().len() as u64 >= N) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_within(
+        format!("every client to get {N} messages through two pub/sub kills"),
+        Duration::from_secs(30),
+        async || {
+            for c in clients.iter_mut() {
+                c.drain().await;
+            }
+            let seen = clients[0].offsets().len() as u64;
+            if (kills == 0 && seen >= 60) || (kills == 1 && seen >= 180) {
+                server.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+                kills += 1;
+            }
+            clients.iter().all(|c| c.offsets().len() as u64 >= N)
+        },
+    )
+    .await;
     let _ = pub_task.await;
     assert_eq!(kills, 2);
     let expected: Vec<u64> = (1..=N).collect();

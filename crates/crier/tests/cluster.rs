@@ -4,30 +4,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../crier-redis/tests/support/mod.rs"]
-mod redis_support;
 mod support;
 
 use std::collections::HashSet;
-use std::time::Duration;
 
-use redis_support::RedisServer;
+use crier_testkit::redis::RedisServer;
+use crier_testkit::until;
 use serde_json::{Value, json};
-use support::{Server, WAIT};
+use support::Server;
 
 async fn node(redis: &RedisServer, name: &str, extra: &[&str]) -> Server {
     let url = redis.url();
     let mut args = vec!["--redis-url", url.as_str(), "--node-id", name, "--presence-ttl", "2s"];
     args.extend_from_slice(extra);
     Server::start(&args).await
-}
-
-async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 async fn status(server: &Server, path: &str) -> u16 {

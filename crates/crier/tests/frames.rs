@@ -176,15 +176,11 @@ async fn history_and_presence_frames() {
     assert_eq!(users, vec!["h", "h2"]);
     assert!(p["clients"][0]["node"] == "test-node" && p["clients"][0]["client"].is_string());
     drop(d);
-    let deadline = tokio::time::Instant::now() + support::WAIT;
-    loop {
+    crier_testkit::poll("the presence entry of the closed client to go", async || {
         let p = server.get("/api/v1/channels/room/presence").await.json::<serde_json::Value>().await.unwrap();
-        if p["clients"].as_array().map(Vec::len) == Some(1) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "presence entry of a closed client stays: {p}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        if p["clients"].as_array().map(Vec::len) == Some(1) { Ok(()) } else { Err(format!("presence: {p}")) }
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@ mod support;
 use std::io::{Read, Write};
 use std::time::Duration;
 
+use crier_testkit::until;
 use serde_json::{Value, json};
 use support::{Server, WAIT};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -34,15 +35,8 @@ async fn bad_configuration_is_reported_at_once_with_exit_64() {
 #[tokio::test]
 async fn dev_mode_prints_a_working_token_and_serves_the_demo() {
     let server = Server::start_raw(&["--dev", "--listen", "127.0.0.1:0"], &[]).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let stdout = loop {
-        let s = server.stdout();
-        if s.contains("curl") {
-            break s;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no dev banner:\n{s}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    // The dev banner (its curl line).
+    let stdout = server.process.wait_stdout("curl").await;
     let token = stdout.lines().find_map(|l| l.trim().strip_prefix("token (24h): ")).unwrap().trim().to_owned();
     let curl = stdout.lines().find(|l| l.contains("curl")).unwrap();
     let key = curl.split("Bearer ").nth(1).and_then(|s| s.split('\'').next()).unwrap().to_owned();
@@ -75,16 +69,26 @@ async fn json_logs_never_contain_tokens() {
     .await
     .unwrap();
     let token = support::token_for("x", &[], &[], Duration::from_secs(60));
-    let _ = reqwest::get(format!("{}?token={token}", server.url("/ws"))).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !server.logs().contains("crier started") {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let r = reqwest::get(format!("{}?token={token}", server.url("/ws"))).await.unwrap();
+    // --dev has its own random secret: the token is refused, after the handler looked at it.
+    assert_eq!(r.status(), 401);
+    // Wait for that request's last log line (the access log's response line, written once the
+    // handler returned): everything logged about the request is in the logs by then.
+    let done = server
+        .process
+        .wait_log("the access log line of the GET /ws request", |l| {
+            serde_json::from_str::<Value>(l).is_ok_and(|v| {
+                v["fields"]["message"] == "finished processing request"
+                    && v["span"]["path"] == "/ws"
+                    && v["fields"]["status"] == 401
+            })
+        })
+        .await;
     let logs = server.logs();
+    assert!(logs.contains("crier started"), "{logs}");
     let first = logs.lines().next().unwrap();
     assert!(serde_json::from_str::<Value>(first).is_ok(), "JSON log line: {first}");
-    assert!(!logs.contains(&token));
+    assert!(!logs.contains(&token), "the token appeared in the logs (request logged as {done}):\n{logs}");
 }
 
 /// A raw client that completes the handshake and then never reads or answers anything.
@@ -156,14 +160,17 @@ async fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
     let reader = fast.offsets_until_last();
     let payload = "y".repeat(60_000);
     let mut sent = 0u64;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while server.metric("crier_slow_consumers_total").await < 1.0 {
-        assert!(tokio::time::Instant::now() < deadline, "the silent client was never dropped");
+    until("the silent client to be dropped (crier_slow_consumers_total >= 1)", async || {
+        if server.metric("crier_slow_consumers_total").await >= 1.0 {
+            return true;
+        }
         for _ in 0..10 {
             server.publish("firehose", json!(payload)).await;
             sent += 1;
         }
-    }
+        false
+    })
+    .await;
     server.publish("firehose", json!("last")).await;
     sent += 1;
     let offsets = reader.await.unwrap();
@@ -185,28 +192,31 @@ fn masked_text(text: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn sigterm_drains_with_1012_and_exits_zero() {
-    let mut server = Server::start(&["--shutdown-drain", "600ms"]).await;
+    // Three clients closed evenly over 4.5s: the drain lasts 3s (closes at 0, 1.5s and 3s), and
+    // the listener stays open that long (lib.rs, accept_loop), so the handshake below lands
+    // well inside it.
+    let mut server = Server::start(&["--shutdown-drain", "4500ms"]).await;
     let token = server.token("d", &[], &[]);
     let mut clients = Vec::new();
     for _ in 0..3 {
         clients.push(server.client(&token).await);
     }
     server.sigterm();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let r = reqwest::get(server.url("/readyz")).await.map(|r| r.status().as_u16());
-        if r.is_ok_and(|s| s == 503) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "readyz never turned 503");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // New upgrades are refused while draining.
+    until("readyz to turn 503", async || reqwest::get(server.url("/readyz")).await.is_ok_and(|r| r.status() == 503))
+        .await;
+    // A late handshake gets a clear 503 with the contract's JSON error body, not a refused or
+    // reset connection.
     let mut req = server.ws_url().into_client_request().unwrap();
     req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
     match support::Client::connect(req).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
-        Err(_) => {} // the listener may already be closed at the very end of the drain
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), 503);
+            let body: Value = serde_json::from_slice(r.body().as_deref().unwrap_or_default())
+                .unwrap_or_else(|e| panic!("the 503 has a JSON body ({e}): {:?}", r.body()));
+            assert_eq!(body["error"], "unavailable", "{body}");
+            assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+        }
+        Err(e) => panic!("a handshake during the drain must get HTTP 503, got {e}"),
         Ok(_) => panic!("an upgrade was accepted while draining"),
     }
     for c in &mut clients {
@@ -237,10 +247,6 @@ async fn a_client_close_is_answered_with_a_close_and_nothing_panics() {
     let mut d = server.client(&token).await;
     server.post("/api/v1/disconnect", json!({"user":"closer"})).await;
     assert_eq!(d.closed().await, Some(4003));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while server.metric("crier_connections").await > 0.0 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("crier_connections to drop to 0", async || server.metric("crier_connections").await == 0.0).await;
     assert!(!server.logs().contains("panicked"), "a task panicked:\n{}", server.logs());
 }

@@ -3,8 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../crier-redis/tests/support/mod.rs"]
-mod redis_support;
 mod support;
 
 use serde_json::{Value, json};
@@ -93,7 +91,7 @@ async fn pongs(c: &mut support::Client, n: u64) -> usize {
 
 #[tokio::test]
 async fn cluster_scope_shares_the_user_rate_across_nodes() {
-    let redis = redis_support::RedisServer::start();
+    let redis = crier_testkit::redis::RedisServer::start();
     let url = redis.url();
     let common = ["--redis-url", url.as_str(), "--user-rate", "1", "--user-burst", "4"];
     let with = |scope: &'static str, name: &'static str| {

@@ -1,6 +1,7 @@
 //! The Broker: what a node needs from the rest of the cluster.
 //!
-//! Delivery guarantee (enforced by the implementations, checked by [`conformance`]):
+//! Delivery guarantee (enforced by the implementations, checked by the conformance suite in
+//! crier-testkit, which every broker runs from its tests):
 //! - `publish` assigns the channel's next `offset` and appends to its history atomically, so every
 //!   node sees one order per channel; an `Ok` means the message is in the history and on its way
 //!   to every node subscribed to the channel.
@@ -15,7 +16,6 @@
 //! Besides messages, the broker holds the little cluster state a node needs from the others:
 //! presence, per-user connection counts, the node registry, and user disconnects.
 
-pub mod conformance;
 mod memory;
 
 use std::sync::Arc;

@@ -1,18 +1,21 @@
 //! Test harness: runs the real `crier` binary on a free port and talks to it over real sockets.
 //!
-//! - [`Server::start`] spawns the binary with `--listen 127.0.0.1:0` and reads the port from
-//!   its first stdout line; stderr (the logs) is captured for assertions; the process is killed
-//!   on drop.
+//! - [`Server::start`] spawns the binary (a [`crier_testkit::process::Process`]) with
+//!   `--listen 127.0.0.1:0` and reads the port from its first stdout line; stderr (the logs) is
+//!   captured for assertions; the process is killed on drop.
 //! - [`Client`] is a WebSocket client (tokio-tungstenite) with deadline-bounded receives.
-//! - Everything waits by polling with a deadline, never by sleeping a fixed time.
+//! - Everything waits by polling with a deadline ([`crier_testkit::wait`]), never by sleeping a
+//!   fixed time.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
+
+use crier_testkit::poll;
+use crier_testkit::process::Process;
+pub use crier_testkit::process::metric_value;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -26,15 +29,14 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 pub const SECRET: &str = "test-secret-test-secret-test-secret-0123456789";
 pub const API_KEY: &str = "test-api-key";
 /// How long any single wait may take before the test fails.
-pub const WAIT: Duration = Duration::from_secs(10);
+pub use crier_testkit::WAIT;
 
 pub struct Server {
-    child: Child,
+    /// The `crier` process: its captured stdout and stderr (the logs), SIGTERM, exit.
+    pub process: Process,
     pub addr: SocketAddr,
     /// One pooled HTTP client per node (keep-alive: no connection per request).
     pub http: reqwest::Client,
-    stderr: Arc<Mutex<String>>,
-    stdout: Arc<Mutex<String>>,
 }
 
 impl Server {
@@ -59,7 +61,7 @@ impl Server {
     /// Starts the binary with exactly these args and env; `Err(output)` if it exits first.
     pub async fn start_raw(args: &[&str], env: &[(&str, &str)]) -> Result<Server, String> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_crier"));
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(args);
         for (k, _) in std::env::vars() {
             if k.starts_with("CRIER_") {
                 cmd.env_remove(k);
@@ -68,51 +70,9 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().map_err(|e| e.to_string())?;
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let out = child.stdout.take().expect("stdout");
-        let stdout2 = stdout.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("crier listening on http://") {
-                    let _ = tx.send(addr.to_owned());
-                }
-                stdout2.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        let err = child.stderr.take().expect("stderr");
-        let stderr2 = stderr.clone();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(err);
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = r.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                stderr2.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(WAIT)).await.map_err(|e| e.to_string())?;
-        match addr {
-            Ok(a) => Ok(Server {
-                child,
-                addr: a.parse().map_err(|e| format!("{e}"))?,
-                http: reqwest::Client::new(),
-                stderr,
-                stdout,
-            }),
-            Err(_) => {
-                let _ = child.kill();
-                let status = child.wait().map_err(|e| e.to_string())?;
-                Err(format!(
-                    "exited {status:?} without listening\nstdout:\n{}\nstderr:\n{}",
-                    stdout.lock().unwrap(),
-                    stderr.lock().unwrap()
-                ))
-            }
-        }
+        let (process, addr) = Process::start(cmd, "crier listening on http://", WAIT).await?;
+        let addr = addr.parse().map_err(|e| format!("{e}: {addr:?}"))?;
+        Ok(Server { process, addr, http: reqwest::Client::new() })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -124,34 +84,26 @@ impl Server {
     }
 
     pub fn logs(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.process.logs()
     }
 
     pub fn stdout(&self) -> String {
-        self.stdout.lock().unwrap().clone()
+        self.process.stdout()
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// Sends SIGTERM.
     pub fn sigterm(&self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        self.process.sigterm();
     }
 
-    /// Waits (bounded) for the process to exit; returns its exit code.
+    /// Waits (bounded: fails the test after [`WAIT`]) for the process to exit; its exit code,
+    /// `None` when a signal ended it.
     pub async fn wait_exit(&mut self) -> Option<i32> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            if tokio::time::Instant::now() > deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.process.wait_exit().await
     }
 
     /// A token for `sub`, valid for an hour.
@@ -195,32 +147,12 @@ impl Server {
 
     /// Polls `/metrics` until `series` reaches at least `min`.
     pub async fn wait_metric(&self, series: &str, min: f64) -> f64 {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
+        poll(format!("metric {series} >= {min}"), async || {
             let v = self.metric(series).await;
-            if v >= min {
-                return v;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "metric {series} stayed at {v}, wanted >= {min}");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+            if v >= min { Ok(v) } else { Err(format!("{series} stayed at {v}")) }
+        })
+        .await
     }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter_map(|l| l.strip_prefix(series))
-        .filter_map(|rest| rest.strip_prefix(' '))
-        .filter_map(|v| v.trim().parse::<f64>().ok())
-        .next()
-        .unwrap_or(0.0)
 }
 
 pub fn token_for(sub: &str, channels: &[&str], publish: &[&str], ttl: Duration) -> String {
@@ -280,14 +212,21 @@ impl Client {
         }
     }
 
-    /// Skips frames until one of type `ty` arrives.
+    /// Skips frames until one of type `ty` arrives (fails the test after [`WAIT`], even while
+    /// other frames keep coming).
     pub async fn recv_type(&mut self, ty: &str) -> Value {
-        loop {
-            let v = self.recv().await;
-            if v["type"] == ty {
-                return v;
+        let mut skipped = std::collections::BTreeMap::<String, usize>::new();
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                let v = self.recv().await;
+                if v["type"] == ty {
+                    return v;
+                }
+                *skipped.entry(v["type"].to_string()).or_default() += 1;
             }
-        }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no {ty:?} frame within {WAIT:?}; skipped (type: count) {skipped:?}"))
     }
 
     /// Sends a frame and returns the reply with the same id.

@@ -2,11 +2,12 @@
 //! Every broker (memory, Redis) runs it from its own tests with a factory for fresh instances:
 //!
 //! ```ignore
-//! crier_core::broker::conformance::run(|s| async move { make_broker(s) }).await;
+//! crier_testkit::conformance::run(|s| async move { make_broker(s) }).await;
 //! ```
 //!
-//! Checks poll with a deadline (delivery through Redis is asynchronous) and panic with a clear
-//! message on failure. Channel names carry a random prefix so runs never collide.
+//! Checks poll with a deadline ([`crate::wait`]; delivery through Redis is asynchronous) and
+//! panic with a clear message on failure. Channel names carry a random prefix so runs never
+//! collide. Only crier-core's public API is used.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -16,7 +17,9 @@ use std::time::Duration;
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
 
-use super::{Broker, BrokerHandler, NodeInfo, Publication, PublishOptions};
+use crier_core::broker::{Broker, BrokerHandler, History, NodeInfo, Publication, PublishOptions};
+
+use crate::wait::{poll_within, until_within};
 
 /// What a factory is asked for.
 #[derive(Debug, Clone, Copy)]
@@ -53,24 +56,12 @@ impl BrokerHandler for RecordingHandler {
     }
 }
 
-/// Polls `cond` every 10 ms until it holds or `timeout` passes; returns whether it held.
-pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 const WAIT: Duration = Duration::from_secs(5);
 
+/// A random prefix per call (std's per-instance random hash keys: no extra dependency).
 fn prefix() -> String {
-    format!("conf{}", super::memory::new_epoch())
+    use std::hash::{BuildHasher, Hasher};
+    format!("conf{:016x}", std::collections::hash_map::RandomState::new().build_hasher().finish())
 }
 
 async fn fresh<F, Fut>(make: &F, s: Settings) -> (Arc<dyn Broker>, Arc<RecordingHandler>)
@@ -120,7 +111,11 @@ where
         assert_eq!(*e, r.epoch, "epoch is stable");
     }
     b.publish(&other, "1", PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}"));
-    assert!(eventually(WAIT, || h.offsets(&ch).len() == 50).await, "all 50 delivered, got {:?}", h.offsets(&ch));
+    poll_within("all 50 delivered", WAIT, async || {
+        let got = h.offsets(&ch);
+        if got.len() == 50 { Ok(()) } else { Err(format!("got {got:?}")) }
+    })
+    .await;
     assert_eq!(h.offsets(&ch), (1..=50).collect::<Vec<_>>(), "delivered in offset order");
     assert!(h.offsets(&other).is_empty(), "unsubscribed channels are not delivered");
     let p = h.publications.lock().unwrap_or_else(|e| e.into_inner())[0].1.clone();
@@ -153,7 +148,7 @@ where
             .epoch;
     }
     assert_eq!(epoch, empty.epoch, "the epoch seen before the first publish is the channel's epoch");
-    let offs = |h: &super::History| h.publications.iter().map(|p| p.offset).collect::<Vec<_>>();
+    let offs = |h: &History| h.publications.iter().map(|p| p.offset).collect::<Vec<_>>();
     let latest = b.history(&ch, None, 3).await.unwrap_or_else(|e| panic!("history: {e}"));
     assert_eq!((latest.offset, offs(&latest)), (15, vec![13, 14, 15]), "latest N without since");
     let pos = |o| StreamPosition { epoch: epoch.clone(), offset: o };
@@ -194,9 +189,9 @@ where
         .await
         .unwrap_or_else(|e| panic!("publish: {e}"));
     assert_eq!(r3.offset, r1.offset + 1);
-    assert!(eventually(WAIT, || h.offsets(&ch).len() == 2).await);
+    until_within("both publishes delivered", WAIT, async || h.offsets(&ch).len() == 2).await;
     let marker = b.publish(&ch, "3", PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}"));
-    assert!(eventually(WAIT, || h.offsets(&ch).contains(&marker.offset)).await);
+    until_within("the marker delivered", WAIT, async || h.offsets(&ch).contains(&marker.offset)).await;
     assert_eq!(h.offsets(&ch), vec![1, 2, 3], "the retry was not delivered again");
 }
 
@@ -212,7 +207,7 @@ where
     // The handler still has subscribers: a (late) unsubscribe must not take effect.
     b.unsubscribe(&ch).await.unwrap_or_else(|e| panic!("unsubscribe: {e}"));
     b.publish(&ch, "1", PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}"));
-    assert!(eventually(WAIT, || h.offsets(&ch) == [1]).await, "still delivered after a stale unsubscribe");
+    until_within("still delivered after a stale unsubscribe", WAIT, async || h.offsets(&ch) == [1]).await;
     h.subscribed.lock().unwrap_or_else(|e| e.into_inner()).clear();
     b.unsubscribe(&ch).await.unwrap_or_else(|e| panic!("unsubscribe: {e}"));
     b.publish(&ch, "2", PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}"));
@@ -222,7 +217,7 @@ where
     h.subscribed.lock().unwrap_or_else(|e| e.into_inner()).insert(probe.clone());
     b.subscribe(&probe).await.unwrap_or_else(|e| panic!("subscribe: {e}"));
     b.publish(&probe, "1", PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}"));
-    assert!(eventually(WAIT, || h.offsets(&probe) == [1]).await);
+    until_within("the probe delivered", WAIT, async || h.offsets(&probe) == [1]).await;
     assert_eq!(h.offsets(&ch), vec![1], "not delivered after unsubscribe");
 }
 
@@ -251,10 +246,10 @@ where
     assert_eq!(b.connection_opened(&user, "c3").await.ok(), Some(2));
 
     assert!(b.disconnect_user(&user).await.is_ok());
-    assert!(
-        eventually(WAIT, || h.disconnected.lock().unwrap_or_else(|e| e.into_inner()).contains(&user)).await,
-        "disconnect_user reaches the handler"
-    );
+    until_within("disconnect_user reaches the handler", WAIT, async || {
+        h.disconnected.lock().unwrap_or_else(|e| e.into_inner()).contains(&user)
+    })
+    .await;
 
     let me = NodeInfo { node: format!("{}-node", prefix()), connections: 3, version: "t".into() };
     b.report_node(&me).await.unwrap_or_else(|e| panic!("report_node: {e}"));
@@ -274,13 +269,9 @@ where
     let pos = StreamPosition { epoch: r.epoch.clone(), offset: 0 };
     let h = b.history(&ch, Some(&pos), 10).await.unwrap_or_else(|e| panic!("history: {e}"));
     assert_eq!(h.publications.len(), 1);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    until_within("history expires after history_ttl", WAIT, async || {
         let h = b.history(&ch, Some(&pos), 10).await.unwrap_or_else(|e| panic!("history: {e}"));
-        if h.publications.is_empty() && h.gap {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "history expires after history_ttl");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        h.publications.is_empty() && h.gap
+    })
+    .await;
 }
