@@ -58,14 +58,32 @@ async fn serve(config: Config, dev_token: Option<String>) -> ExitCode {
     if let Some(token) = &dev_token {
         print_dev_banner(&addr, token, &config);
     }
-    match crier::run(listener, config, dev_token, shutdown_signal()).await {
-        Ok(()) => {
-            tracing::info!("stopped");
-            ExitCode::SUCCESS
+    // The first signal starts the drain; a second one ends it at once.
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    let first = async move {
+        shutdown_signal().await;
+        let _ = first_tx.send(());
+    };
+    let second = async move {
+        match first_rx.await {
+            Ok(()) => shutdown_signal().await,
+            Err(_) => std::future::pending().await,
         }
-        Err(e) => {
-            complain(&format!("crier: {e:#}"));
-            ExitCode::FAILURE
+    };
+    tokio::select! {
+        result = crier::run(listener, config, dev_token, first) => match result {
+            Ok(()) => {
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                complain(&format!("crier: {e:#}"));
+                ExitCode::FAILURE
+            }
+        },
+        () = second => {
+            tracing::warn!("second shutdown signal: exiting without finishing the drain");
+            ExitCode::SUCCESS
         }
     }
 }

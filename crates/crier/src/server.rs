@@ -111,14 +111,18 @@ async fn accept_loop(listener: TcpListener, app: axum::Router, stop: impl Future
 
 /// Stops a node gently: readiness turns 503 and new upgrades are refused, then every client is
 /// closed with 1012, the closes spread evenly over `shutdown_drain` so they do not all reconnect
-/// to the other nodes at once.
+/// to the other nodes at once. The drain lasts the whole `shutdown_drain` even with few or no
+/// clients: the node stays visibly unready (and answers late handshakes with 503 instead of a
+/// refused connection) long enough for a load balancer's health check to notice.
 pub async fn drain(st: &AppState) {
     st.draining.store(true, Ordering::SeqCst);
+    let window = st.config.shutdown_drain;
+    let end = tokio::time::Instant::now() + window;
     let outboxes = st.registry.outboxes();
-    tracing::info!(connections = outboxes.len(), over = ?st.config.shutdown_drain, "draining");
+    tracing::info!(connections = outboxes.len(), over = ?window, "draining");
     let n = outboxes.len() as u32;
     if n > 0 {
-        let step = st.config.shutdown_drain / n;
+        let step = window / n;
         for (i, o) in outboxes.iter().enumerate() {
             o.close(CloseCode::RESTART);
             if (i as u32) + 1 < n {
@@ -126,6 +130,7 @@ pub async fn drain(st: &AppState) {
             }
         }
     }
+    tokio::time::sleep_until(end).await;
 }
 
 /// Periodic chores: node registry, limiter housekeeping.
