@@ -252,16 +252,23 @@ impl Client {
     pub fn offsets_until_last(mut self) -> tokio::task::JoinHandle<Vec<u64>> {
         tokio::spawn(async move {
             let mut offsets = Vec::new();
-            loop {
-                let m = self.recv().await;
-                if m["type"] != "message" {
-                    continue;
+            let all = async {
+                loop {
+                    let m = self.recv().await;
+                    if m["type"] != "message" {
+                        continue;
+                    }
+                    offsets.push(m["offset"].as_u64().expect("offset"));
+                    if m["data"] == "last" {
+                        return;
+                    }
                 }
-                offsets.push(m["offset"].as_u64().expect("offset"));
-                if m["data"] == "last" {
-                    return offsets;
-                }
+            };
+            // Bounded overall, not only per frame: a stream that never says "last" fails.
+            if tokio::time::timeout(4 * WAIT, all).await.is_err() {
+                panic!("no \"last\" message within {:?}", 4 * WAIT);
             }
+            offsets
         })
     }
 
@@ -272,12 +279,16 @@ impl Client {
 
     /// Waits for the close frame; returns its code (None if the connection just ended).
     pub async fn closed(&mut self) -> Option<u16> {
-        loop {
-            match self.next().await {
-                Some(Message::Close(Some(CloseFrame { code, .. }))) => return Some(code.into()),
-                Some(Message::Close(None)) | None => return None,
-                Some(_) => continue,
+        let close = async {
+            loop {
+                match self.next().await {
+                    Some(Message::Close(Some(CloseFrame { code, .. }))) => return Some(code.into()),
+                    Some(Message::Close(None)) | None => return None,
+                    Some(_) => continue,
+                }
             }
-        }
+        };
+        // Bounded overall, not only per frame: a connection that keeps sending never closes.
+        tokio::time::timeout(WAIT, close).await.unwrap_or_else(|_| panic!("no close within {WAIT:?}"))
     }
 }
