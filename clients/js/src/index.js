@@ -279,7 +279,9 @@ export class Crier {
   #detach() {
     const ws = this.#ws;
     this.#ws = null;
-    if (ws) ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    // No-ops rather than null: an EventEmitter-based implementation (`ws`) throws on an "error"
+    // event nobody listens to, e.g. when a connection still opening is abandoned.
+    if (ws) ws.onopen = ws.onmessage = ws.onclose = ws.onerror = noop;
     for (const k of ["connect", "tick", "refresh"]) {
       clearTimeout(this.#timers[k]);
       clearInterval(this.#timers[k]);
@@ -685,6 +687,8 @@ export class Crier {
     if (gen === this.#gen && exp !== null && exp > oldExp) this.#scheduleRefresh();
   }
 }
+
+function noop() {}
 
 function toMessage(f) {
   return { channel: f.channel, epoch: f.epoch, offset: f.offset, data: f.data };

@@ -3,6 +3,7 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { createServer } from "node:net";
 import WebSocket, { WebSocketServer } from "ws";
 import { Crier, CrierError } from "../src/index.js";
 import { Node, mint, waitFor, collector, freePort } from "./support.mjs";
@@ -292,6 +293,22 @@ test("a silent connection is detected by the app-level ping and replaced", async
   await waitFor(() => pings.filter((i) => i === 2).length >= 2, "pings answered on the second");
   assert.equal(fake.connections(), 2, "answered pings keep the connection");
   assert.ok(pings.includes(1));
+});
+
+test("a server that accepts TCP but never answers the upgrade is abandoned after connectTimeout", async (t) => {
+  const sockets = [];
+  const tarpit = createServer((s) => sockets.push(s)); // holds every connection, says nothing
+  await new Promise((r) => tarpit.listen(0, "127.0.0.1", r));
+  t.after(() => {
+    sockets.forEach((s) => s.destroy());
+    return new Promise((r) => tarpit.close(r));
+  });
+  const c = client(t, `ws://127.0.0.1:${tarpit.address().port}/ws`, { connectTimeout: 150 });
+  const closes = [];
+  c.on("close", (e) => closes.push(e));
+  await waitFor(() => sockets.length >= 3, "three attempts");
+  assert.ok(closes.length >= 2);
+  assert.deepEqual([...new Set(closes.map((e) => [e.code, e.reconnect].join()))], ["4000,true"]);
 });
 
 test("backoff: full jitter, growing ceilings (measured on the reconnect attempts)", async (t) => {
