@@ -295,6 +295,25 @@ test("a silent connection is detected by the app-level ping and replaced", async
   assert.ok(pings.includes(1));
 });
 
+test("app-level pings against crier: answered, so a quiet connection stays up", async (t) => {
+  const n = await node(t);
+  let pings = 0;
+  class CountingWebSocket extends WebSocket {
+    send(data) {
+      if (JSON.parse(data).type === "ping") pings++;
+      super.send(data);
+    }
+  }
+  const c = client(t, n.wsUrl, { token: mint({ sub: "pinger", channels: ["*"] }), WebSocket: CountingWebSocket, pingInterval: 50, pongTimeout: 300 });
+  const welcomes = [];
+  c.on("welcome", (w) => welcomes.push(w));
+  // Unanswered, the first ping would drop the connection 300 ms later; ten pings is over 500 ms.
+  await waitFor(() => pings >= 10, "ten pings");
+  assert.equal(welcomes.length, 1);
+  assert.equal(c.stats.reconnects, 0);
+  assert.equal(c.state, "connected");
+});
+
 test("a server that accepts TCP but never answers the upgrade is abandoned after connectTimeout", async (t) => {
   const sockets = [];
   const tarpit = createServer((s) => sockets.push(s)); // holds every connection, says nothing
