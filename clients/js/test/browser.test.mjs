@@ -86,6 +86,7 @@ test("demo page: chat, presence, and a node restart on Redis loses and repeats n
 
   await page.fill("#text", "hello from the browser");
   await page.click("#send-btn");
+  await page.waitForFunction(() => document.querySelectorAll("#messages li.msg:not(.join)").length >= 1, null, { timeout: PAGE_WAIT });
   await n2.publish("chat:lobby", { nick: "node-2", text: "hello from node 2" });
   await page.waitForFunction(() => document.querySelectorAll("#messages li.msg:not(.join)").length >= 2, null, { timeout: PAGE_WAIT });
   assert.deepEqual(await texts(page, "#messages li.msg:not(.join) .nick"), ["tester: ", "node-2: "]);
