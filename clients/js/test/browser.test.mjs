@@ -93,11 +93,12 @@ test("demo page: chat, presence, and a node restart on Redis loses and repeats n
 
   await n1.kill();
   await page.waitForFunction(() => document.querySelector("#state").textContent !== "connected", null, { timeout: PAGE_WAIT });
-  await page.screenshot({ path: join(SHOTS, "demo-node-down.png") });
   const down = [];
   for (let i = 1; i <= 5; i++) down.push((await n2.publish("chat:lobby", { nick: "node-2", text: `while down ${i}` })).offset);
   await page.fill("#text", "typed while offline");
   await page.click("#send-btn"); // queued by the client until it is connected again
+  assert.equal(await page.textContent("#outbox"), "sending: typed while offline");
+  await page.screenshot({ path: join(SHOTS, "demo-node-down.png") });
   await n1.restart();
   await page.waitForSelector("#state.connected", { timeout: PAGE_WAIT });
   await page.waitForFunction(() => [...document.querySelectorAll("#messages li.msg")].some((li) => li.textContent.includes("typed while offline")), null, {
@@ -107,6 +108,7 @@ test("demo page: chat, presence, and a node restart on Redis loses and repeats n
   await page.waitForFunction(() => [...document.querySelectorAll("#messages li.msg")].some((li) => li.textContent.includes("after the restart")), null, {
     timeout: PAGE_WAIT,
   });
+  await page.waitForFunction(() => document.querySelector("#outbox").children.length === 0, null, { timeout: PAGE_WAIT });
   await page.screenshot({ path: join(SHOTS, "demo-after-restart.png") });
 
   const shown = await page.$$eval("#messages li.msg", (els) => els.map((e) => ({ offset: Number(e.dataset.offset), text: e.textContent })));
