@@ -3,7 +3,9 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
 import { createServer } from "node:net";
+import { fileURLToPath } from "node:url";
 import WebSocket, { WebSocketServer } from "ws";
 import { Crier, CrierError } from "../src/index.js";
 import { Node, mint, waitFor, collector, freePort } from "./support.mjs";
@@ -391,4 +393,18 @@ test("memory broker: a restarted node has a new epoch, and the client says so th
   await n.publish("chat:mem", "after");
   await waitFor(() => got.messages.length === 2, "live after restart");
   assert.equal(got.messages[1].data, "after");
+});
+
+test("examples/node.mjs (the README's Node example) works against crier", async (t) => {
+  const n = await node(t);
+  const token = mint({ sub: "example", channels: ["chat:*"], publish: ["chat:*"] });
+  const script = fileURLToPath(new URL("../examples/node.mjs", import.meta.url));
+  const child = spawn(process.execPath, [script, n.wsUrl, "chat:example"], { env: { ...process.env, CRIER_TOKEN: token }, stdio: ["ignore", "pipe", "pipe"] });
+  t.after(() => child.kill("SIGKILL"));
+  let out = "";
+  child.stdout.on("data", (d) => (out += d));
+  child.stderr.on("data", (d) => (out += d));
+  await waitFor(() => out.includes("published as #1") && out.includes("chat:example #1:") && out.includes("here now:"), `the example's output:\n${out}`);
+  await n.publish("chat:example", { text: "from the API" });
+  await waitFor(() => out.includes('chat:example #2: {"text":"from the API"}'), "the example prints a published message");
 });
