@@ -1,5 +1,5 @@
 //! The whole HTTP surface in one [`app`]: WebSocket handshake, REST API, health, readiness,
-//! metrics and (in `--dev`) the demo page. Access logs record method and path only: the query
+//! metrics, the JavaScript client (`/crier.js`) and (in `--dev`) the demo page. Access logs record method and path only: the query
 //! string may carry a token and is never logged.
 
 use std::time::Duration;
@@ -38,6 +38,7 @@ pub fn app(st: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/", get(demo_page))
+        .route("/crier.js", get(client_js))
         .merge(api)
         .fallback(api::not_found)
         .layer(TraceLayer::new_for_http().make_span_with(
@@ -74,6 +75,26 @@ async fn metrics_text(State(st): State<AppState>) -> Response {
 }
 
 const DEMO_PAGE: &str = include_str!("../assets/demo.html");
+
+/// The JavaScript client (the npm package `crier-client`, one copy in `clients/js`).
+const CLIENT_JS: &str = include_str!("../../../clients/js/src/index.js");
+
+/// `GET /crier.js`: the JavaScript client as an ES module, always served (it holds no secret),
+/// so a page can `import { Crier } from "https://<crier>/crier.js"` without a build step. Any
+/// origin may load it (module scripts are fetched with CORS); which origins may *connect* is
+/// still `allowed_origins`.
+async fn client_js() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        CLIENT_JS,
+    )
+        .into_response()
+}
 
 /// The demo page, `--dev` only (it embeds the dev token).
 async fn demo_page(State(st): State<AppState>) -> Response {
