@@ -19,10 +19,12 @@ use crate::limits::retry_after_secs;
 use crate::metrics as m;
 use crate::state::AppState;
 
-/// The client id of connection `conn` on node `node` (in `welcome`, presence and connection
-/// counts).
-pub fn client_id(node: &str, conn: ConnId) -> String {
-    format!("{node}-{conn}")
+/// The client id of connection `conn` (in `welcome`, presence and connection counts):
+/// `<node_id>-<boot>-<conn>`, where `boot` is random per process ([`crate::state::Inner::boot`]),
+/// so a node restarted with the same `node_id` never reuses the id of a connection whose presence
+/// or connection-count entry may still be in the broker.
+pub fn client_id(st: &AppState, conn: ConnId) -> String {
+    format!("{}-{}-{conn}", st.config.node_id, st.boot)
 }
 
 /// A handshake that passed the checks: the connection's id, the token's claims, and its place
@@ -80,7 +82,7 @@ pub async fn admit(
     let mut slot = None;
     // Anonymous connections have no user to count.
     if max > 0 && !claims.sub.is_empty() {
-        let client = client_id(&st.config.node_id, conn);
+        let client = client_id(st, conn);
         match st.broker().connection_opened(&claims.sub, &client).await {
             Ok(n) => {
                 let held = ConnSlot { st: st.clone(), user: claims.sub.clone(), client, held: true };

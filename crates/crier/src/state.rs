@@ -27,6 +27,8 @@ pub struct Inner {
     pub limits: Limits,
     pub metrics: Option<PrometheusHandle>,
     pub draining: AtomicBool,
+    /// Four random base-36 characters, fresh per process: part of every client id.
+    pub boot: Box<str>,
     /// Set by `--dev`: a token for the demo page.
     pub dev_token: Option<String>,
 }
@@ -95,6 +97,7 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
         metrics: crate::metrics::install(),
         draining: AtomicBool::new(false),
         dev_token,
+        boot: boot_id(),
         config,
     })))
 }
@@ -133,4 +136,10 @@ impl BrokerHandler for NodeHandler {
     fn has_subscribers(&self, channel: &str) -> bool {
         self.hub.has_channel(channel)
     }
+}
+
+/// Four random characters of `[0-9a-z]`.
+fn boot_id() -> Box<str> {
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    (0..4).map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char).collect::<String>().into()
 }

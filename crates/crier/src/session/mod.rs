@@ -143,7 +143,7 @@ impl Session {
     }
 
     fn client(&self) -> String {
-        client_id(&self.st.config.node_id, self.conn)
+        client_id(&self.st, self.conn)
     }
 
     fn send(&self, frame: &ServerFrame<'_>) {
