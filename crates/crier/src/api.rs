@@ -6,6 +6,7 @@
 
 use axum::Json;
 use axum::body::{Body, to_bytes};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
@@ -96,6 +97,15 @@ fn check_channel(channel: &str) -> Result<(), ApiError> {
     validate_channel(channel).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()))
 }
 
+/// The `{channel}` path segment, checked; a segment that is not UTF-8 once percent-decoded is
+/// `invalid_channel` too (in the contract's JSON shape, not axum's plain-text rejection).
+fn path_channel(channel: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(channel) = channel
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", "the channel is not valid UTF-8"))?;
+    check_channel(&channel)?;
+    Ok(channel)
+}
+
 fn check_data(st: &AppState, data: &RawValue) -> Result<(), ApiError> {
     if data.get().len() > st.config.max_message_bytes {
         return Err(ApiError::new(
@@ -180,10 +190,11 @@ pub struct HistoryQuery {
 
 pub async fn history(
     State(st): State<AppState>,
-    Path(channel): Path<String>,
-    Query(q): Query<HistoryQuery>,
+    channel: Result<Path<String>, PathRejection>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    check_channel(&channel)?;
+    let channel = path_channel(channel)?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
     let since = match (q.since_offset, q.epoch) {
         (Some(offset), Some(epoch)) => Some(StreamPosition { epoch, offset }),
         (None, None) => None,
@@ -201,8 +212,11 @@ pub async fn history(
     Ok(Json(body).into_response())
 }
 
-pub async fn presence(State(st): State<AppState>, Path(channel): Path<String>) -> Result<Response, ApiError> {
-    check_channel(&channel)?;
+pub async fn presence(
+    State(st): State<AppState>,
+    channel: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let channel = path_channel(channel)?;
     let clients = st.broker().presence(&channel).await.map_err(ApiError::broker)?;
     Ok(Json(json!({ "clients": clients })).into_response())
 }

@@ -36,6 +36,7 @@ pub fn app(st: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .route("/api/v1/openapi.json", get(openapi))
         .route("/", get(demo_page))
         .merge(api)
         .fallback(api::not_found)
@@ -70,6 +71,14 @@ async fn metrics_text(State(st): State<AppState>) -> Response {
         Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
         None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed").into_response(),
     }
+}
+
+/// The REST API's OpenAPI 3.1 description: the one copy is docs/openapi.json.
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+/// Served without an API key: it describes the API and holds nothing secret.
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 const DEMO_PAGE: &str = include_str!("../assets/demo.html");
