@@ -28,7 +28,7 @@ impl ClientBuilder {
     pub fn new(url: impl Into<String>) -> ClientBuilder {
         ClientBuilder {
             opts: Options {
-                url: url.into(),
+                urls: vec![url.into()],
                 token: TokenSource::None,
                 backoff: Backoff::default(),
                 ping_interval: None,
@@ -37,6 +37,13 @@ impl ClientBuilder {
             },
             request_timeout: None,
         }
+    }
+
+    /// Another node to connect to: each (re)connection attempt takes the next URL, in turn
+    /// (after a node closed with 1001/1012 while draining, the client resumes on another one).
+    pub fn also_url(mut self, url: impl Into<String>) -> ClientBuilder {
+        self.opts.urls.push(url.into());
+        self
     }
 
     /// A fixed token (sent as `Authorization: Bearer`). When it expires the server closes with

@@ -94,7 +94,8 @@ pub(crate) struct Shared {
 /// The client's settings, fixed at build time.
 #[derive(Debug, Clone)]
 pub(crate) struct Options {
-    pub url: String,
+    /// The node(s): each (re)connection attempt takes the next one, in turn.
+    pub urls: Vec<String>,
     pub token: TokenSource,
     pub backoff: Backoff,
     /// Send a `ping` after this long without hearing anything (default: the server's
@@ -201,11 +202,22 @@ pub(crate) struct Driver {
     queued: VecDeque<Request>,
     token: Option<String>,
     next_id: u64,
+    /// Which of `opts.urls` the next attempt uses.
+    url_index: usize,
 }
 
 impl Driver {
     pub(crate) fn new(opts: Options, shared: Arc<Shared>, commands: mpsc::UnboundedReceiver<Command>) -> Driver {
-        Driver { opts, shared, commands, subs: HashMap::new(), queued: VecDeque::new(), token: None, next_id: 0 }
+        Driver {
+            opts,
+            shared,
+            commands,
+            subs: HashMap::new(),
+            queued: VecDeque::new(),
+            token: None,
+            next_id: 0,
+            url_index: 0,
+        }
     }
 
     fn set_state(&self, state: State) {
@@ -352,7 +364,9 @@ impl Driver {
         if let Err(ended) = self.fetch_token().await {
             return (ended, false);
         }
-        let request = match build_request(&self.opts.url, self.token.as_deref()) {
+        let url = &self.opts.urls[self.url_index % self.opts.urls.len().max(1)];
+        self.url_index = self.url_index.wrapping_add(1);
+        let request = match build_request(url, self.token.as_deref()) {
             Ok(r) => r,
             Err(e) => return (Ended::Stop(CloseReason::Invalid(e)), false),
         };
