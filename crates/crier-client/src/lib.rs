@@ -70,3 +70,8 @@ pub use driver::{State, Welcome};
 pub use error::{CloseReason, Error, ServerError};
 pub use subscription::{EndReason, Event, Gap, GapReason, Message, Subscription};
 pub use token::BoxError;
+
+/// The README's example is compiled as a doctest, so it cannot drift from the API.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctest;
