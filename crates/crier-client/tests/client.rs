@@ -1,7 +1,8 @@
 //! The Rust client against the real `crier` binary (and real `redis-server`s): subscribe and
 //! receive, typed results and error codes, a node killed and restarted on the same port while a
 //! publisher keeps going, token refresh and 4001, the close codes that end a client, dedupe of a
-//! real server's replay, and the gap a lost history is reported as.
+//! real server's replay, the gap a lost history is reported as, a silent connection pinged and
+//! replaced, and the backoff measured on real reconnect attempts.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -361,4 +362,61 @@ async fn a_history_lost_with_the_node_is_reported_as_a_gap() {
         Event::Message(m) => assert_eq!((m.epoch, m.offset, m.data), (epoch, offset + 1, json!("after"))),
         other => panic!("expected the new message, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_connection_that_stops_answering_is_pinged_then_replaced() {
+    let node = Node::start(&[]);
+    let proxy = proxy::Proxy::start(node.ws_url()).await;
+    let c = Client::builder(proxy.ws_url())
+        .token(token("kim", &["tick:*"], &[], HOUR))
+        .ping_interval(Duration::from_millis(200))
+        .pong_timeout(Duration::from_millis(300))
+        .backoff(Duration::from_millis(50), Duration::from_millis(500))
+        .connect()
+        .unwrap();
+    let mut sub = c.subscribe("tick:1");
+    subscribed(&mut sub).await;
+    // The first connection goes silent (TCP stays up, nothing comes through).
+    proxy.mute.store(0, Ordering::SeqCst);
+    node.publish("tick:1", json!("lost in the silence")).await;
+    until("a new connection after the silence", || c.connections() == 2).await;
+    assert!(proxy.sent(0).iter().any(|t| t == "ping"), "the client pinged: {:?}", proxy.sent(0));
+    assert_eq!(subscribed(&mut sub).await.2, Some(true));
+    // What was published while the connection was silent is recovered.
+    assert!(
+        matches!(next_event(&mut sub).await, Event::Message(m) if m.offset == 1 && m.data == "lost in the silence")
+    );
+}
+
+#[tokio::test]
+async fn reconnect_attempts_back_off_exponentially_with_jitter() {
+    // A listener that accepts and drops every connection: each attempt fails at the handshake.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+    let c = Client::builder(url)
+        .token("t")
+        .backoff(Duration::from_millis(20), Duration::from_millis(320))
+        .connect()
+        .unwrap();
+    let mut at = Vec::new();
+    while at.len() < 13 {
+        let (tcp, _) = tokio::time::timeout(support::WAIT, listener.accept()).await.expect("an attempt").unwrap();
+        at.push(tokio::time::Instant::now());
+        drop(tcp);
+    }
+    let delays: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    eprintln!("reconnect delays (base 20 ms, cap 320 ms): {delays:?}");
+    // Attempts 0..=2 wait at most 20, 40, 80 ms (+ overhead); attempts 4.. are capped at 320 ms.
+    // Growth: the last eight waits together are longer than the first three (for full jitter
+    // the chance of the opposite is below 1e-7).
+    let first: Duration = delays[..3].iter().sum();
+    let last: Duration = delays[4..].iter().sum();
+    assert!(last > first, "backoff grows: {delays:?}");
+    // Jitter: the capped waits are not all the same.
+    let capped = &delays[4..];
+    let spread = capped.iter().max().unwrap().saturating_sub(*capped.iter().min().unwrap());
+    assert!(spread > Duration::from_millis(5), "jittered: {delays:?}");
+    assert_eq!(c.connections(), 0);
+    assert_ne!(c.state(), State::Closed, "a refused connection is retried, not given up");
 }

@@ -28,6 +28,11 @@ pub struct Proxy {
     pub accepted: Arc<AtomicUsize>,
     /// Offsets of the `message` frames forwarded to the client, per connection (in accept order).
     pub forwarded: Arc<Mutex<Vec<Vec<u64>>>>,
+    /// The `type` of every frame the client sent, per connection.
+    pub sent: Arc<Mutex<Vec<Vec<String>>>>,
+    /// The connection (accept index) whose server → client frames are dropped: a connection
+    /// that looks alive to TCP but never answers.
+    pub mute: Arc<AtomicUsize>,
     close: broadcast::Sender<u16>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -39,17 +44,28 @@ impl Proxy {
         let rewind = Arc::new(AtomicU64::new(0));
         let accepted = Arc::new(AtomicUsize::new(0));
         let forwarded: Arc<Mutex<Vec<Vec<u64>>>> = Default::default();
+        let sent: Arc<Mutex<Vec<Vec<String>>>> = Default::default();
+        let mute = Arc::new(AtomicUsize::new(usize::MAX));
         let (close, _) = broadcast::channel(16);
         let (r, a, f, c) = (rewind.clone(), accepted.clone(), forwarded.clone(), close.clone());
+        let (s, m) = (sent.clone(), mute.clone());
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let index = a.fetch_add(1, Ordering::SeqCst);
                 f.lock().unwrap().push(Vec::new());
-                let conn = Conn { upstream: upstream.clone(), rewind: r.clone(), forwarded: f.clone(), index };
+                s.lock().unwrap().push(Vec::new());
+                let conn = Conn {
+                    upstream: upstream.clone(),
+                    rewind: r.clone(),
+                    forwarded: f.clone(),
+                    sent: s.clone(),
+                    mute: m.clone(),
+                    index,
+                };
                 tokio::spawn(conn.run(tcp, c.subscribe()));
             }
         });
-        Proxy { addr, rewind, accepted, forwarded, close, task }
+        Proxy { addr, rewind, accepted, forwarded, sent, mute, close, task }
     }
 
     pub fn ws_url(&self) -> String {
@@ -59,6 +75,10 @@ impl Proxy {
     /// Closes every connection open now with `code`.
     pub fn close_all(&self, code: u16) {
         let _ = self.close.send(code);
+    }
+
+    pub fn sent(&self, connection: usize) -> Vec<String> {
+        self.sent.lock().unwrap().get(connection).cloned().unwrap_or_default()
     }
 
     pub fn forwarded(&self, connection: usize) -> Vec<u64> {
@@ -76,6 +96,8 @@ struct Conn {
     upstream: String,
     rewind: Arc<AtomicU64>,
     forwarded: Arc<Mutex<Vec<Vec<u64>>>>,
+    sent: Arc<Mutex<Vec<Vec<String>>>>,
+    mute: Arc<AtomicUsize>,
     index: usize,
 }
 
@@ -99,6 +121,10 @@ impl Conn {
             tokio::select! {
                 m = from_client.next() => match m {
                     Some(Ok(Message::Text(t))) => {
+                        if let Ok(v) = serde_json::from_str::<Value>(t.as_str()) {
+                            let kind = v["type"].as_str().unwrap_or_default().to_owned();
+                            self.sent.lock().unwrap()[self.index].push(kind);
+                        }
                         let text = self.rewrite(t.as_str());
                         if to_server.send(Message::text(text)).await.is_err() { return }
                     }
@@ -106,6 +132,7 @@ impl Conn {
                     Some(Ok(_)) => {}
                 },
                 m = from_server.next() => match m {
+                    Some(Ok(Message::Text(_))) if self.mute.load(Ordering::SeqCst) == self.index => {}
                     Some(Ok(Message::Text(t))) => {
                         if let Ok(v) = serde_json::from_str::<Value>(t.as_str())
                             && v["type"] == "message"
