@@ -184,8 +184,9 @@ struct Conn {
     ping_interval: Duration,
     refresh_at: Option<Instant>,
     refreshing: Option<JoinHandle<Result<String, BoxError>>>,
-    /// Subscribes to send again (after `rate_limited` / `unavailable`), with their due time.
-    retries: Vec<(Instant, String)>,
+    /// Subscribes to send again (after `rate_limited` / `unavailable`): due time, channel,
+    /// subscription generation.
+    retries: Vec<(Instant, String, u64)>,
 }
 
 /// Far enough in the future to mean "never" for a timer that is disabled.
@@ -507,7 +508,7 @@ impl Driver {
                 Some(at) => at + self.opts.pong_timeout,
                 None => conn.last_heard + conn.ping_interval,
             };
-            let retry_at = conn.retries.iter().map(|(at, _)| *at).min();
+            let retry_at = conn.retries.iter().map(|(at, _, _)| *at).min();
             let refresh_at = conn.refresh_at.filter(|_| conn.refreshing.is_none());
             tokio::select! {
                 msg = conn.ws.next() => {
@@ -566,8 +567,8 @@ impl Driver {
                         tracing::debug!("crier client: no answer to ping; the connection is dead");
                         return Ended::reconnect();
                     }
+                    // Any frame that comes back proves the connection; the pong is not awaited.
                     let id = self.id();
-                    conn.pending.insert(id, Pending::Ignore);
                     if Self::send(conn, &ClientFrame::Ping { id }).await.is_err() {
                         return Ended::reconnect();
                     }
@@ -598,10 +599,14 @@ impl Driver {
                 }
                 _ = sleep_until(retry_at.unwrap_or_else(never)), if retry_at.is_some() => {
                     let now = Instant::now();
-                    let (due, later): (Vec<_>, Vec<_>) = conn.retries.drain(..).partition(|(at, _)| *at <= now);
+                    let (due, later): (Vec<_>, Vec<_>) = conn.retries.drain(..).partition(|(at, _, _)| *at <= now);
                     conn.retries = later;
-                    for (_, channel) in due {
-                        let position = self.subs.get(&channel).and_then(|s| s.tracker.position.clone());
+                    for (_, channel, generation) in due {
+                        // Only the subscription that was refused (not a newer one of the channel).
+                        let Some(sub) = self.subs.get(&channel).filter(|s| s.generation == generation) else {
+                            continue;
+                        };
+                        let position = sub.tracker.position.clone();
                         if self.send_subscribe(conn, channel, position).await.is_err() {
                             return Ended::reconnect();
                         }
@@ -726,7 +731,7 @@ impl Driver {
             let delay = self.opts.backoff.delay(sub.refusals).max(Duration::from_millis(50));
             sub.refusals = sub.refusals.saturating_add(1);
             tracing::debug!(%error, ?delay, channel, "crier client: subscribe refused for now; retrying");
-            conn.retries.push((Instant::now() + delay, channel));
+            conn.retries.push((Instant::now() + delay, channel, generation));
             return;
         }
         if let Some(sub) = self.subs.remove(&channel) {

@@ -420,3 +420,21 @@ async fn reconnect_attempts_back_off_exponentially_with_jitter() {
     assert_eq!(c.connections(), 0);
     assert_ne!(c.state(), State::Closed, "a refused connection is retried, not given up");
 }
+
+#[tokio::test]
+async fn subscribes_refused_by_the_rate_limit_are_retried_until_they_hold() {
+    // 1 frame/s with a burst of 3: six subscribes at once cannot all pass the first time.
+    let node = Node::start(&["--user-rate", "1", "--user-burst", "3"]);
+    let c = Client::builder(node.ws_url())
+        .token(token("lee", &["s:*"], &[], HOUR))
+        .backoff(Duration::from_millis(200), Duration::from_secs(2))
+        .connect()
+        .unwrap();
+    let mut subs: Vec<_> = (0..6).map(|i| c.subscribe(format!("s:{i}"))).collect();
+    for sub in &mut subs {
+        subscribed(sub).await;
+    }
+    assert!(node.metric("crier_rate_limited_total{kind=\"user\"}").await >= 1.0, "the limit did refuse some");
+    assert_eq!(c.connections(), 1);
+    assert_eq!(node.metric("crier_subscriptions").await, 6.0);
+}
