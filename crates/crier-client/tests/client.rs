@@ -256,7 +256,8 @@ async fn tokens_are_refreshed_before_expiry_and_replaced_after_4001() {
             let k = n.fetch_add(1, Ordering::SeqCst);
             async move {
                 Ok::<_, Infallible>(match k {
-                    0 => token("erin", &["news:*"], &[], Duration::from_secs(2)),
+                    // Refreshed at 80% of its life (>= 1.6 s), well before its exp (>= 2 s).
+                    0 => token("erin", &["news:*"], &[], Duration::from_secs(3)),
                     1 => token("mallory", &["news:*"], &[], HOUR),
                     _ => token("erin", &["news:*"], &[], HOUR),
                 })
