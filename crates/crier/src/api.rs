@@ -24,6 +24,19 @@ use crate::limits::retry_after_secs;
 use crate::metrics as m;
 use crate::state::AppState;
 
+/// Time limit of one REST request.
+pub const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Middleware: a request that takes over [`API_TIMEOUT`] is answered 503 `unavailable` in the
+/// contract's JSON shape (what it started may still complete: retry a publish with the same
+/// `idempotency_key`).
+pub async fn time_limit(req: Request, next: Next) -> Response {
+    match tokio::time::timeout(API_TIMEOUT, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::unavailable("the request took over 10 seconds; retry later").into_response(),
+    }
+}
+
 /// Largest number of channels in one broadcast.
 pub const MAX_BROADCAST_CHANNELS: usize = 1000;
 /// Largest `limit` of a history request.

@@ -2,23 +2,17 @@
 //! metrics and (in `--dev`) the demo page. Access logs record method and path only: the query
 //! string may carry a token and is never logged.
 
-use std::time::Duration;
-
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::metrics as m;
 use crate::state::AppState;
 use crate::{api, handshake};
-
-/// Time limit of one REST request.
-const API_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builds the router.
 pub fn app(st: AppState) -> Router {
@@ -30,7 +24,7 @@ pub fn app(st: AppState) -> Router {
         .route("/api/v1/disconnect", post(api::disconnect))
         .route("/api/v1/info", get(api::info))
         .route_layer(middleware::from_fn_with_state(st.clone(), api::require_api_key))
-        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, API_TIMEOUT));
+        .layer(middleware::from_fn(api::time_limit));
     Router::new()
         .route("/ws", get(handshake::ws_handler))
         .route("/healthz", get(healthz))
