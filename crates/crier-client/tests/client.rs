@@ -439,3 +439,31 @@ async fn subscribes_refused_by_the_rate_limit_are_retried_until_they_hold() {
     assert_eq!(c.connections(), 1);
     assert_eq!(node.metric("crier_subscriptions").await, 6.0);
 }
+
+#[tokio::test]
+async fn a_refused_handshake_stops_a_fixed_token_and_asks_a_provider_again() {
+    let node = Node::start(&[]);
+    let c = client(node.ws_url(), "not-a-jwt".into());
+    match c.closed().await {
+        CloseReason::Handshake { status: 401, error: Some(e) } => assert_eq!(e.code, "token_invalid"),
+        other => panic!("expected a 401 token_invalid, got {other:?}"),
+    }
+    assert_eq!(c.connections(), 0);
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = calls.clone();
+    let c = Client::builder(node.ws_url())
+        .backoff(Duration::from_millis(20), Duration::from_millis(100))
+        .token_provider(move || {
+            let k = n.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if k < 2 { Ok("not-a-jwt".to_string()) } else { Ok::<_, Infallible>(token("max", &["a:*"], &[], HOUR)) }
+            }
+        })
+        .connect()
+        .unwrap();
+    let mut sub = c.subscribe("a:b");
+    subscribed(&mut sub).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "asked again after each 401");
+    assert_eq!(c.connections(), 1);
+}
