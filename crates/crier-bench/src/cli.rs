@@ -36,6 +36,8 @@ pub enum Scenario {
     Churn(ChurnArgs),
     /// Several nodes sharing one redis-server; subscribers and publishes spread over the nodes.
     Cluster(ClusterArgs),
+    /// crier-client subscribers on two nodes; one node is SIGKILLed: resume time, loss, duplicates.
+    Failover(FailoverArgs),
     /// (internal) Holds a slice of idle connections for another crier-bench process.
     #[command(hide = true)]
     Hold(HoldArgs),
@@ -227,6 +229,30 @@ pub struct ChurnArgs {
     /// Upper bound on cycles over all loops
     #[arg(long, default_value_t = 200_000)]
     pub max_cycles: u64,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct FailoverArgs {
+    /// Subscribers (crier-client), alternately on node 0 and node 1, each knowing both
+    #[arg(long, default_value_t = 200)]
+    pub clients: usize,
+    /// REST publishes per second on node 1, throughout
+    #[arg(long, default_value_t = 200.0)]
+    pub rate: f64,
+    /// Publishing before node 0 is killed
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub before: Duration,
+    /// Publishing after node 0's clients resumed
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub after: Duration,
+    /// The clients' backoff base (crier-client's default)
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub backoff_base: Duration,
+    /// The clients' backoff cap (crier-client's default)
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub backoff_cap: Duration,
     #[command(flatten)]
     pub gateway: GatewayArgs,
 }

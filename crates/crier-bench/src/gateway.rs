@@ -175,6 +175,17 @@ impl Gateway {
         Ok(())
     }
 
+    /// SIGKILL to node `i` (a crash: no drain, no close frames). Its PID is forgotten, so
+    /// nothing is later sent to a PID the system may have reused.
+    pub async fn kill_node(&mut self, i: usize) {
+        if let Some(n) = self.nodes.get_mut(i)
+            && let Some(mut c) = n.child.take()
+        {
+            let _ = c.kill().await;
+            n.pid = None;
+        }
+    }
+
     /// PIDs of the crier nodes known to the bench.
     pub fn pids(&self) -> Vec<u32> {
         self.nodes.iter().filter_map(|n| n.pid).collect()

@@ -6,6 +6,7 @@
 
 use axum::Json;
 use axum::body::{Body, to_bytes};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
@@ -22,6 +23,19 @@ use crate::error::ApiError;
 use crate::limits::retry_after_secs;
 use crate::metrics as m;
 use crate::state::AppState;
+
+/// Time limit of one REST request.
+pub const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Middleware: a request that takes over [`API_TIMEOUT`] is answered 503 `unavailable` in the
+/// contract's JSON shape (what it started may still complete: retry a publish with the same
+/// `idempotency_key`).
+pub async fn time_limit(req: Request, next: Next) -> Response {
+    match tokio::time::timeout(API_TIMEOUT, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::unavailable("the request took over 10 seconds; retry later").into_response(),
+    }
+}
 
 /// Largest number of channels in one broadcast.
 pub const MAX_BROADCAST_CHANNELS: usize = 1000;
@@ -94,6 +108,15 @@ async fn read_json<'de, T: Deserialize<'de>>(body: Body, limit: usize, buf: &'de
 
 fn check_channel(channel: &str) -> Result<(), ApiError> {
     validate_channel(channel).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()))
+}
+
+/// The `{channel}` path segment, checked; a segment that is not UTF-8 once percent-decoded is
+/// `invalid_channel` too (in the contract's JSON shape, not axum's plain-text rejection).
+fn path_channel(channel: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(channel) = channel
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", "the channel is not valid UTF-8"))?;
+    check_channel(&channel)?;
+    Ok(channel)
 }
 
 fn check_data(st: &AppState, data: &RawValue) -> Result<(), ApiError> {
@@ -180,10 +203,11 @@ pub struct HistoryQuery {
 
 pub async fn history(
     State(st): State<AppState>,
-    Path(channel): Path<String>,
-    Query(q): Query<HistoryQuery>,
+    channel: Result<Path<String>, PathRejection>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    check_channel(&channel)?;
+    let channel = path_channel(channel)?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
     let since = match (q.since_offset, q.epoch) {
         (Some(offset), Some(epoch)) => Some(StreamPosition { epoch, offset }),
         (None, None) => None,
@@ -201,8 +225,11 @@ pub async fn history(
     Ok(Json(body).into_response())
 }
 
-pub async fn presence(State(st): State<AppState>, Path(channel): Path<String>) -> Result<Response, ApiError> {
-    check_channel(&channel)?;
+pub async fn presence(
+    State(st): State<AppState>,
+    channel: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let channel = path_channel(channel)?;
     let clients = st.broker().presence(&channel).await.map_err(ApiError::broker)?;
     Ok(Json(json!({ "clients": clients })).into_response())
 }

@@ -2,24 +2,18 @@
 //! metrics, the JavaScript client (`/crier.js`) and (in `--dev`) the demo page. Access logs record method and path only: the query
 //! string may carry a token and is never logged.
 
-use std::time::Duration;
-
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::api;
 use crate::metrics as m;
 use crate::state::AppState;
 use crate::transport::ws;
-
-/// Time limit of one REST request.
-const API_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builds the router.
 pub fn app(st: AppState) -> Router {
@@ -31,12 +25,13 @@ pub fn app(st: AppState) -> Router {
         .route("/api/v1/disconnect", post(api::disconnect))
         .route("/api/v1/info", get(api::info))
         .route_layer(middleware::from_fn_with_state(st.clone(), api::require_api_key))
-        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, API_TIMEOUT));
+        .layer(middleware::from_fn(api::time_limit));
     Router::new()
         .route("/ws", get(ws::handler))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .route("/api/v1/openapi.json", get(openapi))
         .route("/", get(demo_page))
         .route("/crier.js", get(client_js))
         .merge(api)
@@ -72,6 +67,14 @@ async fn metrics_text(State(st): State<AppState>) -> Response {
         Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
         None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed").into_response(),
     }
+}
+
+/// The REST API's OpenAPI 3.1 description: the one copy is docs/openapi.json.
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+/// Served without an API key: it describes the API and holds nothing secret.
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 const DEMO_PAGE: &str = include_str!("../assets/demo.html");

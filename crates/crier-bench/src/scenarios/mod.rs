@@ -4,9 +4,11 @@
 //! - [`pubsub`]: fan-out, many channels and cluster — subscribers on channels, REST publishes
 //!   stepped through rates; deliveries/s, latency, loss, CPU.
 //! - [`churn`]: connect → subscribe → close loops over a base of idle connections.
+//! - [`failover`]: crier-client subscribers on two nodes, one SIGKILLed: resume time, loss.
 //! - [`hold`]: a helper process holding a slice of `idle`'s connections (descriptor limits).
 
 pub mod churn;
+pub mod failover;
 pub mod hold;
 pub mod idle;
 pub mod pubsub;

@@ -1,0 +1,52 @@
+//! Full-jitter exponential backoff: attempt `n` waits a uniformly random time in
+//! `[0, min(cap, base * 2^n)]`, so clients that lost the same node do not come back in step.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// Backoff settings (defaults: base 500 ms, cap 20 s, as CONTRACT §13 says).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff { base: Duration::from_millis(500), cap: Duration::from_secs(20) }
+    }
+}
+
+impl Backoff {
+    /// The upper bound of attempt `attempt`'s delay (0-based).
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.cap)
+    }
+
+    /// A random delay for attempt `attempt` (0-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let ceiling = self.ceiling(attempt).as_millis().min(u128::from(u64::MAX)) as u64;
+        Duration::from_millis(rand::rng().random_range(0..=ceiling))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_to_the_cap_with_jitter_below_it() {
+        let b = Backoff::default();
+        assert_eq!(b.ceiling(0), Duration::from_millis(500));
+        assert_eq!(b.ceiling(1), Duration::from_secs(1));
+        assert_eq!(b.ceiling(5), Duration::from_secs(16));
+        assert_eq!(b.ceiling(6), Duration::from_secs(20));
+        assert_eq!(b.ceiling(1000), Duration::from_secs(20));
+        let delays: Vec<Duration> = (0..200).map(|_| b.delay(3)).collect();
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(4)));
+        // Jitter: 200 draws from [0, 4000] ms are not all the same.
+        assert!(delays.iter().any(|d| *d != delays[0]));
+    }
+}

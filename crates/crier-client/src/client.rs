@@ -1,0 +1,278 @@
+//! The application's handle: [`Client`] and its [`ClientBuilder`].
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crier_protocol::StreamPosition;
+use crier_protocol::frames::PresenceEntry;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::backoff::Backoff;
+use crate::driver::{Command, Driver, Options, Reply, Request, RequestKind, Shared, State, Welcome};
+use crate::error::{CloseReason, Error};
+use crate::subscription::{EndReason, Event, Message, Subscription};
+use crate::token::{BoxError, TokenSource};
+
+/// Settings of a [`Client`]; [`ClientBuilder::connect`] starts it.
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    opts: Options,
+    request_timeout: Option<Duration>,
+}
+
+impl ClientBuilder {
+    /// `url` is the WebSocket endpoint, e.g. `ws://127.0.0.1:8080/ws`.
+    pub fn new(url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            opts: Options {
+                urls: vec![url.into()],
+                token: TokenSource::None,
+                backoff: Backoff::default(),
+                ping_interval: None,
+                pong_timeout: Duration::from_secs(10),
+                connect_timeout: Duration::from_secs(10),
+            },
+            request_timeout: None,
+        }
+    }
+
+    /// Another node to connect to: each (re)connection attempt takes the next URL, in turn
+    /// (after a node closed with 1001/1012 while draining, the client resumes on another one).
+    pub fn also_url(mut self, url: impl Into<String>) -> ClientBuilder {
+        self.opts.urls.push(url.into());
+        self
+    }
+
+    /// A fixed token (sent as `Authorization: Bearer`). When it expires the server closes with
+    /// 4001 and the client stops; use [`ClientBuilder::token_provider`] to keep going.
+    pub fn token(mut self, token: impl Into<String>) -> ClientBuilder {
+        self.opts.token = TokenSource::Static(token.into());
+        self
+    }
+
+    /// An async token provider, asked before the first connection, again after a 4001 close or a
+    /// 401 handshake, and shortly before the current token's `exp` (the new token is then sent in
+    /// a `refresh` frame and the connection continues). A provider error is retried.
+    pub fn token_provider<F, Fut, E>(mut self, provider: F) -> ClientBuilder
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        self.opts.token = TokenSource::provider(provider);
+        self
+    }
+
+    /// Full-jitter exponential backoff between connection attempts (default 500 ms, 20 s).
+    pub fn backoff(mut self, base: Duration, cap: Duration) -> ClientBuilder {
+        self.opts.backoff = Backoff { base, cap: cap.max(base) };
+        self
+    }
+
+    /// How long `publish`, `presence` and `history` wait for their reply, connection time
+    /// included (default: no limit — a request made while disconnected waits for the
+    /// connection).
+    pub fn request_timeout(mut self, timeout: Duration) -> ClientBuilder {
+        self.request_timeout = Some(timeout);
+        self
+    }
+
+    /// Send `{"type":"ping"}` after this long without hearing from the server (default: the
+    /// server's `ping_interval_ms` from `welcome`, else 25 s).
+    pub fn ping_interval(mut self, interval: Duration) -> ClientBuilder {
+        self.opts.ping_interval = Some(interval.max(Duration::from_millis(10)));
+        self
+    }
+
+    /// After a ping, how long without hearing anything before the connection is taken for
+    /// dead and replaced (default 10 s).
+    pub fn pong_timeout(mut self, timeout: Duration) -> ClientBuilder {
+        self.opts.pong_timeout = timeout;
+        self
+    }
+
+    /// Bound of one connection attempt: TCP connect, handshake, `welcome` (default 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> ClientBuilder {
+        self.opts.connect_timeout = timeout;
+        self
+    }
+
+    /// Starts the client's connection task on the current tokio runtime; it connects at once.
+    /// Fails only outside a tokio runtime.
+    pub fn connect(self) -> Result<Client, Error> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::Invalid("crier_client::Client must be started inside a tokio runtime".into()))?;
+        let (state, _) = watch::channel(State::Connecting);
+        let shared = Arc::new(Shared {
+            state,
+            connections: AtomicU64::new(0),
+            close_reason: Mutex::new(None),
+            welcome: Mutex::new(None),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        runtime.spawn(Driver::new(self.opts, shared.clone(), rx).run());
+        Ok(Client {
+            inner: Arc::new(Inner {
+                commands: tx,
+                shared,
+                request_timeout: self.request_timeout,
+                generation: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+/// What a `publish` was given by the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The channel's epoch (crier sends it; `None` from a server that does not).
+    pub epoch: Option<String>,
+    pub offset: u64,
+}
+
+/// Options of [`Client::history`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistoryOptions {
+    /// Only messages after this position (else the latest ones).
+    pub since: Option<StreamPosition>,
+    /// At most this many (the server's default: its `history_size`; at most 1000).
+    pub limit: Option<usize>,
+}
+
+/// A channel's history: its position and the messages asked for, oldest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct History {
+    pub epoch: String,
+    pub offset: u64,
+    pub messages: Vec<Message>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    commands: mpsc::UnboundedSender<Command>,
+    shared: Arc<Shared>,
+    request_timeout: Option<Duration>,
+    generation: AtomicU64,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Close);
+    }
+}
+
+/// A crier client: one connection, kept up (see the crate docs). Cheap to clone; the last clone
+/// dropped closes it, like [`Client::close`].
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// A builder for a client of `url` (e.g. `ws://127.0.0.1:8080/ws`).
+    pub fn builder(url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder::new(url)
+    }
+
+    /// The connection state now.
+    pub fn state(&self) -> State {
+        *self.inner.shared.state.borrow()
+    }
+
+    /// The connection state as a `watch` (await `changed()`, or `wait_for(..)`).
+    pub fn watch_state(&self) -> watch::Receiver<State> {
+        self.inner.shared.state.subscribe()
+    }
+
+    /// How many connections reached `welcome` so far (1 + the reconnects).
+    pub fn connections(&self) -> u64 {
+        self.inner.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// The `welcome` of the current (or last) connection.
+    pub fn welcome(&self) -> Option<Welcome> {
+        self.inner.shared.welcome.lock().ok().and_then(|w| w.clone())
+    }
+
+    /// Why the client stopped, once it is [`State::Closed`].
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.inner.shared.close_reason.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// Subscribes to `channel`, live from its current position. The returned stream yields
+    /// [`Event::Subscribed`] once the server acknowledged (again after every reconnect), then
+    /// messages; it survives reconnects, recovering what was missed.
+    pub fn subscribe(&self, channel: impl Into<String>) -> Subscription {
+        self.subscribe_inner(channel.into(), None)
+    }
+
+    /// Subscribes to `channel` recovering everything after `position` (e.g. the position of the
+    /// last message the application stored), or telling it ([`Event::Gap`]) that it cannot.
+    pub fn subscribe_from(&self, channel: impl Into<String>, position: StreamPosition) -> Subscription {
+        self.subscribe_inner(channel.into(), Some(position))
+    }
+
+    fn subscribe_inner(&self, channel: String, from: Option<StreamPosition>) -> Subscription {
+        let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cmd = Command::Subscribe { channel: channel.clone(), from, generation, events: tx };
+        if let Err(mpsc::error::SendError(Command::Subscribe { events, .. })) = self.inner.commands.send(cmd) {
+            let _ = events.send(Event::Ended(EndReason::ClientClosed));
+        }
+        Subscription { channel, generation, events: rx, commands: self.inner.commands.clone() }
+    }
+
+    async fn request(&self, kind: RequestKind) -> Result<Reply, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.commands.send(Command::Request(Request { kind, reply: tx })).map_err(|_| Error::Closed)?;
+        let reply = async { rx.await.unwrap_or(Err(Error::Closed)) };
+        match self.inner.request_timeout {
+            Some(t) => tokio::time::timeout(t, reply).await.unwrap_or(Err(Error::Timeout)),
+            None => reply.await,
+        }
+    }
+
+    /// Publishes `data` on `channel` (the token needs a `publish` claim for it). Resolves once the
+    /// server accepted it. [`Error::Disconnected`] means the connection dropped before the reply:
+    /// the message may or may not have been published.
+    pub async fn publish(&self, channel: impl Into<String>, data: &impl Serialize) -> Result<Published, Error> {
+        let data = serde_json::to_value(data).map_err(|e| Error::Invalid(format!("`data` is not JSON: {e}")))?;
+        match self.request(RequestKind::Publish { channel: channel.into(), data }).await? {
+            Reply::Published { epoch, offset } => Ok(Published { epoch, offset }),
+            _ => Err(Error::Invalid("unexpected reply".into())),
+        }
+    }
+
+    /// Who is subscribed to `channel`, on every node.
+    pub async fn presence(&self, channel: impl Into<String>) -> Result<Vec<PresenceEntry>, Error> {
+        match self.request(RequestKind::Presence { channel: channel.into() }).await? {
+            Reply::Presence(clients) => Ok(clients),
+            _ => Err(Error::Invalid("unexpected reply".into())),
+        }
+    }
+
+    /// The channel's stored messages (see [`HistoryOptions`]).
+    pub async fn history(&self, channel: impl Into<String>, opts: HistoryOptions) -> Result<History, Error> {
+        let kind = RequestKind::History { channel: channel.into(), since: opts.since, limit: opts.limit };
+        match self.request(kind).await? {
+            Reply::History { epoch, offset, messages } => Ok(History { epoch, offset, messages }),
+            _ => Err(Error::Invalid("unexpected reply".into())),
+        }
+    }
+
+    /// Closes the connection (code 1000) and stops; every subscription ends with
+    /// [`EndReason::ClientClosed`].
+    pub fn close(&self) {
+        let _ = self.inner.commands.send(Command::Close);
+    }
+
+    /// Waits until the client is [`State::Closed`] and returns why.
+    pub async fn closed(&self) -> CloseReason {
+        let mut rx = self.watch_state();
+        let _ = rx.wait_for(|s| *s == State::Closed).await;
+        self.close_reason().unwrap_or(CloseReason::Client)
+    }
+}

@@ -1,0 +1,77 @@
+//! Rust client for [crier](https://example.invalid/crier), the WebSocket pub/sub gateway (tokio).
+//!
+//! crier's promise — every message of a channel once, in order, across reconnects, or the
+//! client is told — needs the client to do its part. This crate does it, with the semantics of
+//! the contract's JavaScript client (CONTRACT §13):
+//!
+//! - **Reconnects** after any close except 1000, 1008 and 4003 (and 4001 without a token
+//!   provider), with full-jitter exponential backoff (default base 500 ms, cap 20 s).
+//! - **Recovers** every subscription after a reconnect: it resubscribes with `recover` from the
+//!   last position it delivered, so the application sees each message once, in order.
+//!   Messages are deduplicated by offset: one already delivered is never delivered again, even
+//!   when a server replays it.
+//! - **Tells** the application when messages were lost ([`Event::Gap`]): a `gap` frame,
+//!   `recovered: false`, or a new epoch. It should then resync the channel from its own source
+//!   of truth.
+//! - **Refreshes its token**: a token provider is asked again before the token's `exp` (the new
+//!   token goes in a `refresh` frame; the connection continues) and after a 4001 close.
+//! - **Notices dead connections**: it sends `{"type":"ping"}` when it has heard nothing for the
+//!   server's ping interval, and reconnects when even that gets no answer.
+//! - `publish`, `presence` and `history` are async functions returning typed results, or an
+//!   [`Error`] carrying the contract's error code ([`Error::code`]).
+//!
+//! ```no_run
+//! use crier_client::{Client, Event};
+//!
+//! # async fn demo() -> Result<(), crier_client::Error> {
+//! let client = Client::builder("ws://127.0.0.1:8080/ws")
+//!     .token_provider(|| async { Ok::<_, std::io::Error>(String::from("<jwt from your backend>")) })
+//!     .connect()?;
+//! let mut sub = client.subscribe("chat:lobby");
+//! client.publish("chat:lobby", &serde_json::json!({"text": "hi"})).await?;
+//! while let Some(event) = sub.next().await {
+//!     match event {
+//!         Event::Message(m) => println!("{} #{}: {}", m.channel, m.offset, m.data),
+//!         Event::Gap(gap) => println!("lost messages before {}: resync", gap.offset),
+//!         Event::Subscribed { .. } => {}
+//!         Event::Ended(why) => println!("subscription over: {why:?}"),
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Modules:
+//! - `client`: [`Client`] (the handle: state, subscribe, requests, close) and [`ClientBuilder`].
+//! - `driver`: the one task per client that owns the connection; the close-code table.
+//! - `subscription`: [`Subscription`] (a stream of [`Event`]s) and the position tracker that
+//!   dedupes and detects gaps.
+//! - `frames`: the client's side of the wire format (the shared types come from
+//!   `crier-protocol`).
+//! - `backoff`, `token`: full-jitter backoff; token sources and refresh scheduling.
+//!
+//! TLS: `wss://` URLs work when `tokio-tungstenite` is built with one of its TLS features
+//! (e.g. add `tokio-tungstenite = { version = "0.29", features = ["rustls-tls-webpki-roots"] }`
+//! to the application); this crate enables none itself.
+
+mod backoff;
+mod client;
+mod driver;
+mod error;
+mod frames;
+mod subscription;
+mod token;
+
+pub use backoff::Backoff;
+pub use client::{Client, ClientBuilder, History, HistoryOptions, Published};
+pub use crier_protocol::frames::PresenceEntry;
+pub use crier_protocol::{ErrorCode, StreamPosition};
+pub use driver::{State, Welcome};
+pub use error::{CloseReason, Error, ServerError};
+pub use subscription::{EndReason, Event, Gap, GapReason, Message, Subscription};
+pub use token::BoxError;
+
+/// The README's example is compiled as a doctest, so it cannot drift from the API.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctest;

@@ -1,0 +1,429 @@
+//! docs/openapi.json against the real binary: the description must match what crier does.
+//!
+//! - The router's routes (every `.route(..)` in crates/crier/src) and the description's paths
+//!   agree: every `/api/` route+method is described and every described path+method is routed.
+//! - Every operation is driven with valid and invalid requests (a node on the memory broker, a
+//!   rate-limited one, and one on a `redis-server` that is then killed); each answer's status
+//!   must be the expected one and one the operation declares, its content type the declared one,
+//!   its body valid against the declared schema (JSON Schema 2020-12, `jsonschema` crate), and
+//!   declared headers (`Retry-After`) present.
+//! - Every declared status of every operation is exercised, except the few listed in
+//!   [`NOT_PROVOKED`] with the reason.
+//! - `GET /api/v1/openapi.json` serves the file, without an API key.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../crier-redis/tests/support/mod.rs"]
+mod redis_support;
+mod support;
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::{API_KEY, Server, WAIT};
+
+/// Declared statuses no case provokes, and why.
+const NOT_PROVOKED: &[(&str, &str, u16, &str)] =
+    &[("/metrics", "get", 503, "only when crier runs as a library without a recorder")];
+
+fn spec() -> Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("docs/openapi.json")).expect("valid JSON")
+}
+
+/// Follows a local `$ref` (`#/components/...`).
+fn deref<'a>(spec: &'a Value, v: &'a Value) -> &'a Value {
+    match v.get("$ref").and_then(Value::as_str) {
+        Some(r) => spec.pointer(r.trim_start_matches('#')).unwrap_or_else(|| panic!("dangling $ref {r}")),
+        None => v,
+    }
+}
+
+/// Every `.route("path", get(..).post(..))` in the server's sources, as (path, method).
+fn router_routes() -> BTreeSet<(String, String)> {
+    fn walk(dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(std::fs::read_to_string(&p).unwrap());
+            }
+        }
+    }
+    let mut sources = Vec::new();
+    walk(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src")), &mut sources);
+    let mut routes = BTreeSet::new();
+    for src in &sources {
+        let mut rest = src.as_str();
+        while let Some(at) = rest.find(".route(\"") {
+            rest = &rest[at + 8..];
+            let Some(end) = rest.find('"') else { break };
+            let path = rest[..end].to_owned();
+            // The route's method router: up to the `.route(` call's closing parenthesis.
+            let mut depth = 1;
+            let args = &rest[end..];
+            let close = args
+                .char_indices()
+                .find(|(_, c)| {
+                    match c {
+                        '(' => depth += 1,
+                        ')' => depth -= 1,
+                        _ => {}
+                    }
+                    depth == 0
+                })
+                .map_or(args.len(), |(i, _)| i);
+            for method in ["get", "post", "put", "delete", "patch"] {
+                let a = &args[..close];
+                let called = a.match_indices(&format!("{method}(")).any(|(i, _)| {
+                    i == 0 || !a.as_bytes()[i - 1].is_ascii_alphanumeric() && a.as_bytes()[i - 1] != b'_'
+                });
+                if called {
+                    routes.insert((path.clone(), method.to_owned()));
+                }
+            }
+        }
+    }
+    routes
+}
+
+fn spec_operations(spec: &Value) -> BTreeSet<(String, String)> {
+    let mut ops = BTreeSet::new();
+    for (path, item) in spec["paths"].as_object().expect("paths") {
+        for method in item.as_object().expect("path item").keys() {
+            ops.insert((path.clone(), method.clone()));
+        }
+    }
+    ops
+}
+
+struct Checker {
+    spec: Value,
+    http: reqwest::Client,
+    exercised: HashSet<(String, String, u16)>,
+}
+
+/// One request of a case.
+struct Req<'a> {
+    method: Method,
+    /// The described path, e.g. `/api/v1/channels/{channel}/history`.
+    template: &'a str,
+    /// The path (and query) sent.
+    path: String,
+    auth: Option<&'a str>,
+    body: Option<Body>,
+    headers: Vec<(&'a str, String)>,
+}
+
+enum Body {
+    Json(Value),
+    Raw(String),
+}
+
+fn req(method: Method, template: &str) -> Req<'_> {
+    Req { method, path: template.to_owned(), template, auth: Some(API_KEY), body: None, headers: Vec::new() }
+}
+
+impl<'a> Req<'a> {
+    fn path(mut self, p: impl Into<String>) -> Self {
+        self.path = p.into();
+        self
+    }
+    fn json(mut self, v: Value) -> Self {
+        self.body = Some(Body::Json(v));
+        self
+    }
+    fn raw(mut self, s: impl Into<String>) -> Self {
+        self.body = Some(Body::Raw(s.into()));
+        self
+    }
+    fn auth(mut self, key: Option<&'a str>) -> Self {
+        self.auth = key;
+        self
+    }
+    fn header(mut self, name: &'a str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+impl Checker {
+    /// Sends `r` to `server`, checks the answer against the description and that its status is
+    /// `expected`; returns the body (JSON, or the text as a JSON string).
+    async fn check(&mut self, server: &Server, r: Req<'_>, expected: u16) -> Value {
+        let method = r.method.as_str().to_ascii_lowercase();
+        let what = format!("{} {}", r.method, r.path);
+        let mut b = self.http.request(r.method.clone(), server.url(&r.path));
+        if let Some(key) = r.auth {
+            b = b.bearer_auth(key);
+        }
+        for (k, v) in &r.headers {
+            b = b.header(*k, v);
+        }
+        b = match r.body {
+            Some(Body::Json(v)) => b.json(&v),
+            Some(Body::Raw(s)) => b.header("content-type", "application/json").body(s),
+            None => b,
+        };
+        let resp = b.send().await.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap_or_default();
+        assert_eq!(status, expected, "{what}: status {status}, body {text}");
+        self.exercised.insert((r.template.to_owned(), method.clone(), status));
+
+        let spec = self.spec.clone();
+        let op = spec["paths"][r.template]
+            .get(&method)
+            .unwrap_or_else(|| panic!("{what}: `{method} {}` is not described", r.template));
+        let declared = op["responses"]
+            .get(status.to_string())
+            .unwrap_or_else(|| panic!("{what}: status {status} is not declared for {method} {}", r.template));
+        let declared = deref(&spec, declared);
+        for name in declared["headers"].as_object().into_iter().flatten().map(|(k, _)| k) {
+            assert!(headers.contains_key(name.as_str()), "{what}: declared header {name} missing");
+        }
+        let Some(content) = declared["content"].as_object() else {
+            return Value::Null;
+        };
+        let ctype = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let (media, schema) = content
+            .iter()
+            .find(|(m, _)| ctype.starts_with(m.as_str()))
+            .unwrap_or_else(|| panic!("{what}: content type `{ctype}` is not declared ({:?})", content.keys()));
+        let instance = if media == "application/json" {
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {text}"))
+        } else {
+            Value::String(text)
+        };
+        let root = json!({"components": spec["components"], "allOf": [schema["schema"]]});
+        let validator = jsonschema::draft202012::new(&root).unwrap_or_else(|e| panic!("{what}: schema: {e}"));
+        let errors: Vec<String> =
+            validator.iter_errors(&instance).map(|e| format!("{e} at {}", e.instance_path())).collect();
+        assert!(errors.is_empty(), "{what}: the {status} body does not match the description: {errors:?}\n{instance}");
+        instance
+    }
+}
+
+#[test]
+fn every_route_is_described_and_every_description_is_routed() {
+    let spec = spec();
+    let routes = router_routes();
+    let described = spec_operations(&spec);
+    assert!(routes.len() >= 10, "found the router's routes: {routes:?}");
+    let api = |set: &BTreeSet<(String, String)>| -> BTreeSet<(String, String)> {
+        set.iter().filter(|(p, _)| p.starts_with("/api/")).cloned().collect()
+    };
+    assert_eq!(api(&routes), api(&described), "the /api/ routes and docs/openapi.json differ");
+    let unrouted: Vec<_> = described.difference(&routes).collect();
+    assert!(unrouted.is_empty(), "described but not routed: {unrouted:?}");
+}
+
+/// The OpenAPI Initiative's JSON Schema of OpenAPI 3.1 documents (2022-10-07, Apache-2.0;
+/// the copy shipped by the `openapi-spec-validator` package), vendored: no network in tests.
+const OAS_31_SCHEMA: &str = include_str!("data/oas-3.1-schema.json");
+
+#[test]
+fn the_description_is_well_formed_openapi_3_1() {
+    let spec = spec();
+    assert!(spec["openapi"].as_str().is_some_and(|v| v.starts_with("3.1.")));
+    let meta: Value = serde_json::from_str(OAS_31_SCHEMA).unwrap();
+    let validator = jsonschema::draft202012::new(&meta).expect("the OAS 3.1 schema compiles");
+    let errors: Vec<String> = validator.iter_errors(&spec).map(|e| format!("{e} at {}", e.instance_path())).collect();
+    assert!(errors.is_empty(), "docs/openapi.json is not a valid OpenAPI 3.1 document: {errors:#?}");
+    assert_eq!(spec["info"]["version"], env!("CARGO_PKG_VERSION"), "info.version follows crier's version");
+    // Every $ref resolves; every schema compiles.
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(r)) = m.get("$ref") {
+                    out.push(r.clone());
+                }
+                m.values().for_each(|v| refs(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&spec, &mut all);
+    for r in &all {
+        assert!(spec.pointer(r.trim_start_matches('#')).is_some(), "dangling $ref {r}");
+    }
+    for (name, schema) in spec["components"]["schemas"].as_object().unwrap() {
+        let root = json!({"components": spec["components"], "allOf": [schema]});
+        assert!(jsonschema::draft202012::new(&root).is_ok(), "schema {name} does not compile");
+    }
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            assert!(op["operationId"].is_string(), "{method} {path}: operationId");
+            assert!(op["responses"].as_object().is_some_and(|r| !r.is_empty()), "{method} {path}: responses");
+            let open = op.get("security").is_some_and(|s| s.as_array().is_some_and(|a| a.is_empty()));
+            if path.starts_with("/api/") {
+                let needs_key = op["responses"].get("401").is_some();
+                assert_eq!(!open, needs_key, "{method} {path}: 401 iff it needs the API key");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_answers_as_described() {
+    let spec = spec();
+    let mut c = Checker { spec: spec.clone(), http: reqwest::Client::new(), exercised: HashSet::new() };
+    let node = Server::start(&["--max-message-bytes", "1024", "--max-connections", "1"]).await;
+    let (get, post) = (Method::GET, Method::POST);
+    let big = "x".repeat(2048);
+
+    // The description itself, without an API key: the very file.
+    let served = c.check(&node, req(get.clone(), "/api/v1/openapi.json").auth(None), 200).await;
+    assert_eq!(served, spec, "GET /api/v1/openapi.json serves docs/openapi.json");
+
+    // publish
+    let t = "/api/v1/publish";
+    let p = c.check(&node, req(post.clone(), t).json(json!({"channel": "chat:a", "data": {"x": 1}})), 200).await;
+    let epoch = p["epoch"].as_str().unwrap().to_owned();
+    let keyed = json!({"channel": "chat:a", "data": 2, "idempotency_key": "k1"});
+    let first = c.check(&node, req(post.clone(), t).json(keyed.clone()), 200).await;
+    assert_eq!(c.check(&node, req(post.clone(), t).json(keyed), 200).await, first, "idempotent");
+    c.check(&node, req(post.clone(), t).raw("{not json"), 400).await;
+    c.check(&node, req(post.clone(), t).json(json!({"channel": "chat:a"})), 400).await;
+    c.check(&node, req(post.clone(), t).json(json!({"channel": "bad name!", "data": 1})), 400).await;
+    c.check(&node, req(post.clone(), t).json(json!({"channel": "c", "data": 1, "idempotency_key": ""})), 400).await;
+    c.check(&node, req(post.clone(), t).json(json!({"channel": "c", "data": big})), 413).await;
+    c.check(&node, req(post.clone(), t).auth(None).json(json!({"channel": "c", "data": 1})), 401).await;
+    c.check(&node, req(post.clone(), t).auth(Some("wrong")).json(json!({"channel": "c", "data": 1})), 401).await;
+
+    // broadcast
+    let t = "/api/v1/broadcast";
+    let b =
+        c.check(&node, req(post.clone(), t).json(json!({"channels": ["chat:a", "bad name!"], "data": 1})), 200).await;
+    assert_eq!(b["results"][1]["error"], "invalid_channel");
+    c.check(&node, req(post.clone(), t).json(json!({"channels": [], "data": 1})), 400).await;
+    c.check(&node, req(post.clone(), t).raw("[]"), 400).await;
+    c.check(&node, req(post.clone(), t).json(json!({"channels": ["a"], "data": big})), 413).await;
+    c.check(&node, req(post.clone(), t).auth(None).json(json!({"channels": ["a"], "data": 1})), 401).await;
+
+    // history
+    let t = "/api/v1/channels/{channel}/history";
+    let h = c.check(&node, req(get.clone(), t).path("/api/v1/channels/chat:a/history"), 200).await;
+    assert_eq!(h["recovered"], Value::Null);
+    assert_eq!(h["messages"].as_array().map(Vec::len), Some(3), "two publishes and a broadcast");
+    let since = format!("/api/v1/channels/chat:a/history?since_offset=1&epoch={epoch}&limit=5");
+    let h = c.check(&node, req(get.clone(), t).path(since), 200).await;
+    assert_eq!(h["recovered"], true);
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels/bad%20name/history"), 400).await;
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels/%FF/history"), 400).await;
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels/chat:a/history?since_offset=1"), 400).await;
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels/chat:a/history?limit=many"), 400).await;
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels/chat:a/history").auth(None), 401).await;
+
+    // presence
+    let t = "/api/v1/channels/{channel}/presence";
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels/chat:a/presence"), 200).await;
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels/bad%20name/presence"), 400).await;
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels/chat:a/presence").auth(None), 401).await;
+
+    // disconnect
+    let t = "/api/v1/disconnect";
+    c.check(&node, req(post.clone(), t).json(json!({"user": "nobody"})), 200).await;
+    c.check(&node, req(post.clone(), t).json(json!({"user": ""})), 400).await;
+    c.check(&node, req(post.clone(), t).json(json!({"user": "x".repeat(5000)})), 413).await;
+    c.check(&node, req(post.clone(), t).auth(None).json(json!({"user": "u"})), 401).await;
+
+    // info
+    let t = "/api/v1/info";
+    let info = c.check(&node, req(get.clone(), t), 200).await;
+    assert_eq!(info["nodes"][0]["node"], "test-node");
+    c.check(&node, req(get.clone(), t).auth(None), 401).await;
+
+    // operations
+    c.check(&node, req(get.clone(), "/healthz").auth(None), 200).await;
+    c.check(&node, req(get.clone(), "/readyz").auth(None), 200).await;
+    c.check(&node, req(get.clone(), "/metrics").auth(None), 200).await;
+
+    // The WebSocket handshake's answers.
+    let t = "/ws";
+    let token = node.token("u1", &["chat:*"], &[]);
+    let upgrade = |r: Req<'static>| {
+        r.header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+    };
+    let ws = || req(Method::GET, "/ws").auth(None);
+    c.check(&node, upgrade(ws()).header("sec-websocket-version", "13"), 401).await;
+    c.check(&node, upgrade(ws()).header("sec-websocket-version", "13").header("authorization", "Bearer nope"), 401)
+        .await;
+    c.check(&node, ws().header("authorization", format!("Bearer {token}")), 400).await;
+    c.check(&node, upgrade(ws()).header("sec-websocket-version", "12").path(format!("/ws?token={token}")), 426).await;
+    c.check(&node, upgrade(ws()).header("sec-websocket-version", "13").header("origin", "https://evil.example"), 403)
+        .await;
+    let held = node.client(&token).await; // 101 (the harness asserts the welcome)
+    c.exercised.insert((t.to_owned(), "get".to_owned(), 101));
+    c.check(&node, upgrade(ws()).header("sec-websocket-version", "13"), 503).await; // max_connections 1
+    drop(held);
+
+    // Rate limits: API key and handshakes.
+    let limited =
+        Server::start(&["--api-rate", "1", "--api-burst", "1", "--handshake-rate", "1", "--handshake-burst", "1"])
+            .await;
+    c.check(&limited, req(get.clone(), "/api/v1/info"), 200).await;
+    c.check(&limited, req(post.clone(), "/api/v1/publish").json(json!({"channel": "c", "data": 1})), 429).await;
+    c.check(&limited, req(post.clone(), "/api/v1/broadcast").json(json!({"channels": ["c"], "data": 1})), 429).await;
+    let h = "/api/v1/channels/{channel}/history";
+    c.check(&limited, req(get.clone(), h).path("/api/v1/channels/c/history"), 429).await;
+    let p = "/api/v1/channels/{channel}/presence";
+    c.check(&limited, req(get.clone(), p).path("/api/v1/channels/c/presence"), 429).await;
+    c.check(&limited, req(post.clone(), "/api/v1/disconnect").json(json!({"user": "u"})), 429).await;
+    c.check(&limited, req(get.clone(), "/api/v1/info"), 429).await;
+    c.check(&limited, ws(), 401).await;
+    c.check(&limited, ws(), 429).await;
+
+    // The broker hanging (SIGSTOP): every Redis call waits its 2 s deadline, so a broadcast to
+    // six channels runs into the 10 s request limit: 503, in the contract's JSON shape.
+    let mut redis = redis_support::RedisServer::start();
+    let url = redis.url();
+    let clustered = Server::start(&["--redis-url", &url]).await;
+    c.check(&clustered, req(get.clone(), "/readyz").auth(None), 200).await;
+    redis.pause(true);
+    let six = json!({"channels": ["a", "b", "c", "d", "e", "f"], "data": 1});
+    c.check(&clustered, req(post.clone(), "/api/v1/broadcast").json(six), 503).await;
+    redis.pause(false);
+
+    // The broker gone: 503 unavailable.
+    redis.kill();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while reqwest::get(clustered.url("/readyz")).await.map(|r| r.status().as_u16()).unwrap_or(0) != 503 {
+        assert!(tokio::time::Instant::now() < deadline, "readyz never turned 503 without Redis");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    c.check(&clustered, req(get.clone(), "/readyz").auth(None), 503).await;
+    c.check(&clustered, req(post.clone(), "/api/v1/publish").json(json!({"channel": "c", "data": 1})), 503).await;
+    let b = c
+        .check(&clustered, req(post.clone(), "/api/v1/broadcast").json(json!({"channels": ["c"], "data": 1})), 200)
+        .await;
+    assert_eq!(b["results"][0]["error"], "unavailable");
+    c.check(&clustered, req(get.clone(), h).path("/api/v1/channels/c/history"), 503).await;
+    c.check(&clustered, req(get.clone(), p).path("/api/v1/channels/c/presence"), 503).await;
+    c.check(&clustered, req(post.clone(), "/api/v1/disconnect").json(json!({"user": "u"})), 503).await;
+    c.check(&clustered, req(get.clone(), "/api/v1/info"), 503).await;
+
+    // Every declared status was seen (or is listed as not provokable).
+    let mut missing = Vec::new();
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            for status in op["responses"].as_object().unwrap().keys() {
+                let status: u16 = status.parse().unwrap();
+                let skipped = NOT_PROVOKED.iter().any(|(p, m, s, _)| p == path && m == method && *s == status);
+                if !skipped && !c.exercised.contains(&(path.clone(), method.clone(), status)) {
+                    missing.push(format!("{method} {path} {status}"));
+                }
+            }
+        }
+    }
+    assert!(missing.is_empty(), "declared but never exercised: {missing:?}");
+}
