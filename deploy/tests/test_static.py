@@ -176,6 +176,61 @@ def test_dockerfile():
     assert "**/target" in ignore and ".git" in ignore
 
 
+def docker_ignored(rel, patterns):
+    """Whether the build context leaves out `rel` (Docker's rules, simplified: the last matching
+    pattern wins, `!` re-includes, a pattern matching a parent directory covers what is below,
+    `**` spans directories, `*` and `?` do not)."""
+
+    def regex(pat):
+        out, i = "", 0
+        while i < len(pat):
+            if pat.startswith("**/", i):
+                out, i = out + "(?:.*/)?", i + 3
+            elif pat.startswith("**", i):
+                out, i = out + ".*", i + 2
+            elif pat[i] == "*":
+                out, i = out + "[^/]*", i + 1
+            elif pat[i] == "?":
+                out, i = out + "[^/]", i + 1
+            else:
+                out, i = out + re.escape(pat[i]), i + 1
+        return out
+
+    ignored = False
+    parts = rel.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pat in patterns:
+        neg = pat.startswith("!")
+        body = (pat[1:] if neg else pat).strip("/")
+        if any(re.fullmatch(regex(body), p) for p in prefixes):
+            ignored = not neg
+    return ignored
+
+
+def test_docker_context_holds_every_embedded_file():
+    """`include_str!`/`include_bytes!` in the gateway's sources must survive .dockerignore, or the
+    image build fails (docs/openapi.json and clients/js are embedded)."""
+    patterns = [l.strip() for l in read(".dockerignore").splitlines() if l.strip() and not l.startswith("#")]
+    embedded = []
+    for crate in ("crier", "crier-core", "crier-protocol", "crier-redis"):
+        src = os.path.join(ROOT, "crates", crate, "src")
+        for dirpath, _, files in os.walk(src):
+            for name in files:
+                if not name.endswith(".rs"):
+                    continue
+                path = os.path.join(dirpath, name)
+                with open(path) as f:
+                    for m in re.finditer(r'include_(?:str|bytes)!\("([^"]+)"\)', f.read()):
+                        target = os.path.normpath(os.path.join(dirpath, m.group(1)))
+                        embedded.append(os.path.relpath(target, ROOT))
+    assert embedded, "expected embedded files (demo page, /crier.js, OpenAPI)"
+    for rel in embedded:
+        assert os.path.exists(os.path.join(ROOT, rel)), rel
+        assert not docker_ignored(rel, patterns), f"{rel} is embedded but .dockerignore leaves it out"
+    for left_out in ("docs/cluster.md", "target/release/crier", "clients/js/node_modules/ws/index.js", "README.md"):
+        assert docker_ignored(left_out, patterns), f"the rules above should leave out {left_out}"
+
+
 # --- Grafana --------------------------------------------------------------------------------
 
 def dashboard():
