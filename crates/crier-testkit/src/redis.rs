@@ -13,11 +13,14 @@ use crate::wait::until_blocking;
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
+    /// The TLS port, when started with [`RedisServer::start_tls`].
+    tls_port: Option<u16>,
     dir: PathBuf,
     args: Vec<String>,
 }
 
-fn free_port() -> u16 {
+/// A free TCP port on 127.0.0.1 (never 6379).
+pub fn free_port() -> u16 {
     for _ in 0..20 {
         let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0);
         if port != 0 && port != 6379 {
@@ -38,7 +41,62 @@ impl RedisServer {
         RedisServer::spawn(true)
     }
 
+    /// Plaintext on [`RedisServer::port`] (for the test's own commands) and TLS on
+    /// [`RedisServer::tls_port`] with `ca`'s server certificate.
+    pub fn start_tls(ca: &crate::tls::TestCa) -> RedisServer {
+        let tls_port = free_port();
+        let extra = [
+            "--tls-port".to_owned(),
+            tls_port.to_string(),
+            "--tls-cert-file".to_owned(),
+            ca.server_cert.display().to_string(),
+            "--tls-key-file".to_owned(),
+            ca.server_key.display().to_string(),
+            "--tls-ca-cert-file".to_owned(),
+            ca.ca_cert.display().to_string(),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ];
+        let mut server = RedisServer::prepare(false, &extra);
+        server.tls_port = Some(tls_port);
+        server.launch();
+        server
+    }
+
+    /// A replica of `master` (asynchronous replication), without persistence.
+    pub fn start_replica_of(master: &RedisServer) -> RedisServer {
+        let extra = ["--replicaof".to_owned(), "127.0.0.1".to_owned(), master.port().to_string()];
+        let mut server = RedisServer::prepare(false, &extra);
+        server.launch();
+        server
+    }
+
+    /// A Sentinel monitoring `master` as `name` (quorum 2, the master is down after 1s of
+    /// silence, a failover may take 5s).
+    pub fn start_sentinel(master: &RedisServer, name: &str) -> RedisServer {
+        let mut server = RedisServer::prepare(false, &[]);
+        let conf = server.dir.join("sentinel.conf");
+        let text = format!(
+            "port {port}\nbind 127.0.0.1\ndir {dir}\nsentinel monitor {name} 127.0.0.1 {master} 2\n\
+             sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 5000\n\
+             sentinel parallel-syncs {name} 1\n",
+            port = server.port,
+            dir = server.dir.display(),
+            master = master.port(),
+        );
+        std::fs::write(&conf, text).unwrap_or_else(|e| panic!("write {conf:?}: {e}"));
+        server.args = vec![conf.display().to_string(), "--sentinel".to_owned()];
+        server.launch();
+        server
+    }
+
     fn spawn(persistent: bool) -> RedisServer {
+        let mut server = RedisServer::prepare(persistent, &[]);
+        server.launch();
+        server
+    }
+
+    fn prepare(persistent: bool, extra: &[String]) -> RedisServer {
         let port = free_port();
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let dir = std::env::temp_dir().join(format!("crier-redis-test-{}-{port}-{nanos}", std::process::id()));
@@ -51,9 +109,8 @@ impl RedisServer {
         } else {
             args.extend(["--appendonly", "no"].map(String::from));
         }
-        let mut server = RedisServer { child: None, port, dir, args };
-        server.launch();
-        server
+        args.extend(extra.iter().cloned());
+        RedisServer { child: None, port, tls_port: None, dir, args }
     }
 
     fn launch(&mut self) {
@@ -77,6 +134,21 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The TLS port (panics unless started with [`RedisServer::start_tls`]).
+    pub fn tls_port(&self) -> u16 {
+        self.tls_port.unwrap_or_else(|| panic!("redis on port {} has no TLS port", self.port))
+    }
+
+    /// `rediss://<host>:<tls port>/`.
+    pub fn tls_url(&self, host: &str) -> String {
+        format!("rediss://{host}:{}/", self.tls_port())
+    }
+
+    /// The process id (while running).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// SIGKILL: no goodbye to clients, no final save.

@@ -38,6 +38,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::command::bounded;
 use crate::keys::Keys;
 use crate::scripts::{self, HistoryCall, Params, Scripts};
+use crate::topology::Resolver;
 use crate::tracker::Position;
 
 mod backoff;
@@ -65,6 +66,9 @@ pub(crate) struct Shared {
     /// The command connection, probed before the broker reports itself up again, so that
     /// readiness never turns green while publishes would still fail.
     pub commands: crate::command::Commands,
+    /// Set when a connection attempt failed for a reason retrying cannot fix (a certificate
+    /// that does not verify, a master name no Sentinel knows); `start` reports it.
+    pub setting_problem: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -76,6 +80,14 @@ impl Shared {
 
     pub(crate) fn has_subscribers(&self, channel: &str) -> bool {
         self.handler.get().is_some_and(|h| h.has_subscribers(channel))
+    }
+
+    pub(crate) fn setting_problem(&self) -> Option<String> {
+        self.setting_problem.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_setting_problem(&self, problem: Option<String>) {
+        *self.setting_problem.lock().unwrap_or_else(|e| e.into_inner()) = problem;
     }
 }
 
@@ -148,7 +160,9 @@ fn lost(e: impl std::fmt::Display) -> End {
 
 /// See the module docs.
 pub(crate) struct Task {
-    pub client: redis::Client,
+    pub resolver: Resolver,
+    /// The server the command connection points at (`host:port`).
+    current: Option<String>,
     pub keys: Keys,
     pub params: Params,
     pub scripts: Arc<Scripts>,
@@ -163,7 +177,7 @@ pub(crate) struct Task {
 impl Task {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        client: redis::Client,
+        resolver: Resolver,
         keys: Keys,
         params: Params,
         scripts: Arc<Scripts>,
@@ -174,7 +188,8 @@ impl Task {
     ) -> Task {
         let control = keys.control().into_bytes();
         let channels = HashMap::new();
-        Task { client, keys, params, scripts, shared, settings, commands, shutdown, channels, control }
+        let current = resolver.fixed().map(|t| t.key);
+        Task { resolver, current, keys, params, scripts, shared, settings, commands, shutdown, channels, control }
     }
 
     /// Makes sure the command connection answers too (after a Redis restart its first call fails
@@ -227,13 +242,31 @@ impl Task {
     /// Connects, subscribes the control channel and every channel, and gap-fills them.
     async fn connect(&mut self) -> Result<Conn, End> {
         let t = self.settings.command_timeout;
+        let target = match self.resolver.resolve().await {
+            Ok(target) => target,
+            Err(u) => {
+                self.shared.set_setting_problem(u.setting.then(|| u.why.clone()));
+                return Err(lost(u.why));
+            }
+        };
         let (tx, pushes) = mpsc::unbounded_channel();
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(t))
             .set_response_timeout(Some(t))
             .set_push_sender(tx);
-        let mut con =
-            bounded(t, self.client.get_multiplexed_async_connection_with_config(&config)).await.map_err(lost)?;
+        let mut con = match bounded(t, target.pubsub.get_multiplexed_async_connection_with_config(&config)).await {
+            Ok(con) => con,
+            Err(e) => {
+                let why = format!("{} ({})", e, target.key);
+                let setting = crate::tls::message_is_certificate_error(&why);
+                self.shared.set_setting_problem(setting.then(|| format!("redis TLS: {why}")));
+                return Err(lost(why));
+            }
+        };
+        self.shared.set_setting_problem(None);
+        if self.resolver.is_sentinel() {
+            self.follow(&mut con, target).await?;
+        }
         let mut name = redis::cmd("CLIENT");
         name.arg("SETNAME").arg(&self.settings.client_name);
         if let Err(e) = bounded(t, name.query_async::<Value>(&mut con)).await {
@@ -252,10 +285,52 @@ impl Task {
         Ok(conn)
     }
 
+    /// Sentinel: points the command connection at the master this connection reached (when it
+    /// changed), with that server process's run id as the publish script's generation.
+    async fn follow(&mut self, con: &mut MultiplexedConnection, target: crate::topology::Target) -> Step {
+        let t = self.settings.command_timeout;
+        let info: String = bounded(t, redis::cmd("INFO").arg("server").query_async(con)).await.map_err(lost)?;
+        let run_id = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(|id| id.trim().to_owned())
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| lost("INFO server has no run_id"))?;
+        let manager =
+            crate::command::manager(target.commands, t, self.settings.reconnect_min, self.settings.reconnect_max)
+                .map_err(lost)?;
+        if self.current.as_deref() != Some(target.key.as_str()) {
+            tracing::info!(master = %target.key, previous = ?self.current, "redis master (from Sentinel)");
+        }
+        self.shared.commands.replace(manager, run_id);
+        self.current = Some(target.key);
+        Ok(())
+    }
+
+    /// The probe: PING, or with Sentinel ROLE (a demoted master still answers PING).
+    async fn probe(&self, conn: &mut Conn) -> Step {
+        let t = self.settings.command_timeout;
+        if !self.resolver.is_sentinel() {
+            let ping = redis::cmd("PING");
+            return bounded(t, ping.query_async::<Value>(&mut conn.con))
+                .await
+                .map(drop)
+                .map_err(|e| lost(format!("probe failed: {e}")));
+        }
+        let reply = bounded(t, redis::cmd("ROLE").query_async::<Value>(&mut conn.con))
+            .await
+            .map_err(|e| lost(format!("probe failed: {e}")))?;
+        match crate::sentinel::role_of(&reply).as_deref() {
+            Some("master") => Ok(()),
+            other => Err(lost(format!("{:?} is no longer the master (role {other:?})", self.current))),
+        }
+    }
+
     async fn serve(&mut self, conn: &mut Conn) -> End {
         let mut probe = tokio::time::interval(self.settings.probe_interval);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         probe.reset();
+        let readonly = self.shared.commands.readonly.clone();
         loop {
             let step = tokio::select! {
                 _ = self.shutdown.changed() => Err(End::Exit),
@@ -267,12 +342,13 @@ impl Task {
                     Some(cmd) => self.on_commands(conn, cmd).await,
                     None => Err(End::Exit),
                 },
-                _ = probe.tick() => {
-                    let ping = redis::cmd("PING");
-                    bounded(self.settings.command_timeout, ping.query_async::<Value>(&mut conn.con))
-                        .await
-                        .map(drop)
-                        .map_err(|e| lost(format!("probe failed: {e}")))
+                _ = probe.tick() => self.probe(conn).await,
+                _ = readonly.notified() => {
+                    if self.resolver.is_sentinel() {
+                        Err(lost("a command hit a read-only replica: the master moved"))
+                    } else {
+                        Ok(())
+                    }
                 }
             };
             if let Err(end) = step {
