@@ -193,6 +193,45 @@ impl RedisServer {
     }
 }
 
+/// A master, one replica and three Sentinels (quorum 2) monitoring it as `name`, all on
+/// loopback; [`SentinelGroup::start`] returns once the Sentinels see the replica and each other.
+pub struct SentinelGroup {
+    /// `None` once killed.
+    pub master: Option<RedisServer>,
+    pub replica: RedisServer,
+    pub sentinels: Vec<RedisServer>,
+    pub name: String,
+}
+
+impl SentinelGroup {
+    pub fn start(name: &str) -> SentinelGroup {
+        let master = RedisServer::start();
+        let replica = RedisServer::start_replica_of(&master);
+        until_blocking("the replica to sync", Duration::from_secs(30), || {
+            replica.try_cmd(&["INFO", "replication"]).is_some_and(|r| r.contains("master_link_status:up"))
+        });
+        let sentinels: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_sentinel(&master, name)).collect();
+        until_blocking("the sentinels to see the replica and each other", Duration::from_secs(30), || {
+            sentinels.iter().all(|s| {
+                s.try_cmd(&["SENTINEL", "MASTER", name]).is_some_and(|r| {
+                    r.contains("num-slaves\r\n$1\r\n1") && r.contains("num-other-sentinels\r\n$1\r\n2")
+                })
+            })
+        });
+        SentinelGroup { master: Some(master), replica, sentinels, name: name.to_owned() }
+    }
+
+    /// The Sentinels' addresses, comma-separated (`redis_sentinel_urls`).
+    pub fn urls(&self) -> String {
+        self.sentinels.iter().map(RedisServer::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// SIGKILL the master (the replica gets promoted after ~1s of silence plus the election).
+    pub fn kill_master(&mut self) {
+        self.master.take();
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.pause(false);
