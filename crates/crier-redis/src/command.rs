@@ -8,9 +8,46 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crier_core::BrokerError;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ErrorKind, RedisError, RedisResult, ScriptInvocation, ServerErrorKind, Value};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, ScriptInvocation, ServerErrorKind, Value};
 use tokio::sync::Notify;
+
+/// One server (auto-reconnecting), or a Redis Cluster (routing by key slot, following MOVED and
+/// ASK, refreshing its slot map by itself).
+#[derive(Clone)]
+pub(crate) enum Con {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Con {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Con::Single(c) => c.req_packed_command(cmd),
+            Con::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Con::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Con::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Con::Single(c) => c.get_db(),
+            Con::Cluster(c) => c.get_db(),
+        }
+    }
+}
 
 /// A cheap handle to the command connection. Its server can change (Sentinel failover: the
 /// pub/sub task swaps in a connection to the new master, [`Commands::replace`]); with none yet,
@@ -18,7 +55,7 @@ use tokio::sync::Notify;
 #[derive(Clone)]
 pub(crate) struct Commands {
     /// The connection and the generation of its server (see [`Commands::invoke_generational`]).
-    manager: Arc<RwLock<Option<(ConnectionManager, String)>>>,
+    manager: Arc<RwLock<Option<(Con, String)>>>,
     timeout: Duration,
     /// Notified when a call hit a read-only replica (`READONLY`): the master moved.
     pub(crate) readonly: Arc<Notify>,
@@ -42,16 +79,21 @@ pub(crate) fn manager(
 
 impl Commands {
     pub(crate) fn new(manager: Option<ConnectionManager>, timeout: Duration) -> Commands {
-        let manager = manager.map(|m| (m, String::new()));
+        let manager = manager.map(|m| (Con::Single(m), String::new()));
         Commands { manager: Arc::new(RwLock::new(manager)), timeout, readonly: Arc::new(Notify::new()) }
     }
 
     /// Points every later call at another server, whose process is `generation` (its run id).
-    pub(crate) fn replace(&self, manager: ConnectionManager, generation: String) {
+    pub(crate) fn replace(&self, manager: Con, generation: String) {
         *self.manager.write().unwrap_or_else(|e| e.into_inner()) = Some((manager, generation));
     }
 
-    fn current(&self) -> Result<(ConnectionManager, String), BrokerError> {
+    /// Whether a connection is set (a Cluster's is made by the pub/sub task once reachable).
+    pub(crate) fn is_set(&self) -> bool {
+        self.manager.read().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    fn current(&self) -> Result<(Con, String), BrokerError> {
         self.manager
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -59,7 +101,7 @@ impl Commands {
             .ok_or_else(|| BrokerError::Unavailable("no Redis master known yet".into()))
     }
 
-    fn con(&self) -> Result<ConnectionManager, BrokerError> {
+    fn con(&self) -> Result<Con, BrokerError> {
         self.current().map(|(con, _)| con)
     }
 
@@ -101,9 +143,16 @@ impl Commands {
         self.run(cmd.query_async::<Value>(&mut con)).await
     }
 
-    /// Runs a pipeline.
+    /// Runs a pipeline (on a Cluster, command by command: its keys may live on several shards).
     pub(crate) async fn pipeline(&self, pipe: &redis::Pipeline) -> Result<Value, BrokerError> {
         let mut con = self.con()?;
+        if let Con::Cluster(_) = con {
+            let mut out = Vec::new();
+            for cmd in pipe.cmd_iter() {
+                out.push(self.run(cmd.query_async::<Value>(&mut con)).await?);
+            }
+            return Ok(Value::Array(out));
+        }
         self.run(pipe.query_async::<Value>(&mut con)).await
     }
 

@@ -72,6 +72,7 @@
 //! - With persistence and a restart that lost the last writes (e.g. `appendfsync everysec`), a
 //!   channel can keep its epoch while its offsets go back; the broker follows the history then.
 
+mod cluster;
 mod command;
 mod keys;
 mod payload;
@@ -161,6 +162,13 @@ impl RedisOptions {
         }
     }
 
+    /// Options for a Redis Cluster reached through `seeds` (defaults as [`RedisOptions::new`]).
+    pub fn cluster(seeds: Vec<String>, node_id: impl Into<String>) -> RedisOptions {
+        let mut o = RedisOptions::new(String::new(), node_id);
+        o.topology = Topology::Cluster(seeds);
+        o
+    }
+
     /// Options for a Sentinel-managed master (defaults as [`RedisOptions::new`]).
     pub fn sentinel(urls: Vec<String>, master: impl Into<String>, node_id: impl Into<String>) -> RedisOptions {
         let mut o = RedisOptions::new(String::new(), node_id);
@@ -230,7 +238,10 @@ impl RedisBroker {
         };
         let commands = Commands::new(manager, t);
 
-        let keys = Keys::new(&opts.key_prefix);
+        let keys = match opts.topology {
+            Topology::Cluster(_) => Keys::for_cluster(&opts.key_prefix),
+            _ => Keys::new(&opts.key_prefix),
+        };
         let scripts = Arc::new(Scripts::new());
         let params = Params {
             history_size: opts.history_size,
@@ -361,7 +372,8 @@ impl Broker for RedisBroker {
             .arg(self.params.history_ttl_ms)
             .arg(self.params.meta_ttl_ms)
             .arg(self.keys.pubsub(channel))
-            .arg(IDEMPOTENCY_WINDOW.as_secs());
+            .arg(IDEMPOTENCY_WINDOW.as_secs())
+            .arg(self.keys.publish_command());
         let (result, _fresh) = scripts::parse_publish(&self.commands.invoke_generational(&mut inv).await?)?;
         Ok(result)
     }

@@ -33,8 +33,9 @@ end
 "#;
 
 /// KEYS: meta, history, [idempotency]. ARGV: channel, data, new epoch, history size,
-/// history ttl ms, meta ttl ms, pub/sub channel, idempotency ttl s, server generation ('' =
-/// not tracked; see [`crate::topology`]: a Sentinel master's run id).
+/// history ttl ms, meta ttl ms, pub/sub channel, idempotency ttl s, publish command (`PUBLISH`,
+/// or `SPUBLISH` on a Cluster), server generation ('' = not tracked; see [`crate::topology`]: a
+/// Sentinel master's run id).
 /// Returns `{1, "epoch:offset"}`, or `{0, "epoch:offset"}` for a repeated idempotency key.
 const PUBLISH: &str = r#"
 local meta, hist, idem = KEYS[1], KEYS[2], KEYS[3]
@@ -44,7 +45,7 @@ if idem then
 end
 local cur = redis.call('HMGET', meta, 'epoch', 'top', 'gen')
 local epoch = cur[1]
-local gen = ARGV[9]
+local gen = ARGV[10]
 if not epoch or not string.match(epoch, '^%w+$') or
     (gen ~= '' and cur[3] ~= gen and (tonumber(cur[2]) or 0) > 0) then
   -- No meta: the channel is new, or its state was lost (flush, restart without persistence,
@@ -72,7 +73,7 @@ else
   redis.call('DEL', hist)
 end
 redis.call('PEXPIRE', meta, ARGV[6])
-redis.call('PUBLISH', ARGV[7], payload)
+redis.call(ARGV[9], ARGV[7], payload)
 local result = epoch .. ':' .. off
 if idem then redis.call('SET', idem, result, 'EX', ARGV[8]) end
 return {1, result}

@@ -29,6 +29,11 @@ impl Tls {
         Ok(Tls { ca: Some(pem) })
     }
 
+    /// The certificates for clients built by others (the cluster client); `None`: system roots.
+    pub(crate) fn certificates(&self) -> Option<TlsCertificates> {
+        self.ca.clone().map(|ca| TlsCertificates { client_tls: None, root_cert: Some(ca) })
+    }
+
     /// A client for `url`: TLS with these roots for `rediss://`, plain TCP otherwise.
     pub(crate) fn client(&self, info: ConnectionInfo) -> Result<redis::Client, String> {
         match info.addr() {

@@ -65,7 +65,8 @@ impl RedisServer {
 
     /// A replica of `master` (asynchronous replication), without persistence.
     pub fn start_replica_of(master: &RedisServer) -> RedisServer {
-        let extra = ["--replicaof".to_owned(), "127.0.0.1".to_owned(), master.port().to_string()];
+        let extra = ["--replicaof", "127.0.0.1", &master.port().to_string(), "--repl-diskless-sync-delay", "0"]
+            .map(String::from);
         let mut server = RedisServer::prepare(false, &extra);
         server.launch();
         server
@@ -229,6 +230,102 @@ impl SentinelGroup {
     /// SIGKILL the master (the replica gets promoted after ~1s of silence plus the election).
     pub fn kill_master(&mut self) {
         self.master.take();
+    }
+}
+
+/// A Redis Cluster of `masters` masters with one replica each (`redis-server --cluster-enabled
+/// yes` × 2·masters + `redis-cli --cluster create --cluster-replicas 1`), on loopback.
+pub struct RedisCluster {
+    /// `None` once killed.
+    pub nodes: Vec<Option<RedisServer>>,
+}
+
+/// A port whose cluster bus port (+10000) is free too.
+fn free_cluster_port() -> u16 {
+    for attempt in 0..200u32 {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let port = 20000 + ((nanos / 7 + attempt * 7919) % 25000) as u16;
+        let ok =
+            TcpListener::bind(("127.0.0.1", port)).is_ok() && TcpListener::bind(("127.0.0.1", port + 10000)).is_ok();
+        if ok {
+            return port;
+        }
+    }
+    panic!("no free cluster port");
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize) -> RedisCluster {
+        let mut nodes = Vec::new();
+        for _ in 0..masters * 2 {
+            let port = free_cluster_port();
+            let mut server = RedisServer::prepare(false, &[]);
+            server.port = port;
+            let conf = server.dir.join("nodes.conf").display().to_string();
+            let mut args: Vec<String> = vec!["--port".into(), port.to_string()];
+            args.extend(server.args.iter().skip(2).cloned());
+            args.extend(
+                ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000", "--repl-diskless-sync-delay", "0"]
+                    .map(String::from),
+            );
+            args.push("--cluster-config-file".into());
+            args.push(conf);
+            server.args = args;
+            server.launch();
+            nodes.push(Some(server));
+        }
+        let mut cmd = Command::new("redis-cli");
+        cmd.arg("--cluster").arg("create");
+        for n in nodes.iter().flatten() {
+            cmd.arg(format!("127.0.0.1:{}", n.port()));
+        }
+        cmd.args(["--cluster-replicas", "1", "--cluster-yes"]);
+        let out = cmd.output().unwrap_or_else(|e| panic!("redis-cli --cluster create: {e}"));
+        assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        let cluster = RedisCluster { nodes };
+        until_blocking("the cluster to be ok on every node, every replica in sync", Duration::from_secs(60), || {
+            cluster.nodes.iter().flatten().all(|n| {
+                let ok = n
+                    .try_cmd(&["CLUSTER", "INFO"])
+                    .is_some_and(|r| r.contains("cluster_state:ok") && r.contains("cluster_slots_ok:16384"));
+                let synced = n.try_cmd(&["INFO", "replication"]).is_some_and(|r| {
+                    r.contains("role:master") && r.contains("connected_slaves:1")
+                        || r.contains("role:slave") && r.contains("master_link_status:up")
+                });
+                ok && synced
+            })
+        });
+        cluster
+    }
+
+    /// Every node's URL, comma-separated (`redis_cluster_urls`).
+    pub fn urls(&self) -> String {
+        self.seeds().join(",")
+    }
+
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().flatten().map(RedisServer::url).collect()
+    }
+
+    /// Indices of the nodes that are masters now.
+    pub fn masters(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| {
+                self.nodes[i].as_ref().and_then(|n| n.try_cmd(&["ROLE"])).is_some_and(|r| r.contains("master"))
+            })
+            .collect()
+    }
+
+    /// SIGKILL node `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(n) = self.nodes.get_mut(i) {
+            n.take();
+        }
+    }
+
+    /// A live node.
+    pub fn any(&self) -> &RedisServer {
+        self.nodes.iter().flatten().next().unwrap_or_else(|| panic!("no live cluster node"))
     }
 }
 

@@ -31,7 +31,7 @@ use std::time::Duration;
 use crier_core::{BrokerError, BrokerHandler, History, Publication};
 use crier_protocol::StreamPosition;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, PushInfo, Value};
+use redis::{AsyncConnectionConfig, Value};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -43,11 +43,10 @@ use crate::tracker::Position;
 
 mod backoff;
 mod delivery;
+mod shards;
 
 use backoff::Backoff;
-
-/// Channels per SUBSCRIBE command.
-const SUBSCRIBE_BATCH: usize = 500;
+use shards::{Conn, Shard};
 /// History reads per pipeline.
 const FILL_BATCH: usize = 100;
 /// Commands taken from the queue at once.
@@ -138,12 +137,6 @@ enum State {
     /// SUBSCRIBE sent, baseline not read yet: everything that arrives is delivered.
     Pending,
     Tracking(Position),
-}
-
-struct Conn {
-    con: MultiplexedConnection,
-    pushes: mpsc::UnboundedReceiver<PushInfo>,
-    history_sha: String,
 }
 
 /// Why the connected phase ended.
@@ -239,47 +232,79 @@ impl Task {
         }
     }
 
-    /// Connects, subscribes the control channel and every channel, and gap-fills them.
+    /// Connects (one connection, or one per Cluster master), subscribes the control channel and
+    /// every channel, and gap-fills them.
     async fn connect(&mut self) -> Result<Conn, End> {
         let t = self.settings.command_timeout;
-        let target = match self.resolver.resolve().await {
-            Ok(target) => target,
-            Err(u) => {
-                self.shared.set_setting_problem(u.setting.then(|| u.why.clone()));
-                return Err(lost(u.why));
+        let (targets, slots) = if self.resolver.is_cluster() {
+            match self.resolver.shards().await {
+                Ok((map, targets)) => (targets, Some(map)),
+                Err(u) => {
+                    self.shared.set_setting_problem(u.setting.then(|| u.why.clone()));
+                    return Err(lost(u.why));
+                }
+            }
+        } else {
+            match self.resolver.resolve().await {
+                Ok(target) => (vec![target], None),
+                Err(u) => {
+                    self.shared.set_setting_problem(u.setting.then(|| u.why.clone()));
+                    return Err(lost(u.why));
+                }
             }
         };
         let (tx, pushes) = mpsc::unbounded_channel();
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(t))
-            .set_response_timeout(Some(t))
-            .set_push_sender(tx);
-        let mut con = match bounded(t, target.pubsub.get_multiplexed_async_connection_with_config(&config)).await {
-            Ok(con) => con,
-            Err(e) => {
-                let why = format!("{} ({})", e, target.key);
-                let setting = crate::tls::message_is_certificate_error(&why);
-                self.shared.set_setting_problem(setting.then(|| format!("redis TLS: {why}")));
-                return Err(lost(why));
+        let mut shards = Vec::with_capacity(targets.len());
+        let mut first = None;
+        for target in targets {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(t))
+                .set_response_timeout(Some(t))
+                .set_push_sender(tx.clone());
+            let mut con = match bounded(t, target.pubsub.get_multiplexed_async_connection_with_config(&config)).await {
+                Ok(con) => con,
+                Err(e) => {
+                    let why = format!("{} ({})", e, target.key);
+                    let setting = crate::tls::message_is_certificate_error(&why);
+                    self.shared.set_setting_problem(setting.then(|| format!("redis TLS: {why}")));
+                    return Err(lost(why));
+                }
+            };
+            let mut name = redis::cmd("CLIENT");
+            name.arg("SETNAME").arg(&self.settings.client_name);
+            if let Err(e) = bounded(t, name.query_async::<Value>(&mut con)).await {
+                tracing::debug!(error = %e, "CLIENT SETNAME failed");
             }
-        };
+            let history_sha = bounded(t, self.scripts.history.load_async(&mut con)).await.map_err(lost)?;
+            let key = target.key.clone();
+            if first.is_none() {
+                first = Some(target);
+            }
+            shards.push(Shard { con, history_sha, key });
+        }
         self.shared.set_setting_problem(None);
-        if self.resolver.is_sentinel() {
-            self.follow(&mut con, target).await?;
+        if self.resolver.is_sentinel()
+            && let (Some(shard), Some(target)) = (shards.first_mut(), first)
+        {
+            self.follow(&mut shard.con, target).await?;
         }
-        let mut name = redis::cmd("CLIENT");
-        name.arg("SETNAME").arg(&self.settings.client_name);
-        if let Err(e) = bounded(t, name.query_async::<Value>(&mut con)).await {
-            tracing::debug!(error = %e, "CLIENT SETNAME failed");
+        if self.resolver.is_cluster() && !self.shared.commands.is_set() {
+            let con = self.resolver.cluster_commands().await.map_err(|e| lost(format!("cluster commands: {e}")))?;
+            self.shared.commands.replace(crate::command::Con::Cluster(con), String::new());
         }
-        let history_sha = bounded(t, self.scripts.history.load_async(&mut con)).await.map_err(lost)?;
-        let mut conn = Conn { con, pushes, history_sha };
-        let mut names = vec![self.keys.control()];
-        names.extend(self.channels.keys().map(|c| self.keys.pubsub(c)));
-        for chunk in names.chunks(SUBSCRIBE_BATCH) {
-            bounded(t, conn.con.subscribe(chunk)).await.map_err(lost)?;
+        let mut conn = Conn { shards, slots, pushes };
+        // The control channel: plain pub/sub (a Cluster broadcasts it to every node).
+        if let Some(shard) = conn.shards.first_mut() {
+            bounded(t, shard.con.subscribe(self.keys.control())).await.map_err(lost)?;
         }
         let tracked: Vec<String> = self.channels.keys().cloned().collect();
+        for (shard, channels) in conn.group(&tracked) {
+            let names: Vec<String> = channels.iter().map(|c| self.keys.pubsub(c)).collect();
+            conn.subscribe(shard, &names, t).await?;
+        }
+        if conn.shards.len() > 1 {
+            tracing::info!(shards = conn.shards.len(), masters = ?conn.shards.iter().map(|s| &s.key).collect::<Vec<_>>(), "redis cluster pub/sub connected");
+        }
         self.fill(&mut conn, &tracked).await?;
         self.drain(&mut conn).await?;
         Ok(conn)
@@ -302,28 +327,33 @@ impl Task {
         if self.current.as_deref() != Some(target.key.as_str()) {
             tracing::info!(master = %target.key, previous = ?self.current, "redis master (from Sentinel)");
         }
-        self.shared.commands.replace(manager, run_id);
+        self.shared.commands.replace(crate::command::Con::Single(manager), run_id);
         self.current = Some(target.key);
         Ok(())
     }
 
-    /// The probe: PING, or with Sentinel ROLE (a demoted master still answers PING).
+    /// The probe: PING, or with Sentinel or a Cluster ROLE on every connection (a demoted
+    /// master still answers PING).
     async fn probe(&self, conn: &mut Conn) -> Step {
         let t = self.settings.command_timeout;
-        if !self.resolver.is_sentinel() {
-            let ping = redis::cmd("PING");
-            return bounded(t, ping.query_async::<Value>(&mut conn.con))
+        let check_role = self.resolver.is_sentinel() || self.resolver.is_cluster();
+        for shard in &mut conn.shards {
+            if !check_role {
+                let ping = redis::cmd("PING");
+                bounded(t, ping.query_async::<Value>(&mut shard.con))
+                    .await
+                    .map_err(|e| lost(format!("probe failed: {e}")))?;
+                continue;
+            }
+            let reply = bounded(t, redis::cmd("ROLE").query_async::<Value>(&mut shard.con))
                 .await
-                .map(drop)
-                .map_err(|e| lost(format!("probe failed: {e}")));
+                .map_err(|e| lost(format!("probe of {} failed: {e}", shard.key)))?;
+            match crate::sentinel::role_of(&reply).as_deref() {
+                Some("master") => {}
+                other => return Err(lost(format!("{} is no longer a master (role {other:?})", shard.key))),
+            }
         }
-        let reply = bounded(t, redis::cmd("ROLE").query_async::<Value>(&mut conn.con))
-            .await
-            .map_err(|e| lost(format!("probe failed: {e}")))?;
-        match crate::sentinel::role_of(&reply).as_deref() {
-            Some("master") => Ok(()),
-            other => Err(lost(format!("{:?} is no longer the master (role {other:?})", self.current))),
-        }
+        Ok(())
     }
 
     async fn serve(&mut self, conn: &mut Conn) -> End {
@@ -463,17 +493,10 @@ impl Task {
         if reads.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for r in &reads {
-            let since = r.since.as_ref().map(|p| (p.epoch.as_str(), p.offset));
-            pipe.add_command(
-                HistoryCall::new(&self.keys, &self.params, &r.channel, since, r.limit).evalsha(&conn.history_sha),
-            );
-        }
-        let replies = bounded(self.settings.command_timeout, pipe.query_async::<Vec<Value>>(&mut conn.con)).await;
+        let replies = self.read_on_shards(conn, &reads).await;
         let replies = match replies {
             Ok(replies) => self.drain(conn).await.map(|()| replies),
-            Err(e) => Err(lost(e)),
+            Err(e) => Err(e),
         };
         match replies {
             Ok(replies) => {
@@ -489,6 +512,35 @@ impl Task {
                 Err(end)
             }
         }
+    }
+
+    /// The history reads, each on its channel's shard (pipelined per shard); replies in `reads`'
+    /// order.
+    async fn read_on_shards(&mut self, conn: &mut Conn, reads: &[HistoryRead]) -> Result<Vec<Value>, End> {
+        let t = self.settings.command_timeout;
+        let mut replies: Vec<Option<Value>> = (0..reads.len()).map(|_| None).collect();
+        let mut by_shard: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (i, r) in reads.iter().enumerate() {
+            let shard = conn.shard_of(&r.channel);
+            match by_shard.iter_mut().find(|(s, _)| *s == shard) {
+                Some((_, list)) => list.push(i),
+                None => by_shard.push((shard, vec![i])),
+            }
+        }
+        for (shard, indices) in by_shard {
+            let sha = conn.shards.get(shard).map(|s| s.history_sha.clone()).unwrap_or_default();
+            let mut pipe = redis::pipe();
+            for &i in &indices {
+                let r = &reads[i];
+                let since = r.since.as_ref().map(|p| (p.epoch.as_str(), p.offset));
+                pipe.add_command(HistoryCall::new(&self.keys, &self.params, &r.channel, since, r.limit).evalsha(&sha));
+            }
+            let values = conn.pipeline(shard, &pipe, t).await?;
+            for (i, v) in indices.into_iter().zip(values) {
+                replies[i] = Some(v);
+            }
+        }
+        replies.into_iter().map(|v| v.ok_or_else(|| lost("a history read got no reply"))).collect()
     }
 
     async fn subscribe(&mut self, conn: &mut Conn, subs: Vec<Subscribe>) -> Step {
@@ -526,28 +578,27 @@ impl Task {
 
     async fn subscribe_fresh(&mut self, conn: &mut Conn, fresh: &[String]) -> Step {
         let t = self.settings.command_timeout;
-        let names: Vec<String> = fresh.iter().map(|c| self.keys.pubsub(c)).collect();
-        for chunk in names.chunks(SUBSCRIBE_BATCH) {
-            bounded(t, conn.con.subscribe(chunk)).await.map_err(lost)?;
-        }
-        let mut positions = Vec::with_capacity(fresh.len());
-        for chunk in fresh.chunks(FILL_BATCH) {
-            let mut pipe = redis::pipe();
-            for channel in chunk {
-                pipe.add_command(
-                    HistoryCall::new(&self.keys, &self.params, channel, None, 0).evalsha(&conn.history_sha),
-                );
-            }
-            let replies: Vec<Value> = bounded(t, pipe.query_async(&mut conn.con)).await.map_err(lost)?;
-            for v in replies {
-                positions.push(scripts::parse_history(v).map_err(lost)?);
+        let mut positions = HashMap::with_capacity(fresh.len());
+        for (shard, channels) in conn.group(fresh) {
+            let names: Vec<String> = channels.iter().map(|c| self.keys.pubsub(c)).collect();
+            conn.subscribe(shard, &names, t).await?;
+            let sha = conn.shards.get(shard).map(|s| s.history_sha.clone()).unwrap_or_default();
+            for chunk in channels.chunks(FILL_BATCH) {
+                let mut pipe = redis::pipe();
+                for channel in chunk {
+                    pipe.add_command(HistoryCall::new(&self.keys, &self.params, channel, None, 0).evalsha(&sha));
+                }
+                let replies = conn.pipeline(shard, &pipe, t).await?;
+                for (channel, v) in chunk.iter().zip(replies) {
+                    positions.insert((*channel).to_owned(), scripts::parse_history(v).map_err(lost)?);
+                }
             }
         }
         // Publications pushed before the positions were read came after the SUBSCRIBE: deliver
         // them before the baseline is set.
         self.drain(conn).await?;
-        for (channel, h) in fresh.iter().zip(positions) {
-            match self.channels.get_mut(channel) {
+        for (channel, h) in positions {
+            match self.channels.get_mut(&channel) {
                 Some(state @ State::Pending) => *state = State::Tracking(Position::new(h.epoch.into(), h.offset)),
                 Some(State::Tracking(pos)) if *pos.epoch == *h.epoch => pos.settle(h.offset),
                 _ => {}
@@ -560,6 +611,7 @@ impl Task {
         if self.shared.has_subscribers(channel) || self.channels.remove(channel).is_none() {
             return Ok(());
         }
-        bounded(self.settings.command_timeout, conn.con.unsubscribe(self.keys.pubsub(channel))).await.map_err(lost)
+        let shard = conn.shard_of(channel);
+        conn.unsubscribe(shard, &self.keys.pubsub(channel), self.settings.command_timeout).await
     }
 }
