@@ -51,6 +51,8 @@ pub struct Config {
     /// Redis Sentinel addresses (with `redis_sentinel_master`); exclusive with `redis_url`.
     pub redis_sentinel_urls: Vec<RedisUrl>,
     pub redis_sentinel_master: Option<String>,
+    /// Redis Cluster seed nodes; exclusive with `redis_url` and Sentinel.
+    pub redis_cluster_urls: Vec<RedisUrl>,
     /// PEM CA for `rediss://` (unset: the system's roots).
     pub redis_tls_ca_file: Option<PathBuf>,
     pub jwt: JwtSettings,

@@ -108,6 +108,10 @@ fn redis_options(config: &Config) -> Option<crier_redis::RedisOptions> {
             let urls = config.redis_sentinel_urls.iter().map(|u| u.as_str().to_owned()).collect();
             crier_redis::RedisOptions::sentinel(urls, master, config.node_id.clone())
         }
+        (None, None) if !config.redis_cluster_urls.is_empty() => {
+            let urls = config.redis_cluster_urls.iter().map(|u| u.as_str().to_owned()).collect();
+            crier_redis::RedisOptions::cluster(urls, config.node_id.clone())
+        }
         (None, None) => return None,
     };
     opts.tls_ca_file = config.redis_tls_ca_file.clone();

@@ -188,3 +188,54 @@ async fn sentinel_failover_under_publish_load_is_followed_and_nothing_is_lost_si
         seen.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_a_redis_cluster_deliver_in_order_and_recover_across_nodes() {
+    use crier_testkit::redis::RedisCluster;
+    let cluster = RedisCluster::start(3);
+    let urls = cluster.urls();
+    let n1 = Server::start(&["--redis-cluster-urls", &urls, "--node-id", "n1"]).await;
+    let n2 = Server::start(&["--redis-cluster-urls", &urls, "--node-id", "n2"]).await;
+    for n in [&n1, &n2] {
+        until("readyz 200 on the cluster", async || status(n, "/readyz").await == 200).await;
+    }
+    let channels: Vec<String> = (0..8).map(|i| format!("shard:{i}")).collect();
+    let mut c2 = n2.client(&n2.token("u2", &["shard:*"], &[])).await;
+    for (i, ch) in channels.iter().enumerate() {
+        c2.subscribe(ch, i as u64 + 1).await;
+    }
+    for k in 0..10 {
+        for ch in &channels {
+            n1.publish(ch, json!(k)).await;
+        }
+    }
+    let mut last: std::collections::HashMap<String, (String, u64)> = Default::default();
+    let mut got = 0;
+    while got < 80 {
+        let m = c2.recv_type("message").await;
+        let ch = m["channel"].as_str().unwrap().to_owned();
+        let offset = m["offset"].as_u64().unwrap();
+        let prev = last.get(&ch).map_or(0, |(_, o)| *o);
+        assert_eq!(offset, prev + 1, "{ch} in order: {m}");
+        assert_eq!(m["data"].as_u64(), Some(offset - 1));
+        last.insert(ch, (m["epoch"].as_str().unwrap().to_owned(), offset));
+        got += 1;
+    }
+    drop(c2);
+    // Missed while away, recovered on the other node.
+    for ch in &channels {
+        n2.publish(ch, json!("missed")).await;
+    }
+    let mut c1 = n1.client(&n1.token("u2", &["shard:*"], &[])).await;
+    for (i, ch) in channels.iter().enumerate() {
+        let (epoch, offset) = &last[ch];
+        let ack = c1.resubscribe(ch, epoch, *offset, 100 + i as u64).await;
+        assert_eq!(ack["recovered"], true, "{ack}");
+    }
+    for _ in 0..channels.len() {
+        let m = c1.recv_type("message").await;
+        assert_eq!((m["data"].as_str(), m["offset"].as_u64()), (Some("missed"), Some(11)), "{m}");
+    }
+    let info: Value = n1.get("/api/v1/info").await.json().await.unwrap();
+    assert_eq!(info["nodes"].as_array().map(Vec::len), Some(2), "{info}");
+}

@@ -41,7 +41,7 @@ impl<'a> Parser<'a> {
     fn report(&mut self, name: &str, value: &str, source: &Source, problem: impl Display) {
         let shown = if table::find(name).is_some_and(|s| s.secret) {
             "the value".to_owned()
-        } else if name == "redis_url" || name == "redis_sentinel_urls" {
+        } else if name.starts_with("redis_") && name.ends_with("_urls") || name == "redis_url" {
             format!("`{}`", redact_url(value))
         } else {
             format!("`{value}`")
@@ -160,7 +160,32 @@ pub(super) fn build(
             Err("expected a master name without spaces".to_owned())
         }
     });
+    let cluster_urls = p.list("redis_cluster_urls", |s| {
+        if ["redis://", "rediss://"].iter().any(|scheme| s.starts_with(scheme)) {
+            Ok(RedisUrl(s.to_owned()))
+        } else {
+            Err("expected a cluster node address like redis://10.0.0.5:6379 (or rediss://)".to_owned())
+        }
+    });
     check_topology(&mut p, &redis_url, &sentinel_urls, &sentinel_master);
+    if cluster_urls.as_ref().is_some_and(|c| !c.is_empty()) {
+        let others: Vec<&str> = [
+            ("redis_url", redis_url.as_ref().is_some_and(Option::is_some)),
+            ("redis_sentinel_urls", sentinel_urls.as_ref().is_some_and(|s| !s.is_empty())),
+            ("redis_sentinel_master", sentinel_master.as_ref().is_some_and(Option::is_some)),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(name, _)| name)
+        .collect();
+        if !others.is_empty() {
+            p.problems.push(format!(
+                "redis_cluster_urls, {}: set exactly one Redis topology: redis_url (one Redis), \
+                 redis_sentinel_urls + redis_sentinel_master (Sentinel) or redis_cluster_urls (Cluster)",
+                others.join(", ")
+            ));
+        }
+    }
     let redis_tls_ca_file = p.optional("redis_tls_ca_file", path);
 
     // JWT
@@ -311,6 +336,7 @@ pub(super) fn build(
         redis_url: got(redis_url)?.map(RedisUrl),
         redis_sentinel_urls: got(sentinel_urls)?,
         redis_sentinel_master: got(sentinel_master)?,
+        redis_cluster_urls: got(cluster_urls)?,
         redis_tls_ca_file: got(redis_tls_ca_file)?,
         jwt: JwtSettings {
             key: got(key)?,

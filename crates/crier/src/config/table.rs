@@ -110,6 +110,15 @@ pub(super) static SETTINGS: &[Setting] = &[
         "the master's name in Sentinel (`sentinel monitor <name> ...`); crier follows its failovers",
     ),
     setting(
+        "redis_cluster_urls",
+        List,
+        "URLS",
+        None,
+        "unset",
+        "comma list of Redis Cluster seed nodes (`redis://` or `rediss://`), instead of redis_url; \
+         channels are sharded by the hash tag `{<channel>}`, messages travel by SPUBLISH/SSUBSCRIBE",
+    ),
+    setting(
         "redis_tls_ca_file",
         Scalar,
         "FILE",

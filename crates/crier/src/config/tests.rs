@@ -526,6 +526,7 @@ fn sample(name: &str) -> &'static str {
         "redis_url" => "redis://sample:6379",
         "redis_sentinel_urls" => "redis://s1:26379,rediss://s2:26379",
         "redis_sentinel_master" => "sample-master",
+        "redis_cluster_urls" => "redis://c1:6379,rediss://c2:6379",
         "redis_tls_ca_file" => "/sample-ca.pem",
         "jwt_secret" => SECRET,
         "jwt_public_key_file" => "/sample.pem",
@@ -579,7 +580,8 @@ fn usage_table_has_all_three_spellings_and_each_works() -> TestResult {
         let file = dir
             .file(&format!("{}.toml", s.name), &format!("{} = {}\n", s.name, toml::Value::String(value.to_owned())))?;
         let by_file = load_args(with(&["--config", &file]), &[])?;
-        let default = load_args(with(&[]), &[])?;
+        // (A partner alone is invalid: compare with the plain defaults then.)
+        let default = if partner.is_empty() { load_args(with(&[]), &[])? } else { load_with(&[], &[])? };
         let same_node =
             |c: Config| Config { node_id: if s.name == "node_id" { c.node_id } else { String::new() }, ..c };
         let (by_flag, by_env, by_file, default) =
@@ -597,6 +599,10 @@ fn exactly_one_redis_topology() -> TestResult {
     let p = problems(&["--redis-url", "redis://r:6379", "--redis-sentinel-urls", "redis://s:26379"], &[]);
     assert_eq!(p.len(), 1, "{p:#?}");
     assert!(p[0].contains("set exactly one Redis topology"), "{p:#?}");
+    let p = problems(&["--redis-cluster-urls", "redis://c:6379", "--redis-url", "redis://r:6379"], &[]);
+    assert!(p.len() == 1 && p[0].contains("set exactly one Redis topology"), "{p:#?}");
+    let c = load_with(&["--redis-cluster-urls", "redis://c1:6379,redis://c2:6379"], &[])?;
+    assert_eq!(c.redis_cluster_urls.len(), 2);
     let p = problems(&["--redis-sentinel-urls", "redis://s:26379"], &[]);
     assert!(p.len() == 1 && p[0].contains("needs redis_sentinel_master"), "{p:#?}");
     let p = problems(&[], &[("CRIER_REDIS_SENTINEL_MASTER", "m")]);
