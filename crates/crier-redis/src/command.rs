@@ -105,15 +105,19 @@ impl Commands {
         self.current().map(|(con, _)| con)
     }
 
-    /// Runs a script whose last argument is the generation of the server it runs on ('' for
-    /// a fixed server), read together with the connection so they always match: the publish
+    /// Runs a script about `channel` whose last argument is the generation of the server it runs
+    /// on ('' for a fixed server), read together with the connection so they match: the publish
     /// script starts a new epoch on a server whose data another process wrote (a promoted
-    /// replica), see `scripts::PUBLISH`.
+    /// replica), see `scripts::PUBLISH`. On a Cluster `*`: the script reads the run id of the
+    /// master it runs on itself (the cluster client picks the node; no map here can be fresher).
     pub(crate) async fn invoke_generational(
         &self,
         invocation: &mut ScriptInvocation<'_>,
     ) -> Result<Value, BrokerError> {
-        let (mut con, generation) = self.current()?;
+        let (mut con, mut generation) = self.current()?;
+        if let Con::Cluster(_) = con {
+            generation = "*".to_owned();
+        }
         invocation.arg(generation);
         self.run(invocation.invoke_async::<Value>(&mut con)).await
     }

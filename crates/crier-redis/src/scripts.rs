@@ -34,8 +34,8 @@ end
 
 /// KEYS: meta, history, [idempotency]. ARGV: channel, data, new epoch, history size,
 /// history ttl ms, meta ttl ms, pub/sub channel, idempotency ttl s, publish command (`PUBLISH`,
-/// or `SPUBLISH` on a Cluster), server generation ('' = not tracked; see [`crate::topology`]: a
-/// Sentinel master's run id).
+/// or `SPUBLISH` on a Cluster), server generation ('' = not tracked; a Sentinel master's run id;
+/// `*` = this server's run id, read here: on a Cluster, where only Redis knows which node runs it).
 /// Returns `{1, "epoch:offset"}`, or `{0, "epoch:offset"}` for a repeated idempotency key.
 const PUBLISH: &str = r#"
 local meta, hist, idem = KEYS[1], KEYS[2], KEYS[3]
@@ -46,6 +46,7 @@ end
 local cur = redis.call('HMGET', meta, 'epoch', 'top', 'gen')
 local epoch = cur[1]
 local gen = ARGV[10]
+if gen == '*' then gen = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or '' end
 if not epoch or not string.match(epoch, '^%w+$') or
     (gen ~= '' and cur[3] ~= gen and (tonumber(cur[2]) or 0) > 0) then
   -- No meta: the channel is new, or its state was lost (flush, restart without persistence,

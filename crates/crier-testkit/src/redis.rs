@@ -323,10 +323,91 @@ impl RedisCluster {
         }
     }
 
+    /// Moves hash slot `slot` from its master to the master `to` (a node index), keys included,
+    /// the way `redis-cli --cluster reshard` does: IMPORTING/MIGRATING, MIGRATE in batches, then
+    /// SETSLOT NODE everywhere. Blocking.
+    pub fn migrate_slot(&self, slot: u16, to: usize) {
+        let dst = self.nodes[to].as_ref().unwrap_or_else(|| panic!("node {to} is dead"));
+        let id = |n: &RedisServer| bulk_lines(&n.cmd(&["CLUSTER", "MYID"])).pop().unwrap_or_default();
+        let src = self
+            .nodes
+            .iter()
+            .flatten()
+            .find(|n| n.try_cmd(&["ROLE"]).is_some_and(|r| r.contains("master")) && owns(n, slot))
+            .unwrap_or_else(|| panic!("no owner of slot {slot}"));
+        let (src_id, dst_id) = (id(src), id(dst));
+        assert_ne!(src_id, dst_id, "slot {slot} is on node {to} already");
+        let s = slot.to_string();
+        assert!(dst.cmd(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &src_id]).starts_with("+OK"));
+        assert!(src.cmd(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &dst_id]).starts_with("+OK"));
+        loop {
+            let keys = bulk_lines(&src.cmd(&["CLUSTER", "GETKEYSINSLOT", &s, "100"]));
+            if keys.is_empty() {
+                break;
+            }
+            let port = dst.port().to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().map(String::as_str));
+            let r = src.cmd(&args);
+            assert!(r.starts_with("+OK") || r.starts_with("+NOKEY"), "MIGRATE: {r}");
+        }
+        for n in self.nodes.iter().flatten() {
+            let r = n.cmd(&["CLUSTER", "SETSLOT", &s, "NODE", &dst_id]);
+            assert!(r.starts_with("+OK") || r.starts_with("-ERR"), "SETSLOT NODE: {r}");
+        }
+    }
+
+    /// The index of the master serving `slot`.
+    pub fn owner_of(&self, slot: u16) -> Option<usize> {
+        (0..self.nodes.len()).find(|&i| {
+            self.nodes[i]
+                .as_ref()
+                .is_some_and(|n| n.try_cmd(&["ROLE"]).is_some_and(|r| r.contains("master")) && owns(n, slot))
+        })
+    }
+
+    /// The hash slot of `key` (`CLUSTER KEYSLOT`).
+    pub fn slot_of(&self, key: &str) -> u16 {
+        let r = self.any().cmd(&["CLUSTER", "KEYSLOT", key]);
+        r.trim().trim_start_matches(':').parse().unwrap_or_else(|e| panic!("KEYSLOT {key}: {r} ({e})"))
+    }
+
     /// A live node.
     pub fn any(&self) -> &RedisServer {
         self.nodes.iter().flatten().next().unwrap_or_else(|| panic!("no live cluster node"))
     }
+}
+
+/// The bulk strings of a raw RESP reply (enough for lists of keys and ids).
+fn bulk_lines(reply: &str) -> Vec<String> {
+    let lines: Vec<&str> = reply.split("\r\n").collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if lines[i].starts_with('$') && i + 1 < lines.len() {
+            out.push(lines[i + 1].to_owned());
+            i += 2;
+        } else {
+            if let Some(simple) = lines[i].strip_prefix('+') {
+                out.push(simple.to_owned());
+            }
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Whether master `n` serves `slot` (its own view, CLUSTER NODES "myself" line).
+fn owns(n: &RedisServer, slot: u16) -> bool {
+    let nodes = n.cmd(&["CLUSTER", "NODES"]);
+    nodes.lines().filter(|l| l.contains("myself")).any(|l| {
+        l.split(' ').skip(8).any(|range| {
+            let mut parts = range.splitn(2, '-');
+            let a = parts.next().and_then(|a| a.parse::<u16>().ok());
+            let b = parts.next().and_then(|b| b.parse::<u16>().ok()).or(a);
+            matches!((a, b), (Some(a), Some(b)) if a <= slot && slot <= b)
+        })
+    })
 }
 
 impl Drop for RedisServer {

@@ -151,6 +151,17 @@ fn lost(e: impl std::fmt::Display) -> End {
     End::Lost(e.to_string())
 }
 
+/// The server process's run id (`INFO server`): changes with every restart and differs between
+/// a master and the replica promoted in its place.
+async fn run_id(con: &mut MultiplexedConnection, t: Duration) -> Result<String, End> {
+    let info: String = bounded(t, redis::cmd("INFO").arg("server").query_async(con)).await.map_err(lost)?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_owned())
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| lost("INFO server has no run_id"))
+}
+
 /// See the module docs.
 pub(crate) struct Task {
     pub resolver: Resolver,
@@ -314,13 +325,7 @@ impl Task {
     /// changed), with that server process's run id as the publish script's generation.
     async fn follow(&mut self, con: &mut MultiplexedConnection, target: crate::topology::Target) -> Step {
         let t = self.settings.command_timeout;
-        let info: String = bounded(t, redis::cmd("INFO").arg("server").query_async(con)).await.map_err(lost)?;
-        let run_id = info
-            .lines()
-            .find_map(|l| l.strip_prefix("run_id:"))
-            .map(|id| id.trim().to_owned())
-            .filter(|id| !id.is_empty())
-            .ok_or_else(|| lost("INFO server has no run_id"))?;
+        let run_id = run_id(con, t).await?;
         let manager =
             crate::command::manager(target.commands, t, self.settings.reconnect_min, self.settings.reconnect_max)
                 .map_err(lost)?;
