@@ -1,4 +1,5 @@
-//! crier's Redis broker: any number of nodes sharing one Redis form one cluster.
+//! crier's Redis broker: any number of nodes sharing one Redis (or a Sentinel-managed master,
+//! or a Redis Cluster; over TLS with `rediss://`) form one cluster.
 //! [`RedisBroker`] implements [`crier_core::Broker`] and passes the same conformance suite as the
 //! memory broker. This is the only crate that knows `redis`.
 //!
@@ -15,6 +16,10 @@
 //! - `tracker.rs`: per-channel "last delivered" bookkeeping (duplicates, holes), pure logic.
 //! - `presence.rs`: presence, connections per user and the node registry, with expiry and a
 //!   background refresh of this node's entries.
+//! - `topology.rs`: where Redis is ([`Topology`]: one server, Sentinel, Cluster), resolved
+//!   before every pub/sub (re)connect; `tls.rs` (rustls, always verified), `sentinel.rs` (asking
+//!   Sentinels for the master), `cluster.rs` (slot map, key slots); `pubsub/shards.rs` (one
+//!   pub/sub connection per master). See docs/cluster.md for the behaviour of each.
 //!
 //! # Key layout
 //! Prefix `crier` (configurable, [`RedisOptions::key_prefix`]); `{...}` is a Cluster hash tag.
@@ -26,9 +31,13 @@
 //! | `crier:{<channel>}:idem:<key>` | STRING | `epoch:offset` of the first publish with that key | 300s |
 //! | `crier:{<channel>}:pres` / `:pres:data` | ZSET / HASH | member → expiry ms / entry JSON | `presence_ttl` (30s), refreshed by the owning node |
 //! | `crier:user:{<user>}:conns` | ZSET | member → expiry ms | `presence_ttl`, refreshed |
-//! | `crier:nodes` / `crier:nodes:info` | ZSET / HASH | node → expiry ms / `NodeInfo` JSON | `node_ttl` (30s), refreshed |
+//! | `crier:nodes` / `crier:nodes:info` | ZSET / HASH | node → expiry ms / `NodeInfo` JSON | `node_ttl` (30s), refreshed; on a Cluster `crier:{nodes}` / `crier:{nodes}:info` |
 //!
-//! Pub/sub channels: `crier:ch:<channel>` carries the channel's publications (payload
+//! The meta HASH also holds `gen`: the run id of the server process that last published on the
+//! channel (Sentinel, Cluster; see `scripts::PUBLISH`).
+//!
+//! Pub/sub channels: `crier:ch:<channel>` (on a Cluster the shard channel `crier:ch:{<channel>}`,
+//! SPUBLISH/SSUBSCRIBE) carries the channel's publications (payload
 //! `offset:epoch:published_at_us:<message frame>`); `crier:control` carries node-wide control
 //! messages (user disconnects). Presence and connection members are `<broker instance>/<client>`.
 //!
@@ -57,9 +66,16 @@
 //! - Every Redis call has a deadline (`command_timeout`, 2s): when Redis is unreachable, calls
 //!   fail with `BrokerError::Unavailable` instead of hanging. A publish that times out may still
 //!   have been applied; idempotency keys make retries safe.
-//! - [`RedisBroker::connect`] only fails on a malformed URL. When Redis is down it still returns
-//!   (after waiting up to `connect_wait` for a first connection) with `is_up() == false`, and
-//!   keeps retrying in the background.
+//! - [`RedisBroker::start`] only fails on a setting problem ([`StartError::Setting`]: a malformed
+//!   URL, an unreadable CA file, and — found within `connect_wait` — a certificate that does not
+//!   verify, a master name no Sentinel knows, a cluster seed that is no cluster node). When Redis
+//!   is down it still returns (after waiting up to `connect_wait` for a first connection) with
+//!   `is_up() == false`, and keeps retrying in the background.
+//! - Sentinel: the master is asked for before every pub/sub reconnect; the probe is `ROLE`
+//!   (a demoted master still answers PING); a `READONLY` reply forces a reconnect.
+//! - Cluster: any slot-map change seen on the pub/sub side (a lost connection, `MOVED`, a
+//!   server-side `SUNSUBSCRIBE`, a demoted master) reconnects every shard connection from a fresh
+//!   `CLUSTER SLOTS` and gap-fills every channel.
 //! - While the pub/sub connection is down, `subscribe` of a new channel and `history` of a
 //!   locally subscribed channel fail with `Unavailable` (the node could not merge safely).
 //! - `is_up()` follows the pub/sub connection: false from a lost connection or a failed probe
