@@ -4,46 +4,166 @@
 //! serve this right now").
 
 use std::future::Future;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crier_core::BrokerError;
-use redis::aio::ConnectionManager;
-use redis::{ErrorKind, RedisError, RedisResult, ScriptInvocation, ServerErrorKind, Value};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, ScriptInvocation, ServerErrorKind, Value};
+use tokio::sync::Notify;
 
-/// A cheap handle to the command connection.
+/// One server (auto-reconnecting), or a Redis Cluster (routing by key slot, following MOVED and
+/// ASK, refreshing its slot map by itself).
+#[derive(Clone)]
+pub(crate) enum Con {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Con {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Con::Single(c) => c.req_packed_command(cmd),
+            Con::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Con::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Con::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Con::Single(c) => c.get_db(),
+            Con::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A cheap handle to the command connection. Its server can change (Sentinel failover: the
+/// pub/sub task swaps in a connection to the new master, [`Commands::replace`]); with none yet,
+/// calls are `Unavailable`.
 #[derive(Clone)]
 pub(crate) struct Commands {
-    manager: ConnectionManager,
+    /// The connection and the generation of its server (see [`Commands::invoke_generational`]).
+    manager: Arc<RwLock<Option<(Con, String)>>>,
     timeout: Duration,
+    /// Notified when a call hit a read-only replica (`READONLY`): the master moved.
+    pub(crate) readonly: Arc<Notify>,
+}
+
+/// A lazily connecting, auto-reconnecting command connection to `client`'s server.
+pub(crate) fn manager(
+    client: redis::Client,
+    timeout: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<ConnectionManager, BrokerError> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_min_delay(min)
+        .set_max_delay(max);
+    ConnectionManager::new_lazy_with_config(client, config).map_err(|e| broker_error(&e))
 }
 
 impl Commands {
-    pub(crate) fn new(manager: ConnectionManager, timeout: Duration) -> Commands {
-        Commands { manager, timeout }
+    pub(crate) fn new(manager: Option<ConnectionManager>, timeout: Duration) -> Commands {
+        let manager = manager.map(|m| (Con::Single(m), String::new()));
+        Commands { manager: Arc::new(RwLock::new(manager)), timeout, readonly: Arc::new(Notify::new()) }
+    }
+
+    /// Points every later call at another server, whose process is `generation` (its run id).
+    pub(crate) fn replace(&self, manager: Con, generation: String) {
+        *self.manager.write().unwrap_or_else(|e| e.into_inner()) = Some((manager, generation));
+    }
+
+    /// Whether a connection is set (a Cluster's is made by the pub/sub task once reachable).
+    pub(crate) fn is_set(&self) -> bool {
+        self.manager.read().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    fn current(&self) -> Result<(Con, String), BrokerError> {
+        self.manager
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| BrokerError::Unavailable("no Redis master known yet".into()))
+    }
+
+    fn con(&self) -> Result<Con, BrokerError> {
+        self.current().map(|(con, _)| con)
+    }
+
+    /// Runs a script about `channel` whose last argument is the generation of the server it runs
+    /// on ('' for a fixed server), read together with the connection so they match: the publish
+    /// script starts a new epoch on a server whose data another process wrote (a promoted
+    /// replica), see `scripts::PUBLISH`. On a Cluster `*`: the script reads the run id of the
+    /// master it runs on itself (the cluster client picks the node; no map here can be fresher).
+    pub(crate) async fn invoke_generational(
+        &self,
+        invocation: &mut ScriptInvocation<'_>,
+    ) -> Result<Value, BrokerError> {
+        let (mut con, mut generation) = self.current()?;
+        if let Con::Cluster(_) = con {
+            generation = "*".to_owned();
+        }
+        invocation.arg(generation);
+        self.run(invocation.invoke_async::<Value>(&mut con)).await
+    }
+
+    async fn run<T>(&self, fut: impl Future<Output = RedisResult<T>>) -> Result<T, BrokerError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if e.code() == Some("READONLY") {
+                    self.readonly.notify_one();
+                }
+                Err(broker_error(&e))
+            }
+            Err(_) => Err(BrokerError::Unavailable(format!("redis did not answer within {:?}", self.timeout))),
+        }
     }
 
     /// Runs a script (EVALSHA, loading it on NOSCRIPT).
     pub(crate) async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, BrokerError> {
-        let mut con = self.manager.clone();
-        bounded(self.timeout, invocation.invoke_async::<Value>(&mut con)).await
+        let mut con = self.con()?;
+        self.run(invocation.invoke_async::<Value>(&mut con)).await
     }
 
     /// Runs a plain command.
     pub(crate) async fn query(&self, cmd: &redis::Cmd) -> Result<Value, BrokerError> {
-        let mut con = self.manager.clone();
-        bounded(self.timeout, cmd.query_async::<Value>(&mut con)).await
+        let mut con = self.con()?;
+        self.run(cmd.query_async::<Value>(&mut con)).await
     }
 
-    /// Runs a pipeline.
+    /// Runs a pipeline (on a Cluster, command by command: its keys may live on several shards).
     pub(crate) async fn pipeline(&self, pipe: &redis::Pipeline) -> Result<Value, BrokerError> {
-        let mut con = self.manager.clone();
-        bounded(self.timeout, pipe.query_async::<Value>(&mut con)).await
+        let mut con = self.con()?;
+        if let Con::Cluster(_) = con {
+            let mut out = Vec::new();
+            for cmd in pipe.cmd_iter() {
+                out.push(self.run(cmd.query_async::<Value>(&mut con)).await?);
+            }
+            return Ok(Value::Array(out));
+        }
+        self.run(pipe.query_async::<Value>(&mut con)).await
     }
 
     /// Loads a script (so a pipeline can EVALSHA it).
     pub(crate) async fn load(&self, script: &redis::Script) -> Result<String, BrokerError> {
-        let mut con = self.manager.clone();
-        bounded(self.timeout, script.load_async(&mut con)).await
+        let mut con = self.con()?;
+        self.run(script.load_async(&mut con)).await
     }
 }
 

@@ -11,11 +11,25 @@ pub(crate) struct Keys {
     prefix: String,
     /// `<prefix>:ch:`, the pub/sub channel prefix for channel publications.
     pubsub_prefix: String,
+    /// Redis Cluster: pub/sub channels are shard channels named with the hash tag
+    /// (`<prefix>:ch:{<channel>}`, in the slot of the channel's keys, so the publish script may
+    /// SPUBLISH them), and the node registry's two keys share the tag `{nodes}`.
+    cluster: bool,
 }
 
 impl Keys {
     pub(crate) fn new(prefix: &str) -> Keys {
-        Keys { prefix: prefix.to_owned(), pubsub_prefix: format!("{prefix}:ch:") }
+        Keys { prefix: prefix.to_owned(), pubsub_prefix: format!("{prefix}:ch:"), cluster: false }
+    }
+
+    /// The Redis Cluster layout (see [`Keys::cluster`]'s field).
+    pub(crate) fn for_cluster(prefix: &str) -> Keys {
+        Keys { cluster: true, ..Keys::new(prefix) }
+    }
+
+    /// The command the publish script publishes with: sharded pub/sub on a Cluster.
+    pub(crate) fn publish_command(&self) -> &'static str {
+        if self.cluster { "SPUBLISH" } else { "PUBLISH" }
     }
 
     /// HASH `epoch`, `top`: the channel's epoch and last offset.
@@ -50,12 +64,23 @@ impl Keys {
 
     /// ZSET node → expiry (ms) and HASH node → NodeInfo JSON: the node registry.
     pub(crate) fn nodes(&self) -> (String, String) {
+        if self.cluster {
+            return (format!("{}:{{nodes}}", self.prefix), format!("{}:{{nodes}}:info", self.prefix));
+        }
         (format!("{}:nodes", self.prefix), format!("{}:nodes:info", self.prefix))
     }
 
     /// The pub/sub channel carrying `channel`'s publications.
     pub(crate) fn pubsub(&self, channel: &str) -> String {
+        if self.cluster {
+            return format!("{}{{{channel}}}", self.pubsub_prefix);
+        }
         format!("{}{channel}", self.pubsub_prefix)
+    }
+
+    /// The string whose hash slot holds `channel`'s keys and shard channel (its hash tag).
+    pub(crate) fn slot_key(channel: &str) -> String {
+        format!("{{{channel}}}")
     }
 
     /// The node-wide control channel (user disconnects).
@@ -66,6 +91,7 @@ impl Keys {
     /// The crier channel behind a pub/sub channel name, if it is one of ours.
     pub(crate) fn channel_of<'a>(&self, pubsub: &'a [u8]) -> Option<&'a str> {
         let rest = pubsub.strip_prefix(self.pubsub_prefix.as_bytes())?;
+        let rest = if self.cluster { rest.strip_prefix(b"{")?.strip_suffix(b"}")? } else { rest };
         std::str::from_utf8(rest).ok()
     }
 }
@@ -88,5 +114,10 @@ mod tests {
         assert_eq!(k.channel_of(b"crier:ch:chat:lobby"), Some("chat:lobby"));
         assert_eq!(k.channel_of(b"crier:control"), None);
         assert_eq!(k.channel_of(b"other:ch:x"), None);
+        let k = Keys::for_cluster("crier");
+        assert_eq!(k.pubsub("chat:lobby"), "crier:ch:{chat:lobby}");
+        assert_eq!(k.channel_of(b"crier:ch:{chat:lobby}"), Some("chat:lobby"));
+        assert_eq!(k.nodes(), ("crier:{nodes}".to_owned(), "crier:{nodes}:info".to_owned()));
+        assert_eq!(k.meta("c"), "crier:{c}:meta");
     }
 }

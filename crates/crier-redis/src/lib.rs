@@ -1,4 +1,5 @@
-//! crier's Redis broker: any number of nodes sharing one Redis form one cluster.
+//! crier's Redis broker: any number of nodes sharing one Redis (or a Sentinel-managed master,
+//! or a Redis Cluster; over TLS with `rediss://`) form one cluster.
 //! [`RedisBroker`] implements [`crier_core::Broker`] and passes the same conformance suite as the
 //! memory broker. This is the only crate that knows `redis`.
 //!
@@ -15,6 +16,10 @@
 //! - `tracker.rs`: per-channel "last delivered" bookkeeping (duplicates, holes), pure logic.
 //! - `presence.rs`: presence, connections per user and the node registry, with expiry and a
 //!   background refresh of this node's entries.
+//! - `topology.rs`: where Redis is ([`Topology`]: one server, Sentinel, Cluster), resolved
+//!   before every pub/sub (re)connect; `tls.rs` (rustls, always verified), `sentinel.rs` (asking
+//!   Sentinels for the master), `cluster.rs` (slot map, key slots); `pubsub/shards.rs` (one
+//!   pub/sub connection per master). See docs/cluster.md for the behaviour of each.
 //!
 //! # Key layout
 //! Prefix `crier` (configurable, [`RedisOptions::key_prefix`]); `{...}` is a Cluster hash tag.
@@ -26,9 +31,13 @@
 //! | `crier:{<channel>}:idem:<key>` | STRING | `epoch:offset` of the first publish with that key | 300s |
 //! | `crier:{<channel>}:pres` / `:pres:data` | ZSET / HASH | member → expiry ms / entry JSON | `presence_ttl` (30s), refreshed by the owning node |
 //! | `crier:user:{<user>}:conns` | ZSET | member → expiry ms | `presence_ttl`, refreshed |
-//! | `crier:nodes` / `crier:nodes:info` | ZSET / HASH | node → expiry ms / `NodeInfo` JSON | `node_ttl` (30s), refreshed |
+//! | `crier:nodes` / `crier:nodes:info` | ZSET / HASH | node → expiry ms / `NodeInfo` JSON | `node_ttl` (30s), refreshed; on a Cluster `crier:{nodes}` / `crier:{nodes}:info` |
 //!
-//! Pub/sub channels: `crier:ch:<channel>` carries the channel's publications (payload
+//! The meta HASH also holds `gen`: the run id of the server process that last published on the
+//! channel (Sentinel, Cluster; see `scripts::PUBLISH`).
+//!
+//! Pub/sub channels: `crier:ch:<channel>` (on a Cluster the shard channel `crier:ch:{<channel>}`,
+//! SPUBLISH/SSUBSCRIBE) carries the channel's publications (payload
 //! `offset:epoch:published_at_us:<message frame>`); `crier:control` carries node-wide control
 //! messages (user disconnects). Presence and connection members are `<broker instance>/<client>`.
 //!
@@ -57,9 +66,16 @@
 //! - Every Redis call has a deadline (`command_timeout`, 2s): when Redis is unreachable, calls
 //!   fail with `BrokerError::Unavailable` instead of hanging. A publish that times out may still
 //!   have been applied; idempotency keys make retries safe.
-//! - [`RedisBroker::connect`] only fails on a malformed URL. When Redis is down it still returns
-//!   (after waiting up to `connect_wait` for a first connection) with `is_up() == false`, and
-//!   keeps retrying in the background.
+//! - [`RedisBroker::start`] only fails on a setting problem ([`StartError::Setting`]: a malformed
+//!   URL, an unreadable CA file, and — found within `connect_wait` — a certificate that does not
+//!   verify, a master name no Sentinel knows, a cluster seed that is no cluster node). When Redis
+//!   is down it still returns (after waiting up to `connect_wait` for a first connection) with
+//!   `is_up() == false`, and keeps retrying in the background.
+//! - Sentinel: the master is asked for before every pub/sub reconnect; the probe is `ROLE`
+//!   (a demoted master still answers PING); a `READONLY` reply forces a reconnect.
+//! - Cluster: any slot-map change seen on the pub/sub side (a lost connection, `MOVED`, a
+//!   server-side `SUNSUBSCRIBE`, a demoted master) reconnects every shard connection from a fresh
+//!   `CLUSTER SLOTS` and gap-fills every channel.
 //! - While the pub/sub connection is down, `subscribe` of a new channel and `history` of a
 //!   locally subscribed channel fail with `Unavailable` (the node could not merge safely).
 //! - `is_up()` follows the pub/sub connection: false from a lost connection or a failed probe
@@ -72,13 +88,20 @@
 //! - With persistence and a restart that lost the last writes (e.g. `appendfsync everysec`), a
 //!   channel can keep its epoch while its offsets go back; the broker follows the history then.
 
+mod cluster;
 mod command;
 mod keys;
 mod payload;
 mod presence;
 mod pubsub;
 mod scripts;
+mod sentinel;
+mod tls;
+mod topology;
 mod tracker;
+
+pub use tls::check_ca_pem;
+pub use topology::Topology;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -89,8 +112,6 @@ use crier_core::broker::{IDEMPOTENCY_WINDOW, PublishOptions};
 use crier_core::{Broker, BrokerError, BrokerHandler, History, NodeInfo, PublishResult};
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, ProtocolVersion};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::command::Commands;
@@ -102,8 +123,12 @@ use crate::scripts::{HistoryCall, Params, Scripts};
 /// How to reach Redis and how long things live. [`RedisOptions::new`] fills in the defaults.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
-    /// `redis://[user:password@]host:port[/db]`.
-    pub url: String,
+    /// Where Redis is: one server (`redis://[user:password@]host:port[/db]`, `rediss://` for
+    /// TLS) or Sentinel.
+    pub topology: Topology,
+    /// PEM file of the CA that signed the Redis servers' certificates (`rediss://`); unset =
+    /// the system's roots. Certificates are always verified.
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// This node's name (names the pub/sub connection in `CLIENT LIST`).
     pub node_id: String,
     /// Messages kept per channel for recovery (0 disables history and gap-fill).
@@ -136,7 +161,8 @@ impl RedisOptions {
     /// Options with the defaults (history: 100 messages for 300s, like the contract's defaults).
     pub fn new(url: impl Into<String>, node_id: impl Into<String>) -> RedisOptions {
         RedisOptions {
-            url: url.into(),
+            topology: Topology::Single(url.into()),
+            tls_ca_file: None,
             node_id: node_id.into(),
             history_size: 100,
             history_ttl: Duration::from_secs(300),
@@ -151,7 +177,39 @@ impl RedisOptions {
             connect_wait: Duration::from_secs(2),
         }
     }
+
+    /// Options for a Redis Cluster reached through `seeds` (defaults as [`RedisOptions::new`]).
+    pub fn cluster(seeds: Vec<String>, node_id: impl Into<String>) -> RedisOptions {
+        let mut o = RedisOptions::new(String::new(), node_id);
+        o.topology = Topology::Cluster(seeds);
+        o
+    }
+
+    /// Options for a Sentinel-managed master (defaults as [`RedisOptions::new`]).
+    pub fn sentinel(urls: Vec<String>, master: impl Into<String>, node_id: impl Into<String>) -> RedisOptions {
+        let mut o = RedisOptions::new(String::new(), node_id);
+        o.topology = Topology::Sentinel { urls, master: master.into() };
+        o
+    }
 }
+
+/// Why [`RedisBroker::start`] failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartError {
+    /// A setting is wrong (malformed URL, unreadable CA file, a certificate that does not
+    /// verify, a master name no Sentinel knows): retrying cannot help.
+    Setting(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Setting(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
 
 /// See the crate docs.
 pub struct RedisBroker {
@@ -174,25 +232,32 @@ pub(crate) fn millis(d: Duration) -> u64 {
 }
 
 impl RedisBroker {
-    /// Starts the broker: the command connection, the pub/sub task and the refresh task. Fails
-    /// only on a malformed URL; see the crate docs for starting while Redis is down.
+    /// [`RedisBroker::start`], with a setting problem as `BrokerError::Internal`.
     pub async fn connect(opts: RedisOptions) -> Result<Arc<RedisBroker>, BrokerError> {
-        let bad_url = |e: redis::RedisError| BrokerError::Internal(format!("invalid redis url: {e}"));
-        let info = opts.url.as_str().into_connection_info().map_err(bad_url)?;
-        let resp3 = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
-        let pubsub_client = redis::Client::open(info.clone().set_redis_settings(resp3)).map_err(bad_url)?;
-        let client = redis::Client::open(info).map_err(bad_url)?;
+        RedisBroker::start(opts).await.map_err(|e| BrokerError::Internal(e.to_string()))
+    }
+
+    /// Starts the broker: the command connection, the pub/sub task and the refresh task. Fails
+    /// only on a setting problem (malformed URL, bad CA file; and, within `connect_wait`, a
+    /// certificate that does not verify or a master name no Sentinel knows); see the crate docs
+    /// for starting while Redis is down.
+    pub async fn start(opts: RedisOptions) -> Result<Arc<RedisBroker>, StartError> {
         let t = opts.command_timeout;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(t))
-            .set_response_timeout(Some(t))
-            .set_number_of_retries(1)
-            .set_min_delay(opts.reconnect_min)
-            .set_max_delay(opts.reconnect_max);
-        let manager = ConnectionManager::new_lazy_with_config(client, config).map_err(bad_url)?;
+        let tls = tls::Tls::load(opts.tls_ca_file.as_deref()).map_err(StartError::Setting)?;
+        let resolver = topology::Resolver::new(&opts.topology, tls, t).map_err(StartError::Setting)?;
+        let manager = match resolver.fixed() {
+            Some(target) => Some(
+                command::manager(target.commands, t, opts.reconnect_min, opts.reconnect_max)
+                    .map_err(|e| StartError::Setting(e.to_string()))?,
+            ),
+            None => None,
+        };
         let commands = Commands::new(manager, t);
 
-        let keys = Keys::new(&opts.key_prefix);
+        let keys = match opts.topology {
+            Topology::Cluster(_) => Keys::for_cluster(&opts.key_prefix),
+            _ => Keys::new(&opts.key_prefix),
+        };
         let scripts = Arc::new(Scripts::new());
         let params = Params {
             history_size: opts.history_size,
@@ -208,6 +273,7 @@ impl RedisBroker {
             gap_filled: Default::default(),
             instance,
             commands: commands.clone(),
+            setting_problem: Default::default(),
         });
         let (shutdown, shutdown_rx) = watch::channel(());
         let (pubsub, commands_rx) = mpsc::channel(1024);
@@ -223,7 +289,7 @@ impl RedisBroker {
             client_name,
         };
         let task = pubsub::Task::new(
-            pubsub_client,
+            resolver,
             keys.clone(),
             params,
             scripts.clone(),
@@ -244,8 +310,19 @@ impl RedisBroker {
         tokio::spawn(presence::refresh_loop(state.clone(), shutdown_rx));
 
         let mut wait = up.clone();
-        if tokio::time::timeout(opts.connect_wait, wait.wait_for(|up| *up)).await.is_err() {
-            tracing::warn!("redis is not reachable yet; the broker keeps trying in the background");
+        let deadline = tokio::time::Instant::now() + opts.connect_wait;
+        loop {
+            let step = tokio::time::Duration::from_millis(50).min(opts.connect_wait);
+            if tokio::time::timeout(step, wait.wait_for(|up| *up)).await.is_ok() {
+                break;
+            }
+            if let Some(problem) = shared.setting_problem() {
+                return Err(StartError::Setting(problem));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("redis is not reachable yet; the broker keeps trying in the background");
+                break;
+            }
         }
         Ok(Arc::new(RedisBroker {
             keys,
@@ -311,8 +388,9 @@ impl Broker for RedisBroker {
             .arg(self.params.history_ttl_ms)
             .arg(self.params.meta_ttl_ms)
             .arg(self.keys.pubsub(channel))
-            .arg(IDEMPOTENCY_WINDOW.as_secs());
-        let (result, _fresh) = scripts::parse_publish(&self.commands.invoke(&inv).await?)?;
+            .arg(IDEMPOTENCY_WINDOW.as_secs())
+            .arg(self.keys.publish_command());
+        let (result, _fresh) = scripts::parse_publish(&self.commands.invoke_generational(&mut inv).await?)?;
         Ok(result)
     }
 

@@ -33,7 +33,9 @@ end
 "#;
 
 /// KEYS: meta, history, [idempotency]. ARGV: channel, data, new epoch, history size,
-/// history ttl ms, meta ttl ms, pub/sub channel, idempotency ttl s.
+/// history ttl ms, meta ttl ms, pub/sub channel, idempotency ttl s, publish command (`PUBLISH`,
+/// or `SPUBLISH` on a Cluster), server generation ('' = not tracked; a Sentinel master's run id;
+/// `*` = this server's run id, read here: on a Cluster, where only Redis knows which node runs it).
 /// Returns `{1, "epoch:offset"}`, or `{0, "epoch:offset"}` for a repeated idempotency key.
 const PUBLISH: &str = r#"
 local meta, hist, idem = KEYS[1], KEYS[2], KEYS[3]
@@ -41,14 +43,22 @@ if idem then
   local prev = redis.call('GET', idem)
   if prev then return {0, prev} end
 end
-local epoch = redis.call('HGET', meta, 'epoch')
-if not epoch or not string.match(epoch, '^%w+$') then
+local cur = redis.call('HMGET', meta, 'epoch', 'top', 'gen')
+local epoch = cur[1]
+local gen = ARGV[10]
+if gen == '*' then gen = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or '' end
+if not epoch or not string.match(epoch, '^%w+$') or
+    (gen ~= '' and cur[3] ~= gen and (tonumber(cur[2]) or 0) > 0) then
   -- No meta: the channel is new, or its state was lost (flush, restart without persistence,
-  -- expiry, eviction). A new epoch begins and any stale history goes with the old one.
+  -- expiry, eviction). Or the meta was last written by another server process (a replica
+  -- promoted by a failover, which may lack the last acknowledged writes): its offsets may be
+  -- behind what subscribers saw, so continuing would reuse offsets. A new epoch begins and any
+  -- stale history goes with the old one.
   epoch = ARGV[3]
   redis.call('DEL', meta, hist)
   redis.call('HSET', meta, 'epoch', epoch, 'top', 0)
 end
+if gen ~= '' and cur[3] ~= gen then redis.call('HSET', meta, 'gen', gen) end
 local off = string.format('%d', redis.call('HINCRBY', meta, 'top', 1))
 local now = now_us()
 local frame = '{"type":"message","channel":"' .. ARGV[1] .. '","epoch":"' .. epoch ..
@@ -64,7 +74,7 @@ else
   redis.call('DEL', hist)
 end
 redis.call('PEXPIRE', meta, ARGV[6])
-redis.call('PUBLISH', ARGV[7], payload)
+redis.call(ARGV[9], ARGV[7], payload)
 local result = epoch .. ':' .. off
 if idem then redis.call('SET', idem, result, 'EX', ARGV[8]) end
 return {1, result}

@@ -6,7 +6,9 @@
 //!   waited for (and the last state seen), never a hang.
 //! - [`conformance`]: the promises of `crier_core::Broker` as executable checks; every broker
 //!   (memory, Redis) runs them from its own tests.
-//! - [`redis`]: real `redis-server` processes on free ports (never 6379), killed when dropped.
+//! - [`redis`]: real `redis-server` processes on free ports (never 6379), killed when dropped
+//!   (plain, TLS, replicas, Sentinels).
+//! - [`tls`]: a throw-away CA and server certificate (openssl CLI) for TLS tests.
 //! - [`process`]: a child process (e.g. the `crier` binary) with its stdout and stderr captured,
 //!   killed when dropped; and [`process::metric_value`] to read a Prometheus text exposition.
 //!
@@ -19,6 +21,7 @@
 pub mod conformance;
 pub mod process;
 pub mod redis;
+pub mod tls;
 pub mod wait;
 
 pub use wait::{WAIT, poll, poll_within, until, until_blocking, until_within};

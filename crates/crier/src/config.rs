@@ -48,6 +48,13 @@ pub struct Config {
     pub node_id: String,
     /// Unset = the embedded in-memory broker (single node).
     pub redis_url: Option<RedisUrl>,
+    /// Redis Sentinel addresses (with `redis_sentinel_master`); exclusive with `redis_url`.
+    pub redis_sentinel_urls: Vec<RedisUrl>,
+    pub redis_sentinel_master: Option<String>,
+    /// Redis Cluster seed nodes; exclusive with `redis_url` and Sentinel.
+    pub redis_cluster_urls: Vec<RedisUrl>,
+    /// PEM CA for `rediss://` (unset: the system's roots).
+    pub redis_tls_ca_file: Option<PathBuf>,
     pub jwt: JwtSettings,
     /// As written (trimmed): `*`, `https://app.example.com`, `https://*.example.com`.
     pub allowed_origins: Vec<String>,

@@ -54,7 +54,7 @@ async fn serve(config: Config, dev_token: Option<String>) -> ExitCode {
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| config.listen.to_string());
     // Tests and scripts read this line to learn the port when listening on port 0.
     say(&format!("crier listening on http://{addr}"));
-    tracing::info!(%addr, node = %config.node_id, broker = if config.redis_url.is_some() { "redis" } else { "memory" }, "crier started");
+    tracing::info!(%addr, node = %config.node_id, broker = if config.redis_url.is_some() || config.redis_sentinel_master.is_some() || !config.redis_cluster_urls.is_empty() { "redis" } else { "memory" }, "crier started");
     if let Some(token) = &dev_token {
         print_dev_banner(&addr, token, &config);
     }
@@ -76,10 +76,17 @@ async fn serve(config: Config, dev_token: Option<String>) -> ExitCode {
                 tracing::info!("stopped");
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                complain(&format!("crier: {e:#}"));
-                ExitCode::FAILURE
-            }
+            Err(e) => match e.downcast_ref::<ConfigError>() {
+                // A bad setting only found at start (e.g. a Redis certificate that does not verify).
+                Some(bad) => {
+                    complain(&format!("crier: invalid configuration:\n{bad}"));
+                    ExitCode::from(64)
+                }
+                None => {
+                    complain(&format!("crier: {e:#}"));
+                    ExitCode::FAILURE
+                }
+            },
         },
         () = second => {
             tracing::warn!("second shutdown signal: exiting without finishing the drain");

@@ -69,14 +69,15 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
     let verifier = Verifier::new(&config.jwt).map_err(anyhow::Error::msg).context("JWT key")?;
     tracing::info!(algorithms = ?verifier.algorithms(), "JWT verification ready");
     let origins = OriginPolicy::new(&config.allowed_origins).map_err(anyhow::Error::msg).context("allowed_origins")?;
-    let broker: Arc<dyn Broker> = match &config.redis_url {
-        Some(url) => {
-            let mut opts = crier_redis::RedisOptions::new(url.as_str().to_owned(), config.node_id.clone());
-            opts.history_size = config.history_size;
-            opts.history_ttl = config.history_ttl;
-            opts.presence_ttl = config.presence_ttl;
-            opts.node_ttl = config.presence_ttl;
-            let broker = crier_redis::RedisBroker::connect(opts).await.context("redis_url")?;
+    let broker: Arc<dyn Broker> = match redis_options(&config) {
+        Some(opts) => {
+            // A setting problem found while connecting (a certificate that does not verify, a
+            // master name no Sentinel knows) is a bad setting: exit 64 like one found by the parse.
+            let broker = crier_redis::RedisBroker::start(opts).await.map_err(|e| match e {
+                crier_redis::StartError::Setting(why) => {
+                    anyhow::Error::new(crate::config::ConfigError::Invalid(vec![format!("redis: {why}")]))
+                }
+            })?;
             if !broker.is_up() {
                 tracing::warn!("Redis is not reachable yet; the node stays unready and keeps retrying");
             }
@@ -100,6 +101,28 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
         boot: boot_id(),
         config,
     })))
+}
+
+/// The Redis broker's options from the settings (`None`: the memory broker).
+fn redis_options(config: &Config) -> Option<crier_redis::RedisOptions> {
+    let mut opts = match (&config.redis_url, config.redis_sentinel_master.as_deref()) {
+        (Some(url), _) => crier_redis::RedisOptions::new(url.as_str().to_owned(), config.node_id.clone()),
+        (None, Some(master)) => {
+            let urls = config.redis_sentinel_urls.iter().map(|u| u.as_str().to_owned()).collect();
+            crier_redis::RedisOptions::sentinel(urls, master, config.node_id.clone())
+        }
+        (None, None) if !config.redis_cluster_urls.is_empty() => {
+            let urls = config.redis_cluster_urls.iter().map(|u| u.as_str().to_owned()).collect();
+            crier_redis::RedisOptions::cluster(urls, config.node_id.clone())
+        }
+        (None, None) => return None,
+    };
+    opts.tls_ca_file = config.redis_tls_ca_file.clone();
+    opts.history_size = config.history_size;
+    opts.history_ttl = config.history_ttl;
+    opts.presence_ttl = config.presence_ttl;
+    opts.node_ttl = config.presence_ttl;
+    Some(opts)
 }
 
 /// Receives what the broker delivers: fans publications out through the hub, closes users'

@@ -10,7 +10,6 @@ use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
 use super::{Conn, Control, DISCONNECT_USER, FILL_BATCH, State, Step, Task, lost};
-use crate::command::bounded;
 use crate::payload;
 use crate::scripts::{self, ALL, HistoryCall};
 use crate::tracker::{Position, Verdict};
@@ -30,7 +29,19 @@ impl Task {
     pub(super) async fn on_push(&mut self, conn: &mut Conn, push: PushInfo) -> Step {
         match push.kind {
             PushKind::Disconnection => Err(lost("connection closed")),
-            PushKind::Message => {
+            // A slot of a subscribed shard channel moved away (resharding, failover): the slot
+            // map changed, so reconnect everything (re-subscribe on the new owners, gap-fill).
+            PushKind::SUnsubscribe => {
+                let channel = push.data.first().and_then(|v| match v {
+                    Value::BulkString(name) => self.keys.channel_of(name).map(str::to_owned),
+                    _ => None,
+                });
+                match channel {
+                    Some(c) if self.channels.contains_key(&c) => Err(lost(format!("redis moved the slot of {c}"))),
+                    _ => Ok(()),
+                }
+            }
+            PushKind::Message | PushKind::SMessage => {
                 let mut data = push.data.into_iter();
                 let (Some(Value::BulkString(name)), Some(Value::BulkString(payload))) = (data.next(), data.next())
                 else {
@@ -104,21 +115,28 @@ impl Task {
     /// what this node missed.
     pub(super) async fn fill(&mut self, conn: &mut Conn, channels: &[String]) -> Step {
         let t = self.settings.command_timeout;
-        for chunk in channels.chunks(FILL_BATCH) {
+        let mut chunks: Vec<(usize, Vec<String>)> = Vec::new();
+        for (shard, list) in conn.group(channels) {
+            for chunk in list.chunks(FILL_BATCH) {
+                chunks.push((shard, chunk.iter().map(|c| (*c).to_owned()).collect()));
+            }
+        }
+        for (shard, chunk) in chunks {
+            let sha = conn.shards.get(shard).map(|s| s.history_sha.clone()).unwrap_or_default();
             let mut pipe = redis::pipe();
             let mut asked = Vec::with_capacity(chunk.len());
-            for channel in chunk {
+            for channel in &chunk {
                 if let Some(State::Tracking(pos)) = self.channels.get(channel) {
                     let since = Some((&*pos.epoch, pos.last));
                     let call = HistoryCall::new(&self.keys, &self.params, channel, since, ALL);
-                    pipe.add_command(call.evalsha(&conn.history_sha));
+                    pipe.add_command(call.evalsha(&sha));
                     asked.push(channel);
                 }
             }
             if asked.is_empty() {
                 continue;
             }
-            let replies: Vec<Value> = bounded(t, pipe.query_async(&mut conn.con)).await.map_err(lost)?;
+            let replies = conn.pipeline(shard, &pipe, t).await?;
             for (channel, v) in asked.into_iter().zip(replies) {
                 let h = scripts::parse_history(v).map_err(lost)?;
                 let Some(State::Tracking(pos)) = self.channels.get_mut(channel) else { continue };

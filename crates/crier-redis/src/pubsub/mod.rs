@@ -31,22 +31,22 @@ use std::time::Duration;
 use crier_core::{BrokerError, BrokerHandler, History, Publication};
 use crier_protocol::StreamPosition;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, PushInfo, Value};
+use redis::{AsyncConnectionConfig, Value};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::command::bounded;
 use crate::keys::Keys;
 use crate::scripts::{self, HistoryCall, Params, Scripts};
+use crate::topology::Resolver;
 use crate::tracker::Position;
 
 mod backoff;
 mod delivery;
+mod shards;
 
 use backoff::Backoff;
-
-/// Channels per SUBSCRIBE command.
-const SUBSCRIBE_BATCH: usize = 500;
+use shards::{Conn, Shard};
 /// History reads per pipeline.
 const FILL_BATCH: usize = 100;
 /// Commands taken from the queue at once.
@@ -65,6 +65,9 @@ pub(crate) struct Shared {
     /// The command connection, probed before the broker reports itself up again, so that
     /// readiness never turns green while publishes would still fail.
     pub commands: crate::command::Commands,
+    /// Set when a connection attempt failed for a reason retrying cannot fix (a certificate
+    /// that does not verify, a master name no Sentinel knows); `start` reports it.
+    pub setting_problem: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -76,6 +79,14 @@ impl Shared {
 
     pub(crate) fn has_subscribers(&self, channel: &str) -> bool {
         self.handler.get().is_some_and(|h| h.has_subscribers(channel))
+    }
+
+    pub(crate) fn setting_problem(&self) -> Option<String> {
+        self.setting_problem.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_setting_problem(&self, problem: Option<String>) {
+        *self.setting_problem.lock().unwrap_or_else(|e| e.into_inner()) = problem;
     }
 }
 
@@ -128,12 +139,6 @@ enum State {
     Tracking(Position),
 }
 
-struct Conn {
-    con: MultiplexedConnection,
-    pushes: mpsc::UnboundedReceiver<PushInfo>,
-    history_sha: String,
-}
-
 /// Why the connected phase ended.
 enum End {
     Exit,
@@ -146,9 +151,22 @@ fn lost(e: impl std::fmt::Display) -> End {
     End::Lost(e.to_string())
 }
 
+/// The server process's run id (`INFO server`): changes with every restart and differs between
+/// a master and the replica promoted in its place.
+async fn run_id(con: &mut MultiplexedConnection, t: Duration) -> Result<String, End> {
+    let info: String = bounded(t, redis::cmd("INFO").arg("server").query_async(con)).await.map_err(lost)?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_owned())
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| lost("INFO server has no run_id"))
+}
+
 /// See the module docs.
 pub(crate) struct Task {
-    pub client: redis::Client,
+    pub resolver: Resolver,
+    /// The server the command connection points at (`host:port`).
+    current: Option<String>,
     pub keys: Keys,
     pub params: Params,
     pub scripts: Arc<Scripts>,
@@ -163,7 +181,7 @@ pub(crate) struct Task {
 impl Task {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        client: redis::Client,
+        resolver: Resolver,
         keys: Keys,
         params: Params,
         scripts: Arc<Scripts>,
@@ -174,7 +192,8 @@ impl Task {
     ) -> Task {
         let control = keys.control().into_bytes();
         let channels = HashMap::new();
-        Task { client, keys, params, scripts, shared, settings, commands, shutdown, channels, control }
+        let current = resolver.fixed().map(|t| t.key);
+        Task { resolver, current, keys, params, scripts, shared, settings, commands, shutdown, channels, control }
     }
 
     /// Makes sure the command connection answers too (after a Redis restart its first call fails
@@ -224,38 +243,129 @@ impl Task {
         }
     }
 
-    /// Connects, subscribes the control channel and every channel, and gap-fills them.
+    /// Connects (one connection, or one per Cluster master), subscribes the control channel and
+    /// every channel, and gap-fills them.
     async fn connect(&mut self) -> Result<Conn, End> {
         let t = self.settings.command_timeout;
+        let (targets, slots) = if self.resolver.is_cluster() {
+            match self.resolver.shards().await {
+                Ok((map, targets)) => (targets, Some(map)),
+                Err(u) => {
+                    self.shared.set_setting_problem(u.setting.then(|| u.why.clone()));
+                    return Err(lost(u.why));
+                }
+            }
+        } else {
+            match self.resolver.resolve().await {
+                Ok(target) => (vec![target], None),
+                Err(u) => {
+                    self.shared.set_setting_problem(u.setting.then(|| u.why.clone()));
+                    return Err(lost(u.why));
+                }
+            }
+        };
         let (tx, pushes) = mpsc::unbounded_channel();
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(t))
-            .set_response_timeout(Some(t))
-            .set_push_sender(tx);
-        let mut con =
-            bounded(t, self.client.get_multiplexed_async_connection_with_config(&config)).await.map_err(lost)?;
-        let mut name = redis::cmd("CLIENT");
-        name.arg("SETNAME").arg(&self.settings.client_name);
-        if let Err(e) = bounded(t, name.query_async::<Value>(&mut con)).await {
-            tracing::debug!(error = %e, "CLIENT SETNAME failed");
+        let mut shards = Vec::with_capacity(targets.len());
+        let mut first = None;
+        for target in targets {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(t))
+                .set_response_timeout(Some(t))
+                .set_push_sender(tx.clone());
+            let mut con = match bounded(t, target.pubsub.get_multiplexed_async_connection_with_config(&config)).await {
+                Ok(con) => con,
+                Err(e) => {
+                    let why = format!("{} ({})", e, target.key);
+                    let setting = crate::tls::message_is_certificate_error(&why);
+                    self.shared.set_setting_problem(setting.then(|| format!("redis TLS: {why}")));
+                    return Err(lost(why));
+                }
+            };
+            let mut name = redis::cmd("CLIENT");
+            name.arg("SETNAME").arg(&self.settings.client_name);
+            if let Err(e) = bounded(t, name.query_async::<Value>(&mut con)).await {
+                tracing::debug!(error = %e, "CLIENT SETNAME failed");
+            }
+            let history_sha = bounded(t, self.scripts.history.load_async(&mut con)).await.map_err(lost)?;
+            let key = target.key.clone();
+            if first.is_none() {
+                first = Some(target);
+            }
+            shards.push(Shard { con, history_sha, key });
         }
-        let history_sha = bounded(t, self.scripts.history.load_async(&mut con)).await.map_err(lost)?;
-        let mut conn = Conn { con, pushes, history_sha };
-        let mut names = vec![self.keys.control()];
-        names.extend(self.channels.keys().map(|c| self.keys.pubsub(c)));
-        for chunk in names.chunks(SUBSCRIBE_BATCH) {
-            bounded(t, conn.con.subscribe(chunk)).await.map_err(lost)?;
+        self.shared.set_setting_problem(None);
+        if self.resolver.is_sentinel()
+            && let (Some(shard), Some(target)) = (shards.first_mut(), first)
+        {
+            self.follow(&mut shard.con, target).await?;
+        }
+        if self.resolver.is_cluster() && !self.shared.commands.is_set() {
+            let con = self.resolver.cluster_commands().await.map_err(|e| lost(format!("cluster commands: {e}")))?;
+            self.shared.commands.replace(crate::command::Con::Cluster(con), String::new());
+        }
+        let mut conn = Conn { shards, slots, pushes };
+        // The control channel: plain pub/sub (a Cluster broadcasts it to every node).
+        if let Some(shard) = conn.shards.first_mut() {
+            bounded(t, shard.con.subscribe(self.keys.control())).await.map_err(lost)?;
         }
         let tracked: Vec<String> = self.channels.keys().cloned().collect();
+        for (shard, channels) in conn.group(&tracked) {
+            let names: Vec<String> = channels.iter().map(|c| self.keys.pubsub(c)).collect();
+            conn.subscribe(shard, &names, t).await?;
+        }
+        if conn.shards.len() > 1 {
+            tracing::info!(shards = conn.shards.len(), masters = ?conn.shards.iter().map(|s| &s.key).collect::<Vec<_>>(), "redis cluster pub/sub connected");
+        }
         self.fill(&mut conn, &tracked).await?;
         self.drain(&mut conn).await?;
         Ok(conn)
+    }
+
+    /// Sentinel: points the command connection at the master this connection reached (when it
+    /// changed), with that server process's run id as the publish script's generation.
+    async fn follow(&mut self, con: &mut MultiplexedConnection, target: crate::topology::Target) -> Step {
+        let t = self.settings.command_timeout;
+        let run_id = run_id(con, t).await?;
+        let manager =
+            crate::command::manager(target.commands, t, self.settings.reconnect_min, self.settings.reconnect_max)
+                .map_err(lost)?;
+        if self.current.as_deref() != Some(target.key.as_str()) {
+            tracing::info!(master = %target.key, previous = ?self.current, "redis master (from Sentinel)");
+        }
+        self.shared.commands.replace(crate::command::Con::Single(manager), run_id);
+        self.current = Some(target.key);
+        Ok(())
+    }
+
+    /// The probe: PING, or with Sentinel or a Cluster ROLE on every connection (a demoted
+    /// master still answers PING).
+    async fn probe(&self, conn: &mut Conn) -> Step {
+        let t = self.settings.command_timeout;
+        let check_role = self.resolver.is_sentinel() || self.resolver.is_cluster();
+        for shard in &mut conn.shards {
+            if !check_role {
+                let ping = redis::cmd("PING");
+                bounded(t, ping.query_async::<Value>(&mut shard.con))
+                    .await
+                    .map_err(|e| lost(format!("probe failed: {e}")))?;
+                continue;
+            }
+            let reply = bounded(t, redis::cmd("ROLE").query_async::<Value>(&mut shard.con))
+                .await
+                .map_err(|e| lost(format!("probe of {} failed: {e}", shard.key)))?;
+            match crate::sentinel::role_of(&reply).as_deref() {
+                Some("master") => {}
+                other => return Err(lost(format!("{} is no longer a master (role {other:?})", shard.key))),
+            }
+        }
+        Ok(())
     }
 
     async fn serve(&mut self, conn: &mut Conn) -> End {
         let mut probe = tokio::time::interval(self.settings.probe_interval);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         probe.reset();
+        let readonly = self.shared.commands.readonly.clone();
         loop {
             let step = tokio::select! {
                 _ = self.shutdown.changed() => Err(End::Exit),
@@ -267,12 +377,13 @@ impl Task {
                     Some(cmd) => self.on_commands(conn, cmd).await,
                     None => Err(End::Exit),
                 },
-                _ = probe.tick() => {
-                    let ping = redis::cmd("PING");
-                    bounded(self.settings.command_timeout, ping.query_async::<Value>(&mut conn.con))
-                        .await
-                        .map(drop)
-                        .map_err(|e| lost(format!("probe failed: {e}")))
+                _ = probe.tick() => self.probe(conn).await,
+                _ = readonly.notified() => {
+                    if self.resolver.is_sentinel() {
+                        Err(lost("a command hit a read-only replica: the master moved"))
+                    } else {
+                        Ok(())
+                    }
                 }
             };
             if let Err(end) = step {
@@ -387,17 +498,10 @@ impl Task {
         if reads.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for r in &reads {
-            let since = r.since.as_ref().map(|p| (p.epoch.as_str(), p.offset));
-            pipe.add_command(
-                HistoryCall::new(&self.keys, &self.params, &r.channel, since, r.limit).evalsha(&conn.history_sha),
-            );
-        }
-        let replies = bounded(self.settings.command_timeout, pipe.query_async::<Vec<Value>>(&mut conn.con)).await;
+        let replies = self.read_on_shards(conn, &reads).await;
         let replies = match replies {
             Ok(replies) => self.drain(conn).await.map(|()| replies),
-            Err(e) => Err(lost(e)),
+            Err(e) => Err(e),
         };
         match replies {
             Ok(replies) => {
@@ -413,6 +517,35 @@ impl Task {
                 Err(end)
             }
         }
+    }
+
+    /// The history reads, each on its channel's shard (pipelined per shard); replies in `reads`'
+    /// order.
+    async fn read_on_shards(&mut self, conn: &mut Conn, reads: &[HistoryRead]) -> Result<Vec<Value>, End> {
+        let t = self.settings.command_timeout;
+        let mut replies: Vec<Option<Value>> = (0..reads.len()).map(|_| None).collect();
+        let mut by_shard: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (i, r) in reads.iter().enumerate() {
+            let shard = conn.shard_of(&r.channel);
+            match by_shard.iter_mut().find(|(s, _)| *s == shard) {
+                Some((_, list)) => list.push(i),
+                None => by_shard.push((shard, vec![i])),
+            }
+        }
+        for (shard, indices) in by_shard {
+            let sha = conn.shards.get(shard).map(|s| s.history_sha.clone()).unwrap_or_default();
+            let mut pipe = redis::pipe();
+            for &i in &indices {
+                let r = &reads[i];
+                let since = r.since.as_ref().map(|p| (p.epoch.as_str(), p.offset));
+                pipe.add_command(HistoryCall::new(&self.keys, &self.params, &r.channel, since, r.limit).evalsha(&sha));
+            }
+            let values = conn.pipeline(shard, &pipe, t).await?;
+            for (i, v) in indices.into_iter().zip(values) {
+                replies[i] = Some(v);
+            }
+        }
+        replies.into_iter().map(|v| v.ok_or_else(|| lost("a history read got no reply"))).collect()
     }
 
     async fn subscribe(&mut self, conn: &mut Conn, subs: Vec<Subscribe>) -> Step {
@@ -450,28 +583,27 @@ impl Task {
 
     async fn subscribe_fresh(&mut self, conn: &mut Conn, fresh: &[String]) -> Step {
         let t = self.settings.command_timeout;
-        let names: Vec<String> = fresh.iter().map(|c| self.keys.pubsub(c)).collect();
-        for chunk in names.chunks(SUBSCRIBE_BATCH) {
-            bounded(t, conn.con.subscribe(chunk)).await.map_err(lost)?;
-        }
-        let mut positions = Vec::with_capacity(fresh.len());
-        for chunk in fresh.chunks(FILL_BATCH) {
-            let mut pipe = redis::pipe();
-            for channel in chunk {
-                pipe.add_command(
-                    HistoryCall::new(&self.keys, &self.params, channel, None, 0).evalsha(&conn.history_sha),
-                );
-            }
-            let replies: Vec<Value> = bounded(t, pipe.query_async(&mut conn.con)).await.map_err(lost)?;
-            for v in replies {
-                positions.push(scripts::parse_history(v).map_err(lost)?);
+        let mut positions = HashMap::with_capacity(fresh.len());
+        for (shard, channels) in conn.group(fresh) {
+            let names: Vec<String> = channels.iter().map(|c| self.keys.pubsub(c)).collect();
+            conn.subscribe(shard, &names, t).await?;
+            let sha = conn.shards.get(shard).map(|s| s.history_sha.clone()).unwrap_or_default();
+            for chunk in channels.chunks(FILL_BATCH) {
+                let mut pipe = redis::pipe();
+                for channel in chunk {
+                    pipe.add_command(HistoryCall::new(&self.keys, &self.params, channel, None, 0).evalsha(&sha));
+                }
+                let replies = conn.pipeline(shard, &pipe, t).await?;
+                for (channel, v) in chunk.iter().zip(replies) {
+                    positions.insert((*channel).to_owned(), scripts::parse_history(v).map_err(lost)?);
+                }
             }
         }
         // Publications pushed before the positions were read came after the SUBSCRIBE: deliver
         // them before the baseline is set.
         self.drain(conn).await?;
-        for (channel, h) in fresh.iter().zip(positions) {
-            match self.channels.get_mut(channel) {
+        for (channel, h) in positions {
+            match self.channels.get_mut(&channel) {
                 Some(state @ State::Pending) => *state = State::Tracking(Position::new(h.epoch.into(), h.offset)),
                 Some(State::Tracking(pos)) if *pos.epoch == *h.epoch => pos.settle(h.offset),
                 _ => {}
@@ -484,6 +616,7 @@ impl Task {
         if self.shared.has_subscribers(channel) || self.channels.remove(channel).is_none() {
             return Ok(());
         }
-        bounded(self.settings.command_timeout, conn.con.unsubscribe(self.keys.pubsub(channel))).await.map_err(lost)
+        let shard = conn.shard_of(channel);
+        conn.unsubscribe(shard, &self.keys.pubsub(channel), self.settings.command_timeout).await
     }
 }

@@ -41,7 +41,7 @@ impl<'a> Parser<'a> {
     fn report(&mut self, name: &str, value: &str, source: &Source, problem: impl Display) {
         let shown = if table::find(name).is_some_and(|s| s.secret) {
             "the value".to_owned()
-        } else if name == "redis_url" {
+        } else if name.starts_with("redis_") && name.ends_with("_urls") || name == "redis_url" {
             format!("`{}`", redact_url(value))
         } else {
             format!("`{value}`")
@@ -145,6 +145,48 @@ pub(super) fn build(
             Err("expected a URL starting with redis://, rediss:// or unix://".to_owned())
         }
     });
+    let sentinel_urls = p.list("redis_sentinel_urls", |s| {
+        if ["redis://", "rediss://"].iter().any(|scheme| s.starts_with(scheme)) {
+            Ok(RedisUrl(s.to_owned()))
+        } else {
+            Err("expected a Sentinel address like redis://10.0.0.5:26379 (or rediss://)".to_owned())
+        }
+    });
+    let sentinel_master = p.optional("redis_sentinel_master", |s| {
+        let s = s.trim();
+        if s.chars().all(|c| c.is_ascii_graphic()) {
+            Ok(s.to_owned())
+        } else {
+            Err("expected a master name without spaces".to_owned())
+        }
+    });
+    let cluster_urls = p.list("redis_cluster_urls", |s| {
+        if ["redis://", "rediss://"].iter().any(|scheme| s.starts_with(scheme)) {
+            Ok(RedisUrl(s.to_owned()))
+        } else {
+            Err("expected a cluster node address like redis://10.0.0.5:6379 (or rediss://)".to_owned())
+        }
+    });
+    check_topology(&mut p, &redis_url, &sentinel_urls, &sentinel_master);
+    if cluster_urls.as_ref().is_some_and(|c| !c.is_empty()) {
+        let others: Vec<&str> = [
+            ("redis_url", redis_url.as_ref().is_some_and(Option::is_some)),
+            ("redis_sentinel_urls", sentinel_urls.as_ref().is_some_and(|s| !s.is_empty())),
+            ("redis_sentinel_master", sentinel_master.as_ref().is_some_and(Option::is_some)),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(name, _)| name)
+        .collect();
+        if !others.is_empty() {
+            p.problems.push(format!(
+                "redis_cluster_urls, {}: set exactly one Redis topology: redis_url (one Redis), \
+                 redis_sentinel_urls + redis_sentinel_master (Sentinel) or redis_cluster_urls (Cluster)",
+                others.join(", ")
+            ));
+        }
+    }
+    let redis_tls_ca_file = p.optional("redis_tls_ca_file", path);
 
     // JWT
     let secret = p.optional("jwt_secret", |s| Ok(s.to_owned()));
@@ -292,6 +334,10 @@ pub(super) fn build(
         listen: got(listen)?,
         node_id: got(node_id)?,
         redis_url: got(redis_url)?.map(RedisUrl),
+        redis_sentinel_urls: got(sentinel_urls)?,
+        redis_sentinel_master: got(sentinel_master)?,
+        redis_cluster_urls: got(cluster_urls)?,
+        redis_tls_ca_file: got(redis_tls_ca_file)?,
         jwt: JwtSettings {
             key: got(key)?,
             algorithms: got(algorithms)?,
@@ -324,6 +370,41 @@ pub(super) fn build(
         log_format: got(log_format)?,
         dev: got(dev)?,
     })
+}
+
+/// Exactly one Redis topology (or none: the memory broker), and Sentinel's two settings together.
+fn check_topology(
+    p: &mut Parser<'_>,
+    url: &Option<Option<String>>,
+    sentinels: &Option<Vec<RedisUrl>>,
+    master: &Option<Option<String>>,
+) {
+    let url_set = url.as_ref().is_some_and(Option::is_some);
+    let sentinels_set = sentinels.as_ref().is_some_and(|s| !s.is_empty());
+    let master_set = master.as_ref().is_some_and(Option::is_some);
+    let at = |p: &Parser<'_>, name: &str| match p.source(name) {
+        Some(source) => format!("{name} ({source})"),
+        None => name.to_owned(),
+    };
+    if url_set && (sentinels_set || master_set) {
+        let which = if sentinels_set { "redis_sentinel_urls" } else { "redis_sentinel_master" };
+        let problem = format!(
+            "{}, {}: set exactly one Redis topology: redis_url (one Redis) or redis_sentinel_urls + \
+             redis_sentinel_master (Sentinel)",
+            at(p, "redis_url"),
+            at(p, which)
+        );
+        p.problems.push(problem);
+    } else if sentinels_set && !master_set && master.is_some() {
+        let problem = format!(
+            "{}: needs redis_sentinel_master, the name Sentinel monitors the master by",
+            at(p, "redis_sentinel_urls")
+        );
+        p.problems.push(problem);
+    } else if master_set && !sentinels_set && sentinels.is_some() {
+        let problem = format!("{}: needs redis_sentinel_urls, the Sentinels to ask", at(p, "redis_sentinel_master"));
+        p.problems.push(problem);
+    }
 }
 
 /// Every failed value was reported, so with no problems every value is present.

@@ -524,6 +524,10 @@ fn sample(name: &str) -> &'static str {
         "listen" => "127.0.0.1:7777",
         "node_id" => "sample-node",
         "redis_url" => "redis://sample:6379",
+        "redis_sentinel_urls" => "redis://s1:26379,rediss://s2:26379",
+        "redis_sentinel_master" => "sample-master",
+        "redis_cluster_urls" => "redis://c1:6379,rediss://c2:6379",
+        "redis_tls_ca_file" => "/sample-ca.pem",
         "jwt_secret" => SECRET,
         "jwt_public_key_file" => "/sample.pem",
         "jwt_jwks_file" => "/sample.json",
@@ -555,17 +559,29 @@ fn usage_table_has_all_three_spellings_and_each_works() -> TestResult {
         assert!(row.starts_with(&format!("| `{flag}")), "{} row: {row}", s.name);
         assert!(row.contains(&format!("`{env_name}`")), "{} row: {row}", s.name);
 
-        // And each spelling really sets it, with the same result.
+        // And each spelling really sets it, with the same result (Sentinel's two settings only
+        // make sense together: each is given its partner by flag).
         let value = sample(s.name);
-        let by_flag = match s.shape {
-            Shape::Bool => load_with(&[&flag], &[])?,
-            Shape::Scalar | Shape::List => load_with(&[&flag, value], &[])?,
+        let partner: &[&str] = match s.name {
+            "redis_sentinel_urls" => &["--redis-sentinel-master", "m"],
+            "redis_sentinel_master" => &["--redis-sentinel-urls", "redis://s:26379"],
+            _ => &[],
         };
-        let by_env = load_with(&[], &[(&env_name, value)])?;
+        let with = |args: &[&str]| -> Vec<String> { args.iter().chain(partner).map(|a| (*a).to_owned()).collect() };
+        let load_args = |args: Vec<String>, vars: &[(&str, &str)]| {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            load_with(&refs, vars)
+        };
+        let by_flag = match s.shape {
+            Shape::Bool => load_args(with(&[&flag]), &[])?,
+            Shape::Scalar | Shape::List => load_args(with(&[&flag, value]), &[])?,
+        };
+        let by_env = load_args(with(&[]), &[(&env_name, value)])?;
         let file = dir
             .file(&format!("{}.toml", s.name), &format!("{} = {}\n", s.name, toml::Value::String(value.to_owned())))?;
-        let by_file = load_with(&["--config", &file], &[])?;
-        let default = load_with(&[], &[])?;
+        let by_file = load_args(with(&["--config", &file]), &[])?;
+        // (A partner alone is invalid: compare with the plain defaults then.)
+        let default = if partner.is_empty() { load_args(with(&[]), &[])? } else { load_with(&[], &[])? };
         let same_node =
             |c: Config| Config { node_id: if s.name == "node_id" { c.node_id } else { String::new() }, ..c };
         let (by_flag, by_env, by_file, default) =
@@ -575,6 +591,32 @@ fn usage_table_has_all_three_spellings_and_each_works() -> TestResult {
         assert_ne!(by_flag, default, "{} has no effect", s.name);
     }
     assert!(table.contains("`--config <FILE>` / `CRIER_CONFIG`"));
+    Ok(())
+}
+
+#[test]
+fn exactly_one_redis_topology() -> TestResult {
+    let p = problems(&["--redis-url", "redis://r:6379", "--redis-sentinel-urls", "redis://s:26379"], &[]);
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(p[0].contains("set exactly one Redis topology"), "{p:#?}");
+    let p = problems(&["--redis-cluster-urls", "redis://c:6379", "--redis-url", "redis://r:6379"], &[]);
+    assert!(p.len() == 1 && p[0].contains("set exactly one Redis topology"), "{p:#?}");
+    let c = load_with(&["--redis-cluster-urls", "redis://c1:6379,redis://c2:6379"], &[])?;
+    assert_eq!(c.redis_cluster_urls.len(), 2);
+    let p = problems(&["--redis-sentinel-urls", "redis://s:26379"], &[]);
+    assert!(p.len() == 1 && p[0].contains("needs redis_sentinel_master"), "{p:#?}");
+    let p = problems(&[], &[("CRIER_REDIS_SENTINEL_MASTER", "m")]);
+    assert!(p.len() == 1 && p[0].contains("needs redis_sentinel_urls"), "{p:#?}");
+    let p = problems(&["--redis-sentinel-urls", "http://s:26379", "--redis-sentinel-master", "m"], &[]);
+    assert!(p.len() == 1 && p[0].contains("Sentinel address"), "{p:#?}");
+    let p = problems(&["--redis-sentinel-urls", "redis://:hunter3@s:26379,x", "--redis-sentinel-master", "m"], &[]);
+    assert!(p.iter().all(|l| !l.contains("hunter3")), "{p:#?}");
+    let c = load_with(
+        &["--redis-sentinel-urls", "redis://a:26379, rediss://b:26379", "--redis-sentinel-master", "m"],
+        &[],
+    )?;
+    assert_eq!(c.redis_sentinel_urls.len(), 2);
+    assert_eq!(c.redis_sentinel_master.as_deref(), Some("m"));
     Ok(())
 }
 
