@@ -1,4 +1,4 @@
-//! The whole HTTP surface in one [`app`]: WebSocket handshake, REST API, health, readiness,
+//! The whole HTTP surface in one [`app`]: WebSocket handshake, SSE stream, REST API, health, readiness,
 //! metrics and (in `--dev`) the demo page. Access logs record method and path only: the query
 //! string may carry a token and is never logged.
 
@@ -16,7 +16,7 @@ use tower_http::trace::TraceLayer;
 use crate::api;
 use crate::metrics as m;
 use crate::state::AppState;
-use crate::transport::ws;
+use crate::transport::{sse, ws};
 
 /// Time limit of one REST request.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,6 +34,7 @@ pub fn app(st: AppState) -> Router {
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, API_TIMEOUT));
     Router::new()
         .route("/ws", get(ws::handler))
+        .route("/sse", get(sse::handler))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

@@ -14,5 +14,7 @@
 //! as well as messages), and every client frame goes through `Session::on_frame`.
 //!
 //! - [`ws`]: WebSocket (RFC 6455), crier's own framing over the upgraded TCP stream.
+//! - [`sse`]: Server-Sent Events (`GET /sse`), receive only: the request names the channels.
 
+pub mod sse;
 pub mod ws;
