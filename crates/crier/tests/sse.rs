@@ -342,7 +342,8 @@ async fn refusals_come_before_the_stream_with_the_contract_codes_and_are_counted
     bystander.subscribe("chat:x", 1).await;
     let auth = bearer(&token);
     let bad_cursor_json = base64url(br#"{"chat:a":["e","x"]}"#);
-    let cases: Vec<(String, Vec<(&str, &str)>, u16, &str)> = vec![
+    type Case<'a> = (String, Vec<(&'a str, &'a str)>, u16, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         ("channel=chat:a".into(), vec![], 401, "token_missing"),
         ("channel=chat:a&token=nope".into(), vec![], 401, "token_invalid"),
         ("channel=secret".into(), vec![("authorization", &auth)], 403, "forbidden"),

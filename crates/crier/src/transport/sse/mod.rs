@@ -46,11 +46,7 @@ fn wanted(query: Option<&str>, headers: &HeaderMap) -> Result<Wanted, String> {
     let mut from_query = None;
     for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match &*name {
-            "channel" => {
-                if !w.channels.iter().any(|c| *c == value) {
-                    w.channels.push(value.into_owned());
-                }
-            }
+            "channel" if !w.channels.iter().any(|c| *c == value) => w.channels.push(value.into_owned()),
             "last_event_id" => from_query = Some(value.into_owned()),
             _ => {}
         }
