@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
     for m in &whole.0 {
         match m {
             Incoming::Text(t) => assert!(t.len() <= MAX),
-            Incoming::Binary(n) => assert!(*n <= MAX),
+            Incoming::Binary(b) => assert!(b.len() <= MAX),
             Incoming::Ping(p) => assert!(p.len() <= MAX_CONTROL_PAYLOAD),
             Incoming::Close(Some((_, reason))) => assert!(reason.len() <= MAX_CONTROL_PAYLOAD - 2),
             Incoming::Close(None) | Incoming::Pong => {}

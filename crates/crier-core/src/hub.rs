@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+use crier_protocol::Encoding;
 use tokio::sync::OnceCell;
 
 use crate::ConnId;
@@ -123,8 +124,12 @@ impl Hub {
             return false;
         }
         let (epoch, offset) = after;
-        let newer = buffered.into_iter().filter(|p| *p.epoch != *epoch || p.offset > offset).map(|p| p.frame);
-        sub.outbox.push_all(newer) == Push::Queued
+        let outbox = &sub.outbox;
+        let newer = buffered
+            .into_iter()
+            .filter(|p| *p.epoch != *epoch || p.offset > offset)
+            .map(|p| frame_for(outbox, &p.frame, &mut None));
+        outbox.push_all(newer) == Push::Queued
     }
 
     /// Removes a subscriber. Returns `true` when it was the channel's last one (the entry is gone
@@ -152,10 +157,11 @@ impl Hub {
         let Some(ch) = shard.get_mut(channel) else {
             return out;
         };
+        let mut converted = None;
         for sub in ch.subscribers.values_mut() {
             match &mut sub.buffer {
                 Some(buf) => buf.push(publication.clone()),
-                None => match sub.outbox.push(publication.frame.clone()) {
+                None => match sub.outbox.push(frame_for(&sub.outbox, &publication.frame, &mut converted)) {
                     Push::Queued => out.delivered += 1,
                     Push::Overflow => out.slow += 1,
                     Push::Closed => {}
@@ -173,10 +179,11 @@ impl Hub {
         let Some(ch) = shard.get_mut(channel) else {
             return 0;
         };
+        let mut converted = None;
         ch.subscribers
             .values()
             .filter(|sub| sub.buffer.is_none())
-            .filter(|sub| sub.outbox.push(frame.clone()) == Push::Overflow)
+            .filter(|sub| sub.outbox.push(frame_for(&sub.outbox, frame, &mut converted)) == Push::Overflow)
             .count()
     }
 
@@ -193,6 +200,17 @@ impl Hub {
     /// Local subscriptions, all channels.
     pub fn subscription_count(&self) -> usize {
         self.subscriptions.load(Ordering::Relaxed)
+    }
+}
+
+/// `json` (a frame built once per cluster, in JSON) in the subscriber's encoding: the shared JSON
+/// bytes themselves, or the other encoding's form, converted on first use and then shared by
+/// every subscriber of this fan-out that speaks it — once per message per node, not per
+/// subscriber. (One slot: MessagePack is the one other encoding.)
+fn frame_for(outbox: &Outbox, json: &Bytes, converted: &mut Option<Bytes>) -> Bytes {
+    match outbox.encoding() {
+        Encoding::Json => json.clone(),
+        other => converted.get_or_insert_with(|| other.frame_from_json(json)).clone(),
     }
 }
 

@@ -84,7 +84,8 @@ impl Node {
         let mut replayed = 0;
         if recovered == Some(true) {
             replayed = history.publications.len();
-            frames.extend(history.publications.iter().map(|p| p.frame.clone()));
+            let encoding = outbox.encoding();
+            frames.extend(history.publications.iter().map(|p| encoding.frame_from_json(&p.frame)));
         }
         if !self.hub.activate(channel, conn, frames, (&history.epoch, history.offset)) {
             self.unsubscribe(channel, conn).await;

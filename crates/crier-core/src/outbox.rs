@@ -17,7 +17,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
-use crier_protocol::CloseCode;
+use crier_protocol::{CloseCode, Encoding};
 
 /// An item for the writer.
 #[derive(Debug, Clone)]
@@ -109,17 +109,32 @@ pub struct Outbox {
     ping_sent: AtomicU64,
     /// [`clock_ms`] at which the token expires (`u64::MAX`: never).
     expires: AtomicU64,
+    /// The connection's encoding: the hub queues `message` frames in it.
+    encoding: Encoding,
 }
 
 impl Outbox {
+    /// An outbox for a JSON connection.
     pub fn new(max_bytes: usize) -> Outbox {
+        Outbox::with_encoding(max_bytes, Encoding::Json)
+    }
+
+    /// An outbox for a connection speaking `encoding` (the hub converts each `message` frame to
+    /// it once per node and shares the result).
+    pub fn with_encoding(max_bytes: usize, encoding: Encoding) -> Outbox {
         Outbox {
             state: Mutex::new(State::default()),
             max_bytes,
             last_seen: AtomicU64::new(clock_ms()),
             ping_sent: AtomicU64::new(0),
             expires: AtomicU64::new(u64::MAX),
+            encoding,
         }
+    }
+
+    /// The connection's encoding.
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
     }
 
     /// The client was heard from (any frame counts as proof of life).

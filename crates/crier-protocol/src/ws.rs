@@ -63,8 +63,8 @@ impl Violation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
     Text(String),
-    /// A binary message (crier speaks JSON text only); its length.
-    Binary(usize),
+    /// A binary message (the MessagePack encoding's frames).
+    Binary(Vec<u8>),
     /// A ping; its payload is owed back in a pong.
     Ping(Vec<u8>),
     Pong,
@@ -228,7 +228,7 @@ fn finish(opcode: u8, payload: Vec<u8>) -> Result<Incoming, Violation> {
     if opcode == OP_TEXT {
         String::from_utf8(payload).map(Incoming::Text).map_err(|_| Violation::InvalidUtf8)
     } else {
-        Ok(Incoming::Binary(payload.len()))
+        Ok(Incoming::Binary(payload))
     }
 }
 
@@ -338,7 +338,7 @@ mod tests {
                 Incoming::Text("hello".into()),
                 Incoming::Ping(b"p".to_vec()),
                 Incoming::Text("café!".into()),
-                Incoming::Binary(2),
+                Incoming::Binary(vec![0, 255]),
                 Incoming::Pong,
                 Incoming::Close(Some((1000, "ok".into()))),
             ]

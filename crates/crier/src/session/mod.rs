@@ -64,7 +64,7 @@ impl Session {
     /// A session for an admitted handshake, speaking `encoding`.
     pub fn new(st: AppState, admitted: Admitted, encoding: Encoding) -> Session {
         let Admitted { conn, claims, slot } = admitted;
-        let outbox = Arc::new(Outbox::new(st.config.client_queue_max_bytes));
+        let outbox = Arc::new(Outbox::with_encoding(st.config.client_queue_max_bytes, encoding));
         outbox.set_expiry(expiry_ms(claims.exp));
         Session {
             conn,

@@ -105,7 +105,10 @@ pub fn run(mut s: Session, upgrade: OnUpgrade, max_message: usize) -> impl Futur
             s.outbox().touch();
             match inbound {
                 Ok(Some(Incoming::Text(text))) => Box::pin(s.on_frame(encoding.decode_text(&text))).await,
-                Ok(Some(Incoming::Binary(_))) => Box::pin(s.on_frame(encoding.decode_binary(&[]))).await,
+                Ok(Some(Incoming::Binary(bytes))) => {
+                    let mut scratch = String::new();
+                    Box::pin(s.on_frame(encoding.decode_binary(&bytes, &mut scratch))).await
+                }
                 Ok(Some(Incoming::Ping(_) | Incoming::Pong)) => {}
                 Ok(Some(Incoming::Close(c))) => break Ending::Echo(c.map(|(code, _)| code)),
                 Ok(None) => break Ending::Gone,

@@ -6,12 +6,15 @@ use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use base64::Engine;
+use crier_protocol::Encoding;
 use hyper::upgrade::OnUpgrade;
 use sha1::{Digest, Sha1};
 
 /// The subprotocol crier speaks; selected whenever the client offers it (the token
 /// subprotocol `crier.bearer.<jwt>` is never echoed).
 pub const SUBPROTOCOL: &str = "crier.v1";
+/// The same protocol in MessagePack binary frames (the contract's §11).
+pub const SUBPROTOCOL_MSGPACK: &str = "crier.v1.msgpack";
 
 /// The `Sec-WebSocket-Accept` value and the connection's upgrade handle, or the status and
 /// message of a `bad_upgrade` rejection.
@@ -45,15 +48,21 @@ pub fn check(req: &mut Request) -> Result<(HeaderValue, OnUpgrade), (StatusCode,
     }
 }
 
-/// The subprotocol to answer: crier's, when the client offers it.
-pub fn offered_subprotocol(headers: &HeaderMap) -> Option<&'static str> {
+/// The subprotocol to answer and the encoding it means: the first of crier's that the client
+/// offers (`crier.v1` → JSON, `crier.v1.msgpack` → MessagePack); none offered → no subprotocol,
+/// JSON.
+pub fn offered_subprotocol(headers: &HeaderMap) -> (Option<&'static str>, Encoding) {
     headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|p| p.trim() == SUBPROTOCOL)
-        .then_some(SUBPROTOCOL)
+        .find_map(|p| match p.trim() {
+            SUBPROTOCOL => Some((Some(SUBPROTOCOL), Encoding::Json)),
+            SUBPROTOCOL_MSGPACK => Some((Some(SUBPROTOCOL_MSGPACK), Encoding::MsgPack)),
+            _ => None,
+        })
+        .unwrap_or((None, Encoding::Json))
 }
 
 /// The 101 response.
