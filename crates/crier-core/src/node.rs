@@ -116,7 +116,7 @@ mod tests {
             .iter()
             .filter_map(|o| match o {
                 Out::Frame(f) => serde_json::from_slice::<serde_json::Value>(f).ok(),
-                Out::Ping => None,
+                Out::Ping | Out::Deflated(_) => None,
             })
             .filter(|v| v["type"] == "message")
             .filter_map(|v| v["offset"].as_u64())

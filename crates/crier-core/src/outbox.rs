@@ -11,7 +11,7 @@
 //! pointer moves; no lock is held across an await.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -24,6 +24,9 @@ use crier_protocol::{CloseCode, Encoding};
 pub enum Out {
     /// A server frame, encoded in the connection's encoding.
     Frame(Bytes),
+    /// A server frame compressed for permessage-deflate (RSV1; shared by every connection that
+    /// negotiated it, see [`Outbox::set_deflate`]).
+    Deflated(Bytes),
     /// A keep-alive is due: the transport sends its own (a WebSocket Ping).
     Ping,
 }
@@ -111,6 +114,9 @@ pub struct Outbox {
     expires: AtomicU64,
     /// The connection's encoding: the hub queues `message` frames in it.
     encoding: Encoding,
+    /// permessage-deflate: shared frames of at least this many bytes go compressed
+    /// (`usize::MAX`: not negotiated).
+    deflate_min: AtomicUsize,
 }
 
 impl Outbox {
@@ -129,12 +135,25 @@ impl Outbox {
             ping_sent: AtomicU64::new(0),
             expires: AtomicU64::new(u64::MAX),
             encoding,
+            deflate_min: AtomicUsize::new(usize::MAX),
         }
     }
 
     /// The connection's encoding.
     pub fn encoding(&self) -> Encoding {
         self.encoding
+    }
+
+    /// The connection negotiated permessage-deflate: the hub queues its shared frames of at
+    /// least `min_bytes` compressed ([`Out::Deflated`], compressed once per fan-out).
+    pub fn set_deflate(&self, min_bytes: usize) {
+        self.deflate_min.store(min_bytes, Ordering::Relaxed);
+    }
+
+    /// The smallest frame sent compressed; `None` without permessage-deflate.
+    pub fn deflate_min(&self) -> Option<usize> {
+        let min = self.deflate_min.load(Ordering::Relaxed);
+        (min != usize::MAX).then_some(min)
     }
 
     /// The client was heard from (any frame counts as proof of life).
@@ -174,11 +193,20 @@ impl Outbox {
 
     /// Queues a frame.
     pub fn push(&self, frame: Bytes) -> Push {
+        self.push_out(Out::Frame(frame))
+    }
+
+    /// Queues a frame, plain or compressed ([`Out::Ping`] is [`Outbox::ping`]'s).
+    pub fn push_out(&self, item: Out) -> Push {
+        let len = match &item {
+            Out::Frame(f) | Out::Deflated(f) => f.len(),
+            Out::Ping => return Push::Queued,
+        };
         let mut s = self.lock();
         if s.closing {
             return Push::Closed;
         }
-        if s.bytes + frame.len() > self.max_bytes {
+        if s.bytes + len > self.max_bytes {
             s.queue.clear();
             s.bytes = 0;
             s.closing = true;
@@ -189,8 +217,8 @@ impl Outbox {
             wake(waker);
             return Push::Overflow;
         }
-        s.bytes += frame.len();
-        s.queue.push_back(Out::Frame(frame));
+        s.bytes += len;
+        s.queue.push_back(item);
         let waker = s.take_waker();
         drop(s);
         wake(waker);

@@ -26,7 +26,7 @@ async fn frames(o: &Outbox) -> Vec<Bytes> {
     batch
         .into_iter()
         .filter_map(|b| match b {
-            Out::Frame(f) => Some(f),
+            Out::Frame(f) | Out::Deflated(f) => Some(f),
             Out::Ping => None,
         })
         .collect()
@@ -71,4 +71,49 @@ async fn each_encoding_gets_one_shared_frame_per_message() {
     assert_eq!(as_json(&mp_b[0])["offset"], 1);
     assert_eq!(mp_b.len(), 3);
     assert_eq!(json_a.len(), 3);
+}
+
+#[tokio::test]
+async fn deflate_subscribers_share_one_compressed_frame_per_encoding() {
+    let hub = Hub::new();
+    let make = |e, deflate: bool| {
+        let o = Arc::new(Outbox::with_encoding(1 << 20, e));
+        if deflate {
+            o.set_deflate(16);
+        }
+        o
+    };
+    let outboxes = [
+        make(Encoding::Json, true),
+        make(Encoding::Json, true),
+        make(Encoding::MsgPack, true),
+        make(Encoding::MsgPack, true),
+        make(Encoding::Json, false),
+    ];
+    for (i, o) in outboxes.iter().enumerate() {
+        assert!(hub.add("c", i as u64, o.clone()).is_ok());
+        assert!(hub.activate("c", i as u64, vec![], ("e", 0)));
+    }
+    let p = publication(1);
+    hub.deliver("c", &p);
+    let small = Publication { frame: Bytes::from_static(b"{\"a\":1}"), ..publication(2) };
+    hub.deliver("c", &small);
+    let mut got = Vec::new();
+    for o in &outboxes {
+        let mut batch = Vec::new();
+        assert_eq!(o.next(&mut batch).await, Next::Batch);
+        got.push(batch);
+    }
+    let ptr = |o: &Out| match o {
+        Out::Deflated(b) => Some(b.as_ptr()),
+        _ => None,
+    };
+    assert!(ptr(&got[0][0]).is_some(), "compressed for a deflate subscriber");
+    assert_eq!(ptr(&got[0][0]), ptr(&got[1][0]), "one compression for both JSON subscribers");
+    assert_eq!(ptr(&got[2][0]), ptr(&got[3][0]), "one for both MessagePack subscribers");
+    assert_ne!(ptr(&got[0][0]), ptr(&got[2][0]));
+    assert!(matches!(&got[4][0], Out::Frame(f) if f.as_ptr() == p.frame.as_ptr()), "plain JSON: the broker's bytes");
+    assert!(matches!(&got[0][1], Out::Frame(_)), "under the minimum: uncompressed");
+    let Out::Deflated(z) = &got[0][0] else { unreachable!() };
+    assert_eq!(crier_protocol::ws::inflate(z, 1 << 20).unwrap(), p.frame.to_vec());
 }

@@ -86,6 +86,8 @@ pub fn push_event(out: &mut Vec<u8>, item: &Out, cursor: &mut Cursor) {
     let frame = match item {
         Out::Ping => return out.extend_from_slice(b": ping\n\n"),
         Out::Frame(frame) => frame,
+        // Only WebSocket connections negotiate permessage-deflate.
+        Out::Deflated(_) => return,
     };
     let env = envelope(frame).unwrap_or_default();
     let with_id = match (&*env.kind, &env.channel, &env.epoch, env.offset) {

@@ -165,7 +165,7 @@ fn pump<'a>(outbox: &'a Outbox, wire: &'a Wire, cursor: &'a mut Cursor) -> impl 
 
 fn size(out: &crier_core::Out) -> usize {
     match out {
-        crier_core::Out::Frame(f) => f.len(),
+        crier_core::Out::Frame(f) | crier_core::Out::Deflated(f) => f.len(),
         crier_core::Out::Ping => 0,
     }
 }

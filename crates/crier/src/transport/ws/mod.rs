@@ -47,7 +47,11 @@ pub async fn handler(
         Ok(a) => a,
         Err(response) => return response,
     };
+    let deflate = st.config.websocket_compression && upgrade::deflate_offered(req.headers());
     let session = Session::new(st.clone(), admitted, encoding);
-    tokio::spawn(connection::run(session, on_upgrade, st.config.max_message_bytes));
-    upgrade::switching_protocols(accept, protocol)
+    if deflate {
+        session.outbox().set_deflate(st.config.websocket_compression_min_bytes);
+    }
+    tokio::spawn(connection::run(session, on_upgrade, st.config.max_message_bytes, deflate));
+    upgrade::switching_protocols(accept, protocol, deflate)
 }
