@@ -20,6 +20,8 @@ struct Event {
     id: Option<String>,
     event: String,
     data: String,
+    /// The `retry:` field (ms), if any.
+    retry: Option<u64>,
 }
 
 impl Event {
@@ -54,6 +56,7 @@ impl Sse {
                 let block: Vec<u8> = self.buf.drain(..end + 2).collect();
                 let text = String::from_utf8(block).expect("UTF-8 stream");
                 let (mut id, mut event, mut data, mut comment) = (None, String::new(), Vec::new(), false);
+                let mut retry = None;
                 for line in text.lines() {
                     if let Some(v) = line.strip_prefix("id: ") {
                         id = Some(v.to_owned());
@@ -61,6 +64,8 @@ impl Sse {
                         event = v.to_owned();
                     } else if let Some(v) = line.strip_prefix("data: ") {
                         data.push(v.to_owned());
+                    } else if line.starts_with("retry: ") {
+                        retry = line[7..].parse().ok();
                     } else if line.starts_with(':') {
                         comment = true;
                     } else if !line.is_empty() {
@@ -70,7 +75,7 @@ impl Sse {
                 if event.is_empty() && data.is_empty() && comment {
                     event = ": comment".to_owned();
                 }
-                return Some(Event { id, event, data: data.join("\n") });
+                return Some(Event { id, event, data: data.join("\n"), retry });
             }
             let chunk =
                 tokio::time::timeout_at(deadline, self.resp.chunk()).await.expect("SSE data within the deadline");
@@ -288,6 +293,7 @@ async fn server_closes_are_close_events_before_the_end() {
     assert_eq!(r.json::<Value>().await.unwrap()["disconnected"], 1);
     let close = kicked.until("close").await;
     assert_eq!(close.json()["code"], 4003);
+    assert_eq!(close.retry, None, "4003 says stop: no retry hint");
     assert!(kicked.next().await.is_none(), "the stream ends after the close event");
 
     let mut drained = Sse::open(&server, &q, &[]).await;
@@ -296,6 +302,7 @@ async fn server_closes_are_close_events_before_the_end() {
     let close = drained.until("close").await;
     assert_eq!(close.json()["code"], 1012);
     assert!(close.json()["reason"].as_str().is_some());
+    assert!(close.retry.is_some_and(|ms| (500..3000).contains(&ms)), "a jittered retry: {:?}", close.retry);
     assert!(drained.next().await.is_none());
     assert_eq!(server.wait_exit().await, Some(0));
 }

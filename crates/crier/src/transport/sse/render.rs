@@ -130,8 +130,22 @@ pub fn push_event(out: &mut Vec<u8>, item: &Out, cursor: &mut Cursor) {
     push_data(out, frame);
 }
 
-/// Appends the `close` event: `{"code":..,"reason":".."}`.
+/// Appends the `close` event: `{"code":..,"reason":".."}`, with a `retry:` (the delay before an
+/// `EventSource` reconnects by itself) following the close code's advice: at once (1001), after a
+/// jittered delay (1012: 0.5–3 s, spreading a drained node's clients), with backoff (1011, 4008,
+/// 4009: 1–5 s); codes that say "stop" leave the browser's default.
 pub fn push_close(out: &mut Vec<u8>, close: &Close) {
+    use crier_protocol::ClientAction;
+    use rand::Rng;
+    let retry_ms = match close.code.action() {
+        ClientAction::ReconnectNow => Some(rand::rng().random_range(50..300)),
+        ClientAction::ReconnectAfterJitter => Some(rand::rng().random_range(500..3000)),
+        ClientAction::ReconnectWithBackoff => Some(rand::rng().random_range(1000..5000)),
+        ClientAction::Stop | ClientAction::RefreshToken => None,
+    };
+    if let Some(ms) = retry_ms {
+        out.extend_from_slice(format!("retry: {ms}\n").as_bytes());
+    }
     let data = serde_json::json!({"code": close.code.0, "reason": close.reason}).to_string();
     out.extend_from_slice(b"event: close\n");
     push_data(out, data.as_bytes());
