@@ -167,6 +167,11 @@ pub struct IdleArgs {
     /// else as many helper processes as needed)
     #[arg(long, default_value_t = 0)]
     pub procs: usize,
+    /// How the connections connect: ws, ws-deflate (offers permessage-deflate; start the
+    /// gateway with --websocket-compression to have it negotiated) or sse. Not ws: this process
+    /// holds every connection (no helper processes)
+    #[arg(long, value_enum, default_value = "ws")]
+    pub transport: crate::clients::Transport,
     #[command(flatten)]
     pub gateway: GatewayArgs,
 }

@@ -73,10 +73,15 @@ fn classify(e: &WsError) -> String {
 /// Opens a WebSocket to `server` from `local`, with `token` in `Authorization`, and waits for
 /// `welcome`. A 429 (handshake rate limit) is retried with a short backoff until the deadline.
 pub async fn connect(server: SocketAddr, local: IpAddr, token: &str) -> Result<Ws, String> {
+    connect_with(server, local, token, false).await
+}
+
+/// [`connect`], offering permessage-deflate when `deflate`.
+pub async fn connect_with(server: SocketAddr, local: IpAddr, token: &str, deflate: bool) -> Result<Ws, String> {
     let deadline = Instant::now() + CONNECT_DEADLINE;
     let mut backoff = Duration::from_millis(50);
     loop {
-        match tokio::time::timeout_at(deadline.into(), connect_once(server, local, token)).await {
+        match tokio::time::timeout_at(deadline.into(), connect_once(server, local, token, deflate)).await {
             Err(_) => return Err("timeout".into()),
             Ok(Ok(ws)) => return Ok(ws),
             Ok(Err(e)) => {
@@ -91,7 +96,7 @@ pub async fn connect(server: SocketAddr, local: IpAddr, token: &str) -> Result<W
     }
 }
 
-async fn connect_once(server: SocketAddr, local: IpAddr, token: &str) -> Result<Ws, String> {
+async fn connect_once(server: SocketAddr, local: IpAddr, token: &str, deflate: bool) -> Result<Ws, String> {
     let io = |e: std::io::Error| io_name(&e);
     let sock = TcpSocket::new_v4().map_err(io)?;
     sock.bind(SocketAddr::new(local, 0)).map_err(io)?;
@@ -100,6 +105,12 @@ async fn connect_once(server: SocketAddr, local: IpAddr, token: &str) -> Result<
     let mut req = format!("ws://{server}/ws").into_client_request().map_err(|e| classify(&e))?;
     let auth = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| format!("header {e}"))?;
     req.headers_mut().insert(header::AUTHORIZATION, auth);
+    if deflate {
+        req.headers_mut().insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("permessage-deflate; client_max_window_bits"),
+        );
+    }
     let (mut ws, _resp) = client_async_with_config(req, tcp, Some(ws_config())).await.map_err(|e| classify(&e))?;
     match ws.next().await {
         Some(Ok(Message::Text(t))) if t.as_str().starts_with(r#"{"type":"welcome""#) => Ok(ws),
@@ -228,10 +239,85 @@ impl Drop for Subscribers {
     }
 }
 
+/// How a subscriber connects (the `idle` scenario compares them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// WebSocket, JSON.
+    Ws,
+    /// WebSocket offering permessage-deflate (negotiated when the gateway runs with
+    /// `--websocket-compression`; idle connections receive no compressed frame).
+    WsDeflate,
+    /// Server-Sent Events (`GET /sse?channel=`).
+    Sse,
+}
+
 /// Opens `count` subscribers (indices `first..first+count`), `concurrency` handshakes at a time;
 /// each then receives until aborted. `target(i)` says where and as whom connection `i` connects,
 /// `on_subscribed(i)` is called once it is subscribed.
 pub async fn open_many(
+    first: usize,
+    count: usize,
+    concurrency: usize,
+    target: impl Fn(usize) -> Target,
+    stats: &Arc<Stats>,
+    subs: &mut Subscribers,
+    progress: bool,
+) -> ConnectSummary {
+    open_many_over(Transport::Ws, first, count, concurrency, target, stats, subs, progress).await
+}
+
+/// An SSE stream to `server` from `local`: the request, the 200, and everything up to the
+/// `subscribed` event; then the socket, to be read until it ends.
+async fn sse_connect(server: SocketAddr, local: IpAddr, token: &str, channel: &str) -> Result<TcpStream, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = |e: std::io::Error| io_name(&e);
+    let sock = TcpSocket::new_v4().map_err(io)?;
+    sock.bind(SocketAddr::new(local, 0)).map_err(io)?;
+    let mut tcp = sock.connect(server).await.map_err(io)?;
+    tcp.set_nodelay(true).map_err(io)?;
+    let req = format!(
+        "GET /sse?channel={channel} HTTP/1.1\r\nHost: {server}\r\nAccept: text/event-stream\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.map_err(io)?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let wait = async {
+        loop {
+            let n = tcp.read(&mut buf).await.map_err(io)?;
+            if n == 0 {
+                return Err("closed before subscribed".to_string());
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if !seen.starts_with(b"HTTP/1.1 200") && seen.len() >= 12 {
+                return Err(format!("http {}", String::from_utf8_lossy(&seen[9..12])));
+            }
+            if seen.windows(17).any(|w| w == b"event: subscribed") {
+                return Ok(());
+            }
+        }
+    };
+    tokio::time::timeout(CONNECT_DEADLINE, wait).await.map_err(|_| "timeout".to_string())??;
+    Ok(tcp)
+}
+
+/// Reads an SSE stream until it ends (the bench's idle streams receive only keep-alives).
+async fn sse_receive(mut tcp: TcpStream, stats: Arc<Stats>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tcp.read(&mut buf).await {
+            Ok(0) => return stats.connection_ended("eof".into()),
+            Ok(_) => {}
+            Err(e) => return stats.connection_ended(io_name(&e)),
+        }
+    }
+}
+
+/// [`open_many`] over a chosen transport.
+#[allow(clippy::too_many_arguments)]
+pub async fn open_many_over(
+    transport: Transport,
     first: usize,
     count: usize,
     concurrency: usize,
@@ -249,7 +335,23 @@ pub async fn open_many(
         let h = tokio::spawn(async move {
             let Ok(permit) = sem.acquire_owned().await else { return };
             let t0 = Instant::now();
-            let ws = match connect(t.server, t.local, &t.token).await {
+            if transport == Transport::Sse {
+                let channel = t.channel.clone().unwrap_or_else(|| "bench:sse".into());
+                let r = sse_connect(t.server, t.local, &t.token, &channel).await;
+                drop(permit);
+                match r {
+                    Ok(tcp) => {
+                        let _ = tx.send((i, Ok(t0.elapsed().as_micros() as u64)));
+                        drop(tx);
+                        sse_receive(tcp, stats).await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send((i, Err(e)));
+                    }
+                }
+                return;
+            }
+            let ws = match connect_with(t.server, t.local, &t.token, transport == Transport::WsDeflate).await {
                 Ok(mut ws) => match &t.channel {
                     Some(c) => subscribe(&mut ws, c).await.map(|()| ws),
                     None => Ok(ws),
