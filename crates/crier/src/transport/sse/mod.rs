@@ -122,7 +122,8 @@ pub async fn handler(State(st): State<AppState>, ConnectInfo(peer): ConnectInfo<
     let session = Session::new(st.clone(), admitted, Encoding::Json);
     let wire = Arc::new(stream::Wire::default());
     let body = stream::SseBody::new(wire.clone(), session.outbox().clone());
-    tokio::spawn(stream::run(session, subscriptions, cursor, wire));
+    let drain_ms = st.config.shutdown_drain.as_millis() as u64;
+    tokio::spawn(stream::run(session, subscriptions, cursor, wire, drain_ms));
 
     let mut response = Response::new(Body::new(body));
     let h = response.headers_mut();

@@ -132,14 +132,17 @@ pub fn push_event(out: &mut Vec<u8>, item: &Out, cursor: &mut Cursor) {
 
 /// Appends the `close` event: `{"code":..,"reason":".."}`, with a `retry:` (the delay before an
 /// `EventSource` reconnects by itself) following the close code's advice: at once (1001), after a
-/// jittered delay (1012: 0.5–3 s, spreading a drained node's clients), with backoff (1011, 4008,
-/// 4009: 1–5 s); codes that say "stop" leave the browser's default.
-pub fn push_close(out: &mut Vec<u8>, close: &Close) {
+/// jittered delay (1012), with backoff (1011, 4008, 4009: 1–5 s); codes that say "stop" leave the
+/// browser's default. For 1012 the delay is `drain_ms` (`shutdown_drain`) plus 0.5–3 s: an
+/// `EventSource` that reached the draining node again would get its 503 and, per the SSE spec,
+/// give up for good; after the drain the node is gone (a refused connection, which EventSource
+/// retries) or the balancer has moved on.
+pub fn push_close(out: &mut Vec<u8>, close: &Close, drain_ms: u64) {
     use crier_protocol::ClientAction;
     use rand::Rng;
     let retry_ms = match close.code.action() {
         ClientAction::ReconnectNow => Some(rand::rng().random_range(50..300)),
-        ClientAction::ReconnectAfterJitter => Some(rand::rng().random_range(500..3000)),
+        ClientAction::ReconnectAfterJitter => Some(drain_ms + rand::rng().random_range(500..3000)),
         ClientAction::ReconnectWithBackoff => Some(rand::rng().random_range(1000..5000)),
         ClientAction::Stop | ClientAction::RefreshToken => None,
     };

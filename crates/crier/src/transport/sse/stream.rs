@@ -171,7 +171,8 @@ fn size(out: &crier_core::Out) -> usize {
 }
 
 /// Runs an SSE connection to its end; see the module docs. `channels`: what the request named,
-/// each with the position to resume from (from `Last-Event-ID`).
+/// each with the position to resume from (from `Last-Event-ID`); `drain_ms`: `shutdown_drain`
+/// (for the 1012 close's `retry:`).
 ///
 /// Not an `async fn`, for the reason given at the WebSocket transport's `run`.
 #[allow(clippy::manual_async_fn)] // on purpose
@@ -180,6 +181,7 @@ pub fn run(
     channels: Vec<(String, Option<StreamPosition>)>,
     mut cursor: Cursor,
     wire: Arc<Wire>,
+    drain_ms: u64,
 ) -> impl Future<Output = ()> + Send {
     async move {
         s.open();
@@ -202,7 +204,7 @@ pub fn run(
                 if aborted {
                     w.chunk = Vec::new();
                 }
-                render::push_close(&mut w.chunk, &close);
+                render::push_close(&mut w.chunk, &close, drain_ms);
             }
             w.done = true;
             if let Some(b) = w.body.take() {
