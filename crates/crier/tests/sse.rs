@@ -477,3 +477,46 @@ async fn resumes_on_another_node_and_on_a_restarted_node_on_redis() {
     assert_eq!(offsets(&got), [11, 12], "nothing lost or repeated across the restart");
     assert_eq!(got.iter().map(|e| e.json()["data"].clone()).collect::<Vec<_>>(), [json!(11), json!(12)]);
 }
+
+/// `curl -N` (no buffering) sees each event as it is written, over chunked HTTP/1.1.
+#[tokio::test]
+async fn curl_n_streams_events_as_they_happen_over_chunked_http() {
+    use std::io::BufRead;
+    let server = Server::start(&[]).await;
+    let token = server.token("u1", &["c"], &[]);
+    let url = server.url(&format!("/sse?channel=c&token={token}"));
+    let head = request(&server, &format!("channel=c&token={token}"), &[]).await;
+    assert_eq!(head.headers().get("transfer-encoding").and_then(|v| v.to_str().ok()), Some("chunked"));
+    drop(head);
+    let mut curl = std::process::Command::new("curl")
+        .args(["-sN", "--max-time", "20", &url])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl runs");
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let stdout = curl.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut until_line = async |want: &str| {
+        loop {
+            let line = tokio::time::timeout(WAIT, lines.recv()).await.expect("curl prints in time").expect("curl runs");
+            if line.starts_with(want) {
+                return line;
+            }
+        }
+    };
+    until_line("event: subscribed").await;
+    for i in 1..=3 {
+        // Each event reaches curl before the next is published.
+        server.publish("c", json!(i)).await;
+        until_line("event: message").await;
+        let data = until_line("data: ").await;
+        let v: Value = serde_json::from_str(&data["data: ".len()..]).unwrap();
+        assert_eq!(v["data"], i);
+    }
+    let _ = curl.kill();
+    let _ = curl.wait();
+}
