@@ -64,8 +64,8 @@ impl Sse {
                         event = v.to_owned();
                     } else if let Some(v) = line.strip_prefix("data: ") {
                         data.push(v.to_owned());
-                    } else if line.starts_with("retry: ") {
-                        retry = line[7..].parse().ok();
+                    } else if let Some(v) = line.strip_prefix("retry: ") {
+                        retry = v.parse().ok();
                     } else if line.starts_with(':') {
                         comment = true;
                     } else if !line.is_empty() {
