@@ -52,14 +52,21 @@ async function waitFor(fn, what, timeout = WAIT) {
 }
 
 function run(cmd, args, ready) {
-  const child = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"] });
+  // crier reads CRIER_* variables as settings (and refuses unknown ones, such as CRIER_BIN).
+  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("CRIER_")));
+  const child = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"], env });
   children.add(child);
   let out = "";
+  let code;
   child.stdout.on("data", (d) => (out += d));
   child.stderr.on("data", (d) => (out += d));
   child.on("exit", () => children.delete(child));
-  const exited = new Promise((r) => child.on("exit", (code) => r(code)));
-  return { child, exited, output: () => out, ready: waitFor(() => ready(out), `${cmd} to start: ${out.slice(-500)}`) };
+  const exited = new Promise((r) => child.on("exit", (c) => r((code = c))));
+  const started = waitFor(() => {
+    if (code !== undefined) throw new Error(`${cmd} exited with ${code}: ${out.slice(-500)}`);
+    return ready(out);
+  }, `${cmd} to start`);
+  return { child, exited, output: () => out, ready: started };
 }
 
 async function redis() {
