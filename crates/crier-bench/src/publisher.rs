@@ -98,6 +98,12 @@ impl Publisher {
         }
     }
 
+    /// A `message` frame as the gateway builds it for one of this publisher's messages.
+    pub fn sample_frame(&self, channel: &str) -> bytes::Bytes {
+        let data = format!(r#"{{"ts":{},{}}}"#, now_us(), self.pad);
+        crier_protocol::frames::encode_message(channel, "Xk2c9aQe", 12345, &data)
+    }
+
     /// Publishes `rate`×`duration` messages, message k to `channels[k % len]` through node
     /// `k % nodes`, and waits for every answer.
     pub async fn run(&self, channels: &[String], rate: f64, duration: Duration) -> Published {

@@ -202,6 +202,30 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
     if connect.failed > 0 {
         report.notes.push(format!("connect errors: {:?}", connect.errors));
     }
+    if plan.publish.transport == crate::clients::Transport::WsDeflate {
+        // What compress-once costs the gateway: one deflate per message (timed here, same code,
+        // same build), whatever the number of subscribers.
+        let frame = publisher.sample_frame(&channels[0]);
+        let runs = 2000u32;
+        let t = Instant::now();
+        let mut out = 0usize;
+        for _ in 0..runs {
+            out = crier_protocol::ws::deflate(&frame).len();
+        }
+        let us = t.elapsed().as_secs_f64() * 1e6 / f64::from(runs);
+        let messages: u64 = steps.iter().map(|s| s.published.ok).sum();
+        report.notes.push(format!(
+            "deflate of one {}-byte message frame: {:.1} µs ({} bytes out, {:.0}%); the gateway compresses once per \
+             message: {} messages ≈ {:.1} ms of gateway CPU for all {} subscribers",
+            frame.len(),
+            us,
+            out,
+            100.0 * out as f64 / frame.len() as f64,
+            messages,
+            us * messages as f64 / 1000.0,
+            plan.subscribers
+        ));
+    }
     let ended = stats.ended();
     if !ended.is_empty() {
         report.notes.push(format!("connections ended by the server or the network: {ended:?}"));
