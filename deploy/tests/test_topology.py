@@ -122,6 +122,56 @@ def test_publish_through_nginx_reaches_clients(topo):
         eventually(every_client_got_one, 20, "a message on every node", interval=0)
 
 
+def test_sse_streams_through_nginx_unbuffered(topo):
+    """GET /sse through nginx: each event arrives as crier writes it (deploy/nginx.conf turns
+    buffering off for /sse; a buffered proxy would hold these few small events back)."""
+    import http.client as httpclient
+    import urllib.parse as up
+
+    u = up.urlparse(topo["URL"])
+    conn = httpclient.HTTPConnection(u.hostname, u.port, timeout=15)
+    conn.request("GET", "/sse?channel=news:sse", headers={
+        "Authorization": "Bearer " + token(topo, "sse-user", channels=["news:*"]),
+        "Accept": "text/event-stream"})
+    r = conn.getresponse()
+    try:
+        assert r.status == 200, r.status
+        assert r.getheader("Content-Type", "").startswith("text/event-stream")
+        events = []
+
+        def read_event():
+            fields = {}
+            while True:
+                line = r.fp.readline().decode()
+                if line in ("\n", ""):
+                    if fields or line == "":
+                        return fields
+                    continue
+                name, _, value = line.rstrip("\n").partition(": ")
+                fields[name] = fields.get(name, "") + value
+
+        deadline = time.monotonic() + 15
+        while not any(e.get("event") == "subscribed" for e in events):
+            assert time.monotonic() < deadline, events
+            events.append(read_event())
+        # Nothing more is written until this publish: only an unbuffered proxy passes it on now.
+        resp = topo.publish("news:sse", {"text": "through nginx"}) if BROKER == "redis" else None
+        if resp is None:
+            # Memory brokers: publish on the node that serves the stream.
+            node = json.loads(events[0]["data"])["node"]
+            resp = topo.publish("news:sse", {"text": "through nginx"}, url=topo.node_url(node))
+        while True:
+            e = read_event()
+            assert e, "the stream ended"
+            if e.get("event") == "message":
+                m = json.loads(e["data"])
+                assert m["offset"] == resp["offset"] and m["data"] == {"text": "through nginx"}, m
+                assert e.get("id"), e
+                break
+    finally:
+        conn.close()
+
+
 def test_handshake_limit_is_per_client_ip_behind_nginx(topo):
     """nginx passes X-Forwarded-For and crier trusts it from nginx: one client address (here
     127.0.0.3) exhausting its handshake budget does not limit another (127.0.0.4), and a

@@ -135,6 +135,14 @@ pub struct PublishArgs {
     /// Bytes of padding in each message's data (besides the timestamp)
     #[arg(long, default_value_t = 64)]
     pub payload_bytes: usize,
+    /// Publish a realistic ~1 KiB JSON object (an order event: ids, names, prices, timestamps,
+    /// nested items) instead of the padding
+    #[arg(long)]
+    pub realistic_payload: bool,
+    /// How subscribers connect: ws, or ws-deflate (permessage-deflate, inflated by the bench;
+    /// start the gateway with --crier-arg=--websocket-compression). Wire bytes are counted either way
+    #[arg(long, value_enum, default_value = "ws")]
+    pub transport: crate::clients::Transport,
     /// After a step, how long to wait for the last deliveries without progress
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -169,6 +177,11 @@ pub struct IdleArgs {
     /// else as many helper processes as needed)
     #[arg(long, default_value_t = 0)]
     pub procs: usize,
+    /// How the connections connect: ws, ws-deflate (offers permessage-deflate; start the
+    /// gateway with --websocket-compression to have it negotiated) or sse. Not ws: this process
+    /// holds every connection (no helper processes)
+    #[arg(long, value_enum, default_value = "ws")]
+    pub transport: crate::clients::Transport,
     #[command(flatten)]
     pub gateway: GatewayArgs,
 }

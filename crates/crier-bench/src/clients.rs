@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -159,6 +160,18 @@ pub async fn receive(mut ws: Ws, conn: usize, stats: Arc<Stats>) {
     while let Some(m) = ws.next().await {
         match m {
             Ok(Message::Text(t)) => {
+                // The frame as it travelled: header (2, 4 or 10 bytes) and payload.
+                let n = t.len();
+                WIRE_BYTES.fetch_add(
+                    (n + if n < 126 {
+                        2
+                    } else if n <= 65535 {
+                        4
+                    } else {
+                        10
+                    }) as u64,
+                    Ordering::Relaxed,
+                );
                 if let Some((offset, ts)) = parse_message(t.as_str()) {
                     let latency = ts.map(|ts| now_us().saturating_sub(ts));
                     let (gap, dup) = match last {
@@ -228,10 +241,242 @@ impl Drop for Subscribers {
     }
 }
 
+/// How a subscriber connects (the `idle` scenario compares them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// WebSocket, JSON.
+    Ws,
+    /// WebSocket with permessage-deflate (the gateway must run with `--websocket-compression`):
+    /// a raw client that inflates compressed frames.
+    WsDeflate,
+    /// Server-Sent Events (`GET /sse?channel=`).
+    Sse,
+}
+
 /// Opens `count` subscribers (indices `first..first+count`), `concurrency` handshakes at a time;
 /// each then receives until aborted. `target(i)` says where and as whom connection `i` connects,
 /// `on_subscribed(i)` is called once it is subscribed.
 pub async fn open_many(
+    first: usize,
+    count: usize,
+    concurrency: usize,
+    target: impl Fn(usize) -> Target,
+    stats: &Arc<Stats>,
+    subs: &mut Subscribers,
+    progress: bool,
+) -> ConnectSummary {
+    open_many_over(Transport::Ws, first, count, concurrency, target, stats, subs, progress).await
+}
+
+/// Bytes subscribers read off their sockets (WebSocket frames; counted for `ws` and `ws-deflate`).
+static WIRE_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Total of [`WIRE_BYTES`] so far.
+pub fn wire_bytes() -> u64 {
+    WIRE_BYTES.load(Ordering::Relaxed)
+}
+
+/// A masked client frame.
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x5au8, 0xa5, 0x3c, 0xc3];
+    let mut f = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n <= u16::MAX as usize => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Takes one server frame (unmasked, never fragmented by crier) off the front of `buf`:
+/// (rsv1, opcode, payload).
+fn server_frame(buf: &mut Vec<u8>) -> Option<(bool, u8, Vec<u8>)> {
+    let (&b0, &b1) = (buf.first()?, buf.get(1)?);
+    let (len, at) = match b1 & 0x7f {
+        126 => (u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?]) as usize, 4),
+        127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize, 10),
+        n => (n as usize, 2),
+    };
+    if buf.len() < at + len {
+        return None;
+    }
+    let payload = buf[at..at + len].to_vec();
+    buf.drain(..at + len);
+    Some((b0 & 0x40 != 0, b0 & 0x0f, payload))
+}
+
+/// A permessage-deflate WebSocket (raw: tungstenite has no permessage-deflate): the upgrade with
+/// the offer, then subscribed. Returns the socket and what was read past the ack.
+async fn deflate_connect(
+    server: SocketAddr,
+    local: IpAddr,
+    token: &str,
+    channel: &str,
+) -> Result<(TcpStream, Vec<u8>), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = |e: std::io::Error| io_name(&e);
+    let sock = TcpSocket::new_v4().map_err(io)?;
+    sock.bind(SocketAddr::new(local, 0)).map_err(io)?;
+    let mut tcp = sock.connect(server).await.map_err(io)?;
+    tcp.set_nodelay(true).map_err(io)?;
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.map_err(io)?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let wait = async {
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = tcp.read(&mut chunk).await.map_err(io)?;
+            if n == 0 {
+                return Err("closed during the upgrade".to_string());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        if !head.starts_with("http/1.1 101") {
+            return Err(format!("http {}", head.get(9..12).unwrap_or("?")));
+        }
+        if !head.contains("permessage-deflate") {
+            return Err("permessage-deflate not negotiated (--crier-arg=--websocket-compression?)".into());
+        }
+        buf.drain(..end);
+        let sub = format!(r#"{{"type":"subscribe","id":1,"channel":"{channel}"}}"#);
+        tcp.write_all(&client_frame(0x1, sub.as_bytes())).await.map_err(io)?;
+        loop {
+            while let Some((_, op, payload)) = server_frame(&mut buf) {
+                if op == 0x1 && payload.starts_with(br#"{"type":"ack""#) {
+                    return Ok(());
+                }
+                if op == 0x1 && payload.starts_with(br#"{"type":"error""#) {
+                    return Err(format!("subscribe refused: {:.80}", String::from_utf8_lossy(&payload)));
+                }
+            }
+            let n = tcp.read(&mut chunk).await.map_err(io)?;
+            if n == 0 {
+                return Err("closed before ack".into());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(CONNECT_DEADLINE, wait).await.map_err(|_| "timeout".to_string())??;
+    Ok((tcp, buf))
+}
+
+/// Reads a permessage-deflate subscriber until it ends: counts wire bytes, inflates compressed
+/// frames, records every message, answers pings.
+async fn deflate_receive(mut tcp: TcpStream, mut buf: Vec<u8>, conn: usize, stats: Arc<Stats>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut last: Option<u64> = None;
+    let mut chunk = vec![0u8; 16384];
+    loop {
+        while let Some((rsv1, op, payload)) = server_frame(&mut buf) {
+            match op {
+                0x1 => {
+                    let text = if rsv1 {
+                        match crier_protocol::ws::inflate(&payload, 1 << 24) {
+                            Ok(t) => t,
+                            Err(_) => return stats.connection_ended("bad compressed frame".into()),
+                        }
+                    } else {
+                        payload
+                    };
+                    if let Some((offset, ts)) = std::str::from_utf8(&text).ok().and_then(parse_message) {
+                        let latency = ts.map(|ts| now_us().saturating_sub(ts));
+                        let (gap, dup) = match last {
+                            Some(l) => (offset > l + 1, offset <= l),
+                            None => (false, false),
+                        };
+                        last = Some(last.map_or(offset, |l| l.max(offset)));
+                        stats.record(conn, latency, gap, dup);
+                    }
+                }
+                0x9 => {
+                    let _ = tcp.write_all(&client_frame(0xA, &payload)).await;
+                }
+                0x8 => {
+                    let code = payload.get(..2).map_or(1005, |c| u16::from_be_bytes([c[0], c[1]]));
+                    return stats.connection_ended(format!("close {code}"));
+                }
+                _ => {}
+            }
+        }
+        match tcp.read(&mut chunk).await {
+            Ok(0) => return stats.connection_ended("eof".into()),
+            Ok(n) => {
+                WIRE_BYTES.fetch_add(n as u64, Ordering::Relaxed);
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            Err(e) => return stats.connection_ended(io_name(&e)),
+        }
+    }
+}
+
+/// An SSE stream to `server` from `local`: the request, the 200, and everything up to the
+/// `subscribed` event; then the socket, to be read until it ends.
+async fn sse_connect(server: SocketAddr, local: IpAddr, token: &str, channel: &str) -> Result<TcpStream, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = |e: std::io::Error| io_name(&e);
+    let sock = TcpSocket::new_v4().map_err(io)?;
+    sock.bind(SocketAddr::new(local, 0)).map_err(io)?;
+    let mut tcp = sock.connect(server).await.map_err(io)?;
+    tcp.set_nodelay(true).map_err(io)?;
+    let req = format!(
+        "GET /sse?channel={channel} HTTP/1.1\r\nHost: {server}\r\nAccept: text/event-stream\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.map_err(io)?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let wait = async {
+        loop {
+            let n = tcp.read(&mut buf).await.map_err(io)?;
+            if n == 0 {
+                return Err("closed before subscribed".to_string());
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if !seen.starts_with(b"HTTP/1.1 200") && seen.len() >= 12 {
+                return Err(format!("http {}", String::from_utf8_lossy(&seen[9..12])));
+            }
+            if seen.windows(17).any(|w| w == b"event: subscribed") {
+                return Ok(());
+            }
+        }
+    };
+    tokio::time::timeout(CONNECT_DEADLINE, wait).await.map_err(|_| "timeout".to_string())??;
+    Ok(tcp)
+}
+
+/// Reads an SSE stream until it ends (the bench's idle streams receive only keep-alives).
+async fn sse_receive(mut tcp: TcpStream, stats: Arc<Stats>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tcp.read(&mut buf).await {
+            Ok(0) => return stats.connection_ended("eof".into()),
+            Ok(_) => {}
+            Err(e) => return stats.connection_ended(io_name(&e)),
+        }
+    }
+}
+
+/// [`open_many`] over a chosen transport.
+#[allow(clippy::too_many_arguments)]
+pub async fn open_many_over(
+    transport: Transport,
     first: usize,
     count: usize,
     concurrency: usize,
@@ -249,6 +494,38 @@ pub async fn open_many(
         let h = tokio::spawn(async move {
             let Ok(permit) = sem.acquire_owned().await else { return };
             let t0 = Instant::now();
+            if transport == Transport::WsDeflate {
+                let channel = t.channel.clone().unwrap_or_else(|| "bench:deflate".into());
+                let r = deflate_connect(t.server, t.local, &t.token, &channel).await;
+                drop(permit);
+                match r {
+                    Ok((tcp, rest)) => {
+                        let _ = tx.send((i, Ok(t0.elapsed().as_micros() as u64)));
+                        drop(tx);
+                        deflate_receive(tcp, rest, i, stats).await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send((i, Err(e)));
+                    }
+                }
+                return;
+            }
+            if transport == Transport::Sse {
+                let channel = t.channel.clone().unwrap_or_else(|| "bench:sse".into());
+                let r = sse_connect(t.server, t.local, &t.token, &channel).await;
+                drop(permit);
+                match r {
+                    Ok(tcp) => {
+                        let _ = tx.send((i, Ok(t0.elapsed().as_micros() as u64)));
+                        drop(tx);
+                        sse_receive(tcp, stats).await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send((i, Err(e)));
+                    }
+                }
+                return;
+            }
             let ws = match connect(t.server, t.local, &t.token).await {
                 Ok(mut ws) => match &t.channel {
                     Some(c) => subscribe(&mut ws, c).await.map(|()| ws),

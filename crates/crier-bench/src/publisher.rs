@@ -42,7 +42,47 @@ pub struct Published {
 }
 
 impl Publisher {
-    pub fn new(nodes: &[SocketAddr], api_key: &str, payload_bytes: usize, concurrency: usize) -> Publisher {
+    /// `data` after the timestamp: `"pad":"xxx…"`, or a realistic ~1 KiB order event.
+    fn body_rest(payload_bytes: usize, realistic: bool) -> String {
+        if !realistic {
+            return format!(r#""pad":"{}""#, "x".repeat(payload_bytes));
+        }
+        let names = ["Ada Lovelace", "Grace Hopper", "Alan Turing", "Edsger Dijkstra", "Barbara Liskov"];
+        let products = ["espresso beans 1kg", "ceramic pour-over", "burr grinder", "milk frother", "travel mug"];
+        let items: Vec<serde_json::Value> = (0..6)
+            .map(|i| {
+                serde_json::json!({
+                    "sku": format!("SKU-{:05}", 7919 * (i + 3) % 100_000),
+                    "name": products[i % products.len()],
+                    "qty": 1 + i % 3,
+                    "unit_price": 4.5 + 3.25 * i as f64,
+                    "tags": ["coffee", if i % 2 == 0 { "gift" } else { "subscription" }],
+                })
+            })
+            .collect();
+        let event = serde_json::json!({
+            "type": "order.updated",
+            "order_id": "ord_2fQ9xT7kLm3Vb8Rz",
+            "status": "shipped",
+            "customer": {"id": 48213, "name": names[2], "email": "alan@example.com", "tier": "gold"},
+            "shipping": {"carrier": "DHL", "tracking": "JD014600006281230071", "eta": "2026-12-03T17:00:00Z",
+                         "address": {"city": "Manchester", "postcode": "M1 1AE", "country": "GB"}},
+            "items": items,
+            "totals": {"subtotal": 93.0, "shipping": 4.99, "tax": 18.6, "currency": "GBP"},
+            "updated_at": "2026-12-01T10:31:07.123Z",
+        });
+        let text = event.to_string();
+        // Drop the braces: the fields go after "ts".
+        format!(r#""event":{text}"#)
+    }
+
+    pub fn with_payload(
+        nodes: &[SocketAddr],
+        api_key: &str,
+        payload_bytes: usize,
+        realistic: bool,
+        concurrency: usize,
+    ) -> Publisher {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(concurrency)
             .tcp_nodelay(true)
@@ -53,9 +93,15 @@ impl Publisher {
             client,
             endpoints: nodes.iter().map(|a| format!("http://{a}/api/v1/publish")).collect(),
             auth: format!("Bearer {api_key}"),
-            pad: "x".repeat(payload_bytes).into(),
+            pad: Publisher::body_rest(payload_bytes, realistic).into(),
             concurrency: concurrency.max(1),
         }
+    }
+
+    /// A `message` frame as the gateway builds it for one of this publisher's messages.
+    pub fn sample_frame(&self, channel: &str) -> bytes::Bytes {
+        let data = format!(r#"{{"ts":{},{}}}"#, now_us(), self.pad);
+        crier_protocol::frames::encode_message(channel, "Xk2c9aQe", 12345, &data)
     }
 
     /// Publishes `rate`×`duration` messages, message k to `channels[k % len]` through node
@@ -83,7 +129,7 @@ impl Publisher {
             let url = self.endpoints[(k as usize) % self.endpoints.len()].clone();
             let (client, auth, pad) = (self.client.clone(), self.auth.clone(), self.pad.clone());
             tasks.spawn(async move {
-                let body = format!(r#"{{"channel":"{channel}","data":{{"ts":{},"pad":"{pad}"}}}}"#, now_us());
+                let body = format!(r#"{{"channel":"{channel}","data":{{"ts":{},{pad}}}}}"#, now_us());
                 let r = client
                     .post(url)
                     .header("authorization", auth)

@@ -23,11 +23,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+use crier_protocol::Encoding;
 use tokio::sync::OnceCell;
 
 use crate::ConnId;
 use crate::broker::Publication;
-use crate::outbox::{Outbox, Push};
+use crate::outbox::{Out, Outbox, Push};
 
 const SHARDS: usize = 64;
 
@@ -123,8 +124,12 @@ impl Hub {
             return false;
         }
         let (epoch, offset) = after;
-        let newer = buffered.into_iter().filter(|p| *p.epoch != *epoch || p.offset > offset).map(|p| p.frame);
-        sub.outbox.push_all(newer) == Push::Queued
+        let outbox = &sub.outbox;
+        let newer = buffered
+            .into_iter()
+            .filter(|p| *p.epoch != *epoch || p.offset > offset)
+            .map(|p| frame_for(outbox, &p.frame, &mut None));
+        outbox.push_all(newer) == Push::Queued
     }
 
     /// Removes a subscriber. Returns `true` when it was the channel's last one (the entry is gone
@@ -152,10 +157,11 @@ impl Hub {
         let Some(ch) = shard.get_mut(channel) else {
             return out;
         };
+        let mut forms = Forms::default();
         for sub in ch.subscribers.values_mut() {
             match &mut sub.buffer {
                 Some(buf) => buf.push(publication.clone()),
-                None => match sub.outbox.push(publication.frame.clone()) {
+                None => match sub.outbox.push_out(out_for(&sub.outbox, &publication.frame, &mut forms)) {
                     Push::Queued => out.delivered += 1,
                     Push::Overflow => out.slow += 1,
                     Push::Closed => {}
@@ -173,10 +179,11 @@ impl Hub {
         let Some(ch) = shard.get_mut(channel) else {
             return 0;
         };
+        let mut forms = Forms::default();
         ch.subscribers
             .values()
             .filter(|sub| sub.buffer.is_none())
-            .filter(|sub| sub.outbox.push(frame.clone()) == Push::Overflow)
+            .filter(|sub| sub.outbox.push_out(out_for(&sub.outbox, frame, &mut forms)) == Push::Overflow)
             .count()
     }
 
@@ -193,6 +200,44 @@ impl Hub {
     /// Local subscriptions, all channels.
     pub fn subscription_count(&self) -> usize {
         self.subscriptions.load(Ordering::Relaxed)
+    }
+}
+
+/// `json` (a frame built once per cluster, in JSON) in the subscriber's encoding: the shared JSON
+/// bytes themselves, or the other encoding's form, converted on first use and then shared by
+/// every subscriber of this fan-out that speaks it — once per message per node, not per
+/// subscriber. (One slot: MessagePack is the one other encoding.)
+fn frame_for(outbox: &Outbox, json: &Bytes, converted: &mut Option<Bytes>) -> Bytes {
+    match outbox.encoding() {
+        Encoding::Json => json.clone(),
+        other => converted.get_or_insert_with(|| other.frame_from_json(json)).clone(),
+    }
+}
+
+/// The frames of one fan-out in each form a subscriber may need, each built on first use:
+/// the other encoding's, and each encoding's permessage-deflate form.
+#[derive(Default)]
+struct Forms {
+    converted: Option<Bytes>,
+    /// Compressed: [JSON, the other encoding].
+    deflated: [Option<Bytes>; 2],
+}
+
+/// What to queue for this subscriber: [`frame_for`], compressed (once per fan-out) when the
+/// connection negotiated permessage-deflate and the frame is large enough.
+fn out_for(outbox: &Outbox, json: &Bytes, forms: &mut Forms) -> Out {
+    let min = outbox.deflate_min();
+    let encoding = outbox.encoding();
+    if min.is_none() && encoding == Encoding::Json {
+        return Out::Frame(json.clone());
+    }
+    let frame = frame_for(outbox, json, &mut forms.converted);
+    match min {
+        Some(min) if frame.len() >= min => {
+            let slot = &mut forms.deflated[usize::from(encoding != Encoding::Json)];
+            Out::Deflated(slot.get_or_insert_with(|| Bytes::from(crier_protocol::ws::deflate(&frame))).clone())
+        }
+        _ => Out::Frame(frame),
     }
 }
 
@@ -228,7 +273,7 @@ mod tests {
             .into_iter()
             .filter_map(|b| match b {
                 Out::Frame(f) => Some(String::from_utf8_lossy(&f).into_owned()),
-                Out::Ping => None,
+                Out::Ping | Out::Deflated(_) => None,
             })
             .collect()
     }
@@ -339,7 +384,7 @@ mod proptests {
         assert_eq!(rt.block_on(o.next(&mut batch)), Next::Batch);
         into.extend(batch.into_iter().filter_map(|b| match b {
             Out::Frame(f) => Some(String::from_utf8_lossy(&f).into_owned()),
-            Out::Ping => None,
+            Out::Ping | Out::Deflated(_) => None,
         }));
     }
 

@@ -84,7 +84,8 @@ impl Node {
         let mut replayed = 0;
         if recovered == Some(true) {
             replayed = history.publications.len();
-            frames.extend(history.publications.iter().map(|p| p.frame.clone()));
+            let encoding = outbox.encoding();
+            frames.extend(history.publications.iter().map(|p| encoding.frame_from_json(&p.frame)));
         }
         if !self.hub.activate(channel, conn, frames, (&history.epoch, history.offset)) {
             self.unsubscribe(channel, conn).await;
@@ -115,7 +116,7 @@ mod tests {
             .iter()
             .filter_map(|o| match o {
                 Out::Frame(f) => serde_json::from_slice::<serde_json::Value>(f).ok(),
-                Out::Ping => None,
+                Out::Ping | Out::Deflated(_) => None,
             })
             .filter(|v| v["type"] == "message")
             .filter_map(|v| v["offset"].as_u64())

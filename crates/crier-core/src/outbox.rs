@@ -11,19 +11,22 @@
 //! pointer moves; no lock is held across an await.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
-use crier_protocol::CloseCode;
+use crier_protocol::{CloseCode, Encoding};
 
 /// An item for the writer.
 #[derive(Debug, Clone)]
 pub enum Out {
     /// A server frame, encoded in the connection's encoding.
     Frame(Bytes),
+    /// A server frame compressed for permessage-deflate (RSV1; shared by every connection that
+    /// negotiated it, see [`Outbox::set_deflate`]).
+    Deflated(Bytes),
     /// A keep-alive is due: the transport sends its own (a WebSocket Ping).
     Ping,
 }
@@ -109,17 +112,48 @@ pub struct Outbox {
     ping_sent: AtomicU64,
     /// [`clock_ms`] at which the token expires (`u64::MAX`: never).
     expires: AtomicU64,
+    /// The connection's encoding: the hub queues `message` frames in it.
+    encoding: Encoding,
+    /// permessage-deflate: shared frames of at least this many bytes go compressed
+    /// (`usize::MAX`: not negotiated).
+    deflate_min: AtomicUsize,
 }
 
 impl Outbox {
+    /// An outbox for a JSON connection.
     pub fn new(max_bytes: usize) -> Outbox {
+        Outbox::with_encoding(max_bytes, Encoding::Json)
+    }
+
+    /// An outbox for a connection speaking `encoding` (the hub converts each `message` frame to
+    /// it once per node and shares the result).
+    pub fn with_encoding(max_bytes: usize, encoding: Encoding) -> Outbox {
         Outbox {
             state: Mutex::new(State::default()),
             max_bytes,
             last_seen: AtomicU64::new(clock_ms()),
             ping_sent: AtomicU64::new(0),
             expires: AtomicU64::new(u64::MAX),
+            encoding,
+            deflate_min: AtomicUsize::new(usize::MAX),
         }
+    }
+
+    /// The connection's encoding.
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    /// The connection negotiated permessage-deflate: the hub queues its shared frames of at
+    /// least `min_bytes` compressed ([`Out::Deflated`], compressed once per fan-out).
+    pub fn set_deflate(&self, min_bytes: usize) {
+        self.deflate_min.store(min_bytes, Ordering::Relaxed);
+    }
+
+    /// The smallest frame sent compressed; `None` without permessage-deflate.
+    pub fn deflate_min(&self) -> Option<usize> {
+        let min = self.deflate_min.load(Ordering::Relaxed);
+        (min != usize::MAX).then_some(min)
     }
 
     /// The client was heard from (any frame counts as proof of life).
@@ -159,11 +193,20 @@ impl Outbox {
 
     /// Queues a frame.
     pub fn push(&self, frame: Bytes) -> Push {
+        self.push_out(Out::Frame(frame))
+    }
+
+    /// Queues a frame, plain or compressed ([`Out::Ping`] is [`Outbox::ping`]'s).
+    pub fn push_out(&self, item: Out) -> Push {
+        let len = match &item {
+            Out::Frame(f) | Out::Deflated(f) => f.len(),
+            Out::Ping => return Push::Queued,
+        };
         let mut s = self.lock();
         if s.closing {
             return Push::Closed;
         }
-        if s.bytes + frame.len() > self.max_bytes {
+        if s.bytes + len > self.max_bytes {
             s.queue.clear();
             s.bytes = 0;
             s.closing = true;
@@ -174,8 +217,8 @@ impl Outbox {
             wake(waker);
             return Push::Overflow;
         }
-        s.bytes += frame.len();
-        s.queue.push_back(Out::Frame(frame));
+        s.bytes += len;
+        s.queue.push_back(item);
         let waker = s.take_waker();
         drop(s);
         wake(waker);

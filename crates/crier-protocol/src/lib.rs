@@ -5,7 +5,8 @@
 //!   including [`frames::encode_message`], which builds a `message` frame in Rust (the Redis
 //!   broker's publish script builds the same bytes in Lua; crier-redis's tests keep the two
 //!   identical).
-//! - [`encoding`]: the per-connection encoding of frames (JSON text today).
+//! - [`encoding`]: the per-connection encoding of frames (JSON text, or MessagePack binary).
+//! - [`msgpack`]: MessagePack ⇄ JSON transcoding for the MessagePack encoding.
 //! - [`codes`]: error codes of `error` frames, and the table of WebSocket close codes (reason,
 //!   what the client should do).
 //! - [`ws`]: WebSocket framing (RFC 6455), server side: the reader and the frame encoder.
@@ -16,6 +17,7 @@ pub mod channel;
 pub mod codes;
 pub mod encoding;
 pub mod frames;
+pub mod msgpack;
 pub mod ws;
 
 pub use channel::{ChannelError, channel_matches, namespace, validate_channel};

@@ -12,10 +12,16 @@
 //! tungstenite every connection kept a read buffer, a write buffer the size of its largest
 //! batch, a copy of its configuration and two waker proxies for its whole life, and every
 //! outgoing frame was validated as UTF-8 once per subscriber (see BENCHMARKS.md for the figures).
-//! No permessage-deflate (an extension is never negotiated).
+//! permessage-deflate (RFC 7692) when the transport negotiated it ([`Reader::set_deflate`]):
+//! compressed client messages (RSV1) are inflated here, bounded by the size limit, with a
+//! fresh window per message (crier asks for `client_no_context_takeover`); [`deflate`]
+//! compresses a server message without context takeover, so one result serves every connection.
+
+use std::cell::RefCell;
 
 use crate::codes::CloseCode;
 use bytes::{Buf, BytesMut};
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 /// Frame opcodes.
 pub const OP_CONTINUATION: u8 = 0x0;
@@ -63,8 +69,8 @@ impl Violation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
     Text(String),
-    /// A binary message (crier speaks JSON text only); its length.
-    Binary(usize),
+    /// A binary message (the MessagePack encoding's frames).
+    Binary(Vec<u8>),
     /// A ping; its payload is owed back in a pong.
     Ping(Vec<u8>),
     Pong,
@@ -74,6 +80,8 @@ pub enum Incoming {
 
 struct Header {
     fin: bool,
+    /// RSV1: the message is compressed (permessage-deflate).
+    rsv1: bool,
     opcode: u8,
     mask: [u8; 4],
     header_len: usize,
@@ -83,7 +91,7 @@ struct Header {
 /// Parses a frame header from the front of `buf`; `Ok(None)` if more bytes are needed.
 fn parse_header(buf: &[u8]) -> Result<Option<Header>, Violation> {
     let [b0, b1, ..] = *buf else { return Ok(None) };
-    if b0 & 0x70 != 0 {
+    if b0 & 0x30 != 0 {
         return Err(Violation::Protocol("reserved bits set without an extension"));
     }
     let opcode = b0 & 0x0F;
@@ -113,7 +121,14 @@ fn parse_header(buf: &[u8]) -> Result<Option<Header>, Violation> {
         n => (u64::from(n), 2),
     };
     let Some(m) = buf.get(at..at + 4) else { return Ok(None) };
-    Ok(Some(Header { fin: b0 & 0x80 != 0, opcode, mask: [m[0], m[1], m[2], m[3]], header_len: at + 4, payload_len }))
+    Ok(Some(Header {
+        fin: b0 & 0x80 != 0,
+        rsv1: b0 & 0x40 != 0,
+        opcode,
+        mask: [m[0], m[1], m[2], m[3]],
+        header_len: at + 4,
+        payload_len,
+    }))
 }
 
 fn unmask(payload: &mut [u8], mask: [u8; 4]) {
@@ -148,14 +163,26 @@ fn parse_close(payload: Vec<u8>) -> Result<Incoming, Violation> {
 pub struct Reader {
     /// A fragmented message being assembled: its opcode and its payload so far (boxed: rare,
     /// and the reader lives in every connection).
+    /// (The opcode has [`COMPRESSED`] set when the message's first frame had RSV1.)
     partial: Option<Box<(u8, Vec<u8>)>>,
     max_message: usize,
+    /// permessage-deflate was negotiated: RSV1 marks a compressed message.
+    deflate: bool,
 }
+
+/// Marks a partial message as compressed (in the stored opcode's unused bits).
+const COMPRESSED: u8 = 0x40;
 
 impl Reader {
     /// A reader refusing frames and messages over `max_message` bytes (1009).
     pub fn new(max_message: usize) -> Reader {
-        Reader { partial: None, max_message }
+        Reader { partial: None, max_message, deflate: false }
+    }
+
+    /// permessage-deflate was negotiated: accept compressed messages (RSV1 on a message's first
+    /// frame), inflated with the size bound applied to the inflated size.
+    pub fn set_deflate(&mut self, on: bool) {
+        self.deflate = on;
     }
 
     /// Takes the next complete message off the front of `buf`, removing the bytes it used (in
@@ -167,6 +194,13 @@ impl Reader {
         loop {
             let Some(h) = parse_header(buf)? else { return Ok(None) };
             let control = h.opcode & 0x8 != 0;
+            if h.rsv1 && (!self.deflate || control || h.opcode == OP_CONTINUATION) {
+                return Err(Violation::Protocol(if self.deflate {
+                    "RSV1 set on a control or continuation frame"
+                } else {
+                    "reserved bits set without an extension"
+                }));
+            }
             if control {
                 if !h.fin {
                     return Err(Violation::Protocol("fragmented control frame"));
@@ -211,11 +245,11 @@ impl Reader {
                         continue;
                     }
                     let (opcode, acc) = *partial;
-                    finish(opcode, acc)?
+                    finish(opcode, acc, self.max_message)?
                 }
-                opcode if h.fin => finish(opcode, payload)?,
+                opcode if h.fin => finish(opcode | if h.rsv1 { COMPRESSED } else { 0 }, payload, self.max_message)?,
                 opcode => {
-                    self.partial = Some(Box::new((opcode, payload)));
+                    self.partial = Some(Box::new((opcode | if h.rsv1 { COMPRESSED } else { 0 }, payload)));
                     continue;
                 }
             };
@@ -224,12 +258,97 @@ impl Reader {
     }
 }
 
-fn finish(opcode: u8, payload: Vec<u8>) -> Result<Incoming, Violation> {
-    if opcode == OP_TEXT {
+fn finish(opcode: u8, payload: Vec<u8>, max_message: usize) -> Result<Incoming, Violation> {
+    let payload = if opcode & COMPRESSED != 0 { inflate(&payload, max_message)? } else { payload };
+    if opcode & !COMPRESSED == OP_TEXT {
         String::from_utf8(payload).map(Incoming::Text).map_err(|_| Violation::InvalidUtf8)
     } else {
-        Ok(Incoming::Binary(payload.len()))
+        Ok(Incoming::Binary(payload))
     }
+}
+
+thread_local! {
+    /// One inflater and one deflater per thread, reset for every message (no context takeover
+    /// either way): a connection keeps no compression state, and no message pays for allocating
+    /// one (~40 KiB to inflate, ~300 KiB to deflate with miniz_oxide).
+    static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
+    static DEFLATER: RefCell<Compress> = RefCell::new(Compress::new(Compression::fast(), false));
+}
+
+/// The tail RFC 7692 §7.2.2 strips from a compressed message and a receiver appends.
+const DEFLATE_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+/// Inflates a permessage-deflate message (without its tail); more than `max` bytes out is
+/// [`Violation::TooBig`] (a deflate bomb stops there), corrupt data a protocol error.
+pub fn inflate(compressed: &[u8], max: usize) -> Result<Vec<u8>, Violation> {
+    INFLATER.with(|d| {
+        let mut d = d.borrow_mut();
+        d.reset(false);
+        let mut out = Vec::with_capacity((compressed.len() * 4).clamp(64, max.max(64)));
+        for input in [compressed, &DEFLATE_TAIL[..]] {
+            let mut at = 0;
+            loop {
+                if out.len() == out.capacity() {
+                    // Grow (doubling), never past one byte over the bound.
+                    let room = (max + 1).saturating_sub(out.len());
+                    out.reserve(out.len().max(64).min(room).max(1));
+                }
+                let (before_in, before_out) = (d.total_in(), out.len());
+                let status = d
+                    .decompress_vec(&input[at..], &mut out, FlushDecompress::Sync)
+                    .map_err(|_| Violation::Protocol("invalid compressed data"))?;
+                at += (d.total_in() - before_in) as usize;
+                if out.len() > max {
+                    return Err(Violation::TooBig);
+                }
+                let stalled = d.total_in() == before_in && out.len() == before_out;
+                match status {
+                    Status::StreamEnd => break,
+                    // Done with this input once it is consumed and there was room to spare.
+                    _ if at >= input.len() && out.len() < out.capacity() => break,
+                    _ if stalled && out.len() < out.capacity() => {
+                        return Err(Violation::Protocol("invalid compressed data"));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// Compresses a message for permessage-deflate with no context takeover (RFC 7692 §7.2.1): the
+/// result (tail stripped) decodes on its own, so one compression serves every connection.
+pub fn deflate(message: &[u8]) -> Vec<u8> {
+    DEFLATER.with(|c| {
+        let mut c = c.borrow_mut();
+        c.reset();
+        let mut out = Vec::with_capacity(message.len() / 2 + 64);
+        let mut at = 0;
+        loop {
+            if out.len() == out.capacity() {
+                out.reserve(out.len().max(64));
+            }
+            let (before_in, before_out) = (c.total_in(), out.len());
+            // The rust backend's errors are impossible for in-memory buffers; an empty result
+            // would then fail the client's inflate loudly rather than silently.
+            if c.compress_vec(&message[at..], &mut out, FlushCompress::Sync).is_err() {
+                return Vec::new();
+            }
+            at += (c.total_in() - before_in) as usize;
+            // A sync flush is complete once all input is in and output had room left.
+            if at >= message.len() && out.len() < out.capacity() {
+                break;
+            }
+            if c.total_in() == before_in && out.len() == before_out && out.len() < out.capacity() {
+                return Vec::new();
+            }
+        }
+        if out.ends_with(&DEFLATE_TAIL) {
+            out.truncate(out.len() - DEFLATE_TAIL.len());
+        }
+        out
+    })
 }
 
 /// Bytes [`encode_frame`] adds in front of a payload of `len` bytes.
@@ -280,6 +399,60 @@ pub fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
     payload.extend_from_slice(&code.to_be_bytes());
     payload.extend_from_slice(&reason.as_bytes()[..cut]);
     encode_frame(out, OP_CLOSE, &payload);
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod deflate_tests {
+    use super::*;
+
+    #[test]
+    fn deflate_round_trips_and_bombs_stop_at_the_bound() {
+        for msg in [
+            &b""[..],
+            b"x",
+            &b"{\"type\":\"message\"}".repeat(500),
+            &(0..=255u8).cycle().take(100_000).collect::<Vec<_>>(),
+        ] {
+            let z = deflate(msg);
+            assert!(!z.ends_with(&DEFLATE_TAIL));
+            assert_eq!(inflate(&z, msg.len()).unwrap(), msg);
+            if !msg.is_empty() {
+                assert_eq!(inflate(&z, msg.len() - 1), Err(Violation::TooBig));
+            }
+        }
+        // 16 MiB of zeros in a few KiB: refused at the bound, not inflated whole.
+        let bomb = deflate(&vec![0u8; 16 << 20]);
+        assert!(bomb.len() < 100_000);
+        assert_eq!(inflate(&bomb, 65536), Err(Violation::TooBig));
+        assert!(matches!(inflate(&[0xff, 0xff, 0xff], 1000), Err(Violation::Protocol(_))));
+    }
+
+    #[test]
+    fn compressed_frames_need_the_extension() {
+        let z = deflate(b"hello");
+        let mut frame = vec![0xc1, 0x80 | z.len() as u8, 0, 0, 0, 0];
+        frame.extend_from_slice(&z);
+        let mut r = Reader::new(1024);
+        assert!(matches!(r.next(&mut BytesMut::from(&frame[..])), Err(Violation::Protocol(_))));
+        r.set_deflate(true);
+        assert_eq!(r.next(&mut BytesMut::from(&frame[..])), Ok(Some(Incoming::Text("hello".into()))));
+        // RSV1 on a control frame, or on a continuation, is a protocol error.
+        let ping = [0xc9, 0x80, 0, 0, 0, 0];
+        assert!(matches!(r.next(&mut BytesMut::from(&ping[..])), Err(Violation::Protocol(_))));
+        // Fragmented: RSV1 on the first frame only.
+        let (a, b) = z.split_at(2);
+        let mut frames = vec![0x41, 0x80 | a.len() as u8, 0, 0, 0, 0];
+        frames.extend_from_slice(a);
+        frames.extend_from_slice(&[0x80, 0x80 | b.len() as u8, 0, 0, 0, 0]);
+        frames.extend_from_slice(b);
+        assert_eq!(r.next(&mut BytesMut::from(&frames[..])), Ok(Some(Incoming::Text("hello".into()))));
+        // Inflated text must be UTF-8.
+        let z = deflate(&[0xff, 0xfe]);
+        let mut frame = vec![0xc1, 0x80 | z.len() as u8, 0, 0, 0, 0];
+        frame.extend_from_slice(&z);
+        assert_eq!(r.next(&mut BytesMut::from(&frame[..])), Err(Violation::InvalidUtf8));
+    }
 }
 
 #[cfg(test)]
@@ -338,7 +511,7 @@ mod tests {
                 Incoming::Text("hello".into()),
                 Incoming::Ping(b"p".to_vec()),
                 Incoming::Text("café!".into()),
-                Incoming::Binary(2),
+                Incoming::Binary(vec![0, 255]),
                 Incoming::Pong,
                 Incoming::Close(Some((1000, "ok".into()))),
             ]

@@ -64,6 +64,10 @@ pub struct Config {
     pub pong_timeout: Duration,
     pub max_message_bytes: usize,
     pub max_subscriptions_per_connection: usize,
+    /// Accept permessage-deflate offers (RFC 7692).
+    pub websocket_compression: bool,
+    /// Message frames shorter than this are sent uncompressed.
+    pub websocket_compression_min_bytes: usize,
     /// 0 = unlimited.
     pub max_connections_per_user: usize,
     pub client_queue_max_bytes: usize,

@@ -1,5 +1,6 @@
-//! The whole HTTP surface in one [`app`]: WebSocket handshake, REST API, health, readiness,
-//! metrics, the JavaScript client (`/crier.js`) and (in `--dev`) the demo page. Access logs record method and path only: the query
+//! The whole HTTP surface in one [`app`]: WebSocket handshake, SSE stream, REST API, health,
+//! readiness, metrics, the JavaScript client (`/crier.js`), the OpenAPI description and (in
+//! `--dev`) the demo page. Access logs record method and path only: the query
 //! string may carry a token and is never logged.
 
 use axum::Router;
@@ -13,7 +14,7 @@ use tower_http::trace::TraceLayer;
 use crate::api;
 use crate::metrics as m;
 use crate::state::AppState;
-use crate::transport::ws;
+use crate::transport::{sse, ws};
 
 /// Builds the router.
 pub fn app(st: AppState) -> Router {
@@ -28,6 +29,7 @@ pub fn app(st: AppState) -> Router {
         .layer(middleware::from_fn(api::time_limit));
     Router::new()
         .route("/ws", get(ws::handler))
+        .route("/sse", get(sse::handler))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

@@ -47,8 +47,8 @@ pub fn install() -> Option<PrometheusHandle> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_gauge!(CONNECTIONS, "Open WebSocket connections on this node");
-    describe_counter!(HANDSHAKES, "WebSocket handshakes by result (ok or the rejection code)");
+    describe_gauge!(CONNECTIONS, "Open connections on this node (WebSocket and SSE)");
+    describe_counter!(HANDSHAKES, "WebSocket and SSE handshakes by result (ok or the rejection code)");
     describe_gauge!(SUBSCRIPTIONS, "Channel subscriptions of this node's connections");
     describe_gauge!(CHANNELS, "Channels with at least one subscriber on this node");
     describe_counter!(PUBLISHED, "Messages accepted for publishing, by source (api or client)");
@@ -81,6 +81,11 @@ fn zero() {
         "too_many_connections",
         "bad_upgrade",
         "unavailable",
+        // SSE's own checks (GET /sse).
+        "bad_request",
+        "forbidden",
+        "invalid_channel",
+        "too_many_subscriptions",
     ];
     for result in handshake_results {
         counter!(HANDSHAKES, "result" => result).absolute(0);

@@ -21,7 +21,7 @@ use tokio::process::{Child, Command};
 
 use super::{Outcome, base_report, kib, token};
 use crate::cli::IdleArgs;
-use crate::clients::{ConnectSummary, SourceAddrs, Subscribers, Target, open_many};
+use crate::clients::{ConnectSummary, SourceAddrs, Subscribers, Target, open_many_over};
 use crate::gateway::Gateway;
 use crate::procfs;
 use crate::report::{Table, int, opt_f};
@@ -79,6 +79,9 @@ pub async fn run(a: IdleArgs, nofile: u64) -> anyhow::Result<Outcome> {
         ));
     }
     let helpers_needed = a.procs > 0 || max > per_process;
+    if helpers_needed && a.transport != crate::clients::Transport::Ws {
+        anyhow::bail!("--transport {:?} runs in one process: at most {per_process} connections here", a.transport);
+    }
     let sources = SourceAddrs::new(a.gateway.source_addrs.max(max.div_ceil(PORTS_PER_SOURCE)));
     let gw = Gateway::new(&a.gateway, nodes_wanted, false).await?;
     let nodes: Vec<_> = gw.nodes.iter().map(|n| n.addr).collect();
@@ -111,7 +114,7 @@ pub async fn run(a: IdleArgs, nofile: u64) -> anyhow::Result<Outcome> {
                 channel: (a.channels > 0).then(|| format!("bench:idle:{}", i % a.channels)),
             };
             let conc = a.gateway.connect_concurrency;
-            open_many(have, size - have, conc, target, &holders.stats, &mut holders.local, true).await
+            open_many_over(a.transport, have, size - have, conc, target, &holders.stats, &mut holders.local, true).await
         };
         let cpu1 = gw.cpu_secs();
         have = size;
@@ -139,7 +142,12 @@ pub async fn run(a: IdleArgs, nofile: u64) -> anyhow::Result<Outcome> {
         });
     }
     let mut t = Table::new(
-        format!("idle: gateway memory per idle connection ({} channels, {} node(s))", a.channels, nodes.len()),
+        format!(
+            "idle: gateway memory per idle connection ({:?}, {} channels, {} node(s))",
+            a.transport,
+            a.channels,
+            nodes.len()
+        ),
         results.iter().map(|r| int(r.connections as f64)).collect(),
     );
     let col = |f: &dyn Fn(&SizeResult) -> String| results.iter().map(f).collect::<Vec<_>>();
@@ -163,7 +171,7 @@ pub async fn run(a: IdleArgs, nofile: u64) -> anyhow::Result<Outcome> {
         "idle",
         &gw,
         &a.gateway,
-        json!({"sizes": sizes, "channels": a.channels, "settle_s": a.settle.as_secs_f64(), "source_addrs": sources.len(),
+        json!({"sizes": sizes, "transport": a.transport, "channels": a.channels, "settle_s": a.settle.as_secs_f64(), "source_addrs": sources.len(),
                "nodes": nodes.len(), "helper_processes": holders.helpers.len(), "rlimit_nofile": nofile}),
         machine,
     );

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::{Outcome, base_report, kib, token};
 use crate::cli::{GatewayArgs, PublishArgs};
-use crate::clients::{ConnectSummary, SourceAddrs, Subscribers, Target, open_many};
+use crate::clients::{ConnectSummary, SourceAddrs, Subscribers, Target, open_many_over};
 use crate::gateway::Gateway;
 use crate::procfs;
 use crate::publisher::{Published, Publisher};
@@ -42,6 +42,9 @@ struct Step {
     lost: i64,
     window_s: f64,
     deliveries_per_s: f64,
+    /// Bytes the subscribers read off their sockets per message received (WebSocket frames,
+    /// compressed or not; pings and other frames included).
+    wire_bytes_per_delivery: Option<f64>,
     gateway_cpu_s: Option<f64>,
     /// Of which user / system (kernel: socket writes, epoll, wakeups).
     gateway_cpu_user_s: Option<f64>,
@@ -96,8 +99,17 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
         token: token(&gw, &format!("sub-{i}")),
         channel: Some(channels[i % channels.len()].clone()),
     };
-    let connect =
-        open_many(0, plan.subscribers, plan.gateway.connect_concurrency, target, &stats, &mut subs, true).await;
+    let connect = open_many_over(
+        plan.publish.transport,
+        0,
+        plan.subscribers,
+        plan.gateway.connect_concurrency,
+        target,
+        &stats,
+        &mut subs,
+        true,
+    )
+    .await;
     let mut per_channel = vec![0u64; channels.len()];
     for &i in &connect.ok_indices {
         per_channel[i % channels.len()] += 1;
@@ -109,7 +121,13 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss1 = gw.rss_kib();
 
-    let publisher = Publisher::new(&nodes, &gw.api_key, plan.publish.payload_bytes, plan.publish.publish_concurrency);
+    let publisher = Publisher::with_payload(
+        &nodes,
+        &gw.api_key,
+        plan.publish.payload_bytes,
+        plan.publish.realistic_payload,
+        plan.publish.publish_concurrency,
+    );
     // Warm-up (not measured): a second at the lowest rate, so connection pools and channel
     // entries exist before the first measured step.
     let warm = rates.iter().cloned().fold(f64::INFINITY, f64::min).max(1.0);
@@ -127,6 +145,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
         let split0 = procfs::total_cpu_split(&gw.pids());
         let per_node0: Vec<_> = gw.nodes.iter().map(|n| n.pid.and_then(procfs::cpu_secs)).collect();
         let t0 = Instant::now();
+        let wire0 = crate::clients::wire_bytes();
         let published = publisher.run(&channels, rate, plan.publish.step_duration).await;
         let publish_end = Instant::now();
         let expected: u64 = published.ok_per_channel.iter().zip(&per_channel).map(|(p, s)| p * s).sum();
@@ -137,11 +156,13 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
         let split = split0.zip(split1).map(|(a, b)| (b.0 - a.0, b.1 - a.1));
         let per_node1: Vec<_> = gw.nodes.iter().map(|n| n.pid.and_then(procfs::cpu_secs)).collect();
         let received = stats.take();
+        let wire_bytes = crate::clients::wire_bytes() - wire0;
         run_hook(plan.publish.hook_step_end.as_deref(), &gw).await;
         let window_s = (end - t0).as_secs_f64();
         let gateway_cpu_s = g0.zip(g1).map(|(a, b)| b - a);
         steps.push(Step {
             lost: expected as i64 - received.received as i64,
+            wire_bytes_per_delivery: (received.received > 0).then(|| wire_bytes as f64 / received.received as f64),
             deliveries_per_s: received.received as f64 / window_s.max(1e-9),
             gateway_cores: gateway_cpu_s.map(|c| c / window_s.max(1e-9)),
             deliveries_per_gateway_cpu_s: gateway_cpu_s.filter(|c| *c > 0.0).map(|c| received.received as f64 / c),
@@ -172,13 +193,38 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
         json!({
             "nodes": nodes.len(), "channels": channels.len(), "subscribers": plan.subscribers,
             "rates": rates, "step_duration_s": plan.publish.step_duration.as_secs_f64(),
-            "payload_bytes": plan.publish.payload_bytes, "publish_concurrency": plan.publish.publish_concurrency,
+            "payload_bytes": plan.publish.payload_bytes, "realistic_payload": plan.publish.realistic_payload,
+            "transport": plan.publish.transport, "publish_concurrency": plan.publish.publish_concurrency,
             "source_addrs": sources.len(),
         }),
         machine,
     );
     if connect.failed > 0 {
         report.notes.push(format!("connect errors: {:?}", connect.errors));
+    }
+    if plan.publish.transport == crate::clients::Transport::WsDeflate {
+        // What compress-once costs the gateway: one deflate per message (timed here, same code,
+        // same build), whatever the number of subscribers.
+        let frame = publisher.sample_frame(&channels[0]);
+        let runs = 2000u32;
+        let t = Instant::now();
+        let mut out = 0usize;
+        for _ in 0..runs {
+            out = crier_protocol::ws::deflate(&frame).len();
+        }
+        let us = t.elapsed().as_secs_f64() * 1e6 / f64::from(runs);
+        let messages: u64 = steps.iter().map(|s| s.published.ok).sum();
+        report.notes.push(format!(
+            "deflate of one {}-byte message frame: {:.1} µs ({} bytes out, {:.0}%); the gateway compresses once per \
+             message: {} messages ≈ {:.1} ms of gateway CPU for all {} subscribers",
+            frame.len(),
+            us,
+            out,
+            100.0 * out as f64 / frame.len() as f64,
+            messages,
+            us * messages as f64 / 1000.0,
+            plan.subscribers
+        ));
     }
     let ended = stats.ended();
     if !ended.is_empty() {
@@ -247,6 +293,7 @@ fn table(plan: &Plan, connect: &ConnectSummary, steps: &[Step], gw: &Gateway) ->
     t.row("lost (expected - received)", col(&|s| int(s.lost as f64)));
     t.row("gaps / duplicates seen", col(&|s| format!("{} / {}", s.received.gaps, s.received.duplicates)));
     t.row("deliveries/s", col(&|s| int(s.deliveries_per_s)));
+    t.row("wire bytes per delivery", col(&|s| opt_f(s.wire_bytes_per_delivery, 0)));
     t.row("latency p50 ms", col(&|s| format!("{:.2}", s.received.latency.p50_ms)));
     t.row("latency p90 ms", col(&|s| format!("{:.2}", s.received.latency.p90_ms)));
     t.row("latency p99 ms", col(&|s| format!("{:.2}", s.received.latency.p99_ms)));

@@ -266,6 +266,8 @@ pub(super) fn build(
         }
     });
     let max_subscriptions = p.required("max_subscriptions_per_connection", at_least_one::<usize>);
+    let websocket_compression = p.required("websocket_compression", boolean);
+    let websocket_compression_min_bytes = p.required("websocket_compression_min_bytes", number::<usize>);
     let max_connections_per_user = p.required("max_connections_per_user", number::<usize>);
     let client_queue_max_bytes = p.required("client_queue_max_bytes", number::<usize>);
     if let (Some(queue), Some(max)) = (client_queue_max_bytes, max_message_bytes)
@@ -351,6 +353,8 @@ pub(super) fn build(
         pong_timeout: got(pong_timeout)?,
         max_message_bytes: got(max_message_bytes)?,
         max_subscriptions_per_connection: got(max_subscriptions)?,
+        websocket_compression: got(websocket_compression)?,
+        websocket_compression_min_bytes: got(websocket_compression_min_bytes)?,
         max_connections_per_user: got(max_connections_per_user)?,
         client_queue_max_bytes: got(client_queue_max_bytes)?,
         user_rate: got(user_rate)?,

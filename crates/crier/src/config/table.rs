@@ -182,6 +182,22 @@ pub(super) static SETTINGS: &[Setting] = &[
         "channels one connection may subscribe to",
     ),
     setting(
+        "websocket_compression",
+        Bool,
+        "BOOL",
+        Some("false"),
+        "`false`",
+        "accept permessage-deflate (RFC 7692): message frames compressed once per node",
+    ),
+    setting(
+        "websocket_compression_min_bytes",
+        Scalar,
+        "BYTES",
+        Some("256"),
+        "`256`",
+        "message frames shorter than this go uncompressed",
+    ),
+    setting(
         "max_connections_per_user",
         Scalar,
         "N",

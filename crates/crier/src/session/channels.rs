@@ -10,14 +10,21 @@ use crier_protocol::{ErrorCode, StreamPosition, validate_channel};
 use super::{Session, expiry_ms};
 use crate::metrics as m;
 
+/// Whether a token with these `channels` patterns, for `user` (empty: anonymous), may subscribe
+/// to `channel`: a matching pattern, or the user's personal channel `user:<sub>`. Also what a
+/// transport checks for channels named at its handshake (SSE's `?channel=`).
+pub fn may_subscribe(channels: &[String], user: &str, channel: &str) -> bool {
+    any_matches(channels, channel)
+        || (!user.is_empty() && channel.strip_prefix("user:").is_some_and(|rest| rest == user))
+}
+
 impl Session {
     pub(super) fn subscribed(&self, channel: &str) -> Option<usize> {
         self.subs.iter().position(|c| &**c == channel)
     }
 
     fn can_subscribe(&self, channel: &str) -> bool {
-        any_matches(&self.channels, channel)
-            || (!self.user.is_empty() && channel.strip_prefix("user:").is_some_and(|rest| rest == &*self.user))
+        may_subscribe(&self.channels, &self.user, channel)
     }
 
     /// Validates a channel name and the right to read it; sends the error when refused.

@@ -21,6 +21,8 @@
 mod channels;
 mod requests;
 
+pub use channels::may_subscribe;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -62,7 +64,7 @@ impl Session {
     /// A session for an admitted handshake, speaking `encoding`.
     pub fn new(st: AppState, admitted: Admitted, encoding: Encoding) -> Session {
         let Admitted { conn, claims, slot } = admitted;
-        let outbox = Arc::new(Outbox::new(st.config.client_queue_max_bytes));
+        let outbox = Arc::new(Outbox::with_encoding(st.config.client_queue_max_bytes, encoding));
         outbox.set_expiry(expiry_ms(claims.exp));
         Session {
             conn,
@@ -128,6 +130,14 @@ impl Session {
                 Box::pin(self.history(id, &channel, since, limit)).await
             }
         }
+    }
+
+    /// Subscribes to a channel the transport's handshake named (SSE's `?channel=`): exactly what a
+    /// `subscribe` frame without an `id` does (ack or error queued in the outbox), except that it
+    /// is not counted against the user's frame rate — the handshake rate already covers it, and a
+    /// client that cannot send frames could not pace its subscriptions.
+    pub async fn subscribe_named(&mut self, channel: &str, recover: Option<crier_protocol::StreamPosition>) {
+        Box::pin(self.subscribe(None, channel, recover)).await
     }
 
     /// The connection ended (whatever ended it): leaves every channel, forgets the connection

@@ -10,9 +10,13 @@
 //! [`Session::close`](crate::session::Session::close) when the connection ends.
 //!
 //! *Invariant:* the session never sees transport bytes and the transport never interprets a
-//! frame: everything the server sends goes through the outbox (so its byte bound covers replies
-//! as well as messages), and every client frame goes through `Session::on_frame`.
+//! frame beyond its envelope (`type`, `channel`, `epoch`, `offset`, `recovered` — never `data`;
+//! SSE reads it to name events and keep its cursor): everything the server sends goes through the
+//! outbox (so its byte bound covers replies as well as messages), and every client frame goes
+//! through `Session::on_frame` (channels named by a transport's handshake: `subscribe_named`).
 //!
 //! - [`ws`]: WebSocket (RFC 6455), crier's own framing over the upgraded TCP stream.
+//! - [`sse`]: Server-Sent Events (`GET /sse`), receive only: the request names the channels.
 
+pub mod sse;
 pub mod ws;

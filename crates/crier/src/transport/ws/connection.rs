@@ -81,10 +81,10 @@ enum Ending {
 /// `async fn` would keep a second copy of its argument in the task (rust-lang/rust#62958;
 /// measured: 864 → ~580 bytes per connection task).
 #[allow(clippy::manual_async_fn)] // on purpose, see above
-pub fn run(mut s: Session, upgrade: OnUpgrade, max_message: usize) -> impl Future<Output = ()> + Send {
+pub fn run(mut s: Session, upgrade: OnUpgrade, max_message: usize, deflate: bool) -> impl Future<Output = ()> + Send {
     async move {
         let mut ws = match upgrade.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
-            Ok(Ok(parts)) => WsSocket::new(parts.io.into_inner(), parts.read_buf, max_message),
+            Ok(Ok(parts)) => WsSocket::new(parts.io.into_inner(), parts.read_buf, max_message, deflate),
             Ok(Err(_)) => return tracing::error!("the upgraded connection is not a TCP stream"),
             Err(e) => return tracing::debug!(error = %e, "websocket upgrade failed"),
         };
@@ -105,7 +105,10 @@ pub fn run(mut s: Session, upgrade: OnUpgrade, max_message: usize) -> impl Futur
             s.outbox().touch();
             match inbound {
                 Ok(Some(Incoming::Text(text))) => Box::pin(s.on_frame(encoding.decode_text(&text))).await,
-                Ok(Some(Incoming::Binary(_))) => Box::pin(s.on_frame(encoding.decode_binary(&[]))).await,
+                Ok(Some(Incoming::Binary(bytes))) => {
+                    let mut scratch = String::new();
+                    Box::pin(s.on_frame(encoding.decode_binary(&bytes, &mut scratch))).await
+                }
                 Ok(Some(Incoming::Ping(_) | Incoming::Pong)) => {}
                 Ok(Some(Incoming::Close(c))) => break Ending::Echo(c.map(|(code, _)| code)),
                 Ok(None) => break Ending::Gone,

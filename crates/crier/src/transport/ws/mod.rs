@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
-use crier_protocol::Encoding;
 
 use crate::error::ApiError;
 use crate::handshake;
@@ -43,12 +42,16 @@ pub async fn handler(
             return response;
         }
     };
-    let protocol = upgrade::offered_subprotocol(req.headers());
+    let (protocol, encoding) = upgrade::offered_subprotocol(req.headers());
     let admitted = match handshake::accept(&st, admitted).await {
         Ok(a) => a,
         Err(response) => return response,
     };
-    let session = Session::new(st.clone(), admitted, Encoding::Json);
-    tokio::spawn(connection::run(session, on_upgrade, st.config.max_message_bytes));
-    upgrade::switching_protocols(accept, protocol)
+    let deflate = st.config.websocket_compression && upgrade::deflate_offered(req.headers());
+    let session = Session::new(st.clone(), admitted, encoding);
+    if deflate {
+        session.outbox().set_deflate(st.config.websocket_compression_min_bytes);
+    }
+    tokio::spawn(connection::run(session, on_upgrade, st.config.max_message_bytes, deflate));
+    upgrade::switching_protocols(accept, protocol, deflate)
 }

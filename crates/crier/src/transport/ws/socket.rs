@@ -50,15 +50,10 @@ pub struct WsSocket {
 impl WsSocket {
     /// `leftover`: bytes the HTTP layer read past the upgrade request (a client may send its
     /// first frame without waiting for the 101).
-    pub fn new(io: TcpStream, leftover: Bytes, max_message: usize) -> WsSocket {
-        WsSocket {
-            io,
-            reader: frame::Reader::new(max_message),
-            rbuf: BytesMut::from(&leftover[..]),
-            wbuf: Vec::new(),
-            written: 0,
-            pong: None,
-        }
+    pub fn new(io: TcpStream, leftover: Bytes, max_message: usize, deflate: bool) -> WsSocket {
+        let mut reader = frame::Reader::new(max_message);
+        reader.set_deflate(deflate);
+        WsSocket { io, reader, rbuf: BytesMut::from(&leftover[..]), wbuf: Vec::new(), written: 0, pong: None }
     }
 
     /// The next message; `Ok(None)` when the client's stream ended. A ping is answered (the pong
@@ -136,8 +131,11 @@ impl WsSocket {
             let mut headers = [[0u8; 10]; FRAMES_PER_WRITE];
             let mut lens = [0usize; FRAMES_PER_WRITE];
             for (i, out) in now.iter().enumerate() {
-                let (op, payload) = parts(out, data_op);
+                let (op, payload, rsv1) = parts(out, data_op);
                 lens[i] = frame::encode_header(&mut headers[i], op, payload.len());
+                if rsv1 {
+                    headers[i][0] |= RSV1;
+                }
             }
             let mut slices = [io::IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
             let mut total = 0;
@@ -164,8 +162,14 @@ impl WsSocket {
                     self.wbuf.extend_from_slice(&s[take..]);
                 }
                 for out in later {
-                    let (op, payload) = parts(out, data_op);
-                    frame::encode_frame(&mut self.wbuf, op, payload);
+                    let (op, payload, rsv1) = parts(out, data_op);
+                    let mut header = [0u8; 10];
+                    let n = frame::encode_header(&mut header, op, payload.len());
+                    if rsv1 {
+                        header[0] |= RSV1;
+                    }
+                    self.wbuf.extend_from_slice(&header[..n]);
+                    self.wbuf.extend_from_slice(payload);
                 }
                 self.written = 0;
                 return Ok(());
@@ -205,9 +209,14 @@ fn poll_io<T>(
     }
 }
 
-fn parts(out: &Out, data_op: u8) -> (u8, &[u8]) {
+/// The first header byte's RSV1 bit: a permessage-deflate compressed message.
+const RSV1: u8 = 0x40;
+
+/// A queued item's opcode, payload and whether it is compressed.
+fn parts(out: &Out, data_op: u8) -> (u8, &[u8], bool) {
     match out {
-        Out::Frame(bytes) => (data_op, bytes),
-        Out::Ping => (frame::OP_PING, &[]),
+        Out::Frame(bytes) => (data_op, bytes, false),
+        Out::Deflated(bytes) => (data_op, bytes, true),
+        Out::Ping => (frame::OP_PING, &[], false),
     }
 }

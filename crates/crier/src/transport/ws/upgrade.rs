@@ -6,12 +6,15 @@ use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use base64::Engine;
+use crier_protocol::Encoding;
 use hyper::upgrade::OnUpgrade;
 use sha1::{Digest, Sha1};
 
 /// The subprotocol crier speaks; selected whenever the client offers it (the token
 /// subprotocol `crier.bearer.<jwt>` is never echoed).
 pub const SUBPROTOCOL: &str = "crier.v1";
+/// The same protocol in MessagePack binary frames (the contract's §11).
+pub const SUBPROTOCOL_MSGPACK: &str = "crier.v1.msgpack";
 
 /// The `Sec-WebSocket-Accept` value and the connection's upgrade handle, or the status and
 /// message of a `bad_upgrade` rejection.
@@ -45,19 +48,77 @@ pub fn check(req: &mut Request) -> Result<(HeaderValue, OnUpgrade), (StatusCode,
     }
 }
 
-/// The subprotocol to answer: crier's, when the client offers it.
-pub fn offered_subprotocol(headers: &HeaderMap) -> Option<&'static str> {
+/// The subprotocol to answer and the encoding it means: the first of crier's that the client
+/// offers (`crier.v1` → JSON, `crier.v1.msgpack` → MessagePack); none offered → no subprotocol,
+/// JSON.
+pub fn offered_subprotocol(headers: &HeaderMap) -> (Option<&'static str>, Encoding) {
     headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|p| p.trim() == SUBPROTOCOL)
-        .then_some(SUBPROTOCOL)
+        .find_map(|p| match p.trim() {
+            SUBPROTOCOL => Some((Some(SUBPROTOCOL), Encoding::Json)),
+            SUBPROTOCOL_MSGPACK => Some((Some(SUBPROTOCOL_MSGPACK), Encoding::MsgPack)),
+            _ => None,
+        })
+        .unwrap_or((None, Encoding::Json))
+}
+
+/// What crier answers to an accepted permessage-deflate offer: no context takeover either way,
+/// so each message is compressed once per node and shared, and no connection keeps a
+/// compression window (RFC 7692 §7.1.1; a server may ask for `client_no_context_takeover`
+/// even when the client did not offer it).
+pub const DEFLATE_RESPONSE: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+/// Whether the client offers a permessage-deflate that crier can accept (RFC 7692 §7.1). An
+/// offer is declined — the connection then goes uncompressed — when it has an unknown or
+/// repeated parameter, a parameter value that is not allowed, or a `server_max_window_bits`
+/// below 15 (crier's deflater always uses the 32 KiB window). Several offers: the first
+/// acceptable one counts.
+pub fn deflate_offered(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(acceptable_deflate_offer)
+}
+
+fn acceptable_deflate_offer(offer: &str) -> bool {
+    let mut parts = offer.split(';').map(str::trim);
+    if !parts.next().is_some_and(|name| name.eq_ignore_ascii_case("permessage-deflate")) {
+        return false;
+    }
+    let mut seen: Vec<String> = Vec::new();
+    for param in parts {
+        let (name, value) = match param.split_once('=') {
+            Some((n, v)) => (n.trim().to_ascii_lowercase(), Some(v.trim().trim_matches('"'))),
+            None => (param.to_ascii_lowercase(), None),
+        };
+        if seen.contains(&name) {
+            tracing::debug!(offer, "permessage-deflate offer declined: a repeated parameter");
+            return false;
+        }
+        let window_bits = |v: Option<&str>| v.and_then(|v| v.parse::<u8>().ok()).filter(|b| (8..=15).contains(b));
+        let ok = match (name.as_str(), value) {
+            ("server_no_context_takeover" | "client_no_context_takeover", None) => true,
+            ("server_max_window_bits", v) => window_bits(v) == Some(15),
+            ("client_max_window_bits", None) => true,
+            ("client_max_window_bits", v) => window_bits(v).is_some(),
+            _ => false,
+        };
+        if !ok {
+            tracing::debug!(offer, "permessage-deflate offer declined: a parameter crier cannot accept");
+            return false;
+        }
+        seen.push(name);
+    }
+    true
 }
 
 /// The 101 response.
-pub fn switching_protocols(accept: HeaderValue, protocol: Option<&'static str>) -> Response {
+pub fn switching_protocols(accept: HeaderValue, protocol: Option<&'static str>, deflate: bool) -> Response {
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = response.headers_mut();
@@ -66,6 +127,9 @@ pub fn switching_protocols(accept: HeaderValue, protocol: Option<&'static str>) 
     h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     if let Some(p) = protocol {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    if deflate {
+        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, HeaderValue::from_static(DEFLATE_RESPONSE));
     }
     response
 }
@@ -81,6 +145,39 @@ fn accept_key(key: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deflate_offers_real_clients_send_are_accepted_and_bogus_ones_declined() {
+        let offered = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::SEC_WEBSOCKET_EXTENSIONS,
+                HeaderValue::from_str(v).unwrap_or(HeaderValue::from_static("")),
+            );
+            deflate_offered(&h)
+        };
+        // Chromium, Python websockets, ws (Node), Firefox.
+        assert!(offered("permessage-deflate; client_max_window_bits"));
+        assert!(offered("permessage-deflate; server_max_window_bits=15; client_max_window_bits=15"));
+        assert!(offered("permessage-deflate; client_no_context_takeover; server_no_context_takeover"));
+        assert!(offered("PerMessage-Deflate"));
+        assert!(offered("x-webkit-deflate-frame, permessage-deflate; client_max_window_bits=\"10\""));
+        // A bad first offer, a good second one.
+        assert!(offered("permessage-deflate; bogus, permessage-deflate"));
+        for bogus in [
+            "permessage-deflate; bogus",
+            "permessage-deflate; server_max_window_bits=10",
+            "permessage-deflate; server_max_window_bits",
+            "permessage-deflate; client_max_window_bits=16",
+            "permessage-deflate; client_max_window_bits=abc",
+            "permessage-deflate; server_no_context_takeover=1",
+            "permessage-deflate; client_max_window_bits; client_max_window_bits",
+            "deflate-frame",
+            "",
+        ] {
+            assert!(!offered(bogus), "{bogus:?} declined");
+        }
+    }
 
     #[test]
     fn accept_key_matches_rfc_6455() {

@@ -1,0 +1,119 @@
+//! The hub's fan-out in several encodings: JSON subscribers share the broker's frame, MessagePack
+//! subscribers share one MessagePack frame built from it once per fan-out (per message per
+//! node), whatever their number; buffered and notified frames are converted too.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use crier_core::{Hub, Next, Out, Outbox, Publication};
+use crier_protocol::Encoding;
+use crier_protocol::frames::encode_message;
+
+fn publication(offset: u64) -> Publication {
+    Publication {
+        offset,
+        epoch: "e".into(),
+        frame: encode_message("c", "e", offset, r#"{"text":"hi","n":[1,2.5,-3]}"#),
+        published_at_us: 0,
+    }
+}
+
+async fn frames(o: &Outbox) -> Vec<Bytes> {
+    let mut batch = Vec::new();
+    assert_eq!(o.next(&mut batch).await, Next::Batch);
+    batch
+        .into_iter()
+        .filter_map(|b| match b {
+            Out::Frame(f) | Out::Deflated(f) => Some(f),
+            Out::Ping => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn each_encoding_gets_one_shared_frame_per_message() {
+    let hub = Hub::new();
+    let outboxes: Vec<Arc<Outbox>> = [Encoding::Json, Encoding::MsgPack, Encoding::Json, Encoding::MsgPack]
+        .into_iter()
+        .map(|e| Arc::new(Outbox::with_encoding(1 << 20, e)))
+        .collect();
+    for (i, o) in outboxes.iter().enumerate() {
+        assert!(hub.add("c", i as u64, o.clone()).is_ok());
+    }
+    // The last one is still buffering when message 1 arrives.
+    for i in 0..3 {
+        assert!(hub.activate("c", i as u64, vec![], ("e", 0)));
+    }
+    let p = publication(1);
+    assert_eq!(hub.deliver("c", &p).delivered, 3);
+    assert!(hub.activate("c", 3, vec![], ("e", 0)));
+    hub.deliver("c", &publication(2));
+    let gap = Bytes::from_static(br#"{"type":"gap","channel":"c","epoch":"f","offset":9}"#);
+    hub.notify("c", &gap);
+
+    let json_a = frames(&outboxes[0]).await;
+    let mp_a = frames(&outboxes[1]).await;
+    let json_b = frames(&outboxes[2]).await;
+    let mp_b = frames(&outboxes[3]).await;
+    // JSON: the broker's very bytes.
+    assert_eq!(json_a[0].as_ptr(), p.frame.as_ptr());
+    assert_eq!(json_b[0].as_ptr(), p.frame.as_ptr());
+    // MessagePack: the same value, in one allocation shared by both subscribers (message 2 and
+    // the gap notice: live for both).
+    let as_json = |b: &Bytes| rmp_serde::from_slice::<serde_json::Value>(b).unwrap();
+    assert_eq!(as_json(&mp_a[0]), serde_json::from_slice::<serde_json::Value>(&p.frame).unwrap());
+    assert_eq!(mp_a[1].as_ptr(), mp_b[1].as_ptr(), "one MessagePack frame per message per node");
+    assert_eq!(mp_a[2].as_ptr(), mp_b[2].as_ptr());
+    assert_eq!(as_json(&mp_a[2])["type"], "gap");
+    // The buffered subscriber got message 1 converted at activation.
+    assert_eq!(as_json(&mp_b[0])["offset"], 1);
+    assert_eq!(mp_b.len(), 3);
+    assert_eq!(json_a.len(), 3);
+}
+
+#[tokio::test]
+async fn deflate_subscribers_share_one_compressed_frame_per_encoding() {
+    let hub = Hub::new();
+    let make = |e, deflate: bool| {
+        let o = Arc::new(Outbox::with_encoding(1 << 20, e));
+        if deflate {
+            o.set_deflate(16);
+        }
+        o
+    };
+    let outboxes = [
+        make(Encoding::Json, true),
+        make(Encoding::Json, true),
+        make(Encoding::MsgPack, true),
+        make(Encoding::MsgPack, true),
+        make(Encoding::Json, false),
+    ];
+    for (i, o) in outboxes.iter().enumerate() {
+        assert!(hub.add("c", i as u64, o.clone()).is_ok());
+        assert!(hub.activate("c", i as u64, vec![], ("e", 0)));
+    }
+    let p = publication(1);
+    hub.deliver("c", &p);
+    let small = Publication { frame: Bytes::from_static(b"{\"a\":1}"), ..publication(2) };
+    hub.deliver("c", &small);
+    let mut got = Vec::new();
+    for o in &outboxes {
+        let mut batch = Vec::new();
+        assert_eq!(o.next(&mut batch).await, Next::Batch);
+        got.push(batch);
+    }
+    let ptr = |o: &Out| match o {
+        Out::Deflated(b) => Some(b.as_ptr()),
+        _ => None,
+    };
+    assert!(ptr(&got[0][0]).is_some(), "compressed for a deflate subscriber");
+    assert_eq!(ptr(&got[0][0]), ptr(&got[1][0]), "one compression for both JSON subscribers");
+    assert_eq!(ptr(&got[2][0]), ptr(&got[3][0]), "one for both MessagePack subscribers");
+    assert_ne!(ptr(&got[0][0]), ptr(&got[2][0]));
+    assert!(matches!(&got[4][0], Out::Frame(f) if f.as_ptr() == p.frame.as_ptr()), "plain JSON: the broker's bytes");
+    assert!(matches!(&got[0][1], Out::Frame(_)), "under the minimum: uncompressed");
+    let Out::Deflated(z) = &got[0][0] else { unreachable!() };
+    assert_eq!(crier_protocol::ws::inflate(z, 1 << 20).unwrap(), p.frame.to_vec());
+}

@@ -1,0 +1,141 @@
+//! The Server-Sent Events transport: `GET /sse?channel=a&channel=b` (the contract's §10).
+//!
+//! The handshake checks are the WebSocket ones ([`handshake::admit`]), then this transport's own
+//! (the query and `Last-Event-ID` parse; at least one channel and at most
+//! `max_subscriptions_per_connection`; every channel valid and permitted by the token), then
+//! [`handshake::accept`] — all answered with the contract's JSON error before the stream starts.
+//! The session is the same as a WebSocket connection's, speaking JSON; the transport feeds it
+//! one synthesized `subscribe` per channel (with `recover` from the cursor) and streams its
+//! outbox as events ([`render`]) — see [`stream`] for the task, the body and liveness.
+//!
+//! - [`cursor`]: the `id:` of events, resumed from through `Last-Event-ID`.
+//! - [`render`]: frames as events (the transport reads a frame's envelope, never its `data`).
+//! - [`stream`]: the connection's task and its response body.
+
+mod cursor;
+mod render;
+mod stream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use crier_protocol::{Encoding, StreamPosition, validate_channel};
+
+use crate::error::ApiError;
+use crate::handshake;
+use crate::session::{Session, may_subscribe};
+use crate::state::AppState;
+use cursor::Cursor;
+
+/// What an SSE request asks for.
+#[derive(Debug, Default)]
+struct Wanted {
+    /// Channels in the order named, without repeats (not validated yet).
+    channels: Vec<String>,
+    cursor: Cursor,
+}
+
+/// Parses the query (`channel`, repeatable; `last_event_id`) and the `Last-Event-ID` header
+/// (which wins over the query's: it is what a reconnecting `EventSource` sends).
+fn wanted(query: Option<&str>, headers: &HeaderMap) -> Result<Wanted, String> {
+    let mut w = Wanted::default();
+    let mut from_query = None;
+    for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*name {
+            "channel" if !w.channels.iter().any(|c| *c == value) => w.channels.push(value.into_owned()),
+            "last_event_id" => from_query = Some(value.into_owned()),
+            _ => {}
+        }
+    }
+    let header = match headers.get("last-event-id") {
+        Some(v) => Some(v.to_str().map_err(|_| "malformed Last-Event-ID: not visible ASCII".to_owned())?.to_owned()),
+        None => None,
+    };
+    if let Some(id) = header.or(from_query) {
+        w.cursor = Cursor::parse(&id)?;
+    }
+    Ok(w)
+}
+
+/// The transport's own checks, on an admitted handshake's claims.
+fn check(st: &AppState, claims: &crate::auth::Claims, w: &Wanted) -> Result<(), ApiError> {
+    if w.channels.is_empty() {
+        return Err(ApiError::bad_request("name at least one channel: /sse?channel=<name>"));
+    }
+    let max = st.config.max_subscriptions_per_connection;
+    if w.channels.len() > max {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "too_many_subscriptions",
+            format!("at most {max} channels (max_subscriptions_per_connection)"),
+        ));
+    }
+    for channel in &w.channels {
+        if let Err(e) = validate_channel(channel) {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()));
+        }
+        if !may_subscribe(&claims.channels, &claims.sub, channel) {
+            let shown: String = channel.chars().take(64).collect();
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("the token does not allow channel {shown}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `GET /sse`: the handshake checks, this transport's, then a `200 text/event-stream` whose body
+/// the connection's task feeds.
+pub async fn handler(State(st): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request) -> Response {
+    let (parts, _body) = req.into_parts();
+    let wanted = wanted(parts.uri.query(), &parts.headers);
+    let admitted = match handshake::admit(&st, peer, &parts.headers, parts.uri.query()).await {
+        Ok(a) => a,
+        Err(response) => return response,
+    };
+    let wanted = match wanted {
+        Ok(w) => w,
+        Err(message) => return handshake::refuse(admitted, ApiError::bad_request(message)).await,
+    };
+    if let Err(e) = check(&st, &admitted.claims, &wanted) {
+        return handshake::refuse(admitted, e).await;
+    }
+    let admitted = match handshake::accept(&st, admitted).await {
+        Ok(a) => a,
+        Err(response) => return response,
+    };
+    let Wanted { channels, cursor } = wanted;
+    let cursor = cursor.restrict(&channels);
+    let subscriptions: Vec<(String, Option<StreamPosition>)> = channels
+        .into_iter()
+        .map(|c| {
+            let resume = cursor.get(&c);
+            (c, resume)
+        })
+        .collect();
+    let session = Session::new(st.clone(), admitted, Encoding::Json);
+    let wire = Arc::new(stream::Wire::default());
+    let body = stream::SseBody::new(wire.clone(), session.outbox().clone());
+    let drain_ms = st.config.shutdown_drain.as_millis() as u64;
+    tokio::spawn(stream::run(session, subscriptions, cursor, wire, drain_ms));
+
+    let mut response = Response::new(Body::new(body));
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-store"));
+    // nginx: do not buffer this response (deploy/nginx.conf also says so for /sse).
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    // An EventSource on another origin is a CORS request: the Origin was checked by the
+    // handshake (allowed_origins), so allow the browser to read the stream.
+    if let Some(origin) = parts.headers.get(header::ORIGIN) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        h.insert(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    response
+}
