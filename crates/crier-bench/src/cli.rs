@@ -148,19 +148,37 @@ pub struct PublishArgs {
     pub hook_step_end: Option<String>,
 }
 
+/// Which deployment shape `idle` measures.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleBroker {
+    /// Memory broker, `--nodes` independent nodes, `--channels` channels shared by the connections
+    Memory,
+    /// The shape users run: `--redis-nodes` nodes sharing one redis-server, each connection
+    /// subscribed to a channel of its own
+    Redis,
+    /// Both, one after the other, each in its own table
+    Both,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct IdleArgs {
     /// Connection counts to measure at, ascending (comma list), e.g. 10000,50000,100000
     #[arg(long, alias = "connections", value_delimiter = ',', default_value = "10000")]
     pub sizes: Vec<usize>,
-    /// Channels the connections subscribe to (connection i → channel i mod N); 0 = no subscription
+    /// Shape(s) to measure
+    #[arg(long, value_enum, default_value = "both")]
+    pub broker: IdleBroker,
+    /// Memory shape: channels the connections subscribe to (connection i → channel i mod N); 0 = no subscription
     #[arg(long, default_value_t = 100)]
     pub channels: usize,
+    /// Redis shape: nodes sharing the redis-server (raised when RLIMIT_NOFILE needs more)
+    #[arg(long, default_value_t = 2)]
+    pub redis_nodes: usize,
     /// Wait after connecting before reading RSS
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub settle: Duration,
-    /// Nodes to start (connections spread round-robin, RSS summed). Raised automatically when
-    /// one node cannot hold the largest size within RLIMIT_NOFILE
+    /// Memory shape: nodes to start (connections spread round-robin, RSS summed). Raised
+    /// automatically when one node cannot hold the largest size within RLIMIT_NOFILE
     #[arg(long, default_value_t = 1)]
     pub nodes: usize,
     /// Generator processes holding connections (0 = this process alone when RLIMIT_NOFILE allows,

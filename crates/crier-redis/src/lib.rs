@@ -6,6 +6,7 @@
 //! - `lib.rs`: [`RedisOptions`], [`RedisBroker`] and its `Broker` impl (thin: it delegates).
 //! - `keys.rs`: the key layout below, in code.
 //! - `scripts.rs`: the Lua scripts (publish, history, expiring sets) and their reply parsing.
+//! - `publisher.rs`: publishes that arrive together go to Redis as one script call.
 //! - `payload.rs`: the `offset:epoch:ts_us:frame` payload published and kept in the history.
 //! - `command.rs`: the command connection (auto-reconnecting, every call with a deadline) and
 //!   the mapping of Redis errors to `BrokerError`.
@@ -33,12 +34,15 @@
 //! messages (user disconnects). Presence and connection members are `<broker instance>/<client>`.
 //!
 //! # Publishing
-//! One Lua script does it all atomically: it creates the epoch if the channel has no meta (a new
+//! Publishes that arrive together are batched into one call of the publish script (see
+//! `publisher.rs`); for each message, in order, the script does it all atomically: it creates
+//! the epoch if the channel has no meta (a new
 //! channel, or one whose state Redis lost: flush, restart without persistence, expiry, eviction —
 //! so a lost history always means a new epoch and clients are told `recovered: false`),
 //! increments `top`, builds the `message` frame by concatenation (byte-identical to
 //! `crier_protocol::frames::encode_message`: channel names and epochs need no JSON escaping and
-//! `data` is raw JSON), appends it to the history (trimmed to `history_size`, pruned by age),
+//! `data` is raw JSON), appends it to the history (trimmed to `history_size`; entries older
+//! than `history_ttl` are dropped by every history read before it reads),
 //! sets the TTLs, PUBLISHes it, and records the idempotency key (`SET ... EX 300` semantics: a
 //! repeat returns the first result and publishes nothing).
 //!
@@ -76,6 +80,7 @@ mod command;
 mod keys;
 mod payload;
 mod presence;
+mod publisher;
 mod pubsub;
 mod scripts;
 mod tracker;
@@ -162,6 +167,7 @@ pub struct RedisBroker {
     shared: Arc<Shared>,
     state: Arc<ClusterState>,
     pubsub: mpsc::Sender<Command>,
+    publisher: mpsc::Sender<publisher::Job>,
     command_timeout: Duration,
     up: watch::Receiver<bool>,
     /// Dropped with the broker: stops the background tasks.
@@ -241,7 +247,17 @@ impl RedisBroker {
             opts.presence_ttl,
             opts.node_ttl,
         ));
-        tokio::spawn(presence::refresh_loop(state.clone(), shutdown_rx));
+        tokio::spawn(presence::refresh_loop(state.clone(), shutdown_rx.clone()));
+        let publisher = publisher::spawn(
+            publisher::Context {
+                commands: commands.clone(),
+                keys: keys.clone(),
+                params,
+                scripts: scripts.clone(),
+                idempotency_ttl_s: IDEMPOTENCY_WINDOW.as_secs(),
+            },
+            shutdown_rx,
+        );
 
         let mut wait = up.clone();
         if tokio::time::timeout(opts.connect_wait, wait.wait_for(|up| *up)).await.is_err() {
@@ -255,6 +271,7 @@ impl RedisBroker {
             shared,
             state,
             pubsub,
+            publisher,
             command_timeout: t,
             up,
             _shutdown: shutdown,
@@ -299,21 +316,22 @@ impl Broker for RedisBroker {
     async fn publish(&self, channel: &str, data: &str, opts: PublishOptions<'_>) -> Result<PublishResult, BrokerError> {
         // The script copies the channel into the frame verbatim: only valid names may go there.
         crier_protocol::validate_channel(channel).map_err(|e| BrokerError::Internal(format!("publish: {e}")))?;
-        let mut inv = self.scripts.publish.key(self.keys.meta(channel));
-        inv.key(self.keys.history(channel));
-        if let Some(k) = opts.idempotency_key {
-            inv.key(self.keys.idempotency(channel, k));
-        }
-        inv.arg(channel)
-            .arg(data)
-            .arg(scripts::new_epoch())
-            .arg(self.params.history_size)
-            .arg(self.params.history_ttl_ms)
-            .arg(self.params.meta_ttl_ms)
-            .arg(self.keys.pubsub(channel))
-            .arg(IDEMPOTENCY_WINDOW.as_secs());
-        let (result, _fresh) = scripts::parse_publish(&self.commands.invoke(&inv).await?)?;
-        Ok(result)
+        let (reply, rx) = oneshot::channel();
+        let job = publisher::Job {
+            channel: channel.to_owned(),
+            data: data.to_owned(),
+            idempotency_key: opts.idempotency_key.map(str::to_owned),
+            reply,
+        };
+        // Bounded: queueing behind other batches, then the call itself (`command_timeout`).
+        let deadline = self.command_timeout * 3;
+        let gone = || BrokerError::Unavailable("redis publisher task is gone".into());
+        let slow = || BrokerError::Unavailable(format!("redis publish did not complete within {deadline:?}"));
+        let queued = tokio::time::timeout(deadline, async {
+            self.publisher.send(job).await.map_err(|_| gone())?;
+            rx.await.map_err(|_| gone())?
+        });
+        queued.await.map_err(|_| slow())?
     }
 
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {

@@ -24,6 +24,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
+    for warning in config::env_warnings(&env) {
+        tracing::warn!("{warning}");
+    }
     let dev_token = if config.dev { Some(prepare_dev(&mut config)) } else { None };
     if config.jwt.secret.is_none() && config.jwt.public_key_file.is_none() && config.jwt.jwks_file.is_none() {
         complain(

@@ -171,6 +171,12 @@ impl Session {
     /// The broker-bound branches are boxed: an idle connection's task then holds only a pointer
     /// instead of the largest of those futures inline (~1.5 KiB per connection).
     async fn on_frame(&mut self, frame: ClientFrame<'_>) {
+        if let ClientFrame::Ping { id } = frame {
+            return self.send(&ServerFrame::Pong { id });
+        }
+        // Taken before the boxed future is allocated: bounds the memory of request bursts.
+        let st = self.st.clone();
+        let _slot = st.node.broker_slot().await;
         match frame {
             ClientFrame::Subscribe { id, channel, recover } => Box::pin(self.subscribe(id, &channel, recover)).await,
             ClientFrame::Unsubscribe { id, channel } => Box::pin(self.unsubscribe(id, &channel)).await,
