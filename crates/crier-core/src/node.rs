@@ -40,7 +40,7 @@ pub struct Subscribed {
 
 /// Broker-bound client requests (subscribe, history, ...) a node works on at once; more wait
 /// for a slot (see [`Node::broker_slot`]).
-pub const BROKER_REQUESTS_IN_FLIGHT: usize = 256;
+pub const BROKER_REQUESTS_IN_FLIGHT: usize = 64;
 
 /// The node: its hub and its broker.
 #[derive(Clone)]
