@@ -36,6 +36,9 @@ pub enum Scenario {
     Churn(ChurnArgs),
     /// Several nodes sharing one redis-server; subscribers and publishes spread over the nodes.
     Cluster(ClusterArgs),
+    /// Long run at one rate (about half of saturation) in the many-channels shape, 2 nodes + redis:
+    /// RSS flat after warm-up, 0 lost, p99 stable, window by window.
+    Soak(SoakArgs),
     /// (internal) Holds a slice of idle connections for another crier-bench process.
     #[command(hide = true)]
     Hold(HoldArgs),
@@ -245,6 +248,41 @@ pub struct ChurnArgs {
     /// Upper bound on cycles over all loops
     #[arg(long, default_value_t = 200_000)]
     pub max_cycles: u64,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SoakArgs {
+    /// Total time publishing (e.g. 60m for the real figure, 3m for a check)
+    #[arg(long, default_value = "60m", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Measurement window (each is one publish step, then its deliveries are awaited)
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub window: Duration,
+    /// Leading time not judged (allocator and maps reach their working size)
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Publish rate, messages per second over all channels: about half of the shape's saturation
+    #[arg(long, default_value_t = 4000.0)]
+    pub rate: f64,
+    /// Nodes sharing the redis-server
+    #[arg(long, default_value_t = 2)]
+    pub nodes: usize,
+    /// Subscribers in total, spread round-robin over the nodes
+    #[arg(long, default_value_t = 10_000)]
+    pub subscribers: usize,
+    /// Channels (subscriber i -> channel i mod N)
+    #[arg(long, default_value_t = 1000)]
+    pub channels: usize,
+    /// RSS after warm-up must stay within this many percent of the RSS at its end
+    #[arg(long, default_value_t = 5.0)]
+    pub rss_tolerance: f64,
+    /// No window's p99 above this factor times the median window's p99
+    #[arg(long, default_value_t = 2.0)]
+    pub p99_factor: f64,
+    #[command(flatten)]
+    pub publish: PublishArgs,
     #[command(flatten)]
     pub gateway: GatewayArgs,
 }

@@ -1,6 +1,6 @@
 //! crier-bench: the load generator and report for crier.
 //!
-//! `cargo run --release -p crier-bench -- <idle|fanout|channels|churn|cluster> [options]`; every
+//! `cargo run --release -p crier-bench -- <idle|fanout|channels|churn|cluster|soak> [options]`; every
 //! scenario has `--help`. Modules:
 //! - [`cli`]: the subcommands, their options and defaults.
 //! - [`gateway`]: starting crier nodes (and redis-server) on loopback, or using running ones;
@@ -10,7 +10,7 @@
 //! - [`stats`]: shared counters and HDR latency histograms.
 //! - [`procfs`]: `/proc` readings (VmRSS, utime+stime), the machine, RLIMIT_NOFILE.
 //! - [`report`]: the table and the JSON report.
-//! - [`scenarios`]: idle, fanout/channels/cluster (pub/sub), churn.
+//! - [`scenarios`]: idle, fanout/channels/cluster (pub/sub), churn, soak (a long pub/sub run).
 
 mod cli;
 mod clients;
@@ -36,6 +36,7 @@ fn main() -> ExitCode {
         Scenario::Channels(a) => a.gateway.threads,
         Scenario::Churn(a) => a.gateway.threads,
         Scenario::Cluster(a) => a.gateway.threads,
+        Scenario::Soak(a) => a.gateway.threads,
         Scenario::Hold(_) => 2,
     };
     // Subscribers, and the nodes the bench starts (they inherit the limit), need a descriptor each.
@@ -117,6 +118,11 @@ async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
                 gateway: a.gateway,
             };
             (scenarios::pubsub::run(plan).await?, json)
+        }
+        Scenario::Soak(a) => {
+            warn_nofile(a.subscribers as u64, nofile);
+            let json = a.gateway.json.clone();
+            (scenarios::soak::run(a).await?, json)
         }
         Scenario::Churn(a) => {
             warn_nofile(a.base as u64 + a.workers as u64, nofile);

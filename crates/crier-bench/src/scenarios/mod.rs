@@ -10,6 +10,7 @@ pub mod churn;
 pub mod hold;
 pub mod idle;
 pub mod pubsub;
+pub mod soak;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
