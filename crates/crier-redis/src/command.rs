@@ -33,18 +33,6 @@ impl Commands {
         let mut con = self.manager.clone();
         bounded(self.timeout, cmd.query_async::<Value>(&mut con)).await
     }
-
-    /// Runs a pipeline.
-    pub(crate) async fn pipeline(&self, pipe: &redis::Pipeline) -> Result<Value, BrokerError> {
-        let mut con = self.manager.clone();
-        bounded(self.timeout, pipe.query_async::<Value>(&mut con)).await
-    }
-
-    /// Loads a script (so a pipeline can EVALSHA it).
-    pub(crate) async fn load(&self, script: &redis::Script) -> Result<String, BrokerError> {
-        let mut con = self.manager.clone();
-        bounded(self.timeout, script.load_async(&mut con)).await
-    }
 }
 
 /// Awaits `fut` for at most `timeout`; a late answer is `Unavailable`.

@@ -172,59 +172,57 @@ impl ClusterState {
             .collect())
     }
 
-    /// Re-adds every entry of this node with a fresh expiry, pipelined [`REFRESH_BATCH`] at a
-    /// time: each pipeline is built under the lock from the entries after the ones already sent,
-    /// so a refresh never copies the whole set (with 10,000 subscriptions a full copy was ~1 KiB
-    /// per connection every period, and the allocator kept that peak resident). An entry added
-    /// or removed meanwhile may be skipped this time: it has two more periods before it expires.
+    /// Re-adds every entry of this node with a fresh expiry, [`REFRESH_BATCH`] entries per call
+    /// of the refresh script (`TTL_REFRESH`). Each call is built under the lock from the entries
+    /// after the ones already sent, so a refresh never copies the whole set (with 10,000
+    /// subscriptions a full copy was ~1 KiB per connection every period, and the allocator kept
+    /// that peak resident). An entry added or removed meanwhile may be skipped this time: it has
+    /// two more periods before it expires. Presence entries take two keys (set, hash);
+    /// connection and node entries follow with their own ttl.
     pub(crate) async fn refresh(&self) -> Result<(), BrokerError> {
         if self.is_empty() {
             return Ok(());
         }
-        let sha = self.commands.load(&self.scripts.ttl_add).await?;
-        let add = |pipe: &mut redis::Pipeline, keys: &[String], member: &str, ttl: Duration, value: Option<&str>| {
-            let cmd = pipe.cmd("EVALSHA").arg(&sha).arg(keys.len()).arg(keys).arg(member).arg(ms(ttl));
-            if let Some(v) = value {
-                cmd.arg(v);
-            }
-            cmd.ignore();
-        };
+        // Presence and connections share presence_ttl; the node entry has node_ttl.
         let mut done = 0usize;
         loop {
-            let mut pipe = redis::pipe();
+            let mut inv = self.scripts.ttl_refresh.prepare_invoke();
+            inv.arg(ms(self.presence_ttl));
             let mut n = 0usize;
-            {
+            let total = {
                 let local = self.local();
                 for ((channel, client), (user, node)) in local.presence.iter().skip(done).take(REFRESH_BATCH) {
                     let entry =
                         PresenceEntry { client: client.to_string(), user: user.to_string(), node: node.to_string() };
                     let json = serde_json::to_string(&entry).map_err(|e| BrokerError::Internal(e.to_string()))?;
                     let (z, h) = self.keys.presence(channel);
-                    add(&mut pipe, &[z, h], &self.member(client), self.presence_ttl, Some(&json));
+                    inv.key(z).key(h).arg(self.member(client)).arg(json);
                     n += 1;
                 }
                 let skip = done.saturating_sub(local.presence.len());
                 for (user, client) in local.connections.iter().skip(skip).take(REFRESH_BATCH - n) {
-                    add(&mut pipe, &[self.keys.connections(user)], &self.member(client), self.presence_ttl, None);
+                    let z = self.keys.connections(user);
+                    inv.key(&z).key(z).arg(self.member(client)).arg("");
                     n += 1;
                 }
-                if n < REFRESH_BATCH
-                    && done + n >= local.presence.len() + local.connections.len()
-                    && let Some((name, json)) = &local.node
-                {
-                    let (z, h) = self.keys.nodes();
-                    add(&mut pipe, &[z, h], name, self.node_ttl, Some(json));
-                }
-            }
-            if pipe.is_empty() {
-                return Ok(());
-            }
-            self.commands.pipeline(&pipe).await?;
-            if n < REFRESH_BATCH {
-                return Ok(());
+                local.presence.len() + local.connections.len()
+            };
+            if n > 0 {
+                self.commands.invoke(&inv).await?;
             }
             done += n;
+            if n < REFRESH_BATCH || done >= total {
+                break;
+            }
         }
+        let node = self.local().node.clone();
+        if let Some((name, json)) = node {
+            let (z, h) = self.keys.nodes();
+            let mut inv = self.scripts.ttl_refresh.key(z);
+            inv.key(h).arg(ms(self.node_ttl)).arg(name).arg(json);
+            self.commands.invoke(&inv).await?;
+        }
+        Ok(())
     }
 
     fn is_empty(&self) -> bool {
