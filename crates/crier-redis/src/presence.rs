@@ -25,12 +25,15 @@ use crate::scripts::{Scripts, bulk, int};
 /// Refresh calls per pipeline.
 const REFRESH_BATCH: usize = 500;
 
+/// (channel, client) → (user, node) of a presence entry.
+type PresenceMap = HashMap<(Box<str>, Box<str>), (Box<str>, Arc<str>)>;
+
 /// This node's own entries, kept compact (one per subscription and per connection): the member
 /// and the entry JSON are rebuilt when refreshing instead of being stored.
 #[derive(Default)]
 struct Local {
     /// (channel, client) → (user, node) of the presence entry.
-    presence: HashMap<(Box<str>, Box<str>), (Box<str>, Arc<str>)>,
+    presence: PresenceMap,
     /// (user, client).
     connections: HashSet<(Box<str>, Box<str>)>,
     /// (node, NodeInfo JSON).
