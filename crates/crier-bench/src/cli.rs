@@ -38,6 +38,9 @@ pub enum Scenario {
     Cluster(ClusterArgs),
     /// crier-client subscribers on two nodes; one node is SIGKILLed: resume time, loss, duplicates.
     Failover(FailoverArgs),
+    /// Long run at one rate (about half of saturation) in the many-channels shape, 2 nodes + redis:
+    /// RSS flat after warm-up, 0 lost, p99 stable, window by window.
+    Soak(SoakArgs),
     /// (internal) Holds a slice of idle connections for another crier-bench process.
     #[command(hide = true)]
     Hold(HoldArgs),
@@ -158,19 +161,37 @@ pub struct PublishArgs {
     pub hook_step_end: Option<String>,
 }
 
+/// Which deployment shape `idle` measures.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleBroker {
+    /// Memory broker, `--nodes` independent nodes, `--channels` channels shared by the connections
+    Memory,
+    /// The shape users run: `--redis-nodes` nodes sharing one redis-server, each connection
+    /// subscribed to a channel of its own
+    Redis,
+    /// Both, one after the other, each in its own table
+    Both,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct IdleArgs {
     /// Connection counts to measure at, ascending (comma list), e.g. 10000,50000,100000
     #[arg(long, alias = "connections", value_delimiter = ',', default_value = "10000")]
     pub sizes: Vec<usize>,
-    /// Channels the connections subscribe to (connection i → channel i mod N); 0 = no subscription
+    /// Shape(s) to measure
+    #[arg(long, value_enum, default_value = "both")]
+    pub broker: IdleBroker,
+    /// Memory shape: channels the connections subscribe to (connection i → channel i mod N); 0 = no subscription
     #[arg(long, default_value_t = 100)]
     pub channels: usize,
+    /// Redis shape: nodes sharing the redis-server (raised when RLIMIT_NOFILE needs more)
+    #[arg(long, default_value_t = 2)]
+    pub redis_nodes: usize,
     /// Wait after connecting before reading RSS
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub settle: Duration,
-    /// Nodes to start (connections spread round-robin, RSS summed). Raised automatically when
-    /// one node cannot hold the largest size within RLIMIT_NOFILE
+    /// Memory shape: nodes to start (connections spread round-robin, RSS summed). Raised
+    /// automatically when one node cannot hold the largest size within RLIMIT_NOFILE
     #[arg(long, default_value_t = 1)]
     pub nodes: usize,
     /// Generator processes holding connections (0 = this process alone when RLIMIT_NOFILE allows,
@@ -266,6 +287,41 @@ pub struct FailoverArgs {
     /// The clients' backoff cap (crier-client's default)
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     pub backoff_cap: Duration,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SoakArgs {
+    /// Total time publishing (e.g. 60m for the real figure, 3m for a check)
+    #[arg(long, default_value = "60m", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Measurement window (each is one publish step, then its deliveries are awaited)
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub window: Duration,
+    /// Leading time not judged (allocator and maps reach their working size)
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Publish rate, messages per second over all channels: about half of the shape's saturation
+    #[arg(long, default_value_t = 4000.0)]
+    pub rate: f64,
+    /// Nodes sharing the redis-server
+    #[arg(long, default_value_t = 2)]
+    pub nodes: usize,
+    /// Subscribers in total, spread round-robin over the nodes
+    #[arg(long, default_value_t = 10_000)]
+    pub subscribers: usize,
+    /// Channels (subscriber i -> channel i mod N)
+    #[arg(long, default_value_t = 1000)]
+    pub channels: usize,
+    /// RSS after warm-up must stay within this many percent of the RSS at its end
+    #[arg(long, default_value_t = 5.0)]
+    pub rss_tolerance: f64,
+    /// No window's p99 above this factor times the median window's p99
+    #[arg(long, default_value_t = 2.0)]
+    pub p99_factor: f64,
+    #[command(flatten)]
+    pub publish: PublishArgs,
     #[command(flatten)]
     pub gateway: GatewayArgs,
 }

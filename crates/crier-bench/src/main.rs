@@ -1,6 +1,6 @@
 //! crier-bench: the load generator and report for crier.
 //!
-//! `cargo run --release -p crier-bench -- <idle|fanout|channels|churn|cluster|failover> [options]`; every
+//! `cargo run --release -p crier-bench -- <idle|fanout|channels|churn|cluster|failover|soak> [options]`; every
 //! scenario has `--help`. Modules:
 //! - [`cli`]: the subcommands, their options and defaults.
 //! - [`gateway`]: starting crier nodes (and redis-server) on loopback, or using running ones;
@@ -10,7 +10,7 @@
 //! - [`stats`]: shared counters and HDR latency histograms.
 //! - [`procfs`]: `/proc` readings (VmRSS, utime+stime), the machine, RLIMIT_NOFILE.
 //! - [`report`]: the table and the JSON report.
-//! - [`scenarios`]: idle, fanout/channels/cluster (pub/sub), churn, failover (on crier-client).
+//! - [`scenarios`]: idle, fanout/channels/cluster (pub/sub), churn, failover (on crier-client), soak (a long pub/sub run).
 
 mod cli;
 mod clients;
@@ -37,6 +37,7 @@ fn main() -> ExitCode {
         Scenario::Churn(a) => a.gateway.threads,
         Scenario::Cluster(a) => a.gateway.threads,
         Scenario::Failover(a) => a.gateway.threads,
+        Scenario::Soak(a) => a.gateway.threads,
         Scenario::Hold(_) => 2,
     };
     // Subscribers, and the nodes the bench starts (they inherit the limit), need a descriptor each.
@@ -123,6 +124,11 @@ async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
             warn_nofile(a.clients as u64, nofile);
             let json = a.gateway.json.clone();
             (scenarios::failover::run(a).await?, json)
+        }
+        Scenario::Soak(a) => {
+            warn_nofile(a.subscribers as u64, nofile);
+            let json = a.gateway.json.clone();
+            (scenarios::soak::run(a).await?, json)
         }
         Scenario::Churn(a) => {
             warn_nofile(a.base as u64 + a.workers as u64, nofile);

@@ -30,6 +30,10 @@ use crate::ConnId;
 use crate::broker::Publication;
 use crate::outbox::{Out, Outbox, Push};
 
+mod subscribers;
+
+use subscribers::Subscribers;
+
 const SHARDS: usize = 64;
 
 /// Resolves once this node's broker subscription for a channel is in place; shared by every
@@ -43,7 +47,7 @@ struct Subscriber {
 }
 
 struct Channel {
-    subscribers: HashMap<ConnId, Subscriber>,
+    subscribers: Subscribers<Subscriber>,
     ready: BrokerReady,
 }
 
@@ -97,17 +101,14 @@ impl Hub {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
                 self.channels.fetch_add(1, Ordering::Relaxed);
-                e.insert(Channel { subscribers: HashMap::new(), ready: Arc::new(OnceCell::new()) })
+                e.insert(Channel { subscribers: Subscribers::new(), ready: Arc::new(OnceCell::new()) })
             }
         };
-        match ch.subscribers.entry(conn) {
-            Entry::Occupied(_) => Err(AlreadySubscribed),
-            Entry::Vacant(e) => {
-                e.insert(Subscriber { outbox, buffer: Some(Vec::new()) });
-                self.subscriptions.fetch_add(1, Ordering::Relaxed);
-                Ok(ch.ready.clone())
-            }
+        if !ch.subscribers.insert_new(conn, Subscriber { outbox, buffer: Some(Vec::new()) }) {
+            return Err(AlreadySubscribed);
         }
+        self.subscriptions.fetch_add(1, Ordering::Relaxed);
+        Ok(ch.ready.clone())
     }
 
     /// Queues `frames` (the ack, then recovered messages) to a buffering subscriber, then every

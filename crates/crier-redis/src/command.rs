@@ -147,23 +147,10 @@ impl Commands {
         self.run(cmd.query_async::<Value>(&mut con)).await
     }
 
-    /// Runs a pipeline (on a Cluster, command by command: its keys may live on several shards).
-    pub(crate) async fn pipeline(&self, pipe: &redis::Pipeline) -> Result<Value, BrokerError> {
-        let mut con = self.con()?;
-        if let Con::Cluster(_) = con {
-            let mut out = Vec::new();
-            for cmd in pipe.cmd_iter() {
-                out.push(self.run(cmd.query_async::<Value>(&mut con)).await?);
-            }
-            return Ok(Value::Array(out));
-        }
-        self.run(pipe.query_async::<Value>(&mut con)).await
-    }
-
-    /// Loads a script (so a pipeline can EVALSHA it).
-    pub(crate) async fn load(&self, script: &redis::Script) -> Result<String, BrokerError> {
-        let mut con = self.con()?;
-        self.run(script.load_async(&mut con)).await
+    /// Whether commands go to a Redis Cluster (a multi-key script must then keep its keys in
+    /// one slot).
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self.manager.read().unwrap_or_else(|e| e.into_inner()).as_ref(), Some((Con::Cluster(_), _)))
     }
 }
 

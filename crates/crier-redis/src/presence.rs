@@ -25,14 +25,34 @@ use crate::scripts::{Scripts, bulk, int};
 /// Refresh calls per pipeline.
 const REFRESH_BATCH: usize = 500;
 
+/// (channel, client) → (user, node) of a presence entry.
+type PresenceMap = HashMap<(Box<str>, Box<str>), (Box<str>, Arc<str>)>;
+
+/// This node's own entries, kept compact (one per subscription and per connection): the member
+/// and the entry JSON are rebuilt when refreshing instead of being stored.
 #[derive(Default)]
 struct Local {
-    /// (channel, member) → entry JSON.
-    presence: HashMap<(String, String), String>,
-    /// (user, member).
-    connections: HashSet<(String, String)>,
+    /// (channel, client) → (user, node) of the presence entry.
+    presence: PresenceMap,
+    /// (user, client).
+    connections: HashSet<(Box<str>, Box<str>)>,
     /// (node, NodeInfo JSON).
     node: Option<(String, String)>,
+    /// The last node name seen in a presence entry, shared by the entries that carry it.
+    node_name: Option<Arc<str>>,
+}
+
+impl Local {
+    fn node_name(&mut self, node: &str) -> Arc<str> {
+        match &self.node_name {
+            Some(n) if **n == *node => n.clone(),
+            _ => {
+                let n: Arc<str> = Arc::from(node);
+                self.node_name = Some(n.clone());
+                n
+            }
+        }
+    }
 }
 
 /// `NodeInfo` as read back (the core type is serialise-only).
@@ -86,7 +106,11 @@ impl ClusterState {
         let member = self.member(&entry.client);
         let (z, h) = self.keys.presence(channel);
         // Remembered first: if Redis is down now, the refresh adds it once Redis is back.
-        self.local().presence.insert((channel.to_owned(), member.clone()), json.clone());
+        {
+            let mut local = self.local();
+            let node = local.node_name(&entry.node);
+            local.presence.insert((channel.into(), entry.client.as_str().into()), (entry.user.as_str().into(), node));
+        }
         let mut inv = self.scripts.ttl_add.key(&z);
         inv.key(&h).arg(&member).arg(ms(self.presence_ttl)).arg(&json);
         self.commands.invoke(&inv).await.map(drop)
@@ -94,7 +118,7 @@ impl ClusterState {
 
     pub(crate) async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
         let member = self.member(client);
-        self.local().presence.remove(&(channel.to_owned(), member.clone()));
+        self.local().presence.remove(&(Box::from(channel), Box::from(client)));
         let (z, h) = self.keys.presence(channel);
         let mut inv = self.scripts.ttl_remove.key(&z);
         inv.key(&h).arg(&member);
@@ -113,13 +137,13 @@ impl ClusterState {
         let mut inv = self.scripts.ttl_add.key(self.keys.connections(user));
         inv.arg(&member).arg(ms(self.presence_ttl));
         let count = count(&self.commands.invoke(&inv).await?)?;
-        self.local().connections.insert((user.to_owned(), member));
+        self.local().connections.insert((user.into(), client.into()));
         Ok(count)
     }
 
     pub(crate) async fn connection_closed(&self, user: &str, client: &str) -> Result<(), BrokerError> {
         let member = self.member(client);
-        self.local().connections.remove(&(user.to_owned(), member.clone()));
+        self.local().connections.remove(&(Box::from(user), Box::from(client)));
         let mut inv = self.scripts.ttl_remove.key(self.keys.connections(user));
         inv.arg(&member);
         self.commands.invoke(&inv).await.map(drop)
@@ -151,48 +175,64 @@ impl ClusterState {
             .collect())
     }
 
-    /// Re-adds every entry of this node with a fresh expiry (pipelined).
+    /// Re-adds every entry of this node with a fresh expiry, [`REFRESH_BATCH`] entries per call
+    /// of the refresh script (`TTL_REFRESH`). Each call is built under the lock from the entries
+    /// after the ones already sent, so a refresh never copies the whole set (with 10,000
+    /// subscriptions a full copy was ~1 KiB per connection every period, and the allocator kept
+    /// that peak resident). An entry added or removed meanwhile may be skipped this time: it has
+    /// two more periods before it expires. Presence entries take two keys (set, hash);
+    /// connection and node entries follow with their own ttl.
     pub(crate) async fn refresh(&self) -> Result<(), BrokerError> {
-        let (presence, connections, node) = {
-            let local = self.local();
-            if local.presence.is_empty() && local.connections.is_empty() && local.node.is_none() {
-                return Ok(());
-            }
-            (
-                local.presence.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>(),
-                local.connections.iter().cloned().collect::<Vec<_>>(),
-                local.node.clone(),
-            )
-        };
-        let sha = self.commands.load(&self.scripts.ttl_add).await?;
-        let add = |keys: &[String], member: &str, ttl: Duration, value: Option<&str>| {
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(&sha).arg(keys.len()).arg(keys).arg(member).arg(ms(ttl));
-            if let Some(v) = value {
-                cmd.arg(v);
-            }
-            cmd
-        };
-        let mut calls = Vec::with_capacity(presence.len() + connections.len() + 1);
-        for ((channel, member), json) in &presence {
-            let (z, h) = self.keys.presence(channel);
-            calls.push(add(&[z, h], member, self.presence_ttl, Some(json)));
+        if self.is_empty() {
+            return Ok(());
         }
-        for (user, member) in &connections {
-            calls.push(add(&[self.keys.connections(user)], member, self.presence_ttl, None));
+        // Presence and connections share presence_ttl; the node entry has node_ttl.
+        let mut done = 0usize;
+        // On a Cluster each entry's keys live in their own slot: one entry per call there.
+        let batch = if self.commands.is_cluster() { 1 } else { REFRESH_BATCH };
+        loop {
+            let mut inv = self.scripts.ttl_refresh.prepare_invoke();
+            inv.arg(ms(self.presence_ttl));
+            let mut n = 0usize;
+            let total = {
+                let local = self.local();
+                for ((channel, client), (user, node)) in local.presence.iter().skip(done).take(batch) {
+                    let entry =
+                        PresenceEntry { client: client.to_string(), user: user.to_string(), node: node.to_string() };
+                    let json = serde_json::to_string(&entry).map_err(|e| BrokerError::Internal(e.to_string()))?;
+                    let (z, h) = self.keys.presence(channel);
+                    inv.key(z).key(h).arg(self.member(client)).arg(json);
+                    n += 1;
+                }
+                let skip = done.saturating_sub(local.presence.len());
+                for (user, client) in local.connections.iter().skip(skip).take(batch - n) {
+                    let z = self.keys.connections(user);
+                    inv.key(&z).key(z).arg(self.member(client)).arg("");
+                    n += 1;
+                }
+                local.presence.len() + local.connections.len()
+            };
+            if n > 0 {
+                self.commands.invoke(&inv).await?;
+            }
+            done += n;
+            if n < batch || done >= total {
+                break;
+            }
         }
-        if let Some((name, json)) = &node {
+        let node = self.local().node.clone();
+        if let Some((name, json)) = node {
             let (z, h) = self.keys.nodes();
-            calls.push(add(&[z, h], name, self.node_ttl, Some(json)));
-        }
-        for chunk in calls.chunks(REFRESH_BATCH) {
-            let mut pipe = redis::pipe();
-            for cmd in chunk {
-                pipe.add_command(cmd.clone()).ignore();
-            }
-            self.commands.pipeline(&pipe).await?;
+            let mut inv = self.scripts.ttl_refresh.key(z);
+            inv.key(h).arg(ms(self.node_ttl)).arg(name).arg(json);
+            self.commands.invoke(&inv).await?;
         }
         Ok(())
+    }
+
+    fn is_empty(&self) -> bool {
+        let local = self.local();
+        local.presence.is_empty() && local.connections.is_empty() && local.node.is_none()
     }
 }
 

@@ -178,6 +178,31 @@ if KEYS[2] then redis.call('HDEL', KEYS[2], ARGV[1]) end
 return 1
 "#;
 
+/// The periodic refresh of this node's own entries, many per call: ARGV: ttl ms, then per entry
+/// `member, value` (value `''` for a set without a hash); KEYS per entry: zset, hash (the hash
+/// key is ignored for `''`). Per entry: the member's expiry moves to now + ttl, its value is
+/// (re)written, and the keys live as long as their longest-lived member. Expired members are
+/// not swept here (every read and every first add does it): a refresh is ~4 commands per entry
+/// in one script call, where one TTL_ADD call per entry cost ~8 and a call's overhead each.
+const TTL_REFRESH: &str = r#"
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+local score = string.format('%d', expiry)
+local n = 0
+for i = 2, #ARGV, 2 do
+  local z, h, member, value = KEYS[i - 1], KEYS[i], ARGV[i], ARGV[i + 1]
+  redis.call('ZADD', z, score, member)
+  local last = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', z, last[2])
+  if value ~= '' then
+    redis.call('HSET', h, member, value)
+    redis.call('PEXPIREAT', h, last[2])
+  end
+  n = n + 1
+end
+return n
+"#;
+
 /// The scripts, hashed once.
 pub(crate) struct Scripts {
     pub publish: Script,
@@ -185,6 +210,7 @@ pub(crate) struct Scripts {
     pub ttl_add: Script,
     pub ttl_list: Script,
     pub ttl_remove: Script,
+    pub ttl_refresh: Script,
     pub rate: Script,
 }
 
@@ -196,6 +222,7 @@ impl Scripts {
             ttl_add: Script::new(&format!("{TTL_PRELUDE}{TTL_ADD}")),
             ttl_list: Script::new(&format!("{TTL_PRELUDE}{TTL_LIST}")),
             ttl_remove: Script::new(TTL_REMOVE),
+            ttl_refresh: Script::new(TTL_REFRESH),
             rate: Script::new(RATE),
         }
     }

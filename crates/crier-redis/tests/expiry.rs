@@ -80,3 +80,41 @@ async fn entries_come_back_after_redis_lost_them() {
     server.restart(); // no persistence: everything is gone
     until("the refresh to re-create the entry", async || b.presence("room").await.ok() == Some(vec![e.clone()])).await;
 }
+
+/// The refresh goes in pipelines of 500: entries in every chunk (presence on many channels,
+/// connections, the node entry last) are kept alive, with the JSON rebuilt from what the node
+/// remembers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_larger_than_one_pipeline_keeps_every_entry() {
+    let server = RedisServer::start();
+    let mut o = options(&server, "big");
+    o.presence_ttl = TTL;
+    o.node_ttl = TTL;
+    let (big, _) = broker(o).await;
+    let (observer, _) = broker(options(&server, "observer")).await;
+    const CHANNELS: usize = 700;
+    for i in 0..CHANNELS {
+        let e = PresenceEntry { client: format!("c{i}"), user: format!("u{}", i % 3), node: "big".into() };
+        big.presence_add(&format!("room:{i}"), &e).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+        big.connection_opened(&format!("u{}", i % 3), &format!("c{i}")).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let info = NodeInfo { node: "big".into(), connections: CHANNELS as u64, version: "t".into() };
+    big.report_node(&info).await.unwrap_or_else(|e| panic!("report_node: {e}"));
+    // Three TTLs: only refreshed entries are still there.
+    tokio::time::sleep(TTL * 3).await;
+    for i in [0, 1, CHANNELS / 2, CHANNELS - 1] {
+        let p = observer.presence(&format!("room:{i}")).await.unwrap_or_else(|e| panic!("presence: {e}"));
+        assert_eq!(p.len(), 1, "room:{i}");
+        assert_eq!(
+            (p[0].client.as_str(), p[0].user.as_str(), p[0].node.as_str()),
+            (&*format!("c{i}"), &*format!("u{}", i % 3), "big")
+        );
+    }
+    for u in 0..3 {
+        assert_eq!(
+            connections(&*observer, &format!("u{u}")).await,
+            (CHANNELS / 3 + usize::from(u < CHANNELS % 3)) as u64
+        );
+    }
+    assert_eq!(observer.nodes().await.map(|n| n.len()).ok(), Some(1), "the node entry, sent with the last chunk");
+}

@@ -87,7 +87,7 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Where `user_rate` is counted.
     pub user_rate_scope: RateScope,
-    /// REST API requests per second per API key, and the burst.
+    /// REST API requests per second per API key (0 = unlimited, the default), and the burst.
     pub api_rate: u32,
     pub api_burst: u32,
     pub shutdown_drain: Duration,
@@ -180,8 +180,9 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Loads settings. `args` includes argv[0]. `env` is the process environment (injected so
-/// tests never call `set_var`); every `CRIER_*` variable in it must name a setting (or be
-/// `CRIER_CONFIG`), and `HOSTNAME` seeds the default `node_id`.
+/// tests never call `set_var`); `CRIER_*` variables that name no setting are ignored (see
+/// [`env_warnings`]), and `HOSTNAME` seeds the default `node_id`. Unknown flags and unknown
+/// keys in the TOML file are errors.
 pub fn load<I, T>(args: I, env: &HashMap<String, String>) -> Result<Config, ConfigError>
 where
     I: IntoIterator<Item = T>,
@@ -190,6 +191,14 @@ where
     let mut problems = Vec::new();
     let raw = sources::collect(args, env, &mut problems)?;
     parse::build(&raw, env, problems)
+}
+
+/// Warnings to log at start-up: one line per `CRIER_*` environment variable that names no
+/// setting (with a "did you mean" hint when one is close). Not errors: Kubernetes injects
+/// `CRIER_PORT`, `CRIER_SERVICE_HOST`, ... into every pod of a namespace with a Service named
+/// `crier`, and wrapper scripts set their own `CRIER_*` names.
+pub fn env_warnings(env: &HashMap<String, String>) -> Vec<String> {
+    sources::unknown_env(env)
 }
 
 impl Default for Config {

@@ -18,7 +18,8 @@ use crate::config::Config;
 pub struct Limits {
     handshakes: DefaultKeyedRateLimiter<IpAddr>,
     frames: DefaultKeyedRateLimiter<Arc<str>>,
-    api: DefaultKeyedRateLimiter<usize>,
+    /// `None` when `api_rate` is 0 (unlimited).
+    api: Option<DefaultKeyedRateLimiter<usize>>,
     trusted_proxies: Vec<IpNet>,
     clock: DefaultClock,
 }
@@ -34,7 +35,8 @@ impl Limits {
         Limits {
             handshakes: DefaultKeyedRateLimiter::keyed(quota(config.handshake_rate, config.handshake_burst)),
             frames: DefaultKeyedRateLimiter::keyed(quota(config.user_rate, config.user_burst)),
-            api: DefaultKeyedRateLimiter::keyed(quota(config.api_rate, config.api_burst)),
+            api: (config.api_rate > 0)
+                .then(|| DefaultKeyedRateLimiter::keyed(quota(config.api_rate, config.api_burst))),
             trusted_proxies: config.trusted_proxies.clone(),
             clock: DefaultClock::default(),
         }
@@ -66,9 +68,13 @@ impl Limits {
         self.handshakes.check_key(&ip).map_err(|nu| nu.wait_time_from(self.clock.now()))
     }
 
-    /// `Err(retry_after)` when the API key (by its index in `api_keys`) is over its rate.
+    /// `Err(retry_after)` when the API key (by its index in `api_keys`) is over its rate (never
+    /// with `api_rate = 0`).
     pub fn check_api(&self, key_index: usize) -> Result<(), Duration> {
-        self.api.check_key(&key_index).map_err(|nu| nu.wait_time_from(self.clock.now()))
+        match &self.api {
+            Some(api) => api.check_key(&key_index).map_err(|nu| nu.wait_time_from(self.clock.now())),
+            None => Ok(()),
+        }
     }
 
     /// `false` when `user` is over its frame rate.
@@ -80,7 +86,9 @@ impl Limits {
     pub fn shrink(&self) {
         self.handshakes.retain_recent();
         self.frames.retain_recent();
-        self.api.retain_recent();
+        if let Some(api) = &self.api {
+            api.retain_recent();
+        }
         self.handshakes.shrink_to_fit();
         self.frames.shrink_to_fit();
     }

@@ -24,6 +24,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
+    for warning in config::env_warnings(&env) {
+        tracing::warn!("{warning}");
+    }
     let dev_token = if config.dev { Some(prepare_dev(&mut config)) } else { None };
     if config.jwt.key.is_none() {
         complain(&format!("crier: {}", auth::NO_KEY));

@@ -40,9 +40,30 @@ pub fn install() -> Option<PrometheusHandle> {
             let handle = builder.install_recorder().ok()?;
             describe();
             zero();
+            spawn_upkeep(handle.clone());
             Some(handle)
         })
         .clone()
+}
+
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `install_recorder` leaves upkeep to the caller: until it runs (or `/metrics` is scraped),
+/// every histogram sample is kept raw — 8 bytes per publication per node, ~50 KB/s at 3,000
+/// publishes/s, found by `crier-bench soak` as RSS growing ~1.4 MB per 20 s window on a node
+/// nobody scraped. Folded every [`UPKEEP_PERIOD`] on the runtime (no runtime: left to scrapes).
+fn spawn_upkeep(handle: PrometheusHandle) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(UPKEEP_PERIOD);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                handle.run_upkeep();
+            }
+        });
+    }
 }
 
 fn describe() {

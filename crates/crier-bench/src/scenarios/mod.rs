@@ -12,6 +12,7 @@ pub mod failover;
 pub mod hold;
 pub mod idle;
 pub mod pubsub;
+pub mod soak;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -320,7 +320,7 @@ pub(super) fn build(
         "cluster" => Ok(RateScope::Cluster),
         _ => Err("expected `node` or `cluster`".to_owned()),
     });
-    let api_rate = p.required("api_rate", at_least_one::<u32>);
+    let api_rate = p.required("api_rate", number::<u32>);
     let api_burst = p.required("api_burst", at_least_one::<u32>);
     let shutdown_drain = p.required("shutdown_drain", |s| duration_within(s, true, MAX_DURATION));
     let log_format = p.required("log_format", |s| match s.trim().to_ascii_lowercase().as_str() {

@@ -90,7 +90,7 @@ where
         }
     }
 
-    read_env(env, &mut raw, problems);
+    read_env(env, &mut raw);
 
     if let Some(m) = &matches {
         for s in SETTINGS {
@@ -199,20 +199,35 @@ fn toml_to_raw(shape: Shape, value: toml::Value) -> Result<RawValue, (String, &'
     }
 }
 
-fn read_env(env: &HashMap<String, String>, raw: &mut RawSettings, problems: &mut Vec<String>) {
-    let mut vars: Vec<(&String, &String)> =
-        env.iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.as_str() != CONFIG_ENV).collect();
-    vars.sort();
-    for (key, value) in vars {
-        let Some(s) = SETTINGS.iter().find(|s| s.env() == *key) else {
-            problems.push(format!(
-                "{key}: not a crier setting (from the environment){}",
-                suggest(key, SETTINGS.iter().map(|s| s.env()).chain([CONFIG_ENV.to_owned()]))
-            ));
-            continue;
-        };
-        raw.insert(s.name, Raw { value: RawValue::Text(value.clone()), source: Source::Env(key.clone()) });
+/// Takes the `CRIER_*` variables that name a setting. Others are skipped here (not an error:
+/// Kubernetes service links and wrapper scripts put their own `CRIER_*` names in the
+/// environment); [`unknown_env`] lists them for a warning.
+fn read_env(env: &HashMap<String, String>, raw: &mut RawSettings) {
+    for (key, value) in env.iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.as_str() != CONFIG_ENV) {
+        if let Some(s) = SETTINGS.iter().find(|s| s.env() == *key) {
+            raw.insert(s.name, Raw { value: RawValue::Text(value.clone()), source: Source::Env(key.clone()) });
+        }
     }
+}
+
+/// One line per `CRIER_*` variable that names no setting, sorted, with a "did you mean" hint
+/// when a setting's name is close.
+pub(super) fn unknown_env(env: &HashMap<String, String>) -> Vec<String> {
+    let mut unknown: Vec<&String> = env
+        .keys()
+        .filter(|k| k.starts_with(ENV_PREFIX) && k.as_str() != CONFIG_ENV)
+        .filter(|k| !SETTINGS.iter().any(|s| s.env() == **k))
+        .collect();
+    unknown.sort();
+    unknown
+        .into_iter()
+        .map(|key| {
+            format!(
+                "{key}: not a crier setting (from the environment), ignored{}",
+                suggest(key, SETTINGS.iter().map(|s| s.env()).chain([CONFIG_ENV.to_owned()]))
+            )
+        })
+        .collect()
 }
 
 /// `; did you mean `x`?` when a known name is close enough, else nothing.

@@ -119,6 +119,12 @@ impl Session {
             Ok(frame) => frame,
             Err(e) => return self.error(e.id, e.code, &e.message, None),
         };
+        if let ClientFrame::Ping { id } = frame {
+            return self.send(&ServerFrame::Pong { id });
+        }
+        // Taken before the boxed future is allocated: bounds the memory of request bursts.
+        let st = self.st.clone();
+        let _slot = st.node.broker_slot().await;
         match frame {
             ClientFrame::Subscribe { id, channel, recover } => Box::pin(self.subscribe(id, &channel, recover)).await,
             ClientFrame::Unsubscribe { id, channel } => Box::pin(self.unsubscribe(id, &channel)).await,
