@@ -279,22 +279,7 @@ pub fn wire_bytes() -> u64 {
 
 /// A masked client frame.
 fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x5au8, 0xa5, 0x3c, 0xc3];
-    let mut f = vec![0x80 | opcode];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n <= u16::MAX as usize => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+    crier_protocol::ws::encode_masked(0x80 | opcode, payload, [0x5a, 0xa5, 0x3c, 0xc3])
 }
 
 /// Takes one server frame (unmasked, never fragmented by crier) off the front of `buf`:

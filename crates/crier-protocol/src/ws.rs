@@ -389,6 +389,28 @@ pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// A client → server frame, masked as RFC 6455 requires of clients: `first_byte` carries FIN,
+/// RSV1 and the opcode as given. Used by crier's own test and bench clients that need frames a
+/// WebSocket library would not send (fragments, compressed messages, protocol violations).
+pub fn encode_masked(first_byte: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(MAX_HEADER_BYTES + payload.len());
+    f.push(first_byte);
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n <= u16::MAX as usize => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
 /// Appends a close frame; the reason is cut (on a character boundary) to fit in 123 bytes.
 pub fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
     let mut cut = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
@@ -480,6 +502,15 @@ mod tests {
         unmask(&mut p, mask);
         out.extend(p);
         out
+    }
+
+    #[test]
+    fn masked_client_frames_read_back_at_every_length_class() {
+        for len in [0usize, 125, 126, 65_535, 65_536] {
+            let text = "a".repeat(len);
+            let bytes = encode_masked(0x80 | OP_TEXT, text.as_bytes(), [9, 8, 7, 6]);
+            assert_eq!(read_all(&bytes, 1 << 20), Ok(vec![Incoming::Text(text)]), "length {len}");
+        }
     }
 
     fn read_all(bytes: &[u8], max: usize) -> Result<Vec<Incoming>, Violation> {

@@ -22,22 +22,7 @@ const DEFLATE_RESPONSE: &str = "permessage-deflate; server_no_context_takeover; 
 
 /// A client frame, masked; `rsv1` marks it compressed.
 fn frame(opcode: u8, rsv1: bool, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x11u8, 0x22, 0x33, 0x44];
-    let mut f = vec![0x80 | if rsv1 { 0x40 } else { 0 } | opcode];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n <= u16::MAX as usize => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+    crier_protocol::ws::encode_masked(0x80 | if rsv1 { 0x40 } else { 0 } | opcode, payload, [0x11, 0x22, 0x33, 0x44])
 }
 
 /// Raw deflate, tail stripped (what a permessage-deflate client sends).

@@ -180,14 +180,7 @@ async fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
 
 /// A client → server text frame (masked, as clients must send).
 fn masked_text(text: &str) -> Vec<u8> {
-    let payload = text.as_bytes();
-    let mask = [1u8, 2, 3, 4];
-    let mut f = vec![0x81u8];
-    assert!(payload.len() < 126);
-    f.push(0x80 | payload.len() as u8);
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+    crier_protocol::ws::encode_masked(0x81, text.as_bytes(), [1, 2, 3, 4])
 }
 
 #[tokio::test]

@@ -17,22 +17,7 @@ pub(crate) const OP_PONG: u8 = 0xA;
 
 /// A client → server frame: masked, as clients must send, any opcode, FIN as given.
 pub(crate) fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
-    let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n <= u16::MAX as usize => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+    crier_protocol::ws::encode_masked(if fin { 0x80 } else { 0 } | opcode, payload, [0x37, 0xfa, 0x21, 0x3d])
 }
 
 pub(crate) fn text(s: &str) -> Vec<u8> {
