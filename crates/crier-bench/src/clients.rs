@@ -154,6 +154,18 @@ pub fn parse_message(text: &str) -> Option<(u64, Option<u64>)> {
     Some((offset, number_after(&text[data..], r#""ts":"#)))
 }
 
+/// Counts one received message: its latency (when it carries a send timestamp), and whether its
+/// offset skipped ahead (a gap) or was seen already (a duplicate) after `last`.
+fn record_delivery(stats: &Stats, conn: usize, last: &mut Option<u64>, offset: u64, ts: Option<u64>) {
+    let latency = ts.map(|ts| now_us().saturating_sub(ts));
+    let (gap, dup) = match *last {
+        Some(l) => (offset > l + 1, offset <= l),
+        None => (false, false),
+    };
+    *last = Some(last.map_or(offset, |l| l.max(offset)));
+    stats.record(conn, latency, gap, dup);
+}
+
 /// Reads a subscribed connection until it ends, recording every message.
 pub async fn receive(mut ws: Ws, conn: usize, stats: Arc<Stats>) {
     let mut last: Option<u64> = None;
@@ -173,13 +185,7 @@ pub async fn receive(mut ws: Ws, conn: usize, stats: Arc<Stats>) {
                     Ordering::Relaxed,
                 );
                 if let Some((offset, ts)) = parse_message(t.as_str()) {
-                    let latency = ts.map(|ts| now_us().saturating_sub(ts));
-                    let (gap, dup) = match last {
-                        Some(l) => (offset > l + 1, offset <= l),
-                        None => (false, false),
-                    };
-                    last = Some(last.map_or(offset, |l| l.max(offset)));
-                    stats.record(conn, latency, gap, dup);
+                    record_delivery(&stats, conn, &mut last, offset, ts);
                 }
             }
             Ok(Message::Close(c)) => {
@@ -381,13 +387,7 @@ async fn deflate_receive(mut tcp: TcpStream, mut buf: Vec<u8>, conn: usize, stat
                         payload
                     };
                     if let Some((offset, ts)) = std::str::from_utf8(&text).ok().and_then(parse_message) {
-                        let latency = ts.map(|ts| now_us().saturating_sub(ts));
-                        let (gap, dup) = match last {
-                            Some(l) => (offset > l + 1, offset <= l),
-                            None => (false, false),
-                        };
-                        last = Some(last.map_or(offset, |l| l.max(offset)));
-                        stats.record(conn, latency, gap, dup);
+                        record_delivery(&stats, conn, &mut last, offset, ts);
                     }
                 }
                 0x9 => {
