@@ -54,7 +54,7 @@ impl ConnectionLike for Con {
 /// calls are `Unavailable`.
 #[derive(Clone)]
 pub(crate) struct Commands {
-    /// The connection and the generation of its server (see [`Commands::invoke_generational`]).
+    /// The connection and the generation of its server (see [`Commands::generational`]).
     manager: Arc<RwLock<Option<(Con, String)>>>,
     timeout: Duration,
     /// Notified when a call hit a read-only replica (`READONLY`): the master moved.
@@ -105,20 +105,26 @@ impl Commands {
         self.current().map(|(con, _)| con)
     }
 
-    /// Runs a script about `channel` whose last argument is the generation of the server it runs
-    /// on ('' for a fixed server), read together with the connection so they match: the publish
-    /// script starts a new epoch on a server whose data another process wrote (a promoted
-    /// replica), see `scripts::PUBLISH`. On a Cluster `*`: the script reads the run id of the
-    /// master it runs on itself (the cluster client picks the node; no map here can be fresher).
-    pub(crate) async fn invoke_generational(
-        &self,
-        invocation: &mut ScriptInvocation<'_>,
-    ) -> Result<Value, BrokerError> {
-        let (mut con, mut generation) = self.current()?;
+    /// The connection for a script about channels, with the generation of its server to pass
+    /// the script ('' for a fixed server; a Sentinel master's run id), read together so they
+    /// match: the publish script starts a new epoch on a server whose data another process
+    /// wrote (a promoted replica), see `scripts::PUBLISH`. On a Cluster `*`: the script reads
+    /// the run id of the master it runs on itself (the cluster client picks the node; no map
+    /// here can be fresher).
+    pub(crate) fn generational(&self) -> Result<(Con, String), BrokerError> {
+        let (con, generation) = self.current()?;
         if let Con::Cluster(_) = con {
-            generation = "*".to_owned();
+            return Ok((con, "*".to_owned()));
         }
-        invocation.arg(generation);
+        Ok((con, generation))
+    }
+
+    /// Runs a script on `con` (from [`Commands::generational`]).
+    pub(crate) async fn invoke_on(
+        &self,
+        mut con: Con,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<Value, BrokerError> {
         self.run(invocation.invoke_async::<Value>(&mut con)).await
     }
 
@@ -160,6 +166,22 @@ pub(crate) async fn bounded<T>(timeout: Duration, fut: impl Future<Output = Redi
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(broker_error(&e)),
         Err(_) => Err(BrokerError::Unavailable(format!("redis did not answer within {timeout:?}"))),
+    }
+}
+
+/// Maps the error of one message of a batched script call (`"<CODE> <text>"`, caught in the
+/// script): what means "Redis cannot serve this right now" is `Unavailable`, the rest (a key of
+/// the wrong type, a bug) `Internal`, as [`broker_error`] does for a whole call.
+pub(crate) fn script_error(message: &str) -> BrokerError {
+    let code = message.split_whitespace().next().unwrap_or("");
+    let transient = matches!(
+        code,
+        "OOM" | "BUSY" | "READONLY" | "LOADING" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "NOREPLICAS" | "MISCONF"
+    );
+    if transient {
+        BrokerError::Unavailable(format!("redis: {message}"))
+    } else {
+        BrokerError::Internal(format!("redis: {message}"))
     }
 }
 

@@ -27,6 +27,11 @@ impl Keys {
         Keys { cluster: true, ..Keys::new(prefix) }
     }
 
+    /// Whether this is the Redis Cluster layout.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
     /// The command the publish script publishes with: sharded pub/sub on a Cluster.
     pub(crate) fn publish_command(&self) -> &'static str {
         if self.cluster { "SPUBLISH" } else { "PUBLISH" }

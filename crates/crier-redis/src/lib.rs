@@ -7,6 +7,7 @@
 //! - `lib.rs`: [`RedisOptions`], [`RedisBroker`] and its `Broker` impl (thin: it delegates).
 //! - `keys.rs`: the key layout below, in code.
 //! - `scripts.rs`: the Lua scripts (publish, history, expiring sets) and their reply parsing.
+//! - `publisher.rs`: the task that batches a node's publishes into script calls.
 //! - `payload.rs`: the `offset:epoch:ts_us:frame` payload published and kept in the history.
 //! - `command.rs`: the command connection (auto-reconnecting, every call with a deadline) and
 //!   the mapping of Redis errors to `BrokerError`.
@@ -26,15 +27,17 @@
 //!
 //! | key | type | content | lifetime |
 //! |---|---|---|---|
-//! | `crier:{<channel>}:meta` | HASH | `epoch`, `top` (last offset) | `meta_ttl` (24h) after the last publish |
-//! | `crier:{<channel>}:hist` | LIST | entries `offset:epoch:ts_us:frame`, oldest first, at most `history_size` | `history_ttl` after the last publish; entries older than `history_ttl` are dropped |
+//! | `crier:{<channel>}:meta` | HASH | `epoch`, `top` (last offset), `due` (ms: when the keys' expiries are next pushed out) | `meta_ttl` (24h) to `meta_ttl` + slack after the last publish |
+//! | `crier:{<channel>}:hist` | LIST | entries `offset:epoch:ts_us:frame`, oldest first, at most `history_size` | `history_ttl` to `history_ttl` + slack after the last publish; reads drop entries older than `history_ttl` |
 //! | `crier:{<channel>}:idem:<key>` | STRING | `epoch:offset` of the first publish with that key | 300s |
 //! | `crier:{<channel>}:pres` / `:pres:data` | ZSET / HASH | member → expiry ms / entry JSON | `presence_ttl` (30s), refreshed by the owning node |
 //! | `crier:user:{<user>}:conns` | ZSET | member → expiry ms | `presence_ttl`, refreshed |
 //! | `crier:nodes` / `crier:nodes:info` | ZSET / HASH | node → expiry ms / `NodeInfo` JSON | `node_ttl` (30s), refreshed; on a Cluster `crier:{nodes}` / `crier:{nodes}:info` |
 //!
 //! The meta HASH also holds `gen`: the run id of the server process that last published on the
-//! channel (Sentinel, Cluster; see `scripts::PUBLISH`).
+//! channel (Sentinel, Cluster; see `scripts::PUBLISH`). The slack is a tenth of `history_ttl`,
+//! at most 30 s: the publish script pushes a channel's expiries out once per slack, not per
+//! message (`Params::expiry_slack_ms`).
 //!
 //! Pub/sub channels: `crier:ch:<channel>` (on a Cluster the shard channel `crier:ch:{<channel>}`,
 //! SPUBLISH/SSUBSCRIBE) carries the channel's publications (payload
@@ -42,14 +45,20 @@
 //! messages (user disconnects). Presence and connection members are `<broker instance>/<client>`.
 //!
 //! # Publishing
-//! One Lua script does it all atomically: it creates the epoch if the channel has no meta (a new
+//! A node's publishes go to one task (`publisher.rs`) that sends them as calls of one Lua
+//! script: one call in flight, whatever arrives meanwhile goes in the next call (up to 128
+//! messages or 1 MiB; on a Cluster only messages whose channels share a hash slot). For each
+//! message, in order and in its own `pcall` (its error is its own), the script does it all
+//! atomically: it creates the epoch if the channel has no meta (a new
 //! channel, or one whose state Redis lost: flush, restart without persistence, expiry, eviction —
 //! so a lost history always means a new epoch and clients are told `recovered: false`),
 //! increments `top`, builds the `message` frame by concatenation (byte-identical to
 //! `crier_protocol::frames::encode_message`: channel names and epochs need no JSON escaping and
-//! `data` is raw JSON), appends it to the history (trimmed to `history_size`, pruned by age),
-//! sets the TTLs, PUBLISHes it, and records the idempotency key (`SET ... EX 300` semantics: a
-//! repeat returns the first result and publishes nothing).
+//! `data` is raw JSON), appends it to the history (trimmed to `history_size`; entries past
+//! `history_ttl` are pruned by the reads), pushes the TTLs out when due, PUBLISHes it, and
+//! records the idempotency key (`SET ... EX 300` semantics: a repeat returns the first result and
+//! publishes nothing; also for two messages of one call). A caller hears back after Redis
+//! answered the call.
 //!
 //! # Delivery
 //! The node's single pub/sub connection (RESP3) is owned by one task (`pubsub/`), which delivers
@@ -93,6 +102,7 @@ mod command;
 mod keys;
 mod payload;
 mod presence;
+mod publisher;
 mod pubsub;
 mod scripts;
 mod sentinel;
@@ -103,7 +113,7 @@ mod tracker;
 pub use tls::check_ca_pem;
 pub use topology::Topology;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -220,6 +230,10 @@ pub struct RedisBroker {
     shared: Arc<Shared>,
     state: Arc<ClusterState>,
     pubsub: mpsc::Sender<Command>,
+    /// The batching publisher's queue (`publisher.rs`).
+    publisher: mpsc::Sender<publisher::Job>,
+    /// Publish script calls made (each carries one or more messages).
+    publish_calls: Arc<AtomicU64>,
     command_timeout: Duration,
     up: watch::Receiver<bool>,
     /// Dropped with the broker: stops the background tasks.
@@ -307,7 +321,19 @@ impl RedisBroker {
             opts.presence_ttl,
             opts.node_ttl,
         ));
-        tokio::spawn(presence::refresh_loop(state.clone(), shutdown_rx));
+        tokio::spawn(presence::refresh_loop(state.clone(), shutdown_rx.clone()));
+        let publish_calls = Arc::new(AtomicU64::new(0));
+        let publisher = publisher::spawn(
+            publisher::Context {
+                commands: commands.clone(),
+                keys: keys.clone(),
+                params,
+                scripts: scripts.clone(),
+                idempotency_ttl_s: IDEMPOTENCY_WINDOW.as_secs(),
+                calls: publish_calls.clone(),
+            },
+            shutdown_rx,
+        );
 
         let mut wait = up.clone();
         let deadline = tokio::time::Instant::now() + opts.connect_wait;
@@ -332,6 +358,8 @@ impl RedisBroker {
             shared,
             state,
             pubsub,
+            publisher,
+            publish_calls,
             command_timeout: t,
             up,
             _shutdown: shutdown,
@@ -376,22 +404,23 @@ impl Broker for RedisBroker {
     async fn publish(&self, channel: &str, data: &str, opts: PublishOptions<'_>) -> Result<PublishResult, BrokerError> {
         // The script copies the channel into the frame verbatim: only valid names may go there.
         crier_protocol::validate_channel(channel).map_err(|e| BrokerError::Internal(format!("publish: {e}")))?;
-        let mut inv = self.scripts.publish.key(self.keys.meta(channel));
-        inv.key(self.keys.history(channel));
-        if let Some(k) = opts.idempotency_key {
-            inv.key(self.keys.idempotency(channel, k));
-        }
-        inv.arg(channel)
-            .arg(data)
-            .arg(scripts::new_epoch())
-            .arg(self.params.history_size)
-            .arg(self.params.history_ttl_ms)
-            .arg(self.params.meta_ttl_ms)
-            .arg(self.keys.pubsub(channel))
-            .arg(IDEMPOTENCY_WINDOW.as_secs())
-            .arg(self.keys.publish_command());
-        let (result, _fresh) = scripts::parse_publish(&self.commands.invoke_generational(&mut inv).await?)?;
-        Ok(result)
+        let (reply, rx) = oneshot::channel();
+        let job = publisher::Job {
+            channel: channel.to_owned(),
+            data: data.to_owned(),
+            idempotency_key: opts.idempotency_key.map(str::to_owned),
+            reply,
+        };
+        // Waiting for room in the queue and for the batch's call are bounded like any call.
+        let deadline = self.command_timeout * 2;
+        let slow = || BrokerError::Unavailable(format!("redis did not answer within {deadline:?}"));
+        let gone = || BrokerError::Unavailable("redis publisher task is gone".into());
+        tokio::time::timeout(deadline, async {
+            self.publisher.send(job).await.map_err(|_| gone())?;
+            rx.await.map_err(|_| gone())?
+        })
+        .await
+        .map_err(|_| slow())?
     }
 
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
@@ -474,6 +503,10 @@ impl Broker for RedisBroker {
 
     fn reconnects(&self) -> u64 {
         RedisBroker::reconnects(self)
+    }
+
+    fn publish_calls(&self) -> u64 {
+        self.publish_calls.load(Ordering::Relaxed)
     }
 
     async fn rate_limit(&self, key: &str, rate: u32, burst: u32) -> Result<Option<Duration>, BrokerError> {

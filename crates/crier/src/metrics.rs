@@ -19,6 +19,7 @@ pub const HEARTBEAT_TIMEOUTS: &str = "crier_heartbeat_timeouts_total";
 pub const CLIENT_ERRORS: &str = "crier_client_errors_total";
 pub const BROKER_UP: &str = "crier_broker_up";
 pub const BROKER_RECONNECTS: &str = "crier_broker_reconnects_total";
+pub const BROKER_PUBLISH_CALLS: &str = "crier_broker_publish_calls_total";
 pub const RECOVERIES: &str = "crier_recoveries_total";
 /// crier extension: REST API requests by route group and status class.
 pub const API_REQUESTS: &str = "crier_api_requests_total";
@@ -85,6 +86,10 @@ fn describe() {
     describe_counter!(CLIENT_ERRORS, "Error frames sent to clients, by code");
     describe_gauge!(BROKER_UP, "1 when the broker is reachable, 0 otherwise");
     describe_counter!(BROKER_RECONNECTS, "Reconnections of the broker's connections");
+    describe_counter!(
+        BROKER_PUBLISH_CALLS,
+        "Broker calls that carried publishes (Redis: script calls; messages per call = published / calls)"
+    );
     describe_counter!(RECOVERIES, "Subscriptions with recovery, by result (recovered, failed)");
     describe_counter!(API_REQUESTS, "REST API requests by endpoint and status code");
 }
@@ -123,7 +128,7 @@ fn zero() {
     for result in ["recovered", "failed"] {
         counter!(RECOVERIES, "result" => result).absolute(0);
     }
-    for name in [DELIVERED, SLOW_CONSUMERS, HEARTBEAT_TIMEOUTS, BROKER_RECONNECTS] {
+    for name in [DELIVERED, SLOW_CONSUMERS, HEARTBEAT_TIMEOUTS, BROKER_RECONNECTS, BROKER_PUBLISH_CALLS] {
         counter!(name).absolute(0);
     }
 }

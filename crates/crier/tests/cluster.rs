@@ -161,6 +161,9 @@ async fn redis_restart_with_persistence_loses_nothing_acknowledged() {
     }
     assert_eq!(got, acked, "every acknowledged message, once, in order, same epoch");
     assert!(b.metric("crier_broker_reconnects_total").await >= 1.0);
+    // One script call per publish here (each waited for the last): the batching counter says so.
+    let calls = a.metric("crier_broker_publish_calls_total").await;
+    assert!((40.0..=41.0).contains(&calls), "40 acknowledged publishes (and the 503 one) in {calls} calls");
 }
 
 #[tokio::test]
@@ -273,4 +276,29 @@ async fn cluster_wide_disconnect_info_and_connection_limit() {
         support::Client::connect(req).await.is_ok()
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_broadcast_to_many_channels_is_a_few_script_calls_and_reaches_every_channel() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis, "ba", &[]).await, node(&redis, "bb", &[]).await);
+    let mut sub = b.client(&b.token("s", &["fan:*"], &[])).await;
+    for c in ["fan:0", "fan:99", "fan:199"] {
+        sub.subscribe(c, 1).await;
+    }
+    let channels: Vec<String> = (0..200).map(|i| format!("fan:{i}")).collect();
+    let calls_before = a.metric("crier_broker_publish_calls_total").await;
+    let r = a.post("/api/v1/broadcast", json!({"channels": channels, "data": {"n": 1}})).await;
+    assert_eq!(r.status(), 200);
+    let results = r.json::<Value>().await.unwrap()["results"].as_array().cloned().unwrap_or_default();
+    assert_eq!(results.len(), 200);
+    for (i, res) in results.iter().enumerate() {
+        assert_eq!(res["channel"], format!("fan:{i}"), "results in the request's order");
+        assert_eq!(res["offset"], 1, "{res}");
+    }
+    let calls = a.metric("crier_broker_publish_calls_total").await - calls_before;
+    assert!((1.0..100.0).contains(&calls), "200 publishes went in {calls} script calls");
+    let got: HashSet<String> =
+        messages(&mut sub, 3).await.iter().map(|m| m["channel"].as_str().unwrap_or("").to_owned()).collect();
+    assert_eq!(got, HashSet::from(["fan:0".to_owned(), "fan:99".to_owned(), "fan:199".to_owned()]));
 }

@@ -169,4 +169,10 @@ pub trait Broker: Send + Sync + 'static {
     fn reconnects(&self) -> u64 {
         0
     }
+
+    /// How many calls to its backend carried publishes (`crier_broker_publish_calls_total`; a
+    /// broker that batches makes fewer than it publishes messages). 0 for one without calls.
+    fn publish_calls(&self) -> u64 {
+        0
+    }
 }

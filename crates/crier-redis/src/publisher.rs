@@ -1,0 +1,235 @@
+//! Batched publishing: publishes that reach a node together go to Redis as one call of the
+//! publish script (and come back as one reply) instead of one script call each.
+//!
+//! One task takes publish jobs from a queue. It sends a batch as soon as it may: at most
+//! [`IN_FLIGHT`] batch is on its way to Redis at a time ([`IN_FLIGHT_CLUSTER`] on a Cluster),
+//! and whatever queues up meanwhile becomes the next batch (up to [`MAX_BATCH`] messages or
+//! [`MAX_BATCH_BYTES`] of data). There is no timer: a lone publish goes out at once, alone;
+//! under load batches form by themselves while Redis works on the previous one. A script call
+//! costs Redis a fixed overhead besides its commands (`scripts/redis-publish-cost`: ~25 µs of
+//! Redis CPU for a call of one message, ~9 µs per message in calls of 16), which a batch pays
+//! once, with one request and one reply on the socket instead of one per message.
+//!
+//! Every guarantee of a single publish holds for each message of a batch: the script applies
+//! the messages in queue order, each exactly as a call of its own would (offset, epoch, history,
+//! idempotency — also between two messages of one batch —, the failover generation check,
+//! PUBLISH), each in its own `pcall` so one message's error fails only that message, and a
+//! caller hears back only after Redis answered the call — a 200 still means Redis holds the
+//! message. A call that fails as a whole (timeout, lost connection) fails every message of the
+//! batch with that error (`Unavailable`: they may have been applied, as with any publish that
+//! times out; idempotency keys make retries safe).
+//!
+//! On a Redis Cluster a script's keys must share a hash slot: a batch there holds only messages
+//! whose channels share the first one's slot; the others wait, in order, for a later batch
+//! (messages of one channel always share a slot, so their order is kept).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crier_core::{BrokerError, PublishResult};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::command::Commands;
+use crate::keys::Keys;
+use crate::scripts::{self, Params, Scripts};
+
+/// Batches on their way to one Redis at once. One: whatever arrives while a call is out waits
+/// for it and goes in the next call (measured in the rig's private-channel shape on 2 cores:
+/// 1 in flight kept the highest publish rate and the lowest Redis CPU per message of 1, 2 and
+/// 32; see BENCHMARKS.md).
+pub(crate) const IN_FLIGHT: usize = 1;
+/// On a Redis Cluster a batch holds one slot's messages, and calls to different masters should
+/// not wait for each other.
+pub(crate) const IN_FLIGHT_CLUSTER: usize = 8;
+/// Messages per batch, at most.
+pub(crate) const MAX_BATCH: usize = 128;
+/// Data bytes per batch, at most (a single larger message still goes, alone).
+pub(crate) const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Jobs waiting for a batch, at most (callers wait for room: backpressure).
+pub(crate) const QUEUE: usize = 4096;
+
+/// One publish waiting for its batch.
+pub(crate) struct Job {
+    pub channel: String,
+    pub data: String,
+    pub idempotency_key: Option<String>,
+    pub reply: oneshot::Sender<Result<PublishResult, BrokerError>>,
+}
+
+/// What a batch needs to run.
+pub(crate) struct Context {
+    pub commands: Commands,
+    pub keys: Keys,
+    pub params: Params,
+    pub scripts: Arc<Scripts>,
+    pub idempotency_ttl_s: u64,
+    /// Script calls made (`crier_broker_publish_calls_total`; messages per call = published
+    /// messages / calls).
+    pub calls: Arc<AtomicU64>,
+}
+
+/// Starts the task; it ends when the queue's senders are gone or `shutdown` fires.
+pub(crate) fn spawn(ctx: Context, shutdown: watch::Receiver<()>) -> mpsc::Sender<Job> {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    tokio::spawn(run(Arc::new(ctx), rx, shutdown));
+    tx
+}
+
+async fn run(ctx: Arc<Context>, mut rx: mpsc::Receiver<Job>, mut shutdown: watch::Receiver<()>) {
+    // The batches are driven here, not spawned: one task hop less per publish.
+    let mut in_flight = FuturesUnordered::new();
+    let mut waiting = Waiting::new(ctx.keys.is_cluster());
+    let limit = if ctx.keys.is_cluster() { IN_FLIGHT_CLUSTER } else { IN_FLIGHT };
+    let mut open = true;
+    loop {
+        if in_flight.len() < limit && !waiting.is_empty() {
+            // Jobs left behind by the last batch (another slot) go before anything new waits.
+            waiting.fill(&mut rx);
+            let batch = waiting.take();
+            in_flight.push(publish_batch(ctx.clone(), batch));
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            // While `limit` batches are out, publishes keep queueing: they form the next batch.
+            job = rx.recv(), if open && in_flight.len() < limit => match job {
+                Some(first) => {
+                    waiting.push(first);
+                    waiting.fill(&mut rx);
+                    let batch = waiting.take();
+                    in_flight.push(publish_batch(ctx.clone(), batch));
+                }
+                None => open = false,
+            },
+        }
+        if !open && in_flight.is_empty() && waiting.is_empty() {
+            return;
+        }
+    }
+}
+
+/// The jobs taken off the queue and not yet in a batch, in arrival order.
+struct Waiting {
+    jobs: VecDeque<Job>,
+    /// On a Cluster, a batch holds one hash slot's messages.
+    by_slot: bool,
+}
+
+impl Waiting {
+    fn new(by_slot: bool) -> Waiting {
+        Waiting { jobs: VecDeque::new(), by_slot }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    fn push(&mut self, job: Job) {
+        self.jobs.push_back(job);
+    }
+
+    /// Takes what the queue holds now, up to a batch's worth beyond what already waits (a
+    /// Cluster may leave other slots' jobs behind, so it looks a few batches ahead).
+    fn fill(&mut self, rx: &mut mpsc::Receiver<Job>) {
+        let room = if self.by_slot { 4 * MAX_BATCH } else { MAX_BATCH };
+        while self.jobs.len() < room {
+            match rx.try_recv() {
+                Ok(job) => self.jobs.push_back(job),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// The next batch: the first waiting job and those after it that fit (same slot on a
+    /// Cluster), up to the batch limits, in order.
+    fn take(&mut self) -> Vec<Job> {
+        let Some(first) = self.jobs.pop_front() else { return Vec::new() };
+        let slot = self.by_slot.then(|| slot_of(&first.channel));
+        let mut bytes = first.data.len();
+        let mut batch = vec![first];
+        let mut kept = VecDeque::new();
+        while let Some(job) = self.jobs.pop_front() {
+            if batch.len() >= MAX_BATCH || bytes + job.data.len() > MAX_BATCH_BYTES {
+                kept.push_back(job);
+                break;
+            }
+            if slot.is_some_and(|s| s != slot_of(&job.channel)) {
+                kept.push_back(job);
+                continue;
+            }
+            bytes += job.data.len();
+            batch.push(job);
+        }
+        kept.append(&mut self.jobs);
+        self.jobs = kept;
+        batch
+    }
+}
+
+fn slot_of(channel: &str) -> u16 {
+    crate::cluster::slot(Keys::slot_key(channel).as_bytes())
+}
+
+/// Runs one batch and answers each of its callers.
+async fn publish_batch(ctx: Arc<Context>, batch: Vec<Job>) {
+    let (con, generation) = match ctx.commands.generational() {
+        Ok(v) => v,
+        Err(e) => return fail(batch, &e),
+    };
+    let mut inv = ctx.scripts.publish.prepare_invoke();
+    inv.arg(batch.len())
+        .arg(scripts::new_epoch())
+        .arg(ctx.params.history_size)
+        .arg(ctx.params.history_ttl_ms + ctx.params.expiry_slack_ms())
+        .arg(ctx.params.meta_ttl_ms + ctx.params.expiry_slack_ms())
+        .arg(ctx.params.expiry_slack_ms())
+        .arg(ctx.idempotency_ttl_s)
+        .arg(ctx.keys.publish_command())
+        .arg(generation);
+    for job in &batch {
+        inv.key(ctx.keys.meta(&job.channel)).key(ctx.keys.history(&job.channel));
+        inv.arg(&job.channel).arg(&job.data).arg(ctx.keys.pubsub(&job.channel));
+        match &job.idempotency_key {
+            Some(k) => {
+                inv.key(ctx.keys.idempotency(&job.channel, k));
+                inv.arg("1");
+            }
+            None => {
+                inv.arg("0");
+            }
+        }
+    }
+    ctx.calls.fetch_add(1, Ordering::Relaxed);
+    let reply = ctx.commands.invoke_on(con, &inv).await;
+    let answers = match reply.and_then(|v| scripts::parse_publish(&v, batch.len())) {
+        Ok(answers) => answers,
+        Err(e) => return fail(batch, &e),
+    };
+    for (job, answer) in batch.into_iter().zip(answers) {
+        if let Err(BrokerError::Unavailable(why)) = &answer
+            && why.starts_with("redis: READONLY")
+        {
+            // The server was demoted: the pub/sub task finds the new master.
+            ctx.commands.readonly.notify_one();
+        }
+        let _ = job.reply.send(answer.map(|(result, _fresh)| result));
+    }
+}
+
+/// Answers every caller of a batch that failed as a whole with the same error.
+fn fail(batch: Vec<Job>, e: &BrokerError) {
+    for job in batch {
+        let _ = job.reply.send(Err(same(e)));
+    }
+}
+
+fn same(e: &BrokerError) -> BrokerError {
+    match e {
+        BrokerError::Unavailable(m) => BrokerError::Unavailable(m.clone()),
+        BrokerError::Internal(m) => BrokerError::Internal(m.clone()),
+    }
+}

@@ -1,0 +1,216 @@
+//! Publishes that arrive together are batched into one script call (`publisher.rs`); each
+//! message of a batch keeps every guarantee of a lone publish: its own offset, contiguous per
+//! channel, the channel's epoch, its place in the history, idempotency (also between two
+//! messages of one batch), delivery in offset order, its own error — and a batch's results go
+//! to the right callers. On one server and on a Redis Cluster (a batch per hash slot).
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crier_core::broker::PublishOptions;
+use crier_core::{Broker, BrokerError};
+use crier_protocol::StreamPosition;
+use crier_protocol::frames::encode_message;
+use crier_redis::{RedisBroker, RedisOptions};
+use crier_testkit::redis::RedisCluster;
+use crier_testkit::{poll, poll_within};
+use support::{RecordingHandler, RedisServer, broker, options, subscribe};
+
+const CHANNELS: usize = 8;
+const PER_CHANNEL: usize = 60;
+
+/// EVALSHA calls that ran (not counting the first tries that met NOSCRIPT and were sent again
+/// after loading the script).
+fn evalsha_calls(server: &RedisServer) -> u64 {
+    let stats = server.cmd(&["INFO", "commandstats"]);
+    let Some(line) = stats.lines().find_map(|l| l.strip_prefix("cmdstat_evalsha:")) else { return 0 };
+    let field = |name: &str| -> u64 {
+        line.split(',').find_map(|f| f.strip_prefix(name)).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+    };
+    field("calls=") - field("failed_calls=")
+}
+
+/// Publishes `per_channel` messages `{"c":c,"n":n}` on each of `channels`, all at once.
+async fn publish_all_at_once(
+    a: &Arc<RedisBroker>,
+    channels: &[String],
+    per_channel: usize,
+) -> Vec<(String, String, Result<crier_core::PublishResult, BrokerError>)> {
+    let total = channels.len() * per_channel;
+    futures_util::future::join_all((0..total).map(|i| {
+        let a = a.clone();
+        let (c, n) = (i % channels.len(), i / channels.len());
+        let channel = channels[c].clone();
+        async move {
+            let data = format!("{{\"c\":{c},\"n\":{n}}}");
+            let r = a.publish(&channel, &data, PublishOptions::default()).await;
+            (channel, data, r)
+        }
+    }))
+    .await
+}
+
+/// Each caller got its own offset; per channel the offsets are exactly `1..=per_channel` in
+/// one epoch; the history holds each message at its offset, byte-identical; `h` (another node)
+/// got all of them live, in offset order.
+async fn check_each_message(
+    a: &RedisBroker,
+    h: &RecordingHandler,
+    results: Vec<(String, String, Result<crier_core::PublishResult, BrokerError>)>,
+    per_channel: usize,
+) {
+    let mut by_channel: HashMap<String, Vec<(u64, String, String)>> = HashMap::new();
+    for (channel, data, r) in results {
+        let r = r.unwrap_or_else(|e| panic!("publish on {channel}: {e}"));
+        by_channel.entry(channel).or_default().push((r.offset, r.epoch, data));
+    }
+    for (channel, mut got) in by_channel {
+        got.sort();
+        let offsets: Vec<u64> = got.iter().map(|g| g.0).collect();
+        assert_eq!(offsets, (1..=per_channel as u64).collect::<Vec<_>>(), "{channel}");
+        let epoch = got[0].1.clone();
+        assert!(got.iter().all(|g| g.1 == epoch), "{channel}: one epoch");
+        let since = StreamPosition { epoch: epoch.clone(), offset: 0 };
+        let hist = a.history(&channel, Some(&since), 1000).await.unwrap_or_else(|e| panic!("history: {e}"));
+        assert_eq!(hist.publications.len(), per_channel, "{channel}");
+        for (p, (offset, _, data)) in hist.publications.iter().zip(&got) {
+            assert_eq!(p.offset, *offset);
+            assert_eq!(p.frame, encode_message(&channel, &epoch, *offset, data), "{channel} #{offset}");
+        }
+        poll("every message live on the other node, in order", async || {
+            let seen = h.offsets(&channel);
+            if seen == offsets { Ok(()) } else { Err(format!("{channel}: {seen:?}")) }
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_are_batched_and_each_keeps_its_guarantees() {
+    let server = RedisServer::start();
+    let (a, _ha) = broker(options(&server, "a")).await;
+    let (b, hb) = broker(options(&server, "b")).await;
+    let channels: Vec<String> = (0..CHANNELS).map(|c| format!("batch:{c}")).collect();
+    for c in &channels {
+        subscribe(&b, &hb, c).await;
+    }
+    server.cmd(&["CONFIG", "RESETSTAT"]);
+    let calls_before = Broker::publish_calls(&*a);
+
+    let results = publish_all_at_once(&a, &channels, PER_CHANNEL).await;
+    let total = (CHANNELS * PER_CHANNEL) as u64;
+    let calls = Broker::publish_calls(&*a) - calls_before;
+    assert!(calls > 0 && calls < total / 2, "{total} publishes in {calls} script calls");
+    assert_eq!(evalsha_calls(&server), calls, "Redis saw one EVALSHA per batch");
+    check_each_message(&a, &hb, results, PER_CHANNEL).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_hold_inside_a_batch() {
+    let server = RedisServer::start();
+    let (a, _ha) = broker(options(&server, "a")).await;
+    let (b, hb) = broker(options(&server, "b")).await;
+    subscribe(&b, &hb, "idem").await;
+    // 40 publishes at once, 4 per key: each key publishes once, its repeats get the first result.
+    let results = futures_util::future::join_all((0..40).map(|i| {
+        let a = a.clone();
+        async move {
+            let key = format!("k{}", i % 10);
+            let r = a.publish("idem", &format!("{i}"), PublishOptions { idempotency_key: Some(&key) }).await;
+            (key, r)
+        }
+    }))
+    .await;
+    let mut first: HashMap<String, (String, u64)> = HashMap::new();
+    for (key, r) in results {
+        let r = r.unwrap_or_else(|e| panic!("publish: {e}"));
+        let seen = first.entry(key.clone()).or_insert((r.epoch.clone(), r.offset));
+        assert_eq!(*seen, (r.epoch, r.offset), "{key}: every repeat gets the first result");
+    }
+    let mut offsets: Vec<u64> = first.values().map(|v| v.1).collect();
+    offsets.sort();
+    assert_eq!(offsets, (1..=10).collect::<Vec<_>>(), "one message per key");
+    poll("the 10 messages on the other node", async || {
+        let seen = hb.offsets("idem");
+        if seen == (1..=10).collect::<Vec<_>>() { Ok(()) } else { Err(format!("{seen:?}")) }
+    })
+    .await;
+    let h = a.history("idem", None, 100).await.unwrap_or_else(|e| panic!("history: {e}"));
+    assert_eq!(h.publications.len(), 10, "repeats are not in the history");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_channel_fails_only_its_own_messages() {
+    let server = RedisServer::start();
+    let (a, _ha) = broker(options(&server, "a")).await;
+    // Somebody else's string where the channel's meta hash belongs: HGET fails with WRONGTYPE.
+    server.cmd(&["SET", "crier:{broken}:meta", "not a hash"]);
+    let channels: Vec<String> = vec!["broken".into(), "fine:1".into(), "fine:2".into()];
+    let results = publish_all_at_once(&a, &channels, 20).await;
+    let mut fine = HashMap::<String, Vec<u64>>::new();
+    for (channel, _, r) in results {
+        match (channel.as_str(), r) {
+            ("broken", Err(BrokerError::Internal(why))) => assert!(why.contains("WRONGTYPE"), "{why}"),
+            ("broken", other) => panic!("a publish on the broken channel: {other:?}"),
+            (_, Ok(r)) => fine.entry(channel).or_default().push(r.offset),
+            (_, Err(e)) => panic!("a publish on {channel} failed with the broken one: {e}"),
+        }
+    }
+    for (channel, mut offsets) in fine {
+        offsets.sort();
+        assert_eq!(offsets, (1..=20).collect::<Vec<_>>(), "{channel}");
+    }
+    let kept = server.cmd(&["GET", "crier:{broken}:meta"]);
+    assert!(kept.contains("not a hash"), "nothing written over it: {kept}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_batch_fails_every_caller_with_unavailable() {
+    let mut server = RedisServer::start();
+    let (a, _ha) = broker(options(&server, "a")).await;
+    assert!(a.publish("x", "1", PublishOptions::default()).await.is_ok());
+    server.kill();
+    let results = futures_util::future::join_all((0..20).map(|i| {
+        let a = a.clone();
+        async move { (i, a.publish("x", "1", PublishOptions::default()).await) }
+    }))
+    .await;
+    for (i, r) in results {
+        assert!(matches!(r, Err(BrokerError::Unavailable(_))), "caller {i}: {r:?}");
+    }
+}
+
+fn cluster_options(cluster: &RedisCluster, node: &str) -> RedisOptions {
+    let mut o = RedisOptions::cluster(cluster.seeds(), node);
+    o.command_timeout = Duration::from_secs(1);
+    o.probe_interval = Duration::from_millis(200);
+    o.reconnect_max = Duration::from_millis(500);
+    o.connect_wait = Duration::from_secs(5);
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_batch_holds_one_slot_and_every_message_keeps_its_guarantees() {
+    let cluster = RedisCluster::start(3);
+    let (a, _ha) = broker(cluster_options(&cluster, "a")).await;
+    let (b, hb) = broker(cluster_options(&cluster, "b")).await;
+    assert!(a.is_up() && b.is_up());
+    // 24 channels spread over the three masters' slots, 25 messages each, all at once: a
+    // batch mixing slots would fail with CROSSSLOT.
+    let channels: Vec<String> = (0..24).map(|c| format!("shard:{c}")).collect();
+    for c in &channels {
+        subscribe(&b, &hb, c).await;
+    }
+    let before = Broker::publish_calls(&*a);
+    let results = publish_all_at_once(&a, &channels, 25).await;
+    let calls = Broker::publish_calls(&*a) - before;
+    assert!(calls < 24 * 25, "messages of one channel went together: {calls} calls for 600");
+    check_each_message(&a, &hb, results, 25).await;
+    poll_within("both nodes still up", Duration::from_secs(5), async || {
+        if a.is_up() && b.is_up() { Ok(()) } else { Err("down") }
+    })
+    .await;
+}
