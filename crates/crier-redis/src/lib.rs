@@ -28,7 +28,7 @@
 //! | key | type | content | lifetime |
 //! |---|---|---|---|
 //! | `crier:{<channel>}:meta` | HASH | `epoch`, `top` (last offset), `due` (ms: when the keys' expiries are next pushed out) | `meta_ttl` (24h) to `meta_ttl` + slack after the last publish |
-//! | `crier:{<channel>}:hist` | LIST | entries `offset:epoch:ts_us:frame`, oldest first, at most `history_size` | `history_ttl` to `history_ttl` + slack after the last publish; reads drop entries older than `history_ttl` |
+//! | `crier:{<channel>}:hist` | LIST | entries `offset:epoch:ts_us:frame`, oldest first; the newest `history_size` are the history (trimmed back to it once it holds an eighth more) | `history_ttl` to `history_ttl` + slack after the last publish; reads drop entries older than `history_ttl` |
 //! | `crier:{<channel>}:idem:<key>` | STRING | `epoch:offset` of the first publish with that key | 300s |
 //! | `crier:{<channel>}:pres` / `:pres:data` | ZSET / HASH | member → expiry ms / entry JSON | `presence_ttl` (30s), refreshed by the owning node |
 //! | `crier:user:{<user>}:conns` | ZSET | member → expiry ms | `presence_ttl`, refreshed |
@@ -54,7 +54,7 @@
 //! so a lost history always means a new epoch and clients are told `recovered: false`),
 //! increments `top`, builds the `message` frame by concatenation (byte-identical to
 //! `crier_protocol::frames::encode_message`: channel names and epochs need no JSON escaping and
-//! `data` is raw JSON), appends it to the history (trimmed to `history_size`; entries past
+//! `data` is raw JSON), appends it to the history (trimmed to `history_size` in steps; entries past
 //! `history_ttl` are pruned by the reads), pushes the TTLs out when due, PUBLISHes it, and
 //! records the idempotency key (`SET ... EX 300` semantics: a repeat returns the first result and
 //! publishes nothing; also for two messages of one call). A caller hears back after Redis

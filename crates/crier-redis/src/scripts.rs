@@ -48,8 +48,10 @@ end
 /// the common case is four: HMGET and HSET of the meta, RPUSH, PUBLISH. The rest is done only
 /// when due:
 /// - one `TIME` per call (the messages of a call share a timestamp);
-/// - the history is trimmed only when it outgrew `history_size`; entries older than
-///   `history_ttl` are pruned by every read (`HISTORY` prunes first), not by every publish;
+/// - the history is trimmed back to `history_size` once it outgrew it by an eighth (`HISTORY`
+///   reads only the newest `history_size` entries, so the history is still exactly that);
+///   entries older than `history_ttl` are pruned by every read (`HISTORY` prunes first), not by
+///   every publish;
 /// - the keys' expiries are pushed out only once per `slack` (the meta's `due`, ms): they are
 ///   set to their ttl plus `slack`, so a channel's keys live between ttl and ttl + slack after
 ///   its last publish, and a busy channel pays two PEXPIREs per `slack`, not per message.
@@ -58,6 +60,7 @@ local n = tonumber(ARGV[1])
 local new_epoch, size, hist_exp, meta_exp, slack, idem_ttl, command, gen =
   ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7], ARGV[8], ARGV[9]
 if gen == '*' then gen = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or '' end
+local trim_step = math.floor(size / 8)
 local t = redis.call('TIME')
 local now = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -91,7 +94,7 @@ local function one(channel, data, pubsub, meta, hist, idem)
     '","offset":' .. off .. ',"data":' .. data .. '}'
   local payload = off .. ':' .. epoch .. ':' .. now .. ':' .. frame
   if size > 0 then
-    if redis.call('RPUSH', hist, payload) > size then redis.call('LTRIM', hist, -size, -1) end
+    if redis.call('RPUSH', hist, payload) > size + trim_step then redis.call('LTRIM', hist, -size, -1) end
     if refresh then redis.call('PEXPIRE', hist, hist_exp) end
   elseif refresh then
     -- No history kept (a history from before `history_size` became 0 goes too).
@@ -122,7 +125,7 @@ return out
 "#;
 
 /// KEYS: meta, history. ARGV: new epoch, meta ttl ms, history ttl ms, since epoch ('' for the
-/// latest `limit`), since offset, limit. Returns `{epoch, top, gap, entry...}`.
+/// latest `limit`), since offset, limit, history size. Returns `{epoch, top, gap, entry...}`.
 ///
 /// History entries are contiguous by offset (every publish appends one; only the head is ever
 /// trimmed), so the offset of the head entry locates every other one.
@@ -143,6 +146,13 @@ local first = top + 1
 if len > 0 then
   first = tonumber(string.match(redis.call('LINDEX', hist, 0), '^(%d+):')) or first
 end
+-- The publish script trims in steps, so the list may hold a few more than `history_size`
+-- entries: only the newest `history_size` are the history.
+local size, skip = tonumber(ARGV[7]), 0
+if size > 0 and len > size then
+  skip = len - size
+  first, len = first + skip, size
+end
 local limit = tonumber(ARGV[6])
 local gap, from, n = 0, 0, 0
 if ARGV[4] == '' then
@@ -161,7 +171,7 @@ else
 end
 local out = {epoch, top, gap}
 if n > 0 then
-  local entries = redis.call('LRANGE', hist, from, from + n - 1)
+  local entries = redis.call('LRANGE', hist, skip + from, skip + from + n - 1)
   for i = 1, #entries do out[#out + 1] = entries[i] end
 end
 return out
@@ -312,7 +322,7 @@ pub(crate) const ALL: usize = 1 << 40;
 /// ([`HistoryCall::invocation`]) or pipelined on the pub/sub connection ([`HistoryCall::evalsha`]).
 pub(crate) struct HistoryCall {
     keys: [String; 2],
-    args: [String; 6],
+    args: [String; 7],
 }
 
 impl HistoryCall {
@@ -334,6 +344,7 @@ impl HistoryCall {
                 since_epoch.to_owned(),
                 since_offset.to_string(),
                 limit.min(ALL).to_string(),
+                params.history_size.to_string(),
             ],
         }
     }

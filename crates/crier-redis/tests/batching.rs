@@ -214,3 +214,29 @@ async fn on_a_cluster_a_batch_holds_one_slot_and_every_message_keeps_its_guarant
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_is_exactly_history_size_though_the_list_is_trimmed_in_steps() {
+    let server = RedisServer::start();
+    let mut o = options(&server, "a");
+    o.history_size = 16;
+    let (a, _ha) = broker(o).await;
+    for i in 1..=41 {
+        let r = a.publish("steps", &i.to_string(), PublishOptions::default()).await;
+        assert_eq!(r.unwrap_or_else(|e| panic!("publish {i}: {e}")).offset, i);
+    }
+    // Trimmed back to 16 whenever it outgrew 16 + 16/8: after 41 publishes it holds 17.
+    let len = server.cmd(&["LLEN", "crier:{steps}:hist"]);
+    assert!(len.trim().ends_with("17"), "the list holds 17 entries: {len}");
+    let latest = a.history("steps", None, 100).await.unwrap_or_else(|e| panic!("history: {e}"));
+    let offsets: Vec<u64> = latest.publications.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, (26..=41).collect::<Vec<_>>(), "the newest 16");
+    let since = StreamPosition { epoch: latest.epoch.clone(), offset: 5 };
+    let h = a.history("steps", Some(&since), 100).await.unwrap_or_else(|e| panic!("history: {e}"));
+    let offsets: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
+    assert_eq!((offsets, h.gap), ((26..=41).collect::<Vec<_>>(), true), "6..=25 are gone: a gap");
+    let since = StreamPosition { epoch: latest.epoch.clone(), offset: 30 };
+    let h = a.history("steps", Some(&since), 3).await.unwrap_or_else(|e| panic!("history: {e}"));
+    let offsets: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
+    assert_eq!((offsets, h.gap), (vec![31, 32, 33], false));
+}
