@@ -93,6 +93,7 @@ impl Session {
     /// The connection is open: it is registered with the node (drain, disconnects, heartbeats)
     /// and its first frame, `welcome`, is queued.
     pub fn open(&mut self) {
+        crate::memory::note();
         self.st.registry.register(self.conn, self.user.clone(), self.outbox.clone());
         self.send(&ServerFrame::Welcome {
             client: &self.client(),
@@ -125,6 +126,7 @@ impl Session {
         // Taken before the boxed future is allocated: bounds the memory of request bursts.
         let st = self.st.clone();
         let _slot = st.node.broker_slot().await;
+        crate::memory::note();
         match frame {
             ClientFrame::Subscribe { id, channel, recover } => Box::pin(self.subscribe(id, &channel, recover)).await,
             ClientFrame::Unsubscribe { id, channel } => Box::pin(self.unsubscribe(id, &channel)).await,
@@ -149,6 +151,7 @@ impl Session {
     /// The connection ended (whatever ended it): leaves every channel, forgets the connection
     /// and releases the user's connection slot.
     pub async fn close(mut self) {
+        crate::memory::note();
         for channel in std::mem::take(&mut self.subs) {
             self.leave(&channel).await;
         }
