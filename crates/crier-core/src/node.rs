@@ -84,9 +84,12 @@ impl Node {
             .hub
             .add(channel, conn, outbox.clone())
             .map_err(|AlreadySubscribed| SubscribeError::AlreadySubscribed)?;
-        if let Err(e) = ready.get_or_try_init(|| self.broker.subscribe(channel)).await {
-            self.unsubscribe(channel, conn).await;
-            return Err(SubscribeError::Unavailable(e.to_string()));
+        if let Some(ready) = ready {
+            if let Err(e) = ready.get_or_try_init(|| self.broker.subscribe(channel)).await {
+                self.unsubscribe(channel, conn).await;
+                return Err(SubscribeError::Unavailable(e.to_string()));
+            }
+            self.hub.broker_ready(channel, &ready);
         }
         let limit = if recover.is_some() { usize::MAX } else { 0 };
         let history = match self.broker.history(channel, recover, limit).await {
