@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// How often the chore looks; also the quiet time that ends a burst.
-const TICK: Duration = Duration::from_secs(1);
+const TICK: Duration = Duration::from_millis(500);
 /// Activity since the last trim below which a trim is not worth its walk over the heap.
 const MIN_EVENTS: u64 = 256;
 /// Under steady churn (never a quiet tick), trim at most this long after the last trim.
