@@ -103,7 +103,8 @@ mod tests {
         // Steady churn with no quiet tick: once MAX_DEFER has passed.
         let mut e = 12_000;
         let mut trims = 0;
-        for s in 6..(6 + MAX_DEFER.as_secs() as u32 + 1) {
+        let ticks = (MAX_DEFER.as_millis() / TICK.as_millis()) as u32 + 1;
+        for s in 6..6 + ticks {
             e += 500;
             trims += usize::from(p.tick(e, t0 + TICK * s));
         }
