@@ -37,18 +37,22 @@ use subscribers::Subscribers;
 const SHARDS: usize = 64;
 
 /// Resolves once this node's broker subscription for a channel is in place; shared by every
-/// local subscriber that joined while it was being made.
+/// local subscriber that joined while it was being made. Dropped from the channel's entry once
+/// the subscription exists ([`Hub::broker_ready`]): a channel that is in place costs no cell.
 pub type BrokerReady = Arc<OnceCell<()>>;
 
 struct Subscriber {
     outbox: Arc<Outbox>,
-    /// `Some` while buffering (before [`Hub::activate`]).
-    buffer: Option<Vec<Publication>>,
+    /// `Some` while buffering (before [`Hub::activate`]); boxed so that a live subscriber's
+    /// entry is two pointers.
+    #[allow(clippy::box_collection)]
+    buffer: Option<Box<Vec<Publication>>>,
 }
 
 struct Channel {
     subscribers: Subscribers<Subscriber>,
-    ready: BrokerReady,
+    /// `None` once the broker subscription is in place.
+    ready: Option<BrokerReady>,
 }
 
 /// Counts from one fan-out.
@@ -66,7 +70,7 @@ pub struct AlreadySubscribed;
 
 /// See the module docs.
 pub struct Hub {
-    shards: Vec<Mutex<HashMap<String, Channel>>>,
+    shards: Vec<Mutex<HashMap<Box<str>, Channel>>>,
     hasher: RandomState,
     channels: AtomicUsize,
     subscriptions: AtomicUsize,
@@ -88,27 +92,45 @@ impl Hub {
         }
     }
 
-    fn shard(&self, channel: &str) -> MutexGuard<'_, HashMap<String, Channel>> {
+    fn shard(&self, channel: &str) -> MutexGuard<'_, HashMap<Box<str>, Channel>> {
         let i = (self.hasher.hash_one(channel) as usize) % SHARDS;
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a buffering subscriber. Returns the channel's broker-readiness cell: the caller makes
-    /// sure it is initialised (broker subscribe) before reading history.
-    pub fn add(&self, channel: &str, conn: ConnId, outbox: Arc<Outbox>) -> Result<BrokerReady, AlreadySubscribed> {
+    /// Adds a buffering subscriber. Returns the channel's broker-readiness cell, `None` when the
+    /// broker subscription is already in place: the caller makes sure the cell is initialised
+    /// (broker subscribe) before reading history, then reports it with [`Hub::broker_ready`].
+    pub fn add(
+        &self,
+        channel: &str,
+        conn: ConnId,
+        outbox: Arc<Outbox>,
+    ) -> Result<Option<BrokerReady>, AlreadySubscribed> {
         let mut shard = self.shard(channel);
-        let ch = match shard.entry(channel.to_owned()) {
+        let ch = match shard.entry(channel.into()) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
                 self.channels.fetch_add(1, Ordering::Relaxed);
-                e.insert(Channel { subscribers: Subscribers::new(), ready: Arc::new(OnceCell::new()) })
+                e.insert(Channel { subscribers: Subscribers::new(), ready: Some(Arc::new(OnceCell::new())) })
             }
         };
-        if !ch.subscribers.insert_new(conn, Subscriber { outbox, buffer: Some(Vec::new()) }) {
+        if !ch.subscribers.insert_new(conn, Subscriber { outbox, buffer: Some(Box::default()) }) {
             return Err(AlreadySubscribed);
         }
         self.subscriptions.fetch_add(1, Ordering::Relaxed);
         Ok(ch.ready.clone())
+    }
+
+    /// `ready` (from [`Hub::add`]) is initialised: the channel's broker subscription is in
+    /// place, so the entry drops its cell and later subscribers skip the wait. Does nothing if
+    /// the channel's entry is gone or is a newer one (its own cell, not yet initialised).
+    pub fn broker_ready(&self, channel: &str, ready: &BrokerReady) {
+        if ready.initialized()
+            && let Some(ch) = self.shard(channel).get_mut(channel)
+            && ch.ready.as_ref().is_some_and(|r| Arc::ptr_eq(r, ready))
+        {
+            ch.ready = None;
+        }
     }
 
     /// Queues `frames` (the ack, then recovered messages) to a buffering subscriber, then every
@@ -120,7 +142,7 @@ impl Hub {
         let Some(sub) = shard.get_mut(channel).and_then(|c| c.subscribers.get_mut(&conn)) else {
             return false;
         };
-        let buffered = sub.buffer.take().unwrap_or_default();
+        let buffered = sub.buffer.take().map(|b| *b).unwrap_or_default();
         if sub.outbox.push_all(frames) != Push::Queued {
             return false;
         }
@@ -292,6 +314,29 @@ mod tests {
         assert!(hub.activate("c", 1, vec![Bytes::from("ack"), Bytes::from("4"), Bytes::from("5")], ("e", 5)));
         hub.deliver("c", &publication(7));
         assert_eq!(drain(&o).await, ["ack", "4", "5", "6", "7"]);
+    }
+
+    #[tokio::test]
+    async fn readiness_cell_goes_once_the_broker_subscription_exists() {
+        let hub = Hub::new();
+        let o = Arc::new(Outbox::new(100));
+        let Ok(Some(first)) = hub.add("c", 1, o.clone()) else { panic!("a new channel has a cell") };
+        // A newcomer while the broker subscription is being made shares the cell.
+        let Ok(Some(second)) = hub.add("c", 2, o.clone()) else { panic!("still being made") };
+        assert!(Arc::ptr_eq(&first, &second));
+        hub.broker_ready("c", &first);
+        assert!(hub.add("c", 3, o.clone()).is_ok_and(|r| r.is_some()), "not initialised: kept");
+        assert!(first.set(()).is_ok());
+        hub.broker_ready("c", &first);
+        assert!(hub.add("c", 4, o.clone()).is_ok_and(|r| r.is_none()), "in place: no cell, no wait");
+        for c in 1..=4 {
+            hub.remove("c", c);
+        }
+        // A newer entry has its own cell; the old one does not mark it ready.
+        let Ok(Some(newer)) = hub.add("c", 5, o.clone()) else { panic!("a new entry has a new cell") };
+        assert!(!Arc::ptr_eq(&first, &newer));
+        hub.broker_ready("c", &first);
+        assert!(hub.add("c", 6, o).is_ok_and(|r| r.is_some()));
     }
 
     #[tokio::test]

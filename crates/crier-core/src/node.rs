@@ -39,8 +39,11 @@ pub struct Subscribed {
 }
 
 /// Broker-bound client requests (subscribe, history, ...) a node works on at once; more wait
-/// for a slot (see [`Node::broker_slot`]).
-pub const BROKER_REQUESTS_IN_FLIGHT: usize = 64;
+/// for a slot (see [`Node::broker_slot`]). 32: in the peers rig's `mem` shape 256 → 64 took
+/// ~350 B per subscribed connection off and 64 → 32 another ~35 B, while 10,000 subscribes
+/// still take ~1.1 s; 16 saves ~70 B but slows that burst by ~30%. (HTTP publishes take no
+/// slot; a WebSocket publish holds one for its Redis round trip.)
+pub const BROKER_REQUESTS_IN_FLIGHT: usize = 32;
 
 /// The node: its hub and its broker.
 #[derive(Clone)]
@@ -84,9 +87,12 @@ impl Node {
             .hub
             .add(channel, conn, outbox.clone())
             .map_err(|AlreadySubscribed| SubscribeError::AlreadySubscribed)?;
-        if let Err(e) = ready.get_or_try_init(|| self.broker.subscribe(channel)).await {
-            self.unsubscribe(channel, conn).await;
-            return Err(SubscribeError::Unavailable(e.to_string()));
+        if let Some(ready) = ready {
+            if let Err(e) = ready.get_or_try_init(|| self.broker.subscribe(channel)).await {
+                self.unsubscribe(channel, conn).await;
+                return Err(SubscribeError::Unavailable(e.to_string()));
+            }
+            self.hub.broker_ready(channel, &ready);
         }
         let limit = if recover.is_some() { usize::MAX } else { 0 };
         let history = match self.broker.history(channel, recover, limit).await {

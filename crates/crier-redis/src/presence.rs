@@ -25,8 +25,23 @@ use crate::scripts::{Scripts, bulk, int};
 /// Refresh calls per pipeline.
 const REFRESH_BATCH: usize = 500;
 
-/// (channel, client) → (user, node) of a presence entry.
-type PresenceMap = HashMap<(Box<str>, Box<str>), (Box<str>, Arc<str>)>;
+/// `channel NUL client` → (user, node) of a presence entry: the channel and the client in one
+/// allocation (a channel name has no NUL, so the first one separates them; [`presence_key`]).
+type PresenceMap = HashMap<Box<str>, (Box<str>, Arc<str>)>;
+
+/// The [`PresenceMap`] key of (channel, client).
+fn presence_key(channel: &str, client: &str) -> Box<str> {
+    let mut key = String::with_capacity(channel.len() + 1 + client.len());
+    key.push_str(channel);
+    key.push('\0');
+    key.push_str(client);
+    key.into_boxed_str()
+}
+
+/// (channel, client) of a [`PresenceMap`] key.
+fn split_presence_key(key: &str) -> (&str, &str) {
+    key.split_once('\0').unwrap_or((key, ""))
+}
 
 /// This node's own entries, kept compact (one per subscription and per connection): the member
 /// and the entry JSON are rebuilt when refreshing instead of being stored.
@@ -109,7 +124,7 @@ impl ClusterState {
         {
             let mut local = self.local();
             let node = local.node_name(&entry.node);
-            local.presence.insert((channel.into(), entry.client.as_str().into()), (entry.user.as_str().into(), node));
+            local.presence.insert(presence_key(channel, &entry.client), (entry.user.as_str().into(), node));
         }
         let mut inv = self.scripts.ttl_add.key(&z);
         inv.key(&h).arg(&member).arg(ms(self.presence_ttl)).arg(&json);
@@ -118,7 +133,7 @@ impl ClusterState {
 
     pub(crate) async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
         let member = self.member(client);
-        self.local().presence.remove(&(Box::from(channel), Box::from(client)));
+        self.local().presence.remove(&presence_key(channel, client));
         let (z, h) = self.keys.presence(channel);
         let mut inv = self.scripts.ttl_remove.key(&z);
         inv.key(&h).arg(&member);
@@ -196,7 +211,8 @@ impl ClusterState {
             let mut n = 0usize;
             let total = {
                 let local = self.local();
-                for ((channel, client), (user, node)) in local.presence.iter().skip(done).take(batch) {
+                for (key, (user, node)) in local.presence.iter().skip(done).take(batch) {
+                    let (channel, client) = split_presence_key(key);
                     let entry =
                         PresenceEntry { client: client.to_string(), user: user.to_string(), node: node.to_string() };
                     let json = serde_json::to_string(&entry).map_err(|e| BrokerError::Internal(e.to_string()))?;
@@ -260,4 +276,18 @@ fn count(v: &Value) -> Result<u64, BrokerError> {
 fn json_values<T: serde::de::DeserializeOwned>(v: &Value) -> Vec<T> {
     let Value::Array(items) = v else { return Vec::new() };
     items.iter().filter_map(bulk).filter_map(|b| serde_json::from_slice(b).ok()).collect()
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn presence_keys_split_back() {
+        let key = presence_key("chat:room-1", "node-a-x1y2-17");
+        assert_eq!(split_presence_key(&key), ("chat:room-1", "node-a-x1y2-17"));
+        // Only the first NUL separates (a channel name has none; a client id could).
+        assert_eq!(split_presence_key(&presence_key("c", "a\0b")), ("c", "a\0b"));
+        assert_ne!(presence_key("a", "bc"), presence_key("ab", "c"));
+    }
 }

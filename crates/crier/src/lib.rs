@@ -31,6 +31,7 @@ mod handshake;
 mod heartbeat;
 mod http;
 mod limits;
+mod memory;
 mod metrics;
 mod server;
 mod session;

@@ -43,7 +43,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(config, dev_token))
+    // On a worker, not on this thread: `block_on` would run the accept loop here, and glibc gives
+    // every thread that allocates its arena of its own; every connection's task cell would then
+    // come from this thread's arena while its buffers come from the worker's, and both arenas
+    // keep their own free memory (scripts/peers-mem-malloc-stats: ~150–220 B per connection).
+    runtime.block_on(async { tokio::spawn(serve(config, dev_token)).await.unwrap_or(ExitCode::FAILURE) })
 }
 
 async fn serve(config: Config, dev_token: Option<String>) -> ExitCode {

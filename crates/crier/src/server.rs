@@ -1,6 +1,6 @@
 //! The server around the router: the accept loop (hyper's HTTP/1 connections, with upgrades),
-//! the background chores (node registry, limiter housekeeping, the heartbeat sweep) and the
-//! drain on shutdown.
+//! the background chores (node registry, limiter housekeeping, the heartbeat sweep, giving a
+//! burst's freed memory back to the system) and the drain on shutdown.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use crier_protocol::CloseCode;
 use tokio::net::TcpListener;
 
 use crate::state::AppState;
-use crate::{heartbeat, http};
+use crate::{heartbeat, http, memory};
 
 /// How often a node refreshes its entry in the node registry.
 const REPORT_INTERVAL: Duration = Duration::from_secs(5);
@@ -26,6 +26,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let background = tokio::spawn(background(st.clone()));
     let heartbeats = tokio::spawn(heartbeat::run(st.clone()));
+    let trims = tokio::spawn(memory::run());
     let drain_st = st.clone();
     accept_loop(listener, http::app(st.clone()), async move {
         shutdown.await;
@@ -38,6 +39,7 @@ pub async fn serve(
     }
     background.abort();
     heartbeats.abort();
+    trims.abort();
     Ok(())
 }
 

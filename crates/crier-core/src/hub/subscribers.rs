@@ -1,7 +1,7 @@
-//! A channel's local subscribers, by connection: a short vector while there are few (most
-//! channels have one or two subscribers on a node: a private channel costs one 48-byte
-//! allocation instead of a hash table's 192), a hash map once there are many (a fan-out channel
-//! with 10,000 subscribers keeps O(1) add and remove).
+//! A channel's local subscribers, by connection: inline while there is one (most channels
+//! have one subscriber on a node: a private channel then costs no allocation at all), a short
+//! vector while there are few (a hash table is a 192-byte allocation), a hash map once there
+//! are many (a fan-out channel with 10,000 subscribers keeps O(1) add and remove).
 
 use std::collections::HashMap;
 
@@ -11,8 +11,13 @@ use crate::ConnId;
 const FEW: usize = 8;
 
 pub(super) enum Subscribers<V> {
+    /// Exactly one subscriber.
+    One((ConnId, V)),
+    /// None (a new channel, no allocation) or a few.
     Few(Vec<(ConnId, V)>),
-    Many(HashMap<ConnId, V>),
+    /// Boxed: keeps the enum (and so every channel's entry) as small as the vector.
+    #[allow(clippy::box_collection)]
+    Many(Box<HashMap<ConnId, V>>),
 }
 
 impl<V> Subscribers<V> {
@@ -23,19 +28,31 @@ impl<V> Subscribers<V> {
     /// Inserts unless `conn` is already there; returns whether it was inserted.
     pub(super) fn insert_new(&mut self, conn: ConnId, value: V) -> bool {
         match self {
+            Subscribers::One((c, _)) if *c == conn => false,
+            Subscribers::One(_) => {
+                let Subscribers::One(first) = std::mem::replace(self, Subscribers::Few(Vec::new())) else {
+                    return false;
+                };
+                // Grown one at a time: most channels that have two stay at two.
+                *self = Subscribers::Few(vec![first, (conn, value)]);
+                true
+            }
             Subscribers::Few(v) => {
                 if v.iter().any(|(c, _)| *c == conn) {
                     return false;
                 }
+                if v.is_empty() {
+                    *self = Subscribers::One((conn, value));
+                    return true;
+                }
                 if v.len() < FEW {
-                    // Grown one at a time: most channels stay at one or two.
                     v.reserve_exact(1);
                     v.push((conn, value));
                     return true;
                 }
                 let mut map: HashMap<ConnId, V> = v.drain(..).collect();
                 map.insert(conn, value);
-                *self = Subscribers::Many(map);
+                *self = Subscribers::Many(Box::new(map));
                 true
             }
             Subscribers::Many(m) => match m.entry(conn) {
@@ -50,6 +67,7 @@ impl<V> Subscribers<V> {
 
     pub(super) fn get_mut(&mut self, conn: &ConnId) -> Option<&mut V> {
         match self {
+            Subscribers::One((c, s)) => (c == conn).then_some(s),
             Subscribers::Few(v) => v.iter_mut().find(|(c, _)| c == conn).map(|(_, s)| s),
             Subscribers::Many(m) => m.get_mut(conn),
         }
@@ -57,6 +75,15 @@ impl<V> Subscribers<V> {
 
     pub(super) fn remove(&mut self, conn: &ConnId) -> Option<V> {
         match self {
+            Subscribers::One((c, _)) => {
+                if c != conn {
+                    return None;
+                }
+                match std::mem::replace(self, Subscribers::Few(Vec::new())) {
+                    Subscribers::One((_, s)) => Some(s),
+                    _ => None,
+                }
+            }
             Subscribers::Few(v) => {
                 let at = v.iter().position(|(c, _)| c == conn)?;
                 Some(v.swap_remove(at).1)
@@ -74,6 +101,7 @@ impl<V> Subscribers<V> {
 
     pub(super) fn is_empty(&self) -> bool {
         match self {
+            Subscribers::One(_) => false,
             Subscribers::Few(v) => v.is_empty(),
             Subscribers::Many(m) => m.is_empty(),
         }
@@ -81,17 +109,21 @@ impl<V> Subscribers<V> {
 
     /// (No boxed iterator: this is the fan-out's hot path.)
     pub(super) fn values_mut(&mut self) -> Either<impl Iterator<Item = &mut V>, impl Iterator<Item = &mut V>> {
-        match self {
-            Subscribers::Few(v) => Either::A(v.iter_mut().map(|(_, s)| s)),
-            Subscribers::Many(m) => Either::B(m.values_mut()),
-        }
+        let few: &mut [(ConnId, V)] = match self {
+            Subscribers::One(one) => std::slice::from_mut(one),
+            Subscribers::Few(v) => v,
+            Subscribers::Many(m) => return Either::B(m.values_mut()),
+        };
+        Either::A(few.iter_mut().map(|(_, s)| s))
     }
 
     pub(super) fn values(&self) -> Either<impl Iterator<Item = &V>, impl Iterator<Item = &V>> {
-        match self {
-            Subscribers::Few(v) => Either::A(v.iter().map(|(_, s)| s)),
-            Subscribers::Many(m) => Either::B(m.values()),
-        }
+        let few: &[(ConnId, V)] = match self {
+            Subscribers::One(one) => std::slice::from_ref(one),
+            Subscribers::Few(v) => v,
+            Subscribers::Many(m) => return Either::B(m.values()),
+        };
+        Either::A(few.iter().map(|(_, s)| s))
     }
 }
 
@@ -114,6 +146,27 @@ impl<T, A: Iterator<Item = T>, B: Iterator<Item = T>> Iterator for Either<A, B> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_inline_then_empty() {
+        let mut s = Subscribers::new();
+        assert!(s.is_empty());
+        assert!(s.insert_new(5, 50));
+        assert!(matches!(s, Subscribers::One(_)));
+        assert!(!s.insert_new(5, 0), "no duplicate");
+        assert_eq!(s.get_mut(&4), None);
+        assert_eq!(s.remove(&4), None);
+        assert_eq!(s.values().copied().collect::<Vec<_>>(), [50]);
+        for v in s.values_mut() {
+            *v += 1;
+        }
+        assert_eq!(s.remove(&5), Some(51));
+        assert!(s.is_empty());
+        assert!(s.insert_new(6, 60) && s.insert_new(7, 70));
+        assert!(matches!(s, Subscribers::Few(_)));
+        assert_eq!(s.remove(&6), Some(60));
+        assert_eq!(s.get_mut(&7).map(|v| *v), Some(70));
+    }
 
     #[test]
     fn few_then_many_then_few() {

@@ -37,7 +37,9 @@ impl Task {
                     _ => None,
                 });
                 match channel {
-                    Some(c) if self.channels.contains_key(&c) => Err(lost(format!("redis moved the slot of {c}"))),
+                    Some(c) if self.channels.contains_key(c.as_str()) => {
+                        Err(lost(format!("redis moved the slot of {c}")))
+                    }
                     _ => Ok(()),
                 }
             }
@@ -126,7 +128,7 @@ impl Task {
             let mut pipe = redis::pipe();
             let mut asked = Vec::with_capacity(chunk.len());
             for channel in &chunk {
-                if let Some(State::Tracking(pos)) = self.channels.get(channel) {
+                if let Some(State::Tracking(pos)) = self.channels.get(channel.as_str()) {
                     let since = Some((&*pos.epoch, pos.last));
                     let call = HistoryCall::new(&self.keys, &self.params, channel, since, ALL);
                     pipe.add_command(call.evalsha(&sha));
@@ -139,7 +141,7 @@ impl Task {
             let replies = conn.pipeline(shard, &pipe, t).await?;
             for (channel, v) in asked.into_iter().zip(replies) {
                 let h = scripts::parse_history(v).map_err(lost)?;
-                let Some(State::Tracking(pos)) = self.channels.get_mut(channel) else { continue };
+                let Some(State::Tracking(pos)) = self.channels.get_mut(channel.as_str()) else { continue };
                 let before = (pos.epoch.clone(), pos.last);
                 let incomplete = h.gap || *before.0 != *h.epoch;
                 if incomplete && let Some(handler) = self.shared.handler.get() {

@@ -174,7 +174,8 @@ pub(crate) struct Task {
     pub settings: Settings,
     pub commands: mpsc::Receiver<Command>,
     pub shutdown: watch::Receiver<()>,
-    channels: HashMap<String, State>,
+    /// Boxed names: a channel's name is kept here, in the hub and in redis-rs, for its whole life.
+    channels: HashMap<Box<str>, State>,
     control: Vec<u8>,
 }
 
@@ -308,7 +309,7 @@ impl Task {
         if let Some(shard) = conn.shards.first_mut() {
             bounded(t, shard.con.subscribe(self.keys.control())).await.map_err(lost)?;
         }
-        let tracked: Vec<String> = self.channels.keys().cloned().collect();
+        let tracked: Vec<String> = self.channels.keys().map(|c| c.to_string()).collect();
         for (shard, channels) in conn.group(&tracked) {
             let names: Vec<String> = channels.iter().map(|c| self.keys.pubsub(c)).collect();
             conn.subscribe(shard, &names, t).await?;
@@ -413,7 +414,7 @@ impl Task {
     fn answer_offline(&mut self, cmd: Command) {
         match cmd {
             Command::Subscribe { channel, reply } => {
-                let answer = if self.channels.contains_key(&channel) {
+                let answer = if self.channels.contains_key(channel.as_str()) {
                     Ok(())
                 } else {
                     Err(BrokerError::Unavailable("redis pub/sub is reconnecting".into()))
@@ -555,9 +556,9 @@ impl Task {
         let mut fresh = Vec::new();
         let mut replies = Vec::with_capacity(subs.len());
         for (channel, reply) in subs {
-            let known = self.channels.contains_key(&channel) && !fresh.contains(&channel);
-            if !self.channels.contains_key(&channel) {
-                self.channels.insert(channel.clone(), State::Pending);
+            let known = self.channels.contains_key(channel.as_str()) && !fresh.contains(&channel);
+            if !self.channels.contains_key(channel.as_str()) {
+                self.channels.insert(channel.as_str().into(), State::Pending);
                 fresh.push(channel);
             }
             replies.push((reply, known));
@@ -565,7 +566,7 @@ impl Task {
         let result = self.subscribe_fresh(conn, &fresh).await;
         if result.is_err() {
             for channel in &fresh {
-                self.channels.remove(channel);
+                self.channels.remove(channel.as_str());
             }
         }
         for (reply, known) in replies {
@@ -603,7 +604,7 @@ impl Task {
         // them before the baseline is set.
         self.drain(conn).await?;
         for (channel, h) in positions {
-            match self.channels.get_mut(&channel) {
+            match self.channels.get_mut(channel.as_str()) {
                 Some(state @ State::Pending) => *state = State::Tracking(Position::new(h.epoch.into(), h.offset)),
                 Some(State::Tracking(pos)) if *pos.epoch == *h.epoch => pos.settle(h.offset),
                 _ => {}

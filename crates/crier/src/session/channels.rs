@@ -24,7 +24,7 @@ impl Session {
     }
 
     fn can_subscribe(&self, channel: &str) -> bool {
-        may_subscribe(&self.channels, &self.user, channel)
+        may_subscribe(&self.patterns.channels, &self.user, channel)
     }
 
     /// Validates a channel name and the right to read it; sends the error when refused.
@@ -129,8 +129,7 @@ impl Session {
             return self.error(id, ErrorCode::TokenInvalid, "the new token is for another user", None);
         }
         self.outbox.set_expiry(expiry_ms(claims.exp));
-        self.channels = claims.channels.into_boxed_slice();
-        self.publish = claims.publish.into_boxed_slice();
+        self.patterns = self.st.patterns.share(claims.channels, claims.publish);
         let revoked: Vec<Box<str>> = self.subs.iter().filter(|c| !self.can_subscribe(c)).cloned().collect();
         for channel in revoked {
             self.subs.retain(|c| *c != channel);

@@ -33,7 +33,7 @@ use crier_protocol::{CloseCode, Encoding, ErrorCode};
 use crate::config::RateScope;
 use crate::handshake::{Admitted, ConnSlot, client_id};
 use crate::metrics as m;
-use crate::state::AppState;
+use crate::state::{AppState, Patterns};
 
 /// Refused frames within [`STRIKE_WINDOW`] after which the connection is closed with 4008.
 pub const MAX_STRIKES: u32 = 50;
@@ -47,9 +47,9 @@ pub struct Session {
     conn: ConnId,
     /// The token's `sub` (empty for an anonymous connection).
     user: Arc<str>,
-    /// Channel patterns the token allows subscribing to and publishing to.
-    channels: Box<[String]>,
-    publish: Box<[String]>,
+    /// Channel patterns the token allows subscribing to and publishing to (shared with the
+    /// connections whose tokens carry the same, [`crate::state::PatternCache`]).
+    patterns: Arc<Patterns>,
     outbox: Arc<Outbox>,
     /// Subscribed channels (at most `max_subscriptions_per_connection`, searched linearly).
     subs: Vec<Box<str>>,
@@ -69,8 +69,7 @@ impl Session {
         Session {
             conn,
             user: claims.sub.into(),
-            channels: claims.channels.into_boxed_slice(),
-            publish: claims.publish.into_boxed_slice(),
+            patterns: st.patterns.share(claims.channels, claims.publish),
             outbox,
             subs: Vec::new(),
             encoding,
@@ -93,6 +92,7 @@ impl Session {
     /// The connection is open: it is registered with the node (drain, disconnects, heartbeats)
     /// and its first frame, `welcome`, is queued.
     pub fn open(&mut self) {
+        crate::memory::note();
         self.st.registry.register(self.conn, self.user.clone(), self.outbox.clone());
         self.send(&ServerFrame::Welcome {
             client: &self.client(),
@@ -125,6 +125,7 @@ impl Session {
         // Taken before the boxed future is allocated: bounds the memory of request bursts.
         let st = self.st.clone();
         let _slot = st.node.broker_slot().await;
+        crate::memory::note();
         match frame {
             ClientFrame::Subscribe { id, channel, recover } => Box::pin(self.subscribe(id, &channel, recover)).await,
             ClientFrame::Unsubscribe { id, channel } => Box::pin(self.unsubscribe(id, &channel)).await,
@@ -149,6 +150,7 @@ impl Session {
     /// The connection ended (whatever ended it): leaves every channel, forgets the connection
     /// and releases the user's connection slot.
     pub async fn close(mut self) {
+        crate::memory::note();
         for channel in std::mem::take(&mut self.subs) {
             self.leave(&channel).await;
         }

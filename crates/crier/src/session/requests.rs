@@ -17,7 +17,7 @@ impl Session {
         if let Err(e) = validate_channel(channel) {
             return self.error(id, ErrorCode::InvalidChannel, &e.to_string(), None);
         }
-        if !any_matches(&self.publish, channel) {
+        if !any_matches(&self.patterns.publish, channel) {
             return self.error(id, ErrorCode::Forbidden, "the token does not allow publishing here", Some(channel));
         }
         match self.st.broker().publish(channel, data, Default::default()).await {
