@@ -38,28 +38,63 @@ pub struct Inner {
 /// A token's channel patterns: those it may subscribe to and those it may publish to.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Patterns {
-    pub channels: Box<[String]>,
-    pub publish: Box<[String]>,
+    /// The subscribe patterns, then the publish patterns, each ended by `\0` (one allocation
+    /// for all of a token's patterns; no channel name holds a `\0`, so a pattern with one could
+    /// match nothing and is left out).
+    text: Box<str>,
+    /// Where the publish patterns start in `text`.
+    split: usize,
+}
+
+impl Patterns {
+    pub fn new(channels: &[String], publish: &[String]) -> Patterns {
+        let mut text = String::new();
+        for p in channels.iter().filter(|p| !p.contains('\0')) {
+            text.push_str(p);
+            text.push('\0');
+        }
+        let split = text.len();
+        for p in publish.iter().filter(|p| !p.contains('\0')) {
+            text.push_str(p);
+            text.push('\0');
+        }
+        Patterns { text: text.into_boxed_str(), split }
+    }
+
+    /// The patterns of the channels the token may subscribe to.
+    pub fn channels(&self) -> impl Iterator<Item = &str> {
+        self.text[..self.split].split_terminator('\0')
+    }
+
+    /// The patterns of the channels the token may publish to.
+    pub fn publish(&self) -> impl Iterator<Item = &str> {
+        self.text[self.split..].split_terminator('\0')
+    }
+
+    /// Whether the token may publish to `channel`.
+    pub fn may_publish(&self, channel: &str) -> bool {
+        self.publish().any(|p| crier_protocol::channel::channel_matches(p, channel))
+    }
 }
 
 /// Shares token patterns between connections: tokens minted for a role (or one service's
 /// clients) carry the same patterns, and each connection kept its own copy (with `["*"]`
 /// twice, four allocations, ~130 bytes per connection). One entry, the last patterns seen: a
-/// token with patterns of its own still costs its own copy, never more than before.
+/// token with patterns of its own still costs its own copy (one allocation besides the `Arc`).
 #[derive(Default)]
 pub struct PatternCache(std::sync::Mutex<Option<Arc<Patterns>>>);
 
 impl PatternCache {
     /// The patterns, as one shared value.
-    pub fn share(&self, channels: Vec<String>, publish: Vec<String>) -> Arc<Patterns> {
+    pub fn share(&self, channels: &[String], publish: &[String]) -> Arc<Patterns> {
+        let patterns = Patterns::new(channels, publish);
         let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = &*last
-            && *p.channels == *channels
-            && *p.publish == *publish
+            && **p == patterns
         {
             return p.clone();
         }
-        let p = Arc::new(Patterns { channels: channels.into_boxed_slice(), publish: publish.into_boxed_slice() });
+        let p = Arc::new(patterns);
         *last = Some(p.clone());
         p
     }
@@ -207,18 +242,31 @@ mod tests {
     #[test]
     fn equal_patterns_are_shared_others_are_not() {
         let cache = PatternCache::default();
-        let star = || (vec!["*".to_owned()], vec!["*".to_owned()]);
-        let (c, p) = star();
-        let a = cache.share(c, p);
-        let (c, p) = star();
-        let b = cache.share(c, p);
+        let star = vec!["*".to_owned()];
+        let a = cache.share(&star, &star);
+        let b = cache.share(&star, &star);
         assert!(Arc::ptr_eq(&a, &b));
-        let other = cache.share(vec!["news.*".into()], vec![]);
+        let other = cache.share(&["news.*".into()], &[]);
         assert!(!Arc::ptr_eq(&a, &other));
-        assert_eq!((&*other.channels, &*other.publish), (&["news.*".to_owned()][..], &[][..]));
+        assert_eq!(other.channels().collect::<Vec<_>>(), ["news.*"]);
+        assert_eq!(other.publish().count(), 0);
         // Same subscribe patterns, different publish patterns: not the same.
-        let d = cache.share(vec!["news.*".into()], vec!["news.*".into()]);
+        let d = cache.share(&["news.*".into()], &["news.*".into()]);
         assert!(!Arc::ptr_eq(&other, &d));
-        assert_eq!(*a, Patterns { channels: vec!["*".into()].into(), publish: vec!["*".into()].into() });
+        assert_eq!(*a, Patterns::new(&star, &star));
+    }
+
+    #[test]
+    fn patterns_keep_their_lists_apart_and_empty_ones() {
+        let p = Patterns::new(&["a:*".into(), "".into(), "b".into()], &["".into(), "c:*".into()]);
+        assert_eq!(p.channels().collect::<Vec<_>>(), ["a:*", "", "b"]);
+        assert_eq!(p.publish().collect::<Vec<_>>(), ["", "c:*"]);
+        assert!(p.may_publish("c:1") && !p.may_publish("a:1"));
+        let none = Patterns::new(&[], &[]);
+        assert_eq!((none.channels().count(), none.publish().count()), (0, 0));
+        // A pattern holding a NUL matches no channel name: it is left out.
+        let nul = Patterns::new(&["x\0y".into(), "z".into()], &["q\0".into()]);
+        assert_eq!(nul.channels().collect::<Vec<_>>(), ["z"]);
+        assert_eq!(nul.publish().count(), 0);
     }
 }

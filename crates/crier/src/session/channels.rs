@@ -3,7 +3,7 @@
 
 use crier_core::History;
 use crier_core::node::SubscribeError;
-use crier_protocol::channel::any_matches;
+use crier_protocol::channel::channel_matches;
 use crier_protocol::frames::{PresenceEntry, ServerFrame};
 use crier_protocol::{ErrorCode, StreamPosition, validate_channel};
 
@@ -13,8 +13,8 @@ use crate::metrics as m;
 /// Whether a token with these `channels` patterns, for `user` (empty: anonymous), may subscribe
 /// to `channel`: a matching pattern, or the user's personal channel `user:<sub>`. Also what a
 /// transport checks for channels named at its handshake (SSE's `?channel=`).
-pub fn may_subscribe(channels: &[String], user: &str, channel: &str) -> bool {
-    any_matches(channels, channel)
+pub fn may_subscribe<'a>(mut channels: impl Iterator<Item = &'a str>, user: &str, channel: &str) -> bool {
+    channels.any(|p| channel_matches(p, channel))
         || (!user.is_empty() && channel.strip_prefix("user:").is_some_and(|rest| rest == user))
 }
 
@@ -24,7 +24,7 @@ impl Session {
     }
 
     fn can_subscribe(&self, channel: &str) -> bool {
-        may_subscribe(&self.patterns.channels, &self.user, channel)
+        may_subscribe(self.patterns.channels(), &self.user, channel)
     }
 
     /// Validates a channel name and the right to read it; sends the error when refused.
@@ -129,7 +129,7 @@ impl Session {
             return self.error(id, ErrorCode::TokenInvalid, "the new token is for another user", None);
         }
         self.outbox.set_expiry(expiry_ms(claims.exp));
-        self.patterns = self.st.patterns.share(claims.channels, claims.publish);
+        self.patterns = self.st.patterns.share(&claims.channels, &claims.publish);
         let revoked: Vec<Box<str>> = self.subs.iter().filter(|c| !self.can_subscribe(c)).cloned().collect();
         for channel in revoked {
             self.subs.retain(|c| *c != channel);

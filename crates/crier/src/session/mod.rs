@@ -69,7 +69,7 @@ impl Session {
         Session {
             conn,
             user: claims.sub.into(),
-            patterns: st.patterns.share(claims.channels, claims.publish),
+            patterns: st.patterns.share(&claims.channels, &claims.publish),
             outbox,
             subs: Vec::new(),
             encoding,

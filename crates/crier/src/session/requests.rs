@@ -2,7 +2,6 @@
 //! `presence` and `history`.
 
 use bytes::Bytes;
-use crier_protocol::channel::any_matches;
 use crier_protocol::frames::ServerFrame;
 use crier_protocol::{ErrorCode, StreamPosition, validate_channel};
 
@@ -17,7 +16,7 @@ impl Session {
         if let Err(e) = validate_channel(channel) {
             return self.error(id, ErrorCode::InvalidChannel, &e.to_string(), None);
         }
-        if !any_matches(&self.patterns.publish, channel) {
+        if !self.patterns.may_publish(channel) {
             return self.error(id, ErrorCode::Forbidden, "the token does not allow publishing here", Some(channel));
         }
         match self.st.broker().publish(channel, data, Default::default()).await {
