@@ -83,8 +83,12 @@ impl Publisher {
         realistic: bool,
         concurrency: usize,
     ) -> Publisher {
+        // crier closes a keep-alive connection idle for 10 s (its header read timeout); a pooled
+        // connection reused at that moment fails the request (the keep-alive race). So, as a
+        // backend should, the pool drops idle connections first.
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(concurrency)
+            .pool_idle_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .timeout(Duration::from_secs(15))
             .build()

@@ -14,10 +14,10 @@ use crier_core::broker::PublishOptions;
 use crier_core::{Broker, BrokerError};
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::encode_message;
-use crier_redis::{RedisBroker, RedisOptions};
+use crier_redis::RedisBroker;
 use crier_testkit::redis::RedisCluster;
 use crier_testkit::{poll, poll_within};
-use support::{RecordingHandler, RedisServer, broker, options, subscribe};
+use support::{RecordingHandler, RedisServer, broker, cluster_options, options, subscribe};
 
 const CHANNELS: usize = 8;
 const PER_CHANNEL: usize = 60;
@@ -181,15 +181,6 @@ async fn a_failed_batch_fails_every_caller_with_unavailable() {
     for (i, r) in results {
         assert!(matches!(r, Err(BrokerError::Unavailable(_))), "caller {i}: {r:?}");
     }
-}
-
-fn cluster_options(cluster: &RedisCluster, node: &str) -> RedisOptions {
-    let mut o = RedisOptions::cluster(cluster.seeds(), node);
-    o.command_timeout = Duration::from_secs(1);
-    o.probe_interval = Duration::from_millis(200);
-    o.reconnect_max = Duration::from_millis(500);
-    o.connect_wait = Duration::from_secs(5);
-    o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,12 +16,7 @@ use crier_testkit::redis::RedisCluster;
 use support::{RecordingHandler, broker, publish, subscribe};
 
 fn options(cluster: &RedisCluster, node: &str) -> RedisOptions {
-    let mut o = RedisOptions::cluster(cluster.seeds(), node);
-    o.command_timeout = Duration::from_secs(1);
-    o.probe_interval = Duration::from_millis(200);
-    o.reconnect_max = Duration::from_millis(500);
-    o.connect_wait = Duration::from_secs(5);
-    o
+    support::cluster_options(cluster, node)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

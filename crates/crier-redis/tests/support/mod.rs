@@ -21,6 +21,16 @@ pub fn options(server: &RedisServer, node: &str) -> RedisOptions {
     o
 }
 
+/// Options for a test broker on a Redis Cluster (seeds from `cluster`), as fast as [`options`].
+pub fn cluster_options(cluster: &crier_testkit::redis::RedisCluster, node: &str) -> RedisOptions {
+    let mut o = RedisOptions::cluster(cluster.seeds(), node);
+    o.command_timeout = Duration::from_secs(1);
+    o.probe_interval = Duration::from_millis(200);
+    o.reconnect_max = Duration::from_millis(500);
+    o.connect_wait = Duration::from_secs(5);
+    o
+}
+
 /// A connected broker with a recording handler installed.
 pub async fn broker(opts: RedisOptions) -> (Arc<RedisBroker>, Arc<RecordingHandler>) {
     let b = RedisBroker::connect(opts).await.unwrap_or_else(|e| panic!("connect: {e}"));
