@@ -112,9 +112,10 @@ async fn run(ctx: Arc<Context>, mut rx: mpsc::Receiver<Job>, mut shutdown: watch
     }
 }
 
-/// The jobs taken off the queue and not yet in a batch, in arrival order.
+/// The jobs taken off the queue and not yet in a batch, in arrival order, each with its
+/// channel's hash slot (computed once, on a Cluster; 0 elsewhere).
 struct Waiting {
-    jobs: VecDeque<Job>,
+    jobs: VecDeque<(u16, Job)>,
     /// On a Cluster, a batch holds one hash slot's messages.
     by_slot: bool,
 }
@@ -129,7 +130,8 @@ impl Waiting {
     }
 
     fn push(&mut self, job: Job) {
-        self.jobs.push_back(job);
+        let slot = if self.by_slot { slot_of(&job.channel) } else { 0 };
+        self.jobs.push_back((slot, job));
     }
 
     /// Takes what the queue holds now, up to a batch's worth beyond what already waits (a
@@ -138,7 +140,7 @@ impl Waiting {
         let room = if self.by_slot { 4 * MAX_BATCH } else { MAX_BATCH };
         while self.jobs.len() < room {
             match rx.try_recv() {
-                Ok(job) => self.jobs.push_back(job),
+                Ok(job) => self.push(job),
                 Err(_) => break,
             }
         }
@@ -147,18 +149,17 @@ impl Waiting {
     /// The next batch: the first waiting job and those after it that fit (same slot on a
     /// Cluster), up to the batch limits, in order.
     fn take(&mut self) -> Vec<Job> {
-        let Some(first) = self.jobs.pop_front() else { return Vec::new() };
-        let slot = self.by_slot.then(|| slot_of(&first.channel));
+        let Some((slot, first)) = self.jobs.pop_front() else { return Vec::new() };
         let mut bytes = first.data.len();
         let mut batch = vec![first];
         let mut kept = VecDeque::new();
-        while let Some(job) = self.jobs.pop_front() {
+        while let Some((s, job)) = self.jobs.pop_front() {
             if batch.len() >= MAX_BATCH || bytes + job.data.len() > MAX_BATCH_BYTES {
-                kept.push_back(job);
+                kept.push_back((s, job));
                 break;
             }
-            if slot.is_some_and(|s| s != slot_of(&job.channel)) {
-                kept.push_back(job);
+            if s != slot {
+                kept.push_back((s, job));
                 continue;
             }
             bytes += job.data.len();
@@ -180,13 +181,14 @@ async fn publish_batch(ctx: Arc<Context>, batch: Vec<Job>) {
         Ok(v) => v,
         Err(e) => return fail(batch, &e),
     };
+    let slack = ctx.params.expiry_slack_ms();
     let mut inv = ctx.scripts.publish.prepare_invoke();
     inv.arg(batch.len())
         .arg(scripts::new_epoch())
         .arg(ctx.params.history_size)
-        .arg(ctx.params.history_ttl_ms + ctx.params.expiry_slack_ms())
-        .arg(ctx.params.meta_ttl_ms + ctx.params.expiry_slack_ms())
-        .arg(ctx.params.expiry_slack_ms())
+        .arg(ctx.params.history_ttl_ms + slack)
+        .arg(ctx.params.meta_ttl_ms + slack)
+        .arg(slack)
         .arg(ctx.idempotency_ttl_s)
         .arg(ctx.keys.publish_command())
         .arg(generation);

@@ -13,18 +13,14 @@ use crier_redis::{RedisBroker, RedisOptions};
 use crier_testkit::conformance;
 use crier_testkit::poll_within;
 use crier_testkit::redis::RedisCluster;
-use support::{RecordingHandler, broker, publish, subscribe};
-
-fn options(cluster: &RedisCluster, node: &str) -> RedisOptions {
-    support::cluster_options(cluster, node)
-}
+use support::{RecordingHandler, broker, cluster_options, publish, subscribe};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_broker_conforms_on_a_cluster() {
     let cluster = RedisCluster::start(3);
     let cluster = &cluster;
     conformance::run(|s| async move {
-        let mut o = options(cluster, "conformance");
+        let mut o = cluster_options(cluster, "conformance");
         o.history_size = s.history_size;
         o.history_ttl = s.history_ttl;
         let b = RedisBroker::start(o).await.unwrap_or_else(|e| panic!("start: {e}"));
@@ -48,8 +44,8 @@ fn data(h: &RecordingHandler, channel: &str) -> Vec<(String, u64, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_channels_on_every_shard_reach_both_nodes_in_order() {
     let cluster = RedisCluster::start(3);
-    let (a, ha) = broker(options(&cluster, "a")).await;
-    let (b, hb) = broker(options(&cluster, "b")).await;
+    let (a, ha) = broker(cluster_options(&cluster, "a")).await;
+    let (b, hb) = broker(cluster_options(&cluster, "b")).await;
     assert!(a.is_up() && b.is_up());
     let channels: Vec<String> = (0..30).map(|i| format!("room:{i}")).collect();
     for c in &channels {
@@ -104,8 +100,8 @@ async fn many_channels_on_every_shard_reach_both_nodes_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_master_is_replaced_and_nothing_acknowledged_is_lost_silently() {
     let mut cluster = RedisCluster::start(3);
-    let (a, ha) = broker(options(&cluster, "a")).await;
-    let (b, _hb) = broker(options(&cluster, "b")).await;
+    let (a, ha) = broker(cluster_options(&cluster, "a")).await;
+    let (b, _hb) = broker(cluster_options(&cluster, "b")).await;
     let channels: Vec<String> = (0..12).map(|i| format!("fo:{i}")).collect();
     for c in &channels {
         subscribe(&a, &ha, c).await;
@@ -196,7 +192,7 @@ async fn a_slot_migrated_while_publishing_loses_nothing_and_duplicates_nothing()
     // While the slot's keys sit on the new master but the old one still owns the slot, publishes
     // land there (ASK) and the subscriber hears them only through the gap-fill after the move:
     // the history must hold that window.
-    let mut o = options(&cluster, "a");
+    let mut o = cluster_options(&cluster, "a");
     o.history_size = 10_000;
     let (a, ha) = broker(o.clone()).await;
     o.node_id = "b".into();
