@@ -48,8 +48,7 @@ pub async fn require_api_key(State(st): State<AppState>, req: Request, next: Nex
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
+        .and_then(crate::auth::bearer_credentials);
     let endpoint = endpoint_label(req.uri().path());
     let resp = match presented.and_then(|key| api_key_index(&st.config.api_keys, key)) {
         Some(index) => match st.limits.check_api(index) {
@@ -261,5 +260,6 @@ pub async fn info(State(st): State<AppState>) -> Result<Response, ApiError> {
 
 /// 404 for unknown API routes, in the contract's shape.
 pub async fn not_found() -> ApiError {
+    metrics::counter!(m::HTTP_REJECTIONS, "code" => "not_found").increment(1);
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }

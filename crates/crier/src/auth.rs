@@ -17,10 +17,20 @@ mod keys;
 mod mint;
 mod origin;
 
-pub(crate) use extract::extract_token;
+pub(crate) use extract::{bearer_credentials, extract_token};
 pub use jwt::NO_KEY;
 pub(crate) use jwt::{Claims, Verifier};
 pub use mint::{generate_secret, mint_hs256};
+
+/// Loads what the settings name for verifying tokens (the secret, the public key file, the JWKS
+/// file) and the Origin allow-list, and says what is wrong, without keeping anything. The binary
+/// calls it before it binds, so a missing, unreadable or wrong key file is a configuration error
+/// (exit 64) reported with the others, never after "listening".
+pub fn check(config: &crate::config::Config) -> Result<(), String> {
+    Verifier::new(&config.jwt)?;
+    OriginPolicy::new(&config.allowed_origins).map_err(|e| format!("allowed_origins: {e}"))?;
+    Ok(())
+}
 pub(crate) use origin::OriginPolicy;
 
 use std::sync::OnceLock;

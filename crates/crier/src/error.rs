@@ -50,3 +50,24 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+/// The contract code and a default message for an HTTP status crier did not answer with an
+/// [`ApiError`] itself (axum's 405, a body limit's 413, …).
+pub fn code_for_status(status: StatusCode) -> (&'static str, &'static str) {
+    match status {
+        StatusCode::UNAUTHORIZED => ("unauthorized", "authentication required"),
+        StatusCode::FORBIDDEN => ("forbidden", "forbidden"),
+        StatusCode::NOT_FOUND => ("not_found", "no such endpoint"),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            ("method_not_allowed", "this path does not take that method; the Allow header lists the ones it takes")
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => ("message_too_large", "the request body is too large"),
+        StatusCode::TOO_MANY_REQUESTS => ("rate_limited", "too many requests"),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => ("bad_request", "the request head is too large"),
+        s if s.is_server_error() && s != StatusCode::INTERNAL_SERVER_ERROR => {
+            ("unavailable", "unavailable; retry later")
+        }
+        StatusCode::INTERNAL_SERVER_ERROR => ("internal", "internal error"),
+        _ => ("bad_request", "bad request"),
+    }
+}

@@ -38,10 +38,41 @@ pub fn app(st: AppState) -> Router {
         .route("/crier.js", get(client_js))
         .merge(api)
         .fallback(api::not_found)
+        .layer(middleware::from_fn(json_errors))
         .layer(TraceLayer::new_for_http().make_span_with(
             |req: &Request| tracing::info_span!("http", method = %req.method(), path = %req.uri().path()),
         ))
         .with_state(st)
+}
+
+/// Middleware: every rejection is the JSON error shape, including the ones axum and tower
+/// answer themselves (405 with its `Allow` header, a 413 from a body limit, …). Responses that
+/// are already JSON pass untouched; the probes (`/healthz`, `/readyz`, `/metrics`) keep their
+/// plain text, which probes and scrapers read by status alone.
+async fn json_errors(req: Request, next: middleware::Next) -> Response {
+    let probe = matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if probe || json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    // What axum wrote (a short text such as "Failed to buffer the request body") becomes the
+    // message; bounded, the body is never large here.
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let (code, fallback) = crate::error::code_for_status(status);
+    let message = if text.trim().is_empty() { fallback } else { text.trim() };
+    metrics::counter!(m::HTTP_REJECTIONS, "code" => code).increment(1);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    let body = serde_json::json!({"error": code, "message": message}).to_string();
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 async fn healthz() -> &'static str {

@@ -32,6 +32,10 @@ fn main() -> ExitCode {
         complain(&format!("crier: {}", auth::NO_KEY));
         return ExitCode::from(64);
     }
+    if let Err(e) = auth::check(&config) {
+        complain(&format!("crier: invalid configuration:\n{e}"));
+        return ExitCode::from(64);
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if config.worker_threads > 0 {
         builder.worker_threads(config.worker_threads);
@@ -122,8 +126,13 @@ fn prepare_dev(config: &mut Config) -> String {
 fn print_dev_banner(addr: &str, token: &str, config: &Config) {
     let host = addr.replace("0.0.0.0", "localhost").replace("[::]", "localhost");
     let key = config.api_keys.first().map(String::as_str).unwrap_or_default();
+    let reach = if config.listen.ip().is_loopback() {
+        "  Listening on this machine only (loopback); `--listen 0.0.0.0:8080` opens it to the network.\n"
+    } else {
+        "  Listening on the network as --listen asked: anyone who reaches it gets the token below.\n"
+    };
     say(&format!(
-        "\n  crier --dev: single node, memory broker, any Origin allowed. Not for production.\n\n  \
+        "\n  crier --dev: single node, memory broker, any Origin allowed. Not for production.\n{reach}\n  \
          demo page:   http://{host}/\n  \
          token (24h): {token}\n  \
          connect:     ws://{host}/ws   (Authorization: Bearer <token>, or subprotocols crier.v1, crier.bearer.<token>)\n  \

@@ -23,6 +23,9 @@ pub const BROKER_PUBLISH_CALLS: &str = "crier_broker_publish_calls_total";
 pub const RECOVERIES: &str = "crier_recoveries_total";
 /// crier extension: REST API requests by route group and status class.
 pub const API_REQUESTS: &str = "crier_api_requests_total";
+/// crier extension: HTTP rejections answered outside the handlers (an unknown path, a method a
+/// path does not take, …), by code.
+pub const HTTP_REJECTIONS: &str = "crier_http_rejections_total";
 
 /// Buckets of the broadcast latency histogram, in seconds (100 µs … 5 s).
 const LATENCY_BUCKETS: &[f64] =
@@ -92,6 +95,7 @@ fn describe() {
     );
     describe_counter!(RECOVERIES, "Subscriptions with recovery, by result (recovered, failed)");
     describe_counter!(API_REQUESTS, "REST API requests by endpoint and status code");
+    describe_counter!(HTTP_REJECTIONS, "HTTP rejections answered outside the handlers (404, 405, …), by code");
 }
 
 /// Every counter starts at 0 with each of its known label values, so dashboards and alerts see
@@ -124,6 +128,9 @@ fn zero() {
     }
     for code in crier_protocol::ErrorCode::ALL {
         counter!(CLIENT_ERRORS, "code" => code.as_str()).absolute(0);
+    }
+    for code in ["not_found", "method_not_allowed"] {
+        counter!(HTTP_REJECTIONS, "code" => code).absolute(0);
     }
     for result in ["recovered", "failed"] {
         counter!(RECOVERIES, "result" => result).absolute(0);

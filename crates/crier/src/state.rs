@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::Context;
 use crier_core::{Broker, BrokerHandler, Hub, MemoryBroker, Node, NodeInfo, Publication, Registry};
 use crier_protocol::CloseCode;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -133,9 +132,12 @@ impl AppState {
 
 /// Builds a node's state: broker, hub, verifier, limits. `dev_token` enables the demo page.
 pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<AppState> {
-    let verifier = Verifier::new(&config.jwt).map_err(anyhow::Error::msg).context("JWT key")?;
+    // A key file or Origin list that does not load is a bad setting (exit 64), like one the parse
+    // found; the binary already checked both before binding (`auth::check`).
+    let invalid = |why: String| anyhow::Error::new(crate::config::ConfigError::Invalid(vec![why]));
+    let verifier = Verifier::new(&config.jwt).map_err(invalid)?;
     tracing::info!(algorithms = ?verifier.algorithms(), "JWT verification ready");
-    let origins = OriginPolicy::new(&config.allowed_origins).map_err(anyhow::Error::msg).context("allowed_origins")?;
+    let origins = OriginPolicy::new(&config.allowed_origins).map_err(|e| invalid(format!("allowed_origins: {e}")))?;
     let broker: Arc<dyn Broker> = match redis_options(&config) {
         Some(opts) => {
             // A setting problem found while connecting (a certificate that does not verify, a

@@ -243,3 +243,46 @@ async fn a_client_close_is_answered_with_a_close_and_nothing_panics() {
     until("crier_connections to drop to 0", async || server.metric("crier_connections").await == 0.0).await;
     assert!(!server.logs().contains("panicked"), "a task panicked:\n{}", server.logs());
 }
+
+/// A key file that does not load (missing, unreadable, not PEM, a private key, an empty JWKS) is a
+/// configuration error like any other: exit 64 with the setting named, before "crier listening".
+#[tokio::test]
+async fn key_files_that_do_not_load_exit_64_before_listening() {
+    let dir = std::env::temp_dir().join(format!("crier-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys");
+    let cases: Vec<(&str, [String; 2])> = vec![
+        ("a missing public key file", ["--jwt-public-key-file".into(), dir.join("nope.pem").to_string_lossy().into()]),
+        ("a file that is not PEM", ["--jwt-public-key-file".into(), write("junk.pem", "not a key\n")]),
+        ("a private key", ["--jwt-public-key-file".into(), format!("{keys}/rsa_private.pem")]),
+        ("a directory", ["--jwt-public-key-file".into(), dir.to_string_lossy().into()]),
+        ("an empty JWKS", ["--jwt-jwks-file".into(), write("empty.json", r#"{"keys":[]}"#)]),
+        ("a JWKS that is not JSON", ["--jwt-jwks-file".into(), write("bad.json", "{")]),
+        ("a missing JWKS file", ["--jwt-jwks-file".into(), dir.join("nope.json").to_string_lossy().into()]),
+    ];
+    for (what, [flag, value]) in cases {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_crier"))
+            .args([flag.as_str(), value.as_str(), "--listen", "127.0.0.1:0"])
+            .env_remove("CRIER_JWT_SECRET")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(64), "{what}: exit code; stderr:\n{stderr}");
+        assert!(stderr.contains("invalid configuration"), "{what}: stderr says why:\n{stderr}");
+        assert!(!stdout.contains("crier listening"), "{what}: reported before listening:\n{stdout}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--dev` prints a full-access token: its banner says whether the network can reach it.
+#[tokio::test]
+async fn dev_banner_says_where_it_listens() {
+    let server = Server::start_raw(&["--dev", "--listen", "127.0.0.1:0"], &[]).await.unwrap();
+    let stdout = server.process.wait_stdout("curl").await;
+    assert!(stdout.contains("this machine only"), "loopback is announced:\n{stdout}");
+}

@@ -348,6 +348,30 @@ async fn every_operation_answers_as_described() {
     assert_eq!(info["nodes"][0]["node"], "test-node");
     c.check(&node, req(get.clone(), t).auth(None), 401).await;
 
+    // A method a described path does not take: 405 in the declared shape, with `Allow`.
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        let declared: Vec<&String> = item
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, op)| op["responses"].get("405").is_some())
+            .map(|(m, _)| m)
+            .collect();
+        if declared.is_empty() {
+            continue;
+        }
+        let sent = path.replace("{channel}", "chat:a");
+        let r = c.http.put(node.url(&sent)).bearer_auth(API_KEY).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 405, "PUT {sent}");
+        let allow = r.headers().get("allow").and_then(|v| v.to_str().ok()).unwrap_or_default().to_ascii_lowercase();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "method_not_allowed", "PUT {sent}: {body}");
+        for method in declared {
+            assert!(allow.contains(method.as_str()), "PUT {sent}: Allow {allow:?} lacks {method}");
+            c.exercised.insert((path.clone(), method.clone(), 405));
+        }
+    }
+
     // operations
     c.check(&node, req(get.clone(), "/healthz").auth(None), 200).await;
     c.check(&node, req(get.clone(), "/readyz").auth(None), 200).await;

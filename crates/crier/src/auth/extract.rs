@@ -36,12 +36,15 @@ pub fn extract_token(headers: &HeaderMap, query: Option<&str>) -> Option<(String
 /// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive), if any.
 /// Also what the REST API uses to read an API key.
 pub fn bearer_token(headers: &HeaderMap) -> Option<String> {
-    headers.get_all(AUTHORIZATION).iter().find_map(|value| {
-        let value = value.to_str().ok()?.trim();
-        let (scheme, rest) = value.split_once([' ', '\t'])?;
-        let token = rest.trim();
-        (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_string())
-    })
+    headers.get_all(AUTHORIZATION).iter().find_map(|value| bearer_credentials(value.to_str().ok()?).map(str::to_owned))
+}
+
+/// The credentials of one `Authorization` value with the `Bearer` scheme, compared
+/// case-insensitively (RFC 9110 §11.1: `bearer`, `BEARER`), separated by spaces or tabs.
+pub fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim().split_once([' ', '\t'])?;
+    let token = rest.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 fn subprotocol_token(headers: &HeaderMap) -> Option<String> {

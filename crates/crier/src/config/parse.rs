@@ -136,6 +136,14 @@ pub(super) fn build(
             .parse::<SocketAddr>()
             .map_err(|_| "expected an IP address and a port, like 0.0.0.0:8080 or [::]:8080".to_owned())
     });
+    // `--dev` prints a full-access token and serves it on the demo page: it listens on loopback
+    // unless `listen` is set explicitly (flag, env or file), so the local network never sees it.
+    let listen = match (dev, listen, p.source("listen")) {
+        (Some(true), Some(addr), Some(Source::Default) | None) => {
+            Some(SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port()))
+        }
+        (_, listen, _) => listen,
+    };
     let node_id = p.optional("node_id", node_id).map(|id| id.unwrap_or_else(|| default_node_id(env)));
     let redis_url = p.optional("redis_url", |s| {
         let s = s.trim();

@@ -311,7 +311,7 @@ pub(super) static SETTINGS: &[Setting] = &[
         "BOOL",
         Some("false"),
         "`false`",
-        "development mode: generated HS256 secret and a printed token, any Origin, demo page at `/`",
+        "development mode: generated HS256 secret and a printed token, any Origin, demo page at `/`; listens on 127.0.0.1 unless `listen` is set",
     ),
 ];
 

@@ -642,3 +642,22 @@ fn redact_url_hides_user_info() {
     assert_eq!(redact_url("user:pw@host"), "***@host");
     assert_eq!(redact_url("unix:///tmp/r.sock"), "unix:///tmp/r.sock");
 }
+
+#[test]
+fn dev_listens_on_loopback_unless_listen_is_set() -> TestResult {
+    let loopback: std::net::SocketAddr = "127.0.0.1:8080".parse()?;
+    assert_eq!(load_with(&["--dev"], &[])?.listen, loopback, "--dev alone: loopback");
+    assert_eq!(load_with(&["--dev=false", "--jwt-secret", SECRET], &[])?.listen.to_string(), "0.0.0.0:8080");
+    for (flags, vars) in [
+        (&["--dev", "--listen", "0.0.0.0:8080"][..], &[][..]),
+        (&["--dev"][..], &[("CRIER_LISTEN", "0.0.0.0:8080")][..]),
+    ] {
+        assert_eq!(load_with(flags, vars)?.listen.to_string(), "0.0.0.0:8080", "{flags:?} {vars:?}: as asked");
+    }
+    let dir = TempDir::new()?;
+    let file = dir.0.join("crier.toml");
+    std::fs::write(&file, "dev = true\nlisten = \"0.0.0.0:9000\"\n")?;
+    let from_file = load_with(&["--config", file.to_str().unwrap_or_default()], &[])?;
+    assert_eq!(from_file.listen.to_string(), "0.0.0.0:9000", "the file's listen wins over the dev default");
+    Ok(())
+}

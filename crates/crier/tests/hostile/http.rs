@@ -161,3 +161,50 @@ async fn slowloris_is_cut_off_at_the_header_read_timeout() {
     }
     by.finish(&server).await;
 }
+
+/// Every rejection is the JSON error shape, including the ones no handler writes (a method the
+/// path does not take, an unknown path), and counted; the `Bearer` scheme is case-insensitive on
+/// the REST API as on the handshake.
+#[tokio::test]
+async fn rest_rejections_are_json_and_the_bearer_scheme_is_case_insensitive() {
+    let server = start(&[]).await;
+    let http = reqwest::Client::new();
+    let cases = [
+        (reqwest::Method::GET, "/api/v1/publish", 405, "method_not_allowed", Some("POST")),
+        (reqwest::Method::DELETE, "/api/v1/info", 405, "method_not_allowed", Some("GET")),
+        (reqwest::Method::POST, "/ws", 405, "method_not_allowed", Some("GET")),
+        (reqwest::Method::GET, "/api/v1/nothing-here", 404, "not_found", None),
+        (reqwest::Method::GET, "/api/v1/channels/c/nothing", 404, "not_found", None),
+    ];
+    for (method, path, status, code, allow) in cases {
+        let r = http.request(method.clone(), server.url(path)).bearer_auth(API_KEY).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{method} {path}");
+        let allowed = r.headers().get("allow").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let ctype = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        assert!(ctype.starts_with("application/json"), "{method} {path}: content type {ctype:?}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"], code, "{method} {path}: {body}");
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{method} {path}: a message: {body}");
+        if let Some(want) = allow {
+            assert!(allowed.as_deref().is_some_and(|a| a.contains(want)), "{method} {path}: Allow {allowed:?}");
+        }
+    }
+    let metrics = http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("crier_http_rejections_total{code=\"method_not_allowed\"} 3")),
+        "405s counted:\n{metrics}"
+    );
+    for scheme in ["Bearer", "bearer", "BEARER", "BeArEr"] {
+        let r = http
+            .post(server.url("/api/v1/publish"))
+            .header("authorization", format!("{scheme} {API_KEY}"))
+            .json(&serde_json::json!({"channel": "c", "data": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "scheme {scheme}");
+    }
+    // The probes keep their plain text (their status is what counts).
+    let r = http.get(server.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "ready");
+}
