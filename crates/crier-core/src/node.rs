@@ -120,6 +120,22 @@ impl Node {
         recover: Option<&StreamPosition>,
         ack: impl FnOnce(&History, Option<bool>) -> Bytes,
     ) -> Result<Subscribed, SubscribeError> {
+        self.subscribe_holding(channel, conn, outbox, recover, ack, None).await
+    }
+
+    /// [`Node::subscribe`] for a request holding one of the node's broker slots
+    /// ([`Node::broker_slot`]): the slot is given back once the first history read is done, so
+    /// a recovery paced by a slow reader never holds one while it waits for room (each further
+    /// page read takes one again for its call).
+    pub async fn subscribe_holding(
+        &self,
+        channel: &str,
+        conn: ConnId,
+        outbox: &Arc<Outbox>,
+        recover: Option<&StreamPosition>,
+        ack: impl FnOnce(&History, Option<bool>) -> Bytes,
+        slot: Option<tokio::sync::SemaphorePermit<'_>>,
+    ) -> Result<Subscribed, SubscribeError> {
         let ready = self
             .hub
             .add(channel, conn, outbox.clone())
@@ -139,6 +155,7 @@ impl Node {
                 return Err(SubscribeError::Unavailable(e.to_string()));
             }
         };
+        drop(slot);
         let recovered = recover.map(|_| !first.gap);
         // Still buffering: nothing of the channel reaches the outbox before the ack.
         if outbox.push(ack(&first, recovered)) != Push::Queued {
@@ -213,7 +230,11 @@ impl Node {
                 return Err(Some(CloseCode::SLOW_CONSUMER));
             }
             let since = StreamPosition { epoch: at.epoch.clone(), offset: at.pos };
-            let next = match self.broker.history(channel, Some(&since), self.recovery_page).await {
+            let read = async {
+                let _slot = self.broker_slot().await;
+                self.broker.history(channel, Some(&since), self.recovery_page).await
+            };
+            let next = match read.await {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::warn!(error = %e, "history read failed mid-recovery");

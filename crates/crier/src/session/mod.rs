@@ -123,18 +123,21 @@ impl Session {
             return self.send(&ServerFrame::Pong { id });
         }
         // Taken before the boxed future is allocated: bounds the memory of request bursts.
+        // Subscribe and history give it back before they wait for room in the outbox.
         let st = self.st.clone();
-        let _slot = st.node.broker_slot().await;
+        let slot = st.node.broker_slot().await;
         crate::memory::note();
         match frame {
-            ClientFrame::Subscribe { id, channel, recover } => Box::pin(self.subscribe(id, &channel, recover)).await,
+            ClientFrame::Subscribe { id, channel, recover } => {
+                Box::pin(self.subscribe(id, &channel, recover, slot)).await
+            }
             ClientFrame::Unsubscribe { id, channel } => Box::pin(self.unsubscribe(id, &channel)).await,
             ClientFrame::Publish { id, channel, data } => Box::pin(self.publish(id, &channel, data.get())).await,
             ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id }),
             ClientFrame::Refresh { id, token } => Box::pin(self.refresh(id, &token)).await,
             ClientFrame::Presence { id, channel } => Box::pin(self.presence(id, &channel)).await,
             ClientFrame::History { id, channel, since, limit } => {
-                Box::pin(self.history(id, &channel, since, limit)).await
+                Box::pin(self.history(id, &channel, since, limit, slot)).await
             }
         }
     }
@@ -144,7 +147,7 @@ impl Session {
     /// is not counted against the user's frame rate — the handshake rate already covers it, and a
     /// client that cannot send frames could not pace its subscriptions.
     pub async fn subscribe_named(&mut self, channel: &str, recover: Option<crier_protocol::StreamPosition>) {
-        Box::pin(self.subscribe(None, channel, recover)).await
+        Box::pin(self.subscribe(None, channel, recover, None)).await
     }
 
     /// The connection ended (whatever ended it): leaves every channel, forgets the connection

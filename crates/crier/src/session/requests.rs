@@ -4,6 +4,7 @@
 use bytes::Bytes;
 use crier_protocol::frames::ServerFrame;
 use crier_protocol::{ErrorCode, StreamPosition, validate_channel};
+use tokio::sync::SemaphorePermit;
 
 use super::Session;
 use crate::metrics as m;
@@ -61,12 +62,15 @@ impl Session {
         channel: &str,
         since: Option<StreamPosition>,
         limit: Option<usize>,
+        slot: Option<SemaphorePermit<'_>>,
     ) {
         if !self.readable(id, channel) {
             return;
         }
         let limit = limit.unwrap_or(self.st.config.history_size).min(MAX_HISTORY_LIMIT);
-        match self.st.broker().history(channel, since.as_ref(), limit).await {
+        let read = self.st.broker().history(channel, since.as_ref(), limit).await;
+        drop(slot);
+        match read {
             Ok(h) => {
                 // A reply never larger than half the queue (and at least one message): the
                 // rest is one `since` away (`more`/`next`), and what the connection receives
