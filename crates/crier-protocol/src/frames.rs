@@ -448,7 +448,7 @@ mod tests {
         );
         assert_eq!(v(&ServerFrame::Pong { id: None }.encode()), json!({"type":"pong"}));
         let m = encode_message("c", "e", 1, "1");
-        let page = encode_history_page(Some(9), "c", "e", 7, &[m.clone()], Some(3));
+        let page = encode_history_page(Some(9), "c", "e", 7, std::slice::from_ref(&m), Some(3));
         assert_eq!(v(&page)["more"], json!(true));
         assert_eq!(v(&page)["next"], json!({"epoch":"e","offset":3}));
         assert_eq!(v(&page)["messages"].as_array().map(Vec::len), Some(1));
