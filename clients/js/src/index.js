@@ -196,12 +196,31 @@ export class Crier {
   presence(channel) {
     return this.#request({ type: "presence", channel }, (f) => f.clients || []);
   }
-  /** The channel's history: the latest `limit` messages, or those after `since`, oldest first. */
-  history(channel, { limit, since } = {}) {
-    const frame = { type: "history", channel };
-    if (limit !== undefined) frame.limit = limit;
-    if (since) frame.since = { epoch: since.epoch, offset: since.offset };
-    return this.#request(frame, (f) => (f.messages || []).map(toMessage));
+  /**
+   * The channel's history: the latest `limit` messages, or those after `since`, oldest first.
+   * crier caps one reply by the connection's queue size and marks it `more` with the position to
+   * go on from (`next`); the pages are followed up to the first reply's position.
+   */
+  async history(channel, { limit, since } = {}) {
+    const out = [];
+    let position = since ? { epoch: since.epoch, offset: since.offset } : undefined;
+    let left = limit;
+    let top;
+    for (;;) {
+      const frame = { type: "history", channel };
+      if (left !== undefined) frame.limit = left;
+      if (position) frame.since = position;
+      const page = await this.#request(frame, (f) => f);
+      top ??= { epoch: page.epoch, offset: page.offset };
+      const messages = page.messages || [];
+      // Later pages may carry messages published since the first reply: not asked for.
+      for (const m of messages) if (m.epoch !== top.epoch || m.offset <= top.offset) out.push(toMessage(m));
+      if (left !== undefined) left -= messages.length;
+      const next = page.more && page.next;
+      if (!next || messages.length === 0 || (left !== undefined && left <= 0)) return out;
+      if (next.epoch === top.epoch && next.offset >= top.offset) return out;
+      position = { epoch: next.epoch, offset: next.offset };
+    }
   }
 
   /** Closes the connection for good (code 1000); pending requests reject with code "closed". */

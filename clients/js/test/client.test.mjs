@@ -86,6 +86,17 @@ test("subscribe, receive, publish, presence, history, unsubscribe", async (t) =>
   assert.equal(got.gaps.length, 0);
 });
 
+test("history larger than the connection's queue comes back whole (the client follows more/next)", async (t) => {
+  const n = await node(t);
+  const c = client(t, n.wsUrl, { token: mint({ sub: "carol", channels: ["big:*"] }) });
+  for (let i = 0; i < 20; i++) await n.publish("big:h", String(i).padStart(5, "0") + "x".repeat(65000));
+  const all = await c.history("big:h");
+  assert.deepEqual(all.map((m) => m.offset), Array.from({ length: 20 }, (_, i) => i + 1));
+  assert.ok(all.every((m, i) => m.data.startsWith(String(i).padStart(5, "0"))));
+  const latest = await c.history("big:h", { limit: 12 });
+  assert.deepEqual(latest.map((m) => m.offset), Array.from({ length: 12 }, (_, i) => i + 9));
+});
+
 test("errors reject with the contract's codes", async (t) => {
   const n = await node(t);
   const c = client(t, n.wsUrl, { token: mint({ sub: "bob", channels: ["chat:*"] }) });

@@ -254,12 +254,30 @@ impl Client {
         }
     }
 
-    /// The channel's stored messages (see [`HistoryOptions`]).
+    /// The channel's stored messages (see [`HistoryOptions`]). crier caps one reply by the
+    /// connection's queue size and says where to go on (`more`/`next`); this follows those pages
+    /// up to the position of the first reply, so the result is what was asked for.
     pub async fn history(&self, channel: impl Into<String>, opts: HistoryOptions) -> Result<History, Error> {
-        let kind = RequestKind::History { channel: channel.into(), since: opts.since, limit: opts.limit };
-        match self.request(kind).await? {
-            Reply::History { epoch, offset, messages } => Ok(History { epoch, offset, messages }),
-            _ => Err(Error::Invalid("unexpected reply".into())),
+        let channel = channel.into();
+        let (mut since, mut left) = (opts.since, opts.limit);
+        let mut all: Option<History> = None;
+        loop {
+            let kind = RequestKind::History { channel: channel.clone(), since: since.take(), limit: left };
+            let Reply::History { epoch, offset, messages, next } = self.request(kind).await? else {
+                return Err(Error::Invalid("unexpected reply".into()));
+            };
+            let got = messages.len();
+            let h = all.get_or_insert_with(|| History { epoch, offset, messages: Vec::new() });
+            let top = (h.epoch.clone(), h.offset);
+            // Later pages may carry messages published since the first reply: not asked for.
+            h.messages.extend(messages.into_iter().filter(|m| m.epoch != top.0 || m.offset <= top.1));
+            left = left.map(|l| l.saturating_sub(got));
+            match next {
+                Some(next) if got > 0 && left != Some(0) && (next.epoch != top.0 || next.offset < top.1) => {
+                    since = Some(next)
+                }
+                _ => return all.ok_or_else(|| Error::Invalid("no reply".into())),
+            }
         }
     }
 

@@ -119,7 +119,7 @@ pub(crate) enum RequestKind {
 pub(crate) enum Reply {
     Published { epoch: Option<String>, offset: u64 },
     Presence(Vec<PresenceEntry>),
-    History { epoch: String, offset: u64, messages: Vec<Message> },
+    History { epoch: String, offset: u64, messages: Vec<Message>, next: Option<StreamPosition> },
 }
 
 #[derive(Debug)]
@@ -682,10 +682,10 @@ impl Driver {
                     let _ = r.reply.send(Ok(Reply::Presence(clients)));
                 }
             }
-            ServerFrame::History { id: Some(id), epoch, offset, messages } => {
+            ServerFrame::History { id: Some(id), epoch, offset, messages, next } => {
                 if let Some(Pending::Request(r)) = conn.pending.remove(&id) {
                     let messages = messages.into_iter().map(into_message).collect();
-                    let _ = r.reply.send(Ok(Reply::History { epoch, offset, messages }));
+                    let _ = r.reply.send(Ok(Reply::History { epoch, offset, messages, next }));
                 }
             }
             ServerFrame::Gap { channel, epoch, offset } => {

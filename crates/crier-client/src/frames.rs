@@ -118,6 +118,9 @@ pub(crate) enum ServerFrame {
         offset: u64,
         #[serde(default)]
         messages: Vec<MessageFrame>,
+        /// The reply was cut short (by the connection's queue size): ask again from `next`.
+        #[serde(default)]
+        next: Option<StreamPosition>,
     },
     Gap {
         channel: String,

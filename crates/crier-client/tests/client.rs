@@ -123,6 +123,24 @@ async fn subscribes_receives_publishes_and_reads_presence_and_history() {
     assert_eq!(c.closed().await, CloseReason::Client);
 }
 
+/// crier caps a `history` reply by the connection's queue (1 MiB) and says where to go on: the
+/// client follows the pages, so 20 messages of ~65,000 bytes come back whole, in order.
+#[tokio::test]
+async fn history_larger_than_the_queue_comes_back_whole() {
+    let node = Node::start(&[]);
+    let c = client(node.ws_url(), token("carol", &["big:*"], &[], HOUR));
+    for i in 0..20 {
+        let r = node.publish("big:h", json!(format!("{i:05}{}", "x".repeat(65_000)))).await;
+        assert_eq!(r.status(), 200);
+    }
+    let h = c.history("big:h", HistoryOptions::default()).await.expect("history");
+    assert_eq!(h.offset, 20);
+    assert_eq!(h.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>());
+    let limited = c.history("big:h", HistoryOptions { since: None, limit: Some(12) }).await.expect("history");
+    assert_eq!(limited.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), (9..=20).collect::<Vec<_>>());
+    c.close();
+}
+
 #[tokio::test]
 async fn refusals_carry_the_contracts_error_codes() {
     let node = Node::start(&[]);

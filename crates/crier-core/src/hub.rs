@@ -16,8 +16,8 @@
 //!
 //! Empty channels leave no entry behind.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -45,8 +45,68 @@ struct Subscriber {
     outbox: Arc<Outbox>,
     /// `Some` while buffering (before [`Hub::activate`]); boxed so that a live subscriber's
     /// entry is two pointers.
-    #[allow(clippy::box_collection)]
-    buffer: Option<Box<Vec<Publication>>>,
+    buffer: Option<Box<Buffer>>,
+}
+
+/// A buffering subscriber's live publications: a contiguous run of the channel's stream, the
+/// newest at the back, bounded by the subscriber's queue size in bytes. When a publication
+/// would exceed the bound the oldest ones go (`dropped`): they are in the history, which the
+/// subscriber's recovery keeps paging until it reaches what is still buffered.
+#[derive(Default)]
+struct Buffer {
+    publications: VecDeque<Publication>,
+    bytes: usize,
+    /// Publications were dropped from the front: the buffer alone no longer covers everything
+    /// delivered since the subscriber was added.
+    dropped: bool,
+}
+
+impl Buffer {
+    fn push(&mut self, publication: &Publication, bound: usize) {
+        self.bytes += publication.frame.len();
+        self.publications.push_back(publication.clone());
+        // The newest one stays even if it alone is over the bound (a message fits a queue).
+        while self.bytes > bound && self.publications.len() > 1 {
+            if let Some(old) = self.publications.pop_front() {
+                self.bytes -= old.frame.len();
+                self.dropped = true;
+            }
+        }
+    }
+
+    /// Whether the buffer holds everything after `after` that the subscriber still needs:
+    /// its first publication follows `after` directly, or nothing was dropped and the caller
+    /// has replayed the history up to a position read after the subscriber was added
+    /// (`caught_up`: every later publication was delivered to the hub afterwards, so it is here).
+    fn covers(&self, after: (&str, u64), caught_up: bool) -> bool {
+        match self.publications.front() {
+            Some(p) if *p.epoch == *after.0 && p.offset <= after.1 + 1 => true,
+            _ => !self.dropped && caught_up,
+        }
+    }
+
+    /// Bytes of the publications after `after` (what going live would queue).
+    fn newer_bytes(&self, after: (&str, u64)) -> usize {
+        self.publications.iter().filter(|p| newer(p, after)).map(|p| p.frame.len()).sum()
+    }
+}
+
+fn newer(p: &Publication, (epoch, offset): (&str, u64)) -> bool {
+    *p.epoch != *epoch || p.offset > offset
+}
+
+/// What [`Hub::try_activate`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// The subscriber is live: the buffered publications after the position are queued.
+    Live,
+    /// The buffer does not reach back to the position (publications were dropped from it):
+    /// replay more history first.
+    Behind,
+    /// The buffered publications would not fit the queue now: wait for this much room, retry.
+    Room(usize),
+    /// The subscriber is gone or its outbox is closing.
+    Gone,
 }
 
 struct Channel {
@@ -136,23 +196,55 @@ impl Hub {
     /// Queues `frames` (the ack, then recovered messages) to a buffering subscriber, then every
     /// buffered publication after `after` (same epoch; all of them if the epoch differs), and
     /// makes the subscriber live — all in one critical section. Returns `false` if the subscriber
-    /// is gone, or its outbox overflowed.
+    /// is gone, its outbox overflowed, or its buffer no longer reaches back to `after` (it dropped
+    /// publications: see [`Hub::try_activate`], which pages instead).
     pub fn activate(&self, channel: &str, conn: ConnId, frames: Vec<Bytes>, after: (&str, u64)) -> bool {
         let mut shard = self.shard(channel);
         let Some(sub) = shard.get_mut(channel).and_then(|c| c.subscribers.get_mut(&conn)) else {
             return false;
         };
-        let buffered = sub.buffer.take().map(|b| *b).unwrap_or_default();
+        if sub.buffer.as_ref().is_some_and(|b| !b.covers(after, true)) {
+            return false;
+        }
+        let buffered = sub.buffer.take().map(|b| b.publications).unwrap_or_default();
         if sub.outbox.push_all(frames) != Push::Queued {
             return false;
         }
-        let (epoch, offset) = after;
         let outbox = &sub.outbox;
-        let newer = buffered
-            .into_iter()
-            .filter(|p| *p.epoch != *epoch || p.offset > offset)
-            .map(|p| frame_for(outbox, &p.frame, &mut None));
+        let newer = buffered.into_iter().filter(|p| newer(p, after)).map(|p| frame_for(outbox, &p.frame, &mut None));
         outbox.push_all(newer) == Push::Queued
+    }
+
+    /// Makes a buffering subscriber live if its buffer continues the stream after `after` (the
+    /// last publication its recovery queued): queues the buffered publications after it and
+    /// flips it live, in one critical section (the merge of [`Hub::activate`], without frames:
+    /// the caller queued the ack and the replay itself, paced by the outbox). `caught_up`: the
+    /// caller replayed history up to the channel's top as of a history read made after
+    /// [`Hub::add`]. Never overflows the outbox for the buffer's sake: [`Activation::Room`] says
+    /// how much room to wait for.
+    pub fn try_activate(&self, channel: &str, conn: ConnId, after: (&str, u64), caught_up: bool) -> Activation {
+        let mut shard = self.shard(channel);
+        let Some(sub) = shard.get_mut(channel).and_then(|c| c.subscribers.get_mut(&conn)) else {
+            return Activation::Gone;
+        };
+        if sub.outbox.is_closing() {
+            return Activation::Gone;
+        }
+        let Some(buffer) = &sub.buffer else {
+            return Activation::Live;
+        };
+        if !buffer.covers(after, caught_up) {
+            return Activation::Behind;
+        }
+        let need = buffer.newer_bytes(after);
+        let queued = sub.outbox.queued_bytes();
+        if need > 0 && queued > 0 && queued + need > sub.outbox.max_bytes() {
+            return Activation::Room(need);
+        }
+        let buffered = sub.buffer.take().map(|b| b.publications).unwrap_or_default();
+        let outbox = &sub.outbox;
+        let newer = buffered.into_iter().filter(|p| newer(p, after)).map(|p| frame_for(outbox, &p.frame, &mut None));
+        if outbox.push_all(newer) == Push::Queued { Activation::Live } else { Activation::Gone }
     }
 
     /// Removes a subscriber. Returns `true` when it was the channel's last one (the entry is gone
@@ -183,7 +275,7 @@ impl Hub {
         let mut forms = Forms::default();
         for sub in ch.subscribers.values_mut() {
             match &mut sub.buffer {
-                Some(buf) => buf.push(publication.clone()),
+                Some(buf) => buf.push(publication, sub.outbox.max_bytes()),
                 None => match sub.outbox.push_out(out_for(&sub.outbox, &publication.frame, &mut forms)) {
                     Push::Queued => out.delivered += 1,
                     Push::Overflow => out.slow += 1,
@@ -314,6 +406,35 @@ mod tests {
         assert!(hub.activate("c", 1, vec![Bytes::from("ack"), Bytes::from("4"), Bytes::from("5")], ("e", 5)));
         hub.deliver("c", &publication(7));
         assert_eq!(drain(&o).await, ["ack", "4", "5", "6", "7"]);
+    }
+
+    #[tokio::test]
+    async fn an_overflowing_buffer_keeps_the_newest_and_asks_for_more_history() {
+        let hub = Hub::new();
+        // Frames are 1-2 bytes ("7", "10"): a 4-byte bound keeps the last two or three.
+        let o = Arc::new(Outbox::new(4));
+        assert!(hub.add("c", 1, o.clone()).is_ok());
+        for i in 5..=11 {
+            hub.deliver("c", &publication(i));
+        }
+        // The buffer now starts at 10: it does not continue a replay that stopped at 5...
+        assert_eq!(hub.try_activate("c", 1, ("e", 5), true), Activation::Behind);
+        assert!(!hub.activate("c", 1, vec![], ("e", 5)), "activate refuses to leave a gap");
+        // ...but does once the replay reached 9 (or 10: no duplicate).
+        assert_eq!(hub.try_activate("c", 1, ("e", 10), false), Activation::Live);
+        assert_eq!(drain(&o).await, ["11"]);
+        hub.deliver("c", &publication(12));
+        assert_eq!(drain(&o).await, ["12"]);
+
+        // Going live never overflows the queue for the buffer's sake: it asks for room.
+        let p = Arc::new(Outbox::new(4));
+        assert!(hub.add("d", 2, p.clone()).is_ok());
+        hub.deliver("d", &publication(10));
+        assert_eq!(p.push(Bytes::from_static(b"abc")), Push::Queued);
+        assert_eq!(hub.try_activate("d", 2, ("e", 9), true), Activation::Room(2));
+        assert_eq!(drain(&p).await, ["abc"]);
+        assert_eq!(hub.try_activate("d", 2, ("e", 9), true), Activation::Live);
+        assert_eq!(drain(&p).await, ["10"]);
     }
 
     #[tokio::test]

@@ -67,11 +67,18 @@ struct State {
     aborted: bool,
     /// The connection task, parked until there is something for it.
     waker: Option<Waker>,
+    /// A producer parked until the queue has room ([`Outbox::room`]: paced recovery).
+    room: Option<Waker>,
 }
 
 impl State {
     fn take_waker(&mut self) -> Option<Waker> {
         self.waker.take()
+    }
+
+    /// Wakes a producer waiting for room (called when the queue is taken or the outbox closes).
+    fn wake_room(&mut self) {
+        wake(self.room.take());
     }
 }
 
@@ -212,6 +219,7 @@ impl Outbox {
             s.closing = true;
             s.aborted = true;
             s.close = Some(Close { code: CloseCode::SLOW_CONSUMER, reason: CloseCode::SLOW_CONSUMER.reason() });
+            s.wake_room();
             let waker = s.take_waker();
             drop(s);
             wake(waker);
@@ -268,6 +276,7 @@ impl Outbox {
             s.aborted = true;
         }
         s.close = Some(Close { code, reason: code.reason() });
+        s.wake_room();
         let waker = s.take_waker();
         drop(s);
         wake(waker);
@@ -301,6 +310,34 @@ impl Outbox {
         self.lock().bytes
     }
 
+    /// The byte bound (`client_queue_max_bytes`).
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// `Ready(true)` once `bytes` more fit in the queue (or the queue is empty: a frame larger
+    /// than the bound then overflows as any push would); `Ready(false)` once the outbox is
+    /// closing (nothing more will be written). Otherwise parks the caller until the writer takes
+    /// the queue or the outbox closes. For a producer that paces itself by the connection's
+    /// drain (recovery larger than the queue, [`crate::node::Node::subscribe`]): one waiter at a
+    /// time.
+    pub fn poll_room(&self, cx: &mut Context<'_>, bytes: usize) -> Poll<bool> {
+        let mut s = self.lock();
+        if s.closing {
+            return Poll::Ready(false);
+        }
+        if s.bytes == 0 || s.bytes + bytes <= self.max_bytes {
+            return Poll::Ready(true);
+        }
+        s.room = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Async form of [`Outbox::poll_room`]: `true` when there is room, `false` when closing.
+    pub async fn room(&self, bytes: usize) -> bool {
+        std::future::poll_fn(|cx| self.poll_room(cx, bytes)).await
+    }
+
     /// Appends every queued item to `batch` (`Ready(Batch)`), or gives the close once the queue
     /// is empty (`Ready(Close)`), or parks the caller. Only the connection's task calls this.
     /// Into an empty `batch` the queue moves whole, leaving the outbox without an allocation
@@ -314,6 +351,7 @@ impl Outbox {
                 batch.extend(s.queue.drain(..));
             }
             s.bytes = 0;
+            s.wake_room();
             return Poll::Ready(Next::Batch);
         }
         if let Some(c) = s.close.take() {

@@ -202,7 +202,7 @@ pub static CLOSE_CODES: &[CloseSpec] = &[
     spec(
         CloseCode::INTERNAL,
         "internal",
-        "internal error (reserved: not sent by this version)",
+        "internal error: the broker failed during a paced recovery, after its ack",
         "internal error",
         true,
         (ReconnectWithBackoff, "reconnect with backoff"),

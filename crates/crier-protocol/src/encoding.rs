@@ -89,4 +89,18 @@ impl Encoding {
     pub fn encode_history(self, id: Option<u64>, channel: &str, epoch: &str, offset: u64, messages: &[Bytes]) -> Bytes {
         self.frame_from_json(&frames::encode_history(id, channel, epoch, offset, messages))
     }
+
+    /// [`Encoding::encode_history`] cut short: `next` is the position to continue from
+    /// ([`frames::encode_history_page`]).
+    pub fn encode_history_page(
+        self,
+        id: Option<u64>,
+        channel: &str,
+        epoch: &str,
+        offset: u64,
+        messages: &[Bytes],
+        next: Option<u64>,
+    ) -> Bytes {
+        self.frame_from_json(&frames::encode_history_page(id, channel, epoch, offset, messages, next))
+    }
 }

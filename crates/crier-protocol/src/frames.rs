@@ -337,6 +337,20 @@ pub struct PresenceEntry {
 /// Builds the reply to a `history` frame: the channel's position and the `message` frames
 /// (already encoded) after the requested offset.
 pub fn encode_history(id: Option<u64>, channel: &str, epoch: &str, offset: u64, messages: &[Bytes]) -> Bytes {
+    encode_history_page(id, channel, epoch, offset, messages, None)
+}
+
+/// [`encode_history`] for a reply cut short (by the connection's queue size): with `next`,
+/// `"more":true,"next":{"epoch":<epoch>,"offset":<next>}` — the position to ask from (`since`)
+/// for the rest.
+pub fn encode_history_page(
+    id: Option<u64>,
+    channel: &str,
+    epoch: &str,
+    offset: u64,
+    messages: &[Bytes],
+    next: Option<u64>,
+) -> Bytes {
     let mut out = Vec::with_capacity(96 + messages.iter().map(|m| m.len() + 1).sum::<usize>());
     out.extend_from_slice(br#"{"type":"history","#);
     if let Some(id) = id {
@@ -353,7 +367,13 @@ pub fn encode_history(id: Option<u64>, channel: &str, epoch: &str, offset: u64, 
         }
         out.extend_from_slice(m);
     }
-    out.extend_from_slice(b"]}");
+    out.push(b']');
+    if let Some(next) = next {
+        out.extend_from_slice(br#","more":true,"next":{"epoch":"#);
+        push_json_str(&mut out, epoch);
+        out.extend_from_slice(format!(r#","offset":{next}}}"#).as_bytes());
+    }
+    out.push(b'}');
     Bytes::from(out)
 }
 
@@ -428,6 +448,10 @@ mod tests {
         );
         assert_eq!(v(&ServerFrame::Pong { id: None }.encode()), json!({"type":"pong"}));
         let m = encode_message("c", "e", 1, "1");
+        let page = encode_history_page(Some(9), "c", "e", 7, std::slice::from_ref(&m), Some(3));
+        assert_eq!(v(&page)["more"], json!(true));
+        assert_eq!(v(&page)["next"], json!({"epoch":"e","offset":3}));
+        assert_eq!(v(&page)["messages"].as_array().map(Vec::len), Some(1));
         let h = encode_history(Some(8), "c", "e", 1, &[m.clone(), m]);
         assert_eq!(v(&h)["messages"].as_array().map(|a| a.len()), Some(2));
         assert_eq!(v(&h)["id"], json!(8));

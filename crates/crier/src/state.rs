@@ -159,7 +159,9 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
     broker.set_handler(Arc::new(NodeHandler { hub: hub.clone(), registry: registry.clone() }));
     let limits = Limits::new(&config);
     Ok(AppState(Arc::new(Inner {
-        node: Node::new(hub, broker),
+        // A recovery page of the largest messages fits the queue (config: queue >= message).
+        node: Node::new(hub, broker)
+            .with_recovery_page(config.client_queue_max_bytes / config.max_message_bytes.max(1)),
         registry,
         verifier,
         origins,

@@ -6,6 +6,7 @@ use crier_core::node::SubscribeError;
 use crier_protocol::channel::channel_matches;
 use crier_protocol::frames::{PresenceEntry, ServerFrame};
 use crier_protocol::{ErrorCode, StreamPosition, validate_channel};
+use tokio::sync::SemaphorePermit;
 
 use super::{Session, expiry_ms};
 use crate::metrics as m;
@@ -40,7 +41,14 @@ impl Session {
         true
     }
 
-    pub(super) async fn subscribe(&mut self, id: Option<u64>, channel: &str, recover: Option<StreamPosition>) {
+    /// `slot`: the broker slot the request holds, given back before a paced recovery waits.
+    pub(super) async fn subscribe(
+        &mut self,
+        id: Option<u64>,
+        channel: &str,
+        recover: Option<StreamPosition>,
+        slot: Option<SemaphorePermit<'_>>,
+    ) {
         if !self.readable(id, channel) {
             return;
         }
@@ -71,7 +79,8 @@ impl Session {
                 recovered,
             })
         };
-        let result = self.st.node.subscribe(channel, self.conn, &self.outbox, recover.as_ref(), ack).await;
+        let result =
+            self.st.node.subscribe_holding(channel, self.conn, &self.outbox, recover.as_ref(), ack, slot).await;
         if result.is_err()
             && let Err(e) = self.st.broker().presence_remove(channel, &entry.client).await
         {

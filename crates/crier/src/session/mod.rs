@@ -123,18 +123,21 @@ impl Session {
             return self.send(&ServerFrame::Pong { id });
         }
         // Taken before the boxed future is allocated: bounds the memory of request bursts.
+        // Subscribe and history give it back before they wait for room in the outbox.
         let st = self.st.clone();
-        let _slot = st.node.broker_slot().await;
+        let slot = st.node.broker_slot().await;
         crate::memory::note();
         match frame {
-            ClientFrame::Subscribe { id, channel, recover } => Box::pin(self.subscribe(id, &channel, recover)).await,
+            ClientFrame::Subscribe { id, channel, recover } => {
+                Box::pin(self.subscribe(id, &channel, recover, slot)).await
+            }
             ClientFrame::Unsubscribe { id, channel } => Box::pin(self.unsubscribe(id, &channel)).await,
             ClientFrame::Publish { id, channel, data } => Box::pin(self.publish(id, &channel, data.get())).await,
             ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id }),
             ClientFrame::Refresh { id, token } => Box::pin(self.refresh(id, &token)).await,
             ClientFrame::Presence { id, channel } => Box::pin(self.presence(id, &channel)).await,
             ClientFrame::History { id, channel, since, limit } => {
-                Box::pin(self.history(id, &channel, since, limit)).await
+                Box::pin(self.history(id, &channel, since, limit, slot)).await
             }
         }
     }
@@ -144,7 +147,7 @@ impl Session {
     /// is not counted against the user's frame rate — the handshake rate already covers it, and a
     /// client that cannot send frames could not pace its subscriptions.
     pub async fn subscribe_named(&mut self, channel: &str, recover: Option<crier_protocol::StreamPosition>) {
-        Box::pin(self.subscribe(None, channel, recover)).await
+        Box::pin(self.subscribe(None, channel, recover, None)).await
     }
 
     /// The connection ended (whatever ended it): leaves every channel, forgets the connection
@@ -180,6 +183,14 @@ impl Session {
             return true;
         }
         metrics::counter!(m::RATE_LIMITED, "kind" => "user").increment(1);
+        if !self.strike() {
+            self.error(id, ErrorCode::RateLimited, "too many frames; slow down", None);
+        }
+        false
+    }
+
+    /// One refused frame: counts a strike; `true` when that closed the connection (4008).
+    fn strike(&mut self) -> bool {
         let now = clock_ms();
         if now.saturating_sub(self.strike_window) > STRIKE_WINDOW.as_millis() as u64 {
             self.strike_window = now;
@@ -188,10 +199,24 @@ impl Session {
         self.strikes += 1;
         if self.strikes >= MAX_STRIKES {
             self.outbox.close(CloseCode::RATE_LIMITED);
-        } else {
-            self.error(id, ErrorCode::RateLimited, "too many frames; slow down", None);
+            return true;
         }
         false
+    }
+
+    /// What answers `ping` frames while a request of this session is in flight (the transport
+    /// keeps reading meanwhile): see [`Pinger`]. Give it back with [`Session::absorb`].
+    pub fn pinger(&self) -> Pinger {
+        Pinger { st: self.st.clone(), user: self.user.clone(), encoding: self.encoding, refused: 0 }
+    }
+
+    /// Takes back a [`Pinger`]: the pings it refused count as strikes.
+    pub fn absorb(&mut self, pinger: Pinger) {
+        for _ in 0..pinger.refused {
+            if self.strike() {
+                break;
+            }
+        }
     }
 
     /// The rate decision. The cluster-wide limiter lives in the broker; if the broker cannot
@@ -205,6 +230,34 @@ impl Session {
             }
         }
         self.st.limits.check_frame(&self.user)
+    }
+}
+
+/// Answers a connection's `ping` frames at once while one of its requests is in flight (a
+/// publish waiting for the broker, a paced recovery): the pong does not wait behind the request.
+/// Each ping still counts against the user's frame rate — the node's limiter (a cluster-wide
+/// limiter would need the broker, which may be what the request waits for); a refused one gets
+/// its `rate_limited` error and, once the request is done, its strike ([`Session::absorb`]).
+pub struct Pinger {
+    st: AppState,
+    user: Arc<str>,
+    encoding: Encoding,
+    refused: u32,
+}
+
+impl Pinger {
+    /// A `ping` frame with this `id` arrived.
+    pub fn ping(&mut self, outbox: &Outbox, id: Option<u64>) {
+        if self.st.limits.check_frame(&self.user) {
+            outbox.push(self.encoding.encode(&ServerFrame::Pong { id }));
+            return;
+        }
+        metrics::counter!(m::RATE_LIMITED, "kind" => "user").increment(1);
+        metrics::counter!(m::CLIENT_ERRORS, "code" => ErrorCode::RateLimited.as_str()).increment(1);
+        self.refused += 1;
+        let code = ErrorCode::RateLimited.as_str();
+        let message = "too many frames; slow down";
+        outbox.push(self.encoding.encode(&ServerFrame::Error { id, code, message, channel: None }));
     }
 }
 

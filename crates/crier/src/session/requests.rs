@@ -4,6 +4,7 @@
 use bytes::Bytes;
 use crier_protocol::frames::ServerFrame;
 use crier_protocol::{ErrorCode, StreamPosition, validate_channel};
+use tokio::sync::SemaphorePermit;
 
 use super::Session;
 use crate::metrics as m;
@@ -61,15 +62,36 @@ impl Session {
         channel: &str,
         since: Option<StreamPosition>,
         limit: Option<usize>,
+        slot: Option<SemaphorePermit<'_>>,
     ) {
         if !self.readable(id, channel) {
             return;
         }
         let limit = limit.unwrap_or(self.st.config.history_size).min(MAX_HISTORY_LIMIT);
-        match self.st.broker().history(channel, since.as_ref(), limit).await {
+        let read = self.st.broker().history(channel, since.as_ref(), limit).await;
+        drop(slot);
+        match read {
             Ok(h) => {
-                let frames: Vec<Bytes> = h.publications.into_iter().map(|p| p.frame).collect();
-                self.outbox.push(self.encoding.encode_history(id, channel, &h.epoch, h.offset, &frames));
+                // A reply never larger than half the queue (and at least one message): the
+                // rest is one `since` away (`more`/`next`), and what the connection receives
+                // meanwhile still fits.
+                let budget = self.st.config.client_queue_max_bytes / 2;
+                let (mut bytes, mut last, mut next) = (0, 0, None);
+                let mut frames: Vec<Bytes> = Vec::new();
+                for p in h.publications {
+                    if !frames.is_empty() && bytes + p.frame.len() > budget {
+                        next = Some(last);
+                        break;
+                    }
+                    bytes += p.frame.len();
+                    last = p.offset;
+                    frames.push(p.frame);
+                }
+                let reply = self.encoding.encode_history_page(id, channel, &h.epoch, h.offset, &frames, next);
+                // Paced: the reply waits for room instead of overflowing the queue.
+                if self.outbox.room(reply.len()).await {
+                    self.outbox.push(reply);
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "history failed");

@@ -2,29 +2,46 @@
 //! reads client messages into the session, writes what the session's outbox holds (everything
 //! queued is taken in one go and written with one `sendmsg`), and ends with a close frame.
 //!
+//! A client frame becomes a *request*: a future that owns the session while it runs (a publish
+//! waiting for the broker, a subscribe pacing its recovery by the outbox's drain). While one is
+//! in flight the task keeps writing the outbox, keeps reading, answers `ping` frames at once
+//! ([`Pinger`]) and WebSocket Pings; other frames wait in order in a small queue
+//! ([`MAX_WAITING`]), and once it is full the socket is not read (backpressure). An idle
+//! connection holds no request and no queue: the session sits in the task.
+//!
 //! Heartbeats and token expiry are checked by the node's sweep ([`crate::heartbeat`]), which
 //! acts through the outbox: an [`Out::Ping`](crier_core::Out::Ping) becomes a WebSocket Ping, an
 //! outbox close becomes a close frame. A write stuck on a socket that does not drain is
 //! abandoned as soon as the outbox is aborted (slow consumer, heartbeat timeout). Framing
 //! violations close with the code RFC 6455 prescribes (1002, 1007, 1009).
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
 use crier_core::{Close, Next, Outbox};
-use crier_protocol::ErrorCode;
+use crier_protocol::frames::ClientFrame;
 use crier_protocol::ws::{Incoming, Violation};
+use crier_protocol::{CloseCode, Encoding, ErrorCode};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::socket::{ReadError, WsSocket};
 use crate::metrics as m;
-use crate::session::Session;
+use crate::session::{Pinger, Session};
 
 /// How long a closing connection may take to write its last frames and hear the client's close.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Client frames that may wait behind a request in flight; with this many waiting, the socket
+/// is not read until the request is done (each may hold up to `max_message_bytes`).
+pub const MAX_WAITING: usize = 4;
+
+/// A client frame being handled; it owns the session and gives it back when done.
+type Request = Pin<Box<dyn Future<Output = Session> + Send>>;
 
 /// What woke the connection task.
 enum Event {
@@ -34,13 +51,89 @@ enum Event {
     Close(Close),
     /// Writing failed, or the outbox was aborted while a write was stuck.
     WriteEnded,
+    /// The request in flight is done: the session is back.
+    Done(Session),
 }
 
-/// Waits for the next event of a connection while driving its writes: one task reads the socket,
-/// writes what the outbox holds (one `sendmsg` per batch) and watches for aborts.
-fn next_event<'a>(ws: &'a mut WsSocket, outbox: &'a Outbox, text: bool) -> impl Future<Output = Event> + 'a {
+/// The connection's session: in the task while idle, or owned by the request in flight.
+enum Conn {
+    Idle(Session),
+    Busy(Busy),
+    /// Only while switching between the two.
+    Switching,
+}
+
+impl Conn {
+    fn outbox(&self) -> Option<&Outbox> {
+        match self {
+            Conn::Idle(s) => Some(s.outbox()),
+            Conn::Busy(b) => Some(&b.outbox),
+            Conn::Switching => None,
+        }
+    }
+}
+
+/// A request in flight and what arrived meanwhile.
+struct Busy {
+    request: Request,
+    /// The session's outbox (the session itself is inside `request`).
+    outbox: std::sync::Arc<Outbox>,
+    pinger: Pinger,
+    /// Frames to handle next, in order (at most [`MAX_WAITING`]).
+    waiting: VecDeque<Incoming>,
+}
+
+/// Starts handling `message` (a text or binary client frame): the request owns the session.
+fn start(s: Session, message: Incoming, waiting: VecDeque<Incoming>) -> Busy {
+    let outbox = s.outbox().clone();
+    let pinger = s.pinger();
+    let request = Box::pin(async move {
+        let mut s = s;
+        let encoding = s.encoding();
+        match message {
+            Incoming::Text(text) => s.on_frame(encoding.decode_text(&text)).await,
+            Incoming::Binary(bytes) => {
+                let mut scratch = String::new();
+                s.on_frame(encoding.decode_binary(&bytes, &mut scratch)).await
+            }
+            Incoming::Ping(_) | Incoming::Pong | Incoming::Close(_) => {}
+        }
+        s
+    });
+    Busy { request, outbox, pinger, waiting }
+}
+
+/// `Some(id)` when `message` is a `ping` frame (answered at once, even behind a request).
+fn ping_id(encoding: Encoding, message: &Incoming) -> Option<Option<u64>> {
+    let mut scratch = String::new();
+    let decoded = match message {
+        Incoming::Text(text) => encoding.decode_text(text),
+        Incoming::Binary(bytes) => encoding.decode_binary(bytes, &mut scratch),
+        _ => return None,
+    };
+    match decoded {
+        Ok(ClientFrame::Ping { id }) => Some(id),
+        _ => None,
+    }
+}
+
+/// Waits for the next event of a connection while driving its writes and its request in
+/// flight: one task reads the socket (unless `read` is false: backpressure), writes what the
+/// outbox holds (one `sendmsg` per batch), polls the request and watches for aborts.
+fn next_event<'a>(
+    ws: &'a mut WsSocket,
+    outbox: &'a Outbox,
+    mut request: Option<&'a mut Request>,
+    read: bool,
+    text: bool,
+) -> impl Future<Output = Event> + 'a {
     std::future::poll_fn(move |cx| {
         loop {
+            if let Some(r) = request.as_mut()
+                && let Poll::Ready(s) = r.as_mut().poll(cx)
+            {
+                return Poll::Ready(Event::Done(s));
+            }
             if ws.is_writing() {
                 match ws.poll_write_pending(cx) {
                     Poll::Ready(Ok(())) => {}
@@ -56,12 +149,13 @@ fn next_event<'a>(ws: &'a mut WsSocket, outbox: &'a Outbox, text: bool) -> impl 
                     if ws.write_batch(cx, &batch, text).is_err() {
                         return Poll::Ready(Event::WriteEnded);
                     }
+                    // Taking the batch made room: a paced request may go on (polled above).
                 }
                 Poll::Ready(Next::Close(close)) => return Poll::Ready(Event::Close(close)),
                 Poll::Pending => break,
             }
         }
-        ws.poll_message(cx).map(Event::Inbound)
+        if read { ws.poll_message(cx).map(Event::Inbound) } else { Poll::Pending }
     })
 }
 
@@ -90,8 +184,17 @@ pub fn run(mut s: Session, upgrade: OnUpgrade, max_message: usize, deflate: bool
         };
         s.open();
         let encoding = s.encoding();
+        let mut conn = Conn::Idle(s);
         let ending = loop {
-            let inbound = match next_event(&mut ws, s.outbox(), encoding.is_text()).await {
+            let event = match &mut conn {
+                Conn::Idle(s) => next_event(&mut ws, s.outbox(), None, true, encoding.is_text()).await,
+                Conn::Busy(b) => {
+                    let read = b.waiting.len() < MAX_WAITING;
+                    next_event(&mut ws, &b.outbox, Some(&mut b.request), read, encoding.is_text()).await
+                }
+                Conn::Switching => break Ending::Gone,
+            };
+            let inbound = match event {
                 // A client that does not read (slow consumer) or answer (heartbeat timeout) gets
                 // the close frame but no wait for a reply it will not send.
                 Event::Close(close) => {
@@ -99,16 +202,39 @@ pub fn run(mut s: Session, upgrade: OnUpgrade, max_message: usize, deflate: bool
                     break Ending::Close(close, linger);
                 }
                 // Aborted (the batch being written is abandoned) or the socket failed.
-                Event::WriteEnded => break s.outbox().take_close().map_or(Ending::Gone, |c| Ending::Close(c, false)),
+                Event::WriteEnded => {
+                    let close = conn.outbox().and_then(Outbox::take_close);
+                    break close.map_or(Ending::Gone, |c| Ending::Close(c, false));
+                }
+                Event::Done(mut s) => {
+                    if let Conn::Busy(Busy { pinger, mut waiting, .. }) = std::mem::replace(&mut conn, Conn::Switching)
+                    {
+                        s.absorb(pinger);
+                        conn = match waiting.pop_front() {
+                            Some(next) => Conn::Busy(start(s, next, waiting)),
+                            None => Conn::Idle(s),
+                        };
+                    }
+                    continue;
+                }
                 Event::Inbound(inbound) => inbound,
             };
-            s.outbox().touch();
+            if let Some(outbox) = conn.outbox() {
+                outbox.touch();
+            }
             match inbound {
-                Ok(Some(Incoming::Text(text))) => Box::pin(s.on_frame(encoding.decode_text(&text))).await,
-                Ok(Some(Incoming::Binary(bytes))) => {
-                    let mut scratch = String::new();
-                    Box::pin(s.on_frame(encoding.decode_binary(&bytes, &mut scratch))).await
-                }
+                Ok(Some(message @ (Incoming::Text(_) | Incoming::Binary(_)))) => match &mut conn {
+                    Conn::Busy(b) => match ping_id(encoding, &message) {
+                        Some(id) => b.pinger.ping(&b.outbox, id),
+                        None => b.waiting.push_back(message),
+                    },
+                    Conn::Idle(_) => {
+                        if let Conn::Idle(s) = std::mem::replace(&mut conn, Conn::Switching) {
+                            conn = Conn::Busy(start(s, message, VecDeque::new()));
+                        }
+                    }
+                    Conn::Switching => {}
+                },
                 Ok(Some(Incoming::Ping(_) | Incoming::Pong)) => {}
                 Ok(Some(Incoming::Close(c))) => break Ending::Echo(c.map(|(code, _)| code)),
                 Ok(None) => break Ending::Gone,
@@ -124,6 +250,19 @@ pub fn run(mut s: Session, upgrade: OnUpgrade, max_message: usize, deflate: bool
                     tracing::debug!(error = %e, "websocket read error");
                     break Ending::Gone;
                 }
+            }
+        };
+        let s = match conn {
+            Conn::Idle(s) => s,
+            Conn::Switching => return,
+            Conn::Busy(b) => {
+                // Whatever ended the connection, nothing more will be written: a paced request
+                // stops waiting for room; one waiting for the broker finishes first (its
+                // subscription, if any, must be undone by `close`).
+                b.outbox.close(CloseCode::GOING_AWAY);
+                let mut s = b.request.await;
+                s.absorb(b.pinger);
+                s
             }
         };
         Box::pin(s.close()).await;
