@@ -3,12 +3,13 @@
 //! burst's freed memory back to the system) and the drain on shutdown.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use crier_protocol::CloseCode;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::state::AppState;
 use crate::{heartbeat, http, memory};
@@ -81,25 +82,36 @@ async fn accept_loop(listener: TcpListener, app: axum::Router, stop: impl Future
             () = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
+        let takeover = TakeOver::default();
+        let claimed = takeover.clone();
         let svc = app.clone().map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+            req.extensions_mut().insert(takeover.clone());
             req
         });
-        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc)).with_upgrades();
+        let mut conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc)).with_upgrades();
         let mut closing = closing.subscribe();
         let open = open.clone();
         tokio::spawn(async move {
             let _open = open;
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = async { let _ = closing.wait_for(|c| *c).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            let served = tokio::select! {
+                r = drive(&mut conn, &claimed) => Some(r),
+                _ = closing.wait_for(|c| *c) => None,
+            };
+            let served = match served {
+                Some(r) => r,
+                None => {
+                    std::pin::Pin::new(&mut conn).graceful_shutdown();
+                    drive(&mut conn, &claimed).await
                 }
             };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
+            match served {
+                Served::Claimed => match conn.into_parts() {
+                    Some(parts) => claimed.hand_over(parts.io.into_inner()),
+                    None => tracing::error!("a claimed connection was already upgraded"),
+                },
+                Served::Ended(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
+                Served::Ended(Ok(())) => {}
             }
         });
     }
@@ -108,6 +120,63 @@ async fn accept_loop(listener: TcpListener, app: axum::Router, stop: impl Future
     let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
     while Arc::strong_count(&open) > 1 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How hyper's part of a connection ended.
+enum Served {
+    /// A handler claimed the socket ([`TakeOver`]).
+    Claimed,
+    /// hyper is done with the connection (closed, or upgraded and handed to its transport).
+    Ended(hyper::Result<()>),
+}
+
+/// Polls hyper's connection until it ends or a handler claims the socket. The claim is made
+/// while hyper polls that handler (inside this poll), so it is seen right after it.
+fn drive<'a, C>(conn: &'a mut C, claimed: &'a TakeOver) -> impl Future<Output = Served> + 'a
+where
+    C: Future<Output = hyper::Result<()>> + Unpin,
+{
+    std::future::poll_fn(move |cx| {
+        let r = std::pin::Pin::new(&mut *conn).poll(cx);
+        if claimed.is_claimed() {
+            return Poll::Ready(Served::Claimed);
+        }
+        r.map(Served::Ended)
+    })
+}
+
+/// What a handler that takes its connection's socket over does with it.
+type Claim = Box<dyn FnOnce(TcpStream) + Send>;
+
+/// Lets a handler take its connection's socket over from hyper once the request is checked
+/// (SSE: the stream then writes its own response head and events on the raw socket, holding no
+/// HTTP buffers). One per connection, in every request's extensions; see [`TakeOver::claim`].
+#[derive(Clone, Default)]
+pub struct TakeOver(Arc<Mutex<Option<Claim>>>);
+
+impl TakeOver {
+    /// Claims the socket: once this handler's future is next parked, hyper's connection is taken
+    /// apart (nothing more is written or read by hyper; bytes it read past this request are
+    /// dropped) and `f` gets the socket. The handler must not complete after claiming: its
+    /// response would never be sent (await [`std::future::pending`]).
+    pub fn claim(&self, f: impl FnOnce(TcpStream) + Send + 'static) {
+        *self.lock() = Some(Box::new(f));
+    }
+
+    fn is_claimed(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    fn hand_over(&self, io: TcpStream) {
+        let claim = self.lock().take();
+        if let Some(f) = claim {
+            f(io);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Claim>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -16,17 +16,15 @@ mod cursor;
 mod render;
 mod stream;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-
-use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Version, header};
 use axum::response::Response;
 use crier_protocol::{Encoding, StreamPosition, validate_channel};
+use std::net::SocketAddr;
 
 use crate::error::ApiError;
 use crate::handshake;
+use crate::server::TakeOver;
 use crate::session::{Session, may_subscribe};
 use crate::state::AppState;
 use cursor::Cursor;
@@ -90,8 +88,9 @@ fn check(st: &AppState, claims: &crate::auth::Claims, w: &Wanted) -> Result<(), 
     Ok(())
 }
 
-/// `GET /sse`: the handshake checks, this transport's, then a `200 text/event-stream` whose body
-/// the connection's task feeds.
+/// `GET /sse`: the handshake checks, this transport's, then the stream: the handler takes the
+/// socket over from hyper ([`TakeOver`]) and the connection's task writes the `200
+/// text/event-stream` head and the events itself ([`stream`]).
 pub async fn handler(State(st): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request) -> Response {
     let (parts, _body) = req.into_parts();
     let wanted = wanted(parts.uri.query(), &parts.headers);
@@ -106,6 +105,10 @@ pub async fn handler(State(st): State<AppState>, ConnectInfo(peer): ConnectInfo<
     if let Err(e) = check(&st, &admitted.claims, &wanted) {
         return handshake::refuse(admitted, e).await;
     }
+    let Some(takeover) = parts.extensions.get::<TakeOver>().cloned() else {
+        // Only a router served by `server::serve` can hand a socket over.
+        return handshake::refuse(admitted, ApiError::unavailable("this connection cannot stream")).await;
+    };
     let admitted = match handshake::accept(&st, admitted).await {
         Ok(a) => a,
         Err(response) => return response,
@@ -120,22 +123,35 @@ pub async fn handler(State(st): State<AppState>, ConnectInfo(peer): ConnectInfo<
         })
         .collect();
     let session = Session::new(st.clone(), admitted, Encoding::Json);
-    let wire = Arc::new(stream::Wire::default());
-    let body = stream::SseBody::new(wire.clone(), session.outbox().clone());
+    let chunked = parts.version != Version::HTTP_10;
+    let head = response_head(parts.headers.get(header::ORIGIN), chunked);
     let drain_ms = st.config.shutdown_drain.as_millis() as u64;
-    tokio::spawn(stream::run(session, subscriptions, cursor, wire, drain_ms));
+    takeover.claim(move |io| {
+        let sock = stream::SseSocket::new(io, head, chunked);
+        tokio::spawn(stream::run(session, subscriptions, cursor, sock, drain_ms));
+    });
+    // hyper's part of the connection ends here: this future is dropped with it.
+    std::future::pending().await
+}
 
-    let mut response = Response::new(Body::new(body));
-    let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-store"));
+/// The stream's response head. No keep-alive: the stream is the connection's last response.
+fn response_head(origin: Option<&HeaderValue>, chunked: bool) -> Vec<u8> {
+    let mut h = Vec::with_capacity(256);
+    h.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n");
+    h.extend_from_slice(b"cache-control: no-cache, no-store\r\n");
     // nginx: do not buffer this response (deploy/nginx.conf also says so for /sse).
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    // An EventSource on another origin is a CORS request: the Origin was checked by the
-    // handshake (allowed_origins), so allow the browser to read the stream.
-    if let Some(origin) = parts.headers.get(header::ORIGIN) {
-        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
-        h.insert(header::VARY, HeaderValue::from_static("Origin"));
+    h.extend_from_slice(b"x-accel-buffering: no\r\nconnection: close\r\n");
+    if chunked {
+        h.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    response
+    // An EventSource on another origin is a CORS request: the Origin was checked by the
+    // handshake (allowed_origins), so allow the browser to read the stream. (A header value as
+    // hyper parsed it: no line breaks.)
+    if let Some(origin) = origin {
+        h.extend_from_slice(b"access-control-allow-origin: ");
+        h.extend_from_slice(origin.as_bytes());
+        h.extend_from_slice(b"\r\nvary: Origin\r\n");
+    }
+    h.extend_from_slice(b"\r\n");
+    h
 }

@@ -1,173 +1,216 @@
-//! An SSE connection: one task driving the session, and the response body hyper writes.
+//! An SSE connection: one task that owns the socket and drives the session.
 //!
-//! The task (like a WebSocket connection's) owns the [`Session`]: it opens it, subscribes the
-//! channels the request named, then takes what the outbox holds, renders it as events and hands
-//! the bytes to the body through a one-chunk [`Wire`]. It takes the next batch only once the body
-//! took the last chunk, so a client that does not read leaves its frames in the outbox, whose
-//! byte bound then closes it (4009) like any slow consumer; hyper itself buffers at most its
-//! `max_buf_size`. The body is polled by hyper's connection task; every chunk it hands over
-//! counts as proof of life (`Outbox::touch`): an SSE client cannot answer pings, so a stream
-//! is alive while hyper keeps taking its bytes, and the heartbeat sweep's `: ping` comment
-//! (every `ping_interval` of silence) is what checks that. A stream whose bytes are not taken
-//! for `pong_timeout` after that is closed (4010) by the sweep. The task ends (and the session
-//! closes: channels left, presence and connection slot released) on an outbox close, an abort,
-//! or the body being dropped (the client went away).
+//! Once the handshake passed, the handler takes the socket over from hyper
+//! ([`crate::server::TakeOver`]); this task then writes the response head itself and, like a
+//! WebSocket connection's task, takes what the outbox holds, renders it as events (chunked
+//! HTTP/1.1: one chunk per batch; an HTTP/1.0 client gets a body that ends when the socket
+//! closes) and hands it to the kernel with one `send`. Only what the socket does not take at
+//! once is kept, and freed once written: an idle stream holds no buffer and no timer. The next
+//! batch is taken only once the last one is out, so a client that does not read leaves its
+//! frames in the outbox, whose byte bound then closes it (4009) like any slow consumer.
+//!
+//! Liveness: an SSE client cannot answer pings, so every write the socket takes counts as proof
+//! of life (`Outbox::touch`); the heartbeat sweep's `: ping` comment (every `ping_interval` of
+//! silence) is what checks it, and a stream whose bytes are not taken for `pong_timeout` after
+//! that is closed (4010) by the sweep. The socket is read only to notice the client leaving.
+//!
+//! The end: the close event and the end of the body are written within [`CLOSE_GRACE`], the
+//! write side is shut and the client's own close awaited within the same grace; a client that
+//! does not read or close by then gets a reset (no lingering kernel buffers). Only then does the
+//! session close (channels left, registry entry and the user's connection slot released), so a
+//! stream counts against `max_connections` and `max_connections_per_user` for as long as its
+//! socket is open. Subscribing (with recovery) runs concurrently with the writes: a recovering
+//! subscribe may wait for outbox room, which only the writes make.
 
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::io::{self, Read};
+use std::net::Shutdown;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
-use bytes::Bytes;
-use crier_core::{Close, Next, Outbox};
+use crier_core::{Close, Next, Out, Outbox};
 use crier_protocol::StreamPosition;
-use hyper::body::{Body, Frame, SizeHint};
+use socket2::SockRef;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 
 use super::cursor::Cursor;
 use super::render;
 use crate::session::Session;
 
-#[derive(Default)]
-struct WireState {
-    /// Rendered bytes the body has not taken yet.
-    chunk: Vec<u8>,
-    /// No more chunks after `chunk`.
-    done: bool,
-    /// The body was dropped (the response ended or the client went away).
-    gone: bool,
-    body: Option<Waker>,
-    task: Option<Waker>,
+/// How long an ending stream may take to write its close event and see the client close.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Room kept before a batch's events for its chunk-size line (`{hex}\r\n`).
+const CHUNK_HEAD: usize = 10;
+/// The end of a chunked body.
+const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// The raw socket of an SSE stream; see the module docs.
+pub struct SseSocket {
+    io: TcpStream,
+    /// Bytes to write: `wbuf[written..]` (empty, without allocation, while idle).
+    wbuf: Vec<u8>,
+    written: usize,
+    /// Where the batch being written starts in `wbuf` (nothing of it sent while `written == begin`).
+    begin: usize,
+    /// Chunked transfer coding (HTTP/1.1); else the body ends with the connection (HTTP/1.0).
+    chunked: bool,
 }
 
-/// The hand-over between the connection's task and its response body.
-#[derive(Default)]
-pub struct Wire(Mutex<WireState>);
-
-impl Wire {
-    fn lock(&self) -> MutexGuard<'_, WireState> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+impl SseSocket {
+    /// A socket whose first bytes are the response `head` (status line, headers, blank line).
+    pub fn new(io: TcpStream, head: Vec<u8>, chunked: bool) -> SseSocket {
+        SseSocket { io, wbuf: head, written: 0, begin: 0, chunked }
     }
-}
 
-/// The response body: what the task rendered, as hyper asks for it.
-pub struct SseBody {
-    wire: Arc<Wire>,
-    outbox: Arc<Outbox>,
-}
-
-impl SseBody {
-    pub fn new(wire: Arc<Wire>, outbox: Arc<Outbox>) -> SseBody {
-        SseBody { wire, outbox }
+    fn is_writing(&self) -> bool {
+        self.written < self.wbuf.len()
     }
-}
 
-impl Body for SseBody {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let mut w = self.wire.lock();
-        if !w.chunk.is_empty() {
-            let chunk = Bytes::from(std::mem::take(&mut w.chunk));
-            let task = w.task.take();
-            drop(w);
-            self.outbox.touch();
-            if let Some(t) = task {
-                t.wake();
+    /// Writes what waits, touching the outbox on every byte the socket takes; `Ready(Ok)` once
+    /// everything is out (the buffer is then freed).
+    fn poll_write_pending(&mut self, cx: &mut Context<'_>, outbox: &Outbox) -> Poll<io::Result<()>> {
+        while self.written < self.wbuf.len() {
+            let rest = &self.wbuf[self.written..];
+            let n = ready!(poll_io(&self.io, cx, Interest::WRITABLE, |io| SockRef::from(io).send(rest)))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            self.written += n;
+            outbox.touch();
         }
-        if w.done {
-            return Poll::Ready(None);
-        }
-        w.body = Some(cx.waker().clone());
-        Poll::Pending
+        self.wbuf = Vec::new();
+        self.written = 0;
+        self.begin = 0;
+        Poll::Ready(Ok(()))
     }
 
-    fn is_end_stream(&self) -> bool {
-        false
+    /// Renders a batch as one chunk to write (call only when not writing).
+    fn start_batch(&mut self, batch: &[Out], cursor: &mut Cursor) {
+        let mut out = Vec::with_capacity(CHUNK_HEAD + batch.iter().map(|o| 64 + size(o)).sum::<usize>() + 2);
+        out.resize(CHUNK_HEAD, 0);
+        for item in batch {
+            render::push_event(&mut out, item, cursor);
+        }
+        self.begin = self.frame(&mut out);
+        self.written = self.begin;
+        self.wbuf = out;
     }
 
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
+    /// Frames `out` (events after [`CHUNK_HEAD`] bytes of room) as a chunk; returns where the
+    /// bytes to send start. Nothing rendered: nothing to send.
+    fn frame(&self, out: &mut Vec<u8>) -> usize {
+        let len = out.len() - CHUNK_HEAD;
+        if len == 0 {
+            return out.len();
+        }
+        if !self.chunked {
+            return CHUNK_HEAD;
+        }
+        let head = format!("{len:x}\r\n");
+        let begin = CHUNK_HEAD - head.len();
+        out[begin..CHUNK_HEAD].copy_from_slice(head.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        begin
+    }
+
+    /// Queues the close event and the end of the body after what waits. `replace`: drop the
+    /// batch waiting to be written if none of it was sent yet (an aborted stream's).
+    fn queue_close(&mut self, close: &Close, drain_ms: u64, replace: bool) {
+        if replace && self.written == self.begin {
+            self.wbuf = Vec::new();
+            self.written = 0;
+            self.begin = 0;
+        }
+        let mut out = vec![0; CHUNK_HEAD];
+        render::push_close(&mut out, close, drain_ms);
+        let begin = self.frame(&mut out);
+        if self.chunked {
+            out.extend_from_slice(LAST_CHUNK);
+        }
+        if self.is_writing() {
+            self.wbuf.extend_from_slice(&out[begin..]);
+        } else {
+            self.wbuf = out;
+            self.written = begin;
+            self.begin = begin;
+        }
+    }
+
+    /// Reads (and drops) whatever the client sends; `Ready` once its stream ended or failed.
+    fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let read = poll_io(&self.io, cx, Interest::READABLE, |io| {
+                let mut sink = [0u8; 512];
+                (&*SockRef::from(io)).read(&mut sink)
+            });
+            match ready!(read) {
+                Ok(0) | Err(_) => return Poll::Ready(()),
+                Ok(_) => {}
+            }
+        }
     }
 }
 
-impl Drop for SseBody {
-    fn drop(&mut self) {
-        let mut w = self.wire.lock();
-        w.gone = true;
-        w.chunk = Vec::new();
-        let task = w.task.take();
-        drop(w);
-        if let Some(t) = task {
-            t.wake();
+fn size(out: &Out) -> usize {
+    match out {
+        Out::Frame(f) | Out::Deflated(f) => f.len(),
+        Out::Ping => 0,
+    }
+}
+
+/// Runs a non-blocking socket call once the socket is ready for it; `Pending` (with the waker
+/// registered) while it would block.
+fn poll_io<T>(
+    io: &TcpStream,
+    cx: &mut Context<'_>,
+    interest: Interest,
+    mut call: impl FnMut(&TcpStream) -> io::Result<T>,
+) -> Poll<io::Result<T>> {
+    loop {
+        if interest.is_readable() {
+            ready!(io.poll_read_ready(cx))?;
+        } else {
+            ready!(io.poll_write_ready(cx))?;
+        }
+        match io.try_io(interest, || call(io)) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            result => return Poll::Ready(result),
         }
     }
 }
 
 /// How the stream ended.
 enum End {
-    /// The outbox asks for this close (what was queued before it was rendered).
+    /// The outbox asks for this close (what was queued before it was written).
     Close(Close),
-    /// A close that drops what was queued (slow consumer, heartbeat timeout): the pending chunk
-    /// is replaced by the close event.
+    /// A close that drops what was queued (slow consumer, heartbeat timeout) while a write was
+    /// stuck.
     Aborted,
-    /// The body is gone: nothing more to send.
+    /// The client went away, or writing failed: nothing more to send.
     Gone,
 }
 
-/// Renders the outbox into the wire until the stream ends.
-fn pump<'a>(outbox: &'a Outbox, wire: &'a Wire, cursor: &'a mut Cursor) -> impl Future<Output = End> + 'a {
-    std::future::poll_fn(move |cx| {
-        loop {
-            {
-                let mut w = wire.lock();
-                if w.gone {
-                    return Poll::Ready(End::Gone);
-                }
-                if !w.chunk.is_empty() {
-                    // The body has not taken the last chunk: wait for it, or for an abort.
-                    w.task = Some(cx.waker().clone());
-                    drop(w);
-                    if outbox.poll_aborted(cx).is_ready() {
-                        return Poll::Ready(End::Aborted);
-                    }
-                    return Poll::Pending;
-                }
-            }
-            let mut batch = Vec::new();
-            match outbox.poll_next(cx, &mut batch) {
-                Poll::Ready(Next::Batch) => {
-                    let mut out = Vec::with_capacity(batch.iter().map(|o| 64 + size(o)).sum());
-                    for item in &batch {
-                        render::push_event(&mut out, item, cursor);
-                    }
-                    drop(batch);
-                    let mut w = wire.lock();
-                    w.chunk = out;
-                    if let Some(b) = w.body.take() {
-                        b.wake();
-                    }
-                }
-                Poll::Ready(Next::Close(close)) => return Poll::Ready(End::Close(close)),
-                Poll::Pending => {
-                    let mut w = wire.lock();
-                    if w.gone {
-                        return Poll::Ready(End::Gone);
-                    }
-                    w.task = Some(cx.waker().clone());
-                    return Poll::Pending;
-                }
+/// One step of the stream: writes what waits, takes and renders the next batch, notices the
+/// client leaving. `Ready` when the stream ends.
+fn poll_stream(sock: &mut SseSocket, cx: &mut Context<'_>, outbox: &Outbox, cursor: &mut Cursor) -> Poll<End> {
+    loop {
+        if sock.is_writing() {
+            match sock.poll_write_pending(cx, outbox) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return Poll::Ready(End::Gone),
+                // Stuck on a socket that does not drain: give up as soon as the outbox is aborted.
+                Poll::Pending if outbox.poll_aborted(cx).is_ready() => return Poll::Ready(End::Aborted),
+                Poll::Pending => break,
             }
         }
-    })
-}
-
-fn size(out: &crier_core::Out) -> usize {
-    match out {
-        crier_core::Out::Frame(f) | crier_core::Out::Deflated(f) => f.len(),
-        crier_core::Out::Ping => 0,
+        let mut batch = Vec::new();
+        match outbox.poll_next(cx, &mut batch) {
+            Poll::Ready(Next::Batch) => sock.start_batch(&batch, cursor),
+            Poll::Ready(Next::Close(close)) => return Poll::Ready(End::Close(close)),
+            Poll::Pending => break,
+        }
     }
+    sock.poll_closed(cx).map(|()| End::Gone)
 }
 
 /// Runs an SSE connection to its end; see the module docs. `channels`: what the request named,
@@ -180,37 +223,73 @@ pub fn run(
     mut s: Session,
     channels: Vec<(String, Option<StreamPosition>)>,
     mut cursor: Cursor,
-    wire: Arc<Wire>,
+    mut sock: SseSocket,
     drain_ms: u64,
 ) -> impl Future<Output = ()> + Send {
     async move {
         s.open();
+        let mut end = None;
         for (channel, recover) in channels {
-            if s.outbox().is_closing() || wire.lock().gone {
+            let outbox = s.outbox().clone();
+            if outbox.is_closing() {
                 break;
             }
-            Box::pin(s.subscribe_named(&channel, recover)).await;
+            // The subscribe and the writes side by side: a recovering subscribe may wait for
+            // room in the outbox, which only the writes make.
+            let mut subscribing = Box::pin(s.subscribe_named(&channel, recover));
+            let ended = std::future::poll_fn(|cx| {
+                if subscribing.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                poll_stream(&mut sock, cx, &outbox, &mut cursor).map(Some)
+            })
+            .await;
+            if let Some(e) = ended {
+                // Nothing more is written: what the subscribe still queues is dropped.
+                std::future::poll_fn(|cx| {
+                    if subscribing.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(());
+                    }
+                    let mut batch = Vec::new();
+                    while let Poll::Ready(Next::Batch) = outbox.poll_next(cx, &mut batch) {
+                        batch.clear();
+                    }
+                    Poll::Pending
+                })
+                .await;
+                end = Some(e);
+                break;
+            }
         }
-        let end = pump(s.outbox(), &wire, &mut cursor).await;
-        let aborted = matches!(end, End::Aborted);
-        let close = match end {
-            End::Close(close) => Some(close),
+        let end = match end {
+            Some(e) => e,
+            None => std::future::poll_fn(|cx| poll_stream(&mut sock, cx, s.outbox(), &mut cursor)).await,
+        };
+        let close = match &end {
+            End::Close(close) => Some(close.clone()),
             End::Aborted => s.outbox().take_close(),
             End::Gone => None,
         };
-        {
-            let mut w = wire.lock();
-            if let Some(close) = close {
-                if aborted {
-                    w.chunk = Vec::new();
-                }
-                render::push_close(&mut w.chunk, &close, drain_ms);
-            }
-            w.done = true;
-            if let Some(b) = w.body.take() {
-                b.wake();
-            }
+        if let Some(close) = close {
+            sock.queue_close(&close, drain_ms, matches!(end, End::Aborted));
+            Box::pin(finish(sock, s.outbox())).await;
         }
         Box::pin(s.close()).await;
+    }
+}
+
+/// Writes what is still pending (the close event, the end of the body), shuts the write side
+/// and waits for the client to close, all within [`CLOSE_GRACE`]; a client that does not get
+/// there in time is reset, so no kernel buffer outlives the stream.
+async fn finish(mut sock: SseSocket, outbox: &Outbox) {
+    let clean = tokio::time::timeout(CLOSE_GRACE, async {
+        std::future::poll_fn(|cx| sock.poll_write_pending(cx, outbox)).await?;
+        SockRef::from(&sock.io).shutdown(Shutdown::Write)?;
+        std::future::poll_fn(|cx| sock.poll_closed(cx)).await;
+        io::Result::Ok(())
+    })
+    .await;
+    if !matches!(clean, Ok(Ok(()))) {
+        let _ = SockRef::from(&sock.io).set_linger(Some(Duration::ZERO));
     }
 }
