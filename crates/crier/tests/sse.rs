@@ -632,7 +632,6 @@ async fn per_user_cap_counts_sse_sockets_until_they_are_closed() {
 /// A resume whose missed messages exceed the outbox's byte bound (20 x ~65,000 bytes against the
 /// default 1 MiB) still delivers every one: recovery is paced by the stream's writes.
 #[tokio::test]
-#[ignore = "needs paced recovery"]
 async fn a_resume_larger_than_the_queue_delivers_every_message() {
     let server = Server::start(&[]).await;
     let token = server.token("u1", &["c"], &[]);
