@@ -119,13 +119,25 @@ impl Commands {
         Ok((con, generation))
     }
 
-    /// Runs a script on `con` (from [`Commands::generational`]).
+    /// Runs a script that writes (the publish script) on `con` (from
+    /// [`Commands::generational`]). Failures after the call may have reached Redis are
+    /// `OutcomeUnknown`: no answer within the deadline, or the connection lost on the way
+    /// (a refused connection or an error reply means it was not applied).
     pub(crate) async fn invoke_on(
         &self,
         mut con: Con,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<Value, BrokerError> {
-        self.run(invocation.invoke_async::<Value>(&mut con)).await
+        match tokio::time::timeout(self.timeout, invocation.invoke_async::<Value>(&mut con)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if e.code() == Some("READONLY") {
+                    self.readonly.notify_one();
+                }
+                Err(write_error(&e))
+            }
+            Err(_) => Err(BrokerError::OutcomeUnknown(format!("redis did not answer within {:?}", self.timeout))),
+        }
     }
 
     async fn run<T>(&self, fut: impl Future<Output = RedisResult<T>>) -> Result<T, BrokerError> {
@@ -167,6 +179,16 @@ pub(crate) async fn bounded<T>(timeout: Duration, fut: impl Future<Output = Redi
         Ok(Err(e)) => Err(broker_error(&e)),
         Err(_) => Err(BrokerError::Unavailable(format!("redis did not answer within {timeout:?}"))),
     }
+}
+
+/// Maps the error of a call that writes: an I/O error other than a refused connection means
+/// the call may have been sent before the connection broke (`OutcomeUnknown`); the rest as
+/// [`broker_error`].
+pub(crate) fn write_error(e: &RedisError) -> BrokerError {
+    if e.is_io_error() && !e.is_connection_refusal() {
+        return BrokerError::OutcomeUnknown(format!("redis: {e}"));
+    }
+    broker_error(e)
 }
 
 /// Maps the error of one message of a batched script call (`"<CODE> <text>"`, caught in the
