@@ -172,7 +172,10 @@ async fn read_head(s: &mut TcpStream) -> String {
 async fn try_client(server: &Server, token: &str) -> Result<Client, String> {
     let mut req = server.ws_url().into_client_request().unwrap();
     req.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {token}")).unwrap());
-    Client::connect(req).await.map_err(|e| e.to_string())
+    match tokio::time::timeout(Duration::from_secs(3), Client::connect(req)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("no answer within 3 s".into()),
+    }
 }
 
 #[tokio::test]
@@ -217,4 +220,125 @@ async fn per_user_slots_come_back_after_sixty_handshakes_reset_mid_way_on_both_r
         }
     })
     .await;
+}
+
+/// Sends `request` on a fresh connection and reads the response head.
+async fn raw_request(server: &Server, request: &str) -> String {
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    read_head(&mut s).await
+}
+
+#[tokio::test]
+async fn half_open_handshakes_beyond_max_pending_handshakes_get_503_and_time_out_counted() {
+    let node = Server::start(&["--max-pending-handshakes", "8"]).await;
+    // Eight connections that never finish their request head hold every pending place.
+    let mut half_open = Vec::new();
+    for _ in 0..8 {
+        let mut s = TcpStream::connect(node.addr).await.unwrap();
+        s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websock").await.unwrap();
+        half_open.push(s);
+    }
+    let healthz = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    // The accept loop sees them in order: the ninth connection is refused at once, cheaply.
+    poll("a connection beyond the cap to be refused with 503", async || {
+        let head = raw_request(&node, healthz).await;
+        if head.starts_with("HTTP/1.1 503") { Ok(()) } else { Err(head) }
+    })
+    .await;
+    // One gives up: its place is free again.
+    drop(half_open.pop());
+    poll("a complete request to be served again", async || {
+        let head = raw_request(&node, healthz).await;
+        if head.starts_with("HTTP/1.1 200") { Ok(()) } else { Err(head) }
+    })
+    .await;
+    // The others are closed at the header read timeout.
+    let deadline = Instant::now() + crier::HEADER_READ_TIMEOUT + support::WAIT;
+    for mut s in half_open {
+        let mut buf = [0u8; 256];
+        let r = tokio::time::timeout_at(deadline, s.read(&mut buf)).await;
+        assert!(r.is_ok(), "a half-open handshake outlived the header read timeout");
+    }
+    assert!(node.wait_metric("crier_incomplete_request_heads_total{reason=\"over_cap\"}", 1.0).await >= 1.0);
+    node.wait_metric("crier_incomplete_request_heads_total{reason=\"abandoned\"}", 1.0).await;
+    node.wait_metric("crier_incomplete_request_heads_total{reason=\"timeout\"}", 7.0).await;
+    let pending = node.metric("crier_pending_handshakes").await;
+    assert!(pending <= 1.0, "only the scrape's own connection may be pending: {pending}");
+}
+
+#[tokio::test]
+async fn a_fragmented_message_left_unfinished_is_closed_1008_even_while_the_client_pings() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    let node = Server::start(&[]).await;
+    let mut c = node.client(&node.token("frag", &["chat:*"], &[])).await;
+    let first = Frame::message(&b"{\"type\":\"ping\",\"pad\":\""[..], OpCode::Data(Data::Text), false);
+    c.send_raw(Message::Frame(first)).await;
+    // The client keeps the connection busy with pings and more fragments, never the last one;
+    // the node answers the pings until the message's time is up, then closes with 1008.
+    let mut pongs = 0;
+    let code = tokio::time::timeout(support::WAIT * 3, async {
+        loop {
+            let more = Frame::message(&b"xxxxxxxx"[..], OpCode::Data(Data::Continue), false);
+            if c.ws.send(Message::Frame(more)).await.is_err() || c.ws.send(Message::Ping("p".into())).await.is_err() {
+                return c.closed().await;
+            }
+            // Paces the client (the adversary); the wait is for its next reply, bounded.
+            match tokio::time::timeout(Duration::from_millis(500), c.ws.next()).await {
+                Ok(Some(Ok(Message::Pong(_)))) => pongs += 1,
+                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
+                Ok(Some(Ok(other))) => panic!("unexpected {other:?}"),
+                Ok(Some(Err(_)) | None) => return None,
+                Err(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the unfinished message ends the connection within its bound");
+    assert_eq!(code, Some(1008), "policy violation");
+    assert!(pongs >= 2, "the connection lived on while the message was young ({pongs} pongs)");
+    node.wait_metric("crier_message_assembly_timeouts_total", 1.0).await;
+    // Other connections are unaffected.
+    let mut other = node.client(&node.token("other", &["chat:*"], &[])).await;
+    other.subscribe("chat:fine", 1).await;
+}
+
+/// The node's resident memory, in bytes.
+fn rss(server: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB");
+    kb.trim().parse::<u64>().unwrap() * 1024
+}
+
+#[tokio::test]
+async fn memory_history_cap_drops_the_oldest_first_bounds_rss_and_recovery_says_so() {
+    const CAP: u64 = 4 << 20;
+    let cap = CAP.to_string();
+    let node = Server::start(&["--memory-history-max-bytes", &cap, "--api-rate", "0"]).await;
+    let first = node.publish("chat:c0", json!("first")).await;
+    let baseline = rss(&node);
+    // 48 MB of history asked for (1500 × 32 KB over 150 channels, 100 kept per channel), 4 MiB
+    // allowed.
+    let payload = "x".repeat(32 * 1024);
+    let mut last = json!(null);
+    for k in 0..1500 {
+        last = node.publish(&format!("chat:c{}", k % 150), json!(payload)).await;
+    }
+    let grown = rss(&node).saturating_sub(baseline);
+    assert!(grown < 32 << 20, "RSS grew {grown} bytes for a {CAP}-byte history cap (48 MB published)");
+
+    let mut c = node.client(&node.token("reader", &["chat:*"], &[])).await;
+    // chat:c0's oldest messages were dropped for the cap: said so.
+    let old = c.resubscribe("chat:c0", first["epoch"].as_str().unwrap(), 1, 1).await;
+    assert_eq!((old["type"].clone(), old["recovered"].clone()), (json!("ack"), json!(false)), "{old}");
+    // The most recent message is still there.
+    let (channel, offset) = (last["channel"].as_str().unwrap(), last["offset"].as_u64().unwrap());
+    let recent = c.resubscribe(channel, last["epoch"].as_str().unwrap(), offset - 1, 2).await;
+    assert_eq!((recent["type"].clone(), recent["recovered"].clone()), (json!("ack"), json!(true)), "{recent}");
+    let m = c.recv_type("message").await;
+    assert_eq!((m["channel"].as_str(), m["offset"].as_u64()), (Some(channel), Some(offset)), "{m}");
 }
