@@ -181,12 +181,21 @@ pub(crate) async fn bounded<T>(timeout: Duration, fut: impl Future<Output = Redi
     }
 }
 
-/// Maps the error of a call that writes: an I/O error other than a refused connection means
-/// the call may have been sent before the connection broke (`OutcomeUnknown`); the rest as
+/// Maps the error of a call that writes: an I/O error that can come after the call was sent
+/// (a reset or aborted connection, an early end of the stream, the client library's own
+/// timeout) means it may have been applied (`OutcomeUnknown`). A refused connection, and the
+/// broken pipe the client library reports for a connection already known to be gone, are
+/// `Unavailable` (nothing was sent; the library reports a connection that breaks while a call
+/// is out the same way, a narrow race documented in docs/protocol.md). The rest as
 /// [`broker_error`].
 pub(crate) fn write_error(e: &RedisError) -> BrokerError {
     if e.is_io_error() && !e.is_connection_refusal() {
-        return BrokerError::OutcomeUnknown(format!("redis: {e}"));
+        // redis-rs keeps the I/O error's kind to itself: its text says which.
+        let text = e.to_string().to_ascii_lowercase();
+        let not_sent = text.contains("broken pipe") || text.contains("not connected");
+        if e.is_timeout() || !not_sent {
+            return BrokerError::OutcomeUnknown(format!("redis: {e}"));
+        }
     }
     broker_error(e)
 }
@@ -224,4 +233,21 @@ pub(crate) fn broker_error(e: &RedisError) -> BrokerError {
         _ => false,
     };
     if logic { BrokerError::Internal(format!("redis: {e}")) } else { BrokerError::Unavailable(format!("redis: {e}")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_errors_say_whether_the_call_may_have_been_applied() {
+        let io = |k: std::io::ErrorKind| write_error(&RedisError::from(std::io::Error::from(k)));
+        use std::io::ErrorKind as K;
+        for k in [K::ConnectionReset, K::ConnectionAborted, K::UnexpectedEof, K::TimedOut] {
+            assert!(matches!(io(k), BrokerError::OutcomeUnknown(_)), "{k:?}");
+        }
+        for k in [K::BrokenPipe, K::NotConnected, K::ConnectionRefused] {
+            assert!(matches!(io(k), BrokerError::Unavailable(_)), "{k:?}");
+        }
+    }
 }
