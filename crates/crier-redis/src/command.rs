@@ -4,6 +4,7 @@
 //! serve this right now").
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -59,6 +60,9 @@ pub(crate) struct Commands {
     timeout: Duration,
     /// Notified when a call hit a read-only replica (`READONLY`): the master moved.
     pub(crate) readonly: Arc<Notify>,
+    /// Whether Redis ever answered a call (a reply, even an error reply). Until it has, no
+    /// connection ever worked, and a publish that found no answer was not sent (`Unavailable`).
+    answered: Arc<AtomicBool>,
 }
 
 /// A lazily connecting, auto-reconnecting command connection to `client`'s server.
@@ -80,7 +84,12 @@ pub(crate) fn manager(
 impl Commands {
     pub(crate) fn new(manager: Option<ConnectionManager>, timeout: Duration) -> Commands {
         let manager = manager.map(|m| (Con::Single(m), String::new()));
-        Commands { manager: Arc::new(RwLock::new(manager)), timeout, readonly: Arc::new(Notify::new()) }
+        Commands {
+            manager: Arc::new(RwLock::new(manager)),
+            timeout,
+            readonly: Arc::new(Notify::new()),
+            answered: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// Points every later call at another server, whose process is `generation` (its run id).
@@ -128,22 +137,40 @@ impl Commands {
         mut con: Con,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<Value, BrokerError> {
-        match tokio::time::timeout(self.timeout, invocation.invoke_async::<Value>(&mut con)).await {
-            Ok(Ok(v)) => Ok(v),
+        let result = match tokio::time::timeout(self.timeout, invocation.invoke_async::<Value>(&mut con)).await {
+            Ok(Ok(v)) => {
+                self.answered.store(true, Ordering::Relaxed);
+                Ok(v)
+            }
             Ok(Err(e)) => {
+                if !e.is_io_error() {
+                    self.answered.store(true, Ordering::Relaxed);
+                }
                 if e.code() == Some("READONLY") {
                     self.readonly.notify_one();
                 }
                 Err(write_error(&e))
             }
             Err(_) => Err(BrokerError::OutcomeUnknown(format!("redis did not answer within {:?}", self.timeout))),
+        };
+        match result {
+            Err(BrokerError::OutcomeUnknown(why)) if !self.answered.load(Ordering::Relaxed) => {
+                Err(BrokerError::Unavailable(format!("{why} (no connection to Redis has worked yet)")))
+            }
+            other => other,
         }
     }
 
     async fn run<T>(&self, fut: impl Future<Output = RedisResult<T>>) -> Result<T, BrokerError> {
         match tokio::time::timeout(self.timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
+            Ok(Ok(v)) => {
+                self.answered.store(true, Ordering::Relaxed);
+                Ok(v)
+            }
             Ok(Err(e)) => {
+                if !e.is_io_error() {
+                    self.answered.store(true, Ordering::Relaxed);
+                }
                 if e.code() == Some("READONLY") {
                     self.readonly.notify_one();
                 }

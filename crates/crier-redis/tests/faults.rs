@@ -139,6 +139,7 @@ async fn a_wedged_redis_is_detected_and_never_hangs_callers() {
     let server = RedisServer::start();
     let (a, ha) = broker(options(&server, "a")).await;
     subscribe(&a, &ha, "w:1").await;
+    publish(&a, "w:1", "0").await.unwrap_or_else(|e| panic!("publish before the wedge: {e}"));
     server.pause(true);
     let started = Instant::now();
     // Redis holds the call unanswered: it may apply it once it resumes, so the outcome is unknown.
