@@ -254,13 +254,6 @@ impl MemoryBroker {
 
     /// Over the byte cap: drops the oldest history of every channel, down to 90% of the cap.
     fn evict(&self) {
-        let over = {
-            let b = lock(&self.budget);
-            b.cap > 0 && b.total > b.cap
-        };
-        if !over {
-            return;
-        }
         let Ok(_one) = self.evicting.try_lock() else { return };
         let Some(cutoff) = lock(&self.budget).cutoff() else { return };
         for shard in &self.shards {
@@ -332,6 +325,7 @@ impl Broker for MemoryBroker {
             frame: encode_message(channel, &st.epoch, st.top, data),
             published_at_us: crate::now_micros(),
         };
+        let mut over_cap = false;
         if self.history_size > 0 {
             let mut budget = lock(&self.budget);
             if st.history.len() >= self.history_size
@@ -340,6 +334,7 @@ impl Broker for MemoryBroker {
                 budget.remove(at, entry_bytes(&old));
             }
             budget.add(now, entry_bytes(&publication));
+            over_cap = budget.cap > 0 && budget.total > budget.cap;
             drop(budget);
             st.history.push_back((publication.clone(), now));
         }
@@ -354,7 +349,9 @@ impl Broker for MemoryBroker {
             map.insert(key, (result.clone(), now));
         }
         drop(idem);
-        self.evict();
+        if over_cap {
+            self.evict();
+        }
         Ok(result)
     }
 
