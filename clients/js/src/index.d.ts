@@ -161,7 +161,16 @@ export class Crier {
   on(event: "error", fn: (err: Error) => void): () => void;
   off(event: string, fn: (...args: any[]) => void): void;
   subscribe<T = unknown>(channel: string, options?: SubscribeOptions<T>): Subscription;
-  publish(channel: string, data: unknown): Promise<{ channel: string; epoch: string; offset: number }>;
+  /**
+   * With `idempotencyKey` (1-256 bytes) a publish repeated within 5 minutes is delivered once and
+   * resolves with the first offset: retry with the same key after "outcome_unknown", "timeout"
+   * or "disconnected".
+   */
+  publish(
+    channel: string,
+    data: unknown,
+    options?: { idempotencyKey?: string },
+  ): Promise<{ channel: string; epoch: string; offset: number }>;
   presence(channel: string): Promise<PresenceClient[]>;
   history<T = unknown>(channel: string, options?: { limit?: number; since?: Position }): Promise<Message<T>[]>;
   close(): void;

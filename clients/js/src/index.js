@@ -188,9 +188,17 @@ export class Crier {
     return sub;
   }
 
-  /** Publishes `data` to `channel`; resolves {channel, epoch, offset}. Needs a `publish` claim. */
-  publish(channel, data) {
-    return this.#request({ type: "publish", channel, data }, (f) => ({ channel: f.channel, epoch: f.epoch, offset: f.offset }));
+  /**
+   * Publishes `data` to `channel`; resolves {channel, epoch, offset}. Needs a `publish` claim.
+   * `idempotencyKey` (1-256 bytes, optional): a publish repeated with the same key on the same
+   * channel within 5 minutes is delivered once and resolves with the first one's offset. After a
+   * rejection with code `outcome_unknown`, `timeout` or `disconnected` the message may have been
+   * published: retry with the same key.
+   */
+  publish(channel, data, { idempotencyKey } = {}) {
+    const frame = { type: "publish", channel, data };
+    if (idempotencyKey !== undefined && idempotencyKey !== null) frame.idempotency_key = idempotencyKey;
+    return this.#request(frame, (f) => ({ channel: f.channel, epoch: f.epoch, offset: f.offset }));
   }
   /** The clients subscribed to `channel`, on every node: [{client, user, node}]. */
   presence(channel) {

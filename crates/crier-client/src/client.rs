@@ -236,11 +236,34 @@ impl Client {
     }
 
     /// Publishes `data` on `channel` (the token needs a `publish` claim for it). Resolves once the
-    /// server accepted it. [`Error::Disconnected`] means the connection dropped before the reply:
-    /// the message may or may not have been published.
+    /// server accepted it. [`Error::Disconnected`] means the connection dropped before the reply,
+    /// and a server error `outcome_unknown` that the broker did not confirm it: the message may or
+    /// may not have been published (use [`Client::publish_with_key`] to retry safely).
     pub async fn publish(&self, channel: impl Into<String>, data: &impl Serialize) -> Result<Published, Error> {
+        self.publish_inner(channel.into(), data, None).await
+    }
+
+    /// [`Client::publish`] with an idempotency key (1-256 bytes): a publish repeated with the same
+    /// key on the same channel within the server's idempotency window (5 minutes) is delivered
+    /// once, and its reply carries the first one's offset. After [`Error::Disconnected`],
+    /// [`Error::Timeout`] or `outcome_unknown`, retry with the same key.
+    pub async fn publish_with_key(
+        &self,
+        channel: impl Into<String>,
+        data: &impl Serialize,
+        idempotency_key: impl Into<String>,
+    ) -> Result<Published, Error> {
+        self.publish_inner(channel.into(), data, Some(idempotency_key.into())).await
+    }
+
+    async fn publish_inner(
+        &self,
+        channel: String,
+        data: &impl Serialize,
+        idempotency_key: Option<String>,
+    ) -> Result<Published, Error> {
         let data = serde_json::to_value(data).map_err(|e| Error::Invalid(format!("`data` is not JSON: {e}")))?;
-        match self.request(RequestKind::Publish { channel: channel.into(), data }).await? {
+        match self.request(RequestKind::Publish { channel, data, idempotency_key }).await? {
             Reply::Published { epoch, offset } => Ok(Published { epoch, offset }),
             _ => Err(Error::Invalid("unexpected reply".into())),
         }

@@ -110,7 +110,7 @@ pub(crate) struct Options {
 /// A request of the application.
 #[derive(Debug)]
 pub(crate) enum RequestKind {
-    Publish { channel: String, data: Value },
+    Publish { channel: String, data: Value, idempotency_key: Option<String> },
     Presence { channel: String },
     History { channel: String, since: Option<StreamPosition>, limit: Option<usize> },
 }
@@ -488,8 +488,9 @@ impl Driver {
         }
         let id = self.id();
         let sent = match &r.kind {
-            RequestKind::Publish { channel, data } => {
-                Self::send(conn, &ClientFrame::Publish { id, channel, data }).await
+            RequestKind::Publish { channel, data, idempotency_key } => {
+                let idempotency_key = idempotency_key.as_deref();
+                Self::send(conn, &ClientFrame::Publish { id, channel, data, idempotency_key }).await
             }
             RequestKind::Presence { channel } => Self::send(conn, &ClientFrame::Presence { id, channel }).await,
             RequestKind::History { channel, since, limit } => {

@@ -30,6 +30,8 @@ pub(crate) enum ClientFrame<'a> {
         id: u64,
         channel: &'a str,
         data: &'a Value,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<&'a str>,
     },
     Ping {
         id: u64,
@@ -161,8 +163,13 @@ mod tests {
         let f = ClientFrame::Subscribe { id: 1, channel: "c", recover: None };
         assert_eq!(v(&f.encode()), json!({"type":"subscribe","id":1,"channel":"c"}));
         let data = json!({"text":"hi"});
-        let f = ClientFrame::Publish { id: 4, channel: "c", data: &data };
+        let f = ClientFrame::Publish { id: 4, channel: "c", data: &data, idempotency_key: None };
         assert_eq!(v(&f.encode()), json!({"type":"publish","id":4,"channel":"c","data":{"text":"hi"}}));
+        let f = ClientFrame::Publish { id: 5, channel: "c", data: &data, idempotency_key: Some("k1") };
+        assert_eq!(
+            v(&f.encode()),
+            json!({"type":"publish","id":5,"channel":"c","data":{"text":"hi"},"idempotency_key":"k1"})
+        );
         let f = ClientFrame::History { id: 8, channel: "c", since: Some(&pos), limit: Some(50) };
         assert_eq!(
             v(&f.encode()),

@@ -485,3 +485,24 @@ async fn a_refused_handshake_stops_a_fixed_token_and_asks_a_provider_again() {
     assert_eq!(calls.load(Ordering::SeqCst), 3, "asked again after each 401");
     assert_eq!(c.connections(), 1);
 }
+
+#[tokio::test]
+async fn publish_with_key_repeated_is_delivered_once_and_acked_with_the_first_offset() {
+    let node = Node::start(&[]);
+    let c = client(node.ws_url(), token("alice", &["chat:*"], &["chat:*"], HOUR));
+    let mut sub = c.subscribe("chat:keyed");
+    subscribed(&mut sub).await;
+    let first = c.publish_with_key("chat:keyed", &json!("once"), "order-17").await.expect("publish");
+    let again = c.publish_with_key("chat:keyed", &json!("once"), "order-17").await.expect("retry");
+    assert_eq!((again.epoch.clone(), again.offset), (first.epoch.clone(), first.offset), "the first ack");
+    let last = c.publish("chat:keyed", &json!("last")).await.expect("publish");
+    assert_eq!(last.offset, first.offset + 1, "the retry took no offset");
+    for want in ["once", "last"] {
+        match next_event(&mut sub).await {
+            Event::Message(m) => assert_eq!(m.data, json!(want)),
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+    let err = c.publish_with_key("chat:keyed", &json!(1), "").await.expect_err("an empty key");
+    assert_eq!(err.code(), Some("bad_request"));
+}

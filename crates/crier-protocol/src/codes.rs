@@ -21,10 +21,11 @@ pub enum ErrorCode {
     TokenInvalid,
     Unavailable,
     Internal,
+    OutcomeUnknown,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownType,
         ErrorCode::InvalidChannel,
@@ -37,6 +38,7 @@ impl ErrorCode {
         ErrorCode::TokenInvalid,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::OutcomeUnknown,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +55,7 @@ impl ErrorCode {
             ErrorCode::TokenInvalid => "token_invalid",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::OutcomeUnknown => "outcome_unknown",
         }
     }
 }

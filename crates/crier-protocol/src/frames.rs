@@ -23,13 +23,40 @@ pub struct StreamPosition {
 /// A decoded client → server frame. Borrows from the frame text.
 #[derive(Debug)]
 pub enum ClientFrame<'a> {
-    Subscribe { id: Option<u64>, channel: Cow<'a, str>, recover: Option<StreamPosition> },
-    Unsubscribe { id: Option<u64>, channel: Cow<'a, str> },
-    Publish { id: Option<u64>, channel: Cow<'a, str>, data: &'a RawValue },
-    Ping { id: Option<u64> },
-    Refresh { id: Option<u64>, token: Cow<'a, str> },
-    Presence { id: Option<u64>, channel: Cow<'a, str> },
-    History { id: Option<u64>, channel: Cow<'a, str>, since: Option<StreamPosition>, limit: Option<usize> },
+    Subscribe {
+        id: Option<u64>,
+        channel: Cow<'a, str>,
+        recover: Option<StreamPosition>,
+    },
+    Unsubscribe {
+        id: Option<u64>,
+        channel: Cow<'a, str>,
+    },
+    /// `idempotency_key`: a repeated publish with the same key on the same channel within the
+    /// idempotency window gets the first one's ack and is not delivered again (1-256 bytes).
+    Publish {
+        id: Option<u64>,
+        channel: Cow<'a, str>,
+        data: &'a RawValue,
+        idempotency_key: Option<Cow<'a, str>>,
+    },
+    Ping {
+        id: Option<u64>,
+    },
+    Refresh {
+        id: Option<u64>,
+        token: Cow<'a, str>,
+    },
+    Presence {
+        id: Option<u64>,
+        channel: Cow<'a, str>,
+    },
+    History {
+        id: Option<u64>,
+        channel: Cow<'a, str>,
+        since: Option<StreamPosition>,
+        limit: Option<usize>,
+    },
 }
 
 impl ClientFrame<'_> {
@@ -91,7 +118,12 @@ struct Envelope<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default)]
     token: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    idempotency_key: Option<Cow<'a, str>>,
 }
+
+/// Largest `idempotency_key` of a publish, in bytes (the REST API's bound too).
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 
 /// Decodes one client frame.
 pub fn decode<'a>(text: &'a str) -> Result<ClientFrame<'a>, FrameError> {
@@ -118,7 +150,12 @@ pub fn decode<'a>(text: &'a str) -> Result<ClientFrame<'a>, FrameError> {
                 return Err(FrameError::new(id, ErrorCode::BadRequest, "missing field `data`"));
             };
             check_data(data.get()).map_err(|m| FrameError::new(id, ErrorCode::BadRequest, m))?;
-            ClientFrame::Publish { id, channel, data }
+            let idempotency_key = env.idempotency_key;
+            if idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES) {
+                let why = format!("idempotency_key must be 1-{MAX_IDEMPOTENCY_KEY_BYTES} bytes");
+                return Err(FrameError::new(id, ErrorCode::BadRequest, why));
+            }
+            ClientFrame::Publish { id, channel, data, idempotency_key }
         }
         "ping" => ClientFrame::Ping { id },
         "refresh" => match env.token {

@@ -45,6 +45,9 @@ pub enum Violation {
     TooBig,
     /// 1007: a text message or a close reason is not UTF-8.
     InvalidUtf8,
+    /// 1008: a message (a fragmented one, or one frame's payload) was not completed within the
+    /// bound its reader's user enforces (see [`Reader::assembly_mark`]).
+    Unfinished,
 }
 
 impl Violation {
@@ -53,6 +56,7 @@ impl Violation {
             Violation::Protocol(_) => CloseCode::PROTOCOL_ERROR,
             Violation::TooBig => CloseCode::TOO_BIG,
             Violation::InvalidUtf8 => CloseCode::INVALID_PAYLOAD,
+            Violation::Unfinished => CloseCode::POLICY,
         }
     }
 
@@ -60,6 +64,7 @@ impl Violation {
     pub fn reason(self) -> &'static str {
         match self {
             Violation::Protocol(why) => why,
+            Violation::Unfinished => "message not completed in time",
             other => other.close_code().reason(),
         }
     }
@@ -168,6 +173,9 @@ pub struct Reader {
     max_message: usize,
     /// permessage-deflate was negotiated: RSV1 marks a compressed message.
     deflate: bool,
+    /// When the unfinished message began, in the caller's clock (0: none); kept here, in the
+    /// padding after `deflate`, so bounding a message's time costs a connection no byte.
+    mark: u32,
 }
 
 /// Marks a partial message as compressed (in the stored opcode's unused bits).
@@ -176,7 +184,23 @@ const COMPRESSED: u8 = 0x40;
 impl Reader {
     /// A reader refusing frames and messages over `max_message` bytes (1009).
     pub fn new(max_message: usize) -> Reader {
-        Reader { partial: None, max_message, deflate: false }
+        Reader { partial: None, max_message, deflate: false, mark: 0 }
+    }
+
+    /// Whether a fragmented message is being assembled (its fragments so far are held here).
+    pub fn is_assembling(&self) -> bool {
+        self.partial.is_some()
+    }
+
+    /// The caller's record of when the unfinished message began (0: none). The reader never
+    /// reads a clock; its user sets this when a message starts to wait for more bytes, clears it
+    /// when none waits, and refuses the connection ([`Violation::Unfinished`]) when it is too old.
+    pub fn assembly_mark(&self) -> u32 {
+        self.mark
+    }
+
+    pub fn set_assembly_mark(&mut self, mark: u32) {
+        self.mark = mark;
     }
 
     /// permessage-deflate was negotiated: accept compressed messages (RSV1 on a message's first
@@ -524,6 +548,13 @@ mod tests {
     }
 
     const M: [u8; 4] = [1, 2, 3, 4];
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn the_unfinished_message_mark_costs_the_reader_no_byte() {
+        // It lives in the padding after `deflate`: a reader is the size it was without it.
+        assert_eq!(std::mem::size_of::<Reader>(), 3 * std::mem::size_of::<usize>());
+    }
 
     #[test]
     fn messages_control_frames_and_fragments() {

@@ -4,6 +4,7 @@
 //! serve this right now").
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -59,6 +60,9 @@ pub(crate) struct Commands {
     timeout: Duration,
     /// Notified when a call hit a read-only replica (`READONLY`): the master moved.
     pub(crate) readonly: Arc<Notify>,
+    /// Whether Redis ever answered a call (a reply, even an error reply). Until it has, no
+    /// connection ever worked, and a publish that found no answer was not sent (`Unavailable`).
+    answered: Arc<AtomicBool>,
 }
 
 /// A lazily connecting, auto-reconnecting command connection to `client`'s server.
@@ -80,7 +84,12 @@ pub(crate) fn manager(
 impl Commands {
     pub(crate) fn new(manager: Option<ConnectionManager>, timeout: Duration) -> Commands {
         let manager = manager.map(|m| (Con::Single(m), String::new()));
-        Commands { manager: Arc::new(RwLock::new(manager)), timeout, readonly: Arc::new(Notify::new()) }
+        Commands {
+            manager: Arc::new(RwLock::new(manager)),
+            timeout,
+            readonly: Arc::new(Notify::new()),
+            answered: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// Points every later call at another server, whose process is `generation` (its run id).
@@ -119,19 +128,49 @@ impl Commands {
         Ok((con, generation))
     }
 
-    /// Runs a script on `con` (from [`Commands::generational`]).
+    /// Runs a script that writes (the publish script) on `con` (from
+    /// [`Commands::generational`]). Failures after the call may have reached Redis are
+    /// `OutcomeUnknown`: no answer within the deadline, or the connection lost on the way
+    /// (a refused connection or an error reply means it was not applied).
     pub(crate) async fn invoke_on(
         &self,
         mut con: Con,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<Value, BrokerError> {
-        self.run(invocation.invoke_async::<Value>(&mut con)).await
+        let result = match tokio::time::timeout(self.timeout, invocation.invoke_async::<Value>(&mut con)).await {
+            Ok(Ok(v)) => {
+                self.answered.store(true, Ordering::Relaxed);
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                if !e.is_io_error() {
+                    self.answered.store(true, Ordering::Relaxed);
+                }
+                if e.code() == Some("READONLY") {
+                    self.readonly.notify_one();
+                }
+                Err(write_error(&e))
+            }
+            Err(_) => Err(BrokerError::OutcomeUnknown(format!("redis did not answer within {:?}", self.timeout))),
+        };
+        match result {
+            Err(BrokerError::OutcomeUnknown(why)) if !self.answered.load(Ordering::Relaxed) => {
+                Err(BrokerError::Unavailable(format!("{why} (no connection to Redis has worked yet)")))
+            }
+            other => other,
+        }
     }
 
     async fn run<T>(&self, fut: impl Future<Output = RedisResult<T>>) -> Result<T, BrokerError> {
         match tokio::time::timeout(self.timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
+            Ok(Ok(v)) => {
+                self.answered.store(true, Ordering::Relaxed);
+                Ok(v)
+            }
             Ok(Err(e)) => {
+                if !e.is_io_error() {
+                    self.answered.store(true, Ordering::Relaxed);
+                }
                 if e.code() == Some("READONLY") {
                     self.readonly.notify_one();
                 }
@@ -169,6 +208,25 @@ pub(crate) async fn bounded<T>(timeout: Duration, fut: impl Future<Output = Redi
     }
 }
 
+/// Maps the error of a call that writes: an I/O error that can come after the call was sent
+/// (a reset or aborted connection, an early end of the stream, the client library's own
+/// timeout) means it may have been applied (`OutcomeUnknown`). A refused connection, and the
+/// broken pipe the client library reports for a connection already known to be gone, are
+/// `Unavailable` (nothing was sent; the library reports a connection that breaks while a call
+/// is out the same way, a narrow race documented in docs/protocol.md). The rest as
+/// [`broker_error`].
+pub(crate) fn write_error(e: &RedisError) -> BrokerError {
+    if e.is_io_error() && !e.is_connection_refusal() {
+        // redis-rs keeps the I/O error's kind to itself: its text says which.
+        let text = e.to_string().to_ascii_lowercase();
+        let not_sent = text.contains("broken pipe") || text.contains("not connected");
+        if e.is_timeout() || !not_sent {
+            return BrokerError::OutcomeUnknown(format!("redis: {e}"));
+        }
+    }
+    broker_error(e)
+}
+
 /// Maps the error of one message of a batched script call (`"<CODE> <text>"`, caught in the
 /// script): what means "Redis cannot serve this right now" is `Unavailable`, the rest (a key of
 /// the wrong type, a bug) `Internal`, as [`broker_error`] does for a whole call.
@@ -202,4 +260,21 @@ pub(crate) fn broker_error(e: &RedisError) -> BrokerError {
         _ => false,
     };
     if logic { BrokerError::Internal(format!("redis: {e}")) } else { BrokerError::Unavailable(format!("redis: {e}")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_errors_say_whether_the_call_may_have_been_applied() {
+        let io = |k: std::io::ErrorKind| write_error(&RedisError::from(std::io::Error::from(k)));
+        use std::io::ErrorKind as K;
+        for k in [K::ConnectionReset, K::ConnectionAborted, K::UnexpectedEof, K::TimedOut] {
+            assert!(matches!(io(k), BrokerError::OutcomeUnknown(_)), "{k:?}");
+        }
+        for k in [K::BrokenPipe, K::NotConnected, K::ConnectionRefused] {
+            assert!(matches!(io(k), BrokerError::Unavailable(_)), "{k:?}");
+        }
+    }
 }

@@ -73,8 +73,9 @@
 //!
 //! # Faults
 //! - Every Redis call has a deadline (`command_timeout`, 2s): when Redis is unreachable, calls
-//!   fail with `BrokerError::Unavailable` instead of hanging. A publish that times out may still
-//!   have been applied; idempotency keys make retries safe.
+//!   fail with `BrokerError::Unavailable` instead of hanging. A publish that times out (or whose
+//!   connection broke after it may have been sent) may still have been applied: it fails with
+//!   `BrokerError::OutcomeUnknown`; idempotency keys make retries safe.
 //! - [`RedisBroker::start`] only fails on a setting problem ([`StartError::Setting`]: a malformed
 //!   URL, an unreadable CA file, and — found within `connect_wait` — a certificate that does not
 //!   verify, a master name no Sentinel knows, a cluster seed that is no cluster node). When Redis
@@ -411,16 +412,21 @@ impl Broker for RedisBroker {
             idempotency_key: opts.idempotency_key.map(str::to_owned),
             reply,
         };
-        // Waiting for room in the queue and for the batch's call are bounded like any call.
-        let deadline = self.command_timeout * 2;
-        let slow = || BrokerError::Unavailable(format!("redis did not answer within {deadline:?}"));
+        // Waiting for room in the queue and for the batch's call are bounded like any call. Until
+        // the job is queued nothing was sent (`Unavailable`); after, the call may be on its way
+        // (`OutcomeUnknown`; a job whose caller gave up before its batch formed is not sent).
+        let deadline = tokio::time::Instant::now() + self.command_timeout * 2;
+        let slow =
+            || BrokerError::Unavailable(format!("redis publish queue stayed full for {:?}", self.command_timeout * 2));
         let gone = || BrokerError::Unavailable("redis publisher task is gone".into());
-        tokio::time::timeout(deadline, async {
-            self.publisher.send(job).await.map_err(|_| gone())?;
-            rx.await.map_err(|_| gone())?
-        })
-        .await
-        .map_err(|_| slow())?
+        tokio::time::timeout_at(deadline, self.publisher.send(job)).await.map_err(|_| slow())?.map_err(|_| gone())?;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(BrokerError::OutcomeUnknown("redis publisher task stopped during the publish".into())),
+            Err(_) => {
+                Err(BrokerError::OutcomeUnknown(format!("redis did not answer within {:?}", self.command_timeout * 2)))
+            }
+        }
     }
 
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {

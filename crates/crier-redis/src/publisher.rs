@@ -15,9 +15,11 @@
 //! idempotency — also between two messages of one batch —, the failover generation check,
 //! PUBLISH), each in its own `pcall` so one message's error fails only that message, and a
 //! caller hears back only after Redis answered the call — a 200 still means Redis holds the
-//! message. A call that fails as a whole (timeout, lost connection) fails every message of the
-//! batch with that error (`Unavailable`: they may have been applied, as with any publish that
-//! times out; idempotency keys make retries safe).
+//! message. A call that fails as a whole fails every message of the batch with that error:
+//! `OutcomeUnknown` when the call may have reached Redis (no answer within the deadline, the
+//! connection lost after sending: the messages may have been applied; idempotency keys make
+//! retries safe), `Unavailable` when it certainly did not (no connection to send it on, Redis
+//! refused the call). A job whose caller already gave up is not sent at all.
 //!
 //! On a Redis Cluster a script's keys must share a hash slot: a batch there holds only messages
 //! whose channels share the first one's slot; the others wait, in order, for a later batch
@@ -176,7 +178,13 @@ fn slot_of(channel: &str) -> u16 {
 }
 
 /// Runs one batch and answers each of its callers.
-async fn publish_batch(ctx: Arc<Context>, batch: Vec<Job>) {
+async fn publish_batch(ctx: Arc<Context>, mut batch: Vec<Job>) {
+    // A caller that gave up (its deadline passed while the job queued) was told the outcome is
+    // unknown; not sending the job keeps a retry from being its second copy when it has no key.
+    batch.retain(|job| !job.reply.is_closed());
+    if batch.is_empty() {
+        return;
+    }
     let (con, generation) = match ctx.commands.generational() {
         Ok(v) => v,
         Err(e) => return fail(batch, &e),
@@ -233,5 +241,6 @@ fn same(e: &BrokerError) -> BrokerError {
     match e {
         BrokerError::Unavailable(m) => BrokerError::Unavailable(m.clone()),
         BrokerError::Internal(m) => BrokerError::Internal(m.clone()),
+        BrokerError::OutcomeUnknown(m) => BrokerError::OutcomeUnknown(m.clone()),
     }
 }

@@ -11,6 +11,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use crier_core::BrokerError;
 use crier_core::broker::PublishOptions;
 use crier_protocol::frames;
 use crier_protocol::{StreamPosition, validate_channel};
@@ -148,11 +149,12 @@ pub async fn publish(State(st): State<AppState>, body: Body) -> Result<Response,
     let req: PublishBody<'_> = read_json(body, body_limit(&st, 1), &mut buf).await?;
     check_channel(&req.channel)?;
     check_data(&st, req.data)?;
-    if req.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 256) {
-        return Err(ApiError::bad_request("idempotency_key must be 1-256 bytes"));
+    let max_key = crier_protocol::frames::MAX_IDEMPOTENCY_KEY_BYTES;
+    if req.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > max_key) {
+        return Err(ApiError::bad_request(format!("idempotency_key must be 1-{max_key} bytes")));
     }
     let opts = PublishOptions { idempotency_key: req.idempotency_key.as_deref() };
-    let r = st.broker().publish(&req.channel, req.data.get(), opts).await.map_err(ApiError::broker)?;
+    let r = st.broker().publish(&req.channel, req.data.get(), opts).await.map_err(ApiError::publish)?;
     metrics::counter!(m::PUBLISHED, "source" => "api").increment(1);
     Ok(Json(json!({"channel": req.channel, "epoch": r.epoch, "offset": r.offset})).into_response())
 }
@@ -185,6 +187,11 @@ pub async fn broadcast(State(st): State<AppState>, body: Body) -> Result<Respons
                 Ok(r) => {
                     metrics::counter!(m::PUBLISHED, "source" => "api").increment(1);
                     json!({"channel": channel, "epoch": r.epoch, "offset": r.offset})
+                }
+                Err(BrokerError::OutcomeUnknown(e)) => {
+                    tracing::warn!(error = %e, "broadcast publish: outcome unknown");
+                    let message = "the broker did not confirm the publish; it may have been published";
+                    json!({"channel": channel, "error": "outcome_unknown", "message": message})
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "broadcast publish failed");

@@ -77,10 +77,14 @@ pub struct Config {
     pub handshake_burst: u32,
     pub history_size: usize,
     pub history_ttl: Duration,
+    /// Memory broker: history bytes kept across all channels (0 = no cap).
+    pub memory_history_max_bytes: usize,
     /// Redis broker: expiry of presence, connection-count and node-registry entries.
     pub presence_ttl: Duration,
     /// Connections this node accepts (0 = unlimited).
     pub max_connections: usize,
+    /// Connections whose request head is not complete yet, at most.
+    pub max_pending_handshakes: usize,
     /// Runtime worker threads (0 = one per core).
     pub worker_threads: usize,
     /// Proxies whose `X-Forwarded-For` is believed.

@@ -30,6 +30,22 @@ impl ApiError {
         tracing::warn!(error = %e, "broker call failed");
         ApiError::unavailable("the message broker is unavailable; retry later")
     }
+    /// A publish whose outcome the broker did not confirm: 504 `outcome_unknown` (it may have
+    /// been published; a retry with the same idempotency key is safe). Other broker errors as
+    /// [`ApiError::broker`].
+    pub fn publish(e: crier_core::BrokerError) -> ApiError {
+        match e {
+            crier_core::BrokerError::OutcomeUnknown(why) => {
+                tracing::warn!(error = %why, "publish: outcome unknown");
+                ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "outcome_unknown",
+                    "the broker did not confirm the publish; it may have been published: retry with the same idempotency_key",
+                )
+            }
+            e => ApiError::broker(e),
+        }
+    }
     pub fn with_retry_after(mut self, secs: u64) -> ApiError {
         self.retry_after = Some(secs);
         self

@@ -82,10 +82,12 @@ pub async fn admit(
     let mut slot = None;
     // Anonymous connections have no user to count.
     if max > 0 && !claims.sub.is_empty() {
-        let client = client_id(st, conn);
-        match st.broker().connection_opened(&claims.sub, &client).await {
+        // The slot is held from before the broker is asked: a handshake that dies while its
+        // count is being taken (the client resets the connection and hyper drops this future)
+        // releases it on drop, and so does a failed call (it may have counted the connection).
+        let held = ConnSlot { st: st.clone(), user: claims.sub.clone(), client: client_id(st, conn), held: true };
+        match st.broker().connection_opened(&held.user, &held.client).await {
             Ok(n) => {
-                let held = ConnSlot { st: st.clone(), user: claims.sub.clone(), client, held: true };
                 if n > max {
                     held.release().await;
                     return Err(reject(ApiError::new(
@@ -96,7 +98,10 @@ pub async fn admit(
                 }
                 slot = Some(held);
             }
-            Err(e) => return Err(reject(ApiError::broker(e))),
+            Err(e) => {
+                drop(held);
+                return Err(reject(ApiError::broker(e)));
+            }
         }
     }
     Ok(Admitted { conn, claims, slot })
@@ -121,9 +126,11 @@ pub async fn accept(st: &AppState, admitted: Admitted) -> Result<Admitted, Respo
     Ok(admitted)
 }
 
-/// A connection's place in the user's cluster-wide connection count. Released exactly once: by
-/// the session's close, by a later handshake check, or — when the connection never opens — on
-/// drop.
+/// A connection's place in the user's cluster-wide connection count, held from before the
+/// broker counts it. Released exactly once, on every path: by the session's close, by a later
+/// handshake check, or — when the handshake or the connection dies first (a reset, a dropped
+/// future, a failed upgrade) — on drop. The release itself runs in its own task, so a caller
+/// cancelled while awaiting [`ConnSlot::release`] still releases.
 pub struct ConnSlot {
     st: AppState,
     user: String,
@@ -132,21 +139,28 @@ pub struct ConnSlot {
 }
 
 impl ConnSlot {
+    /// Releases the slot and waits for the broker's answer (bounded by the broker's deadline).
     pub async fn release(mut self) {
-        self.held = false;
-        if let Err(e) = self.st.broker().connection_closed(&self.user, &self.client).await {
-            tracing::warn!(error = %e, "could not release a connection count");
+        if let Some(task) = self.spawn_release() {
+            let _ = task.await;
         }
+    }
+
+    fn spawn_release(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        if !std::mem::take(&mut self.held) {
+            return None;
+        }
+        let (st, user, client) = (self.st.clone(), std::mem::take(&mut self.user), std::mem::take(&mut self.client));
+        Some(tokio::spawn(async move {
+            if let Err(e) = st.broker().connection_closed(&user, &client).await {
+                tracing::warn!(error = %e, "could not release a connection count");
+            }
+        }))
     }
 }
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        if self.held {
-            let (st, user, client) =
-                (self.st.clone(), std::mem::take(&mut self.user), std::mem::take(&mut self.client));
-            let release = ConnSlot { st, user, client, held: false };
-            tokio::spawn(release.release());
-        }
+        drop(self.spawn_release());
     }
 }

@@ -26,6 +26,9 @@ pub const API_REQUESTS: &str = "crier_api_requests_total";
 /// crier extension: HTTP rejections answered outside the handlers (an unknown path, a method a
 /// path does not take, …), by code.
 pub const HTTP_REJECTIONS: &str = "crier_http_rejections_total";
+pub const PENDING_HANDSHAKES: &str = "crier_pending_handshakes";
+pub const INCOMPLETE_HEADS: &str = "crier_incomplete_request_heads_total";
+pub const MESSAGE_ASSEMBLY_TIMEOUTS: &str = "crier_message_assembly_timeouts_total";
 
 /// Buckets of the broadcast latency histogram, in seconds (100 µs … 5 s).
 const LATENCY_BUCKETS: &[f64] =
@@ -96,6 +99,15 @@ fn describe() {
     describe_counter!(RECOVERIES, "Subscriptions with recovery, by result (recovered, failed)");
     describe_counter!(API_REQUESTS, "REST API requests by endpoint and status code");
     describe_counter!(HTTP_REJECTIONS, "HTTP rejections answered outside the handlers (404, 405, …), by code");
+    describe_gauge!(PENDING_HANDSHAKES, "Connections that have not sent a complete first request head yet");
+    describe_counter!(
+        INCOMPLETE_HEADS,
+        "Connections that ended without a complete first request head, by reason (over_cap: refused beyond max_pending_handshakes; timeout; abandoned)"
+    );
+    describe_counter!(
+        MESSAGE_ASSEMBLY_TIMEOUTS,
+        "WebSocket connections closed (1008) for leaving a fragmented message unfinished too long"
+    );
 }
 
 /// Every counter starts at 0 with each of its known label values, so dashboards and alerts see
@@ -132,10 +144,20 @@ fn zero() {
     for code in ["not_found", "method_not_allowed"] {
         counter!(HTTP_REJECTIONS, "code" => code).absolute(0);
     }
+    for reason in ["over_cap", "timeout", "abandoned"] {
+        counter!(INCOMPLETE_HEADS, "reason" => reason).absolute(0);
+    }
     for result in ["recovered", "failed"] {
         counter!(RECOVERIES, "result" => result).absolute(0);
     }
-    for name in [DELIVERED, SLOW_CONSUMERS, HEARTBEAT_TIMEOUTS, BROKER_RECONNECTS, BROKER_PUBLISH_CALLS] {
+    for name in [
+        DELIVERED,
+        SLOW_CONSUMERS,
+        HEARTBEAT_TIMEOUTS,
+        BROKER_RECONNECTS,
+        BROKER_PUBLISH_CALLS,
+        MESSAGE_ASSEMBLY_TIMEOUTS,
+    ] {
         counter!(name).absolute(0);
     }
 }

@@ -3,7 +3,7 @@
 //! burst's freed memory back to the system) and the drain on shutdown.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -11,6 +11,7 @@ use std::time::Duration;
 use crier_protocol::CloseCode;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::metrics as m;
 use crate::state::AppState;
 use crate::{heartbeat, http, memory};
 
@@ -29,7 +30,8 @@ pub async fn serve(
     let heartbeats = tokio::spawn(heartbeat::run(st.clone()));
     let trims = tokio::spawn(memory::run());
     let drain_st = st.clone();
-    accept_loop(listener, http::app(st.clone()), async move {
+    let max_pending = st.config.max_pending_handshakes;
+    accept_loop(listener, http::app(st.clone()), max_pending, async move {
         shutdown.await;
         drain(&drain_st).await;
     })
@@ -44,15 +46,60 @@ pub async fn serve(
     Ok(())
 }
 
-/// How long a client may take to send its request headers (slowloris defence).
+/// How long a client may take to send its request headers (slowloris defence), from its
+/// connection's first poll (and, on a kept-alive connection, between requests). 10 s: a mobile
+/// client on a poor link sends its head in well under that, backends' pools keep idle
+/// connections for less (5 s, docs/operations.md), and with `max_pending_handshakes` it bounds
+/// what half-open connections hold: at most that many × (16 KiB + a task) for 10 s.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The answer to a connection beyond `max_pending_handshakes`: written with one non-blocking
+/// write (no task, no buffer), then the socket is closed.
+const PENDING_CAP_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+connection: close\r\ncontent-length: 93\r\n\r\n\
+{\"error\":\"unavailable\",\"message\":\"too many connections are still sending their request head\"}";
+
+/// A connection counted among those whose first request head is not complete yet; uncounted
+/// once, when hyper hands the head to the router or the connection ends first.
+struct PendingHead {
+    count: Arc<AtomicUsize>,
+    done: AtomicBool,
+}
+
+impl PendingHead {
+    fn new(count: Arc<AtomicUsize>) -> PendingHead {
+        count.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(m::PENDING_HANDSHAKES).increment(1.0);
+        PendingHead { count, done: AtomicBool::new(false) }
+    }
+
+    /// Uncounts it; `true` the first time.
+    fn finish(&self) -> bool {
+        if self.done.swap(true, Ordering::Relaxed) {
+            return false;
+        }
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(m::PENDING_HANDSHAKES).decrement(1.0);
+        true
+    }
+}
+
+impl Drop for PendingHead {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
 /// Largest request head (request line + headers) accepted, in bytes; larger ones get 431.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// Accepts connections until `stop` resolves (the listener stays open during the drain, so late
 /// handshakes get a clear 503 rather than a refused connection), then waits a bounded time for
 /// in-flight HTTP requests. HTTP/1.1 only, with a header read timeout and a header size bound.
-async fn accept_loop(listener: TcpListener, app: axum::Router, stop: impl Future<Output = ()>) {
+///
+/// At most `max_pending` connections may be waiting for their first request head at once
+/// (each may hold hyper's read buffer, up to [`MAX_HEADER_BYTES`], until
+/// [`HEADER_READ_TIMEOUT`]); more are answered 503 and closed at once. Both the refusals and the
+/// timeouts are counted (`crier_incomplete_request_heads_total`).
+async fn accept_loop(listener: TcpListener, app: axum::Router, max_pending: usize, stop: impl Future<Output = ()>) {
     use hyper::server::conn::http1;
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
@@ -67,6 +114,7 @@ async fn accept_loop(listener: TcpListener, app: axum::Router, stop: impl Future
     let (closing, _) = tokio::sync::watch::channel(false);
     // Each connection task holds a clone: the strong count is the number of open connections.
     let open = Arc::new(());
+    let pending = Arc::new(AtomicUsize::new(0));
     tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
@@ -81,10 +129,19 @@ async fn accept_loop(listener: TcpListener, app: axum::Router, stop: impl Future
             },
             () = &mut stop => break,
         };
+        if pending.load(Ordering::Relaxed) >= max_pending {
+            metrics::counter!(m::INCOMPLETE_HEADS, "reason" => "over_cap").increment(1);
+            let _ = stream.try_write(PENDING_CAP_RESPONSE);
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let takeover = TakeOver::default();
         let claimed = takeover.clone();
+        let head = Arc::new(PendingHead::new(pending.clone()));
+        let head_seen = head.clone();
         let svc = app.clone().map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+            head_seen.finish();
             req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
             req.extensions_mut().insert(takeover.clone());
             req
@@ -105,6 +162,7 @@ async fn accept_loop(listener: TcpListener, app: axum::Router, stop: impl Future
                     drive(&mut conn, &claimed).await
                 }
             };
+            let timed_out = matches!(&served, Served::Ended(Err(e)) if e.is_timeout());
             match served {
                 Served::Claimed => match conn.into_parts() {
                     Some(parts) => claimed.hand_over(parts.io.into_inner()),
@@ -112,6 +170,11 @@ async fn accept_loop(listener: TcpListener, app: axum::Router, stop: impl Future
                 },
                 Served::Ended(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
                 Served::Ended(Ok(())) => {}
+            }
+            if head.finish() {
+                // The connection ended before its first request head was complete.
+                let reason = if timed_out { "timeout" } else { "abandoned" };
+                metrics::counter!(m::INCOMPLETE_HEADS, "reason" => reason).increment(1);
             }
         });
     }

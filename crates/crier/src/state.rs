@@ -152,7 +152,9 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
             }
             broker
         }
-        None => MemoryBroker::new(config.history_size, config.history_ttl),
+        None => {
+            MemoryBroker::with_history_cap(config.history_size, config.history_ttl, config.memory_history_max_bytes)
+        }
     };
     let hub = Arc::new(Hub::new());
     let registry = Arc::new(Registry::new());

@@ -252,3 +252,20 @@ async fn the_first_crier_subprotocol_offered_wins() {
     let c = support::Client::connect(req).await.unwrap();
     assert_eq!(c.response_protocol.as_deref(), Some("crier.v1"));
 }
+
+#[tokio::test]
+async fn a_messagepack_publish_with_an_idempotency_key_is_acked_with_the_first_offset() {
+    let server = Server::start(&[]).await;
+    let token = server.token("mp", &["chat:*"], &["chat:*"]);
+    let mut c = Mp::connect(&server, "crier.v1.msgpack", Some(&token)).await;
+    assert_eq!(c.recv().await["type"], "welcome");
+    let frame = json!({"type":"publish","id":1,"channel":"chat:mpk","data":"x","idempotency_key":"mp-1"});
+    c.send(frame.clone()).await;
+    let a = c.recv_type("ack").await;
+    c.send(frame).await;
+    let b = c.recv_type("ack").await;
+    assert_eq!((a["offset"].clone(), b["offset"].clone()), (json!(1), json!(1)), "{a} {b}");
+    let next = json!({"type":"publish","id":2,"channel":"chat:mpk","data":"y"});
+    c.send(next).await;
+    assert_eq!(c.recv_type("ack").await["offset"], 2, "the repeat took no offset");
+}

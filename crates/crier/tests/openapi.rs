@@ -414,13 +414,18 @@ async fn every_operation_answers_as_described() {
     c.check(&limited, ws(), 401).await;
     c.check(&limited, ws(), 429).await;
 
-    // The broker hanging (SIGSTOP): every Redis call waits its 2 s deadline; a broadcast's
-    // publishes run at once, so it answers within the request limit, every channel `unavailable`.
+    // The broker hanging (SIGSTOP): every Redis call waits its 2 s deadline; a publish's outcome
+    // is then unknown (504); a broadcast's publishes run at once, so it answers within the
+    // request limit, every channel `outcome_unknown`.
     let mut redis = redis_support::RedisServer::start();
     let url = redis.url();
     let clustered = Server::start(&["--redis-url", &url]).await;
     c.check(&clustered, req(get.clone(), "/readyz").auth(None), 200).await;
     redis.pause(true);
+    // A publish Redis may have received but did not confirm: 504 outcome_unknown.
+    let body = json!({"channel": "c", "data": 1, "idempotency_key": "k"});
+    let e = c.check(&clustered, req(post.clone(), "/api/v1/publish").json(body), 504).await;
+    assert_eq!(e["error"], "outcome_unknown");
     let six = json!({"channels": ["a", "b", "c", "d", "e", "f"], "data": 1});
     c.check(&clustered, req(post.clone(), "/api/v1/broadcast").json(six), 200).await;
     redis.pause(false);

@@ -6,6 +6,11 @@
 //! Channels are sharded; a publish assigns the offset, appends to the history and hands the
 //! publication to the handler while holding its shard's lock, which is what makes the order of
 //! delivery the order of offsets.
+//!
+//! The history of all channels together is bounded in bytes (`history_max_bytes`, see
+//! [`MemoryBroker::with_history_cap`]): past the cap, the oldest messages — of whichever
+//! channels — are dropped first, down to 90% of it, in publish-time slices of [`TICK`]. A
+//! recovery across dropped messages reports the gap (`recovered: false`), as after a trim.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
@@ -23,6 +28,92 @@ use super::{
 };
 
 const SHARDS: usize = 32;
+/// The resolution of "oldest first" when history is dropped for the byte cap.
+const TICK: Duration = Duration::from_millis(10);
+
+/// What a history entry costs, as the byte cap counts it: its frame and its slot.
+fn entry_bytes(p: &Publication) -> usize {
+    p.frame.len() + std::mem::size_of::<(Publication, Instant)>()
+}
+
+/// The history's bytes across all channels, by publish time (slices of [`TICK`]): enough to
+/// find how far back history must go to fall under the cap without sorting every channel.
+/// Locked after a shard's lock, never before one.
+struct Budget {
+    /// 0: no cap (the bytes are still counted).
+    cap: usize,
+    total: usize,
+    origin: Instant,
+    /// The tick of `buckets[0]`.
+    first: u64,
+    /// Bytes of history published in each tick, oldest first.
+    buckets: VecDeque<usize>,
+}
+
+impl Budget {
+    fn new(cap: usize) -> Budget {
+        Budget { cap, total: 0, origin: Instant::now(), first: 0, buckets: VecDeque::new() }
+    }
+
+    fn tick(&self, at: Instant) -> u64 {
+        (at.saturating_duration_since(self.origin).as_nanos() / TICK.as_nanos()) as u64
+    }
+
+    fn add(&mut self, at: Instant, bytes: usize) {
+        self.total += bytes;
+        if self.cap == 0 {
+            return;
+        }
+        let t = self.tick(at);
+        if self.buckets.is_empty() {
+            self.first = t;
+        }
+        // A publish stamped just before an older one got the lock: count it in the first slice.
+        let i = t.saturating_sub(self.first) as usize;
+        if self.buckets.len() <= i {
+            self.buckets.resize(i + 1, 0);
+        }
+        self.buckets[i] += bytes;
+    }
+
+    fn remove(&mut self, at: Instant, bytes: usize) {
+        self.total = self.total.saturating_sub(bytes);
+        if self.cap == 0 {
+            return;
+        }
+        let i = self.tick(at).saturating_sub(self.first) as usize;
+        if let Some(b) = self.buckets.get_mut(i) {
+            *b = b.saturating_sub(bytes);
+        }
+        while self.buckets.front() == Some(&0) {
+            self.buckets.pop_front();
+            self.first += 1;
+        }
+        if self.buckets.capacity() > 64 && self.buckets.len() < self.buckets.capacity() / 4 {
+            self.buckets.shrink_to_fit();
+        }
+    }
+
+    /// Over the cap: the publish time before which history goes, to fall to 90% of the cap.
+    fn cutoff(&self) -> Option<Instant> {
+        if self.cap == 0 || self.total <= self.cap {
+            return None;
+        }
+        let target = self.cap / 10 * 9;
+        let mut left = self.total;
+        for (i, b) in self.buckets.iter().enumerate() {
+            left = left.saturating_sub(*b);
+            if left <= target {
+                return Some(self.start_of(self.first + i as u64 + 1));
+            }
+        }
+        Some(self.start_of(self.first + self.buckets.len() as u64))
+    }
+
+    fn start_of(&self, tick: u64) -> Instant {
+        self.origin + Duration::from_nanos((TICK.as_nanos() as u64).saturating_mul(tick))
+    }
+}
 
 struct ChannelState {
     epoch: Arc<str>,
@@ -36,13 +127,28 @@ impl ChannelState {
         ChannelState { epoch: new_epoch().into(), top: 0, history: VecDeque::new(), last_publish: Instant::now() }
     }
 
-    fn prune(&mut self, ttl: Duration, now: Instant) {
-        while let Some((_, at)) = self.history.front() {
-            if now.duration_since(*at) > ttl {
-                self.history.pop_front();
-            } else {
+    /// Drops history older than `ttl`.
+    fn prune(&mut self, ttl: Duration, now: Instant, budget: &Mutex<Budget>) {
+        self.drop_front(budget, |at| now.duration_since(at) > ttl);
+    }
+
+    /// Drops history from the front while `old(published at)`, uncounting it from `budget`.
+    fn drop_front(&mut self, budget: &Mutex<Budget>, old: impl Fn(Instant) -> bool) {
+        if !self.history.front().is_some_and(|(_, at)| old(*at)) {
+            return;
+        }
+        let mut budget = lock(budget);
+        while let Some((p, at)) = self.history.front() {
+            if !old(*at) {
                 break;
             }
+            budget.remove(*at, entry_bytes(p));
+            self.history.pop_front();
+        }
+        if self.history.is_empty() {
+            self.history = VecDeque::new();
+        } else if self.history.capacity() > 16 && self.history.len() < self.history.capacity() / 4 {
+            self.history.shrink_to_fit();
         }
     }
 }
@@ -94,6 +200,10 @@ pub struct MemoryBroker {
     handler: OnceLock<Arc<dyn BrokerHandler>>,
     history_size: usize,
     history_ttl: Duration,
+    /// History bytes across channels, and the cap on them.
+    budget: Mutex<Budget>,
+    /// One eviction at a time (others publishing meanwhile do not wait for it).
+    evicting: Mutex<()>,
     idempotency: Mutex<HashMap<(String, String), (PublishResult, Instant)>>,
     presence: Mutex<Presence>,
     connections: Mutex<HashMap<String, HashSet<String>>>,
@@ -104,7 +214,15 @@ impl MemoryBroker {
     /// A broker keeping at most `history_size` messages per channel for `history_ttl`.
     /// When called inside a tokio runtime, a background task sweeps idle channels.
     pub fn new(history_size: usize, history_ttl: Duration) -> Arc<MemoryBroker> {
+        MemoryBroker::with_history_cap(history_size, history_ttl, 0)
+    }
+
+    /// [`MemoryBroker::new`], keeping at most `history_max_bytes` of history across all
+    /// channels (0: no cap): beyond it the oldest messages go first (see the module docs).
+    pub fn with_history_cap(history_size: usize, history_ttl: Duration, history_max_bytes: usize) -> Arc<MemoryBroker> {
         let broker = Arc::new(MemoryBroker {
+            budget: Mutex::new(Budget::new(history_max_bytes)),
+            evicting: Mutex::new(()),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             subscribed: Mutex::new(HashSet::new()),
@@ -129,18 +247,38 @@ impl MemoryBroker {
         &self.shards[i]
     }
 
+    /// Bytes of history held across all channels (as the cap counts them).
+    pub fn history_bytes(&self) -> usize {
+        lock(&self.budget).total
+    }
+
+    /// Over the byte cap: drops the oldest history of every channel, down to 90% of the cap.
+    fn evict(&self) {
+        let Ok(_one) = self.evicting.try_lock() else { return };
+        let Some(cutoff) = lock(&self.budget).cutoff() else { return };
+        for shard in &self.shards {
+            let mut map = lock(shard);
+            for st in map.values_mut() {
+                st.drop_front(&self.budget, |at| at < cutoff);
+            }
+        }
+    }
+
     /// Drops expired history, and forgets channels that are idle, empty and unsubscribed (their
-    /// next publish starts a new epoch).
+    /// next publish starts a new epoch); the maps give back the room of forgotten channels.
     pub fn sweep(&self) {
         let now = Instant::now();
         for shard in &self.shards {
             let mut map = lock(shard);
             map.retain(|channel, st| {
-                st.prune(self.history_ttl, now);
+                st.prune(self.history_ttl, now, &self.budget);
                 !st.history.is_empty()
                     || now.duration_since(st.last_publish) <= self.history_ttl
                     || lock(&self.subscribed).contains(channel)
             });
+            if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+                map.shrink_to_fit();
+            }
         }
         lock(&self.idempotency).retain(|_, (_, at)| now.duration_since(*at) <= IDEMPOTENCY_WINDOW);
     }
@@ -178,7 +316,7 @@ impl Broker for MemoryBroker {
         }
         let mut map = lock(self.shard(channel));
         let st = map.entry(channel.to_owned()).or_insert_with(ChannelState::new);
-        st.prune(self.history_ttl, now);
+        st.prune(self.history_ttl, now, &self.budget);
         st.top += 1;
         st.last_publish = now;
         let publication = Publication {
@@ -187,10 +325,17 @@ impl Broker for MemoryBroker {
             frame: encode_message(channel, &st.epoch, st.top, data),
             published_at_us: crate::now_micros(),
         };
+        let mut over_cap = false;
         if self.history_size > 0 {
-            if st.history.len() >= self.history_size {
-                st.history.pop_front();
+            let mut budget = lock(&self.budget);
+            if st.history.len() >= self.history_size
+                && let Some((old, at)) = st.history.pop_front()
+            {
+                budget.remove(at, entry_bytes(&old));
             }
+            budget.add(now, entry_bytes(&publication));
+            over_cap = budget.cap > 0 && budget.total > budget.cap;
+            drop(budget);
             st.history.push_back((publication.clone(), now));
         }
         let result = PublishResult { epoch: st.epoch.to_string(), offset: st.top };
@@ -202,6 +347,10 @@ impl Broker for MemoryBroker {
         drop(map);
         if let (Some(map), Some(key)) = (idem.as_mut(), idem_key) {
             map.insert(key, (result.clone(), now));
+        }
+        drop(idem);
+        if over_cap {
+            self.evict();
         }
         Ok(result)
     }
@@ -231,7 +380,7 @@ impl Broker for MemoryBroker {
         let now = Instant::now();
         let mut map = lock(self.shard(channel));
         let st = map.entry(channel.to_owned()).or_insert_with(ChannelState::new);
-        st.prune(self.history_ttl, now);
+        st.prune(self.history_ttl, now, &self.budget);
         let all = st.history.iter().map(|(p, _)| p);
         let (publications, gap) = match since {
             Some(pos) if *pos.epoch == *st.epoch && pos.offset <= st.top => {

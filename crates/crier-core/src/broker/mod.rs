@@ -68,11 +68,17 @@ pub struct NodeInfo {
     pub version: String,
 }
 
-/// Broker failures. `Unavailable` is what callers turn into `unavailable` / 503.
+/// Broker failures. `Unavailable` is what callers turn into `unavailable` / 503: the request
+/// certainly had no effect (no connection when it was to be sent, or the broker refused it).
+/// `OutcomeUnknown` (only from `publish`): the request may have been applied — the broker did
+/// not answer in time, or the connection dropped after it may have been sent; callers turn it
+/// into `outcome_unknown` / 504, and a retry with the same idempotency key is safe.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    #[error("broker outcome unknown: {0}")]
+    OutcomeUnknown(String),
     #[error("broker error: {0}")]
     Internal(String),
 }

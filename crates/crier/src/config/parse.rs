@@ -314,6 +314,10 @@ pub(super) fn build(
     });
     let presence_ttl = p.required("presence_ttl", |s| duration_within(s, false, MAX_DURATION));
     let max_connections = p.required("max_connections", number::<usize>);
+    let max_pending_handshakes = p.required("max_pending_handshakes", |s| {
+        number::<usize>(s).and_then(|n| if n >= 1 { Ok(n) } else { Err("at least 1".into()) })
+    });
+    let memory_history_max_bytes = p.required("memory_history_max_bytes", number::<usize>);
     let worker_threads = p.required("worker_threads", |s| {
         number::<usize>(s).and_then(|n| if n <= 1024 { Ok(n) } else { Err("at most 1024".into()) })
     });
@@ -373,6 +377,8 @@ pub(super) fn build(
         history_ttl: got(history_ttl)?,
         presence_ttl: got(presence_ttl)?,
         max_connections: got(max_connections)?,
+        max_pending_handshakes: got(max_pending_handshakes)?,
+        memory_history_max_bytes: got(memory_history_max_bytes)?,
         worker_threads: got(worker_threads)?,
         trusted_proxies: got(trusted_proxies)?,
         user_rate_scope: got(user_rate_scope)?,

@@ -241,6 +241,14 @@ pub(super) static SETTINGS: &[Setting] = &[
     ),
     setting("history_ttl", Scalar, "DURATION", Some("300s"), "`300s`", "how long a channel's history is kept"),
     setting(
+        "memory_history_max_bytes",
+        Scalar,
+        "BYTES",
+        Some("268435456"),
+        "`268435456` (256 MiB)",
+        "memory broker: bytes of history kept across all channels; beyond it the oldest messages (of any channel) are dropped first (a recovery across them says `recovered: false`); 0 = no cap",
+    ),
+    setting(
         "presence_ttl",
         Scalar,
         "DURATION",
@@ -255,6 +263,14 @@ pub(super) static SETTINGS: &[Setting] = &[
         Some("0"),
         "`0` (unlimited)",
         "connections this node accepts; more are refused with 503 before the upgrade; 0 = unlimited",
+    ),
+    setting(
+        "max_pending_handshakes",
+        Scalar,
+        "N",
+        Some("2048"),
+        "`2048`",
+        "connections that have not yet sent a complete request head (each may hold up to 16 KiB for up to 10 s); more are answered 503 and closed at once",
     ),
     setting(
         "worker_threads",

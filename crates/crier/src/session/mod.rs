@@ -132,7 +132,9 @@ impl Session {
                 Box::pin(self.subscribe(id, &channel, recover, slot)).await
             }
             ClientFrame::Unsubscribe { id, channel } => Box::pin(self.unsubscribe(id, &channel)).await,
-            ClientFrame::Publish { id, channel, data } => Box::pin(self.publish(id, &channel, data.get())).await,
+            ClientFrame::Publish { id, channel, data, idempotency_key } => {
+                Box::pin(self.publish(id, &channel, data.get(), idempotency_key.as_deref())).await
+            }
             ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id }),
             ClientFrame::Refresh { id, token } => Box::pin(self.refresh(id, &token)).await,
             ClientFrame::Presence { id, channel } => Box::pin(self.presence(id, &channel)).await,

@@ -2,6 +2,8 @@
 //! `presence` and `history`.
 
 use bytes::Bytes;
+use crier_core::BrokerError;
+use crier_core::broker::PublishOptions;
 use crier_protocol::frames::ServerFrame;
 use crier_protocol::{ErrorCode, StreamPosition, validate_channel};
 use tokio::sync::SemaphorePermit;
@@ -13,14 +15,15 @@ use crate::metrics as m;
 const MAX_HISTORY_LIMIT: usize = 1000;
 
 impl Session {
-    pub(super) async fn publish(&mut self, id: Option<u64>, channel: &str, data: &str) {
+    pub(super) async fn publish(&mut self, id: Option<u64>, channel: &str, data: &str, idempotency_key: Option<&str>) {
         if let Err(e) = validate_channel(channel) {
             return self.error(id, ErrorCode::InvalidChannel, &e.to_string(), None);
         }
         if !self.patterns.may_publish(channel) {
             return self.error(id, ErrorCode::Forbidden, "the token does not allow publishing here", Some(channel));
         }
-        match self.st.broker().publish(channel, data, Default::default()).await {
+        let opts = PublishOptions { idempotency_key };
+        match self.st.broker().publish(channel, data, opts).await {
             Ok(r) => {
                 metrics::counter!(m::PUBLISHED, "source" => "client").increment(1);
                 self.send(&ServerFrame::Ack {
@@ -30,6 +33,15 @@ impl Session {
                     offset: Some(r.offset),
                     recovered: None,
                 });
+            }
+            Err(BrokerError::OutcomeUnknown(e)) => {
+                tracing::warn!(error = %e, "client publish: outcome unknown");
+                self.error(
+                    id,
+                    ErrorCode::OutcomeUnknown,
+                    "the broker did not confirm the publish; it may have been published: retry with the same idempotency_key",
+                    Some(channel),
+                )
             }
             Err(e) => {
                 tracing::warn!(error = %e, "client publish failed");

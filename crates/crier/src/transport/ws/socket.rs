@@ -22,6 +22,10 @@ use tokio::net::TcpStream;
 
 /// Bytes read from the socket per read call (on the stack).
 const READ_CHUNK: usize = 4096;
+/// How long a client message may stay unfinished (a fragmented message, or a frame whose
+/// payload is still arriving) while the client keeps sending: then 1008. Bytes held meanwhile
+/// are bounded by `max_message_bytes` (the fragments) plus one frame's.
+pub const MESSAGE_ASSEMBLY_TIMEOUT_S: u32 = 10;
 /// Frames per `sendmsg` (each takes two slices). Small: the slice and header arrays are
 /// initialised on every write, and most batches hold one to a few frames.
 const FRAMES_PER_WRITE: usize = 16;
@@ -66,12 +70,19 @@ impl WsSocket {
                         if self.rbuf.is_empty() {
                             self.rbuf = BytesMut::new();
                         }
+                        if let Err(v) = self.check_unfinished() {
+                            return Poll::Ready(Err(ReadError::Violation(v)));
+                        }
                         if let Incoming::Ping(payload) = &message {
                             self.pong = Some(payload.as_slice().into());
                         }
                         return Poll::Ready(Ok(Some(message)));
                     }
-                    Ok(None) => {}
+                    Ok(None) => {
+                        if let Err(v) = self.check_unfinished() {
+                            return Poll::Ready(Err(ReadError::Violation(v)));
+                        }
+                    }
                     Err(v) => return Poll::Ready(Err(ReadError::Violation(v))),
                 }
             }
@@ -90,6 +101,29 @@ impl WsSocket {
                 Err(e) => return Poll::Ready(Err(ReadError::Io(e))),
             }
         }
+    }
+
+    /// Bounds how long a message stays unfinished: the clock starts when bytes of a message
+    /// wait for more (fragments in the reader, or a partial frame) and stops when none do; past
+    /// [`MESSAGE_ASSEMBLY_TIMEOUT_S`] the connection is refused (checked whenever the client
+    /// sends something, e.g. a ping between fragments; a client that sends nothing more is
+    /// closed by the heartbeat).
+    fn check_unfinished(&mut self) -> Result<(), Violation> {
+        if !self.reader.is_assembling() && self.rbuf.is_empty() {
+            self.reader.set_assembly_mark(0);
+            return Ok(());
+        }
+        // Seconds on the process's monotonic clock, never 0.
+        let now = (crier_core::clock_ms() / 1000) as u32 + 1;
+        match self.reader.assembly_mark() {
+            0 => self.reader.set_assembly_mark(now),
+            since if now.saturating_sub(since) >= MESSAGE_ASSEMBLY_TIMEOUT_S => {
+                metrics::counter!(crate::metrics::MESSAGE_ASSEMBLY_TIMEOUTS).increment(1);
+                return Err(Violation::Unfinished);
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// True while bytes wait to be written (a pong counts).
