@@ -117,6 +117,21 @@ test("errors reject with the contract's codes", async (t) => {
   assert.equal(c.state, "connected");
 });
 
+test("publish with an idempotencyKey: a retry is acked with the first offset and delivered once", async (t) => {
+  const n = await node(t);
+  const c = client(t, n.wsUrl, { token: mint({ sub: "k", channels: ["chat:*"], publish: ["chat:*"] }) });
+  const got = collector();
+  await c.subscribe("chat:keyed", got.handlers).ready;
+  const first = await c.publish("chat:keyed", "once", { idempotencyKey: "order-17" });
+  const again = await c.publish("chat:keyed", "once", { idempotencyKey: "order-17" });
+  assert.deepEqual(again, first);
+  const last = await c.publish("chat:keyed", "last");
+  assert.equal(last.offset, first.offset + 1);
+  await waitFor(() => got.messages.length === 2, "two messages");
+  assert.deepEqual(got.messages.map((m) => m.data), ["once", "last"]);
+  await assert.rejects(c.publish("chat:keyed", 1, { idempotencyKey: "" }), { code: "bad_request" });
+});
+
 test("a request without a reply rejects with code timeout", async (t) => {
   const fake = await fakeServer(t, () => {});
   const c = client(t, fake.url, { requestTimeout: 200 });

@@ -88,6 +88,7 @@ impl Drop for PendingHead {
         self.finish();
     }
 }
+
 /// Largest request head (request line + headers) accepted, in bytes; larger ones get 431.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 

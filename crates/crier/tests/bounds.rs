@@ -342,3 +342,40 @@ async fn memory_history_cap_drops_the_oldest_first_bounds_rss_and_recovery_says_
     let m = c.recv_type("message").await;
     assert_eq!((m["channel"].as_str(), m["offset"].as_u64()), (Some(channel), Some(offset)), "{m}");
 }
+
+#[tokio::test]
+async fn a_client_whose_frames_keep_straddling_reads_is_not_mistaken_for_an_unfinished_message() {
+    // Every write completes the previous frame and starts the next, so the node always holds a
+    // partial frame between reads — for longer than the unfinished-message bound. Each message
+    // completes, so each starts its own clock: the connection lives.
+    let node = Server::start(&[]).await;
+    let token = node.token("streamer", &["chat:*"], &[]);
+    let mut s = TcpStream::connect(node.addr).await.unwrap();
+    s.write_all(upgrade_request(&node, &token).as_bytes()).await.unwrap();
+    assert!(read_head(&mut s).await.starts_with("HTTP/1.1 101"));
+    // A masked Ping (mask 0: the payload as is), cut after 3 bytes.
+    let ping: &[u8] = b"\x89\x84\x00\x00\x00\x00ping";
+    let (head, tail) = ping.split_at(3);
+    s.write_all(head).await.unwrap();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(12) {
+        // Paces the client; nothing waits on the node here.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        s.write_all(&[tail, head].concat()).await.unwrap();
+    }
+    s.write_all(tail).await.unwrap();
+    let frame = br#"{"type":"ping","id":9}"#;
+    let mut text = vec![0x81, 0x80 | frame.len() as u8, 0, 0, 0, 0];
+    text.extend_from_slice(frame);
+    s.write_all(&text).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + support::WAIT;
+    while !got.windows(6).any(|w| w == b"\"pong\"") {
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await.expect("a reply in time") {
+            Ok(0) | Err(_) => panic!("the connection was closed: {:?}", String::from_utf8_lossy(&got)),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+    assert!(!got.windows(2).any(|w| w == [0x88, 0x02]), "no close frame: {got:?}");
+}

@@ -85,6 +85,9 @@ impl Budget {
         if let Some(b) = self.buckets.get_mut(i) {
             *b = b.saturating_sub(bytes);
         }
+        if self.total == 0 {
+            self.buckets.clear();
+        }
         while self.buckets.front() == Some(&0) {
             self.buckets.pop_front();
             self.first += 1;
@@ -94,20 +97,34 @@ impl Budget {
         }
     }
 
-    /// Over the cap: the publish time before which history goes, to fall to 90% of the cap.
+    /// Over the cap: the publish time before which history goes, to fall to 90% of the cap —
+    /// but never the newest slice (what was just published stays; the cap may be passed by what
+    /// is published within one [`TICK`]). `None`: under the cap, or nothing older to drop.
     fn cutoff(&self) -> Option<Instant> {
-        if self.cap == 0 || self.total <= self.cap {
+        if self.cap == 0 || self.total <= self.cap || self.buckets.len() < 2 {
             return None;
         }
         let target = self.cap / 10 * 9;
         let mut left = self.total;
-        for (i, b) in self.buckets.iter().enumerate() {
+        let older = self.buckets.len() - 1;
+        let mut end = older;
+        for (i, b) in self.buckets.iter().take(older).enumerate() {
             left = left.saturating_sub(*b);
             if left <= target {
-                return Some(self.start_of(self.first + i as u64 + 1));
+                end = i + 1;
+                break;
             }
         }
-        Some(self.start_of(self.first + self.buckets.len() as u64))
+        Some(self.start_of(self.first + end as u64))
+    }
+
+    /// Every entry published before `at` is gone (dropped for the cap or expired): forgets
+    /// their slices, also any bytes left in them by a publish stamped out of order.
+    fn forget_before(&mut self, at: Instant) {
+        let end = self.tick(at);
+        while self.first < end && self.buckets.pop_front().is_some() {
+            self.first += 1;
+        }
     }
 
     fn start_of(&self, tick: u64) -> Instant {
@@ -262,6 +279,7 @@ impl MemoryBroker {
                 st.drop_front(&self.budget, |at| at < cutoff);
             }
         }
+        lock(&self.budget).forget_before(cutoff);
     }
 
     /// Drops expired history, and forgets channels that are idle, empty and unsubscribed (their
@@ -279,6 +297,9 @@ impl MemoryBroker {
             if map.capacity() > 64 && map.len() < map.capacity() / 4 {
                 map.shrink_to_fit();
             }
+        }
+        if let Some(expired) = now.checked_sub(self.history_ttl) {
+            lock(&self.budget).forget_before(expired);
         }
         lock(&self.idempotency).retain(|_, (_, at)| now.duration_since(*at) <= IDEMPOTENCY_WINDOW);
     }
@@ -458,5 +479,56 @@ impl Broker for MemoryBroker {
 
     fn is_up(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_finds_how_far_back_history_must_go() {
+        let mut b = Budget::new(1000);
+        let at = |tick: u32| b.origin + TICK * tick;
+        let (t0, t1, t2) = (at(0), at(1), at(5));
+        b.add(t0, 400);
+        b.add(t1, 400);
+        assert_eq!(b.cutoff(), None, "under the cap");
+        b.add(t2, 400);
+        // 1200 > 1000: down to 900 means dropping the first slice (800 left).
+        assert_eq!(b.cutoff(), Some(b.start_of(1)));
+        b.remove(t0, 400);
+        assert_eq!((b.total, b.first, b.buckets.len()), (800, 1, 5), "the empty front slice is forgotten");
+        b.add(t2, 800);
+        // 1600: everything older than the newest slice goes (1200 left), the newest stays.
+        assert_eq!(b.cutoff(), Some(b.start_of(5)));
+        b.forget_before(b.start_of(5));
+        assert_eq!((b.first, b.buckets.len()), (5, 1));
+        assert_eq!(b.cutoff(), None, "only the newest slice is left: it stays");
+        b.remove(t1, 400);
+        b.remove(t2, 400);
+        b.remove(t2, 800);
+        assert_eq!((b.total, b.buckets.len()), (0, 0), "nothing left, nothing counted");
+    }
+
+    #[tokio::test]
+    async fn past_the_byte_cap_the_oldest_history_goes_first_and_recovery_reports_it() {
+        // Each entry counts its frame plus its slot; a cap of ~3 entries of 1 KiB.
+        let data = format!("\"{}\"", "x".repeat(1000));
+        let one = 1000 + 100 + std::mem::size_of::<(Publication, Instant)>();
+        let broker = MemoryBroker::with_history_cap(100, Duration::from_secs(60), 3 * one);
+        let first = broker.publish("a", &data, PublishOptions::default()).await.unwrap_or_else(|e| panic!("{e}"));
+        for channel in ["b", "c", "d", "e", "f", "g", "h"] {
+            // Each publish in a slice of its own (the cap keeps the newest slice whole); not a
+            // synchronisation, a distinct publish time.
+            std::thread::sleep(TICK);
+            broker.publish(channel, &data, PublishOptions::default()).await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert!(broker.history_bytes() <= 3 * one, "{} bytes kept", broker.history_bytes());
+        let pos = StreamPosition { epoch: first.epoch, offset: 0 };
+        let h = broker.history("a", Some(&pos), 10).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(h.gap && h.publications.is_empty(), "the oldest channel's message went, and that is said");
+        let h = broker.history("h", None, 10).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(h.publications.len(), 1, "the newest is kept");
     }
 }

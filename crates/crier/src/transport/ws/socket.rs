@@ -70,6 +70,11 @@ impl WsSocket {
                         if self.rbuf.is_empty() {
                             self.rbuf = BytesMut::new();
                         }
+                        // A message came out whole, and none is half assembled: whatever is
+                        // left in the buffer is the start of the next one.
+                        if !self.reader.is_assembling() {
+                            self.reader.set_assembly_mark(0);
+                        }
                         if let Err(v) = self.check_unfinished() {
                             return Poll::Ready(Err(ReadError::Violation(v)));
                         }
@@ -104,7 +109,8 @@ impl WsSocket {
     }
 
     /// Bounds how long a message stays unfinished: the clock starts when bytes of a message
-    /// wait for more (fragments in the reader, or a partial frame) and stops when none do; past
+    /// wait for more (fragments in the reader, or a partial frame) and stops when the message
+    /// completes (a message that follows in the same read starts its own clock); past
     /// [`MESSAGE_ASSEMBLY_TIMEOUT_S`] the connection is refused (checked whenever the client
     /// sends something, e.g. a ping between fragments; a client that sends nothing more is
     /// closed by the heartbeat).
