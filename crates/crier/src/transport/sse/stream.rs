@@ -91,26 +91,9 @@ impl SseSocket {
         for item in batch {
             render::push_event(&mut out, item, cursor);
         }
-        self.begin = self.frame(&mut out);
+        self.begin = frame(&mut out, self.chunked);
         self.written = self.begin;
         self.wbuf = out;
-    }
-
-    /// Frames `out` (events after [`CHUNK_HEAD`] bytes of room) as a chunk; returns where the
-    /// bytes to send start. Nothing rendered: nothing to send.
-    fn frame(&self, out: &mut Vec<u8>) -> usize {
-        let len = out.len() - CHUNK_HEAD;
-        if len == 0 {
-            return out.len();
-        }
-        if !self.chunked {
-            return CHUNK_HEAD;
-        }
-        let head = format!("{len:x}\r\n");
-        let begin = CHUNK_HEAD - head.len();
-        out[begin..CHUNK_HEAD].copy_from_slice(head.as_bytes());
-        out.extend_from_slice(b"\r\n");
-        begin
     }
 
     /// Queues the close event and the end of the body after what waits. `replace`: drop the
@@ -123,7 +106,7 @@ impl SseSocket {
         }
         let mut out = vec![0; CHUNK_HEAD];
         render::push_close(&mut out, close, drain_ms);
-        let begin = self.frame(&mut out);
+        let begin = frame(&mut out, self.chunked);
         if self.chunked {
             out.extend_from_slice(LAST_CHUNK);
         }
@@ -149,6 +132,24 @@ impl SseSocket {
             }
         }
     }
+}
+
+/// Frames `out` (events after [`CHUNK_HEAD`] bytes of room) as a chunk, or as they are when the
+/// body is not chunked; returns where the bytes to send start. Nothing rendered: nothing to send
+/// (an empty chunk would end the body).
+fn frame(out: &mut Vec<u8>, chunked: bool) -> usize {
+    let len = out.len() - CHUNK_HEAD;
+    if len == 0 {
+        return out.len();
+    }
+    if !chunked {
+        return CHUNK_HEAD;
+    }
+    let head = format!("{len:x}\r\n");
+    let begin = CHUNK_HEAD - head.len();
+    out[begin..CHUNK_HEAD].copy_from_slice(head.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    begin
 }
 
 fn size(out: &Out) -> usize {
@@ -291,5 +292,28 @@ async fn finish(mut sock: SseSocket, outbox: &Outbox) {
     .await;
     if !matches!(clean, Ok(Ok(()))) {
         let _ = SockRef::from(&sock.io).set_linger(Some(Duration::ZERO));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(events: &[u8], chunked: bool) -> Vec<u8> {
+        let mut out = vec![0; CHUNK_HEAD];
+        out.extend_from_slice(events);
+        let begin = frame(&mut out, chunked);
+        out[begin..].to_vec()
+    }
+
+    #[test]
+    fn a_batch_is_one_chunk_and_nothing_is_no_chunk() {
+        assert_eq!(framed(b": ping\n\n", true), b"8\r\n: ping\n\n\r\n");
+        assert_eq!(framed(b": ping\n\n", false), b": ping\n\n");
+        let big = vec![b'x'; 0x12345];
+        let chunk = framed(&big, true);
+        assert!(chunk.starts_with(b"12345\r\nxxx") && chunk.ends_with(b"xxx\r\n"));
+        assert_eq!(chunk.len(), 7 + big.len() + 2);
+        assert!(framed(b"", true).is_empty(), "an empty chunk would end the body");
     }
 }
