@@ -119,6 +119,11 @@ impl SseSocket {
         }
     }
 
+    /// Closes the socket with a reset (no lingering in the kernel with unsent bytes).
+    fn reset(self) {
+        let _ = SockRef::from(&self.io).set_linger(Some(Duration::ZERO));
+    }
+
     /// Reads (and drops) whatever the client sends; `Ready` once its stream ended or failed.
     fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
@@ -230,6 +235,7 @@ pub fn run(
     async move {
         s.open();
         let mut end = None;
+        let mut late = None;
         for (channel, recover) in channels {
             let outbox = s.outbox().clone();
             if outbox.is_closing() {
@@ -246,14 +252,22 @@ pub fn run(
             })
             .await;
             if let Some(e) = ended {
-                // Nothing more is written: what the subscribe still queues is dropped.
+                // Nothing more is written: what the subscribe still queues is dropped (a close
+                // asked for meanwhile is kept for the end).
                 std::future::poll_fn(|cx| {
                     if subscribing.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(());
                     }
                     let mut batch = Vec::new();
-                    while let Poll::Ready(Next::Batch) = outbox.poll_next(cx, &mut batch) {
-                        batch.clear();
+                    loop {
+                        match outbox.poll_next(cx, &mut batch) {
+                            Poll::Ready(Next::Batch) => batch.clear(),
+                            Poll::Ready(Next::Close(c)) => {
+                                late.get_or_insert(c);
+                                break;
+                            }
+                            Poll::Pending => break,
+                        }
                     }
                     Poll::Pending
                 })
@@ -268,12 +282,17 @@ pub fn run(
         };
         let close = match &end {
             End::Close(close) => Some(close.clone()),
-            End::Aborted => s.outbox().take_close(),
+            End::Aborted => s.outbox().take_close().or(late),
             End::Gone => None,
         };
-        if let Some(close) = close {
-            sock.queue_close(&close, drain_ms, matches!(end, End::Aborted));
-            Box::pin(finish(sock, s.outbox())).await;
+        match close {
+            Some(close) => {
+                sock.queue_close(&close, drain_ms, matches!(end, End::Aborted));
+                Box::pin(finish(sock, s.outbox())).await;
+            }
+            // The client left (or the socket failed): whatever the kernel still holds for it
+            // goes with a reset.
+            None => sock.reset(),
         }
         Box::pin(s.close()).await;
     }
@@ -291,7 +310,7 @@ async fn finish(mut sock: SseSocket, outbox: &Outbox) {
     })
     .await;
     if !matches!(clean, Ok(Ok(()))) {
-        let _ = SockRef::from(&sock.io).set_linger(Some(Duration::ZERO));
+        sock.reset();
     }
 }
 
