@@ -665,3 +665,52 @@ async fn a_resume_larger_than_the_queue_delivers_every_message() {
     }
     assert_eq!(offsets(&got), (1..=20).collect::<Vec<u64>>());
 }
+
+/// Reads from a raw socket until `want` appears (within [`WAIT`]); returns everything read.
+fn read_until(raw: &mut std::net::TcpStream, want: &str) -> String {
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(want) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(!left.is_zero(), "no {want:?} within {WAIT:?}: {:?}", String::from_utf8_lossy(&seen));
+        raw.set_read_timeout(Some(left)).unwrap();
+        let n = raw.read(&mut buf).unwrap_or_else(|e| panic!("reading for {want:?}: {e}"));
+        assert!(n > 0, "the stream ended before {want:?}: {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// The stream takes its connection over from hyper wherever it comes: after other requests on
+/// the same keep-alive connection (a browser reuses its connections), and for an HTTP/1.0 client
+/// (no chunked coding: the body ends with the connection).
+#[tokio::test]
+async fn a_stream_after_other_requests_on_a_connection_and_over_http_1_0() {
+    let server = Server::start(&[]).await;
+    let token = server.token("u1", &["c"], &[]);
+    let mut raw = std::net::TcpStream::connect(server.addr).unwrap();
+    raw.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let health = read_until(&mut raw, "\r\n\r\nok");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    raw.write_all(format!("GET /sse?channel=c&token={token} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
+    let head = read_until(&mut raw, "event: subscribed");
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("transfer-encoding: chunked\r\n") && lower.contains("connection: close\r\n"), "{head}");
+    server.publish("c", json!("reused")).await;
+    read_until(&mut raw, "\"data\":\"reused\"");
+
+    let mut old = std::net::TcpStream::connect(server.addr).unwrap();
+    old.write_all(format!("GET /sse?channel=c&token={token} HTTP/1.0\r\n\r\n").as_bytes()).unwrap();
+    let head = read_until(&mut old, "event: subscribed");
+    assert!(!head.to_ascii_lowercase().contains("transfer-encoding"), "{head}");
+    let (_, body) = head.split_once("\r\n\r\n").unwrap();
+    assert!(body.starts_with("event: welcome\ndata: {"), "events as they are, no chunk sizes: {body:?}");
+    let r = server.post("/api/v1/disconnect", json!({"user":"u1"})).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["disconnected"], 2);
+    let close = read_until(&mut old, "event: close");
+    assert!(close.contains("4003"), "{close}");
+    closed_by_server(&mut old);
+    read_until(&mut raw, "0\r\n\r\n");
+}
