@@ -562,7 +562,7 @@ async fn ws_status(server: &Server, token: &str) -> u16 {
 }
 
 /// A client that stops reading is dropped as a slow consumer, and crier closes its socket too
-/// (it does not stay open for as long as the peer keeps it).
+/// (it does not stay open for as long as the peer keeps it, and is not left to the kernel).
 #[tokio::test]
 async fn a_non_reading_client_s_socket_is_closed_when_its_session_ends() {
     let server = Server::start(&["--client-queue-max-bytes", "65536", "--max-message-bytes", "65536"]).await;
@@ -573,6 +573,15 @@ async fn a_non_reading_client_s_socket_is_closed_when_its_session_ends() {
     until("the stuck stream is dropped as a slow consumer", async || {
         server.publish("c", json!(big)).await;
         server.metric("crier_slow_consumers_total").await >= 1.0
+    })
+    .await;
+    // Without reading a byte, the client sees crier reset the socket it could not finish
+    // (the close event does not fit): crier holds it no longer than its close grace.
+    let mut reset = false;
+    until("crier resets the stuck socket", async || {
+        reset =
+            reset || raw.take_error().ok().flatten().is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset);
+        reset
     })
     .await;
     until("the connection is gone", async || server.metric("crier_connections").await == 0.0).await;
@@ -654,4 +663,53 @@ async fn a_resume_larger_than_the_queue_delivers_every_message() {
         }
     }
     assert_eq!(offsets(&got), (1..=20).collect::<Vec<u64>>());
+}
+
+/// Reads from a raw socket until `want` appears (within [`WAIT`]); returns everything read.
+fn read_until(raw: &mut std::net::TcpStream, want: &str) -> String {
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(want) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(!left.is_zero(), "no {want:?} within {WAIT:?}: {:?}", String::from_utf8_lossy(&seen));
+        raw.set_read_timeout(Some(left)).unwrap();
+        let n = raw.read(&mut buf).unwrap_or_else(|e| panic!("reading for {want:?}: {e}"));
+        assert!(n > 0, "the stream ended before {want:?}: {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// The stream takes its connection over from hyper wherever it comes: after other requests on
+/// the same keep-alive connection (a browser reuses its connections), and for an HTTP/1.0 client
+/// (no chunked coding: the body ends with the connection).
+#[tokio::test]
+async fn a_stream_after_other_requests_on_a_connection_and_over_http_1_0() {
+    let server = Server::start(&[]).await;
+    let token = server.token("u1", &["c"], &[]);
+    let mut raw = std::net::TcpStream::connect(server.addr).unwrap();
+    raw.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let health = read_until(&mut raw, "\r\n\r\nok");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    raw.write_all(format!("GET /sse?channel=c&token={token} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
+    let head = read_until(&mut raw, "event: subscribed");
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("transfer-encoding: chunked\r\n") && lower.contains("connection: close\r\n"), "{head}");
+    server.publish("c", json!("reused")).await;
+    read_until(&mut raw, "\"data\":\"reused\"");
+
+    let mut old = std::net::TcpStream::connect(server.addr).unwrap();
+    old.write_all(format!("GET /sse?channel=c&token={token} HTTP/1.0\r\n\r\n").as_bytes()).unwrap();
+    let head = read_until(&mut old, "event: subscribed");
+    assert!(!head.to_ascii_lowercase().contains("transfer-encoding"), "{head}");
+    let (_, body) = head.split_once("\r\n\r\n").unwrap();
+    assert!(body.starts_with("event: welcome\ndata: {"), "events as they are, no chunk sizes: {body:?}");
+    let r = server.post("/api/v1/disconnect", json!({"user":"u1"})).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["disconnected"], 2);
+    let close = read_until(&mut old, "event: close");
+    assert!(close.contains("4003"), "{close}");
+    closed_by_server(&mut old);
+    read_until(&mut raw, "0\r\n\r\n");
 }

@@ -67,7 +67,11 @@ impl Cursor {
                 }
                 entry.2 = offset;
             }
-            None => self.entries.push((channel.into(), epoch.into(), offset)),
+            None => {
+                // One entry at a time (a push would reserve four): it lives as long as the stream.
+                self.entries.reserve_exact(1);
+                self.entries.push((channel.into(), epoch.into(), offset))
+            }
         }
     }
 

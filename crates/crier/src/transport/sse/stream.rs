@@ -91,26 +91,9 @@ impl SseSocket {
         for item in batch {
             render::push_event(&mut out, item, cursor);
         }
-        self.begin = self.frame(&mut out);
+        self.begin = frame(&mut out, self.chunked);
         self.written = self.begin;
         self.wbuf = out;
-    }
-
-    /// Frames `out` (events after [`CHUNK_HEAD`] bytes of room) as a chunk; returns where the
-    /// bytes to send start. Nothing rendered: nothing to send.
-    fn frame(&self, out: &mut Vec<u8>) -> usize {
-        let len = out.len() - CHUNK_HEAD;
-        if len == 0 {
-            return out.len();
-        }
-        if !self.chunked {
-            return CHUNK_HEAD;
-        }
-        let head = format!("{len:x}\r\n");
-        let begin = CHUNK_HEAD - head.len();
-        out[begin..CHUNK_HEAD].copy_from_slice(head.as_bytes());
-        out.extend_from_slice(b"\r\n");
-        begin
     }
 
     /// Queues the close event and the end of the body after what waits. `replace`: drop the
@@ -123,7 +106,7 @@ impl SseSocket {
         }
         let mut out = vec![0; CHUNK_HEAD];
         render::push_close(&mut out, close, drain_ms);
-        let begin = self.frame(&mut out);
+        let begin = frame(&mut out, self.chunked);
         if self.chunked {
             out.extend_from_slice(LAST_CHUNK);
         }
@@ -134,6 +117,11 @@ impl SseSocket {
             self.written = begin;
             self.begin = begin;
         }
+    }
+
+    /// Closes the socket with a reset (no lingering in the kernel with unsent bytes).
+    fn reset(self) {
+        let _ = SockRef::from(&self.io).set_linger(Some(Duration::ZERO));
     }
 
     /// Reads (and drops) whatever the client sends; `Ready` once its stream ended or failed.
@@ -149,6 +137,24 @@ impl SseSocket {
             }
         }
     }
+}
+
+/// Frames `out` (events after [`CHUNK_HEAD`] bytes of room) as a chunk, or as they are when the
+/// body is not chunked; returns where the bytes to send start. Nothing rendered: nothing to send
+/// (an empty chunk would end the body).
+fn frame(out: &mut Vec<u8>, chunked: bool) -> usize {
+    let len = out.len() - CHUNK_HEAD;
+    if len == 0 {
+        return out.len();
+    }
+    if !chunked {
+        return CHUNK_HEAD;
+    }
+    let head = format!("{len:x}\r\n");
+    let begin = CHUNK_HEAD - head.len();
+    out[begin..CHUNK_HEAD].copy_from_slice(head.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    begin
 }
 
 fn size(out: &Out) -> usize {
@@ -229,6 +235,7 @@ pub fn run(
     async move {
         s.open();
         let mut end = None;
+        let mut late = None;
         for (channel, recover) in channels {
             let outbox = s.outbox().clone();
             if outbox.is_closing() {
@@ -245,14 +252,22 @@ pub fn run(
             })
             .await;
             if let Some(e) = ended {
-                // Nothing more is written: what the subscribe still queues is dropped.
+                // Nothing more is written: what the subscribe still queues is dropped (a close
+                // asked for meanwhile is kept for the end).
                 std::future::poll_fn(|cx| {
                     if subscribing.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(());
                     }
                     let mut batch = Vec::new();
-                    while let Poll::Ready(Next::Batch) = outbox.poll_next(cx, &mut batch) {
-                        batch.clear();
+                    loop {
+                        match outbox.poll_next(cx, &mut batch) {
+                            Poll::Ready(Next::Batch) => batch.clear(),
+                            Poll::Ready(Next::Close(c)) => {
+                                late.get_or_insert(c);
+                                break;
+                            }
+                            Poll::Pending => break,
+                        }
                     }
                     Poll::Pending
                 })
@@ -267,12 +282,17 @@ pub fn run(
         };
         let close = match &end {
             End::Close(close) => Some(close.clone()),
-            End::Aborted => s.outbox().take_close(),
+            End::Aborted => s.outbox().take_close().or(late),
             End::Gone => None,
         };
-        if let Some(close) = close {
-            sock.queue_close(&close, drain_ms, matches!(end, End::Aborted));
-            Box::pin(finish(sock, s.outbox())).await;
+        match close {
+            Some(close) => {
+                sock.queue_close(&close, drain_ms, matches!(end, End::Aborted));
+                Box::pin(finish(sock, s.outbox())).await;
+            }
+            // The client left (or the socket failed): whatever the kernel still holds for it
+            // goes with a reset.
+            None => sock.reset(),
         }
         Box::pin(s.close()).await;
     }
@@ -290,6 +310,29 @@ async fn finish(mut sock: SseSocket, outbox: &Outbox) {
     })
     .await;
     if !matches!(clean, Ok(Ok(()))) {
-        let _ = SockRef::from(&sock.io).set_linger(Some(Duration::ZERO));
+        sock.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(events: &[u8], chunked: bool) -> Vec<u8> {
+        let mut out = vec![0; CHUNK_HEAD];
+        out.extend_from_slice(events);
+        let begin = frame(&mut out, chunked);
+        out[begin..].to_vec()
+    }
+
+    #[test]
+    fn a_batch_is_one_chunk_and_nothing_is_no_chunk() {
+        assert_eq!(framed(b": ping\n\n", true), b"8\r\n: ping\n\n\r\n");
+        assert_eq!(framed(b": ping\n\n", false), b": ping\n\n");
+        let big = vec![b'x'; 0x12345];
+        let chunk = framed(&big, true);
+        assert!(chunk.starts_with(b"12345\r\nxxx") && chunk.ends_with(b"xxx\r\n"));
+        assert_eq!(chunk.len(), 7 + big.len() + 2);
+        assert!(framed(b"", true).is_empty(), "an empty chunk would end the body");
     }
 }
