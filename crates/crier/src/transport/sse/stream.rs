@@ -234,48 +234,12 @@ pub fn run(
 ) -> impl Future<Output = ()> + Send {
     async move {
         s.open();
-        let mut end = None;
-        let mut late = None;
-        for (channel, recover) in channels {
-            let outbox = s.outbox().clone();
-            if outbox.is_closing() {
-                break;
-            }
-            // The subscribe and the writes side by side: a recovering subscribe may wait for
-            // room in the outbox, which only the writes make.
-            let mut subscribing = Box::pin(s.subscribe_named(&channel, recover));
-            let ended = std::future::poll_fn(|cx| {
-                if subscribing.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(None);
-                }
-                poll_stream(&mut sock, cx, &outbox, &mut cursor).map(Some)
-            })
-            .await;
-            if let Some(e) = ended {
-                // Nothing more is written: what the subscribe still queues is dropped (a close
-                // asked for meanwhile is kept for the end).
-                std::future::poll_fn(|cx| {
-                    if subscribing.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(());
-                    }
-                    let mut batch = Vec::new();
-                    loop {
-                        match outbox.poll_next(cx, &mut batch) {
-                            Poll::Ready(Next::Batch) => batch.clear(),
-                            Poll::Ready(Next::Close(c)) => {
-                                late.get_or_insert(c);
-                                break;
-                            }
-                            Poll::Pending => break,
-                        }
-                    }
-                    Poll::Pending
-                })
-                .await;
-                end = Some(e);
-                break;
-            }
-        }
+        // Boxed: the subscribe phase's state is on the heap only while it runs, not in the task
+        // of every idle stream.
+        let (end, late) = match Box::pin(subscribe_all(&mut s, channels, &mut cursor, &mut sock)).await {
+            Some((end, late)) => (Some(end), late),
+            None => (None, None),
+        };
         let end = match end {
             Some(e) => e,
             None => std::future::poll_fn(|cx| poll_stream(&mut sock, cx, s.outbox(), &mut cursor)).await,
@@ -296,6 +260,57 @@ pub fn run(
         }
         Box::pin(s.close()).await;
     }
+}
+
+/// Subscribes the channels one after the other, each subscribe driven side by side with the
+/// writes (a recovering subscribe may wait for room in the outbox, which only the writes make).
+/// `Some` when the stream ended meanwhile: how, and a close asked for while the subscribe in
+/// flight was being finished.
+async fn subscribe_all(
+    s: &mut Session,
+    channels: Vec<(String, Option<StreamPosition>)>,
+    cursor: &mut Cursor,
+    sock: &mut SseSocket,
+) -> Option<(End, Option<Close>)> {
+    let outbox = s.outbox().clone();
+    for (channel, recover) in channels {
+        if outbox.is_closing() {
+            break;
+        }
+        let mut subscribing = std::pin::pin!(s.subscribe_named(&channel, recover));
+        let ended = std::future::poll_fn(|cx| {
+            if subscribing.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            poll_stream(sock, cx, &outbox, cursor).map(Some)
+        })
+        .await;
+        if let Some(end) = ended {
+            // Nothing more is written: what the subscribe still queues is dropped (a close asked
+            // for meanwhile is kept for the end).
+            let mut late = None;
+            std::future::poll_fn(|cx| {
+                if subscribing.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+                let mut batch = Vec::new();
+                loop {
+                    match outbox.poll_next(cx, &mut batch) {
+                        Poll::Ready(Next::Batch) => batch.clear(),
+                        Poll::Ready(Next::Close(c)) => {
+                            late.get_or_insert(c);
+                            break;
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            return Some((end, late));
+        }
+    }
+    None
 }
 
 /// Writes what is still pending (the close event, the end of the body), shuts the write side
