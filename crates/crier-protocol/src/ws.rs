@@ -170,6 +170,8 @@ pub struct Reader {
     max_message: usize,
     /// permessage-deflate was negotiated: RSV1 marks a compressed message.
     deflate: bool,
+    /// A close frame was taken (valid or not): the client sends nothing more.
+    saw_close: bool,
 }
 
 /// Marks a partial message as compressed (in the stored opcode's unused bits).
@@ -178,7 +180,14 @@ const COMPRESSED: u8 = 0x40;
 impl Reader {
     /// A reader refusing frames and messages over `max_message` bytes (1009).
     pub fn new(max_message: usize) -> Reader {
-        Reader { partial: None, max_message, deflate: false }
+        Reader { partial: None, max_message, deflate: false, saw_close: false }
+    }
+
+    /// Whether the client's close frame was taken off the buffer, even one that broke a rule
+    /// (a one-byte payload, an invalid code or reason): the client has finished sending, so a
+    /// server failing the connection has nothing left to read (RFC 6455 §5.5.1).
+    pub fn saw_close(&self) -> bool {
+        self.saw_close
     }
 
     /// permessage-deflate was negotiated: accept compressed messages (RSV1 on a message's first
@@ -236,7 +245,10 @@ impl Reader {
             let message = match h.opcode {
                 OP_PING => Incoming::Ping(payload),
                 OP_PONG => Incoming::Pong,
-                OP_CLOSE => parse_close(payload)?,
+                OP_CLOSE => {
+                    self.saw_close = true;
+                    parse_close(payload)?
+                }
                 OP_CONTINUATION => {
                     let Some(mut partial) = self.partial.take() else {
                         return Err(Violation::Protocol("continuation frame with nothing to continue"));
