@@ -158,10 +158,12 @@ async fn finish(mut ws: WsSocket, ending: Ending) {
         if std::future::poll_fn(|cx| ws.poll_write_pending(cx)).await.is_err() {
             return;
         }
-        // A violation in the client's close frame: the client sends nothing more.
-        if violation && !ws.peer_closed() {
-            let mut discard = Discard::default();
-            let _ = std::future::poll_fn(|cx| ws.poll_discard(cx, &mut discard)).await;
+        if violation {
+            // A violation in the client's close frame: the client sends nothing more.
+            if !ws.peer_closed() {
+                let mut discard = Discard::default();
+                let _ = std::future::poll_fn(|cx| ws.poll_discard(cx, &mut discard)).await;
+            }
         } else if linger {
             while let Ok(Some(m)) = std::future::poll_fn(|cx| ws.poll_message(cx)).await {
                 if matches!(m, Incoming::Close(_)) {
