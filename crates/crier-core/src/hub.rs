@@ -330,16 +330,16 @@ fn frame_for(outbox: &Outbox, json: &Bytes, converted: &mut Option<Bytes>) -> By
 }
 
 /// The frames of one fan-out in each form a subscriber may need, each built on first use:
-/// the other encoding's, and each encoding's permessage-deflate form.
+/// the other encoding's, and each encoding's permessage-deflate form per server window in use.
 #[derive(Default)]
 struct Forms {
     converted: Option<Bytes>,
-    /// Compressed: [JSON, the other encoding].
-    deflated: [Option<Bytes>; 2],
+    /// Compressed: [JSON, the other encoding] × [`crier_protocol::ws::deflate_window_slot`].
+    deflated: [[Option<Bytes>; crier_protocol::ws::DEFLATE_WINDOWS]; 2],
 }
 
-/// What to queue for this subscriber: [`frame_for`], compressed (once per fan-out) when the
-/// connection negotiated permessage-deflate and the frame is large enough.
+/// What to queue for this subscriber: [`frame_for`], compressed (once per fan-out and server
+/// window) when the connection negotiated permessage-deflate and the frame is large enough.
 fn out_for(outbox: &Outbox, json: &Bytes, forms: &mut Forms) -> Out {
     let min = outbox.deflate_min();
     let encoding = outbox.encoding();
@@ -349,8 +349,12 @@ fn out_for(outbox: &Outbox, json: &Bytes, forms: &mut Forms) -> Out {
     let frame = frame_for(outbox, json, &mut forms.converted);
     match min {
         Some(min) if frame.len() >= min => {
-            let slot = &mut forms.deflated[usize::from(encoding != Encoding::Json)];
-            Out::Deflated(slot.get_or_insert_with(|| Bytes::from(crier_protocol::ws::deflate(&frame))).clone())
+            let bits = outbox.deflate_window_bits();
+            let slot = &mut forms.deflated[usize::from(encoding != Encoding::Json)]
+                [crier_protocol::ws::deflate_window_slot(bits)];
+            Out::Deflated(
+                slot.get_or_insert_with(|| Bytes::from(crier_protocol::ws::deflate_window(&frame, bits))).clone(),
+            )
         }
         _ => Out::Frame(frame),
     }

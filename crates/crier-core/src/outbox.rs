@@ -11,7 +11,7 @@
 //! pointer moves; no lock is held across an await.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -124,6 +124,8 @@ pub struct Outbox {
     /// permessage-deflate: shared frames of at least this many bytes go compressed
     /// (`usize::MAX`: not negotiated).
     deflate_min: AtomicUsize,
+    /// permessage-deflate: the server window negotiated (`server_max_window_bits`, 8..=15).
+    deflate_window: AtomicU8,
 }
 
 impl Outbox {
@@ -143,6 +145,7 @@ impl Outbox {
             expires: AtomicU64::new(u64::MAX),
             encoding,
             deflate_min: AtomicUsize::new(usize::MAX),
+            deflate_window: AtomicU8::new(15),
         }
     }
 
@@ -152,9 +155,16 @@ impl Outbox {
     }
 
     /// The connection negotiated permessage-deflate: the hub queues its shared frames of at
-    /// least `min_bytes` compressed ([`Out::Deflated`], compressed once per fan-out).
-    pub fn set_deflate(&self, min_bytes: usize) {
+    /// least `min_bytes` compressed ([`Out::Deflated`], compressed once per fan-out and server
+    /// window) with a window of `window_bits` (the `server_max_window_bits` agreed, 8..=15).
+    pub fn set_deflate(&self, min_bytes: usize, window_bits: u8) {
+        self.deflate_window.store(window_bits, Ordering::Relaxed);
         self.deflate_min.store(min_bytes, Ordering::Relaxed);
+    }
+
+    /// The server window negotiated with permessage-deflate (15 unless the client asked for less).
+    pub fn deflate_window_bits(&self) -> u8 {
+        self.deflate_window.load(Ordering::Relaxed)
     }
 
     /// The smallest frame sent compressed; `None` without permessage-deflate.

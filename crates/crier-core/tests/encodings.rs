@@ -74,21 +74,26 @@ async fn each_encoding_gets_one_shared_frame_per_message() {
 }
 
 #[tokio::test]
-async fn deflate_subscribers_share_one_compressed_frame_per_encoding() {
+async fn deflate_subscribers_share_one_compressed_frame_per_encoding_and_window() {
     let hub = Hub::new();
-    let make = |e, deflate: bool| {
+    let make = |e, window: Option<u8>| {
         let o = Arc::new(Outbox::with_encoding(1 << 20, e));
-        if deflate {
-            o.set_deflate(16);
+        if let Some(bits) = window {
+            o.set_deflate(16, bits);
         }
         o
     };
     let outboxes = [
-        make(Encoding::Json, true),
-        make(Encoding::Json, true),
-        make(Encoding::MsgPack, true),
-        make(Encoding::MsgPack, true),
-        make(Encoding::Json, false),
+        make(Encoding::Json, Some(15)),
+        make(Encoding::Json, Some(15)),
+        make(Encoding::MsgPack, Some(15)),
+        make(Encoding::MsgPack, Some(15)),
+        make(Encoding::Json, None),
+        // Smaller server windows (server_max_window_bits): one form per window; 8 is served by 9.
+        make(Encoding::Json, Some(9)),
+        make(Encoding::Json, Some(8)),
+        make(Encoding::Json, Some(12)),
+        make(Encoding::Json, Some(12)),
     ];
     for (i, o) in outboxes.iter().enumerate() {
         assert!(hub.add("c", i as u64, o.clone()).is_ok());
@@ -116,4 +121,14 @@ async fn deflate_subscribers_share_one_compressed_frame_per_encoding() {
     assert!(matches!(&got[0][1], Out::Frame(_)), "under the minimum: uncompressed");
     let Out::Deflated(z) = &got[0][0] else { unreachable!() };
     assert_eq!(crier_protocol::ws::inflate(z, 1 << 20).unwrap(), p.frame.to_vec());
+    assert_eq!(ptr(&got[5][0]), ptr(&got[6][0]), "windows 8 and 9 share one form");
+    assert_eq!(ptr(&got[7][0]), ptr(&got[8][0]), "one compression per window");
+    assert_ne!(ptr(&got[5][0]), ptr(&got[0][0]));
+    assert_ne!(ptr(&got[7][0]), ptr(&got[0][0]));
+    assert_ne!(ptr(&got[7][0]), ptr(&got[5][0]));
+    for (i, bits) in [(5, 9), (7, 12)] {
+        let Out::Deflated(z) = &got[i][0] else { unreachable!() };
+        assert_eq!(z.to_vec(), crier_protocol::ws::deflate_window(&p.frame, bits), "compressed with {bits} bits");
+        assert_eq!(crier_protocol::ws::inflate(z, 1 << 20).unwrap(), p.frame.to_vec());
+    }
 }

@@ -14,8 +14,10 @@
 //! outgoing frame was validated as UTF-8 once per subscriber (see BENCHMARKS.md for the figures).
 //! permessage-deflate (RFC 7692) when the transport negotiated it ([`Reader::set_deflate`]):
 //! compressed client messages (RSV1) are inflated here, bounded by the size limit, with a
-//! fresh window per message (crier asks for `client_no_context_takeover`); [`deflate`]
-//! compresses a server message without context takeover, so one result serves every connection.
+//! fresh window per message (crier asks for `client_no_context_takeover`); [`deflate_window`]
+//! compresses a server message without context takeover in the window a connection negotiated
+//! (`server_max_window_bits`), so one result serves every connection with that window.
+//! [`Discard`] skips what a client still sends after the server failed the connection.
 
 use std::cell::RefCell;
 
@@ -176,6 +178,8 @@ pub struct Reader {
     /// When the unfinished message began, in the caller's clock (0: none); kept here, in the
     /// padding after `deflate`, so bounding a message's time costs a connection no byte.
     mark: u32,
+    /// A close frame was taken (valid or not): the client sends nothing more.
+    saw_close: bool,
 }
 
 /// Marks a partial message as compressed (in the stored opcode's unused bits).
@@ -184,7 +188,7 @@ const COMPRESSED: u8 = 0x40;
 impl Reader {
     /// A reader refusing frames and messages over `max_message` bytes (1009).
     pub fn new(max_message: usize) -> Reader {
-        Reader { partial: None, max_message, deflate: false, mark: 0 }
+        Reader { partial: None, max_message, deflate: false, mark: 0, saw_close: false }
     }
 
     /// Whether a fragmented message is being assembled (its fragments so far are held here).
@@ -201,6 +205,13 @@ impl Reader {
 
     pub fn set_assembly_mark(&mut self, mark: u32) {
         self.mark = mark;
+    }
+
+    /// Whether the client's close frame was taken off the buffer, even one that broke a rule
+    /// (a one-byte payload, an invalid code or reason): the client has finished sending, so a
+    /// server failing the connection has nothing left to read (RFC 6455 §5.5.1).
+    pub fn saw_close(&self) -> bool {
+        self.saw_close
     }
 
     /// permessage-deflate was negotiated: accept compressed messages (RSV1 on a message's first
@@ -258,7 +269,10 @@ impl Reader {
             let message = match h.opcode {
                 OP_PING => Incoming::Ping(payload),
                 OP_PONG => Incoming::Pong,
-                OP_CLOSE => parse_close(payload)?,
+                OP_CLOSE => {
+                    self.saw_close = true;
+                    parse_close(payload)?
+                }
                 OP_CONTINUATION => {
                     let Some(mut partial) = self.partial.take() else {
                         return Err(Violation::Protocol("continuation frame with nothing to continue"));
@@ -291,13 +305,40 @@ fn finish(opcode: u8, payload: Vec<u8>, max_message: usize) -> Result<Incoming, 
     }
 }
 
-thread_local! {
-    /// One inflater and one deflater per thread, reset for every message (no context takeover
-    /// either way): a connection keeps no compression state, and no message pays for allocating
-    /// one (~40 KiB to inflate, ~300 KiB to deflate with miniz_oxide).
-    static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
-    static DEFLATER: RefCell<Compress> = RefCell::new(Compress::new(Compression::fast(), false));
+/// How many distinct server windows [`deflate_window`] compresses with (9 to 15 bits; 8 is
+/// served by 9, see there): a fan-out keeps at most this many compressed forms per encoding.
+pub const DEFLATE_WINDOWS: usize = 7;
+
+/// The slot of a negotiated `server_max_window_bits` (8..=15, anything else counts as 15) among
+/// the [`DEFLATE_WINDOWS`] forms: 8 and 9 share one, see [`deflate_window`].
+pub fn deflate_window_slot(window_bits: u8) -> usize {
+    usize::from(compress_window_bits(window_bits) - 9)
 }
+
+/// The window zlib compresses with for a negotiated `server_max_window_bits`: zlib (and
+/// zlib-rs) refuse a raw deflate window of 8 bits, and with 9 bits they never emit a distance
+/// over 512 − 262 = 250 bytes (`MAX_DIST`), which a 256-byte (8-bit) window decodes.
+fn compress_window_bits(window_bits: u8) -> u8 {
+    match window_bits {
+        8..=15 => window_bits.max(9),
+        _ => 15,
+    }
+}
+
+thread_local! {
+    /// One inflater per thread and one deflater per thread and server window (made on first
+    /// use), reset for every message (no context takeover either way): a connection keeps no
+    /// compression state, and no message pays for allocating one. The inflater's 32 KiB window
+    /// reads any client window (8..15 bits).
+    static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
+    static DEFLATERS: RefCell<[Option<Compress>; DEFLATE_WINDOWS]> = const { RefCell::new([const { None }; DEFLATE_WINDOWS]) };
+}
+
+/// The deflate level of server messages. zlib-rs's level 1 (its "quick" strategy: static
+/// Huffman codes) made a 1.8 KB JSON frame 388 bytes in ~3.5 µs; level 2 makes it 289 bytes in
+/// ~21 µs (miniz_oxide's level 1, used before: 301 bytes, ~84 µs). One compression per message
+/// per node and window, so the smaller frames win.
+const DEFLATE_LEVEL: u32 = 2;
 
 /// The tail RFC 7692 §7.2.2 strips from a compressed message and a receiver appends.
 const DEFLATE_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
@@ -341,11 +382,23 @@ pub fn inflate(compressed: &[u8], max: usize) -> Result<Vec<u8>, Violation> {
     })
 }
 
-/// Compresses a message for permessage-deflate with no context takeover (RFC 7692 §7.2.1): the
-/// result (tail stripped) decodes on its own, so one compression serves every connection.
+/// Compresses a message for permessage-deflate with no context takeover (RFC 7692 §7.2.1) and
+/// the full 32 KiB window: [`deflate_window`] with 15 bits.
 pub fn deflate(message: &[u8]) -> Vec<u8> {
-    DEFLATER.with(|c| {
-        let mut c = c.borrow_mut();
+    deflate_window(message, 15)
+}
+
+/// Compresses a message for permessage-deflate with no context takeover (RFC 7692 §7.2.1),
+/// referring back at most `2^window_bits` bytes (the `server_max_window_bits` a connection
+/// negotiated, 8..=15; other values mean 15): the result (tail stripped) decodes on its own, so
+/// one compression serves every connection with that window.
+pub fn deflate_window(message: &[u8], window_bits: u8) -> Vec<u8> {
+    let slot = deflate_window_slot(window_bits);
+    DEFLATERS.with(|cs| {
+        let mut cs = cs.borrow_mut();
+        let c = cs[slot].get_or_insert_with(|| {
+            Compress::new_with_window_bits(Compression::new(DEFLATE_LEVEL), false, compress_window_bits(window_bits))
+        });
         c.reset();
         let mut out = Vec::with_capacity(message.len() / 2 + 64);
         let mut at = 0;
@@ -354,7 +407,7 @@ pub fn deflate(message: &[u8]) -> Vec<u8> {
                 out.reserve(out.len().max(64));
             }
             let (before_in, before_out) = (c.total_in(), out.len());
-            // The rust backend's errors are impossible for in-memory buffers; an empty result
+            // zlib-rs's errors are impossible for in-memory buffers; an empty result
             // would then fail the client's inflate loudly rather than silently.
             if c.compress_vec(&message[at..], &mut out, FlushCompress::Sync).is_err() {
                 return Vec::new();
@@ -373,6 +426,59 @@ pub fn deflate(message: &[u8]) -> Vec<u8> {
         }
         out
     })
+}
+
+/// What a server does with client bytes after it failed the connection (RFC 6455 §7.1.7) and
+/// sent its close frame: it reads on, so that unread data does not turn the close into a TCP
+/// reset the client sees instead of the close code, and skips every frame without keeping its
+/// payload, until the client's close frame (its header is enough). Frame headers are read
+/// leniently (any opcode, masked or not): the violation may have been in one.
+#[derive(Debug, Default)]
+pub struct Discard {
+    /// Payload bytes of the current frame still to skip.
+    skip: u64,
+}
+
+impl Discard {
+    /// Skips what `buf` holds (consuming it, keeping at most an incomplete header); `true` once
+    /// the header of a close frame is in (`buf` then still starts with it).
+    pub fn feed(&mut self, buf: &mut BytesMut) -> bool {
+        loop {
+            if self.skip > 0 {
+                let n = usize::try_from(self.skip).unwrap_or(usize::MAX).min(buf.len());
+                buf.advance(n);
+                self.skip -= n as u64;
+                if self.skip > 0 {
+                    return false;
+                }
+            }
+            let [b0, b1, ..] = buf[..] else { return false };
+            let (len, at) = match b1 & 0x7F {
+                126 => match buf.get(2..4) {
+                    Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
+                    None => return false,
+                },
+                127 => match buf.get(2..10) {
+                    Some(b) => {
+                        let mut len = [0u8; 8];
+                        len.copy_from_slice(b);
+                        (u64::from_be_bytes(len), 10)
+                    }
+                    None => return false,
+                },
+                n => (u64::from(n), 2),
+            };
+            let at = at + if b1 & 0x80 != 0 { 4 } else { 0 };
+            if buf.len() < at {
+                return false;
+            }
+            if b0 & 0x0F == OP_CLOSE {
+                return true;
+            }
+            buf.advance(at);
+            self.skip = len;
+        }
+    }
 }
 
 /// Bytes [`encode_frame`] adds in front of a payload of `len` bytes.
@@ -472,6 +578,81 @@ mod deflate_tests {
         assert!(bomb.len() < 100_000);
         assert_eq!(inflate(&bomb, 65536), Err(Violation::TooBig));
         assert!(matches!(inflate(&[0xff, 0xff, 0xff], 1000), Err(Violation::Protocol(_))));
+    }
+
+    /// Data whose repeats lie at every distance up to 32 KiB: a compressor that ignores the
+    /// window limit refers further back than a small window allows.
+    fn far_repeats() -> Vec<u8> {
+        let mut seed = 0x2545_f491_u32;
+        let block: Vec<u8> = (0..24_000)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                b'a' + (seed % 26) as u8
+            })
+            .collect();
+        [&block[..], &block[..], &block[..300], &block[..]].concat()
+    }
+
+    #[test]
+    fn each_window_decodes_with_exactly_that_window() {
+        // Inflates through a 64-byte output buffer, so that every back reference goes through
+        // the decompressor's window (in one big output buffer zlib would find it there).
+        let strict = |z: &[u8], bits: u8| -> Result<Vec<u8>, flate2::DecompressError> {
+            let mut d = Decompress::new_with_window_bits(false, bits);
+            let input = [z, &DEFLATE_TAIL[..]].concat();
+            let mut out = Vec::new();
+            let mut chunk = [0u8; 64];
+            loop {
+                let (i, o) = (d.total_in(), d.total_out());
+                d.decompress(&input[i as usize..], &mut chunk, FlushDecompress::Sync)?;
+                out.extend_from_slice(&chunk[..(d.total_out() - o) as usize]);
+                if d.total_in() == i && d.total_out() == o {
+                    return Ok(out);
+                }
+            }
+        };
+        let data = far_repeats();
+        let full = deflate(&data);
+        for bits in 9..=15u8 {
+            let z = deflate_window(&data, bits);
+            assert_eq!(strict(&z, bits).unwrap(), data, "{bits} bits");
+            assert_eq!(inflate(&z, data.len()).unwrap(), data);
+        }
+        // The full window finds the 24 KB repeats; a 512-byte one cannot.
+        assert!(full.len() * 2 < deflate_window(&data, 9).len());
+        // A small window refuses data compressed with a larger one (so the test above can fail).
+        assert!(strict(&full, 9).is_err());
+        // 8 bits is compressed as 9 (zlib's MAX_DIST keeps every distance within 256 bytes).
+        assert_eq!(deflate_window(&data, 8), deflate_window(&data, 9));
+        assert_eq!(deflate_window_slot(8), deflate_window_slot(9));
+        assert_eq!(deflate_window_slot(15), DEFLATE_WINDOWS - 1);
+        assert_eq!(deflate_window(&data, 0), full);
+    }
+
+    #[test]
+    fn discard_skips_frames_without_keeping_them_until_the_close() {
+        let mut d = Discard::default();
+        // A 1 MiB frame announced (as a too-big one is), its payload in pieces, then a bogus
+        // unmasked frame with a reserved opcode, then the client's close.
+        let mut head = vec![0x81, 0x80 | 127];
+        head.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        head.extend_from_slice(&[1, 2, 3, 4]);
+        let mut buf = BytesMut::from(&head[..5]);
+        assert!(!d.feed(&mut buf));
+        assert_eq!(buf.len(), 5, "an incomplete header stays");
+        buf.extend_from_slice(&head[5..]);
+        for _ in 0..256 {
+            buf.extend_from_slice(&[0u8; 4096]);
+            assert!(!d.feed(&mut buf));
+            assert!(buf.is_empty(), "payload is not kept");
+        }
+        buf.extend_from_slice(&[0x83, 3, 9, 9, 9]);
+        buf.extend_from_slice(&encode_masked(0x88, &1000u16.to_be_bytes(), [5, 6, 7, 8])[..3]);
+        assert!(!d.feed(&mut buf));
+        buf.extend_from_slice(&[6, 7, 8, 0, 0]);
+        assert!(d.feed(&mut buf));
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! permessage-deflate (RFC 7692, `websocket_compression`) against the real binary: negotiation
 //! with the offers real clients send and with bogus ones, compressed message frames (RSV1) that
 //! inflate to the very JSON frames, small frames and replies uncompressed, compressed client
-//! frames accepted, a deflate bomb refused with 1009 without disturbing anyone; and real clients:
-//! Python `websockets` (compression on) next to plain WebSocket and SSE subscribers of the same
-//! channel, all receiving every message in order.
+//! frames accepted, a deflate bomb refused with 1009 without disturbing anyone; the server window
+//! (`server_max_window_bits` 8..=15) echoed and honoured (frames inflate with exactly that
+//! window); and real clients: Python `websockets` (default offer, next to plain WebSocket and SSE
+//! subscribers of the same channel, all receiving every message in order; and offering each
+//! server window) and Node `ws` (default offer).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -225,7 +227,8 @@ async fn bogus_offers_and_compression_off_go_uncompressed() {
     let on = Server::start(&["--websocket-compression"]).await;
     let token = on.token("u1", &["c"], &[]);
     for bogus in [
-        "permessage-deflate; server_max_window_bits=9",
+        "permessage-deflate; server_max_window_bits=7",
+        "permessage-deflate; server_max_window_bits",
         "permessage-deflate; unknown_param",
         "permessage-deflate; client_max_window_bits=99",
         "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
@@ -334,4 +337,142 @@ async fn python_websockets_with_compression_gets_every_message_next_to_plain_and
         .map(|v| v["offset"].as_u64().unwrap())
         .collect();
     assert_eq!(sse_offsets, want, "the SSE subscriber too");
+}
+
+/// Letters whose repeats lie ~8 KB apart inside one JSON frame: a window under 8 KiB cannot
+/// refer back to them, so a frame compressed for a larger window does not inflate with a small one.
+fn far_repeats(seed: u32) -> Value {
+    let mut x = seed | 1;
+    let block: String = (0..8000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect();
+    json!({"a": block, "b": block, "c": format!("{}{}", &block[..300], block)})
+}
+
+/// Inflates each (window bits, compressed message) with Python's zlib, strictly within that
+/// window (tests/clients/inflate_strict.py): the inflated bytes, or the zlib error.
+fn inflate_strict(items: &[(u8, Vec<u8>)]) -> Vec<Result<Vec<u8>, String>> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/inflate_strict.py");
+    let mut child =
+        Command::new(python()).arg(script).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("python runs");
+    let mut input = String::new();
+    for (bits, z) in items {
+        input.push_str(&format!("{bits} {}\n", z.iter().map(|b| format!("{b:02x}")).collect::<String>()));
+    }
+    // Written from a thread while the output is read: both exceed a pipe's buffer.
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| match l.strip_prefix("error: ") {
+            Some(e) => Err(e.to_owned()),
+            None => Ok((0..l.len()).step_by(2).map(|i| u8::from_str_radix(&l[i..i + 2], 16).unwrap()).collect()),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn server_max_window_bits_is_echoed_and_frames_inflate_with_exactly_that_window() {
+    let server = Server::start(&["--websocket-compression"]).await;
+    let token = server.token("u1", &["c"], &["c"]);
+    let mut plain = server.client(&token).await;
+    plain.subscribe("c", 1).await;
+    let mut subscribers = Vec::new();
+    for bits in 8..=15u8 {
+        // Offers as Firefox / websockets / Autobahn write them; the window is always echoed.
+        let offer = format!("permessage-deflate; client_max_window_bits; server_max_window_bits={bits}");
+        let mut z = Raw::connect(&server, &token, Some(&offer)).await;
+        assert_eq!(
+            z.extensions.as_deref(),
+            Some(format!("{DEFLATE_RESPONSE}; server_max_window_bits={bits}").as_str()),
+            "{offer}"
+        );
+        z.send(&json!({"type":"subscribe","id":1,"channel":"c"}), false).await;
+        assert_eq!(z.json().await.1["type"], "ack");
+        subscribers.push((bits, z));
+    }
+    // Without server_max_window_bits: the full window, nothing echoed.
+    let mut full = Raw::connect(&server, &token, Some("permessage-deflate")).await;
+    assert_eq!(full.extensions.as_deref(), Some(DEFLATE_RESPONSE));
+    full.send(&json!({"type":"subscribe","id":1,"channel":"c"}), false).await;
+    full.json().await;
+
+    server.publish("c", far_repeats(7)).await;
+    let want = serde_json::to_vec(&plain.recv_type("message").await).unwrap();
+    let mut items = Vec::new();
+    for (bits, z) in &mut subscribers {
+        let (rsv1, op, payload) = z.frame().await;
+        assert!(rsv1 && op == 0x1, "{bits} bits: a compressed text frame");
+        items.push((*bits, payload));
+    }
+    let (rsv1, _, payload) = full.frame().await;
+    assert!(rsv1);
+    // The control: the 32 KiB-window frame does not inflate within 512 bytes (so the check bites).
+    items.push((9, payload.clone()));
+    items.push((15, payload));
+    let results = inflate_strict(&items);
+    assert_eq!(results.len(), items.len());
+    for ((bits, _), result) in items.iter().zip(&results).take(8) {
+        let got = result.as_ref().unwrap_or_else(|e| panic!("{bits} bits: {e}"));
+        assert_eq!(serde_json::from_slice::<Value>(got).unwrap(), serde_json::from_slice::<Value>(&want).unwrap());
+    }
+    assert!(results[8].is_err(), "a 15-bit frame fails a 9-bit window: {:?}", results[8].as_ref().map(|v| v.len()));
+    assert!(results[9].is_ok());
+    // Smaller windows compress less: the 8 and 9 bit frames are the same bytes (8 is served by 9).
+    assert_eq!(items[0].1, items[1].1);
+    assert!(items[1].1.len() > items[7].1.len());
+}
+
+#[tokio::test]
+async fn python_websockets_offering_server_max_window_bits_gets_it_echoed_and_round_trips() {
+    let server = Server::start(&["--websocket-compression"]).await;
+    let token = server.token("u1", &["w"], &["w"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/ws_deflate_windows.py");
+    let bits: Vec<String> = (8..=15).map(|b: u8| b.to_string()).collect();
+    let out = tokio::task::spawn_blocking({
+        let (url, token) = (server.ws_url(), token.clone());
+        move || Command::new(python()).arg(script).args([&url, &token, "w"]).args(&bits).output().expect("python runs")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 8, "{stdout}");
+    for (line, bits) in lines.iter().zip(8..=15) {
+        assert_eq!(line["bits"], bits);
+        assert_eq!(line["extensions"], json!(["permessage-deflate"]), "{line}");
+        assert_eq!(line["remote_max_window_bits"], bits, "websockets inflates with the window echoed: {line}");
+        assert_eq!(line["same"], true, "{line}");
+    }
+}
+
+#[tokio::test]
+async fn node_ws_with_its_default_offer_negotiates_and_round_trips() {
+    let ws = concat!(env!("CARGO_MANIFEST_DIR"), "/../../clients/js/node_modules/ws/index.js");
+    assert!(std::path::Path::new(ws).exists(), "Node ws is needed: run scripts/test (or `cd clients/js && npm ci`)");
+    let server = Server::start(&["--websocket-compression"]).await;
+    let token = server.token("u1", &["n"], &["n"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/ws_node_deflate.mjs");
+    let out = tokio::task::spawn_blocking({
+        let (url, token) = (server.ws_url(), token.clone());
+        move || Command::new("node").args([script, ws, &url, &token, "n"]).output().expect("node runs")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("node said {stdout:?}"));
+    assert_eq!(line["header"], DEFLATE_RESPONSE, "{line}");
+    assert_eq!(line["extensions"], "permessage-deflate", "ws accepted crier's answer to its offer: {line}");
+    assert_eq!(line["same"], true, "{line}");
 }

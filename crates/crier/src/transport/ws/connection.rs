@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use crier_core::{Close, Next, Outbox};
 use crier_protocol::frames::ClientFrame;
-use crier_protocol::ws::{Incoming, Violation};
+use crier_protocol::ws::{Discard, Incoming, Violation};
 use crier_protocol::{CloseCode, Encoding, ErrorCode};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -165,6 +165,9 @@ enum Ending {
     Gone,
     /// Send this close frame; with `linger`, wait (briefly) for the client's reply.
     Close(Close, bool),
+    /// The client broke a framing rule: send this close frame, then read and drop what it still
+    /// sends until its close (briefly), so the close code is not lost in a TCP reset.
+    Violation(Close),
     /// The client closed: echo its code (RFC 6455 §5.5.1).
     Echo(Option<u16>),
 }
@@ -244,7 +247,7 @@ pub fn run(mut s: Session, upgrade: OnUpgrade, max_message: usize, deflate: bool
                         _ => ErrorCode::BadRequest,
                     };
                     metrics::counter!(m::CLIENT_ERRORS, "code" => code.as_str()).increment(1);
-                    break Ending::Close(Close { code: v.close_code(), reason: v.reason() }, false);
+                    break Ending::Violation(Close { code: v.close_code(), reason: v.reason() });
                 }
                 Err(ReadError::Io(e)) => {
                     tracing::debug!(error = %e, "websocket read error");
@@ -272,24 +275,35 @@ pub fn run(mut s: Session, upgrade: OnUpgrade, max_message: usize, deflate: bool
 
 /// Writes what is still pending, then the close frame, then — with `linger` — reads until the
 /// client's close reply (discarding what it still sends), so the socket is not reset under the
-/// close frame by unread data. Bounded by [`CLOSE_GRACE`].
+/// close frame by unread data. After a violation the client's frames cannot be trusted, so
+/// lingering skips them unread ([`Discard`]). Bounded by [`CLOSE_GRACE`].
 async fn finish(mut ws: WsSocket, ending: Ending) {
-    let linger = match ending {
+    let (linger, violation) = match ending {
         Ending::Gone => return,
         Ending::Close(close, linger) => {
             ws.queue_close(Some((close.code.0, close.reason)));
-            linger
+            (linger, false)
+        }
+        Ending::Violation(close) => {
+            ws.queue_close(Some((close.code.0, close.reason)));
+            (true, true)
         }
         Ending::Echo(code) => {
             ws.queue_close(code.map(|c| (c, "")));
-            false
+            (false, false)
         }
     };
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
         if std::future::poll_fn(|cx| ws.poll_write_pending(cx)).await.is_err() {
             return;
         }
-        if linger {
+        if violation {
+            // A violation in the client's close frame: the client sends nothing more.
+            if !ws.peer_closed() {
+                let mut discard = Discard::default();
+                let _ = std::future::poll_fn(|cx| ws.poll_discard(cx, &mut discard)).await;
+            }
+        } else if linger {
             while let Ok(Some(m)) = std::future::poll_fn(|cx| ws.poll_message(cx)).await {
                 if matches!(m, Incoming::Close(_)) {
                     break;

@@ -47,11 +47,11 @@ pub async fn handler(
         Ok(a) => a,
         Err(response) => return response,
     };
-    let deflate = st.config.websocket_compression && upgrade::deflate_offered(req.headers());
+    let deflate = if st.config.websocket_compression { upgrade::deflate_offered(req.headers()) } else { None };
     let session = Session::new(st.clone(), admitted, encoding);
-    if deflate {
-        session.outbox().set_deflate(st.config.websocket_compression_min_bytes);
+    if let Some(d) = deflate {
+        session.outbox().set_deflate(st.config.websocket_compression_min_bytes, d.server_window_bits);
     }
-    tokio::spawn(connection::run(session, on_upgrade, st.config.max_message_bytes, deflate));
+    tokio::spawn(connection::run(session, on_upgrade, st.config.max_message_bytes, deflate.is_some()));
     upgrade::switching_protocols(accept, protocol, deflate)
 }

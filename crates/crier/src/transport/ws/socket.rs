@@ -132,6 +132,32 @@ impl WsSocket {
         Ok(())
     }
 
+    /// The client sent its close frame (even an invalid one): nothing more will come.
+    pub fn peer_closed(&self) -> bool {
+        self.reader.saw_close()
+    }
+
+    /// After a violation: reads and drops what the client still sends ([`frame::Discard`]: no
+    /// payload is kept, at most an incomplete frame header) until its close frame (`Ok(true)`)
+    /// or the end of its stream (`Ok(false)`).
+    pub fn poll_discard(&mut self, cx: &mut Context<'_>, discard: &mut frame::Discard) -> Poll<io::Result<bool>> {
+        loop {
+            if discard.feed(&mut self.rbuf) {
+                return Poll::Ready(Ok(true));
+            }
+            let rbuf = &mut self.rbuf;
+            let read = poll_io(&self.io, cx, Interest::READABLE, |io| {
+                let mut chunk = [0u8; READ_CHUNK];
+                let n = (&*SockRef::from(io)).read(&mut chunk)?;
+                rbuf.extend_from_slice(&chunk[..n]);
+                Ok(n)
+            });
+            if ready!(read)? == 0 {
+                return Poll::Ready(Ok(false));
+            }
+        }
+    }
+
     /// True while bytes wait to be written (a pong counts).
     pub fn is_writing(&self) -> bool {
         self.written < self.wbuf.len() || self.pong.is_some()
