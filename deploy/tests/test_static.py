@@ -115,6 +115,27 @@ def test_nginx_config_websocket_timeouts_and_no_stickiness():
         assert leaky not in fmt
 
 
+def test_nginx_config_never_marks_a_draining_node_failed():
+    """A draining node answers handshakes 503: nginx must pass them to another node, and must not
+    count them as failures (max_fails > 0 marks every node failed in a rolling restart, and a
+    WebSocket probe never clears the mark: `502 no live upstreams`; test_topology's rolling
+    restart shows it end to end)."""
+    conf = re.sub(r"#.*", "", read("deploy", "nginx.conf"))
+    upstream = conf[conf.index("upstream crier"):]
+    upstream = upstream[:upstream.index("}")]
+    servers = re.findall(r"^\s*server (\S+)(.*);$", upstream, re.M)
+    assert len(servers) == 3, servers
+    for addr, params in servers:
+        assert re.search(r"\bmax_fails=0\b", params), f"{addr}: max_fails must be 0, got {params!r}"
+    server = conf[conf.index("server {"):conf.index("location")]
+    retry = re.search(r"proxy_next_upstream ([^;]*);", server).group(1).split()
+    assert {"error", "timeout", "http_503"} <= set(retry), retry
+    tries = int(re.search(r"proxy_next_upstream_tries (\d+);", server).group(1))
+    assert tries >= len(servers), "one handshake must be able to reach every node"
+    ws = conf[conf.index("location = /ws"):]
+    assert "proxy_next_upstream " not in ws[:ws.index("}")], "/ws must keep the server-level retries"
+
+
 # --- docker ---------------------------------------------------------------------------------
 
 def compose():
