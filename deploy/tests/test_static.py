@@ -161,7 +161,8 @@ def test_docker_compose_topology():
         assert env["CRIER_NODE_ID"] == n
         assert set(env) <= settings, set(env) - settings
         drain = int(env["CRIER_SHUTDOWN_DRAIN"].rstrip("s"))
-        assert int(services[n]["stop_grace_period"].rstrip("s")) > drain
+        # The drain, then up to 5 s for open requests and 5 s for sessions to end (server.rs).
+        assert int(services[n]["stop_grace_period"].rstrip("s")) > drain + 10
     for s in ("redis", "nginx", "prometheus", "grafana"):
         assert s in services
     # crier trusts X-Forwarded-For from nginx's fixed address, and only from it.
@@ -385,11 +386,12 @@ def test_k8s_overlay_is_consistent(overlay):
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"]["drop"] == ["ALL"] and pod["securityContext"]["runAsNonRoot"] is True
     assert pod["affinity"]["podAntiAffinity"]
-    # terminationGracePeriodSeconds covers the preStop sleep and the whole drain.
+    # terminationGracePeriodSeconds covers the preStop sleep, the whole drain and the node's two
+    # 5 s waits after it (open requests, sessions ending; server.rs).
     config = by_kind(docs, "ConfigMap", "crier-config")["data"]
     drain = int(config["CRIER_SHUTDOWN_DRAIN"].rstrip("s"))
     pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain + 10
     # Every CRIER_* variable given to the pod is a real setting (crier refuses unknown ones).
     secret = by_kind(docs, "Secret", "crier-secrets")
     settings = crier_settings()
