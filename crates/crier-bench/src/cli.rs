@@ -356,6 +356,10 @@ pub struct DeployArgs {
     /// Publishing after the last node is ready again
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub after: Duration,
+    /// A node still running this long after the drain window is SIGKILLed (Kubernetes'
+    /// terminationGracePeriodSeconds minus the preStop sleep, k8s/base: 45 - 5 - 10)
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub exit_grace: Duration,
     /// At the end, how long to wait for every client to be back with every acknowledged message
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub settle: Duration,

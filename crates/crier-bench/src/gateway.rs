@@ -188,14 +188,15 @@ impl Gateway {
 
     /// A rolling restart's step for node `i`, as Kubernetes does it: SIGTERM (the node drains
     /// over its `shutdown_drain` and exits), then a new process on the same address, awaited
-    /// until `/readyz` answers 200 (the readiness gate). Returns (drain: SIGTERM to exit, start:
-    /// exit to ready).
+    /// until `/readyz` answers 200 (the readiness gate). A node still running `exit_within` after
+    /// SIGTERM is SIGKILLed, as Kubernetes does at `terminationGracePeriodSeconds`. Returns
+    /// (SIGTERM to exit, exit to ready, whether it had to be killed).
     pub async fn restart_node(
         &mut self,
         i: usize,
         args: &GatewayArgs,
         exit_within: Duration,
-    ) -> anyhow::Result<(Duration, Duration)> {
+    ) -> anyhow::Result<(Duration, Duration, bool)> {
         let threads = worker_threads(self.nodes.len(), &args.crier_arg);
         let Some(n) = self.nodes.get_mut(i) else { bail!("no node {i}") };
         let Some(mut child) = n.child.take() else { bail!("node {i} was not started by the bench") };
@@ -205,13 +206,15 @@ impl Gateway {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
         n.pid = None;
+        let mut killed = false;
         match tokio::time::timeout(exit_within, child.wait()).await {
             Ok(Ok(status)) if status.success() => {}
             Ok(Ok(status)) => eprintln!("  warning: node {i} exited with {status} after SIGTERM"),
             Ok(Err(e)) => bail!("waiting for node {i}: {e}"),
             Err(_) => {
+                eprintln!("  node {i} did not exit within {exit_within:?} of SIGTERM: SIGKILL");
                 let _ = child.kill().await;
-                bail!("node {i} did not exit within {exit_within:?} of SIGTERM");
+                killed = true;
             }
         }
         let drained = t0.elapsed();
@@ -234,7 +237,7 @@ impl Gateway {
         let Some(node) = node else { bail!("node {i} could not be started again on {addr}") };
         self.nodes[i] = node;
         self.wait_ready().await?;
-        Ok((drained, t1.elapsed()))
+        Ok((drained, t1.elapsed(), killed))
     }
 
     /// The PID of node `i` now (a restarted node has a new one).

@@ -134,8 +134,8 @@ async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
             (scenarios::soak::run(a).await?, json)
         }
         Scenario::Deploy(a) => {
-            // Each subscriber holds a socket to nginx, nginx one to a node.
-            warn_nofile(a.clients as u64 * 2, nofile);
+            // This process holds one socket per subscriber (nginx holds the upstream ones).
+            warn_nofile(a.clients as u64, nofile);
             let json = a.gateway.json.clone();
             (scenarios::deploy::run(a).await?, json)
         }

@@ -85,6 +85,8 @@ struct NodePeaks {
     healthz_misses: u64,
     drain_s: f64,
     start_to_ready_s: f64,
+    /// Still running `--exit-grace` after SIGTERM: SIGKILLed (its last clients were not closed).
+    killed_at_grace: bool,
     delivery_latency: Latency,
 }
 
@@ -419,11 +421,11 @@ pub async fn run(a: DeployArgs) -> anyhow::Result<Outcome> {
 
     tokio::time::sleep(a.before).await;
     let deploy_started = Instant::now();
-    let mut timings = [(0.0, 0.0); NODES];
+    let mut timings = [(0.0, 0.0, false); NODES];
     for (i, timing) in timings.iter_mut().enumerate() {
         restarting.store(i, Ordering::Relaxed);
         eprintln!("  SIGTERM node {i} (drain {:?})", a.drain);
-        let (drained, started) = gw.restart_node(i, &gargs, a.drain + Duration::from_secs(30)).await?;
+        let (drained, started, killed) = gw.restart_node(i, &gargs, a.drain + a.exit_grace).await?;
         lock(&pids)[i] = gw.node_pid(i);
         restarting.store(usize::MAX, Ordering::Relaxed);
         eprintln!(
@@ -431,7 +433,7 @@ pub async fn run(a: DeployArgs) -> anyhow::Result<Outcome> {
             drained.as_secs_f64(),
             started.as_secs_f64()
         );
-        *timing = (drained.as_secs_f64(), started.as_secs_f64());
+        *timing = (drained.as_secs_f64(), started.as_secs_f64(), killed);
         if i + 1 < NODES {
             tokio::time::sleep(a.between).await;
         }
@@ -490,6 +492,7 @@ pub async fn run(a: DeployArgs) -> anyhow::Result<Outcome> {
     for (i, n) in nodes.iter_mut().enumerate() {
         n.drain_s = timings[i].0;
         n.start_to_ready_s = timings[i].1;
+        n.killed_at_grace = timings[i].2;
         n.delivery_latency = Latency::from_histogram(&lock(&latency[i]));
     }
     let (nginx_cpu, redis_cpu) = *lock(&aux_peaks);
@@ -548,7 +551,12 @@ pub async fn run(a: DeployArgs) -> anyhow::Result<Outcome> {
         );
         t.row(
             &format!("node {i}: SIGTERM to exit, exit to ready (s)"),
-            vec![format!("{:.1}, {:.1}", n.drain_s, n.start_to_ready_s)],
+            vec![format!(
+                "{:.1}{}, {:.1}",
+                n.drain_s,
+                if n.killed_at_grace { " (SIGKILL)" } else { "" },
+                n.start_to_ready_s
+            )],
         );
     }
     t.row("nginx / redis-server peak CPU %", vec![format!("{nginx_cpu:.0} / {redis_cpu:.0}")]);
@@ -562,7 +570,7 @@ pub async fn run(a: DeployArgs) -> anyhow::Result<Outcome> {
         &gargs,
         json!({"clients": a.clients, "rate": a.rate, "shared_fraction": a.shared_fraction, "shared_channels": shared_n,
                "drain_s": a.drain.as_secs_f64(), "between_s": a.between.as_secs_f64(), "before_s": a.before.as_secs_f64(),
-               "after_s": a.after.as_secs_f64(), "backoff_base_ms": a.backoff_base.as_millis() as u64,
+               "after_s": a.after.as_secs_f64(), "exit_grace_s": a.exit_grace.as_secs_f64(), "backoff_base_ms": a.backoff_base.as_millis() as u64,
                "backoff_cap_ms": a.backoff_cap.as_millis() as u64, "nginx": nginx_bin.display().to_string()}),
         machine,
     );
