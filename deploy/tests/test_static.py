@@ -115,6 +115,27 @@ def test_nginx_config_websocket_timeouts_and_no_stickiness():
         assert leaky not in fmt
 
 
+def test_nginx_config_never_marks_a_draining_node_failed():
+    """A draining node answers handshakes 503: nginx must pass them to another node, and must not
+    count them as failures (max_fails > 0 marks every node failed in a rolling restart, and a
+    WebSocket probe never clears the mark: `502 no live upstreams`; test_topology's rolling
+    restart shows it end to end)."""
+    conf = re.sub(r"#.*", "", read("deploy", "nginx.conf"))
+    upstream = conf[conf.index("upstream crier"):]
+    upstream = upstream[:upstream.index("}")]
+    servers = re.findall(r"^\s*server (\S+)(.*);$", upstream, re.M)
+    assert len(servers) == 3, servers
+    for addr, params in servers:
+        assert re.search(r"\bmax_fails=0\b", params), f"{addr}: max_fails must be 0, got {params!r}"
+    server = conf[conf.index("server {"):conf.index("location")]
+    retry = re.search(r"proxy_next_upstream ([^;]*);", server).group(1).split()
+    assert {"error", "timeout", "http_503"} <= set(retry), retry
+    tries = int(re.search(r"proxy_next_upstream_tries (\d+);", server).group(1))
+    assert tries >= len(servers), "one handshake must be able to reach every node"
+    ws = conf[conf.index("location = /ws"):]
+    assert "proxy_next_upstream " not in ws[:ws.index("}")], "/ws must keep the server-level retries"
+
+
 # --- docker ---------------------------------------------------------------------------------
 
 def compose():
@@ -140,7 +161,8 @@ def test_docker_compose_topology():
         assert env["CRIER_NODE_ID"] == n
         assert set(env) <= settings, set(env) - settings
         drain = int(env["CRIER_SHUTDOWN_DRAIN"].rstrip("s"))
-        assert int(services[n]["stop_grace_period"].rstrip("s")) > drain
+        # The drain, then up to 5 s for open requests and 5 s for sessions to end (server.rs).
+        assert int(services[n]["stop_grace_period"].rstrip("s")) > drain + 10
     for s in ("redis", "nginx", "prometheus", "grafana"):
         assert s in services
     # crier trusts X-Forwarded-For from nginx's fixed address, and only from it.
@@ -364,11 +386,12 @@ def test_k8s_overlay_is_consistent(overlay):
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"]["drop"] == ["ALL"] and pod["securityContext"]["runAsNonRoot"] is True
     assert pod["affinity"]["podAntiAffinity"]
-    # terminationGracePeriodSeconds covers the preStop sleep and the whole drain.
+    # terminationGracePeriodSeconds covers the preStop sleep, the whole drain and the node's two
+    # 5 s waits after it (open requests, sessions ending; server.rs).
     config = by_kind(docs, "ConfigMap", "crier-config")["data"]
     drain = int(config["CRIER_SHUTDOWN_DRAIN"].rstrip("s"))
     pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain + 10
     # Every CRIER_* variable given to the pod is a real setting (crier refuses unknown ones).
     secret = by_kind(docs, "Secret", "crier-secrets")
     settings = crier_settings()

@@ -4,7 +4,9 @@
 Clients connect through nginx and spread over the nodes; a REST publish through nginx reaches
 them; a node stopped with SIGTERM drains and its clients reconnect through nginx to the others
 and recover without gap or duplicate; Redis restarts and the cluster resumes; Prometheus scrapes
-every node and every query of the Grafana dashboard returns data.
+every node and every query of the Grafana dashboard returns data; last, every node is restarted
+in turn (SIGTERM, drain, a new process on the same port, ready before the next) under connected
+clients, who all come back through nginx with every message once.
 
 The tests run in file order and share one topology (pytest -x stops at the first failure).
 DEPLOY_TEST_BROKER=memory runs the nodes on their memory brokers (no cluster): the cross-node
@@ -265,8 +267,7 @@ def test_stopped_node_starts_again_and_takes_clients(topo):
     r = topo.run("start", victim)
     assert r.returncode == 0, r.stdout
     eventually(lambda: len(topo.prom('up{job="crier"} == 1')) == 3, 20, "three nodes up again")
-    # The restarted node has no connections, so least_conn sends new clients there (once nginx's
-    # fail_timeout for it has passed).
+    # The restarted node has no connections, so least_conn sends new clients there.
     def lands_on_victim():
         c = Client(topo["WS_URL"], token(topo, "late", channels=["news:*"]), "late")
         if c.node == victim:
@@ -420,3 +421,78 @@ def test_every_dashboard_query_returns_data(topo):
         raise AssertionError("dashboard queries without data:\n  " + "\n  ".join(S["missing"])) from None
     if expected_missing:
         print(f"not checked with the {BROKER} broker: {sorted(expected_missing)}")
+
+
+ROLLING_CLIENTS = 30
+
+
+@cluster_only
+def test_rolling_restart_of_every_node_under_connected_clients(topo):
+    """A rolling restart as Kubernetes does it, through the shipped deploy/nginx.conf: each node
+    in turn gets SIGTERM, drains (1012 to its clients), exits, and a new process on the same
+    port must be ready before the next node stops — while clients are connected and messages
+    are published on a shared channel and on each client's private one. Every client comes back
+    through nginx, and has every message once and in order. (With `max_fails=1` in the upstream
+    block, nginx counted each draining node's 503s as failures and, once every node had
+    drained, answered `502 no live upstreams` for long after: most clients were stranded.)"""
+    clients = [Client(topo["WS_URL"], token(topo, f"roller{i}", channels=["news:*", f"private:roller{i}"]),
+                      f"roller{i}") for i in range(ROLLING_CLIENTS)]
+    S.setdefault("clients", []).extend(clients)
+    for i, c in enumerate(clients):
+        c.subscribe("news:rolling")
+        c.subscribe(f"private:roller{i}")
+    assert {c.node for c in clients} == set(NODES), [c.node for c in clients]
+
+    shared, private, stop = [], {i: [] for i in range(ROLLING_CLIENTS)}, threading.Event()
+
+    def publisher():
+        # Through nginx, retried with the same idempotency key (as a backend should): a publish
+        # that reached a node before the error is not published twice.
+        i = 0
+        while not stop.is_set():
+            r = topo.publish("news:rolling", {"seq": i}, idempotency_key=f"rolling-{i}", attempts=100)
+            shared.append(r["offset"])
+            k = i % ROLLING_CLIENTS
+            r = topo.publish(f"private:roller{k}", {"seq": i}, idempotency_key=f"rolling-p-{i}", attempts=100)
+            private[k].append(r["offset"])
+            i += 1
+            time.sleep(0.02)
+
+    pub = threading.Thread(target=publisher, daemon=True)
+    pub.start()
+    try:
+        eventually(lambda: len(shared) >= 10, 15, "publishing before the restarts")
+        for n in NODES:
+            on_node = [c for c in clients if c.node == n]
+            before = len(shared)
+            r = topo.run("stop", n)  # SIGTERM, drain, exit
+            assert r.returncode == 0 and topo.exit_status(n) == 0, r.stdout
+            for c in on_node:
+                c.wait(lambda c=c: c.node != n, 20, f"{c.name} back on another node after {n} stopped")
+            r = topo.run("start", n)  # the same port; returns once /readyz answers 200
+            assert r.returncode == 0, r.stdout
+            eventually(lambda before=before: len(shared) >= before + 10, 20, f"publishing while {n} restarts")
+        # Every client is connected through nginx, to a node that is running now.
+        for c in clients:
+            c.wait(lambda c=c: not c.failure and c.closes and c.ws.state.name == "OPEN", 20,
+                   f"{c.name} connected at the end")
+    finally:
+        stop.set()
+        pub.join(timeout=60)
+    assert not pub.is_alive()
+
+    def has_all(got, want):
+        return got[-1:] == want[-1:] if want else True
+
+    for i, c in enumerate(clients):
+        for channel, want in (("news:rolling", shared), (f"private:roller{i}", private[i])):
+            c.wait(lambda c=c, ch=channel, w=want: has_all(c.messages.get(ch, []), w), 20,
+                   f"{c.name} has every message of {channel}")
+            got = c.messages.get(channel, [])
+            assert got == sorted(set(got)), f"{c.name}: duplicates or disorder on {channel}"
+            assert set(want) <= set(got), f"{c.name}: missing {sorted(set(want) - set(got))} on {channel}"
+            assert not got or got == list(range(got[0], got[-1] + 1)), f"{c.name}: gap on {channel}: {got}"
+    moved = sum(len(c.nodes) - 1 for c in clients)
+    assert moved >= ROLLING_CLIENTS, f"every client was moved at least once ({moved} moves)"
+    print(f"rolling restart: {len(shared)} shared and {sum(map(len, private.values()))} private messages, "
+          f"{moved} reconnections, nodes at the end: " + ", ".join(f"{n} {sum(c.node == n for c in clients)}" for n in NODES))

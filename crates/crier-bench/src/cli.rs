@@ -38,6 +38,10 @@ pub enum Scenario {
     Cluster(ClusterArgs),
     /// crier-client subscribers on two nodes; one node is SIGKILLed: resume time, loss, duplicates.
     Failover(FailoverArgs),
+    /// A rolling restart of 3 nodes (SIGTERM, drain, new process, ready) behind nginx running the
+    /// shipped deploy/nginx.conf, under crier-client subscribers and idempotent publishes: lost,
+    /// duplicates, time without a live subscription, clients left behind, peaks per node.
+    Deploy(DeployArgs),
     /// Long run at one rate (about half of saturation) in the many-channels shape, 2 nodes + redis:
     /// RSS flat after warm-up, 0 lost, p99 stable, window by window.
     Soak(SoakArgs),
@@ -322,6 +326,55 @@ pub struct SoakArgs {
     pub p99_factor: f64,
     #[command(flatten)]
     pub publish: PublishArgs,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DeployArgs {
+    /// Subscribers (crier-client), all through nginx; each on a private channel and a shared one
+    #[arg(long, default_value_t = 10_000)]
+    pub clients: usize,
+    /// REST publishes per second through nginx, throughout (idempotency keys, retried)
+    #[arg(long, default_value_t = 2000.0)]
+    pub rate: f64,
+    /// Share of the publishes sent to the shared channels (the rest: a random private channel)
+    #[arg(long, default_value_t = 0.1)]
+    pub shared_fraction: f64,
+    /// Shared channels (subscriber i is on shared channel i mod N)
+    #[arg(long, default_value_t = 100)]
+    pub shared_channels: usize,
+    /// The nodes' shutdown_drain (0s: every client of a stopping node reconnects at once)
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain: Duration,
+    /// Wait after a restarted node is ready before stopping the next
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub between: Duration,
+    /// Publishing before the first SIGTERM
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub before: Duration,
+    /// Publishing after the last node is ready again
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub after: Duration,
+    /// A node still running this long after the drain window is SIGKILLed (Kubernetes'
+    /// terminationGracePeriodSeconds minus the preStop sleep, k8s/base: 45 - 5 - 10)
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub exit_grace: Duration,
+    /// At the end, how long to wait for every client to be back with every acknowledged message
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub settle: Duration,
+    /// Subscribers connected at once at the start (each batch is subscribed before the next)
+    #[arg(long, default_value_t = 500)]
+    pub connect_batch: usize,
+    /// REST publishes in flight at once
+    #[arg(long, default_value_t = 64)]
+    pub publish_concurrency: usize,
+    /// The clients' backoff base (crier-client's default, the contract's)
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub backoff_base: Duration,
+    /// The clients' backoff cap (crier-client's default, the contract's)
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub backoff_cap: Duration,
     #[command(flatten)]
     pub gateway: GatewayArgs,
 }

@@ -112,7 +112,7 @@ impl Gateway {
         }
         let threads = worker_threads(nodes, &args.crier_arg);
         for i in 0..nodes {
-            let node = start_node(&crier, i, &gw, args, threads).await?;
+            let node = start_node(&crier, i, &gw, args, threads, "127.0.0.1:0").await?;
             let threads = threads.map_or("one per core".to_string(), |t| t.to_string());
             eprintln!(
                 "  started crier node {i} at {} (pid {}, worker threads: {threads})",
@@ -184,6 +184,65 @@ impl Gateway {
             let _ = c.kill().await;
             n.pid = None;
         }
+    }
+
+    /// A rolling restart's step for node `i`, as Kubernetes does it: SIGTERM (the node drains
+    /// over its `shutdown_drain` and exits), then a new process on the same address, awaited
+    /// until `/readyz` answers 200 (the readiness gate). A node still running `exit_within` after
+    /// SIGTERM is SIGKILLed, as Kubernetes does at `terminationGracePeriodSeconds`. Returns
+    /// (SIGTERM to exit, exit to ready, whether it had to be killed).
+    pub async fn restart_node(
+        &mut self,
+        i: usize,
+        args: &GatewayArgs,
+        exit_within: Duration,
+    ) -> anyhow::Result<(Duration, Duration, bool)> {
+        let threads = worker_threads(self.nodes.len(), &args.crier_arg);
+        let Some(n) = self.nodes.get_mut(i) else { bail!("no node {i}") };
+        let Some(mut child) = n.child.take() else { bail!("node {i} was not started by the bench") };
+        let addr = n.addr;
+        let t0 = tokio::time::Instant::now();
+        if let Some(pid) = n.pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        n.pid = None;
+        let mut killed = false;
+        match tokio::time::timeout(exit_within, child.wait()).await {
+            Ok(Ok(status)) if status.success() => {}
+            Ok(Ok(status)) => eprintln!("  warning: node {i} exited with {status} after SIGTERM"),
+            Ok(Err(e)) => bail!("waiting for node {i}: {e}"),
+            Err(_) => {
+                eprintln!("  node {i} did not exit within {exit_within:?} of SIGTERM: SIGKILL");
+                let _ = child.kill().await;
+                killed = true;
+            }
+        }
+        let drained = t0.elapsed();
+        let crier = args.crier_path();
+        let t1 = tokio::time::Instant::now();
+        // The port was just released; a bind can still race another program for it.
+        let mut node = None;
+        for _ in 0..50 {
+            match start_node(&crier, i, self, args, threads, &addr.to_string()).await {
+                Ok(nd) => {
+                    node = Some(nd);
+                    break;
+                }
+                Err(e) => {
+                    eprintln!("  node {i} did not start on {addr} yet: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let Some(node) = node else { bail!("node {i} could not be started again on {addr}") };
+        self.nodes[i] = node;
+        self.wait_ready().await?;
+        Ok((drained, t1.elapsed(), killed))
+    }
+
+    /// The PID of node `i` now (a restarted node has a new one).
+    pub fn node_pid(&self, i: usize) -> Option<u32> {
+        self.nodes.get(i).and_then(|n| n.pid)
     }
 
     /// PIDs of the crier nodes known to the bench.
@@ -282,12 +341,18 @@ async fn start_node(
     gw: &Gateway,
     args: &GatewayArgs,
     threads: Option<usize>,
+    listen: &str,
 ) -> anyhow::Result<Node> {
     let log = std::env::temp_dir().join(format!("crier-bench-{}-node{i}.log", std::process::id()));
-    let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    // A restarted node appends to the log of the process it replaces.
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("creating {}", log.display()))?;
     let mut cmd = Command::new(crier);
     cmd.arg("--listen")
-        .arg("127.0.0.1:0")
+        .arg(listen)
         .arg("--node-id")
         .arg(format!("bench-{i}"))
         .arg("--jwt-secret")

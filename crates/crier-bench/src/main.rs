@@ -1,20 +1,22 @@
 //! crier-bench: the load generator and report for crier.
 //!
-//! `cargo run --release -p crier-bench -- <idle|fanout|channels|churn|cluster|failover|soak> [options]`; every
+//! `cargo run --release -p crier-bench -- <idle|fanout|channels|churn|cluster|failover|soak|deploy> [options]`; every
 //! scenario has `--help`. Modules:
 //! - [`cli`]: the subcommands, their options and defaults.
 //! - [`gateway`]: starting crier nodes (and redis-server) on loopback, or using running ones;
-//!   their PIDs for RSS and CPU.
+//!   their PIDs for RSS and CPU; restarting one on its port (a rolling restart's step).
+//! - [`lb`]: nginx with the shipped deploy/nginx.conf, rendered for loopback.
 //! - [`clients`]: lean WebSocket subscribers bound to several 127.0.0.x source addresses.
 //! - [`publisher`]: REST publishes at a target rate, stamped with the send time.
 //! - [`stats`]: shared counters and HDR latency histograms.
 //! - [`procfs`]: `/proc` readings (VmRSS, utime+stime), the machine, RLIMIT_NOFILE.
 //! - [`report`]: the table and the JSON report.
-//! - [`scenarios`]: idle, fanout/channels/cluster (pub/sub), churn, failover (on crier-client), soak (a long pub/sub run).
+//! - [`scenarios`]: idle, fanout/channels/cluster (pub/sub), churn, failover (on crier-client), soak (a long pub/sub run), deploy (a rolling restart behind nginx).
 
 mod cli;
 mod clients;
 mod gateway;
+mod lb;
 mod procfs;
 mod publisher;
 mod report;
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
         Scenario::Cluster(a) => a.gateway.threads,
         Scenario::Failover(a) => a.gateway.threads,
         Scenario::Soak(a) => a.gateway.threads,
+        Scenario::Deploy(a) => a.gateway.threads,
         Scenario::Hold(_) => 2,
     };
     // Subscribers, and the nodes the bench starts (they inherit the limit), need a descriptor each.
@@ -129,6 +132,12 @@ async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
             warn_nofile(a.subscribers as u64, nofile);
             let json = a.gateway.json.clone();
             (scenarios::soak::run(a).await?, json)
+        }
+        Scenario::Deploy(a) => {
+            // This process holds one socket per subscriber (nginx holds the upstream ones).
+            warn_nofile(a.clients as u64, nofile);
+            let json = a.gateway.json.clone();
+            (scenarios::deploy::run(a).await?, json)
         }
         Scenario::Churn(a) => {
             warn_nofile(a.base as u64 + a.workers as u64, nofile);

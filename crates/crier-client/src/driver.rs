@@ -14,7 +14,9 @@
 //! | anything else, or the connection died | reconnects after a backoff, with recovery |
 //!
 //! A handshake refused with 401 is treated like 4001; 400, 403 and 426 stop the client (retrying
-//! cannot fix them); any other refusal (429, 503, ...) or network error is retried.
+//! cannot fix them); any other refusal (429, 503, ...) or network error is retried — after the
+//! refusal's `Retry-After` plus a jitter of up to as long again, when it has one (a node
+//! shedding a handshake storm says when to come back), else after the backoff.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -163,15 +165,31 @@ enum Pending {
 /// How a connection (attempt) ended.
 enum Ended {
     Stop(CloseReason),
-    /// Reconnect after a backoff; `new_token`: ask the provider for a new token first.
+    /// Reconnect after a backoff; `new_token`: ask the provider for a new token first;
+    /// `retry_after`: the server's `Retry-After` on a refused handshake (429, 503), the least
+    /// the next attempt waits.
     Reconnect {
         new_token: bool,
+        retry_after: Option<Duration>,
     },
 }
 
 impl Ended {
     fn reconnect() -> Ended {
-        Ended::Reconnect { new_token: false }
+        Ended::Reconnect { new_token: false, retry_after: None }
+    }
+}
+
+/// The wait before the next attempt: the backoff draw, or — when the server said `Retry-After`
+/// — that long plus a uniform jitter of up to as long again, so the clients a node refused
+/// together do not all come back in the same second.
+fn reconnect_delay(backoff: Duration, retry_after: Option<Duration>) -> Duration {
+    match retry_after {
+        Some(ra) if !ra.is_zero() => {
+            let jitter = rand::Rng::random_range(&mut rand::rng(), 0..=ra.as_millis().min(u128::from(u64::MAX)) as u64);
+            backoff.max(ra + Duration::from_millis(jitter))
+        }
+        _ => backoff,
     }
 }
 
@@ -242,16 +260,17 @@ impl Driver {
             if welcomed {
                 attempt = 0;
             }
-            match ended {
+            let retry_after = match ended {
                 Ended::Stop(reason) => break reason,
-                Ended::Reconnect { new_token } => {
+                Ended::Reconnect { new_token, retry_after } => {
                     if new_token {
                         self.token = None;
                     }
+                    retry_after
                 }
-            }
+            };
             self.set_state(State::Disconnected);
-            let delay = self.opts.backoff.delay(attempt);
+            let delay = reconnect_delay(self.opts.backoff.delay(attempt), retry_after);
             attempt = attempt.saturating_add(1);
             tracing::debug!(?delay, attempt, "crier client: reconnecting after a backoff");
             if let Err(reason) = self.offline(tokio::time::sleep(delay)).await {
@@ -352,7 +371,7 @@ impl Driver {
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "crier client: the token provider failed; retrying");
-                        Err(Ended::Reconnect { new_token: true })
+                        Err(Ended::Reconnect { new_token: true, retry_after: None })
                     }
                 }
             }
@@ -402,10 +421,17 @@ impl Driver {
                     .and_then(|b| serde_json::from_slice::<HttpError>(b).ok())
                     .map(|b| ServerError { code: b.error, message: b.message });
                 tracing::debug!(status, ?error, "crier client: handshake refused");
+                // 429 and 503 may say when to come back (seconds; an HTTP date is not used).
+                let retry_after = resp
+                    .headers()
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(|secs| Duration::from_secs(secs.min(3600)));
                 match status {
-                    401 if self.opts.token.has_provider() => Ended::Reconnect { new_token: true },
+                    401 if self.opts.token.has_provider() => Ended::Reconnect { new_token: true, retry_after: None },
                     400 | 401 | 403 | 426 => Ended::Stop(CloseReason::Handshake { status, error }),
-                    _ => Ended::reconnect(),
+                    _ => Ended::Reconnect { new_token: false, retry_after },
                 }
             }
             WsError::Url(e) => Ended::Stop(CloseReason::Invalid(e.to_string())),
@@ -622,7 +648,7 @@ impl Driver {
         tracing::debug!(code, reason, "crier client: the server closed the connection");
         match code {
             1000 | 1008 | 4003 => Ended::Stop(CloseReason::Server { code, reason }),
-            4001 if self.opts.token.has_provider() => Ended::Reconnect { new_token: true },
+            4001 if self.opts.token.has_provider() => Ended::Reconnect { new_token: true, retry_after: None },
             4001 => Ended::Stop(CloseReason::Server { code, reason }),
             _ => Ended::reconnect(),
         }
@@ -822,5 +848,22 @@ async fn read_welcome(ws: &mut Ws) -> Result<Welcome, Ended> {
             Some(Ok(_)) => continue,
             Some(Err(_)) | None => return Err(Ended::reconnect()),
         }
+    }
+}
+
+#[cfg(test)]
+mod retry_after_tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_the_least_wait_with_jitter_up_to_twice_it() {
+        let ra = Duration::from_secs(2);
+        let delays: Vec<Duration> = (0..200).map(|_| reconnect_delay(Duration::from_millis(100), Some(ra))).collect();
+        assert!(delays.iter().all(|d| *d >= ra && *d <= ra * 2), "{delays:?}");
+        assert!(delays.iter().any(|d| *d != delays[0]), "no jitter: {delays:?}");
+        // A longer backoff draw wins; no Retry-After: the backoff alone.
+        assert_eq!(reconnect_delay(Duration::from_secs(9), Some(ra)), Duration::from_secs(9));
+        assert_eq!(reconnect_delay(Duration::from_millis(300), None), Duration::from_millis(300));
+        assert_eq!(reconnect_delay(Duration::from_millis(300), Some(Duration::ZERO)), Duration::from_millis(300));
     }
 }

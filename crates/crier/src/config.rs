@@ -75,6 +75,9 @@ pub struct Config {
     pub user_burst: u32,
     pub handshake_rate: u32,
     pub handshake_burst: u32,
+    /// Handshakes per second the node admits from all addresses (0 = no bound), and the burst.
+    pub node_handshake_rate: u32,
+    pub node_handshake_burst: u32,
     pub history_size: usize,
     pub history_ttl: Duration,
     /// Memory broker: history bytes kept across all channels (0 = no cap).

@@ -1,5 +1,6 @@
 //! The handshake checks every transport runs before a connection opens, in the contract's
-//! order: per-IP handshake rate, the node's connection cap, `Origin`, the token, the user's
+//! order: per-IP handshake rate, the node's handshake admission (`node_handshake_rate`: 503 +
+//! `Retry-After` when a storm arrives faster than the node admits), the node's connection cap, `Origin`, the token, the user's
 //! cluster-wide connection count — then the transport's own checks (the WebSocket upgrade's) —
 //! then the drain. A rejection is an HTTP response with the contract's JSON body, counted in
 //! `crier_handshakes_total{result=CODE}`.
@@ -52,6 +53,13 @@ pub async fn admit(
         metrics::counter!(m::RATE_LIMITED, "kind" => "handshake").increment(1);
         return Err(reject(
             ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many handshakes from this address")
+                .with_retry_after(retry_after_secs(wait)),
+        ));
+    }
+    if let Err(wait) = st.limits.check_admission() {
+        metrics::counter!(m::RATE_LIMITED, "kind" => "admission").increment(1);
+        return Err(reject(
+            ApiError::unavailable("this node is admitting handshakes as fast as it can; retry after the delay")
                 .with_retry_after(retry_after_secs(wait)),
         ));
     }
@@ -120,7 +128,13 @@ pub async fn refuse(admitted: Admitted, err: ApiError) -> Response {
 /// as `ok`.
 pub async fn accept(st: &AppState, admitted: Admitted) -> Result<Admitted, Response> {
     if st.is_draining() {
-        return Err(refuse(admitted, ApiError::unavailable("node is draining; connect to another node")).await);
+        // Retry-After: a client without a load balancer to send it elsewhere waits a moment
+        // (plus its jitter) instead of hammering a node that is going away.
+        return Err(refuse(
+            admitted,
+            ApiError::unavailable("node is draining; connect to another node").with_retry_after(1),
+        )
+        .await);
     }
     metrics::counter!(m::HANDSHAKES, "result" => "ok").increment(1);
     Ok(admitted)

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 use ipnet::IpNet;
 
 use crate::config::Config;
@@ -17,6 +17,8 @@ use crate::config::Config;
 /// The node's limiters.
 pub struct Limits {
     handshakes: DefaultKeyedRateLimiter<IpAddr>,
+    /// The node's handshake admission over all addresses; `None` when `node_handshake_rate` is 0.
+    admission: Option<DefaultDirectRateLimiter>,
     frames: DefaultKeyedRateLimiter<Arc<str>>,
     /// `None` when `api_rate` is 0 (unlimited).
     api: Option<DefaultKeyedRateLimiter<usize>>,
@@ -34,6 +36,9 @@ impl Limits {
     pub fn new(config: &Config) -> Limits {
         Limits {
             handshakes: DefaultKeyedRateLimiter::keyed(quota(config.handshake_rate, config.handshake_burst)),
+            admission: (config.node_handshake_rate > 0).then(|| {
+                DefaultDirectRateLimiter::direct(quota(config.node_handshake_rate, config.node_handshake_burst))
+            }),
             frames: DefaultKeyedRateLimiter::keyed(quota(config.user_rate, config.user_burst)),
             api: (config.api_rate > 0)
                 .then(|| DefaultKeyedRateLimiter::keyed(quota(config.api_rate, config.api_burst))),
@@ -66,6 +71,16 @@ impl Limits {
     /// `Err(retry_after)` when `ip` is over its handshake rate.
     pub fn check_handshake(&self, ip: IpAddr) -> Result<(), Duration> {
         self.handshakes.check_key(&ip).map_err(|nu| nu.wait_time_from(self.clock.now()))
+    }
+
+    /// `Err(retry_after)` when the node is admitting handshakes faster than `node_handshake_rate`
+    /// (never when it is 0). One atomic compare-and-swap: cheap enough to run before anything
+    /// else, so a storm of handshakes is shed before it costs token verification.
+    pub fn check_admission(&self) -> Result<(), Duration> {
+        match &self.admission {
+            Some(a) => a.check().map_err(|nu| nu.wait_time_from(self.clock.now())),
+            None => Ok(()),
+        }
     }
 
     /// `Err(retry_after)` when the API key (by its index in `api_keys`) is over its rate (never

@@ -86,7 +86,7 @@ fn describe() {
         metrics::Unit::Seconds,
         "Publish accepted (any node) to frame queued to a local subscriber"
     );
-    describe_counter!(RATE_LIMITED, "Refusals by a rate limit, by kind (handshake, user)");
+    describe_counter!(RATE_LIMITED, "Refusals by a rate limit, by kind (handshake, user, api, admission)");
     describe_counter!(SLOW_CONSUMERS, "Connections closed with 4009 because their outbound queue overflowed");
     describe_counter!(HEARTBEAT_TIMEOUTS, "Connections closed for not answering pings in time");
     describe_counter!(CLIENT_ERRORS, "Error frames sent to clients, by code");

@@ -163,6 +163,32 @@ async fn handshake_rate_limit_answers_429_with_retry_after() {
 }
 
 #[tokio::test]
+async fn node_handshake_admission_answers_503_with_retry_after_before_token_work() {
+    // One handshake per second for the whole node: a burst beyond it is shed with 503 and
+    // Retry-After. The token is invalid, so a handshake that reached the token check says 401:
+    // a 503 shows the admission answered first, without verifying it.
+    let server = Server::start(&["--node-handshake-rate", "1", "--node-handshake-burst", "1"]).await;
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    while !statuses.contains(&503) {
+        assert!(statuses.len() < 20, "no admission refusal: {statuses:?}");
+        let r = reqwest::Client::new().get(server.url("/ws")).bearer_auth("not.a.token").send().await.unwrap();
+        let status = r.status().as_u16();
+        statuses.push(status);
+        if status == 503 {
+            retry_after = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        }
+        let b: Value = r.json().await.unwrap();
+        let want = if status == 503 { "unavailable" } else { "token_invalid" };
+        assert_eq!(b["error"], want, "{status}: {b}");
+    }
+    assert_eq!(statuses[0], 401, "the first handshake is admitted: {statuses:?}");
+    assert!(retry_after.and_then(|s| s.parse::<u64>().ok()).is_some_and(|s| s >= 1));
+    assert!(server.wait_metric("crier_rate_limited_total{kind=\"admission\"}", 1.0).await >= 1.0);
+    assert!(server.wait_metric("crier_handshakes_total{result=\"unavailable\"}", 1.0).await >= 1.0);
+}
+
+#[tokio::test]
 async fn too_many_connections_per_user() {
     let server = Server::start(&["--max-connections-per-user", "2"]).await;
     let token = server.token("dave", &[], &[]);

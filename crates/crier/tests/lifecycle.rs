@@ -204,6 +204,8 @@ async fn sigterm_drains_with_1012_and_exits_zero() {
     match support::Client::connect(req).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
             assert_eq!(r.status(), 503);
+            // Retry-After tells a client without a load balancer to wait (plus its jitter).
+            assert_eq!(r.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"), "{r:?}");
             let body: Value = serde_json::from_slice(r.body().as_deref().unwrap_or_default())
                 .unwrap_or_else(|e| panic!("the 503 has a JSON body ({e}): {:?}", r.body()));
             assert_eq!(body["error"], "unavailable", "{body}");

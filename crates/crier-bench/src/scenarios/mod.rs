@@ -5,9 +5,11 @@
 //!   stepped through rates; deliveries/s, latency, loss, CPU.
 //! - [`churn`]: connect → subscribe → close loops over a base of idle connections.
 //! - [`failover`]: crier-client subscribers on two nodes, one SIGKILLed: resume time, loss.
+//! - [`deploy`]: a rolling restart of three nodes behind nginx under crier-client subscribers.
 //! - [`hold`]: a helper process holding a slice of `idle`'s connections (descriptor limits).
 
 pub mod churn;
+pub mod deploy;
 pub mod failover;
 pub mod hold;
 pub mod idle;

@@ -297,6 +297,8 @@ pub(super) fn build(
     let user_burst = p.required("user_burst", at_least_one::<u32>);
     let handshake_rate = p.required("handshake_rate", at_least_one::<u32>);
     let handshake_burst = p.required("handshake_burst", at_least_one::<u32>);
+    let node_handshake_rate = p.required("node_handshake_rate", number::<u32>);
+    let node_handshake_burst = p.required("node_handshake_burst", at_least_one::<u32>);
 
     // History, shutdown, logs
     let history_size = p.required("history_size", |s| {
@@ -373,6 +375,8 @@ pub(super) fn build(
         user_burst: got(user_burst)?,
         handshake_rate: got(handshake_rate)?,
         handshake_burst: got(handshake_burst)?,
+        node_handshake_rate: got(node_handshake_rate)?,
+        node_handshake_burst: got(node_handshake_burst)?,
         history_size: got(history_size)?,
         history_ttl: got(history_ttl)?,
         presence_ttl: got(presence_ttl)?,

@@ -232,6 +232,22 @@ pub(super) static SETTINGS: &[Setting] = &[
         "WebSocket handshakes a client IP may make in a burst",
     ),
     setting(
+        "node_handshake_rate",
+        Scalar,
+        "N",
+        Some("0"),
+        "`0` (off)",
+        "WebSocket and SSE handshakes per second this node admits from all addresses together; past it (and `node_handshake_burst`) a handshake gets 503 + `Retry-After` before any token work (0 = no bound)",
+    ),
+    setting(
+        "node_handshake_burst",
+        Scalar,
+        "N",
+        Some("1000"),
+        "`1000`",
+        "handshakes a node admits in a burst above `node_handshake_rate`",
+    ),
+    setting(
         "history_size",
         Scalar,
         "N",
