@@ -231,3 +231,38 @@ async fn frames_behind_a_request_keep_their_order() {
     }
     assert_eq!(ids, [1, 2, 3, 4, 5, 6]);
 }
+
+/// A 256 KiB queue (pages of 4 large messages) and, while the recovering client reads nothing,
+/// ten more large messages (650 KB: more than the live messages the subscriber may keep waiting
+/// once the kernel's socket buffers are full) and a last one: the client still gets every offset
+/// once, in order, and is not closed. (Whether the waiting live messages overflowed depends on
+/// the kernel's buffers; the crier-core unit tests and proptest drive that path
+/// deterministically.)
+async fn live_traffic_larger_than_the_queue_during_a_recovery(server: &Server) {
+    let channel = "big:overtaken";
+    let (epoch, before) = publish_big(server, channel).await;
+    let mut c = server.client(&server.token("reader", &["big:*"], &[])).await;
+    let ack = c.resubscribe(channel, &epoch, before, 1).await;
+    assert_eq!(ack["recovered"], true, "{ack}");
+    for i in 0..10 {
+        server.publish(channel, big(100 + i)).await;
+    }
+    let last = server.publish(channel, json!("last")).await["offset"].as_u64().expect("offset");
+    let got = c.offsets_until_last().await.expect("reader");
+    assert_eq!(got, (before + 1..=last).collect::<Vec<_>>());
+    assert_eq!(server.metric("crier_slow_consumers_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn live_traffic_larger_than_the_queue_during_a_recovery_memory_broker() {
+    let server = Server::start(&["--client-queue-max-bytes", "262144"]).await;
+    live_traffic_larger_than_the_queue_during_a_recovery(&server).await;
+}
+
+#[tokio::test]
+async fn live_traffic_larger_than_the_queue_during_a_recovery_redis() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let server = Server::start(&["--redis-url", url.as_str(), "--client-queue-max-bytes", "262144"]).await;
+    live_traffic_larger_than_the_queue_during_a_recovery(&server).await;
+}

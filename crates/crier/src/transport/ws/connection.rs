@@ -178,16 +178,20 @@ enum Ending {
 /// `async fn` would keep a second copy of its argument in the task (rust-lang/rust#62958;
 /// measured: 864 → ~580 bytes per connection task).
 #[allow(clippy::manual_async_fn)] // on purpose, see above
-pub fn run(mut s: Session, upgrade: OnUpgrade, max_message: usize, deflate: bool) -> impl Future<Output = ()> + Send {
+/// The session goes into `conn` *before* the `async move` block, which then uses it in place:
+/// moving it into a local inside would keep a second session-sized slot in every task.
+pub fn run(s: Session, upgrade: OnUpgrade, max_message: usize, deflate: bool) -> impl Future<Output = ()> + Send {
+    let encoding = s.encoding();
+    let mut conn = Conn::Idle(s);
     async move {
         let mut ws = match upgrade.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
             Ok(Ok(parts)) => WsSocket::new(parts.io.into_inner(), parts.read_buf, max_message, deflate),
             Ok(Err(_)) => return tracing::error!("the upgraded connection is not a TCP stream"),
             Err(e) => return tracing::debug!(error = %e, "websocket upgrade failed"),
         };
-        s.open();
-        let encoding = s.encoding();
-        let mut conn = Conn::Idle(s);
+        if let Conn::Idle(s) = &mut conn {
+            s.open();
+        }
         let ending = loop {
             let event = match &mut conn {
                 Conn::Idle(s) => next_event(&mut ws, s.outbox(), None, true, encoding.is_text()).await,
@@ -255,22 +259,29 @@ pub fn run(mut s: Session, upgrade: OnUpgrade, max_message: usize, deflate: bool
                 }
             }
         };
-        let s = match conn {
-            Conn::Idle(s) => s,
-            Conn::Switching => return,
-            Conn::Busy(b) => {
-                // Whatever ended the connection, nothing more will be written: a paced request
-                // stops waiting for room; one waiting for the broker finishes first (its
-                // subscription, if any, must be undone by `close`).
-                b.outbox.close(CloseCode::GOING_AWAY);
-                let mut s = b.request.await;
-                s.absorb(b.pinger);
-                s
-            }
-        };
-        Box::pin(s.close()).await;
-        Box::pin(finish(ws, ending)).await;
+        // Boxed: the task holds a pointer at this await, not the ending's state.
+        Box::pin(shutdown(conn, ws, ending)).await;
     }
+}
+
+/// The connection ended: gets the session back (a request in flight finishes first), closes it
+/// (channels left, presence and connection slot released), then [`finish`]es the socket.
+async fn shutdown(conn: Conn, ws: WsSocket, ending: Ending) {
+    let s = match conn {
+        Conn::Idle(s) => s,
+        Conn::Switching => return,
+        Conn::Busy(b) => {
+            // Whatever ended the connection, nothing more will be written: a paced request
+            // stops waiting for room; one waiting for the broker finishes first (its
+            // subscription, if any, must be undone by `close`).
+            b.outbox.close(CloseCode::GOING_AWAY);
+            let mut s = b.request.await;
+            s.absorb(b.pinger);
+            s
+        }
+    };
+    s.close().await;
+    finish(ws, ending).await;
 }
 
 /// Writes what is still pending, then the close frame, then — with `linger` — reads until the
