@@ -177,7 +177,10 @@ enum Pending {
 enum Ended {
     Stop(CloseReason),
     /// Reconnect after `wait`; `new_token`: ask the provider for a new token first.
-    Reconnect { new_token: bool, wait: Wait },
+    Reconnect {
+        new_token: bool,
+        wait: Wait,
+    },
 }
 
 /// How long to wait before the next attempt.
@@ -428,7 +431,8 @@ impl Driver {
             Ok(Ok(Ok((ws, _response)))) => ws,
         };
         let has_provider = self.opts.token.has_provider();
-        let welcome = match self.offline(timeout(self.opts.connect_timeout, read_welcome(&mut ws, has_provider))).await {
+        let welcome = match self.offline(timeout(self.opts.connect_timeout, read_welcome(&mut ws, has_provider))).await
+        {
             Err(reason) => {
                 let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
                 return (Ended::Stop(reason), false);

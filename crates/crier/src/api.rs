@@ -88,11 +88,14 @@ fn log_refusal(method: &axum::http::Method, path: &str, presented: bool, resp: &
         return;
     };
     let (reason, fix) = match (err.code, status) {
-        ("unauthorized", _) if presented => {
-            ("unknown_api_key", "the Bearer key is none of api_keys (--api-keys, CRIER_API_KEYS); compare the key's value, not its name")
-        }
+        ("unauthorized", _) if presented => (
+            "unknown_api_key",
+            "the Bearer key is none of api_keys (--api-keys, CRIER_API_KEYS); compare the key's value, not its name",
+        ),
         ("unauthorized", _) => ("missing_api_key", "send `Authorization: Bearer <one of api_keys>`"),
-        ("rate_limited", _) => ("rate_limited", "this API key sends more than api_rate allows; slow down or raise api_rate"),
+        ("rate_limited", _) => {
+            ("rate_limited", "this API key sends more than api_rate allows; slow down or raise api_rate")
+        }
         (code, _) => (code, ""),
     };
     let detail = format!("{method} {path} -> {} {}: {}", status.as_u16(), err.code, err.message);

@@ -32,7 +32,10 @@ fn the_javascript_clients_close_table_is_the_servers() {
     let end = file[start..].find("// end generated").expect("the end marker") + start;
     let block = &file[start..end];
     let want = crier_protocol::codes::js_close_actions();
-    assert_eq!(block, want, "clients/js/src/index.js's CLOSE_ACTIONS differs from CLOSE_CODES; replace it with:\n{want}");
+    assert_eq!(
+        block, want,
+        "clients/js/src/index.js's CLOSE_ACTIONS differs from CLOSE_CODES; replace it with:\n{want}"
+    );
     assert!(file[..start].contains("generated from CLOSE_CODES"), "the block says where it comes from");
     // No second list of codes on the side.
     assert!(!file.contains("STOP_CODES"), "the client takes close decisions from CLOSE_ACTIONS only");

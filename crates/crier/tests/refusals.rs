@@ -100,7 +100,10 @@ async fn the_three_typical_mistakes_are_logged_with_what_to_change() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
     let line = wait_log(&server, "API request refused").await;
-    assert!(line.contains("unknown_api_key") && line.contains("POST /api/v1/publish") && line.contains("api_keys"), "{line}");
+    assert!(
+        line.contains("unknown_api_key") && line.contains("POST /api/v1/publish") && line.contains("api_keys"),
+        "{line}"
+    );
     // A refused REST call with a good key (a bad channel) is logged with its code too.
     let r = server
         .http
