@@ -120,7 +120,7 @@ pub fn token_fix(reason: &str) -> &'static str {
         "token_algorithm_not_allowed" => "sign with an algorithm listed in jwt_algorithms",
         "token_unknown_key" => "the token's `kid` is not in jwt_jwks_file",
         "token_wrong_issuer_or_audience" => "the token's `iss`/`aud` must equal jwt_issuer / jwt_audience",
-        _ => "mint the token as docs/protocol.md (\"Tokens\") describes",
+        _ => "a token is a JWT (header.payload.signature) signed with the configured key, with `sub` and `exp`",
     }
 }
 

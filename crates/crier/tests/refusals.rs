@@ -117,6 +117,11 @@ async fn the_three_typical_mistakes_are_logged_with_what_to_change() {
     let line = wait_log(&server, "-> 400 invalid_channel").await;
     assert!(line.contains("API request refused: POST /api/v1/publish"), "{line}");
 
+    // SSE runs the same checks: its refusals are logged and counted the same way.
+    let r = server.http.get(server.url(&format!("/sse?channels=chat:x&token={old}"))).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    server.wait_metric("crier_refusals_total{surface=\"handshake\",reason=\"token_expired\"}", 5.0).await;
+
     let logs = server.logs();
     assert!(!logs.contains(&old) && !logs.contains(&good), "a token appeared in the logs");
     assert!(!logs.contains("not-the-key-0123") && !logs.contains(support::API_KEY), "an API key appeared in the logs");
