@@ -390,8 +390,10 @@ export class Crier {
       this.#fail(status, `handshake refused with HTTP ${status}: not a WebSocket upgrade crier accepts`);
       return true;
     }
-    if (status === null && !message) {
-      // A browser: the status is hidden. A bounded number of failures in a row, then give up.
+    // A browser: the status is hidden. A bounded number of failures in a row, then give up;
+    // attempts while the browser knows it is offline do not count.
+    const offline = globalThis.navigator && globalThis.navigator.onLine === false;
+    if (status === null && !message && !offline) {
       if (++this.#unexplainedFailures >= this.#opts.failAfter) {
         this.#fail(
           null,
