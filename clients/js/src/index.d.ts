@@ -64,13 +64,26 @@ export interface Welcome {
   ping_interval_ms?: number;
 }
 
-export type State = "connecting" | "connected" | "disconnected" | "closed";
+/** "failed": the server refused the handshake in a way retrying cannot fix (see `failure`). */
+export type State = "connecting" | "connected" | "disconnected" | "closed" | "failed";
+
+/** What the client does after each close code crier sends (generated from crier's table). */
+export type CloseAction = "stop" | "reconnect_now" | "reconnect_after_jitter" | "reconnect_with_backoff" | "refresh_token";
+export const CLOSE_ACTIONS: Readonly<Record<number, CloseAction>>;
+
+/** Why the client is "failed". `status` is the HTTP status (null in browsers, which hide it). */
+export interface Failure {
+  status: number | null;
+  reason: string;
+}
 
 export interface CloseInfo {
   code: number;
   reason: string;
-  /** false when the client stops for good (state "closed"). */
+  /** false when the client stops for good (state "closed" or "failed"). */
   reconnect: boolean;
+  /** The HTTP status of a refused handshake, when the client failed on it. */
+  status?: number | null;
   /** ms until the next attempt, when reconnecting. */
   delay?: number;
 }
@@ -119,6 +132,9 @@ export interface CrierOptions {
   refreshMargin?: number;
   /** A connection that lasted this long resets the backoff. Default 5000 ms. */
   resetBackoffAfter?: number;
+  /** Consecutive attempts that fail before the socket opens, with no HTTP status known (browsers
+   * hide it), after which the client is "failed" with a hint. Default 10. */
+  failAfter?: number;
   /** Source of randomness for the jitter, in [0, 1). Default Math.random. */
   random?: () => number;
 }
@@ -152,6 +168,8 @@ export class Subscription {
 export class Crier {
   constructor(url: string, options?: CrierOptions);
   readonly state: State;
+  /** Set when the state is "failed". */
+  readonly failure: Failure | null;
   readonly welcome: Welcome | null;
   readonly stats: { duplicates: number; reconnects: number };
   on(event: "state", fn: (state: State) => void): () => void;

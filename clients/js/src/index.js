@@ -3,8 +3,12 @@
 // README.md for the decisions this file makes where the contract is silent.
 //
 // What it does for the application:
-// - connects on construction, reconnects with full-jitter exponential backoff after any close
-//   except the ones that mean "stop" (1000, 1008, 4003, and 4001 without getToken);
+// - connects on construction and takes every close decision from the server's close-code table
+//   (CLOSE_ACTIONS below, generated from crier's CLOSE_CODES): stop, refresh the token, reconnect
+//   now, after a jittered delay or with full-jitter exponential backoff (codes not in the table);
+// - a refused handshake (HTTP 401/403, seen in Node) asks getToken once, else the client stops
+//   in state "failed" with the reason; where the status is hidden (browsers), `failAfter`
+//   consecutive failures before the socket opens end in "failed" with a hint;
 // - remembers, per subscription, the position (epoch, offset) of the last message it delivered,
 //   and resubscribes with `recover` from it, dropping anything at or below it: the app sees each
 //   message once, in order, across reconnects, or is told through onGap;
@@ -13,8 +17,27 @@
 // - turns publish/presence/history into promises that reject with a CrierError whose `.code` is
 //   the server's error code (or one of the client's own: timeout, disconnected, closed).
 
-/** Close codes after which the client stops for good. 4001 is added when there is no getToken. */
-const STOP_CODES = new Set([1000, 1008, 4003]);
+/** What to do after each close code crier sends; codes not listed reconnect with backoff. */
+// generated from CLOSE_CODES (crates/crier-protocol/src/codes.rs, `js_close_actions`); the test
+// crates/crier/tests/client_js.rs fails when this block and the table differ.
+export const CLOSE_ACTIONS = Object.freeze({
+  1000: "stop", // normal
+  1001: "reconnect_now", // going_away
+  1002: "stop", // protocol_error
+  1007: "stop", // invalid_payload
+  1008: "stop", // policy
+  1009: "stop", // too_big
+  1011: "reconnect_with_backoff", // internal
+  1012: "reconnect_after_jitter", // restart
+  4001: "refresh_token", // token_expired
+  4003: "stop", // disconnected
+  4008: "reconnect_with_backoff", // rate_limited
+  4009: "reconnect_with_backoff", // slow_consumer
+  4010: "reconnect_with_backoff", // heartbeat_timeout
+});
+// end generated
+/** Close code the client reports for a refused handshake (the socket never opened). */
+const ABNORMAL = 1006;
 /** Error codes of a subscribe that are worth retrying on the same connection. */
 const TRANSIENT_CODES = new Set(["rate_limited", "unavailable", "internal"]);
 /** Longest delay setTimeout accepts. */
@@ -30,6 +53,7 @@ const DEFAULTS = {
   pongTimeout: 10000,
   refreshMargin: 30000,
   resetBackoffAfter: 5000,
+  failAfter: 10, // consecutive failures before open with no HTTP status known (browsers) -> "failed"
 };
 
 /** An error reported by crier (`code` is the contract's error code) or by the client itself. */
@@ -109,6 +133,9 @@ export class Crier {
   #connectedAt = 0;
   #attempt = 0;
   #failedBeforeWelcome = 0;
+  #refreshedAfterRefusal = false;
+  #unexplainedFailures = 0;
+  #failure = null;
   #nextId = 1;
   #pending = new Map(); // id -> request
   #subAcks = new Map(); // subscribe id -> rec
@@ -138,9 +165,14 @@ export class Crier {
 
   #random;
 
-  /** "connecting" | "connected" | "disconnected" | "closed" */
+  /** "connecting" | "connected" | "disconnected" | "closed" | "failed" */
   get state() {
     return this.#state;
+  }
+
+  /** Why the client is "failed": { status, reason } (status null where the browser hides it). */
+  get failure() {
+    return this.#failure;
   }
   /** The last `welcome` frame ({client, user, node, ping_interval_ms}), or null. */
   get welcome() {
@@ -275,16 +307,25 @@ export class Crier {
     this.#ws = ws;
     this.#welcomed = false;
     this.#timers.connect = setTimeout(() => this.#abandon("no welcome within connectTimeout"), this.#opts.connectTimeout);
+    let opened = false;
+    let failure = null; // what the error event said before the socket opened
     ws.onopen = () => {
+      opened = true;
+      this.#unexplainedFailures = 0;
       if (this.#ws === ws) this.#heard();
     };
     ws.onmessage = (ev) => {
       if (this.#ws === ws) this.#onData(ev.data);
     };
-    ws.onerror = () => {}; // a close event follows
+    // A close event follows. Node's `ws` says "Unexpected server response: 401" for a refused
+    // handshake; browsers say nothing.
+    ws.onerror = (ev) => {
+      if (!opened) failure = String((ev && (ev.message || (ev.error && ev.error.message))) || "");
+    };
     ws.onclose = (ev) => {
       if (this.#ws !== ws) return;
       this.#detach();
+      if (!opened && failure !== null && this.#onRefused(failure)) return;
       this.#onClose(ev.code, ev.reason || "");
     };
   }
@@ -329,6 +370,49 @@ export class Crier {
     this.#onClose(CLIENT_ABORT, reason);
   }
 
+  /** A connection that failed before it opened. Returns true when it decided (failed or asked
+   * for a new token and reconnects); false: an ordinary reconnect with backoff. */
+  #onRefused(message) {
+    const m = /Unexpected server response: (\d{3})/.exec(message);
+    const status = m ? Number(m[1]) : null;
+    if (status === 401 || status === 403) {
+      const what = status === 401 ? "the token is missing, invalid or expired" : "the page's Origin is not in allowed_origins";
+      if (this.#opts.getToken && !this.#refreshedAfterRefusal) {
+        this.#refreshedAfterRefusal = true;
+        this.#token = null; // ask getToken for a new one
+        this.#onClose(ABNORMAL, `handshake refused with HTTP ${status}: ${what}`);
+        return true;
+      }
+      this.#fail(status, `handshake refused with HTTP ${status}: ${what} (the crier node's log says which check failed)`);
+      return true;
+    }
+    if (status === 400 || status === 426) {
+      this.#fail(status, `handshake refused with HTTP ${status}: not a WebSocket upgrade crier accepts`);
+      return true;
+    }
+    // A browser: the status is hidden. A bounded number of failures in a row, then give up;
+    // attempts while the browser knows it is offline do not count.
+    const offline = globalThis.navigator && globalThis.navigator.onLine === false;
+    if (status === null && !message && !offline) {
+      if (++this.#unexplainedFailures >= this.#opts.failAfter) {
+        this.#fail(
+          null,
+          `${this.#unexplainedFailures} connection attempts in a row failed before the socket opened: the server ` +
+            "refused the handshake (a bad or expired token, or this page's Origin not in allowed_origins) or cannot " +
+            "be reached; the browser hides the HTTP status: the crier node's log says which check failed",
+        );
+        return true;
+      }
+    }
+    return false;
+  }
+
+  #fail(status, reason) {
+    this.#failure = { status, reason };
+    this.#emit("error", new CrierError("handshake_refused", reason, { status }));
+    this.#finish(ABNORMAL, reason, false, "failed", status);
+  }
+
   #onClose(code, reason) {
     const wasWelcomed = this.#welcomed;
     this.#welcomed = false;
@@ -346,26 +430,35 @@ export class Crier {
       clearTimeout(rec.retryTimer);
     }
     if (this.#closed) return;
-    const stop = STOP_CODES.has(code) || (code === 4001 && !this.#opts.getToken);
-    if (stop) {
+    const action = CLOSE_ACTIONS[code] || "reconnect_with_backoff";
+    if (action === "stop" || (action === "refresh_token" && !this.#opts.getToken)) {
       this.#finish(code, reason, false);
       return;
     }
-    if (code === 4001) this.#token = null; // ask getToken for a new one
+    if (action === "refresh_token") this.#token = null; // ask getToken for a new one
     if (wasWelcomed) {
       this.#failedBeforeWelcome = 0;
+      this.#refreshedAfterRefusal = false;
       if (Date.now() - this.#connectedAt >= this.#opts.resetBackoffAfter) this.#attempt = 0;
     } else {
       this.#failedBeforeWelcome++;
     }
-    this.#scheduleReconnect(code, reason);
+    this.#scheduleReconnect(code, reason, action);
   }
 
-  #scheduleReconnect(code, reason) {
+  #scheduleReconnect(code, reason, action = "reconnect_with_backoff") {
     const { base, cap } = this.#opts.backoff;
-    const ceiling = Math.min(cap, base * 2 ** this.#attempt);
+    let ceiling;
+    if (action === "reconnect_now") {
+      ceiling = 0;
+    } else if (action === "reconnect_after_jitter") {
+      // A draining node: spread its clients over [0, min(cap, 10 x base)] (0-5 s by default).
+      ceiling = Math.min(cap, base * 10);
+    } else {
+      ceiling = Math.min(cap, base * 2 ** this.#attempt);
+      this.#attempt++;
+    }
     const delay = Math.floor(this.#random() * ceiling);
-    this.#attempt++;
     this.#stats.reconnects++;
     this.#setState("disconnected");
     this.#emit("close", { code, reason, reconnect: true, delay });
@@ -374,7 +467,7 @@ export class Crier {
     this.#timers.reconnect = setTimeout(() => this.#open(), delay);
   }
 
-  #finish(code, reason, byClient) {
+  #finish(code, reason, byClient, state = "closed", status = undefined) {
     this.#closed = true;
     this.#gen++;
     for (const k of Object.keys(this.#timers)) {
@@ -388,8 +481,8 @@ export class Crier {
       req.reject(new CrierError("closed", byClient ? "the client was closed" : `closed by the server (${code} ${reason})`, { closeCode: code }));
     }
     this.#pending.clear();
-    this.#setState("closed");
-    this.#emit("close", { code, reason, reconnect: false });
+    this.#setState(state);
+    this.#emit("close", status === undefined ? { code, reason, reconnect: false } : { code, reason, reconnect: false, status });
   }
 
   #setState(s) {

@@ -1,7 +1,8 @@
 // Headless Chromium (Debian's /usr/bin/chromium, driven by playwright-core) against the real
 // crier binary: the --dev demo page sends and receives and survives a node restart with
 // recovery (Redis-backed node restarted on the same port); two pages of the WebRTC example open
-// a data channel on loopback and talk peer to peer. Screenshots go to target/browser/.
+// a data channel on loopback and talk peer to peer; a page whose Origin is not allowed ends in
+// "failed" with a hint (the browser hides the 403). Screenshots go to target/browser/.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -10,7 +11,7 @@ import { existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
-import { Node, Redis, ROOT, SECRET, freePort, waitFor } from "./support.mjs";
+import { Node, Redis, ROOT, SECRET, freePort, mint, waitFor } from "./support.mjs";
 
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const SHOTS = join(ROOT, "target", "browser");
@@ -174,4 +175,28 @@ test("WebRTC example: two pages signal through crier and talk over an RTCDataCha
   await alice.screenshot({ path: join(SHOTS, "webrtc-alice.png") });
   await bob.screenshot({ path: join(SHOTS, "webrtc-bob.png") });
   assert.deepEqual([...alice.problems, ...bob.problems], []);
+});
+
+test("a browser whose page Origin is not allowed: the client ends failed with a hint, the node logs the origin", { timeout: 60000 }, async (t) => {
+  // The page is served by crier itself (http://127.0.0.1:PORT), which allowed_origins does not list.
+  const n = await Node.start({ args: ["--allowed-origins", "https://app.example.com"] });
+  t.after(() => n.stop());
+  const ctx = await browser(t);
+  const page = await open(ctx, n.url("/crier.js"));
+  const token = mint({ sub: "browser", channels: ["*"] });
+  const failure = await page.evaluate(
+    async ({ url, token }) => {
+      const { Crier } = await import("/crier.js");
+      const c = new Crier(url, { token, failAfter: 3, backoff: { base: 20, cap: 100 } });
+      c.on("error", () => {});
+      for (let i = 0; i < 500 && c.state !== "failed"; i++) await new Promise((r) => setTimeout(r, 20));
+      return { state: c.state, failure: c.failure };
+    },
+    { url: n.wsUrl, token },
+  );
+  assert.equal(failure.state, "failed");
+  assert.equal(failure.failure.status, null, "a browser hides the status");
+  assert.match(failure.failure.reason, /3 connection attempts in a row.*allowed_origins/);
+  const origin = new URL(n.url("/")).origin;
+  await waitFor(() => n.stderr.includes(`origin "${origin}" not in allowed_origins`), "the node's log names the origin");
 });

@@ -25,6 +25,14 @@ impl Backoff {
         self.base.saturating_mul(factor).min(self.cap)
     }
 
+    /// The delay before reconnecting after a close the table marks "reconnect after jitter"
+    /// (1012, a draining node): uniformly random in `[0, min(cap, 10 × base)]` (0–5 s by
+    /// default), so the clients of a drained node do not all arrive at once elsewhere.
+    pub fn jitter(&self) -> Duration {
+        let ceiling = self.base.saturating_mul(10).min(self.cap).as_millis().min(u128::from(u64::MAX)) as u64;
+        Duration::from_millis(rand::rng().random_range(0..=ceiling))
+    }
+
     /// A random delay for attempt `attempt` (0-based).
     pub fn delay(&self, attempt: u32) -> Duration {
         let ceiling = self.ceiling(attempt).as_millis().min(u128::from(u64::MAX)) as u64;

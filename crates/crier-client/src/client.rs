@@ -197,7 +197,7 @@ impl Client {
         self.inner.shared.welcome.lock().ok().and_then(|w| w.clone())
     }
 
-    /// Why the client stopped, once it is [`State::Closed`].
+    /// Why the client stopped, once it is [`State::Closed`] or [`State::Failed`].
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.inner.shared.close_reason.lock().ok().and_then(|r| r.clone())
     }
@@ -310,10 +310,10 @@ impl Client {
         let _ = self.inner.commands.send(Command::Close);
     }
 
-    /// Waits until the client is [`State::Closed`] and returns why.
+    /// Waits until the client is [`State::Closed`] or [`State::Failed`] and returns why.
     pub async fn closed(&self) -> CloseReason {
         let mut rx = self.watch_state();
-        let _ = rx.wait_for(|s| *s == State::Closed).await;
+        let _ = rx.wait_for(|s| matches!(s, State::Closed | State::Failed)).await;
         self.close_reason().unwrap_or(CloseReason::Client)
     }
 }

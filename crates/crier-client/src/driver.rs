@@ -7,16 +7,24 @@
 //! refreshes → on a close or a dead connection, decide (close-code table below) whether to stop or
 //! to wait a full-jitter backoff and start again.
 //!
-//! | the server closed with | the client |
-//! |---|---|
-//! | 1000, 1008, 4003 | stops ([`State::Closed`]) |
-//! | 4001 | asks its token provider again and reconnects; stops if it has none |
-//! | anything else, or the connection died | reconnects after a backoff, with recovery |
+//! Every close decision comes from the server's table, `crier_protocol::codes::CLOSE_CODES`
+//! (its [`ClientAction`]), never from a list of its own:
 //!
-//! A handshake refused with 401 is treated like 4001; 400, 403 and 426 stop the client (retrying
-//! cannot fix them); any other refusal (429, 503, ...) or network error is retried — after the
-//! refusal's `Retry-After` plus a jitter of up to as long again, when it has one (a node
-//! shedding a handshake storm says when to come back), else after the backoff.
+//! | the table says | the client |
+//! |---|---|
+//! | stop (1000, 1002, 1007, 1008, 1009, 4003) | stops ([`State::Closed`]) |
+//! | refresh token (4001) | asks its token provider again and reconnects; stops if it has none |
+//! | reconnect now (1001) | reconnects at once, with recovery |
+//! | reconnect after jitter (1012) | reconnects after [`crate::Backoff::jitter`], with recovery |
+//! | reconnect with backoff (1011, 4008, 4009, 4010), a code not in the table, or the connection died | reconnects after a backoff, with recovery |
+//!
+//! A handshake refused with 401 or 403 asks the token provider once for a new token (a second
+//! refusal in a row, or no provider: [`State::Failed`] with the status and the server's reason in
+//! [`crate::Client::close_reason`]); 400 and 426 fail at once (retrying cannot fix them); any
+//! other refusal (429, 503, ...) or network error is retried with backoff.
+//!
+//! A refusal with `Retry-After` (a node shedding a handshake storm, a draining node) is retried
+//! after that long plus a jitter of up to as long again, never sooner than the backoff.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crier_protocol::StreamPosition;
+use crier_protocol::codes::{ClientAction, CloseCode};
 use crier_protocol::frames::PresenceEntry;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -56,6 +65,10 @@ pub enum State {
     Disconnected,
     /// Stopped for good (see [`crate::Client::close_reason`]).
     Closed,
+    /// Stopped for good because the server refused the handshake in a way retrying cannot fix
+    /// (401/403 even with a fresh token, 400, 426); [`crate::Client::close_reason`] has the
+    /// status and the server's reason.
+    Failed,
 }
 
 impl State {
@@ -65,6 +78,7 @@ impl State {
             State::Connected => "connected",
             State::Disconnected => "disconnected",
             State::Closed => "closed",
+            State::Failed => "failed",
         }
     }
 }
@@ -165,18 +179,41 @@ enum Pending {
 /// How a connection (attempt) ended.
 enum Ended {
     Stop(CloseReason),
-    /// Reconnect after a backoff; `new_token`: ask the provider for a new token first;
-    /// `retry_after`: the server's `Retry-After` on a refused handshake (429, 503), the least
-    /// the next attempt waits.
+    /// Reconnect after `wait`; `new_token`: ask the provider for a new token first.
     Reconnect {
         new_token: bool,
-        retry_after: Option<Duration>,
+        wait: Wait,
     },
+}
+
+/// How long to wait before the next attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Backoff,
+    Jitter,
+    Now,
+    /// A refused handshake's `Retry-After`: the least wait (plus jitter, see `reconnect_delay`).
+    RetryAfter(Duration),
 }
 
 impl Ended {
     fn reconnect() -> Ended {
-        Ended::Reconnect { new_token: false, retry_after: None }
+        Ended::Reconnect { new_token: false, wait: Wait::Backoff }
+    }
+    fn refresh() -> Ended {
+        Ended::Reconnect { new_token: true, wait: Wait::Backoff }
+    }
+}
+
+/// The decision for a close with `code`, from the server's table (see the module docs).
+fn close_decision(code: u16, reason: String, has_provider: bool) -> Ended {
+    match CloseCode(code).action() {
+        ClientAction::Stop => Ended::Stop(CloseReason::Server { code, reason }),
+        ClientAction::RefreshToken if has_provider => Ended::refresh(),
+        ClientAction::RefreshToken => Ended::Stop(CloseReason::Server { code, reason }),
+        ClientAction::ReconnectNow => Ended::Reconnect { new_token: false, wait: Wait::Now },
+        ClientAction::ReconnectAfterJitter => Ended::Reconnect { new_token: false, wait: Wait::Jitter },
+        ClientAction::ReconnectWithBackoff => Ended::reconnect(),
     }
 }
 
@@ -223,6 +260,9 @@ pub(crate) struct Driver {
     next_id: u64,
     /// Which of `opts.urls` the next attempt uses.
     url_index: usize,
+    /// A handshake was refused (401/403) and a new token asked for since the last `welcome`:
+    /// the next such refusal fails the client.
+    refreshed_after_refusal: bool,
 }
 
 impl Driver {
@@ -236,6 +276,7 @@ impl Driver {
             token: None,
             next_id: 0,
             url_index: 0,
+            refreshed_after_refusal: false,
         }
     }
 
@@ -259,19 +300,32 @@ impl Driver {
             let (ended, welcomed) = self.connection().await;
             if welcomed {
                 attempt = 0;
+                self.refreshed_after_refusal = false;
             }
-            let retry_after = match ended {
+            let wait = match ended {
                 Ended::Stop(reason) => break reason,
-                Ended::Reconnect { new_token, retry_after } => {
+                Ended::Reconnect { new_token, wait } => {
                     if new_token {
                         self.token = None;
                     }
-                    retry_after
+                    wait
                 }
             };
             self.set_state(State::Disconnected);
-            let delay = reconnect_delay(self.opts.backoff.delay(attempt), retry_after);
-            attempt = attempt.saturating_add(1);
+            let delay = match wait {
+                Wait::Now => Duration::ZERO,
+                Wait::Jitter => self.opts.backoff.jitter(),
+                Wait::Backoff => {
+                    let d = self.opts.backoff.delay(attempt);
+                    attempt = attempt.saturating_add(1);
+                    d
+                }
+                Wait::RetryAfter(ra) => {
+                    let d = reconnect_delay(self.opts.backoff.delay(attempt), Some(ra));
+                    attempt = attempt.saturating_add(1);
+                    d
+                }
+            };
             tracing::debug!(?delay, attempt, "crier client: reconnecting after a backoff");
             if let Err(reason) = self.offline(tokio::time::sleep(delay)).await {
                 break reason;
@@ -282,6 +336,7 @@ impl Driver {
 
     /// Stops for good: every subscription ends, every waiting request fails.
     fn finish(&mut self, reason: CloseReason) {
+        let failed = matches!(reason, CloseReason::Handshake { .. });
         tracing::debug!(?reason, "crier client closed");
         if let Ok(mut r) = self.shared.close_reason.lock() {
             *r = Some(reason);
@@ -304,7 +359,7 @@ impl Driver {
                 _ => {}
             }
         }
-        self.set_state(State::Closed);
+        self.set_state(if failed { State::Failed } else { State::Closed });
     }
 
     /// Runs `fut` while keeping the book of commands (no connection to send on);
@@ -371,7 +426,7 @@ impl Driver {
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "crier client: the token provider failed; retrying");
-                        Err(Ended::Reconnect { new_token: true, retry_after: None })
+                        Err(Ended::refresh())
                     }
                 }
             }
@@ -398,7 +453,9 @@ impl Driver {
             Ok(Ok(Err(e))) => return (self.refused(e), false),
             Ok(Ok(Ok((ws, _response)))) => ws,
         };
-        let welcome = match self.offline(timeout(self.opts.connect_timeout, read_welcome(&mut ws))).await {
+        let has_provider = self.opts.token.has_provider();
+        let welcome = match self.offline(timeout(self.opts.connect_timeout, read_welcome(&mut ws, has_provider))).await
+        {
             Err(reason) => {
                 let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
                 return (Ended::Stop(reason), false);
@@ -411,7 +468,7 @@ impl Driver {
     }
 
     /// A failed handshake: stop or retry (see the module docs).
-    fn refused(&self, e: WsError) -> Ended {
+    fn refused(&mut self, e: WsError) -> Ended {
         match e {
             WsError::Http(resp) => {
                 let status = resp.status().as_u16();
@@ -429,9 +486,18 @@ impl Driver {
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(|secs| Duration::from_secs(secs.min(3600)));
                 match status {
-                    401 if self.opts.token.has_provider() => Ended::Reconnect { new_token: true, retry_after: None },
-                    400 | 401 | 403 | 426 => Ended::Stop(CloseReason::Handshake { status, error }),
-                    _ => Ended::Reconnect { new_token: false, retry_after },
+                    401 | 403 if self.opts.token.has_provider() && !self.refreshed_after_refusal => {
+                        self.refreshed_after_refusal = true;
+                        Ended::refresh()
+                    }
+                    400 | 401 | 403 | 426 => {
+                        tracing::warn!(status, ?error, "crier client: the handshake was refused; giving up (failed)");
+                        Ended::Stop(CloseReason::Handshake { status, error })
+                    }
+                    _ => match retry_after {
+                        Some(ra) => Ended::Reconnect { new_token: false, wait: Wait::RetryAfter(ra) },
+                        None => Ended::reconnect(),
+                    },
                 }
             }
             WsError::Url(e) => Ended::Stop(CloseReason::Invalid(e.to_string())),
@@ -646,12 +712,7 @@ impl Driver {
     fn on_close(&self, frame: Option<CloseFrame>) -> Ended {
         let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
         tracing::debug!(code, reason, "crier client: the server closed the connection");
-        match code {
-            1000 | 1008 | 4003 => Ended::Stop(CloseReason::Server { code, reason }),
-            4001 if self.opts.token.has_provider() => Ended::Reconnect { new_token: true, retry_after: None },
-            4001 => Ended::Stop(CloseReason::Server { code, reason }),
-            _ => Ended::reconnect(),
-        }
+        close_decision(code, reason, self.opts.token.has_provider())
     }
 
     /// One text frame from the server.
@@ -818,7 +879,7 @@ fn build_request(url: &str, token: Option<&str>) -> Result<tokio_tungstenite::tu
 }
 
 /// Reads the first frame, which must be `welcome`.
-async fn read_welcome(ws: &mut Ws) -> Result<Welcome, Ended> {
+async fn read_welcome(ws: &mut Ws, has_provider: bool) -> Result<Welcome, Ended> {
     loop {
         match ws.next().await {
             Some(Ok(WsMessage::Text(t))) => {
@@ -836,14 +897,8 @@ async fn read_welcome(ws: &mut Ws) -> Result<Welcome, Ended> {
                 };
             }
             Some(Ok(WsMessage::Close(frame))) => {
-                let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
-                return Err(match code {
-                    1000 | 1008 | 4003 => Ended::Stop(CloseReason::Server {
-                        code,
-                        reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
-                    }),
-                    _ => Ended::reconnect(),
-                });
+                let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                return Err(close_decision(code, reason, has_provider));
             }
             Some(Ok(_)) => continue,
             Some(Err(_)) | None => return Err(Ended::reconnect()),

@@ -55,11 +55,12 @@ impl Error {
 pub enum CloseReason {
     /// [`crate::Client::close`] was called, or every `Client` handle was dropped.
     Client,
-    /// The server closed with a code after which a client must not reconnect: 1000, 1008, 4003,
-    /// or 4001 without a token provider.
+    /// The server closed with a code after which a client must not reconnect (the table's "stop":
+    /// 1000, 1002, 1007, 1008, 1009, 4003), or 4001 without a token provider.
     Server { code: u16, reason: String },
-    /// The handshake was refused in a way retrying cannot fix: 401 without a token provider,
-    /// 403 (`origin_not_allowed`), 400/426 (`bad_upgrade`).
+    /// The handshake was refused in a way retrying cannot fix ([`crate::State::Failed`]): 401 or
+    /// 403 without a token provider or again with a fresh token (`token_invalid`,
+    /// `origin_not_allowed`, …), 400/426 (`bad_upgrade`). `error` is the server's reason.
     Handshake { status: u16, error: Option<ServerError> },
     /// The URL or request could not be used at all.
     Invalid(String),

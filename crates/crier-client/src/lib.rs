@@ -4,8 +4,10 @@
 //! client is told — needs the client to do its part. This crate does it, with the semantics of
 //! the contract's JavaScript client (CONTRACT §13):
 //!
-//! - **Reconnects** after any close except 1000, 1008 and 4003 (and 4001 without a token
-//!   provider), with full-jitter exponential backoff (default base 500 ms, cap 20 s).
+//! - **Reconnects** as crier's close-code table (`crier_protocol::codes::CLOSE_CODES`) says:
+//!   "stop" codes end it, 4001 asks the token provider again, 1001 reconnects at once, 1012
+//!   after a jittered delay, the rest with full-jitter exponential backoff (default base 500 ms,
+//!   cap 20 s). A refused handshake (401/403) asks the provider once, then [`State::Failed`].
 //! - **Recovers** every subscription after a reconnect: it resubscribes with `recover` from the
 //!   last position it delivered, so the application sees each message once, in order.
 //!   Messages are deduplicated by offset: one already delivered is never delivered again, even

@@ -459,15 +459,17 @@ async fn subscribes_refused_by_the_rate_limit_are_retried_until_they_hold() {
 }
 
 #[tokio::test]
-async fn a_refused_handshake_stops_a_fixed_token_and_asks_a_provider_again() {
-    let node = Node::start(&[]);
+async fn a_refused_handshake_fails_a_fixed_token_and_asks_a_provider_once() {
+    let node = Node::start(&["--allowed-origins", "https://app.example.com"]);
     let c = client(node.ws_url(), "not-a-jwt".into());
     match c.closed().await {
         CloseReason::Handshake { status: 401, error: Some(e) } => assert_eq!(e.code, "token_invalid"),
         other => panic!("expected a 401 token_invalid, got {other:?}"),
     }
+    assert_eq!(c.state(), State::Failed);
     assert_eq!(c.connections(), 0);
 
+    // A provider is asked once more after a refusal: a good token then connects …
     let calls = Arc::new(AtomicUsize::new(0));
     let n = calls.clone();
     let c = Client::builder(node.ws_url())
@@ -475,15 +477,79 @@ async fn a_refused_handshake_stops_a_fixed_token_and_asks_a_provider_again() {
         .token_provider(move || {
             let k = n.fetch_add(1, Ordering::SeqCst);
             async move {
-                if k < 2 { Ok("not-a-jwt".to_string()) } else { Ok::<_, Infallible>(token("max", &["a:*"], &[], HOUR)) }
+                if k < 1 { Ok("not-a-jwt".to_string()) } else { Ok::<_, Infallible>(token("max", &["a:*"], &[], HOUR)) }
             }
         })
         .connect()
         .unwrap();
     let mut sub = c.subscribe("a:b");
     subscribed(&mut sub).await;
-    assert_eq!(calls.load(Ordering::SeqCst), 3, "asked again after each 401");
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "asked again after the 401");
     assert_eq!(c.connections(), 1);
+
+    // … a second refusal in a row fails the client, with the status and the server's reason.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = calls.clone();
+    let expired = {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let claims = json!({"sub": "max", "exp": now - 3600});
+        let key = jsonwebtoken::EncodingKey::from_secret(support::SECRET.as_bytes());
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+    };
+    let c = Client::builder(node.ws_url())
+        .backoff(Duration::from_millis(20), Duration::from_millis(100))
+        .token_provider(move || {
+            n.fetch_add(1, Ordering::SeqCst);
+            let t = expired.clone();
+            async move { Ok::<_, Infallible>(t) }
+        })
+        .connect()
+        .unwrap();
+    match c.closed().await {
+        CloseReason::Handshake { status: 401, error: Some(e) } => {
+            assert_eq!(e.code, "token_invalid");
+            assert!(e.message.contains("expired"), "{}", e.message);
+        }
+        other => panic!("expected a 401, got {other:?}"),
+    }
+    assert_eq!(c.state(), State::Failed);
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "the provider is asked once after a refusal, not forever");
+}
+
+/// Every code of the server's table, sent by a proxy in front of a real node: the client does
+/// what `CLOSE_CODES` says (stop, refresh, reconnect now / after jitter / with backoff).
+#[tokio::test]
+async fn every_close_code_of_the_table_takes_the_tables_action() {
+    use crier_protocol::codes::{CLOSE_CODES, ClientAction};
+    let node = Node::start(&[]);
+    for spec in CLOSE_CODES {
+        let code = spec.code.0;
+        let proxy = proxy::Proxy::start(node.ws_url()).await;
+        let c = Client::builder(proxy.ws_url())
+            .token(token("table", &["chat:*"], &[], HOUR))
+            .backoff(Duration::from_millis(20), Duration::from_millis(100))
+            .connect()
+            .unwrap();
+        let mut sub = c.subscribe("chat:x");
+        subscribed(&mut sub).await;
+        proxy.close_all(code);
+        match spec.action {
+            // A fixed token cannot be refreshed: 4001 stops it too.
+            ClientAction::Stop | ClientAction::RefreshToken => {
+                match c.closed().await {
+                    CloseReason::Server { code: got, .. } => assert_eq!(got, code),
+                    other => panic!("{code}: expected a stop, got {other:?}"),
+                }
+                assert_eq!(c.state(), State::Closed, "{code}");
+                assert_eq!(proxy.accepted.load(Ordering::SeqCst), 1, "{code}: no reconnect");
+            }
+            ClientAction::ReconnectNow | ClientAction::ReconnectAfterJitter | ClientAction::ReconnectWithBackoff => {
+                until(&format!("reconnected after {code}"), || c.connections() == 2).await;
+                assert_eq!(subscribed(&mut sub).await.2, Some(true), "{code}: resubscribed with recovery");
+            }
+        }
+        c.close();
+    }
 }
 
 #[tokio::test]

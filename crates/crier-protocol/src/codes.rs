@@ -130,6 +130,19 @@ pub enum ClientAction {
     RefreshToken,
 }
 
+impl ClientAction {
+    /// The action's name in client libraries (the JavaScript client's generated table).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAction::Stop => "stop",
+            ClientAction::ReconnectNow => "reconnect_now",
+            ClientAction::ReconnectAfterJitter => "reconnect_after_jitter",
+            ClientAction::ReconnectWithBackoff => "reconnect_with_backoff",
+            ClientAction::RefreshToken => "refresh_token",
+        }
+    }
+}
+
 /// One close code crier may send.
 #[derive(Debug)]
 pub struct CloseSpec {
@@ -267,6 +280,17 @@ pub fn close_code_table() -> String {
         let reason = if s.reason.is_empty() { String::new() } else { format!("`{}`", s.reason) };
         out.push_str(&format!("| {} | `{}` | {} | {} | {} |\n", s.code.0, s.name, s.when, reason, s.advice));
     }
+    out
+}
+
+/// [`CLOSE_CODES`] as the JavaScript client's table (clients/js/src/index.js holds this text
+/// between its `generated from CLOSE_CODES` markers; a test keeps the two equal).
+pub fn js_close_actions() -> String {
+    let mut out = String::from("export const CLOSE_ACTIONS = Object.freeze({\n");
+    for s in CLOSE_CODES {
+        out.push_str(&format!("  {}: \"{}\", // {}\n", s.code.0, s.action.as_str(), s.name));
+    }
+    out.push_str("});\n");
     out
 }
 

@@ -23,6 +23,7 @@ use crate::auth::api_key_matches;
 use crate::error::ApiError;
 use crate::limits::retry_after_secs;
 use crate::metrics as m;
+use crate::refusal::{self, Surface};
 use crate::state::AppState;
 
 /// Time limit of one REST request.
@@ -51,6 +52,9 @@ pub async fn require_api_key(State(st): State<AppState>, req: Request, next: Nex
         .and_then(|v| v.to_str().ok())
         .and_then(crate::auth::bearer_credentials);
     let endpoint = endpoint_label(req.uri().path());
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let was_presented = presented.is_some();
     let resp = match presented.and_then(|key| api_key_index(&st.config.api_keys, key)) {
         Some(index) => match st.limits.check_api(index) {
             Ok(()) => next.run(req).await,
@@ -61,15 +65,41 @@ pub async fn require_api_key(State(st): State<AppState>, req: Request, next: Nex
                     .into_response()
             }
         },
-        None if presented.is_some() => {
+        None if was_presented => {
             ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown API key").into_response()
         }
         None => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing `Authorization: Bearer <api key>`")
             .into_response(),
     };
+    log_refusal(&method, &path, was_presented, &resp);
     metrics::counter!(m::API_REQUESTS, "endpoint" => endpoint, "status" => resp.status().as_str().to_owned())
         .increment(1);
     resp
+}
+
+/// Counts and logs (rate limited) a refused REST call: what [`ApiError`] answered (it leaves its
+/// code and message in the response's extensions) plus what to change. Never the key.
+fn log_refusal(method: &axum::http::Method, path: &str, presented: bool, resp: &Response) {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return;
+    }
+    let Some(err) = resp.extensions().get::<crate::error::Refused>() else {
+        return;
+    };
+    let (reason, fix) = match (err.code, status) {
+        ("unauthorized", _) if presented => (
+            "unknown_api_key",
+            "the Bearer key is none of api_keys (--api-keys, CRIER_API_KEYS); compare the key's value, not its name",
+        ),
+        ("unauthorized", _) => ("missing_api_key", "send `Authorization: Bearer <one of api_keys>`"),
+        ("rate_limited", _) => {
+            ("rate_limited", "this API key sends more than api_rate allows; slow down or raise api_rate")
+        }
+        (code, _) => (code, ""),
+    };
+    let detail = format!("{method} {path} -> {} {}: {}", status.as_u16(), err.code, err.message);
+    refusal::record(Surface::Api, reason, &detail, fix);
 }
 
 /// Which configured key was presented (each compared in constant time).

@@ -52,9 +52,17 @@ impl ApiError {
     }
 }
 
+/// What an [`ApiError`] answered, left in the response's extensions for the refusal log.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub code: &'static str,
+    pub message: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut resp = (self.status, axum::Json(json!({"error": self.code, "message": self.message}))).into_response();
+        let mut resp = (self.status, axum::Json(json!({"error": self.code, "message": &self.message}))).into_response();
+        resp.extensions_mut().insert(Refused { code: self.code, message: self.message });
         if let Some(s) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
         }

@@ -18,6 +18,7 @@ use crate::auth::{self, Claims};
 use crate::error::ApiError;
 use crate::limits::retry_after_secs;
 use crate::metrics as m;
+use crate::refusal::{self, Surface};
 use crate::state::AppState;
 
 /// The client id of connection `conn` (in `welcome`, presence and connection counts):
@@ -36,9 +37,33 @@ pub struct Admitted {
     pub slot: Option<ConnSlot>,
 }
 
+/// Counts, logs (rate limited, see [`crate::refusal`]) and answers a refusal; the reason is the
+/// error code and the advice [`advice`]'s.
 fn reject(err: ApiError) -> Response {
+    reject_as(err.code, advice(err.code), err)
+}
+
+/// [`reject`] with a finer reason (a metric label) and what to change.
+fn reject_as(reason: &'static str, fix: &str, err: ApiError) -> Response {
     metrics::counter!(m::HANDSHAKES, "result" => err.code).increment(1);
+    refusal::record(Surface::Handshake, reason, &format!("{}: {}", err.code, err.message), fix);
     err.into_response()
+}
+
+/// What to change, for a refusal by error code (the operator reads it in the log).
+fn advice(code: &str) -> &'static str {
+    match code {
+        "rate_limited" => {
+            "this address opens connections faster than handshake_rate allows (behind a proxy, \
+             list it in trusted_proxies so each client is counted by its own address)"
+        }
+        "token_missing" => {
+            "send a token (Authorization: Bearer, the crier.bearer.<token> subprotocol or ?token=) \
+             or set allow_anonymous = true"
+        }
+        "too_many_connections" => "raise max_connections_per_user, or the client must close connections it left open",
+        _ => "",
+    }
 }
 
 /// The checks before the transport's own, in the contract's order.
@@ -65,22 +90,39 @@ pub async fn admit(
     }
     let max_conns = st.config.max_connections;
     if max_conns > 0 && st.registry.len() >= max_conns {
-        return Err(reject(ApiError::unavailable("this node is at max_connections; connect to another node")));
+        return Err(reject_as(
+            "node_full",
+            "raise max_connections or add nodes",
+            ApiError::unavailable("this node is at max_connections; connect to another node"),
+        ));
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
         let allowed = origin.to_str().is_ok_and(|o| st.origins.allows(o));
         if !allowed {
-            return Err(reject(ApiError::new(
-                StatusCode::FORBIDDEN,
+            // The body names the origin and the setting: the browser's developer tools show it.
+            let shown = refusal::quote(&String::from_utf8_lossy(origin.as_bytes()));
+            return Err(reject_as(
                 "origin_not_allowed",
-                "this Origin is not allowed",
-            )));
+                "",
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "origin_not_allowed",
+                    format!(
+                        "origin {shown} not in allowed_origins; add it to allowed_origins \
+                         (--allowed-origins, CRIER_ALLOWED_ORIGINS) to let pages from it connect"
+                    ),
+                ),
+            ));
         }
     }
     let claims = match auth::extract_token(headers, query) {
         Some((token, _source)) => match st.verifier.verify(&token) {
             Ok(c) => c,
-            Err(e) => return Err(reject(ApiError::new(StatusCode::UNAUTHORIZED, "token_invalid", e.0))),
+            Err(e) => {
+                let reason = refusal::token_reason(&e.0);
+                let fix = refusal::token_fix(reason);
+                return Err(reject_as(reason, fix, ApiError::new(StatusCode::UNAUTHORIZED, "token_invalid", e.0)));
+            }
         },
         None if st.config.allow_anonymous => Claims::anonymous(),
         None => return Err(reject(ApiError::new(StatusCode::UNAUTHORIZED, "token_missing", "no token given"))),

@@ -27,12 +27,16 @@ pub fn app(st: AppState) -> Router {
         .route("/api/v1/info", get(api::info))
         .route_layer(middleware::from_fn_with_state(st.clone(), api::require_api_key))
         .layer(middleware::from_fn(api::time_limit));
+    // The probes are routed outside the access log: a 503 from `/readyz` every few seconds
+    // during a broker outage would otherwise be one ERROR line per probe (tower_http logs every
+    // 5xx). `/readyz` logs its state changes itself.
+    let probes = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text));
     Router::new()
         .route("/ws", get(ws::handler))
         .route("/sse", get(sse::handler))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/", get(demo_page))
         .route("/crier.js", get(client_js))
@@ -42,6 +46,7 @@ pub fn app(st: AppState) -> Router {
         .layer(TraceLayer::new_for_http().make_span_with(
             |req: &Request| tracing::info_span!("http", method = %req.method(), path = %req.uri().path()),
         ))
+        .merge(probes)
         .with_state(st)
 }
 
@@ -79,14 +84,32 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
+/// What `/readyz` answered last (0: not asked yet, 1: ready, 2: draining, 3: broker
+/// unreachable), so a change is logged once rather than every probe. One per process, like the
+/// metrics recorder.
+static READY_STATE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
 async fn readyz(State(st): State<AppState>) -> Response {
-    if st.is_draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    let (state, status, text) = if st.is_draining() {
+        (2, StatusCode::SERVICE_UNAVAILABLE, "draining")
     } else if !st.broker().is_up() {
-        (StatusCode::SERVICE_UNAVAILABLE, "broker unreachable").into_response()
+        (3, StatusCode::SERVICE_UNAVAILABLE, "broker unreachable")
     } else {
-        (StatusCode::OK, "ready").into_response()
+        (1, StatusCode::OK, "ready")
+    };
+    let before = READY_STATE.swap(state, std::sync::atomic::Ordering::Relaxed);
+    if before != state {
+        match state {
+            1 if before != 0 => tracing::info!("ready again: /readyz answers 200"),
+            1 => {}
+            2 => tracing::info!("not ready: draining; /readyz answers 503 until the node stops"),
+            _ => tracing::warn!(
+                "not ready: the broker is unreachable; /readyz answers 503 until it is back \
+                 (crier_broker_up is 0 meanwhile)"
+            ),
+        }
     }
+    (status, text).into_response()
 }
 
 /// Updates the gauges from their sources of truth, then renders.

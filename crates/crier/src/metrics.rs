@@ -29,6 +29,9 @@ pub const HTTP_REJECTIONS: &str = "crier_http_rejections_total";
 pub const PENDING_HANDSHAKES: &str = "crier_pending_handshakes";
 pub const INCOMPLETE_HEADS: &str = "crier_incomplete_request_heads_total";
 pub const MESSAGE_ASSEMBLY_TIMEOUTS: &str = "crier_message_assembly_timeouts_total";
+/// crier extension: refused handshakes and REST calls by surface (handshake, api) and a finer
+/// reason than the error code (`token_expired`, `unknown_api_key`, …; see `refusal.rs`).
+pub const REFUSALS: &str = "crier_refusals_total";
 
 /// Buckets of the broadcast latency histogram, in seconds (100 µs … 5 s).
 const LATENCY_BUCKETS: &[f64] =
@@ -107,6 +110,10 @@ fn describe() {
     describe_counter!(
         MESSAGE_ASSEMBLY_TIMEOUTS,
         "WebSocket connections closed (1008) for leaving a fragmented message unfinished too long"
+    );
+    describe_counter!(
+        REFUSALS,
+        "Refused handshakes and REST calls by surface (handshake, api) and reason (token_expired, origin_not_allowed, unknown_api_key, …)"
     );
 }
 

@@ -36,7 +36,7 @@ pub(super) fn check_claims(
 ) -> Result<Claims, TokenError> {
     let exp = numeric_date(claims, "exp", false)?.ok_or_else(|| TokenError::missing_claim("exp"))?;
     if now >= exp.saturating_add(LEEWAY_SECS) {
-        return Err(TokenError::new("token expired"));
+        return Err(TokenError(format!("token expired {} s ago", now.saturating_sub(exp))));
     }
     if let Some(nbf) = numeric_date(claims, "nbf", true)?
         && nbf > now.saturating_add(LEEWAY_SECS)

@@ -378,7 +378,7 @@ fn time_claims() -> TestResult {
     assert_eq!(err_of(v.verify(&with(json!({"exp": null})))), "missing claim `exp`");
     assert_eq!(err_of(v.verify(&with(json!({"exp": "soon"})))), "malformed claim `exp`");
     assert_eq!(err_of(v.verify(&with(json!({"exp": -5})))), "malformed claim `exp`");
-    assert_eq!(err_of(v.verify(&with(json!({"exp": t - 60})))), "token expired");
+    assert!(err_of(v.verify(&with(json!({"exp": t - 60})))).starts_with("token expired 6"));
     assert!(v.verify(&with(json!({"exp": (t + 600) as f64 + 0.5}))).is_ok());
     assert_eq!(err_of(v.verify(&with(json!({"nbf": t + 60})))), "token not yet valid");
     assert_eq!(err_of(v.verify(&with(json!({"nbf": "x"})))), "malformed claim `nbf`");
@@ -399,7 +399,7 @@ fn leeway_edges() -> TestResult {
     let tok = token(json!({"sub": "u", "exp": t}));
     assert!(at(&tok, t).is_ok());
     assert!(at(&tok, t + LEEWAY_SECS - 1).is_ok());
-    assert_eq!(err_of(at(&tok, t + LEEWAY_SECS)), "token expired");
+    assert!(err_of(at(&tok, t + LEEWAY_SECS)).starts_with("token expired "));
     // nbf: valid from nbf - leeway.
     let tok = token(json!({"sub": "u", "exp": t + 100, "nbf": t + LEEWAY_SECS}));
     assert!(at(&tok, t).is_ok());
