@@ -76,6 +76,13 @@ struct StoredNode {
     node: String,
     connections: u64,
     version: String,
+    /// Absent in entries written by nodes before rebalancing: those count as ready.
+    #[serde(default = "ready_by_default")]
+    ready: bool,
+}
+
+fn ready_by_default() -> bool {
+    true
 }
 
 /// See the module docs.
@@ -186,7 +193,7 @@ impl ClusterState {
         let stored = json_values::<StoredNode>(&self.commands.invoke(&inv).await?);
         Ok(stored
             .into_iter()
-            .map(|n| NodeInfo { node: n.node, connections: n.connections, version: n.version })
+            .map(|n| NodeInfo { node: n.node, connections: n.connections, version: n.version, ready: n.ready })
             .collect())
     }
 

@@ -29,6 +29,8 @@ pub const HTTP_REJECTIONS: &str = "crier_http_rejections_total";
 pub const PENDING_HANDSHAKES: &str = "crier_pending_handshakes";
 pub const INCOMPLETE_HEADS: &str = "crier_incomplete_request_heads_total";
 pub const MESSAGE_ASSEMBLY_TIMEOUTS: &str = "crier_message_assembly_timeouts_total";
+/// crier extension: connections a node closed with 1012 to rebalance the cluster.
+pub const REBALANCED: &str = "crier_rebalanced_total";
 
 /// Buckets of the broadcast latency histogram, in seconds (100 µs … 5 s).
 const LATENCY_BUCKETS: &[f64] =
@@ -108,6 +110,10 @@ fn describe() {
         MESSAGE_ASSEMBLY_TIMEOUTS,
         "WebSocket connections closed (1008) for leaving a fragmented message unfinished too long"
     );
+    describe_counter!(
+        REBALANCED,
+        "Connections closed with 1012 because this node held more than its share of the cluster's"
+    );
 }
 
 /// Every counter starts at 0 with each of its known label values, so dashboards and alerts see
@@ -157,6 +163,7 @@ fn zero() {
         BROKER_RECONNECTS,
         BROKER_PUBLISH_CALLS,
         MESSAGE_ASSEMBLY_TIMEOUTS,
+        REBALANCED,
     ] {
         counter!(name).absolute(0);
     }
