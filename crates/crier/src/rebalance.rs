@@ -86,11 +86,12 @@ pub async fn run(st: AppState) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // Reported even while draining or cut off: the others stop counting this node at once.
+        st.report_node().await;
         if st.is_draining() || !st.broker().is_up() {
             shedder = Shedder::default();
             continue;
         }
-        st.report_node().await;
         let nodes = match st.broker().nodes().await {
             Ok(nodes) => nodes,
             Err(e) => {
