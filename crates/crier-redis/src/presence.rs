@@ -297,4 +297,14 @@ mod key_tests {
         assert_eq!(split_presence_key(&presence_key("c", "a\0b")), ("c", "a\0b"));
         assert_ne!(presence_key("a", "bc"), presence_key("ab", "c"));
     }
+
+    #[test]
+    fn a_node_entry_written_before_readiness_was_reported_reads_as_ready() -> serde_json::Result<()> {
+        let old: StoredNode = serde_json::from_str(r#"{"node":"a","connections":1,"version":"0.1.0"}"#)?;
+        assert!(old.ready);
+        let draining: StoredNode =
+            serde_json::from_str(r#"{"node":"a","connections":1,"version":"0.1.0","ready":false}"#)?;
+        assert!(!draining.ready);
+        Ok(())
+    }
 }
