@@ -572,9 +572,22 @@ async fn run_with(a: DeployArgs, action: Action) -> anyhow::Result<Outcome> {
         let want = [ac.shared[i % shared_n], ac.private[i]];
         drop(ac);
         let s = lock(&seen[i]);
-        s.down_since.is_none() && s.chans.iter().zip(want).all(|(c, w)| c.last >= w)
+        let back = clients[i].state() == State::Connected && s.down_since.is_none() && !s.ended;
+        (back, s.chans.iter().zip(want).all(|(c, w)| c.last >= w))
     };
-    while Instant::now() < final_deadline && !(0..a.clients).all(complete) {
+    // Judged in one pass: with rebalancing on, a node may move a client between two passes
+    // (it is back a moment later), so "back" is what the pass that ended the wait saw.
+    let mut back_at_end = vec![false; a.clients];
+    loop {
+        let mut all_delivered = true;
+        for (i, b) in back_at_end.iter_mut().enumerate() {
+            let (back, delivered) = complete(i);
+            *b = back;
+            all_delivered &= delivered;
+        }
+        if (all_delivered && back_at_end.iter().all(|b| *b)) || Instant::now() >= final_deadline {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -600,8 +613,7 @@ async fn run_with(a: DeployArgs, action: Action) -> anyhow::Result<Outcome> {
         }
         outages.extend_from_slice(&s.outages_ms);
         unmeasured += u64::from(s.unmeasured);
-        let back = clients[i].state() == State::Connected && s.down_since.is_none() && !s.ended;
-        if !back {
+        if !back_at_end[i] {
             not_back += 1;
         }
         if let Some(n) = node_index(&clients[i]).filter(|n| *n < NODES) {
