@@ -42,6 +42,10 @@ pub enum Scenario {
     /// shipped deploy/nginx.conf, under crier-client subscribers and idempotent publishes: lost,
     /// duplicates, time without a live subscription, clients left behind, peaks per node.
     Deploy(DeployArgs),
+    /// Scale-out 2 → 3 nodes behind nginx running the shipped deploy/nginx.conf, under crier-client
+    /// subscribers and idempotent publishes: time until every node is within --within of the mean
+    /// (the nodes rebalance), lost, duplicates, moved connections' time without a live subscription.
+    Scaleout(ScaleoutArgs),
     /// Long run at one rate (about half of saturation) in the many-channels shape, 2 nodes + redis:
     /// RSS flat after warm-up, 0 lost, p99 stable, window by window.
     Soak(SoakArgs),
@@ -377,4 +381,18 @@ pub struct DeployArgs {
     pub backoff_cap: Duration,
     #[command(flatten)]
     pub gateway: GatewayArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ScaleoutArgs {
+    /// Balanced = every node within this share of the mean connections per node
+    #[arg(long, default_value_t = 0.10)]
+    pub within: f64,
+    /// Give up waiting for the balance this long after the third node is ready
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub balance_timeout: Duration,
+    /// The deploy scenario's options (--drain, --between and --exit-grace do not apply; --after
+    /// is the publishing after the balance, or after --balance-timeout)
+    #[command(flatten)]
+    pub deploy: DeployArgs,
 }

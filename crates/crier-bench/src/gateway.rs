@@ -218,8 +218,31 @@ impl Gateway {
             }
         }
         let drained = t0.elapsed();
-        let crier = args.crier_path();
         let t1 = tokio::time::Instant::now();
+        self.start_again(i, args, addr, threads).await?;
+        Ok((drained, t1.elapsed(), killed))
+    }
+
+    /// Starts node `i` again on its old address after [`Gateway::kill_node`] (a node joining:
+    /// the load balancer already lists its address), and waits until it is ready.
+    pub async fn start_killed_node(&mut self, i: usize, args: &GatewayArgs) -> anyhow::Result<()> {
+        let threads = worker_threads(self.nodes.len(), &args.crier_arg);
+        let Some(n) = self.nodes.get(i) else { bail!("no node {i}") };
+        if n.child.is_some() {
+            bail!("node {i} is still running");
+        }
+        let addr = n.addr;
+        self.start_again(i, args, addr, threads).await
+    }
+
+    async fn start_again(
+        &mut self,
+        i: usize,
+        args: &GatewayArgs,
+        addr: SocketAddr,
+        threads: Option<usize>,
+    ) -> anyhow::Result<()> {
+        let crier = args.crier_path();
         // The port was just released; a bind can still race another program for it.
         let mut node = None;
         for _ in 0..50 {
@@ -236,8 +259,7 @@ impl Gateway {
         }
         let Some(node) = node else { bail!("node {i} could not be started again on {addr}") };
         self.nodes[i] = node;
-        self.wait_ready().await?;
-        Ok((drained, t1.elapsed(), killed))
+        self.wait_ready().await
     }
 
     /// The PID of node `i` now (a restarted node has a new one).

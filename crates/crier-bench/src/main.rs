@@ -1,6 +1,6 @@
 //! crier-bench: the load generator and report for crier.
 //!
-//! `cargo run --release -p crier-bench -- <idle|fanout|channels|churn|cluster|failover|soak|deploy> [options]`; every
+//! `cargo run --release -p crier-bench -- <idle|fanout|channels|churn|cluster|failover|soak|deploy|scaleout> [options]`; every
 //! scenario has `--help`. Modules:
 //! - [`cli`]: the subcommands, their options and defaults.
 //! - [`gateway`]: starting crier nodes (and redis-server) on loopback, or using running ones;
@@ -11,7 +11,7 @@
 //! - [`stats`]: shared counters and HDR latency histograms.
 //! - [`procfs`]: `/proc` readings (VmRSS, utime+stime), the machine, RLIMIT_NOFILE.
 //! - [`report`]: the table and the JSON report.
-//! - [`scenarios`]: idle, fanout/channels/cluster (pub/sub), churn, failover (on crier-client), soak (a long pub/sub run), deploy (a rolling restart behind nginx).
+//! - [`scenarios`]: idle, fanout/channels/cluster (pub/sub), churn, failover (on crier-client), soak (a long pub/sub run), deploy (a rolling restart behind nginx), scaleout (2 → 3 nodes behind nginx, rebalancing).
 
 mod cli;
 mod clients;
@@ -41,6 +41,7 @@ fn main() -> ExitCode {
         Scenario::Failover(a) => a.gateway.threads,
         Scenario::Soak(a) => a.gateway.threads,
         Scenario::Deploy(a) => a.gateway.threads,
+        Scenario::Scaleout(a) => a.deploy.gateway.threads,
         Scenario::Hold(_) => 2,
     };
     // Subscribers, and the nodes the bench starts (they inherit the limit), need a descriptor each.
@@ -138,6 +139,11 @@ async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
             warn_nofile(a.clients as u64, nofile);
             let json = a.gateway.json.clone();
             (scenarios::deploy::run(a).await?, json)
+        }
+        Scenario::Scaleout(a) => {
+            warn_nofile(a.deploy.clients as u64, nofile);
+            let json = a.deploy.gateway.json.clone();
+            (scenarios::deploy::scaleout(a).await?, json)
         }
         Scenario::Churn(a) => {
             warn_nofile(a.base as u64 + a.workers as u64, nofile);

@@ -63,6 +63,19 @@ impl Registry {
         self.lock().values().map(|e| e.outbox.clone()).collect()
     }
 
+    /// The `n` oldest connections not already closing (ids only grow: the smallest are the
+    /// oldest), for rebalancing. One pass and a partial sort, outside the lock.
+    pub fn oldest_open(&self, n: usize) -> Vec<Arc<Outbox>> {
+        let mut open: Vec<(ConnId, Arc<Outbox>)> =
+            self.lock().iter().filter(|(_, e)| !e.outbox.is_closing()).map(|(id, e)| (*id, e.outbox.clone())).collect();
+        if n < open.len() {
+            open.select_nth_unstable_by_key(n, |(id, _)| *id);
+            open.truncate(n);
+        }
+        open.sort_unstable_by_key(|(id, _)| *id);
+        open.into_iter().map(|(_, o)| o).collect()
+    }
+
     /// Calls `f` with every live connection's outbox, under the registry's lock (keep `f` short:
     /// registering and unregistering wait for it). The heartbeat sweep walks every connection
     /// this way, on purpose: a few atomic loads per connection under one lock, once per tick,
@@ -99,5 +112,21 @@ mod tests {
         r.unregister(2);
         assert_eq!(r.len(), 1);
         assert_eq!(r.close_user("u1", CloseCode::DISCONNECTED), 0);
+    }
+
+    #[test]
+    fn oldest_open_skips_closing_connections_and_takes_the_smallest_ids() {
+        let r = Registry::new();
+        let boxes: Vec<Arc<Outbox>> = (0..6).map(|_| Arc::new(Outbox::new(10))).collect();
+        for (i, b) in boxes.iter().enumerate() {
+            r.register(10 - i as ConnId, "u".into(), b.clone());
+        }
+        // Ids 10 (boxes[0]) .. 5 (boxes[5]); id 5 is closing already.
+        boxes[5].close(CloseCode::DISCONNECTED);
+        let oldest = r.oldest_open(2);
+        assert_eq!(oldest.len(), 2);
+        assert!(Arc::ptr_eq(&oldest[0], &boxes[4]) && Arc::ptr_eq(&oldest[1], &boxes[3]));
+        assert_eq!(r.oldest_open(100).len(), 5);
+        assert!(r.oldest_open(0).is_empty());
     }
 }

@@ -76,6 +76,13 @@ struct StoredNode {
     node: String,
     connections: u64,
     version: String,
+    /// Absent in entries written by nodes before rebalancing: those count as ready.
+    #[serde(default = "ready_by_default")]
+    ready: bool,
+}
+
+fn ready_by_default() -> bool {
+    true
 }
 
 /// See the module docs.
@@ -186,7 +193,7 @@ impl ClusterState {
         let stored = json_values::<StoredNode>(&self.commands.invoke(&inv).await?);
         Ok(stored
             .into_iter()
-            .map(|n| NodeInfo { node: n.node, connections: n.connections, version: n.version })
+            .map(|n| NodeInfo { node: n.node, connections: n.connections, version: n.version, ready: n.ready })
             .collect())
     }
 
@@ -289,5 +296,15 @@ mod key_tests {
         // Only the first NUL separates (a channel name has none; a client id could).
         assert_eq!(split_presence_key(&presence_key("c", "a\0b")), ("c", "a\0b"));
         assert_ne!(presence_key("a", "bc"), presence_key("ab", "c"));
+    }
+
+    #[test]
+    fn a_node_entry_written_before_readiness_was_reported_reads_as_ready() -> serde_json::Result<()> {
+        let old: StoredNode = serde_json::from_str(r#"{"node":"a","connections":1,"version":"0.1.0"}"#)?;
+        assert!(old.ready);
+        let draining: StoredNode =
+            serde_json::from_str(r#"{"node":"a","connections":1,"version":"0.1.0","ready":false}"#)?;
+        assert!(!draining.ready);
+        Ok(())
     }
 }

@@ -251,7 +251,7 @@ where
     })
     .await;
 
-    let me = NodeInfo { node: format!("{}-node", prefix()), connections: 3, version: "t".into() };
+    let me = NodeInfo { node: format!("{}-node", prefix()), connections: 3, version: "t".into(), ready: true };
     b.report_node(&me).await.unwrap_or_else(|e| panic!("report_node: {e}"));
     let nodes = b.nodes().await.unwrap_or_else(|e| panic!("nodes: {e}"));
     assert!(nodes.contains(&me), "the node registry lists this node: {nodes:?}");

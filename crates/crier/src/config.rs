@@ -98,6 +98,12 @@ pub struct Config {
     pub api_rate: u32,
     pub api_burst: u32,
     pub shutdown_drain: Duration,
+    /// Closes per second of a node holding more than its share (0 = rebalancing off).
+    pub rebalance_rate: u32,
+    /// How far above the ready nodes' mean a node may be before it sheds, in percent.
+    pub rebalance_threshold_percent: u32,
+    /// No shedding while the ready nodes' mean is below this.
+    pub rebalance_min_connections: u64,
     pub log_format: LogFormat,
     pub dev: bool,
 }

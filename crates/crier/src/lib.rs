@@ -33,6 +33,7 @@ mod http;
 mod limits;
 mod memory;
 mod metrics;
+mod rebalance;
 mod refusal;
 mod server;
 mod session;

@@ -32,6 +32,8 @@ pub const MESSAGE_ASSEMBLY_TIMEOUTS: &str = "crier_message_assembly_timeouts_tot
 /// crier extension: refused handshakes and REST calls by surface (handshake, api) and a finer
 /// reason than the error code (`token_expired`, `unknown_api_key`, …; see `refusal.rs`).
 pub const REFUSALS: &str = "crier_refusals_total";
+/// crier extension: connections a node closed with 1012 to rebalance the cluster.
+pub const REBALANCED: &str = "crier_rebalanced_total";
 
 /// Buckets of the broadcast latency histogram, in seconds (100 µs … 5 s).
 const LATENCY_BUCKETS: &[f64] =
@@ -115,6 +117,10 @@ fn describe() {
         REFUSALS,
         "Refused handshakes and REST calls by surface (handshake, api) and reason (token_expired, origin_not_allowed, unknown_api_key, …)"
     );
+    describe_counter!(
+        REBALANCED,
+        "Connections closed with 1012 because this node held more than its share of the cluster's"
+    );
 }
 
 /// Every counter starts at 0 with each of its known label values, so dashboards and alerts see
@@ -164,6 +170,7 @@ fn zero() {
         BROKER_RECONNECTS,
         BROKER_PUBLISH_CALLS,
         MESSAGE_ASSEMBLY_TIMEOUTS,
+        REBALANCED,
     ] {
         counter!(name).absolute(0);
     }

@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::metrics as m;
 use crate::state::AppState;
-use crate::{heartbeat, http, memory};
+use crate::{heartbeat, http, memory, rebalance};
 
 /// How often a node refreshes its entry in the node registry.
 const REPORT_INTERVAL: Duration = Duration::from_secs(5);
@@ -29,6 +29,7 @@ pub async fn serve(
     let background = tokio::spawn(background(st.clone()));
     let heartbeats = tokio::spawn(heartbeat::run(st.clone()));
     let trims = tokio::spawn(memory::run());
+    let rebalancing = tokio::spawn(rebalance::run(st.clone()));
     let drain_st = st.clone();
     let max_pending = st.config.max_pending_handshakes;
     accept_loop(listener, http::app(st.clone()), max_pending, async move {
@@ -43,6 +44,7 @@ pub async fn serve(
     background.abort();
     heartbeats.abort();
     trims.abort();
+    rebalancing.abort();
     Ok(())
 }
 

@@ -123,6 +123,7 @@ impl AppState {
             node: self.config.node_id.clone(),
             connections: self.registry.len() as u64,
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            ready: !self.is_draining() && self.broker().is_up(),
         };
         if let Err(e) = self.broker().report_node(&info).await {
             tracing::debug!(error = %e, "node report failed");

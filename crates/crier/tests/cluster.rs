@@ -302,3 +302,58 @@ async fn a_broadcast_to_many_channels_is_a_few_script_calls_and_reaches_every_ch
         messages(&mut sub, 3).await.iter().map(|m| m["channel"].as_str().unwrap_or("").to_owned()).collect();
     assert_eq!(got, HashSet::from(["fan:0".to_owned(), "fan:99".to_owned(), "fan:199".to_owned()]));
 }
+
+/// Rebalancing on real nodes: 12 clients on one node, none on the other. The full node closes
+/// clients with 1012 (the test plays the load balancer: each closed client reconnects to the other
+/// node) until it is down to the mean; the receiving node closes nobody; every close is counted in
+/// `crier_rebalanced_total`. Then the other node drains, and the node registry reports it not
+/// ready at once (it no longer counts in anyone's mean).
+#[tokio::test]
+async fn a_node_above_its_share_sheds_with_1012_down_to_the_mean_and_a_draining_node_is_not_ready() {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+    let redis = RedisServer::start();
+    let flags = ["--rebalance-rate", "100", "--rebalance-min-connections", "2"];
+    let full = node(&redis, "full", &flags).await;
+    let mut other = node(&redis, "other", &[&flags[..], &["--shutdown-drain", "30s"]].concat()).await;
+    let mut on_full = Vec::new();
+    for i in 0..12 {
+        on_full.push(Some(full.client(&full.token(&format!("r{i}"), &["chat:*"], &[])).await));
+    }
+    let mut on_other = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        // Whoever was closed reconnects to the other node, as a load balancer would place it.
+        for slot in on_full.iter_mut() {
+            let Some(c) = slot else { continue };
+            match tokio::time::timeout(std::time::Duration::from_millis(20), c.next()).await {
+                Err(_) => {}
+                Ok(Some(Message::Close(Some(CloseFrame { code, .. })))) => {
+                    assert_eq!(u16::from(code), 1012, "rebalancing closes with 1012");
+                    *slot = None;
+                    on_other.push(other.client(&other.token("moved", &["chat:*"], &[])).await);
+                }
+                Ok(m) => panic!("unexpected frame or end on the full node: {m:?}"),
+            }
+        }
+        let (f, o) = (full.metric("crier_connections").await, other.metric("crier_connections").await);
+        if f + o == 12.0 && f <= 6.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not balanced within 30s: {f} / {o}");
+    }
+    assert!(on_other.len() >= 6, "down to the mean (6): {} moved", on_other.len());
+    assert!(full.metric("crier_rebalanced_total").await >= on_other.len() as f64);
+    assert_eq!(other.metric("crier_rebalanced_total").await, 0.0, "the emptier node closes nobody");
+
+    other.sigterm();
+    until("the draining node reported not ready", async || {
+        let info: Value = full.get("/api/v1/info").await.json().await.unwrap();
+        info["nodes"].as_array().unwrap().iter().any(|n| n["node"] == "other" && n["ready"] == false)
+    })
+    .await;
+    drop(on_other);
+    other.sigterm(); // a second signal ends the 30 s drain at once
+    other.wait_exit().await;
+}

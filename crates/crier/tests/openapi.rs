@@ -346,6 +346,7 @@ async fn every_operation_answers_as_described() {
     let t = "/api/v1/info";
     let info = c.check(&node, req(get.clone(), t), 200).await;
     assert_eq!(info["nodes"][0]["node"], "test-node");
+    assert_eq!(info["nodes"][0]["ready"], true, "a serving node with its broker is ready");
     c.check(&node, req(get.clone(), t).auth(None), 401).await;
 
     // A method a described path does not take: 405 in the declared shape, with `Allow`.

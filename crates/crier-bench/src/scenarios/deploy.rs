@@ -17,6 +17,15 @@
 //! (from the client leaving `connected` to both subscriptions acknowledged again), clients that
 //! never came back, peak handshakes/s, CPU and RSS per node (sampled every second), `/healthz`
 //! misses of nodes not being restarted, and the publisher's errors and lost publishes.
+//!
+//! `scaleout` ([`scaleout`]) uses the same clients, publisher and accounting: the third node is
+//! killed before anyone connects (nginx still lists it: with `max_fails=0` a refused connection
+//! makes nginx try the next upstream), the clients connect to the two others, then the third
+//! starts and the nodes rebalance (`rebalance_rate`: the fuller nodes close their oldest
+//! connections with 1012, a few per second). Reported besides: the time from the third node
+//! being ready until every node holds within `--within` of the mean (each node's
+//! `crier_connections`, polled every 250 ms, all clients connected), and the connections moved
+//! (`crier_rebalanced_total`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,7 +39,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::{Outcome, base_report, token};
-use crate::cli::DeployArgs;
+use crate::cli::{DeployArgs, ScaleoutArgs};
 use crate::gateway::Gateway;
 use crate::lb::{Nginx, find_nginx};
 use crate::procfs;
@@ -114,6 +123,53 @@ struct Results {
     nginx_no_live_upstreams: usize,
     clients_per_node_at_end: Vec<usize>,
     duration_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scaleout: Option<ScaleOut>,
+}
+
+/// What a scale-out run adds.
+#[derive(Debug, Clone, Serialize)]
+struct ScaleOut {
+    within: f64,
+    /// Start of the third node until it answered `/readyz`.
+    join_start_to_ready_s: f64,
+    /// From the third node ready until every node was within `within` of the mean (none: not
+    /// within `--balance-timeout`).
+    balanced_after_s: Option<f64>,
+    /// Each node's `crier_connections` when balanced (or at the timeout).
+    connections_at_balance: Vec<u64>,
+    /// `crier_rebalanced_total` summed over the nodes at the end.
+    moved: u64,
+}
+
+/// What happens to the cluster under load.
+#[derive(Clone, Copy)]
+enum Action {
+    RollingRestart,
+    ScaleOut { within: f64, balance_timeout: Duration },
+}
+
+/// Each node's `crier_connections` (none for a node that does not answer).
+async fn node_connections(http: &reqwest::Client, addrs: &[std::net::SocketAddr]) -> Vec<Option<u64>> {
+    let mut out = Vec::with_capacity(addrs.len());
+    for a in addrs {
+        let text = match http.get(format!("http://{a}/metrics")).send().await {
+            Ok(r) => r.text().await.ok(),
+            Err(_) => None,
+        };
+        out.push(text.and_then(|t| metric_series(&t, "crier_connections")).map(|v| v as u64));
+    }
+    out
+}
+
+/// Every node within `within` of the mean, and every client placed.
+pub(crate) fn balanced(counts: &[u64], clients: usize, within: f64) -> bool {
+    let total: u64 = counts.iter().sum();
+    if counts.is_empty() || (total as usize) < clients {
+        return false;
+    }
+    let mean = total as f64 / counts.len() as f64;
+    counts.iter().all(|&c| (c as f64 - mean).abs() <= within * mean)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
@@ -216,9 +272,24 @@ async fn follow(
 }
 
 pub async fn run(a: DeployArgs) -> anyhow::Result<Outcome> {
+    run_with(a, Action::RollingRestart).await
+}
+
+pub async fn scaleout(a: ScaleoutArgs) -> anyhow::Result<Outcome> {
+    if !(a.within > 0.0 && a.within < 1.0) {
+        bail!("--within must be a share between 0 and 1, e.g. 0.1");
+    }
+    run_with(a.deploy, Action::ScaleOut { within: a.within, balance_timeout: a.balance_timeout }).await
+}
+
+async fn run_with(a: DeployArgs, action: Action) -> anyhow::Result<Outcome> {
     let machine = procfs::machine();
+    let name = match action {
+        Action::RollingRestart => "deploy",
+        Action::ScaleOut { .. } => "scaleout",
+    };
     if !a.gateway.url.is_empty() {
-        bail!("deploy restarts the nodes: it starts its own (no --url)");
+        bail!("{name} restarts the nodes: it starts its own (no --url)");
     }
     let Some(nginx_bin) = find_nginx() else {
         bail!("nginx not found (apt-get install -y nginx-light): the scenario runs the shipped deploy/nginx.conf");
@@ -229,10 +300,15 @@ pub async fn run(a: DeployArgs) -> anyhow::Result<Outcome> {
     let mut gw = Gateway::new(&gargs, NODES, true).await?;
     let addrs: Vec<_> = gw.nodes.iter().map(|n| n.addr).collect();
     let lb = Nginx::start(&nginx_bin, &addrs).await?;
+    if let Action::ScaleOut { .. } = action {
+        // The joining node: down before anyone connects, its address already in nginx's list.
+        gw.kill_node(NODES - 1).await;
+        eprintln!("  node {} stopped: it joins later", NODES - 1);
+    }
     let ws = format!("ws://{}/ws", lb.addr);
     let shared_n = a.shared_channels.max(1);
     eprintln!(
-        "deploy: {} crier-client subscribers through nginx {} over {NODES} nodes, {} msg/s ({}% on {shared_n} shared channels)",
+        "{name}: {} crier-client subscribers through nginx {} over {NODES} nodes, {} msg/s ({}% on {shared_n} shared channels)",
         a.clients,
         lb.addr,
         a.rate,
@@ -275,7 +351,11 @@ pub async fn run(a: DeployArgs) -> anyhow::Result<Outcome> {
     // Sampler: every second, per node CPU, RSS, handshakes/s and /healthz (nodes not being
     // restarted must answer it), plus nginx's and redis-server's CPU.
     let pids: Arc<Mutex<Vec<Option<u32>>>> = Arc::new(Mutex::new((0..NODES).map(|i| gw.node_pid(i)).collect()));
-    let restarting = Arc::new(AtomicUsize::new(usize::MAX));
+    // The node being restarted (or still to join): its /healthz misses are expected.
+    let restarting = Arc::new(AtomicUsize::new(match action {
+        Action::RollingRestart => usize::MAX,
+        Action::ScaleOut { .. } => NODES - 1,
+    }));
     let peaks: Arc<Mutex<Vec<NodePeaks>>> = Arc::new(Mutex::new(vec![NodePeaks::default(); NODES]));
     let aux_peaks: Arc<Mutex<(f64, f64)>> = Default::default();
     let sampler = {
@@ -422,7 +502,49 @@ pub async fn run(a: DeployArgs) -> anyhow::Result<Outcome> {
     tokio::time::sleep(a.before).await;
     let deploy_started = Instant::now();
     let mut timings = [(0.0, 0.0, false); NODES];
-    for (i, timing) in timings.iter_mut().enumerate() {
+    let mut scale = None;
+    if let Action::ScaleOut { within, balance_timeout } = action {
+        let i = NODES - 1;
+        eprintln!("  node {i} joins");
+        let t0 = Instant::now();
+        gw.start_killed_node(i, &gargs).await?;
+        lock(&pids)[i] = gw.node_pid(i);
+        restarting.store(usize::MAX, Ordering::Relaxed);
+        let joined = Instant::now();
+        let start_to_ready = t0.elapsed().as_secs_f64();
+        timings[i].1 = start_to_ready;
+        eprintln!("  node {i} ready {start_to_ready:.1}s after its start; waiting for the balance");
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap_or_default();
+        let (mut balanced_after_s, mut last) = (None, Vec::new());
+        let mut shown = Instant::now();
+        while joined.elapsed() < balance_timeout {
+            if let Some(counts) = node_connections(&http, &addrs).await.into_iter().collect::<Option<Vec<u64>>>() {
+                let done = balanced(&counts, a.clients, within);
+                if done || shown.elapsed() >= Duration::from_secs(5) {
+                    eprintln!(
+                        "  {:.1}s after the join: connections per node {counts:?}",
+                        joined.elapsed().as_secs_f64()
+                    );
+                    shown = Instant::now();
+                }
+                last = counts;
+                if done {
+                    balanced_after_s = Some(joined.elapsed().as_secs_f64());
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        scale = Some(ScaleOut {
+            within,
+            join_start_to_ready_s: start_to_ready,
+            balanced_after_s,
+            connections_at_balance: last,
+            moved: 0,
+        });
+    }
+    let rolling = matches!(action, Action::RollingRestart);
+    for (i, timing) in timings.iter_mut().enumerate().filter(|_| rolling) {
         restarting.store(i, Ordering::Relaxed);
         eprintln!("  SIGTERM node {i} (drain {:?})", a.drain);
         let (drained, started, killed) = gw.restart_node(i, &gargs, a.drain + a.exit_grace).await?;
@@ -450,9 +572,22 @@ pub async fn run(a: DeployArgs) -> anyhow::Result<Outcome> {
         let want = [ac.shared[i % shared_n], ac.private[i]];
         drop(ac);
         let s = lock(&seen[i]);
-        s.down_since.is_none() && s.chans.iter().zip(want).all(|(c, w)| c.last >= w)
+        let back = clients[i].state() == State::Connected && s.down_since.is_none() && !s.ended;
+        (back, s.chans.iter().zip(want).all(|(c, w)| c.last >= w))
     };
-    while Instant::now() < final_deadline && !(0..a.clients).all(complete) {
+    // Judged in one pass: with rebalancing on, a node may move a client between two passes
+    // (it is back a moment later), so "back" is what the pass that ended the wait saw.
+    let mut back_at_end = vec![false; a.clients];
+    loop {
+        let mut all_delivered = true;
+        for (i, b) in back_at_end.iter_mut().enumerate() {
+            let (back, delivered) = complete(i);
+            *b = back;
+            all_delivered &= delivered;
+        }
+        if (all_delivered && back_at_end.iter().all(|b| *b)) || Instant::now() >= final_deadline {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -478,8 +613,7 @@ pub async fn run(a: DeployArgs) -> anyhow::Result<Outcome> {
         }
         outages.extend_from_slice(&s.outages_ms);
         unmeasured += u64::from(s.unmeasured);
-        let back = clients[i].state() == State::Connected && s.down_since.is_none() && !s.ended;
-        if !back {
+        if !back_at_end[i] {
             not_back += 1;
         }
         if let Some(n) = node_index(&clients[i]).filter(|n| *n < NODES) {
@@ -496,6 +630,9 @@ pub async fn run(a: DeployArgs) -> anyhow::Result<Outcome> {
         n.delivery_latency = Latency::from_histogram(&lock(&latency[i]));
     }
     let (nginx_cpu, redis_cpu) = *lock(&aux_peaks);
+    if let Some(s) = &mut scale {
+        s.moved = gw.metric_sum("crier_rebalanced_total").await.unwrap_or(0.0) as u64;
+    }
     let results = Results {
         clients: a.clients,
         shared_channels: shared_n,
@@ -519,13 +656,29 @@ pub async fn run(a: DeployArgs) -> anyhow::Result<Outcome> {
         nginx_no_live_upstreams: lb.error_log_count("no live upstreams"),
         clients_per_node_at_end: per_node,
         duration_s: started.elapsed().as_secs_f64(),
+        scaleout: scale.clone(),
     };
 
     let ms = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.0}"));
-    let mut t = Table::new(
-        format!("deploy: rolling restart of {NODES} nodes behind nginx (deploy/nginx.conf), drain {:?}", a.drain),
-        vec!["value".into()],
-    );
+    let title = match action {
+        Action::RollingRestart => {
+            format!("deploy: rolling restart of {NODES} nodes behind nginx (deploy/nginx.conf), drain {:?}", a.drain)
+        }
+        Action::ScaleOut { within, .. } => format!(
+            "scaleout: {} → {NODES} nodes behind nginx (deploy/nginx.conf), balanced = every node within ±{:.0}% of the mean",
+            NODES - 1,
+            within * 100.0
+        ),
+    };
+    let mut t = Table::new(title, vec!["value".into()]);
+    if let Some(s) = &scale {
+        t.row(
+            "third node ready → balanced (s)",
+            vec![s.balanced_after_s.map_or("not within the timeout".into(), |v| format!("{v:.1}"))],
+        );
+        t.row("connections per node when balanced", vec![format!("{:?}", s.connections_at_balance)]);
+        t.row("connections moved (crier_rebalanced_total)", vec![int(s.moved as f64)]);
+    }
     t.row("subscribers (crier-client, 2 channels each)", vec![int(a.clients as f64)]);
     t.row("publishes acknowledged / lost", vec![format!("{publishes_acked} / {}", results.publishes_lost)]);
     t.row("publish errors seen (retried)", vec![int(results.publish_errors_retried as f64)]);
@@ -549,6 +702,9 @@ pub async fn run(a: DeployArgs) -> anyhow::Result<Outcome> {
                 n.delivery_latency.p50_ms, n.delivery_latency.p99_ms, n.delivery_latency.max_ms, n.healthz_misses
             )],
         );
+        if !rolling {
+            continue;
+        }
         t.row(
             &format!("node {i}: SIGTERM to exit, exit to ready (s)"),
             vec![format!(
@@ -562,16 +718,19 @@ pub async fn run(a: DeployArgs) -> anyhow::Result<Outcome> {
     t.row("nginx / redis-server peak CPU %", vec![format!("{nginx_cpu:.0} / {redis_cpu:.0}")]);
     t.row("nginx 'no live upstreams'", vec![int(results.nginx_no_live_upstreams as f64)]);
     t.row("clients per node at the end", vec![format!("{:?}", results.clients_per_node_at_end)]);
-    t.row("rolling restart took (s)", vec![format!("{deploy_s:.1}")]);
+    if rolling {
+        t.row("rolling restart took (s)", vec![format!("{deploy_s:.1}")]);
+    }
 
     let mut report = base_report(
-        "deploy",
+        name,
         &gw,
         &gargs,
         json!({"clients": a.clients, "rate": a.rate, "shared_fraction": a.shared_fraction, "shared_channels": shared_n,
                "drain_s": a.drain.as_secs_f64(), "between_s": a.between.as_secs_f64(), "before_s": a.before.as_secs_f64(),
                "after_s": a.after.as_secs_f64(), "exit_grace_s": a.exit_grace.as_secs_f64(), "backoff_base_ms": a.backoff_base.as_millis() as u64,
-               "backoff_cap_ms": a.backoff_cap.as_millis() as u64, "nginx": nginx_bin.display().to_string()}),
+               "backoff_cap_ms": a.backoff_cap.as_millis() as u64, "nginx": nginx_bin.display().to_string(),
+               "within": scale.as_ref().map(|s| s.within)}),
         machine,
     );
     report.notes.push(

@@ -5,7 +5,8 @@
 //!   stepped through rates; deliveries/s, latency, loss, CPU.
 //! - [`churn`]: connect → subscribe → close loops over a base of idle connections.
 //! - [`failover`]: crier-client subscribers on two nodes, one SIGKILLed: resume time, loss.
-//! - [`deploy`]: a rolling restart of three nodes behind nginx under crier-client subscribers.
+//! - [`deploy`]: a rolling restart of three nodes behind nginx under crier-client subscribers;
+//!   and `scaleout` (same machinery): a third node joins two loaded ones, the nodes rebalance.
 //! - [`hold`]: a helper process holding a slice of `idle`'s connections (descriptor limits).
 
 pub mod churn;

@@ -66,6 +66,9 @@ pub struct NodeInfo {
     pub node: String,
     pub connections: u64,
     pub version: String,
+    /// Ready for new connections (not draining, broker reachable). Only ready nodes count in
+    /// the rebalancing mean; an entry written without it (an older node) counts as ready.
+    pub ready: bool,
 }
 
 /// Broker failures. `Unavailable` is what callers turn into `unavailable` / 503: the request

@@ -337,6 +337,9 @@ pub(super) fn build(
     let api_rate = p.required("api_rate", number::<u32>);
     let api_burst = p.required("api_burst", at_least_one::<u32>);
     let shutdown_drain = p.required("shutdown_drain", |s| duration_within(s, true, MAX_DURATION));
+    let rebalance_rate = p.required("rebalance_rate", number::<u32>);
+    let rebalance_threshold = p.required("rebalance_threshold", fraction_percent);
+    let rebalance_min_connections = p.required("rebalance_min_connections", number::<u64>);
     let log_format = p.required("log_format", |s| match s.trim().to_ascii_lowercase().as_str() {
         "human" | "text" => Ok(LogFormat::Human),
         "json" => Ok(LogFormat::Json),
@@ -389,6 +392,9 @@ pub(super) fn build(
         api_rate: got(api_rate)?,
         api_burst: got(api_burst)?,
         shutdown_drain: got(shutdown_drain)?,
+        rebalance_rate: got(rebalance_rate)?,
+        rebalance_threshold_percent: got(rebalance_threshold)?,
+        rebalance_min_connections: got(rebalance_min_connections)?,
         log_format: got(log_format)?,
         dev: got(dev)?,
     })
@@ -468,6 +474,19 @@ fn boolean(s: &str) -> Result<bool, String> {
         "true" | "1" | "yes" | "on" => Ok(true),
         "false" | "0" | "no" | "off" => Ok(false),
         _ => Err("expected true or false (or 1/0, yes/no, on/off)".to_owned()),
+    }
+}
+
+/// A share such as `0.2` (or `20%`), as a whole percentage: 0 to 1000%.
+fn fraction_percent(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    let (num, scale) = match s.strip_suffix('%') {
+        Some(p) => (p.trim(), 1.0),
+        None => (s, 100.0),
+    };
+    match num.parse::<f64>() {
+        Ok(f) if f.is_finite() && f >= 0.0 && f * scale <= 1000.0 => Ok((f * scale).round() as u32),
+        _ => Err("expected a share from 0 to 10, like 0.2 (or 20%)".to_owned()),
     }
 }
 

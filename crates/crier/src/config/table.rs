@@ -336,6 +336,32 @@ pub(super) static SETTINGS: &[Setting] = &[
         "`10s`",
         "how long a stopping node spreads its reconnect closes over",
     ),
+    setting(
+        "rebalance_rate",
+        Scalar,
+        "N",
+        Some("50"),
+        "`50`",
+        "connections per second a node holding more than its share closes with 1012 so the load \
+         balancer places them elsewhere (with recovery: no message lost); 0 = never rebalance",
+    ),
+    setting(
+        "rebalance_threshold",
+        Scalar,
+        "FRACTION",
+        Some("0.2"),
+        "`0.2`",
+        "a node starts shedding once it holds more than this share above the mean of the ready \
+         nodes (0.2 = 20% above), and then sheds down to the mean",
+    ),
+    setting(
+        "rebalance_min_connections",
+        Scalar,
+        "N",
+        Some("100"),
+        "`100`",
+        "no node sheds while the ready nodes' mean is below this many connections",
+    ),
     setting("log_format", Scalar, "FORMAT", Some("human"), "`human`", "log format: `human` or `json`"),
     setting(
         "dev",

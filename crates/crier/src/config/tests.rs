@@ -85,6 +85,10 @@ fn defaults_with_no_input() -> TestResult {
     assert_eq!(config.history_size, 100);
     assert_eq!(config.history_ttl, Duration::from_secs(300));
     assert_eq!(config.shutdown_drain, Duration::from_secs(10));
+    assert_eq!(
+        (config.rebalance_rate, config.rebalance_threshold_percent, config.rebalance_min_connections),
+        (50, 20, 100)
+    );
     assert_eq!(config.log_format, LogFormat::Human);
     Ok(())
 }
@@ -659,5 +663,17 @@ fn dev_listens_on_loopback_unless_listen_is_set() -> TestResult {
     std::fs::write(&file, "dev = true\nlisten = \"0.0.0.0:9000\"\n")?;
     let from_file = load_with(&["--config", file.to_str().unwrap_or_default()], &[])?;
     assert_eq!(from_file.listen.to_string(), "0.0.0.0:9000", "the file's listen wins over the dev default");
+    Ok(())
+}
+
+#[test]
+fn rebalance_threshold_is_a_share_or_a_percentage() -> TestResult {
+    assert_eq!(load_with(&["--rebalance-threshold", "0.35"], &[])?.rebalance_threshold_percent, 35);
+    assert_eq!(load_with(&["--rebalance-threshold", "15%"], &[])?.rebalance_threshold_percent, 15);
+    assert_eq!(load_with(&["--rebalance-rate", "0"], &[])?.rebalance_rate, 0);
+    for bad in ["-0.1", "abc", "11", "NaN"] {
+        let p = problems(&[&format!("--rebalance-threshold={bad}")], &[]);
+        assert!(p.len() == 1 && p[0].contains("rebalance_threshold"), "{bad}: {p:#?}");
+    }
     Ok(())
 }
