@@ -452,8 +452,9 @@ export class Crier {
     if (action === "reconnect_now") {
       ceiling = 0;
     } else if (action === "reconnect_after_jitter") {
-      // A draining node: spread its clients over [0, min(cap, 10 x base)] (0-5 s by default).
-      ceiling = Math.min(cap, base * 10);
+      // A draining or rebalancing node (which already spreads its closes over time): break up
+      // what still comes at once, over [0, min(cap, 2 x base)] (0-1 s by default).
+      ceiling = Math.min(cap, base * 2);
     } else {
       ceiling = Math.min(cap, base * 2 ** this.#attempt);
       this.#attempt++;

@@ -140,7 +140,7 @@ test("every code of the server's table takes the table's action", async (t) => {
       assert.equal(c.state, "closed", `${code}`);
     } else {
       if (action === "reconnect_now") assert.equal(closes[0].delay, 0, `${code}: at once`);
-      if (action === "reconnect_after_jitter") assert.ok(closes[0].delay <= 500, `${code}: within min(cap, 10 x base)`);
+      if (action === "reconnect_after_jitter") assert.ok(closes[0].delay <= 100, `${code}: within min(cap, 2 x base)`);
       await waitFor(() => s.connections() === 2 && c.state === "connected", `reconnected after ${code}`);
     }
     c.close();

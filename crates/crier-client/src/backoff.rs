@@ -26,10 +26,13 @@ impl Backoff {
     }
 
     /// The delay before reconnecting after a close the table marks "reconnect after jitter"
-    /// (1012, a draining node): uniformly random in `[0, min(cap, 10 × base)]` (0–5 s by
-    /// default), so the clients of a drained node do not all arrive at once elsewhere.
+    /// (1012, a draining or rebalancing node): uniformly random in `[0, min(cap, 2 × base)]`
+    /// (0–1 s by default). The node already spreads those closes over its drain window (or its
+    /// rebalancing rate), so the client only breaks up what still comes at once; a wider window
+    /// would only add to every moved client's time without a live subscription
+    /// (`crier-bench deploy`: p99 5.0 s with 0–5 s, BENCHMARKS.md).
     pub fn jitter(&self) -> Duration {
-        let ceiling = self.base.saturating_mul(10).min(self.cap).as_millis().min(u128::from(u64::MAX)) as u64;
+        let ceiling = self.base.saturating_mul(2).min(self.cap).as_millis().min(u128::from(u64::MAX)) as u64;
         Duration::from_millis(rand::rng().random_range(0..=ceiling))
     }
 
