@@ -340,10 +340,12 @@ pub(super) static SETTINGS: &[Setting] = &[
         "rebalance_rate",
         Scalar,
         "N",
-        Some("50"),
-        "`50`",
+        Some("0"),
+        "`0` (off)",
         "connections per second a node holding more than its share closes with 1012 so the load \
-         balancer places them elsewhere (with recovery: no message lost); 0 = never rebalance",
+         balancer places them elsewhere (with recovery: no message lost); 0 = never rebalance. \
+         Turn it on (e.g. 50) only behind a balancer that spreads new connections (round robin, \
+         least connections): clients that come back to the same node would churn",
     ),
     setting(
         "rebalance_threshold",

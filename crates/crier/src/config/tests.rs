@@ -87,7 +87,7 @@ fn defaults_with_no_input() -> TestResult {
     assert_eq!(config.shutdown_drain, Duration::from_secs(10));
     assert_eq!(
         (config.rebalance_rate, config.rebalance_threshold_percent, config.rebalance_min_connections),
-        (50, 20, 100)
+        (0, 20, 100)
     );
     assert_eq!(config.log_format, LogFormat::Human);
     Ok(())
