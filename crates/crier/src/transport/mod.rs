@@ -20,3 +20,30 @@
 
 pub mod sse;
 pub mod ws;
+
+use std::io;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Runs a non-blocking socket call once the socket is ready for it; `Pending` (with the waker
+/// registered) while it would block. Both transports read and write their raw socket through it.
+pub(crate) fn poll_io<T>(
+    io: &TcpStream,
+    cx: &mut Context<'_>,
+    interest: Interest,
+    mut call: impl FnMut(&TcpStream) -> io::Result<T>,
+) -> Poll<io::Result<T>> {
+    loop {
+        if interest.is_readable() {
+            ready!(io.poll_read_ready(cx))?;
+        } else {
+            ready!(io.poll_write_ready(cx))?;
+        }
+        match io.try_io(interest, || call(io)) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            result => return Poll::Ready(result),
+        }
+    }
+}

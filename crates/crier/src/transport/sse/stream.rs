@@ -36,6 +36,7 @@ use tokio::net::TcpStream;
 use super::cursor::Cursor;
 use super::render;
 use crate::session::Session;
+use crate::transport::poll_io;
 
 /// How long an ending stream may take to write its close event and see the client close.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -161,27 +162,6 @@ fn size(out: &Out) -> usize {
     match out {
         Out::Frame(f) | Out::Deflated(f) => f.len(),
         Out::Ping => 0,
-    }
-}
-
-/// Runs a non-blocking socket call once the socket is ready for it; `Pending` (with the waker
-/// registered) while it would block.
-fn poll_io<T>(
-    io: &TcpStream,
-    cx: &mut Context<'_>,
-    interest: Interest,
-    mut call: impl FnMut(&TcpStream) -> io::Result<T>,
-) -> Poll<io::Result<T>> {
-    loop {
-        if interest.is_readable() {
-            ready!(io.poll_read_ready(cx))?;
-        } else {
-            ready!(io.poll_write_ready(cx))?;
-        }
-        match io.try_io(interest, || call(io)) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            result => return Poll::Ready(result),
-        }
     }
 }
 

@@ -20,6 +20,8 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use crate::transport::poll_io;
+
 /// Bytes read from the socket per read call (on the stack).
 const READ_CHUNK: usize = 4096;
 /// How long a client message may stay unfinished (a fragmented message, or a frame whose
@@ -250,27 +252,6 @@ impl WsSocket {
         match close {
             Some((code, reason)) => frame::encode_close(&mut self.wbuf, code, reason),
             None => frame::encode_frame(&mut self.wbuf, frame::OP_CLOSE, &[]),
-        }
-    }
-}
-
-/// Runs a non-blocking socket call once the socket is ready for it; `Pending` (with the waker
-/// registered) while it would block.
-fn poll_io<T>(
-    io: &TcpStream,
-    cx: &mut Context<'_>,
-    interest: Interest,
-    mut call: impl FnMut(&TcpStream) -> io::Result<T>,
-) -> Poll<io::Result<T>> {
-    loop {
-        if interest.is_readable() {
-            ready!(io.poll_read_ready(cx))?;
-        } else {
-            ready!(io.poll_write_ready(cx))?;
-        }
-        match io.try_io(interest, || call(io)) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            result => return Poll::Ready(result),
         }
     }
 }
