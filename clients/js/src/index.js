@@ -1,6 +1,7 @@
 // crier-client: the JavaScript client of crier (https://example.invalid/crier), for browsers and
-// Node >= 20. One ES module, no dependencies. The API is fixed by the contract's §13; see
-// README.md for the decisions this file makes where the contract is silent.
+// Node >= 20. One ES module, no dependencies. The API is crier's client API (docs/protocol.md,
+// *Client libraries*); see README.md for the decisions this file makes where the contract is
+// silent.
 //
 // What it does for the application:
 // - connects on construction and takes every close decision from the server's close-code table

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use rand::Rng;
 
-/// Backoff settings (defaults: base 500 ms, cap 20 s, as CONTRACT §13 says).
+/// Backoff settings (defaults: base 500 ms, cap 20 s, as both clients use; docs/protocol.md,
+/// *Client libraries*).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     pub base: Duration,

@@ -54,7 +54,8 @@ use crate::token::{self, BoxError, TokenSource};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// The connection state (CONTRACT §13: "connecting" | "connected" | "disconnected" | "closed").
+/// The connection state, as the JavaScript client names them ("connecting" | "connected" |
+/// "disconnected" | "closed"), plus `Failed` (a refused handshake; docs/protocol.md, *Client libraries*).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum State {
     /// Getting a token, connecting, or waiting for `welcome`.

@@ -2,7 +2,7 @@
 //!
 //! crier's promise — every message of a channel once, in order, across reconnects, or the
 //! client is told — needs the client to do its part. This crate does it, with the semantics of
-//! the contract's JavaScript client (CONTRACT §13):
+//! the JavaScript client (`clients/js`; docs/protocol.md, *Client libraries*):
 //!
 //! - **Reconnects** as crier's close-code table (`crier_protocol::codes::CLOSE_CODES`) says:
 //!   "stop" codes end it, 4001 asks the token provider again, 1001 reconnects at once, 1012

@@ -7,7 +7,7 @@
 //! [`crate::frames::encode_message`]) and the hub shares it; for another encoding the hub builds
 //! that encoding's frame from it once per node ([`Encoding::frame_from_json`]) and shares that.
 //!
-//! - JSON text (`crier.v1`, the default): the contract's §4.
+//! - JSON text (`crier.v1`, the default): docs/protocol.md, *Frames*.
 //! - MessagePack binary (`crier.v1.msgpack`): each frame one MessagePack map with exactly the
 //!   JSON frame's fields and values ([`crate::msgpack`] transcodes). Client frames are transcoded
 //!   to JSON and decoded by the JSON decoder, so the rules (unknown fields ignored, wrong types
@@ -22,10 +22,10 @@ use crate::msgpack;
 /// See the module docs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Encoding {
-    /// JSON text frames, one object each (the contract's §4).
+    /// JSON text frames, one object each (docs/protocol.md, *Frames*).
     #[default]
     Json,
-    /// MessagePack binary frames, one map each (the contract's §11).
+    /// MessagePack binary frames, one map each (docs/protocol.md, *MessagePack*).
     MsgPack,
 }
 

@@ -52,8 +52,9 @@ pub async fn require_api_key(State(st): State<AppState>, req: Request, next: Nex
         .and_then(|v| v.to_str().ok())
         .and_then(crate::auth::bearer_credentials);
     let endpoint = endpoint_label(req.uri().path());
+    // For the refusal log: a `Uri` clone shares its bytes (no allocation per request).
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    let uri = req.uri().clone();
     let was_presented = presented.is_some();
     let resp = match presented.and_then(|key| api_key_index(&st.config.api_keys, key)) {
         Some(index) => match st.limits.check_api(index) {
@@ -71,7 +72,7 @@ pub async fn require_api_key(State(st): State<AppState>, req: Request, next: Nex
         None => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing `Authorization: Bearer <api key>`")
             .into_response(),
     };
-    log_refusal(&method, &path, was_presented, &resp);
+    log_refusal(&method, uri.path(), was_presented, &resp);
     metrics::counter!(m::API_REQUESTS, "endpoint" => endpoint, "status" => resp.status().as_str().to_owned())
         .increment(1);
     resp

@@ -15,8 +15,6 @@
 
 use std::time::Duration;
 
-use crier_protocol::CloseCode;
-
 use crate::metrics as m;
 use crate::state::AppState;
 
@@ -111,23 +109,12 @@ pub async fn run(st: AppState) {
     }
 }
 
-/// Closes the `n` oldest open connections with 1012, spread evenly over one tick.
+/// Closes the `n` oldest open connections with 1012, spread evenly over one tick (stopping if the
+/// node starts draining: the drain closes everyone anyway).
 async fn shed(st: &AppState, n: usize) {
     let outboxes = st.registry.oldest_open(n);
-    let step = TICK / (outboxes.len().max(1) as u32);
-    let start = tokio::time::Instant::now();
-    for (i, o) in outboxes.iter().enumerate() {
-        if st.is_draining() {
-            return;
-        }
-        if o.close(CloseCode::RESTART) {
-            metrics::counter!(m::REBALANCED).increment(1);
-        }
-        let next = start + step * (i as u32 + 1);
-        if i + 1 < outboxes.len() && next > tokio::time::Instant::now() {
-            tokio::time::sleep_until(next).await;
-        }
-    }
+    let counted = || metrics::counter!(m::REBALANCED).increment(1);
+    crate::server::close_paced(&outboxes, TICK, || st.is_draining(), counted).await;
 }
 
 #[cfg(test)]

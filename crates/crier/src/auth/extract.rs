@@ -34,7 +34,7 @@ pub fn extract_token(headers: &HeaderMap, query: Option<&str>) -> Option<(String
 }
 
 /// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive), if any.
-/// Also what the REST API uses to read an API key.
+/// The REST API reads its key with [`bearer_credentials`], the same rule.
 pub fn bearer_token(headers: &HeaderMap) -> Option<String> {
     headers.get_all(AUTHORIZATION).iter().find_map(|value| bearer_credentials(value.to_str().ok()?).map(str::to_owned))
 }

@@ -1,4 +1,4 @@
-//! The Server-Sent Events transport: `GET /sse?channel=a&channel=b` (the contract's §10).
+//! The Server-Sent Events transport: `GET /sse?channel=a&channel=b` (docs/protocol.md, *Server-Sent Events*).
 //!
 //! The handshake checks are the WebSocket ones ([`handshake::admit`]), then this transport's own
 //! (the query and `Last-Event-ID` parse; at least one channel and at most

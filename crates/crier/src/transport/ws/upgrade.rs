@@ -13,7 +13,7 @@ use sha1::{Digest, Sha1};
 /// The subprotocol crier speaks; selected whenever the client offers it (the token
 /// subprotocol `crier.bearer.<jwt>` is never echoed).
 pub const SUBPROTOCOL: &str = "crier.v1";
-/// The same protocol in MessagePack binary frames (the contract's §11).
+/// The same protocol in MessagePack binary frames (docs/protocol.md, *MessagePack*).
 pub const SUBPROTOCOL_MSGPACK: &str = "crier.v1.msgpack";
 
 /// The `Sec-WebSocket-Accept` value and the connection's upgrade handle, or the status and
@@ -70,14 +70,14 @@ pub fn offered_subprotocol(headers: &HeaderMap) -> (Option<&'static str>, Encodi
 
 /// An accepted permessage-deflate offer (RFC 7692): no context takeover either way, so each
 /// message is compressed once per node (and server window) and shared, and no connection keeps a
-/// compression window (§7.1.1: a server may ask for `client_no_context_takeover` even when the
+/// compression window (RFC 7692 §7.1.1: a server may ask for `client_no_context_takeover` even when the
 /// client did not offer it). The client's own window (`client_max_window_bits`) needs nothing:
 /// crier inflates with the full window, which reads any smaller one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deflate {
     /// The window crier compresses with: the offer's `server_max_window_bits` (8..=15), else 15.
     pub server_window_bits: u8,
-    /// The offer had `server_max_window_bits`: the response must carry it (§7.1.2.1).
+    /// The offer had `server_max_window_bits`: the response must carry it (RFC 7692 §7.1.2.1).
     echo_server_window: bool,
 }
 
