@@ -336,11 +336,22 @@ impl Outbox {
         if s.closing {
             return Poll::Ready(false);
         }
-        if s.bytes == 0 || s.bytes + bytes <= self.max_bytes {
+        if self.fits(s.bytes, bytes) {
             return Poll::Ready(true);
         }
         s.room = Some(cx.waker().clone());
         Poll::Pending
+    }
+
+    /// Whether `bytes` more fit in the queue now (as [`Outbox::poll_room`] judges it).
+    pub fn has_room(&self, bytes: usize) -> bool {
+        self.fits(self.lock().bytes, bytes)
+    }
+
+    /// With `queued` bytes queued, whether `bytes` more fit: within the bound, or into an empty
+    /// queue (a frame larger than the bound then overflows as any push would).
+    fn fits(&self, queued: usize, bytes: usize) -> bool {
+        queued == 0 || queued + bytes <= self.max_bytes
     }
 
     /// Async form of [`Outbox::poll_room`]: `true` when there is room, `false` when closing.
