@@ -105,7 +105,8 @@ impl Subscriber {
     fn go_live(&mut self, after: (&str, u64)) -> Push {
         let buffered = self.buffer.take().map(|b| b.publications).unwrap_or_default();
         let outbox = &self.outbox;
-        outbox.push_all(buffered.into_iter().filter(|p| newer(p, after)).map(|p| frame_for(outbox, &p.frame, &mut None)))
+        outbox
+            .push_all(buffered.into_iter().filter(|p| newer(p, after)).map(|p| frame_for(outbox, &p.frame, &mut None)))
     }
 }
 
