@@ -4,15 +4,19 @@
 //! pushing the same [`Bytes`] (a reference-count increment) into each live subscriber's
 //! [`Outbox`]; nothing is serialised per subscriber. The fan-out runs *under the channel's shard
 //! lock* on purpose: that is what orders live messages against a new subscriber's recovery merge
-//! ([`Hub::activate`] takes the same lock), so the critical section grows with the channel's
+//! ([`Hub::try_activate`] takes the same lock), so the critical section grows with the channel's
 //! local subscribers (one outbox push each — a short lock of its own, no allocation unless the
 //! outbox's queue was just taken by its writer).
 //!
-//! A new subscriber starts *buffering*: live publications are kept aside while the session reads
-//! the channel's position/history from the broker. [`Hub::activate`] then, in one critical
-//! section, queues the ack and the recovered messages, the buffered publications newer than
-//! those, and flips the subscriber to live. That is the race-free recovery merge: subscribe to the
-//! live stream first, read history, merge by offset, go live — no gap, no duplicate.
+//! A new subscriber starts *buffering*: live publications are kept aside (bounded by its queue
+//! size; the oldest go first) while the session reads the channel's position/history from the
+//! broker and queues the ack and the recovered messages itself, paced by the outbox
+//! ([`crate::node::Node::subscribe`]). [`Hub::try_activate`] then, in one critical section,
+//! queues the buffered publications newer than the last recovered one and flips the subscriber
+//! to live — or says the buffer dropped some of them and more history must be read first
+//! ([`Hub::activate`] is the one-shot form for a caller holding the whole replay). That is the
+//! race-free recovery merge: subscribe to the live stream first, read history, merge by offset,
+//! go live — no gap, no duplicate.
 //!
 //! Empty channels leave no entry behind.
 
@@ -43,7 +47,7 @@ pub type BrokerReady = Arc<OnceCell<()>>;
 
 struct Subscriber {
     outbox: Arc<Outbox>,
-    /// `Some` while buffering (before [`Hub::activate`]); boxed so that a live subscriber's
+    /// `Some` while buffering (until [`Hub::try_activate`]); boxed so that a live subscriber's
     /// entry is two pointers.
     buffer: Option<Box<Buffer>>,
 }
@@ -93,6 +97,17 @@ impl Buffer {
 
 fn newer(p: &Publication, (epoch, offset): (&str, u64)) -> bool {
     *p.epoch != *epoch || p.offset > offset
+}
+
+impl Subscriber {
+    /// Ends buffering: queues the buffered publications after `after` and makes the subscriber
+    /// live (the merge of [`Hub::activate`] and [`Hub::try_activate`]).
+    fn go_live(&mut self, after: (&str, u64)) -> Push {
+        let buffered = self.buffer.take().map(|b| b.publications).unwrap_or_default();
+        let outbox = &self.outbox;
+        outbox
+            .push_all(buffered.into_iter().filter(|p| newer(p, after)).map(|p| frame_for(outbox, &p.frame, &mut None)))
+    }
 }
 
 /// What [`Hub::try_activate`] did.
@@ -206,13 +221,10 @@ impl Hub {
         if sub.buffer.as_ref().is_some_and(|b| !b.covers(after, true)) {
             return false;
         }
-        let buffered = sub.buffer.take().map(|b| b.publications).unwrap_or_default();
         if sub.outbox.push_all(frames) != Push::Queued {
             return false;
         }
-        let outbox = &sub.outbox;
-        let newer = buffered.into_iter().filter(|p| newer(p, after)).map(|p| frame_for(outbox, &p.frame, &mut None));
-        outbox.push_all(newer) == Push::Queued
+        sub.go_live(after) == Push::Queued
     }
 
     /// Makes a buffering subscriber live if its buffer continues the stream after `after` (the
@@ -237,14 +249,10 @@ impl Hub {
             return Activation::Behind;
         }
         let need = buffer.newer_bytes(after);
-        let queued = sub.outbox.queued_bytes();
-        if need > 0 && queued > 0 && queued + need > sub.outbox.max_bytes() {
+        if need > 0 && !sub.outbox.has_room(need) {
             return Activation::Room(need);
         }
-        let buffered = sub.buffer.take().map(|b| b.publications).unwrap_or_default();
-        let outbox = &sub.outbox;
-        let newer = buffered.into_iter().filter(|p| newer(p, after)).map(|p| frame_for(outbox, &p.frame, &mut None));
-        if outbox.push_all(newer) == Push::Queued { Activation::Live } else { Activation::Gone }
+        if sub.go_live(after) == Push::Queued { Activation::Live } else { Activation::Gone }
     }
 
     /// Removes a subscriber. Returns `true` when it was the channel's last one (the entry is gone

@@ -163,11 +163,12 @@ impl Node {
             return Err(SubscribeError::Closed);
         }
         let subscribed = Subscribed { epoch: first.epoch.clone(), offset: first.offset, recovered, replayed: 0 };
-        let pager = match (recover, recovered) {
-            (Some(since), Some(true)) => Pager { epoch: first.epoch, top: first.offset, pos: since.offset },
-            _ => Pager { epoch: first.epoch, top: first.offset, pos: first.offset },
+        // Replay from the client's position when recovered; otherwise nothing (from the top).
+        let (pos, page) = match recover.filter(|_| recovered == Some(true)) {
+            Some(since) => (since.offset, first.publications),
+            None => (first.offset, Vec::new()),
         };
-        let page = if recovered == Some(true) { first.publications } else { Vec::new() };
+        let pager = Pager { epoch: first.epoch, top: first.offset, pos };
         match self.replay(channel, conn, outbox, pager, page).await {
             Ok(replayed) => Ok(Subscribed { replayed, ..subscribed }),
             Err(code) => {
@@ -269,16 +270,9 @@ mod tests {
     use std::future::Future;
     use std::time::Duration;
 
+    /// The offsets of the messages in `batch`.
     fn offsets(batch: &[Out]) -> Vec<u64> {
-        batch
-            .iter()
-            .filter_map(|o| match o {
-                Out::Frame(f) => serde_json::from_slice::<serde_json::Value>(f).ok(),
-                Out::Ping | Out::Deflated(_) => None,
-            })
-            .filter(|v| v["type"] == "message")
-            .filter_map(|v| v["offset"].as_u64())
-            .collect()
+        message_offsets(batch).into_iter().filter_map(|x| u64::try_from(x).ok()).collect()
     }
 
     #[tokio::test]
@@ -317,6 +311,7 @@ mod tests {
         assert!(!hub.has_channel("c"));
     }
 
+    /// The offsets of the messages in `batch`, an ack as -1.
     fn message_offsets(batch: &[Out]) -> Vec<i64> {
         batch
             .iter()
@@ -332,18 +327,29 @@ mod tests {
             .collect()
     }
 
+    /// A node over a memory broker keeping `history` messages on "c", recovering `page` at a
+    /// time, after `published` messages of ~1 KB: the node, the message, the channel's epoch.
+    async fn paging_node(
+        history: usize,
+        page: usize,
+        published: usize,
+    ) -> (Arc<Hub>, Arc<MemoryBroker>, Node, String, String) {
+        let hub = Arc::new(Hub::new());
+        let broker = MemoryBroker::new(history, Duration::from_secs(60));
+        broker.set_handler(hub.clone());
+        let node = Node::new(hub.clone(), broker.clone()).with_recovery_page(page);
+        let big = format!("\"{}\"", "x".repeat(1000));
+        let mut epoch = String::new();
+        for _ in 0..published {
+            epoch = broker.publish("c", &big, PublishOptions::default()).await.map(|r| r.epoch).unwrap_or_default();
+        }
+        (hub, broker, node, big, epoch)
+    }
+
     /// A recovery many times the queue: paced by the drain, never closed, everything once.
     #[tokio::test]
     async fn recovery_larger_than_the_queue_is_paced_by_the_drain() {
-        let hub = Arc::new(Hub::new());
-        let broker = MemoryBroker::new(100, Duration::from_secs(60));
-        broker.set_handler(hub.clone());
-        let node = Node::new(hub.clone(), broker.clone()).with_recovery_page(3);
-        let big = format!("\"{}\"", "x".repeat(1000));
-        let mut epoch = String::new();
-        for _ in 0..20 {
-            epoch = broker.publish("c", &big, PublishOptions::default()).await.map(|r| r.epoch).unwrap_or_default();
-        }
+        let (hub, broker, node, big, epoch) = paging_node(100, 3, 20).await;
         // Room for about two messages.
         let o = Arc::new(Outbox::new(2500));
         let pos = StreamPosition { epoch, offset: 0 };
@@ -380,15 +386,7 @@ mod tests {
     /// The history is trimmed under a recovery that is still paging: 4009, not a silent gap.
     #[tokio::test]
     async fn recovery_overtaken_by_trimming_closes_as_slow_consumer() {
-        let hub = Arc::new(Hub::new());
-        let broker = MemoryBroker::new(10, Duration::from_secs(60));
-        broker.set_handler(hub.clone());
-        let node = Node::new(hub.clone(), broker.clone()).with_recovery_page(2);
-        let big = format!("\"{}\"", "x".repeat(1000));
-        let mut epoch = String::new();
-        for _ in 0..10 {
-            epoch = broker.publish("c", &big, PublishOptions::default()).await.map(|r| r.epoch).unwrap_or_default();
-        }
+        let (hub, broker, node, big, epoch) = paging_node(10, 2, 10).await;
         let o = Arc::new(Outbox::new(2500));
         let pos = StreamPosition { epoch, offset: 0 };
         let subscribe = node.subscribe("c", 1, &o, Some(&pos), |_, _| Bytes::from_static(b"{\"type\":\"ack\"}"));

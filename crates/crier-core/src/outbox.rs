@@ -76,9 +76,10 @@ impl State {
         self.waker.take()
     }
 
-    /// Wakes a producer waiting for room (called when the queue is taken or the outbox closes).
-    fn wake_room(&mut self) {
-        wake(self.room.take());
+    /// The connection task's waker and that of a producer waiting for room, to wake once the
+    /// lock is released (the outbox closes).
+    fn take_wakers(&mut self) -> [Option<Waker>; 2] {
+        [self.waker.take(), self.room.take()]
     }
 }
 
@@ -229,10 +230,9 @@ impl Outbox {
             s.closing = true;
             s.aborted = true;
             s.close = Some(Close { code: CloseCode::SLOW_CONSUMER, reason: CloseCode::SLOW_CONSUMER.reason() });
-            s.wake_room();
-            let waker = s.take_waker();
+            let wakers = s.take_wakers();
             drop(s);
-            wake(waker);
+            wakers.into_iter().for_each(wake);
             return Push::Overflow;
         }
         s.bytes += len;
@@ -286,10 +286,9 @@ impl Outbox {
             s.aborted = true;
         }
         s.close = Some(Close { code, reason: code.reason() });
-        s.wake_room();
-        let waker = s.take_waker();
+        let wakers = s.take_wakers();
         drop(s);
-        wake(waker);
+        wakers.into_iter().for_each(wake);
         true
     }
 
@@ -336,11 +335,22 @@ impl Outbox {
         if s.closing {
             return Poll::Ready(false);
         }
-        if s.bytes == 0 || s.bytes + bytes <= self.max_bytes {
+        if self.fits(s.bytes, bytes) {
             return Poll::Ready(true);
         }
         s.room = Some(cx.waker().clone());
         Poll::Pending
+    }
+
+    /// Whether `bytes` more fit in the queue now (as [`Outbox::poll_room`] judges it).
+    pub fn has_room(&self, bytes: usize) -> bool {
+        self.fits(self.lock().bytes, bytes)
+    }
+
+    /// With `queued` bytes queued, whether `bytes` more fit: within the bound, or into an empty
+    /// queue (a frame larger than the bound then overflows as any push would).
+    fn fits(&self, queued: usize, bytes: usize) -> bool {
+        queued == 0 || queued + bytes <= self.max_bytes
     }
 
     /// Async form of [`Outbox::poll_room`]: `true` when there is room, `false` when closing.
@@ -361,7 +371,10 @@ impl Outbox {
                 batch.extend(s.queue.drain(..));
             }
             s.bytes = 0;
-            s.wake_room();
+            // A producer waiting for room ([`Outbox::room`]) may go on.
+            let room = s.room.take();
+            drop(s);
+            wake(room);
             return Poll::Ready(Next::Batch);
         }
         if let Some(c) = s.close.take() {

@@ -137,22 +137,10 @@ impl Commands {
         mut con: Con,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<Value, BrokerError> {
-        let result = match tokio::time::timeout(self.timeout, invocation.invoke_async::<Value>(&mut con)).await {
-            Ok(Ok(v)) => {
-                self.answered.store(true, Ordering::Relaxed);
-                Ok(v)
-            }
-            Ok(Err(e)) => {
-                if !e.is_io_error() {
-                    self.answered.store(true, Ordering::Relaxed);
-                }
-                if e.code() == Some("READONLY") {
-                    self.readonly.notify_one();
-                }
-                Err(write_error(&e))
-            }
-            Err(_) => Err(BrokerError::OutcomeUnknown(format!("redis did not answer within {:?}", self.timeout))),
-        };
+        let result = self.answer(invocation.invoke_async::<Value>(&mut con)).await.map_err(|e| match e {
+            Some(e) => write_error(&e),
+            None => BrokerError::OutcomeUnknown(self.late()),
+        });
         match result {
             Err(BrokerError::OutcomeUnknown(why)) if !self.answered.load(Ordering::Relaxed) => {
                 Err(BrokerError::Unavailable(format!("{why} (no connection to Redis has worked yet)")))
@@ -162,22 +150,29 @@ impl Commands {
     }
 
     async fn run<T>(&self, fut: impl Future<Output = RedisResult<T>>) -> Result<T, BrokerError> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(Ok(v)) => {
-                self.answered.store(true, Ordering::Relaxed);
-                Ok(v)
-            }
-            Ok(Err(e)) => {
-                if !e.is_io_error() {
-                    self.answered.store(true, Ordering::Relaxed);
-                }
-                if e.code() == Some("READONLY") {
-                    self.readonly.notify_one();
-                }
-                Err(broker_error(&e))
-            }
-            Err(_) => Err(BrokerError::Unavailable(format!("redis did not answer within {:?}", self.timeout))),
+        self.answer(fut).await.map_err(|e| match e {
+            Some(e) => broker_error(&e),
+            None => BrokerError::Unavailable(self.late()),
+        })
+    }
+
+    /// Awaits a call for at most the deadline, noting whether Redis answered (a reply, even an
+    /// error reply) and whether the call hit a read-only replica. `Err(None)`: no answer in time.
+    async fn answer<T>(&self, fut: impl Future<Output = RedisResult<T>>) -> Result<T, Option<RedisError>> {
+        let result = tokio::time::timeout(self.timeout, fut).await.map_err(|_| None)?;
+        if !result.as_ref().is_err_and(RedisError::is_io_error) {
+            self.answered.store(true, Ordering::Relaxed);
         }
+        result.map_err(|e| {
+            if e.code() == Some("READONLY") {
+                self.readonly.notify_one();
+            }
+            Some(e)
+        })
+    }
+
+    fn late(&self) -> String {
+        format!("redis did not answer within {:?}", self.timeout)
     }
 
     /// Runs a script (EVALSHA, loading it on NOSCRIPT).

@@ -415,17 +415,15 @@ impl Broker for RedisBroker {
         // Waiting for room in the queue and for the batch's call are bounded like any call. Until
         // the job is queued nothing was sent (`Unavailable`); after, the call may be on its way
         // (`OutcomeUnknown`; a job whose caller gave up before its batch formed is not sent).
-        let deadline = tokio::time::Instant::now() + self.command_timeout * 2;
-        let slow =
-            || BrokerError::Unavailable(format!("redis publish queue stayed full for {:?}", self.command_timeout * 2));
+        let bound = self.command_timeout * 2;
+        let deadline = tokio::time::Instant::now() + bound;
+        let slow = || BrokerError::Unavailable(format!("redis publish queue stayed full for {bound:?}"));
         let gone = || BrokerError::Unavailable("redis publisher task is gone".into());
         tokio::time::timeout_at(deadline, self.publisher.send(job)).await.map_err(|_| slow())?.map_err(|_| gone())?;
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(BrokerError::OutcomeUnknown("redis publisher task stopped during the publish".into())),
-            Err(_) => {
-                Err(BrokerError::OutcomeUnknown(format!("redis did not answer within {:?}", self.command_timeout * 2)))
-            }
+            Err(_) => Err(BrokerError::OutcomeUnknown(format!("redis did not answer within {bound:?}"))),
         }
     }
 

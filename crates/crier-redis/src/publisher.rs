@@ -233,14 +233,6 @@ async fn publish_batch(ctx: Arc<Context>, mut batch: Vec<Job>) {
 /// Answers every caller of a batch that failed as a whole with the same error.
 fn fail(batch: Vec<Job>, e: &BrokerError) {
     for job in batch {
-        let _ = job.reply.send(Err(same(e)));
-    }
-}
-
-fn same(e: &BrokerError) -> BrokerError {
-    match e {
-        BrokerError::Unavailable(m) => BrokerError::Unavailable(m.clone()),
-        BrokerError::Internal(m) => BrokerError::Internal(m.clone()),
-        BrokerError::OutcomeUnknown(m) => BrokerError::OutcomeUnknown(m.clone()),
+        let _ = job.reply.send(Err(e.clone()));
     }
 }

@@ -407,7 +407,11 @@ impl Broker for MemoryBroker {
             Some(pos) if *pos.epoch == *st.epoch && pos.offset <= st.top => {
                 let first = st.history.front().map_or(st.top + 1, |(p, _)| p.offset);
                 let gap = first > pos.offset + 1;
-                (all.filter(|p| p.offset > pos.offset).take(limit).cloned().collect(), gap)
+                // The history holds consecutive offsets: the next one is found by index, not by a
+                // scan from the oldest (a paced recovery reads a page at a time, under the lock).
+                let next = usize::try_from((pos.offset + 1).saturating_sub(first)).unwrap_or(usize::MAX);
+                let after = st.history.range(next.min(st.history.len())..).map(|(p, _)| p);
+                (after.filter(|p| p.offset > pos.offset).take(limit).cloned().collect(), gap)
             }
             Some(_) => (all.take(limit).cloned().collect(), true),
             None => {

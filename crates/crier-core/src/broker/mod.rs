@@ -76,7 +76,7 @@ pub struct NodeInfo {
 /// `OutcomeUnknown` (only from `publish`): the request may have been applied — the broker did
 /// not answer in time, or the connection dropped after it may have been sent; callers turn it
 /// into `outcome_unknown` / 504, and a retry with the same idempotency key is safe.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     #[error("broker unavailable: {0}")]
     Unavailable(String),
