@@ -85,14 +85,9 @@ impl Encoding {
         }
     }
 
-    /// Encodes the reply to a `history` frame around the already-encoded (JSON) `message` frames.
-    pub fn encode_history(self, id: Option<u64>, channel: &str, epoch: &str, offset: u64, messages: &[Bytes]) -> Bytes {
-        self.frame_from_json(&frames::encode_history(id, channel, epoch, offset, messages))
-    }
-
-    /// [`Encoding::encode_history`] cut short: `next` is the position to continue from
-    /// ([`frames::encode_history_page`]).
-    pub fn encode_history_page(
+    /// Encodes the reply to a `history` frame around the already-encoded (JSON) `message` frames;
+    /// `next`: the position to continue from, for a reply cut short ([`frames::encode_history`]).
+    pub fn encode_history(
         self,
         id: Option<u64>,
         channel: &str,
@@ -101,6 +96,6 @@ impl Encoding {
         messages: &[Bytes],
         next: Option<u64>,
     ) -> Bytes {
-        self.frame_from_json(&frames::encode_history_page(id, channel, epoch, offset, messages, next))
+        self.frame_from_json(&frames::encode_history(id, channel, epoch, offset, messages, next))
     }
 }

@@ -372,15 +372,10 @@ pub struct PresenceEntry {
 }
 
 /// Builds the reply to a `history` frame: the channel's position and the `message` frames
-/// (already encoded) after the requested offset.
-pub fn encode_history(id: Option<u64>, channel: &str, epoch: &str, offset: u64, messages: &[Bytes]) -> Bytes {
-    encode_history_page(id, channel, epoch, offset, messages, None)
-}
-
-/// [`encode_history`] for a reply cut short (by the connection's queue size): with `next`,
-/// `"more":true,"next":{"epoch":<epoch>,"offset":<next>}` — the position to ask from (`since`)
-/// for the rest.
-pub fn encode_history_page(
+/// (already encoded) after the requested offset. A reply cut short (by the connection's queue
+/// size) has a `next`: `"more":true,"next":{"epoch":<epoch>,"offset":<next>}` — the position to
+/// ask from (`since`) for the rest.
+pub fn encode_history(
     id: Option<u64>,
     channel: &str,
     epoch: &str,
@@ -485,15 +480,15 @@ mod tests {
         );
         assert_eq!(v(&ServerFrame::Pong { id: None }.encode()), json!({"type":"pong"}));
         let m = encode_message("c", "e", 1, "1");
-        let page = encode_history_page(Some(9), "c", "e", 7, std::slice::from_ref(&m), Some(3));
+        let page = encode_history(Some(9), "c", "e", 7, std::slice::from_ref(&m), Some(3));
         assert_eq!(v(&page)["more"], json!(true));
         assert_eq!(v(&page)["next"], json!({"epoch":"e","offset":3}));
         assert_eq!(v(&page)["messages"].as_array().map(Vec::len), Some(1));
-        let h = encode_history(Some(8), "c", "e", 1, &[m.clone(), m]);
+        let h = encode_history(Some(8), "c", "e", 1, &[m.clone(), m], None);
         assert_eq!(v(&h)["messages"].as_array().map(|a| a.len()), Some(2));
         assert_eq!(v(&h)["id"], json!(8));
         assert_eq!(
-            v(&encode_history(None, "c", "e", 0, &[])),
+            v(&encode_history(None, "c", "e", 0, &[], None)),
             json!({"type":"history","channel":"c","epoch":"e","offset":0,"messages":[]})
         );
     }

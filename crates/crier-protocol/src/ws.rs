@@ -95,6 +95,16 @@ struct Header {
     payload_len: u64,
 }
 
+/// The payload length a frame header at the front of `buf` announces (its second byte and the
+/// extended length after it), and where the length ends; `None` if more bytes are needed.
+fn payload_len(buf: &[u8]) -> Option<(u64, usize)> {
+    Some(match *buf.get(1)? & 0x7F {
+        126 => (u64::from(u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?)), 4),
+        127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 10),
+        n => (u64::from(n), 2),
+    })
+}
+
 /// Parses a frame header from the front of `buf`; `Ok(None)` if more bytes are needed.
 fn parse_header(buf: &[u8]) -> Result<Option<Header>, Violation> {
     let [b0, b1, ..] = *buf else { return Ok(None) };
@@ -108,25 +118,10 @@ fn parse_header(buf: &[u8]) -> Result<Option<Header>, Violation> {
     if b1 & 0x80 == 0 {
         return Err(Violation::Protocol("unmasked frame from a client"));
     }
-    let (payload_len, at) = match b1 & 0x7F {
-        126 => match buf.get(2..4) {
-            Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
-            None => return Ok(None),
-        },
-        127 => match buf.get(2..10) {
-            Some(b) => {
-                let mut len = [0u8; 8];
-                len.copy_from_slice(b);
-                let len = u64::from_be_bytes(len);
-                if len >> 63 != 0 {
-                    return Err(Violation::Protocol("frame length with the most significant bit set"));
-                }
-                (len, 10)
-            }
-            None => return Ok(None),
-        },
-        n => (u64::from(n), 2),
-    };
+    let Some((payload_len, at)) = payload_len(buf) else { return Ok(None) };
+    if payload_len >> 63 != 0 {
+        return Err(Violation::Protocol("frame length with the most significant bit set"));
+    }
     let Some(m) = buf.get(at..at + 4) else { return Ok(None) };
     Ok(Some(Header {
         fin: b0 & 0x80 != 0,
@@ -453,21 +448,7 @@ impl Discard {
                 }
             }
             let [b0, b1, ..] = buf[..] else { return false };
-            let (len, at) = match b1 & 0x7F {
-                126 => match buf.get(2..4) {
-                    Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
-                    None => return false,
-                },
-                127 => match buf.get(2..10) {
-                    Some(b) => {
-                        let mut len = [0u8; 8];
-                        len.copy_from_slice(b);
-                        (u64::from_be_bytes(len), 10)
-                    }
-                    None => return false,
-                },
-                n => (u64::from(n), 2),
-            };
+            let Some((len, at)) = payload_len(&buf[..]) else { return false };
             let at = at + if b1 & 0x80 != 0 { 4 } else { 0 };
             if buf.len() < at {
                 return false;

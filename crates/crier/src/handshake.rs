@@ -1,8 +1,8 @@
 //! The handshake checks every transport runs before a connection opens, in the contract's
 //! order: per-IP handshake rate, the node's handshake admission (`node_handshake_rate`: 503 +
-//! `Retry-After` when a storm arrives faster than the node admits), the node's connection cap, `Origin`, the token, the user's
-//! cluster-wide connection count — then the transport's own checks (the WebSocket upgrade's) —
-//! then the drain. A rejection is an HTTP response with the contract's JSON body, counted in
+//! `Retry-After` when a storm arrives faster than the node admits), the node's connection cap,
+//! `Origin`, the token, the user's cluster-wide connection count — then the transport's own
+//! checks (the WebSocket upgrade's, SSE's) — then the drain. A rejection is an HTTP response with the contract's JSON body, counted in
 //! `crier_handshakes_total{result=CODE}`.
 //!
 //! A transport calls [`admit`], runs its own checks (refusing with [`refuse`]), then

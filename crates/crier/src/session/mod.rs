@@ -174,8 +174,7 @@ impl Session {
     }
 
     fn error(&self, id: Option<u64>, code: ErrorCode, message: &str, channel: Option<&str>) {
-        metrics::counter!(m::CLIENT_ERRORS, "code" => code.as_str()).increment(1);
-        self.send(&ServerFrame::Error { id, code: code.as_str(), message, channel });
+        push_error(&self.outbox, self.encoding, id, code, message, channel);
     }
 
     /// Counts a frame against the user's rate (this node's, or the cluster's with
@@ -186,7 +185,7 @@ impl Session {
         }
         metrics::counter!(m::RATE_LIMITED, "kind" => "user").increment(1);
         if !self.strike() {
-            self.error(id, ErrorCode::RateLimited, "too many frames; slow down", None);
+            self.error(id, ErrorCode::RateLimited, SLOW_DOWN, None);
         }
         false
     }
@@ -255,12 +254,25 @@ impl Pinger {
             return;
         }
         metrics::counter!(m::RATE_LIMITED, "kind" => "user").increment(1);
-        metrics::counter!(m::CLIENT_ERRORS, "code" => ErrorCode::RateLimited.as_str()).increment(1);
         self.refused += 1;
-        let code = ErrorCode::RateLimited.as_str();
-        let message = "too many frames; slow down";
-        outbox.push(self.encoding.encode(&ServerFrame::Error { id, code, message, channel: None }));
+        push_error(outbox, self.encoding, id, ErrorCode::RateLimited, SLOW_DOWN, None);
     }
+}
+
+/// The message of a frame refused by the user's frame rate.
+const SLOW_DOWN: &str = "too many frames; slow down";
+
+/// Counts a client error and queues its `error` frame.
+fn push_error(
+    outbox: &Outbox,
+    encoding: Encoding,
+    id: Option<u64>,
+    code: ErrorCode,
+    message: &str,
+    channel: Option<&str>,
+) {
+    metrics::counter!(m::CLIENT_ERRORS, "code" => code.as_str()).increment(1);
+    outbox.push(encoding.encode(&ServerFrame::Error { id, code: code.as_str(), message, channel }));
 }
 
 /// The [`clock_ms`] at which a token with this `exp` (Unix seconds) expires; `u64::MAX` if never.

@@ -99,7 +99,7 @@ impl Session {
                     last = p.offset;
                     frames.push(p.frame);
                 }
-                let reply = self.encoding.encode_history_page(id, channel, &h.epoch, h.offset, &frames, next);
+                let reply = self.encoding.encode_history(id, channel, &h.epoch, h.offset, &frames, next);
                 // Paced: the reply waits for room instead of overflowing the queue.
                 if self.outbox.room(reply.len()).await {
                     self.outbox.push(reply);

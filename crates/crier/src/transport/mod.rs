@@ -13,7 +13,9 @@
 //! frame beyond its envelope (`type`, `channel`, `epoch`, `offset`, `recovered` — never `data`;
 //! SSE reads it to name events and keep its cursor): everything the server sends goes through the
 //! outbox (so its byte bound covers replies as well as messages), and every client frame goes
-//! through `Session::on_frame` (channels named by a transport's handshake: `subscribe_named`).
+//! through `Session::on_frame` (channels named by a transport's handshake: `subscribe_named`;
+//! a `ping` frame arriving while a WebSocket request is in flight: the session's
+//! [`Pinger`](crate::session::Pinger)).
 //!
 //! - [`ws`]: WebSocket (RFC 6455), crier's own framing over the upgraded TCP stream.
 //! - [`sse`]: Server-Sent Events (`GET /sse`), receive only: the request names the channels.

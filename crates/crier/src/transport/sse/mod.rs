@@ -6,21 +6,23 @@
 //! [`handshake::accept`] — all answered with the contract's JSON error before the stream starts.
 //! The session is the same as a WebSocket connection's, speaking JSON; the transport feeds it
 //! one synthesized `subscribe` per channel (with `recover` from the cursor) and streams its
-//! outbox as events ([`render`]) — see [`stream`] for the task, the body and liveness.
+//! outbox as events ([`render`]) on the socket it takes over from hyper — see [`stream`] for
+//! the task, the response it writes and liveness.
 //!
 //! - [`cursor`]: the `id:` of events, resumed from through `Last-Event-ID`.
 //! - [`render`]: frames as events (the transport reads a frame's envelope, never its `data`).
-//! - [`stream`]: the connection's task and its response body.
+//! - [`stream`]: the connection's task and its socket (response head, chunked body).
 
 mod cursor;
 mod render;
 mod stream;
 
+use std::net::SocketAddr;
+
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Version, header};
 use axum::response::Response;
 use crier_protocol::{Encoding, StreamPosition, validate_channel};
-use std::net::SocketAddr;
 
 use crate::error::ApiError;
 use crate::handshake;

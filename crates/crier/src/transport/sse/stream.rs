@@ -217,12 +217,8 @@ pub fn run(
         // Boxed: the subscribe phase's state is on the heap only while it runs, not in the task
         // of every idle stream.
         let (end, late) = match Box::pin(subscribe_all(&mut s, channels, &mut cursor, &mut sock)).await {
-            Some((end, late)) => (Some(end), late),
-            None => (None, None),
-        };
-        let end = match end {
-            Some(e) => e,
-            None => std::future::poll_fn(|cx| poll_stream(&mut sock, cx, s.outbox(), &mut cursor)).await,
+            Some(ended) => ended,
+            None => (std::future::poll_fn(|cx| poll_stream(&mut sock, cx, s.outbox(), &mut cursor)).await, None),
         };
         let close = match &end {
             End::Close(close) => Some(close.clone()),

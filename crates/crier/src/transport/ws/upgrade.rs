@@ -192,16 +192,16 @@ fn accept_key(key: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    /// What [`deflate_offered`] makes of this `Sec-WebSocket-Extensions` value.
+    fn offer(v: &str) -> Option<Deflate> {
+        let mut h = HeaderMap::new();
+        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, HeaderValue::from_str(v).unwrap_or(HeaderValue::from_static("")));
+        deflate_offered(&h)
+    }
+
     #[test]
     fn deflate_offers_real_clients_send_are_accepted_and_bogus_ones_declined() {
-        let offered = |v: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(
-                header::SEC_WEBSOCKET_EXTENSIONS,
-                HeaderValue::from_str(v).unwrap_or(HeaderValue::from_static("")),
-            );
-            deflate_offered(&h).is_some()
-        };
+        let offered = |v: &str| offer(v).is_some();
         // Chromium, Python websockets, ws (Node), Firefox.
         assert!(offered("permessage-deflate; client_max_window_bits"));
         assert!(offered("permessage-deflate; server_max_window_bits=15; client_max_window_bits=15"));
@@ -227,14 +227,7 @@ mod tests {
 
     #[test]
     fn server_max_window_bits_is_honoured_and_echoed() {
-        let answer = |v: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(
-                header::SEC_WEBSOCKET_EXTENSIONS,
-                HeaderValue::from_str(v).unwrap_or(HeaderValue::from_static("")),
-            );
-            deflate_offered(&h).map(|d| (d.server_window_bits, d.response()))
-        };
+        let answer = |v: &str| offer(v).map(|d| (d.server_window_bits, d.response()));
         let base = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
         assert_eq!(answer("permessage-deflate; client_max_window_bits"), Some((15, base)));
         for bits in 8..=15u8 {
