@@ -200,6 +200,9 @@ pub fn run(s: Session, upgrade: OnUpgrade, max_message: usize, deflate: bool) ->
                 Conn::Idle(s) => next_event(&mut ws, s.outbox(), None, true, encoding.is_text()).await,
                 Conn::Busy(b) => {
                     let read = b.waiting.len() < MAX_WAITING;
+                    if !read {
+                        ws.reading_paused();
+                    }
                     next_event(&mut ws, &b.outbox, Some(&mut b.request), read, encoding.is_text()).await
                 }
                 Conn::Switching => break Ending::Gone,

@@ -134,6 +134,13 @@ impl WsSocket {
         Ok(())
     }
 
+    /// The connection stopped reading (backpressure: frames wait behind a request in flight).
+    /// That time is the server's, not the client's: the unfinished-message clock starts again
+    /// when reading resumes, so a client is never closed 1008 for bytes the server did not read.
+    pub fn reading_paused(&mut self) {
+        self.reader.set_assembly_mark(0);
+    }
+
     /// The client sent its close frame (even an invalid one): nothing more will come.
     pub fn peer_closed(&self) -> bool {
         self.reader.saw_close()
