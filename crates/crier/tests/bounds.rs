@@ -379,3 +379,65 @@ async fn a_client_whose_frames_keep_straddling_reads_is_not_mistaken_for_an_unfi
     }
     assert!(!got.windows(2).any(|w| w == [0x88, 0x02]), "no close frame: {got:?}");
 }
+
+/// The unfinished-message bound counts the client's time, not the server's: while frames wait
+/// behind a request in flight (here a paced recovery the client has not read yet), the node does
+/// not read the socket, and a frame it left half-read meanwhile is not held against the client
+/// when reading resumes — even after more than the 10 s bound.
+#[tokio::test]
+async fn a_frame_the_node_left_unread_during_backpressure_is_not_an_unfinished_message() {
+    use tokio_tungstenite::MaybeTlsStream;
+
+    // No heartbeat during the test: the client reads nothing for a while on purpose.
+    let node = Server::start(&["--history-size", "1000", "--ping-interval", "120s", "--pong-timeout", "120s"]).await;
+    // ~60 MB of history: far more than the socket buffers and the 1 MiB queue hold, so the
+    // recovery below stays in flight until the client reads.
+    let data = "r".repeat(60_000);
+    let first = node.publish("chat:big", json!(data)).await;
+    let epoch = first["epoch"].as_str().unwrap().to_owned();
+    for _ in 1..1000 {
+        node.publish("chat:big", json!(data)).await;
+    }
+    let mut c = node.client(&node.token("slow", &["chat:*"], &[])).await;
+    let subscribe = json!({"type":"subscribe","id":1,"channel":"chat:big","recover":{"epoch":epoch,"offset":0}});
+    let waiting: Vec<Value> = (2..6).map(|id| json!({"type":"presence","id":id,"channel":"chat:big"})).collect();
+    let last = serde_json::to_vec(&json!({"type":"presence","id":6,"channel":"chat:big"})).unwrap();
+    // The subscribe, the four frames that fill the queue behind it, and half of a sixth frame,
+    // in one write: the node reads them together and leaves the half frame in its buffer.
+    let mut bytes = Vec::new();
+    for v in std::iter::once(&subscribe).chain(&waiting) {
+        bytes.extend(crier_protocol::ws::encode_masked(0x81, &serde_json::to_vec(v).unwrap(), [1, 2, 3, 4]));
+    }
+    let frame = crier_protocol::ws::encode_masked(0x81, &last, [1, 2, 3, 4]);
+    let (head, tail) = frame.split_at(frame.len() / 2);
+    bytes.extend_from_slice(head);
+    let MaybeTlsStream::Plain(tcp) = c.ws.get_mut() else { panic!("plain TCP") };
+    tcp.write_all(&bytes).await.unwrap();
+    // More than the bound passes while the node is not reading (this wait is the scenario: the
+    // time that must not count), then the client reads its recovery.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let mut messages = 0;
+    while messages < 1000 {
+        match c.next().await {
+            Some(tokio_tungstenite::tungstenite::Message::Text(t)) => {
+                if serde_json::from_str::<Value>(&t).unwrap()["type"] == "message" {
+                    messages += 1;
+                }
+            }
+            Some(tokio_tungstenite::tungstenite::Message::Close(f)) => panic!("closed during the recovery: {f:?}"),
+            Some(_) => {}
+            None => panic!("the connection ended after {messages} messages"),
+        }
+    }
+    // The rest of the sixth frame: answered like the other five, no 1008.
+    let MaybeTlsStream::Plain(tcp) = c.ws.get_mut() else { panic!("plain TCP") };
+    tcp.write_all(tail).await.unwrap();
+    loop {
+        let v = c.recv().await;
+        assert_ne!(v["type"], "close", "{v}");
+        if v["type"] == "presence" && v["id"] == 6 {
+            break;
+        }
+    }
+    assert_eq!(node.metric("crier_message_assembly_timeouts_total").await, 0.0);
+}
