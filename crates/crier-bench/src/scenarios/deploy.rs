@@ -40,11 +40,11 @@ use tokio::time::Instant;
 
 use super::{Outcome, base_report, token};
 use crate::cli::{DeployArgs, ScaleoutArgs};
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, scrape};
 use crate::lb::{Nginx, find_nginx};
 use crate::procfs;
 use crate::report::{Table, int};
-use crate::stats::{Latency, new_histogram, now_us};
+use crate::stats::{Latency, new_histogram, now_us, percentile};
 
 const NODES: usize = 3;
 
@@ -152,12 +152,8 @@ enum Action {
 /// Each node's `crier_connections` (none for a node that does not answer).
 async fn node_connections(http: &reqwest::Client, addrs: &[std::net::SocketAddr]) -> Vec<Option<u64>> {
     let mut out = Vec::with_capacity(addrs.len());
-    for a in addrs {
-        let text = match http.get(format!("http://{a}/metrics")).send().await {
-            Ok(r) => r.text().await.ok(),
-            Err(_) => None,
-        };
-        out.push(text.and_then(|t| metric_series(&t, "crier_connections")).map(|v| v as u64));
+    for &a in addrs {
+        out.push(scrape(http, a, "crier_connections").await.map(|v| v as u64));
     }
     out
 }
@@ -170,14 +166,6 @@ pub(crate) fn balanced(counts: &[u64], clients: usize, within: f64) -> bool {
     }
     let mean = total as f64 / counts.len() as f64;
     counts.iter().all(|&c| (c as f64 - mean).abs() <= within * mean)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(i.min(sorted.len() - 1)).copied()
 }
 
 /// A client's node index from its `welcome` (`bench-<i>`).
@@ -329,7 +317,7 @@ async fn run_with(a: DeployArgs, action: Action) -> anyhow::Result<Outcome> {
         for i in start..end {
             let c = Client::builder(ws.clone())
                 .token(token(&gw, &format!("deploy-{i}")))
-                .backoff(a.backoff_base, a.backoff_cap)
+                .backoff(a.backoff.base, a.backoff.cap)
                 .connect()?;
             let subs =
                 [c.subscribe(format!("bench:shared-{}", i % shared_n)), c.subscribe(format!("bench:private-{i}"))];
@@ -379,11 +367,7 @@ async fn run_with(a: DeployArgs, action: Action) -> anyhow::Result<Outcome> {
                 last = Instant::now();
                 let now_pids = lock(&pids).clone();
                 for i in 0..NODES {
-                    let hs = async {
-                        let text =
-                            http.get(format!("http://{}/metrics", addrs[i])).send().await.ok()?.text().await.ok()?;
-                        metric_series(&text, "crier_handshakes_total{result=\"ok\"}")
-                    };
+                    let hs = scrape(&http, addrs[i], "crier_handshakes_total{result=\"ok\"}");
                     let health = http.get(format!("http://{}/healthz", addrs[i])).send();
                     let (hs, health) = tokio::join!(hs, health);
                     let healthy = health.is_ok_and(|r| r.status().is_success());
@@ -730,8 +714,8 @@ async fn run_with(a: DeployArgs, action: Action) -> anyhow::Result<Outcome> {
         &gargs,
         json!({"clients": a.clients, "rate": a.rate, "shared_fraction": a.shared_fraction, "shared_channels": shared_n,
                "drain_s": a.drain.as_secs_f64(), "between_s": a.between.as_secs_f64(), "before_s": a.before.as_secs_f64(),
-               "after_s": a.after.as_secs_f64(), "exit_grace_s": a.exit_grace.as_secs_f64(), "backoff_base_ms": a.backoff_base.as_millis() as u64,
-               "backoff_cap_ms": a.backoff_cap.as_millis() as u64, "nginx": nginx_bin.display().to_string(),
+               "after_s": a.after.as_secs_f64(), "exit_grace_s": a.exit_grace.as_secs_f64(), "backoff_base_ms": a.backoff.base.as_millis() as u64,
+               "backoff_cap_ms": a.backoff.cap.as_millis() as u64, "nginx": nginx_bin.display().to_string(),
                "within": scale.as_ref().map(|s| s.within)}),
         machine,
     );
@@ -766,9 +750,4 @@ fn nginx_cpu_secs(master: u32) -> Option<f64> {
         total += procfs::cpu_secs(pid).unwrap_or(0.0);
     }
     Some(total)
-}
-
-/// The value of one exact series (name and labels as exposed) in a Prometheus text exposition.
-fn metric_series(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
