@@ -63,6 +63,9 @@ struct Chan {
     subscribed: bool,
     /// A recovery's replay runs up to this offset: those are not timed as live deliveries.
     replay_until: u64,
+    /// The node of the connection this subscription was last acknowledged on (its deliveries'
+    /// latency is that node's), read from the client's `welcome` once per subscription.
+    node: Option<usize>,
 }
 
 /// What one client saw.
@@ -220,17 +223,18 @@ async fn follow(
                     c.last = m.offset;
                     c.received += 1;
                 }
-                let live = m.offset > c.replay_until;
+                let (live, node) = (m.offset > c.replay_until, c.node);
                 drop(s);
                 if live
                     && let Some(t) = m.data.get("t").and_then(|t| t.as_u64())
-                    && let Some(h) = node_index(&client).and_then(|i| latency.get(i))
+                    && let Some(h) = node.and_then(|i| latency.get(i))
                 {
                     let _ = lock(h).record(now_us().saturating_sub(t).max(1));
                 }
             }
             Event::Subscribed { offset, recovered, .. } => {
                 let c = &mut s.chans[k];
+                c.node = node_index(&client);
                 if !c.subscribed {
                     // The first subscription: deliveries start after this position.
                     c.subscribed = true;
@@ -550,13 +554,16 @@ async fn run_with(a: DeployArgs, action: Action) -> anyhow::Result<Outcome> {
     tokio::time::sleep(a.after).await;
     publishing.store(false, Ordering::Relaxed);
     let _ = publisher.await;
+    // The publisher has ended: what was acknowledged is final.
+    let (shared_acked, private_acked, publishes_acked) = {
+        let ac = lock(&acked);
+        (ac.shared.clone(), ac.private.clone(), ac.count)
+    };
 
     // Every client back and holding every acknowledged message (or the deadline).
     let final_deadline = Instant::now() + a.settle;
     let complete = |i: usize| {
-        let ac = lock(&acked);
-        let want = [ac.shared[i % shared_n], ac.private[i]];
-        drop(ac);
+        let want = [shared_acked[i % shared_n], private_acked[i]];
         let s = lock(&seen[i]);
         let back = clients[i].state() == State::Connected && s.down_since.is_none() && !s.ended;
         (back, s.chans.iter().zip(want).all(|(c, w)| c.last >= w))
@@ -580,10 +587,6 @@ async fn run_with(a: DeployArgs, action: Action) -> anyhow::Result<Outcome> {
     let _ = sampler.await;
 
     // The figures.
-    let (shared_acked, private_acked, publishes_acked) = {
-        let ac = lock(&acked);
-        (ac.shared.clone(), ac.private.clone(), ac.count)
-    };
     let (mut lost, mut dups, mut gaps, mut deliveries, mut not_back, mut unmeasured) = (0, 0, 0, 0, 0, 0u64);
     let mut outages = Vec::new();
     let mut per_node = vec![0usize; NODES];
