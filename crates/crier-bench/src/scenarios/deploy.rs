@@ -289,7 +289,8 @@ async fn run_with(a: DeployArgs, action: Action) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     let mut gargs = a.gateway.clone();
     gargs.crier_arg.push(format!("--shutdown-drain={}", humantime::format_duration(a.drain)));
-    // Behind nginx's round robin, as the shipped deployment files set it (off by default).
+    // Behind nginx's least_conn, which spreads new connections: on, as the shipped deployment
+    // files set it (off by default).
     gargs.crier_arg.push("--rebalance-rate=50".to_owned());
     let mut gw = Gateway::new(&gargs, NODES, true).await?;
     let addrs: Vec<_> = gw.nodes.iter().map(|n| n.addr).collect();
