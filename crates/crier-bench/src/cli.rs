@@ -275,6 +275,17 @@ pub struct ChurnArgs {
     pub gateway: GatewayArgs,
 }
 
+/// The crier-client subscribers' reconnect backoff (failover, deploy, scaleout).
+#[derive(Args, Debug, Clone)]
+pub struct BackoffArgs {
+    /// The clients' backoff base (crier-client's default, the contract's)
+    #[arg(id = "backoff_base", long = "backoff-base", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub base: Duration,
+    /// The clients' backoff cap (crier-client's default, the contract's)
+    #[arg(id = "backoff_cap", long = "backoff-cap", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub cap: Duration,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct FailoverArgs {
     /// Subscribers (crier-client), alternately on node 0 and node 1, each knowing both
@@ -289,12 +300,8 @@ pub struct FailoverArgs {
     /// Publishing after node 0's clients resumed
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub after: Duration,
-    /// The clients' backoff base (crier-client's default)
-    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
-    pub backoff_base: Duration,
-    /// The clients' backoff cap (crier-client's default)
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
-    pub backoff_cap: Duration,
+    #[command(flatten)]
+    pub backoff: BackoffArgs,
     #[command(flatten)]
     pub gateway: GatewayArgs,
 }
@@ -373,12 +380,8 @@ pub struct DeployArgs {
     /// REST publishes in flight at once
     #[arg(long, default_value_t = 64)]
     pub publish_concurrency: usize,
-    /// The clients' backoff base (crier-client's default, the contract's)
-    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
-    pub backoff_base: Duration,
-    /// The clients' backoff cap (crier-client's default, the contract's)
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
-    pub backoff_cap: Duration,
+    #[command(flatten)]
+    pub backoff: BackoffArgs,
     #[command(flatten)]
     pub gateway: GatewayArgs,
 }

@@ -197,10 +197,8 @@ impl Gateway {
         args: &GatewayArgs,
         exit_within: Duration,
     ) -> anyhow::Result<(Duration, Duration, bool)> {
-        let threads = worker_threads(self.nodes.len(), &args.crier_arg);
         let Some(n) = self.nodes.get_mut(i) else { bail!("no node {i}") };
         let Some(mut child) = n.child.take() else { bail!("node {i} was not started by the bench") };
-        let addr = n.addr;
         let t0 = tokio::time::Instant::now();
         if let Some(pid) = n.pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
@@ -219,30 +217,25 @@ impl Gateway {
         }
         let drained = t0.elapsed();
         let t1 = tokio::time::Instant::now();
-        self.start_again(i, args, addr, threads).await?;
+        self.start_again(i, args).await?;
         Ok((drained, t1.elapsed(), killed))
     }
 
     /// Starts node `i` again on its old address after [`Gateway::kill_node`] (a node joining:
     /// the load balancer already lists its address), and waits until it is ready.
     pub async fn start_killed_node(&mut self, i: usize, args: &GatewayArgs) -> anyhow::Result<()> {
-        let threads = worker_threads(self.nodes.len(), &args.crier_arg);
         let Some(n) = self.nodes.get(i) else { bail!("no node {i}") };
         if n.child.is_some() {
             bail!("node {i} is still running");
         }
-        let addr = n.addr;
-        self.start_again(i, args, addr, threads).await
+        self.start_again(i, args).await
     }
 
-    async fn start_again(
-        &mut self,
-        i: usize,
-        args: &GatewayArgs,
-        addr: SocketAddr,
-        threads: Option<usize>,
-    ) -> anyhow::Result<()> {
+    /// Starts node `i` (stopped) again on its address, and waits until every node is ready.
+    async fn start_again(&mut self, i: usize, args: &GatewayArgs) -> anyhow::Result<()> {
         let crier = args.crier_path();
+        let addr = self.nodes[i].addr;
+        let threads = worker_threads(self.nodes.len(), &args.crier_arg);
         // The port was just released; a bind can still race another program for it.
         let mut node = None;
         for _ in 0..50 {
@@ -305,9 +298,7 @@ impl Gateway {
         let client = reqwest::Client::new();
         let mut sum = 0.0;
         for n in &self.nodes {
-            let text = client.get(format!("http://{}/metrics", n.addr)).send().await.ok()?.text().await.ok()?;
-            let line = text.lines().find(|l| l.split_whitespace().next() == Some(name))?;
-            sum += line.split_whitespace().nth(1)?.parse::<f64>().ok()?;
+            sum += scrape(&client, n.addr, name).await?;
         }
         Some(sum)
     }
@@ -334,6 +325,13 @@ impl Gateway {
             let _ = r.child.kill().await;
         }
     }
+}
+
+/// One series (name and labels exactly as exposed) of the node at `addr`'s `/metrics`; none when
+/// the node does not answer or does not expose it.
+pub async fn scrape(http: &reqwest::Client, addr: SocketAddr, series: &str) -> Option<f64> {
+    let text = http.get(format!("http://{addr}/metrics")).send().await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 fn log_path(n: &Node) -> String {

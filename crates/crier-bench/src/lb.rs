@@ -10,7 +10,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
 
 /// The repository's `deploy/` directory (the one this bench was built from), unless
@@ -91,17 +90,11 @@ impl Nginx {
             .spawn()
             .with_context(|| format!("starting {}", nginx.display()))?;
         let pid = child.id();
+        let http = reqwest::Client::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
-                let req = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-                let mut buf = Vec::new();
-                if s.write_all(req.as_bytes()).await.is_ok()
-                    && tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf).await.is_ok()
-                    && buf.starts_with(b"HTTP/1.1 200")
-                {
-                    break;
-                }
+            if http.get(format!("http://{addr}/healthz")).send().await.is_ok_and(|r| r.status() == 200) {
+                break;
             }
             if let Ok(Some(status)) = child.try_wait() {
                 bail!("nginx exited ({status}); see {}", error_log.display());
@@ -122,7 +115,7 @@ impl Nginx {
             .map_or(0, |t| t.lines().filter(|l| l.contains(needle)).count())
     }
 
-    /// SIGQUIT (graceful) then SIGKILL after `grace`.
+    /// SIGTERM (nginx's fast shutdown) then SIGKILL after `grace`.
     pub async fn stop(mut self, grace: Duration) {
         if let Some(pid) = self.pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);

@@ -27,6 +27,15 @@ pub fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
+/// The `p` quantile (0..=1, nearest rank) of values sorted ascending; none when empty.
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i.min(sorted.len() - 1)).copied()
+}
+
 struct Shard {
     latency: Histogram<u64>,
     received: u64,

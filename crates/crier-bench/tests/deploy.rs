@@ -9,36 +9,16 @@
 
 mod support;
 
-use std::process::Command;
-
-use serde_json::Value;
-use support::{crier_bin, installed};
+use support::{nginx_scenario_can_run, run_bench};
 
 #[test]
 fn rolling_restart_behind_the_shipped_nginx_loses_nothing_and_leaves_no_one_behind() {
-    for program in ["nginx", "redis-server", "python3"] {
-        if installed(program).is_none() {
-            eprintln!(
-                "SKIPPED: {program} is not installed (apt-get install -y nginx-light redis-server python3); \
-                 this test runs the shipped deploy/nginx.conf in a real nginx"
-            );
-            return;
-        }
+    if !nginx_scenario_can_run() {
+        return;
     }
-    let json = std::env::temp_dir().join(format!("crier-bench-deploy-test-{}.json", std::process::id()));
-    let status = Command::new(env!("CARGO_BIN_EXE_crier-bench"))
-        .args(["deploy", "--clients", "1000", "--rate", "200", "--shared-channels", "10"])
-        .args(["--drain", "3s", "--between", "1s", "--before", "2s", "--after", "2s", "--settle", "60s"])
-        .arg("--crier")
-        .arg(crier_bin())
-        .arg("--json")
-        .arg(&json)
-        .status()
-        .expect("run crier-bench");
-    assert!(status.success(), "crier-bench deploy failed: {status}");
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON report")).unwrap();
-    let _ = std::fs::remove_file(&json);
-    let r = &report["results"];
+    let r = &run_bench(
+        "deploy --clients 1000 --rate 200 --shared-channels 10 --drain 3s --between 1s --before 2s --after 2s --settle 60s",
+    );
     let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("results.{k} in {r}"));
     assert!(n("publishes_acked") > 100, "{r}");
     assert!(n("deliveries") > n("publishes_acked"), "{r}");

@@ -11,6 +11,7 @@
 //! - [`tls`]: a throw-away CA and server certificate (openssl CLI) for TLS tests.
 //! - [`process`]: a child process (e.g. the `crier` binary) with its stdout and stderr captured,
 //!   killed when dropped; and [`process::metric_value`] to read a Prometheus text exposition.
+//! - [`bin`]: the `crier` binary for the tests of other packages ([`bin::crier_bin`]).
 //!
 //! It depends on crier-core (the conformance suite needs the `Broker` trait) and is a
 //! dev-dependency of crier-core: cargo allows that cycle for integration tests (`tests/`), whose
@@ -18,6 +19,7 @@
 //! in `src/`) must not use the testkit: they are compiled as a second copy of crier-core whose
 //! types differ from the testkit's.
 
+pub mod bin;
 pub mod conformance;
 pub mod process;
 pub mod redis;

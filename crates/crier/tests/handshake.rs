@@ -8,29 +8,9 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Client, Server};
-use tokio_tungstenite::tungstenite::Error as WsError;
+use support::{Client, Server, rejected};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-
-/// Attempts a handshake; on an HTTP rejection returns (status, JSON body, headers).
-async fn rejected(server: &Server, path_and_query: &str, headers: &[(&str, &str)]) -> (u16, Value) {
-    let mut req = format!("ws://{}{}", server.addr, path_and_query).into_client_request().unwrap();
-    for (k, v) in headers {
-        let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
-        req.headers_mut().insert(name, HeaderValue::from_str(v).unwrap());
-    }
-    match Client::connect(req).await {
-        Ok(_) => panic!("handshake unexpectedly succeeded"),
-        Err(WsError::Http(resp)) => {
-            let status = resp.status().as_u16();
-            let body: Value = serde_json::from_slice(resp.body().as_deref().unwrap_or_default()).expect("JSON body");
-            assert!(body["message"].is_string(), "the body has a message: {body}");
-            (status, body)
-        }
-        Err(e) => panic!("unexpected error {e}"),
-    }
-}
 
 #[tokio::test]
 async fn token_in_header_subprotocol_or_query() {

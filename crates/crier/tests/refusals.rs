@@ -12,28 +12,8 @@ use std::time::{Duration, Instant};
 
 use crier_testkit::redis::RedisServer;
 use crier_testkit::{poll, until};
-use serde_json::{Value, json};
-use support::{Client, Server};
-use tokio_tungstenite::tungstenite::Error as WsError;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-
-/// A handshake that must be refused: (status, JSON body).
-async fn refused(server: &Server, query: &str, headers: &[(&str, &str)]) -> (u16, Value) {
-    let mut req = format!("ws://{}/ws{query}", server.addr).into_client_request().unwrap();
-    for (k, v) in headers {
-        let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
-        req.headers_mut().insert(name, HeaderValue::from_str(v).unwrap());
-    }
-    match Client::connect(req).await {
-        Ok(_) => panic!("handshake unexpectedly succeeded"),
-        Err(WsError::Http(resp)) => {
-            let body = serde_json::from_slice(resp.body().as_deref().unwrap_or_default()).expect("JSON body");
-            (resp.status().as_u16(), body)
-        }
-        Err(e) => panic!("unexpected error {e}"),
-    }
-}
+use serde_json::json;
+use support::{Server, rejected};
 
 /// A token signed with the right key that expired `ago` seconds ago.
 fn expired_token(ago: u64) -> String {
@@ -61,7 +41,7 @@ async fn the_three_typical_mistakes_are_logged_with_what_to_change() {
     // 1. An expired token: the log says how long ago and what to do.
     let old = expired_token(3600);
     let started = Instant::now();
-    let (s, b) = refused(&server, &format!("?token={old}"), &[]).await;
+    let (s, b) = rejected(&server, &format!("/ws?token={old}"), &[]).await;
     assert_eq!((s, b["error"].as_str()), (401, Some("token_invalid")));
     assert!(b["message"].as_str().unwrap().starts_with("token expired 360"), "{b}");
     let line = wait_log(&server, "handshake refused").await;
@@ -71,17 +51,17 @@ async fn the_three_typical_mistakes_are_logged_with_what_to_change() {
     // The same mistake again within the window: counted, not logged; the next line (after the
     // window) carries the suppressed count — the unit test of `refusal` checks that part.
     for _ in 0..3 {
-        refused(&server, &format!("?token={old}"), &[]).await;
+        rejected(&server, &format!("/ws?token={old}"), &[]).await;
     }
     server.wait_metric("crier_refusals_total{surface=\"handshake\",reason=\"token_expired\"}", 4.0).await;
-    if started.elapsed() < crier_window() {
+    if started.elapsed() < LOG_WINDOW {
         assert_eq!(lines_with(&server.logs(), "token expired").len(), 1, "{}", server.logs());
     }
 
     // 2. An Origin not in the allow-list: the 403 body and the log name it and the setting.
     let good = server.token("bob", &[], &[]);
     let auth = format!("Bearer {good}");
-    let (s, b) = refused(&server, "", &[("origin", "http://localhost:5173"), ("authorization", &auth)]).await;
+    let (s, b) = rejected(&server, "/ws", &[("origin", "http://localhost:5173"), ("authorization", &auth)]).await;
     assert_eq!((s, b["error"].as_str()), (403, Some("origin_not_allowed")));
     let message = b["message"].as_str().unwrap();
     assert!(message.contains(r#"origin "http://localhost:5173" not in allowed_origins"#), "{message}");
@@ -136,10 +116,8 @@ async fn the_three_typical_mistakes_are_logged_with_what_to_change() {
     }
 }
 
-/// The refusal log's window (one line per reason per window).
-fn crier_window() -> Duration {
-    Duration::from_secs(5)
-}
+/// The refusal log's window (one line per reason per window): crier's `refusal::LOG_WINDOW`.
+const LOG_WINDOW: Duration = Duration::from_secs(5);
 
 #[tokio::test]
 async fn readyz_logs_a_redis_outage_once_each_way() {

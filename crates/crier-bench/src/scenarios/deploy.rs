@@ -40,11 +40,11 @@ use tokio::time::Instant;
 
 use super::{Outcome, base_report, token};
 use crate::cli::{DeployArgs, ScaleoutArgs};
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, scrape};
 use crate::lb::{Nginx, find_nginx};
 use crate::procfs;
 use crate::report::{Table, int};
-use crate::stats::{Latency, new_histogram, now_us};
+use crate::stats::{Latency, new_histogram, now_us, percentile};
 
 const NODES: usize = 3;
 
@@ -63,6 +63,9 @@ struct Chan {
     subscribed: bool,
     /// A recovery's replay runs up to this offset: those are not timed as live deliveries.
     replay_until: u64,
+    /// The node of the connection this subscription was last acknowledged on (its deliveries'
+    /// latency is that node's), read from the client's `welcome` once per subscription.
+    node: Option<usize>,
 }
 
 /// What one client saw.
@@ -152,12 +155,8 @@ enum Action {
 /// Each node's `crier_connections` (none for a node that does not answer).
 async fn node_connections(http: &reqwest::Client, addrs: &[std::net::SocketAddr]) -> Vec<Option<u64>> {
     let mut out = Vec::with_capacity(addrs.len());
-    for a in addrs {
-        let text = match http.get(format!("http://{a}/metrics")).send().await {
-            Ok(r) => r.text().await.ok(),
-            Err(_) => None,
-        };
-        out.push(text.and_then(|t| metric_series(&t, "crier_connections")).map(|v| v as u64));
+    for &a in addrs {
+        out.push(scrape(http, a, "crier_connections").await.map(|v| v as u64));
     }
     out
 }
@@ -170,14 +169,6 @@ pub(crate) fn balanced(counts: &[u64], clients: usize, within: f64) -> bool {
     }
     let mean = total as f64 / counts.len() as f64;
     counts.iter().all(|&c| (c as f64 - mean).abs() <= within * mean)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(i.min(sorted.len() - 1)).copied()
 }
 
 /// A client's node index from its `welcome` (`bench-<i>`).
@@ -232,17 +223,18 @@ async fn follow(
                     c.last = m.offset;
                     c.received += 1;
                 }
-                let live = m.offset > c.replay_until;
+                let (live, node) = (m.offset > c.replay_until, c.node);
                 drop(s);
                 if live
                     && let Some(t) = m.data.get("t").and_then(|t| t.as_u64())
-                    && let Some(h) = node_index(&client).and_then(|i| latency.get(i))
+                    && let Some(h) = node.and_then(|i| latency.get(i))
                 {
                     let _ = lock(h).record(now_us().saturating_sub(t).max(1));
                 }
             }
             Event::Subscribed { offset, recovered, .. } => {
                 let c = &mut s.chans[k];
+                c.node = node_index(&client);
                 if !c.subscribed {
                     // The first subscription: deliveries start after this position.
                     c.subscribed = true;
@@ -297,7 +289,8 @@ async fn run_with(a: DeployArgs, action: Action) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     let mut gargs = a.gateway.clone();
     gargs.crier_arg.push(format!("--shutdown-drain={}", humantime::format_duration(a.drain)));
-    // Behind nginx's round robin, as the shipped deployment files set it (off by default).
+    // Behind nginx's least_conn, which spreads new connections: on, as the shipped deployment
+    // files set it (off by default).
     gargs.crier_arg.push("--rebalance-rate=50".to_owned());
     let mut gw = Gateway::new(&gargs, NODES, true).await?;
     let addrs: Vec<_> = gw.nodes.iter().map(|n| n.addr).collect();
@@ -329,7 +322,7 @@ async fn run_with(a: DeployArgs, action: Action) -> anyhow::Result<Outcome> {
         for i in start..end {
             let c = Client::builder(ws.clone())
                 .token(token(&gw, &format!("deploy-{i}")))
-                .backoff(a.backoff_base, a.backoff_cap)
+                .backoff(a.backoff.base, a.backoff.cap)
                 .connect()?;
             let subs =
                 [c.subscribe(format!("bench:shared-{}", i % shared_n)), c.subscribe(format!("bench:private-{i}"))];
@@ -379,11 +372,7 @@ async fn run_with(a: DeployArgs, action: Action) -> anyhow::Result<Outcome> {
                 last = Instant::now();
                 let now_pids = lock(&pids).clone();
                 for i in 0..NODES {
-                    let hs = async {
-                        let text =
-                            http.get(format!("http://{}/metrics", addrs[i])).send().await.ok()?.text().await.ok()?;
-                        metric_series(&text, "crier_handshakes_total{result=\"ok\"}")
-                    };
+                    let hs = scrape(&http, addrs[i], "crier_handshakes_total{result=\"ok\"}");
                     let health = http.get(format!("http://{}/healthz", addrs[i])).send();
                     let (hs, health) = tokio::join!(hs, health);
                     let healthy = health.is_ok_and(|r| r.status().is_success());
@@ -566,13 +555,16 @@ async fn run_with(a: DeployArgs, action: Action) -> anyhow::Result<Outcome> {
     tokio::time::sleep(a.after).await;
     publishing.store(false, Ordering::Relaxed);
     let _ = publisher.await;
+    // The publisher has ended: what was acknowledged is final.
+    let (shared_acked, private_acked, publishes_acked) = {
+        let ac = lock(&acked);
+        (ac.shared.clone(), ac.private.clone(), ac.count)
+    };
 
     // Every client back and holding every acknowledged message (or the deadline).
     let final_deadline = Instant::now() + a.settle;
     let complete = |i: usize| {
-        let ac = lock(&acked);
-        let want = [ac.shared[i % shared_n], ac.private[i]];
-        drop(ac);
+        let want = [shared_acked[i % shared_n], private_acked[i]];
         let s = lock(&seen[i]);
         let back = clients[i].state() == State::Connected && s.down_since.is_none() && !s.ended;
         (back, s.chans.iter().zip(want).all(|(c, w)| c.last >= w))
@@ -596,10 +588,6 @@ async fn run_with(a: DeployArgs, action: Action) -> anyhow::Result<Outcome> {
     let _ = sampler.await;
 
     // The figures.
-    let (shared_acked, private_acked, publishes_acked) = {
-        let ac = lock(&acked);
-        (ac.shared.clone(), ac.private.clone(), ac.count)
-    };
     let (mut lost, mut dups, mut gaps, mut deliveries, mut not_back, mut unmeasured) = (0, 0, 0, 0, 0, 0u64);
     let mut outages = Vec::new();
     let mut per_node = vec![0usize; NODES];
@@ -730,8 +718,8 @@ async fn run_with(a: DeployArgs, action: Action) -> anyhow::Result<Outcome> {
         &gargs,
         json!({"clients": a.clients, "rate": a.rate, "shared_fraction": a.shared_fraction, "shared_channels": shared_n,
                "drain_s": a.drain.as_secs_f64(), "between_s": a.between.as_secs_f64(), "before_s": a.before.as_secs_f64(),
-               "after_s": a.after.as_secs_f64(), "exit_grace_s": a.exit_grace.as_secs_f64(), "backoff_base_ms": a.backoff_base.as_millis() as u64,
-               "backoff_cap_ms": a.backoff_cap.as_millis() as u64, "nginx": nginx_bin.display().to_string(),
+               "after_s": a.after.as_secs_f64(), "exit_grace_s": a.exit_grace.as_secs_f64(), "backoff_base_ms": a.backoff.base.as_millis() as u64,
+               "backoff_cap_ms": a.backoff.cap.as_millis() as u64, "nginx": nginx_bin.display().to_string(),
                "within": scale.as_ref().map(|s| s.within)}),
         machine,
     );
@@ -766,9 +754,4 @@ fn nginx_cpu_secs(master: u32) -> Option<f64> {
         total += procfs::cpu_secs(pid).unwrap_or(0.0);
     }
     Some(total)
-}
-
-/// The value of one exact series (name and labels as exposed) in a Prometheus text exposition.
-fn metric_series(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }

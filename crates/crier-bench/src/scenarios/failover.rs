@@ -18,6 +18,7 @@ use crate::cli::FailoverArgs;
 use crate::gateway::Gateway;
 use crate::procfs;
 use crate::report::{Table, int};
+use crate::stats::percentile;
 
 const CHANNEL: &str = "bench:failover";
 
@@ -49,14 +50,6 @@ struct Results {
     clients_unfinished: usize,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(i.min(sorted.len() - 1)).copied()
-}
-
 pub async fn run(a: FailoverArgs) -> anyhow::Result<Outcome> {
     let machine = procfs::machine();
     if !a.gateway.url.is_empty() {
@@ -73,7 +66,7 @@ pub async fn run(a: FailoverArgs) -> anyhow::Result<Outcome> {
         let c = Client::builder(ws[i % 2].clone())
             .also_url(ws[(i + 1) % 2].clone())
             .token(token(&gw, &format!("failover-{i}")))
-            .backoff(a.backoff_base, a.backoff_cap)
+            .backoff(a.backoff.base, a.backoff.cap)
             .connect()?;
         let mut sub = c.subscribe(CHANNEL);
         match tokio::time::timeout(Duration::from_secs(20), sub.next()).await {
@@ -217,7 +210,7 @@ pub async fn run(a: FailoverArgs) -> anyhow::Result<Outcome> {
         &gw,
         &a.gateway,
         json!({"clients": a.clients, "rate": a.rate, "before_s": a.before.as_secs_f64(), "after_s": a.after.as_secs_f64(),
-               "backoff_base_ms": a.backoff_base.as_millis() as u64, "backoff_cap_ms": a.backoff_cap.as_millis() as u64}),
+               "backoff_base_ms": a.backoff.base.as_millis() as u64, "backoff_cap_ms": a.backoff.cap.as_millis() as u64}),
         machine,
     );
     report.notes.push(

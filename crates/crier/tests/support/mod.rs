@@ -159,6 +159,26 @@ pub fn token_for(sub: &str, channels: &[&str], publish: &[&str], ttl: Duration) 
     crier::auth::mint_hs256(SECRET.as_bytes(), sub, channels, publish, ttl).expect("mint")
 }
 
+/// Attempts a handshake that must be refused; returns (status, JSON body), the body asserted to
+/// carry a `message`.
+pub async fn rejected(server: &Server, path_and_query: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut req = format!("ws://{}{}", server.addr, path_and_query).into_client_request().unwrap();
+    for (k, v) in headers {
+        let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+        req.headers_mut().insert(name, HeaderValue::from_str(v).unwrap());
+    }
+    match Client::connect(req).await {
+        Ok(_) => panic!("handshake unexpectedly succeeded"),
+        Err(WsError::Http(resp)) => {
+            let status = resp.status().as_u16();
+            let body: Value = serde_json::from_slice(resp.body().as_deref().unwrap_or_default()).expect("JSON body");
+            assert!(body["message"].is_string(), "the body has a message: {body}");
+            (status, body)
+        }
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
 /// A WebSocket client with deadline-bounded receives.
 pub struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
