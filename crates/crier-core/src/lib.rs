@@ -9,6 +9,7 @@
 //!   the test suite every broker passes is `crier_testkit::conformance` (dev-only).
 //! - [`node`]: subscribe/unsubscribe orchestration between hub and broker (one broker subscription
 //!   per channel per node, rolled back on failure) and the recovery merge.
+//! - [`namespace`]: channel namespaces, the options each channel gets ([`ChannelPolicy`]).
 //! - [`registry`]: the node's live connections, by id (a disconnect by user scans; drain,
 //!   heartbeat sweep, the connection gauge).
 //!
@@ -16,12 +17,14 @@
 
 pub mod broker;
 pub mod hub;
+pub mod namespace;
 pub mod node;
 pub mod outbox;
 pub mod registry;
 
 pub use broker::{Broker, BrokerError, BrokerHandler, History, MemoryBroker, NodeInfo, Publication, PublishResult};
 pub use hub::Hub;
+pub use namespace::{ChannelPolicy, Namespaces};
 pub use node::{Node, SubscribeError};
 pub use outbox::{Beat, Close, Next, Out, Outbox, Push, clock_ms};
 pub use registry::Registry;

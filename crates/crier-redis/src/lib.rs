@@ -120,7 +120,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use crier_core::broker::{IDEMPOTENCY_WINDOW, PublishOptions};
-use crier_core::{Broker, BrokerError, BrokerHandler, History, NodeInfo, PublishResult};
+use crier_core::{Broker, BrokerError, BrokerHandler, History, Namespaces, NodeInfo, PublishResult};
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -146,6 +146,9 @@ pub struct RedisOptions {
     pub history_size: usize,
     /// How long history is kept: after the last publish for the list, per message for reads.
     pub history_ttl: Duration,
+    /// The channels' namespaces: per-namespace options (history, presence, join/leave). Channels
+    /// outside every declared namespace get the default policy. Default: none declared.
+    pub namespaces: Arc<Namespaces>,
     /// How long a channel's epoch and offset outlive its last publish. Never less than
     /// `history_ttl`. Default 24h.
     pub meta_ttl: Duration,
@@ -177,6 +180,7 @@ impl RedisOptions {
             node_id: node_id.into(),
             history_size: 100,
             history_ttl: Duration::from_secs(300),
+            namespaces: Arc::new(Namespaces::default()),
             meta_ttl: Duration::from_secs(24 * 3600),
             presence_ttl: Duration::from_secs(30),
             node_ttl: Duration::from_secs(30),

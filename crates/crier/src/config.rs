@@ -80,6 +80,9 @@ pub struct Config {
     pub node_handshake_burst: u32,
     pub history_size: usize,
     pub history_ttl: Duration,
+    /// Channel namespaces (`[namespaces.<name>]` tables in the TOML file); the default policy
+    /// is the top-level `history_size` and `history_ttl` with today's behaviour.
+    pub namespaces: crier_core::Namespaces,
     /// Memory broker: history bytes kept across all channels (0 = no cap).
     pub memory_history_max_bytes: usize,
     /// Redis broker: expiry of presence, connection-count and node-registry entries.

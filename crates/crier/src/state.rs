@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crier_core::{Broker, BrokerHandler, Hub, MemoryBroker, Node, NodeInfo, Publication, Registry};
+use crier_core::{Broker, BrokerHandler, ChannelPolicy, Hub, MemoryBroker, Node, NodeInfo, Publication, Registry};
 use crier_protocol::CloseCode;
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -113,6 +113,10 @@ impl AppState {
     pub fn hub(&self) -> &Arc<Hub> {
         &self.node.hub
     }
+    /// The options `channel` gets from its namespace.
+    pub fn policy(&self, channel: &str) -> &ChannelPolicy {
+        self.config.namespaces.policy(channel)
+    }
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
@@ -153,9 +157,7 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
             }
             broker
         }
-        None => {
-            MemoryBroker::with_history_cap(config.history_size, config.history_ttl, config.memory_history_max_bytes)
-        }
+        None => MemoryBroker::with_namespaces(Arc::new(config.namespaces.clone()), config.memory_history_max_bytes),
     };
     let hub = Arc::new(Hub::new());
     let registry = Arc::new(Registry::new());
@@ -195,6 +197,7 @@ fn redis_options(config: &Config) -> Option<crier_redis::RedisOptions> {
     opts.tls_ca_file = config.redis_tls_ca_file.clone();
     opts.history_size = config.history_size;
     opts.history_ttl = config.history_ttl;
+    opts.namespaces = Arc::new(config.namespaces.clone());
     opts.presence_ttl = config.presence_ttl;
     opts.node_ttl = config.presence_ttl;
     Some(opts)

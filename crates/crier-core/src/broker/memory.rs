@@ -22,6 +22,8 @@ use crier_protocol::StreamPosition;
 use crier_protocol::frames::{PresenceEntry, encode_message};
 use rand::Rng;
 
+use crate::namespace::{ChannelPolicy, Namespaces};
+
 use super::{
     Broker, BrokerError, BrokerHandler, History, IDEMPOTENCY_WINDOW, NodeInfo, Publication, PublishOptions,
     PublishResult,
@@ -217,6 +219,8 @@ pub struct MemoryBroker {
     handler: OnceLock<Arc<dyn BrokerHandler>>,
     history_size: usize,
     history_ttl: Duration,
+    /// The channels' namespaces (per-namespace options).
+    namespaces: Arc<Namespaces>,
     /// History bytes across channels, and the cap on them.
     budget: Mutex<Budget>,
     /// One eviction at a time (others publishing meanwhile do not wait for it).
@@ -234,9 +238,11 @@ impl MemoryBroker {
         MemoryBroker::with_history_cap(history_size, history_ttl, 0)
     }
 
-    /// [`MemoryBroker::new`], keeping at most `history_max_bytes` of history across all
-    /// channels (0: no cap): beyond it the oldest messages go first (see the module docs).
-    pub fn with_history_cap(history_size: usize, history_ttl: Duration, history_max_bytes: usize) -> Arc<MemoryBroker> {
+    /// A broker whose channels get their namespace's options, keeping at most
+    /// `history_max_bytes` of history across all channels (0: no cap).
+    pub fn with_namespaces(namespaces: Arc<Namespaces>, history_max_bytes: usize) -> Arc<MemoryBroker> {
+        let d = namespaces.default_policy();
+        let (history_size, history_ttl) = (d.history_size, d.history_ttl);
         let broker = Arc::new(MemoryBroker {
             budget: Mutex::new(Budget::new(history_max_bytes)),
             evicting: Mutex::new(()),
@@ -246,6 +252,7 @@ impl MemoryBroker {
             handler: OnceLock::new(),
             history_size,
             history_ttl,
+            namespaces,
             idempotency: Mutex::new(HashMap::new()),
             presence: Mutex::new(Presence::default()),
             connections: Mutex::new(HashMap::new()),
@@ -257,6 +264,18 @@ impl MemoryBroker {
             tokio::spawn(sweeper(weak, period));
         }
         broker
+    }
+
+    /// The channels' namespaces.
+    pub fn namespaces(&self) -> &Namespaces {
+        &self.namespaces
+    }
+
+    /// [`MemoryBroker::new`], keeping at most `history_max_bytes` of history across all
+    /// channels (0: no cap): beyond it the oldest messages go first (see the module docs).
+    pub fn with_history_cap(history_size: usize, history_ttl: Duration, history_max_bytes: usize) -> Arc<MemoryBroker> {
+        let policy = ChannelPolicy { history_size, history_ttl, ..ChannelPolicy::default() };
+        MemoryBroker::with_namespaces(Arc::new(Namespaces::new(policy)), history_max_bytes)
     }
 
     fn shard(&self, channel: &str) -> &Mutex<HashMap<String, ChannelState>> {

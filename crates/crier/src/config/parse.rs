@@ -382,6 +382,11 @@ pub(super) fn build(
         node_handshake_burst: got(node_handshake_burst)?,
         history_size: got(history_size)?,
         history_ttl: got(history_ttl)?,
+        namespaces: crier_core::Namespaces::new(crier_core::ChannelPolicy {
+            history_size: got(history_size)?,
+            history_ttl: got(history_ttl)?,
+            ..crier_core::ChannelPolicy::default()
+        }),
         presence_ttl: got(presence_ttl)?,
         max_connections: got(max_connections)?,
         max_pending_handshakes: got(max_pending_handshakes)?,

@@ -19,6 +19,9 @@ impl Session {
         if let Err(e) = validate_channel(channel) {
             return self.error(id, ErrorCode::InvalidChannel, &e.to_string(), None);
         }
+        if !self.st.policy(channel).client_publish {
+            return self.error(id, ErrorCode::Forbidden, "clients may not publish in this namespace", Some(channel));
+        }
         if !self.patterns.may_publish(channel) {
             return self.error(id, ErrorCode::Forbidden, "the token does not allow publishing here", Some(channel));
         }
