@@ -109,12 +109,20 @@ where
 fn clap_problem(e: &clap::Error) -> String {
     let rendered = e.render().to_string();
     let mut parts = Vec::new();
+    // Flags other servers use for the address: clap's closest match by spelling (`--port` →
+    // `--api-rate`) would send the user the wrong way.
+    let address_flag = ["'--port'", "'--host'", "'--bind'", "'--addr'", "'--address'", "'-p'"]
+        .into_iter()
+        .find(|f| e.kind() == ErrorKind::UnknownArgument && rendered.contains(&format!("argument {f}")));
     for line in rendered.lines().map(str::trim) {
         if let Some(msg) = line.strip_prefix("error: ") {
             parts.push(msg.to_owned());
-        } else if line.starts_with("tip:") {
+        } else if line.starts_with("tip:") && address_flag.is_none() {
             parts.push(line.to_owned());
         }
+    }
+    if address_flag.is_some() {
+        parts.push("tip: the address and port are one setting: --listen 0.0.0.0:8080 (CRIER_LISTEN)".to_owned());
     }
     if parts.is_empty() {
         parts.push(e.kind().to_string());

@@ -363,6 +363,18 @@ fn unknown_flag() {
 }
 
 #[test]
+fn an_address_flag_of_other_servers_points_to_listen() {
+    for flag in ["--port", "--host", "--bind"] {
+        let p = problems(&[flag, "8080"], &[]);
+        assert!(p[0].contains("--listen 0.0.0.0:8080"), "{flag}: {p:#?}");
+        assert!(!p[0].contains("--api-rate"), "{flag}: not the closest spelling: {p:#?}");
+    }
+    // Other unknown flags keep clap's own tip.
+    let p = problems(&["--ping-intervall", "5s"], &[]);
+    assert!(p[0].contains("--ping-interval"), "{p:#?}");
+}
+
+#[test]
 fn unknown_toml_key() -> TestResult {
     let dir = TempDir::new()?;
     let file = dir.file("crier.toml", "ping_intervall = \"5s\"\nzzz = 1\n")?;
