@@ -75,7 +75,7 @@ pub fn mint(key: &SigningKey<'_>, algorithms: &[Algorithm], req: &TokenRequest) 
         return Err("`--sub` is required and may not be empty".into());
     }
     let (encoding, family): (EncodingKey, &[Algorithm]) = match key {
-        SigningKey::Secret(s) if s.is_empty() => return Err("the secret is empty".into()),
+        SigningKey::Secret([]) => return Err("the secret is empty".into()),
         SigningKey::Secret(s) => (EncodingKey::from_secret(s), &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512]),
         SigningKey::PrivatePem(pem) if !String::from_utf8_lossy(pem).contains("PRIVATE KEY-----") => {
             return Err("the private key file is not a PEM private key (a public key cannot sign)".into());
