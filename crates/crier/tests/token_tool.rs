@@ -2,6 +2,8 @@
 //! flag, the environment or the TOML file; asymmetric keys from a private key file), with the
 //! claims asked for, and refuses clearly (exit 64) when it cannot.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::process::Command;
