@@ -278,11 +278,7 @@ impl RedisBroker {
             _ => Keys::new(&opts.key_prefix),
         };
         let scripts = Arc::new(Scripts::new());
-        let params = Params {
-            history_size: opts.history_size,
-            history_ttl_ms: millis(opts.history_ttl),
-            meta_ttl_ms: millis(opts.meta_ttl.max(opts.history_ttl)),
-        };
+        let params = Params::new(opts.namespaces.clone(), opts.history_size, opts.history_ttl, opts.meta_ttl);
         let instance = scripts::new_epoch();
         let (up_tx, up) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -310,7 +306,7 @@ impl RedisBroker {
         let task = pubsub::Task::new(
             resolver,
             keys.clone(),
-            params,
+            params.clone(),
             scripts.clone(),
             shared.clone(),
             settings,
@@ -332,7 +328,7 @@ impl RedisBroker {
             publisher::Context {
                 commands: commands.clone(),
                 keys: keys.clone(),
-                params,
+                params: params.clone(),
                 scripts: scripts.clone(),
                 idempotency_ttl_s: IDEMPOTENCY_WINDOW.as_secs(),
                 calls: publish_calls.clone(),
