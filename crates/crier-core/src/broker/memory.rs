@@ -449,6 +449,12 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
+    async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry) -> Result<u64, BrokerError> {
+        let mut p = lock(&self.presence);
+        p.add(channel, entry);
+        Ok(p.channels.get(channel).map_or(0, |m| m.len() as u64))
+    }
+
     async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
         let mut p = lock(&self.presence);
         if let Some(m) = p.channels.get_mut(channel) {

@@ -494,6 +494,13 @@ fn namespaces(p: &mut Parser<'_>, raw: &[RawNamespace], default: ChannelPolicy) 
             ));
             ok = false;
         }
+        if policy.max_subscribers > 0 && !policy.presence {
+            p.problems.push(format!(
+                "{at}.max_subscribers: `{}` ({source}): counts the channel's presence, so it needs presence = true",
+                policy.max_subscribers
+            ));
+            ok = false;
+        }
         out = out.with(name, policy);
     }
     ok.then_some(out)
