@@ -17,7 +17,8 @@ async fn a_batch_of_mixed_namespaces_keeps_each_channel_s_history() {
     let mut o = support::options(&server, "ns");
     o.history_size = 100;
     o.history_ttl = Duration::from_secs(300);
-    let default = ChannelPolicy { history_size: 100, history_ttl: Duration::from_secs(300), ..ChannelPolicy::default() };
+    let default =
+        ChannelPolicy { history_size: 100, history_ttl: Duration::from_secs(300), ..ChannelPolicy::default() };
     o.namespaces = Arc::new(
         Namespaces::new(default.clone())
             .with("big", ChannelPolicy { history_size: 5, history_ttl: Duration::from_secs(3600), ..default.clone() })

@@ -286,7 +286,8 @@ async fn every_operation_answers_as_described() {
     let config = std::env::temp_dir().join(format!("crier-openapi-{}.toml", std::process::id()));
     std::fs::write(&config, "[namespaces.quiet]\npresence = false\n").unwrap();
     let config_path = config.to_string_lossy().into_owned();
-    let node = Server::start(&["--max-message-bytes", "1024", "--max-connections", "1", "--config", &config_path]).await;
+    let node =
+        Server::start(&["--max-message-bytes", "1024", "--max-connections", "1", "--config", &config_path]).await;
     let _ = std::fs::remove_file(&config);
     let (get, post) = (Method::GET, Method::POST);
     let big = "x".repeat(2048);

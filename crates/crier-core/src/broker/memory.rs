@@ -243,8 +243,12 @@ impl MemoryBroker {
     pub fn with_namespaces(namespaces: Arc<Namespaces>, history_max_bytes: usize) -> Arc<MemoryBroker> {
         let max_history_ttl = namespaces.max_history_ttl();
         // Sweeps often enough for the shortest TTL that keeps history.
-        let shortest =
-            namespaces.policies().filter(|p| p.history_size > 0).map(|p| p.history_ttl).min().unwrap_or(max_history_ttl);
+        let shortest = namespaces
+            .policies()
+            .filter(|p| p.history_size > 0)
+            .map(|p| p.history_ttl)
+            .min()
+            .unwrap_or(max_history_ttl);
         let broker = Arc::new(MemoryBroker {
             budget: Mutex::new(Budget::new(history_max_bytes)),
             evicting: Mutex::new(()),

@@ -10,7 +10,7 @@ use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 
 use super::ConfigError;
-use super::table::{self, CONFIG_ARG, NAMESPACES, CONFIG_ENV, ENV_PREFIX, SETTINGS, Shape};
+use super::table::{self, CONFIG_ARG, CONFIG_ENV, ENV_PREFIX, NAMESPACES, SETTINGS, Shape};
 
 /// Where a raw value came from.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -708,13 +708,7 @@ fn namespaces_from_the_toml_file() -> TestResult {
     );
     assert_eq!(
         ns.policy("ticker:eurusd"),
-        &ChannelPolicy {
-            history_size: 0,
-            recovery: false,
-            presence: false,
-            client_publish: false,
-            ..default.clone()
-        },
+        &ChannelPolicy { history_size: 0, recovery: false, presence: false, client_publish: false, ..default.clone() },
         "history_ttl inherited even with history_size 0"
     );
     assert_eq!(
@@ -749,7 +743,10 @@ fn bad_namespaces_are_reported_with_every_other_problem() -> TestResult {
     let all = p.join("\n");
     let has = |needle: &str| p.iter().any(|l| l.contains(needle));
     assert!(has("user_rate:"), "{all}");
-    assert!(has("namespaces.chat.history_sise: unknown namespace option") && has("did you mean `history_size`"), "{all}");
+    assert!(
+        has("namespaces.chat.history_sise: unknown namespace option") && has("did you mean `history_size`"),
+        "{all}"
+    );
     assert!(has("namespaces.chat.recovery: `maybe`"), "{all}");
     assert!(has("namespaces.chat.history_size: `-1`"), "{all}");
     assert!(has("namespaces.chat.max_subscribers: `x`"), "{all}");
