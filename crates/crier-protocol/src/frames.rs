@@ -432,6 +432,22 @@ mod tests {
     }
 
     #[test]
+    fn an_ack_with_a_reason_is_an_ack() {
+        let f = ServerFrame::AckWithReason {
+            id: Some(4),
+            channel: "live:a",
+            epoch: "e",
+            offset: 9,
+            recovered: false,
+            reason: "no_history",
+        };
+        assert_eq!(
+            v(&f.encode()),
+            json!({"type":"ack","id":4,"channel":"live:a","epoch":"e","offset":9,"recovered":false,"reason":"no_history"})
+        );
+    }
+
+    #[test]
     fn decodes_every_type() {
         let f = decode(r#"{"type":"subscribe","id":1,"channel":"chat:lobby"}"#);
         assert!(

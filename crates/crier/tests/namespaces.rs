@@ -99,6 +99,30 @@ fn data_of(messages: &Value) -> Vec<i64> {
     messages.as_array().unwrap().iter().map(|m| m["data"].as_i64().unwrap()).collect()
 }
 
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A MessagePack connection (`crier.v1.msgpack`).
+async fn mp_connect(server: &Server, token: &str) -> Ws {
+    let mut req = server.ws_url().into_client_request().unwrap();
+    req.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static("crier.v1.msgpack"));
+    req.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {token}")).unwrap());
+    tokio_tungstenite::connect_async(req).await.unwrap().0
+}
+
+/// Sends `frame` (with `id`) in MessagePack and returns the reply with that id.
+async fn mp_request(mp: &mut Ws, mut frame: Value, id: u64) -> Value {
+    frame["id"] = json!(id);
+    mp.send(Message::binary(rmp_serde::to_vec_named(&frame).unwrap())).await.unwrap();
+    loop {
+        let m = tokio::time::timeout(WAIT, mp.next()).await.expect("a frame in time");
+        let Some(Ok(Message::Binary(b))) = m else { continue };
+        let v: Value = rmp_serde::from_slice(&b).unwrap();
+        if v["id"] == id {
+            return v;
+        }
+    }
+}
+
 fn assert_error(reply: &Value, code: &str, channel: &str) {
     assert_eq!(reply["type"], "error", "{reply}");
     assert_eq!(reply["code"], code, "{reply}");
@@ -177,6 +201,14 @@ async fn recovery_without_history(server: &Server) {
         let m = c.recv_type("message").await;
         assert_eq!((m["data"].clone(), m["offset"].clone()), (json!("live"), json!(4)), "{channel}: {m}");
     }
+    // MessagePack carries the same reason.
+    let mut mp = mp_connect(server, &token).await;
+    let top = rest_history(server, "none:a").await;
+    let epoch = top["epoch"].as_str().unwrap();
+    let recover = json!({"type":"subscribe","channel":"none:a","recover":{"epoch":epoch,"offset":1}});
+    let ack = mp_request(&mut mp, recover, 5).await;
+    assert_eq!((ack["type"].clone(), ack["recovered"].clone()), (json!("ack"), json!(false)), "{ack}");
+    assert_eq!(ack["reason"], "no_history", "{ack}");
     // `norec` keeps history (it is only not recovered from).
     let kept = rest_history(server, "norec:a").await;
     let data: Vec<Value> = kept["messages"].as_array().unwrap().iter().map(|m| m["data"].clone()).collect();
@@ -250,20 +282,8 @@ async fn client_publish_off(server: &Server) {
     assert_eq!(r["type"], "ack", "the token allows it elsewhere: {r}");
 
     // MessagePack: the same refusal.
-    let mut req = server.ws_url().into_client_request().unwrap();
-    req.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static("crier.v1.msgpack"));
-    req.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {token}")).unwrap());
-    let (mut mp, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    let frame = json!({"type":"publish","id":7,"channel":"ro:a","data":1});
-    mp.send(Message::binary(rmp_serde::to_vec_named(&frame).unwrap())).await.unwrap();
-    let reply = loop {
-        let m = tokio::time::timeout(WAIT, mp.next()).await.expect("a frame in time");
-        let Some(Ok(Message::Binary(b))) = m else { continue };
-        let v: Value = rmp_serde::from_slice(&b).unwrap();
-        if v["id"] == 7 {
-            break v;
-        }
-    };
+    let mut mp = mp_connect(server, &token).await;
+    let reply = mp_request(&mut mp, json!({"type":"publish","channel":"ro:a","data":1}), 7).await;
     assert_error(&reply, "forbidden", "ro:a");
 
     // The backend's REST publish is not affected.
