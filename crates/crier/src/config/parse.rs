@@ -446,7 +446,8 @@ fn namespaces(p: &mut Parser<'_>, raw: &[RawNamespace], default: ChannelPolicy) 
             let text = match value {
                 toml::Value::String(s) => s.clone(),
                 toml::Value::Table(_) | toml::Value::Array(_) => {
-                    p.problems.push(format!("{at}.{key}: ({source}): expected a single value"));
+                    let shown = value.to_string().replace('\n', " ");
+                    p.problems.push(format!("{at}.{key}: `{}` ({source}): expected a single value", shown.trim()));
                     ok = false;
                     continue;
                 }
@@ -473,7 +474,7 @@ fn namespaces(p: &mut Parser<'_>, raw: &[RawNamespace], default: ChannelPolicy) 
                 "max_subscribers" => number::<usize>(&text).map(|n| policy.max_subscribers = n),
                 _ => {
                     p.problems.push(format!(
-                        "{at}.{key}: unknown namespace option ({source}){}; the options are {}",
+                        "{at}.{key}: unknown namespace option ({source}){}; the options: {}",
                         suggest(key, NAMESPACE_OPTIONS.iter().map(|o| (*o).to_owned())),
                         NAMESPACE_OPTIONS.join(", ")
                     ));
