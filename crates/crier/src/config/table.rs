@@ -47,6 +47,8 @@ pub(super) const ENV_PREFIX: &str = "CRIER_";
 /// Names the TOML file; not a setting itself.
 pub(super) const CONFIG_ENV: &str = "CRIER_CONFIG";
 pub(super) const CONFIG_ARG: &str = "config";
+/// The TOML-only table of channel namespaces (`[namespaces.<name>]`); not a setting itself.
+pub(super) const NAMESPACES: &str = "namespaces";
 
 const fn setting(
     name: &'static str,
