@@ -25,6 +25,12 @@ pub struct ChannelPolicy {
     pub client_publish: bool,
     /// Subscribers per channel; 0 = no bound.
     pub max_subscribers: usize,
+    /// Whether the backend's subscribe proxy decides subscriptions (instead of the token's
+    /// patterns).
+    pub subscribe_proxy: bool,
+    /// Whether client publishes go through the backend's publish proxy (instead of the token's
+    /// patterns; it may rewrite the data).
+    pub publish_proxy: bool,
 }
 
 impl Default for ChannelPolicy {
@@ -38,6 +44,8 @@ impl Default for ChannelPolicy {
             join_leave: false,
             client_publish: true,
             max_subscribers: 0,
+            subscribe_proxy: false,
+            publish_proxy: false,
         }
     }
 }

@@ -83,6 +83,8 @@ pub struct Config {
     /// Channel namespaces (`[namespaces.<name>]` tables in the TOML file); the default policy
     /// is the top-level `history_size` and `history_ttl` with today's behaviour.
     pub namespaces: crier_core::Namespaces,
+    /// Backend proxies (the `[proxy]` table of the TOML file); `None` when it is absent.
+    pub proxy: Option<ProxySettings>,
     /// Memory broker: history bytes kept across all channels (0 = no cap).
     pub memory_history_max_bytes: usize,
     /// Redis broker: expiry of presence, connection-count and node-registry entries.
@@ -109,6 +111,31 @@ pub struct Config {
     pub rebalance_min_connections: u64,
     pub log_format: LogFormat,
     pub dev: bool,
+}
+
+/// The `[proxy]` table (TOML only): backend calls crier makes on a connection's behalf.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxySettings {
+    /// Called for a handshake without a token (or every handshake with `connect_always`).
+    pub connect_url: Option<String>,
+    /// Request headers forwarded to the connect proxy, lower-cased.
+    pub connect_headers: Vec<String>,
+    /// Every handshake goes to the connect proxy, token or not (a token is then not checked).
+    pub connect_always: bool,
+    /// Decides subscriptions in namespaces with `subscribe_proxy = true`.
+    pub subscribe_url: Option<String>,
+    /// Checks (and may rewrite) client publishes in namespaces with `publish_proxy = true`.
+    pub publish_url: Option<String>,
+    /// Extends connections the connect proxy admitted with an `expire_at`.
+    pub refresh_url: Option<String>,
+    /// Deadline of one call (and, separately, of the wait for a free call slot).
+    pub timeout: Duration,
+    /// Calls in flight per proxy per node; more wait (at most `timeout`) for a slot.
+    pub max_concurrency: usize,
+    /// Consecutive failures after which a proxy's breaker opens (0 = no breaker).
+    pub breaker_failures: u32,
+    /// How long an open breaker fails calls at once before it lets one probe through.
+    pub breaker_cooldown: Duration,
 }
 
 /// How client tokens are verified.
@@ -206,8 +233,9 @@ where
 {
     let mut problems = Vec::new();
     let mut namespaces = Vec::new();
-    let raw = sources::collect(args, env, &mut problems, &mut namespaces)?;
-    parse::build(&raw, &namespaces, env, problems)
+    let mut proxy = None;
+    let raw = sources::collect(args, env, &mut problems, &mut namespaces, &mut proxy)?;
+    parse::build(&raw, &namespaces, proxy.as_ref(), env, problems)
 }
 
 /// Warnings to log at start-up: one line per `CRIER_*` environment variable that names no

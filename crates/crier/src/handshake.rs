@@ -35,6 +35,8 @@ pub struct Admitted {
     pub conn: ConnId,
     pub claims: Claims,
     pub slot: Option<ConnSlot>,
+    /// Admitted by the connect proxy (its expiry is extended by the refresh proxy).
+    pub proxied: bool,
 }
 
 /// Counts, logs (rate limited, see [`crate::refusal`]) and answers a refusal; the reason is the
@@ -115,8 +117,16 @@ pub async fn admit(
             ));
         }
     }
-    let claims = match auth::extract_token(headers, query) {
-        Some((token, _source)) => match st.verifier.verify(&token) {
+    let token = auth::extract_token(headers, query);
+    let conn = st.registry.next_id();
+    // The connect proxy decides (docs/hooks.md): a cookie-session app's clients carry no token.
+    let proxy = st.proxies.as_deref().filter(|p| p.connects(token.is_some()));
+    let proxied = proxy.is_some();
+    let claims = match (proxy, token) {
+        (Some(proxies), _) => crate::proxy::connect_claims(st, proxies, conn, ip, headers)
+            .await
+            .map_err(|(reason, fix, e)| reject_as(reason, fix, e))?,
+        (None, Some((token, _source))) => match st.verifier.verify(&token) {
             Ok(c) => c,
             Err(e) => {
                 let reason = refusal::token_reason(&e.0);
@@ -124,10 +134,9 @@ pub async fn admit(
                 return Err(reject_as(reason, fix, ApiError::new(StatusCode::UNAUTHORIZED, "token_invalid", e.0)));
             }
         },
-        None if st.config.allow_anonymous => Claims::anonymous(),
-        None => return Err(reject(ApiError::new(StatusCode::UNAUTHORIZED, "token_missing", "no token given"))),
+        (None, None) if st.config.allow_anonymous => Claims::anonymous(),
+        (None, None) => return Err(reject(ApiError::new(StatusCode::UNAUTHORIZED, "token_missing", "no token given"))),
     };
-    let conn = st.registry.next_id();
     let max = st.config.max_connections_per_user as u64;
     let mut slot = None;
     // Anonymous connections have no user to count.
@@ -154,7 +163,7 @@ pub async fn admit(
             }
         }
     }
-    Ok(Admitted { conn, claims, slot })
+    Ok(Admitted { conn, claims, slot, proxied })
 }
 
 /// A transport's own check refused an admitted handshake: the slot is released and the

@@ -10,6 +10,8 @@
 //! - [`handshake`]: the checks every transport runs before a connection opens.
 //! - [`session`]: what a client's frames mean (subscriptions, recovery, limits, refresh),
 //!   independent of the transport; it answers through the connection's outbox.
+//! - [`proxy`]: backend proxies (connect, subscribe, publish, refresh): HTTP calls to the
+//!   application with deadlines, bounded concurrency and circuit breakers.
 //! - [`heartbeat`]: one sweep per node: pings, heartbeat timeouts, token expiry.
 //! - [`api`]: the REST API (publish, broadcast, history, presence, disconnect, info).
 //! - [`state`]: the shared state handle, how it is built, and the broker → hub handler.
@@ -33,6 +35,7 @@ mod http;
 mod limits;
 mod memory;
 mod metrics;
+mod proxy;
 mod rebalance;
 mod refusal;
 mod server;

@@ -34,6 +34,8 @@ pub const MESSAGE_ASSEMBLY_TIMEOUTS: &str = "crier_message_assembly_timeouts_tot
 pub const REFUSALS: &str = "crier_refusals_total";
 /// crier extension: connections a node closed with 1012 to rebalance the cluster.
 pub const REBALANCED: &str = "crier_rebalanced_total";
+pub const PROXY_CALLS: &str = "crier_proxy_calls_total";
+pub const PROXY_DURATION: &str = "crier_proxy_duration_seconds";
 
 /// Buckets of the broadcast latency histogram, in seconds (100 µs … 5 s).
 const LATENCY_BUCKETS: &[f64] =
@@ -61,6 +63,8 @@ pub fn install() -> Option<PrometheusHandle> {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(BROADCAST_LATENCY.into()), LATENCY_BUCKETS)
+                .ok()?
+                .set_buckets_for_metric(Matcher::Full(PROXY_DURATION.into()), LATENCY_BUCKETS)
                 .ok()?;
             let handle = builder.install_recorder().ok()?;
             describe();
@@ -131,6 +135,11 @@ fn describe() {
         REFUSALS,
         "Refused handshakes and REST calls by surface (handshake, api) and reason (token_expired, origin_not_allowed, unknown_api_key, …)"
     );
+    describe_counter!(
+        PROXY_CALLS,
+        "Backend proxy calls by proxy (connect, subscribe, publish, refresh) and result (ok, refused, timeout, error, bad_status, malformed, busy, breaker_open)"
+    );
+    describe_histogram!(PROXY_DURATION, metrics::Unit::Seconds, "Backend proxy call latency, by proxy");
     describe_counter!(
         REBALANCED,
         "Connections closed with 1012 because this node held more than its share of the cluster's"

@@ -32,6 +32,8 @@ pub struct Inner {
     pub dev_token: Option<String>,
     /// The last token patterns seen, shared with the next connection whose token has the same.
     pub patterns: PatternCache,
+    /// The backend proxies of the `[proxy]` table, if any.
+    pub proxies: Option<Arc<crate::proxy::Proxies>>,
 }
 
 /// A token's channel patterns: those it may subscribe to and those it may publish to.
@@ -176,6 +178,7 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
         dev_token,
         boot: boot_id(),
         patterns: PatternCache::default(),
+        proxies: crate::proxy::Proxies::new(config.proxy.as_ref())?.map(Arc::new),
         config,
     })))
 }

@@ -14,7 +14,7 @@ use crier_core::{ChannelPolicy, Namespaces};
 
 use super::sources::{Raw, RawNamespace, RawSettings, RawValue, Source, suggest};
 use super::table;
-use super::{Config, ConfigError, JwtSettings, KeySource, LogFormat, RateScope, Redacted, RedisUrl};
+use super::{Config, ConfigError, JwtSettings, KeySource, LogFormat, ProxySettings, RateScope, Redacted, RedisUrl};
 
 const MIN_MESSAGE_BYTES: usize = 64;
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -128,6 +128,7 @@ impl<'a> Parser<'a> {
 pub(super) fn build(
     raw: &RawSettings,
     raw_namespaces: &[RawNamespace],
+    raw_proxy: Option<&RawNamespace>,
     env: &HashMap<String, String>,
     problems: Vec<String>,
 ) -> Result<Config, ConfigError> {
@@ -325,6 +326,10 @@ pub(super) fn build(
         // The top-level history is invalid (reported): namespaces inheriting it cannot be judged.
         _ => None,
     };
+    let proxy = raw_proxy.map_or(Some(None), |raw| proxy(&mut p, raw).map(Some));
+    if let (Some(ns), Some(px)) = (&namespaces, &proxy) {
+        proxied_namespaces(&mut p, ns, px.as_ref());
+    }
     let presence_ttl = p.required("presence_ttl", |s| duration_within(s, false, MAX_DURATION));
     let max_connections = p.required("max_connections", number::<usize>);
     let max_pending_handshakes = p.required("max_pending_handshakes", |s| {
@@ -394,6 +399,7 @@ pub(super) fn build(
         history_size: got(history_size)?,
         history_ttl: got(history_ttl)?,
         namespaces: got(namespaces)?,
+        proxy: got(proxy)?,
         presence_ttl: got(presence_ttl)?,
         max_connections: got(max_connections)?,
         max_pending_handshakes: got(max_pending_handshakes)?,
@@ -413,8 +419,17 @@ pub(super) fn build(
 }
 
 /// The options a `[namespaces.<name>]` table may set.
-const NAMESPACE_OPTIONS: [&str; 7] =
-    ["history_size", "history_ttl", "recovery", "presence", "join_leave", "client_publish", "max_subscribers"];
+const NAMESPACE_OPTIONS: [&str; 9] = [
+    "history_size",
+    "history_ttl",
+    "recovery",
+    "presence",
+    "join_leave",
+    "client_publish",
+    "max_subscribers",
+    "subscribe_proxy",
+    "publish_proxy",
+];
 
 /// The `[namespaces.<name>]` tables: each name checked (a channel-name prefix: non-empty,
 /// channel-name characters, no `:`), each option typed; options not given inherit `default`
@@ -472,6 +487,8 @@ fn namespaces(p: &mut Parser<'_>, raw: &[RawNamespace], default: ChannelPolicy) 
                 "join_leave" => boolean(&text).map(|b| policy.join_leave = b),
                 "client_publish" => boolean(&text).map(|b| policy.client_publish = b),
                 "max_subscribers" => number::<usize>(&text).map(|n| policy.max_subscribers = n),
+                "subscribe_proxy" => boolean(&text).map(|b| policy.subscribe_proxy = b),
+                "publish_proxy" => boolean(&text).map(|b| policy.publish_proxy = b),
                 _ => {
                     p.problems.push(format!(
                         "{at}.{key}: unknown namespace option ({source}){}; the options: {}",
@@ -505,6 +522,143 @@ fn namespaces(p: &mut Parser<'_>, raw: &[RawNamespace], default: ChannelPolicy) 
         out = out.with(name, policy);
     }
     ok.then_some(out)
+}
+
+/// The options of the `[proxy]` table.
+const PROXY_OPTIONS: [&str; 10] = [
+    "connect_url",
+    "connect_headers",
+    "connect_always",
+    "subscribe_url",
+    "publish_url",
+    "refresh_url",
+    "timeout",
+    "max_concurrency",
+    "breaker_failures",
+    "breaker_cooldown",
+];
+
+/// Longest proxy `timeout`.
+const MAX_PROXY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `[proxy]` table, typed; every problem reported (`None` when there was one).
+fn proxy(p: &mut Parser<'_>, raw: &RawNamespace) -> Option<ProxySettings> {
+    let source = &raw.source;
+    let toml::Value::Table(options) = &raw.options else {
+        p.problems.push(format!(
+            "proxy: `{}` ({source}): expected a table, like [proxy] connect_url = \"http://127.0.0.1:9000/connect\"",
+            raw.options.to_string().replace('\n', " ").trim()
+        ));
+        return None;
+    };
+    let mut out = ProxySettings {
+        connect_url: None,
+        connect_headers: Vec::new(),
+        connect_always: false,
+        subscribe_url: None,
+        publish_url: None,
+        refresh_url: None,
+        timeout: Duration::from_secs(1),
+        max_concurrency: 64,
+        breaker_failures: 5,
+        breaker_cooldown: Duration::from_secs(5),
+    };
+    let mut ok = true;
+    for (key, value) in options {
+        let at = format!("proxy.{key}");
+        if key == "connect_headers" {
+            let items: Vec<String> = match value {
+                toml::Value::Array(items) => items.iter().map(|i| i.as_str().map(str::to_owned).unwrap_or_default()).collect(),
+                toml::Value::String(s) => s.split(',').map(|i| i.trim().to_owned()).filter(|i| !i.is_empty()).collect(),
+                other => {
+                    p.problems.push(format!("{at}: `{other}` ({source}): expected a list of header names, like [\"Cookie\"]"));
+                    ok = false;
+                    continue;
+                }
+            };
+            for item in items {
+                match axum::http::HeaderName::from_bytes(item.as_bytes()) {
+                    Ok(name) => out.connect_headers.push(name.as_str().to_owned()),
+                    Err(_) => {
+                        p.problems.push(format!("{at}: `{item}` ({source}): not a header name"));
+                        ok = false;
+                    }
+                }
+            }
+            continue;
+        }
+        let text = match value {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Table(_) | toml::Value::Array(_) => {
+                let shown = value.to_string().replace('\n', " ");
+                p.problems.push(format!("{at}: `{}` ({source}): expected a single value", shown.trim()));
+                ok = false;
+                continue;
+            }
+            other => other.to_string(),
+        };
+        let typed = match key.as_str() {
+            "connect_url" => proxy_url(&text).map(|u| out.connect_url = Some(u)),
+            "subscribe_url" => proxy_url(&text).map(|u| out.subscribe_url = Some(u)),
+            "publish_url" => proxy_url(&text).map(|u| out.publish_url = Some(u)),
+            "refresh_url" => proxy_url(&text).map(|u| out.refresh_url = Some(u)),
+            "connect_always" => boolean(&text).map(|b| out.connect_always = b),
+            "timeout" => duration_within(&text, false, MAX_PROXY_TIMEOUT).map(|d| out.timeout = d),
+            "max_concurrency" => at_least_one::<usize>(&text).map(|n| out.max_concurrency = n),
+            "breaker_failures" => number::<u32>(&text).map(|n| out.breaker_failures = n),
+            "breaker_cooldown" => duration_within(&text, false, MAX_DURATION).map(|d| out.breaker_cooldown = d),
+            _ => {
+                p.problems.push(format!(
+                    "{at}: unknown proxy option ({source}){}; the options: {}",
+                    suggest(key, PROXY_OPTIONS.iter().map(|o| (*o).to_owned())),
+                    PROXY_OPTIONS.join(", ")
+                ));
+                ok = false;
+                continue;
+            }
+        };
+        if let Err(problem) = typed {
+            p.problems.push(format!("{at}: `{text}` ({source}): {problem}"));
+            ok = false;
+        }
+    }
+    if out.connect_always && out.connect_url.is_none() {
+        p.problems.push(format!("proxy.connect_always: `true` ({source}): needs proxy.connect_url"));
+        ok = false;
+    }
+    ok.then_some(out)
+}
+
+/// A proxy URL: `http://host[:port]/path` (plain HTTP: the backend is on the node's network;
+/// put a TLS-terminating sidecar in front of a remote one).
+fn proxy_url(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let Some(rest) = s.strip_prefix("http://") else {
+        return Err("expected an http:// URL, like http://127.0.0.1:9000/crier/connect".to_owned());
+    };
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err("the URL names no host".to_owned());
+    }
+    match s.parse::<axum::http::Uri>() {
+        Ok(_) => Ok(s.to_owned()),
+        Err(e) => Err(format!("not a URL: {e}")),
+    }
+}
+
+/// A namespace that asks for a proxy needs its URL in `[proxy]`.
+fn proxied_namespaces(p: &mut Parser<'_>, ns: &Namespaces, proxy: Option<&ProxySettings>) {
+    let mut named: Vec<(&str, &ChannelPolicy)> = ns.named().collect();
+    named.sort_by_key(|(n, _)| *n);
+    for (name, policy) in named {
+        if policy.subscribe_proxy && proxy.is_none_or(|p| p.subscribe_url.is_none()) {
+            p.problems.push(format!(
+                "namespaces.{name}.subscribe_proxy: `true`: needs subscribe_url in the [proxy] table"
+            ));
+        }
+        if policy.publish_proxy && proxy.is_none_or(|p| p.publish_url.is_none()) {
+            p.problems.push(format!("namespaces.{name}.publish_proxy: `true`: needs publish_url in the [proxy] table"));
+        }
+    }
 }
 
 /// A namespace name: what comes before the first `:` of a channel name.

@@ -10,7 +10,7 @@ use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 
 use super::ConfigError;
-use super::table::{self, CONFIG_ARG, CONFIG_ENV, ENV_PREFIX, NAMESPACES, SETTINGS, Shape};
+use super::table::{self, CONFIG_ARG, CONFIG_ENV, ENV_PREFIX, NAMESPACES, PROXY, SETTINGS, Shape};
 
 /// Where a raw value came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +64,7 @@ pub(super) fn collect<I, T>(
     env: &HashMap<String, String>,
     problems: &mut Vec<String>,
     namespaces: &mut Vec<RawNamespace>,
+    proxy: &mut Option<RawNamespace>,
 ) -> Result<RawSettings, ConfigError>
 where
     I: IntoIterator<Item = T>,
@@ -95,7 +96,7 @@ where
         if path.trim().is_empty() {
             problems.push(format!("config: `{path}` (from {from}): expected a file name"));
         } else {
-            read_file(Path::new(&path), from, &mut raw, problems, namespaces);
+            read_file(Path::new(&path), from, &mut raw, problems, namespaces, proxy);
         }
     }
 
@@ -145,6 +146,7 @@ fn read_file(
     raw: &mut RawSettings,
     problems: &mut Vec<String>,
     namespaces: &mut Vec<RawNamespace>,
+    proxy: &mut Option<RawNamespace>,
 ) {
     let shown = path.display();
     let text = match std::fs::read_to_string(path) {
@@ -182,6 +184,11 @@ fn read_file(
                     "{NAMESPACES}: expected tables like [{NAMESPACES}.chat] in {shown}, one per namespace"
                 )),
             }
+            continue;
+        }
+        if key == PROXY {
+            // Typed (and its shape checked) in `parse`.
+            *proxy = Some(RawNamespace { name: key, options: value, source: source.clone() });
             continue;
         }
         let Some(s) = table::find(&key) else {

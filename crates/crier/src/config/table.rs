@@ -49,6 +49,8 @@ pub(super) const CONFIG_ENV: &str = "CRIER_CONFIG";
 pub(super) const CONFIG_ARG: &str = "config";
 /// The TOML-only table of channel namespaces (`[namespaces.<name>]`); not a setting itself.
 pub(super) const NAMESPACES: &str = "namespaces";
+/// The TOML-only table of backend proxies (`[proxy]`); not a setting itself.
+pub(super) const PROXY: &str = "proxy";
 
 const fn setting(
     name: &'static str,

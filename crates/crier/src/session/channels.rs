@@ -9,6 +9,7 @@ use crier_protocol::{ErrorCode, StreamPosition, validate_channel};
 use tokio::sync::SemaphorePermit;
 
 use super::{Session, expiry_ms};
+use crate::proxy::{Answer, Kind};
 use crate::metrics as m;
 
 /// Whether a token with these `channels` patterns, for `user` (empty: anonymous), may subscribe
@@ -28,11 +29,16 @@ impl Session {
         may_subscribe(self.patterns.channels(), &self.user, channel)
     }
 
-    /// Validates a channel name and the right to read it; sends the error when refused.
+    /// Validates a channel name and the right to read it; sends the error when refused. In a
+    /// namespace whose subscriptions the backend decides (`subscribe_proxy`), a channel the
+    /// connection is subscribed to is readable (presence, history) whatever the token says.
     pub(super) fn readable(&self, id: Option<u64>, channel: &str) -> bool {
         if let Err(e) = validate_channel(channel) {
             self.error(id, ErrorCode::InvalidChannel, &e.to_string(), None);
             return false;
+        }
+        if self.st.policy(channel).subscribe_proxy && self.subscribed(channel).is_some() {
+            return true;
         }
         if !self.can_subscribe(channel) {
             self.error(id, ErrorCode::Forbidden, "the token does not allow this channel", Some(channel));
@@ -47,9 +53,14 @@ impl Session {
         id: Option<u64>,
         channel: &str,
         recover: Option<StreamPosition>,
-        slot: Option<SemaphorePermit<'_>>,
+        mut slot: Option<SemaphorePermit<'_>>,
     ) {
-        if !self.readable(id, channel) {
+        let proxied = self.st.policy(channel).subscribe_proxy;
+        if proxied {
+            if let Err(e) = validate_channel(channel) {
+                return self.error(id, ErrorCode::InvalidChannel, &e.to_string(), None);
+            }
+        } else if !self.readable(id, channel) {
             return;
         }
         if self.subscribed(channel).is_some() {
@@ -62,6 +73,13 @@ impl Session {
                 "max_subscriptions_per_connection reached",
                 Some(channel),
             );
+        }
+        if proxied {
+            // The broker slot is not held while the backend thinks.
+            drop(slot.take());
+            if !self.proxy_subscribe(id, channel).await {
+                return;
+            }
         }
         let policy = self.st.policy(channel);
         let (in_presence, max_subscribers) = (policy.presence, policy.max_subscribers);
@@ -140,6 +158,25 @@ impl Session {
                 self.error(id, ErrorCode::Unavailable, "broker unavailable; retry later", Some(channel))
             }
             Err(SubscribeError::Closed) => {}
+        }
+    }
+
+    /// Asks the subscribe proxy; `false` (error frame sent) when it refused or failed.
+    async fn proxy_subscribe(&self, id: Option<u64>, channel: &str) -> bool {
+        let Some(proxies) = self.st.proxies.as_deref() else {
+            return false;
+        };
+        let body = serde_json::json!({"client": self.client(), "user": &*self.user, "channel": channel});
+        match proxies.subscribe(&body).await {
+            Ok(Answer::Allowed(_)) => true,
+            Ok(Answer::Refused { reason }) => {
+                self.error(id, ErrorCode::Forbidden, &reason, Some(channel));
+                false
+            }
+            Err(f) => {
+                self.error(id, ErrorCode::Unavailable, &f.message(Kind::Subscribe), Some(channel));
+                false
+            }
         }
     }
 

@@ -63,12 +63,19 @@ pub struct Session {
 impl Session {
     /// A session for an admitted handshake, speaking `encoding`.
     pub fn new(st: AppState, admitted: Admitted, encoding: Encoding) -> Session {
-        let Admitted { conn, claims, slot } = admitted;
+        let Admitted { conn, claims, slot, proxied } = admitted;
         let outbox = Arc::new(Outbox::with_encoding(st.config.client_queue_max_bytes, encoding));
         outbox.set_expiry(expiry_ms(claims.exp));
+        let user: Arc<str> = claims.sub.into();
+        if proxied
+            && claims.exp != u64::MAX
+            && let Some(proxies) = &st.proxies
+        {
+            proxies.watch(conn, user.clone(), client_id(&st, conn), &outbox, claims.exp);
+        }
         Session {
             conn,
-            user: claims.sub.into(),
+            user,
             patterns: st.patterns.share(&claims.channels, &claims.publish),
             outbox,
             subs: Vec::new(),
@@ -133,7 +140,7 @@ impl Session {
             }
             ClientFrame::Unsubscribe { id, channel } => Box::pin(self.unsubscribe(id, &channel)).await,
             ClientFrame::Publish { id, channel, data, idempotency_key } => {
-                Box::pin(self.publish(id, &channel, data.get(), idempotency_key.as_deref())).await
+                Box::pin(self.publish(id, &channel, data.get(), idempotency_key.as_deref(), slot)).await
             }
             ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id }),
             ClientFrame::Refresh { id, token } => Box::pin(self.refresh(id, &token)).await,
@@ -160,6 +167,9 @@ impl Session {
             self.leave(&channel).await;
         }
         self.st.registry.unregister(self.conn);
+        if let Some(proxies) = &self.st.proxies {
+            proxies.unwatch(self.conn);
+        }
         if let Some(slot) = self.slot.take() {
             slot.release().await;
         }
@@ -276,7 +286,7 @@ fn push_error(
 }
 
 /// The [`clock_ms`] at which a token with this `exp` (Unix seconds) expires; `u64::MAX` if never.
-fn expiry_ms(exp: u64) -> u64 {
+pub(crate) fn expiry_ms(exp: u64) -> u64 {
     let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
     let left = exp as f64 - now_unix;
     if left > 10.0 * 365.0 * 86400.0 {

@@ -9,21 +9,60 @@ use crier_protocol::{ErrorCode, StreamPosition, validate_channel};
 use tokio::sync::SemaphorePermit;
 
 use super::Session;
+use crate::proxy::{Answer, Kind};
 use crate::metrics as m;
 
 /// Largest `limit` of a `history` frame.
 const MAX_HISTORY_LIMIT: usize = 1000;
 
 impl Session {
-    pub(super) async fn publish(&mut self, id: Option<u64>, channel: &str, data: &str, idempotency_key: Option<&str>) {
+    /// `slot`: the broker slot the request holds, given back while a publish proxy is asked.
+    pub(super) async fn publish(
+        &mut self,
+        id: Option<u64>,
+        channel: &str,
+        data: &str,
+        idempotency_key: Option<&str>,
+        mut slot: Option<SemaphorePermit<'_>>,
+    ) {
         if let Err(e) = validate_channel(channel) {
             return self.error(id, ErrorCode::InvalidChannel, &e.to_string(), None);
         }
         if !self.st.policy(channel).client_publish {
             return self.error(id, ErrorCode::Forbidden, "clients may not publish in this namespace", Some(channel));
         }
-        if !self.patterns.may_publish(channel) {
+        let replaced;
+        let data = if self.st.policy(channel).publish_proxy {
+            // The backend decides instead of the token's patterns, and may rewrite the data.
+            drop(slot.take());
+            let Some(proxies) = self.st.proxies.as_deref() else {
+                return;
+            };
+            let data_value = serde_json::value::RawValue::from_string(data.to_owned()).ok();
+            let body = serde_json::json!({"client": self.client(), "user": &*self.user, "channel": channel, "data": data_value});
+            match proxies.publish(&body).await {
+                Ok(Answer::Allowed(a)) => match a.data {
+                    Some(new) => {
+                        replaced = new;
+                        replaced.get()
+                    }
+                    None => data,
+                },
+                Ok(Answer::Refused { reason }) => return self.error(id, ErrorCode::Forbidden, &reason, Some(channel)),
+                Err(f) => return self.error(id, ErrorCode::Unavailable, &f.message(Kind::Publish), Some(channel)),
+            }
+        } else if !self.patterns.may_publish(channel) {
             return self.error(id, ErrorCode::Forbidden, "the token does not allow publishing here", Some(channel));
+        } else {
+            data
+        };
+        if data.len() > self.st.config.max_message_bytes {
+            return self.error(
+                id,
+                ErrorCode::MessageTooLarge,
+                "the publish backend's replacement data is larger than max_message_bytes",
+                Some(channel),
+            );
         }
         let opts = PublishOptions { idempotency_key };
         match self.st.broker().publish(channel, data, opts).await {
