@@ -566,6 +566,15 @@ fn proxy(p: &mut Parser<'_>, raw: &RawNamespace) -> Option<ProxySettings> {
     let mut ok = true;
     for (key, value) in options {
         let at = format!("proxy.{key}");
+        if !PROXY_OPTIONS.contains(&key.as_str()) {
+            p.problems.push(format!(
+                "{at}: unknown proxy option ({source}){}; the options: {}",
+                suggest(key, PROXY_OPTIONS.iter().map(|o| (*o).to_owned())),
+                PROXY_OPTIONS.join(", ")
+            ));
+            ok = false;
+            continue;
+        }
         if key == "connect_headers" {
             let items: Vec<String> = match value {
                 toml::Value::Array(items) => items.iter().map(|i| i.as_str().map(str::to_owned).unwrap_or_default()).collect(),
@@ -607,15 +616,7 @@ fn proxy(p: &mut Parser<'_>, raw: &RawNamespace) -> Option<ProxySettings> {
             "max_concurrency" => at_least_one::<usize>(&text).map(|n| out.max_concurrency = n),
             "breaker_failures" => number::<u32>(&text).map(|n| out.breaker_failures = n),
             "breaker_cooldown" => duration_within(&text, false, MAX_DURATION).map(|d| out.breaker_cooldown = d),
-            _ => {
-                p.problems.push(format!(
-                    "{at}: unknown proxy option ({source}){}; the options: {}",
-                    suggest(key, PROXY_OPTIONS.iter().map(|o| (*o).to_owned())),
-                    PROXY_OPTIONS.join(", ")
-                ));
-                ok = false;
-                continue;
-            }
+            _ => continue,
         };
         if let Err(problem) = typed {
             p.problems.push(format!("{at}: `{text}` ({source}): {problem}"));
