@@ -74,7 +74,17 @@ pub fn record(surface: Surface, reason: &'static str, detail: &str, fix: &str) {
     };
     let more = if suppressed > 0 { format!(" ({suppressed} more suppressed)") } else { String::new() };
     let sep = if fix.is_empty() { "" } else { "; " };
-    if matches!(reason, "rate_limited" | "unavailable" | "node_full" | "draining" | "too_many_connections") {
+    // The connect proxy's refusals are the application's decisions; its failures, server-side trouble.
+    if matches!(
+        reason,
+        "rate_limited"
+            | "unavailable"
+            | "node_full"
+            | "draining"
+            | "too_many_connections"
+            | "proxy_refused"
+            | "proxy_unavailable"
+    ) {
         tracing::info!(reason, "{what}: {detail}{sep}{fix}{more}");
     } else {
         tracing::warn!(reason, "{what}: {detail}{sep}{fix}{more}");
