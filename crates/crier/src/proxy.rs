@@ -33,8 +33,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use crate::auth::Claims;
 use crate::config::ProxySettings;
 use crate::error::ApiError;
-use crate::state::AppState;
 use crate::metrics as m;
+use crate::state::AppState;
 
 /// Largest answer body read from a backend.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -351,13 +351,8 @@ impl Proxies {
 
     async fn post<T: DeserializeOwned>(&self, ep: &Endpoint, body: &Value) -> Result<Answer<T>, Failure> {
         let body = serde_json::to_vec(body).map_err(|e| Failure::Malformed(e.to_string()))?;
-        let sent = self
-            .http
-            .post(&ep.url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await;
+        let sent =
+            self.http.post(&ep.url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body).send().await;
         let mut resp = match sent {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return Err(Failure::Timeout),
@@ -434,7 +429,11 @@ pub async fn connect_claims(
         "headers": forwarded,
     });
     let failed = |f: Failure| {
-        ("proxy_unavailable", "check the connect backend (proxy.connect_url): its log, its latency against proxy.timeout, crier_proxy_calls_total{proxy=\"connect\"}", ApiError::unavailable(f.message(Kind::Connect)))
+        (
+            "proxy_unavailable",
+            "check the connect backend (proxy.connect_url): its log, its latency against proxy.timeout, crier_proxy_calls_total{proxy=\"connect\"}",
+            ApiError::unavailable(f.message(Kind::Connect)),
+        )
     };
     match proxies.connect(&body).await {
         Ok(Answer::Allowed(a)) => {
@@ -447,11 +446,9 @@ pub async fn connect_claims(
             };
             Ok(Claims { sub: a.user, exp, channels: a.channels, publish: a.publish })
         }
-        Ok(Answer::Refused { reason, .. }) => Err((
-            "proxy_refused",
-            "",
-            ApiError::new(StatusCode::FORBIDDEN, "forbidden", reason),
-        )),
+        Ok(Answer::Refused { reason, .. }) => {
+            Err(("proxy_refused", "", ApiError::new(StatusCode::FORBIDDEN, "forbidden", reason)))
+        }
         Err(f) => Err(failed(f)),
     }
 }

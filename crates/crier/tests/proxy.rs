@@ -37,8 +37,7 @@ fn unix_now() -> u64 {
 
 fn schema(name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/schemas").join(name);
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-        .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
 }
 
 fn schema_errors(name: &str, instance: &Value) -> Vec<String> {
@@ -112,7 +111,8 @@ async fn answer(State(seen): State<Arc<Seen>>, Path(proxy): Path<String>, body: 
     let (status, answer, checked) = decide(&proxy, &request).await;
     seen.inflight.fetch_sub(1, Ordering::SeqCst);
     if checked {
-        let name = if status == StatusCode::OK { format!("proxy-{proxy}-answer.json") } else { "proxy-refusal.json".into() };
+        let name =
+            if status == StatusCode::OK { format!("proxy-{proxy}-answer.json") } else { "proxy-refusal.json".into() };
         errors.extend(schema_errors(&name, &answer));
     }
     seen.schema_errors.lock().unwrap().extend(errors);
@@ -230,13 +230,8 @@ async fn cookie_in_user_and_permissions_out() {
     assert_eq!(call["headers"], json!({"cookie": "session=alice"}), "only connect_headers are forwarded");
 
     // SSE: the same proxy, transport "sse".
-    let resp = server
-        .http
-        .get(server.url("/sse?channel=news:today"))
-        .header("cookie", "session=alice")
-        .send()
-        .await
-        .unwrap();
+    let resp =
+        server.http.get(server.url("/sse?channel=news:today")).header("cookie", "session=alice").send().await.unwrap();
     assert_eq!(resp.status(), 200);
     drop(resp);
     let calls = backend.calls("connect");
@@ -278,7 +273,8 @@ async fn a_refused_handshake_shows_the_backend_s_reason() {
     let (status, body) = rejected(&server, "/ws", &[]).await;
     assert_eq!((status, body["message"].as_str()), (403, Some("no session")), "{body}");
     // SSE: the same answer.
-    let resp = server.http.get(server.url("/sse?channel=news:x")).header("cookie", "session=banned").send().await.unwrap();
+    let resp =
+        server.http.get(server.url("/sse?channel=news:x")).header("cookie", "session=banned").send().await.unwrap();
     assert_eq!(resp.status(), 403);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["message"], "account suspended");
@@ -458,9 +454,12 @@ async fn refresh_extends_a_proxy_admitted_connection() {
 
     // The refused one closes with 4001 at its expiry; the extended one outlives it.
     assert_eq!(ended.closed().await, Some(4001));
-    poll("past the original expiry", async || {
-        if unix_now() > original_expiry + 1 { Ok(()) } else { Err("not yet".to_owned()) }
-    })
+    poll(
+        "past the original expiry",
+        async || {
+            if unix_now() > original_expiry + 1 { Ok(()) } else { Err("not yet".to_owned()) }
+        },
+    )
     .await;
     let pong = extended.request(json!({"type": "ping"}), 1).await;
     assert_eq!(pong["type"], "pong", "still open after its first expiry: {pong}");

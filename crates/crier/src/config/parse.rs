@@ -577,10 +577,14 @@ fn proxy(p: &mut Parser<'_>, raw: &RawNamespace) -> Option<ProxySettings> {
         }
         if key == "connect_headers" {
             let items: Vec<String> = match value {
-                toml::Value::Array(items) => items.iter().map(|i| i.as_str().map(str::to_owned).unwrap_or_default()).collect(),
+                toml::Value::Array(items) => {
+                    items.iter().map(|i| i.as_str().map(str::to_owned).unwrap_or_default()).collect()
+                }
                 toml::Value::String(s) => s.split(',').map(|i| i.trim().to_owned()).filter(|i| !i.is_empty()).collect(),
                 other => {
-                    p.problems.push(format!("{at}: `{other}` ({source}): expected a list of header names, like [\"Cookie\"]"));
+                    p.problems.push(format!(
+                        "{at}: `{other}` ({source}): expected a list of header names, like [\"Cookie\"]"
+                    ));
                     ok = false;
                     continue;
                 }
@@ -652,9 +656,8 @@ fn proxied_namespaces(p: &mut Parser<'_>, ns: &Namespaces, proxy: Option<&ProxyS
     named.sort_by_key(|(n, _)| *n);
     for (name, policy) in named {
         if policy.subscribe_proxy && proxy.is_none_or(|p| p.subscribe_url.is_none()) {
-            p.problems.push(format!(
-                "namespaces.{name}.subscribe_proxy: `true`: needs subscribe_url in the [proxy] table"
-            ));
+            p.problems
+                .push(format!("namespaces.{name}.subscribe_proxy: `true`: needs subscribe_url in the [proxy] table"));
         }
         if policy.publish_proxy && proxy.is_none_or(|p| p.publish_url.is_none()) {
             p.problems.push(format!("namespaces.{name}.publish_proxy: `true`: needs publish_url in the [proxy] table"));

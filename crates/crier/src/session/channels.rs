@@ -9,8 +9,8 @@ use crier_protocol::{ErrorCode, StreamPosition, validate_channel};
 use tokio::sync::SemaphorePermit;
 
 use super::{Session, expiry_ms};
-use crate::proxy::{Answer, Kind};
 use crate::metrics as m;
+use crate::proxy::{Answer, Kind};
 
 /// Whether a token with these `channels` patterns, for `user` (empty: anonymous), may subscribe
 /// to `channel`: a matching pattern, or the user's personal channel `user:<sub>`. Also what a
@@ -164,6 +164,8 @@ impl Session {
     /// Asks the subscribe proxy; `false` (error frame sent) when it refused or failed.
     async fn proxy_subscribe(&self, id: Option<u64>, channel: &str) -> bool {
         let Some(proxies) = self.st.proxies.as_deref() else {
+            // Unreachable: the settings refuse subscribe_proxy without subscribe_url.
+            self.error(id, ErrorCode::Unavailable, "no subscribe proxy configured", Some(channel));
             return false;
         };
         let body = serde_json::json!({"client": self.client(), "user": &*self.user, "channel": channel});

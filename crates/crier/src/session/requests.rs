@@ -9,8 +9,8 @@ use crier_protocol::{ErrorCode, StreamPosition, validate_channel};
 use tokio::sync::SemaphorePermit;
 
 use super::Session;
-use crate::proxy::{Answer, Kind};
 use crate::metrics as m;
+use crate::proxy::{Answer, Kind};
 
 /// Largest `limit` of a `history` frame.
 const MAX_HISTORY_LIMIT: usize = 1000;
@@ -36,7 +36,8 @@ impl Session {
             // The backend decides instead of the token's patterns, and may rewrite the data.
             drop(slot.take());
             let Some(proxies) = self.st.proxies.as_deref() else {
-                return;
+                // Unreachable: the settings refuse publish_proxy without publish_url.
+                return self.error(id, ErrorCode::Unavailable, "no publish proxy configured", Some(channel));
             };
             let data_value = serde_json::value::RawValue::from_string(data.to_owned()).ok();
             let body = serde_json::json!({"client": self.client(), "user": &*self.user, "channel": channel, "data": data_value});
