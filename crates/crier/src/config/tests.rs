@@ -783,3 +783,28 @@ fn bad_namespaces_are_reported_with_every_other_problem() -> TestResult {
     assert_eq!(e.exit_code(), 64);
     Ok(())
 }
+
+#[test]
+fn the_proxy_table_and_the_namespace_switches() -> TestResult {
+    let dir = TempDir::new()?;
+    let file = dir.file(
+        "crier.toml",
+        "[proxy]\nconnect_url = \"http://127.0.0.1:9000/connect\"\nconnect_headers = [\"Cookie\", \"X-Request-Id\"]\n\
+         subscribe_url = \"http://127.0.0.1:9000/subscribe\"\ntimeout = \"250ms\"\nmax_concurrency = 8\n\
+         [namespaces.room]\nsubscribe_proxy = true\n",
+    )?;
+    let c = load_with(&["--config", &file], &[])?;
+    let p = c.proxy.ok_or("the [proxy] table")?;
+    assert_eq!(p.connect_url.as_deref(), Some("http://127.0.0.1:9000/connect"));
+    assert_eq!(p.connect_headers, ["cookie", "x-request-id"], "header names lower-cased");
+    assert_eq!(p.subscribe_url.as_deref(), Some("http://127.0.0.1:9000/subscribe"));
+    assert_eq!((p.publish_url, p.refresh_url), (None, None));
+    assert_eq!((p.timeout, p.max_concurrency), (Duration::from_millis(250), 8));
+    assert_eq!((p.connect_always, p.breaker_failures, p.breaker_cooldown), (false, 5, Duration::from_secs(5)));
+    assert!(c.namespaces.policy("room:1").subscribe_proxy);
+    assert!(!c.namespaces.policy("room:1").publish_proxy);
+    assert!(!c.namespaces.policy("news:1").subscribe_proxy, "off unless the namespace says so");
+    // No table: no proxies.
+    assert_eq!(load_with(&[], &[])?.proxy, None);
+    Ok(())
+}
