@@ -197,6 +197,23 @@ async fn node(backend: &Backend, proxy_toml: &str, extra_toml: &str, args: &[&st
     (Server::start(&all).await, file)
 }
 
+/// Reads an SSE stream until its text holds `needle` (fails after the deadline); the text read.
+async fn read_until(mut resp: reqwest::Response, needle: &str) -> String {
+    let mut text = String::new();
+    let found = tokio::time::timeout(support::WAIT, async {
+        while let Some(chunk) = resp.chunk().await.unwrap() {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if text.contains(needle) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(matches!(found, Ok(true)), "no {needle:?} in the stream: {text}");
+    text
+}
+
 async fn cookie_client(server: &Server, cookie: &str) -> Client {
     let mut req = server.ws_url().into_client_request().unwrap();
     req.headers_mut().insert("cookie", HeaderValue::from_str(cookie).unwrap());
@@ -414,6 +431,14 @@ async fn subscribe_and_publish_proxies_allow_refuse_and_rewrite() {
     assert_eq!(calls[0]["user"], "carol");
     assert_eq!(calls[0]["channel"], "secret:ok");
 
+    // SSE: a stream's `?channel=` of the namespace is asked when it subscribes (the refusal is
+    // the stream's error event, the handshake is not refused).
+    let resp = server.http.get(server.url("/sse?channel=secret:no")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let events = read_until(resp, "not a member").await;
+    assert!(events.contains("forbidden"), "{events}");
+    assert_eq!(backend.calls("subscribe").len(), 5);
+
     // Publish: rewritten, kept, refused.
     c.subscribe("mod:clean", 6).await;
     c.subscribe("mod:keep", 7).await;
@@ -436,7 +461,7 @@ async fn subscribe_and_publish_proxies_allow_refuse_and_rewrite() {
     let refused = c.request(json!({"type": "subscribe", "channel": "news:x"}), 12).await;
     assert_eq!(refused["code"], "forbidden");
     assert_eq!(backend.calls("publish").len(), 3);
-    assert_eq!(backend.calls("subscribe").len(), 4);
+    assert_eq!(backend.calls("subscribe").len(), 5);
     backend.assert_schemas();
 }
 
