@@ -225,7 +225,8 @@ impl Breaker {
 /// One configured proxy: its URL, call slots and breaker.
 struct Endpoint {
     kind: Kind,
-    url: String,
+    /// Parsed once: parsing per call (IDNA included) showed in the connect proxy's profile.
+    url: reqwest::Url,
     slots: Semaphore,
     breaker: Breaker,
 }
@@ -271,23 +272,26 @@ impl Proxies {
             .connect_timeout(s.timeout)
             .timeout(s.timeout)
             .build()?;
-        let endpoint = |kind: Kind, url: &Option<String>| {
-            url.as_ref().map(|url| Endpoint {
+        let endpoint = |kind: Kind, url: &Option<String>| -> anyhow::Result<Option<Endpoint>> {
+            let Some(url) = url else {
+                return Ok(None);
+            };
+            Ok(Some(Endpoint {
                 kind,
-                url: url.clone(),
+                url: reqwest::Url::parse(url).map_err(|e| anyhow::anyhow!("proxy: {url}: {e}"))?,
                 slots: Semaphore::new(s.max_concurrency),
                 breaker: Breaker::new(s.breaker_failures, s.breaker_cooldown),
-            })
+            }))
         };
         Ok(Some(Proxies {
             http,
             timeout: s.timeout,
             connect_headers: s.connect_headers.clone(),
             connect_always: s.connect_always,
-            connect: endpoint(Kind::Connect, &s.connect_url),
-            subscribe: endpoint(Kind::Subscribe, &s.subscribe_url),
-            publish: endpoint(Kind::Publish, &s.publish_url),
-            refresh: endpoint(Kind::Refresh, &s.refresh_url),
+            connect: endpoint(Kind::Connect, &s.connect_url)?,
+            subscribe: endpoint(Kind::Subscribe, &s.subscribe_url)?,
+            publish: endpoint(Kind::Publish, &s.publish_url)?,
+            refresh: endpoint(Kind::Refresh, &s.refresh_url)?,
             refreshable: Mutex::new(HashMap::new()),
         }))
     }
@@ -351,8 +355,13 @@ impl Proxies {
 
     async fn post<T: DeserializeOwned>(&self, ep: &Endpoint, body: &Value) -> Result<Answer<T>, Failure> {
         let body = serde_json::to_vec(body).map_err(|e| Failure::Malformed(e.to_string()))?;
-        let sent =
-            self.http.post(&ep.url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body).send().await;
+        let sent = self
+            .http
+            .post(ep.url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await;
         let mut resp = match sent {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return Err(Failure::Timeout),
