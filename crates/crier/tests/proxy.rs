@@ -406,6 +406,34 @@ async fn a_thousand_concurrent_connects_through_a_50ms_backend_within_the_bound(
     assert_eq!(server.metric(r#"crier_proxy_calls_total{proxy="connect",result="ok"}"#).await, CLIENTS as f64);
 }
 
+#[tokio::test]
+async fn proxy_admitted_users_are_counted_cluster_wide_on_redis() {
+    // Two nodes sharing a redis-server, one connection per user: the backend's user is counted
+    // like a token's `sub`, across the cluster; closing the connection gives the place back.
+    let redis = crier_testkit::redis::RedisServer::start();
+    let backend = Backend::start().await;
+    let url = redis.url();
+    let args = ["--redis-url", url.as_str(), "--max-connections-per-user", "1"];
+    let (a, _fa) = node(&backend, "", "", &args).await;
+    let (b, _fb) = node(&backend, "", "", &args).await;
+    let mut first = cookie_client(&a, "session=alice").await;
+    assert_eq!(first.recv().await["user"], "alice");
+    let (status, body) = rejected(&b, "/ws", &[("cookie", "session=alice")]).await;
+    assert_eq!((status, body["error"].as_str()), (429, Some("too_many_connections")), "{body}");
+    first.ws.close(None).await.unwrap();
+    drop(first);
+    poll("alice's place given back", async || {
+        let mut req = b.ws_url().into_client_request().unwrap();
+        req.headers_mut().insert("cookie", HeaderValue::from_static("session=alice"));
+        match Client::connect(req).await {
+            Ok(mut c) => Ok(c.recv().await),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await;
+    backend.assert_schemas();
+}
+
 const NAMESPACES: &str = "[namespaces.secret]\nsubscribe_proxy = true\n[namespaces.mod]\npublish_proxy = true\n";
 
 #[tokio::test]
