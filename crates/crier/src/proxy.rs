@@ -564,6 +564,31 @@ mod tests {
         assert!(matches!(b.admit(0), Ok(None)));
     }
 
+    #[tokio::test]
+    async fn a_call_waits_for_a_slot_at_most_the_timeout_then_is_busy() -> Result<(), Box<dyn std::error::Error>> {
+        let settings = ProxySettings {
+            // Never called: the only slot is held below.
+            connect_url: Some("http://127.0.0.1:9/connect".into()),
+            connect_headers: Vec::new(),
+            connect_always: false,
+            subscribe_url: None,
+            publish_url: None,
+            refresh_url: None,
+            timeout: Duration::from_millis(50),
+            max_concurrency: 1,
+            breaker_failures: 1,
+            breaker_cooldown: Duration::from_secs(60),
+        };
+        let proxies = Proxies::new(Some(&settings))?.ok_or("proxies")?;
+        let held = proxies.connect.as_ref().ok_or("the connect proxy")?.slots.acquire().await?;
+        let r = proxies.connect(&serde_json::json!({})).await;
+        assert!(matches!(r, Err(Failure::Busy)), "{r:?}");
+        let r = proxies.connect(&serde_json::json!({})).await;
+        assert!(matches!(r, Err(Failure::Busy)), "busy is not a backend failure: the breaker stays closed ({r:?})");
+        drop(held);
+        Ok(())
+    }
+
     #[test]
     fn reasons_are_cleaned() {
         assert_eq!(clean_reason("no\nsession\u{7}"), "nosession");
