@@ -4,7 +4,8 @@
 //! malformed answer and a dead backend as a clear 503 while the node stays ready and JWT clients
 //! are unaffected; the circuit breaker; 1,000 concurrent connects through a 50 ms backend within
 //! the concurrency bound), the subscribe and publish proxies (allow, refuse, rewrite, fail), and
-//! the refresh proxy (extends; a refusal closes with 4001 at expiry).
+//! the refresh proxy (extends; a refusal closes with 4001 at expiry), proxy-admitted users in
+//! the cluster-wide per-user count (two nodes, a real redis-server), and bad `[proxy]` settings.
 //!
 //! Every request crier sends is validated against docs/schemas/proxy-*-request.json, and every
 //! answer the backend gives (but the deliberately broken ones) against the answer schemas, so
