@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from support import ROOT
-from test_static import K8S_VERSIONS, SERVICE_MONITOR_SCHEMA, by_kind, crier_settings, matches
+from test_static import CLIENT_PATHS, K8S_VERSIONS, SERVICE_MONITOR_SCHEMA, by_kind, crier_routes, crier_settings, matches
 
 CHART = os.path.join(ROOT, "deploy", "helm", "crier")
 VALUES = ["default", "sentinel", "cluster"]
@@ -179,12 +179,13 @@ def test_helm_chart_is_consistent(rendered):
             assert p["backend"]["service"]["port"]["name"] == svc["spec"]["ports"][0]["name"]
         routed = {p["path"] for p in paths}
         if ing["metadata"]["name"] == "rel-crier":
-            assert routed == {"/ws", "/sse", "/crier.js"}
+            assert routed == CLIENT_PATHS and routed <= crier_routes()
             ann = ing["metadata"]["annotations"]
             assert int(ann["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > 35
             assert not any("affinity" in k for k in ann)
         else:
             assert routed == {"/api/v1"} and ing["metadata"]["annotations"]
+            assert any(r.startswith("/api/v1/") for r in crier_routes())
     if which == "sentinel":
         sm = by_kind(docs, "ServiceMonitor", "rel-crier")
         assert matches(sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])

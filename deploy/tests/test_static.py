@@ -52,6 +52,17 @@ def crier_metrics():
     return names
 
 
+def crier_routes():
+    """The paths crier routes (crates/crier/src/http.rs)."""
+    routes = set(re.findall(r'\.route\("([^"]+)"', read("crates", "crier", "src", "http.rs")))
+    assert {"/ws", "/sse", "/crier.js", "/api/v1/publish"} <= routes
+    return routes
+
+
+# The Ingress routes what browsers and apps use, and nothing of the REST API or /metrics.
+CLIENT_PATHS = {"/ws", "/sse", "/crier.js"}
+
+
 def metric_names(expr):
     return set(re.findall(r"\b(crier_[a-z_]+)\b", expr))
 
@@ -407,8 +418,12 @@ def test_k8s_overlay_is_consistent(overlay):
     port_names = {p["name"] for p in c["ports"]}
     assert all(p["targetPort"] in port_names for p in svc["spec"]["ports"])
     ing = by_kind(docs, "Ingress", "crier")
-    backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
-    assert backend["name"] == "crier" and backend["port"]["name"] in {p["name"] for p in svc["spec"]["ports"]}
+    paths = ing["spec"]["rules"][0]["http"]["paths"]
+    for p in paths:
+        backend = p["backend"]["service"]
+        assert backend["name"] == "crier" and backend["port"]["name"] in {p["name"] for p in svc["spec"]["ports"]}
+    routed = {p["path"] for p in paths}
+    assert routed == CLIENT_PATHS and routed <= crier_routes(), routed
     ann = ing["metadata"]["annotations"]
     assert int(ann["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > 35
     assert int(ann["nginx.ingress.kubernetes.io/proxy-send-timeout"]) > 35
