@@ -63,8 +63,13 @@ def crier_routes():
 CLIENT_PATHS = {"/ws", "/sse", "/crier.js"}
 
 
+# The standard process collector's series that crier exports next to its own (the names every
+# Prometheus client library uses), plotted per node on the dashboard.
+PROCESS_METRICS = {"process_resident_memory_bytes", "process_cpu_seconds_total"}
+
+
 def metric_names(expr):
-    return set(re.findall(r"\b(crier_[a-z_]+)\b", expr))
+    return set(re.findall(r"\b((?:crier|process)_[a-z_]+)\b", expr))
 
 
 # --- Prometheus -----------------------------------------------------------------------------
@@ -283,7 +288,7 @@ def test_dashboard_structure():
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     rows = [p["title"] for p in panels if p["type"] == "row"]
-    assert rows == ["Overview", "Handshakes", "Messages", "Drops and limits", "Broker and recovery"]
+    assert rows == ["Overview", "Handshakes", "Messages", "Drops and limits", "Broker and recovery", "Resources"]
     # No two panels overlap on the 24-column grid.
     cells = {}
     for p in panels:
@@ -296,7 +301,7 @@ def test_dashboard_structure():
     variables = {v["name"]: v for v in d["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert {"job", "instance"} <= set(variables)
-    known = crier_metrics() | {"up"}
+    known = crier_metrics() | PROCESS_METRICS | {"up"}
     for p in panels:
         for t in p.get("targets", []):
             assert t["datasource"]["uid"] == "${datasource}"
@@ -314,8 +319,14 @@ def test_dashboard_structure():
                 "crier_messages_published_total", "crier_messages_delivered_total",
                 "crier_broadcast_latency_seconds_bucket", "crier_rate_limited_total", "crier_slow_consumers_total",
                 "crier_heartbeat_timeouts_total", "crier_client_errors_total", "crier_broker_up",
-                "crier_broker_reconnects_total", "crier_recoveries_total"}
+                "crier_broker_reconnects_total", "crier_recoveries_total"} | PROCESS_METRICS
     assert contract <= plotted, contract - plotted
+    # Memory and CPU per node: by instance, CPU as a rate.
+    for title in ("Memory (RSS) by node", "CPU by node"):
+        (panel,) = [p for p in panels if p["title"] == title]
+        assert all(t["expr"].startswith("sum by (instance) (") for t in panel["targets"]), title
+    (cpu,) = [p for p in panels if p["title"] == "CPU by node"]
+    assert "rate(process_cpu_seconds_total{" in cpu["targets"][0]["expr"]
 
 
 # --- Kubernetes -----------------------------------------------------------------------------
