@@ -3,8 +3,8 @@ with each ci/*-values.yaml (Sentinel, Cluster), every rendered object validated 
 Kubernetes 1.30 and 1.37 schemas (kubernetes-validate, strict: unknown fields fail), and the
 same consistency checks as the kustomize manifests (selectors, ports, drain-aware grace period,
 every CRIER_* variable a real setting, client paths in the Ingress and the API kept out of it).
-Plus the chart's refusals: a wrong combination of values fails `helm template` with a message
-naming the value to change.
+Plus the chart's refusals: a wrong combination of values, an unknown key (values.schema.json)
+or a value of the wrong form fails `helm template` with a message naming the value to change.
 
 helm comes from scripts/test-helm (HELM=path), or from PATH; without it these tests skip."""
 
@@ -221,9 +221,13 @@ def test_helm_keeps_the_kustomize_topology():
     (["redis.url=redis://r:6379", "redis.mode=internal"], "redis.url is set but redis.mode is \"internal\""),
     (["redis.mode=sentinel", "redis.sentinel.urls={redis://s:26379}"], "needs redis.sentinel.master"),
     (["redis.mode=cluster", "redis.url=redis://r:6379", "redis.cluster.urls={redis://c:6379}"], "one Redis topology at a time"),
-    (["redis.mode=standalone"], "must be internal, url, sentinel or cluster"),
+    # values.schema.json: unknown keys (typos) and wrong types or forms.
+    (["redis.mode=standalone"], 'redis.mode: redis.mode must be one of the following: "internal", "url"'),
+    (["ingres.enabled=true"], "Additional property ingres is not allowed"),
+    (["redis.mode=url", "redis.url=localhost:6379"], "redis.url: Does not match pattern"),
+    (["replicaCount=three"], "replicaCount: Invalid type"),
     (["auth.jwtSecret=short"], "auth.jwtSecret must be at least 32 bytes"),
-    (["settings.PING_INTERVAL=25s"], "every key is a crier environment variable"),
+    (["settings.PING_INTERVAL=25s"], 'Property name of "PING_INTERVAL" does not match'),
     (["settings.CRIER_SHUTDOWN_DRAIN=60s"], "drain.shutdownDrainSeconds"),
     (["terminationGracePeriodSeconds=12"], "would be killed mid-drain"),
     (["ingress.enabled=true", "ingress.paths={/ws,/api/v1}"], "the REST API is server-to-server"),
