@@ -141,7 +141,7 @@ export interface CrierOptions {
 
 /** Error codes: the server's (bad_request, unknown_type, invalid_channel, forbidden,
  * rate_limited, too_many_subscriptions, message_too_large, already_subscribed, not_subscribed,
- * token_invalid, unavailable, internal) and the client's own: "timeout" (no reply within
+ * token_invalid, unavailable, internal, channel_full) and the client's own: "timeout" (no reply within
  * requestTimeout), "disconnected" (the connection closed before the reply: a publish may or
  * may not have gone out), "closed" (the client is closed), "unsubscribed" (the server ended a
  * subscription), "token_unavailable" (getToken failed), "bad_frame", "bad_url", "send_failed". */

@@ -22,10 +22,12 @@ pub enum ErrorCode {
     Unavailable,
     Internal,
     OutcomeUnknown,
+    /// The channel's namespace bounds its subscribers (`max_subscribers`) and it is full.
+    ChannelFull,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownType,
         ErrorCode::InvalidChannel,
@@ -39,6 +41,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::Internal,
         ErrorCode::OutcomeUnknown,
+        ErrorCode::ChannelFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -56,6 +59,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::OutcomeUnknown => "outcome_unknown",
+            ErrorCode::ChannelFull => "channel_full",
         }
     }
 }

@@ -321,6 +321,19 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         recovered: Option<bool>,
     },
+    /// An `ack` that says why (channel namespaces): a subscribe asking to `recover` in a
+    /// namespace without history (or with `recovery = false`) is acked `recovered: false` with
+    /// `reason: "no_history"`.
+    #[serde(rename = "ack")]
+    AckWithReason {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        channel: &'a str,
+        epoch: &'a str,
+        offset: u64,
+        recovered: bool,
+        reason: &'a str,
+    },
     Pong {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
@@ -416,6 +429,22 @@ mod tests {
 
     fn v(b: &Bytes) -> Value {
         serde_json::from_slice(b).unwrap_or(Value::Null)
+    }
+
+    #[test]
+    fn an_ack_with_a_reason_is_an_ack() {
+        let f = ServerFrame::AckWithReason {
+            id: Some(4),
+            channel: "live:a",
+            epoch: "e",
+            offset: 9,
+            recovered: false,
+            reason: "no_history",
+        };
+        assert_eq!(
+            v(&f.encode()),
+            json!({"type":"ack","id":4,"channel":"live:a","epoch":"e","offset":9,"recovered":false,"reason":"no_history"})
+        );
     }
 
     #[test]

@@ -29,6 +29,13 @@
 //! |---|---|---|---|
 //! | `crier:{<channel>}:meta` | HASH | `epoch`, `top` (last offset), `due` (ms: when the keys' expiries are next pushed out) | `meta_ttl` (24h) to `meta_ttl` + slack after the last publish |
 //! | `crier:{<channel>}:hist` | LIST | entries `offset:epoch:ts_us:frame`, oldest first; the newest `history_size` are the history (trimmed back to it once it holds an eighth more) | `history_ttl` to `history_ttl` + slack after the last publish; reads drop entries older than `history_ttl` |
+//!
+//! `history_size` and `history_ttl` are the channel's namespace's ([`RedisOptions::namespaces`];
+//! channels outside every declared namespace get [`RedisOptions::history_size`] and
+//! [`RedisOptions::history_ttl`]); `meta_ttl` is at least the longest history TTL of any of them.
+//!
+//! | key | type | content | lifetime |
+//! |---|---|---|---|
 //! | `crier:{<channel>}:idem:<key>` | STRING | `epoch:offset` of the first publish with that key | 300s |
 //! | `crier:{<channel>}:pres` / `:pres:data` | ZSET / HASH | member → expiry ms / entry JSON | `presence_ttl` (30s), refreshed by the owning node |
 //! | `crier:user:{<user>}:conns` | ZSET | member → expiry ms | `presence_ttl`, refreshed |
@@ -147,7 +154,8 @@ pub struct RedisOptions {
     /// How long history is kept: after the last publish for the list, per message for reads.
     pub history_ttl: Duration,
     /// The channels' namespaces: per-namespace options (history, presence, join/leave). Channels
-    /// outside every declared namespace get the default policy. Default: none declared.
+    /// outside every declared namespace get `history_size` and `history_ttl` above (they win
+    /// over the namespaces' default policy). Default: none declared.
     pub namespaces: Arc<Namespaces>,
     /// How long a channel's epoch and offset outlive its last publish. Never less than
     /// `history_ttl`. Default 24h.
@@ -278,11 +286,7 @@ impl RedisBroker {
             _ => Keys::new(&opts.key_prefix),
         };
         let scripts = Arc::new(Scripts::new());
-        let params = Params {
-            history_size: opts.history_size,
-            history_ttl_ms: millis(opts.history_ttl),
-            meta_ttl_ms: millis(opts.meta_ttl.max(opts.history_ttl)),
-        };
+        let params = Params::new(opts.namespaces.clone(), opts.history_size, opts.history_ttl, opts.meta_ttl);
         let instance = scripts::new_epoch();
         let (up_tx, up) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -310,7 +314,7 @@ impl RedisBroker {
         let task = pubsub::Task::new(
             resolver,
             keys.clone(),
-            params,
+            params.clone(),
             scripts.clone(),
             shared.clone(),
             settings,
@@ -332,7 +336,7 @@ impl RedisBroker {
             publisher::Context {
                 commands: commands.clone(),
                 keys: keys.clone(),
-                params,
+                params: params.clone(),
                 scripts: scripts.clone(),
                 idempotency_ttl_s: IDEMPOTENCY_WINDOW.as_secs(),
                 calls: publish_calls.clone(),
@@ -465,6 +469,10 @@ impl Broker for RedisBroker {
 
     async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
         self.state.presence_remove(channel, client).await
+    }
+
+    async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry) -> Result<u64, BrokerError> {
+        self.state.presence_add_counted(channel, entry).await
     }
 
     async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError> {

@@ -124,6 +124,12 @@ impl ClusterState {
     }
 
     pub(crate) async fn presence_add(&self, channel: &str, entry: &PresenceEntry) -> Result<(), BrokerError> {
+        self.presence_add_counted(channel, entry).await.map(drop)
+    }
+
+    /// [`ClusterState::presence_add`], returning the channel's live presence entries after it
+    /// (the script's answer: no extra round trip).
+    pub(crate) async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry) -> Result<u64, BrokerError> {
         let json = serde_json::to_string(entry).map_err(|e| BrokerError::Internal(e.to_string()))?;
         let member = self.member(&entry.client);
         let (z, h) = self.keys.presence(channel);
@@ -135,7 +141,7 @@ impl ClusterState {
         }
         let mut inv = self.scripts.ttl_add.key(&z);
         inv.key(&h).arg(&member).arg(ms(self.presence_ttl)).arg(&json);
-        self.commands.invoke(&inv).await.map(drop)
+        count(&self.commands.invoke(&inv).await?)
     }
 
     pub(crate) async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {

@@ -189,13 +189,14 @@ async fn publish_batch(ctx: Arc<Context>, mut batch: Vec<Job>) {
         Ok(v) => v,
         Err(e) => return fail(batch, &e),
     };
-    let slack = ctx.params.expiry_slack_ms();
+    let default = ctx.params.default;
+    let slack = default.expiry_slack_ms();
     let mut inv = ctx.scripts.publish.prepare_invoke();
     inv.arg(batch.len())
         .arg(scripts::new_epoch())
-        .arg(ctx.params.history_size)
-        .arg(ctx.params.history_ttl_ms + slack)
-        .arg(ctx.params.meta_ttl_ms + slack)
+        .arg(default.history_size)
+        .arg(default.history_ttl_ms + slack)
+        .arg(ctx.params.meta_ttl_ms + ctx.params.meta_slack_ms)
         .arg(slack)
         .arg(ctx.idempotency_ttl_s)
         .arg(ctx.keys.publish_command())
@@ -210,6 +211,16 @@ async fn publish_batch(ctx: Arc<Context>, mut batch: Vec<Job>) {
             }
             None => {
                 inv.arg("0");
+            }
+        }
+        // The channel's own history options, only when its namespace declares them.
+        match ctx.params.named(&job.channel) {
+            Some(own) => {
+                let slack = own.expiry_slack_ms();
+                inv.arg(format!("{}:{}:{}", own.history_size, own.history_ttl_ms + slack, slack));
+            }
+            None => {
+                inv.arg("");
             }
         }
     }

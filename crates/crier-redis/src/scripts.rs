@@ -8,11 +8,13 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use crier_core::{BrokerError, History, PublishResult};
+use std::time::Duration;
+
+use crier_core::{BrokerError, History, Namespaces, PublishResult};
 use redis::{Script, Value};
 
 use crate::keys::Keys;
-use crate::payload;
+use crate::{millis, payload};
 
 /// Shared by the scripts: milliseconds and microseconds of Redis `TIME`, and the pruning of a
 /// history list's expired head.
@@ -39,7 +41,9 @@ end
 /// idempotency ttl s, publish command (`PUBLISH`, or `SPUBLISH` on a Cluster), server
 /// generation ('' = not tracked; a Sentinel master's run id; `*` = this server's run id, read
 /// here: on a Cluster, where only Redis knows which node runs it); then per message: channel,
-/// data, pub/sub channel, `1` if it has an idempotency key (else `0`). KEYS per message: meta,
+/// data, pub/sub channel, `1` if it has an idempotency key (else `0`), and the channel's
+/// history options when its namespace declares them (`size:expiry ms:slack ms`; '' = the
+/// call's: channels outside every namespace pay nothing for them). KEYS per message: meta,
 /// history, [idempotency]. Returns two items per message: `1, "epoch:offset"`; `0,
 /// "epoch:offset"` for a repeated idempotency key; `-1, "<redis error>"` when that message
 /// failed (the others still ran: every message is its own `pcall`).
@@ -64,7 +68,7 @@ local trim_step = math.floor(size / 8)
 local t = redis.call('TIME')
 local now = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function one(channel, data, pubsub, meta, hist, idem)
+local function one(channel, data, pubsub, meta, hist, idem, size, hist_exp, slack, trim_step)
   if idem then
     local prev = redis.call('GET', idem)
     if prev then return 0, prev end
@@ -111,7 +115,15 @@ local k, a = 1, 10
 for _ = 1, n do
   local idem = nil
   if ARGV[a + 3] == '1' then idem = KEYS[k + 2] end
-  local ok, fresh, result = pcall(one, ARGV[a], ARGV[a + 1], ARGV[a + 2], KEYS[k], KEYS[k + 1], idem)
+  local m_size, m_exp, m_slack, m_step = size, hist_exp, slack, trim_step
+  local own = ARGV[a + 4]
+  if own ~= '' then
+    local s, e, l = string.match(own, '^(%d+):(%d+):(%d+)$')
+    m_size, m_exp, m_slack = tonumber(s) or size, e or hist_exp, tonumber(l) or slack
+    m_step = math.floor(m_size / 8)
+  end
+  local ok, fresh, result = pcall(one, ARGV[a], ARGV[a + 1], ARGV[a + 2], KEYS[k], KEYS[k + 1], idem,
+    m_size, m_exp, m_slack, m_step)
   if not ok then
     result = type(fresh) == 'table' and fresh.err or tostring(fresh)
     fresh = -1
@@ -119,7 +131,7 @@ for _ = 1, n do
   out[#out + 1] = fresh
   out[#out + 1] = result
   if idem then k = k + 3 else k = k + 2 end
-  a = a + 4
+  a = a + 5
 end
 return out
 "#;
@@ -298,20 +310,68 @@ redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.max(1, math.ceil(new_ta
 return 0
 "#;
 
-/// TTLs and sizes the channel scripts are called with.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Params {
+/// A channel's history options, as the channel scripts take them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ChannelParams {
     pub history_size: usize,
     pub history_ttl_ms: u64,
-    pub meta_ttl_ms: u64,
 }
 
-impl Params {
+impl ChannelParams {
     /// How long the publish script may leave a channel's key expiries alone: a tenth of
     /// `history_ttl`, at most 30 s (see `PUBLISH`). Reads still drop entries older than
     /// `history_ttl`; the keys themselves live at most this much longer.
     pub(crate) fn expiry_slack_ms(&self) -> u64 {
         (self.history_ttl_ms / 10).min(30_000)
+    }
+}
+
+/// TTLs and sizes the channel scripts are called with: the top-level history options, and
+/// each declared namespace's (a channel gets its namespace's, see [`Params::channel`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Params {
+    /// Channels outside every declared namespace.
+    pub default: ChannelParams,
+    /// How long a channel's meta outlives its last publish: never less than any history TTL.
+    pub meta_ttl_ms: u64,
+    /// The longest expiry slack of any namespace (the meta's expiry is pushed out by it).
+    pub meta_slack_ms: u64,
+    namespaces: Arc<Namespaces>,
+}
+
+impl Params {
+    /// `default_*`: the top-level history options (they win over `namespaces`' default policy).
+    pub(crate) fn new(
+        namespaces: Arc<Namespaces>,
+        default_size: usize,
+        default_ttl: Duration,
+        meta_ttl: Duration,
+    ) -> Params {
+        let default = ChannelParams { history_size: default_size, history_ttl_ms: millis(default_ttl) };
+        let named: Vec<u64> = namespaces.named().map(|(_, p)| millis(p.history_ttl)).collect();
+        let longest = named.iter().copied().chain([default.history_ttl_ms]).max().unwrap_or(default.history_ttl_ms);
+        let meta_slack_ms = named
+            .into_iter()
+            .map(|ttl_ms| ChannelParams { history_size: 0, history_ttl_ms: ttl_ms }.expiry_slack_ms())
+            .chain([default.expiry_slack_ms()])
+            .max()
+            .unwrap_or(0);
+        Params { default, meta_ttl_ms: millis(meta_ttl).max(longest), meta_slack_ms, namespaces }
+    }
+
+    /// The options of `channel` when its namespace is declared (`None`: the default ones).
+    /// No allocation; no hashing at all when no namespace is declared.
+    pub(crate) fn named(&self, channel: &str) -> Option<ChannelParams> {
+        let policy = self.namespaces.policy(channel);
+        if std::ptr::eq(policy, self.namespaces.default_policy()) {
+            return None;
+        }
+        Some(ChannelParams { history_size: policy.history_size, history_ttl_ms: millis(policy.history_ttl) })
+    }
+
+    /// The history options of `channel`.
+    pub(crate) fn channel(&self, channel: &str) -> ChannelParams {
+        self.named(channel).unwrap_or(self.default)
     }
 }
 
@@ -328,6 +388,7 @@ pub(crate) struct HistoryCall {
 impl HistoryCall {
     /// `since: None` asks for the latest `limit` publications.
     pub(crate) fn new(keys: &Keys, params: &Params, channel: &str, since: Option<(&str, u64)>, limit: usize) -> Self {
+        let history = params.channel(channel);
         // '' asks for the latest; a `since` with an empty epoch must still be a position (one
         // that matches no epoch: epochs are alphanumeric).
         let (since_epoch, since_offset) = match since {
@@ -340,11 +401,11 @@ impl HistoryCall {
             args: [
                 new_epoch(),
                 params.meta_ttl_ms.to_string(),
-                params.history_ttl_ms.to_string(),
+                history.history_ttl_ms.to_string(),
                 since_epoch.to_owned(),
                 since_offset.to_string(),
                 limit.min(ALL).to_string(),
-                params.history_size.to_string(),
+                history.history_size.to_string(),
             ],
         }
     }

@@ -88,6 +88,8 @@ where
     unsubscribe_rechecks(&make, s).await;
     presence_and_connections(&make, s).await;
     history_expiry(&make, Settings { history_size: 10, history_ttl: Duration::from_millis(300) }).await;
+    // Channel namespaces.
+    presence_counted(&make, s).await;
 }
 
 async fn offsets_and_order<F, Fut>(make: &F, s: Settings)
@@ -256,6 +258,29 @@ where
     let nodes = b.nodes().await.unwrap_or_else(|e| panic!("nodes: {e}"));
     assert!(nodes.contains(&me), "the node registry lists this node: {nodes:?}");
     assert!(b.is_up());
+}
+
+/// Channel namespaces (`max_subscribers`): `presence_add_counted` adds like `presence_add` and
+/// answers the channel's live entries after the add (a refreshed entry is not counted twice).
+async fn presence_counted<F, Fut>(make: &F, s: Settings)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let (b, _h) = fresh(make, s).await;
+    let ch = format!("{}:counted", prefix());
+    let entry = |c: &str| PresenceEntry { client: c.into(), user: "u".into(), node: "n1".into() };
+    let count = async |c: &str| b.presence_add_counted(&ch, &entry(c)).await.unwrap_or_else(|e| panic!("add: {e}"));
+    assert_eq!(count("c1").await, 1);
+    assert_eq!(count("c2").await, 2);
+    assert_eq!(count("c2").await, 2, "a refresh is not a new entry");
+    b.presence_remove(&ch, "c1").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    assert_eq!(count("c3").await, 2);
+    let mut p = b.presence(&ch).await.unwrap_or_else(|e| panic!("presence: {e}"));
+    p.sort_by(|a, b| a.client.cmp(&b.client));
+    assert_eq!(p, vec![entry("c2"), entry("c3")], "counted entries are ordinary presence entries");
+    let other = format!("{}:counted-other", prefix());
+    assert_eq!(b.presence_add_counted(&other, &entry("c1")).await.ok(), Some(1), "counted per channel");
 }
 
 async fn history_expiry<F, Fut>(make: &F, s: Settings)

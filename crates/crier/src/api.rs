@@ -254,7 +254,7 @@ pub async fn history(
         (None, None) => None,
         _ => return Err(ApiError::bad_request("give both `since_offset` and `epoch`, or neither")),
     };
-    let limit = q.limit.unwrap_or(st.config.history_size).min(MAX_HISTORY_LIMIT);
+    let limit = q.limit.unwrap_or(st.policy(&channel).history_size).min(MAX_HISTORY_LIMIT);
     let h = st.broker().history(&channel, since.as_ref(), limit).await.map_err(ApiError::broker)?;
     let messages: Vec<&RawValue> = h
         .publications
@@ -271,6 +271,9 @@ pub async fn presence(
     channel: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let channel = path_channel(channel)?;
+    if !st.policy(&channel).presence {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "presence is off in this channel's namespace"));
+    }
     let clients = st.broker().presence(&channel).await.map_err(ApiError::broker)?;
     Ok(Json(json!({ "clients": clients })).into_response())
 }

@@ -20,7 +20,7 @@ mod origin;
 pub(crate) use extract::{bearer_credentials, extract_token};
 pub use jwt::NO_KEY;
 pub(crate) use jwt::{Claims, Verifier};
-pub use mint::{generate_secret, mint_hs256};
+pub use mint::{SigningKey, TokenRequest, generate_secret, mint, mint_hs256};
 
 /// Loads what the settings name for verifying tokens (the secret, the public key file, the JWKS
 /// file) and the Origin allow-list, and says what is wrong, without keeping anything. The binary

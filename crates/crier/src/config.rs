@@ -205,8 +205,9 @@ where
     T: Into<OsString> + Clone,
 {
     let mut problems = Vec::new();
-    let raw = sources::collect(args, env, &mut problems)?;
-    parse::build(&raw, env, problems)
+    let mut namespaces = Vec::new();
+    let raw = sources::collect(args, env, &mut problems, &mut namespaces)?;
+    parse::build(&raw, &namespaces, env, problems)
 }
 
 /// Warnings to log at start-up: one line per `CRIER_*` environment variable that names no

@@ -120,6 +120,7 @@ async fn metrics_text(State(st): State<AppState>) -> Response {
     metrics::gauge!(m::BROKER_UP).set(if st.broker().is_up() { 1.0 } else { 0.0 });
     metrics::counter!(m::BROKER_RECONNECTS).absolute(st.broker().reconnects());
     metrics::counter!(m::BROKER_PUBLISH_CALLS).absolute(st.broker().publish_calls());
+    m::collect_process();
     match &st.metrics {
         Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
         None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed").into_response(),

@@ -12,7 +12,11 @@ fn main() -> ExitCode {
     let env: HashMap<String, String> = std::env::vars_os()
         .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
         .collect();
-    let mut config = match config::load(std::env::args_os(), &env) {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "token") {
+        return token_command(&args, &env);
+    }
+    let mut config = match config::load(args, &env) {
         Ok(c) => c,
         Err(ConfigError::Help(text)) => {
             say(&text);
@@ -141,6 +145,117 @@ fn print_dev_banner(addr: &str, token: &str, config: &Config) {
     ));
 }
 
+const TOKEN_USAGE: &str = "\
+Usage: crier token --sub USER [--channels P,..] [--publish P,..] [--subs C,..] [--ttl 1h]
+                   [--jwt-private-key-file FILE] [--kid KID] [SETTINGS]
+
+Prints a client token signed with the configured key, for development and scripts:
+  --sub USER                  the user (`sub` claim), required
+  --channels P,..             channel patterns the user may subscribe to (`channels` claim)
+  --publish P,..              channel patterns the user may publish to (`publish` claim)
+  --subs C,..                 channels subscribed at connect (`subs` claim)
+  --ttl DURATION              lifetime (`exp` - `iat`), default 1h
+  --jwt-private-key-file FILE PEM private key (RSA, EC, Ed25519) when the node verifies with
+                              a public key or JWKS; the HS* secret is the node's own setting
+  --kid KID                   the `kid` header (a key of a JWKS)
+SETTINGS are the node's own (--jwt-secret, --jwt-algorithms, --jwt-issuer, --jwt-audience,
+--config FILE, CRIER_* variables): the token is what this node's configuration accepts.";
+
+/// `crier token ...`: mints a token from the node's settings (see [`TOKEN_USAGE`]).
+fn token_command(args: &[std::ffi::OsString], env: &HashMap<String, String>) -> ExitCode {
+    let mut req = auth::TokenRequest { ttl: Duration::from_secs(3600), ..Default::default() };
+    let mut private_key: Option<std::path::PathBuf> = None;
+    let mut rest: Vec<std::ffi::OsString> = vec![args[0].clone()];
+    let list = |v: &str| v.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned).collect();
+    let mut it = args[2..].iter();
+    while let Some(arg) = it.next() {
+        let text = arg.to_string_lossy();
+        let (flag, inline) = match text.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+            _ => (text.clone().into_owned(), None),
+        };
+        const OURS: &[&str] =
+            &["--sub", "--channels", "--publish", "--subs", "--ttl", "--jwt-private-key-file", "--kid"];
+        if flag == "--help" || flag == "-h" {
+            say(TOKEN_USAGE);
+            return ExitCode::SUCCESS;
+        }
+        if !OURS.contains(&flag.as_str()) {
+            rest.push(arg.clone());
+            continue;
+        }
+        let Some(value) = inline.or_else(|| it.next().map(|v| v.to_string_lossy().into_owned())) else {
+            complain(&format!("crier token: {flag} needs a value\n\n{TOKEN_USAGE}"));
+            return ExitCode::from(64);
+        };
+        match flag.as_str() {
+            "--sub" => req.sub = value,
+            "--channels" => req.channels = list(&value),
+            "--publish" => req.publish = list(&value),
+            "--subs" => req.subs = Some(list(&value)),
+            "--ttl" => match humantime::parse_duration(value.trim()) {
+                Ok(d) if !d.is_zero() => req.ttl = d,
+                _ => {
+                    complain(&format!("crier token: --ttl {value}: expected a duration like 1h, 30m or 90s"));
+                    return ExitCode::from(64);
+                }
+            },
+            "--jwt-private-key-file" => private_key = Some(value.into()),
+            _ => req.kid = Some(value),
+        }
+    }
+    let config = match config::load(rest, env) {
+        Ok(c) => c,
+        Err(ConfigError::Help(_)) => {
+            say(TOKEN_USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            complain(&format!("crier token: invalid configuration:\n{e}"));
+            return ExitCode::from(64);
+        }
+    };
+    req.issuer = config.jwt.issuer.clone();
+    req.audience = config.jwt.audience.clone();
+    let pem;
+    let key = match (&private_key, &config.jwt.key) {
+        (Some(path), _) => match std::fs::read(path) {
+            Ok(bytes) => {
+                pem = bytes;
+                auth::SigningKey::PrivatePem(&pem)
+            }
+            Err(e) => {
+                complain(&format!("crier token: cannot read {}: {e}", path.display()));
+                return ExitCode::from(64);
+            }
+        },
+        (None, Some(KeySource::Secret(secret))) => auth::SigningKey::Secret(secret.as_bytes()),
+        (None, Some(_)) => {
+            complain(
+                "crier token: this configuration verifies tokens with a public key or a JWKS; \
+                 pass the matching private key with --jwt-private-key-file",
+            );
+            return ExitCode::from(64);
+        }
+        (None, None) => {
+            complain(
+                "crier token: no key to sign with: set --jwt-secret (or CRIER_JWT_SECRET, or jwt_secret in --config), or pass --jwt-private-key-file",
+            );
+            return ExitCode::from(64);
+        }
+    };
+    match auth::mint(&key, &config.jwt.algorithms, &req) {
+        Ok(token) => {
+            say(&token);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            complain(&format!("crier token: {e}"));
+            ExitCode::from(64)
+        }
+    }
+}
+
 /// Prints a line to stdout; a closed or broken stdout (a pipe whose reader left) is not an
 /// error worth dying for.
 fn say(text: &str) {
@@ -158,7 +273,10 @@ fn complain(text: &str) {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only for a person at a terminal: logs piped to a file, journald or a collector
+    // get plain text (and NO_COLOR, https://no-color.org, turns it off everywhere).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),

@@ -41,6 +41,19 @@ const LATENCY_BUCKETS: &[f64] =
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// The standard Prometheus process metrics (`process_resident_memory_bytes`,
+/// `process_cpu_seconds_total`, `process_open_fds`, `process_max_fds`, `process_threads`,
+/// `process_start_time_seconds`, `process_virtual_memory_bytes`), the names Prometheus' own
+/// clients export, so existing dashboards and alerts work. Read from `/proc` at each scrape.
+static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
+
+/// Updates the process metrics (called by the `/metrics` handler before it renders).
+pub fn collect_process() {
+    if let Some(c) = PROCESS.get() {
+        c.collect();
+    }
+}
+
 /// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
 /// `None` if another recorder was installed first.
 pub fn install() -> Option<PrometheusHandle> {
@@ -51,6 +64,7 @@ pub fn install() -> Option<PrometheusHandle> {
                 .ok()?;
             let handle = builder.install_recorder().ok()?;
             describe();
+            PROCESS.get_or_init(metrics_process::Collector::default).describe();
             zero();
             spawn_upkeep(handle.clone());
             Some(handle)

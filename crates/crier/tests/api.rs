@@ -127,6 +127,13 @@ async fn health_readiness_metrics() {
     }
     assert_eq!(support::metric_value(&m, "crier_connections"), 1.0);
     assert_eq!(support::metric_value(&m, "crier_broker_up"), 1.0);
+    // The standard process metrics, under the names Prometheus' own clients use.
+    let rss = support::metric_value(&m, "process_resident_memory_bytes");
+    assert!(rss > 1e6, "a running node has more than 1 MB resident: {rss}");
+    assert!(support::metric_value(&m, "process_open_fds") >= 3.0, "{m}");
+    for name in ["process_cpu_seconds_total", "process_max_fds", "process_threads", "process_start_time_seconds"] {
+        assert!(m.lines().any(|l| l.starts_with(name)), "{name} missing in:\n{m}");
+    }
     // The demo page exists only in --dev.
     assert_eq!(reqwest::get(server.url("/")).await.unwrap().status(), 404);
 }

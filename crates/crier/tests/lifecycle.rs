@@ -91,6 +91,18 @@ async fn json_logs_never_contain_tokens() {
     assert!(!logs.contains(&token), "the token appeared in the logs (request logged as {done}):\n{logs}");
 }
 
+#[tokio::test]
+async fn human_logs_into_a_pipe_carry_no_colour_codes() {
+    // The test captures stderr through a pipe, as a log collector or `> file` would.
+    let server = Server::start(&[]).await;
+    let r = reqwest::get(format!("{}?token=not-a-token", server.url("/ws"))).await.unwrap();
+    assert_eq!(r.status(), 401);
+    server.process.wait_log("the refusal's log line", |l| l.contains("token")).await;
+    let logs = server.logs();
+    assert!(logs.contains("crier started"), "{logs}");
+    assert!(!logs.contains('\u{1b}'), "ANSI escape codes in logs written to a pipe:\n{logs:?}");
+}
+
 /// A raw client that completes the handshake and then never reads or answers anything.
 fn silent_client(server: &Server, token: &str) -> std::net::TcpStream {
     let mut s = std::net::TcpStream::connect(server.addr).unwrap();

@@ -282,7 +282,13 @@ fn the_description_is_well_formed_openapi_3_1() {
 async fn every_operation_answers_as_described() {
     let spec = spec();
     let mut c = Checker { spec: spec.clone(), http: reqwest::Client::new(), exercised: HashSet::new() };
-    let node = Server::start(&["--max-message-bytes", "1024", "--max-connections", "1"]).await;
+    // A namespace without presence (channel namespaces: its presence answers 403).
+    let config = std::env::temp_dir().join(format!("crier-openapi-{}.toml", std::process::id()));
+    std::fs::write(&config, "[namespaces.quiet]\npresence = false\n").unwrap();
+    let config_path = config.to_string_lossy().into_owned();
+    let node =
+        Server::start(&["--max-message-bytes", "1024", "--max-connections", "1", "--config", &config_path]).await;
+    let _ = std::fs::remove_file(&config);
     let (get, post) = (Method::GET, Method::POST);
     let big = "x".repeat(2048);
 
@@ -333,6 +339,7 @@ async fn every_operation_answers_as_described() {
     let t = "/api/v1/channels/{channel}/presence";
     c.check(&node, req(get.clone(), t).path("/api/v1/channels/chat:a/presence"), 200).await;
     c.check(&node, req(get.clone(), t).path("/api/v1/channels/bad%20name/presence"), 400).await;
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels/quiet:a/presence"), 403).await;
     c.check(&node, req(get.clone(), t).path("/api/v1/channels/chat:a/presence").auth(None), 401).await;
 
     // disconnect

@@ -713,3 +713,30 @@ async fn a_stream_after_other_requests_on_a_connection_and_over_http_1_0() {
     closed_by_server(&mut old);
     read_until(&mut raw, "0\r\n\r\n");
 }
+
+/// Channel namespaces: resuming a stream on a channel whose namespace keeps no history gets the
+/// `subscribed` event with `recovered:false` and `reason:"no_history"` (as a WebSocket ack), and
+/// the stream goes on live.
+#[tokio::test]
+async fn resuming_in_a_namespace_without_history_says_no_history() {
+    let config = std::env::temp_dir().join(format!("crier-sse-ns-{}.toml", std::process::id()));
+    std::fs::write(&config, "[namespaces.live]\nhistory_size = 0\n").unwrap();
+    let server = Server::start(&["--config", config.to_str().unwrap()]).await;
+    let _ = std::fs::remove_file(&config);
+    let token = server.token("u1", &["live:*"], &[]);
+    let q = format!("channel=live:a&token={token}");
+    let mut sse = Sse::open(&server, &q, &[]).await;
+    sse.until("subscribed").await;
+    server.publish("live:a", json!(1)).await;
+    let got = sse.messages(1).await;
+    let resume_at = got[0].id.clone().expect("id");
+    drop(sse);
+    server.publish("live:a", json!(2)).await;
+
+    let mut again = Sse::open(&server, &q, &[("last-event-id", &resume_at)]).await;
+    let s = again.until("subscribed").await.json();
+    assert_eq!((s["recovered"].clone(), s["reason"].clone()), (json!(false), json!("no_history")), "{s}");
+    assert_eq!(s["offset"], 2, "{s}");
+    server.publish("live:a", json!(3)).await;
+    assert_eq!(offsets(&again.messages(1).await), [3], "nothing replayed, then live");
+}

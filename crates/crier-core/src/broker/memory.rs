@@ -217,10 +217,10 @@ pub struct MemoryBroker {
     hasher: RandomState,
     subscribed: Mutex<HashSet<String>>,
     handler: OnceLock<Arc<dyn BrokerHandler>>,
-    history_size: usize,
-    history_ttl: Duration,
-    /// The channels' namespaces (per-namespace options).
+    /// The channels' namespaces: each channel's history size and TTL are its namespace's.
     namespaces: Arc<Namespaces>,
+    /// The longest history TTL of any namespace (how long an idle channel is remembered).
+    max_history_ttl: Duration,
     /// History bytes across channels, and the cap on them.
     budget: Mutex<Budget>,
     /// One eviction at a time (others publishing meanwhile do not wait for it).
@@ -241,8 +241,14 @@ impl MemoryBroker {
     /// A broker whose channels get their namespace's options, keeping at most
     /// `history_max_bytes` of history across all channels (0: no cap).
     pub fn with_namespaces(namespaces: Arc<Namespaces>, history_max_bytes: usize) -> Arc<MemoryBroker> {
-        let d = namespaces.default_policy();
-        let (history_size, history_ttl) = (d.history_size, d.history_ttl);
+        let max_history_ttl = namespaces.max_history_ttl();
+        // Sweeps often enough for the shortest TTL that keeps history.
+        let shortest = namespaces
+            .policies()
+            .filter(|p| p.history_size > 0)
+            .map(|p| p.history_ttl)
+            .min()
+            .unwrap_or(max_history_ttl);
         let broker = Arc::new(MemoryBroker {
             budget: Mutex::new(Budget::new(history_max_bytes)),
             evicting: Mutex::new(()),
@@ -250,9 +256,8 @@ impl MemoryBroker {
             hasher: RandomState::new(),
             subscribed: Mutex::new(HashSet::new()),
             handler: OnceLock::new(),
-            history_size,
-            history_ttl,
             namespaces,
+            max_history_ttl,
             idempotency: Mutex::new(HashMap::new()),
             presence: Mutex::new(Presence::default()),
             connections: Mutex::new(HashMap::new()),
@@ -260,7 +265,7 @@ impl MemoryBroker {
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             let weak = Arc::downgrade(&broker);
-            let period = (history_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+            let period = (shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
             tokio::spawn(sweeper(weak, period));
         }
         broker
@@ -308,16 +313,17 @@ impl MemoryBroker {
         for shard in &self.shards {
             let mut map = lock(shard);
             map.retain(|channel, st| {
-                st.prune(self.history_ttl, now, &self.budget);
+                let ttl = self.namespaces.policy(channel).history_ttl;
+                st.prune(ttl, now, &self.budget);
                 !st.history.is_empty()
-                    || now.duration_since(st.last_publish) <= self.history_ttl
+                    || now.duration_since(st.last_publish) <= ttl
                     || lock(&self.subscribed).contains(channel)
             });
             if map.capacity() > 64 && map.len() < map.capacity() / 4 {
                 map.shrink_to_fit();
             }
         }
-        if let Some(expired) = now.checked_sub(self.history_ttl) {
+        if let Some(expired) = now.checked_sub(self.max_history_ttl) {
             lock(&self.budget).forget_before(expired);
         }
         lock(&self.idempotency).retain(|_, (_, at)| now.duration_since(*at) <= IDEMPOTENCY_WINDOW);
@@ -354,9 +360,10 @@ impl Broker for MemoryBroker {
         {
             return Ok(res.clone());
         }
+        let policy = self.namespaces.policy(channel);
         let mut map = lock(self.shard(channel));
         let st = map.entry(channel.to_owned()).or_insert_with(ChannelState::new);
-        st.prune(self.history_ttl, now, &self.budget);
+        st.prune(policy.history_ttl, now, &self.budget);
         st.top += 1;
         st.last_publish = now;
         let publication = Publication {
@@ -366,9 +373,9 @@ impl Broker for MemoryBroker {
             published_at_us: crate::now_micros(),
         };
         let mut over_cap = false;
-        if self.history_size > 0 {
+        if policy.history_size > 0 {
             let mut budget = lock(&self.budget);
-            if st.history.len() >= self.history_size
+            if st.history.len() >= policy.history_size
                 && let Some((old, at)) = st.history.pop_front()
             {
                 budget.remove(at, entry_bytes(&old));
@@ -420,7 +427,7 @@ impl Broker for MemoryBroker {
         let now = Instant::now();
         let mut map = lock(self.shard(channel));
         let st = map.entry(channel.to_owned()).or_insert_with(ChannelState::new);
-        st.prune(self.history_ttl, now, &self.budget);
+        st.prune(self.namespaces.policy(channel).history_ttl, now, &self.budget);
         let all = st.history.iter().map(|(p, _)| p);
         let (publications, gap) = match since {
             Some(pos) if *pos.epoch == *st.epoch && pos.offset <= st.top => {
@@ -444,6 +451,12 @@ impl Broker for MemoryBroker {
     async fn presence_add(&self, channel: &str, entry: &PresenceEntry) -> Result<(), BrokerError> {
         lock(&self.presence).add(channel, entry);
         Ok(())
+    }
+
+    async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry) -> Result<u64, BrokerError> {
+        let mut p = lock(&self.presence);
+        p.add(channel, entry);
+        Ok(p.channels.get(channel).map_or(0, |m| m.len() as u64))
     }
 
     async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {

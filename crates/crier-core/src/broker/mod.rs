@@ -160,6 +160,12 @@ pub trait Broker: Send + Sync + 'static {
     /// Whether the broker is reachable right now (readiness, `crier_broker_up`).
     fn is_up(&self) -> bool;
 
+    // --- Channel namespaces (`max_subscribers`) ---
+    /// [`Broker::presence_add`], returning how many clients the channel's presence holds after
+    /// it, cluster-wide (what a namespace's `max_subscribers` is checked against: the caller
+    /// removes the entry again when the count is over the bound).
+    async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry) -> Result<u64, BrokerError>;
+
     /// Cluster-wide rate limit (GCRA): counts one event for `key` at `rate` per second with a
     /// burst of `burst`. `Ok(None)` when allowed, `Ok(Some(retry_after))` when refused.
     /// Brokers without shared state (the memory broker) return `Ok(None)`: on one node the

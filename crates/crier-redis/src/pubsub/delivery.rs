@@ -81,7 +81,7 @@ impl Task {
             return Ok(());
         };
         let (offset, ts, start) = (h.offset, h.published_at_us, h.frame_start);
-        let gap_fill = self.params.history_size > 0;
+        let gap_fill = self.params.channel(channel).history_size > 0;
         let Some(state) = self.channels.get_mut(channel) else {
             return Ok(()); // a late message after an unsubscribe
         };

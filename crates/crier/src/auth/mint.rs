@@ -44,3 +44,80 @@ pub fn generate_secret() -> String {
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
+
+/// What `crier token` puts in a token (besides `iat` and `exp`).
+#[derive(Debug, Default, Clone)]
+pub struct TokenRequest {
+    pub sub: String,
+    pub channels: Vec<String>,
+    pub publish: Vec<String>,
+    /// Channels the connection is subscribed to at connect (`subs` claim); `None` = no claim.
+    pub subs: Option<Vec<String>>,
+    pub ttl: Duration,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// The `kid` header (keys chosen from a JWKS).
+    pub kid: Option<String>,
+}
+
+/// The key `crier token` signs with.
+pub enum SigningKey<'a> {
+    /// An HS* secret (its UTF-8 bytes, as the verifier uses them).
+    Secret(&'a [u8]),
+    /// A PEM private key: RSA, EC (P-256/P-384) or Ed25519.
+    PrivatePem(&'a [u8]),
+}
+
+/// Signs `req` with `key`. `algorithms` is the node's `jwt_algorithms` (empty: chosen from the
+/// key): the first one of the key's family is used.
+pub fn mint(key: &SigningKey<'_>, algorithms: &[Algorithm], req: &TokenRequest) -> Result<String, String> {
+    if req.sub.is_empty() {
+        return Err("`--sub` is required and may not be empty".into());
+    }
+    let (encoding, family): (EncodingKey, &[Algorithm]) = match key {
+        SigningKey::Secret([]) => return Err("the secret is empty".into()),
+        SigningKey::Secret(s) => (EncodingKey::from_secret(s), &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512]),
+        SigningKey::PrivatePem(pem) if !String::from_utf8_lossy(pem).contains("PRIVATE KEY-----") => {
+            return Err("the private key file is not a PEM private key (a public key cannot sign)".into());
+        }
+        SigningKey::PrivatePem(pem) => {
+            use Algorithm::{ES256, ES384, EdDSA, PS256, PS384, PS512, RS256, RS384, RS512};
+            if let Ok(k) = EncodingKey::from_rsa_pem(pem) {
+                (k, &[RS256, RS384, RS512, PS256, PS384, PS512])
+            } else if let Ok(k) = EncodingKey::from_ec_pem(pem) {
+                (k, &[ES256, ES384])
+            } else if let Ok(k) = EncodingKey::from_ed_pem(pem) {
+                (k, &[EdDSA])
+            } else {
+                return Err("the private key file is not a PEM RSA, EC or Ed25519 private key".into());
+            }
+        }
+    };
+    let alg = if algorithms.is_empty() {
+        family[0]
+    } else {
+        *algorithms.iter().find(|a| family.contains(a)).ok_or_else(|| {
+            format!("jwt_algorithms ({algorithms:?}) lists no algorithm this key can sign with ({family:?})")
+        })?
+    };
+    let now = now_secs();
+    let mut claims = serde_json::json!({
+        "sub": req.sub,
+        "iat": now,
+        "exp": now.saturating_add(req.ttl.as_secs().max(1)),
+        "channels": req.channels,
+        "publish": req.publish,
+    });
+    if let Some(subs) = &req.subs {
+        claims["subs"] = serde_json::json!(subs);
+    }
+    if let Some(iss) = &req.issuer {
+        claims["iss"] = serde_json::json!(iss);
+    }
+    if let Some(aud) = &req.audience {
+        claims["aud"] = serde_json::json!(aud);
+    }
+    let mut header = Header::new(alg);
+    header.kid = req.kid.clone();
+    jsonwebtoken::encode(&header, &claims, &encoding).map_err(|e| format!("cannot sign the token: {e}"))
+}

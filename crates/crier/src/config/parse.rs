@@ -10,7 +10,9 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, AlgorithmFamily};
 use rand::Rng;
 
-use super::sources::{Raw, RawSettings, RawValue, Source, suggest};
+use crier_core::{ChannelPolicy, Namespaces};
+
+use super::sources::{Raw, RawNamespace, RawSettings, RawValue, Source, suggest};
 use super::table;
 use super::{Config, ConfigError, JwtSettings, KeySource, LogFormat, RateScope, Redacted, RedisUrl};
 
@@ -125,6 +127,7 @@ impl<'a> Parser<'a> {
 /// Turns raw values into a [`Config`], adding every problem to `problems`.
 pub(super) fn build(
     raw: &RawSettings,
+    raw_namespaces: &[RawNamespace],
     env: &HashMap<String, String>,
     problems: Vec<String>,
 ) -> Result<Config, ConfigError> {
@@ -314,6 +317,14 @@ pub(super) fn build(
             }
         })
     });
+    let namespaces = match (history_size, history_ttl) {
+        (Some(history_size), Some(history_ttl)) => {
+            let default = ChannelPolicy { history_size, history_ttl, ..ChannelPolicy::default() };
+            namespaces(&mut p, raw_namespaces, default)
+        }
+        // The top-level history is invalid (reported): namespaces inheriting it cannot be judged.
+        _ => None,
+    };
     let presence_ttl = p.required("presence_ttl", |s| duration_within(s, false, MAX_DURATION));
     let max_connections = p.required("max_connections", number::<usize>);
     let max_pending_handshakes = p.required("max_pending_handshakes", |s| {
@@ -382,11 +393,7 @@ pub(super) fn build(
         node_handshake_burst: got(node_handshake_burst)?,
         history_size: got(history_size)?,
         history_ttl: got(history_ttl)?,
-        namespaces: crier_core::Namespaces::new(crier_core::ChannelPolicy {
-            history_size: got(history_size)?,
-            history_ttl: got(history_ttl)?,
-            ..crier_core::ChannelPolicy::default()
-        }),
+        namespaces: got(namespaces)?,
         presence_ttl: got(presence_ttl)?,
         max_connections: got(max_connections)?,
         max_pending_handshakes: got(max_pending_handshakes)?,
@@ -403,6 +410,112 @@ pub(super) fn build(
         log_format: got(log_format)?,
         dev: got(dev)?,
     })
+}
+
+/// The options a `[namespaces.<name>]` table may set.
+const NAMESPACE_OPTIONS: [&str; 7] =
+    ["history_size", "history_ttl", "recovery", "presence", "join_leave", "client_publish", "max_subscribers"];
+
+/// The `[namespaces.<name>]` tables: each name checked (a channel-name prefix: non-empty,
+/// channel-name characters, no `:`), each option typed; options not given inherit `default`
+/// (the top-level history settings, today's behaviour for the rest). Every problem is reported;
+/// `None` when there was one.
+fn namespaces(p: &mut Parser<'_>, raw: &[RawNamespace], default: ChannelPolicy) -> Option<Namespaces> {
+    let mut out = Namespaces::new(default.clone());
+    let mut ok = true;
+    for ns in raw {
+        let name = &ns.name;
+        let at = format!("namespaces.{name}");
+        let source = &ns.source;
+        if let Err(problem) = namespace_name(name) {
+            p.problems.push(format!("{at}: `{name}` ({source}): {problem}"));
+            ok = false;
+        }
+        let toml::Value::Table(options) = &ns.options else {
+            p.problems.push(format!(
+                "{at}: `{}` ({source}): expected a table of options, like [namespaces.{name}] history_size = 10",
+                ns.options.to_string().replace('\n', " ").trim()
+            ));
+            ok = false;
+            continue;
+        };
+        let mut policy = default.clone();
+        let mut size_set = false;
+        let mut ttl_set = false;
+        for (key, value) in options {
+            let text = match value {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Table(_) | toml::Value::Array(_) => {
+                    let shown = value.to_string().replace('\n', " ");
+                    p.problems.push(format!("{at}.{key}: `{}` ({source}): expected a single value", shown.trim()));
+                    ok = false;
+                    continue;
+                }
+                other => other.to_string(),
+            };
+            let typed = match key.as_str() {
+                "history_size" => number::<usize>(&text)
+                    .and_then(|n| {
+                        if n <= MAX_HISTORY_SIZE { Ok(n) } else { Err(format!("must be at most {MAX_HISTORY_SIZE}")) }
+                    })
+                    .map(|n| {
+                        policy.history_size = n;
+                        size_set = true;
+                    }),
+                // Judged below, once the namespace's history_size is known.
+                "history_ttl" => duration_within(&text, true, MAX_HISTORY_TTL).map(|d| {
+                    policy.history_ttl = d;
+                    ttl_set = true;
+                }),
+                "recovery" => boolean(&text).map(|b| policy.recovery = b),
+                "presence" => boolean(&text).map(|b| policy.presence = b),
+                "join_leave" => boolean(&text).map(|b| policy.join_leave = b),
+                "client_publish" => boolean(&text).map(|b| policy.client_publish = b),
+                "max_subscribers" => number::<usize>(&text).map(|n| policy.max_subscribers = n),
+                _ => {
+                    p.problems.push(format!(
+                        "{at}.{key}: unknown namespace option ({source}){}; the options: {}",
+                        suggest(key, NAMESPACE_OPTIONS.iter().map(|o| (*o).to_owned())),
+                        NAMESPACE_OPTIONS.join(", ")
+                    ));
+                    ok = false;
+                    continue;
+                }
+            };
+            if let Err(problem) = typed {
+                p.problems.push(format!("{at}.{key}: `{text}` ({source}): {problem}"));
+                ok = false;
+            }
+        }
+        if policy.history_size > 0 && policy.history_ttl.is_zero() && (size_set || ttl_set) {
+            p.problems.push(format!(
+                "{at}.history_ttl: `0s` ({source}): must be more than 0s when the namespace keeps history \
+                 (history_size {}; set history_size = 0 to keep none)",
+                policy.history_size
+            ));
+            ok = false;
+        }
+        if policy.max_subscribers > 0 && !policy.presence {
+            p.problems.push(format!(
+                "{at}.max_subscribers: `{}` ({source}): counts the channel's presence, so it needs presence = true",
+                policy.max_subscribers
+            ));
+            ok = false;
+        }
+        out = out.with(name, policy);
+    }
+    ok.then_some(out)
+}
+
+/// A namespace name: what comes before the first `:` of a channel name.
+fn namespace_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a namespace needs a name".to_owned());
+    }
+    if name.contains(':') {
+        return Err("a namespace is the part of a channel name before its first `:`, so its name has no `:`".to_owned());
+    }
+    crier_protocol::validate_channel(name).map_err(|e| e.to_string().replacen("channel name", "a namespace name", 1))
 }
 
 /// Exactly one Redis topology (or none: the memory broker), and Sentinel's two settings together.

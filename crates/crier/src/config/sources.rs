@@ -10,7 +10,7 @@ use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 
 use super::ConfigError;
-use super::table::{self, CONFIG_ARG, CONFIG_ENV, ENV_PREFIX, SETTINGS, Shape};
+use super::table::{self, CONFIG_ARG, CONFIG_ENV, ENV_PREFIX, NAMESPACES, SETTINGS, Shape};
 
 /// Where a raw value came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,12 +49,21 @@ pub(super) struct Raw {
 /// The winning raw value of each setting that has one.
 pub(super) type RawSettings = HashMap<&'static str, Raw>;
 
+/// One `[namespaces.<name>]` table of the TOML file, as written (checked in `parse`).
+#[derive(Clone, Debug)]
+pub(super) struct RawNamespace {
+    pub name: String,
+    pub options: toml::Value,
+    pub source: Source,
+}
+
 /// Collects raw values from all sources, highest precedence last. Problems go to
 /// `problems`; only `--help` / `--version` end the collection early.
 pub(super) fn collect<I, T>(
     args: I,
     env: &HashMap<String, String>,
     problems: &mut Vec<String>,
+    namespaces: &mut Vec<RawNamespace>,
 ) -> Result<RawSettings, ConfigError>
 where
     I: IntoIterator<Item = T>,
@@ -86,7 +95,7 @@ where
         if path.trim().is_empty() {
             problems.push(format!("config: `{path}` (from {from}): expected a file name"));
         } else {
-            read_file(Path::new(&path), from, &mut raw, problems);
+            read_file(Path::new(&path), from, &mut raw, problems, namespaces);
         }
     }
 
@@ -109,12 +118,20 @@ where
 fn clap_problem(e: &clap::Error) -> String {
     let rendered = e.render().to_string();
     let mut parts = Vec::new();
+    // Flags other servers use for the address: clap's closest match by spelling (`--port` →
+    // `--api-rate`) would send the user the wrong way.
+    let address_flag = ["'--port'", "'--host'", "'--bind'", "'--addr'", "'--address'", "'-p'"]
+        .into_iter()
+        .find(|f| e.kind() == ErrorKind::UnknownArgument && rendered.contains(&format!("argument {f}")));
     for line in rendered.lines().map(str::trim) {
         if let Some(msg) = line.strip_prefix("error: ") {
             parts.push(msg.to_owned());
-        } else if line.starts_with("tip:") {
+        } else if line.starts_with("tip:") && address_flag.is_none() {
             parts.push(line.to_owned());
         }
+    }
+    if address_flag.is_some() {
+        parts.push("tip: the address and port are one setting: --listen 0.0.0.0:8080 (CRIER_LISTEN)".to_owned());
     }
     if parts.is_empty() {
         parts.push(e.kind().to_string());
@@ -122,7 +139,13 @@ fn clap_problem(e: &clap::Error) -> String {
     format!("command line: {} (see --help)", parts.join("; "))
 }
 
-fn read_file(path: &Path, from: &str, raw: &mut RawSettings, problems: &mut Vec<String>) {
+fn read_file(
+    path: &Path,
+    from: &str,
+    raw: &mut RawSettings,
+    problems: &mut Vec<String>,
+    namespaces: &mut Vec<RawNamespace>,
+) {
     let shown = path.display();
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
@@ -148,6 +171,19 @@ fn read_file(path: &Path, from: &str, raw: &mut RawSettings, problems: &mut Vec<
     };
     let source = Source::File(path.to_path_buf());
     for (key, value) in doc {
+        if key == NAMESPACES {
+            match value {
+                toml::Value::Table(tables) => {
+                    for (name, options) in tables {
+                        namespaces.push(RawNamespace { name, options, source: source.clone() });
+                    }
+                }
+                _ => problems.push(format!(
+                    "{NAMESPACES}: expected tables like [{NAMESPACES}.chat] in {shown}, one per namespace"
+                )),
+            }
+            continue;
+        }
         let Some(s) = table::find(&key) else {
             problems.push(format!(
                 "{key}: unknown key in {shown}{}",

@@ -47,6 +47,8 @@ pub(super) const ENV_PREFIX: &str = "CRIER_";
 /// Names the TOML file; not a setting itself.
 pub(super) const CONFIG_ENV: &str = "CRIER_CONFIG";
 pub(super) const CONFIG_ARG: &str = "config";
+/// The TOML-only table of channel namespaces (`[namespaces.<name>]`); not a setting itself.
+pub(super) const NAMESPACES: &str = "namespaces";
 
 const fn setting(
     name: &'static str,
@@ -384,7 +386,10 @@ Every setting can also be given as an environment variable (CRIER_<NAME>, e.g. C
 or as a key in the TOML file named by --config / CRIER_CONFIG (e.g. redis_url = \"redis://...\").
 Precedence: flags, then environment, then the TOML file, then the defaults.
 Durations are written 25s, 500ms or 2m; lists are comma-separated (TOML arrays work too);
-booleans accept true/false, 1/0, yes/no, on/off.";
+booleans accept true/false, 1/0, yes/no, on/off.
+
+`crier token --sub USER ...` prints a client token signed with these settings' key
+(`crier token --help`).";
 
 /// The command line, generated from [`SETTINGS`].
 pub(super) fn command() -> Command {

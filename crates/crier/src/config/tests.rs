@@ -363,6 +363,18 @@ fn unknown_flag() {
 }
 
 #[test]
+fn an_address_flag_of_other_servers_points_to_listen() {
+    for flag in ["--port", "--host", "--bind"] {
+        let p = problems(&[flag, "8080"], &[]);
+        assert!(p[0].contains("--listen 0.0.0.0:8080"), "{flag}: {p:#?}");
+        assert!(!p[0].contains("--api-rate"), "{flag}: not the closest spelling: {p:#?}");
+    }
+    // Other unknown flags keep clap's own tip.
+    let p = problems(&["--ping-intervall", "5s"], &[]);
+    assert!(p[0].contains("--ping-interval"), "{p:#?}");
+}
+
+#[test]
 fn unknown_toml_key() -> TestResult {
     let dir = TempDir::new()?;
     let file = dir.file("crier.toml", "ping_intervall = \"5s\"\nzzz = 1\n")?;
@@ -675,5 +687,99 @@ fn rebalance_threshold_is_a_share_or_a_percentage() -> TestResult {
         let p = problems(&[&format!("--rebalance-threshold={bad}")], &[]);
         assert!(p.len() == 1 && p[0].contains("rebalance_threshold"), "{bad}: {p:#?}");
     }
+    Ok(())
+}
+
+#[test]
+fn namespaces_from_the_toml_file() -> TestResult {
+    use crier_core::ChannelPolicy;
+    let dir = TempDir::new()?;
+    let file = dir.file(
+        "crier.toml",
+        "history_size = 50\nhistory_ttl = \"2m\"\n\
+         [namespaces.chat]\nhistory_size = 500\nhistory_ttl = \"1h\"\njoin_leave = true\nmax_subscribers = 3\n\
+         [namespaces.ticker]\nhistory_size = 0\nrecovery = false\npresence = false\nclient_publish = false\n\
+         [namespaces.user]\nhistory_ttl = \"10m\"\n\
+         [namespaces.\"a.b-c_d@e/f=g\"]\n",
+    )?;
+    let c = load_with(&["--config", &file], &[])?;
+    let ns = &c.namespaces;
+    let default = ChannelPolicy { history_size: 50, history_ttl: Duration::from_secs(120), ..ChannelPolicy::default() };
+    assert_eq!(ns.default_policy(), &default);
+    assert_eq!(ns.policy("lobby"), &default, "no `:`, no namespace");
+    assert_eq!(ns.policy("news:x"), &default, "undeclared namespace");
+    assert_eq!(
+        ns.policy("chat:lobby"),
+        &ChannelPolicy {
+            history_size: 500,
+            history_ttl: Duration::from_secs(3600),
+            join_leave: true,
+            max_subscribers: 3,
+            ..default.clone()
+        }
+    );
+    assert_eq!(
+        ns.policy("ticker:eurusd"),
+        &ChannelPolicy { history_size: 0, recovery: false, presence: false, client_publish: false, ..default.clone() },
+        "history_ttl inherited even with history_size 0"
+    );
+    assert_eq!(
+        ns.policy("user:alice"),
+        &ChannelPolicy { history_ttl: Duration::from_secs(600), ..default.clone() },
+        "personal channels are the `user` namespace"
+    );
+    assert_eq!(ns.policy("a.b-c_d@e/f=g:x"), &default, "an empty table declares the namespace with the defaults");
+    assert_eq!(ns.max_history_ttl(), Duration::from_secs(3600));
+    // Without namespaces: today's behaviour, the top-level history options.
+    let c = load_with(&[], &[])?;
+    assert_eq!(c.namespaces.named().count(), 0);
+    assert_eq!(c.namespaces.default_policy(), &ChannelPolicy::default());
+    Ok(())
+}
+
+#[test]
+fn bad_namespaces_are_reported_with_every_other_problem() -> TestResult {
+    let dir = TempDir::new()?;
+    let file = dir.file(
+        "crier.toml",
+        "user_rate = 0\n\
+         [namespaces.chat]\nhistory_sise = 5\nrecovery = \"maybe\"\nhistory_size = -1\nmax_subscribers = \"x\"\n\
+         [namespaces.\"bad name\"]\n\
+         [namespaces.\"a:b\"]\n\
+         [namespaces.\"\"]\n\
+         [namespaces.live]\nhistory_size = 10\nhistory_ttl = \"0s\"\n\
+         [namespaces.full]\npresence = false\nmax_subscribers = 2\n\
+         [namespaces.nested]\nhistory_size = [1]\n",
+    )?;
+    let p = problems(&["--config", &file], &[]);
+    let all = p.join("\n");
+    let has = |needle: &str| p.iter().any(|l| l.contains(needle));
+    assert!(has("user_rate:"), "{all}");
+    assert!(
+        has("namespaces.chat.history_sise: unknown namespace option") && has("did you mean `history_size`"),
+        "{all}"
+    );
+    assert!(has("namespaces.chat.recovery: `maybe`"), "{all}");
+    assert!(has("namespaces.chat.history_size: `-1`"), "{all}");
+    assert!(has("namespaces.chat.max_subscribers: `x`"), "{all}");
+    assert!(has("namespaces.bad name: `bad name`") && has("0x20"), "{all}");
+    assert!(has("namespaces.a:b: `a:b`") && has("no `:`"), "{all}");
+    assert!(has("namespaces.: ``") && has("needs a name"), "{all}");
+    assert!(has("namespaces.live.history_ttl: `0s`"), "{all}");
+    assert!(has("namespaces.full.max_subscribers: `2`") && has("needs presence = true"), "{all}");
+    assert!(has("namespaces.nested.history_size"), "{all}");
+    assert_eq!(p.len(), 11, "{all}");
+
+    // A namespace declared twice is refused by the TOML parser itself (with the line).
+    let twice = dir.file("twice.toml", "[namespaces.chat]\nhistory_size = 1\n[namespaces.chat]\nhistory_size = 2\n")?;
+    let p = problems(&["--config", &twice], &[]);
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(p[0].contains("invalid TOML at line 3"), "{p:#?}");
+    // `namespaces` must be tables.
+    let flat = dir.file("flat.toml", "namespaces = \"chat\"\n")?;
+    let p = problems(&["--config", &flat], &[]);
+    assert!(p.len() == 1 && p[0].starts_with("namespaces: expected tables like [namespaces.chat]"), "{p:#?}");
+    let Err(e) = load_with(&["--config", &flat], &[]) else { panic!("must fail") };
+    assert_eq!(e.exit_code(), 64);
     Ok(())
 }

@@ -63,14 +63,49 @@ impl Session {
                 Some(channel),
             );
         }
+        let policy = self.st.policy(channel);
+        let (in_presence, max_subscribers) = (policy.presence, policy.max_subscribers);
+        // A namespace without history (or without recovery) has nothing to recover from: the
+        // ack says so, and the subscribe goes on from the top.
+        let no_history = recover.is_some() && (!policy.recovery || policy.history_size == 0);
+        let recover = if no_history { None } else { recover };
         // Presence first, so that once the client holds its ack, everyone can see it.
         let entry =
             PresenceEntry { client: self.client(), user: self.user.to_string(), node: self.st.config.node_id.clone() };
-        if let Err(e) = self.st.broker().presence_add(channel, &entry).await {
+        if max_subscribers > 0 {
+            // The channel's presence is its subscriber count, cluster-wide: added, then checked,
+            // and taken back when over (two racing for the last place may both be refused;
+            // never is the bound passed).
+            match self.st.broker().presence_add_counted(channel, &entry).await {
+                Ok(n) if n > max_subscribers as u64 => {
+                    if let Err(e) = self.st.broker().presence_remove(channel, &entry.client).await {
+                        tracing::warn!(error = %e, "presence remove failed");
+                    }
+                    return self.error(
+                        id,
+                        ErrorCode::ChannelFull,
+                        &format!("the channel has its namespace's max_subscribers ({max_subscribers}) subscribers"),
+                        Some(channel),
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "presence add failed"),
+            }
+        } else if in_presence && let Err(e) = self.st.broker().presence_add(channel, &entry).await {
             tracing::warn!(error = %e, "presence add failed");
         }
         let encoding = self.encoding;
         let ack = |h: &History, recovered: Option<bool>| {
+            if no_history {
+                return encoding.encode(&ServerFrame::AckWithReason {
+                    id,
+                    channel,
+                    epoch: &h.epoch,
+                    offset: h.offset,
+                    recovered: false,
+                    reason: "no_history",
+                });
+            }
             encoding.encode(&ServerFrame::Ack {
                 id,
                 channel: Some(channel),
@@ -82,6 +117,7 @@ impl Session {
         let result =
             self.st.node.subscribe_holding(channel, self.conn, &self.outbox, recover.as_ref(), ack, slot).await;
         if result.is_err()
+            && (in_presence || max_subscribers > 0)
             && let Err(e) = self.st.broker().presence_remove(channel, &entry.client).await
         {
             tracing::warn!(error = %e, "presence remove failed");
@@ -91,7 +127,7 @@ impl Session {
                 // Grown one at a time: most connections hold a channel or two.
                 self.subs.reserve_exact(1);
                 self.subs.push(channel.into());
-                if let Some(ok) = s.recovered {
+                if let Some(ok) = s.recovered.or(no_history.then_some(false)) {
                     let result = if ok { "recovered" } else { "failed" };
                     metrics::counter!(m::RECOVERIES, "result" => result).increment(1);
                 }
@@ -122,7 +158,10 @@ impl Session {
     /// Hub, broker and presence side of leaving a channel.
     pub(super) async fn leave(&self, channel: &str) {
         self.st.node.unsubscribe(channel, self.conn).await;
-        if let Err(e) = self.st.broker().presence_remove(channel, &self.client()).await {
+        let policy = self.st.policy(channel);
+        if (policy.presence || policy.max_subscribers > 0)
+            && let Err(e) = self.st.broker().presence_remove(channel, &self.client()).await
+        {
             tracing::warn!(error = %e, "presence remove failed");
         }
     }

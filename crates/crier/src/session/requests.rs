@@ -62,6 +62,9 @@ impl Session {
         if !self.readable(id, channel) {
             return;
         }
+        if !self.st.policy(channel).presence {
+            return self.error(id, ErrorCode::Forbidden, "presence is off in this channel's namespace", Some(channel));
+        }
         match self.st.broker().presence(channel).await {
             Ok(clients) => self.send(&ServerFrame::Presence { id, channel, clients: &clients }),
             Err(e) => {
@@ -82,7 +85,7 @@ impl Session {
         if !self.readable(id, channel) {
             return;
         }
-        let limit = limit.unwrap_or(self.st.config.history_size).min(MAX_HISTORY_LIMIT);
+        let limit = limit.unwrap_or(self.st.policy(channel).history_size).min(MAX_HISTORY_LIMIT);
         let read = self.st.broker().history(channel, since.as_ref(), limit).await;
         drop(slot);
         match read {
