@@ -65,7 +65,12 @@ CLIENT_PATHS = {"/ws", "/sse", "/crier.js"}
 
 # The standard process collector's series that crier exports next to its own (the names every
 # Prometheus client library uses), plotted per node on the dashboard.
-PROCESS_METRICS = {"process_resident_memory_bytes", "process_cpu_seconds_total"}
+PROCESS_METRICS = {"process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds", "process_max_fds"}
+
+
+def process_metrics():
+    """The process_* metrics crier exports, as docs/protocol.md lists them."""
+    return set(re.findall(r"`(process_[a-z_]+)`", read("docs", "protocol.md")))
 
 
 def metric_names(expr):
@@ -301,7 +306,8 @@ def test_dashboard_structure():
     variables = {v["name"]: v for v in d["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert {"job", "instance"} <= set(variables)
-    known = crier_metrics() | PROCESS_METRICS | {"up"}
+    known = crier_metrics() | process_metrics() | {"up"}
+    assert PROCESS_METRICS <= process_metrics()
     for p in panels:
         for t in p.get("targets", []):
             assert t["datasource"]["uid"] == "${datasource}"
@@ -322,7 +328,7 @@ def test_dashboard_structure():
                 "crier_broker_reconnects_total", "crier_recoveries_total"} | PROCESS_METRICS
     assert contract <= plotted, contract - plotted
     # Memory and CPU per node: by instance, CPU as a rate.
-    for title in ("Memory (RSS) by node", "CPU by node"):
+    for title in ("Memory (RSS) by node", "CPU by node", "Open files by node"):
         (panel,) = [p for p in panels if p["title"] == title]
         assert all(t["expr"].startswith("sum by (instance) (") for t in panel["targets"]), title
     (cpu,) = [p for p in panels if p["title"] == "CPU by node"]
