@@ -164,6 +164,15 @@ def test_helm_chart_is_consistent(rendered):
     assert matches(svc["spec"]["selector"], labels)
     assert matches(spec["selector"]["matchLabels"], labels)
     assert svc["spec"]["ports"][0]["targetPort"] in {p["name"] for p in c["ports"]}
+    # Other pods of the release (the internal Redis, the `helm test` Pod) are outside crier's
+    # selectors: the Service must not send clients to them, nor the PDB count them.
+    for d in docs:
+        if d["kind"] == "Pod" or (d["kind"] == "Deployment" and d is not dep):
+            pod_labels = d["metadata"]["labels"] if d["kind"] == "Pod" else d["spec"]["template"]["metadata"]["labels"]
+            assert not matches(svc["spec"]["selector"], pod_labels), d["metadata"]["name"]
+    test_pods = [d for d in docs if d["kind"] == "Pod"]
+    assert len(test_pods) == 1 and test_pods[0]["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert f"http://rel-crier:{svc['spec']['ports'][0]['port']}/readyz" in test_pods[0]["spec"]["containers"][0]["command"][-1]
     pdb = by_kind(docs, "PodDisruptionBudget", "rel-crier")
     assert matches(pdb["spec"]["selector"]["matchLabels"], labels) and pdb["spec"]["maxUnavailable"] == 1
     hpas = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
