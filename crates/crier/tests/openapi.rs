@@ -471,3 +471,109 @@ async fn every_operation_answers_as_described() {
     }
     assert!(missing.is_empty(), "declared but never exercised: {missing:?}");
 }
+
+/// What carries the example, its schema, and the example if there is one.
+type Example<'a> = (String, &'a Value, Option<&'a Value>);
+
+/// The parts of an operation that carry an example: its parameters, its request body and every
+/// response content.
+fn examples<'a>(spec: &'a Value, path: &str, method: &str, op: &'a Value) -> Vec<Example<'a>> {
+    let mut out = Vec::new();
+    for p in op["parameters"].as_array().into_iter().flatten() {
+        out.push((format!("{method} {path}: parameter {}", p["name"]), &p["schema"], p.get("example")));
+    }
+    for (media, mt) in op["requestBody"]["content"].as_object().into_iter().flatten() {
+        out.push((format!("{method} {path}: request body ({media})"), &mt["schema"], mt.get("example")));
+    }
+    for (status, r) in op["responses"].as_object().into_iter().flatten() {
+        for (media, mt) in deref(spec, r)["content"].as_object().into_iter().flatten() {
+            out.push((format!("{method} {path}: {status} ({media})"), &mt["schema"], mt.get("example")));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_operation_has_examples_that_match_its_schemas() {
+    let spec = spec();
+    // A relative server: the node that serves the description (GET /api/v1/openapi.json), not
+    // an address that is right on one machine only.
+    let servers = spec["servers"].as_array().expect("servers");
+    assert!(!servers.is_empty());
+    for s in servers {
+        assert!(s["url"].as_str().is_some_and(|u| u.starts_with('/')), "server {s} is not relative");
+    }
+    let mut checked = 0;
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            for (what, schema, example) in examples(&spec, path, method, op) {
+                let example = example.unwrap_or_else(|| panic!("{what}: no example"));
+                let root = json!({"components": spec["components"], "allOf": [schema]});
+                let validator = jsonschema::draft202012::new(&root).unwrap_or_else(|e| panic!("{what}: schema: {e}"));
+                let errors: Vec<String> = validator.iter_errors(example).map(|e| e.to_string()).collect();
+                assert!(errors.is_empty(), "{what}: the example does not match the schema: {errors:?}\n{example}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 50, "checked {checked} examples");
+}
+
+/// Percent-encodes a path segment or query value (`/` too: `chat/a` → `chat%2Fa`).
+fn encode(v: &Value) -> String {
+    let s = match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' | b'@' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Every `/api/` operation, sent as its examples say (path and query parameters, body), is
+/// answered with its 200, and the answer matches the description: a reader can paste them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_examples_are_answered_with_200() {
+    let spec = spec();
+    let mut c = Checker { spec: spec.clone(), http: reqwest::Client::new(), exercised: HashSet::new() };
+    let node = Server::start(&[]).await;
+    let mut sent = 0;
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        if !path.starts_with("/api/") {
+            continue;
+        }
+        for (method, op) in item.as_object().unwrap() {
+            if op["responses"].get("200").is_none() {
+                continue;
+            }
+            let mut url = path.clone();
+            let mut query = Vec::new();
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                let name = p["name"].as_str().unwrap();
+                let example = p.get("example").unwrap_or_else(|| panic!("{method} {path}: {name} has no example"));
+                match p["in"].as_str() {
+                    Some("path") => url = url.replace(&format!("{{{name}}}"), &encode(example)),
+                    Some("query") => query.push(format!("{name}={}", encode(example))),
+                    other => panic!("{method} {path}: parameter {name} in {other:?}"),
+                }
+            }
+            if !query.is_empty() {
+                url = format!("{url}?{}", query.join("&"));
+            }
+            let m = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
+            let open = op.get("security").is_some_and(|s| s.as_array().is_some_and(|a| a.is_empty()));
+            let mut r = req(m, path).path(url).auth(if open { None } else { Some(API_KEY) });
+            if let Some(body) = op["requestBody"]["content"]["application/json"].get("example") {
+                r = r.json(body.clone());
+            }
+            c.check(&node, r, 200).await;
+            sent += 1;
+        }
+    }
+    assert!(sent >= 7, "sent {sent} examples");
+}
