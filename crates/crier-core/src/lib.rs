@@ -20,7 +20,7 @@ pub mod node;
 pub mod outbox;
 pub mod registry;
 
-pub use broker::{Broker, BrokerError, BrokerHandler, History, MemoryBroker, NodeInfo, Publication, PublishResult};
+pub use broker::{Broker, BrokerError, ChannelCount, TransportCounts, BrokerHandler, History, MemoryBroker, NodeInfo, Publication, PublishResult};
 pub use hub::Hub;
 pub use node::{Node, SubscribeError};
 pub use outbox::{Beat, Close, Next, Out, Outbox, Push, clock_ms};
