@@ -322,12 +322,12 @@ $("history-delete").addEventListener("click", async () => {
 // One user: connections, disconnect, invalidate tokens.
 let currentUser = null;
 
-async function loadUser() {
+async function loadUser(keepMessage = false) {
   const user = $("user-name").value.trim();
   if (!user) return;
   currentUser = user;
   $("user-body").hidden = false;
-  show($("user-action-msg"), "");
+  if (!keepMessage) show($("user-action-msg"), "");
   try {
     const { connections } = await api("GET", `/api/v1/users/${encodeURIComponent(user)}/connections`);
     show($("user-msg"), connections.length ? "" : "No live connection.", "info");
@@ -352,7 +352,7 @@ $("user-disconnect").addEventListener("click", async () => {
   try {
     const r = await api("POST", "/api/v1/disconnect", { user: currentUser });
     show($("user-action-msg"), `Disconnected ${r.disconnected} connection(s).`, "info");
-    loadUser();
+    loadUser(true);
   } catch (e) {
     show($("user-action-msg"), describe(e, "disconnect"));
   }
@@ -363,7 +363,7 @@ $("user-invalidate").addEventListener("click", async () => {
   try {
     const r = await api("POST", `/api/v1/users/${encodeURIComponent(currentUser)}/invalidate`, {});
     show($("user-action-msg"), `Tokens invalidated; ${r.disconnected} connection(s) closed.`, "info");
-    loadUser();
+    loadUser(true);
   } catch (e) {
     show($("user-action-msg"), describe(e, "invalidate tokens"));
   }
