@@ -206,14 +206,10 @@ impl Hub {
                 out.extend(changed.into_iter().filter(|c| !shard.contains_key(c)).map(|c| (c.into_string(), 0)));
                 continue;
             }
-            out.extend(
-                changed
-                    .into_iter()
-                    .map(|c| {
-                        let n = shard.get(&c).map_or(0, |ch| ch.subscribers.len() as u64);
-                        (c.into_string(), n)
-                    }),
-            );
+            out.extend(changed.into_iter().map(|c| {
+                let n = shard.get(&c).map_or(0, |ch| ch.subscribers.len() as u64);
+                (c.into_string(), n)
+            }));
         }
         out
     }

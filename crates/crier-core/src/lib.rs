@@ -20,7 +20,10 @@ pub mod node;
 pub mod outbox;
 pub mod registry;
 
-pub use broker::{Broker, BrokerError, ChannelCount, TransportCounts, BrokerHandler, History, MemoryBroker, NodeInfo, Publication, PublishResult};
+pub use broker::{
+    Broker, BrokerError, BrokerHandler, ChannelCount, History, MemoryBroker, NodeInfo, Publication, PublishResult,
+    TransportCounts,
+};
 pub use hub::Hub;
 pub use node::{Node, SubscribeError};
 pub use outbox::{Beat, Close, Next, Out, Outbox, Push, clock_ms};

@@ -552,7 +552,12 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    async fn channels(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<ChannelCount>, BrokerError> {
+    async fn channels(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ChannelCount>, BrokerError> {
         let start = match after {
             Some(a) if a >= prefix => format!("({a}"),
             _ if prefix.is_empty() => "-".to_owned(),

@@ -119,14 +119,22 @@ where
         let l = b.channels(prefix, after, limit).await.unwrap_or_else(|e| panic!("channels: {e}"));
         l.into_iter().map(|c| (c.channel, c.subscribers)).collect::<Vec<_>>()
     };
-    assert_eq!(list(&p, None, 10).await, counts(&[("x:1", 5), ("x:2", 1), ("y", 1), ("z", 4)]), "summed, in name order");
+    assert_eq!(
+        list(&p, None, 10).await,
+        counts(&[("x:1", 5), ("x:2", 1), ("y", 1), ("z", 4)]),
+        "summed, in name order"
+    );
     let first = list(&p, None, 2).await;
     assert_eq!(first, counts(&[("x:1", 5), ("x:2", 1)]), "a page");
     assert_eq!(list(&p, Some(&first[1].0), 2).await, counts(&[("y", 1), ("z", 4)]), "the next page, after the cursor");
     assert_eq!(list(&p, Some(&c("z")), 2).await, vec![], "past the end");
     assert_eq!(list(&c("x:"), None, 10).await, counts(&[("x:1", 5), ("x:2", 1)]), "by prefix");
     assert_eq!(list(&c("x:"), Some(&c("x:1")), 10).await, counts(&[("x:2", 1)]), "prefix and cursor");
-    assert_eq!(list(&c("x:"), Some(&c("a")), 10).await, counts(&[("x:1", 5), ("x:2", 1)]), "a cursor before the prefix");
+    assert_eq!(
+        list(&c("x:"), Some(&c("a")), 10).await,
+        counts(&[("x:1", 5), ("x:2", 1)]),
+        "a cursor before the prefix"
+    );
     b.report_channels(&na, &counts(&[("x:1", 0), ("x:2", 7)]), false)
         .await
         .unwrap_or_else(|e| panic!("report_channels: {e}"));
@@ -150,7 +158,9 @@ where
     b.subscribe(&ch).await.unwrap_or_else(|e| panic!("subscribe: {e}"));
     let mut last = None;
     for i in 1..=3 {
-        last = Some(b.publish(&ch, &i.to_string(), PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}")));
+        last = Some(
+            b.publish(&ch, &i.to_string(), PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}")),
+        );
     }
     let Some(last) = last else { return };
     until_within("the subscribed node received the 3 messages", WAIT, async || h.offsets(&ch).len() == 3).await;
@@ -169,7 +179,9 @@ where
         p.iter().any(|(c, p)| *c == ch && *p.epoch == *next.epoch && p.offset == 1)
     })
     .await;
-    b.delete_history(&format!("{}:never", prefix())).await.unwrap_or_else(|e| panic!("delete_history of an unknown channel: {e}"));
+    b.delete_history(&format!("{}:never", prefix()))
+        .await
+        .unwrap_or_else(|e| panic!("delete_history of an unknown channel: {e}"));
 }
 
 async fn offsets_and_order<F, Fut>(make: &F, s: Settings)
@@ -333,7 +345,13 @@ where
     })
     .await;
 
-    let me = NodeInfo { node: format!("{}-node", prefix()), connections: 3, version: "t".into(), ready: true, ..Default::default() };
+    let me = NodeInfo {
+        node: format!("{}-node", prefix()),
+        connections: 3,
+        version: "t".into(),
+        ready: true,
+        ..Default::default()
+    };
     b.report_node(&me).await.unwrap_or_else(|e| panic!("report_node: {e}"));
     let nodes = b.nodes().await.unwrap_or_else(|e| panic!("nodes: {e}"));
     assert!(nodes.contains(&me), "the node registry lists this node: {nodes:?}");

@@ -95,14 +95,12 @@ pub async fn list(
     };
     let prefix = q.prefix.unwrap_or_default();
     if !prefix.is_empty() {
-        validate_channel(&prefix).map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", format!("`prefix`: {e}"))
-        })?;
+        validate_channel(&prefix)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", format!("`prefix`: {e}")))?;
     }
     let cursor = q.cursor.filter(|c| !c.is_empty());
     if let Some(c) = &cursor {
-        validate_channel(c)
-            .map_err(|_| ApiError::bad_request("`cursor` is not one this API returned"))?;
+        validate_channel(c).map_err(|_| ApiError::bad_request("`cursor` is not one this API returned"))?;
     }
     // One more than asked: whether there is a next page.
     let mut page = st.broker().channels(&prefix, cursor.as_deref(), limit + 1).await.map_err(ApiError::broker)?;
@@ -125,8 +123,7 @@ pub async fn delete_history(
 ) -> Result<Response, ApiError> {
     let Path(channel) = channel
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", "the channel is not valid UTF-8"))?;
-    validate_channel(&channel)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()))?;
+    validate_channel(&channel).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()))?;
     st.broker().delete_history(&channel).await.map_err(ApiError::broker)?;
     tracing::info!(channel, "history deleted through the API");
     Ok(Json(json!({ "removed": true })).into_response())

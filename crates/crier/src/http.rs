@@ -11,10 +11,10 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use tower_http::trace::TraceLayer;
 
-use crate::{admin, api, api_channels};
 use crate::metrics as m;
 use crate::state::AppState;
 use crate::transport::{sse, ws};
+use crate::{admin, api, api_channels};
 
 /// Builds the router.
 pub fn app(st: AppState) -> Router {

@@ -144,7 +144,13 @@ async fn delete_history_on(publisher: &Server, subscriber: &Server) {
     }
     let old_epoch = last["epoch"].as_str().expect("epoch").to_owned();
 
-    let r = publisher.http.delete(publisher.url("/api/v1/channels/doc:1/history")).bearer_auth(API_KEY).send().await.expect("DELETE");
+    let r = publisher
+        .http
+        .delete(publisher.url("/api/v1/channels/doc:1/history"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .expect("DELETE");
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.expect("json"), json!({"removed": true}));
 
@@ -167,7 +173,13 @@ async fn delete_history_on(publisher: &Server, subscriber: &Server) {
     assert_eq!(ack["recovered"], false, "{ack}");
 
     // Bad channel names: 400 invalid_channel.
-    let r = publisher.http.delete(publisher.url("/api/v1/channels/a%20b/history")).bearer_auth(API_KEY).send().await.expect("DELETE");
+    let r = publisher
+        .http
+        .delete(publisher.url("/api/v1/channels/a%20b/history"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .expect("DELETE");
     assert_eq!(r.status(), 400);
     assert_eq!(r.json::<Value>().await.expect("json")["error"], "invalid_channel");
 }
@@ -191,13 +203,7 @@ async fn info_shows_uptime_connections_by_transport_and_memory() {
     let server = Server::start(&[]).await;
     let token = server.token("u1", &["*"], &[]);
     let _ws = server.client(&token).await;
-    let sse = server
-        .http
-        .get(server.url("/sse?channel=feed"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .expect("GET /sse");
+    let sse = server.http.get(server.url("/sse?channel=feed")).bearer_auth(&token).send().await.expect("GET /sse");
     assert_eq!(sse.status(), 200);
     let node = poll("info shows one WebSocket and one SSE connection", async || {
         let (_, body) = get(&server, "/api/v1/info").await;
@@ -260,7 +266,14 @@ async fn the_rest_api_refuses_browser_origins_other_than_its_own_host() {
         assert_eq!((status, body["error"].as_str()), (403, Some("forbidden")), "{foreign}: {body}");
     }
     // Also with a wrong key (nothing about the key is revealed to a foreign page).
-    let r = server.http.post(server.url("/api/v1/publish")).header("origin", "http://evil.example").json(&json!({})).send().await.expect("POST");
+    let r = server
+        .http
+        .post(server.url("/api/v1/publish"))
+        .header("origin", "http://evil.example")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("POST");
     assert_eq!(r.status(), 403);
     assert!(server.metrics().await.contains(r#"reason="cross_origin""#), "counted as a refusal");
 }

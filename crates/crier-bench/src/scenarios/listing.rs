@@ -98,7 +98,11 @@ pub async fn run(a: ListingArgs) -> anyhow::Result<Outcome> {
     let sources = SourceAddrs::new(a.gateway.source_addrs);
     let per = a.per_connection.max(1);
     let connections = a.channels.div_ceil(per);
-    eprintln!("listing: {} channels over {} node(s), {per} per connection ({connections} connections)", a.channels, nodes.len());
+    eprintln!(
+        "listing: {} channels over {} node(s), {per} per connection ({connections} connections)",
+        a.channels,
+        nodes.len()
+    );
 
     let started = Instant::now();
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(a.gateway.connect_concurrency.max(1)));
@@ -148,7 +152,10 @@ pub async fn run(a: ListingArgs) -> anyhow::Result<Outcome> {
     let queries = [
         ("first page (limit 100)".to_owned(), format!("{base}?limit=100")),
         ("prefix bench:ch:05 (limit 100)".to_owned(), format!("{base}?prefix=bench:ch:05&limit=100")),
-        (format!("cursor {} (limit 100)", name(a.channels / 2)), format!("{base}?limit=100&cursor={}", name(a.channels / 2))),
+        (
+            format!("cursor {} (limit 100)", name(a.channels / 2)),
+            format!("{base}?limit=100&cursor={}", name(a.channels / 2)),
+        ),
         ("limit 1000".to_owned(), format!("{base}?limit=1000")),
     ];
     let mut timings = Vec::new();
@@ -177,7 +184,11 @@ pub async fn run(a: ListingArgs) -> anyhow::Result<Outcome> {
     let rss = gw.rss_kib();
 
     let mut table = Table::new(
-        format!("GET /api/v1/channels, {} active channels over {} node(s) + redis", int(a.channels as f64), nodes.len()),
+        format!(
+            "GET /api/v1/channels, {} active channels over {} node(s) + redis",
+            int(a.channels as f64),
+            nodes.len()
+        ),
         vec!["returned".into(), "first ms".into(), "p50 ms".into(), "p99 ms".into(), "max ms".into()],
     );
     for t in &timings {

@@ -23,8 +23,8 @@ use crier_protocol::frames::{PresenceEntry, encode_message};
 use rand::Rng;
 
 use super::{
-    Broker, BrokerError, ChannelCount, BrokerHandler, History, IDEMPOTENCY_WINDOW, NodeInfo, Publication, PublishOptions,
-    PublishResult,
+    Broker, BrokerError, BrokerHandler, ChannelCount, History, IDEMPOTENCY_WINDOW, NodeInfo, Publication,
+    PublishOptions, PublishResult,
 };
 
 const SHARDS: usize = 32;
@@ -509,7 +509,12 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    async fn channels(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<ChannelCount>, BrokerError> {
+    async fn channels(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ChannelCount>, BrokerError> {
         let all = lock(&self.channel_counts);
         let mut merged: BTreeMap<&str, u64> = BTreeMap::new();
         for counts in all.values() {

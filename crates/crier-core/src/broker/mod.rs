@@ -196,7 +196,8 @@ pub trait Broker: Send + Sync + 'static {
     /// Active channels cluster-wide (at least one subscriber on a live node), in name order
     /// (byte-wise), those starting with `prefix` and after `after` (exclusive), at most
     /// `limit`, each with its subscribers summed over the live nodes.
-    async fn channels(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<ChannelCount>, BrokerError>;
+    async fn channels(&self, prefix: &str, after: Option<&str>, limit: usize)
+    -> Result<Vec<ChannelCount>, BrokerError>;
 
     /// Drops the channel's history and position: its next publish or read starts a new epoch,
     /// so a recovery from before answers `recovered: false`. Nodes subscribed to the channel
