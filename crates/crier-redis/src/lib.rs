@@ -534,11 +534,12 @@ impl Broker for RedisBroker {
 
     // --- The cluster's channels and history deletion (issue 19, part D). ---
 
-    async fn report_channels(&self, node: &str, counts: &[(String, u64)], full: bool) -> Result<(), BrokerError> {
+    async fn report_channels(&self, node: &str, counts: &[(String, u64)], full: bool) -> Result<bool, BrokerError> {
         let (z, h) = self.keys.node_channels(node);
         // Bounded calls: a node's first report may hold every one of its channels.
         let mut chunks = counts.chunks(REPORT_CHUNK).peekable();
         let mut first = true;
+        let mut held = true;
         while first || chunks.peek().is_some() {
             let chunk = chunks.next().unwrap_or_default();
             let mut inv = self.scripts.channels_report.key(&z);
@@ -546,10 +547,13 @@ impl Broker for RedisBroker {
             for (channel, n) in chunk {
                 inv.arg(channel).arg(*n);
             }
-            self.commands.invoke(&inv).await?;
+            let reply = self.commands.invoke(&inv).await?;
+            if first {
+                held = scripts::int(&reply) == Some(1);
+            }
             first = false;
         }
-        Ok(())
+        Ok(held)
     }
 
     async fn channels(

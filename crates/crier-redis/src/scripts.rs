@@ -285,8 +285,10 @@ impl Scripts {
 
 /// A node's subscriber counts (issue 19, the channel listing). KEYS: the node's channel ZSET and
 /// count HASH (`Keys::node_channels`). ARGV: expiry ms, full ('1': forget the node's other
-/// channels first), then pairs channel, count (0 removes the channel).
+/// channels first), then pairs channel, count (0 removes the channel). Returns whether the
+/// node's set existed before the call (0: lost or expired, or the node had no channel).
 const CHANNELS_REPORT: &str = r#"
+local held = redis.call('EXISTS', KEYS[1])
 if ARGV[2] == '1' then redis.call('DEL', KEYS[1], KEYS[2]) end
 for i = 3, #ARGV - 1, 2 do
   local c, n = ARGV[i], tonumber(ARGV[i + 1]) or 0
@@ -302,7 +304,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
   redis.call('PEXPIRE', KEYS[2], ARGV[1])
 end
-return 1
+return held
 "#;
 
 /// One page of a node's channels. KEYS: as `CHANNELS_REPORT`. ARGV: the `ZRANGEBYLEX` start

@@ -109,9 +109,11 @@ where
     }
     let c = |s: &str| format!("{p}:{s}");
     let counts = |v: &[(&str, u64)]| v.iter().map(|(s, n)| (c(s), *n)).collect::<Vec<_>>();
-    b.report_channels(&na, &counts(&[("x:1", 2), ("x:2", 1), ("y", 1)]), true)
+    let held = b
+        .report_channels(&na, &counts(&[("x:1", 2), ("x:2", 1), ("y", 1)]), true)
         .await
         .unwrap_or_else(|e| panic!("report_channels: {e}"));
+    assert!(!held, "nothing was held for a new node");
     b.report_channels(&nb, &counts(&[("x:1", 3), ("z", 4)]), true)
         .await
         .unwrap_or_else(|e| panic!("report_channels: {e}"));
@@ -135,13 +137,17 @@ where
         counts(&[("x:1", 5), ("x:2", 1)]),
         "a cursor before the prefix"
     );
-    b.report_channels(&na, &counts(&[("x:1", 0), ("x:2", 7)]), false)
+    let held = b
+        .report_channels(&na, &counts(&[("x:1", 0), ("x:2", 7)]), false)
         .await
         .unwrap_or_else(|e| panic!("report_channels: {e}"));
+    assert!(held, "the node's channels were held");
     assert_eq!(list(&p, None, 10).await, counts(&[("x:1", 3), ("x:2", 7), ("y", 1), ("z", 4)]), "an update");
     b.report_channels(&nb, &counts(&[("w", 1)]), true).await.unwrap_or_else(|e| panic!("report_channels: {e}"));
     assert_eq!(list(&p, None, 10).await, counts(&[("w", 1), ("x:2", 7), ("y", 1)]), "a full report replaces");
     b.report_channels(&nb, &[], true).await.unwrap_or_else(|e| panic!("report_channels: {e}"));
+    let held = b.report_channels(&nb, &[], false).await.unwrap_or_else(|e| panic!("report_channels: {e}"));
+    assert!(!held, "a node without channels holds nothing");
     assert_eq!(list(&p, None, 10).await, counts(&[("x:2", 7), ("y", 1)]), "an empty full report forgets the node's");
 }
 

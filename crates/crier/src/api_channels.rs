@@ -24,9 +24,6 @@ use crate::state::AppState;
 
 /// How often a node mirrors its changed subscriber counts into the broker.
 pub const MIRROR_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
-/// A full re-report (without forgetting first) every this many periods: it repairs the
-/// mirror after Redis lost data without the node noticing a reconnect.
-const REFRESH_EVERY: u64 = 60;
 
 /// `limit` when none is given.
 pub const DEFAULT_CHANNELS_LIMIT: usize = 100;
@@ -34,27 +31,30 @@ pub const DEFAULT_CHANNELS_LIMIT: usize = 100;
 pub const MAX_CHANNELS_LIMIT: usize = 1000;
 
 /// Mirrors this node's subscriber counts into the broker until the task is aborted: the whole
-/// set first (and after every broker reconnect or failed report: forgetting what the broker
-/// held for this node), then what changed, every [`MIRROR_PERIOD`] (an empty report still
-/// pushes the entries' expiry out).
+/// set first (and after a broker reconnect, a failed report, or a report that found the
+/// broker held nothing for this node while it has channels: Redis lost its data), then what
+/// changed, every [`MIRROR_PERIOD`] (an empty report still pushes the entries' expiry out).
 pub async fn mirror(st: AppState) {
     let mut tick = tokio::time::interval(MIRROR_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut full = true;
     let mut reconnects = st.broker().reconnects();
-    let mut n: u64 = 0;
     loop {
         tick.tick().await;
-        n += 1;
         let now = st.broker().reconnects();
         if now != reconnects {
             reconnects = now;
             full = true;
         }
-        let all = full || n.is_multiple_of(REFRESH_EVERY);
-        let counts = st.hub().take_counts(all);
+        let counts = st.hub().take_counts(full);
         match st.broker().report_channels(&st.config.node_id, &counts, full).await {
-            Ok(()) => full = false,
+            Ok(held) => {
+                // Lost: everything again next time (what changed now is in the hub's counts).
+                full = !full && !held && st.hub().channel_count() > 0;
+                if full {
+                    tracing::info!("the broker lost this node's channel counts; reporting them all again");
+                }
+            }
             Err(e) => {
                 // The changes taken are lost for this report: the next one sends everything.
                 tracing::debug!(error = %e, "channel counts report failed; the next one is full");

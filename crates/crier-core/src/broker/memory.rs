@@ -490,8 +490,9 @@ impl Broker for MemoryBroker {
 
     // --- The cluster's channels and history deletion (issue 19, part D). ---
 
-    async fn report_channels(&self, node: &str, counts: &[(String, u64)], full: bool) -> Result<(), BrokerError> {
+    async fn report_channels(&self, node: &str, counts: &[(String, u64)], full: bool) -> Result<bool, BrokerError> {
         let mut all = lock(&self.channel_counts);
+        let held = all.contains_key(node);
         let mine = all.entry(node.to_owned()).or_default();
         if full {
             mine.clear();
@@ -506,7 +507,7 @@ impl Broker for MemoryBroker {
         if mine.is_empty() {
             all.remove(node);
         }
-        Ok(())
+        Ok(held)
     }
 
     async fn channels(

@@ -191,7 +191,10 @@ pub trait Broker: Send + Sync + 'static {
     /// the node's whole set (everything else of this node is forgotten first). The entries
     /// live as long as the node's registry entry ([`Broker::report_node`]): a dead node's
     /// channels vanish with it. Called by one task per node, so calls never overlap.
-    async fn report_channels(&self, node: &str, counts: &[(String, u64)], full: bool) -> Result<(), BrokerError>;
+    /// `Ok(false)`: the broker held nothing for this node before the call (Redis lost its data,
+    /// or the entries expired while the node was stalled) — a node that has channels then
+    /// reports its whole set.
+    async fn report_channels(&self, node: &str, counts: &[(String, u64)], full: bool) -> Result<bool, BrokerError>;
 
     /// Active channels cluster-wide (at least one subscriber on a live node), in name order
     /// (byte-wise), those starting with `prefix` and after `after` (exclusive), at most
