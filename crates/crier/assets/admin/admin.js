@@ -181,15 +181,27 @@ $("nodes-refresh").addEventListener("click", () => loaders.nodes());
 let channelsLoaded = [];
 let channelsCursor = null;
 
+/** Channels read at once for "top by subscribers" (the API pages by name). */
+const TOP_SCAN = 10000;
+
 async function loadChannels(more) {
   const prefix = $("channels-prefix").value.trim();
-  const params = new URLSearchParams({ limit: "1000" });
-  if (prefix) params.set("prefix", prefix);
-  if (more && channelsCursor) params.set("cursor", channelsCursor);
+  const top = $("channels-sort").value === "subscribers";
   try {
-    const page = await api("GET", `/api/v1/channels?${params}`);
-    channelsLoaded = more ? channelsLoaded.concat(page.channels) : page.channels;
-    channelsCursor = page.cursor;
+    let loaded = more ? channelsLoaded : [];
+    let cursor = more ? channelsCursor : null;
+    // Top by subscribers: read up to TOP_SCAN channels (1,000 per page) before ranking them.
+    const budget = loaded.length + (top ? TOP_SCAN : 1000);
+    do {
+      const params = new URLSearchParams({ limit: "1000" });
+      if (prefix) params.set("prefix", prefix);
+      if (cursor) params.set("cursor", cursor);
+      const page = await api("GET", `/api/v1/channels?${params}`);
+      loaded = loaded.concat(page.channels);
+      cursor = page.cursor;
+    } while (cursor && loaded.length < budget);
+    channelsLoaded = loaded;
+    channelsCursor = cursor;
     show($("channels-msg"), channelsLoaded.length ? "" : "No active channels" + (prefix ? ` starting with “${prefix}”` : "") + ".", "info");
     renderChannels();
   } catch (e) {
