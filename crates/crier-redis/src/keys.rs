@@ -75,6 +75,13 @@ impl Keys {
         (format!("{}:nodes", self.prefix), format!("{}:nodes:info", self.prefix))
     }
 
+    /// ZSET channel → 0 (name order, for `ZRANGEBYLEX`) and HASH channel → subscribers: the
+    /// channels a node has local subscribers on, as it last mirrored them. Both under the
+    /// node's own hash tag `{node:<node>}`; they expire with the node's registry entry.
+    pub(crate) fn node_channels(&self, node: &str) -> (String, String) {
+        (format!("{}:{{node:{node}}}:chans", self.prefix), format!("{}:{{node:{node}}}:chans:n", self.prefix))
+    }
+
     /// The pub/sub channel carrying `channel`'s publications.
     pub(crate) fn pubsub(&self, channel: &str) -> String {
         if self.cluster {
@@ -124,5 +131,6 @@ mod tests {
         assert_eq!(k.channel_of(b"crier:ch:{chat:lobby}"), Some("chat:lobby"));
         assert_eq!(k.nodes(), ("crier:{nodes}".to_owned(), "crier:{nodes}:info".to_owned()));
         assert_eq!(k.meta("c"), "crier:{c}:meta");
+        assert_eq!(k.node_channels("n1"), ("crier:{node:n1}:chans".to_owned(), "crier:{node:n1}:chans:n".to_owned()));
     }
 }

@@ -40,6 +40,7 @@
 //! | `crier:{<channel>}:pres` / `:pres:data` | ZSET / HASH | member → expiry ms / entry JSON | `presence_ttl` (30s), refreshed by the owning node |
 //! | `crier:user:{<user>}:conns` | ZSET | member → expiry ms | `presence_ttl`, refreshed |
 //! | `crier:nodes` / `crier:nodes:info` | ZSET / HASH | node → expiry ms / `NodeInfo` JSON | `node_ttl` (30s), refreshed; on a Cluster `crier:{nodes}` / `crier:{nodes}:info` |
+//! | `crier:{node:<node>}:chans` / `:chans:n` | ZSET / HASH | channel → 0 (name order, `ZRANGEBYLEX`) / channel → the node's local subscribers | `node_ttl`, pushed out by each report (once a second); the channel listing reads the live nodes' pages (one script call per node: one hash tag each) and merges them |
 //!
 //! The meta HASH also holds `gen`: the run id of the server process that last published on the
 //! channel (Sentinel, Cluster; see `scripts::PUBLISH`). The slack is a tenth of `history_ttl`,
@@ -127,7 +128,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use crier_core::broker::{IDEMPOTENCY_WINDOW, PublishOptions};
-use crier_core::{Broker, BrokerError, BrokerHandler, History, Namespaces, NodeInfo, PublishResult};
+use crier_core::{Broker, BrokerError, BrokerHandler, ChannelCount, History, Namespaces, NodeInfo, PublishResult};
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -248,6 +249,8 @@ pub struct RedisBroker {
     /// Publish script calls made (each carries one or more messages).
     publish_calls: Arc<AtomicU64>,
     command_timeout: Duration,
+    /// Expiry of the node registry entry, and of a node's channel counts.
+    node_ttl: Duration,
     up: watch::Receiver<bool>,
     /// Dropped with the broker: stops the background tasks.
     _shutdown: watch::Sender<()>,
@@ -370,6 +373,7 @@ impl RedisBroker {
             publisher,
             publish_calls,
             command_timeout: t,
+            node_ttl: opts.node_ttl,
             up,
             _shutdown: shutdown,
         }))
@@ -539,4 +543,77 @@ impl Broker for RedisBroker {
     fn shares_rate_limits(&self) -> bool {
         true
     }
+
+    // --- The cluster's channels and history deletion (issue 19, part D). ---
+
+    async fn report_channels(&self, node: &str, counts: &[(String, u64)], full: bool) -> Result<bool, BrokerError> {
+        let (z, h) = self.keys.node_channels(node);
+        // Bounded calls: a node's first report may hold every one of its channels.
+        let mut chunks = counts.chunks(REPORT_CHUNK).peekable();
+        let mut first = true;
+        let mut held = true;
+        while first || chunks.peek().is_some() {
+            let chunk = chunks.next().unwrap_or_default();
+            let mut inv = self.scripts.channels_report.key(&z);
+            inv.key(&h).arg(millis(self.node_ttl)).arg(if full && first { "1" } else { "0" });
+            for (channel, n) in chunk {
+                inv.arg(channel).arg(*n);
+            }
+            let reply = self.commands.invoke(&inv).await?;
+            if first {
+                held = scripts::int(&reply) == Some(1);
+            }
+            first = false;
+        }
+        Ok(held)
+    }
+
+    async fn channels(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ChannelCount>, BrokerError> {
+        let start = match after {
+            Some(a) if a >= prefix => format!("({a}"),
+            _ if prefix.is_empty() => "-".to_owned(),
+            _ => format!("[{prefix}"),
+        };
+        let nodes = self.state.nodes().await?;
+        let pages = futures_util::future::try_join_all(nodes.iter().map(|n| {
+            let (z, h) = self.keys.node_channels(&n.node);
+            let mut inv = self.scripts.channels_page.key(z);
+            inv.key(h).arg(&start).arg(prefix).arg(limit);
+            async move { self.commands.invoke(&inv).await }
+        }))
+        .await?;
+        // Each node's page is its first `limit` channels after the start: the first `limit`
+        // names of the union are all in it, with every node's count (see `Broker::channels`).
+        let mut merged = std::collections::BTreeMap::<String, u64>::new();
+        for page in pages {
+            let redis::Value::Array(items) = page else { continue };
+            for pair in items.chunks_exact(2) {
+                let name = scripts::bulk(&pair[0]).and_then(|b| std::str::from_utf8(b).ok());
+                let n = scripts::int(&pair[1]).and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
+                if let Some(name) = name
+                    && n > 0
+                {
+                    *merged.entry(name.to_owned()).or_default() += n;
+                }
+            }
+        }
+        Ok(merged.into_iter().take(limit).map(|(channel, subscribers)| ChannelCount { channel, subscribers }).collect())
+    }
+
+    async fn delete_history(&self, channel: &str) -> Result<(), BrokerError> {
+        // Both keys share the channel's hash tag. Without its meta, the channel's next publish
+        // or read creates a new epoch; subscribed nodes see it on the next publication and
+        // gap-fill, find the epoch changed and tell their subscribers (`on_gap`).
+        let mut del = redis::cmd("DEL");
+        del.arg(self.keys.meta(channel)).arg(self.keys.history(channel));
+        self.commands.query(&del).await.map(drop)
+    }
 }
+
+/// Channels per call of the report script.
+const REPORT_CHUNK: usize = 1000;

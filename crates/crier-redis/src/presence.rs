@@ -79,6 +79,13 @@ struct StoredNode {
     /// Absent in entries written by nodes before rebalancing: those count as ready.
     #[serde(default = "ready_by_default")]
     ready: bool,
+    /// Absent in entries written by nodes before the admin page's details: zeros.
+    #[serde(default)]
+    uptime_s: u64,
+    #[serde(default)]
+    transports: crier_core::TransportCounts,
+    #[serde(default)]
+    memory_bytes: u64,
 }
 
 fn ready_by_default() -> bool {
@@ -199,7 +206,15 @@ impl ClusterState {
         let stored = json_values::<StoredNode>(&self.commands.invoke(&inv).await?);
         Ok(stored
             .into_iter()
-            .map(|n| NodeInfo { node: n.node, connections: n.connections, version: n.version, ready: n.ready })
+            .map(|n| NodeInfo {
+                node: n.node,
+                connections: n.connections,
+                version: n.version,
+                ready: n.ready,
+                uptime_s: n.uptime_s,
+                transports: n.transports,
+                memory_bytes: n.memory_bytes,
+            })
             .collect())
     }
 

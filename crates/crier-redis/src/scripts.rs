@@ -275,6 +275,8 @@ pub(crate) struct Scripts {
     pub ttl_remove: Script,
     pub ttl_refresh: Script,
     pub rate: Script,
+    pub channels_report: Script,
+    pub channels_page: Script,
 }
 
 impl Scripts {
@@ -287,9 +289,52 @@ impl Scripts {
             ttl_remove: Script::new(TTL_REMOVE),
             ttl_refresh: Script::new(TTL_REFRESH),
             rate: Script::new(RATE),
+            channels_report: Script::new(CHANNELS_REPORT),
+            channels_page: Script::new(CHANNELS_PAGE),
         }
     }
 }
+
+/// A node's subscriber counts (issue 19, the channel listing). KEYS: the node's channel ZSET and
+/// count HASH (`Keys::node_channels`). ARGV: expiry ms, full ('1': forget the node's other
+/// channels first), then pairs channel, count (0 removes the channel). Returns whether the
+/// node's set existed before the call (0: lost or expired, or the node had no channel).
+const CHANNELS_REPORT: &str = r#"
+local held = redis.call('EXISTS', KEYS[1])
+if ARGV[2] == '1' then redis.call('DEL', KEYS[1], KEYS[2]) end
+for i = 3, #ARGV - 1, 2 do
+  local c, n = ARGV[i], tonumber(ARGV[i + 1]) or 0
+  if n > 0 then
+    redis.call('ZADD', KEYS[1], 0, c)
+    redis.call('HSET', KEYS[2], c, n)
+  else
+    redis.call('ZREM', KEYS[1], c)
+    redis.call('HDEL', KEYS[2], c)
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+end
+return held
+"#;
+
+/// One page of a node's channels. KEYS: as `CHANNELS_REPORT`. ARGV: the `ZRANGEBYLEX` start
+/// (`-`, `[prefix` or `(cursor`), the prefix ('' for none), the limit. Returns channel, count
+/// pairs in name order.
+const CHANNELS_PAGE: &str = r#"
+local max = '+'
+if ARGV[2] ~= '' then max = '(' .. ARGV[2] .. '\255' end
+local names = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], max, 'LIMIT', 0, tonumber(ARGV[3]))
+if #names == 0 then return {} end
+local counts = redis.call('HMGET', KEYS[2], unpack(names))
+local out = {}
+for i, c in ipairs(names) do
+  out[#out + 1] = c
+  out[#out + 1] = counts[i] or '0'
+end
+return out
+"#;
 
 /// Cluster-wide GCRA (generic cell rate algorithm), the same algorithm as governor's.
 /// KEYS[1] = the key; ARGV[1] = emission interval in ms (1000 / rate), ARGV[2] = burst.

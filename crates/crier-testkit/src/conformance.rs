@@ -90,6 +90,106 @@ where
     history_expiry(&make, Settings { history_size: 10, history_ttl: Duration::from_millis(300) }).await;
     // Channel namespaces.
     presence_counted(&make, s).await;
+    // Issue 19, part D: the cluster's channels and history deletion.
+    channel_listing(&make, s).await;
+    history_deletion(&make, s).await;
+}
+
+/// `report_channels` / `channels`: counts summed over nodes, name order, prefix, paging by
+/// cursor, updates and full reports.
+async fn channel_listing<F, Fut>(make: &F, s: Settings)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let (b, _h) = fresh(make, s).await;
+    let p = prefix();
+    let (na, nb) = (format!("{p}-a"), format!("{p}-b"));
+    for n in [&na, &nb] {
+        let info = NodeInfo { node: n.clone(), connections: 1, version: "t".into(), ready: true, ..Default::default() };
+        b.report_node(&info).await.unwrap_or_else(|e| panic!("report_node: {e}"));
+    }
+    let c = |s: &str| format!("{p}:{s}");
+    let counts = |v: &[(&str, u64)]| v.iter().map(|(s, n)| (c(s), *n)).collect::<Vec<_>>();
+    let held = b
+        .report_channels(&na, &counts(&[("x:1", 2), ("x:2", 1), ("y", 1)]), true)
+        .await
+        .unwrap_or_else(|e| panic!("report_channels: {e}"));
+    assert!(!held, "nothing was held for a new node");
+    b.report_channels(&nb, &counts(&[("x:1", 3), ("z", 4)]), true)
+        .await
+        .unwrap_or_else(|e| panic!("report_channels: {e}"));
+    let list = async |prefix: &str, after: Option<&str>, limit: usize| {
+        let l = b.channels(prefix, after, limit).await.unwrap_or_else(|e| panic!("channels: {e}"));
+        l.into_iter().map(|c| (c.channel, c.subscribers)).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        list(&p, None, 10).await,
+        counts(&[("x:1", 5), ("x:2", 1), ("y", 1), ("z", 4)]),
+        "summed, in name order"
+    );
+    let first = list(&p, None, 2).await;
+    assert_eq!(first, counts(&[("x:1", 5), ("x:2", 1)]), "a page");
+    assert_eq!(list(&p, Some(&first[1].0), 2).await, counts(&[("y", 1), ("z", 4)]), "the next page, after the cursor");
+    assert_eq!(list(&p, Some(&c("z")), 2).await, vec![], "past the end");
+    assert_eq!(list(&c("x:"), None, 10).await, counts(&[("x:1", 5), ("x:2", 1)]), "by prefix");
+    assert_eq!(list(&c("x:"), Some(&c("x:1")), 10).await, counts(&[("x:2", 1)]), "prefix and cursor");
+    assert_eq!(
+        list(&c("x:"), Some(&c("a")), 10).await,
+        counts(&[("x:1", 5), ("x:2", 1)]),
+        "a cursor before the prefix"
+    );
+    let held = b
+        .report_channels(&na, &counts(&[("x:1", 0), ("x:2", 7)]), false)
+        .await
+        .unwrap_or_else(|e| panic!("report_channels: {e}"));
+    assert!(held, "the node's channels were held");
+    assert_eq!(list(&p, None, 10).await, counts(&[("x:1", 3), ("x:2", 7), ("y", 1), ("z", 4)]), "an update");
+    b.report_channels(&nb, &counts(&[("w", 1)]), true).await.unwrap_or_else(|e| panic!("report_channels: {e}"));
+    assert_eq!(list(&p, None, 10).await, counts(&[("w", 1), ("x:2", 7), ("y", 1)]), "a full report replaces");
+    b.report_channels(&nb, &[], true).await.unwrap_or_else(|e| panic!("report_channels: {e}"));
+    let held = b.report_channels(&nb, &[], false).await.unwrap_or_else(|e| panic!("report_channels: {e}"));
+    assert!(!held, "a node without channels holds nothing");
+    assert_eq!(list(&p, None, 10).await, counts(&[("x:2", 7), ("y", 1)]), "an empty full report forgets the node's");
+}
+
+/// `delete_history`: the history and position go, a recovery from before reports the gap, the
+/// channel continues in a new epoch and a subscribed node still receives it.
+async fn history_deletion<F, Fut>(make: &F, s: Settings)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let (b, h) = fresh(make, s).await;
+    let ch = format!("{}:deleted", prefix());
+    h.subscribed.lock().unwrap_or_else(|e| e.into_inner()).insert(ch.clone());
+    b.subscribe(&ch).await.unwrap_or_else(|e| panic!("subscribe: {e}"));
+    let mut last = None;
+    for i in 1..=3 {
+        last = Some(
+            b.publish(&ch, &i.to_string(), PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}")),
+        );
+    }
+    let Some(last) = last else { return };
+    until_within("the subscribed node received the 3 messages", WAIT, async || h.offsets(&ch).len() == 3).await;
+    b.delete_history(&ch).await.unwrap_or_else(|e| panic!("delete_history: {e}"));
+    let before = StreamPosition { epoch: last.epoch.clone(), offset: 1 };
+    let hist = b.history(&ch, Some(&before), 10).await.unwrap_or_else(|e| panic!("history: {e}"));
+    assert!(hist.gap && hist.publications.is_empty(), "a recovery from before the deletion reports the gap");
+    assert_ne!(hist.epoch, last.epoch, "a new epoch");
+    assert_eq!(hist.offset, 0, "nothing published in it yet");
+    let latest = b.history(&ch, None, 10).await.unwrap_or_else(|e| panic!("history: {e}"));
+    assert!(latest.publications.is_empty(), "no history left: {:?}", latest.publications);
+    let next = b.publish(&ch, "4", PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}"));
+    assert_eq!((next.epoch.as_str(), next.offset), (hist.epoch.as_str(), 1), "the channel continues in the new epoch");
+    until_within("the subscribed node receives the message in the new epoch", WAIT, async || {
+        let p = h.publications.lock().unwrap_or_else(|e| e.into_inner());
+        p.iter().any(|(c, p)| *c == ch && *p.epoch == *next.epoch && p.offset == 1)
+    })
+    .await;
+    b.delete_history(&format!("{}:never", prefix()))
+        .await
+        .unwrap_or_else(|e| panic!("delete_history of an unknown channel: {e}"));
 }
 
 async fn offsets_and_order<F, Fut>(make: &F, s: Settings)
@@ -253,7 +353,13 @@ where
     })
     .await;
 
-    let me = NodeInfo { node: format!("{}-node", prefix()), connections: 3, version: "t".into(), ready: true };
+    let me = NodeInfo {
+        node: format!("{}-node", prefix()),
+        connections: 3,
+        version: "t".into(),
+        ready: true,
+        ..Default::default()
+    };
     b.report_node(&me).await.unwrap_or_else(|e| panic!("report_node: {e}"));
     let nodes = b.nodes().await.unwrap_or_else(|e| panic!("nodes: {e}"));
     assert!(nodes.contains(&me), "the node registry lists this node: {nodes:?}");

@@ -114,6 +114,7 @@ fn endpoint_label(path: &str) -> &'static str {
         "/api/v1/broadcast" => "broadcast",
         "/api/v1/disconnect" => "disconnect",
         "/api/v1/info" => "info",
+        "/api/v1/channels" => "channels",
         p if p.ends_with("/history") => "history",
         p if p.ends_with("/presence") => "presence",
         _ => "other",

@@ -109,6 +109,8 @@ pub struct Config {
     pub rebalance_min_connections: u64,
     pub log_format: LogFormat,
     pub dev: bool,
+    /// Serve the admin page at `/admin`.
+    pub admin: bool,
 }
 
 /// How client tokens are verified.

@@ -23,7 +23,9 @@
 //! bench and the tests use: [`run`], [`config`], [`auth::mint_hs256`] and
 //! [`auth::generate_secret`], and the request-head bounds.
 
+mod admin;
 mod api;
+mod api_channels;
 pub mod auth;
 pub mod config;
 mod error;

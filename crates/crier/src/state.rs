@@ -32,6 +32,8 @@ pub struct Inner {
     pub dev_token: Option<String>,
     /// The last token patterns seen, shared with the next connection whose token has the same.
     pub patterns: PatternCache,
+    /// Uptime and connections by transport, for `/api/v1/info`.
+    pub details: crate::admin::NodeDetails,
 }
 
 /// A token's channel patterns: those it may subscribe to and those it may publish to.
@@ -123,11 +125,15 @@ impl AppState {
 
     /// Publishes this node's entry in the node registry (`/api/v1/info`).
     pub async fn report_node(&self) {
+        let connections = self.registry.len() as u64;
         let info = NodeInfo {
             node: self.config.node_id.clone(),
-            connections: self.registry.len() as u64,
+            connections,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             ready: !self.is_draining() && self.broker().is_up(),
+            uptime_s: self.details.uptime_s(),
+            transports: self.details.transports(connections),
+            memory_bytes: crate::admin::resident_bytes(),
         };
         if let Err(e) = self.broker().report_node(&info).await {
             tracing::debug!(error = %e, "node report failed");
@@ -176,6 +182,7 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
         dev_token,
         boot: boot_id(),
         patterns: PatternCache::default(),
+        details: crate::admin::NodeDetails::default(),
         config,
     })))
 }

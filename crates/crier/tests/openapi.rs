@@ -356,6 +356,23 @@ async fn every_operation_answers_as_described() {
     assert_eq!(info["nodes"][0]["ready"], true, "a serving node with its broker is ready");
     c.check(&node, req(get.clone(), t).auth(None), 401).await;
 
+    // The cluster's channels and history deletion (issue 19, part D).
+    let t = "/api/v1/channels";
+    let l = c.check(&node, req(get.clone(), t).path("/api/v1/channels?prefix=chat:&limit=10"), 200).await;
+    assert_eq!(l["cursor"], Value::Null);
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels?limit=0"), 400).await;
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels?prefix=bad%20name"), 400).await;
+    c.check(&node, req(get.clone(), t).auth(None), 401).await;
+    c.check(&node, req(get.clone(), t).header("origin", "https://evil.example"), 403).await;
+    let t = "/api/v1/channels/{channel}/history";
+    let del = Method::DELETE;
+    let d = c.check(&node, req(del.clone(), t).path("/api/v1/channels/chat:a/history"), 200).await;
+    assert_eq!(d, json!({"removed": true}));
+    c.check(&node, req(del.clone(), t).path("/api/v1/channels/bad%20name/history"), 400).await;
+    c.check(&node, req(del.clone(), t).path("/api/v1/channels/chat:a/history").auth(None), 401).await;
+    let foreign = req(del.clone(), t).path("/api/v1/channels/chat:a/history").header("origin", "null");
+    c.check(&node, foreign, 403).await;
+
     // A method a described path does not take: 405 in the declared shape, with `Allow`.
     for (path, item) in spec["paths"].as_object().unwrap() {
         let declared: Vec<&String> = item
@@ -419,6 +436,8 @@ async fn every_operation_answers_as_described() {
     c.check(&limited, req(get.clone(), p).path("/api/v1/channels/c/presence"), 429).await;
     c.check(&limited, req(post.clone(), "/api/v1/disconnect").json(json!({"user": "u"})), 429).await;
     c.check(&limited, req(get.clone(), "/api/v1/info"), 429).await;
+    c.check(&limited, req(get.clone(), "/api/v1/channels"), 429).await;
+    c.check(&limited, req(Method::DELETE, h).path("/api/v1/channels/c/history"), 429).await;
     c.check(&limited, ws(), 401).await;
     c.check(&limited, ws(), 429).await;
 
@@ -455,6 +474,8 @@ async fn every_operation_answers_as_described() {
     c.check(&clustered, req(get.clone(), p).path("/api/v1/channels/c/presence"), 503).await;
     c.check(&clustered, req(post.clone(), "/api/v1/disconnect").json(json!({"user": "u"})), 503).await;
     c.check(&clustered, req(get.clone(), "/api/v1/info"), 503).await;
+    c.check(&clustered, req(get.clone(), "/api/v1/channels"), 503).await;
+    c.check(&clustered, req(Method::DELETE, h).path("/api/v1/channels/c/history"), 503).await;
 
     // Every declared status was seen (or is listed as not provokable).
     let mut missing = Vec::new();

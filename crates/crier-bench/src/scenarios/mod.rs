@@ -7,6 +7,7 @@
 //! - [`failover`]: crier-client subscribers on two nodes, one SIGKILLed: resume time, loss.
 //! - [`deploy`]: a rolling restart of three nodes behind nginx under crier-client subscribers;
 //!   and `scaleout` (same machinery): a third node joins two loaded ones, the nodes rebalance.
+//! - [`listing`]: `GET /api/v1/channels` over many active channels on several nodes + Redis.
 //! - [`hold`]: a helper process holding a slice of `idle`'s connections (descriptor limits).
 
 pub mod churn;
@@ -14,6 +15,7 @@ pub mod deploy;
 pub mod failover;
 pub mod hold;
 pub mod idle;
+pub mod listing;
 pub mod pubsub;
 pub mod soak;
 

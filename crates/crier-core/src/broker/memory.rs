@@ -25,8 +25,8 @@ use rand::Rng;
 use crate::namespace::{ChannelPolicy, Namespaces};
 
 use super::{
-    Broker, BrokerError, BrokerHandler, History, IDEMPOTENCY_WINDOW, NodeInfo, Publication, PublishOptions,
-    PublishResult,
+    Broker, BrokerError, BrokerHandler, ChannelCount, History, IDEMPOTENCY_WINDOW, NodeInfo, Publication,
+    PublishOptions, PublishResult,
 };
 
 const SHARDS: usize = 32;
@@ -229,6 +229,8 @@ pub struct MemoryBroker {
     presence: Mutex<Presence>,
     connections: Mutex<HashMap<String, HashSet<String>>>,
     node: Mutex<Option<NodeInfo>>,
+    /// Subscriber counts as each node reported them: node → channel → count.
+    channel_counts: Mutex<HashMap<String, BTreeMap<String, u64>>>,
 }
 
 impl MemoryBroker {
@@ -262,6 +264,7 @@ impl MemoryBroker {
             presence: Mutex::new(Presence::default()),
             connections: Mutex::new(HashMap::new()),
             node: Mutex::new(None),
+            channel_counts: Mutex::new(HashMap::new()),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             let weak = Arc::downgrade(&broker);
@@ -515,6 +518,78 @@ impl Broker for MemoryBroker {
 
     fn is_up(&self) -> bool {
         true
+    }
+
+    // --- The cluster's channels and history deletion (issue 19, part D). ---
+
+    async fn report_channels(&self, node: &str, counts: &[(String, u64)], full: bool) -> Result<bool, BrokerError> {
+        let mut all = lock(&self.channel_counts);
+        let held = all.contains_key(node);
+        let mine = all.entry(node.to_owned()).or_default();
+        if full {
+            mine.clear();
+        }
+        for (channel, n) in counts {
+            if *n == 0 {
+                mine.remove(channel);
+            } else {
+                mine.insert(channel.clone(), *n);
+            }
+        }
+        if mine.is_empty() {
+            all.remove(node);
+        }
+        Ok(held)
+    }
+
+    async fn channels(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ChannelCount>, BrokerError> {
+        let all = lock(&self.channel_counts);
+        let mut merged: BTreeMap<&str, u64> = BTreeMap::new();
+        for counts in all.values() {
+            let from = match after {
+                Some(a) if a >= prefix => std::ops::Bound::Excluded(a),
+                _ => std::ops::Bound::Included(prefix),
+            };
+            let page = counts
+                .range::<str, _>((from, std::ops::Bound::Unbounded))
+                .take_while(|(c, _)| c.starts_with(prefix))
+                .take(limit);
+            for (c, n) in page {
+                *merged.entry(c.as_str()).or_default() += n;
+            }
+        }
+        Ok(merged
+            .into_iter()
+            .take(limit)
+            .map(|(channel, subscribers)| ChannelCount { channel: channel.to_owned(), subscribers })
+            .collect())
+    }
+
+    async fn delete_history(&self, channel: &str) -> Result<(), BrokerError> {
+        // The idempotency lock before the shard's, as `publish` takes them.
+        let mut idem = lock(&self.idempotency);
+        idem.retain(|(c, _), _| c != channel);
+        let mut map = lock(self.shard(channel));
+        let Some(st) = map.get_mut(channel) else {
+            // No state: the next publish or read starts a new epoch anyway.
+            return Ok(());
+        };
+        st.drop_front(&self.budget, |_| true);
+        *st = ChannelState::new();
+        let epoch = st.epoch.clone();
+        drop(idem);
+        // Under the shard lock: ordered before the channel's next publication.
+        if let Some(h) = self.handler.get()
+            && lock(&self.subscribed).contains(channel)
+        {
+            h.on_gap(channel, &epoch, 0);
+        }
+        Ok(())
     }
 }
 

@@ -61,7 +61,7 @@ pub struct History {
 }
 
 /// A node as listed by `/api/v1/info`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct NodeInfo {
     pub node: String,
     pub connections: u64,
@@ -69,6 +69,30 @@ pub struct NodeInfo {
     /// Ready for new connections (not draining, broker reachable). Only ready nodes count in
     /// the rebalancing mean; an entry written without it (an older node) counts as ready.
     pub ready: bool,
+    /// Seconds since the node started (absent in entries of older nodes: 0).
+    #[serde(default)]
+    pub uptime_s: u64,
+    /// Open connections by transport (absent in entries of older nodes: zeros).
+    #[serde(default)]
+    pub transports: TransportCounts,
+    /// Resident memory of the node's process, in bytes (0 when unknown).
+    #[serde(default)]
+    pub memory_bytes: u64,
+}
+
+/// A node's open connections by transport ([`NodeInfo::transports`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct TransportCounts {
+    pub ws: u64,
+    pub sse: u64,
+}
+
+/// An active channel as listed by [`Broker::channels`]: its subscribers summed over the live
+/// nodes (as each node last reported them with [`Broker::report_channels`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChannelCount {
+    pub channel: String,
+    pub subscribers: u64,
 }
 
 /// Broker failures. `Unavailable` is what callers turn into `unavailable` / 503: the request
@@ -165,6 +189,28 @@ pub trait Broker: Send + Sync + 'static {
     /// it, cluster-wide (what a namespace's `max_subscribers` is checked against: the caller
     /// removes the entry again when the count is over the bound).
     async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry) -> Result<u64, BrokerError>;
+    // --- The cluster's channels and history deletion (issue 19, part D: the admin API). ---
+
+    /// Mirrors this node's (`node`) local subscriber counts: each `(channel, count)` replaces
+    /// the node's count of that channel, a count of 0 removes the channel. `full`: the list is
+    /// the node's whole set (everything else of this node is forgotten first). The entries
+    /// live as long as the node's registry entry ([`Broker::report_node`]): a dead node's
+    /// channels vanish with it. Called by one task per node, so calls never overlap.
+    /// `Ok(false)`: the broker held nothing for this node before the call (Redis lost its data,
+    /// or the entries expired while the node was stalled) — a node that has channels then
+    /// reports its whole set.
+    async fn report_channels(&self, node: &str, counts: &[(String, u64)], full: bool) -> Result<bool, BrokerError>;
+
+    /// Active channels cluster-wide (at least one subscriber on a live node), in name order
+    /// (byte-wise), those starting with `prefix` and after `after` (exclusive), at most
+    /// `limit`, each with its subscribers summed over the live nodes.
+    async fn channels(&self, prefix: &str, after: Option<&str>, limit: usize)
+    -> Result<Vec<ChannelCount>, BrokerError>;
+
+    /// Drops the channel's history and position: its next publish or read starts a new epoch,
+    /// so a recovery from before answers `recovered: false`. Nodes subscribed to the channel
+    /// tell their subscribers with a `gap` frame (in the new epoch) before its next message.
+    async fn delete_history(&self, channel: &str) -> Result<(), BrokerError>;
 
     /// Cluster-wide rate limit (GCRA): counts one event for `key` at `rate` per second with a
     /// burst of `burst`. `Ok(None)` when allowed, `Ok(Some(retry_after))` when refused.

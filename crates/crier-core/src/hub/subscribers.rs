@@ -99,6 +99,14 @@ impl<V> Subscribers<V> {
         }
     }
 
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Subscribers::One(_) => 1,
+            Subscribers::Few(v) => v.len(),
+            Subscribers::Many(m) => m.len(),
+        }
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         match self {
             Subscribers::One(_) => false,

@@ -90,7 +90,16 @@ impl Task {
                 *state = State::Tracking(Position::new(h.epoch.into(), offset));
                 Verdict::Deliver
             }
-            State::Tracking(pos) => pos.check(h.epoch, offset, gap_fill),
+            State::Tracking(pos) => {
+                if *pos.epoch != *h.epoch
+                    && let Some(handler) = self.shared.handler.get()
+                {
+                    // The channel's history was lost or deleted (`Broker::delete_history`) and a
+                    // new epoch began: the subscribers are told before its first publication.
+                    handler.on_gap(channel, h.epoch, 0);
+                }
+                pos.check(h.epoch, offset, gap_fill)
+            }
         };
         let verdict = match verdict {
             Verdict::Gap => {

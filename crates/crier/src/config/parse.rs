@@ -349,6 +349,7 @@ pub(super) fn build(
     let api_burst = p.required("api_burst", at_least_one::<u32>);
     let shutdown_drain = p.required("shutdown_drain", |s| duration_within(s, true, MAX_DURATION));
     let rebalance_rate = p.required("rebalance_rate", number::<u32>);
+    let admin = p.required("admin", boolean);
     let rebalance_threshold = p.required("rebalance_threshold", fraction_percent);
     let rebalance_min_connections = p.required("rebalance_min_connections", number::<u64>);
     let log_format = p.required("log_format", |s| match s.trim().to_ascii_lowercase().as_str() {
@@ -409,6 +410,7 @@ pub(super) fn build(
         rebalance_min_connections: got(rebalance_min_connections)?,
         log_format: got(log_format)?,
         dev: got(dev)?,
+        admin: got(admin)?,
     })
 }
 

@@ -366,6 +366,14 @@ pub(super) static SETTINGS: &[Setting] = &[
         "`100`",
         "no node sheds while the ready nodes' mean is below this many connections",
     ),
+    setting(
+        "admin",
+        Bool,
+        "BOOL",
+        Some("false"),
+        "`false`",
+        "serve the admin page at `/admin` (it signs in with an API key, held in the page's memory only); off: `/admin` is 404",
+    ),
     setting("log_format", Scalar, "FORMAT", Some("human"), "`human`", "log format: `human` or `json`"),
     setting(
         "dev",

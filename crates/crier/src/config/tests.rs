@@ -570,7 +570,7 @@ fn sample(name: &str) -> &'static str {
         "client_queue_max_bytes" => "777777",
         "log_format" => "json",
         "user_rate_scope" => "cluster",
-        "allow_anonymous" | "dev" | "websocket_compression" => "true",
+        "allow_anonymous" | "dev" | "websocket_compression" | "admin" => "true",
         _ => "7",
     }
 }

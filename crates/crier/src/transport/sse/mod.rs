@@ -128,9 +128,13 @@ pub async fn handler(State(st): State<AppState>, ConnectInfo(peer): ConnectInfo<
     let chunked = parts.version != Version::HTTP_10;
     let head = response_head(parts.headers.get(header::ORIGIN), chunked);
     let drain_ms = st.config.shutdown_drain.as_millis() as u64;
+    let counted = st.details.sse_stream();
     takeover.claim(move |io| {
         let sock = stream::SseSocket::new(io, head, chunked);
-        tokio::spawn(stream::run(session, subscriptions, cursor, sock, drain_ms));
+        tokio::spawn(async move {
+            let _counted = counted;
+            stream::run(session, subscriptions, cursor, sock, drain_ms).await
+        });
     });
     // hyper's part of the connection ends here: this future is dropped with it.
     std::future::pending().await
