@@ -22,7 +22,10 @@ pub mod node;
 pub mod outbox;
 pub mod registry;
 
-pub use broker::{Broker, BrokerError, BrokerHandler, History, MemoryBroker, NodeInfo, Publication, PublishResult};
+pub use broker::{
+    Broker, BrokerError, BrokerHandler, History, MemoryBroker, NodeInfo, PresenceEvent, PresenceStats, Publication,
+    PublishResult,
+};
 pub use hub::Hub;
 pub use namespace::{ChannelPolicy, Namespaces};
 pub use node::{Node, SubscribeError};

@@ -120,7 +120,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use crier_core::broker::{IDEMPOTENCY_WINDOW, PublishOptions};
-use crier_core::{Broker, BrokerError, BrokerHandler, History, Namespaces, NodeInfo, PublishResult};
+use crier_core::{Broker, BrokerError, BrokerHandler, History, Namespaces, NodeInfo, PresenceStats, PublishResult};
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -325,6 +325,7 @@ impl RedisBroker {
             shared.instance.clone(),
             opts.presence_ttl,
             opts.node_ttl,
+            opts.namespaces.clone(),
         ));
         tokio::spawn(presence::refresh_loop(state.clone(), shutdown_rx.clone()));
         let publish_calls = Arc::new(AtomicU64::new(0));
@@ -469,6 +470,10 @@ impl Broker for RedisBroker {
 
     async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError> {
         self.state.presence(channel).await
+    }
+
+    async fn presence_stats(&self, channel: &str) -> Result<PresenceStats, BrokerError> {
+        self.state.presence_stats(channel).await
     }
 
     async fn connection_opened(&self, user: &str, client: &str) -> Result<u64, BrokerError> {

@@ -11,7 +11,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use tower_http::trace::TraceLayer;
 
-use crate::api;
+use crate::{api, api_presence};
 use crate::metrics as m;
 use crate::state::AppState;
 use crate::transport::{sse, ws};
@@ -25,6 +25,8 @@ pub fn app(st: AppState) -> Router {
         .route("/api/v1/channels/{channel}/presence", get(api::presence))
         .route("/api/v1/disconnect", post(api::disconnect))
         .route("/api/v1/info", get(api::info))
+        // Presence that pushes (issue 19 B).
+        .route("/api/v1/channels/{channel}/presence_stats", get(api_presence::presence_stats))
         .route_layer(middleware::from_fn_with_state(st.clone(), api::require_api_key))
         .layer(middleware::from_fn(api::time_limit));
     // The probes are routed outside the access log: a 503 from `/readyz` every few seconds

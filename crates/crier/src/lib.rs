@@ -24,6 +24,7 @@
 //! [`auth::generate_secret`], and the request-head bounds.
 
 mod api;
+mod api_presence;
 pub mod auth;
 pub mod config;
 mod error;
