@@ -253,8 +253,9 @@ impl ClusterState {
     /// after the ones already sent, so a refresh never copies the whole set (with 10,000
     /// subscriptions a full copy was ~1 KiB per connection every period, and the allocator kept
     /// that peak resident). An entry added or removed meanwhile may be skipped this time: it has
-    /// two more periods before it expires. Presence entries take two keys (set, hash);
-    /// connection and node entries follow with their own ttl.
+    /// two more periods before it expires. Presence entries take three keys (set, hash, users)
+    /// and go through `PRES_REFRESH` (an entry Redis lost comes back counted, with a `join` on
+    /// join/leave channels); connection and node entries follow through `TTL_REFRESH`.
     pub(crate) async fn refresh(&self) -> Result<(), BrokerError> {
         if self.is_empty() {
             return Ok(());
