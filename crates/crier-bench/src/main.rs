@@ -88,6 +88,7 @@ async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
                 channels: 1,
                 subscribers: a.subscribers,
                 default_rates: vec![20.0, 50.0],
+                channel: a.channel,
                 publish: a.publish,
                 gateway: a.gateway,
             };
@@ -104,6 +105,7 @@ async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
                 channels: a.channels,
                 subscribers,
                 default_rates: vec![500.0, 2000.0],
+                channel: None,
                 publish: a.publish,
                 gateway: a.gateway,
             };
@@ -119,6 +121,7 @@ async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
                 channels: a.channels.max(1),
                 subscribers: a.subscribers,
                 default_rates: vec![20.0, 50.0],
+                channel: None,
                 publish: a.publish,
                 gateway: a.gateway,
             };
