@@ -7,5 +7,6 @@ use crier_testkit::conformance;
 
 #[tokio::test]
 async fn memory_broker_conforms() {
-    conformance::run(|s| async move { MemoryBroker::with_namespaces(s.namespaces.clone(), 0) as Arc<dyn Broker> }).await;
+    conformance::run(|s| async move { MemoryBroker::with_namespaces(s.namespaces.clone(), 0) as Arc<dyn Broker> })
+        .await;
 }

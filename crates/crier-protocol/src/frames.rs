@@ -541,7 +541,8 @@ mod tests {
             std::str::from_utf8(&f).unwrap_or_default(),
             r#"{"type":"join","channel":"chat:lobby","client":"n-1-2","user":"u\"1","node":"n"}"#
         );
-        let v: serde_json::Value = serde_json::from_slice(&encode_presence_event("leave", "c", "{}")).unwrap_or_default();
+        let v: serde_json::Value =
+            serde_json::from_slice(&encode_presence_event("leave", "c", "{}")).unwrap_or_default();
         assert_eq!(v, serde_json::json!({"type":"leave","channel":"c"}));
         let stats = ServerFrame::PresenceStats { id: Some(7), channel: "c", clients: 3, users: 2 }.encode();
         assert_eq!(&stats[..], br#"{"type":"presence_stats","id":7,"channel":"c","clients":3,"users":2}"#);

@@ -145,6 +145,10 @@ async fn main() {
 
     let t = Instant::now();
     let list = fillers[0].presence(CHANNEL).await.unwrap_or_else(|e| panic!("presence: {e}"));
-    println!("for contrast, one full presence listing: {} entries in {:.1} ms", list.len(), t.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "for contrast, one full presence listing: {} entries in {:.1} ms",
+        list.len(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
     drop(nodes);
 }

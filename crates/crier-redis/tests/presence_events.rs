@@ -88,15 +88,12 @@ async fn an_entry_that_expired_and_is_refreshed_joins_again() {
     b.presence_add(ch, &entry("b-1", "u1", "b")).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
     // Redis loses the entry (as after an expiry swept it, or a flush): the owner's next refresh
     // puts it back, counted and announced again.
-    let mut con = redis::Client::open(server.url())
-        .and_then(|c| c.get_connection())
-        .unwrap_or_else(|e| panic!("redis: {e}"));
+    let mut con =
+        redis::Client::open(server.url()).and_then(|c| c.get_connection()).unwrap_or_else(|e| panic!("redis: {e}"));
     let _: () = redis::cmd("FLUSHALL").query(&mut con).unwrap_or_else(|e| panic!("flush: {e}"));
-    poll_within("the refresh re-adds the entry", Duration::from_secs(5), async || {
-        match b.presence_stats(ch).await {
-            Ok(s) if s == (PresenceStats { clients: 1, users: 1 }) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
+    poll_within("the refresh re-adds the entry", Duration::from_secs(5), async || match b.presence_stats(ch).await {
+        Ok(PresenceStats { clients: 1, users: 1 }) => Ok(()),
+        other => Err(format!("{other:?}")),
     })
     .await;
     poll_within("joined again", Duration::from_secs(5), async || {

@@ -305,9 +305,11 @@ where
 {
     let (b, _h) = fresh(make, s).await;
     let ch = format!("{}:stats", prefix());
-    let stats = async |b: &Arc<dyn Broker>| b.presence_stats(&ch).await.unwrap_or_else(|e| panic!("presence_stats: {e}"));
+    let stats =
+        async |b: &Arc<dyn Broker>| b.presence_stats(&ch).await.unwrap_or_else(|e| panic!("presence_stats: {e}"));
     assert_eq!(stats(&b).await, PresenceStats { clients: 0, users: 0 }, "an empty channel");
-    let entry = |client: &str, user: &str| PresenceEntry { client: client.into(), user: user.into(), node: "n1".into() };
+    let entry =
+        |client: &str, user: &str| PresenceEntry { client: client.into(), user: user.into(), node: "n1".into() };
     for (client, user) in [("c1", "u1"), ("c2", "u2"), ("c3", "u1"), ("c3", "u1")] {
         b.presence_add(&ch, &entry(client, user)).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
     }

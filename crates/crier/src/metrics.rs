@@ -121,7 +121,10 @@ fn describe() {
         REFUSALS,
         "Refused handshakes and REST calls by surface (handshake, api) and reason (token_expired, origin_not_allowed, unknown_api_key, …)"
     );
-    describe_counter!(PRESENCE_EVENTS, "join/leave events fanned out to this node's subscribers, by kind (join, leave)");
+    describe_counter!(
+        PRESENCE_EVENTS,
+        "join/leave events fanned out to this node's subscribers, by kind (join, leave)"
+    );
     describe_counter!(PRESENCE_EVENT_FRAMES, "join/leave frames queued to this node's subscribers");
     describe_counter!(
         REBALANCED,

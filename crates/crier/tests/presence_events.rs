@@ -5,6 +5,8 @@
 //! `--dev` declares the `chat` namespace with `join_leave` (the demo page's channel); channels
 //! outside it (`news`) have no join/leave.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use crier_testkit::redis::RedisServer;
@@ -67,7 +69,16 @@ async fn join_and_leave_arrive_in_order_with_messages_on_one_node() {
     s.publish("chat:room", json!("m4")).await;
     assert_eq!(
         until_message(&mut alice, "m4").await,
-        ["message:\"m1\"", "join:bob", "message:\"m2\"", "leave:bob", "message:\"m3\"", "join:carol", "leave:carol", "message:\"m4\""]
+        [
+            "message:\"m1\"",
+            "join:bob",
+            "message:\"m2\"",
+            "leave:bob",
+            "message:\"m3\"",
+            "join:carol",
+            "leave:carol",
+            "message:\"m4\""
+        ]
     );
     // A channel outside a join_leave namespace: messages only.
     s.publish("news", json!("n1")).await;
@@ -108,8 +119,7 @@ async fn presence_stats_over_the_socket_and_rest() {
     assert_eq!(r, json!({"type":"presence_stats","id":3,"channel":"room","clients":3,"users":2}));
     assert_eq!(stats_rest(&s, "room").await, json!({"clients":3,"users":2}));
     drop(u1b);
-    until("u1's second connection left", async || stats_rest(&s, "room").await == json!({"clients":2,"users":2}))
-        .await;
+    until("u1's second connection left", async || stats_rest(&s, "room").await == json!({"clients":2,"users":2})).await;
     // Refusals: a channel the token does not cover, a bad name; REST: a bad name.
     let r = stats_ws(&mut u2, "other", 4).await;
     assert_eq!((r["type"].as_str(), r["code"].as_str()), (Some("error"), Some("forbidden")), "{r}");
@@ -155,8 +165,7 @@ async fn two_nodes_on_redis_a_drained_node_s_client_leaves_now_a_killed_one_s_on
     // Node b dies: bob's entry expires after presence_ttl and a and the sweeps announce it once.
     let _ = std::process::Command::new("kill").arg("-KILL").arg(b.pid().to_string()).status();
     assert!(b.wait_exit().await.is_none(), "killed by a signal");
-    until("bob's presence expired", async || stats_rest(&a, "chat:x").await == json!({"clients":1,"users":1}))
-        .await;
+    until("bob's presence expired", async || stats_rest(&a, "chat:x").await == json!({"clients":1,"users":1})).await;
     a.publish("chat:x", json!("m3")).await;
     assert_eq!(until_message(&mut alice, "m3").await, ["leave:bob", "message:\"m3\""], "one leave, once");
     let r = stats_ws(&mut alice, "chat:x", 7).await;
