@@ -171,3 +171,78 @@ async fn two_nodes_on_redis_a_drained_node_s_client_leaves_now_a_killed_one_s_on
     let r = stats_ws(&mut alice, "chat:x", 7).await;
     assert_eq!((r["clients"].as_u64(), r["users"].as_u64()), (Some(1), Some(1)));
 }
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next MessagePack frame, decoded.
+async fn mp_recv(ws: &mut Ws) -> Value {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(support::WAIT, ws.next()).await.expect("a frame in time") {
+            Some(Ok(Message::Binary(b))) => return rmp_serde::from_slice(&b).expect("MessagePack"),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a binary frame, got {other:?}"),
+        }
+    }
+}
+
+async fn mp_send(ws: &mut Ws, v: Value) {
+    use futures_util::SinkExt;
+    let m = tokio_tungstenite::tungstenite::Message::binary(rmp_serde::to_vec_named(&v).unwrap());
+    ws.send(m).await.unwrap();
+}
+
+/// MessagePack (`crier.v1.msgpack`) carries the same fields: a `join`, a `leave` and a
+/// `presence_stats` reply decode to what a JSON client gets.
+#[tokio::test]
+async fn messagepack_carries_join_leave_and_presence_stats() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+    let s = Server::start(&["--dev"]).await;
+    let mut req = s.ws_url().into_client_request().unwrap();
+    req.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static("crier.v1.msgpack"));
+    let token = s.token("mp", &["chat:*"], &[]);
+    req.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {token}")).unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("connects");
+    assert_eq!(mp_recv(&mut ws).await["type"], "welcome");
+    mp_send(&mut ws, json!({"type":"subscribe","id":1,"channel":"chat:mp"})).await;
+    assert_eq!(mp_recv(&mut ws).await["type"], "ack");
+    let mut json_client = s.client(&s.token("js", &["chat:*"], &[])).await;
+    json_client.subscribe("chat:mp", 1).await;
+    let join = mp_recv(&mut ws).await;
+    assert_eq!(join["type"], "join");
+    let fields = (join["channel"].as_str(), join["user"].as_str(), join["node"].as_str());
+    assert_eq!(fields, (Some("chat:mp"), Some("js"), Some("test-node")));
+    assert!(join["client"].as_str().is_some_and(|c| !c.is_empty()));
+    mp_send(&mut ws, json!({"type":"presence_stats","id":2,"channel":"chat:mp"})).await;
+    let stats = mp_recv(&mut ws).await;
+    assert_eq!(stats, json!({"type":"presence_stats","id":2,"channel":"chat:mp","clients":2,"users":2}));
+    drop(json_client);
+    let leave = mp_recv(&mut ws).await;
+    assert_eq!((leave["type"].as_str(), leave["user"].as_str()), (Some("leave"), Some("js")));
+}
+
+/// Enabled once namespaces parse (`[namespaces.X]` in the TOML file, another part of issue 19):
+/// a namespace's `join_leave` and `presence` reach this feature from the settings.
+#[tokio::test]
+#[ignore = "enabled once namespaces parse"]
+async fn namespaces_from_the_toml_file_turn_join_leave_on_and_presence_off() {
+    let dir = std::env::temp_dir().join(format!("crier-presence-ns-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("crier.toml");
+    std::fs::write(&file, "[namespaces.room]\njoin_leave = true\n\n[namespaces.quiet]\npresence = false\n").unwrap();
+    let s = Server::start(&["--config", file.to_str().unwrap()]).await;
+    let mut a = s.client(&s.token("a", &["room:*", "quiet:*"], &[])).await;
+    a.subscribe("room:1", 1).await;
+    let mut b = s.client(&s.token("b", &["room:*"], &[])).await;
+    b.subscribe("room:1", 1).await;
+    let join = a.recv_type("join").await;
+    assert_eq!(join["user"], "b");
+    let r = stats_ws(&mut a, "quiet:1", 2).await;
+    assert_eq!(r["code"], "forbidden", "{r}");
+    let r = s.get("/api/v1/channels/quiet:1/presence_stats").await;
+    assert_eq!(r.status(), 403);
+    let _ = std::fs::remove_dir_all(&dir);
+}
