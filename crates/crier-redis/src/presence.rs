@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use crier_core::{BrokerError, Namespaces, NodeInfo, PresenceStats};
 use crier_protocol::frames::PresenceEntry;
+use futures_util::StreamExt;
 use redis::Value;
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -24,6 +25,8 @@ use crate::scripts::{Scripts, bulk, int};
 
 /// Refresh calls per pipeline.
 const REFRESH_BATCH: usize = 500;
+/// Join/leave sweeps of different channels in flight at once.
+const SWEEP_CONCURRENCY: usize = 16;
 
 /// `channel NUL client` → (user, node) of a presence entry: the channel and the client in one
 /// allocation (a channel name has no NUL, so the first one separates them; [`presence_key`]).
@@ -199,10 +202,18 @@ impl ClusterState {
                 .map(str::to_owned)
                 .collect()
         };
-        for channel in channels {
-            self.presence_read(&channel, "stats").await?;
+        // A few calls in flight at once (the command connection is multiplexed), not one round
+        // trip after another per channel.
+        let mut sweeps = futures_util::stream::iter(channels)
+            .map(|channel| async move { self.presence_read(&channel, "stats").await.map(drop) })
+            .buffer_unordered(SWEEP_CONCURRENCY);
+        let mut result = Ok(());
+        while let Some(r) = sweeps.next().await {
+            if r.is_err() {
+                result = r;
+            }
         }
-        Ok(())
+        result
     }
 
     pub(crate) async fn connection_opened(&self, user: &str, client: &str) -> Result<u64, BrokerError> {
