@@ -31,7 +31,7 @@
 //! | `crier:{<channel>}:hist` | LIST | entries `offset:epoch:ts_us:frame`, oldest first; the newest `history_size` are the history (trimmed back to it once it holds an eighth more) | `history_ttl` to `history_ttl` + slack after the last publish; reads drop entries older than `history_ttl` |
 //! | `crier:{<channel>}:idem:<key>` | STRING | `epoch:offset` of the first publish with that key | 300s |
 //! | `crier:{<channel>}:pres` / `:pres:data` | ZSET / HASH | member → expiry ms / entry JSON | `presence_ttl` (30s), refreshed by the owning node |
-//! | `crier:{<channel>}:pres:users` | HASH | user → that user's live members in the channel (`presence_stats`: `HLEN`) | as the presence keys |
+//! | `crier:{<channel>}:pres:users` | HASH | user → that user's live members in the channel (`presence_stats`: `HLEN`; kept by the presence scripts only, so entries written by nodes older than it are not counted in `users` until they are re-added) | as the presence keys |
 //! | `crier:user:{<user>}:conns` | ZSET | member → expiry ms | `presence_ttl`, refreshed |
 //! | `crier:nodes` / `crier:nodes:info` | ZSET / HASH | node → expiry ms / `NodeInfo` JSON | `node_ttl` (30s), refreshed; on a Cluster `crier:{nodes}` / `crier:{nodes}:info` |
 //!

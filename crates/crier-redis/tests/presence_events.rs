@@ -102,3 +102,43 @@ async fn an_entry_that_expired_and_is_refreshed_joins_again() {
     })
     .await;
 }
+
+/// The presence scripts build join/leave frames in Lua byte-identical to
+/// `crier_protocol::frames::encode_presence_event` (what the memory broker sends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lua_join_and_leave_frames_are_byte_identical_to_the_rust_ones() {
+    #[derive(Default)]
+    struct Frames(std::sync::Mutex<Vec<bytes::Bytes>>);
+    impl crier_core::BrokerHandler for Frames {
+        fn on_publication(&self, _: &str, _: crier_core::Publication) {}
+        fn on_presence_event(&self, _: &str, event: crier_core::PresenceEvent) {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(event.frame);
+        }
+        fn on_disconnect_user(&self, _: &str) -> usize {
+            0
+        }
+        fn has_subscribers(&self, _: &str) -> bool {
+            true
+        }
+    }
+    let server = support::RedisServer::start();
+    let ch = "room:bytes";
+    let b = crier_redis::RedisBroker::connect(opts(&server, "b")).await.unwrap_or_else(|e| panic!("connect: {e}"));
+    let h = Arc::new(Frames::default());
+    b.set_handler(h.clone());
+    b.subscribe(ch).await.unwrap_or_else(|e| panic!("subscribe: {e}"));
+    let e = entry("n-1-2", "ü \"quoted\" \\ /slash", "b");
+    b.presence_add(ch, &e).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    b.presence_remove(ch, &e.client).await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    poll_within("both frames", Duration::from_secs(5), async || {
+        let n = h.0.lock().unwrap_or_else(|e| e.into_inner()).len();
+        if n == 2 { Ok(()) } else { Err(format!("{n} frames")) }
+    })
+    .await;
+    let json = serde_json::to_string(&e).unwrap_or_default();
+    let want = [
+        crier_protocol::frames::encode_presence_event("join", ch, &json),
+        crier_protocol::frames::encode_presence_event("leave", ch, &json),
+    ];
+    assert_eq!(*h.0.lock().unwrap_or_else(|e| e.into_inner()), want);
+}
