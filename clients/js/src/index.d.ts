@@ -45,9 +45,27 @@ export interface SubscribeOptions<T = unknown> {
   /** The server refused (forbidden, invalid_channel, too_many_subscriptions, ...) or ended
    * ("unsubscribed") the subscription; it is over. Without it the client's "error" event fires. */
   onError?: (err: CrierError) => void;
+  /** A client entered the channel's presence (channels whose namespace has `join_leave`; never
+   * this connection's own join). Not a message: no offset, not recovered after a reconnect. */
+  onJoin?: (info: PresenceEvent) => void;
+  /** A client left the channel's presence (unsubscribed, disconnected, or its node died and its
+   * entry expired), once. */
+  onLeave?: (info: PresenceEvent) => void;
   /** Start after this position (e.g. the last message of a `history` call, or a position the
    * app stored): the first subscribe recovers from it. */
   since?: Position;
+}
+
+export interface PresenceEvent {
+  channel: string;
+  client: string;
+  user: string;
+  node: string;
+}
+
+export interface PresenceStats {
+  clients: number;
+  users: number;
 }
 
 export interface PresenceClient {
@@ -190,6 +208,8 @@ export class Crier {
     options?: { idempotencyKey?: string },
   ): Promise<{ channel: string; epoch: string; offset: number }>;
   presence(channel: string): Promise<PresenceClient[]>;
+  /** How many clients and distinct users are in the channel's presence (no listing). */
+  presenceStats(channel: string): Promise<PresenceStats>;
   history<T = unknown>(channel: string, options?: { limit?: number; since?: Position }): Promise<Message<T>[]>;
   close(): void;
 }

@@ -195,7 +195,11 @@ export class Crier {
     this.#listeners.get(event)?.delete(fn);
   }
 
-  /** Subscribes to a channel. handlers: {onMessage, onGap, onSubscribed, onError, since}. */
+  /**
+   * Subscribes to a channel. handlers: {onMessage, onGap, onSubscribed, onError, onJoin, onLeave,
+   * since}. onJoin/onLeave get {channel, client, user, node} on channels whose namespace has
+   * join_leave (never for this connection's own join).
+   */
   subscribe(channel, handlers = {}) {
     if (this.#closed) throw new CrierError("closed", "the client is closed");
     if (this.#subs.has(channel)) throw new CrierError("already_subscribed", `already subscribed to ${channel}`);
@@ -236,6 +240,10 @@ export class Crier {
   /** The clients subscribed to `channel`, on every node: [{client, user, node}]. */
   presence(channel) {
     return this.#request({ type: "presence", channel }, (f) => f.clients || []);
+  }
+  /** How many clients and distinct users are in `channel`'s presence: {clients, users}. */
+  presenceStats(channel) {
+    return this.#request({ type: "presence_stats", channel }, (f) => ({ clients: f.clients, users: f.users }));
   }
   /**
    * The channel's history: the latest `limit` messages, or those after `since`, oldest first.
@@ -552,6 +560,9 @@ export class Crier {
         return this.#onMessage(f);
       case "gap":
         return this.#onGapFrame(f);
+      case "join":
+      case "leave":
+        return this.#onPresenceEvent(f);
       case "unsubscribed":
         return this.#onUnsubscribed(f);
       case "error":
@@ -559,6 +570,7 @@ export class Crier {
       case "ack":
       case "pong":
       case "presence":
+      case "presence_stats":
       case "history":
         return this.#onReply(f);
       default:
@@ -640,6 +652,13 @@ export class Crier {
     rec.epoch = f.epoch;
     rec.offset = f.offset;
     this.#call(rec, "onMessage", toMessage(f));
+  }
+
+  #onPresenceEvent(f) {
+    const rec = this.#subs.get(f.channel);
+    if (!rec) return;
+    const info = { channel: f.channel, client: f.client, user: f.user, node: f.node };
+    this.#call(rec, f.type === "join" ? "onJoin" : "onLeave", info);
   }
 
   #onGapFrame(f) {

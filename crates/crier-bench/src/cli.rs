@@ -223,6 +223,10 @@ pub struct FanoutArgs {
     /// Subscribers of the one channel
     #[arg(long, default_value_t = 5000)]
     pub subscribers: usize,
+    /// The channel's name [default: bench:fanout]; e.g. `chat:fanout` with `--crier-arg=--dev`
+    /// (whose `chat` namespace has join_leave) to measure fan-out with join/leave events on
+    #[arg(long)]
+    pub channel: Option<String>,
     #[command(flatten)]
     pub publish: PublishArgs,
     #[command(flatten)]

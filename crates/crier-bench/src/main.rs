@@ -89,6 +89,7 @@ async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
                 channels: 1,
                 subscribers: a.subscribers,
                 default_rates: vec![20.0, 50.0],
+                channel: a.channel,
                 publish: a.publish,
                 gateway: a.gateway,
             };
@@ -105,6 +106,7 @@ async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
                 channels: a.channels,
                 subscribers,
                 default_rates: vec![500.0, 2000.0],
+                channel: None,
                 publish: a.publish,
                 gateway: a.gateway,
             };
@@ -120,6 +122,7 @@ async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
                 channels: a.channels.max(1),
                 subscribers: a.subscribers,
                 default_rates: vec![20.0, 50.0],
+                channel: None,
                 publish: a.publish,
                 gateway: a.gateway,
             };

@@ -125,6 +125,15 @@ impl ClientBuilder {
     }
 }
 
+/// A channel's presence counted ([`Client::presence_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresenceStats {
+    /// Clients (connections) in the channel's presence.
+    pub clients: u64,
+    /// Distinct users among them.
+    pub users: u64,
+}
+
 /// What a `publish` was given by the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
@@ -273,6 +282,15 @@ impl Client {
     pub async fn presence(&self, channel: impl Into<String>) -> Result<Vec<PresenceEntry>, Error> {
         match self.request(RequestKind::Presence { channel: channel.into() }).await? {
             Reply::Presence(clients) => Ok(clients),
+            _ => Err(Error::Invalid("unexpected reply".into())),
+        }
+    }
+
+    /// How many clients and distinct users are in `channel`'s presence, cluster-wide (counted
+    /// by the broker, without listing them).
+    pub async fn presence_stats(&self, channel: impl Into<String>) -> Result<PresenceStats, Error> {
+        match self.request(RequestKind::PresenceStats { channel: channel.into() }).await? {
+            Reply::PresenceStats { clients, users } => Ok(PresenceStats { clients, users }),
             _ => Err(Error::Invalid("unexpected reply".into())),
         }
     }

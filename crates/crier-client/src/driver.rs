@@ -48,7 +48,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::backoff::Backoff;
 use crate::error::{CloseReason, Error, ServerError};
-use crate::frames::{self, ClientFrame, MessageFrame, ServerFrame};
+use crate::frames::{self, ClientFrame, MessageFrame, PresenceEventFrame, ServerFrame};
 use crate::subscription::{EndReason, Event, Gap, GapReason, Message, Tracker, Verdict};
 use crate::token::{self, BoxError, TokenSource};
 
@@ -129,6 +129,7 @@ pub(crate) struct Options {
 pub(crate) enum RequestKind {
     Publish { channel: String, data: Value, idempotency_key: Option<String> },
     Presence { channel: String },
+    PresenceStats { channel: String },
     History { channel: String, since: Option<StreamPosition>, limit: Option<usize> },
 }
 
@@ -136,6 +137,7 @@ pub(crate) enum RequestKind {
 pub(crate) enum Reply {
     Published { epoch: Option<String>, offset: u64 },
     Presence(Vec<PresenceEntry>),
+    PresenceStats { clients: u64, users: u64 },
     History { epoch: String, offset: u64, messages: Vec<Message>, next: Option<StreamPosition> },
 }
 
@@ -586,6 +588,9 @@ impl Driver {
                 Self::send(conn, &ClientFrame::Publish { id, channel, data, idempotency_key }).await
             }
             RequestKind::Presence { channel } => Self::send(conn, &ClientFrame::Presence { id, channel }).await,
+            RequestKind::PresenceStats { channel } => {
+                Self::send(conn, &ClientFrame::PresenceStats { id, channel }).await
+            }
             RequestKind::History { channel, since, limit } => {
                 Self::send(conn, &ClientFrame::History { id, channel, since: since.as_ref(), limit: *limit }).await
             }
@@ -777,6 +782,14 @@ impl Driver {
                     let _ = r.reply.send(Ok(Reply::History { epoch, offset, messages, next }));
                 }
             }
+            ServerFrame::PresenceStats { id: Some(id), clients, users } => {
+                if let Some(Pending::Request(r)) = conn.pending.remove(&id) {
+                    let _ = r.reply.send(Ok(Reply::PresenceStats { clients, users }));
+                }
+            }
+            ServerFrame::Join(e) | ServerFrame::Leave(e) if !self.subs.contains_key(&e.channel) => {}
+            ServerFrame::Join(e) => self.on_presence_event(e, true),
+            ServerFrame::Leave(e) => self.on_presence_event(e, false),
             ServerFrame::Gap { channel, epoch, offset } => {
                 if let Some(sub) = self.subs.get_mut(&channel) {
                     sub.tracker.on_gap(&epoch, offset);
@@ -791,10 +804,17 @@ impl Driver {
             ServerFrame::Welcome { .. }
             | ServerFrame::Ack { id: None, .. }
             | ServerFrame::Presence { id: None, .. }
+            | ServerFrame::PresenceStats { id: None, .. }
             | ServerFrame::History { id: None, .. }
             | ServerFrame::Pong {}
             | ServerFrame::Unknown => {}
         }
+    }
+
+    fn on_presence_event(&mut self, e: PresenceEventFrame, joined: bool) {
+        let Some(sub) = self.subs.get_mut(&e.channel) else { return };
+        let entry = PresenceEntry { client: e.client, user: e.user, node: e.node };
+        sub.emit(if joined { Event::Join(entry) } else { Event::Leave(entry) });
     }
 
     fn on_message(&mut self, m: MessageFrame) {

@@ -44,6 +44,11 @@ pub(crate) enum ClientFrame<'a> {
         id: u64,
         channel: &'a str,
     },
+    #[serde(rename = "presence_stats")]
+    PresenceStats {
+        id: u64,
+        channel: &'a str,
+    },
     History {
         id: u64,
         channel: &'a str,
@@ -69,6 +74,18 @@ pub(crate) struct MessageFrame {
     pub offset: u64,
     #[serde(default)]
     pub data: Value,
+}
+
+/// A `join` or `leave` frame: a client entered or left a channel's presence.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub(crate) struct PresenceEventFrame {
+    pub channel: String,
+    #[serde(default)]
+    pub client: String,
+    #[serde(default)]
+    pub user: String,
+    #[serde(default)]
+    pub node: String,
 }
 
 /// A server → client frame.
@@ -134,6 +151,17 @@ pub(crate) enum ServerFrame {
         #[serde(default)]
         reason: String,
     },
+    #[serde(rename = "presence_stats")]
+    PresenceStats {
+        #[serde(default)]
+        id: Option<u64>,
+        #[serde(default)]
+        clients: u64,
+        #[serde(default)]
+        users: u64,
+    },
+    Join(PresenceEventFrame),
+    Leave(PresenceEventFrame),
     #[serde(other)]
     Unknown,
 }

@@ -123,6 +123,44 @@ async fn subscribes_receives_publishes_and_reads_presence_and_history() {
     assert_eq!(c.closed().await, CloseReason::Client);
 }
 
+/// A `--dev` node declares the `chat` namespace with join/leave: the subscription streams `Join`
+/// and `Leave` in their place among the messages (never this connection's own join), and
+/// `presence_stats` counts clients and users.
+#[tokio::test]
+async fn join_and_leave_events_and_presence_stats() {
+    let node = Node::start(&["--dev"]);
+    let alice = client(node.ws_url(), token("alice", &["chat:*"], &[], HOUR));
+    let mut sub = alice.subscribe("chat:room");
+    subscribed(&mut sub).await;
+    let bob = client(node.ws_url(), token("bob", &["chat:*"], &[], HOUR));
+    let mut bob_sub = bob.subscribe("chat:room");
+    subscribed(&mut bob_sub).await;
+    node.publish("chat:room", json!("after bob")).await;
+    match next_event(&mut sub).await {
+        Event::Join(who) => {
+            assert_eq!(who.user, "bob");
+            assert_eq!(Some(who.client), bob.welcome().map(|w| w.client));
+        }
+        other => panic!("expected bob's join, got {other:?}"),
+    }
+    assert!(matches!(next_event(&mut sub).await, Event::Message(m) if m.data == "after bob"));
+    match next_event(&mut bob_sub).await {
+        Event::Message(m) => assert_eq!(m.data, "after bob", "bob's first event is no join of his own"),
+        other => panic!("expected the message, got {other:?}"),
+    }
+    let stats = alice.presence_stats("chat:room").await.expect("presence_stats");
+    assert_eq!((stats.clients, stats.users), (2, 2));
+    bob.close();
+    match next_event(&mut sub).await {
+        Event::Leave(who) => assert_eq!(who.user, "bob"),
+        other => panic!("expected bob's leave, got {other:?}"),
+    }
+    let stats = alice.presence_stats("chat:room").await.expect("presence_stats");
+    assert_eq!((stats.clients, stats.users), (1, 1));
+    let refused = alice.presence_stats("secret:x").await.expect_err("not in the token");
+    assert!(matches!(&refused, Error::Server(e) if e.code == "forbidden"), "{refused:?}");
+}
+
 /// crier caps a `history` reply by the connection's queue (1 MiB) and says where to go on: the
 /// client follows the pages, so 20 messages of ~65,000 bytes come back whole, in order.
 #[tokio::test]

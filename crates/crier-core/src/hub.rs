@@ -343,16 +343,30 @@ impl Hub {
     /// subscribers; buffering ones learn the channel's state from their own history read.
     /// Returns how many subscribers were closed as slow consumers.
     pub fn notify(&self, channel: &str, frame: &Bytes) -> usize {
+        self.notify_except(channel, frame, None).slow
+    }
+
+    /// [`Hub::notify`], leaving out the subscriber `except` (a client's own `join`). Under the
+    /// channel's shard lock, like [`Hub::deliver`], so notices and publications handed to the
+    /// hub in one order reach each subscriber in that order.
+    pub fn notify_except(&self, channel: &str, frame: &Bytes, except: Option<ConnId>) -> Fanout {
+        let mut out = Fanout::default();
         let mut shard = self.shard(channel);
         let Some(ch) = shard.get_mut(channel) else {
-            return 0;
+            return out;
         };
         let mut forms = Forms::default();
-        ch.subscribers
-            .values()
-            .filter(|sub| sub.buffer.is_none())
-            .filter(|sub| sub.outbox.push_out(out_for(&sub.outbox, frame, &mut forms)) == Push::Overflow)
-            .count()
+        for (conn, sub) in ch.subscribers.iter() {
+            if sub.buffer.is_some() || Some(*conn) == except {
+                continue;
+            }
+            match sub.outbox.push_out(out_for(&sub.outbox, frame, &mut forms)) {
+                Push::Queued => out.delivered += 1,
+                Push::Overflow => out.slow += 1,
+                Push::Closed => {}
+            }
+        }
+        out
     }
 
     /// Does this node have subscribers (live or buffering) on `channel`?
@@ -418,6 +432,9 @@ fn out_for(outbox: &Outbox, json: &Bytes, forms: &mut Forms) -> Out {
 impl crate::broker::BrokerHandler for Hub {
     fn on_publication(&self, channel: &str, publication: Publication) {
         self.deliver(channel, &publication);
+    }
+    fn on_presence_event(&self, channel: &str, event: crate::broker::PresenceEvent) {
+        self.notify(channel, &event.frame);
     }
     fn on_disconnect_user(&self, _user: &str) -> usize {
         0

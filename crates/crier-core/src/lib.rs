@@ -23,8 +23,8 @@ pub mod outbox;
 pub mod registry;
 
 pub use broker::{
-    Broker, BrokerError, BrokerHandler, ChannelCount, History, MemoryBroker, NodeInfo, Publication, PublishResult,
-    TransportCounts,
+    Broker, BrokerError, BrokerHandler, ChannelCount, History, MemoryBroker, NodeInfo, PresenceEvent, PresenceStats,
+    Publication, PublishResult, TransportCounts,
 };
 pub use hub::Hub;
 pub use namespace::{ChannelPolicy, Namespaces};

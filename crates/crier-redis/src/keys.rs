@@ -57,6 +57,12 @@ impl Keys {
         (format!("{}:{{{channel}}}:pres", self.prefix), format!("{}:{{{channel}}}:pres:data", self.prefix))
     }
 
+    /// HASH user → how many of the channel's live presence members are that user's
+    /// (`presence_stats`: `users` is its `HLEN`).
+    pub(crate) fn presence_users(&self, channel: &str) -> String {
+        format!("{}:{{{channel}}}:pres:users", self.prefix)
+    }
+
     /// ZSET member → expiry (ms): a user's live connections, cluster-wide.
     pub(crate) fn connections(&self, user: &str) -> String {
         format!("{}:user:{{{user}}}:conns", self.prefix)
@@ -119,6 +125,7 @@ mod tests {
         assert_eq!(k.history("chat:lobby"), "crier:{chat:lobby}:hist");
         assert_eq!(k.idempotency("c", "k1"), "crier:{c}:idem:k1");
         assert_eq!(k.presence("c"), ("crier:{c}:pres".to_owned(), "crier:{c}:pres:data".to_owned()));
+        assert_eq!(k.presence_users("c"), "crier:{c}:pres:users");
         assert_eq!(k.connections("u1"), "crier:user:{u1}:conns");
         assert_eq!(k.nodes(), ("crier:nodes".to_owned(), "crier:nodes:info".to_owned()));
         assert_eq!(k.pubsub("chat:lobby"), "crier:ch:chat:lobby");

@@ -38,6 +38,7 @@
 //! |---|---|---|---|
 //! | `crier:{<channel>}:idem:<key>` | STRING | `epoch:offset` of the first publish with that key | 300s |
 //! | `crier:{<channel>}:pres` / `:pres:data` | ZSET / HASH | member → expiry ms / entry JSON | `presence_ttl` (30s), refreshed by the owning node |
+//! | `crier:{<channel>}:pres:users` | HASH | user → that user's live members in the channel (`presence_stats`: `HLEN`; kept by the presence scripts only, so entries written by nodes older than it are not counted in `users` until they are re-added) | as the presence keys |
 //! | `crier:user:{<user>}:conns` | ZSET | member → expiry ms | `presence_ttl`, refreshed |
 //! | `crier:nodes` / `crier:nodes:info` | ZSET / HASH | node → expiry ms / `NodeInfo` JSON | `node_ttl` (30s), refreshed; on a Cluster `crier:{nodes}` / `crier:{nodes}:info` |
 //! | `crier:{node:<node>}:chans` / `:chans:n` | ZSET / HASH | channel → 0 (name order, `ZRANGEBYLEX`) / channel → the node's local subscribers | `node_ttl`, pushed out by each report (once a second); the channel listing reads the live nodes' pages (one script call per node: one hash tag each) and merges them |
@@ -49,7 +50,9 @@
 //!
 //! Pub/sub channels: `crier:ch:<channel>` (on a Cluster the shard channel `crier:ch:{<channel>}`,
 //! SPUBLISH/SSUBSCRIBE) carries the channel's publications (payload
-//! `offset:epoch:published_at_us:<message frame>`); `crier:control` carries node-wide control
+//! `offset:epoch:published_at_us:<message frame>`, or `e:<join/leave frame>` from the presence
+//! scripts on channels with `join_leave`: not a publication, handed on without offset checks);
+//! `crier:control` carries node-wide control
 //! messages (user disconnects). Presence and connection members are `<broker instance>/<client>`.
 //!
 //! # Publishing
@@ -128,7 +131,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use crier_core::broker::{IDEMPOTENCY_WINDOW, PublishOptions};
-use crier_core::{Broker, BrokerError, BrokerHandler, ChannelCount, History, Namespaces, NodeInfo, PublishResult};
+use crier_core::{
+    Broker, BrokerError, BrokerHandler, ChannelCount, History, Namespaces, NodeInfo, PresenceStats, PublishResult,
+};
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -332,6 +337,7 @@ impl RedisBroker {
             shared.instance.clone(),
             opts.presence_ttl,
             opts.node_ttl,
+            opts.namespaces.clone(),
         ));
         tokio::spawn(presence::refresh_loop(state.clone(), shutdown_rx.clone()));
         let publish_calls = Arc::new(AtomicU64::new(0));
@@ -481,6 +487,10 @@ impl Broker for RedisBroker {
 
     async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError> {
         self.state.presence(channel).await
+    }
+
+    async fn presence_stats(&self, channel: &str) -> Result<PresenceStats, BrokerError> {
+        self.state.presence_stats(channel).await
     }
 
     async fn connection_opened(&self, user: &str, client: &str) -> Result<u64, BrokerError> {

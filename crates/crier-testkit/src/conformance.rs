@@ -17,15 +17,34 @@ use std::time::Duration;
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
 
-use crier_core::broker::{Broker, BrokerHandler, History, NodeInfo, Publication, PublishOptions};
+use crier_core::broker::{
+    Broker, BrokerHandler, History, NodeInfo, PresenceEvent, PresenceStats, Publication, PublishOptions,
+};
+use crier_core::{ChannelPolicy, Namespaces};
 
 use crate::wait::{poll_within, until_within};
 
 /// What a factory is asked for.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     pub history_size: usize,
     pub history_ttl: Duration,
+    /// The channels' namespaces: the default policy has `history_size`/`history_ttl`, and the
+    /// namespace [`JOIN_LEAVE_NS`] has `join_leave` on. A factory gives them to its broker.
+    pub namespaces: Arc<Namespaces>,
+}
+
+/// The namespace whose channels have `join_leave` in [`Settings::namespaces`].
+pub const JOIN_LEAVE_NS: &str = "jl";
+
+impl Settings {
+    /// `history_size`/`history_ttl` as the default policy, plus the [`JOIN_LEAVE_NS`] namespace.
+    pub fn new(history_size: usize, history_ttl: Duration) -> Settings {
+        let default = ChannelPolicy { history_size, history_ttl, ..ChannelPolicy::default() };
+        let join_leave = ChannelPolicy { join_leave: true, ..default.clone() };
+        let namespaces = Arc::new(Namespaces::new(default).with(JOIN_LEAVE_NS, join_leave));
+        Settings { history_size, history_ttl, namespaces }
+    }
 }
 
 /// A handler that records what it is given.
@@ -34,9 +53,18 @@ pub struct RecordingHandler {
     pub publications: Mutex<Vec<(String, Publication)>>,
     pub subscribed: Mutex<HashSet<String>>,
     pub disconnected: Mutex<Vec<String>>,
+    /// Everything delivered, in order: `(channel, "message:<offset>" | "join:<client>" |
+    /// "leave:<client>")`.
+    pub stream: Mutex<Vec<(String, String)>>,
 }
 
 impl RecordingHandler {
+    /// What `channel` delivered, in order (see [`RecordingHandler::stream`]).
+    pub fn stream_of(&self, channel: &str) -> Vec<String> {
+        let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        s.iter().filter(|(c, _)| c == channel).map(|(_, e)| e.clone()).collect()
+    }
+
     pub fn offsets(&self, channel: &str) -> Vec<u64> {
         let p = self.publications.lock().unwrap_or_else(|e| e.into_inner());
         p.iter().filter(|(c, _)| c == channel).map(|(_, p)| p.offset).collect()
@@ -45,7 +73,17 @@ impl RecordingHandler {
 
 impl BrokerHandler for RecordingHandler {
     fn on_publication(&self, channel: &str, publication: Publication) {
+        let entry = (channel.to_owned(), format!("message:{}", publication.offset));
+        self.stream.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
         self.publications.lock().unwrap_or_else(|e| e.into_inner()).push((channel.to_owned(), publication));
+    }
+    fn on_presence_event(&self, channel: &str, event: PresenceEvent) {
+        let v: serde_json::Value = serde_json::from_slice(&event.frame).unwrap_or_default();
+        let kind = v["type"].as_str().unwrap_or("?").to_owned();
+        assert_eq!(v["channel"], channel, "a presence event names its channel");
+        assert_eq!(v["client"], event.client.as_str(), "the event's client is the frame's");
+        let entry = (channel.to_owned(), format!("{kind}:{}", event.client));
+        self.stream.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
     }
     fn on_disconnect_user(&self, user: &str) -> usize {
         self.disconnected.lock().unwrap_or_else(|e| e.into_inner()).push(user.to_owned());
@@ -81,17 +119,19 @@ where
     F: Fn(Settings) -> Fut,
     Fut: Future<Output = Arc<dyn Broker>>,
 {
-    let s = Settings { history_size: 10, history_ttl: Duration::from_secs(60) };
-    offsets_and_order(&make, s).await;
-    history_windows(&make, s).await;
-    idempotency(&make, s).await;
-    unsubscribe_rechecks(&make, s).await;
-    presence_and_connections(&make, s).await;
-    history_expiry(&make, Settings { history_size: 10, history_ttl: Duration::from_millis(300) }).await;
+    let s = Settings::new(10, Duration::from_secs(60));
+    offsets_and_order(&make, s.clone()).await;
+    history_windows(&make, s.clone()).await;
+    idempotency(&make, s.clone()).await;
+    unsubscribe_rechecks(&make, s.clone()).await;
+    presence_and_connections(&make, s.clone()).await;
+    presence_stats(&make, s.clone()).await;
+    join_leave_in_order(&make, s.clone()).await;
+    history_expiry(&make, Settings::new(10, Duration::from_millis(300))).await;
     // Channel namespaces.
-    presence_counted(&make, s).await;
-    // Issue 19, part D: the cluster's channels and history deletion.
-    channel_listing(&make, s).await;
+    presence_counted(&make, s.clone()).await;
+    // The cluster's channels and history deletion.
+    channel_listing(&make, s.clone()).await;
     history_deletion(&make, s).await;
 }
 
@@ -387,6 +427,77 @@ where
     assert_eq!(p, vec![entry("c2"), entry("c3")], "counted entries are ordinary presence entries");
     let other = format!("{}:counted-other", prefix());
     assert_eq!(b.presence_add_counted(&other, &entry("c1")).await.ok(), Some(1), "counted per channel");
+}
+
+async fn presence_stats<F, Fut>(make: &F, s: Settings)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let (b, _h) = fresh(make, s).await;
+    let ch = format!("{}:stats", prefix());
+    let stats =
+        async |b: &Arc<dyn Broker>| b.presence_stats(&ch).await.unwrap_or_else(|e| panic!("presence_stats: {e}"));
+    assert_eq!(stats(&b).await, PresenceStats { clients: 0, users: 0 }, "an empty channel");
+    let entry =
+        |client: &str, user: &str| PresenceEntry { client: client.into(), user: user.into(), node: "n1".into() };
+    for (client, user) in [("c1", "u1"), ("c2", "u2"), ("c3", "u1"), ("c3", "u1")] {
+        b.presence_add(&ch, &entry(client, user)).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    }
+    assert_eq!(stats(&b).await, PresenceStats { clients: 3, users: 2 }, "a refreshed entry counts once");
+    b.presence_remove(&ch, "c1").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    assert_eq!(stats(&b).await, PresenceStats { clients: 2, users: 2 }, "u1 still has c3");
+    b.presence_remove(&ch, "c3").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    b.presence_remove(&ch, "c3").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    assert_eq!(stats(&b).await, PresenceStats { clients: 1, users: 1 }, "a second remove changes nothing");
+    b.presence_remove(&ch, "c2").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    assert_eq!(stats(&b).await, PresenceStats { clients: 0, users: 0 });
+}
+
+/// Join/leave events on a `join_leave` channel reach a subscribed node in order with the
+/// channel's publications, once per arrival and departure; other channels have none.
+async fn join_leave_in_order<F, Fut>(make: &F, s: Settings)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let (b, h) = fresh(make, s).await;
+    let ch = format!("{JOIN_LEAVE_NS}:{}", prefix());
+    let quiet = format!("{}:quiet", prefix());
+    for c in [&ch, &quiet] {
+        h.subscribed.lock().unwrap_or_else(|e| e.into_inner()).insert(c.clone());
+        b.subscribe(c).await.unwrap_or_else(|e| panic!("subscribe: {e}"));
+    }
+    let publish = async |c: &str| {
+        b.publish(c, "1", PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}"));
+    };
+    let e1 = PresenceEntry { client: "c1".into(), user: "u1".into(), node: "n1".into() };
+    let e2 = PresenceEntry { client: "c2".into(), user: "u2".into(), node: "n1".into() };
+    publish(&ch).await;
+    b.presence_add(&ch, &e1).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    publish(&ch).await;
+    b.presence_add(&ch, &e1).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    b.presence_add(&ch, &e2).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    b.presence_remove(&ch, "c1").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    b.presence_remove(&ch, "c1").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    publish(&ch).await;
+    b.presence_add(&quiet, &e1).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    publish(&quiet).await;
+    b.presence_remove(&quiet, "c1").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    publish(&quiet).await;
+    let want = ["message:1", "join:c1", "message:2", "join:c2", "leave:c1", "message:3"];
+    poll_within("join/leave in order with the messages", WAIT, async || {
+        let got = h.stream_of(&ch);
+        if got.len() >= want.len() { Ok(()) } else { Err(format!("got {got:?}")) }
+    })
+    .await;
+    until_within("the quiet channel's messages", WAIT, async || h.stream_of(&quiet).len() >= 2).await;
+    assert_eq!(h.stream_of(&ch), want, "a refresh is no join, a second remove no leave");
+    assert_eq!(h.stream_of(&quiet), ["message:1", "message:2"], "no events without join_leave");
+    // A joined client's event is a join frame with its entry.
+    b.presence_add(&ch, &e1).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    let stats = b.presence_stats(&ch).await.unwrap_or_else(|e| panic!("presence_stats: {e}"));
+    assert_eq!(stats, PresenceStats { clients: 2, users: 2 });
 }
 
 async fn history_expiry<F, Fut>(make: &F, s: Settings)

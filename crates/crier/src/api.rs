@@ -117,6 +117,7 @@ fn endpoint_label(path: &str) -> &'static str {
         "/api/v1/channels" => "channels",
         p if p.ends_with("/history") => "history",
         p if p.ends_with("/presence") => "presence",
+        p if p.ends_with("/presence_stats") => "presence_stats",
         _ => "other",
     }
 }
@@ -144,7 +145,7 @@ fn check_channel(channel: &str) -> Result<(), ApiError> {
 
 /// The `{channel}` path segment, checked; a segment that is not UTF-8 once percent-decoded is
 /// `invalid_channel` too (in the contract's JSON shape, not axum's plain-text rejection).
-fn path_channel(channel: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+pub(crate) fn path_channel(channel: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     let Path(channel) = channel
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", "the channel is not valid UTF-8"))?;
     check_channel(&channel)?;

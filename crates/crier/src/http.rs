@@ -14,7 +14,7 @@ use tower_http::trace::TraceLayer;
 use crate::metrics as m;
 use crate::state::AppState;
 use crate::transport::{sse, ws};
-use crate::{admin, api, api_channels};
+use crate::{admin, api, api_channels, api_presence};
 
 /// Builds the router.
 pub fn app(st: AppState) -> Router {
@@ -28,6 +28,8 @@ pub fn app(st: AppState) -> Router {
         // Issue 19, part D: the cluster's channels and history deletion.
         .route("/api/v1/channels", get(api_channels::list))
         .route("/api/v1/channels/{channel}/history", delete(api_channels::delete_history))
+        // Presence that pushes (issue 19 B).
+        .route("/api/v1/channels/{channel}/presence_stats", get(api_presence::presence_stats))
         .route_layer(middleware::from_fn_with_state(st.clone(), api::require_api_key))
         // Browsers only from the node's own pages (the admin page) or `allowed_origins`; see `admin`.
         .route_layer(middleware::from_fn_with_state(st.clone(), admin::same_origin_only))

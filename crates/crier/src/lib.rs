@@ -26,6 +26,7 @@
 mod admin;
 mod api;
 mod api_channels;
+mod api_presence;
 pub mod auth;
 pub mod config;
 mod error;

@@ -34,6 +34,10 @@ pub const MESSAGE_ASSEMBLY_TIMEOUTS: &str = "crier_message_assembly_timeouts_tot
 pub const REFUSALS: &str = "crier_refusals_total";
 /// crier extension: connections a node closed with 1012 to rebalance the cluster.
 pub const REBALANCED: &str = "crier_rebalanced_total";
+/// crier extension: `join`/`leave` events this node fanned out to its subscribers, by kind.
+pub const PRESENCE_EVENTS: &str = "crier_presence_events_total";
+/// crier extension: `join`/`leave` frames queued to local subscribers.
+pub const PRESENCE_EVENT_FRAMES: &str = "crier_presence_event_frames_total";
 
 /// Buckets of the broadcast latency histogram, in seconds (100 µs … 5 s).
 const LATENCY_BUCKETS: &[f64] =
@@ -132,6 +136,11 @@ fn describe() {
         "Refused handshakes and REST calls by surface (handshake, api) and reason (token_expired, origin_not_allowed, unknown_api_key, …)"
     );
     describe_counter!(
+        PRESENCE_EVENTS,
+        "join/leave events fanned out to this node's subscribers, by kind (join, leave)"
+    );
+    describe_counter!(PRESENCE_EVENT_FRAMES, "join/leave frames queued to this node's subscribers");
+    describe_counter!(
         REBALANCED,
         "Connections closed with 1012 because this node held more than its share of the cluster's"
     );
@@ -177,6 +186,10 @@ fn zero() {
     for result in ["recovered", "failed"] {
         counter!(RECOVERIES, "result" => result).absolute(0);
     }
+    for kind in ["join", "leave"] {
+        counter!(PRESENCE_EVENTS, "kind" => kind).absolute(0);
+    }
+    counter!(PRESENCE_EVENT_FRAMES).absolute(0);
     for name in [
         DELIVERED,
         SLOW_CONSUMERS,

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crier_core::{Broker, BrokerHandler, ChannelPolicy, Hub, MemoryBroker, Node, NodeInfo, Publication, Registry};
+use crier_core::{
+    Broker, BrokerHandler, ChannelPolicy, Hub, MemoryBroker, Node, NodeInfo, PresenceEvent, Publication, Registry,
+};
 use crier_protocol::CloseCode;
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -167,7 +169,9 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
     };
     let hub = Arc::new(Hub::new());
     let registry = Arc::new(Registry::new());
-    broker.set_handler(Arc::new(NodeHandler { hub: hub.clone(), registry: registry.clone() }));
+    let boot = boot_id();
+    let client_prefix = format!("{}-{}-", config.node_id, boot).into_boxed_str();
+    broker.set_handler(Arc::new(NodeHandler { hub: hub.clone(), registry: registry.clone(), client_prefix }));
     let limits = Limits::new(&config);
     Ok(AppState(Arc::new(Inner {
         // A recovery page of the largest messages fits the queue (config: queue >= message).
@@ -180,7 +184,7 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
         metrics: crate::metrics::install(),
         draining: AtomicBool::new(false),
         dev_token,
-        boot: boot_id(),
+        boot,
         patterns: PatternCache::default(),
         details: crate::admin::NodeDetails::default(),
         config,
@@ -215,6 +219,9 @@ fn redis_options(config: &Config) -> Option<crier_redis::RedisOptions> {
 pub struct NodeHandler {
     pub hub: Arc<Hub>,
     pub registry: Arc<Registry>,
+    /// `<node_id>-<boot>-`: how this node's client ids start (the rest is the `ConnId`), so a
+    /// client's own `join` is not sent back to it.
+    pub client_prefix: Box<str>,
 }
 
 impl BrokerHandler for NodeHandler {
@@ -235,6 +242,20 @@ impl BrokerHandler for NodeHandler {
         let slow = self.hub.notify(channel, &frame);
         metrics::counter!(m::SLOW_CONSUMERS).increment(slow as u64);
         tracing::warn!(channel, epoch, offset, "messages lost for this node's subscribers; they were told (gap frame)");
+    }
+
+    fn on_presence_event(&self, channel: &str, event: PresenceEvent) {
+        let kind = if event.frame.starts_with(br#"{"type":"join""#) { "join" } else { "leave" };
+        // A client is not told of its own join (nor of its own leave: it left the hub first).
+        let own = event.client.strip_prefix(&*self.client_prefix).and_then(|id| id.parse().ok());
+        let fanout = self.hub.notify_except(channel, &event.frame, own);
+        metrics::counter!(m::PRESENCE_EVENTS, "kind" => kind).increment(1);
+        if fanout.delivered > 0 {
+            metrics::counter!(m::PRESENCE_EVENT_FRAMES).increment(fanout.delivered as u64);
+        }
+        if fanout.slow > 0 {
+            metrics::counter!(m::SLOW_CONSUMERS).increment(fanout.slow as u64);
+        }
     }
 
     fn on_disconnect_user(&self, user: &str) -> usize {

@@ -342,6 +342,14 @@ async fn every_operation_answers_as_described() {
     c.check(&node, req(get.clone(), t).path("/api/v1/channels/quiet:a/presence"), 403).await;
     c.check(&node, req(get.clone(), t).path("/api/v1/channels/chat:a/presence").auth(None), 401).await;
 
+    // presence_stats
+    let t = "/api/v1/channels/{channel}/presence_stats";
+    let st = c.check(&node, req(get.clone(), t).path("/api/v1/channels/chat:a/presence_stats"), 200).await;
+    assert_eq!(st, json!({"clients": 0, "users": 0}));
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels/bad%20name/presence_stats"), 400).await;
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels/quiet:a/presence_stats"), 403).await;
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels/chat:a/presence_stats").auth(None), 401).await;
+
     // disconnect
     let t = "/api/v1/disconnect";
     c.check(&node, req(post.clone(), t).json(json!({"user": "nobody"})), 200).await;
@@ -434,6 +442,8 @@ async fn every_operation_answers_as_described() {
     c.check(&limited, req(get.clone(), h).path("/api/v1/channels/c/history"), 429).await;
     let p = "/api/v1/channels/{channel}/presence";
     c.check(&limited, req(get.clone(), p).path("/api/v1/channels/c/presence"), 429).await;
+    let ps = "/api/v1/channels/{channel}/presence_stats";
+    c.check(&limited, req(get.clone(), ps).path("/api/v1/channels/c/presence_stats"), 429).await;
     c.check(&limited, req(post.clone(), "/api/v1/disconnect").json(json!({"user": "u"})), 429).await;
     c.check(&limited, req(get.clone(), "/api/v1/info"), 429).await;
     c.check(&limited, req(get.clone(), "/api/v1/channels"), 429).await;
@@ -472,6 +482,7 @@ async fn every_operation_answers_as_described() {
     assert_eq!(b["results"][0]["error"], "unavailable");
     c.check(&clustered, req(get.clone(), h).path("/api/v1/channels/c/history"), 503).await;
     c.check(&clustered, req(get.clone(), p).path("/api/v1/channels/c/presence"), 503).await;
+    c.check(&clustered, req(get.clone(), ps).path("/api/v1/channels/c/presence_stats"), 503).await;
     c.check(&clustered, req(post.clone(), "/api/v1/disconnect").json(json!({"user": "u"})), 503).await;
     c.check(&clustered, req(get.clone(), "/api/v1/info"), 503).await;
     c.check(&clustered, req(get.clone(), "/api/v1/channels"), 503).await;

@@ -25,8 +25,8 @@ use rand::Rng;
 use crate::namespace::{ChannelPolicy, Namespaces};
 
 use super::{
-    Broker, BrokerError, BrokerHandler, ChannelCount, History, IDEMPOTENCY_WINDOW, NodeInfo, Publication,
-    PublishOptions, PublishResult,
+    Broker, BrokerError, BrokerHandler, ChannelCount, History, IDEMPOTENCY_WINDOW, NodeInfo, PresenceEvent,
+    PresenceStats, Publication, PublishOptions, PublishResult,
 };
 
 const SHARDS: usize = 32;
@@ -194,7 +194,8 @@ struct Presence {
 }
 
 impl Presence {
-    fn add(&mut self, channel: &str, entry: &PresenceEntry) {
+    /// Whether the client was not in the channel yet.
+    fn add(&mut self, channel: &str, entry: &PresenceEntry) -> bool {
         let node = match self.nodes.iter().find(|n| ***n == *entry.node) {
             Some(n) => n.clone(),
             None => {
@@ -207,7 +208,17 @@ impl Presence {
             Some(m) => m,
             None => self.channels.entry(channel.to_owned()).or_default(),
         };
-        members.insert(entry.client.as_str().into(), (entry.user.as_str().into(), node));
+        members.insert(entry.client.as_str().into(), (entry.user.as_str().into(), node)).is_none()
+    }
+
+    /// The removed entry, if the client was in the channel.
+    fn remove(&mut self, channel: &str, client: &str) -> Option<PresenceEntry> {
+        let m = self.channels.get_mut(channel)?;
+        let (user, node) = m.remove(client)?;
+        if m.is_empty() {
+            self.channels.remove(channel);
+        }
+        Some(PresenceEntry { client: client.to_owned(), user: user.into(), node: node.to_string() })
     }
 }
 
@@ -284,6 +295,18 @@ impl MemoryBroker {
     pub fn with_history_cap(history_size: usize, history_ttl: Duration, history_max_bytes: usize) -> Arc<MemoryBroker> {
         let policy = ChannelPolicy { history_size, history_ttl, ..ChannelPolicy::default() };
         MemoryBroker::with_namespaces(Arc::new(Namespaces::new(policy)), history_max_bytes)
+    }
+
+    /// Hands a `join`/`leave` to the handler if this node is subscribed to the channel; called
+    /// under the channel's shard lock, so it is ordered with the channel's publications.
+    fn announce(&self, kind: &str, channel: &str, entry: &PresenceEntry) {
+        if let Some(h) = self.handler.get()
+            && lock(&self.subscribed).contains(channel)
+        {
+            let json = serde_json::to_string(entry).unwrap_or_else(|_| "{}".into());
+            let frame = crier_protocol::frames::encode_presence_event(kind, channel, &json);
+            h.on_presence_event(channel, PresenceEvent { client: entry.client.clone(), frame });
+        }
     }
 
     fn shard(&self, channel: &str) -> &Mutex<HashMap<String, ChannelState>> {
@@ -452,7 +475,16 @@ impl Broker for MemoryBroker {
     }
 
     async fn presence_add(&self, channel: &str, entry: &PresenceEntry) -> Result<(), BrokerError> {
-        lock(&self.presence).add(channel, entry);
+        if !self.namespaces.policy(channel).join_leave {
+            lock(&self.presence).add(channel, entry);
+            return Ok(());
+        }
+        // Under the channel's shard lock: the join is ordered with the channel's publications.
+        let _shard = lock(self.shard(channel));
+        let joined = lock(&self.presence).add(channel, entry);
+        if joined {
+            self.announce("join", channel, entry);
+        }
         Ok(())
     }
 
@@ -463,14 +495,23 @@ impl Broker for MemoryBroker {
     }
 
     async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
-        let mut p = lock(&self.presence);
-        if let Some(m) = p.channels.get_mut(channel) {
-            m.remove(client);
-            if m.is_empty() {
-                p.channels.remove(channel);
-            }
+        if !self.namespaces.policy(channel).join_leave {
+            lock(&self.presence).remove(channel, client);
+            return Ok(());
+        }
+        let _shard = lock(self.shard(channel));
+        let left = lock(&self.presence).remove(channel, client);
+        if let Some(entry) = left {
+            self.announce("leave", channel, &entry);
         }
         Ok(())
+    }
+
+    async fn presence_stats(&self, channel: &str) -> Result<PresenceStats, BrokerError> {
+        let p = lock(&self.presence);
+        let Some(members) = p.channels.get(channel) else { return Ok(PresenceStats::default()) };
+        let users: HashSet<&str> = members.values().map(|(user, _)| &**user).collect();
+        Ok(PresenceStats { clients: members.len() as u64, users: users.len() as u64 })
     }
 
     async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError> {

@@ -95,6 +95,24 @@ pub struct ChannelCount {
     pub subscribers: u64,
 }
 
+/// A channel's presence counted: clients in it and their distinct users.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PresenceStats {
+    pub clients: u64,
+    pub users: u64,
+}
+
+/// A `join` or `leave` of a channel's presence, as the broker hands it to every subscribed node
+/// (channels whose policy has `join_leave`). Not a message: no offset, not in the history.
+#[derive(Debug, Clone)]
+pub struct PresenceEvent {
+    /// The client that joined or left (its presence entry's `client`).
+    pub client: String,
+    /// The complete `join`/`leave` frame (JSON), built once per cluster
+    /// (`crier_protocol::frames::encode_presence_event`).
+    pub frame: Bytes,
+}
+
 /// Broker failures. `Unavailable` is what callers turn into `unavailable` / 503: the request
 /// certainly had no effect (no connection when it was to be sent, or the broker refused it).
 /// `OutcomeUnknown` (only from `publish`): the request may have been applied — the broker did
@@ -122,6 +140,12 @@ pub trait BrokerHandler: Send + Sync + 'static {
     /// channel's position after it. Brokers that never lose messages never call it.
     fn on_gap(&self, channel: &str, epoch: &str, offset: u64) {
         let _ = (channel, epoch, offset);
+    }
+    /// A `join`/`leave` in `channel` (a channel whose policy has `join_leave`, which this node is
+    /// subscribed to). Called in order with the channel's publications: a join or leave that
+    /// happened between two publishes reaches the handler between them.
+    fn on_presence_event(&self, channel: &str, event: PresenceEvent) {
+        let _ = (channel, event);
     }
     /// Does this node still have local subscribers of `channel`? Checked before a broker-level
     /// unsubscribe, so a late unsubscribe never undoes a newer subscribe.
@@ -168,6 +192,14 @@ pub trait Broker: Send + Sync + 'static {
     async fn presence_add(&self, channel: &str, entry: &PresenceEntry) -> Result<(), BrokerError>;
     async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError>;
     async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError>;
+
+    // --- Presence that pushes (join/leave events, presence_stats) ---
+    // `presence_add` of a client not yet in the channel and `presence_remove` of one in it
+    // announce a `join`/`leave` (`BrokerHandler::on_presence_event`) on channels whose policy
+    // has `join_leave`; so does the expiry of a dead node's entries, once per entry cluster-wide.
+
+    /// How many clients and distinct users are in `channel`'s presence (no listing).
+    async fn presence_stats(&self, channel: &str) -> Result<PresenceStats, BrokerError>;
 
     /// Counts a new connection of `user` cluster-wide; returns the user's count including it.
     async fn connection_opened(&self, user: &str, client: &str) -> Result<u64, BrokerError>;

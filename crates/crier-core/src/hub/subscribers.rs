@@ -125,13 +125,18 @@ impl<V> Subscribers<V> {
         Either::A(few.iter_mut().map(|(_, s)| s))
     }
 
-    pub(super) fn values(&self) -> Either<impl Iterator<Item = &V>, impl Iterator<Item = &V>> {
+    pub(super) fn iter(&self) -> Either<impl Iterator<Item = (&ConnId, &V)>, impl Iterator<Item = (&ConnId, &V)>> {
         let few: &[(ConnId, V)] = match self {
             Subscribers::One(one) => std::slice::from_ref(one),
             Subscribers::Few(v) => v,
-            Subscribers::Many(m) => return Either::B(m.values()),
+            Subscribers::Many(m) => return Either::B(m.iter()),
         };
-        Either::A(few.iter().map(|(_, s)| s))
+        Either::A(few.iter().map(|(c, s)| (c, s)))
+    }
+
+    #[cfg(test)]
+    pub(super) fn values(&self) -> impl Iterator<Item = &V> {
+        self.iter().map(|(_, v)| v)
     }
 }
 

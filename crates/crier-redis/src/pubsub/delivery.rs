@@ -76,6 +76,16 @@ impl Task {
     }
 
     async fn on_message(&mut self, conn: &mut Conn, channel: &str, payload: Bytes) -> Step {
+        // A join/leave: not a publication, no offset to check; handed on in stream order.
+        if payload.starts_with(b"e:") {
+            if self.channels.contains_key(channel)
+                && let Some(event) = payload::presence_event(&payload)
+                && let Some(h) = self.shared.handler.get()
+            {
+                h.on_presence_event(channel, event);
+            }
+            return Ok(());
+        }
         let Some(h) = payload::header(&payload) else {
             tracing::warn!("malformed publication payload ignored");
             return Ok(());

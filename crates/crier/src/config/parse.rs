@@ -504,6 +504,12 @@ fn namespaces(p: &mut Parser<'_>, raw: &[RawNamespace], default: ChannelPolicy) 
             ));
             ok = false;
         }
+        if policy.join_leave && !policy.presence {
+            p.problems.push(format!(
+                "{at}.join_leave: `true` ({source}): join/leave frames come from the channel's presence, so it needs presence = true"
+            ));
+            ok = false;
+        }
         out = out.with(name, policy);
     }
     ok.then_some(out)

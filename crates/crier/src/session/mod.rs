@@ -138,6 +138,7 @@ impl Session {
             ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id }),
             ClientFrame::Refresh { id, token } => Box::pin(self.refresh(id, &token)).await,
             ClientFrame::Presence { id, channel } => Box::pin(self.presence(id, &channel)).await,
+            ClientFrame::PresenceStats { id, channel } => Box::pin(self.presence_stats(id, &channel)).await,
             ClientFrame::History { id, channel, since, limit } => {
                 Box::pin(self.history(id, &channel, since, limit, slot)).await
             }
