@@ -120,7 +120,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use crier_core::broker::{IDEMPOTENCY_WINDOW, PublishOptions};
-use crier_core::{Broker, BrokerError, BrokerHandler, History, NodeInfo, PublishResult};
+use crier_core::{Broker, BrokerError, BrokerHandler, History, NodeInfo, PublishResult, Revocation, UserOp, UserOpReply};
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -166,6 +166,9 @@ pub struct RedisOptions {
     /// How long [`RedisBroker::connect`] waits for a first connection before returning with
     /// `is_up() == false`. Default 2s.
     pub connect_wait: Duration,
+    /// How long a token revocation is kept after its `before` (the longest token lifetime).
+    /// Default 7 days.
+    pub revocation_ttl: Duration,
 }
 
 impl RedisOptions {
@@ -186,6 +189,7 @@ impl RedisOptions {
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_secs(2),
             connect_wait: Duration::from_secs(2),
+            revocation_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }
 
@@ -236,9 +240,17 @@ pub struct RedisBroker {
     /// Publish script calls made (each carries one or more messages).
     publish_calls: Arc<AtomicU64>,
     command_timeout: Duration,
+    revocation_ttl: Duration,
+    /// Ids of this instance's control operations (replies are matched by it).
+    next_op: AtomicU64,
     up: watch::Receiver<bool>,
     /// Dropped with the broker: stops the background tasks.
     _shutdown: watch::Sender<()>,
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// A duration in whole milliseconds, at least 1 (Redis expiries of 0 mean "now").
@@ -289,6 +301,8 @@ impl RedisBroker {
             instance,
             commands: commands.clone(),
             setting_problem: Default::default(),
+            node: opts.node_id.clone(),
+            replies: Default::default(),
         });
         let (shutdown, shutdown_rx) = watch::channel(());
         let (pubsub, commands_rx) = mpsc::channel(1024);
@@ -362,6 +376,8 @@ impl RedisBroker {
             publisher,
             publish_calls,
             command_timeout: t,
+            revocation_ttl: opts.revocation_ttl,
+            next_op: AtomicU64::new(0),
             up,
             _shutdown: shutdown,
         }))
@@ -484,6 +500,9 @@ impl Broker for RedisBroker {
             op: pubsub::DISCONNECT_USER.into(),
             user: user.to_owned(),
             origin: self.shared.instance.clone(),
+            cmd: None,
+            id: 0,
+            reply: None,
         };
         let msg = serde_json::to_string(&msg).map_err(|e| BrokerError::Internal(e.to_string()))?;
         let mut publish = redis::cmd("PUBLISH");
@@ -491,6 +510,95 @@ impl Broker for RedisBroker {
         self.commands.query(&publish).await?;
         let here = self.shared.handler.get().map_or(0, |h| h.on_disconnect_user(user)) as u64;
         Ok(count.max(here))
+    }
+
+    /// Stores a revocation first (ZADD GT: a later `before` wins), then publishes the operation
+    /// on the control channel with this instance's reply channel, applies it here, and waits —
+    /// within `command_timeout` — for a reply from each other node: as many as received the
+    /// control message (PUBLISH's count, minus this one; on a Cluster, where PUBLISH counts one
+    /// server's subscribers only, the other live nodes of the node registry).
+    async fn user_op(&self, user: &str, op: &UserOp) -> Result<UserOpReply, BrokerError> {
+        if let UserOp::Invalidate { before } = op {
+            let mut add = redis::cmd("ZADD");
+            add.arg(self.keys.revoked()).arg("GT").arg(*before).arg(user);
+            self.commands.query(&add).await?;
+            let mut expire = redis::cmd("EXPIRE");
+            expire.arg(self.keys.revoked()).arg(self.revocation_ttl.as_secs().max(1));
+            self.commands.query(&expire).await?;
+            let stale = unix_now().saturating_sub(self.revocation_ttl.as_secs());
+            let mut prune = redis::cmd("ZREMRANGEBYSCORE");
+            prune.arg(self.keys.revoked()).arg("-inf").arg(format!("({stale}"));
+            self.commands.query(&prune).await?;
+        }
+        let id = self.next_op.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let replies = &self.shared.replies;
+        replies.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+        // Removes the wait on every path (an error, or the caller dropping this future).
+        struct Forget<'a>(&'a pubsub::Shared, u64);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                self.0.replies.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+            }
+        }
+        let _forget = Forget(&self.shared, id);
+        let others: Option<std::collections::HashSet<String>> = if self.keys.is_cluster() {
+            let nodes = self.state.nodes().await?;
+            Some(nodes.into_iter().map(|n| n.node).filter(|n| *n != self.shared.node).collect())
+        } else {
+            None
+        };
+        let msg = pubsub::Control {
+            op: pubsub::USER_OP.into(),
+            user: user.to_owned(),
+            origin: self.shared.instance.clone(),
+            cmd: Some(op.clone()),
+            id,
+            reply: Some(self.keys.reply(&self.shared.instance)),
+        };
+        let msg = serde_json::to_string(&msg).map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(self.keys.control()).arg(msg);
+        let received = match self.commands.query(&publish).await? {
+            redis::Value::Int(n) => usize::try_from(n).unwrap_or(0),
+            _ => 0,
+        };
+        let mut total = self.shared.handler.get().map(|h| h.on_user_op(user, op)).unwrap_or_default();
+        // This instance's own subscription received it too (when its pub/sub is connected).
+        let expected = match &others {
+            Some(others) => others.len(),
+            None => received.saturating_sub(usize::from(self.is_up())),
+        };
+        let mut heard = std::collections::HashSet::new();
+        let deadline = tokio::time::Instant::now() + self.command_timeout;
+        while heard.len() < expected {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(reply)) => {
+                    if heard.insert(reply.node) {
+                        total.merge(reply.reply);
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        answered = heard.len(),
+                        expected,
+                        "not every node answered a control operation in time; counting the answers"
+                    );
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    async fn revocations(&self, since: u64) -> Result<Vec<Revocation>, BrokerError> {
+        let mut range = redis::cmd("ZRANGEBYSCORE");
+        range.arg(self.keys.revoked()).arg(since).arg("+inf").arg("WITHSCORES");
+        let reply = self.commands.query(&range).await?;
+        let pairs: Vec<(String, f64)> = redis::from_redis_value(reply)
+            .map_err(|e| BrokerError::Internal(format!("unexpected revocations reply: {e}")))?;
+        Ok(pairs.into_iter().map(|(user, before)| Revocation { user, before: before.max(0.0) as u64 }).collect())
     }
 
     async fn report_node(&self, info: &NodeInfo) -> Result<(), BrokerError> {

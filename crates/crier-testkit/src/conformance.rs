@@ -17,7 +17,9 @@ use std::time::Duration;
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
 
-use crier_core::broker::{Broker, BrokerHandler, History, NodeInfo, Publication, PublishOptions};
+use crier_core::broker::{
+    Broker, BrokerHandler, ConnectionInfo, History, NodeInfo, Publication, PublishOptions, UserOp, UserOpReply,
+};
 
 use crate::wait::{poll_within, until_within};
 
@@ -34,6 +36,8 @@ pub struct RecordingHandler {
     pub publications: Mutex<Vec<(String, Publication)>>,
     pub subscribed: Mutex<HashSet<String>>,
     pub disconnected: Mutex<Vec<String>>,
+    /// Server-side control operations received (user, op).
+    pub user_ops: Mutex<Vec<(String, UserOp)>>,
 }
 
 impl RecordingHandler {
@@ -53,6 +57,20 @@ impl BrokerHandler for RecordingHandler {
     }
     fn has_subscribers(&self, channel: &str) -> bool {
         self.subscribed.lock().unwrap_or_else(|e| e.into_inner()).contains(channel)
+    }
+    /// One connection of every user: counts 1, lists one entry.
+    fn on_user_op(&self, user: &str, op: &UserOp) -> UserOpReply {
+        self.user_ops.lock().unwrap_or_else(|e| e.into_inner()).push((user.to_owned(), op.clone()));
+        let connections = match op {
+            UserOp::Connections => vec![ConnectionInfo {
+                client: "c1".into(),
+                node: "n1".into(),
+                transport: "websocket".into(),
+                channels: vec!["a".into()],
+            }],
+            _ => Vec::new(),
+        };
+        UserOpReply { count: 1, connections }
     }
 }
 
@@ -87,6 +105,7 @@ where
     idempotency(&make, s).await;
     unsubscribe_rechecks(&make, s).await;
     presence_and_connections(&make, s).await;
+    user_ops(&make, s).await;
     history_expiry(&make, Settings { history_size: 10, history_ttl: Duration::from_millis(300) }).await;
 }
 
@@ -256,6 +275,36 @@ where
     let nodes = b.nodes().await.unwrap_or_else(|e| panic!("nodes: {e}"));
     assert!(nodes.contains(&me), "the node registry lists this node: {nodes:?}");
     assert!(b.is_up());
+}
+
+/// Server-side control (issue 19, part C): an operation reaches this node's handler (and its
+/// reply is in the result); an invalidation is kept, a later `before` wins, and `revocations`
+/// filters by `since`.
+async fn user_ops<F, Fut>(make: &F, s: Settings)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let (b, h) = fresh(make, s).await;
+    let user = format!("{}-user", prefix());
+    let op = UserOp::Subscribe { channel: "news".into(), recover: Some(StreamPosition { epoch: "e".into(), offset: 3 }) };
+    let r = b.user_op(&user, &op).await.unwrap_or_else(|e| panic!("user_op: {e}"));
+    assert!(r.count >= 1, "this node's handler answered: {r:?}");
+    assert!(
+        h.user_ops.lock().unwrap_or_else(|e| e.into_inner()).contains(&(user.clone(), op.clone())),
+        "the handler got the operation as sent"
+    );
+    let r = b.user_op(&user, &UserOp::Connections).await.unwrap_or_else(|e| panic!("user_op: {e}"));
+    assert!(r.connections.iter().any(|c| c.client == "c1" && c.channels == ["a"]), "entries come back: {r:?}");
+
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    b.user_op(&user, &UserOp::Invalidate { before: now }).await.unwrap_or_else(|e| panic!("invalidate: {e}"));
+    b.user_op(&user, &UserOp::Invalidate { before: now - 10 }).await.unwrap_or_else(|e| panic!("invalidate: {e}"));
+    let mine = |list: Vec<crier_core::broker::Revocation>| list.into_iter().find(|r| r.user == user).map(|r| r.before);
+    let all = b.revocations(now - 100).await.unwrap_or_else(|e| panic!("revocations: {e}"));
+    assert_eq!(mine(all), Some(now), "the latest `before` is kept, an earlier one does not lower it");
+    let newer = b.revocations(now + 1).await.unwrap_or_else(|e| panic!("revocations: {e}"));
+    assert_eq!(mine(newer), None, "revocations older than `since` are left out");
 }
 
 async fn history_expiry<F, Fut>(make: &F, s: Settings)

@@ -146,6 +146,7 @@ impl Session {
             self.send(&ServerFrame::Unsubscribed {
                 channel: &channel,
                 reason: "the refreshed token does not allow it",
+                server: None,
             });
         }
         self.send(&ServerFrame::Ack { id, channel: None, epoch: None, offset: None, recovered: None });
