@@ -11,7 +11,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use tower_http::trace::TraceLayer;
 
-use crate::api;
+use crate::{api, api_control};
 use crate::metrics as m;
 use crate::state::AppState;
 use crate::transport::{sse, ws};
@@ -23,8 +23,13 @@ pub fn app(st: AppState) -> Router {
         .route("/api/v1/broadcast", post(api::broadcast))
         .route("/api/v1/channels/{channel}/history", get(api::history))
         .route("/api/v1/channels/{channel}/presence", get(api::presence))
-        .route("/api/v1/disconnect", post(api::disconnect))
         .route("/api/v1/info", get(api::info))
+        // Server-side control (issue 19, part C).
+        .route("/api/v1/disconnect", post(api_control::disconnect))
+        .route("/api/v1/subscribe", post(api_control::subscribe))
+        .route("/api/v1/unsubscribe", post(api_control::unsubscribe))
+        .route("/api/v1/users/{user}/invalidate", post(api_control::invalidate))
+        .route("/api/v1/users/{user}/connections", get(api_control::connections))
         .route_layer(middleware::from_fn_with_state(st.clone(), api::require_api_key))
         .layer(middleware::from_fn(api::time_limit));
     // The probes are routed outside the access log: a 503 from `/readyz` every few seconds

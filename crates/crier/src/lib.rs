@@ -24,8 +24,10 @@
 //! [`auth::generate_secret`], and the request-head bounds.
 
 mod api;
+mod api_control;
 pub mod auth;
 pub mod config;
+mod control;
 mod error;
 mod handshake;
 mod heartbeat;

@@ -30,6 +30,7 @@ pub async fn serve(
     let heartbeats = tokio::spawn(heartbeat::run(st.clone()));
     let trims = tokio::spawn(memory::run());
     let rebalancing = tokio::spawn(rebalance::run(st.clone()));
+    let revocations = tokio::spawn(crate::control::sync_revocations(st.clone()));
     let drain_st = st.clone();
     let max_pending = st.config.max_pending_handshakes;
     accept_loop(listener, http::app(st.clone()), max_pending, async move {
@@ -45,6 +46,7 @@ pub async fn serve(
     heartbeats.abort();
     trims.abort();
     rebalancing.abort();
+    revocations.abort();
     Ok(())
 }
 

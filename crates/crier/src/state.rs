@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crier_core::{Broker, BrokerHandler, Hub, MemoryBroker, Node, NodeInfo, Publication, Registry};
+use crier_core::{Broker, BrokerHandler, Hub, MemoryBroker, Node, NodeInfo, Publication, Registry, UserOp, UserOpReply};
 use crier_protocol::CloseCode;
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -32,6 +32,8 @@ pub struct Inner {
     pub dev_token: Option<String>,
     /// The last token patterns seen, shared with the next connection whose token has the same.
     pub patterns: PatternCache,
+    /// Token revocations in force (server-side control, [`crate::control`]).
+    pub revocations: Arc<crate::control::Revocations>,
 }
 
 /// A token's channel patterns: those it may subscribe to and those it may publish to.
@@ -159,8 +161,24 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
     };
     let hub = Arc::new(Hub::new());
     let registry = Arc::new(Registry::new());
-    broker.set_handler(Arc::new(NodeHandler { hub: hub.clone(), registry: registry.clone() }));
+    let boot = boot_id();
+    let revocations = Arc::new(crate::control::Revocations::new(config.token_max_lifetime));
+    broker.set_handler(Arc::new(NodeHandler {
+        hub: hub.clone(),
+        registry: registry.clone(),
+        revocations: revocations.clone(),
+        client_prefix: format!("{}-{boot}-", config.node_id),
+        node: config.node_id.clone(),
+    }));
     let limits = Limits::new(&config);
+    // Revocations in force before the first handshake (retried by `control::sync_revocations`).
+    if broker.is_up() {
+        let since = crate::control::unix_now().saturating_sub(config.token_max_lifetime.as_secs());
+        match broker.revocations(since).await {
+            Ok(list) => list.iter().for_each(|r| revocations.record(&r.user, r.before)),
+            Err(e) => tracing::warn!(error = %e, "could not load token revocations yet"),
+        }
+    }
     Ok(AppState(Arc::new(Inner {
         // A recovery page of the largest messages fits the queue (config: queue >= message).
         node: Node::new(hub, broker)
@@ -172,8 +190,9 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
         metrics: crate::metrics::install(),
         draining: AtomicBool::new(false),
         dev_token,
-        boot: boot_id(),
+        boot,
         patterns: PatternCache::default(),
+        revocations,
         config,
     })))
 }
@@ -197,6 +216,7 @@ fn redis_options(config: &Config) -> Option<crier_redis::RedisOptions> {
     opts.history_ttl = config.history_ttl;
     opts.presence_ttl = config.presence_ttl;
     opts.node_ttl = config.presence_ttl;
+    opts.revocation_ttl = config.token_max_lifetime;
     Some(opts)
 }
 
@@ -205,6 +225,10 @@ fn redis_options(config: &Config) -> Option<crier_redis::RedisOptions> {
 pub struct NodeHandler {
     pub hub: Arc<Hub>,
     pub registry: Arc<Registry>,
+    pub revocations: Arc<crate::control::Revocations>,
+    /// `<node_id>-<boot>-` (client ids, [`crate::handshake::client_id`]).
+    pub client_prefix: String,
+    pub node: String,
 }
 
 impl BrokerHandler for NodeHandler {
@@ -233,6 +257,17 @@ impl BrokerHandler for NodeHandler {
 
     fn has_subscribers(&self, channel: &str) -> bool {
         self.hub.has_channel(channel)
+    }
+
+    fn on_user_op(&self, user: &str, op: &UserOp) -> UserOpReply {
+        let local = crate::control::Local {
+            hub: &self.hub,
+            registry: &self.registry,
+            revocations: &self.revocations,
+            client_prefix: &self.client_prefix,
+            node: &self.node,
+        };
+        crate::control::apply(&local, user, op)
     }
 }
 
