@@ -15,6 +15,7 @@ use axum::Json;
 use axum::body::{Body, to_bytes};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use crier_core::UserOp;
 use crier_protocol::{CloseCode, StreamPosition};
@@ -142,7 +143,9 @@ pub async fn invalidate(
     body: Body,
 ) -> Result<Response, ApiError> {
     let user = path_user(user)?;
-    let bytes = to_bytes(body, BODY_LIMIT).await.map_err(|_| ApiError::bad_request("body over 4096 bytes"))?;
+    let bytes = to_bytes(body, BODY_LIMIT).await.map_err(|_| {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "message_too_large", format!("request body over {BODY_LIMIT} bytes"))
+    })?;
     let req: InvalidateBody = if bytes.iter().all(u8::is_ascii_whitespace) {
         InvalidateBody::default()
     } else {
