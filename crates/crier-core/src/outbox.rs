@@ -249,8 +249,10 @@ impl Outbox {
             s.bytes = 0;
             s.closing = true;
             s.aborted = true;
-            s.close =
-                Some(Close { code: CloseCode::SLOW_CONSUMER, reason: Cow::Borrowed(CloseCode::SLOW_CONSUMER.reason()) });
+            s.close = Some(Close {
+                code: CloseCode::SLOW_CONSUMER,
+                reason: Cow::Borrowed(CloseCode::SLOW_CONSUMER.reason()),
+            });
             let wakers = s.take_wakers();
             drop(s);
             wakers.into_iter().for_each(wake);

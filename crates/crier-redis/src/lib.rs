@@ -120,7 +120,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use crier_core::broker::{IDEMPOTENCY_WINDOW, PublishOptions};
-use crier_core::{Broker, BrokerError, BrokerHandler, History, NodeInfo, PublishResult, Revocation, UserOp, UserOpReply};
+use crier_core::{
+    Broker, BrokerError, BrokerHandler, History, NodeInfo, PublishResult, Revocation, UserOp, UserOpReply,
+};
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
 use tokio::sync::{mpsc, oneshot, watch};

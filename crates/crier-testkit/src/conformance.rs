@@ -287,7 +287,8 @@ where
 {
     let (b, h) = fresh(make, s).await;
     let user = format!("{}-user", prefix());
-    let op = UserOp::Subscribe { channel: "news".into(), recover: Some(StreamPosition { epoch: "e".into(), offset: 3 }) };
+    let op =
+        UserOp::Subscribe { channel: "news".into(), recover: Some(StreamPosition { epoch: "e".into(), offset: 3 }) };
     let r = b.user_op(&user, &op).await.unwrap_or_else(|e| panic!("user_op: {e}"));
     assert!(r.count >= 1, "this node's handler answered: {r:?}");
     assert!(

@@ -125,7 +125,11 @@ fn endpoint_label(path: &str) -> &'static str {
 }
 
 /// Reads and parses a JSON body of at most `limit` bytes.
-pub(crate) async fn read_json<'de, T: Deserialize<'de>>(body: Body, limit: usize, buf: &'de mut Vec<u8>) -> Result<T, ApiError> {
+pub(crate) async fn read_json<'de, T: Deserialize<'de>>(
+    body: Body,
+    limit: usize,
+    buf: &'de mut Vec<u8>,
+) -> Result<T, ApiError> {
     let bytes = to_bytes(body, limit).await.map_err(|e| {
         if e.into_inner().is::<http_body_util::LengthLimitError>() {
             ApiError::new(

@@ -144,7 +144,11 @@ pub async fn invalidate(
 ) -> Result<Response, ApiError> {
     let user = path_user(user)?;
     let bytes = to_bytes(body, BODY_LIMIT).await.map_err(|_| {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "message_too_large", format!("request body over {BODY_LIMIT} bytes"))
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "message_too_large",
+            format!("request body over {BODY_LIMIT} bytes"),
+        )
     })?;
     let req: InvalidateBody = if bytes.iter().all(u8::is_ascii_whitespace) {
         InvalidateBody::default()

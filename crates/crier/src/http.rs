@@ -11,10 +11,10 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use tower_http::trace::TraceLayer;
 
-use crate::{api, api_control};
 use crate::metrics as m;
 use crate::state::AppState;
 use crate::transport::{sse, ws};
+use crate::{api, api_control};
 
 /// Builds the router.
 pub fn app(st: AppState) -> Router {

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crier_core::{Broker, BrokerHandler, Hub, MemoryBroker, Node, NodeInfo, Publication, Registry, UserOp, UserOpReply};
+use crier_core::{
+    Broker, BrokerHandler, Hub, MemoryBroker, Node, NodeInfo, Publication, Registry, UserOp, UserOpReply,
+};
 use crier_protocol::CloseCode;
 use metrics_exporter_prometheus::PrometheusHandle;
 

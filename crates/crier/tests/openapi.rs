@@ -356,7 +356,8 @@ async fn every_operation_answers_as_described() {
     let t = "/api/v1/users/{user}/invalidate";
     c.check(&node, req(post.clone(), t).path("/api/v1/users/nobody/invalidate").raw(""), 200).await;
     c.check(&node, req(post.clone(), t).path("/api/v1/users/nobody/invalidate").json(json!({"before": 1})), 200).await;
-    c.check(&node, req(post.clone(), t).path("/api/v1/users/nobody/invalidate").json(json!({"before": "x"})), 400).await;
+    c.check(&node, req(post.clone(), t).path("/api/v1/users/nobody/invalidate").json(json!({"before": "x"})), 400)
+        .await;
     c.check(&node, req(post.clone(), t).path("/api/v1/users/%FF/invalidate").json(json!({})), 400).await;
     let huge = json!({"before": 1, "pad": "x".repeat(5000)});
     c.check(&node, req(post.clone(), t).path("/api/v1/users/nobody/invalidate").json(huge), 413).await;

@@ -108,7 +108,9 @@ async fn close_of(c: &mut Client) -> (u16, String) {
     let close = async {
         loop {
             match c.ws.next().await {
-                Some(Ok(Message::Close(Some(CloseFrame { code, reason })))) => return (code.into(), reason.to_string()),
+                Some(Ok(Message::Close(Some(CloseFrame { code, reason })))) => {
+                    return (code.into(), reason.to_string());
+                }
                 Some(Ok(Message::Close(None))) | None | Some(Err(_)) => return (0, String::new()),
                 Some(Ok(_)) => continue,
             }
@@ -138,14 +140,23 @@ async fn server_subscribe_and_unsubscribe_reach_every_websocket_and_sse_connecti
     let (status, body) = post(&server, "/api/v1/subscribe", json!({"user": "u1", "channel": "team:1"})).await;
     assert_eq!((status, body), (200, json!({"subscribed": 2})));
     let f = a.recv_type("subscribed").await;
-    assert_eq!((f["channel"].clone(), f["server"].clone(), f["offset"].clone()), (json!("team:1"), json!(true), json!(1)));
+    assert_eq!(
+        (f["channel"].clone(), f["server"].clone(), f["offset"].clone()),
+        (json!("team:1"), json!(true), json!(1))
+    );
     assert!(f["epoch"].is_string(), "{f}");
     let e = sse.until("subscribed").await;
-    assert_eq!((e["type"].clone(), e["channel"].clone(), e["server"].clone()), (json!("subscribed"), json!("team:1"), json!(true)));
+    assert_eq!(
+        (e["type"].clone(), e["channel"].clone(), e["server"].clone()),
+        (json!("subscribed"), json!("team:1"), json!(true))
+    );
 
     server.publish("team:1", json!("hello")).await;
     let m = a.recv_type("message").await;
-    assert_eq!((m["channel"].clone(), m["data"].clone(), m["offset"].clone()), (json!("team:1"), json!("hello"), json!(2)));
+    assert_eq!(
+        (m["channel"].clone(), m["data"].clone(), m["offset"].clone()),
+        (json!("team:1"), json!("hello"), json!(2))
+    );
     assert_eq!(sse.until("message").await["data"], "hello");
     // The other user was not subscribed: its next message is its own channel's.
     server.publish("u2:ch", json!("mine")).await;
@@ -226,10 +237,13 @@ async fn subs_claim_subscribes_at_connect_after_welcome_and_bad_names_invalidate
     server.publish("news", json!("old")).await;
     let t = token(json!({"sub": "u1", "subs": ["news", "team:7"]}));
     let mut a = ws(&server, &t).await;
-    let mut got = vec![a.recv().await, a.recv().await];
+    let mut got = [a.recv().await, a.recv().await];
     got.sort_by_key(|f| f["channel"].as_str().unwrap_or("").to_owned());
     assert_eq!(got[0]["type"], "subscribed");
-    assert_eq!((got[0]["channel"].clone(), got[0]["offset"].clone(), got[0]["server"].clone()), (json!("news"), json!(1), json!(true)));
+    assert_eq!(
+        (got[0]["channel"].clone(), got[0]["offset"].clone(), got[0]["server"].clone()),
+        (json!("news"), json!(1), json!(true))
+    );
     assert_eq!((got[1]["channel"].clone(), got[1]["server"].clone()), (json!("team:7"), json!(true)));
     server.publish("team:7", json!("hi")).await;
     assert_eq!(a.recv_type("message").await["data"], "hi");
@@ -262,7 +276,8 @@ async fn disconnect_takes_a_code_and_reason_from_the_table() {
     let server = Server::start(&[]).await;
     let t = token(json!({"sub": "u1"}));
     let mut a = ws(&server, &t).await;
-    let (status, body) = post(&server, "/api/v1/disconnect", json!({"user": "u1", "code": 1012, "reason": "moving you"})).await;
+    let (status, body) =
+        post(&server, "/api/v1/disconnect", json!({"user": "u1", "code": 1012, "reason": "moving you"})).await;
     assert_eq!((status, body), (200, json!({"disconnected": 1})));
     assert_eq!(close_of(&mut a).await, (1012, "moving you".to_owned()));
 
@@ -299,7 +314,8 @@ async fn invalidate_refuses_older_tokens_at_the_handshake_and_on_refresh_and_clo
     let mut b = ws(&server, &no_iat).await;
     let mut other = ws(&server, &token(json!({"sub": "u2", "iat": now() - 30}))).await;
 
-    let r = server.http.post(server.url("/api/v1/users/u1/invalidate")).bearer_auth(support::API_KEY).send().await.unwrap();
+    let r =
+        server.http.post(server.url("/api/v1/users/u1/invalidate")).bearer_auth(support::API_KEY).send().await.unwrap();
     assert_eq!(r.status(), 200, "an empty body means before = now");
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"disconnected": 2}));
     assert_eq!(close_of(&mut a).await.0, 4001);

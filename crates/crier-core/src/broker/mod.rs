@@ -109,7 +109,9 @@ pub trait BrokerHandler: Send + Sync + 'static {
     /// [`BrokerHandler::on_disconnect_user`]).
     fn on_user_op(&self, user: &str, op: &UserOp) -> UserOpReply {
         match op {
-            UserOp::Disconnect { .. } => UserOpReply { count: self.on_disconnect_user(user) as u64, ..Default::default() },
+            UserOp::Disconnect { .. } => {
+                UserOpReply { count: self.on_disconnect_user(user) as u64, ..Default::default() }
+            }
             _ => UserOpReply::default(),
         }
     }
