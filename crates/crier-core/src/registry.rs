@@ -104,7 +104,8 @@ impl Registry {
             .filter(|e| &*e.user == user && u64::from(e.iat) < before)
             .map(|e| e.outbox.clone())
             .collect();
-        outboxes.iter().filter(|o| o.close(CloseCode::TOKEN_EXPIRED)).count()
+        let reason = std::borrow::Cow::Borrowed("token revoked");
+        outboxes.iter().filter(|o| o.close_with(CloseCode::TOKEN_EXPIRED, reason.clone())).count()
     }
 
     pub fn unregister(&self, id: ConnId) {

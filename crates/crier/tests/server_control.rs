@@ -429,3 +429,38 @@ async fn revocations_survive_a_node_restart_on_redis() {
     req.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {newer}")).unwrap());
     assert!(Client::connect(req).await.is_ok(), "a token issued after `before` connects");
 }
+
+#[tokio::test]
+async fn a_client_takes_over_a_server_subscription_to_recover_from_its_own_position() {
+    let server = Server::start(&[]).await;
+    // The token does not allow "feed" by pattern: only the `subs` claim gives it.
+    let t = token(json!({"sub": "u1", "subs": ["feed"]}));
+    let mut a = ws(&server, &t).await;
+    let s = a.recv_type("subscribed").await;
+    let epoch = s["epoch"].as_str().unwrap().to_owned();
+    server.publish("feed", json!(1)).await;
+    server.publish("feed", json!(2)).await;
+    assert_eq!(a.recv_type("message").await["offset"], 1);
+    assert_eq!(a.recv_type("message").await["offset"], 2);
+    drop(a);
+    server.publish("feed", json!(3)).await;
+    server.publish("feed", json!(4)).await;
+
+    // Reconnected: the claim subscribes again (no position), then the client recovers from 2.
+    let mut b = ws(&server, &t).await;
+    assert_eq!(b.recv_type("subscribed").await["offset"], 4);
+    let ack = b.resubscribe("feed", &epoch, 2, 7).await;
+    assert_eq!((ack["type"].clone(), ack["recovered"].clone()), (json!("ack"), json!(true)), "{ack}");
+    let m = b.recv_type("message").await;
+    assert_eq!(m["offset"], 3, "the missed messages follow the ack");
+    assert_eq!(b.recv_type("message").await["offset"], 4);
+    server.publish("feed", json!(5)).await;
+    assert_eq!(b.recv_type("message").await["offset"], 5);
+    // Still the server's: a client subscribe without the server's grant is refused as before.
+    let r = b.request(json!({"type": "subscribe", "channel": "other", "recover": {"epoch": epoch, "offset": 0}}), 8).await;
+    assert_eq!(r["code"], "forbidden");
+    // And the server can still take it away.
+    let (_, body) = post(&server, "/api/v1/unsubscribe", json!({"user": "u1", "channel": "feed"})).await;
+    assert_eq!(body, json!({"unsubscribed": 1}));
+    assert_eq!(b.recv_type("unsubscribed").await["server"], true);
+}

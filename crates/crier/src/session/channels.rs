@@ -67,7 +67,22 @@ impl Session {
         server: bool,
     ) {
         let slot = slot.into();
-        if server {
+        // A client `subscribe` with `recover` for a channel the server subscribed it to (after a
+        // reconnect, the `subs` claim's subscribe comes first, without a position): the client
+        // takes the subscription over to recover from its own position — no token check (the
+        // server already granted the channel), left and subscribed again with recovery
+        // (duplicates of what arrived meanwhile are dropped by offset), still the server's.
+        let mut takeover = false;
+        if !server
+            && recover.is_some()
+            && let Some(at) = self.subscribed(channel)
+            && self.subs[at].server
+        {
+            self.subs.swap_remove(at);
+            self.leave(channel).await;
+            takeover = true;
+        }
+        if server || takeover {
             if let Err(e) = validate_channel(channel) {
                 return self.error(id, ErrorCode::InvalidChannel, &e.to_string(), None);
             }
@@ -125,7 +140,7 @@ impl Session {
             Ok(s) => {
                 // Grown one at a time: most connections hold a channel or two.
                 self.subs.reserve_exact(1);
-                self.subs.push(Sub { name: channel.into(), server });
+                self.subs.push(Sub { name: channel.into(), server: server || takeover });
                 if let Some(ok) = s.recovered {
                     let result = if ok { "recovered" } else { "failed" };
                     metrics::counter!(m::RECOVERIES, "result" => result).increment(1);
