@@ -572,3 +572,30 @@ async fn publish_with_key_repeated_is_delivered_once_and_acked_with_the_first_of
     let err = c.publish_with_key("chat:keyed", &json!(1), "").await.expect_err("an empty key");
     assert_eq!(err.code(), Some("bad_request"));
 }
+
+/// Frames of server-side control (a `subscribed` frame for a channel the client never asked
+/// for, an `unsubscribed` frame marked `server`) do not disturb the client: its subscriptions go
+/// on, and the server's unsubscribe ends the one it names.
+#[tokio::test]
+async fn server_side_subscribe_and_unsubscribe_frames_leave_the_client_working() {
+    let node = Node::start(&[]);
+    let c = client(node.ws_url(), token("srv", &["chat:*"], &[], HOUR));
+    let mut sub = c.subscribe("chat:a");
+    subscribed(&mut sub).await;
+    let r = node.post("/api/v1/subscribe", json!({"user": "srv", "channel": "team:1"})).await;
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"subscribed": 1}));
+    node.publish("team:1", json!("not asked for")).await;
+    node.publish("chat:a", json!("mine")).await;
+    match next_event(&mut sub).await {
+        Event::Message(m) => assert_eq!(m.data, json!("mine")),
+        other => panic!("expected the message, got {other:?}"),
+    }
+    let r = node.post("/api/v1/unsubscribe", json!({"user": "srv", "channel": "chat:a"})).await;
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"unsubscribed": 1}));
+    match next_event(&mut sub).await {
+        Event::Ended(EndReason::Revoked(reason)) => assert_eq!(reason, "unsubscribed by the server"),
+        other => panic!("expected the end of the subscription, got {other:?}"),
+    }
+    assert_eq!(c.state(), State::Connected);
+    assert!(c.presence("chat:a").await.is_ok(), "requests still answered");
+}

@@ -576,7 +576,8 @@ impl Broker for RedisBroker {
         while heard.len() < expected {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(reply)) => {
-                    if heard.insert(reply.node) {
+                    let from = if reply.instance.is_empty() { reply.node } else { reply.instance };
+                    if heard.insert(from) {
                         total.merge(reply.reply);
                     }
                 }

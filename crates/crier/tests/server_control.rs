@@ -457,7 +457,8 @@ async fn a_client_takes_over_a_server_subscription_to_recover_from_its_own_posit
     server.publish("feed", json!(5)).await;
     assert_eq!(b.recv_type("message").await["offset"], 5);
     // Still the server's: a client subscribe without the server's grant is refused as before.
-    let r = b.request(json!({"type": "subscribe", "channel": "other", "recover": {"epoch": epoch, "offset": 0}}), 8).await;
+    let r =
+        b.request(json!({"type": "subscribe", "channel": "other", "recover": {"epoch": epoch, "offset": 0}}), 8).await;
     assert_eq!(r["code"], "forbidden");
     // And the server can still take it away.
     let (_, body) = post(&server, "/api/v1/unsubscribe", json!({"user": "u1", "channel": "feed"})).await;

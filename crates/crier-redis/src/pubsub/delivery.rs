@@ -86,7 +86,8 @@ impl Task {
                 let Some(channel) = msg.reply else {
                     return;
                 };
-                let reply = Reply { id: msg.id, node: self.shared.node.clone(), reply };
+                let reply =
+                    Reply { id: msg.id, node: self.shared.node.clone(), instance: self.shared.instance.clone(), reply };
                 let Ok(payload) = serde_json::to_string(&reply) else {
                     return;
                 };

@@ -79,6 +79,10 @@ pub(crate) struct Shared {
 pub(crate) struct Reply {
     pub id: u64,
     pub node: String,
+    /// The replying broker instance (two nodes misconfigured with one `node_id` still count
+    /// twice).
+    #[serde(default)]
+    pub instance: String,
     pub reply: crier_core::UserOpReply,
 }
 
