@@ -465,3 +465,29 @@ async fn a_client_takes_over_a_server_subscription_to_recover_from_its_own_posit
     assert_eq!(body, json!({"unsubscribed": 1}));
     assert_eq!(b.recv_type("unsubscribed").await["server"], true);
 }
+
+#[tokio::test]
+async fn messagepack_connections_get_the_same_server_frames() {
+    let server = Server::start(&[]).await;
+    let t = token(json!({"sub": "mp"}));
+    let mut req = server.ws_url().into_client_request().unwrap();
+    req.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static("crier.v1.msgpack"));
+    req.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {t}")).unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("connects");
+    let mut recv = async || loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("a frame in time") {
+            Some(Ok(Message::Binary(b))) => return rmp_serde::from_slice::<Value>(&b).expect("MessagePack"),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a binary frame, got {other:?}"),
+        }
+    };
+    assert_eq!(recv().await["type"], "welcome");
+    post(&server, "/api/v1/subscribe", json!({"user": "mp", "channel": "c"})).await;
+    let f = recv().await;
+    assert_eq!(f["type"], "subscribed");
+    assert_eq!((f["channel"].clone(), f["offset"].clone(), f["server"].clone()), (json!("c"), json!(0), json!(true)));
+    assert!(f["epoch"].is_string());
+    post(&server, "/api/v1/unsubscribe", json!({"user": "mp", "channel": "c"})).await;
+    let u = recv().await;
+    assert_eq!((u["type"].clone(), u["server"].clone()), (json!("unsubscribed"), json!(true)));
+}
