@@ -436,21 +436,28 @@ impl Outbox {
         true
     }
 
-    /// The next server command, or parks the caller (the connection's task, in the same waker
-    /// slot as [`Outbox::poll_next`]: call both in one poll, this one first). Never ready once
-    /// the outbox is closing.
-    pub fn poll_command(&self, cx: &mut Context<'_>) -> Poll<Command> {
+    /// `Ready` while a server command waits ([`Outbox::take_command`] takes it); otherwise parks
+    /// the caller (the connection's task, in the same waker slot as [`Outbox::poll_next`]: call
+    /// both in one poll, this one first). Never ready once the outbox is closing. (A signal, not
+    /// the command: what the task holds across its idle wait stays small.)
+    pub fn poll_command(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut s = self.lock();
-        if let Some(queue) = s.commands.as_mut()
-            && let Some(command) = queue.pop_front()
-        {
-            if queue.is_empty() {
-                s.commands = None;
-            }
-            return Poll::Ready(command);
+        if s.commands.as_ref().is_some_and(|q| !q.is_empty()) {
+            return Poll::Ready(());
         }
         s.waker = Some(cx.waker().clone());
         Poll::Pending
+    }
+
+    /// The next server command, if one waits.
+    pub fn take_command(&self) -> Option<Command> {
+        let mut s = self.lock();
+        let queue = s.commands.as_mut()?;
+        let command = queue.pop_front();
+        if queue.is_empty() {
+            s.commands = None;
+        }
+        command
     }
 
     /// Async form of [`Outbox::poll_next`].

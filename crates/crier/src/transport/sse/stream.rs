@@ -27,7 +27,7 @@ use std::net::Shutdown;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use crier_core::{Close, Command, Next, Out, Outbox, Transport};
+use crier_core::{Close, Next, Out, Outbox, Transport};
 use crier_protocol::StreamPosition;
 use socket2::SockRef;
 use tokio::io::Interest;
@@ -224,16 +224,16 @@ pub fn run(
                 // A server command (REST `subscribe`/`unsubscribe`, the `subs` claim) is run
                 // beside the writes, like the named subscribes.
                 let next = std::future::poll_fn(|cx| {
-                    if let Poll::Ready(command) = s.outbox().poll_command(cx) {
-                        return Poll::Ready(Err(command));
+                    if s.outbox().poll_command(cx).is_ready() {
+                        return Poll::Ready(None);
                     }
-                    poll_stream(&mut sock, cx, s.outbox(), &mut cursor).map(Ok)
+                    poll_stream(&mut sock, cx, s.outbox(), &mut cursor).map(Some)
                 })
                 .await;
                 match next {
-                    Ok(end) => break 'stream (end, None),
-                    Err(command) => {
-                        if let Some(ended) = Box::pin(run_command(&mut s, command, &mut cursor, &mut sock)).await {
+                    Some(end) => break 'stream (end, None),
+                    None => {
+                        if let Some(ended) = Box::pin(run_command(&mut s, &mut cursor, &mut sock)).await {
                             break 'stream ended;
                         }
                     }
@@ -280,14 +280,11 @@ async fn subscribe_all(
     None
 }
 
-/// Runs a server command on the session, beside the writes ([`beside_writes`]).
-async fn run_command(
-    s: &mut Session,
-    command: Command,
-    cursor: &mut Cursor,
-    sock: &mut SseSocket,
-) -> Option<(End, Option<Close>)> {
+/// Runs the server command waiting in the outbox on the session, beside the writes
+/// ([`beside_writes`]).
+async fn run_command(s: &mut Session, cursor: &mut Cursor, sock: &mut SseSocket) -> Option<(End, Option<Close>)> {
     let outbox = s.outbox().clone();
+    let command = outbox.take_command()?;
     beside_writes(s.on_command(command), &outbox, cursor, sock).await
 }
 

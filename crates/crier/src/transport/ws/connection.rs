@@ -53,8 +53,9 @@ enum Event {
     WriteEnded,
     /// The request in flight is done: the session is back.
     Done(Session),
-    /// A server command for the idle session (REST `subscribe`/`unsubscribe`, `subs` claim).
-    Command(Command),
+    /// A server command waits for the idle session (REST `subscribe`/`unsubscribe`, `subs`
+    /// claim): [`Outbox::take_command`].
+    Command,
 }
 
 /// The connection's session: in the task while idle, or owned by the request in flight.
@@ -148,10 +149,8 @@ fn next_event<'a>(
     std::future::poll_fn(move |cx| {
         // Before the outbox's batch: it registers the same waker, so a command queued after
         // this check wakes the task.
-        if request.is_none()
-            && let Poll::Ready(command) = outbox.poll_command(cx)
-        {
-            return Poll::Ready(Event::Command(command));
+        if request.is_none() && outbox.poll_command(cx).is_ready() {
+            return Poll::Ready(Event::Command);
         }
         loop {
             if let Some(r) = request.as_mut()
@@ -252,9 +251,12 @@ pub fn run(s: Session, upgrade: OnUpgrade, max_message: usize, deflate: bool) ->
                     }
                     continue;
                 }
-                Event::Command(command) => {
+                Event::Command => {
                     if let Conn::Idle(s) = std::mem::replace(&mut conn, Conn::Switching) {
-                        conn = Conn::Busy(start_command(s, command));
+                        conn = match s.outbox().take_command() {
+                            Some(command) => Conn::Busy(start_command(s, command)),
+                            None => Conn::Idle(s),
+                        };
                     }
                     continue;
                 }
