@@ -517,6 +517,30 @@ mod tests {
         assert_eq!(woken.ok().and_then(Result::ok), Some(1), "the push woke the waiting writer within 10s");
     }
 
+    #[tokio::test]
+    async fn commands_wake_the_task_queue_in_order_are_bounded_and_end_with_a_close() {
+        let o = std::sync::Arc::new(Outbox::new(100));
+        let o2 = o.clone();
+        let task = tokio::spawn(async move {
+            std::future::poll_fn(|cx| o2.poll_command(cx)).await;
+            o2.take_command()
+        });
+        tokio::task::yield_now().await;
+        let sub = Command::Subscribe { channel: "a".into(), recover: None };
+        assert!(o.command(sub.clone()));
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(10), task).await;
+        assert_eq!(woken.ok().and_then(Result::ok), Some(Some(sub)), "the command woke the task within 10s");
+        assert_eq!(o.take_command(), None);
+        for i in 0..MAX_COMMANDS {
+            assert!(o.command(Command::Unsubscribe { channel: i.to_string().into() }));
+        }
+        assert!(!o.command(Command::Unsubscribe { channel: "over".into() }), "bounded");
+        assert_eq!(o.take_command(), Some(Command::Unsubscribe { channel: "0".into() }), "in order");
+        o.close(CloseCode::DISCONNECTED);
+        assert_eq!(o.take_command(), None, "a close drops what waits");
+        assert!(!o.command(Command::Unsubscribe { channel: "late".into() }));
+    }
+
     #[test]
     fn heartbeat_pings_after_silence_and_times_out_without_an_answer() {
         let o = Outbox::new(100);
