@@ -65,7 +65,7 @@ mod subscription;
 mod token;
 
 pub use backoff::Backoff;
-pub use client::{Client, ClientBuilder, History, HistoryOptions, Published};
+pub use client::{Client, ClientBuilder, History, HistoryOptions, Published, ServerSubscriptions};
 pub use crier_protocol::frames::PresenceEntry;
 pub use crier_protocol::{ErrorCode, StreamPosition};
 pub use driver::{State, Welcome};
