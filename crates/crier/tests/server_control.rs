@@ -45,19 +45,23 @@ async fn ws(server: &Server, token: &str) -> Client {
 struct Sse {
     resp: reqwest::Response,
     buf: Vec<u8>,
+    /// The last `id:` seen (the resume cursor).
+    last_id: Option<String>,
 }
 
 impl Sse {
     async fn open(server: &Server, token: &str, channel: &str) -> Sse {
-        let resp = server
-            .http
-            .get(server.url(&format!("/sse?channel={channel}")))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("GET /sse");
+        Sse::resume(server, token, channel, None).await
+    }
+
+    async fn resume(server: &Server, token: &str, channel: &str, last_id: Option<&str>) -> Sse {
+        let mut req = server.http.get(server.url(&format!("/sse?channel={channel}"))).bearer_auth(token);
+        if let Some(id) = last_id {
+            req = req.header("last-event-id", id);
+        }
+        let resp = req.send().await.expect("GET /sse");
         assert_eq!(resp.status(), 200);
-        Sse { resp, buf: Vec::new() }
+        Sse { resp, buf: Vec::new(), last_id: None }
     }
 
     /// The next event that is not a comment: (name, JSON data). `None` once the stream ended.
@@ -68,6 +72,9 @@ impl Sse {
                 let block: Vec<u8> = self.buf.drain(..end + 2).collect();
                 let text = String::from_utf8(block).unwrap();
                 let name = text.lines().find_map(|l| l.strip_prefix("event: ")).map(str::to_owned);
+                if let Some(id) = text.lines().find_map(|l| l.strip_prefix("id: ")) {
+                    self.last_id = Some(id.to_owned());
+                }
                 let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
                 match name {
                     Some(name) => return Some((name, serde_json::from_str(&data.join("\n")).unwrap())),
@@ -490,4 +497,34 @@ async fn messagepack_connections_get_the_same_server_frames() {
     post(&server, "/api/v1/unsubscribe", json!({"user": "mp", "channel": "c"})).await;
     let u = recv().await;
     assert_eq!((u["type"].clone(), u["server"].clone()), (json!("unsubscribed"), json!(true)));
+}
+
+#[tokio::test]
+async fn an_sse_stream_resumes_its_subs_channels_from_last_event_id() {
+    let server = Server::start(&[]).await;
+    let t = token(json!({"sub": "u5", "channels": ["own"], "subs": ["feed"]}));
+    let mut sse = Sse::open(&server, &t, "own").await;
+    let mut seen = 0;
+    while seen < 2 {
+        sse.until("subscribed").await;
+        seen += 1;
+    }
+    server.publish("feed", json!(1)).await;
+    assert_eq!(sse.until("message").await["offset"], 1);
+    let id = sse.last_id.clone().expect("message events carry an id");
+    drop(sse);
+    server.publish("feed", json!(2)).await;
+    server.publish("feed", json!(3)).await;
+
+    let mut sse = Sse::resume(&server, &t, "own", Some(&id)).await;
+    let feed = loop {
+        let e = sse.until("subscribed").await;
+        if e["channel"] == "feed" {
+            break e;
+        }
+    };
+    assert_eq!((feed["recovered"].clone(), feed["server"].clone()), (json!(true), json!(true)), "{feed}");
+    let m = sse.until("message").await;
+    assert_eq!((m["channel"].clone(), m["offset"].clone()), (json!("feed"), json!(2)), "the missed messages come");
+    assert_eq!(sse.until("message").await["offset"], 3);
 }
