@@ -33,6 +33,7 @@
 //! | `crier:{<channel>}:pres` / `:pres:data` | ZSET / HASH | member → expiry ms / entry JSON | `presence_ttl` (30s), refreshed by the owning node |
 //! | `crier:user:{<user>}:conns` | ZSET | member → expiry ms | `presence_ttl`, refreshed |
 //! | `crier:nodes` / `crier:nodes:info` | ZSET / HASH | node → expiry ms / `NodeInfo` JSON | `node_ttl` (30s), refreshed; on a Cluster `crier:{nodes}` / `crier:{nodes}:info` |
+//! | `crier:revoked` | ZSET | user → `before` (Unix s): token revocations (`UserOp::Invalidate`, ZADD GT) | `revocation_ttl` (7d) after the last write; older members pruned on write |
 //!
 //! The meta HASH also holds `gen`: the run id of the server process that last published on the
 //! channel (Sentinel, Cluster; see `scripts::PUBLISH`). The slack is a tenth of `history_ttl`,
@@ -42,7 +43,8 @@
 //! Pub/sub channels: `crier:ch:<channel>` (on a Cluster the shard channel `crier:ch:{<channel>}`,
 //! SPUBLISH/SSUBSCRIBE) carries the channel's publications (payload
 //! `offset:epoch:published_at_us:<message frame>`); `crier:control` carries node-wide control
-//! messages (user disconnects). Presence and connection members are `<broker instance>/<client>`.
+//! messages (user disconnects, and `Broker::user_op`'s operations, each node answering on
+//! `crier:reply:<broker instance>` of the caller, which every instance subscribes to). Presence and connection members are `<broker instance>/<client>`.
 //!
 //! # Publishing
 //! A node's publishes go to one task (`publisher.rs`) that sends them as calls of one Lua
