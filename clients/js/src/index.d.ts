@@ -180,6 +180,10 @@ export class Subscription {
   readonly active: boolean;
   /** Resolves on the first ack; rejects when the server refuses the subscription. */
   readonly ready: Promise<SubscribedInfo>;
+  /** True when the server made it (REST `subscribe`, the token's `subs` claim). */
+  readonly server: boolean;
+  /** Sets (merges) the handlers; for a server subscription, call it in the "subscription" event. */
+  setHandlers<T = unknown>(handlers: SubscribeOptions<T>): this;
   unsubscribe(): void;
 }
 
@@ -195,6 +199,9 @@ export class Crier {
   on(event: "close", fn: (info: CloseInfo) => void): () => void;
   on(event: "reconnect", fn: (info: ReconnectInfo) => void): () => void;
   on(event: "error", fn: (err: Error) => void): () => void;
+  /** The server subscribed this connection (REST `subscribe`, the token's `subs` claim): attach
+   * handlers with `sub.setHandlers(..)` in the listener; it is recovered across reconnects. */
+  on(event: "subscription", fn: (sub: Subscription) => void): () => void;
   off(event: string, fn: (...args: any[]) => void): void;
   subscribe<T = unknown>(channel: string, options?: SubscribeOptions<T>): Subscription;
   /**

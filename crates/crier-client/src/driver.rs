@@ -162,7 +162,13 @@ struct Sub {
     tracker: Tracker,
     /// Consecutive `rate_limited`/`unavailable` refusals of this channel's subscribe.
     refusals: u32,
+    /// The server made it (a `subscribed` frame): after a reconnect the client waits for the
+    /// server to make it again, then recovers from its position.
+    server: bool,
 }
+
+/// Generations of subscriptions the server made (apart from the handles' own).
+const SERVER_GENERATIONS: u64 = 1 << 62;
 
 impl Sub {
     fn emit(&self, event: Event) {
@@ -266,11 +272,25 @@ pub(crate) struct Driver {
     /// A handshake was refused (401/403) and a new token asked for since the last `welcome`:
     /// the next such refusal fails the client.
     refreshed_after_refusal: bool,
+    /// For the handles of server subscriptions (weak: the task ends when every client is gone).
+    commands_tx: mpsc::WeakUnboundedSender<Command>,
+    /// Where server subscriptions go ([`crate::Client::server_subscriptions`]).
+    server_subs: mpsc::UnboundedSender<crate::subscription::Subscription>,
+    server_generation: u64,
 }
 
 impl Driver {
-    pub(crate) fn new(opts: Options, shared: Arc<Shared>, commands: mpsc::UnboundedReceiver<Command>) -> Driver {
+    pub(crate) fn new(
+        opts: Options,
+        shared: Arc<Shared>,
+        commands: mpsc::UnboundedReceiver<Command>,
+        commands_tx: mpsc::WeakUnboundedSender<Command>,
+        server_subs: mpsc::UnboundedSender<crate::subscription::Subscription>,
+    ) -> Driver {
         Driver {
+            commands_tx,
+            server_subs,
+            server_generation: SERVER_GENERATIONS,
             opts,
             shared,
             commands,
@@ -394,7 +414,7 @@ impl Driver {
                     })));
                     return None;
                 }
-                let sub = Sub { generation, events, tracker: Tracker::new(from.clone()), refusals: 0 };
+                let sub = Sub { generation, events, tracker: Tracker::new(from.clone()), refusals: 0, server: false };
                 self.subs.insert(channel.clone(), sub);
                 Some((channel, from, true))
             }
@@ -540,8 +560,13 @@ impl Driver {
 
     /// Resubscribes every channel (with recovery) and sends the requests that waited.
     async fn resume(&mut self, conn: &mut Conn) -> Result<(), ()> {
-        let subs: Vec<(String, Option<StreamPosition>)> =
-            self.subs.iter().map(|(c, s)| (c.clone(), s.tracker.position.clone())).collect();
+        // A server subscription without a position waits for the server to make it again.
+        let subs: Vec<(String, Option<StreamPosition>)> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| !s.server || s.tracker.position.is_some())
+            .map(|(c, s)| (c.clone(), s.tracker.position.clone()))
+            .collect();
         for (channel, position) in subs {
             self.send_subscribe(conn, channel, position).await?;
         }
@@ -796,6 +821,9 @@ impl Driver {
                     sub.emit(Event::Gap(Gap { channel, epoch, offset, reason: GapReason::Server }));
                 }
             }
+            ServerFrame::Subscribed { channel, epoch, offset, recovered } => {
+                self.on_server_subscribed(conn, channel, epoch, offset, recovered)
+            }
             ServerFrame::Unsubscribed { channel, reason } => {
                 if let Some(sub) = self.subs.remove(&channel) {
                     sub.emit(Event::Ended(EndReason::Revoked(reason)));
@@ -832,10 +860,68 @@ impl Driver {
         }
     }
 
+    /// The server subscribed the connection. A new channel becomes a [`Subscription`] sent to
+    /// [`crate::Client::server_subscriptions`]; one the client tracks already (a server
+    /// subscription after a reconnect) is recovered from its position when the server's is
+    /// ahead of it (a `subscribe` with `recover` takes the server's over), else acknowledged.
+    fn on_server_subscribed(
+        &mut self,
+        conn: &mut Conn,
+        channel: String,
+        epoch: String,
+        offset: u64,
+        recovered: Option<bool>,
+    ) {
+        if let Some(sub) = self.subs.get_mut(&channel) {
+            sub.server = true;
+            let generation = sub.generation;
+            let in_flight = conn.pending.values().any(
+                |p| matches!(p, Pending::Subscribe { channel: c, generation: g } if *c == channel && *g == generation),
+            );
+            if in_flight {
+                return; // the client's own subscribe answers
+            }
+            match &sub.tracker.position {
+                Some(p) if p.epoch != epoch || p.offset < offset => {
+                    conn.retries.push((Instant::now(), channel, generation));
+                }
+                _ => {
+                    let gap = sub.tracker.on_ack(&epoch, offset, recovered);
+                    sub.emit(Event::Subscribed { epoch: epoch.clone(), offset, recovered });
+                    if let Some(reason) = gap {
+                        sub.emit(Event::Gap(Gap { channel, epoch, offset, reason }));
+                    }
+                }
+            }
+            return;
+        }
+        let Some(commands) = self.commands_tx.upgrade() else { return };
+        self.server_generation += 1;
+        let generation = self.server_generation;
+        let (events, rx) = mpsc::unbounded_channel();
+        let mut tracker = Tracker::new(None);
+        // Recovered by the server: the missed messages (at or below `offset`) follow.
+        if recovered.is_none() {
+            tracker.on_ack(&epoch, offset, None);
+        }
+        let sub = Sub { generation, events, tracker, refusals: 0, server: true };
+        sub.emit(Event::Subscribed { epoch, offset, recovered });
+        self.subs.insert(channel.clone(), sub);
+        let handle = crate::subscription::Subscription { channel, generation, events: rx, commands };
+        if let Err(mpsc::error::SendError(handle)) = self.server_subs.send(handle) {
+            // Nobody can take it (the client is gone): dropping it unsubscribes.
+            drop(handle);
+        }
+    }
+
     /// A subscribe answered with an error: retried later when the refusal is temporary, else the
     /// subscription ends.
     fn subscribe_refused(&mut self, conn: &mut Conn, channel: String, generation: u64, error: ServerError) {
         let Some(sub) = self.subs.get_mut(&channel).filter(|s| s.generation == generation) else { return };
+        if sub.server && error.code == "forbidden" {
+            // Not subscribed by the server again (yet) on this connection: wait for its frame.
+            return;
+        }
         if matches!(error.code.as_str(), "rate_limited" | "unavailable") {
             let delay = self.opts.backoff.delay(sub.refusals).max(Duration::from_millis(50));
             sub.refusals = sub.refusals.saturating_add(1);

@@ -162,6 +162,14 @@ pub(crate) enum ServerFrame {
     },
     Join(PresenceEventFrame),
     Leave(PresenceEventFrame),
+    /// The server subscribed the connection (REST `subscribe`, the token's `subs` claim).
+    Subscribed {
+        channel: String,
+        epoch: String,
+        offset: u64,
+        #[serde(default)]
+        recovered: Option<bool>,
+    },
     #[serde(other)]
     Unknown,
 }

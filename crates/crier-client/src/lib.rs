@@ -66,7 +66,7 @@ mod subscription;
 mod token;
 
 pub use backoff::Backoff;
-pub use client::{Client, ClientBuilder, History, HistoryOptions, PresenceStats, Published};
+pub use client::{Client, ClientBuilder, History, HistoryOptions, PresenceStats, Published, ServerSubscriptions};
 pub use crier_protocol::frames::PresenceEntry;
 pub use crier_protocol::{ErrorCode, StreamPosition};
 pub use driver::{State, Welcome};

@@ -374,6 +374,32 @@ impl Hub {
         self.shard(channel).contains_key(channel)
     }
 
+    /// Whether connection `conn` is subscribed (live or buffering) to `channel`.
+    pub fn is_subscribed(&self, channel: &str, conn: ConnId) -> bool {
+        self.shard(channel).get(channel).is_some_and(|ch| ch.subscribers.contains(&conn))
+    }
+
+    /// The channels each of `conns` is subscribed to (same order as `conns`), for the server
+    /// API's connection listing: a scan of every local channel, one shard lock at a time.
+    pub fn channels_of(&self, conns: &[ConnId]) -> Vec<Vec<String>> {
+        let mut out = vec![Vec::new(); conns.len()];
+        if conns.is_empty() {
+            return out;
+        }
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (name, ch) in shard.iter() {
+                for (i, conn) in conns.iter().enumerate() {
+                    if ch.subscribers.contains(conn) {
+                        out[i].push(name.to_string());
+                    }
+                }
+            }
+        }
+        out.iter_mut().for_each(|c| c.sort_unstable());
+        out
+    }
+
     /// Channels with at least one local subscriber.
     pub fn channel_count(&self) -> usize {
         self.channels.load(Ordering::Relaxed)

@@ -402,6 +402,19 @@ pub enum ServerFrame<'a> {
     Unsubscribed {
         channel: &'a str,
         reason: &'a str,
+        /// `Some(true)` when the backend ended it (REST `unsubscribe`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        server: Option<bool>,
+    },
+    /// Pushed when the server subscribes the connection by itself (REST `subscribe`, the token's
+    /// `subs` claim): the channel's position as a subscribe `ack` gives it, `server: true`.
+    Subscribed {
+        channel: &'a str,
+        epoch: &'a str,
+        offset: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+        server: bool,
     },
 }
 

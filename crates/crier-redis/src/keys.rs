@@ -106,6 +106,17 @@ impl Keys {
         format!("{}:control", self.prefix)
     }
 
+    /// The pub/sub channel on which broker instance `instance` hears the other nodes' replies to
+    /// its server-side control operations.
+    pub(crate) fn reply(&self, instance: &str) -> String {
+        format!("{}:reply:{instance}", self.prefix)
+    }
+
+    /// ZSET user → `before` (Unix seconds): token revocations in force.
+    pub(crate) fn revoked(&self) -> String {
+        format!("{}:revoked", self.prefix)
+    }
+
     /// The crier channel behind a pub/sub channel name, if it is one of ours.
     pub(crate) fn channel_of<'a>(&self, pubsub: &'a [u8]) -> Option<&'a str> {
         let rest = pubsub.strip_prefix(self.pubsub_prefix.as_bytes())?;
@@ -130,6 +141,9 @@ mod tests {
         assert_eq!(k.nodes(), ("crier:nodes".to_owned(), "crier:nodes:info".to_owned()));
         assert_eq!(k.pubsub("chat:lobby"), "crier:ch:chat:lobby");
         assert_eq!(k.control(), "crier:control");
+        assert_eq!(k.reply("i1"), "crier:reply:i1");
+        assert_eq!(k.revoked(), "crier:revoked");
+        assert_eq!(k.channel_of(b"crier:reply:i1"), None);
         assert_eq!(k.channel_of(b"crier:ch:chat:lobby"), Some("chat:lobby"));
         assert_eq!(k.channel_of(b"crier:control"), None);
         assert_eq!(k.channel_of(b"other:ch:x"), None);

@@ -42,6 +42,7 @@
 //! | `crier:user:{<user>}:conns` | ZSET | member → expiry ms | `presence_ttl`, refreshed |
 //! | `crier:nodes` / `crier:nodes:info` | ZSET / HASH | node → expiry ms / `NodeInfo` JSON | `node_ttl` (30s), refreshed; on a Cluster `crier:{nodes}` / `crier:{nodes}:info` |
 //! | `crier:{node:<node>}:chans` / `:chans:n` | ZSET / HASH | channel → 0 (name order, `ZRANGEBYLEX`) / channel → the node's local subscribers | `node_ttl`, pushed out by each report (once a second); the channel listing reads the live nodes' pages (one script call per node: one hash tag each) and merges them |
+//! | `crier:revoked` | ZSET | user → `before` (Unix s): token revocations (`UserOp::Invalidate`, ZADD GT) | `revocation_ttl` (7d) after the last write; older members pruned on write |
 //!
 //! The meta HASH also holds `gen`: the run id of the server process that last published on the
 //! channel (Sentinel, Cluster; see `scripts::PUBLISH`). The slack is a tenth of `history_ttl`,
@@ -52,8 +53,9 @@
 //! SPUBLISH/SSUBSCRIBE) carries the channel's publications (payload
 //! `offset:epoch:published_at_us:<message frame>`, or `e:<join/leave frame>` from the presence
 //! scripts on channels with `join_leave`: not a publication, handed on without offset checks);
-//! `crier:control` carries node-wide control
-//! messages (user disconnects). Presence and connection members are `<broker instance>/<client>`.
+//! `crier:control` carries node-wide control messages (user disconnects, and `Broker::user_op`'s
+//! operations, each node answering on `crier:reply:<broker instance>` of the caller, which every
+//! instance subscribes to). Presence and connection members are `<broker instance>/<client>`.
 //!
 //! # Publishing
 //! A node's publishes go to one task (`publisher.rs`) that sends them as calls of one Lua
@@ -133,6 +135,7 @@ use async_trait::async_trait;
 use crier_core::broker::{IDEMPOTENCY_WINDOW, PublishOptions};
 use crier_core::{
     Broker, BrokerError, BrokerHandler, ChannelCount, History, Namespaces, NodeInfo, PresenceStats, PublishResult,
+    Revocation, UserOp, UserOpReply,
 };
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
@@ -183,6 +186,9 @@ pub struct RedisOptions {
     /// How long [`RedisBroker::connect`] waits for a first connection before returning with
     /// `is_up() == false`. Default 2s.
     pub connect_wait: Duration,
+    /// How long a token revocation is kept after its `before` (the longest token lifetime).
+    /// Default 7 days.
+    pub revocation_ttl: Duration,
 }
 
 impl RedisOptions {
@@ -204,6 +210,7 @@ impl RedisOptions {
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_secs(2),
             connect_wait: Duration::from_secs(2),
+            revocation_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }
 
@@ -256,9 +263,17 @@ pub struct RedisBroker {
     command_timeout: Duration,
     /// Expiry of the node registry entry, and of a node's channel counts.
     node_ttl: Duration,
+    revocation_ttl: Duration,
+    /// Ids of this instance's control operations (replies are matched by it).
+    next_op: AtomicU64,
     up: watch::Receiver<bool>,
     /// Dropped with the broker: stops the background tasks.
     _shutdown: watch::Sender<()>,
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// A duration in whole milliseconds, at least 1 (Redis expiries of 0 mean "now").
@@ -305,6 +320,8 @@ impl RedisBroker {
             instance,
             commands: commands.clone(),
             setting_problem: Default::default(),
+            node: opts.node_id.clone(),
+            replies: Default::default(),
         });
         let (shutdown, shutdown_rx) = watch::channel(());
         let (pubsub, commands_rx) = mpsc::channel(1024);
@@ -380,6 +397,8 @@ impl RedisBroker {
             publish_calls,
             command_timeout: t,
             node_ttl: opts.node_ttl,
+            revocation_ttl: opts.revocation_ttl,
+            next_op: AtomicU64::new(0),
             up,
             _shutdown: shutdown,
         }))
@@ -510,6 +529,9 @@ impl Broker for RedisBroker {
             op: pubsub::DISCONNECT_USER.into(),
             user: user.to_owned(),
             origin: self.shared.instance.clone(),
+            cmd: None,
+            id: 0,
+            reply: None,
         };
         let msg = serde_json::to_string(&msg).map_err(|e| BrokerError::Internal(e.to_string()))?;
         let mut publish = redis::cmd("PUBLISH");
@@ -517,6 +539,96 @@ impl Broker for RedisBroker {
         self.commands.query(&publish).await?;
         let here = self.shared.handler.get().map_or(0, |h| h.on_disconnect_user(user)) as u64;
         Ok(count.max(here))
+    }
+
+    /// Stores a revocation first (ZADD GT: a later `before` wins), then publishes the operation
+    /// on the control channel with this instance's reply channel, applies it here, and waits —
+    /// within `command_timeout` — for a reply from each other node: as many as received the
+    /// control message (PUBLISH's count, minus this one; on a Cluster, where PUBLISH counts one
+    /// server's subscribers only, the other live nodes of the node registry).
+    async fn user_op(&self, user: &str, op: &UserOp) -> Result<UserOpReply, BrokerError> {
+        if let UserOp::Invalidate { before } = op {
+            let mut add = redis::cmd("ZADD");
+            add.arg(self.keys.revoked()).arg("GT").arg(*before).arg(user);
+            self.commands.query(&add).await?;
+            let mut expire = redis::cmd("EXPIRE");
+            expire.arg(self.keys.revoked()).arg(self.revocation_ttl.as_secs().max(1));
+            self.commands.query(&expire).await?;
+            let stale = unix_now().saturating_sub(self.revocation_ttl.as_secs());
+            let mut prune = redis::cmd("ZREMRANGEBYSCORE");
+            prune.arg(self.keys.revoked()).arg("-inf").arg(format!("({stale}"));
+            self.commands.query(&prune).await?;
+        }
+        let id = self.next_op.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let replies = &self.shared.replies;
+        replies.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+        // Removes the wait on every path (an error, or the caller dropping this future).
+        struct Forget<'a>(&'a pubsub::Shared, u64);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                self.0.replies.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+            }
+        }
+        let _forget = Forget(&self.shared, id);
+        let others: Option<std::collections::HashSet<String>> = if self.keys.is_cluster() {
+            let nodes = self.state.nodes().await?;
+            Some(nodes.into_iter().map(|n| n.node).filter(|n| *n != self.shared.node).collect())
+        } else {
+            None
+        };
+        let msg = pubsub::Control {
+            op: pubsub::USER_OP.into(),
+            user: user.to_owned(),
+            origin: self.shared.instance.clone(),
+            cmd: Some(op.clone()),
+            id,
+            reply: Some(self.keys.reply(&self.shared.instance)),
+        };
+        let msg = serde_json::to_string(&msg).map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(self.keys.control()).arg(msg);
+        let received = match self.commands.query(&publish).await? {
+            redis::Value::Int(n) => usize::try_from(n).unwrap_or(0),
+            _ => 0,
+        };
+        let mut total = self.shared.handler.get().map(|h| h.on_user_op(user, op)).unwrap_or_default();
+        // This instance's own subscription received it too (when its pub/sub is connected).
+        let expected = match &others {
+            Some(others) => others.len(),
+            None => received.saturating_sub(usize::from(self.is_up())),
+        };
+        let mut heard = std::collections::HashSet::new();
+        let deadline = tokio::time::Instant::now() + self.command_timeout;
+        while heard.len() < expected {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(reply)) => {
+                    let from = if reply.instance.is_empty() { reply.node } else { reply.instance };
+                    if heard.insert(from) {
+                        total.merge(reply.reply);
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        answered = heard.len(),
+                        expected,
+                        "not every node answered a control operation in time; counting the answers"
+                    );
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    async fn revocations(&self, since: u64) -> Result<Vec<Revocation>, BrokerError> {
+        let mut range = redis::cmd("ZRANGEBYSCORE");
+        range.arg(self.keys.revoked()).arg(since).arg("+inf").arg("WITHSCORES");
+        let reply = self.commands.query(&range).await?;
+        let pairs: Vec<(String, f64)> = redis::from_redis_value(reply)
+            .map_err(|e| BrokerError::Internal(format!("unexpected revocations reply: {e}")))?;
+        Ok(pairs.into_iter().map(|(user, before)| Revocation { user, before: before.max(0.0) as u64 }).collect())
     }
 
     async fn report_node(&self, info: &NodeInfo) -> Result<(), BrokerError> {

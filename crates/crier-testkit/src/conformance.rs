@@ -18,7 +18,8 @@ use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
 
 use crier_core::broker::{
-    Broker, BrokerHandler, History, NodeInfo, PresenceEvent, PresenceStats, Publication, PublishOptions,
+    Broker, BrokerHandler, ConnectionInfo, History, NodeInfo, PresenceEvent, PresenceStats, Publication,
+    PublishOptions, UserOp, UserOpReply,
 };
 use crier_core::{ChannelPolicy, Namespaces};
 
@@ -56,6 +57,8 @@ pub struct RecordingHandler {
     /// Everything delivered, in order: `(channel, "message:<offset>" | "join:<client>" |
     /// "leave:<client>")`.
     pub stream: Mutex<Vec<(String, String)>>,
+    /// Server-side control operations received (user, op).
+    pub user_ops: Mutex<Vec<(String, UserOp)>>,
 }
 
 impl RecordingHandler {
@@ -91,6 +94,20 @@ impl BrokerHandler for RecordingHandler {
     }
     fn has_subscribers(&self, channel: &str) -> bool {
         self.subscribed.lock().unwrap_or_else(|e| e.into_inner()).contains(channel)
+    }
+    /// One connection of every user: counts 1, lists one entry.
+    fn on_user_op(&self, user: &str, op: &UserOp) -> UserOpReply {
+        self.user_ops.lock().unwrap_or_else(|e| e.into_inner()).push((user.to_owned(), op.clone()));
+        let connections = match op {
+            UserOp::Connections => vec![ConnectionInfo {
+                client: "c1".into(),
+                node: "n1".into(),
+                transport: "websocket".into(),
+                channels: vec!["a".into()],
+            }],
+            _ => Vec::new(),
+        };
+        UserOpReply { count: 1, connections }
     }
 }
 
@@ -128,6 +145,8 @@ where
     presence_stats(&make, s.clone()).await;
     join_leave_in_order(&make, s.clone()).await;
     history_expiry(&make, Settings::new(10, Duration::from_millis(300))).await;
+    // Server-side control.
+    user_ops(&make, s.clone()).await;
     // Channel namespaces.
     presence_counted(&make, s.clone()).await;
     // The cluster's channels and history deletion.
@@ -498,6 +517,37 @@ where
     b.presence_add(&ch, &e1).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
     let stats = b.presence_stats(&ch).await.unwrap_or_else(|e| panic!("presence_stats: {e}"));
     assert_eq!(stats, PresenceStats { clients: 2, users: 2 });
+}
+
+/// Server-side control (issue 19, part C): an operation reaches this node's handler (and its
+/// reply is in the result); an invalidation is kept, a later `before` wins, and `revocations`
+/// filters by `since`.
+async fn user_ops<F, Fut>(make: &F, s: Settings)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let (b, h) = fresh(make, s).await;
+    let user = format!("{}-user", prefix());
+    let op =
+        UserOp::Subscribe { channel: "news".into(), recover: Some(StreamPosition { epoch: "e".into(), offset: 3 }) };
+    let r = b.user_op(&user, &op).await.unwrap_or_else(|e| panic!("user_op: {e}"));
+    assert!(r.count >= 1, "this node's handler answered: {r:?}");
+    assert!(
+        h.user_ops.lock().unwrap_or_else(|e| e.into_inner()).contains(&(user.clone(), op.clone())),
+        "the handler got the operation as sent"
+    );
+    let r = b.user_op(&user, &UserOp::Connections).await.unwrap_or_else(|e| panic!("user_op: {e}"));
+    assert!(r.connections.iter().any(|c| c.client == "c1" && c.channels == ["a"]), "entries come back: {r:?}");
+
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    b.user_op(&user, &UserOp::Invalidate { before: now }).await.unwrap_or_else(|e| panic!("invalidate: {e}"));
+    b.user_op(&user, &UserOp::Invalidate { before: now - 10 }).await.unwrap_or_else(|e| panic!("invalidate: {e}"));
+    let mine = |list: Vec<crier_core::broker::Revocation>| list.into_iter().find(|r| r.user == user).map(|r| r.before);
+    let all = b.revocations(now - 100).await.unwrap_or_else(|e| panic!("revocations: {e}"));
+    assert_eq!(mine(all), Some(now), "the latest `before` is kept, an earlier one does not lower it");
+    let newer = b.revocations(now + 1).await.unwrap_or_else(|e| panic!("revocations: {e}"));
+    assert_eq!(mine(newer), None, "revocations older than `since` are left out");
 }
 
 async fn history_expiry<F, Fut>(make: &F, s: Settings)

@@ -87,6 +87,8 @@ pub struct Config {
     pub memory_history_max_bytes: usize,
     /// Redis broker: expiry of presence, connection-count and node-registry entries.
     pub presence_ttl: Duration,
+    /// How long a token invalidation is kept after its `before` (the longest token lifetime).
+    pub token_max_lifetime: Duration,
     /// Connections this node accepts (0 = unlimited).
     pub max_connections: usize,
     /// Connections whose request head is not complete yet, at most.

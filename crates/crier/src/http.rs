@@ -14,7 +14,7 @@ use tower_http::trace::TraceLayer;
 use crate::metrics as m;
 use crate::state::AppState;
 use crate::transport::{sse, ws};
-use crate::{admin, api, api_channels, api_presence};
+use crate::{admin, api, api_channels, api_control, api_presence};
 
 /// Builds the router.
 pub fn app(st: AppState) -> Router {
@@ -23,13 +23,18 @@ pub fn app(st: AppState) -> Router {
         .route("/api/v1/broadcast", post(api::broadcast))
         .route("/api/v1/channels/{channel}/history", get(api::history))
         .route("/api/v1/channels/{channel}/presence", get(api::presence))
-        .route("/api/v1/disconnect", post(api::disconnect))
         .route("/api/v1/info", get(api::info))
         // Issue 19, part D: the cluster's channels and history deletion.
         .route("/api/v1/channels", get(api_channels::list))
         .route("/api/v1/channels/{channel}/history", delete(api_channels::delete_history))
         // Presence that pushes (issue 19 B).
         .route("/api/v1/channels/{channel}/presence_stats", get(api_presence::presence_stats))
+        // Server-side control (issue 19, part C).
+        .route("/api/v1/disconnect", post(api_control::disconnect))
+        .route("/api/v1/subscribe", post(api_control::subscribe))
+        .route("/api/v1/unsubscribe", post(api_control::unsubscribe))
+        .route("/api/v1/users/{user}/invalidate", post(api_control::invalidate))
+        .route("/api/v1/users/{user}/connections", get(api_control::connections))
         .route_layer(middleware::from_fn_with_state(st.clone(), api::require_api_key))
         // Browsers only from the node's own pages (the admin page) or `allowed_origins`; see `admin`.
         .route_layer(middleware::from_fn_with_state(st.clone(), admin::same_origin_only))

@@ -11,7 +11,9 @@
 //! - [`session`]: what a client's frames mean (subscriptions, recovery, limits, refresh),
 //!   independent of the transport; it answers through the connection's outbox.
 //! - [`heartbeat`]: one sweep per node: pings, heartbeat timeouts, token expiry.
-//! - [`api`]: the REST API (publish, broadcast, history, presence, disconnect, info).
+//! - [`api`]: the REST API (publish, broadcast, history, presence, info); [`api_control`] its
+//!   server-side control routes (disconnect, subscribe, unsubscribe, invalidate, connections) and
+//!   [`control`] what a node does with them.
 //! - [`state`]: the shared state handle, how it is built, and the broker → hub handler.
 //! - [`config`]: settings from flags, `CRIER_*` environment, a TOML file and defaults.
 //! - [`auth`]: JWT verification, token extraction, the Origin allow-list, API keys.
@@ -26,9 +28,11 @@
 mod admin;
 mod api;
 mod api_channels;
+mod api_control;
 mod api_presence;
 pub mod auth;
 pub mod config;
+mod control;
 mod error;
 mod handshake;
 mod heartbeat;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crier_core::{
     Broker, BrokerHandler, ChannelPolicy, Hub, MemoryBroker, Node, NodeInfo, PresenceEvent, Publication, Registry,
+    UserOp, UserOpReply,
 };
 use crier_protocol::CloseCode;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -36,6 +37,8 @@ pub struct Inner {
     pub patterns: PatternCache,
     /// Uptime and connections by transport, for `/api/v1/info`.
     pub details: crate::admin::NodeDetails,
+    /// Token revocations in force (server-side control, [`crate::control`]).
+    pub revocations: Arc<crate::control::Revocations>,
 }
 
 /// A token's channel patterns: those it may subscribe to and those it may publish to.
@@ -170,9 +173,23 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
     let hub = Arc::new(Hub::new());
     let registry = Arc::new(Registry::new());
     let boot = boot_id();
-    let client_prefix = format!("{}-{}-", config.node_id, boot).into_boxed_str();
-    broker.set_handler(Arc::new(NodeHandler { hub: hub.clone(), registry: registry.clone(), client_prefix }));
+    let revocations = Arc::new(crate::control::Revocations::new(config.token_max_lifetime));
+    broker.set_handler(Arc::new(NodeHandler {
+        hub: hub.clone(),
+        registry: registry.clone(),
+        revocations: revocations.clone(),
+        client_prefix: format!("{}-{boot}-", config.node_id),
+        node: config.node_id.clone(),
+    }));
     let limits = Limits::new(&config);
+    // Revocations in force before the first handshake (retried by `control::sync_revocations`).
+    if broker.is_up() {
+        let since = crate::control::unix_now().saturating_sub(config.token_max_lifetime.as_secs());
+        match broker.revocations(since).await {
+            Ok(list) => list.iter().for_each(|r| revocations.record(&r.user, r.before)),
+            Err(e) => tracing::warn!(error = %e, "could not load token revocations yet"),
+        }
+    }
     Ok(AppState(Arc::new(Inner {
         // A recovery page of the largest messages fits the queue (config: queue >= message).
         node: Node::new(hub, broker)
@@ -187,6 +204,7 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
         boot,
         patterns: PatternCache::default(),
         details: crate::admin::NodeDetails::default(),
+        revocations,
         config,
     })))
 }
@@ -211,6 +229,7 @@ fn redis_options(config: &Config) -> Option<crier_redis::RedisOptions> {
     opts.namespaces = Arc::new(config.namespaces.clone());
     opts.presence_ttl = config.presence_ttl;
     opts.node_ttl = config.presence_ttl;
+    opts.revocation_ttl = config.token_max_lifetime;
     Some(opts)
 }
 
@@ -219,9 +238,11 @@ fn redis_options(config: &Config) -> Option<crier_redis::RedisOptions> {
 pub struct NodeHandler {
     pub hub: Arc<Hub>,
     pub registry: Arc<Registry>,
-    /// `<node_id>-<boot>-`: how this node's client ids start (the rest is the `ConnId`), so a
-    /// client's own `join` is not sent back to it.
-    pub client_prefix: Box<str>,
+    pub revocations: Arc<crate::control::Revocations>,
+    /// `<node_id>-<boot>-` (client ids, [`crate::handshake::client_id`]): how this node's client
+    /// ids start (the rest is the `ConnId`), so a client's own `join` is not sent back to it.
+    pub client_prefix: String,
+    pub node: String,
 }
 
 impl BrokerHandler for NodeHandler {
@@ -264,6 +285,17 @@ impl BrokerHandler for NodeHandler {
 
     fn has_subscribers(&self, channel: &str) -> bool {
         self.hub.has_channel(channel)
+    }
+
+    fn on_user_op(&self, user: &str, op: &UserOp) -> UserOpReply {
+        let local = crate::control::Local {
+            hub: &self.hub,
+            registry: &self.registry,
+            revocations: &self.revocations,
+            client_prefix: &self.client_prefix,
+            node: &self.node,
+        };
+        crate::control::apply(&local, user, op)
     }
 }
 

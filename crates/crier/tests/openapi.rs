@@ -357,6 +357,32 @@ async fn every_operation_answers_as_described() {
     c.check(&node, req(post.clone(), t).json(json!({"user": "x".repeat(5000)})), 413).await;
     c.check(&node, req(post.clone(), t).auth(None).json(json!({"user": "u"})), 401).await;
 
+    c.check(&node, req(post.clone(), t).json(json!({"user": "u", "code": 1000})), 400).await;
+    c.check(&node, req(post.clone(), t).json(json!({"user": "u", "code": 1012, "reason": "moving"})), 200).await;
+
+    // server-side control
+    for t in ["/api/v1/subscribe", "/api/v1/unsubscribe"] {
+        c.check(&node, req(post.clone(), t).json(json!({"user": "nobody", "channel": "chat:a"})), 200).await;
+        c.check(&node, req(post.clone(), t).json(json!({"user": "u", "channel": "bad name!"})), 400).await;
+        c.check(&node, req(post.clone(), t).json(json!({"user": "", "channel": "c"})), 400).await;
+        c.check(&node, req(post.clone(), t).json(json!({"user": "x".repeat(5000), "channel": "c"})), 413).await;
+        c.check(&node, req(post.clone(), t).auth(None).json(json!({"user": "u", "channel": "c"})), 401).await;
+    }
+    let t = "/api/v1/users/{user}/invalidate";
+    c.check(&node, req(post.clone(), t).path("/api/v1/users/nobody/invalidate").raw(""), 200).await;
+    c.check(&node, req(post.clone(), t).path("/api/v1/users/nobody/invalidate").json(json!({"before": 1})), 200).await;
+    c.check(&node, req(post.clone(), t).path("/api/v1/users/nobody/invalidate").json(json!({"before": "x"})), 400)
+        .await;
+    c.check(&node, req(post.clone(), t).path("/api/v1/users/%FF/invalidate").json(json!({})), 400).await;
+    let huge = json!({"before": 1, "pad": "x".repeat(5000)});
+    c.check(&node, req(post.clone(), t).path("/api/v1/users/nobody/invalidate").json(huge), 413).await;
+    c.check(&node, req(post.clone(), t).path("/api/v1/users/nobody/invalidate").auth(None).json(json!({})), 401).await;
+    let t = "/api/v1/users/{user}/connections";
+    let conns = c.check(&node, req(get.clone(), t).path("/api/v1/users/nobody/connections"), 200).await;
+    assert_eq!(conns, json!({"connections": []}));
+    c.check(&node, req(get.clone(), t).path("/api/v1/users/%FF/connections"), 400).await;
+    c.check(&node, req(get.clone(), t).path("/api/v1/users/nobody/connections").auth(None), 401).await;
+
     // info
     let t = "/api/v1/info";
     let info = c.check(&node, req(get.clone(), t), 200).await;
@@ -393,7 +419,7 @@ async fn every_operation_answers_as_described() {
         if declared.is_empty() {
             continue;
         }
-        let sent = path.replace("{channel}", "chat:a");
+        let sent = path.replace("{channel}", "chat:a").replace("{user}", "u1");
         let r = c.http.put(node.url(&sent)).bearer_auth(API_KEY).send().await.unwrap();
         assert_eq!(r.status().as_u16(), 405, "PUT {sent}");
         let allow = r.headers().get("allow").and_then(|v| v.to_str().ok()).unwrap_or_default().to_ascii_lowercase();
@@ -448,6 +474,17 @@ async fn every_operation_answers_as_described() {
     c.check(&limited, req(get.clone(), "/api/v1/info"), 429).await;
     c.check(&limited, req(get.clone(), "/api/v1/channels"), 429).await;
     c.check(&limited, req(Method::DELETE, h).path("/api/v1/channels/c/history"), 429).await;
+    let control = [
+        (post.clone(), "/api/v1/subscribe", "/api/v1/subscribe"),
+        (post.clone(), "/api/v1/unsubscribe", "/api/v1/unsubscribe"),
+        (post.clone(), "/api/v1/users/{user}/invalidate", "/api/v1/users/u/invalidate"),
+        (get.clone(), "/api/v1/users/{user}/connections", "/api/v1/users/u/connections"),
+    ];
+    for (m, t, sent) in &control {
+        let r = req(m.clone(), t).path(*sent);
+        let r = if *m == post { r.json(json!({"user": "u", "channel": "c"})) } else { r };
+        c.check(&limited, r, 429).await;
+    }
     c.check(&limited, ws(), 401).await;
     c.check(&limited, ws(), 429).await;
 
@@ -487,6 +524,11 @@ async fn every_operation_answers_as_described() {
     c.check(&clustered, req(get.clone(), "/api/v1/info"), 503).await;
     c.check(&clustered, req(get.clone(), "/api/v1/channels"), 503).await;
     c.check(&clustered, req(Method::DELETE, h).path("/api/v1/channels/c/history"), 503).await;
+    for (m, t, sent) in &control {
+        let r = req(m.clone(), t).path(*sent);
+        let r = if *m == post { r.json(json!({"user": "u", "channel": "c"})) } else { r };
+        c.check(&clustered, r, 503).await;
+    }
 
     // Every declared status was seen (or is listed as not provokable).
     let mut missing = Vec::new();

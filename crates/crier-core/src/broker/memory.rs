@@ -26,7 +26,7 @@ use crate::namespace::{ChannelPolicy, Namespaces};
 
 use super::{
     Broker, BrokerError, BrokerHandler, ChannelCount, History, IDEMPOTENCY_WINDOW, NodeInfo, PresenceEvent,
-    PresenceStats, Publication, PublishOptions, PublishResult,
+    PresenceStats, Publication, PublishOptions, PublishResult, Revocation, UserOp, UserOpReply,
 };
 
 const SHARDS: usize = 32;
@@ -242,6 +242,8 @@ pub struct MemoryBroker {
     node: Mutex<Option<NodeInfo>>,
     /// Subscriber counts as each node reported them: node → channel → count.
     channel_counts: Mutex<HashMap<String, BTreeMap<String, u64>>>,
+    /// Token revocations: user → `before` (server-side control).
+    revoked: Mutex<HashMap<String, u64>>,
 }
 
 impl MemoryBroker {
@@ -276,6 +278,7 @@ impl MemoryBroker {
             connections: Mutex::new(HashMap::new()),
             node: Mutex::new(None),
             channel_counts: Mutex::new(HashMap::new()),
+            revoked: Mutex::new(HashMap::new()),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             let weak = Arc::downgrade(&broker);
@@ -546,6 +549,21 @@ impl Broker for MemoryBroker {
 
     async fn disconnect_user(&self, user: &str) -> Result<u64, BrokerError> {
         Ok(self.handler.get().map_or(0, |h| h.on_disconnect_user(user)) as u64)
+    }
+
+    async fn user_op(&self, user: &str, op: &UserOp) -> Result<UserOpReply, BrokerError> {
+        if let UserOp::Invalidate { before } = op {
+            let mut revoked = lock(&self.revoked);
+            let at = revoked.entry(user.to_owned()).or_insert(0);
+            *at = (*at).max(*before);
+        }
+        Ok(self.handler.get().map(|h| h.on_user_op(user, op)).unwrap_or_default())
+    }
+
+    async fn revocations(&self, since: u64) -> Result<Vec<Revocation>, BrokerError> {
+        let revoked = lock(&self.revoked);
+        let in_force = revoked.iter().filter(|(_, before)| **before >= since);
+        Ok(in_force.map(|(user, before)| Revocation { user: user.clone(), before: *before }).collect())
     }
 
     async fn report_node(&self, info: &NodeInfo) -> Result<(), BrokerError> {

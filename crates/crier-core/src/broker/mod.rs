@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use memory::MemoryBroker;
 
@@ -150,7 +150,78 @@ pub trait BrokerHandler: Send + Sync + 'static {
     /// Does this node still have local subscribers of `channel`? Checked before a broker-level
     /// unsubscribe, so a late unsubscribe never undoes a newer subscribe.
     fn has_subscribers(&self, channel: &str) -> bool;
+
+    // Server-side control (issue 19, part C).
+    /// Applies `op` to this node's connections of `user` ([`Broker::user_op`] calls it on every
+    /// node); returns what it did here. The default knows only `Disconnect` (as
+    /// [`BrokerHandler::on_disconnect_user`]).
+    fn on_user_op(&self, user: &str, op: &UserOp) -> UserOpReply {
+        match op {
+            UserOp::Disconnect { .. } => {
+                UserOpReply { count: self.on_disconnect_user(user) as u64, ..Default::default() }
+            }
+            _ => UserOpReply::default(),
+        }
+    }
 }
+
+// --- Server-side control (issue 19, part C): operations on a user's connections, cluster-wide ---
+
+/// An operation on every live connection of one user, on every node ([`Broker::user_op`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum UserOp {
+    /// Close them with `code` and `reason` (REST `disconnect`).
+    Disconnect { code: u16, reason: String },
+    /// Subscribe them to `channel` (REST `subscribe`; the server's word, no token check).
+    Subscribe {
+        channel: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recover: Option<StreamPosition>,
+    },
+    /// Unsubscribe them from `channel` (REST `unsubscribe`).
+    Unsubscribe { channel: String },
+    /// Tokens issued before `before` (Unix seconds) are revoked: remembered by every node
+    /// (handshakes and refreshes refuse them) and connections using them closed with 4001.
+    Invalidate { before: u64 },
+    /// List them (REST `GET /api/v1/users/{user}/connections`).
+    Connections,
+}
+
+/// One live connection, as [`UserOp::Connections`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    pub client: String,
+    pub node: String,
+    pub transport: String,
+    pub channels: Vec<String>,
+}
+
+/// What a [`UserOp`] did: connections closed (disconnect, invalidate), asked to subscribe,
+/// unsubscribed, or listed; the list for [`UserOp::Connections`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserOpReply {
+    pub count: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connections: Vec<ConnectionInfo>,
+}
+
+impl UserOpReply {
+    /// Adds another node's reply to this one.
+    pub fn merge(&mut self, other: UserOpReply) {
+        self.count += other.count;
+        self.connections.extend(other.connections);
+    }
+}
+
+/// A token revocation in force ([`UserOp::Invalidate`]): `user`'s tokens issued before `before`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub user: String,
+    pub before: u64,
+}
+
+// --- end of server-side control ---
 
 /// Options of a publish.
 #[derive(Debug, Clone, Copy, Default)]
@@ -243,6 +314,19 @@ pub trait Broker: Send + Sync + 'static {
     /// so a recovery from before answers `recovered: false`. Nodes subscribed to the channel
     /// tell their subscribers with a `gap` frame (in the new epoch) before its next message.
     async fn delete_history(&self, channel: &str) -> Result<(), BrokerError>;
+
+    // --- Server-side control (issue 19, part C) ---
+    /// Applies `op` to every live connection of `user` on every node (this one through its
+    /// handler directly) and sums the nodes' replies. Exact: every live node of the registry is
+    /// waited for, within a deadline (a node that does not answer in time is left out of the
+    /// count). [`UserOp::Invalidate`] is also stored first, for [`Broker::revocations`].
+    async fn user_op(&self, user: &str, op: &UserOp) -> Result<UserOpReply, BrokerError>;
+
+    /// The token revocations in force: those with `before >= since` (Unix seconds; older ones
+    /// cover only tokens that expired since). What a node loads at start and after a broker
+    /// reconnect; newer ones reach it through [`BrokerHandler::on_user_op`].
+    async fn revocations(&self, since: u64) -> Result<Vec<Revocation>, BrokerError>;
+    // --- end of server-side control ---
 
     /// Cluster-wide rate limit (GCRA): counts one event for `key` at `rate` per second with a
     /// burst of `burst`. `Ok(None)` when allowed, `Ok(Some(retry_after))` when refused.

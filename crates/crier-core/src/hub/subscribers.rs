@@ -65,6 +65,14 @@ impl<V> Subscribers<V> {
         }
     }
 
+    pub(super) fn contains(&self, conn: &ConnId) -> bool {
+        match self {
+            Subscribers::One((c, _)) => c == conn,
+            Subscribers::Few(v) => v.iter().any(|(c, _)| c == conn),
+            Subscribers::Many(m) => m.contains_key(conn),
+        }
+    }
+
     pub(super) fn get_mut(&mut self, conn: &ConnId) -> Option<&mut V> {
         match self {
             Subscribers::One((c, s)) => (c == conn).then_some(s),

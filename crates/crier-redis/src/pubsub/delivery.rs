@@ -9,7 +9,7 @@ use crier_core::Publication;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
-use super::{Conn, Control, DISCONNECT_USER, FILL_BATCH, State, Step, Task, lost};
+use super::{Conn, Control, DISCONNECT_USER, FILL_BATCH, Reply, State, Step, Task, USER_OP, lost};
 use crate::payload;
 use crate::scripts::{self, ALL, HistoryCall};
 use crate::tracker::{Position, Verdict};
@@ -53,6 +53,10 @@ impl Task {
                     self.on_control(&payload);
                     return Ok(());
                 }
+                if name == self.reply {
+                    self.on_reply(&payload);
+                    return Ok(());
+                }
                 match self.keys.channel_of(&name) {
                     Some(channel) => self.on_message(conn, channel, Bytes::from(payload)).await,
                     None => Ok(()),
@@ -67,11 +71,49 @@ impl Task {
             tracing::warn!("malformed control message ignored");
             return;
         };
-        if msg.origin != self.shared.instance
-            && msg.op == DISCONNECT_USER
-            && let Some(h) = self.shared.handler.get()
-        {
-            h.on_disconnect_user(&msg.user);
+        if msg.origin == self.shared.instance {
+            return;
+        }
+        let Some(h) = self.shared.handler.get() else {
+            return;
+        };
+        match (msg.op.as_str(), &msg.cmd) {
+            (DISCONNECT_USER, _) => {
+                h.on_disconnect_user(&msg.user);
+            }
+            (USER_OP, Some(op)) => {
+                let reply = h.on_user_op(&msg.user, op);
+                let Some(channel) = msg.reply else {
+                    return;
+                };
+                let reply =
+                    Reply { id: msg.id, node: self.shared.node.clone(), instance: self.shared.instance.clone(), reply };
+                let Ok(payload) = serde_json::to_string(&reply) else {
+                    return;
+                };
+                // Answered from its own task: the pub/sub task never waits for a command call.
+                let commands = self.shared.commands.clone();
+                tokio::spawn(async move {
+                    let mut publish = redis::cmd("PUBLISH");
+                    publish.arg(channel).arg(payload);
+                    if let Err(e) = commands.query(&publish).await {
+                        tracing::debug!(error = %e, "control reply not sent");
+                    }
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// Another node answered one of this instance's control operations.
+    fn on_reply(&self, payload: &[u8]) {
+        let Ok(reply) = serde_json::from_slice::<Reply>(payload) else {
+            tracing::warn!("malformed control reply ignored");
+            return;
+        };
+        let waiting = self.shared.replies.lock().unwrap_or_else(|e| e.into_inner()).get(&reply.id).cloned();
+        if let Some(tx) = waiting {
+            let _ = tx.send(reply);
         }
     }
 

@@ -25,6 +25,7 @@ const MAX_NODE_ID_BYTES: usize = 128;
 /// anything that could overflow `Instant + Duration`.
 const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 const MAX_HISTORY_TTL: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 const KEY_SETTINGS: [&str; 3] = ["jwt_secret", "jwt_public_key_file", "jwt_jwks_file"];
 const ALGORITHMS: [&str; 12] =
     ["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"];
@@ -326,6 +327,7 @@ pub(super) fn build(
         _ => None,
     };
     let presence_ttl = p.required("presence_ttl", |s| duration_within(s, false, MAX_DURATION));
+    let token_max_lifetime = p.required("token_max_lifetime", |s| duration_within(s, false, MAX_TOKEN_LIFETIME));
     let max_connections = p.required("max_connections", number::<usize>);
     let max_pending_handshakes = p.required("max_pending_handshakes", |s| {
         number::<usize>(s).and_then(|n| if n >= 1 { Ok(n) } else { Err("at least 1".into()) })
@@ -396,6 +398,7 @@ pub(super) fn build(
         history_ttl: got(history_ttl)?,
         namespaces: got(namespaces)?,
         presence_ttl: got(presence_ttl)?,
+        token_max_lifetime: got(token_max_lifetime)?,
         max_connections: got(max_connections)?,
         max_pending_handshakes: got(max_pending_handshakes)?,
         memory_history_max_bytes: got(memory_history_max_bytes)?,

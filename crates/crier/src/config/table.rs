@@ -275,6 +275,14 @@ pub(super) static SETTINGS: &[Setting] = &[
         "Redis broker: how long presence, connection-count and node entries of a dead node outlive it",
     ),
     setting(
+        "token_max_lifetime",
+        Scalar,
+        "DURATION",
+        Some("7d"),
+        "`7d`",
+        "the longest lifetime (`exp` - `iat`) of the tokens you mint: a token invalidation (`POST /api/v1/users/{user}/invalidate`) is kept this long after its `before`, on every node and in Redis (at most 365d)",
+    ),
+    setting(
         "max_connections",
         Scalar,
         "N",

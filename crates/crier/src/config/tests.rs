@@ -564,7 +564,9 @@ fn sample(name: &str) -> &'static str {
         "jwt_issuer" | "jwt_audience" => "sample",
         "allowed_origins" => "https://sample.example",
         "api_keys" => "sample-key",
-        "ping_interval" | "pong_timeout" | "history_ttl" | "shutdown_drain" | "presence_ttl" => "7s",
+        "ping_interval" | "pong_timeout" | "history_ttl" | "shutdown_drain" | "presence_ttl" | "token_max_lifetime" => {
+            "7s"
+        }
         "trusted_proxies" => "10.0.0.0/8,192.0.2.7",
         "max_message_bytes" => "777",
         "client_queue_max_bytes" => "777777",
