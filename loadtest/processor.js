@@ -4,7 +4,9 @@
 //
 // Environment (set by ./run, or by you):
 //   LOADTEST_JWT_SECRET   the nodes' HS256 secret
-//   LOADTEST_WS_TARGETS   comma list of ws://host:port of the nodes; each subscriber picks one
+//   LOADTEST_WS_TARGETS   comma list of the nodes, ws://host:port or the full ws://host:port/ws
+//                         (wss:// too, and a path prefix behind a proxy: wss://host/rt/ws);
+//                         each subscriber picks the next one
 //   LOADTEST_CHANNEL      channel to subscribe/publish to (default chat:lobby)
 'use strict';
 
@@ -26,16 +28,27 @@ function mintHs256(secret, sub, channels, publish, ttlSeconds) {
 const channel = () => process.env.LOADTEST_CHANNEL || 'chat:lobby';
 let nextTarget = 0;
 
+// The WebSocket URL of a target: `/ws` is appended to a node's address, unless it is there
+// already (a target given as the full endpoint must not become .../ws/ws, a 404).
+function wsUrl(target) {
+  const base = target.trim().replace(/\/+$/, '');
+  return /\/ws$/.test(base) ? base : `${base}/ws`;
+}
+
+function wsTargets() {
+  return (process.env.LOADTEST_WS_TARGETS || '').split(',').map((t) => t.trim()).filter(Boolean);
+}
+
 // `connect: { function: connectWithToken }`: picks a node, and puts a fresh token for a new user
 // in the subprotocol list, as a browser does (`crier.v1, crier.bearer.<jwt>`).
 function connectWithToken(wsArgs, context, done) {
   const secret = process.env.LOADTEST_JWT_SECRET;
   if (!secret) return done(new Error('LOADTEST_JWT_SECRET is not set'));
-  const targets = (process.env.LOADTEST_WS_TARGETS || '').split(',').filter(Boolean);
+  const targets = wsTargets();
   const base = targets.length ? targets[nextTarget++ % targets.length] : wsArgs.target;
   const user = `artillery-${process.pid}-${crypto.randomBytes(6).toString('hex')}`;
   const token = mintHs256(secret, user, ['chat:*'], [], 3600);
-  wsArgs.target = `${base.replace(/\/$/, '')}/ws`;
+  wsArgs.target = wsUrl(base);
   wsArgs.subprotocols = ['crier.v1', `crier.bearer.${token}`];
   context.vars.user = user;
   return done();
@@ -84,4 +97,4 @@ function stampMessage(requestParams, context, ee, next) {
   return next();
 }
 
-module.exports = { mintHs256, connectWithToken, subscribeAndListen, stampMessage };
+module.exports = { mintHs256, wsUrl, connectWithToken, subscribeAndListen, stampMessage };

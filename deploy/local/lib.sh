@@ -7,6 +7,7 @@
 #   secrets          the JWT secret and API key the nodes share (mode 600)
 #   crier.env        the CRIER_* settings every node gets (captured by `up`)
 #   broker           redis or memory
+#   crier-bin        the crier binary `up` started the nodes with (`start` uses it again)
 #   env              shell-sourceable summary for clients and tests (`deploy/local/env`)
 #   pids/NAME        the PID of each running component; pids/NAME.exit its exit code
 #   NAME.log         its output
@@ -33,9 +34,15 @@ port_of() { sed -n "s/^$1=//p" "$STATE/ports"; }
 # The three crier nodes as a comma list of addresses (nginx upstreams, Prometheus targets).
 node_addrs() { echo "127.0.0.1:$(port_of node1),127.0.0.1:$(port_of node2),127.0.0.1:$(port_of node3)"; }
 
-crier_bin() {
+crier_bin() { # DEPLOY_CRIER_BIN, else the binary `up` used (recorded), else target/{release,debug}
   if [ -n "${DEPLOY_CRIER_BIN:-}" ]; then echo "$DEPLOY_CRIER_BIN"; return; fi
   local t=${CARGO_TARGET_DIR:-$ROOT/target} p
+  if [ -f "$STATE/crier-bin" ]; then
+    p=$(cat "$STATE/crier-bin")
+    [ -x "$p" ] || die "the crier binary deploy/local/up used, $p, is gone: set DEPLOY_CRIER_BIN"
+    echo "$p"
+    return
+  fi
   for p in "$t/release/crier" "$t/debug/crier"; do [ -x "$p" ] && { echo "$p"; return; }; done
   die "no crier binary: run 'cargo build --release -p crier' or set DEPLOY_CRIER_BIN"
 }

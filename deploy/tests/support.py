@@ -108,9 +108,10 @@ class Topology:
         self.env.update(DEPLOY_LOCAL_DIR=state_dir, DEPLOY_LOCAL_BROKER=broker, DEPLOY_CRIER_BIN=crier_bin)
         self.vars = {}
 
-    def run(self, *args, timeout=90):
-        return subprocess.run([os.path.join(LOCAL, args[0]), *args[1:]], env=self.env, timeout=timeout,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def run(self, *args, timeout=90, env=None):
+        """deploy/local/<args>; `env` replaces the topology's environment (self.env) when given."""
+        return subprocess.run([os.path.join(LOCAL, args[0]), *args[1:]], env=self.env if env is None else env,
+                              timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def up(self):
         r = self.run("up")

@@ -52,8 +52,29 @@ def crier_metrics():
     return names
 
 
+def crier_routes():
+    """The paths crier routes (crates/crier/src/http.rs)."""
+    routes = set(re.findall(r'\.route\("([^"]+)"', read("crates", "crier", "src", "http.rs")))
+    assert {"/ws", "/sse", "/crier.js", "/api/v1/publish"} <= routes
+    return routes
+
+
+# The Ingress routes what browsers and apps use, and nothing of the REST API or /metrics.
+CLIENT_PATHS = {"/ws", "/sse", "/crier.js"}
+
+
+# The standard process collector's series that crier exports next to its own (the names every
+# Prometheus client library uses), plotted per node on the dashboard.
+PROCESS_METRICS = {"process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds", "process_max_fds"}
+
+
+def process_metrics():
+    """The process_* metrics crier exports, as docs/protocol.md lists them."""
+    return set(re.findall(r"`(process_[a-z_]+)`", read("docs", "protocol.md")))
+
+
 def metric_names(expr):
-    return set(re.findall(r"\b(crier_[a-z_]+)\b", expr))
+    return set(re.findall(r"\b((?:crier|process)_[a-z_]+)\b", expr))
 
 
 # --- Prometheus -----------------------------------------------------------------------------
@@ -272,7 +293,7 @@ def test_dashboard_structure():
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     rows = [p["title"] for p in panels if p["type"] == "row"]
-    assert rows == ["Overview", "Handshakes", "Messages", "Drops and limits", "Broker and recovery"]
+    assert rows == ["Overview", "Handshakes", "Messages", "Drops and limits", "Broker and recovery", "Resources"]
     # No two panels overlap on the 24-column grid.
     cells = {}
     for p in panels:
@@ -285,7 +306,8 @@ def test_dashboard_structure():
     variables = {v["name"]: v for v in d["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert {"job", "instance"} <= set(variables)
-    known = crier_metrics() | {"up"}
+    known = crier_metrics() | process_metrics() | {"up"}
+    assert PROCESS_METRICS <= process_metrics()
     for p in panels:
         for t in p.get("targets", []):
             assert t["datasource"]["uid"] == "${datasource}"
@@ -303,8 +325,14 @@ def test_dashboard_structure():
                 "crier_messages_published_total", "crier_messages_delivered_total",
                 "crier_broadcast_latency_seconds_bucket", "crier_rate_limited_total", "crier_slow_consumers_total",
                 "crier_heartbeat_timeouts_total", "crier_client_errors_total", "crier_broker_up",
-                "crier_broker_reconnects_total", "crier_recoveries_total"}
+                "crier_broker_reconnects_total", "crier_recoveries_total"} | PROCESS_METRICS
     assert contract <= plotted, contract - plotted
+    # Memory and CPU per node: by instance, CPU as a rate.
+    for title in ("Memory (RSS) by node", "CPU by node", "Open files by node"):
+        (panel,) = [p for p in panels if p["title"] == title]
+        assert all(t["expr"].startswith("sum by (instance) (") for t in panel["targets"]), title
+    (cpu,) = [p for p in panels if p["title"] == "CPU by node"]
+    assert "rate(process_cpu_seconds_total{" in cpu["targets"][0]["expr"]
 
 
 # --- Kubernetes -----------------------------------------------------------------------------
@@ -407,8 +435,12 @@ def test_k8s_overlay_is_consistent(overlay):
     port_names = {p["name"] for p in c["ports"]}
     assert all(p["targetPort"] in port_names for p in svc["spec"]["ports"])
     ing = by_kind(docs, "Ingress", "crier")
-    backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
-    assert backend["name"] == "crier" and backend["port"]["name"] in {p["name"] for p in svc["spec"]["ports"]}
+    paths = ing["spec"]["rules"][0]["http"]["paths"]
+    for p in paths:
+        backend = p["backend"]["service"]
+        assert backend["name"] == "crier" and backend["port"]["name"] in {p["name"] for p in svc["spec"]["ports"]}
+    routed = {p["path"] for p in paths}
+    assert routed == CLIENT_PATHS and routed <= crier_routes(), routed
     ann = ing["metadata"]["annotations"]
     assert int(ann["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > 35
     assert int(ann["nginx.ingress.kubernetes.io/proxy-send-timeout"]) > 35

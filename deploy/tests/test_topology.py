@@ -262,10 +262,16 @@ def test_sigterm_node_clients_reconnect_through_nginx_and_recover(topo):
 
 
 @cluster_only
-def test_stopped_node_starts_again_and_takes_clients(topo):
+def test_stopped_node_starts_again_and_takes_clients(topo, tmp_path):
     victim = S["restart"]
-    r = topo.run("start", victim)
+    # As a person would, in a new shell: without the DEPLOY_CRIER_BIN `up` was given, and with no
+    # binary under the default target directory. `start` runs the binary `up` used.
+    env = {k: v for k, v in topo.env.items() if k != "DEPLOY_CRIER_BIN"}
+    env["CARGO_TARGET_DIR"] = str(tmp_path)
+    r = topo.run("start", victim, env=env)
     assert r.returncode == 0, r.stdout
+    with open(os.path.join(topo.dir, "pids", victim + ".exe")) as f:
+        assert f.read().strip() == os.path.realpath(topo.env["DEPLOY_CRIER_BIN"])
     eventually(lambda: len(topo.prom('up{job="crier"} == 1')) == 3, 20, "three nodes up again")
     # The restarted node has no connections, so least_conn sends new clients there.
     def lands_on_victim():

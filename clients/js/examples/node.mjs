@@ -1,5 +1,5 @@
 // Node >= 20: subscribe to a channel, publish to it, print what arrives. Node 20 has no global
-// WebSocket, so pass the `ws` package's (npm install crier-client ws).
+// WebSocket, so pass the `ws` package's (npm install ws; crier-client from a checkout, see the README).
 //
 //   crier --dev                       # prints a token (24h) for the user dev-user
 //   CRIER_TOKEN=<that token> node examples/node.mjs ws://localhost:8080/ws chat:lobby

@@ -45,9 +45,27 @@ export interface SubscribeOptions<T = unknown> {
   /** The server refused (forbidden, invalid_channel, too_many_subscriptions, ...) or ended
    * ("unsubscribed") the subscription; it is over. Without it the client's "error" event fires. */
   onError?: (err: CrierError) => void;
+  /** A client entered the channel's presence (channels whose namespace has `join_leave`; never
+   * this connection's own join). Not a message: no offset, not recovered after a reconnect. */
+  onJoin?: (info: PresenceEvent) => void;
+  /** A client left the channel's presence (unsubscribed, disconnected, or its node died and its
+   * entry expired), once. */
+  onLeave?: (info: PresenceEvent) => void;
   /** Start after this position (e.g. the last message of a `history` call, or a position the
    * app stored): the first subscribe recovers from it. */
   since?: Position;
+}
+
+export interface PresenceEvent {
+  channel: string;
+  client: string;
+  user: string;
+  node: string;
+}
+
+export interface PresenceStats {
+  clients: number;
+  users: number;
 }
 
 export interface PresenceClient {
@@ -162,6 +180,10 @@ export class Subscription {
   readonly active: boolean;
   /** Resolves on the first ack; rejects when the server refuses the subscription. */
   readonly ready: Promise<SubscribedInfo>;
+  /** True when the server made it (REST `subscribe`, the token's `subs` claim). */
+  readonly server: boolean;
+  /** Sets (merges) the handlers; for a server subscription, call it in the "subscription" event. */
+  setHandlers<T = unknown>(handlers: SubscribeOptions<T>): this;
   unsubscribe(): void;
 }
 
@@ -177,6 +199,9 @@ export class Crier {
   on(event: "close", fn: (info: CloseInfo) => void): () => void;
   on(event: "reconnect", fn: (info: ReconnectInfo) => void): () => void;
   on(event: "error", fn: (err: Error) => void): () => void;
+  /** The server subscribed this connection (REST `subscribe`, the token's `subs` claim): attach
+   * handlers with `sub.setHandlers(..)` in the listener; it is recovered across reconnects. */
+  on(event: "subscription", fn: (sub: Subscription) => void): () => void;
   off(event: string, fn: (...args: any[]) => void): void;
   subscribe<T = unknown>(channel: string, options?: SubscribeOptions<T>): Subscription;
   /**
@@ -190,6 +215,8 @@ export class Crier {
     options?: { idempotencyKey?: string },
   ): Promise<{ channel: string; epoch: string; offset: number }>;
   presence(channel: string): Promise<PresenceClient[]>;
+  /** How many clients and distinct users are in the channel's presence (no listing). */
+  presenceStats(channel: string): Promise<PresenceStats>;
   history<T = unknown>(channel: string, options?: { limit?: number; since?: Position }): Promise<Message<T>[]>;
   close(): void;
 }

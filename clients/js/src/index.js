@@ -16,7 +16,10 @@
 // - refreshes the token before `exp` (the `refresh` frame) and after a 4001 close;
 // - sends `{"type":"ping"}` when it has heard nothing for a while and drops a silent connection;
 // - turns publish/presence/history into promises that reject with a CrierError whose `.code` is
-//   the server's error code (or one of the client's own: timeout, disconnected, closed).
+//   the server's error code (or one of the client's own: timeout, disconnected, closed);
+// - surfaces subscriptions the server makes (REST `subscribe`, the token's `subs` claim) as
+//   Subscription objects (the "subscription" event) and recovers them after a reconnect from
+//   the last position delivered (a `subscribe` with `recover` takes the server's one over).
 
 /** What to do after each close code crier sends; codes not listed reconnect with backoff. */
 // generated from CLOSE_CODES (crates/crier-protocol/src/codes.rs, `js_close_actions`); the test
@@ -112,6 +115,16 @@ export class Subscription {
     }
     return rec.ready;
   }
+  /** True when the server made this subscription (REST `subscribe`, the token's `subs`). */
+  get server() {
+    return internals.get(this).server;
+  }
+  /** Sets (merges) the handlers {onMessage, onGap, onSubscribed, onError}: for subscriptions
+   * the server made, call it from the "subscription" event, before any message arrives. */
+  setHandlers(handlers) {
+    Object.assign(internals.get(this).handlers, handlers);
+    return this;
+  }
   /** Stops the subscription: no more messages, the server is told when connected. */
   unsubscribe() {
     const rec = internals.get(this);
@@ -195,18 +208,31 @@ export class Crier {
     this.#listeners.get(event)?.delete(fn);
   }
 
-  /** Subscribes to a channel. handlers: {onMessage, onGap, onSubscribed, onError, since}. */
+  /**
+   * Subscribes to a channel. handlers: {onMessage, onGap, onSubscribed, onError, onJoin, onLeave,
+   * since}. onJoin/onLeave get {channel, client, user, node} on channels whose namespace has
+   * join_leave (never for this connection's own join).
+   */
   subscribe(channel, handlers = {}) {
     if (this.#closed) throw new CrierError("closed", "the client is closed");
     if (this.#subs.has(channel)) throw new CrierError("already_subscribed", `already subscribed to ${channel}`);
+    const rec = this.#newRec(channel, handlers);
+    const sub = new Subscription(rec);
+    this.#subs.set(channel, rec);
+    if (this.#welcomed) this.#sendSubscribe(rec);
+    return sub;
+  }
+
+  #newRec(channel, handlers) {
     const since = handlers.since;
-    const rec = {
+    return {
       crier: this,
       channel,
       handlers,
       epoch: since ? since.epoch : null,
       offset: since ? since.offset : null,
       active: false,
+      server: false,
       pendingId: null,
       retries: 0,
       retryTimer: null,
@@ -215,10 +241,6 @@ export class Crier {
       ready: null,
       waiters: [],
     };
-    const sub = new Subscription(rec);
-    this.#subs.set(channel, rec);
-    if (this.#welcomed) this.#sendSubscribe(rec);
-    return sub;
   }
 
   /**
@@ -236,6 +258,10 @@ export class Crier {
   /** The clients subscribed to `channel`, on every node: [{client, user, node}]. */
   presence(channel) {
     return this.#request({ type: "presence", channel }, (f) => f.clients || []);
+  }
+  /** How many clients and distinct users are in `channel`'s presence: {clients, users}. */
+  presenceStats(channel) {
+    return this.#request({ type: "presence_stats", channel }, (f) => ({ clients: f.clients, users: f.users }));
   }
   /**
    * The channel's history: the latest `limit` messages, or those after `since`, oldest first.
@@ -552,13 +578,19 @@ export class Crier {
         return this.#onMessage(f);
       case "gap":
         return this.#onGapFrame(f);
+      case "join":
+      case "leave":
+        return this.#onPresenceEvent(f);
       case "unsubscribed":
         return this.#onUnsubscribed(f);
+      case "subscribed":
+        return this.#onServerSubscribed(f);
       case "error":
         return this.#onError(f);
       case "ack":
       case "pong":
       case "presence":
+      case "presence_stats":
       case "history":
         return this.#onReply(f);
       default:
@@ -579,7 +611,10 @@ export class Crier {
     this.#scheduleRefresh();
     this.#setState("connected");
     this.#emit("welcome", f);
-    for (const rec of this.#subs.values()) this.#sendSubscribe(rec);
+    for (const rec of this.#subs.values()) {
+      // A server subscription without a position waits for the server to make it again.
+      if (!rec.server || rec.epoch !== null) this.#sendSubscribe(rec);
+    }
     for (const [, req] of this.#pending) {
       if (!req.sent && this.#send(req.frame)) req.sent = true;
     }
@@ -642,6 +677,13 @@ export class Crier {
     this.#call(rec, "onMessage", toMessage(f));
   }
 
+  #onPresenceEvent(f) {
+    const rec = this.#subs.get(f.channel);
+    if (!rec) return;
+    const info = { channel: f.channel, client: f.client, user: f.user, node: f.node };
+    this.#call(rec, f.type === "join" ? "onJoin" : "onLeave", info);
+  }
+
   #onGapFrame(f) {
     const rec = this.#subs.get(f.channel);
     if (!rec || rec.pendingId !== null) return;
@@ -654,6 +696,31 @@ export class Crier {
     rec.epoch = epoch;
     rec.offset = offset;
     this.#call(rec, "onGap", info);
+  }
+
+  /** The server subscribed this connection (`{"type":"subscribed",...,"server":true}`). */
+  #onServerSubscribed(f) {
+    if (typeof f.channel !== "string") return;
+    let rec = this.#subs.get(f.channel);
+    if (!rec) {
+      rec = this.#newRec(f.channel, {});
+      rec.server = true;
+      // Recovered by the server: the missed messages (at or below `offset`) follow.
+      if (f.recovered === true) rec.epoch = f.epoch;
+      this.#subs.set(f.channel, rec);
+      this.#emit("subscription", new Subscription(rec));
+      if (this.#subs.get(f.channel) === rec) this.#onSubscribeAck(rec, f);
+      return;
+    }
+    rec.server = true;
+    // The client's own subscribe is in flight: its ack (or error) decides.
+    if (rec.pendingId !== null) return;
+    if (rec.epoch !== null && (f.epoch !== rec.epoch || f.offset > rec.offset)) {
+      // Messages after our position: take the subscription over, recovering from it.
+      this.#sendSubscribe(rec);
+      return;
+    }
+    this.#onSubscribeAck(rec, f);
   }
 
   #onUnsubscribed(f) {
@@ -688,6 +755,11 @@ export class Crier {
 
   #onSubscribeError(rec, err) {
     if (this.#subs.get(rec.channel) !== rec) return;
+    if (rec.server && err.code === "forbidden") {
+      // Not (yet) subscribed by the server on this connection: wait for its `subscribed`.
+      rec.active = false;
+      return;
+    }
     if (err.code === "already_subscribed") {
       rec.active = true;
       return;

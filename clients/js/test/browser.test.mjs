@@ -123,6 +123,25 @@ test("demo page: chat, presence, and a node restart on Redis loses and repeats n
   assert.deepEqual(page.problems, []);
 });
 
+test("demo page: 'who is here' follows join/leave events (no presence polling)", { timeout: 60000 }, async (t) => {
+  const n = await Node.start({ args: ["--dev", "--node-id", "demo-who"] });
+  t.after(() => n.stop());
+  const ctx = await browser(t);
+  const ann = await open(ctx, n.url("/?nick=ann"));
+  await ann.waitForFunction(() => document.querySelector("#who li.me")?.textContent.includes("ann"), null, { timeout: PAGE_WAIT });
+  const ben = await open(ctx, n.url("/?nick=ben"));
+  await ben.waitForSelector("#state.connected", { timeout: PAGE_WAIT });
+  // Ben's join reaches Ann's list as a join event (the page reads presence only when it subscribes).
+  await ann.waitForFunction(() => document.querySelectorAll("#who li").length === 2, null, { timeout: PAGE_WAIT });
+  await ann.waitForFunction(() => document.querySelector("#who").textContent.includes("ben"), null, { timeout: PAGE_WAIT });
+  await ann.screenshot({ path: join(SHOTS, "demo-who-joined.png") });
+  await ben.close();
+  await ann.waitForFunction(() => document.querySelectorAll("#who li").length === 1, null, { timeout: PAGE_WAIT });
+  const stats = await ann.evaluate(() => window.crier.presenceStats("chat:lobby"));
+  assert.deepEqual(stats, { clients: 1, users: 1 }, "the served client has presenceStats");
+  assert.deepEqual(ann.problems, []);
+});
+
 test("demo page on the memory broker: a restart is shown honestly as a gap", { timeout: 60000 }, async (t) => {
   const n = await Node.start({ args: ["--dev", "--node-id", "demo-mem"] });
   t.after(() => n.stop());

@@ -431,3 +431,27 @@ test("examples/node.mjs (the README's Node example) works against crier", async 
   await n.publish("chat:example", { text: "from the API" });
   await waitFor(() => out.includes('chat:example #2: {"text":"from the API"}'), "the example prints a published message");
 });
+
+test("join/leave events and presenceStats (a --dev node: the chat namespace has join_leave)", async (t) => {
+  const n = await node(t, { args: ["--dev"] });
+  const alice = client(t, n.wsUrl, { token: mint({ sub: "alice", channels: ["chat:*"] }) });
+  const joins = [];
+  const leaves = [];
+  const sub = alice.subscribe("chat:room", { onJoin: (e) => joins.push(e), onLeave: (e) => leaves.push(e) });
+  await sub.ready;
+  const bob = client(t, n.wsUrl, { token: mint({ sub: "bob", channels: ["chat:*"] }) });
+  const own = [];
+  const bobSub = bob.subscribe("chat:room", { onJoin: (e) => own.push(e) });
+  await bobSub.ready;
+  await waitFor(() => joins.length === 1, "alice hears bob join");
+  assert.equal(joins[0].user, "bob");
+  assert.equal(joins[0].channel, "chat:room");
+  assert.equal(joins[0].client, bob.welcome.client);
+  assert.deepEqual(await alice.presenceStats("chat:room"), { clients: 2, users: 2 });
+  bob.close();
+  await waitFor(() => leaves.length === 1, "alice hears bob leave");
+  assert.equal(leaves[0].user, "bob");
+  assert.deepEqual(own, [], "bob was not told of his own join");
+  assert.deepEqual(await alice.presenceStats("chat:room"), { clients: 1, users: 1 });
+  await assert.rejects(alice.presenceStats("secret:x"), { code: "forbidden" });
+});

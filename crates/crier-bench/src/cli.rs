@@ -49,6 +49,9 @@ pub enum Scenario {
     /// Long run at one rate (about half of saturation) in the many-channels shape, 2 nodes + redis:
     /// RSS flat after warm-up, 0 lost, p99 stable, window by window.
     Soak(SoakArgs),
+    /// `GET /api/v1/channels` with many active channels over several nodes sharing one
+    /// redis-server: time of the first page, a prefix page and a page behind a cursor.
+    Listing(ListingArgs),
     /// (internal) Holds a slice of idle connections for another crier-bench process.
     #[command(hide = true)]
     Hold(HoldArgs),
@@ -220,6 +223,10 @@ pub struct FanoutArgs {
     /// Subscribers of the one channel
     #[arg(long, default_value_t = 5000)]
     pub subscribers: usize,
+    /// The channel's name [default: bench:fanout]; e.g. `chat:fanout` with `--crier-arg=--dev`
+    /// (whose `chat` namespace has join_leave) to measure fan-out with join/leave events on
+    #[arg(long)]
+    pub channel: Option<String>,
     #[command(flatten)]
     pub publish: PublishArgs,
     #[command(flatten)]
@@ -236,6 +243,25 @@ pub struct ChannelsArgs {
     pub subscribers_per_channel: usize,
     #[command(flatten)]
     pub publish: PublishArgs,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ListingArgs {
+    /// Active channels (each subscribed once)
+    #[arg(long, default_value_t = 100_000)]
+    pub channels: usize,
+    /// Nodes sharing one redis-server
+    #[arg(long, default_value_t = 2)]
+    pub nodes: usize,
+    /// Subscriptions per WebSocket connection (the nodes are started with
+    /// --max-subscriptions-per-connection set to it)
+    #[arg(long, default_value_t = 1000)]
+    pub per_connection: usize,
+    /// Requests timed per query
+    #[arg(long, default_value_t = 50)]
+    pub samples: usize,
     #[command(flatten)]
     pub gateway: GatewayArgs,
 }

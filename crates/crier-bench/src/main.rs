@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         Scenario::Soak(a) => a.gateway.threads,
         Scenario::Deploy(a) => a.gateway.threads,
         Scenario::Scaleout(a) => a.deploy.gateway.threads,
+        Scenario::Listing(a) => a.gateway.threads,
         Scenario::Hold(_) => 2,
     };
     // Subscribers, and the nodes the bench starts (they inherit the limit), need a descriptor each.
@@ -88,6 +89,7 @@ async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
                 channels: 1,
                 subscribers: a.subscribers,
                 default_rates: vec![20.0, 50.0],
+                channel: a.channel,
                 publish: a.publish,
                 gateway: a.gateway,
             };
@@ -104,6 +106,7 @@ async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
                 channels: a.channels,
                 subscribers,
                 default_rates: vec![500.0, 2000.0],
+                channel: None,
                 publish: a.publish,
                 gateway: a.gateway,
             };
@@ -119,6 +122,7 @@ async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
                 channels: a.channels.max(1),
                 subscribers: a.subscribers,
                 default_rates: vec![20.0, 50.0],
+                channel: None,
                 publish: a.publish,
                 gateway: a.gateway,
             };
@@ -144,6 +148,10 @@ async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
             warn_nofile(a.deploy.clients as u64, nofile);
             let json = a.deploy.gateway.json.clone();
             (scenarios::deploy::scaleout(a).await?, json)
+        }
+        Scenario::Listing(a) => {
+            let json = a.gateway.json.clone();
+            (scenarios::listing::run(a).await?, json)
         }
         Scenario::Churn(a) => {
             warn_nofile(a.base as u64 + a.workers as u64, nofile);

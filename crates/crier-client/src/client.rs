@@ -14,6 +14,9 @@ use crate::backoff::Backoff;
 use crate::driver::{Command, Driver, Options, Reply, Request, RequestKind, Shared, State, Welcome};
 use crate::error::{CloseReason, Error};
 use crate::subscription::{EndReason, Event, Message, Subscription};
+
+/// The subscriptions the server makes for this client ([`Client::server_subscriptions`]).
+pub type ServerSubscriptions = mpsc::UnboundedReceiver<Subscription>;
 use crate::token::{BoxError, TokenSource};
 
 /// Settings of a [`Client`]; [`ClientBuilder::connect`] starts it.
@@ -113,16 +116,27 @@ impl ClientBuilder {
             welcome: Mutex::new(None),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        runtime.spawn(Driver::new(self.opts, shared.clone(), rx).run());
+        let (server_tx, server_rx) = mpsc::unbounded_channel();
+        runtime.spawn(Driver::new(self.opts, shared.clone(), rx, tx.downgrade(), server_tx).run());
         Ok(Client {
             inner: Arc::new(Inner {
                 commands: tx,
                 shared,
                 request_timeout: self.request_timeout,
                 generation: AtomicU64::new(0),
+                server_subs: Mutex::new(Some(server_rx)),
             }),
         })
     }
+}
+
+/// A channel's presence counted ([`Client::presence_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresenceStats {
+    /// Clients (connections) in the channel's presence.
+    pub clients: u64,
+    /// Distinct users among them.
+    pub users: u64,
 }
 
 /// What a `publish` was given by the server.
@@ -156,6 +170,7 @@ struct Inner {
     shared: Arc<Shared>,
     request_timeout: Option<Duration>,
     generation: AtomicU64,
+    server_subs: Mutex<Option<ServerSubscriptions>>,
 }
 
 impl Drop for Inner {
@@ -195,6 +210,15 @@ impl Client {
     /// The `welcome` of the current (or last) connection.
     pub fn welcome(&self) -> Option<Welcome> {
         self.inner.shared.welcome.lock().ok().and_then(|w| w.clone())
+    }
+
+    /// The subscriptions the server makes for this client (REST `subscribe`, the token's `subs`
+    /// claim), each a [`Subscription`] like [`Client::subscribe`]'s: [`Event::Subscribed`], then
+    /// the messages; recovered after a reconnect (once the server subscribed it again, the
+    /// client recovers from the last delivered position). The stream once: `None` after the
+    /// first call. Until it is taken, such subscriptions queue up in it.
+    pub fn server_subscriptions(&self) -> Option<ServerSubscriptions> {
+        self.inner.server_subs.lock().ok().and_then(|mut s| s.take())
     }
 
     /// Why the client stopped, once it is [`State::Closed`] or [`State::Failed`].
@@ -273,6 +297,15 @@ impl Client {
     pub async fn presence(&self, channel: impl Into<String>) -> Result<Vec<PresenceEntry>, Error> {
         match self.request(RequestKind::Presence { channel: channel.into() }).await? {
             Reply::Presence(clients) => Ok(clients),
+            _ => Err(Error::Invalid("unexpected reply".into())),
+        }
+    }
+
+    /// How many clients and distinct users are in `channel`'s presence, cluster-wide (counted
+    /// by the broker, without listing them).
+    pub async fn presence_stats(&self, channel: impl Into<String>) -> Result<PresenceStats, Error> {
+        match self.request(RequestKind::PresenceStats { channel: channel.into() }).await? {
+            Reply::PresenceStats { clients, users } => Ok(PresenceStats { clients, users }),
             _ => Err(Error::Invalid("unexpected reply".into())),
         }
     }

@@ -48,7 +48,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::backoff::Backoff;
 use crate::error::{CloseReason, Error, ServerError};
-use crate::frames::{self, ClientFrame, MessageFrame, ServerFrame};
+use crate::frames::{self, ClientFrame, MessageFrame, PresenceEventFrame, ServerFrame};
 use crate::subscription::{EndReason, Event, Gap, GapReason, Message, Tracker, Verdict};
 use crate::token::{self, BoxError, TokenSource};
 
@@ -129,6 +129,7 @@ pub(crate) struct Options {
 pub(crate) enum RequestKind {
     Publish { channel: String, data: Value, idempotency_key: Option<String> },
     Presence { channel: String },
+    PresenceStats { channel: String },
     History { channel: String, since: Option<StreamPosition>, limit: Option<usize> },
 }
 
@@ -136,6 +137,7 @@ pub(crate) enum RequestKind {
 pub(crate) enum Reply {
     Published { epoch: Option<String>, offset: u64 },
     Presence(Vec<PresenceEntry>),
+    PresenceStats { clients: u64, users: u64 },
     History { epoch: String, offset: u64, messages: Vec<Message>, next: Option<StreamPosition> },
 }
 
@@ -160,7 +162,13 @@ struct Sub {
     tracker: Tracker,
     /// Consecutive `rate_limited`/`unavailable` refusals of this channel's subscribe.
     refusals: u32,
+    /// The server made it (a `subscribed` frame): after a reconnect the client waits for the
+    /// server to make it again, then recovers from its position.
+    server: bool,
 }
+
+/// Generations of subscriptions the server made (apart from the handles' own).
+const SERVER_GENERATIONS: u64 = 1 << 62;
 
 impl Sub {
     fn emit(&self, event: Event) {
@@ -264,11 +272,25 @@ pub(crate) struct Driver {
     /// A handshake was refused (401/403) and a new token asked for since the last `welcome`:
     /// the next such refusal fails the client.
     refreshed_after_refusal: bool,
+    /// For the handles of server subscriptions (weak: the task ends when every client is gone).
+    commands_tx: mpsc::WeakUnboundedSender<Command>,
+    /// Where server subscriptions go ([`crate::Client::server_subscriptions`]).
+    server_subs: mpsc::UnboundedSender<crate::subscription::Subscription>,
+    server_generation: u64,
 }
 
 impl Driver {
-    pub(crate) fn new(opts: Options, shared: Arc<Shared>, commands: mpsc::UnboundedReceiver<Command>) -> Driver {
+    pub(crate) fn new(
+        opts: Options,
+        shared: Arc<Shared>,
+        commands: mpsc::UnboundedReceiver<Command>,
+        commands_tx: mpsc::WeakUnboundedSender<Command>,
+        server_subs: mpsc::UnboundedSender<crate::subscription::Subscription>,
+    ) -> Driver {
         Driver {
+            commands_tx,
+            server_subs,
+            server_generation: SERVER_GENERATIONS,
             opts,
             shared,
             commands,
@@ -392,7 +414,7 @@ impl Driver {
                     })));
                     return None;
                 }
-                let sub = Sub { generation, events, tracker: Tracker::new(from.clone()), refusals: 0 };
+                let sub = Sub { generation, events, tracker: Tracker::new(from.clone()), refusals: 0, server: false };
                 self.subs.insert(channel.clone(), sub);
                 Some((channel, from, true))
             }
@@ -538,8 +560,13 @@ impl Driver {
 
     /// Resubscribes every channel (with recovery) and sends the requests that waited.
     async fn resume(&mut self, conn: &mut Conn) -> Result<(), ()> {
-        let subs: Vec<(String, Option<StreamPosition>)> =
-            self.subs.iter().map(|(c, s)| (c.clone(), s.tracker.position.clone())).collect();
+        // A server subscription without a position waits for the server to make it again.
+        let subs: Vec<(String, Option<StreamPosition>)> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| !s.server || s.tracker.position.is_some())
+            .map(|(c, s)| (c.clone(), s.tracker.position.clone()))
+            .collect();
         for (channel, position) in subs {
             self.send_subscribe(conn, channel, position).await?;
         }
@@ -586,6 +613,9 @@ impl Driver {
                 Self::send(conn, &ClientFrame::Publish { id, channel, data, idempotency_key }).await
             }
             RequestKind::Presence { channel } => Self::send(conn, &ClientFrame::Presence { id, channel }).await,
+            RequestKind::PresenceStats { channel } => {
+                Self::send(conn, &ClientFrame::PresenceStats { id, channel }).await
+            }
             RequestKind::History { channel, since, limit } => {
                 Self::send(conn, &ClientFrame::History { id, channel, since: since.as_ref(), limit: *limit }).await
             }
@@ -777,11 +807,22 @@ impl Driver {
                     let _ = r.reply.send(Ok(Reply::History { epoch, offset, messages, next }));
                 }
             }
+            ServerFrame::PresenceStats { id: Some(id), clients, users } => {
+                if let Some(Pending::Request(r)) = conn.pending.remove(&id) {
+                    let _ = r.reply.send(Ok(Reply::PresenceStats { clients, users }));
+                }
+            }
+            ServerFrame::Join(e) | ServerFrame::Leave(e) if !self.subs.contains_key(&e.channel) => {}
+            ServerFrame::Join(e) => self.on_presence_event(e, true),
+            ServerFrame::Leave(e) => self.on_presence_event(e, false),
             ServerFrame::Gap { channel, epoch, offset } => {
                 if let Some(sub) = self.subs.get_mut(&channel) {
                     sub.tracker.on_gap(&epoch, offset);
                     sub.emit(Event::Gap(Gap { channel, epoch, offset, reason: GapReason::Server }));
                 }
+            }
+            ServerFrame::Subscribed { channel, epoch, offset, recovered } => {
+                self.on_server_subscribed(conn, channel, epoch, offset, recovered)
             }
             ServerFrame::Unsubscribed { channel, reason } => {
                 if let Some(sub) = self.subs.remove(&channel) {
@@ -791,10 +832,17 @@ impl Driver {
             ServerFrame::Welcome { .. }
             | ServerFrame::Ack { id: None, .. }
             | ServerFrame::Presence { id: None, .. }
+            | ServerFrame::PresenceStats { id: None, .. }
             | ServerFrame::History { id: None, .. }
             | ServerFrame::Pong {}
             | ServerFrame::Unknown => {}
         }
+    }
+
+    fn on_presence_event(&mut self, e: PresenceEventFrame, joined: bool) {
+        let Some(sub) = self.subs.get_mut(&e.channel) else { return };
+        let entry = PresenceEntry { client: e.client, user: e.user, node: e.node };
+        sub.emit(if joined { Event::Join(entry) } else { Event::Leave(entry) });
     }
 
     fn on_message(&mut self, m: MessageFrame) {
@@ -812,10 +860,68 @@ impl Driver {
         }
     }
 
+    /// The server subscribed the connection. A new channel becomes a [`Subscription`] sent to
+    /// [`crate::Client::server_subscriptions`]; one the client tracks already (a server
+    /// subscription after a reconnect) is recovered from its position when the server's is
+    /// ahead of it (a `subscribe` with `recover` takes the server's over), else acknowledged.
+    fn on_server_subscribed(
+        &mut self,
+        conn: &mut Conn,
+        channel: String,
+        epoch: String,
+        offset: u64,
+        recovered: Option<bool>,
+    ) {
+        if let Some(sub) = self.subs.get_mut(&channel) {
+            sub.server = true;
+            let generation = sub.generation;
+            let in_flight = conn.pending.values().any(
+                |p| matches!(p, Pending::Subscribe { channel: c, generation: g } if *c == channel && *g == generation),
+            );
+            if in_flight {
+                return; // the client's own subscribe answers
+            }
+            match &sub.tracker.position {
+                Some(p) if p.epoch != epoch || p.offset < offset => {
+                    conn.retries.push((Instant::now(), channel, generation));
+                }
+                _ => {
+                    let gap = sub.tracker.on_ack(&epoch, offset, recovered);
+                    sub.emit(Event::Subscribed { epoch: epoch.clone(), offset, recovered });
+                    if let Some(reason) = gap {
+                        sub.emit(Event::Gap(Gap { channel, epoch, offset, reason }));
+                    }
+                }
+            }
+            return;
+        }
+        let Some(commands) = self.commands_tx.upgrade() else { return };
+        self.server_generation += 1;
+        let generation = self.server_generation;
+        let (events, rx) = mpsc::unbounded_channel();
+        let mut tracker = Tracker::new(None);
+        // Recovered by the server: the missed messages (at or below `offset`) follow.
+        if recovered.is_none() {
+            tracker.on_ack(&epoch, offset, None);
+        }
+        let sub = Sub { generation, events, tracker, refusals: 0, server: true };
+        sub.emit(Event::Subscribed { epoch, offset, recovered });
+        self.subs.insert(channel.clone(), sub);
+        let handle = crate::subscription::Subscription { channel, generation, events: rx, commands };
+        if let Err(mpsc::error::SendError(handle)) = self.server_subs.send(handle) {
+            // Nobody can take it (the client is gone): dropping it unsubscribes.
+            drop(handle);
+        }
+    }
+
     /// A subscribe answered with an error: retried later when the refusal is temporary, else the
     /// subscription ends.
     fn subscribe_refused(&mut self, conn: &mut Conn, channel: String, generation: u64, error: ServerError) {
         let Some(sub) = self.subs.get_mut(&channel).filter(|s| s.generation == generation) else { return };
+        if sub.server && error.code == "forbidden" {
+            // Not subscribed by the server again (yet) on this connection: wait for its frame.
+            return;
+        }
         if matches!(error.code.as_str(), "rate_limited" | "unavailable") {
             let delay = self.opts.backoff.delay(sub.refusals).max(Duration::from_millis(50));
             sub.refusals = sub.refusals.saturating_add(1);

@@ -44,6 +44,11 @@ pub(crate) enum ClientFrame<'a> {
         id: u64,
         channel: &'a str,
     },
+    #[serde(rename = "presence_stats")]
+    PresenceStats {
+        id: u64,
+        channel: &'a str,
+    },
     History {
         id: u64,
         channel: &'a str,
@@ -69,6 +74,18 @@ pub(crate) struct MessageFrame {
     pub offset: u64,
     #[serde(default)]
     pub data: Value,
+}
+
+/// A `join` or `leave` frame: a client entered or left a channel's presence.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub(crate) struct PresenceEventFrame {
+    pub channel: String,
+    #[serde(default)]
+    pub client: String,
+    #[serde(default)]
+    pub user: String,
+    #[serde(default)]
+    pub node: String,
 }
 
 /// A server → client frame.
@@ -133,6 +150,25 @@ pub(crate) enum ServerFrame {
         channel: String,
         #[serde(default)]
         reason: String,
+    },
+    #[serde(rename = "presence_stats")]
+    PresenceStats {
+        #[serde(default)]
+        id: Option<u64>,
+        #[serde(default)]
+        clients: u64,
+        #[serde(default)]
+        users: u64,
+    },
+    Join(PresenceEventFrame),
+    Leave(PresenceEventFrame),
+    /// The server subscribed the connection (REST `subscribe`, the token's `subs` claim).
+    Subscribed {
+        channel: String,
+        epoch: String,
+        offset: u64,
+        #[serde(default)]
+        recovered: Option<bool>,
     },
     #[serde(other)]
     Unknown,

@@ -35,7 +35,8 @@
 //!     match event {
 //!         Event::Message(m) => println!("{} #{}: {}", m.channel, m.offset, m.data),
 //!         Event::Gap(gap) => println!("lost messages before {}: resync", gap.offset),
-//!         Event::Subscribed { .. } => {}
+//!         Event::Join(who) => println!("{} joined", who.user),
+//!         Event::Subscribed { .. } | Event::Leave(_) => {}
 //!         Event::Ended(why) => println!("subscription over: {why:?}"),
 //!     }
 //! }
@@ -65,7 +66,7 @@ mod subscription;
 mod token;
 
 pub use backoff::Backoff;
-pub use client::{Client, ClientBuilder, History, HistoryOptions, Published};
+pub use client::{Client, ClientBuilder, History, HistoryOptions, PresenceStats, Published, ServerSubscriptions};
 pub use crier_protocol::frames::PresenceEntry;
 pub use crier_protocol::{ErrorCode, StreamPosition};
 pub use driver::{State, Welcome};

@@ -2,6 +2,7 @@
 //! [`Tracker`] that keeps the delivery promise on the client side: each message once, in order,
 //! across reconnects, or a [`Gap`] that says what was lost.
 
+use crier_protocol::frames::PresenceEntry;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -79,6 +80,13 @@ pub enum Event {
     Message(Message),
     /// Messages were lost (see [`Gap`]).
     Gap(Gap),
+    /// A client entered the channel's presence (channels whose namespace has `join_leave`;
+    /// never this connection's own join). Not a message: no offset, not recovered after a
+    /// reconnect — read [`crate::Client::presence`] again after `Subscribed` if it matters.
+    Join(PresenceEntry),
+    /// A client left the channel's presence (unsubscribed, disconnected, or its node died and
+    /// its entry expired), once.
+    Leave(PresenceEntry),
     /// The subscription is over; the stream ends after this.
     Ended(EndReason),
 }

@@ -123,6 +123,44 @@ async fn subscribes_receives_publishes_and_reads_presence_and_history() {
     assert_eq!(c.closed().await, CloseReason::Client);
 }
 
+/// A `--dev` node declares the `chat` namespace with join/leave: the subscription streams `Join`
+/// and `Leave` in their place among the messages (never this connection's own join), and
+/// `presence_stats` counts clients and users.
+#[tokio::test]
+async fn join_and_leave_events_and_presence_stats() {
+    let node = Node::start(&["--dev"]);
+    let alice = client(node.ws_url(), token("alice", &["chat:*"], &[], HOUR));
+    let mut sub = alice.subscribe("chat:room");
+    subscribed(&mut sub).await;
+    let bob = client(node.ws_url(), token("bob", &["chat:*"], &[], HOUR));
+    let mut bob_sub = bob.subscribe("chat:room");
+    subscribed(&mut bob_sub).await;
+    node.publish("chat:room", json!("after bob")).await;
+    match next_event(&mut sub).await {
+        Event::Join(who) => {
+            assert_eq!(who.user, "bob");
+            assert_eq!(Some(who.client), bob.welcome().map(|w| w.client));
+        }
+        other => panic!("expected bob's join, got {other:?}"),
+    }
+    assert!(matches!(next_event(&mut sub).await, Event::Message(m) if m.data == "after bob"));
+    match next_event(&mut bob_sub).await {
+        Event::Message(m) => assert_eq!(m.data, "after bob", "bob's first event is no join of his own"),
+        other => panic!("expected the message, got {other:?}"),
+    }
+    let stats = alice.presence_stats("chat:room").await.expect("presence_stats");
+    assert_eq!((stats.clients, stats.users), (2, 2));
+    bob.close();
+    match next_event(&mut sub).await {
+        Event::Leave(who) => assert_eq!(who.user, "bob"),
+        other => panic!("expected bob's leave, got {other:?}"),
+    }
+    let stats = alice.presence_stats("chat:room").await.expect("presence_stats");
+    assert_eq!((stats.clients, stats.users), (1, 1));
+    let refused = alice.presence_stats("secret:x").await.expect_err("not in the token");
+    assert!(matches!(&refused, Error::Server(e) if e.code == "forbidden"), "{refused:?}");
+}
+
 /// crier caps a `history` reply by the connection's queue (1 MiB) and says where to go on: the
 /// client follows the pages, so 20 messages of ~65,000 bytes come back whole, in order.
 #[tokio::test]
@@ -571,4 +609,76 @@ async fn publish_with_key_repeated_is_delivered_once_and_acked_with_the_first_of
     }
     let err = c.publish_with_key("chat:keyed", &json!(1), "").await.expect_err("an empty key");
     assert_eq!(err.code(), Some("bad_request"));
+}
+
+/// Subscriptions the server makes (REST `subscribe`, the token's `subs` claim) come out of
+/// `server_subscriptions()` as ordinary subscriptions, survive a node restart with nothing lost
+/// (the client recovers from its position once the claim subscribed it again), and the server's
+/// unsubscribe ends them; the client's own subscriptions are undisturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_subscriptions_are_surfaced_and_recovered_across_a_node_restart() {
+    let redis = Redis::start();
+    let mut a = Node::with_redis(&redis, "srv-a", &[]);
+    let b = Node::with_redis(&redis, "srv-b", &[]);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    // "feed" is not in the token's patterns: only the `subs` claim grants it.
+    let claims = json!({"sub": "srv", "iat": now, "exp": now + 3600, "channels": ["chat:*"], "subs": ["feed"]});
+    let t = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(support::SECRET.as_bytes()),
+    )
+    .unwrap();
+    let c = client(a.ws_url(), t);
+    let mut server_subs = c.server_subscriptions().expect("taken once");
+    assert!(c.server_subscriptions().is_none());
+    let mut own = c.subscribe("chat:a");
+    subscribed(&mut own).await;
+    let mut feed = tokio::time::timeout(support::WAIT, server_subs.recv()).await.unwrap().expect("the claim's");
+    assert_eq!(feed.channel(), "feed");
+    assert!(matches!(next_event(&mut feed).await, Event::Subscribed { offset: 0, .. }));
+    b.publish("feed", json!(1)).await;
+    b.publish("feed", json!(2)).await;
+    let (events, reader) = collect(feed);
+    until("two messages", || messages(&events).len() == 2).await;
+
+    a.kill();
+    until("the client noticed", || c.state() != State::Connected).await;
+    b.publish("feed", json!(3)).await;
+    b.publish("feed", json!(4)).await;
+    a.restart();
+    until("the client reconnected", || c.connections() == 2).await;
+    b.publish("feed", json!("last")).await;
+    tokio::time::timeout(support::WAIT, reader).await.expect("the last message arrives").unwrap();
+    let got: Vec<u64> = messages(&events).iter().map(|m| m.offset).collect();
+    assert_eq!(got, [1, 2, 3, 4, 5], "each once, in order, across the restart");
+    assert!(gaps(&events).is_empty(), "nothing lost: {:?}", gaps(&events));
+
+    // A REST subscribe: another server subscription; the client's own goes on.
+    let r = b.post("/api/v1/subscribe", json!({"user": "srv", "channel": "team:1"})).await;
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"subscribed": 1}));
+    let mut team = tokio::time::timeout(support::WAIT, server_subs.recv()).await.unwrap().expect("the REST one");
+    assert_eq!(team.channel(), "team:1");
+    assert!(matches!(next_event(&mut team).await, Event::Subscribed { .. }));
+    b.publish("team:1", json!("hi")).await;
+    match next_event(&mut team).await {
+        Event::Message(m) => assert_eq!(m.data, json!("hi")),
+        other => panic!("expected the message, got {other:?}"),
+    }
+    b.publish("chat:a", json!("mine")).await;
+    loop {
+        match next_event(&mut own).await {
+            Event::Subscribed { .. } => continue, // resubscribed after the restart
+            Event::Message(m) => break assert_eq!(m.data, json!("mine")),
+            other => panic!("expected the message, got {other:?}"),
+        }
+    }
+    // The server's unsubscribe ends the subscription it names.
+    let r = b.post("/api/v1/unsubscribe", json!({"user": "srv", "channel": "chat:a"})).await;
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"unsubscribed": 1}));
+    match next_event(&mut own).await {
+        Event::Ended(EndReason::Revoked(reason)) => assert_eq!(reason, "unsubscribed by the server"),
+        other => panic!("expected the end of the subscription, got {other:?}"),
+    }
+    assert_eq!(c.state(), State::Connected);
 }

@@ -21,7 +21,7 @@
 //! Empty channels leave no entry behind.
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -149,6 +149,10 @@ pub struct Hub {
     hasher: RandomState,
     channels: AtomicUsize,
     subscriptions: AtomicUsize,
+    /// Per shard: channels whose subscriber count changed since [`Hub::take_counts`] last
+    /// looked (the cluster's channel listing mirrors the counts into the broker). Locked after
+    /// the shard's lock, never before it; only subscribe and unsubscribe touch it.
+    dirty: Vec<Mutex<HashSet<Box<str>>>>,
 }
 
 impl Default for Hub {
@@ -164,12 +168,50 @@ impl Hub {
             hasher: RandomState::new(),
             channels: AtomicUsize::new(0),
             subscriptions: AtomicUsize::new(0),
+            dirty: (0..SHARDS).map(|_| Mutex::new(HashSet::new())).collect(),
         }
     }
 
     fn shard(&self, channel: &str) -> MutexGuard<'_, HashMap<Box<str>, Channel>> {
-        let i = (self.hasher.hash_one(channel) as usize) % SHARDS;
+        self.shard_at(self.shard_index(channel))
+    }
+
+    fn shard_index(&self, channel: &str) -> usize {
+        (self.hasher.hash_one(channel) as usize) % SHARDS
+    }
+
+    fn shard_at(&self, i: usize) -> MutexGuard<'_, HashMap<Box<str>, Channel>> {
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes that `channel`'s subscriber count changed (called under its shard's lock).
+    fn mark(&self, channel: &str) {
+        let mut dirty = self.dirty[self.shard_index(channel)].lock().unwrap_or_else(|e| e.into_inner());
+        if !dirty.contains(channel) {
+            dirty.insert(channel.into());
+        }
+    }
+
+    /// Subscriber counts to mirror into the broker: of the channels whose count changed since
+    /// the last call (0: no local subscriber left), or of every channel when `all`. Never
+    /// holds a shard's lock for more than a map lookup per channel (or one pass for `all`).
+    pub fn take_counts(&self, all: bool) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for i in 0..SHARDS {
+            let changed = std::mem::take(&mut *self.dirty[i].lock().unwrap_or_else(|e| e.into_inner()));
+            let shard = self.shard_at(i);
+            if all {
+                out.extend(shard.iter().map(|(c, ch)| (c.to_string(), ch.subscribers.len() as u64)));
+                // The changed ones that are gone: their removal is news too.
+                out.extend(changed.into_iter().filter(|c| !shard.contains_key(c)).map(|c| (c.into_string(), 0)));
+                continue;
+            }
+            out.extend(changed.into_iter().map(|c| {
+                let n = shard.get(&c).map_or(0, |ch| ch.subscribers.len() as u64);
+                (c.into_string(), n)
+            }));
+        }
+        out
     }
 
     /// Adds a buffering subscriber. Returns the channel's broker-readiness cell, `None` when the
@@ -193,7 +235,9 @@ impl Hub {
             return Err(AlreadySubscribed);
         }
         self.subscriptions.fetch_add(1, Ordering::Relaxed);
-        Ok(ch.ready.clone())
+        let ready = ch.ready.clone();
+        self.mark(channel);
+        Ok(ready)
     }
 
     /// `ready` (from [`Hub::add`]) is initialised: the channel's broker subscription is in
@@ -264,6 +308,7 @@ impl Hub {
         };
         if ch.subscribers.remove(&conn).is_some() {
             self.subscriptions.fetch_sub(1, Ordering::Relaxed);
+            self.mark(channel);
         }
         if ch.subscribers.is_empty() {
             shard.remove(channel);
@@ -298,21 +343,61 @@ impl Hub {
     /// subscribers; buffering ones learn the channel's state from their own history read.
     /// Returns how many subscribers were closed as slow consumers.
     pub fn notify(&self, channel: &str, frame: &Bytes) -> usize {
+        self.notify_except(channel, frame, None).slow
+    }
+
+    /// [`Hub::notify`], leaving out the subscriber `except` (a client's own `join`). Under the
+    /// channel's shard lock, like [`Hub::deliver`], so notices and publications handed to the
+    /// hub in one order reach each subscriber in that order.
+    pub fn notify_except(&self, channel: &str, frame: &Bytes, except: Option<ConnId>) -> Fanout {
+        let mut out = Fanout::default();
         let mut shard = self.shard(channel);
         let Some(ch) = shard.get_mut(channel) else {
-            return 0;
+            return out;
         };
         let mut forms = Forms::default();
-        ch.subscribers
-            .values()
-            .filter(|sub| sub.buffer.is_none())
-            .filter(|sub| sub.outbox.push_out(out_for(&sub.outbox, frame, &mut forms)) == Push::Overflow)
-            .count()
+        for (conn, sub) in ch.subscribers.iter() {
+            if sub.buffer.is_some() || Some(*conn) == except {
+                continue;
+            }
+            match sub.outbox.push_out(out_for(&sub.outbox, frame, &mut forms)) {
+                Push::Queued => out.delivered += 1,
+                Push::Overflow => out.slow += 1,
+                Push::Closed => {}
+            }
+        }
+        out
     }
 
     /// Does this node have subscribers (live or buffering) on `channel`?
     pub fn has_channel(&self, channel: &str) -> bool {
         self.shard(channel).contains_key(channel)
+    }
+
+    /// Whether connection `conn` is subscribed (live or buffering) to `channel`.
+    pub fn is_subscribed(&self, channel: &str, conn: ConnId) -> bool {
+        self.shard(channel).get(channel).is_some_and(|ch| ch.subscribers.contains(&conn))
+    }
+
+    /// The channels each of `conns` is subscribed to (same order as `conns`), for the server
+    /// API's connection listing: a scan of every local channel, one shard lock at a time.
+    pub fn channels_of(&self, conns: &[ConnId]) -> Vec<Vec<String>> {
+        let mut out = vec![Vec::new(); conns.len()];
+        if conns.is_empty() {
+            return out;
+        }
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (name, ch) in shard.iter() {
+                for (i, conn) in conns.iter().enumerate() {
+                    if ch.subscribers.contains(conn) {
+                        out[i].push(name.to_string());
+                    }
+                }
+            }
+        }
+        out.iter_mut().for_each(|c| c.sort_unstable());
+        out
     }
 
     /// Channels with at least one local subscriber.
@@ -374,6 +459,9 @@ impl crate::broker::BrokerHandler for Hub {
     fn on_publication(&self, channel: &str, publication: Publication) {
         self.deliver(channel, &publication);
     }
+    fn on_presence_event(&self, channel: &str, event: crate::broker::PresenceEvent) {
+        self.notify(channel, &event.frame);
+    }
     fn on_disconnect_user(&self, _user: &str) -> usize {
         0
     }
@@ -403,6 +491,29 @@ mod tests {
                 Out::Ping | Out::Deflated(_) => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn counts_changed_since_the_last_look_are_taken_once() {
+        let hub = Hub::new();
+        let o = Arc::new(Outbox::new(1 << 20));
+        assert!(hub.add("a", 1, o.clone()).is_ok());
+        assert!(hub.add("a", 2, o.clone()).is_ok());
+        assert!(hub.add("b", 1, o.clone()).is_ok());
+        let mut c = hub.take_counts(false);
+        c.sort();
+        assert_eq!(c, [("a".to_owned(), 2), ("b".to_owned(), 1)]);
+        assert!(hub.take_counts(false).is_empty(), "nothing changed since");
+        hub.remove("b", 1);
+        hub.remove("a", 2);
+        let mut c = hub.take_counts(false);
+        c.sort();
+        assert_eq!(c, [("a".to_owned(), 1), ("b".to_owned(), 0)], "a channel left by its last subscriber counts 0");
+        assert!(hub.add("c", 1, o.clone()).is_ok());
+        hub.remove("c", 1);
+        let mut c = hub.take_counts(true);
+        c.sort();
+        assert_eq!(c, [("a".to_owned(), 1), ("c".to_owned(), 0)], "all: every channel, and the changed ones gone");
     }
 
     #[tokio::test]

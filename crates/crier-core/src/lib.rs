@@ -22,12 +22,15 @@ pub mod node;
 pub mod outbox;
 pub mod registry;
 
-pub use broker::{Broker, BrokerError, BrokerHandler, History, MemoryBroker, NodeInfo, Publication, PublishResult};
+pub use broker::{
+    Broker, BrokerError, BrokerHandler, ChannelCount, ConnectionInfo, History, MemoryBroker, NodeInfo, PresenceEvent,
+    PresenceStats, Publication, PublishResult, Revocation, TransportCounts, UserOp, UserOpReply,
+};
 pub use hub::Hub;
 pub use namespace::{ChannelPolicy, Namespaces};
 pub use node::{Node, SubscribeError};
-pub use outbox::{Beat, Close, Next, Out, Outbox, Push, clock_ms};
-pub use registry::Registry;
+pub use outbox::{Beat, Close, Command, Next, Out, Outbox, Push, clock_ms};
+pub use registry::{Registry, Transport, UserConnection};
 
 /// A connection's id, unique within a node.
 pub type ConnId = u64;

@@ -10,6 +10,7 @@
 //! not read can never slow the publisher or any other subscriber. Critical sections are a few
 //! pointer moves; no lock is held across an await.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -17,7 +18,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
-use crier_protocol::{CloseCode, Encoding};
+use crier_protocol::{CloseCode, Encoding, StreamPosition};
 
 /// An item for the writer.
 #[derive(Debug, Clone)]
@@ -35,9 +36,25 @@ pub enum Out {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Close {
     pub code: CloseCode,
-    /// The close frame's reason ([`CloseCode::reason`] for closes asked of the outbox).
-    pub reason: &'static str,
+    /// The close frame's reason ([`CloseCode::reason`], or the one given to
+    /// [`Outbox::close_with`]).
+    pub reason: Cow<'static, str>,
 }
+
+/// A server-side request for the connection's own session (REST `subscribe`/`unsubscribe`, the
+/// token's `subs` claim): the connection's task takes it ([`Outbox::poll_command`]) when no
+/// request of its own is in flight and runs it on its session, in order with its other frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Subscribe the connection to `channel` (the server's word: no token check), recovering
+    /// from `recover` when given.
+    Subscribe { channel: Box<str>, recover: Option<StreamPosition> },
+    /// Unsubscribe the connection from `channel`.
+    Unsubscribe { channel: Box<str> },
+}
+
+/// Commands that may wait in one outbox; more are refused ([`Outbox::command`] returns false).
+pub const MAX_COMMANDS: usize = 256;
 
 /// Result of a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +86,9 @@ struct State {
     waker: Option<Waker>,
     /// A producer parked until the queue has room ([`Outbox::room`]: paced recovery).
     room: Option<Waker>,
+    /// Server commands waiting for the connection's task (boxed: one pointer while none wait).
+    #[allow(clippy::box_collection)]
+    commands: Option<Box<VecDeque<Command>>>,
 }
 
 impl State {
@@ -229,7 +249,10 @@ impl Outbox {
             s.bytes = 0;
             s.closing = true;
             s.aborted = true;
-            s.close = Some(Close { code: CloseCode::SLOW_CONSUMER, reason: CloseCode::SLOW_CONSUMER.reason() });
+            s.close = Some(Close {
+                code: CloseCode::SLOW_CONSUMER,
+                reason: Cow::Borrowed(CloseCode::SLOW_CONSUMER.reason()),
+            });
             let wakers = s.take_wakers();
             drop(s);
             wakers.into_iter().for_each(wake);
@@ -274,6 +297,12 @@ impl Outbox {
     /// are written first; otherwise they are dropped. The first close wins; returns whether this
     /// one did.
     pub fn close(&self, code: CloseCode) -> bool {
+        self.close_with(code, Cow::Borrowed(code.reason()))
+    }
+
+    /// [`Outbox::close`] with a reason of the caller's (REST `disconnect`; at most 123 bytes,
+    /// what a close frame holds — the caller checks).
+    pub fn close_with(&self, code: CloseCode, reason: Cow<'static, str>) -> bool {
         let flush = code.flushes_queue();
         let mut s = self.lock();
         if s.closing {
@@ -285,7 +314,8 @@ impl Outbox {
             s.bytes = 0;
             s.aborted = true;
         }
-        s.close = Some(Close { code, reason: code.reason() });
+        s.commands = None;
+        s.close = Some(Close { code, reason });
         let wakers = s.take_wakers();
         drop(s);
         wakers.into_iter().for_each(wake);
@@ -382,10 +412,52 @@ impl Outbox {
         }
         if s.closing {
             // The close was already handed out; nothing else will come.
-            return Poll::Ready(Next::Close(Close { code: CloseCode::NORMAL, reason: "" }));
+            return Poll::Ready(Next::Close(Close { code: CloseCode::NORMAL, reason: Cow::Borrowed("") }));
         }
         s.waker = Some(cx.waker().clone());
         Poll::Pending
+    }
+
+    /// Queues a server command for the connection's task (and wakes it); `false` when the
+    /// outbox is closing or [`MAX_COMMANDS`] already wait.
+    pub fn command(&self, command: Command) -> bool {
+        let mut s = self.lock();
+        if s.closing {
+            return false;
+        }
+        let queue = s.commands.get_or_insert_with(Box::default);
+        if queue.len() >= MAX_COMMANDS {
+            return false;
+        }
+        queue.push_back(command);
+        let waker = s.take_waker();
+        drop(s);
+        wake(waker);
+        true
+    }
+
+    /// `Ready` while a server command waits ([`Outbox::take_command`] takes it); otherwise parks
+    /// the caller (the connection's task, in the same waker slot as [`Outbox::poll_next`]: call
+    /// both in one poll, this one first). Never ready once the outbox is closing. (A signal, not
+    /// the command: what the task holds across its idle wait stays small.)
+    pub fn poll_command(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.lock();
+        if s.commands.as_ref().is_some_and(|q| !q.is_empty()) {
+            return Poll::Ready(());
+        }
+        s.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// The next server command, if one waits.
+    pub fn take_command(&self) -> Option<Command> {
+        let mut s = self.lock();
+        let queue = s.commands.as_mut()?;
+        let command = queue.pop_front();
+        if queue.is_empty() {
+            s.commands = None;
+        }
+        command
     }
 
     /// Async form of [`Outbox::poll_next`].
@@ -443,6 +515,30 @@ mod tests {
         // Bounded: a lost wake-up fails the test instead of hanging it.
         let woken = tokio::time::timeout(std::time::Duration::from_secs(10), writer).await;
         assert_eq!(woken.ok().and_then(Result::ok), Some(1), "the push woke the waiting writer within 10s");
+    }
+
+    #[tokio::test]
+    async fn commands_wake_the_task_queue_in_order_are_bounded_and_end_with_a_close() {
+        let o = std::sync::Arc::new(Outbox::new(100));
+        let o2 = o.clone();
+        let task = tokio::spawn(async move {
+            std::future::poll_fn(|cx| o2.poll_command(cx)).await;
+            o2.take_command()
+        });
+        tokio::task::yield_now().await;
+        let sub = Command::Subscribe { channel: "a".into(), recover: None };
+        assert!(o.command(sub.clone()));
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(10), task).await;
+        assert_eq!(woken.ok().and_then(Result::ok), Some(Some(sub)), "the command woke the task within 10s");
+        assert_eq!(o.take_command(), None);
+        for i in 0..MAX_COMMANDS {
+            assert!(o.command(Command::Unsubscribe { channel: i.to_string().into() }));
+        }
+        assert!(!o.command(Command::Unsubscribe { channel: "over".into() }), "bounded");
+        assert_eq!(o.take_command(), Some(Command::Unsubscribe { channel: "0".into() }), "in order");
+        o.close(CloseCode::DISCONNECTED);
+        assert_eq!(o.take_command(), None, "a close drops what waits");
+        assert!(!o.command(Command::Unsubscribe { channel: "late".into() }));
     }
 
     #[test]

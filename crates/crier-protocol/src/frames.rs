@@ -51,6 +51,11 @@ pub enum ClientFrame<'a> {
         id: Option<u64>,
         channel: Cow<'a, str>,
     },
+    /// How many clients and distinct users are in a channel's presence.
+    PresenceStats {
+        id: Option<u64>,
+        channel: Cow<'a, str>,
+    },
     History {
         id: Option<u64>,
         channel: Cow<'a, str>,
@@ -68,6 +73,7 @@ impl ClientFrame<'_> {
             | ClientFrame::Ping { id }
             | ClientFrame::Refresh { id, .. }
             | ClientFrame::Presence { id, .. }
+            | ClientFrame::PresenceStats { id, .. }
             | ClientFrame::History { id, .. } => *id,
         }
     }
@@ -81,6 +87,7 @@ impl ClientFrame<'_> {
             ClientFrame::Ping { .. } => "ping",
             ClientFrame::Refresh { .. } => "refresh",
             ClientFrame::Presence { .. } => "presence",
+            ClientFrame::PresenceStats { .. } => "presence_stats",
             ClientFrame::History { .. } => "history",
         }
     }
@@ -163,6 +170,7 @@ pub fn decode<'a>(text: &'a str) -> Result<ClientFrame<'a>, FrameError> {
             None => return Err(FrameError::new(id, ErrorCode::BadRequest, "missing field `token`")),
         },
         "presence" => ClientFrame::Presence { id, channel: channel(env.channel)? },
+        "presence_stats" => ClientFrame::PresenceStats { id, channel: channel(env.channel)? },
         "history" => ClientFrame::History { id, channel: channel(env.channel)?, since: env.since, limit: env.limit },
         other => {
             let shown: String = other.chars().take(32).collect();
@@ -294,6 +302,25 @@ pub fn encode_message(channel: &str, epoch: &str, offset: u64, data: &str) -> By
     Bytes::from(out)
 }
 
+/// Builds a `join` or `leave` frame (`kind`) from a presence entry's JSON (`entry_json`, an
+/// object such as `{"client":"..","user":"..","node":".."}`): `{"type":<kind>,"channel":<c>,`
+/// followed by the entry's fields. Join/leave frames are not messages: no offset, no history.
+/// The Redis broker builds the same bytes in Lua (its presence scripts), so both brokers send
+/// identical frames.
+pub fn encode_presence_event(kind: &str, channel: &str, entry_json: &str) -> Bytes {
+    let fields = entry_json.strip_prefix('{').unwrap_or("}");
+    let mut out = Vec::with_capacity(32 + channel.len() + entry_json.len());
+    out.extend_from_slice(br#"{"type":""#);
+    out.extend_from_slice(kind.as_bytes());
+    out.extend_from_slice(br#"","channel":"#);
+    push_json_str(&mut out, channel);
+    if fields != "}" {
+        out.push(b',');
+    }
+    out.extend_from_slice(fields.as_bytes());
+    Bytes::from(out)
+}
+
 fn push_json_str(out: &mut Vec<u8>, s: &str) {
     // Serialising a &str into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
@@ -353,6 +380,15 @@ pub enum ServerFrame<'a> {
         channel: &'a str,
         clients: &'a [PresenceEntry],
     },
+    /// Reply to `presence_stats`: clients in the channel's presence and their distinct users.
+    #[serde(rename = "presence_stats")]
+    PresenceStats {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        channel: &'a str,
+        clients: u64,
+        users: u64,
+    },
     /// Pushed when messages of a subscribed channel were lost and cannot be recovered (a broker
     /// outage longer than the history, or the history itself lost): live messages continue at
     /// `epoch`/`offset`; the client should resync the channel from its source of truth.
@@ -366,6 +402,19 @@ pub enum ServerFrame<'a> {
     Unsubscribed {
         channel: &'a str,
         reason: &'a str,
+        /// `Some(true)` when the backend ended it (REST `unsubscribe`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        server: Option<bool>,
+    },
+    /// Pushed when the server subscribes the connection by itself (REST `subscribe`, the token's
+    /// `subs` claim): the channel's position as a subscribe `ack` gives it, `server: true`.
+    Subscribed {
+        channel: &'a str,
+        epoch: &'a str,
+        offset: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+        server: bool,
     },
 }
 
@@ -460,6 +509,9 @@ mod tests {
         assert!(matches!(decode(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping { id: None })));
         assert!(matches!(decode(r#"{"type":"refresh","token":"t"}"#), Ok(ClientFrame::Refresh { .. })));
         assert!(matches!(decode(r#"{"type":"presence","channel":"c"}"#), Ok(ClientFrame::Presence { .. })));
+        let f = decode(r#"{"type":"presence_stats","id":7,"channel":"c"}"#);
+        assert!(matches!(f, Ok(ClientFrame::PresenceStats { id: Some(7), .. })));
+        assert_eq!(decode(r#"{"type":"presence_stats"}"#).map(|_| ()).map_err(|e| e.code), Err(ErrorCode::BadRequest));
         let f = decode(r#"{"type":"history","channel":"c","since":{"epoch":"e","offset":3},"limit":5,"extra":true}"#);
         assert!(matches!(f, Ok(ClientFrame::History { limit: Some(5), since: Some(_), .. })));
     }
@@ -520,5 +572,21 @@ mod tests {
             v(&encode_history(None, "c", "e", 0, &[], None)),
             json!({"type":"history","channel":"c","epoch":"e","offset":0,"messages":[]})
         );
+    }
+
+    #[test]
+    fn presence_events_and_stats_frames() {
+        let entry = PresenceEntry { client: "n-1-2".into(), user: "u\"1".into(), node: "n".into() };
+        let json = serde_json::to_string(&entry).unwrap_or_default();
+        let f = encode_presence_event("join", "chat:lobby", &json);
+        assert_eq!(
+            std::str::from_utf8(&f).unwrap_or_default(),
+            r#"{"type":"join","channel":"chat:lobby","client":"n-1-2","user":"u\"1","node":"n"}"#
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&encode_presence_event("leave", "c", "{}")).unwrap_or_default();
+        assert_eq!(v, serde_json::json!({"type":"leave","channel":"c"}));
+        let stats = ServerFrame::PresenceStats { id: Some(7), channel: "c", clients: 3, users: 2 }.encode();
+        assert_eq!(&stats[..], br#"{"type":"presence_stats","id":7,"channel":"c","clients":3,"users":2}"#);
     }
 }

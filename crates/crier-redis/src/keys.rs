@@ -57,6 +57,12 @@ impl Keys {
         (format!("{}:{{{channel}}}:pres", self.prefix), format!("{}:{{{channel}}}:pres:data", self.prefix))
     }
 
+    /// HASH user → how many of the channel's live presence members are that user's
+    /// (`presence_stats`: `users` is its `HLEN`).
+    pub(crate) fn presence_users(&self, channel: &str) -> String {
+        format!("{}:{{{channel}}}:pres:users", self.prefix)
+    }
+
     /// ZSET member → expiry (ms): a user's live connections, cluster-wide.
     pub(crate) fn connections(&self, user: &str) -> String {
         format!("{}:user:{{{user}}}:conns", self.prefix)
@@ -75,6 +81,13 @@ impl Keys {
         (format!("{}:nodes", self.prefix), format!("{}:nodes:info", self.prefix))
     }
 
+    /// ZSET channel → 0 (name order, for `ZRANGEBYLEX`) and HASH channel → subscribers: the
+    /// channels a node has local subscribers on, as it last mirrored them. Both under the
+    /// node's own hash tag `{node:<node>}`; they expire with the node's registry entry.
+    pub(crate) fn node_channels(&self, node: &str) -> (String, String) {
+        (format!("{}:{{node:{node}}}:chans", self.prefix), format!("{}:{{node:{node}}}:chans:n", self.prefix))
+    }
+
     /// The pub/sub channel carrying `channel`'s publications.
     pub(crate) fn pubsub(&self, channel: &str) -> String {
         if self.cluster {
@@ -91,6 +104,17 @@ impl Keys {
     /// The node-wide control channel (user disconnects).
     pub(crate) fn control(&self) -> String {
         format!("{}:control", self.prefix)
+    }
+
+    /// The pub/sub channel on which broker instance `instance` hears the other nodes' replies to
+    /// its server-side control operations.
+    pub(crate) fn reply(&self, instance: &str) -> String {
+        format!("{}:reply:{instance}", self.prefix)
+    }
+
+    /// ZSET user → `before` (Unix seconds): token revocations in force.
+    pub(crate) fn revoked(&self) -> String {
+        format!("{}:revoked", self.prefix)
     }
 
     /// The crier channel behind a pub/sub channel name, if it is one of ours.
@@ -112,10 +136,14 @@ mod tests {
         assert_eq!(k.history("chat:lobby"), "crier:{chat:lobby}:hist");
         assert_eq!(k.idempotency("c", "k1"), "crier:{c}:idem:k1");
         assert_eq!(k.presence("c"), ("crier:{c}:pres".to_owned(), "crier:{c}:pres:data".to_owned()));
+        assert_eq!(k.presence_users("c"), "crier:{c}:pres:users");
         assert_eq!(k.connections("u1"), "crier:user:{u1}:conns");
         assert_eq!(k.nodes(), ("crier:nodes".to_owned(), "crier:nodes:info".to_owned()));
         assert_eq!(k.pubsub("chat:lobby"), "crier:ch:chat:lobby");
         assert_eq!(k.control(), "crier:control");
+        assert_eq!(k.reply("i1"), "crier:reply:i1");
+        assert_eq!(k.revoked(), "crier:revoked");
+        assert_eq!(k.channel_of(b"crier:reply:i1"), None);
         assert_eq!(k.channel_of(b"crier:ch:chat:lobby"), Some("chat:lobby"));
         assert_eq!(k.channel_of(b"crier:control"), None);
         assert_eq!(k.channel_of(b"other:ch:x"), None);
@@ -124,5 +152,6 @@ mod tests {
         assert_eq!(k.channel_of(b"crier:ch:{chat:lobby}"), Some("chat:lobby"));
         assert_eq!(k.nodes(), ("crier:{nodes}".to_owned(), "crier:{nodes}:info".to_owned()));
         assert_eq!(k.meta("c"), "crier:{c}:meta");
+        assert_eq!(k.node_channels("n1"), ("crier:{node:n1}:chans".to_owned(), "crier:{node:n1}:chans:n".to_owned()));
     }
 }

@@ -38,8 +38,11 @@
 //! |---|---|---|---|
 //! | `crier:{<channel>}:idem:<key>` | STRING | `epoch:offset` of the first publish with that key | 300s |
 //! | `crier:{<channel>}:pres` / `:pres:data` | ZSET / HASH | member → expiry ms / entry JSON | `presence_ttl` (30s), refreshed by the owning node |
+//! | `crier:{<channel>}:pres:users` | HASH | user → that user's live members in the channel (`presence_stats`: `HLEN`; kept by the presence scripts only, so entries written by nodes older than it are not counted in `users` until they are re-added) | as the presence keys |
 //! | `crier:user:{<user>}:conns` | ZSET | member → expiry ms | `presence_ttl`, refreshed |
 //! | `crier:nodes` / `crier:nodes:info` | ZSET / HASH | node → expiry ms / `NodeInfo` JSON | `node_ttl` (30s), refreshed; on a Cluster `crier:{nodes}` / `crier:{nodes}:info` |
+//! | `crier:{node:<node>}:chans` / `:chans:n` | ZSET / HASH | channel → 0 (name order, `ZRANGEBYLEX`) / channel → the node's local subscribers | `node_ttl`, pushed out by each report (once a second); the channel listing reads the live nodes' pages (one script call per node: one hash tag each) and merges them |
+//! | `crier:revoked` | ZSET | user → `before` (Unix s): token revocations (`UserOp::Invalidate`, ZADD GT) | `revocation_ttl` (7d) after the last write; older members pruned on write |
 //!
 //! The meta HASH also holds `gen`: the run id of the server process that last published on the
 //! channel (Sentinel, Cluster; see `scripts::PUBLISH`). The slack is a tenth of `history_ttl`,
@@ -48,8 +51,11 @@
 //!
 //! Pub/sub channels: `crier:ch:<channel>` (on a Cluster the shard channel `crier:ch:{<channel>}`,
 //! SPUBLISH/SSUBSCRIBE) carries the channel's publications (payload
-//! `offset:epoch:published_at_us:<message frame>`); `crier:control` carries node-wide control
-//! messages (user disconnects). Presence and connection members are `<broker instance>/<client>`.
+//! `offset:epoch:published_at_us:<message frame>`, or `e:<join/leave frame>` from the presence
+//! scripts on channels with `join_leave`: not a publication, handed on without offset checks);
+//! `crier:control` carries node-wide control messages (user disconnects, and `Broker::user_op`'s
+//! operations, each node answering on `crier:reply:<broker instance>` of the caller, which every
+//! instance subscribes to). Presence and connection members are `<broker instance>/<client>`.
 //!
 //! # Publishing
 //! A node's publishes go to one task (`publisher.rs`) that sends them as calls of one Lua
@@ -127,7 +133,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use crier_core::broker::{IDEMPOTENCY_WINDOW, PublishOptions};
-use crier_core::{Broker, BrokerError, BrokerHandler, History, Namespaces, NodeInfo, PublishResult};
+use crier_core::{
+    Broker, BrokerError, BrokerHandler, ChannelCount, History, Namespaces, NodeInfo, PresenceStats, PublishResult,
+    Revocation, UserOp, UserOpReply,
+};
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -177,6 +186,9 @@ pub struct RedisOptions {
     /// How long [`RedisBroker::connect`] waits for a first connection before returning with
     /// `is_up() == false`. Default 2s.
     pub connect_wait: Duration,
+    /// How long a token revocation is kept after its `before` (the longest token lifetime).
+    /// Default 7 days.
+    pub revocation_ttl: Duration,
 }
 
 impl RedisOptions {
@@ -198,6 +210,7 @@ impl RedisOptions {
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_secs(2),
             connect_wait: Duration::from_secs(2),
+            revocation_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }
 
@@ -248,9 +261,19 @@ pub struct RedisBroker {
     /// Publish script calls made (each carries one or more messages).
     publish_calls: Arc<AtomicU64>,
     command_timeout: Duration,
+    /// Expiry of the node registry entry, and of a node's channel counts.
+    node_ttl: Duration,
+    revocation_ttl: Duration,
+    /// Ids of this instance's control operations (replies are matched by it).
+    next_op: AtomicU64,
     up: watch::Receiver<bool>,
     /// Dropped with the broker: stops the background tasks.
     _shutdown: watch::Sender<()>,
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// A duration in whole milliseconds, at least 1 (Redis expiries of 0 mean "now").
@@ -297,6 +320,8 @@ impl RedisBroker {
             instance,
             commands: commands.clone(),
             setting_problem: Default::default(),
+            node: opts.node_id.clone(),
+            replies: Default::default(),
         });
         let (shutdown, shutdown_rx) = watch::channel(());
         let (pubsub, commands_rx) = mpsc::channel(1024);
@@ -329,6 +354,7 @@ impl RedisBroker {
             shared.instance.clone(),
             opts.presence_ttl,
             opts.node_ttl,
+            opts.namespaces.clone(),
         ));
         tokio::spawn(presence::refresh_loop(state.clone(), shutdown_rx.clone()));
         let publish_calls = Arc::new(AtomicU64::new(0));
@@ -370,6 +396,9 @@ impl RedisBroker {
             publisher,
             publish_calls,
             command_timeout: t,
+            node_ttl: opts.node_ttl,
+            revocation_ttl: opts.revocation_ttl,
+            next_op: AtomicU64::new(0),
             up,
             _shutdown: shutdown,
         }))
@@ -479,6 +508,10 @@ impl Broker for RedisBroker {
         self.state.presence(channel).await
     }
 
+    async fn presence_stats(&self, channel: &str) -> Result<PresenceStats, BrokerError> {
+        self.state.presence_stats(channel).await
+    }
+
     async fn connection_opened(&self, user: &str, client: &str) -> Result<u64, BrokerError> {
         self.state.connection_opened(user, client).await
     }
@@ -496,6 +529,9 @@ impl Broker for RedisBroker {
             op: pubsub::DISCONNECT_USER.into(),
             user: user.to_owned(),
             origin: self.shared.instance.clone(),
+            cmd: None,
+            id: 0,
+            reply: None,
         };
         let msg = serde_json::to_string(&msg).map_err(|e| BrokerError::Internal(e.to_string()))?;
         let mut publish = redis::cmd("PUBLISH");
@@ -503,6 +539,96 @@ impl Broker for RedisBroker {
         self.commands.query(&publish).await?;
         let here = self.shared.handler.get().map_or(0, |h| h.on_disconnect_user(user)) as u64;
         Ok(count.max(here))
+    }
+
+    /// Stores a revocation first (ZADD GT: a later `before` wins), then publishes the operation
+    /// on the control channel with this instance's reply channel, applies it here, and waits —
+    /// within `command_timeout` — for a reply from each other node: as many as received the
+    /// control message (PUBLISH's count, minus this one; on a Cluster, where PUBLISH counts one
+    /// server's subscribers only, the other live nodes of the node registry).
+    async fn user_op(&self, user: &str, op: &UserOp) -> Result<UserOpReply, BrokerError> {
+        if let UserOp::Invalidate { before } = op {
+            let mut add = redis::cmd("ZADD");
+            add.arg(self.keys.revoked()).arg("GT").arg(*before).arg(user);
+            self.commands.query(&add).await?;
+            let mut expire = redis::cmd("EXPIRE");
+            expire.arg(self.keys.revoked()).arg(self.revocation_ttl.as_secs().max(1));
+            self.commands.query(&expire).await?;
+            let stale = unix_now().saturating_sub(self.revocation_ttl.as_secs());
+            let mut prune = redis::cmd("ZREMRANGEBYSCORE");
+            prune.arg(self.keys.revoked()).arg("-inf").arg(format!("({stale}"));
+            self.commands.query(&prune).await?;
+        }
+        let id = self.next_op.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let replies = &self.shared.replies;
+        replies.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+        // Removes the wait on every path (an error, or the caller dropping this future).
+        struct Forget<'a>(&'a pubsub::Shared, u64);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                self.0.replies.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+            }
+        }
+        let _forget = Forget(&self.shared, id);
+        let others: Option<std::collections::HashSet<String>> = if self.keys.is_cluster() {
+            let nodes = self.state.nodes().await?;
+            Some(nodes.into_iter().map(|n| n.node).filter(|n| *n != self.shared.node).collect())
+        } else {
+            None
+        };
+        let msg = pubsub::Control {
+            op: pubsub::USER_OP.into(),
+            user: user.to_owned(),
+            origin: self.shared.instance.clone(),
+            cmd: Some(op.clone()),
+            id,
+            reply: Some(self.keys.reply(&self.shared.instance)),
+        };
+        let msg = serde_json::to_string(&msg).map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(self.keys.control()).arg(msg);
+        let received = match self.commands.query(&publish).await? {
+            redis::Value::Int(n) => usize::try_from(n).unwrap_or(0),
+            _ => 0,
+        };
+        let mut total = self.shared.handler.get().map(|h| h.on_user_op(user, op)).unwrap_or_default();
+        // This instance's own subscription received it too (when its pub/sub is connected).
+        let expected = match &others {
+            Some(others) => others.len(),
+            None => received.saturating_sub(usize::from(self.is_up())),
+        };
+        let mut heard = std::collections::HashSet::new();
+        let deadline = tokio::time::Instant::now() + self.command_timeout;
+        while heard.len() < expected {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(reply)) => {
+                    let from = if reply.instance.is_empty() { reply.node } else { reply.instance };
+                    if heard.insert(from) {
+                        total.merge(reply.reply);
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        answered = heard.len(),
+                        expected,
+                        "not every node answered a control operation in time; counting the answers"
+                    );
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    async fn revocations(&self, since: u64) -> Result<Vec<Revocation>, BrokerError> {
+        let mut range = redis::cmd("ZRANGEBYSCORE");
+        range.arg(self.keys.revoked()).arg(since).arg("+inf").arg("WITHSCORES");
+        let reply = self.commands.query(&range).await?;
+        let pairs: Vec<(String, f64)> = redis::from_redis_value(reply)
+            .map_err(|e| BrokerError::Internal(format!("unexpected revocations reply: {e}")))?;
+        Ok(pairs.into_iter().map(|(user, before)| Revocation { user, before: before.max(0.0) as u64 }).collect())
     }
 
     async fn report_node(&self, info: &NodeInfo) -> Result<(), BrokerError> {
@@ -539,4 +665,77 @@ impl Broker for RedisBroker {
     fn shares_rate_limits(&self) -> bool {
         true
     }
+
+    // --- The cluster's channels and history deletion (issue 19, part D). ---
+
+    async fn report_channels(&self, node: &str, counts: &[(String, u64)], full: bool) -> Result<bool, BrokerError> {
+        let (z, h) = self.keys.node_channels(node);
+        // Bounded calls: a node's first report may hold every one of its channels.
+        let mut chunks = counts.chunks(REPORT_CHUNK).peekable();
+        let mut first = true;
+        let mut held = true;
+        while first || chunks.peek().is_some() {
+            let chunk = chunks.next().unwrap_or_default();
+            let mut inv = self.scripts.channels_report.key(&z);
+            inv.key(&h).arg(millis(self.node_ttl)).arg(if full && first { "1" } else { "0" });
+            for (channel, n) in chunk {
+                inv.arg(channel).arg(*n);
+            }
+            let reply = self.commands.invoke(&inv).await?;
+            if first {
+                held = scripts::int(&reply) == Some(1);
+            }
+            first = false;
+        }
+        Ok(held)
+    }
+
+    async fn channels(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ChannelCount>, BrokerError> {
+        let start = match after {
+            Some(a) if a >= prefix => format!("({a}"),
+            _ if prefix.is_empty() => "-".to_owned(),
+            _ => format!("[{prefix}"),
+        };
+        let nodes = self.state.nodes().await?;
+        let pages = futures_util::future::try_join_all(nodes.iter().map(|n| {
+            let (z, h) = self.keys.node_channels(&n.node);
+            let mut inv = self.scripts.channels_page.key(z);
+            inv.key(h).arg(&start).arg(prefix).arg(limit);
+            async move { self.commands.invoke(&inv).await }
+        }))
+        .await?;
+        // Each node's page is its first `limit` channels after the start: the first `limit`
+        // names of the union are all in it, with every node's count (see `Broker::channels`).
+        let mut merged = std::collections::BTreeMap::<String, u64>::new();
+        for page in pages {
+            let redis::Value::Array(items) = page else { continue };
+            for pair in items.chunks_exact(2) {
+                let name = scripts::bulk(&pair[0]).and_then(|b| std::str::from_utf8(b).ok());
+                let n = scripts::int(&pair[1]).and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
+                if let Some(name) = name
+                    && n > 0
+                {
+                    *merged.entry(name.to_owned()).or_default() += n;
+                }
+            }
+        }
+        Ok(merged.into_iter().take(limit).map(|(channel, subscribers)| ChannelCount { channel, subscribers }).collect())
+    }
+
+    async fn delete_history(&self, channel: &str) -> Result<(), BrokerError> {
+        // Both keys share the channel's hash tag. Without its meta, the channel's next publish
+        // or read creates a new epoch; subscribed nodes see it on the next publication and
+        // gap-fill, find the epoch changed and tell their subscribers (`on_gap`).
+        let mut del = redis::cmd("DEL");
+        del.arg(self.keys.meta(channel)).arg(self.keys.history(channel));
+        self.commands.query(&del).await.map(drop)
+    }
 }
+
+/// Channels per call of the report script.
+const REPORT_CHUNK: usize = 1000;

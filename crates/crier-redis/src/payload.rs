@@ -10,6 +10,19 @@ use std::sync::Arc;
 use bytes::Bytes;
 use crier_core::Publication;
 
+/// A `join`/`leave` payload (`e:<frame>`, published by the presence scripts): its client and
+/// frame, sliced from the payload. `None` when the payload is not an event.
+pub(crate) fn presence_event(payload: &Bytes) -> Option<crier_core::PresenceEvent> {
+    let frame = payload.strip_prefix(b"e:")?;
+    #[derive(serde::Deserialize)]
+    struct Client<'a> {
+        #[serde(borrow)]
+        client: std::borrow::Cow<'a, str>,
+    }
+    let c: Client<'_> = serde_json::from_slice(frame).ok()?;
+    Some(crier_core::PresenceEvent { client: c.client.into_owned(), frame: payload.slice(2..) })
+}
+
 /// The parsed header of a payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Header<'a> {
@@ -70,6 +83,17 @@ mod tests {
         raw.extend_from_slice(&frame);
         let p = publication(Bytes::from(raw), Some(&known)).unwrap_or_else(|| panic!("parses"));
         assert!(Arc::ptr_eq(&p.epoch, &known), "the known epoch is reused");
+    }
+
+    #[test]
+    fn presence_events_are_told_apart_from_publications() {
+        let raw = Bytes::from_static(br#"e:{"type":"join","channel":"c","client":"n-1-2","user":"u","node":"n"}"#);
+        let e = presence_event(&raw).unwrap_or_else(|| panic!("an event"));
+        assert_eq!(e.client, "n-1-2");
+        assert_eq!(&e.frame[..], &raw[2..]);
+        assert!(header(&raw).is_none(), "never taken for a publication");
+        assert!(presence_event(&Bytes::from_static(b"e:{}")).is_none());
+        assert!(presence_event(&Bytes::from_static(b"1:e:1:{}")).is_none());
     }
 
     #[test]

@@ -12,8 +12,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crier_core::{BrokerError, NodeInfo};
+use crier_core::{BrokerError, Namespaces, NodeInfo, PresenceStats};
 use crier_protocol::frames::PresenceEntry;
+use futures_util::StreamExt;
 use redis::Value;
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -24,6 +25,8 @@ use crate::scripts::{Scripts, bulk, int};
 
 /// Refresh calls per pipeline.
 const REFRESH_BATCH: usize = 500;
+/// Join/leave sweeps of different channels in flight at once.
+const SWEEP_CONCURRENCY: usize = 16;
 
 /// `channel NUL client` → (user, node) of a presence entry: the channel and the client in one
 /// allocation (a channel name has no NUL, so the first one separates them; [`presence_key`]).
@@ -79,6 +82,13 @@ struct StoredNode {
     /// Absent in entries written by nodes before rebalancing: those count as ready.
     #[serde(default = "ready_by_default")]
     ready: bool,
+    /// Absent in entries written by nodes before the admin page's details: zeros.
+    #[serde(default)]
+    uptime_s: u64,
+    #[serde(default)]
+    transports: crier_core::TransportCounts,
+    #[serde(default)]
+    memory_bytes: u64,
 }
 
 fn ready_by_default() -> bool {
@@ -93,6 +103,7 @@ pub(crate) struct ClusterState {
     instance: String,
     presence_ttl: Duration,
     node_ttl: Duration,
+    namespaces: Arc<Namespaces>,
     local: Mutex<Local>,
 }
 
@@ -106,8 +117,23 @@ impl ClusterState {
         instance: String,
         presence_ttl: Duration,
         node_ttl: Duration,
+        namespaces: Arc<Namespaces>,
     ) -> ClusterState {
-        ClusterState { commands, keys, scripts, instance, presence_ttl, node_ttl, local: Mutex::default() }
+        ClusterState { commands, keys, scripts, instance, presence_ttl, node_ttl, namespaces, local: Mutex::default() }
+    }
+
+    /// The pub/sub channel a presence script announces `channel`'s joins and leaves on: `''`
+    /// when its policy has no `join_leave`.
+    fn events_to(&self, channel: &str) -> String {
+        if self.namespaces.policy(channel).join_leave { self.keys.pubsub(channel) } else { String::new() }
+    }
+
+    /// A presence script call on `channel`'s three keys.
+    fn presence_call<'a>(&self, script: &'a redis::Script, channel: &str) -> redis::ScriptInvocation<'a> {
+        let (z, h) = self.keys.presence(channel);
+        let mut inv = script.key(z);
+        inv.key(h).key(self.keys.presence_users(channel));
+        inv
     }
 
     fn local(&self) -> MutexGuard<'_, Local> {
@@ -132,32 +158,75 @@ impl ClusterState {
     pub(crate) async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry) -> Result<u64, BrokerError> {
         let json = serde_json::to_string(entry).map_err(|e| BrokerError::Internal(e.to_string()))?;
         let member = self.member(&entry.client);
-        let (z, h) = self.keys.presence(channel);
         // Remembered first: if Redis is down now, the refresh adds it once Redis is back.
         {
             let mut local = self.local();
             let node = local.node_name(&entry.node);
             local.presence.insert(presence_key(channel, &entry.client), (entry.user.as_str().into(), node));
         }
-        let mut inv = self.scripts.ttl_add.key(&z);
-        inv.key(&h).arg(&member).arg(ms(self.presence_ttl)).arg(&json);
+        let mut inv = self.presence_call(&self.scripts.pres_add, channel);
+        inv.arg(&member).arg(ms(self.presence_ttl)).arg(&json);
+        inv.arg(self.keys.publish_command()).arg(self.events_to(channel)).arg(channel);
         count(&self.commands.invoke(&inv).await?)
     }
 
     pub(crate) async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
         let member = self.member(client);
         self.local().presence.remove(&presence_key(channel, client));
-        let (z, h) = self.keys.presence(channel);
-        let mut inv = self.scripts.ttl_remove.key(&z);
-        inv.key(&h).arg(&member);
+        let mut inv = self.presence_call(&self.scripts.pres_remove, channel);
+        inv.arg(&member).arg(self.keys.publish_command()).arg(self.events_to(channel)).arg(channel);
         self.commands.invoke(&inv).await.map(drop)
     }
 
+    /// A sweeping read of `channel`'s presence (`list` or `stats`, see `scripts::PRES_READ`).
+    async fn presence_read(&self, channel: &str, what: &str) -> Result<Value, BrokerError> {
+        let mut inv = self.presence_call(&self.scripts.pres_read, channel);
+        inv.arg(self.keys.publish_command()).arg(self.events_to(channel)).arg(channel).arg(what);
+        self.commands.invoke(&inv).await
+    }
+
     pub(crate) async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError> {
-        let (z, h) = self.keys.presence(channel);
-        let mut inv = self.scripts.ttl_list.key(&z);
-        inv.key(&h);
-        Ok(json_values::<PresenceEntry>(&self.commands.invoke(&inv).await?))
+        Ok(json_values::<PresenceEntry>(&self.presence_read(channel, "list").await?))
+    }
+
+    /// One script call: expired members swept (their leaves announced), then `ZCARD` and `HLEN`.
+    pub(crate) async fn presence_stats(&self, channel: &str) -> Result<PresenceStats, BrokerError> {
+        let v = self.presence_read(channel, "stats").await?;
+        let bad = || BrokerError::Internal("unexpected reply from redis: presence stats".into());
+        let Value::Array(items) = v else { return Err(bad()) };
+        match items.as_slice() {
+            [clients, users] => Ok(PresenceStats { clients: count(clients)?, users: count(users)? }),
+            _ => Err(bad()),
+        }
+    }
+
+    /// Sweeps the presence of every channel with join/leave where this node has members, so
+    /// that a dead node's members are announced (`leave`) within a refresh period of their
+    /// expiry. Every node does it; the sweep and its leaves are one script, so each expired
+    /// member is announced once, by whichever node swept it first.
+    pub(crate) async fn sweep_join_leave(&self) -> Result<(), BrokerError> {
+        let channels: HashSet<String> = {
+            let local = self.local();
+            local
+                .presence
+                .keys()
+                .map(|k| split_presence_key(k).0)
+                .filter(|c| self.namespaces.policy(c).join_leave)
+                .map(str::to_owned)
+                .collect()
+        };
+        // A few calls in flight at once (the command connection is multiplexed), not one round
+        // trip after another per channel.
+        let mut sweeps = futures_util::stream::iter(channels)
+            .map(|channel| async move { self.presence_read(&channel, "stats").await.map(drop) })
+            .buffer_unordered(SWEEP_CONCURRENCY);
+        let mut result = Ok(());
+        while let Some(r) = sweeps.next().await {
+            if r.is_err() {
+                result = r;
+            }
+        }
+        result
     }
 
     pub(crate) async fn connection_opened(&self, user: &str, client: &str) -> Result<u64, BrokerError> {
@@ -199,7 +268,15 @@ impl ClusterState {
         let stored = json_values::<StoredNode>(&self.commands.invoke(&inv).await?);
         Ok(stored
             .into_iter()
-            .map(|n| NodeInfo { node: n.node, connections: n.connections, version: n.version, ready: n.ready })
+            .map(|n| NodeInfo {
+                node: n.node,
+                connections: n.connections,
+                version: n.version,
+                ready: n.ready,
+                uptime_s: n.uptime_s,
+                transports: n.transports,
+                memory_bytes: n.memory_bytes,
+            })
             .collect())
     }
 
@@ -208,21 +285,22 @@ impl ClusterState {
     /// after the ones already sent, so a refresh never copies the whole set (with 10,000
     /// subscriptions a full copy was ~1 KiB per connection every period, and the allocator kept
     /// that peak resident). An entry added or removed meanwhile may be skipped this time: it has
-    /// two more periods before it expires. Presence entries take two keys (set, hash);
-    /// connection and node entries follow with their own ttl.
+    /// two more periods before it expires. Presence entries take three keys (set, hash, users)
+    /// and go through `PRES_REFRESH` (an entry Redis lost comes back counted, with a `join` on
+    /// join/leave channels); connection and node entries follow through `TTL_REFRESH`.
     pub(crate) async fn refresh(&self) -> Result<(), BrokerError> {
         if self.is_empty() {
             return Ok(());
         }
-        // Presence and connections share presence_ttl; the node entry has node_ttl.
-        let mut done = 0usize;
         // On a Cluster each entry's keys live in their own slot: one entry per call there.
         let batch = if self.commands.is_cluster() { 1 } else { REFRESH_BATCH };
+        // Presence entries: three keys each (set, hash, users), through the presence script.
+        let mut done = 0usize;
         loop {
-            let mut inv = self.scripts.ttl_refresh.prepare_invoke();
-            inv.arg(ms(self.presence_ttl));
+            let mut inv = self.scripts.pres_refresh.prepare_invoke();
+            inv.arg(ms(self.presence_ttl)).arg(self.keys.publish_command());
             let mut n = 0usize;
-            let total = {
+            {
                 let local = self.local();
                 for (key, (user, node)) in local.presence.iter().skip(done).take(batch) {
                     let (channel, client) = split_presence_key(key);
@@ -230,22 +308,38 @@ impl ClusterState {
                         PresenceEntry { client: client.to_string(), user: user.to_string(), node: node.to_string() };
                     let json = serde_json::to_string(&entry).map_err(|e| BrokerError::Internal(e.to_string()))?;
                     let (z, h) = self.keys.presence(channel);
-                    inv.key(z).key(h).arg(self.member(client)).arg(json);
+                    inv.key(z).key(h).key(self.keys.presence_users(channel));
+                    inv.arg(self.member(client)).arg(json).arg(self.events_to(channel)).arg(channel);
                     n += 1;
                 }
-                let skip = done.saturating_sub(local.presence.len());
-                for (user, client) in local.connections.iter().skip(skip).take(batch - n) {
-                    let z = self.keys.connections(user);
-                    inv.key(&z).key(z).arg(self.member(client)).arg("");
-                    n += 1;
-                }
-                local.presence.len() + local.connections.len()
-            };
+            }
             if n > 0 {
                 self.commands.invoke(&inv).await?;
             }
             done += n;
-            if n < batch || done >= total {
+            if n < batch {
+                break;
+            }
+        }
+        // Connection entries: a set without a hash, through the generic refresh.
+        let mut done = 0usize;
+        loop {
+            let mut inv = self.scripts.ttl_refresh.prepare_invoke();
+            inv.arg(ms(self.presence_ttl));
+            let mut n = 0usize;
+            {
+                let local = self.local();
+                for (user, client) in local.connections.iter().skip(done).take(batch) {
+                    let z = self.keys.connections(user);
+                    inv.key(&z).key(z).arg(self.member(client)).arg("");
+                    n += 1;
+                }
+            }
+            if n > 0 {
+                self.commands.invoke(&inv).await?;
+            }
+            done += n;
+            if n < batch {
                 break;
             }
         }
@@ -275,6 +369,9 @@ pub(crate) async fn refresh_loop(state: Arc<ClusterState>, mut shutdown: watch::
         }
         if let Err(e) = state.refresh().await {
             tracing::debug!(error = %e, "refreshing presence/connections/node failed; retrying next period");
+        }
+        if let Err(e) = state.sweep_join_leave().await {
+            tracing::debug!(error = %e, "sweeping join/leave presence failed; retrying next period");
         }
     }
 }

@@ -266,6 +266,131 @@ end
 return n
 "#;
 
+/// Shared by the presence scripts. A channel's presence is three keys under its hash tag: the
+/// ZSET member → expiry (ms), the HASH member → entry JSON, and the HASH user → how many of the
+/// channel's live members are that user's (so `presence_stats` is `ZCARD` + `HLEN`, no listing).
+/// Every change keeps the three in step, in one script. On channels with join/leave (`pubsub`
+/// not `''`) a member that arrives publishes a `join` and one that goes (removed or expired)
+/// a `leave` on the channel's own pub/sub channel, payload `e:<frame>` (not a publication: no
+/// offset); the frame is `{"type":<kind>,"channel":<c>,` + the entry JSON's fields,
+/// byte-identical to `crier_protocol::frames::encode_presence_event`. Because the sweep of
+/// expired members and their leaves are one script, a dead node's member is announced once,
+/// by whichever node swept it first.
+const PRES_PRELUDE: &str = r#"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function user_of(v)
+  local ok, e = pcall(cjson.decode, v)
+  if ok and type(e) == 'table' and type(e.user) == 'string' then return e.user end
+  return nil
+end
+local function add_user(u, v)
+  local user = user_of(v)
+  if user then redis.call('HINCRBY', u, user, 1) end
+end
+local function drop_user(u, v)
+  local user = user_of(v)
+  if user and redis.call('HINCRBY', u, user, -1) <= 0 then redis.call('HDEL', u, user) end
+end
+local function announce(pub, pubsub, kind, channel, v)
+  if pubsub == '' then return end
+  redis.call(pub, pubsub, 'e:{"type":"' .. kind .. '","channel":"' .. channel .. '",' .. string.sub(v, 2))
+end
+local function sweep(z, h, u, now, pub, pubsub, channel)
+  local cutoff = string.format('%d', now)
+  while true do
+    local dead = redis.call('ZRANGEBYSCORE', z, '-inf', cutoff, 'LIMIT', 0, 500)
+    if #dead == 0 then return end
+    local vals = redis.call('HMGET', h, unpack(dead))
+    for i = 1, #dead do
+      local v = vals[i]
+      if v then
+        drop_user(u, v)
+        announce(pub, pubsub, 'leave', channel, v)
+      end
+    end
+    redis.call('HDEL', h, unpack(dead))
+    redis.call('ZREM', z, unpack(dead))
+  end
+end
+local function expire_with(z, h, u)
+  local last = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
+  if last[2] then
+    redis.call('PEXPIREAT', z, last[2])
+    redis.call('PEXPIREAT', h, last[2])
+    redis.call('PEXPIREAT', u, last[2])
+  end
+end
+"#;
+
+/// KEYS: zset, hash, users. ARGV: member, ttl ms, entry JSON, publish command, pub/sub channel
+/// (`''`: no join/leave), channel. Adds or refreshes a member; returns how many members the channel holds after it (expired ones swept first: what `max_subscribers` is checked against).
+const PRES_ADD: &str = r#"
+local z, h, u = KEYS[1], KEYS[2], KEYS[3]
+local member, ttl, v, pub, pubsub, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local now = now_ms()
+sweep(z, h, u, now, pub, pubsub, channel)
+local fresh = redis.call('ZADD', z, string.format('%d', now + ttl), member)
+redis.call('HSET', h, member, v)
+if fresh == 1 then
+  add_user(u, v)
+  announce(pub, pubsub, 'join', channel, v)
+end
+expire_with(z, h, u)
+return redis.call('ZCARD', z)
+"#;
+
+/// KEYS: zset, hash, users. ARGV: member, publish command, pub/sub channel (`''`: no
+/// join/leave), channel. Returns 1 when the member was there.
+const PRES_REMOVE: &str = r#"
+local z, h, u = KEYS[1], KEYS[2], KEYS[3]
+local member, pub, pubsub, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('ZREM', z, member) == 0 then return 0 end
+local v = redis.call('HGET', h, member)
+redis.call('HDEL', h, member)
+if v then
+  drop_user(u, v)
+  announce(pub, pubsub, 'leave', channel, v)
+end
+return 1
+"#;
+
+/// KEYS: zset, hash, users. ARGV: publish command, pub/sub channel (`''`: no join/leave),
+/// channel, `list` or `stats`. Sweeps, then returns the entries' JSON or `{clients, users}`.
+const PRES_READ: &str = r#"
+local z, h, u = KEYS[1], KEYS[2], KEYS[3]
+sweep(z, h, u, now_ms(), ARGV[1], ARGV[2], ARGV[3])
+if ARGV[4] == 'list' then return redis.call('HVALS', h) end
+return {redis.call('ZCARD', z), redis.call('HLEN', u)}
+"#;
+
+/// The periodic refresh of this node's presence entries, many per call. ARGV: ttl ms, publish
+/// command, then per entry `member, entry JSON, pub/sub channel ('' = no join/leave), channel`;
+/// KEYS per entry: zset, hash, users. A member that expired meanwhile (swept, its leave
+/// announced) comes back as new: counted again, and a `join` announced.
+const PRES_REFRESH: &str = r#"
+local t = redis.call('TIME')
+local score = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1]))
+local pub = ARGV[2]
+local n = 0
+for i = 1, #KEYS, 3 do
+  local z, h, u = KEYS[i], KEYS[i + 1], KEYS[i + 2]
+  local a = 3 + (i - 1) / 3 * 4
+  local member, v, pubsub, channel = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local fresh = redis.call('ZADD', z, score, member)
+  redis.call('HSET', h, member, v)
+  if fresh == 1 then
+    add_user(u, v)
+    announce(pub, pubsub, 'join', channel, v)
+  end
+  expire_with(z, h, u)
+  n = n + 1
+end
+return n
+"#;
+
 /// The scripts, hashed once.
 pub(crate) struct Scripts {
     pub publish: Script,
@@ -275,6 +400,12 @@ pub(crate) struct Scripts {
     pub ttl_remove: Script,
     pub ttl_refresh: Script,
     pub rate: Script,
+    pub channels_report: Script,
+    pub channels_page: Script,
+    pub pres_add: Script,
+    pub pres_remove: Script,
+    pub pres_read: Script,
+    pub pres_refresh: Script,
 }
 
 impl Scripts {
@@ -287,9 +418,56 @@ impl Scripts {
             ttl_remove: Script::new(TTL_REMOVE),
             ttl_refresh: Script::new(TTL_REFRESH),
             rate: Script::new(RATE),
+            channels_report: Script::new(CHANNELS_REPORT),
+            channels_page: Script::new(CHANNELS_PAGE),
+            pres_add: Script::new(&format!("{PRES_PRELUDE}{PRES_ADD}")),
+            pres_remove: Script::new(&format!("{PRES_PRELUDE}{PRES_REMOVE}")),
+            pres_read: Script::new(&format!("{PRES_PRELUDE}{PRES_READ}")),
+            pres_refresh: Script::new(&format!("{PRES_PRELUDE}{PRES_REFRESH}")),
         }
     }
 }
+
+/// A node's subscriber counts (issue 19, the channel listing). KEYS: the node's channel ZSET and
+/// count HASH (`Keys::node_channels`). ARGV: expiry ms, full ('1': forget the node's other
+/// channels first), then pairs channel, count (0 removes the channel). Returns whether the
+/// node's set existed before the call (0: lost or expired, or the node had no channel).
+const CHANNELS_REPORT: &str = r#"
+local held = redis.call('EXISTS', KEYS[1])
+if ARGV[2] == '1' then redis.call('DEL', KEYS[1], KEYS[2]) end
+for i = 3, #ARGV - 1, 2 do
+  local c, n = ARGV[i], tonumber(ARGV[i + 1]) or 0
+  if n > 0 then
+    redis.call('ZADD', KEYS[1], 0, c)
+    redis.call('HSET', KEYS[2], c, n)
+  else
+    redis.call('ZREM', KEYS[1], c)
+    redis.call('HDEL', KEYS[2], c)
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+end
+return held
+"#;
+
+/// One page of a node's channels. KEYS: as `CHANNELS_REPORT`. ARGV: the `ZRANGEBYLEX` start
+/// (`-`, `[prefix` or `(cursor`), the prefix ('' for none), the limit. Returns channel, count
+/// pairs in name order.
+const CHANNELS_PAGE: &str = r#"
+local max = '+'
+if ARGV[2] ~= '' then max = '(' .. ARGV[2] .. '\255' end
+local names = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], max, 'LIMIT', 0, tonumber(ARGV[3]))
+if #names == 0 then return {} end
+local counts = redis.call('HMGET', KEYS[2], unpack(names))
+local out = {}
+for i, c in ipairs(names) do
+  out[#out + 1] = c
+  out[#out + 1] = counts[i] or '0'
+end
+return out
+"#;
 
 /// Cluster-wide GCRA (generic cell rate algorithm), the same algorithm as governor's.
 /// KEYS[1] = the key; ARGV[1] = emission interval in ms (1000 / rate), ARGV[2] = burst.

@@ -119,8 +119,8 @@ async fn node_registry_lists_every_node_and_presence_is_shared() {
     let server = RedisServer::start();
     let (a, _) = broker(options(&server, "a")).await;
     let (b, _) = broker(options(&server, "b")).await;
-    let na = NodeInfo { node: "a".into(), connections: 1, version: "t".into(), ready: true };
-    let nb = NodeInfo { node: "b".into(), connections: 2, version: "t".into(), ready: true };
+    let na = NodeInfo { node: "a".into(), connections: 1, version: "t".into(), ready: true, ..Default::default() };
+    let nb = NodeInfo { node: "b".into(), connections: 2, version: "t".into(), ready: true, ..Default::default() };
     a.report_node(&na).await.unwrap_or_else(|e| panic!("report_node: {e}"));
     b.report_node(&nb).await.unwrap_or_else(|e| panic!("report_node: {e}"));
     let mut nodes = a.nodes().await.unwrap_or_else(|e| panic!("nodes: {e}"));

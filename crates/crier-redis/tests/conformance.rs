@@ -16,6 +16,7 @@ async fn redis_broker_conforms() {
         let mut o = support::options(server, "conformance");
         o.history_size = s.history_size;
         o.history_ttl = s.history_ttl;
+        o.namespaces = s.namespaces.clone();
         let b = RedisBroker::connect(o).await.unwrap_or_else(|e| panic!("connect: {e}"));
         assert!(b.is_up(), "connected to a running redis");
         b as Arc<dyn Broker>

@@ -35,7 +35,8 @@ async fn a_dropped_nodes_entries_expire_and_a_live_nodes_do_not() {
         let e = PresenceEntry { client: format!("{name}-c"), user: "u".into(), node: name.into() };
         b.presence_add("room", &e).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
         b.connection_opened("u", &format!("{name}-c")).await.unwrap_or_else(|e| panic!("connection_opened: {e}"));
-        let info = NodeInfo { node: name.into(), connections: 1, version: "t".into(), ready: true };
+        let info =
+            NodeInfo { node: name.into(), connections: 1, version: "t".into(), ready: true, ..Default::default() };
         b.report_node(&info).await.unwrap_or_else(|e| panic!("report_node: {e}"));
     }
     assert_eq!(observer.presence("room").await.map(|p| p.len()).ok(), Some(2));
@@ -98,7 +99,13 @@ async fn a_refresh_larger_than_one_pipeline_keeps_every_entry() {
         big.presence_add(&format!("room:{i}"), &e).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
         big.connection_opened(&format!("u{}", i % 3), &format!("c{i}")).await.unwrap_or_else(|e| panic!("{e}"));
     }
-    let info = NodeInfo { node: "big".into(), connections: CHANNELS as u64, version: "t".into(), ready: true };
+    let info = NodeInfo {
+        node: "big".into(),
+        connections: CHANNELS as u64,
+        version: "t".into(),
+        ready: true,
+        ..Default::default()
+    };
     big.report_node(&info).await.unwrap_or_else(|e| panic!("report_node: {e}"));
     // Three TTLs: only refreshed entries are still there.
     tokio::time::sleep(TTL * 3).await;

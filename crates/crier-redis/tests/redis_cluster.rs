@@ -23,6 +23,7 @@ async fn redis_broker_conforms_on_a_cluster() {
         let mut o = cluster_options(cluster, "conformance");
         o.history_size = s.history_size;
         o.history_ttl = s.history_ttl;
+        o.namespaces = s.namespaces.clone();
         let b = RedisBroker::start(o).await.unwrap_or_else(|e| panic!("start: {e}"));
         assert!(b.is_up(), "connected to the cluster");
         b as Arc<dyn Broker>

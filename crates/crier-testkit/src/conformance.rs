@@ -17,15 +17,35 @@ use std::time::Duration;
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
 
-use crier_core::broker::{Broker, BrokerHandler, History, NodeInfo, Publication, PublishOptions};
+use crier_core::broker::{
+    Broker, BrokerHandler, ConnectionInfo, History, NodeInfo, PresenceEvent, PresenceStats, Publication,
+    PublishOptions, UserOp, UserOpReply,
+};
+use crier_core::{ChannelPolicy, Namespaces};
 
 use crate::wait::{poll_within, until_within};
 
 /// What a factory is asked for.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     pub history_size: usize,
     pub history_ttl: Duration,
+    /// The channels' namespaces: the default policy has `history_size`/`history_ttl`, and the
+    /// namespace [`JOIN_LEAVE_NS`] has `join_leave` on. A factory gives them to its broker.
+    pub namespaces: Arc<Namespaces>,
+}
+
+/// The namespace whose channels have `join_leave` in [`Settings::namespaces`].
+pub const JOIN_LEAVE_NS: &str = "jl";
+
+impl Settings {
+    /// `history_size`/`history_ttl` as the default policy, plus the [`JOIN_LEAVE_NS`] namespace.
+    pub fn new(history_size: usize, history_ttl: Duration) -> Settings {
+        let default = ChannelPolicy { history_size, history_ttl, ..ChannelPolicy::default() };
+        let join_leave = ChannelPolicy { join_leave: true, ..default.clone() };
+        let namespaces = Arc::new(Namespaces::new(default).with(JOIN_LEAVE_NS, join_leave));
+        Settings { history_size, history_ttl, namespaces }
+    }
 }
 
 /// A handler that records what it is given.
@@ -34,9 +54,20 @@ pub struct RecordingHandler {
     pub publications: Mutex<Vec<(String, Publication)>>,
     pub subscribed: Mutex<HashSet<String>>,
     pub disconnected: Mutex<Vec<String>>,
+    /// Everything delivered, in order: `(channel, "message:<offset>" | "join:<client>" |
+    /// "leave:<client>")`.
+    pub stream: Mutex<Vec<(String, String)>>,
+    /// Server-side control operations received (user, op).
+    pub user_ops: Mutex<Vec<(String, UserOp)>>,
 }
 
 impl RecordingHandler {
+    /// What `channel` delivered, in order (see [`RecordingHandler::stream`]).
+    pub fn stream_of(&self, channel: &str) -> Vec<String> {
+        let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        s.iter().filter(|(c, _)| c == channel).map(|(_, e)| e.clone()).collect()
+    }
+
     pub fn offsets(&self, channel: &str) -> Vec<u64> {
         let p = self.publications.lock().unwrap_or_else(|e| e.into_inner());
         p.iter().filter(|(c, _)| c == channel).map(|(_, p)| p.offset).collect()
@@ -45,7 +76,17 @@ impl RecordingHandler {
 
 impl BrokerHandler for RecordingHandler {
     fn on_publication(&self, channel: &str, publication: Publication) {
+        let entry = (channel.to_owned(), format!("message:{}", publication.offset));
+        self.stream.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
         self.publications.lock().unwrap_or_else(|e| e.into_inner()).push((channel.to_owned(), publication));
+    }
+    fn on_presence_event(&self, channel: &str, event: PresenceEvent) {
+        let v: serde_json::Value = serde_json::from_slice(&event.frame).unwrap_or_default();
+        let kind = v["type"].as_str().unwrap_or("?").to_owned();
+        assert_eq!(v["channel"], channel, "a presence event names its channel");
+        assert_eq!(v["client"], event.client.as_str(), "the event's client is the frame's");
+        let entry = (channel.to_owned(), format!("{kind}:{}", event.client));
+        self.stream.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
     }
     fn on_disconnect_user(&self, user: &str) -> usize {
         self.disconnected.lock().unwrap_or_else(|e| e.into_inner()).push(user.to_owned());
@@ -53,6 +94,20 @@ impl BrokerHandler for RecordingHandler {
     }
     fn has_subscribers(&self, channel: &str) -> bool {
         self.subscribed.lock().unwrap_or_else(|e| e.into_inner()).contains(channel)
+    }
+    /// One connection of every user: counts 1, lists one entry.
+    fn on_user_op(&self, user: &str, op: &UserOp) -> UserOpReply {
+        self.user_ops.lock().unwrap_or_else(|e| e.into_inner()).push((user.to_owned(), op.clone()));
+        let connections = match op {
+            UserOp::Connections => vec![ConnectionInfo {
+                client: "c1".into(),
+                node: "n1".into(),
+                transport: "websocket".into(),
+                channels: vec!["a".into()],
+            }],
+            _ => Vec::new(),
+        };
+        UserOpReply { count: 1, connections }
     }
 }
 
@@ -81,15 +136,119 @@ where
     F: Fn(Settings) -> Fut,
     Fut: Future<Output = Arc<dyn Broker>>,
 {
-    let s = Settings { history_size: 10, history_ttl: Duration::from_secs(60) };
-    offsets_and_order(&make, s).await;
-    history_windows(&make, s).await;
-    idempotency(&make, s).await;
-    unsubscribe_rechecks(&make, s).await;
-    presence_and_connections(&make, s).await;
-    history_expiry(&make, Settings { history_size: 10, history_ttl: Duration::from_millis(300) }).await;
+    let s = Settings::new(10, Duration::from_secs(60));
+    offsets_and_order(&make, s.clone()).await;
+    history_windows(&make, s.clone()).await;
+    idempotency(&make, s.clone()).await;
+    unsubscribe_rechecks(&make, s.clone()).await;
+    presence_and_connections(&make, s.clone()).await;
+    presence_stats(&make, s.clone()).await;
+    join_leave_in_order(&make, s.clone()).await;
+    history_expiry(&make, Settings::new(10, Duration::from_millis(300))).await;
+    // Server-side control.
+    user_ops(&make, s.clone()).await;
     // Channel namespaces.
-    presence_counted(&make, s).await;
+    presence_counted(&make, s.clone()).await;
+    // The cluster's channels and history deletion.
+    channel_listing(&make, s.clone()).await;
+    history_deletion(&make, s).await;
+}
+
+/// `report_channels` / `channels`: counts summed over nodes, name order, prefix, paging by
+/// cursor, updates and full reports.
+async fn channel_listing<F, Fut>(make: &F, s: Settings)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let (b, _h) = fresh(make, s).await;
+    let p = prefix();
+    let (na, nb) = (format!("{p}-a"), format!("{p}-b"));
+    for n in [&na, &nb] {
+        let info = NodeInfo { node: n.clone(), connections: 1, version: "t".into(), ready: true, ..Default::default() };
+        b.report_node(&info).await.unwrap_or_else(|e| panic!("report_node: {e}"));
+    }
+    let c = |s: &str| format!("{p}:{s}");
+    let counts = |v: &[(&str, u64)]| v.iter().map(|(s, n)| (c(s), *n)).collect::<Vec<_>>();
+    let held = b
+        .report_channels(&na, &counts(&[("x:1", 2), ("x:2", 1), ("y", 1)]), true)
+        .await
+        .unwrap_or_else(|e| panic!("report_channels: {e}"));
+    assert!(!held, "nothing was held for a new node");
+    b.report_channels(&nb, &counts(&[("x:1", 3), ("z", 4)]), true)
+        .await
+        .unwrap_or_else(|e| panic!("report_channels: {e}"));
+    let list = async |prefix: &str, after: Option<&str>, limit: usize| {
+        let l = b.channels(prefix, after, limit).await.unwrap_or_else(|e| panic!("channels: {e}"));
+        l.into_iter().map(|c| (c.channel, c.subscribers)).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        list(&p, None, 10).await,
+        counts(&[("x:1", 5), ("x:2", 1), ("y", 1), ("z", 4)]),
+        "summed, in name order"
+    );
+    let first = list(&p, None, 2).await;
+    assert_eq!(first, counts(&[("x:1", 5), ("x:2", 1)]), "a page");
+    assert_eq!(list(&p, Some(&first[1].0), 2).await, counts(&[("y", 1), ("z", 4)]), "the next page, after the cursor");
+    assert_eq!(list(&p, Some(&c("z")), 2).await, vec![], "past the end");
+    assert_eq!(list(&c("x:"), None, 10).await, counts(&[("x:1", 5), ("x:2", 1)]), "by prefix");
+    assert_eq!(list(&c("x:"), Some(&c("x:1")), 10).await, counts(&[("x:2", 1)]), "prefix and cursor");
+    assert_eq!(
+        list(&c("x:"), Some(&c("a")), 10).await,
+        counts(&[("x:1", 5), ("x:2", 1)]),
+        "a cursor before the prefix"
+    );
+    let held = b
+        .report_channels(&na, &counts(&[("x:1", 0), ("x:2", 7)]), false)
+        .await
+        .unwrap_or_else(|e| panic!("report_channels: {e}"));
+    assert!(held, "the node's channels were held");
+    assert_eq!(list(&p, None, 10).await, counts(&[("x:1", 3), ("x:2", 7), ("y", 1), ("z", 4)]), "an update");
+    b.report_channels(&nb, &counts(&[("w", 1)]), true).await.unwrap_or_else(|e| panic!("report_channels: {e}"));
+    assert_eq!(list(&p, None, 10).await, counts(&[("w", 1), ("x:2", 7), ("y", 1)]), "a full report replaces");
+    b.report_channels(&nb, &[], true).await.unwrap_or_else(|e| panic!("report_channels: {e}"));
+    let held = b.report_channels(&nb, &[], false).await.unwrap_or_else(|e| panic!("report_channels: {e}"));
+    assert!(!held, "a node without channels holds nothing");
+    assert_eq!(list(&p, None, 10).await, counts(&[("x:2", 7), ("y", 1)]), "an empty full report forgets the node's");
+}
+
+/// `delete_history`: the history and position go, a recovery from before reports the gap, the
+/// channel continues in a new epoch and a subscribed node still receives it.
+async fn history_deletion<F, Fut>(make: &F, s: Settings)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let (b, h) = fresh(make, s).await;
+    let ch = format!("{}:deleted", prefix());
+    h.subscribed.lock().unwrap_or_else(|e| e.into_inner()).insert(ch.clone());
+    b.subscribe(&ch).await.unwrap_or_else(|e| panic!("subscribe: {e}"));
+    let mut last = None;
+    for i in 1..=3 {
+        last = Some(
+            b.publish(&ch, &i.to_string(), PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}")),
+        );
+    }
+    let Some(last) = last else { return };
+    until_within("the subscribed node received the 3 messages", WAIT, async || h.offsets(&ch).len() == 3).await;
+    b.delete_history(&ch).await.unwrap_or_else(|e| panic!("delete_history: {e}"));
+    let before = StreamPosition { epoch: last.epoch.clone(), offset: 1 };
+    let hist = b.history(&ch, Some(&before), 10).await.unwrap_or_else(|e| panic!("history: {e}"));
+    assert!(hist.gap && hist.publications.is_empty(), "a recovery from before the deletion reports the gap");
+    assert_ne!(hist.epoch, last.epoch, "a new epoch");
+    assert_eq!(hist.offset, 0, "nothing published in it yet");
+    let latest = b.history(&ch, None, 10).await.unwrap_or_else(|e| panic!("history: {e}"));
+    assert!(latest.publications.is_empty(), "no history left: {:?}", latest.publications);
+    let next = b.publish(&ch, "4", PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}"));
+    assert_eq!((next.epoch.as_str(), next.offset), (hist.epoch.as_str(), 1), "the channel continues in the new epoch");
+    until_within("the subscribed node receives the message in the new epoch", WAIT, async || {
+        let p = h.publications.lock().unwrap_or_else(|e| e.into_inner());
+        p.iter().any(|(c, p)| *c == ch && *p.epoch == *next.epoch && p.offset == 1)
+    })
+    .await;
+    b.delete_history(&format!("{}:never", prefix()))
+        .await
+        .unwrap_or_else(|e| panic!("delete_history of an unknown channel: {e}"));
 }
 
 async fn offsets_and_order<F, Fut>(make: &F, s: Settings)
@@ -253,7 +412,13 @@ where
     })
     .await;
 
-    let me = NodeInfo { node: format!("{}-node", prefix()), connections: 3, version: "t".into(), ready: true };
+    let me = NodeInfo {
+        node: format!("{}-node", prefix()),
+        connections: 3,
+        version: "t".into(),
+        ready: true,
+        ..Default::default()
+    };
     b.report_node(&me).await.unwrap_or_else(|e| panic!("report_node: {e}"));
     let nodes = b.nodes().await.unwrap_or_else(|e| panic!("nodes: {e}"));
     assert!(nodes.contains(&me), "the node registry lists this node: {nodes:?}");
@@ -281,6 +446,108 @@ where
     assert_eq!(p, vec![entry("c2"), entry("c3")], "counted entries are ordinary presence entries");
     let other = format!("{}:counted-other", prefix());
     assert_eq!(b.presence_add_counted(&other, &entry("c1")).await.ok(), Some(1), "counted per channel");
+}
+
+async fn presence_stats<F, Fut>(make: &F, s: Settings)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let (b, _h) = fresh(make, s).await;
+    let ch = format!("{}:stats", prefix());
+    let stats =
+        async |b: &Arc<dyn Broker>| b.presence_stats(&ch).await.unwrap_or_else(|e| panic!("presence_stats: {e}"));
+    assert_eq!(stats(&b).await, PresenceStats { clients: 0, users: 0 }, "an empty channel");
+    let entry =
+        |client: &str, user: &str| PresenceEntry { client: client.into(), user: user.into(), node: "n1".into() };
+    for (client, user) in [("c1", "u1"), ("c2", "u2"), ("c3", "u1"), ("c3", "u1")] {
+        b.presence_add(&ch, &entry(client, user)).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    }
+    assert_eq!(stats(&b).await, PresenceStats { clients: 3, users: 2 }, "a refreshed entry counts once");
+    b.presence_remove(&ch, "c1").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    assert_eq!(stats(&b).await, PresenceStats { clients: 2, users: 2 }, "u1 still has c3");
+    b.presence_remove(&ch, "c3").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    b.presence_remove(&ch, "c3").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    assert_eq!(stats(&b).await, PresenceStats { clients: 1, users: 1 }, "a second remove changes nothing");
+    b.presence_remove(&ch, "c2").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    assert_eq!(stats(&b).await, PresenceStats { clients: 0, users: 0 });
+}
+
+/// Join/leave events on a `join_leave` channel reach a subscribed node in order with the
+/// channel's publications, once per arrival and departure; other channels have none.
+async fn join_leave_in_order<F, Fut>(make: &F, s: Settings)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let (b, h) = fresh(make, s).await;
+    let ch = format!("{JOIN_LEAVE_NS}:{}", prefix());
+    let quiet = format!("{}:quiet", prefix());
+    for c in [&ch, &quiet] {
+        h.subscribed.lock().unwrap_or_else(|e| e.into_inner()).insert(c.clone());
+        b.subscribe(c).await.unwrap_or_else(|e| panic!("subscribe: {e}"));
+    }
+    let publish = async |c: &str| {
+        b.publish(c, "1", PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}"));
+    };
+    let e1 = PresenceEntry { client: "c1".into(), user: "u1".into(), node: "n1".into() };
+    let e2 = PresenceEntry { client: "c2".into(), user: "u2".into(), node: "n1".into() };
+    publish(&ch).await;
+    b.presence_add(&ch, &e1).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    publish(&ch).await;
+    b.presence_add(&ch, &e1).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    b.presence_add(&ch, &e2).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    b.presence_remove(&ch, "c1").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    b.presence_remove(&ch, "c1").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    publish(&ch).await;
+    b.presence_add(&quiet, &e1).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    publish(&quiet).await;
+    b.presence_remove(&quiet, "c1").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    publish(&quiet).await;
+    let want = ["message:1", "join:c1", "message:2", "join:c2", "leave:c1", "message:3"];
+    poll_within("join/leave in order with the messages", WAIT, async || {
+        let got = h.stream_of(&ch);
+        if got.len() >= want.len() { Ok(()) } else { Err(format!("got {got:?}")) }
+    })
+    .await;
+    until_within("the quiet channel's messages", WAIT, async || h.stream_of(&quiet).len() >= 2).await;
+    assert_eq!(h.stream_of(&ch), want, "a refresh is no join, a second remove no leave");
+    assert_eq!(h.stream_of(&quiet), ["message:1", "message:2"], "no events without join_leave");
+    // A joined client's event is a join frame with its entry.
+    b.presence_add(&ch, &e1).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    let stats = b.presence_stats(&ch).await.unwrap_or_else(|e| panic!("presence_stats: {e}"));
+    assert_eq!(stats, PresenceStats { clients: 2, users: 2 });
+}
+
+/// Server-side control (issue 19, part C): an operation reaches this node's handler (and its
+/// reply is in the result); an invalidation is kept, a later `before` wins, and `revocations`
+/// filters by `since`.
+async fn user_ops<F, Fut>(make: &F, s: Settings)
+where
+    F: Fn(Settings) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let (b, h) = fresh(make, s).await;
+    let user = format!("{}-user", prefix());
+    let op =
+        UserOp::Subscribe { channel: "news".into(), recover: Some(StreamPosition { epoch: "e".into(), offset: 3 }) };
+    let r = b.user_op(&user, &op).await.unwrap_or_else(|e| panic!("user_op: {e}"));
+    assert!(r.count >= 1, "this node's handler answered: {r:?}");
+    assert!(
+        h.user_ops.lock().unwrap_or_else(|e| e.into_inner()).contains(&(user.clone(), op.clone())),
+        "the handler got the operation as sent"
+    );
+    let r = b.user_op(&user, &UserOp::Connections).await.unwrap_or_else(|e| panic!("user_op: {e}"));
+    assert!(r.connections.iter().any(|c| c.client == "c1" && c.channels == ["a"]), "entries come back: {r:?}");
+
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    b.user_op(&user, &UserOp::Invalidate { before: now }).await.unwrap_or_else(|e| panic!("invalidate: {e}"));
+    b.user_op(&user, &UserOp::Invalidate { before: now - 10 }).await.unwrap_or_else(|e| panic!("invalidate: {e}"));
+    let mine = |list: Vec<crier_core::broker::Revocation>| list.into_iter().find(|r| r.user == user).map(|r| r.before);
+    let all = b.revocations(now - 100).await.unwrap_or_else(|e| panic!("revocations: {e}"));
+    assert_eq!(mine(all), Some(now), "the latest `before` is kept, an earlier one does not lower it");
+    let newer = b.revocations(now + 1).await.unwrap_or_else(|e| panic!("revocations: {e}"));
+    assert_eq!(mine(newer), None, "revocations older than `since` are left out");
 }
 
 async fn history_expiry<F, Fut>(make: &F, s: Settings)

@@ -113,15 +113,25 @@ fn endpoint_label(path: &str) -> &'static str {
         "/api/v1/publish" => "publish",
         "/api/v1/broadcast" => "broadcast",
         "/api/v1/disconnect" => "disconnect",
+        "/api/v1/subscribe" => "subscribe",
+        "/api/v1/unsubscribe" => "unsubscribe",
+        p if p.starts_with("/api/v1/users/") && p.ends_with("/invalidate") => "invalidate",
+        p if p.starts_with("/api/v1/users/") && p.ends_with("/connections") => "connections",
         "/api/v1/info" => "info",
+        "/api/v1/channels" => "channels",
         p if p.ends_with("/history") => "history",
         p if p.ends_with("/presence") => "presence",
+        p if p.ends_with("/presence_stats") => "presence_stats",
         _ => "other",
     }
 }
 
 /// Reads and parses a JSON body of at most `limit` bytes.
-async fn read_json<'de, T: Deserialize<'de>>(body: Body, limit: usize, buf: &'de mut Vec<u8>) -> Result<T, ApiError> {
+pub(crate) async fn read_json<'de, T: Deserialize<'de>>(
+    body: Body,
+    limit: usize,
+    buf: &'de mut Vec<u8>,
+) -> Result<T, ApiError> {
     let bytes = to_bytes(body, limit).await.map_err(|e| {
         if e.into_inner().is::<http_body_util::LengthLimitError>() {
             ApiError::new(
@@ -137,13 +147,13 @@ async fn read_json<'de, T: Deserialize<'de>>(body: Body, limit: usize, buf: &'de
     serde_json::from_slice(buf).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
-fn check_channel(channel: &str) -> Result<(), ApiError> {
+pub(crate) fn check_channel(channel: &str) -> Result<(), ApiError> {
     validate_channel(channel).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()))
 }
 
 /// The `{channel}` path segment, checked; a segment that is not UTF-8 once percent-decoded is
 /// `invalid_channel` too (in the contract's JSON shape, not axum's plain-text rejection).
-fn path_channel(channel: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+pub(crate) fn path_channel(channel: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     let Path(channel) = channel
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", "the channel is not valid UTF-8"))?;
     check_channel(&channel)?;
@@ -276,21 +286,6 @@ pub async fn presence(
     }
     let clients = st.broker().presence(&channel).await.map_err(ApiError::broker)?;
     Ok(Json(json!({ "clients": clients })).into_response())
-}
-
-#[derive(Deserialize)]
-struct DisconnectBody {
-    user: String,
-}
-
-pub async fn disconnect(State(st): State<AppState>, body: Body) -> Result<Response, ApiError> {
-    let mut buf = Vec::new();
-    let req: DisconnectBody = read_json(body, 4096, &mut buf).await?;
-    if req.user.is_empty() {
-        return Err(ApiError::bad_request("`user` must not be empty"));
-    }
-    let n = st.broker().disconnect_user(&req.user).await.map_err(ApiError::broker)?;
-    Ok(Json(json!({ "disconnected": n })).into_response())
 }
 
 pub async fn info(State(st): State<AppState>) -> Result<Response, ApiError> {

@@ -89,6 +89,8 @@ pub struct Config {
     pub memory_history_max_bytes: usize,
     /// Redis broker: expiry of presence, connection-count and node-registry entries.
     pub presence_ttl: Duration,
+    /// How long a token invalidation is kept after its `before` (the longest token lifetime).
+    pub token_max_lifetime: Duration,
     /// Connections this node accepts (0 = unlimited).
     pub max_connections: usize,
     /// Connections whose request head is not complete yet, at most.
@@ -111,6 +113,8 @@ pub struct Config {
     pub rebalance_min_connections: u64,
     pub log_format: LogFormat,
     pub dev: bool,
+    /// Serve the admin page at `/admin`.
+    pub admin: bool,
 }
 
 /// The `[proxy]` table (TOML only): backend calls crier makes on a connection's behalf.

@@ -137,6 +137,15 @@ pub async fn admit(
         (None, None) if st.config.allow_anonymous => Claims::anonymous(),
         (None, None) => return Err(reject(ApiError::new(StatusCode::UNAUTHORIZED, "token_missing", "no token given"))),
     };
+    // Token invalidation: checked in memory (see `control::Revocations`), no broker round trip.
+    // A connection the connect proxy admitted has no token to revoke: the backend decides.
+    if !proxied && !claims.sub.is_empty() && st.revocations.is_revoked(&claims.sub, claims.iat) {
+        return Err(reject_as(
+            "token_revoked",
+            "the user's tokens were invalidated (POST /api/v1/users/{user}/invalidate): the client must get a token issued after that",
+            ApiError::new(StatusCode::UNAUTHORIZED, "token_revoked", "the token was invalidated; get a new one"),
+        ));
+    }
     let max = st.config.max_connections_per_user as u64;
     let mut slot = None;
     // Anonymous connections have no user to count.

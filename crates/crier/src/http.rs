@@ -8,13 +8,13 @@ use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use tower_http::trace::TraceLayer;
 
-use crate::api;
 use crate::metrics as m;
 use crate::state::AppState;
 use crate::transport::{sse, ws};
+use crate::{admin, api, api_channels, api_control, api_presence};
 
 /// Builds the router.
 pub fn app(st: AppState) -> Router {
@@ -23,9 +23,21 @@ pub fn app(st: AppState) -> Router {
         .route("/api/v1/broadcast", post(api::broadcast))
         .route("/api/v1/channels/{channel}/history", get(api::history))
         .route("/api/v1/channels/{channel}/presence", get(api::presence))
-        .route("/api/v1/disconnect", post(api::disconnect))
         .route("/api/v1/info", get(api::info))
+        // Issue 19, part D: the cluster's channels and history deletion.
+        .route("/api/v1/channels", get(api_channels::list))
+        .route("/api/v1/channels/{channel}/history", delete(api_channels::delete_history))
+        // Presence that pushes (issue 19 B).
+        .route("/api/v1/channels/{channel}/presence_stats", get(api_presence::presence_stats))
+        // Server-side control (issue 19, part C).
+        .route("/api/v1/disconnect", post(api_control::disconnect))
+        .route("/api/v1/subscribe", post(api_control::subscribe))
+        .route("/api/v1/unsubscribe", post(api_control::unsubscribe))
+        .route("/api/v1/users/{user}/invalidate", post(api_control::invalidate))
+        .route("/api/v1/users/{user}/connections", get(api_control::connections))
         .route_layer(middleware::from_fn_with_state(st.clone(), api::require_api_key))
+        // Browsers only from the node's own pages (the admin page) or `allowed_origins`; see `admin`.
+        .route_layer(middleware::from_fn_with_state(st.clone(), admin::same_origin_only))
         .layer(middleware::from_fn(api::time_limit));
     // The probes are routed outside the access log: a 503 from `/readyz` every few seconds
     // during a broker outage would otherwise be one ERROR line per probe (tower_http logs every
@@ -40,6 +52,8 @@ pub fn app(st: AppState) -> Router {
         .route("/api/v1/openapi.json", get(openapi))
         .route("/", get(demo_page))
         .route("/crier.js", get(client_js))
+        .route("/admin", get(admin::page))
+        .route("/admin/admin.js", get(admin::script))
         .merge(api)
         .fallback(api::not_found)
         .layer(middleware::from_fn(json_errors))

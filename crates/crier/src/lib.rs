@@ -13,7 +13,9 @@
 //! - [`proxy`]: backend proxies (connect, subscribe, publish, refresh): HTTP calls to the
 //!   application with deadlines, bounded concurrency and circuit breakers.
 //! - [`heartbeat`]: one sweep per node: pings, heartbeat timeouts, token expiry.
-//! - [`api`]: the REST API (publish, broadcast, history, presence, disconnect, info).
+//! - [`api`]: the REST API (publish, broadcast, history, presence, info); [`api_control`] its
+//!   server-side control routes (disconnect, subscribe, unsubscribe, invalidate, connections) and
+//!   [`control`] what a node does with them.
 //! - [`state`]: the shared state handle, how it is built, and the broker → hub handler.
 //! - [`config`]: settings from flags, `CRIER_*` environment, a TOML file and defaults.
 //! - [`auth`]: JWT verification, token extraction, the Origin allow-list, API keys.
@@ -25,9 +27,14 @@
 //! bench and the tests use: [`run`], [`config`], [`auth::mint_hs256`] and
 //! [`auth::generate_secret`], and the request-head bounds.
 
+mod admin;
 mod api;
+mod api_channels;
+mod api_control;
+mod api_presence;
 pub mod auth;
 pub mod config;
+mod control;
 mod error;
 mod handshake;
 mod heartbeat;

@@ -110,6 +110,9 @@ async fn serve(config: Config, dev_token: Option<String>) -> ExitCode {
     }
 }
 
+/// The namespace `--dev` declares (with join/leave) when the settings do not.
+const DEV_NAMESPACE: &str = "chat";
+
 /// `--dev`: a generated secret and API key (unless given), any Origin, and a token to print.
 fn prepare_dev(config: &mut Config) -> String {
     let key = config.jwt.key.get_or_insert_with(|| KeySource::Secret(auth::generate_secret()));
@@ -123,6 +126,12 @@ fn prepare_dev(config: &mut Config) -> String {
     }
     if config.allowed_origins.is_empty() {
         config.allowed_origins = vec!["*".into()];
+    }
+    // The demo page's channels (`chat:lobby`) push join/leave, unless the settings declare the
+    // `chat` namespace themselves.
+    if !config.namespaces.named().any(|(name, _)| name == DEV_NAMESPACE) {
+        let policy = crier_core::ChannelPolicy { join_leave: true, ..config.namespaces.default_policy().clone() };
+        config.namespaces = std::mem::take(&mut config.namespaces).with(DEV_NAMESPACE, policy);
     }
     auth::mint_hs256(secret.as_bytes(), "dev-user", &["*"], &["*"], Duration::from_secs(24 * 3600)).unwrap_or_default()
 }

@@ -36,6 +36,10 @@ pub const REFUSALS: &str = "crier_refusals_total";
 pub const REBALANCED: &str = "crier_rebalanced_total";
 pub const PROXY_CALLS: &str = "crier_proxy_calls_total";
 pub const PROXY_DURATION: &str = "crier_proxy_duration_seconds";
+/// crier extension: `join`/`leave` events this node fanned out to its subscribers, by kind.
+pub const PRESENCE_EVENTS: &str = "crier_presence_events_total";
+/// crier extension: `join`/`leave` frames queued to local subscribers.
+pub const PRESENCE_EVENT_FRAMES: &str = "crier_presence_event_frames_total";
 
 /// Buckets of the broadcast latency histogram, in seconds (100 µs … 5 s).
 const LATENCY_BUCKETS: &[f64] =
@@ -141,6 +145,11 @@ fn describe() {
     );
     describe_histogram!(PROXY_DURATION, metrics::Unit::Seconds, "Backend proxy call latency, by proxy");
     describe_counter!(
+        PRESENCE_EVENTS,
+        "join/leave events fanned out to this node's subscribers, by kind (join, leave)"
+    );
+    describe_counter!(PRESENCE_EVENT_FRAMES, "join/leave frames queued to this node's subscribers");
+    describe_counter!(
         REBALANCED,
         "Connections closed with 1012 because this node held more than its share of the cluster's"
     );
@@ -186,6 +195,10 @@ fn zero() {
     for result in ["recovered", "failed"] {
         counter!(RECOVERIES, "result" => result).absolute(0);
     }
+    for kind in ["join", "leave"] {
+        counter!(PRESENCE_EVENTS, "kind" => kind).absolute(0);
+    }
+    counter!(PRESENCE_EVENT_FRAMES).absolute(0);
     for name in [
         DELIVERED,
         SLOW_CONSUMERS,

@@ -126,7 +126,7 @@ pub struct ConnectAnswer {
     pub channels: Vec<String>,
     #[serde(default)]
     pub publish: Vec<String>,
-    /// Channels to subscribe at connect: accepted, not applied yet (server-side subscriptions).
+    /// Channels the server subscribes the connection to at connect (as a token's `subs` claim).
     #[allow(dead_code)]
     #[serde(default)]
     pub subs: Option<Vec<String>>,
@@ -453,7 +453,13 @@ pub async fn connect_claims(
                 Some(at) => at,
                 None => u64::MAX,
             };
-            Ok(Claims { sub: a.user, exp, channels: a.channels, publish: a.publish })
+            // `subs`: subscribed by the server at connect, like a token's `subs` claim.
+            let subs = a.subs.unwrap_or_default();
+            if let Some(bad) = subs.iter().find(|c| crier_protocol::channel::validate_channel(c).is_err()) {
+                let shown = crate::refusal::quote(bad);
+                return Err(failed(Failure::Malformed(format!("subs holds {shown}, not a valid channel name"))));
+            }
+            Ok(Claims { sub: a.user, exp, channels: a.channels, publish: a.publish, iat: None, subs })
         }
         Ok(Answer::Refused { reason, .. }) => {
             Err(("proxy_refused", "", ApiError::new(StatusCode::FORBIDDEN, "forbidden", reason)))

@@ -31,6 +31,8 @@ pub async fn serve(
     let trims = tokio::spawn(memory::run());
     let rebalancing = tokio::spawn(rebalance::run(st.clone()));
     let refresher = st.proxies.clone().map(|p| tokio::spawn(crate::proxy::run_refresher(p)));
+    let channel_counts = tokio::spawn(crate::api_channels::mirror(st.clone()));
+    let revocations = tokio::spawn(crate::control::sync_revocations(st.clone()));
     let drain_st = st.clone();
     let max_pending = st.config.max_pending_handshakes;
     accept_loop(listener, http::app(st.clone()), max_pending, async move {
@@ -49,6 +51,8 @@ pub async fn serve(
     if let Some(r) = refresher {
         r.abort();
     }
+    channel_counts.abort();
+    revocations.abort();
     Ok(())
 }
 

@@ -4,7 +4,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crier_core::{Broker, BrokerHandler, ChannelPolicy, Hub, MemoryBroker, Node, NodeInfo, Publication, Registry};
+use crier_core::{
+    Broker, BrokerHandler, ChannelPolicy, Hub, MemoryBroker, Node, NodeInfo, PresenceEvent, Publication, Registry,
+    UserOp, UserOpReply,
+};
 use crier_protocol::CloseCode;
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -34,6 +37,10 @@ pub struct Inner {
     pub patterns: PatternCache,
     /// The backend proxies of the `[proxy]` table, if any.
     pub proxies: Option<Arc<crate::proxy::Proxies>>,
+    /// Uptime and connections by transport, for `/api/v1/info`.
+    pub details: crate::admin::NodeDetails,
+    /// Token revocations in force (server-side control, [`crate::control`]).
+    pub revocations: Arc<crate::control::Revocations>,
 }
 
 /// A token's channel patterns: those it may subscribe to and those it may publish to.
@@ -125,11 +132,15 @@ impl AppState {
 
     /// Publishes this node's entry in the node registry (`/api/v1/info`).
     pub async fn report_node(&self) {
+        let connections = self.registry.len() as u64;
         let info = NodeInfo {
             node: self.config.node_id.clone(),
-            connections: self.registry.len() as u64,
+            connections,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             ready: !self.is_draining() && self.broker().is_up(),
+            uptime_s: self.details.uptime_s(),
+            transports: self.details.transports(connections),
+            memory_bytes: crate::admin::resident_bytes(),
         };
         if let Err(e) = self.broker().report_node(&info).await {
             tracing::debug!(error = %e, "node report failed");
@@ -163,8 +174,24 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
     };
     let hub = Arc::new(Hub::new());
     let registry = Arc::new(Registry::new());
-    broker.set_handler(Arc::new(NodeHandler { hub: hub.clone(), registry: registry.clone() }));
+    let boot = boot_id();
+    let revocations = Arc::new(crate::control::Revocations::new(config.token_max_lifetime));
+    broker.set_handler(Arc::new(NodeHandler {
+        hub: hub.clone(),
+        registry: registry.clone(),
+        revocations: revocations.clone(),
+        client_prefix: format!("{}-{boot}-", config.node_id),
+        node: config.node_id.clone(),
+    }));
     let limits = Limits::new(&config);
+    // Revocations in force before the first handshake (retried by `control::sync_revocations`).
+    if broker.is_up() {
+        let since = crate::control::unix_now().saturating_sub(config.token_max_lifetime.as_secs());
+        match broker.revocations(since).await {
+            Ok(list) => list.iter().for_each(|r| revocations.record(&r.user, r.before)),
+            Err(e) => tracing::warn!(error = %e, "could not load token revocations yet"),
+        }
+    }
     Ok(AppState(Arc::new(Inner {
         // A recovery page of the largest messages fits the queue (config: queue >= message).
         node: Node::new(hub, broker)
@@ -176,9 +203,11 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
         metrics: crate::metrics::install(),
         draining: AtomicBool::new(false),
         dev_token,
-        boot: boot_id(),
+        boot,
         patterns: PatternCache::default(),
         proxies: crate::proxy::Proxies::new(config.proxy.as_ref())?.map(Arc::new),
+        details: crate::admin::NodeDetails::default(),
+        revocations,
         config,
     })))
 }
@@ -203,6 +232,7 @@ fn redis_options(config: &Config) -> Option<crier_redis::RedisOptions> {
     opts.namespaces = Arc::new(config.namespaces.clone());
     opts.presence_ttl = config.presence_ttl;
     opts.node_ttl = config.presence_ttl;
+    opts.revocation_ttl = config.token_max_lifetime;
     Some(opts)
 }
 
@@ -211,6 +241,11 @@ fn redis_options(config: &Config) -> Option<crier_redis::RedisOptions> {
 pub struct NodeHandler {
     pub hub: Arc<Hub>,
     pub registry: Arc<Registry>,
+    pub revocations: Arc<crate::control::Revocations>,
+    /// `<node_id>-<boot>-` (client ids, [`crate::handshake::client_id`]): how this node's client
+    /// ids start (the rest is the `ConnId`), so a client's own `join` is not sent back to it.
+    pub client_prefix: String,
+    pub node: String,
 }
 
 impl BrokerHandler for NodeHandler {
@@ -233,12 +268,37 @@ impl BrokerHandler for NodeHandler {
         tracing::warn!(channel, epoch, offset, "messages lost for this node's subscribers; they were told (gap frame)");
     }
 
+    fn on_presence_event(&self, channel: &str, event: PresenceEvent) {
+        let kind = if event.frame.starts_with(br#"{"type":"join""#) { "join" } else { "leave" };
+        // A client is not told of its own join (nor of its own leave: it left the hub first).
+        let own = event.client.strip_prefix(&*self.client_prefix).and_then(|id| id.parse().ok());
+        let fanout = self.hub.notify_except(channel, &event.frame, own);
+        metrics::counter!(m::PRESENCE_EVENTS, "kind" => kind).increment(1);
+        if fanout.delivered > 0 {
+            metrics::counter!(m::PRESENCE_EVENT_FRAMES).increment(fanout.delivered as u64);
+        }
+        if fanout.slow > 0 {
+            metrics::counter!(m::SLOW_CONSUMERS).increment(fanout.slow as u64);
+        }
+    }
+
     fn on_disconnect_user(&self, user: &str) -> usize {
         self.registry.close_user(user, CloseCode::DISCONNECTED)
     }
 
     fn has_subscribers(&self, channel: &str) -> bool {
         self.hub.has_channel(channel)
+    }
+
+    fn on_user_op(&self, user: &str, op: &UserOp) -> UserOpReply {
+        let local = crate::control::Local {
+            hub: &self.hub,
+            registry: &self.registry,
+            revocations: &self.revocations,
+            client_prefix: &self.client_prefix,
+            node: &self.node,
+        };
+        crate::control::apply(&local, user, op)
     }
 }
 

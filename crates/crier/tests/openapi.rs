@@ -342,6 +342,14 @@ async fn every_operation_answers_as_described() {
     c.check(&node, req(get.clone(), t).path("/api/v1/channels/quiet:a/presence"), 403).await;
     c.check(&node, req(get.clone(), t).path("/api/v1/channels/chat:a/presence").auth(None), 401).await;
 
+    // presence_stats
+    let t = "/api/v1/channels/{channel}/presence_stats";
+    let st = c.check(&node, req(get.clone(), t).path("/api/v1/channels/chat:a/presence_stats"), 200).await;
+    assert_eq!(st, json!({"clients": 0, "users": 0}));
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels/bad%20name/presence_stats"), 400).await;
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels/quiet:a/presence_stats"), 403).await;
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels/chat:a/presence_stats").auth(None), 401).await;
+
     // disconnect
     let t = "/api/v1/disconnect";
     c.check(&node, req(post.clone(), t).json(json!({"user": "nobody"})), 200).await;
@@ -349,12 +357,55 @@ async fn every_operation_answers_as_described() {
     c.check(&node, req(post.clone(), t).json(json!({"user": "x".repeat(5000)})), 413).await;
     c.check(&node, req(post.clone(), t).auth(None).json(json!({"user": "u"})), 401).await;
 
+    c.check(&node, req(post.clone(), t).json(json!({"user": "u", "code": 1000})), 400).await;
+    c.check(&node, req(post.clone(), t).json(json!({"user": "u", "code": 1012, "reason": "moving"})), 200).await;
+
+    // server-side control
+    for t in ["/api/v1/subscribe", "/api/v1/unsubscribe"] {
+        c.check(&node, req(post.clone(), t).json(json!({"user": "nobody", "channel": "chat:a"})), 200).await;
+        c.check(&node, req(post.clone(), t).json(json!({"user": "u", "channel": "bad name!"})), 400).await;
+        c.check(&node, req(post.clone(), t).json(json!({"user": "", "channel": "c"})), 400).await;
+        c.check(&node, req(post.clone(), t).json(json!({"user": "x".repeat(5000), "channel": "c"})), 413).await;
+        c.check(&node, req(post.clone(), t).auth(None).json(json!({"user": "u", "channel": "c"})), 401).await;
+    }
+    let t = "/api/v1/users/{user}/invalidate";
+    c.check(&node, req(post.clone(), t).path("/api/v1/users/nobody/invalidate").raw(""), 200).await;
+    c.check(&node, req(post.clone(), t).path("/api/v1/users/nobody/invalidate").json(json!({"before": 1})), 200).await;
+    c.check(&node, req(post.clone(), t).path("/api/v1/users/nobody/invalidate").json(json!({"before": "x"})), 400)
+        .await;
+    c.check(&node, req(post.clone(), t).path("/api/v1/users/%FF/invalidate").json(json!({})), 400).await;
+    let huge = json!({"before": 1, "pad": "x".repeat(5000)});
+    c.check(&node, req(post.clone(), t).path("/api/v1/users/nobody/invalidate").json(huge), 413).await;
+    c.check(&node, req(post.clone(), t).path("/api/v1/users/nobody/invalidate").auth(None).json(json!({})), 401).await;
+    let t = "/api/v1/users/{user}/connections";
+    let conns = c.check(&node, req(get.clone(), t).path("/api/v1/users/nobody/connections"), 200).await;
+    assert_eq!(conns, json!({"connections": []}));
+    c.check(&node, req(get.clone(), t).path("/api/v1/users/%FF/connections"), 400).await;
+    c.check(&node, req(get.clone(), t).path("/api/v1/users/nobody/connections").auth(None), 401).await;
+
     // info
     let t = "/api/v1/info";
     let info = c.check(&node, req(get.clone(), t), 200).await;
     assert_eq!(info["nodes"][0]["node"], "test-node");
     assert_eq!(info["nodes"][0]["ready"], true, "a serving node with its broker is ready");
     c.check(&node, req(get.clone(), t).auth(None), 401).await;
+
+    // The cluster's channels and history deletion (issue 19, part D).
+    let t = "/api/v1/channels";
+    let l = c.check(&node, req(get.clone(), t).path("/api/v1/channels?prefix=chat:&limit=10"), 200).await;
+    assert_eq!(l["cursor"], Value::Null);
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels?limit=0"), 400).await;
+    c.check(&node, req(get.clone(), t).path("/api/v1/channels?prefix=bad%20name"), 400).await;
+    c.check(&node, req(get.clone(), t).auth(None), 401).await;
+    c.check(&node, req(get.clone(), t).header("origin", "https://evil.example"), 403).await;
+    let t = "/api/v1/channels/{channel}/history";
+    let del = Method::DELETE;
+    let d = c.check(&node, req(del.clone(), t).path("/api/v1/channels/chat:a/history"), 200).await;
+    assert_eq!(d, json!({"removed": true}));
+    c.check(&node, req(del.clone(), t).path("/api/v1/channels/bad%20name/history"), 400).await;
+    c.check(&node, req(del.clone(), t).path("/api/v1/channels/chat:a/history").auth(None), 401).await;
+    let foreign = req(del.clone(), t).path("/api/v1/channels/chat:a/history").header("origin", "null");
+    c.check(&node, foreign, 403).await;
 
     // A method a described path does not take: 405 in the declared shape, with `Allow`.
     for (path, item) in spec["paths"].as_object().unwrap() {
@@ -368,7 +419,7 @@ async fn every_operation_answers_as_described() {
         if declared.is_empty() {
             continue;
         }
-        let sent = path.replace("{channel}", "chat:a");
+        let sent = path.replace("{channel}", "chat:a").replace("{user}", "u1");
         let r = c.http.put(node.url(&sent)).bearer_auth(API_KEY).send().await.unwrap();
         assert_eq!(r.status().as_u16(), 405, "PUT {sent}");
         let allow = r.headers().get("allow").and_then(|v| v.to_str().ok()).unwrap_or_default().to_ascii_lowercase();
@@ -417,8 +468,23 @@ async fn every_operation_answers_as_described() {
     c.check(&limited, req(get.clone(), h).path("/api/v1/channels/c/history"), 429).await;
     let p = "/api/v1/channels/{channel}/presence";
     c.check(&limited, req(get.clone(), p).path("/api/v1/channels/c/presence"), 429).await;
+    let ps = "/api/v1/channels/{channel}/presence_stats";
+    c.check(&limited, req(get.clone(), ps).path("/api/v1/channels/c/presence_stats"), 429).await;
     c.check(&limited, req(post.clone(), "/api/v1/disconnect").json(json!({"user": "u"})), 429).await;
     c.check(&limited, req(get.clone(), "/api/v1/info"), 429).await;
+    c.check(&limited, req(get.clone(), "/api/v1/channels"), 429).await;
+    c.check(&limited, req(Method::DELETE, h).path("/api/v1/channels/c/history"), 429).await;
+    let control = [
+        (post.clone(), "/api/v1/subscribe", "/api/v1/subscribe"),
+        (post.clone(), "/api/v1/unsubscribe", "/api/v1/unsubscribe"),
+        (post.clone(), "/api/v1/users/{user}/invalidate", "/api/v1/users/u/invalidate"),
+        (get.clone(), "/api/v1/users/{user}/connections", "/api/v1/users/u/connections"),
+    ];
+    for (m, t, sent) in &control {
+        let r = req(m.clone(), t).path(*sent);
+        let r = if *m == post { r.json(json!({"user": "u", "channel": "c"})) } else { r };
+        c.check(&limited, r, 429).await;
+    }
     c.check(&limited, ws(), 401).await;
     c.check(&limited, ws(), 429).await;
 
@@ -453,8 +519,16 @@ async fn every_operation_answers_as_described() {
     assert_eq!(b["results"][0]["error"], "unavailable");
     c.check(&clustered, req(get.clone(), h).path("/api/v1/channels/c/history"), 503).await;
     c.check(&clustered, req(get.clone(), p).path("/api/v1/channels/c/presence"), 503).await;
+    c.check(&clustered, req(get.clone(), ps).path("/api/v1/channels/c/presence_stats"), 503).await;
     c.check(&clustered, req(post.clone(), "/api/v1/disconnect").json(json!({"user": "u"})), 503).await;
     c.check(&clustered, req(get.clone(), "/api/v1/info"), 503).await;
+    c.check(&clustered, req(get.clone(), "/api/v1/channels"), 503).await;
+    c.check(&clustered, req(Method::DELETE, h).path("/api/v1/channels/c/history"), 503).await;
+    for (m, t, sent) in &control {
+        let r = req(m.clone(), t).path(*sent);
+        let r = if *m == post { r.json(json!({"user": "u", "channel": "c"})) } else { r };
+        c.check(&clustered, r, 503).await;
+    }
 
     // Every declared status was seen (or is listed as not provokable).
     let mut missing = Vec::new();
@@ -470,4 +544,110 @@ async fn every_operation_answers_as_described() {
         }
     }
     assert!(missing.is_empty(), "declared but never exercised: {missing:?}");
+}
+
+/// What carries the example, its schema, and the example if there is one.
+type Example<'a> = (String, &'a Value, Option<&'a Value>);
+
+/// The parts of an operation that carry an example: its parameters, its request body and every
+/// response content.
+fn examples<'a>(spec: &'a Value, path: &str, method: &str, op: &'a Value) -> Vec<Example<'a>> {
+    let mut out = Vec::new();
+    for p in op["parameters"].as_array().into_iter().flatten() {
+        out.push((format!("{method} {path}: parameter {}", p["name"]), &p["schema"], p.get("example")));
+    }
+    for (media, mt) in op["requestBody"]["content"].as_object().into_iter().flatten() {
+        out.push((format!("{method} {path}: request body ({media})"), &mt["schema"], mt.get("example")));
+    }
+    for (status, r) in op["responses"].as_object().into_iter().flatten() {
+        for (media, mt) in deref(spec, r)["content"].as_object().into_iter().flatten() {
+            out.push((format!("{method} {path}: {status} ({media})"), &mt["schema"], mt.get("example")));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_operation_has_examples_that_match_its_schemas() {
+    let spec = spec();
+    // A relative server: the node that serves the description (GET /api/v1/openapi.json), not
+    // an address that is right on one machine only.
+    let servers = spec["servers"].as_array().expect("servers");
+    assert!(!servers.is_empty());
+    for s in servers {
+        assert!(s["url"].as_str().is_some_and(|u| u.starts_with('/')), "server {s} is not relative");
+    }
+    let mut checked = 0;
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            for (what, schema, example) in examples(&spec, path, method, op) {
+                let example = example.unwrap_or_else(|| panic!("{what}: no example"));
+                let root = json!({"components": spec["components"], "allOf": [schema]});
+                let validator = jsonschema::draft202012::new(&root).unwrap_or_else(|e| panic!("{what}: schema: {e}"));
+                let errors: Vec<String> = validator.iter_errors(example).map(|e| e.to_string()).collect();
+                assert!(errors.is_empty(), "{what}: the example does not match the schema: {errors:?}\n{example}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 50, "checked {checked} examples");
+}
+
+/// Percent-encodes a path segment or query value (`/` too: `chat/a` → `chat%2Fa`).
+fn encode(v: &Value) -> String {
+    let s = match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' | b'@' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Every `/api/` operation, sent as its examples say (path and query parameters, body), is
+/// answered with its 200, and the answer matches the description: a reader can paste them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_examples_are_answered_with_200() {
+    let spec = spec();
+    let mut c = Checker { spec: spec.clone(), http: reqwest::Client::new(), exercised: HashSet::new() };
+    let node = Server::start(&[]).await;
+    let mut sent = 0;
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        if !path.starts_with("/api/") {
+            continue;
+        }
+        for (method, op) in item.as_object().unwrap() {
+            if op["responses"].get("200").is_none() {
+                continue;
+            }
+            let mut url = path.clone();
+            let mut query = Vec::new();
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                let name = p["name"].as_str().unwrap();
+                let example = p.get("example").unwrap_or_else(|| panic!("{method} {path}: {name} has no example"));
+                match p["in"].as_str() {
+                    Some("path") => url = url.replace(&format!("{{{name}}}"), &encode(example)),
+                    Some("query") => query.push(format!("{name}={}", encode(example))),
+                    other => panic!("{method} {path}: parameter {name} in {other:?}"),
+                }
+            }
+            if !query.is_empty() {
+                url = format!("{url}?{}", query.join("&"));
+            }
+            let m = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
+            let open = op.get("security").is_some_and(|s| s.as_array().is_some_and(|a| a.is_empty()));
+            let mut r = req(m, path).path(url).auth(if open { None } else { Some(API_KEY) });
+            if let Some(body) = op["requestBody"]["content"]["application/json"].get("example") {
+                r = r.json(body.clone());
+            }
+            c.check(&node, r, 200).await;
+            sent += 1;
+        }
+    }
+    assert!(sent >= 7, "sent {sent} examples");
 }

@@ -140,6 +140,8 @@ async fn decide(proxy: &str, r: &Value) -> (StatusCode, Value, bool) {
             }
             "session=short" => ok(json!({"user": "short", "channels": ["*"], "expire_at": unix_now() + 3})),
             "session=norefresh" => ok(json!({"user": "norefresh", "channels": ["*"], "expire_at": unix_now() + 3})),
+            "session=team" => ok(json!({"user": "tess", "channels": [], "subs": ["team:42", "user:tess"]})),
+            "session=badsubs" => (StatusCode::OK, json!({"user": "x", "subs": ["not a channel"]}), false),
             _ => refuse(json!({"reason": "no session"})),
         },
         "subscribe" => match r["channel"].as_str().unwrap_or("") {
@@ -264,6 +266,32 @@ async fn cookie_in_user_and_permissions_out() {
     assert_eq!(server.metric(r#"crier_proxy_calls_total{proxy="connect",result="ok"}"#).await, 2.0);
     assert!(server.metrics().await.contains(r#"crier_proxy_duration_seconds_bucket{proxy="connect""#));
     backend.assert_schemas();
+}
+
+/// The connect answer's `subs`: the connection is subscribed by the server at connect (each
+/// announced `subscribed` with `"server":true`), even to channels its patterns do not cover; a
+/// `subs` with an invalid channel name is a malformed answer (503).
+#[tokio::test]
+async fn the_connect_answer_s_subs_are_subscribed_at_connect() {
+    let backend = Backend::start().await;
+    let (server, _file) = node(&backend, "", "", &[]).await;
+    let mut c = cookie_client(&server, "session=team").await;
+    assert_eq!(c.recv().await["user"], "tess");
+    let mut announced = Vec::new();
+    for _ in 0..2 {
+        let s = c.recv_type("subscribed").await;
+        assert_eq!(s["server"], true, "{s}");
+        announced.push(s["channel"].as_str().unwrap().to_owned());
+    }
+    announced.sort();
+    assert_eq!(announced, ["team:42", "user:tess"]);
+    server.publish("team:42", json!({"n": 1})).await;
+    let m = c.recv_type("message").await;
+    assert_eq!((m["channel"].as_str(), m["data"].clone()), (Some("team:42"), json!({"n": 1})));
+
+    let (status, body) = support::rejected(&server, "/ws", &[("cookie", "session=badsubs")]).await;
+    assert_eq!((status, body["error"].as_str()), (503, Some("unavailable")), "{body}");
+    assert!(body["message"].as_str().unwrap_or("").contains("not a valid channel name"), "{body}");
 }
 
 #[tokio::test]

@@ -740,3 +740,33 @@ async fn resuming_in_a_namespace_without_history_says_no_history() {
     server.publish("live:a", json!(3)).await;
     assert_eq!(offsets(&again.messages(1).await), [3], "nothing replayed, then live");
 }
+
+/// Join/leave (a `--dev` node: `chat` has join_leave) are SSE events named `join`/`leave` with the
+/// frame as data, in order with the messages; they carry no `id` (not messages: the resume cursor
+/// does not move).
+#[tokio::test]
+async fn join_and_leave_are_events_without_a_cursor_id() {
+    let server = Server::start(&["--dev"]).await;
+    let auth = bearer(&server.token("watcher", &["chat:*"], &[]));
+    let mut sse = Sse::open(&server, "channel=chat:sse", &[("authorization", &auth)]).await;
+    sse.until("subscribed").await;
+    let mut ws = server.client(&server.token("visitor", &["chat:*"], &[])).await;
+    ws.subscribe("chat:sse", 1).await;
+    drop(ws);
+    crier_testkit::until("the visitor left", async || {
+        let r =
+            server.http.get(server.url("/api/v1/channels/chat:sse/presence_stats")).bearer_auth(API_KEY).send().await;
+        match r {
+            Ok(r) => r.json::<Value>().await.is_ok_and(|v| v["clients"] == 1),
+            Err(_) => false,
+        }
+    })
+    .await;
+    server.publish("chat:sse", json!("after")).await;
+    let (join, leave, message) = (sse.event().await, sse.event().await, sse.event().await);
+    assert_eq!((join.event.as_str(), join.json()["user"].as_str()), ("join", Some("visitor")), "{join:?}");
+    assert_eq!((leave.event.as_str(), leave.json()["user"].as_str()), ("leave", Some("visitor")), "{leave:?}");
+    assert_eq!((join.id.as_deref(), leave.id.as_deref()), (None, None), "no cursor id on join/leave");
+    assert_eq!((message.event.as_str(), message.json()["data"].as_str()), ("message", Some("after")));
+    assert!(message.id.is_some(), "a message moves the cursor");
+}

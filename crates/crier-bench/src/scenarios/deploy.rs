@@ -255,6 +255,7 @@ async fn follow(
                 }
             }
             Event::Gap(_) => s.chans[k].gaps_reported += 1,
+            Event::Join(_) | Event::Leave(_) => {}
             Event::Ended(_) => {
                 s.ended = true;
                 break;

@@ -91,6 +91,7 @@ pub async fn run(a: FailoverArgs) -> anyhow::Result<Outcome> {
                         s.recovered = recovered;
                     }
                     Event::Ended(_) => return,
+                    Event::Join(_) | Event::Leave(_) => {}
                 }
             }
         }));

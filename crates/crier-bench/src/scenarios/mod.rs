@@ -7,6 +7,7 @@
 //! - [`failover`]: crier-client subscribers on two nodes, one SIGKILLed: resume time, loss.
 //! - [`deploy`]: a rolling restart of three nodes behind nginx under crier-client subscribers;
 //!   and `scaleout` (same machinery): a third node joins two loaded ones, the nodes rebalance.
+//! - [`listing`]: `GET /api/v1/channels` over many active channels on several nodes + Redis.
 //! - [`hold`]: a helper process holding a slice of `idle`'s connections (descriptor limits).
 
 pub mod churn;
@@ -14,6 +15,7 @@ pub mod deploy;
 pub mod failover;
 pub mod hold;
 pub mod idle;
+pub mod listing;
 pub mod pubsub;
 pub mod soak;
 
@@ -31,14 +33,24 @@ pub struct Outcome {
 /// The pattern every bench token may subscribe to; bench channels are `bench:...`.
 pub const CHANNEL_PATTERN: &str = "bench:*";
 
-/// A token for user `sub` allowed to subscribe to `bench:*`, valid for two hours.
+/// Also allowed: `--dev`'s `chat` namespace, whose channels push join/leave (`fanout --channel
+/// chat:fanout --crier-arg=--dev` measures fan-out with join/leave on).
+pub const JOIN_LEAVE_PATTERN: &str = "chat:*";
+
+/// A token for user `sub` allowed to subscribe to `bench:*` (and `chat:*`), valid for two hours.
 pub fn token(gw: &Gateway, sub: &str) -> String {
     token_with(&gw.secret, sub)
 }
 
 pub fn token_with(secret: &str, sub: &str) -> String {
-    crier::auth::mint_hs256(secret.as_bytes(), sub, &[CHANNEL_PATTERN], &[], Duration::from_secs(7200))
-        .unwrap_or_default()
+    crier::auth::mint_hs256(
+        secret.as_bytes(),
+        sub,
+        &[CHANNEL_PATTERN, JOIN_LEAVE_PATTERN],
+        &[],
+        Duration::from_secs(7200),
+    )
+    .unwrap_or_default()
 }
 
 pub fn base_report(

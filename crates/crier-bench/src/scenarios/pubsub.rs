@@ -30,6 +30,8 @@ pub struct Plan {
     pub channels: usize,
     pub subscribers: usize,
     pub default_rates: Vec<f64>,
+    /// The one channel's name instead of `bench:<scenario>` (with `channels` 1).
+    pub channel: Option<String>,
     pub publish: PublishArgs,
     pub gateway: GatewayArgs,
 }
@@ -79,7 +81,10 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
     anyhow::ensure!(plan.channels > 0 && plan.subscribers > 0, "channels and subscribers must be positive");
     let gw = Gateway::new(&plan.gateway, plan.nodes, plan.redis).await?;
     let nodes: Vec<_> = gw.nodes.iter().map(|n| n.addr).collect();
-    let channels: Vec<String> = (0..plan.channels).map(|i| channel_name(plan.scenario, plan.channels, i)).collect();
+    let channels: Vec<String> = match &plan.channel {
+        Some(name) if plan.channels == 1 => vec![name.clone()],
+        _ => (0..plan.channels).map(|i| channel_name(plan.scenario, plan.channels, i)).collect(),
+    };
     let sources = SourceAddrs::new(plan.gateway.source_addrs);
     let stats = Arc::new(Stats::new());
     let mut subs = Subscribers::default();

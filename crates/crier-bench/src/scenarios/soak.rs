@@ -59,6 +59,7 @@ pub async fn run(a: SoakArgs) -> anyhow::Result<Outcome> {
         channels: a.channels.max(1),
         subscribers: a.subscribers,
         default_rates: vec![a.rate],
+        channel: None,
         publish,
         gateway: a.gateway,
     };

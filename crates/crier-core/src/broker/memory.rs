@@ -25,8 +25,8 @@ use rand::Rng;
 use crate::namespace::{ChannelPolicy, Namespaces};
 
 use super::{
-    Broker, BrokerError, BrokerHandler, History, IDEMPOTENCY_WINDOW, NodeInfo, Publication, PublishOptions,
-    PublishResult,
+    Broker, BrokerError, BrokerHandler, ChannelCount, History, IDEMPOTENCY_WINDOW, NodeInfo, PresenceEvent,
+    PresenceStats, Publication, PublishOptions, PublishResult, Revocation, UserOp, UserOpReply,
 };
 
 const SHARDS: usize = 32;
@@ -194,7 +194,8 @@ struct Presence {
 }
 
 impl Presence {
-    fn add(&mut self, channel: &str, entry: &PresenceEntry) {
+    /// Whether the client was not in the channel yet.
+    fn add(&mut self, channel: &str, entry: &PresenceEntry) -> bool {
         let node = match self.nodes.iter().find(|n| ***n == *entry.node) {
             Some(n) => n.clone(),
             None => {
@@ -207,7 +208,17 @@ impl Presence {
             Some(m) => m,
             None => self.channels.entry(channel.to_owned()).or_default(),
         };
-        members.insert(entry.client.as_str().into(), (entry.user.as_str().into(), node));
+        members.insert(entry.client.as_str().into(), (entry.user.as_str().into(), node)).is_none()
+    }
+
+    /// The removed entry, if the client was in the channel.
+    fn remove(&mut self, channel: &str, client: &str) -> Option<PresenceEntry> {
+        let m = self.channels.get_mut(channel)?;
+        let (user, node) = m.remove(client)?;
+        if m.is_empty() {
+            self.channels.remove(channel);
+        }
+        Some(PresenceEntry { client: client.to_owned(), user: user.into(), node: node.to_string() })
     }
 }
 
@@ -229,6 +240,10 @@ pub struct MemoryBroker {
     presence: Mutex<Presence>,
     connections: Mutex<HashMap<String, HashSet<String>>>,
     node: Mutex<Option<NodeInfo>>,
+    /// Subscriber counts as each node reported them: node → channel → count.
+    channel_counts: Mutex<HashMap<String, BTreeMap<String, u64>>>,
+    /// Token revocations: user → `before` (server-side control).
+    revoked: Mutex<HashMap<String, u64>>,
 }
 
 impl MemoryBroker {
@@ -262,6 +277,8 @@ impl MemoryBroker {
             presence: Mutex::new(Presence::default()),
             connections: Mutex::new(HashMap::new()),
             node: Mutex::new(None),
+            channel_counts: Mutex::new(HashMap::new()),
+            revoked: Mutex::new(HashMap::new()),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             let weak = Arc::downgrade(&broker);
@@ -281,6 +298,18 @@ impl MemoryBroker {
     pub fn with_history_cap(history_size: usize, history_ttl: Duration, history_max_bytes: usize) -> Arc<MemoryBroker> {
         let policy = ChannelPolicy { history_size, history_ttl, ..ChannelPolicy::default() };
         MemoryBroker::with_namespaces(Arc::new(Namespaces::new(policy)), history_max_bytes)
+    }
+
+    /// Hands a `join`/`leave` to the handler if this node is subscribed to the channel; called
+    /// under the channel's shard lock, so it is ordered with the channel's publications.
+    fn announce(&self, kind: &str, channel: &str, entry: &PresenceEntry) {
+        if let Some(h) = self.handler.get()
+            && lock(&self.subscribed).contains(channel)
+        {
+            let json = serde_json::to_string(entry).unwrap_or_else(|_| "{}".into());
+            let frame = crier_protocol::frames::encode_presence_event(kind, channel, &json);
+            h.on_presence_event(channel, PresenceEvent { client: entry.client.clone(), frame });
+        }
     }
 
     fn shard(&self, channel: &str) -> &Mutex<HashMap<String, ChannelState>> {
@@ -449,7 +478,16 @@ impl Broker for MemoryBroker {
     }
 
     async fn presence_add(&self, channel: &str, entry: &PresenceEntry) -> Result<(), BrokerError> {
-        lock(&self.presence).add(channel, entry);
+        if !self.namespaces.policy(channel).join_leave {
+            lock(&self.presence).add(channel, entry);
+            return Ok(());
+        }
+        // Under the channel's shard lock: the join is ordered with the channel's publications.
+        let _shard = lock(self.shard(channel));
+        let joined = lock(&self.presence).add(channel, entry);
+        if joined {
+            self.announce("join", channel, entry);
+        }
         Ok(())
     }
 
@@ -460,14 +498,23 @@ impl Broker for MemoryBroker {
     }
 
     async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
-        let mut p = lock(&self.presence);
-        if let Some(m) = p.channels.get_mut(channel) {
-            m.remove(client);
-            if m.is_empty() {
-                p.channels.remove(channel);
-            }
+        if !self.namespaces.policy(channel).join_leave {
+            lock(&self.presence).remove(channel, client);
+            return Ok(());
+        }
+        let _shard = lock(self.shard(channel));
+        let left = lock(&self.presence).remove(channel, client);
+        if let Some(entry) = left {
+            self.announce("leave", channel, &entry);
         }
         Ok(())
+    }
+
+    async fn presence_stats(&self, channel: &str) -> Result<PresenceStats, BrokerError> {
+        let p = lock(&self.presence);
+        let Some(members) = p.channels.get(channel) else { return Ok(PresenceStats::default()) };
+        let users: HashSet<&str> = members.values().map(|(user, _)| &**user).collect();
+        Ok(PresenceStats { clients: members.len() as u64, users: users.len() as u64 })
     }
 
     async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError> {
@@ -504,6 +551,21 @@ impl Broker for MemoryBroker {
         Ok(self.handler.get().map_or(0, |h| h.on_disconnect_user(user)) as u64)
     }
 
+    async fn user_op(&self, user: &str, op: &UserOp) -> Result<UserOpReply, BrokerError> {
+        if let UserOp::Invalidate { before } = op {
+            let mut revoked = lock(&self.revoked);
+            let at = revoked.entry(user.to_owned()).or_insert(0);
+            *at = (*at).max(*before);
+        }
+        Ok(self.handler.get().map(|h| h.on_user_op(user, op)).unwrap_or_default())
+    }
+
+    async fn revocations(&self, since: u64) -> Result<Vec<Revocation>, BrokerError> {
+        let revoked = lock(&self.revoked);
+        let in_force = revoked.iter().filter(|(_, before)| **before >= since);
+        Ok(in_force.map(|(user, before)| Revocation { user: user.clone(), before: *before }).collect())
+    }
+
     async fn report_node(&self, info: &NodeInfo) -> Result<(), BrokerError> {
         *lock(&self.node) = Some(info.clone());
         Ok(())
@@ -515,6 +577,78 @@ impl Broker for MemoryBroker {
 
     fn is_up(&self) -> bool {
         true
+    }
+
+    // --- The cluster's channels and history deletion (issue 19, part D). ---
+
+    async fn report_channels(&self, node: &str, counts: &[(String, u64)], full: bool) -> Result<bool, BrokerError> {
+        let mut all = lock(&self.channel_counts);
+        let held = all.contains_key(node);
+        let mine = all.entry(node.to_owned()).or_default();
+        if full {
+            mine.clear();
+        }
+        for (channel, n) in counts {
+            if *n == 0 {
+                mine.remove(channel);
+            } else {
+                mine.insert(channel.clone(), *n);
+            }
+        }
+        if mine.is_empty() {
+            all.remove(node);
+        }
+        Ok(held)
+    }
+
+    async fn channels(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ChannelCount>, BrokerError> {
+        let all = lock(&self.channel_counts);
+        let mut merged: BTreeMap<&str, u64> = BTreeMap::new();
+        for counts in all.values() {
+            let from = match after {
+                Some(a) if a >= prefix => std::ops::Bound::Excluded(a),
+                _ => std::ops::Bound::Included(prefix),
+            };
+            let page = counts
+                .range::<str, _>((from, std::ops::Bound::Unbounded))
+                .take_while(|(c, _)| c.starts_with(prefix))
+                .take(limit);
+            for (c, n) in page {
+                *merged.entry(c.as_str()).or_default() += n;
+            }
+        }
+        Ok(merged
+            .into_iter()
+            .take(limit)
+            .map(|(channel, subscribers)| ChannelCount { channel: channel.to_owned(), subscribers })
+            .collect())
+    }
+
+    async fn delete_history(&self, channel: &str) -> Result<(), BrokerError> {
+        // The idempotency lock before the shard's, as `publish` takes them.
+        let mut idem = lock(&self.idempotency);
+        idem.retain(|(c, _), _| c != channel);
+        let mut map = lock(self.shard(channel));
+        let Some(st) = map.get_mut(channel) else {
+            // No state: the next publish or read starts a new epoch anyway.
+            return Ok(());
+        };
+        st.drop_front(&self.budget, |_| true);
+        *st = ChannelState::new();
+        let epoch = st.epoch.clone();
+        drop(idem);
+        // Under the shard lock: ordered before the channel's next publication.
+        if let Some(h) = self.handler.get()
+            && lock(&self.subscribed).contains(channel)
+        {
+            h.on_gap(channel, &epoch, 0);
+        }
+        Ok(())
     }
 }
 

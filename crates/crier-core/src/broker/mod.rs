@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use memory::MemoryBroker;
 
@@ -61,7 +61,7 @@ pub struct History {
 }
 
 /// A node as listed by `/api/v1/info`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct NodeInfo {
     pub node: String,
     pub connections: u64,
@@ -69,6 +69,48 @@ pub struct NodeInfo {
     /// Ready for new connections (not draining, broker reachable). Only ready nodes count in
     /// the rebalancing mean; an entry written without it (an older node) counts as ready.
     pub ready: bool,
+    /// Seconds since the node started (absent in entries of older nodes: 0).
+    #[serde(default)]
+    pub uptime_s: u64,
+    /// Open connections by transport (absent in entries of older nodes: zeros).
+    #[serde(default)]
+    pub transports: TransportCounts,
+    /// Resident memory of the node's process, in bytes (0 when unknown).
+    #[serde(default)]
+    pub memory_bytes: u64,
+}
+
+/// A node's open connections by transport ([`NodeInfo::transports`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct TransportCounts {
+    pub ws: u64,
+    pub sse: u64,
+}
+
+/// An active channel as listed by [`Broker::channels`]: its subscribers summed over the live
+/// nodes (as each node last reported them with [`Broker::report_channels`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChannelCount {
+    pub channel: String,
+    pub subscribers: u64,
+}
+
+/// A channel's presence counted: clients in it and their distinct users.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PresenceStats {
+    pub clients: u64,
+    pub users: u64,
+}
+
+/// A `join` or `leave` of a channel's presence, as the broker hands it to every subscribed node
+/// (channels whose policy has `join_leave`). Not a message: no offset, not in the history.
+#[derive(Debug, Clone)]
+pub struct PresenceEvent {
+    /// The client that joined or left (its presence entry's `client`).
+    pub client: String,
+    /// The complete `join`/`leave` frame (JSON), built once per cluster
+    /// (`crier_protocol::frames::encode_presence_event`).
+    pub frame: Bytes,
 }
 
 /// Broker failures. `Unavailable` is what callers turn into `unavailable` / 503: the request
@@ -99,10 +141,87 @@ pub trait BrokerHandler: Send + Sync + 'static {
     fn on_gap(&self, channel: &str, epoch: &str, offset: u64) {
         let _ = (channel, epoch, offset);
     }
+    /// A `join`/`leave` in `channel` (a channel whose policy has `join_leave`, which this node is
+    /// subscribed to). Called in order with the channel's publications: a join or leave that
+    /// happened between two publishes reaches the handler between them.
+    fn on_presence_event(&self, channel: &str, event: PresenceEvent) {
+        let _ = (channel, event);
+    }
     /// Does this node still have local subscribers of `channel`? Checked before a broker-level
     /// unsubscribe, so a late unsubscribe never undoes a newer subscribe.
     fn has_subscribers(&self, channel: &str) -> bool;
+
+    // Server-side control (issue 19, part C).
+    /// Applies `op` to this node's connections of `user` ([`Broker::user_op`] calls it on every
+    /// node); returns what it did here. The default knows only `Disconnect` (as
+    /// [`BrokerHandler::on_disconnect_user`]).
+    fn on_user_op(&self, user: &str, op: &UserOp) -> UserOpReply {
+        match op {
+            UserOp::Disconnect { .. } => {
+                UserOpReply { count: self.on_disconnect_user(user) as u64, ..Default::default() }
+            }
+            _ => UserOpReply::default(),
+        }
+    }
 }
+
+// --- Server-side control (issue 19, part C): operations on a user's connections, cluster-wide ---
+
+/// An operation on every live connection of one user, on every node ([`Broker::user_op`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum UserOp {
+    /// Close them with `code` and `reason` (REST `disconnect`).
+    Disconnect { code: u16, reason: String },
+    /// Subscribe them to `channel` (REST `subscribe`; the server's word, no token check).
+    Subscribe {
+        channel: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recover: Option<StreamPosition>,
+    },
+    /// Unsubscribe them from `channel` (REST `unsubscribe`).
+    Unsubscribe { channel: String },
+    /// Tokens issued before `before` (Unix seconds) are revoked: remembered by every node
+    /// (handshakes and refreshes refuse them) and connections using them closed with 4001.
+    Invalidate { before: u64 },
+    /// List them (REST `GET /api/v1/users/{user}/connections`).
+    Connections,
+}
+
+/// One live connection, as [`UserOp::Connections`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    pub client: String,
+    pub node: String,
+    pub transport: String,
+    pub channels: Vec<String>,
+}
+
+/// What a [`UserOp`] did: connections closed (disconnect, invalidate), asked to subscribe,
+/// unsubscribed, or listed; the list for [`UserOp::Connections`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserOpReply {
+    pub count: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connections: Vec<ConnectionInfo>,
+}
+
+impl UserOpReply {
+    /// Adds another node's reply to this one.
+    pub fn merge(&mut self, other: UserOpReply) {
+        self.count += other.count;
+        self.connections.extend(other.connections);
+    }
+}
+
+/// A token revocation in force ([`UserOp::Invalidate`]): `user`'s tokens issued before `before`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub user: String,
+    pub before: u64,
+}
+
+// --- end of server-side control ---
 
 /// Options of a publish.
 #[derive(Debug, Clone, Copy, Default)]
@@ -145,6 +264,14 @@ pub trait Broker: Send + Sync + 'static {
     async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError>;
     async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError>;
 
+    // --- Presence that pushes (join/leave events, presence_stats) ---
+    // `presence_add` of a client not yet in the channel and `presence_remove` of one in it
+    // announce a `join`/`leave` (`BrokerHandler::on_presence_event`) on channels whose policy
+    // has `join_leave`; so does the expiry of a dead node's entries, once per entry cluster-wide.
+
+    /// How many clients and distinct users are in `channel`'s presence (no listing).
+    async fn presence_stats(&self, channel: &str) -> Result<PresenceStats, BrokerError>;
+
     /// Counts a new connection of `user` cluster-wide; returns the user's count including it.
     async fn connection_opened(&self, user: &str, client: &str) -> Result<u64, BrokerError>;
     async fn connection_closed(&self, user: &str, client: &str) -> Result<(), BrokerError>;
@@ -165,6 +292,41 @@ pub trait Broker: Send + Sync + 'static {
     /// it, cluster-wide (what a namespace's `max_subscribers` is checked against: the caller
     /// removes the entry again when the count is over the bound).
     async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry) -> Result<u64, BrokerError>;
+    // --- The cluster's channels and history deletion (issue 19, part D: the admin API). ---
+
+    /// Mirrors this node's (`node`) local subscriber counts: each `(channel, count)` replaces
+    /// the node's count of that channel, a count of 0 removes the channel. `full`: the list is
+    /// the node's whole set (everything else of this node is forgotten first). The entries
+    /// live as long as the node's registry entry ([`Broker::report_node`]): a dead node's
+    /// channels vanish with it. Called by one task per node, so calls never overlap.
+    /// `Ok(false)`: the broker held nothing for this node before the call (Redis lost its data,
+    /// or the entries expired while the node was stalled) — a node that has channels then
+    /// reports its whole set.
+    async fn report_channels(&self, node: &str, counts: &[(String, u64)], full: bool) -> Result<bool, BrokerError>;
+
+    /// Active channels cluster-wide (at least one subscriber on a live node), in name order
+    /// (byte-wise), those starting with `prefix` and after `after` (exclusive), at most
+    /// `limit`, each with its subscribers summed over the live nodes.
+    async fn channels(&self, prefix: &str, after: Option<&str>, limit: usize)
+    -> Result<Vec<ChannelCount>, BrokerError>;
+
+    /// Drops the channel's history and position: its next publish or read starts a new epoch,
+    /// so a recovery from before answers `recovered: false`. Nodes subscribed to the channel
+    /// tell their subscribers with a `gap` frame (in the new epoch) before its next message.
+    async fn delete_history(&self, channel: &str) -> Result<(), BrokerError>;
+
+    // --- Server-side control (issue 19, part C) ---
+    /// Applies `op` to every live connection of `user` on every node (this one through its
+    /// handler directly) and sums the nodes' replies. Exact: every live node of the registry is
+    /// waited for, within a deadline (a node that does not answer in time is left out of the
+    /// count). [`UserOp::Invalidate`] is also stored first, for [`Broker::revocations`].
+    async fn user_op(&self, user: &str, op: &UserOp) -> Result<UserOpReply, BrokerError>;
+
+    /// The token revocations in force: those with `before >= since` (Unix seconds; older ones
+    /// cover only tokens that expired since). What a node loads at start and after a broker
+    /// reconnect; newer ones reach it through [`BrokerHandler::on_user_op`].
+    async fn revocations(&self, since: u64) -> Result<Vec<Revocation>, BrokerError>;
+    // --- end of server-side control ---
 
     /// Cluster-wide rate limit (GCRA): counts one event for `key` at `rate` per second with a
     /// burst of `burst`. `Ok(None)` when allowed, `Ok(Some(retry_after))` when refused.

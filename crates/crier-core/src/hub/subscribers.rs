@@ -65,6 +65,14 @@ impl<V> Subscribers<V> {
         }
     }
 
+    pub(super) fn contains(&self, conn: &ConnId) -> bool {
+        match self {
+            Subscribers::One((c, _)) => c == conn,
+            Subscribers::Few(v) => v.iter().any(|(c, _)| c == conn),
+            Subscribers::Many(m) => m.contains_key(conn),
+        }
+    }
+
     pub(super) fn get_mut(&mut self, conn: &ConnId) -> Option<&mut V> {
         match self {
             Subscribers::One((c, s)) => (c == conn).then_some(s),
@@ -99,6 +107,14 @@ impl<V> Subscribers<V> {
         }
     }
 
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Subscribers::One(_) => 1,
+            Subscribers::Few(v) => v.len(),
+            Subscribers::Many(m) => m.len(),
+        }
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         match self {
             Subscribers::One(_) => false,
@@ -117,13 +133,18 @@ impl<V> Subscribers<V> {
         Either::A(few.iter_mut().map(|(_, s)| s))
     }
 
-    pub(super) fn values(&self) -> Either<impl Iterator<Item = &V>, impl Iterator<Item = &V>> {
+    pub(super) fn iter(&self) -> Either<impl Iterator<Item = (&ConnId, &V)>, impl Iterator<Item = (&ConnId, &V)>> {
         let few: &[(ConnId, V)] = match self {
             Subscribers::One(one) => std::slice::from_ref(one),
             Subscribers::Few(v) => v,
-            Subscribers::Many(m) => return Either::B(m.values()),
+            Subscribers::Many(m) => return Either::B(m.iter()),
         };
-        Either::A(few.iter().map(|(_, s)| s))
+        Either::A(few.iter().map(|(c, s)| (c, s)))
+    }
+
+    #[cfg(test)]
+    pub(super) fn values(&self) -> impl Iterator<Item = &V> {
+        self.iter().map(|(_, v)| v)
     }
 }
 

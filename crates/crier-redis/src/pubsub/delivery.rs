@@ -9,7 +9,7 @@ use crier_core::Publication;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
-use super::{Conn, Control, DISCONNECT_USER, FILL_BATCH, State, Step, Task, lost};
+use super::{Conn, Control, DISCONNECT_USER, FILL_BATCH, Reply, State, Step, Task, USER_OP, lost};
 use crate::payload;
 use crate::scripts::{self, ALL, HistoryCall};
 use crate::tracker::{Position, Verdict};
@@ -53,6 +53,10 @@ impl Task {
                     self.on_control(&payload);
                     return Ok(());
                 }
+                if name == self.reply {
+                    self.on_reply(&payload);
+                    return Ok(());
+                }
                 match self.keys.channel_of(&name) {
                     Some(channel) => self.on_message(conn, channel, Bytes::from(payload)).await,
                     None => Ok(()),
@@ -67,15 +71,63 @@ impl Task {
             tracing::warn!("malformed control message ignored");
             return;
         };
-        if msg.origin != self.shared.instance
-            && msg.op == DISCONNECT_USER
-            && let Some(h) = self.shared.handler.get()
-        {
-            h.on_disconnect_user(&msg.user);
+        if msg.origin == self.shared.instance {
+            return;
+        }
+        let Some(h) = self.shared.handler.get() else {
+            return;
+        };
+        match (msg.op.as_str(), &msg.cmd) {
+            (DISCONNECT_USER, _) => {
+                h.on_disconnect_user(&msg.user);
+            }
+            (USER_OP, Some(op)) => {
+                let reply = h.on_user_op(&msg.user, op);
+                let Some(channel) = msg.reply else {
+                    return;
+                };
+                let reply =
+                    Reply { id: msg.id, node: self.shared.node.clone(), instance: self.shared.instance.clone(), reply };
+                let Ok(payload) = serde_json::to_string(&reply) else {
+                    return;
+                };
+                // Answered from its own task: the pub/sub task never waits for a command call.
+                let commands = self.shared.commands.clone();
+                tokio::spawn(async move {
+                    let mut publish = redis::cmd("PUBLISH");
+                    publish.arg(channel).arg(payload);
+                    if let Err(e) = commands.query(&publish).await {
+                        tracing::debug!(error = %e, "control reply not sent");
+                    }
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// Another node answered one of this instance's control operations.
+    fn on_reply(&self, payload: &[u8]) {
+        let Ok(reply) = serde_json::from_slice::<Reply>(payload) else {
+            tracing::warn!("malformed control reply ignored");
+            return;
+        };
+        let waiting = self.shared.replies.lock().unwrap_or_else(|e| e.into_inner()).get(&reply.id).cloned();
+        if let Some(tx) = waiting {
+            let _ = tx.send(reply);
         }
     }
 
     async fn on_message(&mut self, conn: &mut Conn, channel: &str, payload: Bytes) -> Step {
+        // A join/leave: not a publication, no offset to check; handed on in stream order.
+        if payload.starts_with(b"e:") {
+            if self.channels.contains_key(channel)
+                && let Some(event) = payload::presence_event(&payload)
+                && let Some(h) = self.shared.handler.get()
+            {
+                h.on_presence_event(channel, event);
+            }
+            return Ok(());
+        }
         let Some(h) = payload::header(&payload) else {
             tracing::warn!("malformed publication payload ignored");
             return Ok(());
@@ -90,7 +142,16 @@ impl Task {
                 *state = State::Tracking(Position::new(h.epoch.into(), offset));
                 Verdict::Deliver
             }
-            State::Tracking(pos) => pos.check(h.epoch, offset, gap_fill),
+            State::Tracking(pos) => {
+                if *pos.epoch != *h.epoch
+                    && let Some(handler) = self.shared.handler.get()
+                {
+                    // The channel's history was lost or deleted (`Broker::delete_history`) and a
+                    // new epoch began: the subscribers are told before its first publication.
+                    handler.on_gap(channel, h.epoch, 0);
+                }
+                pos.check(h.epoch, offset, gap_fill)
+            }
         };
         let verdict = match verdict {
             Verdict::Gap => {

@@ -68,6 +68,22 @@ pub(crate) struct Shared {
     /// Set when a connection attempt failed for a reason retrying cannot fix (a certificate
     /// that does not verify, a master name no Sentinel knows); `start` reports it.
     pub setting_problem: std::sync::Mutex<Option<String>>,
+    /// This node's name (`node_id`): what its replies to control operations carry.
+    pub node: String,
+    /// Control operations of this instance waiting for the other nodes' replies, by id.
+    pub replies: std::sync::Mutex<HashMap<u64, mpsc::UnboundedSender<Reply>>>,
+}
+
+/// Another node's reply to a control operation of this instance (on its reply channel).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Reply {
+    pub id: u64,
+    pub node: String,
+    /// The replying broker instance (two nodes misconfigured with one `node_id` still count
+    /// twice).
+    #[serde(default)]
+    pub instance: String,
+    pub reply: crier_core::UserOpReply,
 }
 
 impl Shared {
@@ -120,9 +136,18 @@ pub(crate) struct Control {
     pub op: String,
     pub user: String,
     pub origin: String,
+    /// [`USER_OP`]: the operation, the id of the caller's wait and its reply channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<crier_core::UserOp>,
+    #[serde(default)]
+    pub id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
 }
 
 pub(crate) const DISCONNECT_USER: &str = "disconnect_user";
+/// A server-side control operation (`Broker::user_op`); every node answers on `reply`.
+pub(crate) const USER_OP: &str = "user_op";
 
 /// Timing of the task.
 pub(crate) struct Settings {
@@ -177,6 +202,8 @@ pub(crate) struct Task {
     /// Boxed names: a channel's name is kept here, in the hub and in redis-rs, for its whole life.
     channels: HashMap<Box<str>, State>,
     control: Vec<u8>,
+    /// This instance's reply channel (answers to its control operations).
+    reply: Vec<u8>,
 }
 
 impl Task {
@@ -192,9 +219,23 @@ impl Task {
         shutdown: watch::Receiver<()>,
     ) -> Task {
         let control = keys.control().into_bytes();
+        let reply = keys.reply(&shared.instance).into_bytes();
         let channels = HashMap::new();
         let current = resolver.fixed().map(|t| t.key);
-        Task { resolver, current, keys, params, scripts, shared, settings, commands, shutdown, channels, control }
+        Task {
+            resolver,
+            current,
+            keys,
+            params,
+            scripts,
+            shared,
+            settings,
+            commands,
+            shutdown,
+            channels,
+            control,
+            reply,
+        }
     }
 
     /// Makes sure the command connection answers too (after a Redis restart its first call fails
@@ -308,6 +349,7 @@ impl Task {
         // The control channel: plain pub/sub (a Cluster broadcasts it to every node).
         if let Some(shard) = conn.shards.first_mut() {
             bounded(t, shard.con.subscribe(self.keys.control())).await.map_err(lost)?;
+            bounded(t, shard.con.subscribe(self.keys.reply(&self.shared.instance))).await.map_err(lost)?;
         }
         let tracked: Vec<String> = self.channels.keys().map(|c| c.to_string()).collect();
         for (shard, channels) in conn.group(&tracked) {

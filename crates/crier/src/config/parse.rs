@@ -25,6 +25,7 @@ const MAX_NODE_ID_BYTES: usize = 128;
 /// anything that could overflow `Instant + Duration`.
 const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 const MAX_HISTORY_TTL: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 const KEY_SETTINGS: [&str; 3] = ["jwt_secret", "jwt_public_key_file", "jwt_jwks_file"];
 const ALGORITHMS: [&str; 12] =
     ["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"];
@@ -331,6 +332,7 @@ pub(super) fn build(
         proxied_namespaces(&mut p, ns, px.as_ref());
     }
     let presence_ttl = p.required("presence_ttl", |s| duration_within(s, false, MAX_DURATION));
+    let token_max_lifetime = p.required("token_max_lifetime", |s| duration_within(s, false, MAX_TOKEN_LIFETIME));
     let max_connections = p.required("max_connections", number::<usize>);
     let max_pending_handshakes = p.required("max_pending_handshakes", |s| {
         number::<usize>(s).and_then(|n| if n >= 1 { Ok(n) } else { Err("at least 1".into()) })
@@ -354,6 +356,7 @@ pub(super) fn build(
     let api_burst = p.required("api_burst", at_least_one::<u32>);
     let shutdown_drain = p.required("shutdown_drain", |s| duration_within(s, true, MAX_DURATION));
     let rebalance_rate = p.required("rebalance_rate", number::<u32>);
+    let admin = p.required("admin", boolean);
     let rebalance_threshold = p.required("rebalance_threshold", fraction_percent);
     let rebalance_min_connections = p.required("rebalance_min_connections", number::<u64>);
     let log_format = p.required("log_format", |s| match s.trim().to_ascii_lowercase().as_str() {
@@ -401,6 +404,7 @@ pub(super) fn build(
         namespaces: got(namespaces)?,
         proxy: got(proxy)?,
         presence_ttl: got(presence_ttl)?,
+        token_max_lifetime: got(token_max_lifetime)?,
         max_connections: got(max_connections)?,
         max_pending_handshakes: got(max_pending_handshakes)?,
         memory_history_max_bytes: got(memory_history_max_bytes)?,
@@ -415,6 +419,7 @@ pub(super) fn build(
         rebalance_min_connections: got(rebalance_min_connections)?,
         log_format: got(log_format)?,
         dev: got(dev)?,
+        admin: got(admin)?,
     })
 }
 
@@ -516,6 +521,12 @@ fn namespaces(p: &mut Parser<'_>, raw: &[RawNamespace], default: ChannelPolicy) 
             p.problems.push(format!(
                 "{at}.max_subscribers: `{}` ({source}): counts the channel's presence, so it needs presence = true",
                 policy.max_subscribers
+            ));
+            ok = false;
+        }
+        if policy.join_leave && !policy.presence {
+            p.problems.push(format!(
+                "{at}.join_leave: `true` ({source}): join/leave frames come from the channel's presence, so it needs presence = true"
             ));
             ok = false;
         }

@@ -277,6 +277,14 @@ pub(super) static SETTINGS: &[Setting] = &[
         "Redis broker: how long presence, connection-count and node entries of a dead node outlive it",
     ),
     setting(
+        "token_max_lifetime",
+        Scalar,
+        "DURATION",
+        Some("7d"),
+        "`7d`",
+        "the longest lifetime (`exp` - `iat`) of the tokens you mint: a token invalidation (`POST /api/v1/users/{user}/invalidate`) is kept this long after its `before`, on every node and in Redis (at most 365d)",
+    ),
+    setting(
         "max_connections",
         Scalar,
         "N",
@@ -367,6 +375,14 @@ pub(super) static SETTINGS: &[Setting] = &[
         Some("100"),
         "`100`",
         "no node sheds while the ready nodes' mean is below this many connections",
+    ),
+    setting(
+        "admin",
+        Bool,
+        "BOOL",
+        Some("false"),
+        "`false`",
+        "serve the admin page at `/admin` (it signs in with an API key, held in the page's memory only); off: `/admin` is 404",
     ),
     setting("log_format", Scalar, "FORMAT", Some("human"), "`human`", "log format: `human` or `json`"),
     setting(

@@ -564,13 +564,15 @@ fn sample(name: &str) -> &'static str {
         "jwt_issuer" | "jwt_audience" => "sample",
         "allowed_origins" => "https://sample.example",
         "api_keys" => "sample-key",
-        "ping_interval" | "pong_timeout" | "history_ttl" | "shutdown_drain" | "presence_ttl" => "7s",
+        "ping_interval" | "pong_timeout" | "history_ttl" | "shutdown_drain" | "presence_ttl" | "token_max_lifetime" => {
+            "7s"
+        }
         "trusted_proxies" => "10.0.0.0/8,192.0.2.7",
         "max_message_bytes" => "777",
         "client_queue_max_bytes" => "777777",
         "log_format" => "json",
         "user_rate_scope" => "cluster",
-        "allow_anonymous" | "dev" | "websocket_compression" => "true",
+        "allow_anonymous" | "dev" | "websocket_compression" | "admin" => "true",
         _ => "7",
     }
 }
@@ -749,6 +751,7 @@ fn bad_namespaces_are_reported_with_every_other_problem() -> TestResult {
          [namespaces.\"\"]\n\
          [namespaces.live]\nhistory_size = 10\nhistory_ttl = \"0s\"\n\
          [namespaces.full]\npresence = false\nmax_subscribers = 2\n\
+         [namespaces.mute]\npresence = false\njoin_leave = true\n\
          [namespaces.nested]\nhistory_size = [1]\n",
     )?;
     let p = problems(&["--config", &file], &[]);
@@ -767,8 +770,9 @@ fn bad_namespaces_are_reported_with_every_other_problem() -> TestResult {
     assert!(has("namespaces.: ``") && has("needs a name"), "{all}");
     assert!(has("namespaces.live.history_ttl: `0s`"), "{all}");
     assert!(has("namespaces.full.max_subscribers: `2`") && has("needs presence = true"), "{all}");
+    assert!(has("namespaces.mute.join_leave: `true`") && has("needs presence = true"), "{all}");
     assert!(has("namespaces.nested.history_size"), "{all}");
-    assert_eq!(p.len(), 11, "{all}");
+    assert_eq!(p.len(), 12, "{all}");
 
     // A namespace declared twice is refused by the TOML parser itself (with the line).
     let twice = dir.file("twice.toml", "[namespaces.chat]\nhistory_size = 1\n[namespaces.chat]\nhistory_size = 2\n")?;

@@ -8,7 +8,7 @@ use crier_protocol::frames::{PresenceEntry, ServerFrame};
 use crier_protocol::{ErrorCode, StreamPosition, validate_channel};
 use tokio::sync::SemaphorePermit;
 
-use super::{Session, expiry_ms};
+use super::{Session, Sub, expiry_ms};
 use crate::metrics as m;
 use crate::proxy::{Answer, Kind};
 
@@ -22,7 +22,7 @@ pub fn may_subscribe<'a>(mut channels: impl Iterator<Item = &'a str>, user: &str
 
 impl Session {
     pub(super) fn subscribed(&self, channel: &str) -> Option<usize> {
-        self.subs.iter().position(|c| &**c == channel)
+        self.subs.iter().position(|c| &*c.name == channel)
     }
 
     fn can_subscribe(&self, channel: &str) -> bool {
@@ -53,17 +53,56 @@ impl Session {
         id: Option<u64>,
         channel: &str,
         recover: Option<StreamPosition>,
-        mut slot: Option<SemaphorePermit<'_>>,
+        slot: Option<SemaphorePermit<'_>>,
     ) {
-        let proxied = self.st.policy(channel).subscribe_proxy;
-        if proxied {
+        self.subscribe_as(id, channel, recover, slot, false).await
+    }
+
+    /// A subscribe by the client (`server` false: the token must allow the channel; answered with
+    /// an `ack`) or by the server (REST `subscribe`, the `subs` claim: no token check; announced
+    /// with a `subscribed` frame marked `server: true`; a channel the client already subscribed
+    /// becomes the server's, so a refresh keeps it, and nothing is sent). Either way bounded by
+    /// `max_subscriptions_per_connection` (an `error` frame `too_many_subscriptions` naming the
+    /// channel, without an `id` for the server's).
+    pub(super) async fn subscribe_as(
+        &mut self,
+        id: Option<u64>,
+        channel: &str,
+        recover: Option<StreamPosition>,
+        slot: impl Into<Option<SemaphorePermit<'_>>>,
+        server: bool,
+    ) {
+        let mut slot = slot.into();
+        // A client `subscribe` with `recover` for a channel the server subscribed it to (after a
+        // reconnect, the `subs` claim's subscribe comes first, without a position): the client
+        // takes the subscription over to recover from its own position — no token check (the
+        // server already granted the channel), left and subscribed again with recovery
+        // (duplicates of what arrived meanwhile are dropped by offset), still the server's.
+        let mut takeover = false;
+        if !server
+            && recover.is_some()
+            && let Some(at) = self.subscribed(channel)
+            && self.subs[at].server
+        {
+            self.subs.swap_remove(at);
+            self.leave(channel).await;
+            takeover = true;
+        }
+        // A namespace with the subscribe proxy: the backend decides instead of the token (not
+        // for the server's own subscriptions, nor a takeover of one: the server granted those).
+        let proxied = !server && !takeover && self.st.policy(channel).subscribe_proxy;
+        if server || takeover || proxied {
             if let Err(e) = validate_channel(channel) {
                 return self.error(id, ErrorCode::InvalidChannel, &e.to_string(), None);
             }
         } else if !self.readable(id, channel) {
             return;
         }
-        if self.subscribed(channel).is_some() {
+        if let Some(at) = self.subscribed(channel) {
+            if server {
+                self.subs[at].server = true;
+                return;
+            }
             return self.error(id, ErrorCode::AlreadySubscribed, "already subscribed", Some(channel));
         }
         if self.subs.len() >= self.st.config.max_subscriptions_per_connection {
@@ -114,6 +153,15 @@ impl Session {
         }
         let encoding = self.encoding;
         let ack = |h: &History, recovered: Option<bool>| {
+            if server {
+                return encoding.encode(&ServerFrame::Subscribed {
+                    channel,
+                    epoch: &h.epoch,
+                    offset: h.offset,
+                    recovered,
+                    server: true,
+                });
+            }
             if no_history {
                 return encoding.encode(&ServerFrame::AckWithReason {
                     id,
@@ -144,7 +192,7 @@ impl Session {
             Ok(s) => {
                 // Grown one at a time: most connections hold a channel or two.
                 self.subs.reserve_exact(1);
-                self.subs.push(channel.into());
+                self.subs.push(Sub { name: channel.into(), server: server || takeover });
                 if let Some(ok) = s.recovered.or(no_history.then_some(false)) {
                     let result = if ok { "recovered" } else { "failed" };
                     metrics::counter!(m::RECOVERIES, "result" => result).increment(1);
@@ -194,6 +242,17 @@ impl Session {
         self.send(&ServerFrame::Ack { id, channel: Some(channel), epoch: None, offset: None, recovered: None });
     }
 
+    /// The server ends a subscription (REST `unsubscribe`): an `unsubscribed` frame marked
+    /// `server: true`; nothing when the connection is not subscribed.
+    pub(super) async fn server_unsubscribe(&mut self, channel: &str) {
+        let Some(at) = self.subscribed(channel) else {
+            return;
+        };
+        self.subs.swap_remove(at);
+        self.leave(channel).await;
+        self.send(&ServerFrame::Unsubscribed { channel, reason: "unsubscribed by the server", server: Some(true) });
+    }
+
     /// Hub, broker and presence side of leaving a channel.
     pub(super) async fn leave(&self, channel: &str) {
         self.st.node.unsubscribe(channel, self.conn).await;
@@ -215,15 +274,24 @@ impl Session {
         if *claims.sub != *self.user {
             return self.error(id, ErrorCode::TokenInvalid, "the new token is for another user", None);
         }
+        if self.st.revocations.is_revoked(&claims.sub, claims.iat) {
+            metrics::counter!(m::CLIENT_ERRORS, "code" => "token_revoked").increment(1);
+            return self.error(id, ErrorCode::TokenInvalid, "token_revoked: the token was invalidated", None);
+        }
         self.outbox.set_expiry(expiry_ms(claims.exp));
+        self.iat = u32::try_from(claims.iat.unwrap_or(0)).unwrap_or(u32::MAX);
+        self.st.registry.set_iat(self.conn, claims.iat.unwrap_or(0));
         self.patterns = self.st.patterns.share(&claims.channels, &claims.publish);
-        let revoked: Vec<Box<str>> = self.subs.iter().filter(|c| !self.can_subscribe(c)).cloned().collect();
+        // Channels the server subscribed stay: the server's word, not the token's.
+        let revoked: Vec<Box<str>> =
+            self.subs.iter().filter(|c| !c.server && !self.can_subscribe(&c.name)).map(|c| c.name.clone()).collect();
         for channel in revoked {
-            self.subs.retain(|c| *c != channel);
+            self.subs.retain(|c| c.name != channel);
             self.leave(&channel).await;
             self.send(&ServerFrame::Unsubscribed {
                 channel: &channel,
                 reason: "the refreshed token does not allow it",
+                server: None,
             });
         }
         self.send(&ServerFrame::Ack { id, channel: None, epoch: None, offset: None, recovered: None });

@@ -26,7 +26,7 @@ pub use channels::may_subscribe;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crier_core::{ConnId, Outbox, clock_ms};
+use crier_core::{Command, ConnId, Outbox, Transport, clock_ms};
 use crier_protocol::frames::{ClientFrame, FrameError, ServerFrame};
 use crier_protocol::{CloseCode, Encoding, ErrorCode};
 
@@ -37,6 +37,13 @@ use crate::state::{AppState, Patterns};
 
 /// Refused frames within [`STRIKE_WINDOW`] after which the connection is closed with 4008.
 pub const MAX_STRIKES: u32 = 50;
+
+/// One subscribed channel, and whether the server subscribed it (REST `subscribe`, the token's
+/// `subs`): those bypass the token's patterns, so a `refresh` does not take them away.
+pub(crate) struct Sub {
+    name: Box<str>,
+    server: bool,
+}
 const STRIKE_WINDOW: Duration = Duration::from_secs(10);
 
 /// A connection's state, owned by its transport's task. Kept small on purpose: it lives in every
@@ -52,9 +59,11 @@ pub struct Session {
     patterns: Arc<Patterns>,
     outbox: Arc<Outbox>,
     /// Subscribed channels (at most `max_subscriptions_per_connection`, searched linearly).
-    subs: Vec<Box<str>>,
+    subs: Vec<Sub>,
     encoding: Encoding,
-    strikes: u32,
+    strikes: u16,
+    /// The token's `iat` (Unix seconds, 0: none; token invalidation).
+    iat: u32,
     /// [`clock_ms`] when the current strike window began.
     strike_window: u64,
     slot: Option<Box<ConnSlot>>,
@@ -73,7 +82,12 @@ impl Session {
         {
             proxies.watch(conn, user.clone(), client_id(&st, conn), &outbox, claims.exp);
         }
+        // The token's `subs`: subscribed by the server once the connection is open and idle.
+        for channel in &claims.subs {
+            outbox.command(Command::Subscribe { channel: channel.as_str().into(), recover: None });
+        }
         Session {
+            iat: u32::try_from(claims.iat.unwrap_or(0)).unwrap_or(u32::MAX),
             conn,
             user,
             patterns: st.patterns.share(&claims.channels, &claims.publish),
@@ -98,9 +112,9 @@ impl Session {
 
     /// The connection is open: it is registered with the node (drain, disconnects, heartbeats)
     /// and its first frame, `welcome`, is queued.
-    pub fn open(&mut self) {
+    pub fn open(&mut self, transport: Transport) {
         crate::memory::note();
-        self.st.registry.register(self.conn, self.user.clone(), self.outbox.clone());
+        self.st.registry.register(self.conn, self.user.clone(), self.outbox.clone(), self.iat.into(), transport);
         self.send(&ServerFrame::Welcome {
             client: &self.client(),
             user: &self.user,
@@ -145,6 +159,7 @@ impl Session {
             ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id }),
             ClientFrame::Refresh { id, token } => Box::pin(self.refresh(id, &token)).await,
             ClientFrame::Presence { id, channel } => Box::pin(self.presence(id, &channel)).await,
+            ClientFrame::PresenceStats { id, channel } => Box::pin(self.presence_stats(id, &channel)).await,
             ClientFrame::History { id, channel, since, limit } => {
                 Box::pin(self.history(id, &channel, since, limit, slot)).await
             }
@@ -159,12 +174,29 @@ impl Session {
         Box::pin(self.subscribe(None, channel, recover, None)).await
     }
 
+    /// A server command the transport took from the outbox ([`crier_core::Outbox::poll_command`]),
+    /// run like a client frame: not counted against the user's frame rate (the server's word).
+    pub async fn on_command(&mut self, command: Command) {
+        let st = self.st.clone();
+        let slot = st.node.broker_slot().await;
+        crate::memory::note();
+        match command {
+            Command::Subscribe { channel, recover } => {
+                Box::pin(self.subscribe_as(None, &channel, recover, slot, true)).await
+            }
+            Command::Unsubscribe { channel } => {
+                drop(slot);
+                Box::pin(self.server_unsubscribe(&channel)).await
+            }
+        }
+    }
+
     /// The connection ended (whatever ended it): leaves every channel, forgets the connection
     /// and releases the user's connection slot.
     pub async fn close(mut self) {
         crate::memory::note();
-        for channel in std::mem::take(&mut self.subs) {
-            self.leave(&channel).await;
+        for sub in std::mem::take(&mut self.subs) {
+            self.leave(&sub.name).await;
         }
         self.st.registry.unregister(self.conn);
         if let Some(proxies) = &self.st.proxies {
@@ -207,8 +239,8 @@ impl Session {
             self.strike_window = now;
             self.strikes = 0;
         }
-        self.strikes += 1;
-        if self.strikes >= MAX_STRIKES {
+        self.strikes = self.strikes.saturating_add(1);
+        if u32::from(self.strikes) >= MAX_STRIKES {
             self.outbox.close(CloseCode::RATE_LIMITED);
             return true;
         }

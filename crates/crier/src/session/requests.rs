@@ -114,6 +114,23 @@ impl Session {
         }
     }
 
+    /// `presence_stats`: how many clients and distinct users are in the channel's presence.
+    pub(super) async fn presence_stats(&mut self, id: Option<u64>, channel: &str) {
+        if !self.readable(id, channel) {
+            return;
+        }
+        if !self.st.policy(channel).presence {
+            return self.error(id, ErrorCode::Forbidden, "presence is off in this channel's namespace", Some(channel));
+        }
+        match self.st.broker().presence_stats(channel).await {
+            Ok(s) => self.send(&ServerFrame::PresenceStats { id, channel, clients: s.clients, users: s.users }),
+            Err(e) => {
+                tracing::warn!(error = %e, "presence_stats failed");
+                self.error(id, ErrorCode::Unavailable, "broker unavailable; retry later", Some(channel))
+            }
+        }
+    }
+
     pub(super) async fn history(
         &mut self,
         id: Option<u64>,

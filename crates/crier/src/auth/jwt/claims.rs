@@ -1,6 +1,6 @@
 //! The claims crier reads from a token whose signature is valid (the contract's "JWT claims"):
 //! `sub` and `exp` required; `nbf`, `iat`, `iss`, `aud` honoured; `channels` and `publish`
-//! permission patterns.
+//! permission patterns; `subs`, channels the connection is subscribed to at connect.
 
 use serde_json::{Map, Value};
 
@@ -17,13 +17,24 @@ pub struct Claims {
     pub channels: Vec<String>,
     /// Channel patterns the user may publish to from the client (missing claim = empty).
     pub publish: Vec<String>,
+    /// Issued at (`iat`), seconds since the Unix epoch, when the token says (token invalidation).
+    pub iat: Option<u64>,
+    /// Channels the server subscribes the connection to at connect (`subs`; valid channel names).
+    pub subs: Vec<String>,
 }
 
 impl Claims {
     /// An anonymous connection's (`allow_anonymous`): may subscribe to any channel, never
     /// publish, has no personal channel, never expires.
     pub fn anonymous() -> Claims {
-        Claims { sub: String::new(), exp: u64::MAX, channels: vec!["*".into()], publish: Vec::new() }
+        Claims {
+            sub: String::new(),
+            exp: u64::MAX,
+            channels: vec!["*".into()],
+            publish: Vec::new(),
+            iat: None,
+            subs: Vec::new(),
+        }
     }
 }
 
@@ -43,7 +54,8 @@ pub(super) fn check_claims(
     {
         return Err(TokenError::new("token not yet valid"));
     }
-    if let Some(iat) = numeric_date(claims, "iat", true)?
+    let iat = numeric_date(claims, "iat", true)?;
+    if let Some(iat) = iat
         && iat > now.saturating_add(LEEWAY_SECS)
     {
         return Err(TokenError::new("token issued in the future"));
@@ -84,7 +96,20 @@ pub(super) fn check_claims(
         Some(Value::String(sub)) => sub.clone(),
         Some(_) => return Err(TokenError::malformed_claim("sub")),
     };
-    Ok(Claims { sub, exp, channels: string_list(claims, "channels")?, publish: string_list(claims, "publish")? })
+    let subs = string_list(claims, "subs")?;
+    for channel in &subs {
+        if let Err(e) = crier_protocol::validate_channel(channel) {
+            return Err(TokenError(format!("claim `subs`: {e}")));
+        }
+    }
+    Ok(Claims {
+        sub,
+        exp,
+        channels: string_list(claims, "channels")?,
+        publish: string_list(claims, "publish")?,
+        iat,
+        subs,
+    })
 }
 
 /// A NumericDate claim: absent/null = `None`; a non-negative integer or finite number

@@ -420,7 +420,7 @@ fn sub_and_list_claims() -> TestResult {
     assert_eq!(err_of(v.verify(&hs(&json!({"exp": exp, "sub": ""})))), "claim `sub` is empty");
     assert_eq!(err_of(v.verify(&hs(&json!({"exp": exp, "sub": 42})))), "malformed claim `sub`");
     let minimal = v.verify(&hs(&json!({"exp": exp, "sub": "u2"})))?;
-    assert_eq!(minimal, Claims { sub: "u2".into(), exp, channels: vec![], publish: vec![] });
+    assert_eq!(minimal, Claims { sub: "u2".into(), exp, channels: vec![], publish: vec![], iat: None, subs: vec![] });
     for (claims, want) in [
         (json!({"exp": exp, "sub": "u", "channels": "chat:*"}), "malformed claim `channels`"),
         (json!({"exp": exp, "sub": "u", "channels": ["a", 1]}), "malformed claim `channels`"),

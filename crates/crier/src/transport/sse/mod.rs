@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Version, header};
 use axum::response::Response;
+use crier_core::Command;
 use crier_protocol::{Encoding, StreamPosition, validate_channel};
 
 use crate::error::ApiError;
@@ -114,12 +115,17 @@ pub async fn handler(State(st): State<AppState>, ConnectInfo(peer): ConnectInfo<
         // Only a router served by `server::serve` can hand a socket over.
         return handshake::refuse(admitted, ApiError::unavailable("this connection cannot stream")).await;
     };
-    let admitted = match handshake::accept(&st, admitted).await {
+    let mut admitted = match handshake::accept(&st, admitted).await {
         Ok(a) => a,
         Err(response) => return response,
     };
     let Wanted { channels, cursor } = wanted;
-    let cursor = cursor.restrict(&channels);
+    // The token's `subs`: subscribed by the server after the named channels, each resuming from
+    // the `Last-Event-ID` cursor like them (queued below, not by `Session::new`).
+    let subs = std::mem::take(&mut admitted.claims.subs);
+    let server_subs: Vec<Command> =
+        subs.iter().map(|c| Command::Subscribe { channel: c.as_str().into(), recover: cursor.get(c) }).collect();
+    let cursor = cursor.restrict(&[channels.as_slice(), subs.as_slice()].concat());
     let subscriptions: Vec<(String, Option<StreamPosition>)> = channels
         .into_iter()
         .map(|c| {
@@ -128,12 +134,19 @@ pub async fn handler(State(st): State<AppState>, ConnectInfo(peer): ConnectInfo<
         })
         .collect();
     let session = Session::new(st.clone(), admitted, Encoding::Json);
+    for command in server_subs {
+        session.outbox().command(command);
+    }
     let chunked = parts.version != Version::HTTP_10;
     let head = response_head(parts.headers.get(header::ORIGIN), chunked);
     let drain_ms = st.config.shutdown_drain.as_millis() as u64;
+    let counted = st.details.sse_stream();
     takeover.claim(move |io| {
         let sock = stream::SseSocket::new(io, head, chunked);
-        tokio::spawn(stream::run(session, subscriptions, cursor, sock, drain_ms));
+        tokio::spawn(async move {
+            let _counted = counted;
+            stream::run(session, subscriptions, cursor, sock, drain_ms).await
+        });
     });
     // hyper's part of the connection ends here: this future is dropped with it.
     std::future::pending().await

@@ -98,7 +98,7 @@ pub fn push_event(out: &mut Vec<u8>, item: &Out, cursor: &mut Cursor) {
         // The subscribe ack gives the channel's position. When resuming with `recovered:true`,
         // the missed messages follow it: the cursor keeps the position resumed from until they
         // arrive, so a stream cut in between resumes from there again.
-        ("ack", Some(channel), Some(epoch), Some(offset)) => {
+        ("ack" | "subscribed", Some(channel), Some(epoch), Some(offset)) => {
             if env.recovered != Some(true) {
                 cursor.set(channel, epoch, offset);
             }

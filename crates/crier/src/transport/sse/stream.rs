@@ -27,7 +27,7 @@ use std::net::Shutdown;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use crier_core::{Close, Next, Out, Outbox};
+use crier_core::{Close, Next, Out, Outbox, Transport};
 use crier_protocol::StreamPosition;
 use socket2::SockRef;
 use tokio::io::Interest;
@@ -213,12 +213,32 @@ pub fn run(
     drain_ms: u64,
 ) -> impl Future<Output = ()> + Send {
     async move {
-        s.open();
+        s.open(Transport::Sse);
         // Boxed: the subscribe phase's state is on the heap only while it runs, not in the task
         // of every idle stream.
-        let (end, late) = match Box::pin(subscribe_all(&mut s, channels, &mut cursor, &mut sock)).await {
-            Some(ended) => ended,
-            None => (std::future::poll_fn(|cx| poll_stream(&mut sock, cx, s.outbox(), &mut cursor)).await, None),
+        let (end, late) = 'stream: {
+            if let Some(ended) = Box::pin(subscribe_all(&mut s, channels, &mut cursor, &mut sock)).await {
+                break 'stream ended;
+            }
+            loop {
+                // A server command (REST `subscribe`/`unsubscribe`, the `subs` claim) is run
+                // beside the writes, like the named subscribes.
+                let next = std::future::poll_fn(|cx| {
+                    if s.outbox().poll_command(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                    poll_stream(&mut sock, cx, s.outbox(), &mut cursor).map(Some)
+                })
+                .await;
+                match next {
+                    Some(end) => break 'stream (end, None),
+                    None => {
+                        if let Some(ended) = Box::pin(run_command(&mut s, &mut cursor, &mut sock)).await {
+                            break 'stream ended;
+                        }
+                    }
+                }
+            }
         };
         let close = match &end {
             End::Close(close) => Some(close.clone()),
@@ -253,12 +273,37 @@ async fn subscribe_all(
         if outbox.is_closing() {
             break;
         }
-        let mut subscribing = std::pin::pin!(s.subscribe_named(&channel, recover));
+        if let Some(ended) = beside_writes(s.subscribe_named(&channel, recover), &outbox, cursor, sock).await {
+            return Some(ended);
+        }
+    }
+    None
+}
+
+/// Runs the server command waiting in the outbox on the session, beside the writes
+/// ([`beside_writes`]).
+async fn run_command(s: &mut Session, cursor: &mut Cursor, sock: &mut SseSocket) -> Option<(End, Option<Close>)> {
+    let outbox = s.outbox().clone();
+    let command = outbox.take_command()?;
+    beside_writes(s.on_command(command), &outbox, cursor, sock).await
+}
+
+/// Drives `work` (a subscribe that may wait for room in the outbox, which only the writes make)
+/// side by side with the stream's writes. `Some` when the stream ended meanwhile: how, and a
+/// close asked for while `work` was being finished.
+async fn beside_writes(
+    work: impl Future<Output = ()>,
+    outbox: &Outbox,
+    cursor: &mut Cursor,
+    sock: &mut SseSocket,
+) -> Option<(End, Option<Close>)> {
+    {
+        let mut subscribing = std::pin::pin!(work);
         let ended = std::future::poll_fn(|cx| {
             if subscribing.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(None);
             }
-            poll_stream(sock, cx, &outbox, cursor).map(Some)
+            poll_stream(sock, cx, outbox, cursor).map(Some)
         })
         .await;
         if let Some(end) = ended {

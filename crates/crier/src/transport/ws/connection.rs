@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
-use crier_core::{Close, Next, Outbox};
+use crier_core::{Close, Command, Next, Outbox, Transport};
 use crier_protocol::frames::{ClientFrame, FrameError};
 use crier_protocol::ws::{Discard, Incoming, Violation};
 use crier_protocol::{CloseCode, Encoding, ErrorCode};
@@ -53,6 +53,9 @@ enum Event {
     WriteEnded,
     /// The request in flight is done: the session is back.
     Done(Session),
+    /// A server command waits for the idle session (REST `subscribe`/`unsubscribe`, `subs`
+    /// claim): [`Outbox::take_command`].
+    Command,
 }
 
 /// The connection's session: in the task while idle, or owned by the request in flight.
@@ -98,6 +101,18 @@ fn start(s: Session, message: Incoming, waiting: VecDeque<Incoming>) -> Busy {
     Busy { request, outbox, pinger, waiting }
 }
 
+/// Starts running a server `command` on the session, as a request like a client frame's.
+fn start_command(s: Session, command: Command) -> Busy {
+    let outbox = s.outbox().clone();
+    let pinger = s.pinger();
+    let request = Box::pin(async move {
+        let mut s = s;
+        s.on_command(command).await;
+        s
+    });
+    Busy { request, outbox, pinger, waiting: VecDeque::new() }
+}
+
 /// Decodes a text or binary client message as a client frame (`None` for the other kinds);
 /// `scratch` holds what a binary encoding's frame borrows.
 fn decode<'a>(
@@ -122,7 +137,8 @@ fn ping_id(encoding: Encoding, message: &Incoming) -> Option<Option<u64>> {
 
 /// Waits for the next event of a connection while driving its writes and its request in
 /// flight: one task reads the socket (unless `read` is false: backpressure), writes what the
-/// outbox holds (one `sendmsg` per batch), polls the request and watches for aborts.
+/// outbox holds (one `sendmsg` per batch), polls the request and watches for aborts. Without a
+/// request in flight, a server command waiting in the outbox is an event too.
 fn next_event<'a>(
     ws: &'a mut WsSocket,
     outbox: &'a Outbox,
@@ -131,6 +147,11 @@ fn next_event<'a>(
     text: bool,
 ) -> impl Future<Output = Event> + 'a {
     std::future::poll_fn(move |cx| {
+        // Before the outbox's batch: it registers the same waker, so a command queued after
+        // this check wakes the task.
+        if request.is_none() && outbox.poll_command(cx).is_ready() {
+            return Poll::Ready(Event::Command);
+        }
         loop {
             if let Some(r) = request.as_mut()
                 && let Poll::Ready(s) = r.as_mut().poll(cx)
@@ -193,7 +214,7 @@ pub fn run(s: Session, upgrade: OnUpgrade, max_message: usize, deflate: bool) ->
             Err(e) => return tracing::debug!(error = %e, "websocket upgrade failed"),
         };
         if let Conn::Idle(s) = &mut conn {
-            s.open();
+            s.open(Transport::WebSocket);
         }
         let ending = loop {
             let event = match &mut conn {
@@ -230,6 +251,15 @@ pub fn run(s: Session, upgrade: OnUpgrade, max_message: usize, deflate: bool) ->
                     }
                     continue;
                 }
+                Event::Command => {
+                    if let Conn::Idle(s) = std::mem::replace(&mut conn, Conn::Switching) {
+                        conn = match s.outbox().take_command() {
+                            Some(command) => Conn::Busy(start_command(s, command)),
+                            None => Conn::Idle(s),
+                        };
+                    }
+                    continue;
+                }
                 Event::Inbound(inbound) => inbound,
             };
             if let Some(outbox) = conn.outbox() {
@@ -257,7 +287,7 @@ pub fn run(s: Session, upgrade: OnUpgrade, max_message: usize, deflate: bool) ->
                         _ => ErrorCode::BadRequest,
                     };
                     metrics::counter!(m::CLIENT_ERRORS, "code" => code.as_str()).increment(1);
-                    break Ending::Violation(Close { code: v.close_code(), reason: v.reason() });
+                    break Ending::Violation(Close { code: v.close_code(), reason: v.reason().into() });
                 }
                 Err(ReadError::Io(e)) => {
                     tracing::debug!(error = %e, "websocket read error");
@@ -298,11 +328,11 @@ async fn finish(mut ws: WsSocket, ending: Ending) {
     let (linger, violation) = match ending {
         Ending::Gone => return,
         Ending::Close(close, linger) => {
-            ws.queue_close(Some((close.code.0, close.reason)));
+            ws.queue_close(Some((close.code.0, &close.reason)));
             (linger, false)
         }
         Ending::Violation(close) => {
-            ws.queue_close(Some((close.code.0, close.reason)));
+            ws.queue_close(Some((close.code.0, &close.reason)));
             (true, true)
         }
         Ending::Echo(code) => {
