@@ -85,6 +85,8 @@ pub struct Config {
     pub namespaces: crier_core::Namespaces,
     /// Backend proxies (the `[proxy]` table of the TOML file); `None` when it is absent.
     pub proxy: Option<ProxySettings>,
+    /// Webhooks (the `[webhooks]` table of the TOML file); `None` when it is absent.
+    pub webhooks: Option<WebhookSettings>,
     /// Memory broker: history bytes kept across all channels (0 = no cap).
     pub memory_history_max_bytes: usize,
     /// Redis broker: expiry of presence, connection-count and node-registry entries.
@@ -141,6 +143,45 @@ pub struct ProxySettings {
     /// How long an open breaker fails calls at once before it lets one probe through.
     pub breaker_cooldown: Duration,
 }
+
+/// The `[webhooks]` table (TOML only): events POSTed to the backend (docs/hooks.md, Webhooks).
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookSettings {
+    /// Where batches are POSTed (`http://`).
+    pub url: String,
+    /// HMAC-SHA256 key of `X-Crier-Signature` (at least 32 bytes; never logged).
+    pub secret: String,
+    /// The events produced (names as in the payload).
+    pub events: Vec<String>,
+    /// Deadline of one POST.
+    pub timeout: Duration,
+    /// Events held for the backend at most; the oldest are dropped past it.
+    pub max_queue: usize,
+    /// Events per POST at most.
+    pub batch: usize,
+    /// First retry delay (doubled at each failure) and its bound.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+impl std::fmt::Debug for WebhookSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSettings")
+            .field("url", &self.url)
+            .field("secret", &"<redacted>")
+            .field("events", &self.events)
+            .field("timeout", &self.timeout)
+            .field("max_queue", &self.max_queue)
+            .field("batch", &self.batch)
+            .field("retry_min", &self.retry_min)
+            .field("retry_max", &self.retry_max)
+            .finish()
+    }
+}
+
+/// Webhook event names crier knows (`client_publish` is accepted and not produced yet).
+pub const WEBHOOK_EVENTS: [&str; 5] =
+    ["channel_occupied", "channel_vacated", "member_added", "member_removed", "client_publish"];
 
 /// How client tokens are verified.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -238,8 +279,9 @@ where
     let mut problems = Vec::new();
     let mut namespaces = Vec::new();
     let mut proxy = None;
-    let raw = sources::collect(args, env, &mut problems, &mut namespaces, &mut proxy)?;
-    parse::build(&raw, &namespaces, proxy.as_ref(), env, problems)
+    let mut webhooks = None;
+    let raw = sources::collect(args, env, &mut problems, &mut namespaces, &mut proxy, &mut webhooks)?;
+    parse::build(&raw, &namespaces, proxy.as_ref(), webhooks.as_ref(), env, problems)
 }
 
 /// Warnings to log at start-up: one line per `CRIER_*` environment variable that names no

@@ -10,7 +10,7 @@ use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 
 use super::ConfigError;
-use super::table::{self, CONFIG_ARG, CONFIG_ENV, ENV_PREFIX, NAMESPACES, PROXY, SETTINGS, Shape};
+use super::table::{self, CONFIG_ARG, CONFIG_ENV, ENV_PREFIX, NAMESPACES, PROXY, SETTINGS, Shape, WEBHOOKS};
 
 /// Where a raw value came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +65,7 @@ pub(super) fn collect<I, T>(
     problems: &mut Vec<String>,
     namespaces: &mut Vec<RawNamespace>,
     proxy: &mut Option<RawNamespace>,
+    webhooks: &mut Option<RawNamespace>,
 ) -> Result<RawSettings, ConfigError>
 where
     I: IntoIterator<Item = T>,
@@ -96,7 +97,7 @@ where
         if path.trim().is_empty() {
             problems.push(format!("config: `{path}` (from {from}): expected a file name"));
         } else {
-            read_file(Path::new(&path), from, &mut raw, problems, namespaces, proxy);
+            read_file(Path::new(&path), from, &mut raw, problems, namespaces, proxy, webhooks);
         }
     }
 
@@ -147,6 +148,7 @@ fn read_file(
     problems: &mut Vec<String>,
     namespaces: &mut Vec<RawNamespace>,
     proxy: &mut Option<RawNamespace>,
+    webhooks: &mut Option<RawNamespace>,
 ) {
     let shown = path.display();
     let text = match std::fs::read_to_string(path) {
@@ -184,6 +186,11 @@ fn read_file(
                     "{NAMESPACES}: expected tables like [{NAMESPACES}.chat] in {shown}, one per namespace"
                 )),
             }
+            continue;
+        }
+        if key == WEBHOOKS {
+            // Typed (and its shape checked) in `parse`.
+            *webhooks = Some(RawNamespace { name: key, options: value, source: source.clone() });
             continue;
         }
         if key == PROXY {

@@ -51,6 +51,8 @@ pub(super) const CONFIG_ARG: &str = "config";
 pub(super) const NAMESPACES: &str = "namespaces";
 /// The TOML-only table of backend proxies (`[proxy]`); not a setting itself.
 pub(super) const PROXY: &str = "proxy";
+/// The TOML-only table of webhooks (`[webhooks]`); not a setting itself.
+pub(super) const WEBHOOKS: &str = "webhooks";
 
 const fn setting(
     name: &'static str,

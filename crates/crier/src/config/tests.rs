@@ -812,3 +812,44 @@ fn the_proxy_table_and_the_namespace_switches() -> TestResult {
     assert_eq!(load_with(&[], &[])?.proxy, None);
     Ok(())
 }
+
+#[test]
+fn the_webhooks_table() -> TestResult {
+    let dir = TempDir::new()?;
+    let secret = "s".repeat(32);
+    let file = dir.file(
+        "crier.toml",
+        &format!(
+            "[webhooks]\nurl = \"http://127.0.0.1:9000/events\"\nsecret = \"{secret}\"\n\
+             events = [\"channel_vacated\", \"member_added\"]\ntimeout = \"2s\"\nmax_queue = 10\nbatch = 5\n"
+        ),
+    )?;
+    let c = load_with(&["--config", &file], &[])?;
+    let w = c.webhooks.ok_or("the [webhooks] table")?;
+    assert_eq!((w.url.as_str(), w.secret.as_str()), ("http://127.0.0.1:9000/events", secret.as_str()));
+    assert_eq!(w.events, ["channel_vacated", "member_added"]);
+    assert_eq!((w.timeout, w.max_queue, w.batch), (Duration::from_secs(2), 10, 5));
+    assert_eq!((w.retry_min, w.retry_max), (Duration::from_millis(100), Duration::from_secs(30)));
+    assert!(!format!("{w:?}").contains(&secret), "the secret is not in the Debug output");
+    assert_eq!(load_with(&[], &[])?.webhooks, None);
+
+    // Every problem at once, the short secret not echoed; exit 64.
+    let bad = dir.file(
+        "bad.toml",
+        "[webhooks]\nurl = \"https://x\"\nsecret = \"short-secret\"\nevents = [\"channel_vacatd\"]\nbatch = 0\nretyr_max = \"1s\"\n",
+    )?;
+    let p = problems(&["--config", &bad], &[]);
+    assert_eq!(p.len(), 5, "{p:#?}");
+    assert!(p.iter().any(|l| l.starts_with("webhooks.url: `https://x`")), "{p:#?}");
+    assert!(p.iter().any(|l| l.starts_with("webhooks.secret:") && l.contains("12 bytes")), "{p:#?}");
+    assert!(!p.iter().any(|l| l.contains("short-secret")), "{p:#?}");
+    assert!(p.iter().any(|l| l.starts_with("webhooks.events: `\"channel_vacatd\"`")), "{p:#?}");
+    assert!(p.iter().any(|l| l.starts_with("webhooks.batch: `0`")), "{p:#?}");
+    assert!(p.iter().any(|l| l.starts_with("webhooks.retyr_max: unknown") && l.contains("retry_max")), "{p:#?}");
+    let Err(e) = load_with(&["--config", &bad], &[]) else { panic!("must fail") };
+    assert_eq!(e.exit_code(), 64);
+    let missing = dir.file("missing.toml", "[webhooks]\nurl = \"http://127.0.0.1:9/e\"\n")?;
+    let p = problems(&["--config", &missing], &[]);
+    assert!(p.len() == 1 && p[0].starts_with("webhooks.secret:") && p[0].contains("required"), "{p:#?}");
+    Ok(())
+}
