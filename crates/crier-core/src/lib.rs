@@ -23,7 +23,7 @@ pub mod outbox;
 pub mod registry;
 
 pub use broker::{
-    Broker, BrokerError, BrokerHandler, ChannelCount, ConnectionInfo, History, MemoryBroker, NodeInfo, PresenceEvent,
+    Broker, BrokerError, BrokerHandler, ChannelCount, ConnectionInfo, History, HookConfig, HookEvent, HookStats, MemoryBroker, NodeInfo, PresenceEvent,
     PresenceStats, Publication, PublishResult, Revocation, TransportCounts, UserOp, UserOpReply,
 };
 pub use hub::Hub;

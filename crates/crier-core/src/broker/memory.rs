@@ -244,6 +244,8 @@ pub struct MemoryBroker {
     channel_counts: Mutex<HashMap<String, BTreeMap<String, u64>>>,
     /// Token revocations: user → `before` (server-side control).
     revoked: Mutex<HashMap<String, u64>>,
+    /// Webhook events, in memory (lost on a restart; docs/hooks.md).
+    hooks: super::hooks::MemoryHookQueue,
 }
 
 impl MemoryBroker {
@@ -279,6 +281,7 @@ impl MemoryBroker {
             node: Mutex::new(None),
             channel_counts: Mutex::new(HashMap::new()),
             revoked: Mutex::new(HashMap::new()),
+            hooks: super::hooks::MemoryHookQueue::default(),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             let weak = Arc::downgrade(&broker);
@@ -434,15 +437,18 @@ impl Broker for MemoryBroker {
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
         // Taken under the channel's shard lock so a subscribe is ordered against publishes.
         let _shard = lock(self.shard(channel));
-        lock(&self.subscribed).insert(channel.to_owned());
+        // One node: its first subscriber is the cluster's.
+        if lock(&self.subscribed).insert(channel.to_owned()) {
+            self.hooks.push(super::hooks::CHANNEL_OCCUPIED, channel, None);
+        }
         Ok(())
     }
 
     async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
         let _shard = lock(self.shard(channel));
         let still_wanted = self.handler.get().is_some_and(|h| h.has_subscribers(channel));
-        if !still_wanted {
-            lock(&self.subscribed).remove(channel);
+        if !still_wanted && lock(&self.subscribed).remove(channel) {
+            self.hooks.push(super::hooks::CHANNEL_VACATED, channel, None);
         }
         Ok(())
     }
@@ -479,7 +485,9 @@ impl Broker for MemoryBroker {
 
     async fn presence_add(&self, channel: &str, entry: &PresenceEntry) -> Result<(), BrokerError> {
         if !self.namespaces.policy(channel).join_leave {
-            lock(&self.presence).add(channel, entry);
+            if lock(&self.presence).add(channel, entry) {
+                self.hooks.push(super::hooks::MEMBER_ADDED, channel, Some((&entry.user, &entry.client)));
+            }
             return Ok(());
         }
         // Under the channel's shard lock: the join is ordered with the channel's publications.
@@ -487,25 +495,31 @@ impl Broker for MemoryBroker {
         let joined = lock(&self.presence).add(channel, entry);
         if joined {
             self.announce("join", channel, entry);
+            self.hooks.push(super::hooks::MEMBER_ADDED, channel, Some((&entry.user, &entry.client)));
         }
         Ok(())
     }
 
     async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry) -> Result<u64, BrokerError> {
         let mut p = lock(&self.presence);
-        p.add(channel, entry);
+        if p.add(channel, entry) {
+            self.hooks.push(super::hooks::MEMBER_ADDED, channel, Some((&entry.user, &entry.client)));
+        }
         Ok(p.channels.get(channel).map_or(0, |m| m.len() as u64))
     }
 
     async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
         if !self.namespaces.policy(channel).join_leave {
-            lock(&self.presence).remove(channel, client);
+            if let Some(entry) = lock(&self.presence).remove(channel, client) {
+                self.hooks.push(super::hooks::MEMBER_REMOVED, channel, Some((&entry.user, &entry.client)));
+            }
             return Ok(());
         }
         let _shard = lock(self.shard(channel));
         let left = lock(&self.presence).remove(channel, client);
         if let Some(entry) = left {
             self.announce("leave", channel, &entry);
+            self.hooks.push(super::hooks::MEMBER_REMOVED, channel, Some((&entry.user, &entry.client)));
         }
         Ok(())
     }
@@ -564,6 +578,19 @@ impl Broker for MemoryBroker {
         let revoked = lock(&self.revoked);
         let in_force = revoked.iter().filter(|(_, before)| **before >= since);
         Ok(in_force.map(|(user, before)| Revocation { user: user.clone(), before: *before }).collect())
+    }
+
+    fn enable_hooks(&self, config: super::HookConfig) -> Result<(), BrokerError> {
+        self.hooks.enable(config);
+        Ok(())
+    }
+
+    async fn hook_read(&self, max: usize, wait: Duration) -> Result<Vec<super::HookEvent>, BrokerError> {
+        Ok(self.hooks.read(max, wait).await)
+    }
+
+    fn hook_stats(&self) -> super::HookStats {
+        self.hooks.stats()
     }
 
     async fn report_node(&self, info: &NodeInfo) -> Result<(), BrokerError> {

@@ -16,6 +16,7 @@
 //! Besides messages, the broker holds the little cluster state a node needs from the others:
 //! presence, per-user connection counts, the node registry, and user disconnects.
 
+pub mod hooks;
 mod memory;
 
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
 use serde::{Deserialize, Serialize};
 
+pub use hooks::{HookConfig, HookEvent, HookStats};
 pub use memory::MemoryBroker;
 
 /// One published message as nodes pass it around: its place in the channel's stream and the
@@ -327,6 +329,32 @@ pub trait Broker: Send + Sync + 'static {
     /// reconnect; newer ones reach it through [`BrokerHandler::on_user_op`].
     async fn revocations(&self, since: u64) -> Result<Vec<Revocation>, BrokerError>;
     // --- end of server-side control ---
+
+    // --- Webhooks (docs/hooks.md, *Webhooks*) ---
+    /// Starts producing webhook events (each once per cluster, queued in the broker). Until it
+    /// is called none are produced.
+    fn enable_hooks(&self, _config: HookConfig) -> Result<(), BrokerError> {
+        Err(BrokerError::Internal("webhooks are not supported by this broker".into()))
+    }
+
+    /// Up to `max` queued events for this node to deliver, oldest first; waits up to `wait`
+    /// for one. The node holds them until [`Broker::hook_ack`] (a broker with a durable
+    /// queue hands them to another node if this one dies meanwhile).
+    async fn hook_read(&self, _max: usize, wait: std::time::Duration) -> Result<Vec<HookEvent>, BrokerError> {
+        tokio::time::sleep(wait).await;
+        Ok(Vec::new())
+    }
+
+    /// The backend acknowledged these events.
+    async fn hook_ack(&self, _ids: &[String]) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    /// The queue's length and drops, as this node sees them.
+    fn hook_stats(&self) -> HookStats {
+        HookStats::default()
+    }
+    // --- end of webhooks ---
 
     /// Cluster-wide rate limit (GCRA): counts one event for `key` at `rate` per second with a
     /// burst of `burst`. `Ok(None)` when allowed, `Ok(Some(retry_after))` when refused.
