@@ -49,6 +49,7 @@ mod server;
 mod session;
 mod state;
 mod transport;
+mod webhooks;
 
 use std::future::Future;
 

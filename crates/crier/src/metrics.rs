@@ -41,6 +41,15 @@ pub const PRESENCE_EVENTS: &str = "crier_presence_events_total";
 /// crier extension: `join`/`leave` frames queued to local subscribers.
 pub const PRESENCE_EVENT_FRAMES: &str = "crier_presence_event_frames_total";
 
+/// Webhook events by name and result (`delivered`, `failed`: an attempt failed, retried).
+pub const WEBHOOK_EVENTS: &str = "crier_webhook_events_total";
+/// Webhook events waiting to be delivered, as this node sees the queue.
+pub const WEBHOOK_QUEUE: &str = "crier_webhook_queue_length";
+/// Webhook events dropped because the queue was full.
+pub const WEBHOOK_DROPPED: &str = "crier_webhook_dropped_total";
+/// Webhook POSTs, timed.
+pub const WEBHOOK_DURATION: &str = "crier_webhook_request_duration_seconds";
+
 /// Buckets of the broadcast latency histogram, in seconds (100 µs … 5 s).
 const LATENCY_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
@@ -69,6 +78,7 @@ pub fn install() -> Option<PrometheusHandle> {
                 .set_buckets_for_metric(Matcher::Full(BROADCAST_LATENCY.into()), LATENCY_BUCKETS)
                 .ok()?
                 .set_buckets_for_metric(Matcher::Full(PROXY_DURATION.into()), LATENCY_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(WEBHOOK_DURATION.into()), LATENCY_BUCKETS))
                 .ok()?;
             let handle = builder.install_recorder().ok()?;
             describe();
@@ -144,6 +154,10 @@ fn describe() {
         "Backend proxy calls by proxy (connect, subscribe, publish, refresh) and result (ok, refused, timeout, error, bad_status, malformed, busy, breaker_open)"
     );
     describe_histogram!(PROXY_DURATION, metrics::Unit::Seconds, "Backend proxy call latency, by proxy");
+    describe_counter!(WEBHOOK_EVENTS, "Webhook events by name and result (delivered, or failed: an attempt that is retried)");
+    describe_gauge!(WEBHOOK_QUEUE, "Webhook events waiting to be delivered, as this node sees the queue");
+    describe_counter!(WEBHOOK_DROPPED, "Webhook events dropped because the queue was full (max_queue)");
+    describe_histogram!(WEBHOOK_DURATION, metrics::Unit::Seconds, "Webhook POST latency");
     describe_counter!(
         PRESENCE_EVENTS,
         "join/leave events fanned out to this node's subscribers, by kind (join, leave)"

@@ -33,6 +33,7 @@ pub async fn serve(
     let refresher = st.proxies.clone().map(|p| tokio::spawn(crate::proxy::run_refresher(p)));
     let channel_counts = tokio::spawn(crate::api_channels::mirror(st.clone()));
     let revocations = tokio::spawn(crate::control::sync_revocations(st.clone()));
+    let webhooks = st.config.webhooks.clone().map(|w| tokio::spawn(crate::webhooks::run(st.broker().clone(), w)));
     let drain_st = st.clone();
     let max_pending = st.config.max_pending_handshakes;
     accept_loop(listener, http::app(st.clone()), max_pending, async move {
@@ -53,6 +54,9 @@ pub async fn serve(
     }
     channel_counts.abort();
     revocations.abort();
+    if let Some(w) = webhooks {
+        w.abort();
+    }
     Ok(())
 }
 

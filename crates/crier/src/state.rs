@@ -183,6 +183,9 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
         client_prefix: format!("{}-{boot}-", config.node_id),
         node: config.node_id.clone(),
     }));
+    if let Some(w) = &config.webhooks {
+        crate::webhooks::enable(&*broker, w).map_err(|e| invalid(format!("webhooks: {e}")))?;
+    }
     let limits = Limits::new(&config);
     // Revocations in force before the first handshake (retried by `control::sync_revocations`).
     if broker.is_up() {
