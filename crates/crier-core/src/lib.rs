@@ -23,8 +23,9 @@ pub mod outbox;
 pub mod registry;
 
 pub use broker::{
-    Broker, BrokerError, BrokerHandler, ChannelCount, ConnectionInfo, History, HookConfig, HookEvent, HookStats, MemoryBroker, NodeInfo, PresenceEvent,
-    PresenceStats, Publication, PublishResult, Revocation, TransportCounts, UserOp, UserOpReply,
+    Broker, BrokerError, BrokerHandler, ChannelCount, ConnectionInfo, History, HookConfig, HookEvent, HookStats,
+    MemoryBroker, NodeInfo, PresenceEvent, PresenceStats, Publication, PublishResult, Revocation, TransportCounts,
+    UserOp, UserOpReply,
 };
 pub use hub::Hub;
 pub use namespace::{ChannelPolicy, Namespaces};

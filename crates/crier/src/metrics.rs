@@ -154,7 +154,10 @@ fn describe() {
         "Backend proxy calls by proxy (connect, subscribe, publish, refresh) and result (ok, refused, timeout, error, bad_status, malformed, busy, breaker_open)"
     );
     describe_histogram!(PROXY_DURATION, metrics::Unit::Seconds, "Backend proxy call latency, by proxy");
-    describe_counter!(WEBHOOK_EVENTS, "Webhook events by name and result (delivered, or failed: an attempt that is retried)");
+    describe_counter!(
+        WEBHOOK_EVENTS,
+        "Webhook events by name and result (delivered, or failed: an attempt that is retried)"
+    );
     describe_gauge!(WEBHOOK_QUEUE, "Webhook events waiting to be delivered, as this node sees the queue");
     describe_counter!(WEBHOOK_DROPPED, "Webhook events dropped because the queue was full (max_queue)");
     describe_histogram!(WEBHOOK_DURATION, metrics::Unit::Seconds, "Webhook POST latency");

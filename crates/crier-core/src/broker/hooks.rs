@@ -47,6 +47,11 @@ pub struct HookStats {
     pub dropped: u64,
 }
 
+/// Milliseconds since the Unix epoch (the wall clock: what the backend compares).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A bounded in-memory queue of events (the memory broker's; lost on a restart).
 #[derive(Default)]
 pub struct MemoryHookQueue {
@@ -80,14 +85,20 @@ impl MemoryHookQueue {
             return;
         }
         let max = config.max_queue.max(1);
-        let time_ms = crate::clock_ms();
+        let time_ms = unix_ms();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let (user, client) = match member {
             Some((user, client)) => (Some(user.to_owned()), Some(client.to_owned())),
             None => (None, None),
         };
-        let event =
-            HookEvent { id: format!("{time_ms}-{seq}"), name: name.to_owned(), channel: channel.to_owned(), time_ms, user, client };
+        let event = HookEvent {
+            id: format!("{time_ms}-{seq}"),
+            name: name.to_owned(),
+            channel: channel.to_owned(),
+            time_ms,
+            user,
+            client,
+        };
         while inner.queue.len() >= max {
             inner.queue.pop_front();
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -138,10 +149,10 @@ mod tests {
         q.push(CHANNEL_OCCUPIED, "c", None);
         assert_eq!(q.stats(), HookStats { queued: 2, dropped: 1 });
         let got = q.read(10, Duration::from_millis(1)).await;
-        assert_eq!(got.iter().map(|e| (e.name.as_str(), e.channel.as_str())).collect::<Vec<_>>(), [
-            (MEMBER_ADDED, "b"),
-            (CHANNEL_OCCUPIED, "c")
-        ]);
+        assert_eq!(
+            got.iter().map(|e| (e.name.as_str(), e.channel.as_str())).collect::<Vec<_>>(),
+            [(MEMBER_ADDED, "b"), (CHANNEL_OCCUPIED, "c")]
+        );
         assert_eq!((got[0].user.as_deref(), got[0].client.as_deref()), (Some("u"), Some("c")));
         assert_ne!(got[0].id, got[1].id);
         assert!(q.read(10, Duration::from_millis(1)).await.is_empty());

@@ -14,7 +14,10 @@ use crier_core::{ChannelPolicy, Namespaces};
 
 use super::sources::{Raw, RawNamespace, RawSettings, RawValue, Source, suggest};
 use super::table;
-use super::{Config, ConfigError, JwtSettings, KeySource, LogFormat, ProxySettings, RateScope, Redacted, RedisUrl, WebhookSettings};
+use super::{
+    Config, ConfigError, JwtSettings, KeySource, LogFormat, ProxySettings, RateScope, Redacted, RedisUrl,
+    WebhookSettings,
+};
 
 const MIN_MESSAGE_BYTES: usize = 64;
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -649,7 +652,8 @@ fn proxy(p: &mut Parser<'_>, raw: &RawNamespace) -> Option<ProxySettings> {
 }
 
 /// The options of the `[webhooks]` table.
-const WEBHOOK_OPTIONS: [&str; 8] = ["url", "secret", "events", "timeout", "max_queue", "batch", "retry_min", "retry_max"];
+const WEBHOOK_OPTIONS: [&str; 8] =
+    ["url", "secret", "events", "timeout", "max_queue", "batch", "retry_min", "retry_max"];
 
 /// Shortest webhook `secret`, in bytes.
 const MIN_WEBHOOK_SECRET: usize = 32;
@@ -687,7 +691,8 @@ fn webhooks(p: &mut Parser<'_>, raw: &RawNamespace) -> Option<WebhookSettings> {
         }
         if key == "events" {
             let toml::Value::Array(items) = value else {
-                p.problems.push(format!("{at}: ({source}): expected a list of event names, like [\"channel_vacated\"]"));
+                p.problems
+                    .push(format!("{at}: ({source}): expected a list of event names, like [\"channel_vacated\"]"));
                 ok = false;
                 continue;
             };
@@ -736,9 +741,8 @@ fn webhooks(p: &mut Parser<'_>, raw: &RawNamespace) -> Option<WebhookSettings> {
             "url" => proxy_url(&text).map(|u| out.url = u),
             "timeout" => duration_within(&text, false, MAX_PROXY_TIMEOUT).map(|d| out.timeout = d),
             "max_queue" => at_least_one::<usize>(&text).map(|n| out.max_queue = n),
-            "batch" => at_least_one::<usize>(&text).and_then(|n| {
-                if n > 1000 { Err("at most 1000".to_owned()) } else { Ok(out.batch = n) }
-            }),
+            "batch" => at_least_one::<usize>(&text)
+                .and_then(|n| if n > 1000 { Err("at most 1000".to_owned()) } else { Ok(out.batch = n) }),
             "retry_min" => duration_within(&text, false, MAX_DURATION).map(|d| out.retry_min = d),
             "retry_max" => duration_within(&text, false, MAX_DURATION).map(|d| out.retry_max = d),
             _ => continue,

@@ -1,0 +1,367 @@
+//! Webhooks (`[webhooks]`, docs/hooks.md, *Webhooks*) against the real binary and a real HTTP
+//! backend each test starts (axum on a free port): every request's `X-Crier-Signature` is checked
+//! by the backend with the documented algorithm (HMAC-SHA256 of `"<t>.<body>"`); channels
+//! occupied and vacated give exactly one event each (by id); member events carry the user and
+//! client; a backend answering 500 gets the same batch again (same ids) until it takes it; and
+//! the Node and Python verify snippets of docs/hooks.md accept a real signed request and reject
+//! a replayed (old) timestamp and a tampered body.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use crier_testkit::{poll, until};
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use support::Server;
+
+const HOOK_SECRET: &str = "webhook-secret-webhook-secret-0123456789";
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// One request as the backend got it.
+#[derive(Clone, Debug)]
+struct Request {
+    signature: String,
+    body: Vec<u8>,
+    status: u16,
+}
+
+#[derive(Default)]
+struct Seen {
+    requests: Mutex<Vec<Request>>,
+    /// Requests whose signature did not verify (a description each).
+    bad_signatures: Mutex<Vec<String>>,
+    /// Answer 500 to this many more requests.
+    fail_next: AtomicUsize,
+}
+
+struct Backend {
+    addr: SocketAddr,
+    seen: Arc<Seen>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The documented check: `t` within 5 minutes, `v1` = hex HMAC-SHA256(secret, "<t>.<body>").
+fn verify(secret: &[u8], header: &str, body: &[u8], now: u64) -> Result<(), String> {
+    let mut t = None;
+    let mut v1 = None;
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", v)) => t = v.parse::<u64>().ok(),
+            Some(("v1", v)) => v1 = Some(v.to_owned()),
+            _ => return Err(format!("unexpected part {part:?} in {header:?}")),
+        }
+    }
+    let (Some(t), Some(v1)) = (t, v1) else { return Err(format!("no t or v1 in {header:?}")) };
+    if t.abs_diff(now) > 300 {
+        return Err(format!("t={t} is {}s from now", t.abs_diff(now)));
+    }
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    let want: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    if want != v1 { Err(format!("v1 {v1} != {want}")) } else { Ok(()) }
+}
+
+async fn receive(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: axum::body::Bytes) -> StatusCode {
+    let signature = headers.get("x-crier-signature").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    if let Err(e) = verify(HOOK_SECRET.as_bytes(), &signature, &body, unix_now()) {
+        seen.bad_signatures.lock().unwrap().push(e);
+    }
+    let failing = seen.fail_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+    let status = if failing { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::NO_CONTENT };
+    seen.requests.lock().unwrap().push(Request { signature, body: body.to_vec(), status: status.as_u16() });
+    status
+}
+
+impl Backend {
+    async fn start() -> Backend {
+        let seen = Arc::new(Seen::default());
+        let app = Router::new().route("/events", post(receive)).with_state(seen.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Backend { addr, seen, task }
+    }
+
+    fn requests(&self) -> Vec<Request> {
+        self.seen.requests.lock().unwrap().clone()
+    }
+
+    /// The events of the requests the backend took (2xx), in arrival order.
+    fn delivered(&self) -> Vec<Value> {
+        self.events(|r| r.status < 300)
+    }
+
+    fn events(&self, which: impl Fn(&Request) -> bool) -> Vec<Value> {
+        let mut out = Vec::new();
+        for r in self.requests().iter().filter(|r| which(r)) {
+            let body: Value = serde_json::from_slice(&r.body).expect("the body is JSON");
+            out.extend(body["events"].as_array().expect("an events array").iter().cloned());
+        }
+        out
+    }
+
+    fn assert_signed(&self) {
+        let bad = self.seen.bad_signatures.lock().unwrap();
+        assert!(bad.is_empty(), "signatures that do not verify: {bad:#?}");
+        assert!(!self.requests().is_empty(), "the backend was called");
+    }
+}
+
+/// A config file of its own for each test (removed on drop).
+struct ConfigFile(PathBuf);
+
+impl ConfigFile {
+    fn new(contents: &str) -> ConfigFile {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "crier-webhooks-{}-{}.toml",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, contents).unwrap();
+        ConfigFile(path)
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn hooks_toml(backend: &Backend, events: &[&str], extra: &str) -> ConfigFile {
+    ConfigFile::new(&format!(
+        "[webhooks]\nurl = \"http://{}/events\"\nsecret = \"{HOOK_SECRET}\"\nevents = {}\nretry_min = \"50ms\"\n\
+         retry_max = \"200ms\"\n{extra}",
+        backend.addr,
+        serde_json::to_string(events).unwrap()
+    ))
+}
+
+/// Events by channel: the names in delivery order.
+fn by_channel(events: &[Value]) -> BTreeMap<String, Vec<String>> {
+    let mut out = BTreeMap::<String, Vec<String>>::new();
+    for e in events {
+        out.entry(e["channel"].as_str().unwrap().to_owned()).or_default().push(e["name"].as_str().unwrap().to_owned());
+    }
+    out
+}
+
+fn ids(events: &[Value]) -> Vec<String> {
+    events.iter().map(|e| e["id"].as_str().expect("an id").to_owned()).collect()
+}
+
+#[tokio::test]
+async fn channels_occupied_and_vacated_give_one_event_each() {
+    let backend = Backend::start().await;
+    let file = hooks_toml(&backend, &["channel_occupied", "channel_vacated"], "batch = 17\n");
+    let server =
+        Server::start(&["--config", file.0.to_str().unwrap(), "--user-rate", "10000", "--user-burst", "10000"]).await;
+    let token = server.token("u1", &["room:*"], &[]);
+    // Two connections on every channel: the second subscribe and the first unsubscribe are no
+    // transition, and give no event.
+    let mut a = server.client(&token).await;
+    let mut b = server.client(&token).await;
+    for i in 0..100 {
+        a.subscribe(&format!("room:{i}"), i + 1).await;
+        b.subscribe(&format!("room:{i}"), i + 1).await;
+    }
+    poll("100 channel_occupied events", async || {
+        let n = backend.delivered().len();
+        if n == 100 { Ok(()) } else { Err(format!("{n} events")) }
+    })
+    .await;
+    for i in 0..100 {
+        let r = a.request(json!({"type":"unsubscribe","channel":format!("room:{i}")}), 1000 + i).await;
+        assert_eq!(r["type"], "ack", "{r}");
+    }
+    drop(b); // its close unsubscribes it from every channel: the vacates.
+    poll("100 + 100 events", async || {
+        let n = backend.delivered().len();
+        if n == 200 { Ok(()) } else { Err(format!("{n} events")) }
+    })
+    .await;
+    let events = backend.delivered();
+    let unique: HashSet<String> = ids(&events).into_iter().collect();
+    assert_eq!(unique.len(), 200, "every event has its own id");
+    let per_channel = by_channel(&events);
+    assert_eq!(per_channel.len(), 100);
+    for (channel, names) in &per_channel {
+        assert_eq!(names, &["channel_occupied", "channel_vacated"], "{channel}: in order, once each");
+    }
+    for e in &events {
+        let keys: Vec<&str> = e.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, ["channel", "id", "name", "time_ms"], "{e}");
+        assert!(e["time_ms"].as_u64().unwrap() > 1_700_000_000_000, "{e}");
+    }
+    assert!(
+        backend.requests().iter().all(|r| serde_json::from_slice::<Value>(&r.body).unwrap()["events"]
+            .as_array()
+            .unwrap()
+            .len()
+            <= 17)
+    );
+    backend.assert_signed();
+    // Nothing more arrives (no duplicate per connection): a later event is the next one seen.
+    a.subscribe("room:last", 5000).await;
+    poll("the next event", async || {
+        let events = backend.delivered();
+        if events.len() == 201 { Ok(events) } else { Err(format!("{} events", events.len())) }
+    })
+    .await;
+    assert_eq!(backend.delivered()[200]["channel"], "room:last");
+    let delivered = server.metric("crier_webhook_events_total{name=\"channel_occupied\",result=\"delivered\"}").await;
+    assert_eq!(delivered, 101.0);
+}
+
+#[tokio::test]
+async fn member_events_carry_the_user_and_client() {
+    let backend = Backend::start().await;
+    let file = hooks_toml(&backend, &["member_added", "member_removed"], "");
+    let server = Server::start(&["--config", file.0.to_str().unwrap()]).await;
+    let mut alice = server.client(&server.token("alice", &["chat:*"], &[])).await;
+    let welcome_client = {
+        let r = alice.request(json!({"type":"subscribe","channel":"chat:1"}), 1).await;
+        assert_eq!(r["type"], "ack", "{r}");
+        // The client id is the presence entry's: read it from presence.
+        let p = alice.request(json!({"type":"presence","channel":"chat:1"}), 2).await;
+        p["clients"].as_array().or(p["presence"].as_array()).map(|l| l[0]["client"].clone()).unwrap_or(Value::Null)
+    };
+    let r = alice.request(json!({"type":"unsubscribe","channel":"chat:1"}), 3).await;
+    assert_eq!(r["type"], "ack", "{r}");
+    poll("member_added then member_removed", async || {
+        let n = backend.delivered().len();
+        if n == 2 { Ok(()) } else { Err(format!("{n} events")) }
+    })
+    .await;
+    let events = backend.delivered();
+    assert_eq!(by_channel(&events)["chat:1"], ["member_added", "member_removed"]);
+    for e in &events {
+        assert_eq!(e["user"], "alice", "{e}");
+        assert!(e["client"].as_str().is_some_and(|c| !c.is_empty()), "{e}");
+        if !welcome_client.is_null() {
+            assert_eq!(e["client"], welcome_client, "{e}");
+        }
+    }
+    backend.assert_signed();
+}
+
+#[tokio::test]
+async fn a_failing_backend_gets_the_same_events_again_until_it_takes_them() {
+    let backend = Backend::start().await;
+    backend.seen.fail_next.store(5, Ordering::SeqCst);
+    let file = hooks_toml(&backend, &["channel_occupied", "channel_vacated"], "");
+    let server = Server::start(&["--config", file.0.to_str().unwrap()]).await;
+    let mut c = server.client(&server.token("u1", &["news:*"], &[])).await;
+    for i in 0..3 {
+        c.subscribe(&format!("news:{i}"), i + 1).await;
+    }
+    poll("the 3 events delivered after the failures", async || {
+        let n = backend.delivered().len();
+        if n >= 3 { Ok(()) } else { Err(format!("{n} delivered, {} requests", backend.requests().len())) }
+    })
+    .await;
+    let failed = backend.events(|r| r.status == 500);
+    assert!(!failed.is_empty(), "the backend refused 5 requests");
+    let delivered: HashSet<String> = ids(&backend.delivered()).into_iter().collect();
+    assert_eq!(delivered.len(), 3, "{:?}", backend.delivered());
+    for id in ids(&failed) {
+        assert!(delivered.contains(&id), "a refused event ({id}) is delivered with the same id");
+    }
+    assert_eq!(backend.requests().iter().filter(|r| r.status == 500).count(), 5);
+    // Each attempt is signed afresh and verifies.
+    backend.assert_signed();
+    until("the failed attempts counted", async || {
+        server.metric("crier_webhook_events_total{name=\"channel_occupied\",result=\"failed\"}").await >= 5.0
+    })
+    .await;
+}
+
+/// Extracts the code block of docs/hooks.md that starts with `marker`.
+fn snippet(marker: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/hooks.md");
+    let doc = std::fs::read_to_string(path).unwrap();
+    let start = doc.find(marker).unwrap_or_else(|| panic!("{marker} in docs/hooks.md"));
+    let end = doc[start..].find("```").expect("the end of the block");
+    doc[start..start + end].to_owned()
+}
+
+fn installed(program: &str) -> bool {
+    std::process::Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+/// Runs `program` on `code` with the request as env vars; its stdout.
+fn run_snippet(program: &str, code: &str, r: &Request, now: u64, body: &[u8]) -> String {
+    let out = std::process::Command::new(program)
+        .args(if program == "node" { ["-e", code] } else { ["-c", code] })
+        .env("SECRET", HOOK_SECRET)
+        .env("HEADER", &r.signature)
+        .env("BODY_HEX", body.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        .env("NOW", now.to_string())
+        .output()
+        .expect("the interpreter runs");
+    assert!(out.status.success(), "{program}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test]
+async fn the_documented_verify_snippets_accept_crier_and_reject_replays() {
+    let backend = Backend::start().await;
+    let file = hooks_toml(&backend, &["channel_occupied"], "");
+    let server = Server::start(&["--config", file.0.to_str().unwrap()]).await;
+    let mut c = server.client(&server.token("u1", &["news:*"], &[])).await;
+    c.subscribe("news:snippets", 1).await;
+    until("a signed request", async || !backend.requests().is_empty()).await;
+    backend.assert_signed();
+    let r = backend.requests()[0].clone();
+    let t: u64 = r.signature.strip_prefix("t=").unwrap().split(',').next().unwrap().parse().unwrap();
+    let mut tampered = r.body.clone();
+    tampered[0] = b' ';
+    let cases = [
+        ("fresh", t + 1, r.body.clone(), "true"),
+        ("replayed", t + 301, r.body.clone(), "false"),
+        ("tampered", t, tampered, "false"),
+    ];
+    let node = format!(
+        "{}\nconst ok = verifyCrier(process.env.SECRET, process.env.HEADER, Buffer.from(process.env.BODY_HEX, 'hex'), Number(process.env.NOW));\nconsole.log(ok ? 'true' : 'false');",
+        snippet("// verify-node")
+    );
+    let python = format!(
+        "{}\nimport os\nprint('true' if verify_crier(os.environ['SECRET'].encode(), os.environ['HEADER'], bytes.fromhex(os.environ['BODY_HEX']), int(os.environ['NOW'])) else 'false')",
+        snippet("# verify-python")
+    );
+    for (program, code) in [("node", &node), ("python3", &python)] {
+        if !installed(program) {
+            eprintln!("SKIPPED: {program} is not installed; its snippet not run");
+            continue;
+        }
+        for (case, now, body, want) in &cases {
+            assert_eq!(run_snippet(program, code, &r, *now, body), *want, "{program}: {case}");
+        }
+    }
+}
