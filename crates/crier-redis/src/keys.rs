@@ -101,6 +101,20 @@ impl Keys {
         format!("{{{channel}}}")
     }
 
+    /// ZSET broker instance → expiry (ms): the instances with subscribers of `channel`
+    /// (webhooks: occupied/vacated are this set's 0 → 1 and 1 → 0).
+    pub(crate) fn hook_nodes(&self, channel: &str) -> String {
+        format!("{}:{{{channel}}}:hooknodes", self.prefix)
+    }
+    /// ZSET channel → earliest expiry of its `hook_nodes` set (what the sweep of dead nodes
+    /// reads), and the STREAM of webhook events (consumer group `crier`). Standalone/Sentinel
+    /// only: the scripts append to the stream from the channel's keys' script.
+    pub(crate) fn hook_index(&self) -> String {
+        format!("{}:hooks:chans", self.prefix)
+    }
+    pub(crate) fn hook_stream(&self) -> String {
+        format!("{}:hooks", self.prefix)
+    }
     /// The node-wide control channel (user disconnects).
     pub(crate) fn control(&self) -> String {
         format!("{}:control", self.prefix)

@@ -113,6 +113,7 @@
 
 mod cluster;
 mod command;
+mod hooks;
 mod keys;
 mod payload;
 mod presence;
@@ -269,6 +270,11 @@ pub struct RedisBroker {
     up: watch::Receiver<bool>,
     /// Dropped with the broker: stops the background tasks.
     _shutdown: watch::Sender<()>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Seconds since the Unix epoch.
@@ -466,12 +472,40 @@ impl Broker for RedisBroker {
 
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
         let (reply, rx) = oneshot::channel();
-        self.ask(Command::Subscribe { channel: channel.to_owned(), reply }, rx).await?
+        self.ask(Command::Subscribe { channel: channel.to_owned(), reply }, rx).await??;
+        // Webhooks: this instance now holds the channel (cluster-wide occupancy, `hooks.rs`).
+        self.state.hook_channel(channel, true).await;
+        Ok(())
     }
 
     async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
         let (reply, rx) = oneshot::channel();
-        self.ask(Command::Unsubscribe { channel: channel.to_owned(), reply }, rx).await
+        let r = self.ask(Command::Unsubscribe { channel: channel.to_owned(), reply }, rx).await;
+        if !self.shared.handler.get().is_some_and(|h| h.has_subscribers(channel)) {
+            self.state.hook_channel(channel, false).await;
+        }
+        r
+    }
+
+    fn enable_hooks(&self, config: crier_core::HookConfig) -> Result<(), BrokerError> {
+        let claim_idle = config.claim_idle;
+        self.state.enable_hooks(&config, claim_idle)
+    }
+
+    async fn hook_read(&self, max: usize, wait: Duration) -> Result<Vec<crier_core::HookEvent>, BrokerError> {
+        self.state.hook_read(max, wait).await
+    }
+
+    async fn hook_ack(&self, ids: &[String]) -> Result<(), BrokerError> {
+        self.state.hook_ack(ids).await
+    }
+
+    async fn hook_hold(&self, ids: &[String]) -> Result<(), BrokerError> {
+        self.state.hook_hold(ids).await
+    }
+
+    fn hook_stats(&self) -> crier_core::HookStats {
+        self.state.hook_stats()
     }
 
     async fn history(

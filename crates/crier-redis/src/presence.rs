@@ -97,14 +97,16 @@ fn ready_by_default() -> bool {
 
 /// See the module docs.
 pub(crate) struct ClusterState {
-    commands: Commands,
-    keys: Keys,
-    scripts: Arc<Scripts>,
-    instance: String,
-    presence_ttl: Duration,
+    pub(crate) commands: Commands,
+    pub(crate) keys: Keys,
+    pub(crate) scripts: Arc<Scripts>,
+    pub(crate) instance: String,
+    pub(crate) presence_ttl: Duration,
     node_ttl: Duration,
     namespaces: Arc<Namespaces>,
     local: Mutex<Local>,
+    /// Webhooks (`hooks.rs`): set once they are enabled.
+    pub(crate) hooks: crate::hooks::HookState,
 }
 
 use crate::millis as ms;
@@ -119,7 +121,17 @@ impl ClusterState {
         node_ttl: Duration,
         namespaces: Arc<Namespaces>,
     ) -> ClusterState {
-        ClusterState { commands, keys, scripts, instance, presence_ttl, node_ttl, namespaces, local: Mutex::default() }
+        ClusterState {
+            commands,
+            keys,
+            scripts,
+            instance,
+            presence_ttl,
+            node_ttl,
+            namespaces,
+            local: Mutex::default(),
+            hooks: crate::hooks::HookState::default(),
+        }
     }
 
     /// The pub/sub channel a presence script announces `channel`'s joins and leaves on: `''`
@@ -167,6 +179,7 @@ impl ClusterState {
         let mut inv = self.presence_call(&self.scripts.pres_add, channel);
         inv.arg(&member).arg(ms(self.presence_ttl)).arg(&json);
         inv.arg(self.keys.publish_command()).arg(self.events_to(channel)).arg(channel);
+        self.hook_args(&mut inv);
         count(&self.commands.invoke(&inv).await?)
     }
 
@@ -175,6 +188,7 @@ impl ClusterState {
         self.local().presence.remove(&presence_key(channel, client));
         let mut inv = self.presence_call(&self.scripts.pres_remove, channel);
         inv.arg(&member).arg(self.keys.publish_command()).arg(self.events_to(channel)).arg(channel);
+        self.hook_args(&mut inv);
         self.commands.invoke(&inv).await.map(drop)
     }
 
@@ -182,6 +196,7 @@ impl ClusterState {
     async fn presence_read(&self, channel: &str, what: &str) -> Result<Value, BrokerError> {
         let mut inv = self.presence_call(&self.scripts.pres_read, channel);
         inv.arg(self.keys.publish_command()).arg(self.events_to(channel)).arg(channel).arg(what);
+        self.hook_args(&mut inv);
         self.commands.invoke(&inv).await
     }
 
@@ -211,7 +226,7 @@ impl ClusterState {
                 .presence
                 .keys()
                 .map(|k| split_presence_key(k).0)
-                .filter(|c| self.namespaces.policy(c).join_leave)
+                .filter(|c| self.namespaces.policy(c).join_leave || self.hooks.members_enabled())
                 .map(str::to_owned)
                 .collect()
         };
@@ -314,6 +329,7 @@ impl ClusterState {
                 }
             }
             if n > 0 {
+                self.hook_args(&mut inv);
                 self.commands.invoke(&inv).await?;
             }
             done += n;
@@ -372,6 +388,9 @@ pub(crate) async fn refresh_loop(state: Arc<ClusterState>, mut shutdown: watch::
         }
         if let Err(e) = state.sweep_join_leave().await {
             tracing::debug!(error = %e, "sweeping join/leave presence failed; retrying next period");
+        }
+        if let Err(e) = state.hook_refresh().await {
+            tracing::debug!(error = %e, "refreshing/sweeping webhook channel occupancy failed; retrying next period");
         }
     }
 }

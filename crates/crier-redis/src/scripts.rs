@@ -276,10 +276,25 @@ return n
 /// byte-identical to `crier_protocol::frames::encode_presence_event`. Because the sweep of
 /// expired members and their leaves are one script, a dead node's member is announced once,
 /// by whichever node swept it first.
+///
+/// Webhooks (docs/hooks.md): every presence script takes three more ARGV, last: the hook
+/// stream (`''`: no webhooks), the enabled event flags (see [`HOOK_PRELUDE`]) and the stream's
+/// approximate bound; a member that arrives (`A`) or goes (`R`, removed or swept) is appended
+/// to the stream by the same script that decided it, so it is produced once per cluster.
 const PRES_PRELUDE: &str = r#"
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local HOOK_KEY, HOOK_FLAGS, HOOK_MAX = ARGV[#ARGV - 2], ARGV[#ARGV - 1], ARGV[#ARGV]
+local function hook(name, flag, channel, v)
+  if HOOK_KEY == nil or HOOK_KEY == '' or not string.find(HOOK_FLAGS, flag, 1, true) then return end
+  local ev = {name = name, channel = channel, time_ms = now_ms()}
+  if v then
+    local ok, e = pcall(cjson.decode, v)
+    if ok and type(e) == 'table' then ev.user = e.user; ev.client = e.client end
+  end
+  redis.call('XADD', HOOK_KEY, 'MAXLEN', '~', HOOK_MAX, '*', 'e', cjson.encode(ev))
 end
 local function user_of(v)
   local ok, e = pcall(cjson.decode, v)
@@ -309,6 +324,7 @@ local function sweep(z, h, u, now, pub, pubsub, channel)
       if v then
         drop_user(u, v)
         announce(pub, pubsub, 'leave', channel, v)
+        hook('member_removed', 'R', channel, v)
       end
     end
     redis.call('HDEL', h, unpack(dead))
@@ -337,6 +353,7 @@ redis.call('HSET', h, member, v)
 if fresh == 1 then
   add_user(u, v)
   announce(pub, pubsub, 'join', channel, v)
+  hook('member_added', 'A', channel, v)
 end
 expire_with(z, h, u)
 return redis.call('ZCARD', z)
@@ -353,6 +370,7 @@ redis.call('HDEL', h, member)
 if v then
   drop_user(u, v)
   announce(pub, pubsub, 'leave', channel, v)
+  hook('member_removed', 'R', channel, v)
 end
 return 1
 "#;
@@ -384,11 +402,52 @@ for i = 1, #KEYS, 3 do
   if fresh == 1 then
     add_user(u, v)
     announce(pub, pubsub, 'join', channel, v)
+    hook('member_added', 'A', channel, v)
   end
   expire_with(z, h, u)
   n = n + 1
 end
 return n
+"#;
+
+/// Event flags of the hook stream argument: `O` channel_occupied, `V` channel_vacated, `A`
+/// member_added, `R` member_removed.
+pub(crate) const HOOK_FLAGS: [(&str, char); 4] =
+    [("channel_occupied", 'O'), ("channel_vacated", 'V'), ("member_added", 'A'), ("member_removed", 'R')];
+
+/// The cluster-wide occupancy of a channel (webhooks): KEYS: the channel's node set (ZSET
+/// broker instance → expiry ms), the index of node sets (ZSET channel → earliest expiry).
+/// ARGV: `add`, `rem` or `sweep`, broker instance, ttl ms, channel, then the hook arguments.
+/// Expired instances (dead nodes) are swept first; the set going from empty to one instance is
+/// `channel_occupied`, to empty `channel_vacated` — decided and appended in this one script,
+/// so a channel vacated on three nodes is one event.
+const HOOK_NODES: &str = r#"
+local z, idx = KEYS[1], KEYS[2]
+local op, inst, ttl, channel = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local now = now_ms()
+if redis.call('ZCARD', z) > 0 then
+  redis.call('ZREMRANGEBYSCORE', z, '-inf', string.format('%d', now))
+  if redis.call('ZCARD', z) == 0 then hook('channel_vacated', 'V', channel, nil) end
+end
+if op == 'add' then
+  local before = redis.call('ZCARD', z)
+  redis.call('ZADD', z, string.format('%d', now + ttl), inst)
+  if before == 0 then hook('channel_occupied', 'O', channel, nil) end
+elseif op == 'rem' then
+  if redis.call('ZREM', z, inst) == 1 and redis.call('ZCARD', z) == 0 then
+    hook('channel_vacated', 'V', channel, nil)
+  end
+end
+local first = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
+if first[2] then
+  redis.call('ZADD', idx, first[2], channel)
+  -- Kept past its last expiry (by one more ttl) for the sweep to see it and report the vacate.
+  local last = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', z, string.format('%d', tonumber(last[2]) + ttl))
+else
+  redis.call('ZREM', idx, channel)
+end
+return 1
 "#;
 
 /// The scripts, hashed once.
@@ -406,6 +465,7 @@ pub(crate) struct Scripts {
     pub pres_remove: Script,
     pub pres_read: Script,
     pub pres_refresh: Script,
+    pub hook_nodes: Script,
 }
 
 impl Scripts {
@@ -424,6 +484,7 @@ impl Scripts {
             pres_remove: Script::new(&format!("{PRES_PRELUDE}{PRES_REMOVE}")),
             pres_read: Script::new(&format!("{PRES_PRELUDE}{PRES_READ}")),
             pres_refresh: Script::new(&format!("{PRES_PRELUDE}{PRES_REFRESH}")),
+            hook_nodes: Script::new(&format!("{PRES_PRELUDE}{HOOK_NODES}")),
         }
     }
 }

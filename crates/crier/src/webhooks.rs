@@ -22,7 +22,9 @@ const READ_WAIT: Duration = Duration::from_secs(1);
 
 /// Starts the broker's production of the configured events.
 pub fn enable(broker: &dyn Broker, s: &WebhookSettings) -> Result<(), crier_core::BrokerError> {
-    broker.enable_hooks(HookConfig { events: s.events.clone(), max_queue: s.max_queue })
+    // Held longer than a POST plus the longest backoff without a word: the holder is dead.
+    let claim_idle = (s.timeout + s.retry_max) * 2 + Duration::from_secs(1);
+    broker.enable_hooks(HookConfig { events: s.events.clone(), max_queue: s.max_queue, claim_idle })
 }
 
 /// `t=<unix s>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
@@ -117,6 +119,10 @@ pub async fn run(broker: Arc<dyn Broker>, s: WebhookSettings) {
                     tokio::time::sleep(delay.mul_f64(jitter)).await;
                     delay = (delay * 2).min(s.retry_max);
                     gauges(&*broker, batch.len());
+                    let ids: Vec<String> = batch.iter().map(|e| e.id.clone()).collect();
+                    if let Err(e) = broker.hook_hold(&ids).await {
+                        tracing::debug!(error = %e, "webhooks: could not renew the hold on a batch being retried");
+                    }
                 }
             }
         }

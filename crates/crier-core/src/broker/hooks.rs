@@ -36,6 +36,9 @@ pub const MEMBER_REMOVED: &str = "member_removed";
 pub struct HookConfig {
     pub events: Vec<String>,
     pub max_queue: usize,
+    /// A durable queue hands events a node has held this long without acknowledging (or
+    /// holding) them to another node: the holder is taken for dead.
+    pub claim_idle: Duration,
 }
 
 /// What a broker's queue holds, as this node sees it.
@@ -142,7 +145,11 @@ mod tests {
         let q = MemoryHookQueue::default();
         q.push(CHANNEL_OCCUPIED, "a", None);
         assert_eq!(q.stats(), HookStats::default(), "nothing before enable");
-        q.enable(HookConfig { events: vec![CHANNEL_OCCUPIED.into(), MEMBER_ADDED.into()], max_queue: 2 });
+        q.enable(HookConfig {
+            events: vec![CHANNEL_OCCUPIED.into(), MEMBER_ADDED.into()],
+            max_queue: 2,
+            claim_idle: Duration::from_secs(1),
+        });
         q.push(CHANNEL_OCCUPIED, "a", None);
         q.push(CHANNEL_VACATED, "a", None);
         q.push(MEMBER_ADDED, "b", Some(("u", "c")));

@@ -350,6 +350,12 @@ pub trait Broker: Send + Sync + 'static {
         Ok(())
     }
 
+    /// This node still holds these events (it is retrying them): not to be handed to another
+    /// node as a dead one's.
+    async fn hook_hold(&self, _ids: &[String]) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
     /// The queue's length and drops, as this node sees them.
     fn hook_stats(&self) -> HookStats {
         HookStats::default()

@@ -1,0 +1,337 @@
+//! Webhook events on Redis (docs/hooks.md, *Webhooks*).
+//!
+//! - Produced once per cluster by the scripts that make the decision: the presence scripts
+//!   append `member_added` / `member_removed` (`scripts::PRES_PRELUDE`), and `HOOK_NODES`
+//!   keeps each channel's set of broker instances with subscribers (`Keys::hook_nodes`),
+//!   appending `channel_occupied` / `channel_vacated` on its 0 → 1 / → 0 transitions. A node
+//!   refreshes its instances' expiry with the presence refresh; a dead node's entries expire and
+//!   the periodic sweep (the index `Keys::hook_index`) reports the vacate.
+//! - Durable before acknowledged: the event is appended (`XADD … MAXLEN ~ max_queue`) to the
+//!   stream `Keys::hook_stream` by the same script, atomically with the change.
+//! - Consumed through the consumer group `crier`: each node reads with `XREADGROUP` (no
+//!   `BLOCK`: the command connection is shared, so it polls), `XACK`s after a 2xx, keeps a batch
+//!   it is retrying claimed (`XCLAIM … JUSTID`, resetting its idle time), and claims the batches
+//!   of dead consumers (`XAUTOCLAIM`, idle for longer than `claim_idle`) → at least once.
+//!
+//! Standalone and Sentinel Redis only: on a Redis Cluster the scripts cannot append to a stream
+//! outside the channel's slot (see docs/hooks.md for the design left to build there).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crier_core::{BrokerError, HookConfig, HookEvent, HookStats};
+use futures_util::StreamExt;
+use redis::Value;
+
+use crate::presence::ClusterState;
+use crate::scripts::{HOOK_FLAGS, bulk, int};
+
+/// The consumer group every node reads in.
+const GROUP: &str = "crier";
+/// How often a waiting read polls the stream.
+const POLL: Duration = Duration::from_millis(50);
+/// How often dead consumers' pending events are looked for, and the gauges refreshed.
+const CLAIM_EVERY: Duration = Duration::from_secs(1);
+
+/// What a script needs to append events, set once by [`ClusterState::enable_hooks`].
+struct Args {
+    stream: String,
+    flags: String,
+    max: u64,
+    members: bool,
+    channels: bool,
+    claim_idle: Duration,
+}
+
+#[derive(Default)]
+pub(crate) struct HookState {
+    args: OnceLock<Args>,
+    /// Channels this instance has (broker-level) subscriptions of, refreshed in `HOOK_NODES`.
+    channels: Mutex<HashSet<String>>,
+    group_ready: AtomicBool,
+    last_claim: Mutex<Option<Instant>>,
+    queued: AtomicU64,
+}
+
+impl HookState {
+    pub(crate) fn members_enabled(&self) -> bool {
+        self.args.get().is_some_and(|a| a.members)
+    }
+
+    fn channels(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl ClusterState {
+    /// Appends the three hook arguments every presence script takes last.
+    pub(crate) fn hook_args(&self, inv: &mut redis::ScriptInvocation<'_>) {
+        match self.hooks.args.get() {
+            Some(a) => inv.arg(&a.stream).arg(&a.flags).arg(a.max),
+            None => inv.arg("").arg("").arg(0),
+        };
+    }
+
+    pub(crate) fn enable_hooks(&self, config: &HookConfig, claim_idle: Duration) -> Result<(), BrokerError> {
+        if self.keys.is_cluster() {
+            return Err(BrokerError::Internal(
+                "webhooks are not supported on a Redis Cluster yet (standalone or Sentinel Redis only)".into(),
+            ));
+        }
+        let flags: String =
+            HOOK_FLAGS.iter().filter(|(name, _)| config.events.iter().any(|e| e == name)).map(|(_, f)| *f).collect();
+        let args = Args {
+            stream: self.keys.hook_stream(),
+            members: flags.contains('A') || flags.contains('R'),
+            channels: flags.contains('O') || flags.contains('V'),
+            flags,
+            max: config.max_queue.max(1) as u64,
+            claim_idle,
+        };
+        let _ = self.hooks.args.set(args);
+        Ok(())
+    }
+
+    /// The instance's first (`add`) or last (`rem`) subscriber of `channel` (broker level).
+    pub(crate) async fn hook_channel(&self, channel: &str, add: bool) {
+        let Some(a) = self.hooks.args.get() else { return };
+        if !a.channels {
+            return;
+        }
+        if add {
+            self.hooks.channels().insert(channel.to_owned());
+        } else {
+            self.hooks.channels().remove(channel);
+        }
+        if let Err(e) = self.hook_nodes(channel, if add { "add" } else { "rem" }).await {
+            // Redis down: the refresh re-adds a channel still held; one let go expires (its
+            // vacate then comes from the sweep).
+            tracing::warn!(error = %e, channel, "webhooks: could not record the channel's occupancy; retried by the refresh");
+        }
+    }
+
+    async fn hook_nodes(&self, channel: &str, op: &str) -> Result<(), BrokerError> {
+        let mut inv = self.scripts.hook_nodes.key(self.keys.hook_nodes(channel));
+        inv.key(self.keys.hook_index());
+        inv.arg(op).arg(&self.instance).arg(crate::millis(self.presence_ttl)).arg(channel);
+        self.hook_args(&mut inv);
+        self.commands.invoke(&inv).await.map(drop)
+    }
+
+    /// Periodic: re-adds this instance to the sets of the channels it holds (fresh expiry; an
+    /// entry Redis lost or that expired comes back, as an occupy if the set was empty), then
+    /// sweeps the sets with expired instances (dead nodes), reporting their vacates.
+    pub(crate) async fn hook_refresh(&self) -> Result<(), BrokerError> {
+        let Some(a) = self.hooks.args.get() else { return Ok(()) };
+        if !a.channels {
+            return Ok(());
+        }
+        let held: Vec<String> = self.hooks.channels().iter().cloned().collect();
+        let mut result = Ok(());
+        let mut calls = futures_util::stream::iter(held)
+            .map(|c| async move {
+                // Still held? (A `rem` may have come meanwhile.)
+                if self.hooks.channels().contains(&c) { self.hook_nodes(&c, "add").await } else { Ok(()) }
+            })
+            .buffer_unordered(16);
+        while let Some(r) = calls.next().await {
+            if r.is_err() {
+                result = r;
+            }
+        }
+        drop(calls);
+        let now = crate::unix_ms();
+        let mut cmd = redis::cmd("ZRANGEBYSCORE");
+        cmd.arg(self.keys.hook_index()).arg("-inf").arg(now).arg("LIMIT").arg(0).arg(500);
+        let expired = self.commands.query(&cmd).await?;
+        let channels: Vec<String> = match &expired {
+            Value::Array(items) => {
+                items.iter().filter_map(bulk).filter_map(|b| std::str::from_utf8(b).ok()).map(str::to_owned).collect()
+            }
+            _ => Vec::new(),
+        };
+        let mut sweeps = futures_util::stream::iter(channels)
+            .map(|c| async move { self.hook_nodes(&c, "sweep").await })
+            .buffer_unordered(16);
+        while let Some(r) = sweeps.next().await {
+            if r.is_err() {
+                result = r;
+            }
+        }
+        result
+    }
+
+    async fn ensure_group(&self, a: &Args) -> Result<(), BrokerError> {
+        if self.hooks.group_ready.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("XGROUP");
+        cmd.arg("CREATE").arg(&a.stream).arg(GROUP).arg("0").arg("MKSTREAM");
+        match self.commands.query(&cmd).await {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("BUSYGROUP") => {}
+            Err(e) => return Err(e),
+        }
+        self.hooks.group_ready.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub(crate) async fn hook_read(&self, max: usize, wait: Duration) -> Result<Vec<HookEvent>, BrokerError> {
+        let Some(a) = self.hooks.args.get() else {
+            tokio::time::sleep(wait).await;
+            return Ok(Vec::new());
+        };
+        self.ensure_group(a).await?;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let due = {
+                let mut last = self.hooks.last_claim.lock().unwrap_or_else(|e| e.into_inner());
+                let due = last.is_none_or(|at| at.elapsed() >= CLAIM_EVERY);
+                if due {
+                    *last = Some(Instant::now());
+                }
+                due
+            };
+            if due {
+                self.update_queued(a).await;
+                let mut cmd = redis::cmd("XAUTOCLAIM");
+                cmd.arg(&a.stream).arg(GROUP).arg(&self.instance).arg(crate::millis(a.claim_idle)).arg("0");
+                cmd.arg("COUNT").arg(max);
+                let claimed = match self.commands.query(&cmd).await {
+                    Ok(Value::Array(parts)) => parts.get(1).map(entries).unwrap_or_default(),
+                    Ok(_) => Vec::new(),
+                    Err(e) => return Err(self.lost_group(e)),
+                };
+                if !claimed.is_empty() {
+                    tracing::info!(events = claimed.len(), "webhooks: claimed events a dead node left pending");
+                    return Ok(claimed);
+                }
+            }
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg(GROUP)
+                .arg(&self.instance)
+                .arg("COUNT")
+                .arg(max)
+                .arg("STREAMS")
+                .arg(&a.stream)
+                .arg(">");
+            let got = match self.commands.query(&cmd).await {
+                Ok(Value::Array(streams)) => streams
+                    .first()
+                    .and_then(|s| match s {
+                        Value::Array(pair) => pair.get(1).map(entries),
+                        _ => None,
+                    })
+                    .unwrap_or_default(),
+                Ok(Value::Map(streams)) => streams.first().map(|(_, v)| entries(v)).unwrap_or_default(),
+                Ok(_) => Vec::new(),
+                Err(e) => return Err(self.lost_group(e)),
+            };
+            if !got.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(got);
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// A `NOGROUP` (Redis lost the stream): create the group again at the next read.
+    fn lost_group(&self, e: BrokerError) -> BrokerError {
+        if e.to_string().contains("NOGROUP") {
+            self.hooks.group_ready.store(false, Ordering::Relaxed);
+        }
+        e
+    }
+
+    async fn update_queued(&self, a: &Args) {
+        let mut cmd = redis::cmd("XINFO");
+        cmd.arg("GROUPS").arg(&a.stream);
+        let Ok(Value::Array(groups)) = self.commands.query(&cmd).await else { return };
+        for g in groups {
+            let fields: Vec<(String, Value)> = match g {
+                Value::Array(kv) => kv
+                    .chunks(2)
+                    .filter_map(|p| match p {
+                        [k, v] => Some((String::from_utf8_lossy(bulk(k)?).into_owned(), v.clone())),
+                        _ => None,
+                    })
+                    .collect(),
+                Value::Map(kv) => kv
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((String::from_utf8_lossy(bulk(&k)?).into_owned(), v)))
+                    .collect(),
+                _ => continue,
+            };
+            let get = |name: &str| fields.iter().find(|(k, _)| k == name).and_then(|(_, v)| int(v));
+            if fields.iter().any(|(k, v)| k == "name" && bulk(v) == Some(GROUP.as_bytes())) {
+                let queued = get("pending").unwrap_or(0).max(0) + get("lag").unwrap_or(0).max(0);
+                self.hooks.queued.store(queued as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub(crate) async fn hook_ack(&self, ids: &[String]) -> Result<(), BrokerError> {
+        let Some(a) = self.hooks.args.get() else { return Ok(()) };
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("XACK");
+        cmd.arg(&a.stream).arg(GROUP).arg(ids);
+        self.commands.query(&cmd).await.map(drop)
+    }
+
+    /// Keeps a batch this node is retrying claimed by it (resets the entries' idle time, so no
+    /// other node claims them as a dead consumer's).
+    pub(crate) async fn hook_hold(&self, ids: &[String]) -> Result<(), BrokerError> {
+        let Some(a) = self.hooks.args.get() else { return Ok(()) };
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(&a.stream).arg(GROUP).arg(&self.instance).arg(0).arg(ids).arg("JUSTID");
+        self.commands.query(&cmd).await.map(drop)
+    }
+
+    pub(crate) fn hook_stats(&self) -> HookStats {
+        HookStats { queued: self.hooks.queued.load(Ordering::Relaxed), dropped: 0 }
+    }
+}
+
+/// Stream entries `[[id, [field, value, …]], …]` → events (the id is the entry's).
+fn entries(v: &Value) -> Vec<HookEvent> {
+    let Value::Array(items) = v else { return Vec::new() };
+    let mut out = Vec::new();
+    for item in items {
+        let Value::Array(pair) = item else { continue };
+        let (Some(id), Some(Value::Array(fields))) = (pair.first().and_then(bulk), pair.get(1)) else { continue };
+        let Ok(id) = std::str::from_utf8(id) else { continue };
+        let body = fields.chunks(2).find_map(|kv| match kv {
+            [k, v] if bulk(k) == Some(b"e") => bulk(v),
+            _ => None,
+        });
+        #[derive(serde::Deserialize)]
+        struct Stored {
+            name: String,
+            channel: String,
+            time_ms: f64,
+            #[serde(default)]
+            user: Option<String>,
+            #[serde(default)]
+            client: Option<String>,
+        }
+        match body.map(serde_json::from_slice::<Stored>) {
+            Some(Ok(s)) => out.push(HookEvent {
+                id: id.to_owned(),
+                name: s.name,
+                channel: s.channel,
+                time_ms: s.time_ms as u64,
+                user: s.user,
+                client: s.client,
+            }),
+            _ => tracing::warn!(id, "webhooks: a stream entry that is not an event; skipped"),
+        }
+    }
+    out
+}
