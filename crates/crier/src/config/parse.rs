@@ -742,7 +742,8 @@ fn webhooks(p: &mut Parser<'_>, raw: &RawNamespace) -> Option<WebhookSettings> {
             "timeout" => duration_within(&text, false, MAX_PROXY_TIMEOUT).map(|d| out.timeout = d),
             "max_queue" => at_least_one::<usize>(&text).map(|n| out.max_queue = n),
             "batch" => at_least_one::<usize>(&text)
-                .and_then(|n| if n > 1000 { Err("at most 1000".to_owned()) } else { Ok(out.batch = n) }),
+                .and_then(|n| if n > 1000 { Err("at most 1000".to_owned()) } else { Ok(n) })
+                .map(|n| out.batch = n),
             "retry_min" => duration_within(&text, false, MAX_DURATION).map(|d| out.retry_min = d),
             "retry_max" => duration_within(&text, false, MAX_DURATION).map(|d| out.retry_max = d),
             _ => continue,
