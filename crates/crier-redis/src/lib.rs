@@ -43,6 +43,9 @@
 //! | `crier:nodes` / `crier:nodes:info` | ZSET / HASH | node → expiry ms / `NodeInfo` JSON | `node_ttl` (30s), refreshed; on a Cluster `crier:{nodes}` / `crier:{nodes}:info` |
 //! | `crier:{node:<node>}:chans` / `:chans:n` | ZSET / HASH | channel → 0 (name order, `ZRANGEBYLEX`) / channel → the node's local subscribers | `node_ttl`, pushed out by each report (once a second); the channel listing reads the live nodes' pages (one script call per node: one hash tag each) and merges them |
 //! | `crier:revoked` | ZSET | user → `before` (Unix s): token revocations (`UserOp::Invalidate`, ZADD GT) | `revocation_ttl` (7d) after the last write; older members pruned on write |
+//! | `crier:{<channel>}:hooknodes` | ZSET | broker instance → expiry ms: instances with subscribers of the channel (webhooks only: occupied/vacated, `hooks.rs`) | `presence_ttl`, refreshed; kept one more `presence_ttl` for the sweep |
+//! | `crier:hooks:chans` | ZSET | channel → earliest expiry of its `hooknodes` (what the sweep of dead nodes reads; webhooks only) | as its members |
+//! | `crier:hooks` | STREAM | webhook events (`e` = event JSON; the entry id is the event id), consumer group `crier` | trimmed to about `max_queue` entries (`MAXLEN ~`) |
 //!
 //! The meta HASH also holds `gen`: the run id of the server process that last published on the
 //! channel (Sentinel, Cluster; see `scripts::PUBLISH`). The slack is a tenth of `history_ttl`,
