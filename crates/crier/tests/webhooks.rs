@@ -1,6 +1,7 @@
 //! Webhooks (`[webhooks]`, docs/hooks.md, *Webhooks*) against the real binary and a real HTTP
 //! backend each test starts (axum on a free port): every request's `X-Crier-Signature` is checked
-//! by the backend with the documented algorithm (HMAC-SHA256 of `"<t>.<body>"`); channels
+//! by the backend with the documented algorithm (HMAC-SHA256 of `"<t>.<body>"`), and every body
+//! validated against docs/schemas/webhook-request.json; channels
 //! occupied and vacated give exactly one event each (by id); member events carry the user and
 //! client; a backend answering 500 gets the same batch again (same ids) until it takes it; and
 //! the Node and Python verify snippets of docs/hooks.md accept a real signed request and reject
@@ -47,7 +48,8 @@ struct Request {
 #[derive(Default)]
 struct Seen {
     requests: Mutex<Vec<Request>>,
-    /// Requests whose signature did not verify (a description each).
+    /// Requests whose signature did not verify, or whose body is off its documented schema
+    /// (docs/schemas/webhook-request.json), a description each.
     bad_signatures: Mutex<Vec<String>>,
     /// Answer 500 to this many more requests.
     fail_next: AtomicUsize,
@@ -87,11 +89,25 @@ fn verify(secret: &[u8], header: &str, body: &[u8], now: u64) -> Result<(), Stri
     if want != v1 { Err(format!("v1 {v1} != {want}")) } else { Ok(()) }
 }
 
+/// docs/schemas/webhook-request.json, compiled once.
+fn schema() -> &'static jsonschema::Validator {
+    static SCHEMA: std::sync::OnceLock<jsonschema::Validator> = std::sync::OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/schemas/webhook-request.json");
+        let schema: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        jsonschema::draft202012::new(&schema).unwrap()
+    })
+}
+
 async fn receive(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: axum::body::Bytes) -> StatusCode {
     let signature = headers.get("x-crier-signature").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     if let Err(e) = verify(HOOK_SECRET.as_bytes(), &signature, &body, unix_now()) {
         seen.bad_signatures.lock().unwrap().push(e);
     }
+    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let schema_errors: Vec<String> =
+        schema().iter_errors(&parsed).map(|e| format!("{e} at {}", e.instance_path())).collect();
+    seen.bad_signatures.lock().unwrap().extend(schema_errors);
     let failing = seen.fail_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
     let status = if failing { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::NO_CONTENT };
     seen.requests.lock().unwrap().push(Request { signature, body: body.to_vec(), status: status.as_u16() });
@@ -130,7 +146,7 @@ impl Backend {
 
     fn assert_signed(&self) {
         let bad = self.seen.bad_signatures.lock().unwrap();
-        assert!(bad.is_empty(), "signatures that do not verify: {bad:#?}");
+        assert!(bad.is_empty(), "signatures that do not verify, or bodies off the schema: {bad:#?}");
         assert!(!self.requests().is_empty(), "the backend was called");
     }
 }
@@ -502,4 +518,50 @@ async fn a_node_killed_mid_way_loses_no_event() {
     }
     backend.assert_signed();
     drop(b);
+}
+
+#[tokio::test]
+async fn member_events_on_redis_include_a_dead_nodes_members() {
+    let redis = crier_testkit::redis::RedisServer::start();
+    let backend = Backend::start().await;
+    let file = hooks_toml(&backend, &["member_added", "member_removed"], "");
+    let ttl = ["--presence-ttl", "2s"];
+    let doomed = redis_node(&redis, &file, &ttl).await;
+    let live = redis_node(&redis, &file, &ttl).await;
+    let mut alice = doomed.client(&doomed.token("alice", &["chat:*"], &[])).await;
+    let mut bob = live.client(&live.token("bob", &["chat:*"], &[])).await;
+    let mut carol = live.client(&live.token("carol", &["chat:*"], &[])).await;
+    for c in [&mut alice, &mut bob, &mut carol] {
+        c.subscribe("chat:1", 1).await;
+    }
+    let r = bob.request(json!({"type":"unsubscribe","channel":"chat:1"}), 2).await;
+    assert_eq!(r["type"], "ack", "{r}");
+    delivered_at_least(&backend, 4).await;
+    // The node holding alice dies: her entry expires, and the live node's sweep reports it.
+    drop(alice);
+    drop(doomed);
+    let events = delivered_at_least(&backend, 5).await;
+    let seen: Vec<(String, String)> = events
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_owned(), e["user"].as_str().unwrap().to_owned()))
+        .collect();
+    let mut added: Vec<&str> = seen.iter().filter(|(n, _)| n == "member_added").map(|(_, u)| u.as_str()).collect();
+    added.sort();
+    assert_eq!(added, ["alice", "bob", "carol"], "{seen:?}");
+    let removed: Vec<&str> = seen.iter().filter(|(n, _)| n == "member_removed").map(|(_, u)| u.as_str()).collect();
+    assert_eq!(removed, ["bob", "alice"], "bob left, then alice's node died: {seen:?}");
+    assert_eq!(ids(&events).into_iter().collect::<HashSet<_>>().len(), 5, "once each, by id");
+    backend.assert_signed();
+    drop(carol);
+}
+
+#[tokio::test]
+async fn bad_webhook_settings_stop_the_node_with_64() {
+    let file = ConfigFile::new("[webhooks]\nurl = \"http://127.0.0.1:9/events\"\nsecret = \"too-short\"\n");
+    let args = ["--listen", "127.0.0.1:0", "--jwt-secret", support::SECRET, "--config", file.0.to_str().unwrap()];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_crier")).args(args).output().expect("the binary runs");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("webhooks.secret") && err.contains("at least 32 bytes"), "{err}");
+    assert!(!err.contains("too-short"), "the secret is not echoed: {err}");
 }
