@@ -53,6 +53,8 @@ struct Seen {
     bad_signatures: Mutex<Vec<String>>,
     /// Answer 500 to this many more requests.
     fail_next: AtomicUsize,
+    /// Events in the requests answered 2xx.
+    delivered_count: AtomicUsize,
 }
 
 struct Backend {
@@ -110,6 +112,10 @@ async fn receive(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: axum::
     seen.bad_signatures.lock().unwrap().extend(schema_errors);
     let failing = seen.fail_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
     let status = if failing { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::NO_CONTENT };
+    if !failing {
+        let n = parsed["events"].as_array().map_or(0, Vec::len);
+        seen.delivered_count.fetch_add(n, Ordering::SeqCst);
+    }
     seen.requests.lock().unwrap().push(Request { signature, body: body.to_vec(), status: status.as_u16() });
     status
 }
@@ -564,4 +570,62 @@ async fn bad_webhook_settings_stop_the_node_with_64() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("webhooks.secret") && err.contains("at least 32 bytes"), "{err}");
     assert!(!err.contains("too-short"), "the secret is not echoed: {err}");
+}
+
+/// A measurement, not a check (`cargo test --release -p crier --test webhooks -- --ignored
+/// --nocapture events_per_second`): 2 nodes + Redis, 4 connections per node each subscribing
+/// to then unsubscribing from 2,500 channels of their own (pipelined frames) → 40,000 events;
+/// prints the rate the backend took them at and the largest queue length seen.
+#[tokio::test]
+#[ignore]
+async fn events_per_second() {
+    let redis = crier_testkit::redis::RedisServer::start();
+    let backend = Backend::start().await;
+    let file = hooks_toml(&backend, &["channel_occupied", "channel_vacated"], "batch = 500\n");
+    let extra = ["--max-subscriptions-per-connection", "10000"];
+    let nodes = [redis_node(&redis, &file, &extra).await, redis_node(&redis, &file, &extra).await];
+    let per_client = 2_500u64;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for k in 0..4u64 {
+            let mut c = node.client(&node.token("u1", &["bench:*"], &[])).await;
+            let base = (n as u64 * 4 + k) * per_client;
+            tasks.push(tokio::spawn(async move {
+                for op in ["subscribe", "unsubscribe"] {
+                    for i in 0..per_client {
+                        c.send(json!({"type":op,"channel":format!("bench:{}", base + i),"id":i + 1})).await;
+                    }
+                    let mut acks = 0;
+                    while acks < per_client {
+                        if c.recv().await["type"] == "ack" {
+                            acks += 1;
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    let total = (8 * per_client * 2) as usize;
+    let mut max_queue = 0.0f64;
+    poll_within_long(&backend, total, &nodes, &mut max_queue).await;
+    let secs = started.elapsed().as_secs_f64();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    println!(
+        "webhooks: {total} events delivered in {secs:.2}s = {:.0} events/s; largest queue length seen {max_queue}",
+        total as f64 / secs
+    );
+}
+
+async fn poll_within_long(backend: &Backend, total: usize, nodes: &[Server], max_queue: &mut f64) {
+    crier_testkit::wait::poll_within("every event delivered", std::time::Duration::from_secs(120), async || {
+        for n in nodes {
+            *max_queue = max_queue.max(n.metric("crier_webhook_queue_length").await);
+        }
+        let n = backend.seen.delivered_count.load(Ordering::SeqCst);
+        if n >= total { Ok(()) } else { Err(format!("{n} of {total}")) }
+    })
+    .await;
 }
