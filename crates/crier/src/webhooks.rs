@@ -87,7 +87,11 @@ pub async fn run(broker: Arc<dyn Broker>, s: WebhookSettings) {
         let batch = match broker.hook_read(s.batch, READ_WAIT).await {
             Ok(b) => b,
             Err(e) => {
-                tracing::warn!(error = %e, "webhooks: cannot read the event queue; retrying");
+                let now = tokio::time::Instant::now();
+                if last_warn.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10)) {
+                    last_warn = Some(now);
+                    tracing::warn!(error = %e, "webhooks: cannot read the event queue (broker down?); retrying");
+                }
                 tokio::time::sleep(s.retry_min.max(Duration::from_millis(100))).await;
                 continue;
             }
