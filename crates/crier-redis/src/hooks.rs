@@ -272,6 +272,29 @@ impl ClusterState {
         }
     }
 
+    /// A client publish (`client_publish`), appended by this node after the publish: not in the
+    /// publish script (a node dying between the two loses the event; see docs/hooks.md).
+    pub(crate) async fn hook_publish(
+        &self,
+        channel: &str,
+        user: &str,
+        client: &str,
+        data: &str,
+    ) -> Result<(), BrokerError> {
+        let Some(a) = self.hooks.args.get() else { return Ok(()) };
+        if !a.flags.contains('P') {
+            return Ok(());
+        }
+        let data: Option<serde_json::Value> = serde_json::from_str(data).ok();
+        let event = serde_json::json!({
+            "name": "client_publish", "channel": channel, "time_ms": crate::unix_ms(),
+            "user": user, "client": client, "data": data,
+        });
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&a.stream).arg("MAXLEN").arg("~").arg(a.max).arg("*").arg("e").arg(event.to_string());
+        self.commands.query(&cmd).await.map(drop)
+    }
+
     pub(crate) async fn hook_ack(&self, ids: &[String]) -> Result<(), BrokerError> {
         let Some(a) = self.hooks.args.get() else { return Ok(()) };
         if ids.is_empty() {
@@ -320,6 +343,8 @@ fn entries(v: &Value) -> Vec<HookEvent> {
             user: Option<String>,
             #[serde(default)]
             client: Option<String>,
+            #[serde(default)]
+            data: Option<serde_json::Value>,
         }
         match body.map(serde_json::from_slice::<Stored>) {
             Some(Ok(s)) => out.push(HookEvent {
@@ -329,6 +354,7 @@ fn entries(v: &Value) -> Vec<HookEvent> {
                 time_ms: s.time_ms as u64,
                 user: s.user,
                 client: s.client,
+                data: s.data,
             }),
             _ => tracing::warn!(id, "webhooks: a stream entry that is not an event; skipped"),
         }

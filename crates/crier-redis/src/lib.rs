@@ -503,6 +503,10 @@ impl Broker for RedisBroker {
         self.state.hook_ack(ids).await
     }
 
+    async fn hook_publish(&self, channel: &str, user: &str, client: &str, data: &str) -> Result<(), BrokerError> {
+        self.state.hook_publish(channel, user, client, data).await
+    }
+
     async fn hook_hold(&self, ids: &[String]) -> Result<(), BrokerError> {
         self.state.hook_hold(ids).await
     }

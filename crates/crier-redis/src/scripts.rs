@@ -411,9 +411,14 @@ return n
 "#;
 
 /// Event flags of the hook stream argument: `O` channel_occupied, `V` channel_vacated, `A`
-/// member_added, `R` member_removed.
-pub(crate) const HOOK_FLAGS: [(&str, char); 4] =
-    [("channel_occupied", 'O'), ("channel_vacated", 'V'), ("member_added", 'A'), ("member_removed", 'R')];
+/// member_added, `R` member_removed, `P` client_publish (appended by the node, not a script).
+pub(crate) const HOOK_FLAGS: [(&str, char); 5] = [
+    ("channel_occupied", 'O'),
+    ("channel_vacated", 'V'),
+    ("member_added", 'A'),
+    ("member_removed", 'R'),
+    ("client_publish", 'P'),
+];
 
 /// The cluster-wide occupancy of a channel (webhooks): KEYS: the channel's node set (ZSET
 /// broker instance → expiry ms), the index of node sets (ZSET channel → earliest expiry).

@@ -161,6 +161,7 @@ fn count(batch: &[HookEvent], result: &'static str) {
             "channel_vacated" => "channel_vacated",
             "member_added" => "member_added",
             "member_removed" => "member_removed",
+            "client_publish" => "client_publish",
             _ => "other",
         };
         metrics::counter!(m::WEBHOOK_EVENTS, "name" => name, "result" => result).increment(1);

@@ -629,3 +629,41 @@ async fn poll_within_long(backend: &Backend, total: usize, nodes: &[Server], max
     })
     .await;
 }
+
+/// Three client publishes → three `client_publish` events with the user, client and data.
+async fn client_publishes_are_events(server: &Server, backend: &Backend) {
+    let mut c = server.client(&server.token("dana", &["chat:*"], &["chat:*"])).await;
+    for i in 0..3 {
+        let r = c.request(json!({"type":"publish","channel":"chat:pub","data":{"n":i}}), i + 1).await;
+        assert_eq!(r["type"], "ack", "{r}");
+    }
+    let events = delivered_at_least(backend, 3).await;
+    let mut got: Vec<i64> = events
+        .iter()
+        .map(|e| {
+            assert_eq!(
+                (e["name"].as_str(), e["channel"].as_str(), e["user"].as_str()),
+                (Some("client_publish"), Some("chat:pub"), Some("dana"))
+            );
+            assert!(e["client"].as_str().is_some_and(|c| !c.is_empty()), "{e}");
+            e["data"]["n"].as_i64().unwrap()
+        })
+        .collect();
+    got.sort();
+    assert_eq!(got, [0, 1, 2]);
+    assert_eq!(events.len(), 3, "{events:?}");
+    backend.assert_signed();
+}
+
+#[tokio::test]
+async fn client_publishes_give_client_publish_events() {
+    let backend = Backend::start().await;
+    let file = hooks_toml(&backend, &["client_publish"], "");
+    let server = Server::start(&["--config", file.0.to_str().unwrap()]).await;
+    client_publishes_are_events(&server, &backend).await;
+    let redis = crier_testkit::redis::RedisServer::start();
+    let backend = Backend::start().await;
+    let file = hooks_toml(&backend, &["client_publish"], "");
+    let server = redis_node(&redis, &file, &[]).await;
+    client_publishes_are_events(&server, &backend).await;
+}

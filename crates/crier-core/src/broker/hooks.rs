@@ -23,6 +23,9 @@ pub struct HookEvent {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
+    /// `client_publish`: the published data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
 }
 
 /// Event names.
@@ -30,6 +33,7 @@ pub const CHANNEL_OCCUPIED: &str = "channel_occupied";
 pub const CHANNEL_VACATED: &str = "channel_vacated";
 pub const MEMBER_ADDED: &str = "member_added";
 pub const MEMBER_REMOVED: &str = "member_removed";
+pub const CLIENT_PUBLISH: &str = "client_publish";
 
 /// Which events are produced and how many are queued at most ([`crate::Broker::enable_hooks`]).
 #[derive(Clone, Debug, Default)]
@@ -82,6 +86,11 @@ impl MemoryHookQueue {
     /// Queues a `name` event of `channel` if that event is enabled; past `max_queue` the oldest
     /// queued event is dropped (counted).
     pub fn push(&self, name: &str, channel: &str, member: Option<(&str, &str)>) {
+        self.push_data(name, channel, member, None);
+    }
+
+    /// [`MemoryHookQueue::push`] with the event's `data`.
+    pub fn push_data(&self, name: &str, channel: &str, member: Option<(&str, &str)>, data: Option<serde_json::Value>) {
         let mut inner = self.lock();
         let Some(config) = &inner.config else { return };
         if !config.events.iter().any(|e| e == name) {
@@ -101,6 +110,7 @@ impl MemoryHookQueue {
             time_ms,
             user,
             client,
+            data,
         };
         while inner.queue.len() >= max {
             inner.queue.pop_front();

@@ -585,6 +585,12 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
+    async fn hook_publish(&self, channel: &str, user: &str, client: &str, data: &str) -> Result<(), BrokerError> {
+        let data = serde_json::from_str(data).ok();
+        self.hooks.push_data(super::hooks::CLIENT_PUBLISH, channel, Some((user, client)), data);
+        Ok(())
+    }
+
     async fn hook_read(&self, max: usize, wait: Duration) -> Result<Vec<super::HookEvent>, BrokerError> {
         Ok(self.hooks.read(max, wait).await)
     }

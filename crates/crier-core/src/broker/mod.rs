@@ -345,6 +345,13 @@ pub trait Broker: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// Queues a `client_publish` event (if enabled): a client's publish on `channel`, accepted.
+    /// Produced by the node that accepted it, after the publish (once: a publish is accepted by
+    /// one node).
+    async fn hook_publish(&self, _channel: &str, _user: &str, _client: &str, _data: &str) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
     /// The backend acknowledged these events.
     async fn hook_ack(&self, _ids: &[String]) -> Result<(), BrokerError> {
         Ok(())

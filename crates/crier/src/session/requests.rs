@@ -69,6 +69,11 @@ impl Session {
         match self.st.broker().publish(channel, data, opts).await {
             Ok(r) => {
                 metrics::counter!(m::PUBLISHED, "source" => "client").increment(1);
+                if self.st.config.webhooks.as_ref().is_some_and(|w| w.events.iter().any(|e| e == "client_publish"))
+                    && let Err(e) = self.st.broker().hook_publish(channel, &self.user, &self.client(), data).await
+                {
+                    tracing::warn!(error = %e, "webhooks: could not queue a client_publish event");
+                }
                 self.send(&ServerFrame::Ack {
                     id,
                     channel: Some(channel),
