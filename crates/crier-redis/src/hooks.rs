@@ -200,7 +200,7 @@ impl ClusterState {
                 cmd.arg(&a.stream).arg(GROUP).arg(&self.instance).arg(crate::millis(a.claim_idle)).arg("0");
                 cmd.arg("COUNT").arg(max);
                 let claimed = match self.commands.query(&cmd).await {
-                    Ok(Value::Array(parts)) => parts.get(1).map(entries).unwrap_or_default(),
+                    Ok(Value::Array(parts)) => self.events_of(parts.get(1)).await,
                     Ok(_) => Vec::new(),
                     Err(e) => return Err(self.lost_group(e)),
                 };
@@ -219,14 +219,14 @@ impl ClusterState {
                 .arg(&a.stream)
                 .arg(">");
             let got = match self.commands.query(&cmd).await {
-                Ok(Value::Array(streams)) => streams
-                    .first()
-                    .and_then(|s| match s {
-                        Value::Array(pair) => pair.get(1).map(entries),
+                Ok(Value::Array(streams)) => {
+                    let list = streams.first().and_then(|s| match s {
+                        Value::Array(pair) => pair.get(1),
                         _ => None,
-                    })
-                    .unwrap_or_default(),
-                Ok(Value::Map(streams)) => streams.first().map(|(_, v)| entries(v)).unwrap_or_default(),
+                    });
+                    self.events_of(list).await
+                }
+                Ok(Value::Map(streams)) => self.events_of(streams.first().map(|(_, v)| v)).await,
                 Ok(_) => Vec::new(),
                 Err(e) => return Err(self.lost_group(e)),
             };
@@ -235,6 +235,20 @@ impl ClusterState {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// The events of a list of stream entries; entries that are not events (written by
+    /// something else) are acknowledged, so they are not claimed again and again.
+    async fn events_of(&self, list: Option<&Value>) -> Vec<HookEvent> {
+        let Some(list) = list else { return Vec::new() };
+        let (events, bad) = entries(list);
+        if !bad.is_empty() {
+            tracing::warn!(ids = ?bad, "webhooks: stream entries that are not events; acknowledged and skipped");
+            if let Err(e) = self.hook_ack(&bad).await {
+                tracing::debug!(error = %e, "webhooks: could not acknowledge the entries skipped");
+            }
+        }
+        events
     }
 
     /// A `NOGROUP` (Redis lost the stream): create the group again at the next read.
@@ -322,10 +336,12 @@ impl ClusterState {
     }
 }
 
-/// Stream entries `[[id, [field, value, …]], …]` → events (the id is the entry's).
-fn entries(v: &Value) -> Vec<HookEvent> {
-    let Value::Array(items) = v else { return Vec::new() };
+/// Stream entries `[[id, [field, value, …]], …]` → events (the id is the entry's), and the ids
+/// of the entries that are not events.
+fn entries(v: &Value) -> (Vec<HookEvent>, Vec<String>) {
+    let Value::Array(items) = v else { return (Vec::new(), Vec::new()) };
     let mut out = Vec::new();
+    let mut bad = Vec::new();
     for item in items {
         let Value::Array(pair) = item else { continue };
         let (Some(id), Some(Value::Array(fields))) = (pair.first().and_then(bulk), pair.get(1)) else { continue };
@@ -356,8 +372,37 @@ fn entries(v: &Value) -> Vec<HookEvent> {
                 client: s.client,
                 data: s.data,
             }),
-            _ => tracing::warn!(id, "webhooks: a stream entry that is not an event; skipped"),
+            _ => bad.push(id.to_owned()),
         }
     }
-    out
+    (out, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bs(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn stream_entries_become_events_and_strangers_are_set_aside() {
+        let ok = r#"{"name":"member_added","channel":"c","time_ms":1765000000000,"user":"u","client":"k"}"#;
+        let list = Value::Array(vec![
+            Value::Array(vec![bs("1-0"), Value::Array(vec![bs("e"), bs(ok)])]),
+            Value::Array(vec![bs("1-1"), Value::Array(vec![bs("x"), bs("y")])]),
+            Value::Array(vec![bs("1-2"), Value::Array(vec![bs("e"), bs("not json")])]),
+        ]);
+        let (events, bad) = entries(&list);
+        assert_eq!(events.len(), 1);
+        let e = &events[0];
+        assert_eq!(
+            (e.id.as_str(), e.name.as_str(), e.channel.as_str(), e.time_ms),
+            ("1-0", "member_added", "c", 1_765_000_000_000)
+        );
+        assert_eq!((e.user.as_deref(), e.client.as_deref(), e.data.as_ref()), (Some("u"), Some("k"), None));
+        assert_eq!(bad, ["1-1", "1-2"]);
+        assert_eq!(entries(&Value::Nil), (Vec::new(), Vec::new()));
+    }
 }
