@@ -6,10 +6,12 @@
 //!   appending `channel_occupied` / `channel_vacated` on its 0 → 1 / → 0 transitions. A node
 //!   refreshes its instances' expiry with the presence refresh; a dead node's entries expire and
 //!   the periodic sweep (the index `Keys::hook_index`) reports the vacate.
-//! - Durable before acknowledged: the event is appended (`XADD … MAXLEN ~ max_queue`) to the
-//!   stream `Keys::hook_stream` by the same script, atomically with the change.
+//! - Durable before acknowledged: the event is appended (`XADD … MAXLEN max_queue`) to the
+//!   stream `Keys::hook_stream` by the same script, atomically with the change. Delivered events
+//!   are acknowledged and deleted (`HOOK_ACK`), so the stream holds only undelivered ones: at
+//!   the bound the oldest is trimmed and counted (`<stream>:dropped`).
 //! - Consumed through the consumer group `crier`: each node reads with `XREADGROUP` (no
-//!   `BLOCK`: the command connection is shared, so it polls), `XACK`s after a 2xx, keeps a batch
+//!   `BLOCK`: the command connection is shared, so it polls), `XACK`s and `XDEL`s after a 2xx, keeps a batch
 //!   it is retrying claimed (`XCLAIM … JUSTID`, resetting its idle time), and claims the batches
 //!   of dead consumers (`XAUTOCLAIM`, idle for longer than `claim_idle`) → at least once.
 //!
@@ -53,6 +55,7 @@ pub(crate) struct HookState {
     group_ready: AtomicBool,
     last_claim: Mutex<Option<Instant>>,
     queued: AtomicU64,
+    dropped: AtomicU64,
 }
 
 impl HookState {
@@ -259,30 +262,14 @@ impl ClusterState {
         e
     }
 
+    /// The queue's length (the stream holds only undelivered events) and the drops counted
+    /// by the scripts, for [`ClusterState::hook_stats`].
     async fn update_queued(&self, a: &Args) {
-        let mut cmd = redis::cmd("XINFO");
-        cmd.arg("GROUPS").arg(&a.stream);
-        let Ok(Value::Array(groups)) = self.commands.query(&cmd).await else { return };
-        for g in groups {
-            let fields: Vec<(String, Value)> = match g {
-                Value::Array(kv) => kv
-                    .chunks(2)
-                    .filter_map(|p| match p {
-                        [k, v] => Some((String::from_utf8_lossy(bulk(k)?).into_owned(), v.clone())),
-                        _ => None,
-                    })
-                    .collect(),
-                Value::Map(kv) => kv
-                    .into_iter()
-                    .filter_map(|(k, v)| Some((String::from_utf8_lossy(bulk(&k)?).into_owned(), v)))
-                    .collect(),
-                _ => continue,
-            };
-            let get = |name: &str| fields.iter().find(|(k, _)| k == name).and_then(|(_, v)| int(v));
-            if fields.iter().any(|(k, v)| k == "name" && bulk(v) == Some(GROUP.as_bytes())) {
-                let queued = get("pending").unwrap_or(0).max(0) + get("lag").unwrap_or(0).max(0);
-                self.hooks.queued.store(queued as u64, Ordering::Relaxed);
-            }
+        if let Ok(len) = self.commands.query(redis::cmd("XLEN").arg(&a.stream)).await {
+            self.hooks.queued.store(int(&len).unwrap_or(0).max(0) as u64, Ordering::Relaxed);
+        }
+        if let Ok(dropped) = self.commands.query(redis::cmd("GET").arg(format!("{}:dropped", a.stream))).await {
+            self.hooks.dropped.store(int(&dropped).unwrap_or(0).max(0) as u64, Ordering::Relaxed);
         }
     }
 
@@ -304,9 +291,10 @@ impl ClusterState {
             "name": "client_publish", "channel": channel, "time_ms": crate::unix_ms(),
             "user": user, "client": client, "data": data,
         });
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(&a.stream).arg("MAXLEN").arg("~").arg(a.max).arg("*").arg("e").arg(event.to_string());
-        self.commands.query(&cmd).await.map(drop)
+        let mut inv = self.scripts.hook_append.prepare_invoke();
+        inv.arg(event.to_string());
+        self.hook_args(&mut inv);
+        self.commands.invoke(&inv).await.map(drop)
     }
 
     pub(crate) async fn hook_ack(&self, ids: &[String]) -> Result<(), BrokerError> {
@@ -314,9 +302,11 @@ impl ClusterState {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut cmd = redis::cmd("XACK");
-        cmd.arg(&a.stream).arg(GROUP).arg(ids);
-        self.commands.query(&cmd).await.map(drop)
+        // Acknowledged and deleted: the stream holds only what is still to deliver, so its
+        // length is the queue's and its bound drops only undelivered events.
+        let mut inv = self.scripts.hook_ack.key(&a.stream);
+        inv.arg(GROUP).arg(ids);
+        self.commands.invoke(&inv).await.map(drop)
     }
 
     /// Keeps a batch this node is retrying claimed by it (resets the entries' idle time, so no
@@ -328,11 +318,17 @@ impl ClusterState {
         }
         let mut cmd = redis::cmd("XCLAIM");
         cmd.arg(&a.stream).arg(GROUP).arg(&self.instance).arg(0).arg(ids).arg("JUSTID");
-        self.commands.query(&cmd).await.map(drop)
+        self.commands.query(&cmd).await?;
+        // No read happens while a batch is retried: the gauges are refreshed here.
+        self.update_queued(a).await;
+        Ok(())
     }
 
     pub(crate) fn hook_stats(&self) -> HookStats {
-        HookStats { queued: self.hooks.queued.load(Ordering::Relaxed), dropped: 0 }
+        HookStats {
+            queued: self.hooks.queued.load(Ordering::Relaxed),
+            dropped: self.hooks.dropped.load(Ordering::Relaxed),
+        }
     }
 }
 

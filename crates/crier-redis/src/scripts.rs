@@ -287,6 +287,12 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local HOOK_KEY, HOOK_FLAGS, HOOK_MAX = ARGV[#ARGV - 2], ARGV[#ARGV - 1], ARGV[#ARGV]
+-- The stream holds only undelivered events (delivered ones are deleted with their ack): at
+-- the bound, the oldest is trimmed and counted as dropped.
+local function append(json)
+  if redis.call('XLEN', HOOK_KEY) >= tonumber(HOOK_MAX) then redis.call('INCR', HOOK_KEY .. ':dropped') end
+  redis.call('XADD', HOOK_KEY, 'MAXLEN', HOOK_MAX, '*', 'e', json)
+end
 local function hook(name, flag, channel, v)
   if HOOK_KEY == nil or HOOK_KEY == '' or not string.find(HOOK_FLAGS, flag, 1, true) then return end
   local ev = {name = name, channel = channel, time_ms = now_ms()}
@@ -294,7 +300,7 @@ local function hook(name, flag, channel, v)
     local ok, e = pcall(cjson.decode, v)
     if ok and type(e) == 'table' then ev.user = e.user; ev.client = e.client end
   end
-  redis.call('XADD', HOOK_KEY, 'MAXLEN', '~', HOOK_MAX, '*', 'e', cjson.encode(ev))
+  append(cjson.encode(ev))
 end
 local function user_of(v)
   local ok, e = pcall(cjson.decode, v)
@@ -455,6 +461,20 @@ end
 return 1
 "#;
 
+/// Appends one event made by the node (`client_publish`). ARGV: the event JSON, then the hook
+/// arguments.
+const HOOK_APPEND: &str = r#"
+append(ARGV[1])
+return 1
+"#;
+
+/// Delivered events: acknowledged and deleted (the stream keeps only what is to deliver).
+/// KEYS: the stream. ARGV: the group, then the ids.
+const HOOK_ACK: &str = r#"
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
+"#;
+
 /// The scripts, hashed once.
 pub(crate) struct Scripts {
     pub publish: Script,
@@ -471,6 +491,8 @@ pub(crate) struct Scripts {
     pub pres_read: Script,
     pub pres_refresh: Script,
     pub hook_nodes: Script,
+    pub hook_append: Script,
+    pub hook_ack: Script,
 }
 
 impl Scripts {
@@ -490,6 +512,8 @@ impl Scripts {
             pres_read: Script::new(&format!("{PRES_PRELUDE}{PRES_READ}")),
             pres_refresh: Script::new(&format!("{PRES_PRELUDE}{PRES_REFRESH}")),
             hook_nodes: Script::new(&format!("{PRES_PRELUDE}{HOOK_NODES}")),
+            hook_append: Script::new(&format!("{PRES_PRELUDE}{HOOK_APPEND}")),
+            hook_ack: Script::new(HOOK_ACK),
         }
     }
 }
