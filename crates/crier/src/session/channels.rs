@@ -282,9 +282,14 @@ impl Session {
         self.iat = u32::try_from(claims.iat.unwrap_or(0)).unwrap_or(u32::MAX);
         self.st.registry.set_iat(self.conn, claims.iat.unwrap_or(0));
         self.patterns = self.st.patterns.share(&claims.channels, &claims.publish);
-        // Channels the server subscribed stay: the server's word, not the token's.
-        let revoked: Vec<Box<str>> =
-            self.subs.iter().filter(|c| !c.server && !self.can_subscribe(&c.name)).map(|c| c.name.clone()).collect();
+        // Channels the server subscribed stay: the server's word, not the token's. So do those of
+        // a namespace with a subscribe proxy: the backend granted them, the token never did.
+        let revoked: Vec<Box<str>> = self
+            .subs
+            .iter()
+            .filter(|c| !c.server && !self.st.policy(&c.name).subscribe_proxy && !self.can_subscribe(&c.name))
+            .map(|c| c.name.clone())
+            .collect();
         for channel in revoked {
             self.subs.retain(|c| c.name != channel);
             self.leave(&channel).await;
