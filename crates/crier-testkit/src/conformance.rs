@@ -517,6 +517,22 @@ where
     b.presence_add(&ch, &e1).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
     let stats = b.presence_stats(&ch).await.unwrap_or_else(|e| panic!("presence_stats: {e}"));
     assert_eq!(stats, PresenceStats { clients: 2, users: 2 });
+    // The counted add (a namespace with `max_subscribers` and `join_leave`) announces like the
+    // plain one.
+    let counted = format!("{JOIN_LEAVE_NS}:{}-counted", prefix());
+    h.subscribed.lock().unwrap_or_else(|e| e.into_inner()).insert(counted.clone());
+    b.subscribe(&counted).await.unwrap_or_else(|e| panic!("subscribe: {e}"));
+    let n = b.presence_add_counted(&counted, &e1).await.unwrap_or_else(|e| panic!("presence_add_counted: {e}"));
+    assert_eq!(n, 1);
+    b.presence_remove(&counted, "c1").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    publish(&counted).await;
+    let want = ["join:c1", "leave:c1", "message:1"];
+    poll_within("the counted add's join", WAIT, async || {
+        let got = h.stream_of(&counted);
+        if got.len() >= want.len() { Ok(()) } else { Err(format!("got {got:?}")) }
+    })
+    .await;
+    assert_eq!(h.stream_of(&counted), want, "a counted add is a join too");
 }
 
 /// Server-side control (issue 19, part C): an operation reaches this node's handler (and its

@@ -492,9 +492,19 @@ impl Broker for MemoryBroker {
     }
 
     async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry) -> Result<u64, BrokerError> {
-        let mut p = lock(&self.presence);
-        p.add(channel, entry);
-        Ok(p.channels.get(channel).map_or(0, |m| m.len() as u64))
+        // As `presence_add`: on a join/leave channel the join is announced, under the channel's
+        // shard lock (Redis's counted add is the same script as its plain one).
+        let join_leave = self.namespaces.policy(channel).join_leave;
+        let _shard = join_leave.then(|| lock(self.shard(channel)));
+        let (joined, n) = {
+            let mut p = lock(&self.presence);
+            let joined = p.add(channel, entry);
+            (joined, p.channels.get(channel).map_or(0, |m| m.len() as u64))
+        };
+        if joined && join_leave {
+            self.announce("join", channel, entry);
+        }
+        Ok(n)
     }
 
     async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
