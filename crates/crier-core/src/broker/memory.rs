@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -242,9 +243,15 @@ pub struct MemoryBroker {
     node: Mutex<Option<NodeInfo>>,
     /// Subscriber counts as each node reported them: node → channel → count.
     channel_counts: Mutex<HashMap<String, BTreeMap<String, u64>>>,
-    /// Token revocations: user → `before` (server-side control).
+    /// Token revocations: user → `before` (server-side control), kept
+    /// [`MemoryBroker::set_revocation_ttl`] after their `before` (older ones pruned on write).
     revoked: Mutex<HashMap<String, u64>>,
+    /// Seconds a revocation is kept after its `before` (default 7 days, as Redis's).
+    revocation_ttl_s: AtomicU64,
 }
+
+/// How long a revocation is kept when nobody said ([`MemoryBroker::set_revocation_ttl`]).
+const DEFAULT_REVOCATION_TTL_S: u64 = 7 * 24 * 3600;
 
 impl MemoryBroker {
     /// A broker keeping at most `history_size` messages per channel for `history_ttl`.
@@ -279,6 +286,7 @@ impl MemoryBroker {
             node: Mutex::new(None),
             channel_counts: Mutex::new(HashMap::new()),
             revoked: Mutex::new(HashMap::new()),
+            revocation_ttl_s: AtomicU64::new(DEFAULT_REVOCATION_TTL_S),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             let weak = Arc::downgrade(&broker);
@@ -286,6 +294,12 @@ impl MemoryBroker {
             tokio::spawn(sweeper(weak, period));
         }
         broker
+    }
+
+    /// How long a token revocation is kept after its `before` (the longest token lifetime);
+    /// older ones are forgotten when the next one is written.
+    pub fn set_revocation_ttl(&self, ttl: Duration) {
+        self.revocation_ttl_s.store(ttl.as_secs().max(1), Ordering::Relaxed);
     }
 
     /// The channels' namespaces.
@@ -566,6 +580,9 @@ impl Broker for MemoryBroker {
             let mut revoked = lock(&self.revoked);
             let at = revoked.entry(user.to_owned()).or_insert(0);
             *at = (*at).max(*before);
+            // Those that cover no live token any more go, as Redis's ZREMRANGEBYSCORE does.
+            let stale = (crate::now_micros() / 1_000_000).saturating_sub(self.revocation_ttl_s.load(Ordering::Relaxed));
+            revoked.retain(|_, b| *b >= stale);
         }
         Ok(self.handler.get().map(|h| h.on_user_op(user, op)).unwrap_or_default())
     }
@@ -665,6 +682,21 @@ impl Broker for MemoryBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn revocations_past_their_ttl_are_forgotten_on_the_next_write() {
+        let b = MemoryBroker::new(10, Duration::from_secs(60));
+        b.set_revocation_ttl(Duration::from_secs(3600));
+        let now = crate::now_micros() / 1_000_000;
+        let invalidate = async |user: &str, before: u64| {
+            b.user_op(user, &UserOp::Invalidate { before }).await.unwrap_or_else(|e| panic!("user_op: {e}"));
+        };
+        invalidate("old", now - 7200).await;
+        invalidate("new", now).await;
+        assert_eq!(lock(&b.revoked).len(), 1, "the stale one is no longer held");
+        let kept = b.revocations(0).await.unwrap_or_else(|e| panic!("revocations: {e}"));
+        assert_eq!(kept, [Revocation { user: "new".into(), before: now }]);
+    }
 
     #[test]
     fn the_budget_finds_how_far_back_history_must_go() {
