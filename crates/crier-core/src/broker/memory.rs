@@ -505,13 +505,19 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry) -> Result<u64, BrokerError> {
+    async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry, max: u64) -> Result<u64, BrokerError> {
         // As `presence_add`: on a join/leave channel the join is announced, under the channel's
         // shard lock (Redis's counted add is the same script as its plain one).
         let join_leave = self.namespaces.policy(channel).join_leave;
         let _shard = join_leave.then(|| lock(self.shard(channel)));
         let (joined, n) = {
             let mut p = lock(&self.presence);
+            let members = p.channels.get(channel);
+            let held = members.map_or(0, |m| m.len() as u64);
+            if max > 0 && held >= max && !members.is_some_and(|m| m.contains_key(entry.client.as_str())) {
+                // Full: not entered, so neither a join nor (on the caller's remove) a leave.
+                return Ok(held + 1);
+            }
             let joined = p.add(channel, entry);
             (joined, p.channels.get(channel).map_or(0, |m| m.len() as u64))
         };

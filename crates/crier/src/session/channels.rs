@@ -130,10 +130,10 @@ impl Session {
         let entry =
             PresenceEntry { client: self.client(), user: self.user.to_string(), node: self.st.config.node_id.clone() };
         if max_subscribers > 0 {
-            // The channel's presence is its subscriber count, cluster-wide: added, then checked,
-            // and taken back when over (two racing for the last place may both be refused;
-            // never is the bound passed).
-            match self.st.broker().presence_add_counted(channel, &entry).await {
+            // The channel's presence is its subscriber count, cluster-wide: the broker checks and
+            // adds in one step, so the bound is never passed and a refused client is never
+            // entered (no join/leave announced for it; the remove below changes nothing then).
+            match self.st.broker().presence_add_counted(channel, &entry, max_subscribers as u64).await {
                 Ok(n) if n > max_subscribers as u64 => {
                     if let Err(e) = self.st.broker().presence_remove(channel, &entry.client).await {
                         tracing::warn!(error = %e, "presence remove failed");
