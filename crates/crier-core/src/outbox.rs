@@ -249,6 +249,7 @@ impl Outbox {
             s.bytes = 0;
             s.closing = true;
             s.aborted = true;
+            s.commands = None;
             s.close = Some(Close {
                 code: CloseCode::SLOW_CONSUMER,
                 reason: Cow::Borrowed(CloseCode::SLOW_CONSUMER.reason()),
@@ -442,7 +443,7 @@ impl Outbox {
     /// the command: what the task holds across its idle wait stays small.)
     pub fn poll_command(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut s = self.lock();
-        if s.commands.as_ref().is_some_and(|q| !q.is_empty()) {
+        if !s.closing && s.commands.as_ref().is_some_and(|q| !q.is_empty()) {
             return Poll::Ready(());
         }
         s.waker = Some(cx.waker().clone());
@@ -452,6 +453,9 @@ impl Outbox {
     /// The next server command, if one waits.
     pub fn take_command(&self) -> Option<Command> {
         let mut s = self.lock();
+        if s.closing {
+            return None;
+        }
         let queue = s.commands.as_mut()?;
         let command = queue.pop_front();
         if queue.is_empty() {
@@ -539,6 +543,15 @@ mod tests {
         o.close(CloseCode::DISCONNECTED);
         assert_eq!(o.take_command(), None, "a close drops what waits");
         assert!(!o.command(Command::Unsubscribe { channel: "late".into() }));
+    }
+
+    #[test]
+    fn a_slow_consumer_close_drops_the_waiting_commands() {
+        let o = Outbox::new(10);
+        assert!(o.command(Command::Subscribe { channel: "a".into(), recover: None }));
+        assert_eq!(o.push(Bytes::from_static(b"more than ten bytes")), Push::Overflow);
+        assert!(o.poll_command(&mut Context::from_waker(Waker::noop())).is_pending(), "nothing to run once closing");
+        assert_eq!(o.take_command(), None);
     }
 
     #[test]

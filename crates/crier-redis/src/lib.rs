@@ -542,8 +542,8 @@ impl Broker for RedisBroker {
         self.state.presence_remove(channel, client).await
     }
 
-    async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry) -> Result<u64, BrokerError> {
-        self.state.presence_add_counted(channel, entry).await
+    async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry, max: u64) -> Result<u64, BrokerError> {
+        self.state.presence_add_counted(channel, entry, max).await
     }
 
     async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError> {

@@ -162,12 +162,18 @@ impl ClusterState {
     }
 
     pub(crate) async fn presence_add(&self, channel: &str, entry: &PresenceEntry) -> Result<(), BrokerError> {
-        self.presence_add_counted(channel, entry).await.map(drop)
+        self.presence_add_counted(channel, entry, 0).await.map(drop)
     }
 
     /// [`ClusterState::presence_add`], returning the channel's live presence entries after it
-    /// (the script's answer: no extra round trip).
-    pub(crate) async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry) -> Result<u64, BrokerError> {
+    /// (the script's answer: no extra round trip); `max` > 0: not added when the channel holds
+    /// `max` others already (see `Broker::presence_add_counted`).
+    pub(crate) async fn presence_add_counted(
+        &self,
+        channel: &str,
+        entry: &PresenceEntry,
+        max: u64,
+    ) -> Result<u64, BrokerError> {
         let json = serde_json::to_string(entry).map_err(|e| BrokerError::Internal(e.to_string()))?;
         let member = self.member(&entry.client);
         // Remembered first: if Redis is down now, the refresh adds it once Redis is back.
@@ -178,9 +184,14 @@ impl ClusterState {
         }
         let mut inv = self.presence_call(&self.scripts.pres_add, channel);
         inv.arg(&member).arg(ms(self.presence_ttl)).arg(&json);
-        inv.arg(self.keys.publish_command()).arg(self.events_to(channel)).arg(channel);
+        inv.arg(self.keys.publish_command()).arg(self.events_to(channel)).arg(channel).arg(max);
         self.hook_args(&mut inv);
-        count(&self.commands.invoke(&inv).await?)
+        let n = count(&self.commands.invoke(&inv).await?)?;
+        if max > 0 && n > max {
+            // Not added (full): not to be re-added by the refresh either.
+            self.local().presence.remove(&presence_key(channel, &entry.client));
+        }
+        Ok(n)
     }
 
     pub(crate) async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {

@@ -348,12 +348,17 @@ end
 "#;
 
 /// KEYS: zset, hash, users. ARGV: member, ttl ms, entry JSON, publish command, pub/sub channel
-/// (`''`: no join/leave), channel. Adds or refreshes a member; returns how many members the channel holds after it (expired ones swept first: what `max_subscribers` is checked against).
+/// (`''`: no join/leave), channel, max (0: no bound). Adds or refreshes a member; returns how many members the channel holds after it (expired ones swept first: what `max_subscribers` is checked against). A new member of a channel that holds `max` already is not added (no join): the answer is over `max`.
 const PRES_ADD: &str = r#"
 local z, h, u = KEYS[1], KEYS[2], KEYS[3]
 local member, ttl, v, pub, pubsub, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local max = tonumber(ARGV[7]) or 0
 local now = now_ms()
 sweep(z, h, u, now, pub, pubsub, channel)
+if max > 0 and not redis.call('ZSCORE', z, member) then
+  local held = redis.call('ZCARD', z)
+  if held >= max then return held + 1 end
+end
 local fresh = redis.call('ZADD', z, string.format('%d', now + ttl), member)
 redis.call('HSET', h, member, v)
 if fresh == 1 then

@@ -426,7 +426,8 @@ where
 }
 
 /// Channel namespaces (`max_subscribers`): `presence_add_counted` adds like `presence_add` and
-/// answers the channel's live entries after the add (a refreshed entry is not counted twice).
+/// answers the channel's live entries after the add (a refreshed entry is not counted twice);
+/// with a bound, a newcomer to a full channel is not entered.
 async fn presence_counted<F, Fut>(make: &F, s: Settings)
 where
     F: Fn(Settings) -> Fut,
@@ -435,7 +436,7 @@ where
     let (b, _h) = fresh(make, s).await;
     let ch = format!("{}:counted", prefix());
     let entry = |c: &str| PresenceEntry { client: c.into(), user: "u".into(), node: "n1".into() };
-    let count = async |c: &str| b.presence_add_counted(&ch, &entry(c)).await.unwrap_or_else(|e| panic!("add: {e}"));
+    let count = async |c: &str| b.presence_add_counted(&ch, &entry(c), 0).await.unwrap_or_else(|e| panic!("add: {e}"));
     assert_eq!(count("c1").await, 1);
     assert_eq!(count("c2").await, 2);
     assert_eq!(count("c2").await, 2, "a refresh is not a new entry");
@@ -445,7 +446,15 @@ where
     p.sort_by(|a, b| a.client.cmp(&b.client));
     assert_eq!(p, vec![entry("c2"), entry("c3")], "counted entries are ordinary presence entries");
     let other = format!("{}:counted-other", prefix());
-    assert_eq!(b.presence_add_counted(&other, &entry("c1")).await.ok(), Some(1), "counted per channel");
+    assert_eq!(b.presence_add_counted(&other, &entry("c1"), 0).await.ok(), Some(1), "counted per channel");
+    // Bounded: a newcomer to a full channel is not entered; one already in is refreshed.
+    let bounded =
+        async |c: &str| b.presence_add_counted(&other, &entry(c), 2).await.unwrap_or_else(|e| panic!("add: {e}"));
+    assert_eq!(bounded("c2").await, 2);
+    assert_eq!(bounded("c3").await, 3, "over the bound");
+    assert_eq!(bounded("c1").await, 2, "a member refreshes whatever the bound");
+    let stats = b.presence_stats(&other).await.unwrap_or_else(|e| panic!("presence_stats: {e}"));
+    assert_eq!(stats.clients, 2, "the refused one was not entered");
 }
 
 async fn presence_stats<F, Fut>(make: &F, s: Settings)
@@ -517,6 +526,24 @@ where
     b.presence_add(&ch, &e1).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
     let stats = b.presence_stats(&ch).await.unwrap_or_else(|e| panic!("presence_stats: {e}"));
     assert_eq!(stats, PresenceStats { clients: 2, users: 2 });
+    // The counted add (a namespace with `max_subscribers` and `join_leave`) announces like the
+    // plain one.
+    let counted = format!("{JOIN_LEAVE_NS}:{}-counted", prefix());
+    h.subscribed.lock().unwrap_or_else(|e| e.into_inner()).insert(counted.clone());
+    b.subscribe(&counted).await.unwrap_or_else(|e| panic!("subscribe: {e}"));
+    let n = b.presence_add_counted(&counted, &e1, 1).await.unwrap_or_else(|e| panic!("presence_add_counted: {e}"));
+    assert_eq!(n, 1);
+    let full = b.presence_add_counted(&counted, &e2, 1).await.unwrap_or_else(|e| panic!("presence_add_counted: {e}"));
+    assert_eq!(full, 2, "full: not entered, so no join either");
+    b.presence_remove(&counted, "c1").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    publish(&counted).await;
+    let want = ["join:c1", "leave:c1", "message:1"];
+    poll_within("the counted add's join", WAIT, async || {
+        let got = h.stream_of(&counted);
+        if got.len() >= want.len() { Ok(()) } else { Err(format!("got {got:?}")) }
+    })
+    .await;
+    assert_eq!(h.stream_of(&counted), want, "a counted add is a join too");
 }
 
 /// Server-side control (issue 19, part C): an operation reaches this node's handler (and its

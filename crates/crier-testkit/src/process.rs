@@ -38,7 +38,7 @@ impl Process {
         });
         let err = child.stderr.take().ok_or("no stderr pipe")?;
         let stderr2 = stderr.clone();
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             let mut r = BufReader::new(err);
             let mut buf = [0u8; 4096];
             while let Ok(n) = r.read(&mut buf) {
@@ -55,6 +55,11 @@ impl Process {
             Err(_) => {
                 let _ = p.child.kill();
                 let status = p.child.wait().map_err(|e| e.to_string())?;
+                // The process is gone, so its stderr ends and the reader finishes promptly: wait
+                // for it, or the error could miss the end of the stderr (the stdout reader ending
+                // first is what ended the wait for the ready line). Seen as a flaky
+                // `proxy.rs::bad_proxy_settings_are_configuration_errors` with an empty stderr.
+                let _ = stderr_reader.join();
                 Err(format!(
                     "exited {status:?} without printing its ready line\nstdout:\n{}\nstderr:\n{}",
                     p.stdout(),

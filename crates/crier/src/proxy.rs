@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crier_core::{ConnId, Outbox, clock_ms};
 use serde::Deserialize;
@@ -32,6 +32,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 
 use crate::auth::Claims;
 use crate::config::ProxySettings;
+use crate::control::unix_now;
 use crate::error::ApiError;
 use crate::metrics as m;
 use crate::state::AppState;
@@ -471,11 +472,6 @@ pub async fn connect_claims(
 /// A backend's reason as the client sees it: printable, at most 200 characters.
 fn clean_reason(reason: &str) -> String {
     reason.chars().filter(|c| !c.is_control()).take(200).collect()
-}
-
-/// Unix seconds now.
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// The refresh proxy's task: once a second, asks the backend to extend each watched connection

@@ -170,7 +170,12 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
             }
             broker
         }
-        None => MemoryBroker::with_namespaces(Arc::new(config.namespaces.clone()), config.memory_history_max_bytes),
+        None => {
+            let memory =
+                MemoryBroker::with_namespaces(Arc::new(config.namespaces.clone()), config.memory_history_max_bytes);
+            memory.set_revocation_ttl(config.token_max_lifetime);
+            memory
+        }
     };
     let hub = Arc::new(Hub::new());
     let registry = Arc::new(Registry::new());

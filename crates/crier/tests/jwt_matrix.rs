@@ -142,7 +142,11 @@ async fn run_matrix(server: &Server, valid: &str, attacks: &[Attack]) {
         let id = 1 + i as u64;
         let e = c.request(json!({"type":"refresh","token":a.token}), id).await;
         assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("token_invalid")), "{}: {e}", a.name);
-        assert_eq!(e["message"].as_str(), Some(message.as_str()), "{}: refresh says what the handshake said", a.name);
+        // The same words; a number of seconds ("token expired 3600 s ago") may have ticked on
+        // between the two checks.
+        let digitless = |m: &str| m.chars().filter(|c| !c.is_ascii_digit()).collect::<String>();
+        let said = e["message"].as_str().unwrap_or_default();
+        assert_eq!(digitless(said), digitless(message), "{}: refresh says what the handshake said ({said:?})", a.name);
     }
     assert_eq!(c.request(json!({"type":"ping"}), 9999).await["type"], "pong", "the connection lives on");
     // The connection still holds its original rights: a refused refresh changed nothing.

@@ -45,6 +45,10 @@ client_publish = false
 
 [namespaces.room]
 max_subscribers = 2
+
+[namespaces.stage]
+max_subscribers = 1
+join_leave = true
 "#;
 
 /// A config file of its own for each test (removed on drop).
@@ -340,6 +344,38 @@ async fn max_subscribers(a: &Server, b: &Server) {
     .await;
     let full = b.metric(r#"crier_client_errors_total{code="channel_full"}"#).await;
     assert!(full >= 1.0, "counted: {full}");
+}
+
+/// `stage` holds 1 subscriber and announces joins and leaves: a refused subscribe is no join
+/// (nor leave) for the one inside, however often it is tried.
+async fn refused_is_not_announced(a: &Server, b: &Server) {
+    let token = a.token("u1", &["*"], &[]);
+    let mut inside: Client = a.client(&token).await;
+    let mut outside = b.client(&token).await;
+    inside.subscribe("stage:1", 1).await;
+    for id in 1..=3 {
+        let r = outside.request(json!({"type":"subscribe","channel":"stage:1"}), id).await;
+        assert_error(&r, "channel_full", "stage:1");
+    }
+    a.publish("stage:1", json!("after")).await;
+    let next = inside.recv().await;
+    assert_eq!((next["type"].as_str(), &next["data"]), (Some("message"), &json!("after")), "{next}");
+}
+
+#[tokio::test]
+async fn a_refused_subscribe_is_not_announced_memory() {
+    let file = ConfigFile::new(NAMESPACES);
+    let server = node(&file, None, "n1").await;
+    refused_is_not_announced(&server, &server).await;
+}
+
+#[tokio::test]
+async fn a_refused_subscribe_is_not_announced_on_redis() {
+    let redis = RedisServer::start();
+    let file = ConfigFile::new(NAMESPACES);
+    let a = node(&file, Some(&redis), "n1").await;
+    let b = node(&file, Some(&redis), "n2").await;
+    refused_is_not_announced(&a, &b).await;
 }
 
 #[tokio::test]

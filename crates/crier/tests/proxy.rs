@@ -523,6 +523,26 @@ async fn subscribe_and_publish_proxies_allow_refuse_and_rewrite() {
 }
 
 #[tokio::test]
+async fn a_token_refresh_keeps_what_the_subscribe_proxy_granted() {
+    let backend = Backend::start().await;
+    let (server, _file) = node(&backend, "", NAMESPACES, &[]).await;
+    // The token does not allow `secret:*`: the subscribe proxy granted it.
+    let token = server.token("carol", &["mod:*"], &[]);
+    let mut c = server.client(&token).await;
+    c.subscribe("secret:ok", 1).await;
+    let refreshed = server.token("carol", &["mod:*"], &[]);
+    let ack = c.request(json!({"type": "refresh", "token": refreshed}), 2).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    // Still subscribed: its presence is readable and its messages arrive, with no `unsubscribed`.
+    let presence = c.request(json!({"type": "presence", "channel": "secret:ok"}), 3).await;
+    assert_eq!(presence["type"], "presence", "{presence}");
+    server.publish("secret:ok", json!("after refresh")).await;
+    let next = c.recv().await;
+    assert_eq!((next["type"].as_str(), &next["data"]), (Some("message"), &json!("after refresh")), "{next}");
+    assert_eq!(backend.calls("subscribe").len(), 1, "the refresh does not ask the backend again");
+}
+
+#[tokio::test]
 async fn refresh_extends_a_proxy_admitted_connection() {
     let backend = Backend::start().await;
     let (server, _file) = node(&backend, "", "", &[]).await;

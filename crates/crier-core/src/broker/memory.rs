@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -242,11 +243,17 @@ pub struct MemoryBroker {
     node: Mutex<Option<NodeInfo>>,
     /// Subscriber counts as each node reported them: node → channel → count.
     channel_counts: Mutex<HashMap<String, BTreeMap<String, u64>>>,
-    /// Token revocations: user → `before` (server-side control).
+    /// Token revocations: user → `before` (server-side control), kept
+    /// [`MemoryBroker::set_revocation_ttl`] after their `before` (older ones pruned on write).
     revoked: Mutex<HashMap<String, u64>>,
     /// Webhook events, in memory (lost on a restart; docs/hooks.md).
     hooks: super::hooks::MemoryHookQueue,
+    /// Seconds a revocation is kept after its `before` (default 7 days, as Redis's).
+    revocation_ttl_s: AtomicU64,
 }
+
+/// How long a revocation is kept when nobody said ([`MemoryBroker::set_revocation_ttl`]).
+const DEFAULT_REVOCATION_TTL_S: u64 = 7 * 24 * 3600;
 
 impl MemoryBroker {
     /// A broker keeping at most `history_size` messages per channel for `history_ttl`.
@@ -282,6 +289,7 @@ impl MemoryBroker {
             channel_counts: Mutex::new(HashMap::new()),
             revoked: Mutex::new(HashMap::new()),
             hooks: super::hooks::MemoryHookQueue::default(),
+            revocation_ttl_s: AtomicU64::new(DEFAULT_REVOCATION_TTL_S),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             let weak = Arc::downgrade(&broker);
@@ -289,6 +297,12 @@ impl MemoryBroker {
             tokio::spawn(sweeper(weak, period));
         }
         broker
+    }
+
+    /// How long a token revocation is kept after its `before` (the longest token lifetime);
+    /// older ones are forgotten when the next one is written.
+    pub fn set_revocation_ttl(&self, ttl: Duration) {
+        self.revocation_ttl_s.store(ttl.as_secs().max(1), Ordering::Relaxed);
     }
 
     /// The channels' namespaces.
@@ -500,12 +514,29 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry) -> Result<u64, BrokerError> {
-        let mut p = lock(&self.presence);
-        if p.add(channel, entry) {
+    async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry, max: u64) -> Result<u64, BrokerError> {
+        // As `presence_add`: on a join/leave channel the join is announced, under the channel's
+        // shard lock (Redis's counted add is the same script as its plain one).
+        let join_leave = self.namespaces.policy(channel).join_leave;
+        let _shard = join_leave.then(|| lock(self.shard(channel)));
+        let (joined, n) = {
+            let mut p = lock(&self.presence);
+            let members = p.channels.get(channel);
+            let held = members.map_or(0, |m| m.len() as u64);
+            if max > 0 && held >= max && !members.is_some_and(|m| m.contains_key(entry.client.as_str())) {
+                // Full: not entered, so neither a join nor (on the caller's remove) a leave.
+                return Ok(held + 1);
+            }
+            let joined = p.add(channel, entry);
+            (joined, p.channels.get(channel).map_or(0, |m| m.len() as u64))
+        };
+        if joined {
             self.hooks.push(super::hooks::MEMBER_ADDED, channel, Some((&entry.user, &entry.client)));
+            if join_leave {
+                self.announce("join", channel, entry);
+            }
         }
-        Ok(p.channels.get(channel).map_or(0, |m| m.len() as u64))
+        Ok(n)
     }
 
     async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
@@ -570,6 +601,9 @@ impl Broker for MemoryBroker {
             let mut revoked = lock(&self.revoked);
             let at = revoked.entry(user.to_owned()).or_insert(0);
             *at = (*at).max(*before);
+            // Those that cover no live token any more go, as Redis's ZREMRANGEBYSCORE does.
+            let stale = (crate::now_micros() / 1_000_000).saturating_sub(self.revocation_ttl_s.load(Ordering::Relaxed));
+            revoked.retain(|_, b| *b >= stale);
         }
         Ok(self.handler.get().map(|h| h.on_user_op(user, op)).unwrap_or_default())
     }
@@ -688,6 +722,21 @@ impl Broker for MemoryBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn revocations_past_their_ttl_are_forgotten_on_the_next_write() {
+        let b = MemoryBroker::new(10, Duration::from_secs(60));
+        b.set_revocation_ttl(Duration::from_secs(3600));
+        let now = crate::now_micros() / 1_000_000;
+        let invalidate = async |user: &str, before: u64| {
+            b.user_op(user, &UserOp::Invalidate { before }).await.unwrap_or_else(|e| panic!("user_op: {e}"));
+        };
+        invalidate("old", now - 7200).await;
+        invalidate("new", now).await;
+        assert_eq!(lock(&b.revoked).len(), 1, "the stale one is no longer held");
+        let kept = b.revocations(0).await.unwrap_or_else(|e| panic!("revocations: {e}"));
+        assert_eq!(kept, [Revocation { user: "new".into(), before: now }]);
+    }
 
     #[test]
     fn the_budget_finds_how_far_back_history_must_go() {

@@ -291,9 +291,11 @@ pub trait Broker: Send + Sync + 'static {
 
     // --- Channel namespaces (`max_subscribers`) ---
     /// [`Broker::presence_add`], returning how many clients the channel's presence holds after
-    /// it, cluster-wide (what a namespace's `max_subscribers` is checked against: the caller
-    /// removes the entry again when the count is over the bound).
-    async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry) -> Result<u64, BrokerError>;
+    /// it, cluster-wide (what a namespace's `max_subscribers` is checked against). With `max` >
+    /// 0, a client not yet in the channel is added only while it holds fewer than `max`, checked
+    /// and added in one step: when full nothing is added and no `join` announced, and the answer
+    /// is `max + 1` or more (the caller refuses; its `presence_remove` then changes nothing).
+    async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry, max: u64) -> Result<u64, BrokerError>;
     // --- The cluster's channels and history deletion (issue 19, part D: the admin API). ---
 
     /// Mirrors this node's (`node`) local subscriber counts: each `(channel, count)` replaces

@@ -130,10 +130,10 @@ impl Session {
         let entry =
             PresenceEntry { client: self.client(), user: self.user.to_string(), node: self.st.config.node_id.clone() };
         if max_subscribers > 0 {
-            // The channel's presence is its subscriber count, cluster-wide: added, then checked,
-            // and taken back when over (two racing for the last place may both be refused;
-            // never is the bound passed).
-            match self.st.broker().presence_add_counted(channel, &entry).await {
+            // The channel's presence is its subscriber count, cluster-wide: the broker checks and
+            // adds in one step, so the bound is never passed and a refused client is never
+            // entered (no join/leave announced for it; the remove below changes nothing then).
+            match self.st.broker().presence_add_counted(channel, &entry, max_subscribers as u64).await {
                 Ok(n) if n > max_subscribers as u64 => {
                     if let Err(e) = self.st.broker().presence_remove(channel, &entry.client).await {
                         tracing::warn!(error = %e, "presence remove failed");
@@ -282,9 +282,14 @@ impl Session {
         self.iat = u32::try_from(claims.iat.unwrap_or(0)).unwrap_or(u32::MAX);
         self.st.registry.set_iat(self.conn, claims.iat.unwrap_or(0));
         self.patterns = self.st.patterns.share(&claims.channels, &claims.publish);
-        // Channels the server subscribed stay: the server's word, not the token's.
-        let revoked: Vec<Box<str>> =
-            self.subs.iter().filter(|c| !c.server && !self.can_subscribe(&c.name)).map(|c| c.name.clone()).collect();
+        // Channels the server subscribed stay: the server's word, not the token's. So do those of
+        // a namespace with a subscribe proxy: the backend granted them, the token never did.
+        let revoked: Vec<Box<str>> = self
+            .subs
+            .iter()
+            .filter(|c| !c.server && !self.st.policy(&c.name).subscribe_proxy && !self.can_subscribe(&c.name))
+            .map(|c| c.name.clone())
+            .collect();
         for channel in revoked {
             self.subs.retain(|c| c.name != channel);
             self.leave(&channel).await;

@@ -64,6 +64,8 @@ pub struct Session {
     strikes: u16,
     /// The token's `iat` (Unix seconds, 0: none; token invalidation).
     iat: u32,
+    /// Admitted by the connect proxy (no token: the handshake's revocation check does not apply).
+    proxied: bool,
     /// [`clock_ms`] when the current strike window began.
     strike_window: u64,
     slot: Option<Box<ConnSlot>>,
@@ -88,6 +90,7 @@ impl Session {
         }
         Session {
             iat: u32::try_from(claims.iat.unwrap_or(0)).unwrap_or(u32::MAX),
+            proxied,
             conn,
             user,
             patterns: st.patterns.share(&claims.channels, &claims.publish),
@@ -121,6 +124,12 @@ impl Session {
             node: &self.st.config.node_id,
             ping_interval_ms: self.st.config.ping_interval.as_millis() as u64,
         });
+        // An invalidation that arrived between the handshake's check and the registration above
+        // found no connection to close: look again now that a later one would find this one.
+        let iat = (self.iat > 0).then_some(u64::from(self.iat));
+        if !self.proxied && !self.user.is_empty() && self.st.revocations.is_revoked(&self.user, iat) {
+            self.outbox.close_with(CloseCode::TOKEN_EXPIRED, std::borrow::Cow::Borrowed("token revoked"));
+        }
     }
 
     /// One client frame, as the connection's encoding decoded it (a decoding error still
