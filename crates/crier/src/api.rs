@@ -276,14 +276,23 @@ pub async fn history(
     Ok(Json(body).into_response())
 }
 
-pub async fn presence(
-    State(st): State<AppState>,
+/// The path's channel, when its namespace keeps presence (403 `forbidden` otherwise).
+pub(crate) fn presence_channel(
+    st: &AppState,
     channel: Result<Path<String>, PathRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<String, ApiError> {
     let channel = path_channel(channel)?;
     if !st.policy(&channel).presence {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "presence is off in this channel's namespace"));
     }
+    Ok(channel)
+}
+
+pub async fn presence(
+    State(st): State<AppState>,
+    channel: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let channel = presence_channel(&st, channel)?;
     let clients = st.broker().presence(&channel).await.map_err(ApiError::broker)?;
     Ok(Json(json!({ "clients": clients })).into_response())
 }

@@ -3,10 +3,9 @@
 use axum::Json;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use crate::api::path_channel;
+use crate::api::presence_channel;
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -16,10 +15,7 @@ pub async fn presence_stats(
     State(st): State<AppState>,
     channel: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let channel = path_channel(channel)?;
-    if !st.policy(&channel).presence {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "presence is off in this channel's namespace"));
-    }
+    let channel = presence_channel(&st, channel)?;
     let stats = st.broker().presence_stats(&channel).await.map_err(ApiError::broker)?;
     Ok(Json(stats).into_response())
 }

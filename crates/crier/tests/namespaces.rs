@@ -9,13 +9,11 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crier_testkit::redis::RedisServer;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use support::{Client, Server, WAIT};
+use support::{Client, ConfigFile, Server, WAIT};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -50,32 +48,6 @@ max_subscribers = 2
 max_subscribers = 1
 join_leave = true
 "#;
-
-/// A config file of its own for each test (removed on drop).
-struct ConfigFile(PathBuf);
-
-impl ConfigFile {
-    fn new(contents: &str) -> ConfigFile {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "crier-namespaces-{}-{}.toml",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&path, contents).unwrap();
-        ConfigFile(path)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 /// A node with [`NAMESPACES`]; on `redis` when given.
 async fn node(file: &ConfigFile, redis: Option<&RedisServer>, id: &str) -> Server {

@@ -28,7 +28,7 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use crier_testkit::poll;
 use serde_json::{Value, json};
-use support::{Client, Server, rejected};
+use support::{Client, ConfigFile, Server, rejected};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
@@ -160,28 +160,6 @@ async fn decide(proxy: &str, r: &Value) -> (StatusCode, Value, bool) {
             _ => refuse(json!({"reason": "session ended"})),
         },
         _ => (StatusCode::NOT_FOUND, json!("no such proxy"), false),
-    }
-}
-
-/// A config file of its own for each test (removed on drop).
-struct ConfigFile(PathBuf);
-
-impl ConfigFile {
-    fn new(contents: &str) -> ConfigFile {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "crier-proxy-{}-{}.toml",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&path, contents).unwrap();
-        ConfigFile(path)
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
 

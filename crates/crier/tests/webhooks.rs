@@ -29,7 +29,7 @@ use crier_testkit::{poll, until};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
-use support::Server;
+use support::{ConfigFile, Server};
 
 const HOOK_SECRET: &str = "webhook-secret-webhook-secret-0123456789";
 
@@ -154,28 +154,6 @@ impl Backend {
         let bad = self.seen.bad_signatures.lock().unwrap();
         assert!(bad.is_empty(), "signatures that do not verify, or bodies off the schema: {bad:#?}");
         assert!(!self.requests().is_empty(), "the backend was called");
-    }
-}
-
-/// A config file of its own for each test (removed on drop).
-struct ConfigFile(PathBuf);
-
-impl ConfigFile {
-    fn new(contents: &str) -> ConfigFile {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "crier-webhooks-{}-{}.toml",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&path, contents).unwrap();
-        ConfigFile(path)
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
 

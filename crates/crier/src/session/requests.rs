@@ -103,12 +103,22 @@ impl Session {
         }
     }
 
-    pub(super) async fn presence(&mut self, id: Option<u64>, channel: &str) {
+    /// Whether the token may read `channel` and its namespace keeps presence (else the error is
+    /// sent: `forbidden` either way).
+    fn presence_readable(&mut self, id: Option<u64>, channel: &str) -> bool {
         if !self.readable(id, channel) {
-            return;
+            return false;
         }
         if !self.st.policy(channel).presence {
-            return self.error(id, ErrorCode::Forbidden, "presence is off in this channel's namespace", Some(channel));
+            self.error(id, ErrorCode::Forbidden, "presence is off in this channel's namespace", Some(channel));
+            return false;
+        }
+        true
+    }
+
+    pub(super) async fn presence(&mut self, id: Option<u64>, channel: &str) {
+        if !self.presence_readable(id, channel) {
+            return;
         }
         match self.st.broker().presence(channel).await {
             Ok(clients) => self.send(&ServerFrame::Presence { id, channel, clients: &clients }),
@@ -121,11 +131,8 @@ impl Session {
 
     /// `presence_stats`: how many clients and distinct users are in the channel's presence.
     pub(super) async fn presence_stats(&mut self, id: Option<u64>, channel: &str) {
-        if !self.readable(id, channel) {
+        if !self.presence_readable(id, channel) {
             return;
-        }
-        if !self.st.policy(channel).presence {
-            return self.error(id, ErrorCode::Forbidden, "presence is off in this channel's namespace", Some(channel));
         }
         match self.st.broker().presence_stats(channel).await {
             Ok(s) => self.send(&ServerFrame::PresenceStats { id, channel, clients: s.clients, users: s.users }),

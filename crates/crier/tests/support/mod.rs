@@ -31,6 +31,33 @@ pub const API_KEY: &str = "test-api-key";
 /// How long any single wait may take before the test fails.
 pub use crier_testkit::WAIT;
 
+/// A TOML config file of its own for each test (a unique temp path; removed on drop).
+pub struct ConfigFile(pub std::path::PathBuf);
+
+impl ConfigFile {
+    pub fn new(contents: &str) -> ConfigFile {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "crier-test-{}-{}.toml",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, contents).unwrap();
+        ConfigFile(path)
+    }
+
+    pub fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 pub struct Server {
     /// The `crier` process: its captured stdout and stderr (the logs), SIGTERM, exit.
     pub process: Process,
