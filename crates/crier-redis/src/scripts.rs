@@ -345,6 +345,18 @@ local function expire_with(z, h, u)
     redis.call('PEXPIREAT', u, last[2])
   end
 end
+-- Adds or refreshes `member` (expiring at `score`): a new one is counted, its join announced
+-- and its member_added hooked.
+local function enter(z, h, u, score, member, v, pub, pubsub, channel)
+  local fresh = redis.call('ZADD', z, score, member)
+  redis.call('HSET', h, member, v)
+  if fresh == 1 then
+    add_user(u, v)
+    announce(pub, pubsub, 'join', channel, v)
+    hook('member_added', 'A', channel, v)
+  end
+  expire_with(z, h, u)
+end
 "#;
 
 /// KEYS: zset, hash, users. ARGV: member, ttl ms, entry JSON, publish command, pub/sub channel
@@ -359,14 +371,7 @@ if max > 0 and not redis.call('ZSCORE', z, member) then
   local held = redis.call('ZCARD', z)
   if held >= max then return held + 1 end
 end
-local fresh = redis.call('ZADD', z, string.format('%d', now + ttl), member)
-redis.call('HSET', h, member, v)
-if fresh == 1 then
-  add_user(u, v)
-  announce(pub, pubsub, 'join', channel, v)
-  hook('member_added', 'A', channel, v)
-end
-expire_with(z, h, u)
+enter(z, h, u, string.format('%d', now + ttl), member, v, pub, pubsub, channel)
 return redis.call('ZCARD', z)
 "#;
 
@@ -408,14 +413,7 @@ for i = 1, #KEYS, 3 do
   local z, h, u = KEYS[i], KEYS[i + 1], KEYS[i + 2]
   local a = 3 + (i - 1) / 3 * 4
   local member, v, pubsub, channel = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local fresh = redis.call('ZADD', z, score, member)
-  redis.call('HSET', h, member, v)
-  if fresh == 1 then
-    add_user(u, v)
-    announce(pub, pubsub, 'join', channel, v)
-    hook('member_added', 'A', channel, v)
-  end
-  expire_with(z, h, u)
+  enter(z, h, u, score, member, v, pub, pubsub, channel)
   n = n + 1
 end
 return n

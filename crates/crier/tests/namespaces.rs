@@ -9,7 +9,6 @@
 
 mod support;
 
-
 use crier_testkit::redis::RedisServer;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
