@@ -1,0 +1,2 @@
+append(ARGV[1])
+return 1
