@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::command::Commands;
 use crate::keys::Keys;
-use crate::scripts::{self, Params, Scripts};
+use crate::scripts::{Message, Params, PublishCall, Scripts};
 
 /// Batches on their way to one Redis at once. One: whatever arrives while a call is out waits
 /// for it and goes in the next call (measured in the rig's private-channel shape on 2 cores:
@@ -189,44 +189,16 @@ async fn publish_batch(ctx: Arc<Context>, mut batch: Vec<Job>) {
         Ok(v) => v,
         Err(e) => return fail(batch, &e),
     };
-    let default = ctx.params.default;
-    let slack = default.expiry_slack_ms();
-    let mut inv = ctx.scripts.publish.prepare_invoke();
-    inv.arg(batch.len())
-        .arg(scripts::new_epoch())
-        .arg(default.history_size)
-        .arg(default.history_ttl_ms + slack)
-        .arg(ctx.params.meta_ttl_ms + ctx.params.meta_slack_ms)
-        .arg(slack)
-        .arg(ctx.idempotency_ttl_s)
-        .arg(ctx.keys.publish_command())
-        .arg(generation);
-    for job in &batch {
-        inv.key(ctx.keys.meta(&job.channel)).key(ctx.keys.history(&job.channel));
-        inv.arg(&job.channel).arg(&job.data).arg(ctx.keys.pubsub(&job.channel));
-        match &job.idempotency_key {
-            Some(k) => {
-                inv.key(ctx.keys.idempotency(&job.channel, k));
-                inv.arg("1");
-            }
-            None => {
-                inv.arg("0");
-            }
-        }
-        // The channel's own history options, only when its namespace declares them.
-        match ctx.params.named(&job.channel) {
-            Some(own) => {
-                let slack = own.expiry_slack_ms();
-                inv.arg(format!("{}:{}:{}", own.history_size, own.history_ttl_ms + slack, slack));
-            }
-            None => {
-                inv.arg("");
-            }
-        }
-    }
+    let messages = batch.iter().map(|job| Message {
+        channel: &job.channel,
+        data: &job.data,
+        idempotency_key: job.idempotency_key.as_deref(),
+    });
+    let call =
+        PublishCall::new(&ctx.scripts.publish, &ctx.keys, &ctx.params, ctx.idempotency_ttl_s, &generation, messages);
     ctx.calls.fetch_add(1, Ordering::Relaxed);
-    let reply = ctx.commands.invoke_on(con, &inv).await;
-    let answers = match reply.and_then(|v| scripts::parse_publish(&v, batch.len())) {
+    let reply = ctx.commands.invoke_on(con, call.invocation()).await;
+    let answers = match reply.and_then(|v| call.parse(&v)) {
         Ok(answers) => answers,
         Err(e) => return fail(batch, &e),
     };

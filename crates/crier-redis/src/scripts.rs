@@ -340,13 +340,87 @@ pub(crate) fn int(v: &Value) -> Option<i64> {
     }
 }
 
+/// One call of the publish script: its keys and arguments built from a batch of messages
+/// (see `PUBLISH`), run with [`PublishCall::invocation`], the reply read with
+/// [`PublishCall::parse`].
+pub(crate) struct PublishCall<'a> {
+    inv: redis::ScriptInvocation<'a>,
+    n: usize,
+}
+
+/// One message of a publish call.
+pub(crate) struct Message<'a> {
+    pub channel: &'a str,
+    pub data: &'a str,
+    pub idempotency_key: Option<&'a str>,
+}
+
+impl<'a> PublishCall<'a> {
+    /// `generation`: the server generation the script checks (see `Commands::generational`).
+    pub(crate) fn new(
+        script: &'a Script,
+        keys: &Keys,
+        params: &Params,
+        idempotency_ttl_s: u64,
+        generation: &str,
+        messages: impl ExactSizeIterator<Item = Message<'a>>,
+    ) -> PublishCall<'a> {
+        let n = messages.len();
+        let default = params.default;
+        let slack = default.expiry_slack_ms();
+        let mut inv = script.prepare_invoke();
+        inv.arg(n)
+            .arg(new_epoch())
+            .arg(default.history_size)
+            .arg(default.history_ttl_ms + slack)
+            .arg(params.meta_ttl_ms + params.meta_slack_ms)
+            .arg(slack)
+            .arg(idempotency_ttl_s)
+            .arg(keys.publish_command())
+            .arg(generation);
+        for m in messages {
+            inv.key(keys.meta(m.channel)).key(keys.history(m.channel));
+            inv.arg(m.channel).arg(m.data).arg(keys.pubsub(m.channel));
+            match m.idempotency_key {
+                Some(k) => {
+                    inv.key(keys.idempotency(m.channel, k));
+                    inv.arg("1");
+                }
+                None => {
+                    inv.arg("0");
+                }
+            }
+            // The channel's own history options, only when its namespace declares them.
+            match params.named(m.channel) {
+                Some(own) => {
+                    let slack = own.expiry_slack_ms();
+                    inv.arg(format!("{}:{}:{}", own.history_size, own.history_ttl_ms + slack, slack));
+                }
+                None => {
+                    inv.arg("");
+                }
+            }
+        }
+        PublishCall { inv, n }
+    }
+
+    pub(crate) fn invocation(&self) -> &redis::ScriptInvocation<'a> {
+        &self.inv
+    }
+
+    /// The reply: one answer per message, in order.
+    pub(crate) fn parse(&self, v: &Value) -> Result<Vec<Published>, BrokerError> {
+        parse_publish(v, self.n)
+    }
+}
+
 /// One message's answer in a publish reply: where it landed and whether this call published it
 /// (false: an idempotent repeat), or the Redis error that failed it.
 pub(crate) type Published = Result<(PublishResult, bool), BrokerError>;
 
 /// `{fresh, "epoch:offset" | error, ...}` (two items per message) → one answer per message;
 /// `Err` when the reply as a whole is not that for `n` messages.
-pub(crate) fn parse_publish(v: &Value, n: usize) -> Result<Vec<Published>, BrokerError> {
+fn parse_publish(v: &Value, n: usize) -> Result<Vec<Published>, BrokerError> {
     let Value::Array(items) = v else { return Err(bad("publish: not an array")) };
     if items.len() != 2 * n {
         return Err(bad("publish: length"));

@@ -185,21 +185,19 @@ impl Task {
             }
         }
         for (shard, chunk) in chunks {
-            let sha = conn.shards.get(shard).map(|s| s.history_sha.clone()).unwrap_or_default();
-            let mut pipe = redis::pipe();
+            let mut calls = Vec::with_capacity(chunk.len());
             let mut asked = Vec::with_capacity(chunk.len());
             for channel in &chunk {
                 if let Some(State::Tracking(pos)) = self.channels.get(channel.as_str()) {
                     let since = Some((&*pos.epoch, pos.last));
-                    let call = HistoryCall::new(&self.keys, &self.params, channel, since, ALL);
-                    pipe.add_command(call.evalsha(&sha));
+                    calls.push(HistoryCall::new(&self.keys, &self.params, channel, since, ALL));
                     asked.push(channel);
                 }
             }
             if asked.is_empty() {
                 continue;
             }
-            let replies = conn.pipeline(shard, &pipe, t).await?;
+            let replies = conn.read_histories(shard, calls, t).await?;
             for (channel, v) in asked.into_iter().zip(replies) {
                 let h = scripts::parse_history(v).map_err(lost)?;
                 let Some(State::Tracking(pos)) = self.channels.get_mut(channel.as_str()) else { continue };

@@ -576,14 +576,12 @@ impl Task {
             }
         }
         for (shard, indices) in by_shard {
-            let sha = conn.shards.get(shard).map(|s| s.history_sha.clone()).unwrap_or_default();
-            let mut pipe = redis::pipe();
-            for &i in &indices {
+            let calls = indices.iter().map(|&i| {
                 let r = &reads[i];
                 let since = r.since.as_ref().map(|p| (p.epoch.as_str(), p.offset));
-                pipe.add_command(HistoryCall::new(&self.keys, &self.params, &r.channel, since, r.limit).evalsha(&sha));
-            }
-            let values = conn.pipeline(shard, &pipe, t).await?;
+                HistoryCall::new(&self.keys, &self.params, &r.channel, since, r.limit)
+            });
+            let values = conn.read_histories(shard, calls, t).await?;
             for (i, v) in indices.into_iter().zip(values) {
                 replies[i] = Some(v);
             }
@@ -630,13 +628,9 @@ impl Task {
         for (shard, channels) in conn.group(fresh) {
             let names: Vec<String> = channels.iter().map(|c| self.keys.pubsub(c)).collect();
             conn.subscribe(shard, &names, t).await?;
-            let sha = conn.shards.get(shard).map(|s| s.history_sha.clone()).unwrap_or_default();
             for chunk in channels.chunks(FILL_BATCH) {
-                let mut pipe = redis::pipe();
-                for channel in chunk {
-                    pipe.add_command(HistoryCall::new(&self.keys, &self.params, channel, None, 0).evalsha(&sha));
-                }
-                let replies = conn.pipeline(shard, &pipe, t).await?;
+                let calls = chunk.iter().map(|channel| HistoryCall::new(&self.keys, &self.params, channel, None, 0));
+                let replies = conn.read_histories(shard, calls, t).await?;
                 for (channel, v) in chunk.iter().zip(replies) {
                     positions.insert((*channel).to_owned(), scripts::parse_history(v).map_err(lost)?);
                 }

@@ -16,6 +16,7 @@ use super::{Step, lost};
 use crate::cluster::{self, SlotMap};
 use crate::command::bounded;
 use crate::keys::Keys;
+use crate::scripts::HistoryCall;
 
 /// Channels per SUBSCRIBE command (or per SSUBSCRIBE pipeline).
 pub(super) const SUBSCRIBE_BATCH: usize = 500;
@@ -91,14 +92,19 @@ impl Conn {
         }
     }
 
-    /// Runs `pipe` on `shard`.
-    pub(super) async fn pipeline(
+    /// Runs history-script `calls` on `shard`, pipelined (EVALSHA with the script loaded on
+    /// that connection); the replies in `calls`' order.
+    pub(super) async fn read_histories(
         &mut self,
         shard: usize,
-        pipe: &redis::Pipeline,
+        calls: impl IntoIterator<Item = HistoryCall>,
         t: std::time::Duration,
     ) -> Result<Vec<Value>, super::End> {
         let s = self.shard(shard)?;
+        let mut pipe = redis::pipe();
+        for call in calls {
+            pipe.add_command(call.evalsha(&s.history_sha));
+        }
         bounded(t, pipe.query_async::<Vec<Value>>(&mut s.con)).await.map_err(lost)
     }
 }
