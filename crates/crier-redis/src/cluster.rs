@@ -8,6 +8,7 @@
 
 use redis::{ConnectionAddr, ConnectionInfo, Value};
 
+use crate::error::Fault;
 use crate::scripts::{bulk, int};
 
 pub(crate) const SLOTS: u16 = 16384;
@@ -23,8 +24,10 @@ pub(crate) struct SlotMap {
 impl SlotMap {
     /// Parses a `CLUSTER SLOTS` reply; the masters get `seed`'s scheme and credentials.
     /// Fails when a slot is served by nobody (the cluster is not ready).
-    pub(crate) fn parse(reply: &Value, seed: &ConnectionInfo) -> Result<SlotMap, String> {
-        let Value::Array(entries) = reply else { return Err(format!("unexpected CLUSTER SLOTS reply {reply:?}")) };
+    pub(crate) fn parse(reply: &Value, seed: &ConnectionInfo) -> Result<SlotMap, Fault> {
+        let Value::Array(entries) = reply else {
+            return Err(Fault::Reply(format!("unexpected CLUSTER SLOTS reply {reply:?}")));
+        };
         let mut ranges = Vec::new();
         let mut masters: Vec<ConnectionInfo> = Vec::new();
         let seed_host = match seed.addr() {
@@ -32,15 +35,19 @@ impl SlotMap {
             _ => "127.0.0.1".to_owned(),
         };
         for entry in entries {
-            let Value::Array(fields) = entry else { return Err("CLUSTER SLOTS: entry".into()) };
+            let Value::Array(fields) = entry else { return Err(Fault::Reply("CLUSTER SLOTS: entry".into())) };
             let (Some(start), Some(end), Some(Value::Array(node))) =
                 (fields.first().and_then(int), fields.get(1).and_then(int), fields.get(2))
             else {
-                return Err("CLUSTER SLOTS: fields".into());
+                return Err(Fault::Reply("CLUSTER SLOTS: fields".into()));
             };
             let host = node.first().and_then(bulk).map(|h| String::from_utf8_lossy(h).into_owned());
             let host = host.filter(|h| !h.is_empty() && h != "?").unwrap_or_else(|| seed_host.clone());
-            let port = node.get(1).and_then(int).and_then(|p| u16::try_from(p).ok()).ok_or("CLUSTER SLOTS: port")?;
+            let port = node
+                .get(1)
+                .and_then(int)
+                .and_then(|p| u16::try_from(p).ok())
+                .ok_or_else(|| Fault::Reply("CLUSTER SLOTS: port".into()))?;
             let addr = match seed.addr() {
                 ConnectionAddr::TcpTls { .. } => {
                     ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None }
@@ -56,7 +63,7 @@ impl SlotMap {
                 }
             };
             let (Ok(start), Ok(end)) = (u16::try_from(start), u16::try_from(end)) else {
-                return Err("CLUSTER SLOTS: slot out of range".into());
+                return Err(Fault::Reply("CLUSTER SLOTS: slot out of range".into()));
             };
             ranges.push((start, end, index));
         }
@@ -73,7 +80,10 @@ impl SlotMap {
             holes.push(format!("{next}-{}", SLOTS - 1));
         }
         if !holes.is_empty() {
-            return Err(format!("the cluster does not serve slots {} (is it fully set up?)", holes.join(", ")));
+            return Err(Fault::Reply(format!(
+                "the cluster does not serve slots {} (is it fully set up?)",
+                holes.join(", ")
+            )));
         }
         Ok(SlotMap { ranges, masters })
     }
@@ -135,7 +145,7 @@ mod tests {
         assert_eq!(map.masters.len(), 3);
         assert_eq!((map.master_of(0), map.master_of(5461), map.master_of(16383)), (0, 1, 2));
         let holed = Value::Array(vec![entry(0, 5460, 7000), entry(10923, 16383, 7002)]);
-        let err = SlotMap::parse(&holed, &seed).err().unwrap_or_default();
+        let err = SlotMap::parse(&holed, &seed).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("5461-10922"), "{err}");
     }
 }

@@ -1,18 +1,18 @@
 //! The command connection: every request/response call (publish, history, presence, ...) goes
 //! through one multiplexed, auto-reconnecting connection with a hard deadline per call, and
-//! Redis errors become [`BrokerError`]s (`Unavailable` for anything that means "Redis cannot
-//! serve this right now").
+//! Redis errors become typed [`Fault`]s (see `error.rs`).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crier_core::BrokerError;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, ScriptInvocation, ServerErrorKind, Value};
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, ScriptInvocation, Value};
 use tokio::sync::Notify;
+
+use crate::error::Fault;
 
 /// One server (auto-reconnecting), or a Redis Cluster (routing by key slot, following MOVED and
 /// ASK, refreshing its slot map by itself).
@@ -71,14 +71,14 @@ pub(crate) fn manager(
     timeout: Duration,
     min: Duration,
     max: Duration,
-) -> Result<ConnectionManager, BrokerError> {
+) -> Result<ConnectionManager, Fault> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
         .set_number_of_retries(1)
         .set_min_delay(min)
         .set_max_delay(max);
-    ConnectionManager::new_lazy_with_config(client, config).map_err(|e| broker_error(&e))
+    ConnectionManager::new_lazy_with_config(client, config).map_err(|e| Fault::from_redis(&e))
 }
 
 impl Commands {
@@ -102,15 +102,15 @@ impl Commands {
         self.manager.read().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 
-    fn current(&self) -> Result<(Con, String), BrokerError> {
+    fn current(&self) -> Result<(Con, String), Fault> {
         self.manager
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-            .ok_or_else(|| BrokerError::Unavailable("no Redis master known yet".into()))
+            .ok_or_else(|| Fault::Connection("no Redis master known yet".into()))
     }
 
-    fn con(&self) -> Result<Con, BrokerError> {
+    fn con(&self) -> Result<Con, Fault> {
         self.current().map(|(con, _)| con)
     }
 
@@ -120,7 +120,7 @@ impl Commands {
     /// wrote (a promoted replica), see `scripts::PUBLISH`. On a Cluster `*`: the script reads
     /// the run id of the master it runs on itself (the cluster client picks the node; no map
     /// here can be fresher).
-    pub(crate) fn generational(&self) -> Result<(Con, String), BrokerError> {
+    pub(crate) fn generational(&self) -> Result<(Con, String), Fault> {
         let (con, generation) = self.current()?;
         if let Con::Cluster(_) = con {
             return Ok((con, "*".to_owned()));
@@ -132,27 +132,23 @@ impl Commands {
     /// [`Commands::generational`]). Failures after the call may have reached Redis are
     /// `OutcomeUnknown`: no answer within the deadline, or the connection lost on the way
     /// (a refused connection or an error reply means it was not applied).
-    pub(crate) async fn invoke_on(
-        &self,
-        mut con: Con,
-        invocation: &ScriptInvocation<'_>,
-    ) -> Result<Value, BrokerError> {
+    pub(crate) async fn invoke_on(&self, mut con: Con, invocation: &ScriptInvocation<'_>) -> Result<Value, Fault> {
         let result = self.answer(invocation.invoke_async::<Value>(&mut con)).await.map_err(|e| match e {
-            Some(e) => write_error(&e),
-            None => BrokerError::OutcomeUnknown(self.late()),
+            Some(e) => Fault::from_write(&e),
+            None => Fault::MaybeApplied(Fault::late(self.timeout).to_string()),
         });
         match result {
-            Err(BrokerError::OutcomeUnknown(why)) if !self.answered.load(Ordering::Relaxed) => {
-                Err(BrokerError::Unavailable(format!("{why} (no connection to Redis has worked yet)")))
+            Err(Fault::MaybeApplied(why)) if !self.answered.load(Ordering::Relaxed) => {
+                Err(Fault::Connection(format!("{why} (no connection to Redis has worked yet)")))
             }
             other => other,
         }
     }
 
-    async fn run<T>(&self, fut: impl Future<Output = RedisResult<T>>) -> Result<T, BrokerError> {
+    async fn run<T>(&self, fut: impl Future<Output = RedisResult<T>>) -> Result<T, Fault> {
         self.answer(fut).await.map_err(|e| match e {
-            Some(e) => broker_error(&e),
-            None => BrokerError::Unavailable(self.late()),
+            Some(e) => Fault::from_redis(&e),
+            None => Fault::late(self.timeout),
         })
     }
 
@@ -171,18 +167,14 @@ impl Commands {
         })
     }
 
-    fn late(&self) -> String {
-        format!("redis did not answer within {:?}", self.timeout)
-    }
-
     /// Runs a script (EVALSHA, loading it on NOSCRIPT).
-    pub(crate) async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, BrokerError> {
+    pub(crate) async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, Fault> {
         let mut con = self.con()?;
         self.run(invocation.invoke_async::<Value>(&mut con)).await
     }
 
     /// Runs a plain command.
-    pub(crate) async fn query(&self, cmd: &redis::Cmd) -> Result<Value, BrokerError> {
+    pub(crate) async fn query(&self, cmd: &redis::Cmd) -> Result<Value, Fault> {
         let mut con = self.con()?;
         self.run(cmd.query_async::<Value>(&mut con)).await
     }
@@ -194,82 +186,11 @@ impl Commands {
     }
 }
 
-/// Awaits `fut` for at most `timeout`; a late answer is `Unavailable`.
-pub(crate) async fn bounded<T>(timeout: Duration, fut: impl Future<Output = RedisResult<T>>) -> Result<T, BrokerError> {
+/// Awaits `fut` for at most `timeout`; a late answer is a [`Fault::Timeout`].
+pub(crate) async fn bounded<T>(timeout: Duration, fut: impl Future<Output = RedisResult<T>>) -> Result<T, Fault> {
     match tokio::time::timeout(timeout, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(broker_error(&e)),
-        Err(_) => Err(BrokerError::Unavailable(format!("redis did not answer within {timeout:?}"))),
-    }
-}
-
-/// Maps the error of a call that writes: an I/O error that can come after the call was sent
-/// (a reset or aborted connection, an early end of the stream, the client library's own
-/// timeout) means it may have been applied (`OutcomeUnknown`). A refused connection, and the
-/// broken pipe the client library reports for a connection already known to be gone, are
-/// `Unavailable` (nothing was sent; the library reports a connection that breaks while a call
-/// is out the same way, a narrow race documented in docs/protocol.md). The rest as
-/// [`broker_error`].
-pub(crate) fn write_error(e: &RedisError) -> BrokerError {
-    if e.is_io_error() && !e.is_connection_refusal() {
-        // redis-rs keeps the I/O error's kind to itself: its text says which.
-        let text = e.to_string().to_ascii_lowercase();
-        let not_sent = text.contains("broken pipe") || text.contains("not connected");
-        if e.is_timeout() || !not_sent {
-            return BrokerError::OutcomeUnknown(format!("redis: {e}"));
-        }
-    }
-    broker_error(e)
-}
-
-/// Maps the error of one message of a batched script call (`"<CODE> <text>"`, caught in the
-/// script): what means "Redis cannot serve this right now" is `Unavailable`, the rest (a key of
-/// the wrong type, a bug) `Internal`, as [`broker_error`] does for a whole call.
-pub(crate) fn script_error(message: &str) -> BrokerError {
-    let code = message.split_whitespace().next().unwrap_or("");
-    let transient = matches!(
-        code,
-        "OOM" | "BUSY" | "READONLY" | "LOADING" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "NOREPLICAS" | "MISCONF"
-    );
-    if transient {
-        BrokerError::Unavailable(format!("redis: {message}"))
-    } else {
-        BrokerError::Internal(format!("redis: {message}"))
-    }
-}
-
-/// Maps a Redis error: logic errors (a bad script, a wrong type) are `Internal`, everything
-/// else (I/O, loading, read-only replica, out of memory, busy script, ...) is `Unavailable`.
-pub(crate) fn broker_error(e: &RedisError) -> BrokerError {
-    let logic = match e.kind() {
-        ErrorKind::Server(ServerErrorKind::ResponseError) => !matches!(e.code(), Some("OOM" | "BUSY")),
-        ErrorKind::Server(
-            ServerErrorKind::NoScript
-            | ServerErrorKind::CrossSlot
-            | ServerErrorKind::ExecAbort
-            | ServerErrorKind::NoSub,
-        )
-        | ErrorKind::Parse
-        | ErrorKind::UnexpectedReturnType
-        | ErrorKind::InvalidClientConfig => true,
-        _ => false,
-    };
-    if logic { BrokerError::Internal(format!("redis: {e}")) } else { BrokerError::Unavailable(format!("redis: {e}")) }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn write_errors_say_whether_the_call_may_have_been_applied() {
-        let io = |k: std::io::ErrorKind| write_error(&RedisError::from(std::io::Error::from(k)));
-        use std::io::ErrorKind as K;
-        for k in [K::ConnectionReset, K::ConnectionAborted, K::UnexpectedEof, K::TimedOut] {
-            assert!(matches!(io(k), BrokerError::OutcomeUnknown(_)), "{k:?}");
-        }
-        for k in [K::BrokenPipe, K::NotConnected, K::ConnectionRefused] {
-            assert!(matches!(io(k), BrokerError::Unavailable(_)), "{k:?}");
-        }
+        Ok(Err(e)) => Err(Fault::from_redis(&e)),
+        Err(_) => Err(Fault::late(timeout)),
     }
 }

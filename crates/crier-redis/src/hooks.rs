@@ -27,6 +27,7 @@ use crier_core::{BrokerError, HookConfig, HookEvent, HookStats};
 use futures_util::StreamExt;
 use redis::Value;
 
+use crate::error::Fault;
 use crate::presence::ClusterState;
 use crate::scripts::{HOOK_FLAGS, bulk, int};
 
@@ -120,7 +121,7 @@ impl ClusterState {
         inv.key(self.keys.hook_index());
         inv.arg(op).arg(&self.instance).arg(crate::millis(self.presence_ttl)).arg(channel);
         self.hook_args(&mut inv);
-        self.commands.invoke(&inv).await.map(drop)
+        self.commands.invoke(&inv).await.map(drop).map_err(Into::into)
     }
 
     /// Periodic: re-adds this instance to the sets of the channels it holds (fresh expiry; an
@@ -175,7 +176,7 @@ impl ClusterState {
         match self.commands.query(&cmd).await {
             Ok(_) => {}
             Err(e) if e.to_string().contains("BUSYGROUP") => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         self.hooks.group_ready.store(true, Ordering::Relaxed);
         Ok(())
@@ -255,11 +256,11 @@ impl ClusterState {
     }
 
     /// A `NOGROUP` (Redis lost the stream): create the group again at the next read.
-    fn lost_group(&self, e: BrokerError) -> BrokerError {
+    fn lost_group(&self, e: Fault) -> BrokerError {
         if e.to_string().contains("NOGROUP") {
             self.hooks.group_ready.store(false, Ordering::Relaxed);
         }
-        e
+        e.into()
     }
 
     /// The queue's length (the stream holds only undelivered events) and the drops counted
@@ -294,7 +295,7 @@ impl ClusterState {
         let mut inv = self.scripts.hook_append.prepare_invoke();
         inv.arg(event.to_string());
         self.hook_args(&mut inv);
-        self.commands.invoke(&inv).await.map(drop)
+        self.commands.invoke(&inv).await.map(drop).map_err(Into::into)
     }
 
     pub(crate) async fn hook_ack(&self, ids: &[String]) -> Result<(), BrokerError> {
@@ -306,7 +307,7 @@ impl ClusterState {
         // length is the queue's and its bound drops only undelivered events.
         let mut inv = self.scripts.hook_ack.key(&a.stream);
         inv.arg(GROUP).arg(ids);
-        self.commands.invoke(&inv).await.map(drop)
+        self.commands.invoke(&inv).await.map(drop).map_err(Into::into)
     }
 
     /// Keeps a batch this node is retrying claimed by it (resets the entries' idle time, so no

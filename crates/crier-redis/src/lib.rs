@@ -117,6 +117,7 @@
 
 mod cluster;
 mod command;
+mod error;
 mod hooks;
 mod keys;
 mod payload;
@@ -235,22 +236,13 @@ impl RedisOptions {
 }
 
 /// Why [`RedisBroker::start`] failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StartError {
     /// A setting is wrong (malformed URL, unreadable CA file, a certificate that does not
     /// verify, a master name no Sentinel knows): retrying cannot help.
+    #[error("{0}")]
     Setting(String),
 }
-
-impl std::fmt::Display for StartError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StartError::Setting(why) => f.write_str(why),
-        }
-    }
-}
-
-impl std::error::Error for StartError {}
 
 /// See the crate docs.
 pub struct RedisBroker {
@@ -303,8 +295,9 @@ impl RedisBroker {
     /// for starting while Redis is down.
     pub async fn start(opts: RedisOptions) -> Result<Arc<RedisBroker>, StartError> {
         let t = opts.command_timeout;
-        let tls = tls::Tls::load(opts.tls_ca_file.as_deref()).map_err(StartError::Setting)?;
-        let resolver = topology::Resolver::new(&opts.topology, tls, t).map_err(StartError::Setting)?;
+        let setting = |f: error::Fault| StartError::Setting(f.to_string());
+        let tls = tls::Tls::load(opts.tls_ca_file.as_deref()).map_err(setting)?;
+        let resolver = topology::Resolver::new(&opts.topology, tls, t).map_err(setting)?;
         let manager = match resolver.fixed() {
             Some(target) => Some(
                 command::manager(target.commands, t, opts.reconnect_min, opts.reconnect_max)
@@ -531,7 +524,7 @@ impl Broker for RedisBroker {
         }
         let since = since.map(|p| (p.epoch.as_str(), p.offset));
         let call = HistoryCall::new(&self.keys, &self.params, channel, since, limit);
-        scripts::parse_history(self.commands.invoke(&call.invocation(&self.scripts.history)).await?)
+        Ok(scripts::parse_history(self.commands.invoke(&call.invocation(&self.scripts.history)).await?)?)
     }
 
     async fn presence_add(&self, channel: &str, entry: &PresenceEntry) -> Result<(), BrokerError> {
@@ -775,7 +768,7 @@ impl Broker for RedisBroker {
         // gap-fill, find the epoch changed and tell their subscribers (`on_gap`).
         let mut del = redis::cmd("DEL");
         del.arg(self.keys.meta(channel)).arg(self.keys.history(channel));
-        self.commands.query(&del).await.map(drop)
+        self.commands.query(&del).await.map(drop).map_err(Into::into)
     }
 }
 

@@ -200,7 +200,7 @@ impl ClusterState {
         let mut inv = self.presence_call(&self.scripts.pres_remove, channel);
         inv.arg(&member).arg(self.keys.publish_command()).arg(self.events_to(channel)).arg(channel);
         self.hook_args(&mut inv);
-        self.commands.invoke(&inv).await.map(drop)
+        self.commands.invoke(&inv).await.map(drop).map_err(Into::into)
     }
 
     /// A sweeping read of `channel`'s presence (`list` or `stats`, see `scripts::PRES_READ`).
@@ -208,7 +208,7 @@ impl ClusterState {
         let mut inv = self.presence_call(&self.scripts.pres_read, channel);
         inv.arg(self.keys.publish_command()).arg(self.events_to(channel)).arg(channel).arg(what);
         self.hook_args(&mut inv);
-        self.commands.invoke(&inv).await
+        Ok(self.commands.invoke(&inv).await?)
     }
 
     pub(crate) async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError> {
@@ -269,7 +269,7 @@ impl ClusterState {
         self.local().connections.remove(&(Box::from(user), Box::from(client)));
         let mut inv = self.scripts.ttl_remove.key(self.keys.connections(user));
         inv.arg(&member);
-        self.commands.invoke(&inv).await.map(drop)
+        self.commands.invoke(&inv).await.map(drop).map_err(Into::into)
     }
 
     /// The user's live connections, cluster-wide.
@@ -284,7 +284,7 @@ impl ClusterState {
         let (z, h) = self.keys.nodes();
         let mut inv = self.scripts.ttl_add.key(&z);
         inv.key(&h).arg(&info.node).arg(ms(self.node_ttl)).arg(&json);
-        self.commands.invoke(&inv).await.map(drop)
+        self.commands.invoke(&inv).await.map(drop).map_err(Into::into)
     }
 
     pub(crate) async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError> {

@@ -35,6 +35,7 @@ use futures_util::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::command::Commands;
+use crate::error::Fault;
 use crate::keys::Keys;
 use crate::scripts::{Message, Params, PublishCall, Scripts};
 
@@ -203,19 +204,17 @@ async fn publish_batch(ctx: Arc<Context>, mut batch: Vec<Job>) {
         Err(e) => return fail(batch, &e),
     };
     for (job, answer) in batch.into_iter().zip(answers) {
-        if let Err(BrokerError::Unavailable(why)) = &answer
-            && why.starts_with("redis: READONLY")
-        {
+        if let Err(Fault::ReadOnly(_)) = &answer {
             // The server was demoted: the pub/sub task finds the new master.
             ctx.commands.readonly.notify_one();
         }
-        let _ = job.reply.send(answer.map(|(result, _fresh)| result));
+        let _ = job.reply.send(answer.map(|(result, _fresh)| result).map_err(BrokerError::from));
     }
 }
 
 /// Answers every caller of a batch that failed as a whole with the same error.
-fn fail(batch: Vec<Job>, e: &BrokerError) {
+fn fail(batch: Vec<Job>, e: &Fault) {
     for job in batch {
-        let _ = job.reply.send(Err(e.clone()));
+        let _ = job.reply.send(Err(e.clone().into()));
     }
 }

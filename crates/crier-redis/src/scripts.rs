@@ -10,9 +10,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use std::time::Duration;
 
-use crier_core::{BrokerError, History, Namespaces, PublishResult};
+use crier_core::{History, Namespaces, PublishResult};
 use redis::{Script, Value};
 
+use crate::error::Fault;
 use crate::keys::Keys;
 use crate::{millis, payload};
 
@@ -320,8 +321,8 @@ pub(crate) fn new_epoch() -> String {
     rand::rng().sample_iter(rand::distr::Alphanumeric).take(8).map(char::from).collect()
 }
 
-fn bad(what: &str) -> BrokerError {
-    BrokerError::Internal(format!("unexpected reply from redis: {what}"))
+fn bad(what: &str) -> Fault {
+    Fault::reply(what)
 }
 
 pub(crate) fn bulk(v: &Value) -> Option<&[u8]> {
@@ -409,18 +410,18 @@ impl<'a> PublishCall<'a> {
     }
 
     /// The reply: one answer per message, in order.
-    pub(crate) fn parse(&self, v: &Value) -> Result<Vec<Published>, BrokerError> {
+    pub(crate) fn parse(&self, v: &Value) -> Result<Vec<Published>, Fault> {
         parse_publish(v, self.n)
     }
 }
 
 /// One message's answer in a publish reply: where it landed and whether this call published it
 /// (false: an idempotent repeat), or the Redis error that failed it.
-pub(crate) type Published = Result<(PublishResult, bool), BrokerError>;
+pub(crate) type Published = Result<(PublishResult, bool), Fault>;
 
 /// `{fresh, "epoch:offset" | error, ...}` (two items per message) → one answer per message;
 /// `Err` when the reply as a whole is not that for `n` messages.
-fn parse_publish(v: &Value, n: usize) -> Result<Vec<Published>, BrokerError> {
+fn parse_publish(v: &Value, n: usize) -> Result<Vec<Published>, Fault> {
     let Value::Array(items) = v else { return Err(bad("publish: not an array")) };
     if items.len() != 2 * n {
         return Err(bad("publish: length"));
@@ -434,7 +435,7 @@ fn parse_one(fresh: &Value, result: &Value) -> Published {
     };
     let result = std::str::from_utf8(result).map_err(|_| bad("publish: not utf-8"))?;
     if fresh < 0 {
-        return Err(crate::command::script_error(result));
+        return Err(Fault::from_script_message(result));
     }
     let (epoch, offset) = result.rsplit_once(':').ok_or_else(|| bad("publish: result"))?;
     let offset = offset.parse().map_err(|_| bad("publish: offset"))?;
@@ -443,7 +444,7 @@ fn parse_one(fresh: &Value, result: &Value) -> Published {
 
 /// `{epoch, top, gap, entry...}` → a [`History`]. Consumes the value so the entries' buffers
 /// become the publications' frames without a copy.
-pub(crate) fn parse_history(v: Value) -> Result<History, BrokerError> {
+pub(crate) fn parse_history(v: Value) -> Result<History, Fault> {
     let Value::Array(items) = v else { return Err(bad("history: not an array")) };
     let mut items = items.into_iter();
     let epoch = items.next().as_ref().and_then(bulk).and_then(|b| std::str::from_utf8(b).ok()).map(Arc::<str>::from);
@@ -482,8 +483,8 @@ mod tests {
         assert_eq!((r.epoch.as_str(), r.offset, *fresh), ("abc", 42, true));
         let (r, fresh) = answers[1].as_ref().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((r.epoch.as_str(), r.offset, *fresh), ("abc", 41, false));
-        assert!(matches!(answers[2], Err(BrokerError::Internal(_))));
-        assert!(matches!(answers[3], Err(BrokerError::Unavailable(_))));
+        assert!(matches!(answers[2], Err(Fault::Script(_))));
+        assert!(matches!(answers[3], Err(Fault::Busy(_))));
         assert!(parse_publish(&v, 3).is_err());
         assert!(parse_publish(&Value::Nil, 1).is_err());
         let frame = crier_protocol::frames::encode_message("c", "abc", 7, "1");

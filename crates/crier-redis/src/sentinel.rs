@@ -11,6 +11,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, Value};
 
+use crate::error::Fault;
 use crate::scripts::bulk;
 use crate::tls::Tls;
 
@@ -81,23 +82,23 @@ impl Sentinels {
     }
 }
 
-async fn connect(tls: &Tls, info: ConnectionInfo, timeout: Duration) -> Result<MultiplexedConnection, String> {
+async fn connect(tls: &Tls, info: ConnectionInfo, timeout: Duration) -> Result<MultiplexedConnection, Fault> {
     let client = tls.client(info)?;
     let config = AsyncConnectionConfig::new().set_connection_timeout(Some(timeout)).set_response_timeout(Some(timeout));
     match tokio::time::timeout(timeout, client.get_multiplexed_async_connection_with_config(&config)).await {
         Ok(Ok(con)) => Ok(con),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no connection within {timeout:?}")),
+        Ok(Err(e)) => Err(Fault::Connection(e.to_string())),
+        Err(_) => Err(Fault::Timeout { what: "no connection", after: timeout }),
     }
 }
 
 /// `ROLE`'s first element: `master`, `slave` or `sentinel`.
-pub(crate) async fn role(tls: &Tls, info: ConnectionInfo, timeout: Duration) -> Result<String, String> {
+pub(crate) async fn role(tls: &Tls, info: ConnectionInfo, timeout: Duration) -> Result<String, Fault> {
     let mut con = connect(tls, info, timeout).await?;
     match tokio::time::timeout(timeout, redis::cmd("ROLE").query_async::<Value>(&mut con)).await {
-        Ok(Ok(v)) => role_of(&v).ok_or_else(|| format!("unexpected ROLE reply {v:?}")),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {timeout:?}")),
+        Ok(Ok(v)) => role_of(&v).ok_or_else(|| Fault::Reply(format!("unexpected ROLE reply {v:?}"))),
+        Ok(Err(e)) => Err(Fault::Connection(e.to_string())),
+        Err(_) => Err(Fault::Timeout { what: "no answer", after: timeout }),
     }
 }
 

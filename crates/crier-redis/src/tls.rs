@@ -12,6 +12,8 @@ use std::path::Path;
 
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, TlsCertificates};
 
+use crate::error::Fault;
+
 /// The trust settings of every connection a broker opens.
 #[derive(Clone, Default)]
 pub(crate) struct Tls {
@@ -21,11 +23,12 @@ pub(crate) struct Tls {
 
 impl Tls {
     /// Reads and checks the CA file (at least one PEM certificate).
-    pub(crate) fn load(ca_file: Option<&Path>) -> Result<Tls, String> {
+    pub(crate) fn load(ca_file: Option<&Path>) -> Result<Tls, Fault> {
         install_provider();
         let Some(path) = ca_file else { return Ok(Tls::default()) };
-        let pem = std::fs::read(path).map_err(|e| format!("redis_tls_ca_file {}: {e}", path.display()))?;
-        check_ca_pem(&pem).map_err(|e| format!("redis_tls_ca_file {}: {e}", path.display()))?;
+        let bad = |e: &dyn std::fmt::Display| Fault::Setting(format!("redis_tls_ca_file {}: {e}", path.display()));
+        let pem = std::fs::read(path).map_err(|e| bad(&e))?;
+        check_ca_pem(&pem).map_err(|e| bad(&e))?;
         Ok(Tls { ca: Some(pem) })
     }
 
@@ -35,31 +38,33 @@ impl Tls {
     }
 
     /// A client for `url`: TLS with these roots for `rediss://`, plain TCP otherwise.
-    pub(crate) fn client(&self, info: ConnectionInfo) -> Result<redis::Client, String> {
+    pub(crate) fn client(&self, info: ConnectionInfo) -> Result<redis::Client, Fault> {
         match info.addr() {
-            ConnectionAddr::TcpTls { insecure: true, .. } => {
-                Err("`#insecure` is not accepted: crier always verifies Redis certificates \
-                     (use redis_tls_ca_file for a private CA)"
-                    .to_owned())
-            }
+            ConnectionAddr::TcpTls { insecure: true, .. } => Err(insecure()),
             ConnectionAddr::TcpTls { .. } => {
                 let certs = TlsCertificates { client_tls: None, root_cert: self.ca.clone() };
-                redis::Client::build_with_tls(info, certs).map_err(|e| format!("TLS setup: {e}"))
+                redis::Client::build_with_tls(info, certs).map_err(|e| Fault::Setting(format!("TLS setup: {e}")))
             }
-            _ => redis::Client::open(info).map_err(|e| e.to_string()),
+            _ => redis::Client::open(info).map_err(|e| Fault::Setting(e.to_string())),
         }
     }
 }
 
 /// Parses a URL into connection info, refusing what crier does not accept.
-pub(crate) fn parse_url(url: &str) -> Result<ConnectionInfo, String> {
-    let info = url.into_connection_info().map_err(|e| format!("invalid redis url: {e}"))?;
+pub(crate) fn parse_url(url: &str) -> Result<ConnectionInfo, Fault> {
+    let info = url.into_connection_info().map_err(|e| Fault::Setting(format!("invalid redis url: {e}")))?;
     if let ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
-        return Err("`#insecure` is not accepted: crier always verifies Redis certificates \
-                    (use redis_tls_ca_file for a private CA)"
-            .to_owned());
+        return Err(insecure());
     }
     Ok(info)
+}
+
+fn insecure() -> Fault {
+    Fault::Setting(
+        "`#insecure` is not accepted: crier always verifies Redis certificates \
+         (use redis_tls_ca_file for a private CA)"
+            .to_owned(),
+    )
 }
 
 /// Checks that `pem` holds at least one parsable certificate.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use redis::{ConnectionInfo, ProtocolVersion};
 
 use crate::cluster::SlotMap;
+use crate::error::Fault;
 use crate::sentinel::Sentinels;
 use crate::tls::{self, Tls};
 
@@ -22,14 +23,6 @@ pub enum Topology {
     Sentinel { urls: Vec<String>, master: String },
     /// Seed nodes of a Redis Cluster (`redis://` or `rediss://`).
     Cluster(Vec<String>),
-}
-
-/// Why a resolution failed.
-pub(crate) struct Unresolved {
-    /// A setting problem (unknown master name, certificate that does not verify): reported at
-    /// start as a bad setting instead of being retried silently.
-    pub setting: bool,
-    pub why: String,
 }
 
 enum Source {
@@ -54,7 +47,7 @@ pub(crate) struct Resolver {
 
 impl Resolver {
     /// Checks the settings (URLs, CA file); no I/O on the network.
-    pub(crate) fn new(topology: &Topology, tls: Tls, timeout: Duration) -> Result<Resolver, String> {
+    pub(crate) fn new(topology: &Topology, tls: Tls, timeout: Duration) -> Result<Resolver, Fault> {
         let source = match topology {
             Topology::Single(url) => {
                 let info = tls::parse_url(url)?;
@@ -63,18 +56,18 @@ impl Resolver {
             }
             Topology::Sentinel { urls, master } => {
                 if urls.is_empty() {
-                    return Err("redis_sentinel_urls: no Sentinel address".to_owned());
+                    return Err(Fault::Setting("redis_sentinel_urls: no Sentinel address".to_owned()));
                 }
                 if master.trim().is_empty() {
-                    return Err("redis_sentinel_master: empty master name".to_owned());
+                    return Err(Fault::Setting("redis_sentinel_master: empty master name".to_owned()));
                 }
                 let mut sentinels = Vec::with_capacity(urls.len());
                 for url in urls {
                     let info = tls::parse_url(url)?;
                     if let redis::ConnectionAddr::Unix(_) = info.addr() {
-                        return Err(
-                            "redis_sentinel_urls: Sentinels are reached over TCP (redis:// or rediss://)".into()
-                        );
+                        return Err(Fault::Setting(
+                            "redis_sentinel_urls: Sentinels are reached over TCP (redis:// or rediss://)".into(),
+                        ));
                     }
                     tls.client(info.clone())?;
                     sentinels.push(info);
@@ -83,16 +76,16 @@ impl Resolver {
             }
             Topology::Cluster(urls) => {
                 if urls.is_empty() {
-                    return Err("redis_cluster_urls: no seed node".to_owned());
+                    return Err(Fault::Setting("redis_cluster_urls: no seed node".to_owned()));
                 }
                 let mut seeds = Vec::with_capacity(urls.len());
                 for url in urls {
                     let info = tls::parse_url(url)?;
                     if let redis::ConnectionAddr::Unix(_) = info.addr() {
-                        return Err("redis_cluster_urls: cluster nodes are reached over TCP".into());
+                        return Err(Fault::Setting("redis_cluster_urls: cluster nodes are reached over TCP".into()));
                     }
                     if info.redis_settings().db() != 0 {
-                        return Err("redis_cluster_urls: a Redis Cluster has only database 0".into());
+                        return Err(Fault::Setting("redis_cluster_urls: a Redis Cluster has only database 0".into()));
                     }
                     tls.client(info.clone())?;
                     seeds.push(info);
@@ -112,20 +105,21 @@ impl Resolver {
     }
 
     /// A Cluster's current slot map (from the first seed that answers) and a RESP3 pub/sub client
-    /// per master.
-    pub(crate) async fn shards(&self) -> Result<(SlotMap, Vec<Target>), Unresolved> {
+    /// per master. `Fault::Setting`: a problem retrying cannot fix (reported at start as a bad
+    /// setting instead of being retried silently).
+    pub(crate) async fn shards(&self) -> Result<(SlotMap, Vec<Target>), Fault> {
         let Source::Cluster(seeds) = &self.source else {
             let target = self.resolve().await?;
-            return Err(Unresolved { setting: true, why: format!("not a cluster ({})", target.key) });
+            return Err(Fault::Setting(format!("not a cluster ({})", target.key)));
         };
         let mut problems = Vec::new();
         for seed in seeds {
             let reply = match self.ask(seed, redis::cmd("CLUSTER").arg("SLOTS")).await {
                 Ok(reply) => reply,
                 Err(e) => {
-                    let setting = e.contains("cluster support disabled") || tls::message_is_certificate_error(&e);
-                    if setting {
-                        return Err(Unresolved { setting, why: format!("redis_cluster_urls {}: {e}", seed.addr()) });
+                    let text = e.to_string();
+                    if text.contains("cluster support disabled") || tls::message_is_certificate_error(&text) {
+                        return Err(Fault::Setting(format!("redis_cluster_urls {}: {e}", seed.addr())));
                     }
                     problems.push(format!("{}: {e}", seed.addr()));
                     continue;
@@ -135,19 +129,19 @@ impl Resolver {
                 Ok(map) => {
                     let mut targets = Vec::with_capacity(map.masters.len());
                     for m in &map.masters {
-                        targets.push(self.target(m.clone()).map_err(|why| Unresolved { setting: true, why })?);
+                        targets.push(self.target(m.clone())?);
                     }
                     return Ok((map, targets));
                 }
                 Err(e) => problems.push(format!("{}: {e}", seed.addr())),
             }
         }
-        Err(Unresolved { setting: false, why: format!("no usable Redis Cluster seed: {}", problems.join("; ")) })
+        Err(Fault::Connection(format!("no usable Redis Cluster seed: {}", problems.join("; "))))
     }
 
     /// A Cluster command connection (routes by slot, follows MOVED/ASK).
-    pub(crate) async fn cluster_commands(&self) -> Result<redis::cluster_async::ClusterConnection, String> {
-        let Source::Cluster(seeds) = &self.source else { return Err("not a cluster".into()) };
+    pub(crate) async fn cluster_commands(&self) -> Result<redis::cluster_async::ClusterConnection, Fault> {
+        let Source::Cluster(seeds) = &self.source else { return Err(Fault::Setting("not a cluster".into())) };
         let mut builder = redis::cluster::ClusterClientBuilder::new(seeds.clone())
             .connection_timeout(self.timeout)
             .response_timeout(self.timeout)
@@ -155,15 +149,15 @@ impl Resolver {
         if let Some(certs) = self.tls.certificates() {
             builder = builder.certs(certs);
         }
-        let client = builder.build().map_err(|e| e.to_string())?;
+        let client = builder.build().map_err(|e| Fault::Setting(e.to_string()))?;
         match tokio::time::timeout(self.timeout * 2, client.get_async_connection()).await {
             Ok(Ok(con)) => Ok(con),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no cluster connection within {:?}", self.timeout * 2)),
+            Ok(Err(e)) => Err(Fault::Connection(e.to_string())),
+            Err(_) => Err(Fault::Timeout { what: "no cluster connection", after: self.timeout * 2 }),
         }
     }
 
-    async fn ask(&self, info: &ConnectionInfo, cmd: &redis::Cmd) -> Result<redis::Value, String> {
+    async fn ask(&self, info: &ConnectionInfo, cmd: &redis::Cmd) -> Result<redis::Value, Fault> {
         let client = self.tls.client(info.clone())?;
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
@@ -173,8 +167,8 @@ impl Resolver {
             cmd.query_async::<redis::Value>(&mut con).await
         };
         match tokio::time::timeout(self.timeout * 2, fut).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer within {:?}", self.timeout * 2)),
+            Ok(r) => r.map_err(|e| Fault::Connection(e.to_string())),
+            Err(_) => Err(Fault::Timeout { what: "no answer", after: self.timeout * 2 }),
         }
     }
 
@@ -186,22 +180,24 @@ impl Resolver {
         }
     }
 
-    pub(crate) async fn resolve(&self) -> Result<Target, Unresolved> {
+    /// The server to connect to; `Fault::Setting` as for [`Resolver::shards`].
+    pub(crate) async fn resolve(&self) -> Result<Target, Fault> {
         let info = match &self.source {
             Source::Fixed(info) => info.clone(),
             Source::Sentinel(s) => match s.master(&self.tls, self.timeout).await {
                 Ok(info) => info,
                 Err(e) => {
+                    let why = format!("no Redis master: {}", e.why);
                     let setting = e.unknown_name || tls::message_is_certificate_error(&e.why);
-                    return Err(Unresolved { setting, why: format!("no Redis master: {}", e.why) });
+                    return Err(if setting { Fault::Setting(why) } else { Fault::Connection(why) });
                 }
             },
-            Source::Cluster(_) => return Err(Unresolved { setting: true, why: "a cluster has many masters".into() }),
+            Source::Cluster(_) => return Err(Fault::Setting("a cluster has many masters".into())),
         };
-        self.target(info).map_err(|why| Unresolved { setting: true, why })
+        self.target(info)
     }
 
-    fn target(&self, info: ConnectionInfo) -> Result<Target, String> {
+    fn target(&self, info: ConnectionInfo) -> Result<Target, Fault> {
         let key = info.addr().to_string();
         let resp3 = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
         let pubsub = self.tls.client(info.clone().set_redis_settings(resp3))?;

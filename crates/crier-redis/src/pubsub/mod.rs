@@ -292,17 +292,17 @@ impl Task {
         let (targets, slots) = if self.resolver.is_cluster() {
             match self.resolver.shards().await {
                 Ok((map, targets)) => (targets, Some(map)),
-                Err(u) => {
-                    self.shared.set_setting_problem(u.setting.then(|| u.why.clone()));
-                    return Err(lost(u.why));
+                Err(f) => {
+                    self.shared.set_setting_problem(f.is_setting().then(|| f.to_string()));
+                    return Err(lost(f));
                 }
             }
         } else {
             match self.resolver.resolve().await {
                 Ok(target) => (vec![target], None),
-                Err(u) => {
-                    self.shared.set_setting_problem(u.setting.then(|| u.why.clone()));
-                    return Err(lost(u.why));
+                Err(f) => {
+                    self.shared.set_setting_problem(f.is_setting().then(|| f.to_string()));
+                    return Err(lost(f));
                 }
             }
         };
@@ -549,7 +549,7 @@ impl Task {
         match replies {
             Ok(replies) => {
                 for (r, v) in reads.into_iter().zip(replies) {
-                    let _ = r.reply.send(scripts::parse_history(v));
+                    let _ = r.reply.send(scripts::parse_history(v).map_err(BrokerError::from));
                 }
                 Ok(())
             }
