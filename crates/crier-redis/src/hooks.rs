@@ -28,7 +28,7 @@ use futures_util::StreamExt;
 use redis::Value;
 
 use crate::error::Fault;
-use crate::presence::ClusterState;
+use crate::presence::Presence;
 use crate::scripts::{HOOK_FLAGS, bulk, int};
 
 /// The consumer group every node reads in.
@@ -38,7 +38,7 @@ const POLL: Duration = Duration::from_millis(50);
 /// How often dead consumers' pending events are looked for, and the gauges refreshed.
 const CLAIM_EVERY: Duration = Duration::from_secs(1);
 
-/// What a script needs to append events, set once by [`ClusterState::enable_hooks`].
+/// What a script needs to append events, set once by [`Presence::enable_hooks`].
 struct Args {
     stream: String,
     flags: String,
@@ -69,7 +69,7 @@ impl HookState {
     }
 }
 
-impl ClusterState {
+impl Presence {
     /// Appends the three hook arguments every presence script takes last.
     pub(crate) fn hook_args(&self, inv: &mut redis::ScriptInvocation<'_>) {
         match self.hooks.args.get() {
@@ -79,7 +79,7 @@ impl ClusterState {
     }
 
     pub(crate) fn enable_hooks(&self, config: &HookConfig, claim_idle: Duration) -> Result<(), BrokerError> {
-        if self.keys.is_cluster() {
+        if self.ctx.keys.is_cluster() {
             return Err(BrokerError::Internal(
                 "webhooks are not supported on a Redis Cluster yet (standalone or Sentinel Redis only)".into(),
             ));
@@ -87,7 +87,7 @@ impl ClusterState {
         let flags: String =
             HOOK_FLAGS.iter().filter(|(name, _)| config.events.iter().any(|e| e == name)).map(|(_, f)| *f).collect();
         let args = Args {
-            stream: self.keys.hook_stream(),
+            stream: self.ctx.keys.hook_stream(),
             members: flags.contains('A') || flags.contains('R'),
             channels: flags.contains('O') || flags.contains('V'),
             flags,
@@ -117,11 +117,11 @@ impl ClusterState {
     }
 
     async fn hook_nodes(&self, channel: &str, op: &str) -> Result<(), BrokerError> {
-        let mut inv = self.scripts.hook_nodes.key(self.keys.hook_nodes(channel));
-        inv.key(self.keys.hook_index());
-        inv.arg(op).arg(&self.instance).arg(crate::millis(self.presence_ttl)).arg(channel);
+        let mut inv = self.ctx.scripts.hook_nodes.key(self.ctx.keys.hook_nodes(channel));
+        inv.key(self.ctx.keys.hook_index());
+        inv.arg(op).arg(&self.ctx.instance).arg(crate::millis(self.ctx.options.presence_ttl)).arg(channel);
         self.hook_args(&mut inv);
-        self.commands.invoke(&inv).await.map(drop).map_err(Into::into)
+        self.ctx.commands.invoke(&inv).await.map(drop).map_err(Into::into)
     }
 
     /// Periodic: re-adds this instance to the sets of the channels it holds (fresh expiry; an
@@ -148,8 +148,8 @@ impl ClusterState {
         drop(calls);
         let now = crate::unix_ms();
         let mut cmd = redis::cmd("ZRANGEBYSCORE");
-        cmd.arg(self.keys.hook_index()).arg("-inf").arg(now).arg("LIMIT").arg(0).arg(500);
-        let expired = self.commands.query(&cmd).await?;
+        cmd.arg(self.ctx.keys.hook_index()).arg("-inf").arg(now).arg("LIMIT").arg(0).arg(500);
+        let expired = self.ctx.commands.query(&cmd).await?;
         let channels: Vec<String> = match &expired {
             Value::Array(items) => {
                 items.iter().filter_map(bulk).filter_map(|b| std::str::from_utf8(b).ok()).map(str::to_owned).collect()
@@ -173,7 +173,7 @@ impl ClusterState {
         }
         let mut cmd = redis::cmd("XGROUP");
         cmd.arg("CREATE").arg(&a.stream).arg(GROUP).arg("0").arg("MKSTREAM");
-        match self.commands.query(&cmd).await {
+        match self.ctx.commands.query(&cmd).await {
             Ok(_) => {}
             Err(e) if e.to_string().contains("BUSYGROUP") => {}
             Err(e) => return Err(e.into()),
@@ -201,9 +201,9 @@ impl ClusterState {
             if due {
                 self.update_queued(a).await;
                 let mut cmd = redis::cmd("XAUTOCLAIM");
-                cmd.arg(&a.stream).arg(GROUP).arg(&self.instance).arg(crate::millis(a.claim_idle)).arg("0");
+                cmd.arg(&a.stream).arg(GROUP).arg(&self.ctx.instance).arg(crate::millis(a.claim_idle)).arg("0");
                 cmd.arg("COUNT").arg(max);
-                let claimed = match self.commands.query(&cmd).await {
+                let claimed = match self.ctx.commands.query(&cmd).await {
                     Ok(Value::Array(parts)) => self.events_of(parts.get(1)).await,
                     Ok(_) => Vec::new(),
                     Err(e) => return Err(self.lost_group(e)),
@@ -216,13 +216,13 @@ impl ClusterState {
             let mut cmd = redis::cmd("XREADGROUP");
             cmd.arg("GROUP")
                 .arg(GROUP)
-                .arg(&self.instance)
+                .arg(&self.ctx.instance)
                 .arg("COUNT")
                 .arg(max)
                 .arg("STREAMS")
                 .arg(&a.stream)
                 .arg(">");
-            let got = match self.commands.query(&cmd).await {
+            let got = match self.ctx.commands.query(&cmd).await {
                 Ok(Value::Array(streams)) => {
                     let list = streams.first().and_then(|s| match s {
                         Value::Array(pair) => pair.get(1),
@@ -264,12 +264,12 @@ impl ClusterState {
     }
 
     /// The queue's length (the stream holds only undelivered events) and the drops counted
-    /// by the scripts, for [`ClusterState::hook_stats`].
+    /// by the scripts, for [`Presence::hook_stats`].
     async fn update_queued(&self, a: &Args) {
-        if let Ok(len) = self.commands.query(redis::cmd("XLEN").arg(&a.stream)).await {
+        if let Ok(len) = self.ctx.commands.query(redis::cmd("XLEN").arg(&a.stream)).await {
             self.hooks.queued.store(int(&len).unwrap_or(0).max(0) as u64, Ordering::Relaxed);
         }
-        if let Ok(dropped) = self.commands.query(redis::cmd("GET").arg(format!("{}:dropped", a.stream))).await {
+        if let Ok(dropped) = self.ctx.commands.query(redis::cmd("GET").arg(format!("{}:dropped", a.stream))).await {
             self.hooks.dropped.store(int(&dropped).unwrap_or(0).max(0) as u64, Ordering::Relaxed);
         }
     }
@@ -292,10 +292,10 @@ impl ClusterState {
             "name": "client_publish", "channel": channel, "time_ms": crate::unix_ms(),
             "user": user, "client": client, "data": data,
         });
-        let mut inv = self.scripts.hook_append.prepare_invoke();
+        let mut inv = self.ctx.scripts.hook_append.prepare_invoke();
         inv.arg(event.to_string());
         self.hook_args(&mut inv);
-        self.commands.invoke(&inv).await.map(drop).map_err(Into::into)
+        self.ctx.commands.invoke(&inv).await.map(drop).map_err(Into::into)
     }
 
     pub(crate) async fn hook_ack(&self, ids: &[String]) -> Result<(), BrokerError> {
@@ -305,9 +305,9 @@ impl ClusterState {
         }
         // Acknowledged and deleted: the stream holds only what is still to deliver, so its
         // length is the queue's and its bound drops only undelivered events.
-        let mut inv = self.scripts.hook_ack.key(&a.stream);
+        let mut inv = self.ctx.scripts.hook_ack.key(&a.stream);
         inv.arg(GROUP).arg(ids);
-        self.commands.invoke(&inv).await.map(drop).map_err(Into::into)
+        self.ctx.commands.invoke(&inv).await.map(drop).map_err(Into::into)
     }
 
     /// Keeps a batch this node is retrying claimed by it (resets the entries' idle time, so no
@@ -318,8 +318,8 @@ impl ClusterState {
             return Ok(());
         }
         let mut cmd = redis::cmd("XCLAIM");
-        cmd.arg(&a.stream).arg(GROUP).arg(&self.instance).arg(0).arg(ids).arg("JUSTID");
-        self.commands.query(&cmd).await?;
+        cmd.arg(&a.stream).arg(GROUP).arg(&self.ctx.instance).arg(0).arg(ids).arg("JUSTID");
+        self.ctx.commands.query(&cmd).await?;
         // No read happens while a batch is retried: the gauges are refreshed here.
         self.update_queued(a).await;
         Ok(())

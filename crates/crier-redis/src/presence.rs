@@ -12,16 +12,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crier_core::{BrokerError, Namespaces, NodeInfo, PresenceStats};
+use crier_core::{BrokerError, NodeInfo, PresenceStats};
 use crier_protocol::frames::PresenceEntry;
 use futures_util::StreamExt;
 use redis::Value;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::command::Commands;
-use crate::keys::Keys;
-use crate::scripts::{Scripts, bulk, int};
+use crate::context::Context;
+use crate::scripts::{bulk, int};
 
 /// Refresh calls per pipeline.
 const REFRESH_BATCH: usize = 500;
@@ -96,14 +95,8 @@ fn ready_by_default() -> bool {
 }
 
 /// See the module docs.
-pub(crate) struct ClusterState {
-    pub(crate) commands: Commands,
-    pub(crate) keys: Keys,
-    pub(crate) scripts: Arc<Scripts>,
-    pub(crate) instance: String,
-    pub(crate) presence_ttl: Duration,
-    node_ttl: Duration,
-    namespaces: Arc<Namespaces>,
+pub(crate) struct Presence {
+    pub(crate) ctx: Arc<Context>,
     local: Mutex<Local>,
     /// Webhooks (`hooks.rs`): set once they are enabled.
     pub(crate) hooks: crate::hooks::HookState,
@@ -111,40 +104,26 @@ pub(crate) struct ClusterState {
 
 use crate::millis as ms;
 
-impl ClusterState {
-    pub(crate) fn new(
-        commands: Commands,
-        keys: Keys,
-        scripts: Arc<Scripts>,
-        instance: String,
-        presence_ttl: Duration,
-        node_ttl: Duration,
-        namespaces: Arc<Namespaces>,
-    ) -> ClusterState {
-        ClusterState {
-            commands,
-            keys,
-            scripts,
-            instance,
-            presence_ttl,
-            node_ttl,
-            namespaces,
-            local: Mutex::default(),
-            hooks: crate::hooks::HookState::default(),
-        }
+impl Presence {
+    pub(crate) fn new(ctx: Arc<Context>) -> Presence {
+        Presence { ctx, local: Mutex::default(), hooks: crate::hooks::HookState::default() }
     }
 
     /// The pub/sub channel a presence script announces `channel`'s joins and leaves on: `''`
     /// when its policy has no `join_leave`.
     fn events_to(&self, channel: &str) -> String {
-        if self.namespaces.policy(channel).join_leave { self.keys.pubsub(channel) } else { String::new() }
+        if self.ctx.options.namespaces.policy(channel).join_leave {
+            self.ctx.keys.pubsub(channel)
+        } else {
+            String::new()
+        }
     }
 
     /// A presence script call on `channel`'s three keys.
     fn presence_call<'a>(&self, script: &'a redis::Script, channel: &str) -> redis::ScriptInvocation<'a> {
-        let (z, h) = self.keys.presence(channel);
+        let (z, h) = self.ctx.keys.presence(channel);
         let mut inv = script.key(z);
-        inv.key(h).key(self.keys.presence_users(channel));
+        inv.key(h).key(self.ctx.keys.presence_users(channel));
         inv
     }
 
@@ -153,19 +132,19 @@ impl ClusterState {
     }
 
     fn member(&self, client: &str) -> String {
-        format!("{}/{client}", self.instance)
+        format!("{}/{client}", self.ctx.instance)
     }
 
     /// How often the background task refreshes this node's entries.
     pub(crate) fn refresh_period(&self) -> Duration {
-        (self.presence_ttl.min(self.node_ttl) / 3).max(Duration::from_millis(100))
+        (self.ctx.options.presence_ttl.min(self.ctx.options.node_ttl) / 3).max(Duration::from_millis(100))
     }
 
     pub(crate) async fn presence_add(&self, channel: &str, entry: &PresenceEntry) -> Result<(), BrokerError> {
         self.presence_add_counted(channel, entry, 0).await.map(drop)
     }
 
-    /// [`ClusterState::presence_add`], returning the channel's live presence entries after it
+    /// [`Presence::presence_add`], returning the channel's live presence entries after it
     /// (the script's answer: no extra round trip); `max` > 0: not added when the channel holds
     /// `max` others already (see `Broker::presence_add_counted`).
     pub(crate) async fn presence_add_counted(
@@ -182,11 +161,11 @@ impl ClusterState {
             let node = local.node_name(&entry.node);
             local.presence.insert(presence_key(channel, &entry.client), (entry.user.as_str().into(), node));
         }
-        let mut inv = self.presence_call(&self.scripts.pres_add, channel);
-        inv.arg(&member).arg(ms(self.presence_ttl)).arg(&json);
-        inv.arg(self.keys.publish_command()).arg(self.events_to(channel)).arg(channel).arg(max);
+        let mut inv = self.presence_call(&self.ctx.scripts.pres_add, channel);
+        inv.arg(&member).arg(ms(self.ctx.options.presence_ttl)).arg(&json);
+        inv.arg(self.ctx.keys.publish_command()).arg(self.events_to(channel)).arg(channel).arg(max);
         self.hook_args(&mut inv);
-        let n = count(&self.commands.invoke(&inv).await?)?;
+        let n = count(&self.ctx.commands.invoke(&inv).await?)?;
         if max > 0 && n > max {
             // Not added (full): not to be re-added by the refresh either.
             self.local().presence.remove(&presence_key(channel, &entry.client));
@@ -197,18 +176,18 @@ impl ClusterState {
     pub(crate) async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
         let member = self.member(client);
         self.local().presence.remove(&presence_key(channel, client));
-        let mut inv = self.presence_call(&self.scripts.pres_remove, channel);
-        inv.arg(&member).arg(self.keys.publish_command()).arg(self.events_to(channel)).arg(channel);
+        let mut inv = self.presence_call(&self.ctx.scripts.pres_remove, channel);
+        inv.arg(&member).arg(self.ctx.keys.publish_command()).arg(self.events_to(channel)).arg(channel);
         self.hook_args(&mut inv);
-        self.commands.invoke(&inv).await.map(drop).map_err(Into::into)
+        self.ctx.commands.invoke(&inv).await.map(drop).map_err(Into::into)
     }
 
     /// A sweeping read of `channel`'s presence (`list` or `stats`, see `scripts::PRES_READ`).
     async fn presence_read(&self, channel: &str, what: &str) -> Result<Value, BrokerError> {
-        let mut inv = self.presence_call(&self.scripts.pres_read, channel);
-        inv.arg(self.keys.publish_command()).arg(self.events_to(channel)).arg(channel).arg(what);
+        let mut inv = self.presence_call(&self.ctx.scripts.pres_read, channel);
+        inv.arg(self.ctx.keys.publish_command()).arg(self.events_to(channel)).arg(channel).arg(what);
         self.hook_args(&mut inv);
-        Ok(self.commands.invoke(&inv).await?)
+        Ok(self.ctx.commands.invoke(&inv).await?)
     }
 
     pub(crate) async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError> {
@@ -237,7 +216,7 @@ impl ClusterState {
                 .presence
                 .keys()
                 .map(|k| split_presence_key(k).0)
-                .filter(|c| self.namespaces.policy(c).join_leave || self.hooks.members_enabled())
+                .filter(|c| self.ctx.options.namespaces.policy(c).join_leave || self.hooks.members_enabled())
                 .map(str::to_owned)
                 .collect()
         };
@@ -257,9 +236,9 @@ impl ClusterState {
 
     pub(crate) async fn connection_opened(&self, user: &str, client: &str) -> Result<u64, BrokerError> {
         let member = self.member(client);
-        let mut inv = self.scripts.ttl_add.key(self.keys.connections(user));
-        inv.arg(&member).arg(ms(self.presence_ttl));
-        let count = count(&self.commands.invoke(&inv).await?)?;
+        let mut inv = self.ctx.scripts.ttl_add.key(self.ctx.keys.connections(user));
+        inv.arg(&member).arg(ms(self.ctx.options.presence_ttl));
+        let count = count(&self.ctx.commands.invoke(&inv).await?)?;
         self.local().connections.insert((user.into(), client.into()));
         Ok(count)
     }
@@ -267,31 +246,31 @@ impl ClusterState {
     pub(crate) async fn connection_closed(&self, user: &str, client: &str) -> Result<(), BrokerError> {
         let member = self.member(client);
         self.local().connections.remove(&(Box::from(user), Box::from(client)));
-        let mut inv = self.scripts.ttl_remove.key(self.keys.connections(user));
+        let mut inv = self.ctx.scripts.ttl_remove.key(self.ctx.keys.connections(user));
         inv.arg(&member);
-        self.commands.invoke(&inv).await.map(drop).map_err(Into::into)
+        self.ctx.commands.invoke(&inv).await.map(drop).map_err(Into::into)
     }
 
     /// The user's live connections, cluster-wide.
     pub(crate) async fn connection_count(&self, user: &str) -> Result<u64, BrokerError> {
-        let inv = self.scripts.ttl_list.key(self.keys.connections(user));
-        count(&self.commands.invoke(&inv).await?)
+        let inv = self.ctx.scripts.ttl_list.key(self.ctx.keys.connections(user));
+        count(&self.ctx.commands.invoke(&inv).await?)
     }
 
     pub(crate) async fn report_node(&self, info: &NodeInfo) -> Result<(), BrokerError> {
         let json = serde_json::to_string(info).map_err(|e| BrokerError::Internal(e.to_string()))?;
         self.local().node = Some((info.node.clone(), json.clone()));
-        let (z, h) = self.keys.nodes();
-        let mut inv = self.scripts.ttl_add.key(&z);
-        inv.key(&h).arg(&info.node).arg(ms(self.node_ttl)).arg(&json);
-        self.commands.invoke(&inv).await.map(drop).map_err(Into::into)
+        let (z, h) = self.ctx.keys.nodes();
+        let mut inv = self.ctx.scripts.ttl_add.key(&z);
+        inv.key(&h).arg(&info.node).arg(ms(self.ctx.options.node_ttl)).arg(&json);
+        self.ctx.commands.invoke(&inv).await.map(drop).map_err(Into::into)
     }
 
     pub(crate) async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError> {
-        let (z, h) = self.keys.nodes();
-        let mut inv = self.scripts.ttl_list.key(&z);
+        let (z, h) = self.ctx.keys.nodes();
+        let mut inv = self.ctx.scripts.ttl_list.key(&z);
         inv.key(&h);
-        let stored = json_values::<StoredNode>(&self.commands.invoke(&inv).await?);
+        let stored = json_values::<StoredNode>(&self.ctx.commands.invoke(&inv).await?);
         Ok(stored
             .into_iter()
             .map(|n| NodeInfo {
@@ -319,12 +298,12 @@ impl ClusterState {
             return Ok(());
         }
         // On a Cluster each entry's keys live in their own slot: one entry per call there.
-        let batch = if self.commands.is_cluster() { 1 } else { REFRESH_BATCH };
+        let batch = if self.ctx.commands.is_cluster() { 1 } else { REFRESH_BATCH };
         // Presence entries: three keys each (set, hash, users), through the presence script.
         let mut done = 0usize;
         loop {
-            let mut inv = self.scripts.pres_refresh.prepare_invoke();
-            inv.arg(ms(self.presence_ttl)).arg(self.keys.publish_command());
+            let mut inv = self.ctx.scripts.pres_refresh.prepare_invoke();
+            inv.arg(ms(self.ctx.options.presence_ttl)).arg(self.ctx.keys.publish_command());
             let mut n = 0usize;
             {
                 let local = self.local();
@@ -333,15 +312,15 @@ impl ClusterState {
                     let entry =
                         PresenceEntry { client: client.to_string(), user: user.to_string(), node: node.to_string() };
                     let json = serde_json::to_string(&entry).map_err(|e| BrokerError::Internal(e.to_string()))?;
-                    let (z, h) = self.keys.presence(channel);
-                    inv.key(z).key(h).key(self.keys.presence_users(channel));
+                    let (z, h) = self.ctx.keys.presence(channel);
+                    inv.key(z).key(h).key(self.ctx.keys.presence_users(channel));
                     inv.arg(self.member(client)).arg(json).arg(self.events_to(channel)).arg(channel);
                     n += 1;
                 }
             }
             if n > 0 {
                 self.hook_args(&mut inv);
-                self.commands.invoke(&inv).await?;
+                self.ctx.commands.invoke(&inv).await?;
             }
             done += n;
             if n < batch {
@@ -351,19 +330,19 @@ impl ClusterState {
         // Connection entries: a set without a hash, through the generic refresh.
         let mut done = 0usize;
         loop {
-            let mut inv = self.scripts.ttl_refresh.prepare_invoke();
-            inv.arg(ms(self.presence_ttl));
+            let mut inv = self.ctx.scripts.ttl_refresh.prepare_invoke();
+            inv.arg(ms(self.ctx.options.presence_ttl));
             let mut n = 0usize;
             {
                 let local = self.local();
                 for (user, client) in local.connections.iter().skip(done).take(batch) {
-                    let z = self.keys.connections(user);
+                    let z = self.ctx.keys.connections(user);
                     inv.key(&z).key(z).arg(self.member(client)).arg("");
                     n += 1;
                 }
             }
             if n > 0 {
-                self.commands.invoke(&inv).await?;
+                self.ctx.commands.invoke(&inv).await?;
             }
             done += n;
             if n < batch {
@@ -372,10 +351,10 @@ impl ClusterState {
         }
         let node = self.local().node.clone();
         if let Some((name, json)) = node {
-            let (z, h) = self.keys.nodes();
-            let mut inv = self.scripts.ttl_refresh.key(z);
-            inv.key(h).arg(ms(self.node_ttl)).arg(name).arg(json);
-            self.commands.invoke(&inv).await?;
+            let (z, h) = self.ctx.keys.nodes();
+            let mut inv = self.ctx.scripts.ttl_refresh.key(z);
+            inv.key(h).arg(ms(self.ctx.options.node_ttl)).arg(name).arg(json);
+            self.ctx.commands.invoke(&inv).await?;
         }
         Ok(())
     }
@@ -387,7 +366,7 @@ impl ClusterState {
 }
 
 /// Refreshes this node's entries until the broker is dropped.
-pub(crate) async fn refresh_loop(state: Arc<ClusterState>, mut shutdown: watch::Receiver<()>) {
+pub(crate) async fn refresh_loop(state: Arc<Presence>, mut shutdown: watch::Receiver<()>) {
     let period = state.refresh_period();
     loop {
         tokio::select! {

@@ -27,17 +27,19 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
+use crier_core::broker::IDEMPOTENCY_WINDOW;
 use crier_core::{BrokerError, PublishResult};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::command::Commands;
+use crate::context::Context;
 use crate::error::Fault;
 use crate::keys::Keys;
-use crate::scripts::{Message, Params, PublishCall, Scripts};
+use crate::scripts::{Message, PublishCall};
 
 /// Batches on their way to one Redis at once. One: whatever arrives while a call is out waits
 /// for it and goes in the next call (measured in the rig's private-channel shape on 2 cores:
@@ -55,30 +57,57 @@ pub(crate) const MAX_BATCH_BYTES: usize = 1 << 20;
 pub(crate) const QUEUE: usize = 4096;
 
 /// One publish waiting for its batch.
-pub(crate) struct Job {
-    pub channel: String,
-    pub data: String,
-    pub idempotency_key: Option<String>,
-    pub reply: oneshot::Sender<Result<PublishResult, BrokerError>>,
+struct Job {
+    channel: String,
+    data: String,
+    idempotency_key: Option<String>,
+    reply: oneshot::Sender<Result<PublishResult, BrokerError>>,
 }
 
-/// What a batch needs to run.
-pub(crate) struct Context {
-    pub commands: Commands,
-    pub keys: Keys,
-    pub params: Params,
-    pub scripts: Arc<Scripts>,
-    pub idempotency_ttl_s: u64,
-    /// Script calls made (`crier_broker_publish_calls_total`; messages per call = published
-    /// messages / calls).
-    pub calls: Arc<AtomicU64>,
+/// The broker's side of the queue.
+pub(crate) struct Publisher {
+    queue: mpsc::Sender<Job>,
+    /// How long a caller waits for room in the queue and for its batch's call, at most.
+    bound: Duration,
 }
 
-/// Starts the task; it ends when the queue's senders are gone or `shutdown` fires.
-pub(crate) fn spawn(ctx: Context, shutdown: watch::Receiver<()>) -> mpsc::Sender<Job> {
-    let (tx, rx) = mpsc::channel(QUEUE);
-    tokio::spawn(run(Arc::new(ctx), rx, shutdown));
-    tx
+impl Publisher {
+    /// Starts the task; it ends when the handle is dropped or `shutdown` fires.
+    pub(crate) fn spawn(ctx: Arc<Context>, shutdown: watch::Receiver<()>) -> Publisher {
+        let (queue, rx) = mpsc::channel(QUEUE);
+        let bound = ctx.options.command_timeout * 2;
+        tokio::spawn(run(ctx, rx, shutdown));
+        Publisher { queue, bound }
+    }
+
+    /// Queues one publish and waits for its batch's answer.
+    pub(crate) async fn publish(
+        &self,
+        channel: &str,
+        data: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<PublishResult, BrokerError> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            channel: channel.to_owned(),
+            data: data.to_owned(),
+            idempotency_key: idempotency_key.map(str::to_owned),
+            reply,
+        };
+        // Waiting for room in the queue and for the batch's call are bounded like any call. Until
+        // the job is queued nothing was sent (`Unavailable`); after, the call may be on its way
+        // (`OutcomeUnknown`; a job whose caller gave up before its batch formed is not sent).
+        let bound = self.bound;
+        let deadline = tokio::time::Instant::now() + bound;
+        let slow = || BrokerError::Unavailable(format!("redis publish queue stayed full for {bound:?}"));
+        let gone = || BrokerError::Unavailable("redis publisher task is gone".into());
+        tokio::time::timeout_at(deadline, self.queue.send(job)).await.map_err(|_| slow())?.map_err(|_| gone())?;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(BrokerError::OutcomeUnknown("redis publisher task stopped during the publish".into())),
+            Err(_) => Err(BrokerError::OutcomeUnknown(format!("redis did not answer within {bound:?}"))),
+        }
+    }
 }
 
 async fn run(ctx: Arc<Context>, mut rx: mpsc::Receiver<Job>, mut shutdown: watch::Receiver<()>) {
@@ -195,9 +224,15 @@ async fn publish_batch(ctx: Arc<Context>, mut batch: Vec<Job>) {
         data: &job.data,
         idempotency_key: job.idempotency_key.as_deref(),
     });
-    let call =
-        PublishCall::new(&ctx.scripts.publish, &ctx.keys, &ctx.params, ctx.idempotency_ttl_s, &generation, messages);
-    ctx.calls.fetch_add(1, Ordering::Relaxed);
+    let call = PublishCall::new(
+        &ctx.scripts.publish,
+        &ctx.keys,
+        &ctx.params,
+        IDEMPOTENCY_WINDOW.as_secs(),
+        &generation,
+        messages,
+    );
+    ctx.publish_calls.fetch_add(1, Ordering::Relaxed);
     let reply = ctx.commands.invoke_on(con, call.invocation()).await;
     let answers = match reply.and_then(|v| call.parse(&v)) {
         Ok(answers) => answers,

@@ -155,6 +155,7 @@ pub(crate) struct Scripts {
     pub hook_nodes: Script,
     pub hook_append: Script,
     pub hook_ack: Script,
+    pub revoke: Script,
 }
 
 impl Scripts {
@@ -176,6 +177,7 @@ impl Scripts {
             hook_nodes: Script::new(&format!("{PRES_PRELUDE}{HOOK_NODES}")),
             hook_append: Script::new(&format!("{PRES_PRELUDE}{HOOK_APPEND}")),
             hook_ack: Script::new(HOOK_ACK),
+            revoke: Script::new(REVOKE),
         }
     }
 }
@@ -196,6 +198,11 @@ const CHANNELS_PAGE: &str = include_str!("../lua/channels_page.lua");
 /// Returns 0 when allowed, else the milliseconds until the next event would be allowed.
 /// Time comes from Redis (`TIME`), so nodes' clocks do not matter.
 const RATE: &str = include_str!("../lua/rate.lua");
+
+/// A token revocation (`UserOp::Invalidate`) in one call. KEYS: the revocation ZSET. ARGV:
+/// `before` (Unix s), user, the set's expiry (s), the oldest `before` still kept (older ones are
+/// pruned). `ZADD GT`: a later `before` wins.
+const REVOKE: &str = include_str!("../lua/revoke.lua");
 
 /// A channel's history options, as the channel scripts take them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,14 +234,10 @@ pub(crate) struct Params {
 }
 
 impl Params {
-    /// `default_*`: the top-level history options (they win over `namespaces`' default policy).
-    pub(crate) fn new(
-        namespaces: Arc<Namespaces>,
-        default_size: usize,
-        default_ttl: Duration,
-        meta_ttl: Duration,
-    ) -> Params {
-        let default = ChannelParams { history_size: default_size, history_ttl_ms: millis(default_ttl) };
+    /// Channels outside every declared namespace get the default policy's history options.
+    pub(crate) fn new(namespaces: Arc<Namespaces>, meta_ttl: Duration) -> Params {
+        let policy = namespaces.default_policy();
+        let default = ChannelParams { history_size: policy.history_size, history_ttl_ms: millis(policy.history_ttl) };
         let named: Vec<u64> = namespaces.named().map(|(_, p)| millis(p.history_ttl)).collect();
         let longest = named.iter().copied().chain([default.history_ttl_ms]).max().unwrap_or(default.history_ttl_ms);
         let meta_slack_ms = named

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crier_core::broker::PublishOptions;
-use crier_core::{Broker, BrokerError};
+use crier_core::{Broker, BrokerError, ChannelPolicy, Namespaces};
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::encode_message;
 use crier_redis::RedisBroker;
@@ -210,7 +210,7 @@ async fn on_a_cluster_a_batch_holds_one_slot_and_every_message_keeps_its_guarant
 async fn the_history_is_exactly_history_size_though_the_list_is_trimmed_in_steps() {
     let server = RedisServer::start();
     let mut o = options(&server, "a");
-    o.history_size = 16;
+    o.namespaces = Arc::new(Namespaces::new(ChannelPolicy { history_size: 16, ..ChannelPolicy::default() }));
     let (a, _ha) = broker(o).await;
     for i in 1..=41 {
         let r = a.publish("steps", &i.to_string(), PublishOptions::default()).await;

@@ -14,8 +14,6 @@ async fn redis_broker_conforms() {
     let server = &server;
     conformance::run(|s| async move {
         let mut o = support::options(server, "conformance");
-        o.history_size = s.history_size;
-        o.history_ttl = s.history_ttl;
         o.namespaces = s.namespaces.clone();
         let b = RedisBroker::connect(o).await.unwrap_or_else(|e| panic!("connect: {e}"));
         assert!(b.is_up(), "connected to a running redis");

@@ -15,8 +15,6 @@ use support::RedisServer;
 async fn a_batch_of_mixed_namespaces_keeps_each_channel_s_history() {
     let server = RedisServer::start();
     let mut o = support::options(&server, "ns");
-    o.history_size = 100;
-    o.history_ttl = Duration::from_secs(300);
     let default =
         ChannelPolicy { history_size: 100, history_ttl: Duration::from_secs(300), ..ChannelPolicy::default() };
     o.namespaces = Arc::new(

@@ -8,7 +8,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crier_core::{Broker, BrokerError};
+use crier_core::{Broker, BrokerError, ChannelPolicy, Namespaces};
 use crier_redis::{RedisBroker, RedisOptions};
 use crier_testkit::conformance;
 use crier_testkit::poll_within;
@@ -21,8 +21,6 @@ async fn redis_broker_conforms_on_a_cluster() {
     let cluster = &cluster;
     conformance::run(|s| async move {
         let mut o = cluster_options(cluster, "conformance");
-        o.history_size = s.history_size;
-        o.history_ttl = s.history_ttl;
         o.namespaces = s.namespaces.clone();
         let b = RedisBroker::start(o).await.unwrap_or_else(|e| panic!("start: {e}"));
         assert!(b.is_up(), "connected to the cluster");
@@ -195,7 +193,7 @@ async fn a_slot_migrated_while_publishing_loses_nothing_and_duplicates_nothing()
     // land there (ASK) and the subscriber hears them only through the gap-fill after the move:
     // the history must hold that window.
     let mut o = cluster_options(&cluster, "a");
-    o.history_size = 10_000;
+    o.namespaces = Arc::new(Namespaces::new(ChannelPolicy { history_size: 10_000, ..ChannelPolicy::default() }));
     let (a, ha) = broker(o.clone()).await;
     o.node_id = "b".into();
     let (b, _hb) = broker(o).await;

@@ -29,8 +29,6 @@ async fn redis_broker_conforms_through_sentinel() {
     let group = &group;
     conformance::run(|s| async move {
         let mut o = options(group, "conformance");
-        o.history_size = s.history_size;
-        o.history_ttl = s.history_ttl;
         o.namespaces = s.namespaces.clone();
         let b = RedisBroker::start(o).await.unwrap_or_else(|e| panic!("start: {e}"));
         assert!(b.is_up(), "found the master through Sentinel");

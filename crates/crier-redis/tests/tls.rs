@@ -37,8 +37,6 @@ async fn redis_broker_conforms_over_tls() {
     let (server, ca) = (&server, &ca);
     conformance::run(|s| async move {
         let mut o = tls_options(server.tls_url("localhost"), Some(ca));
-        o.history_size = s.history_size;
-        o.history_ttl = s.history_ttl;
         o.namespaces = s.namespaces.clone();
         let b = RedisBroker::start(o).await.unwrap_or_else(|e| panic!("start: {e}"));
         assert!(b.is_up(), "connected over TLS");

@@ -235,8 +235,7 @@ fn redis_options(config: &Config) -> Option<crier_redis::RedisOptions> {
         (None, None) => return None,
     };
     opts.tls_ca_file = config.redis_tls_ca_file.clone();
-    opts.history_size = config.history_size;
-    opts.history_ttl = config.history_ttl;
+    // The channels' history options: the namespaces' default policy is the top-level history.
     opts.namespaces = Arc::new(config.namespaces.clone());
     opts.presence_ttl = config.presence_ttl;
     opts.node_ttl = config.presence_ttl;

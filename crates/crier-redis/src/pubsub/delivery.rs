@@ -9,10 +9,15 @@ use crier_core::Publication;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
-use super::{Conn, Control, DISCONNECT_USER, FILL_BATCH, Reply, State, Step, Task, USER_OP, lost};
+use super::shards::Conn;
+use super::{ChannelSync, Step, Task, lost};
+use crate::control;
 use crate::payload;
 use crate::scripts::{self, ALL, HistoryCall};
 use crate::tracker::{Position, Verdict};
+
+/// History reads per gap-fill pipeline.
+const FILL_BATCH: usize = 100;
 
 impl Task {
     /// Handles every push already received.
@@ -33,7 +38,7 @@ impl Task {
             // map changed, so reconnect everything (re-subscribe on the new owners, gap-fill).
             PushKind::SUnsubscribe => {
                 let channel = push.data.first().and_then(|v| match v {
-                    Value::BulkString(name) => self.keys.channel_of(name).map(str::to_owned),
+                    Value::BulkString(name) => self.ctx.keys.channel_of(name).map(str::to_owned),
                     _ => None,
                 });
                 match channel {
@@ -50,14 +55,14 @@ impl Task {
                     return Ok(());
                 };
                 if name == self.control {
-                    self.on_control(&payload);
+                    control::on_control(&self.ctx, &payload);
                     return Ok(());
                 }
                 if name == self.reply {
-                    self.on_reply(&payload);
+                    control::on_reply(&self.ctx, &payload);
                     return Ok(());
                 }
-                match self.keys.channel_of(&name) {
+                match self.ctx.keys.channel_of(&name) {
                     Some(channel) => self.on_message(conn, channel, Bytes::from(payload)).await,
                     None => Ok(()),
                 }
@@ -66,63 +71,12 @@ impl Task {
         }
     }
 
-    fn on_control(&self, payload: &[u8]) {
-        let Ok(msg) = serde_json::from_slice::<Control>(payload) else {
-            tracing::warn!("malformed control message ignored");
-            return;
-        };
-        if msg.origin == self.shared.instance {
-            return;
-        }
-        let Some(h) = self.shared.handler.get() else {
-            return;
-        };
-        match (msg.op.as_str(), &msg.cmd) {
-            (DISCONNECT_USER, _) => {
-                h.on_disconnect_user(&msg.user);
-            }
-            (USER_OP, Some(op)) => {
-                let reply = h.on_user_op(&msg.user, op);
-                let Some(channel) = msg.reply else {
-                    return;
-                };
-                let reply =
-                    Reply { id: msg.id, node: self.shared.node.clone(), instance: self.shared.instance.clone(), reply };
-                let Ok(payload) = serde_json::to_string(&reply) else {
-                    return;
-                };
-                // Answered from its own task: the pub/sub task never waits for a command call.
-                let commands = self.shared.commands.clone();
-                tokio::spawn(async move {
-                    let mut publish = redis::cmd("PUBLISH");
-                    publish.arg(channel).arg(payload);
-                    if let Err(e) = commands.query(&publish).await {
-                        tracing::debug!(error = %e, "control reply not sent");
-                    }
-                });
-            }
-            _ => {}
-        }
-    }
-
-    /// Another node answered one of this instance's control operations.
-    fn on_reply(&self, payload: &[u8]) {
-        let Ok(reply) = serde_json::from_slice::<Reply>(payload) else {
-            tracing::warn!("malformed control reply ignored");
-            return;
-        };
-        let waiting = self.shared.replies.lock().unwrap_or_else(|e| e.into_inner()).get(&reply.id).cloned();
-        if let Some(tx) = waiting {
-            let _ = tx.send(reply);
-        }
-    }
-
     async fn on_message(&mut self, conn: &mut Conn, channel: &str, payload: Bytes) -> Step {
         // A join/leave: not a publication, no offset to check; handed on in stream order.
         if payload.starts_with(b"e:") {
             if self.channels.contains_key(channel)
                 && let Some(event) = payload::presence_event(&payload)
-                && let Some(h) = self.shared.handler.get()
+                && let Some(h) = self.ctx.handler.get()
             {
                 h.on_presence_event(channel, event);
             }
@@ -133,18 +87,18 @@ impl Task {
             return Ok(());
         };
         let (offset, ts, start) = (h.offset, h.published_at_us, h.frame_start);
-        let gap_fill = self.params.channel(channel).history_size > 0;
+        let gap_fill = self.ctx.params.channel(channel).history_size > 0;
         let Some(state) = self.channels.get_mut(channel) else {
             return Ok(()); // a late message after an unsubscribe
         };
         let verdict = match state {
-            State::Pending => {
-                *state = State::Tracking(Position::new(h.epoch.into(), offset));
+            ChannelSync::Pending => {
+                *state = ChannelSync::Tracking(Position::new(h.epoch.into(), offset));
                 Verdict::Deliver
             }
-            State::Tracking(pos) => {
+            ChannelSync::Tracking(pos) => {
                 if *pos.epoch != *h.epoch
-                    && let Some(handler) = self.shared.handler.get()
+                    && let Some(handler) = self.ctx.handler.get()
                 {
                     // The channel's history was lost or deleted (`Broker::delete_history`) and a
                     // new epoch began: the subscribers are told before its first publication.
@@ -158,18 +112,18 @@ impl Task {
                 let epoch = h.epoch.to_owned();
                 self.fill(conn, &[channel.to_owned()]).await?;
                 match self.channels.get_mut(channel) {
-                    Some(State::Tracking(pos)) => pos.check(&epoch, offset, false),
+                    Some(ChannelSync::Tracking(pos)) => pos.check(&epoch, offset, false),
                     _ => Verdict::Duplicate,
                 }
             }
             v => v,
         };
         if verdict == Verdict::Deliver
-            && let Some(State::Tracking(pos)) = self.channels.get(channel)
+            && let Some(ChannelSync::Tracking(pos)) = self.channels.get(channel)
         {
             let publication =
                 Publication { offset, epoch: pos.epoch.clone(), frame: payload.slice(start..), published_at_us: ts };
-            self.shared.deliver(channel, publication);
+            self.ctx.deliver(channel, publication);
         }
         Ok(())
     }
@@ -177,7 +131,7 @@ impl Task {
     /// Reads the tracked channels' histories after their last delivered offsets and delivers
     /// what this node missed.
     pub(super) async fn fill(&mut self, conn: &mut Conn, channels: &[String]) -> Step {
-        let t = self.settings.command_timeout;
+        let t = self.ctx.options.command_timeout;
         let mut chunks: Vec<(usize, Vec<String>)> = Vec::new();
         for (shard, list) in conn.group(channels) {
             for chunk in list.chunks(FILL_BATCH) {
@@ -188,9 +142,9 @@ impl Task {
             let mut calls = Vec::with_capacity(chunk.len());
             let mut asked = Vec::with_capacity(chunk.len());
             for channel in &chunk {
-                if let Some(State::Tracking(pos)) = self.channels.get(channel.as_str()) {
+                if let Some(ChannelSync::Tracking(pos)) = self.channels.get(channel.as_str()) {
                     let since = Some((&*pos.epoch, pos.last));
-                    calls.push(HistoryCall::new(&self.keys, &self.params, channel, since, ALL));
+                    calls.push(HistoryCall::new(&self.ctx.keys, &self.ctx.params, channel, since, ALL));
                     asked.push(channel);
                 }
             }
@@ -200,10 +154,10 @@ impl Task {
             let replies = conn.read_histories(shard, calls, t).await?;
             for (channel, v) in asked.into_iter().zip(replies) {
                 let h = scripts::parse_history(v).map_err(lost)?;
-                let Some(State::Tracking(pos)) = self.channels.get_mut(channel.as_str()) else { continue };
+                let Some(ChannelSync::Tracking(pos)) = self.channels.get_mut(channel.as_str()) else { continue };
                 let before = (pos.epoch.clone(), pos.last);
                 let incomplete = h.gap || *before.0 != *h.epoch;
-                if incomplete && let Some(handler) = self.shared.handler.get() {
+                if incomplete && let Some(handler) = self.ctx.handler.get() {
                     // Before the publications that follow the loss, so subscribers hear of it first.
                     handler.on_gap(channel, &h.epoch, h.offset);
                 }
@@ -212,12 +166,12 @@ impl Task {
                 for mut p in h.publications {
                     if pos.take(p.offset) {
                         p.epoch = pos.epoch.clone();
-                        self.shared.deliver(channel, p);
+                        self.ctx.deliver(channel, p);
                         delivered += 1;
                     }
                 }
                 pos.settle(h.offset);
-                self.shared.gap_filled.fetch_add(delivered as u64, Ordering::Relaxed);
+                self.ctx.gap_filled.fetch_add(delivered as u64, Ordering::Relaxed);
                 if incomplete {
                     tracing::warn!(channel, delivered, epoch_changed = *before.0 != *h.epoch, "gap-fill incomplete");
                 } else if delivered > 0 {
