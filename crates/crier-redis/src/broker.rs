@@ -12,10 +12,11 @@ use tokio::sync::watch;
 
 use crate::command::{self, Commands};
 use crate::context::Context;
+use crate::options::{RedisOptions, StartError};
 use crate::presence::{self, Presence};
 use crate::publisher::Publisher;
 use crate::pubsub::{self, Task};
-use crate::{RedisOptions, StartError, error, tls, topology};
+use crate::{error, tls, topology};
 
 /// See the crate docs.
 pub struct RedisBroker {

@@ -42,7 +42,7 @@ pub(crate) async fn report(
     while first || chunks.peek().is_some() {
         let chunk = chunks.next().unwrap_or_default();
         let mut inv = ctx.scripts.channels_report.key(&z);
-        inv.key(&h).arg(crate::millis(ctx.options.node_ttl)).arg(if full && first { "1" } else { "0" });
+        inv.key(&h).arg(crate::clock::millis(ctx.options.node_ttl)).arg(if full && first { "1" } else { "0" });
         for (channel, n) in chunk {
             inv.arg(channel).arg(*n);
         }

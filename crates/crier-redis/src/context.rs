@@ -7,14 +7,15 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crier_core::{BrokerHandler, Publication};
+use crier_core::{BrokerHandler, Publication, UserOpReply};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use crate::RedisOptions;
 use crate::command::Commands;
-use crate::control::Reply;
 use crate::keys::Keys;
+use crate::options::RedisOptions;
 use crate::scripts::{Params, Scripts};
+use crate::topology::Topology;
 
 /// See the module docs.
 pub(crate) struct Context {
@@ -50,7 +51,7 @@ pub(crate) struct Context {
 impl Context {
     pub(crate) fn new(options: RedisOptions, commands: Commands, up: watch::Sender<bool>) -> Context {
         let keys = match options.topology {
-            crate::Topology::Cluster(_) => Keys::for_cluster(&options.key_prefix),
+            Topology::Cluster(_) => Keys::for_cluster(&options.key_prefix),
             _ => Keys::new(&options.key_prefix),
         };
         let params = Params::new(options.namespaces.clone(), options.meta_ttl);
@@ -102,4 +103,16 @@ impl Context {
             .map(|c| if c.is_ascii_alphanumeric() || "-_.:".contains(c) { c } else { '_' })
             .collect()
     }
+}
+
+/// Another node's reply to a control operation of this instance (on its reply channel).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Reply {
+    pub id: u64,
+    pub node: String,
+    /// The replying broker instance (two nodes misconfigured with one `node_id` still count
+    /// twice).
+    #[serde(default)]
+    pub instance: String,
+    pub reply: UserOpReply,
 }

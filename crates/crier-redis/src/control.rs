@@ -15,7 +15,7 @@ use crier_core::{BrokerError, Revocation, UserOp, UserOpReply};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::context::Context;
+use crate::context::{Context, Reply};
 use crate::presence::Presence;
 
 /// A message on the control channel.
@@ -37,18 +37,6 @@ pub(crate) struct ControlMessage {
 pub(crate) const DISCONNECT_USER: &str = "disconnect_user";
 /// A server-side control operation (`Broker::user_op`); every node answers on `reply`.
 pub(crate) const USER_OP: &str = "user_op";
-
-/// Another node's reply to a control operation of this instance (on its reply channel).
-#[derive(Serialize, Deserialize)]
-pub(crate) struct Reply {
-    pub id: u64,
-    pub node: String,
-    /// The replying broker instance (two nodes misconfigured with one `node_id` still count
-    /// twice).
-    #[serde(default)]
-    pub instance: String,
-    pub reply: UserOpReply,
-}
 
 async fn send(ctx: &Context, msg: &ControlMessage) -> Result<redis::Value, BrokerError> {
     let msg = serde_json::to_string(msg).map_err(|e| BrokerError::Internal(e.to_string()))?;

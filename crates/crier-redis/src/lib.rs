@@ -4,23 +4,32 @@
 //! memory broker. This is the only crate that knows `redis`.
 //!
 //! # Map
-//! - `lib.rs`: [`RedisOptions`], [`RedisBroker`] and its `Broker` impl (thin: it delegates).
-//! - `keys.rs`: the key layout below, in code.
-//! - `scripts.rs`: the Lua scripts (publish, history, expiring sets) and their reply parsing.
+//! - `lib.rs`: this map, the design (below, told here once) and the `Broker` impl, which
+//!   delegates to the parts.
+//! - `broker.rs`: [`RedisBroker`] and [`RedisBroker::start`], which builds the parts around one
+//!   `context::Context` (options, keys, scripts, channel parameters, the command connection,
+//!   shared counters), held in one `Arc` by every part. `options.rs`: [`RedisOptions`] (each
+//!   default declared once), [`StartError`].
+//! - `keys.rs`: the key layout below, in code. `lua/*.lua`: the scripts; `scripts.rs` loads them
+//!   and holds, per script, its argument builder beside its reply parser (`PublishCall`,
+//!   `HistoryCall`). `payload.rs`: the `offset:epoch:ts_us:frame` payload published and kept in
+//!   the history.
+//! - `error.rs`: `Fault`, what went wrong talking to Redis (typed: `ReadOnly`, `Timeout`, ...),
+//!   and what each kind is to a caller (`BrokerError`).
+//! - `command.rs`: the command connection (auto-reconnecting, every call with a deadline).
 //! - `publisher.rs`: the task that batches a node's publishes into script calls.
-//! - `payload.rs`: the `offset:epoch:ts_us:frame` payload published and kept in the history.
-//! - `command.rs`: the command connection (auto-reconnecting, every call with a deadline) and
-//!   the mapping of Redis errors to `BrokerError`.
-//! - `pubsub/`: the task owning the node's single pub/sub connection: subscriptions, probe,
-//!   reconnect with backoff (`mod.rs`, `backoff.rs`); delivery in offset order and gap-fill
-//!   (`delivery.rs`).
-//! - `tracker.rs`: per-channel "last delivered" bookkeeping (duplicates, holes), pure logic.
+//! - `pubsub/`: the task owning the node's pub/sub connection (its own map is in its `mod.rs`:
+//!   topology connect, request batching and ordered history reads, delivery and gap-fill,
+//!   shards). `tracker.rs`: per-channel "last delivered" bookkeeping, pure logic.
 //! - `presence.rs`: presence, connections per user and the node registry, with expiry and a
-//!   background refresh of this node's entries.
+//!   background refresh of this node's entries; `hooks.rs`: the webhook event stream.
+//! - `control.rs`: control messages between nodes (disconnects, `user_op`), revocations, the
+//!   cluster-wide rate limit. `channels.rs`: the channel listing, history deletion, history
+//!   reads on the command connection.
 //! - `topology.rs`: where Redis is ([`Topology`]: one server, Sentinel, Cluster), resolved
 //!   before every pub/sub (re)connect; `tls.rs` (rustls, always verified), `sentinel.rs` (asking
-//!   Sentinels for the master), `cluster.rs` (slot map, key slots); `pubsub/shards.rs` (one
-//!   pub/sub connection per master). See docs/cluster.md for the behaviour of each.
+//!   Sentinels for the master), `cluster.rs` (slot map, key slots). See docs/cluster.md for the
+//!   behaviour of each.
 //!
 //! # Key layout
 //! Prefix `crier` (configurable, [`RedisOptions::key_prefix`]); `{...}` is a Cluster hash tag.
@@ -31,8 +40,8 @@
 //! | `crier:{<channel>}:hist` | LIST | entries `offset:epoch:ts_us:frame`, oldest first; the newest `history_size` are the history (trimmed back to it once it holds an eighth more) | `history_ttl` to `history_ttl` + slack after the last publish; reads drop entries older than `history_ttl` |
 //!
 //! `history_size` and `history_ttl` are the channel's namespace's ([`RedisOptions::namespaces`];
-//! channels outside every declared namespace get [`RedisOptions::history_size`] and
-//! [`RedisOptions::history_ttl`]); `meta_ttl` is at least the longest history TTL of any of them.
+//! channels outside every declared namespace get its default policy's); `meta_ttl` is at least
+//! the longest history TTL of any of them.
 //!
 //! | key | type | content | lifetime |
 //! |---|---|---|---|
@@ -62,31 +71,48 @@
 //! instance subscribes to). Presence and connection members are `<broker instance>/<client>`.
 //!
 //! # Publishing
-//! A node's publishes go to one task (`publisher.rs`) that sends them as calls of one Lua
-//! script: one call in flight, whatever arrives meanwhile goes in the next call (up to 128
-//! messages or 1 MiB; on a Cluster only messages whose channels share a hash slot). For each
-//! message, in order and in its own `pcall` (its error is its own), the script does it all
-//! atomically: it creates the epoch if the channel has no meta (a new
-//! channel, or one whose state Redis lost: flush, restart without persistence, expiry, eviction —
-//! so a lost history always means a new epoch and clients are told `recovered: false`),
-//! increments `top`, builds the `message` frame by concatenation (byte-identical to
+//! A node's publishes go to one task (`publisher.rs`, which tells how batches form) that sends
+//! them as calls of the publish script (`PublishCall`): at most one call in flight on one Redis
+//! or Sentinel (`publisher::IN_FLIGHT`), eight on a Cluster (`IN_FLIGHT_CLUSTER`: calls to
+//! different masters should not wait for each other); whatever arrives meanwhile goes in the next
+//! call (up to 128 messages or 1 MiB; on a Cluster only messages whose channels share a hash
+//! slot). For each message, in order and in its own `pcall` (its error is its own), the script
+//! does it all atomically: it creates the epoch if the channel has no meta (a new channel, or one
+//! whose state Redis lost: flush, restart without persistence, expiry, eviction — so a lost
+//! history always means a new epoch and clients are told `recovered: false`), increments `top`,
+//! builds the `message` frame by concatenation (byte-identical to
 //! `crier_protocol::frames::encode_message`: channel names and epochs need no JSON escaping and
-//! `data` is raw JSON), appends it to the history (trimmed to `history_size` in steps; entries past
-//! `history_ttl` are pruned by the reads), pushes the TTLs out when due, PUBLISHes it, and
+//! `data` is raw JSON), appends it to the history (trimmed to `history_size` in steps; entries
+//! past `history_ttl` are pruned by the reads), pushes the TTLs out when due, PUBLISHes it, and
 //! records the idempotency key (`SET ... EX 300` semantics: a repeat returns the first result and
 //! publishes nothing; also for two messages of one call). A caller hears back after Redis
 //! answered the call.
 //!
 //! # Delivery
-//! The node's single pub/sub connection (RESP3) is owned by one task (`pubsub/`), which delivers
-//! each channel's publications to the handler in offset order, exactly once (duplicates after
-//! a gap-fill are dropped by offset). `subscribe` answers only after Redis confirmed the
-//! SUBSCRIBE and the channel's baseline position was read on that connection. `history` of a
-//! channel with local subscribers (`BrokerHandler::has_subscribers`) is read on that same
-//! connection too: its reply comes after every publication it covers has been handed to the
-//! handler, so the node's "buffer live, read history, merge by offset" leaves no duplicate and
-//! no gap. Other history reads (e.g. the REST API on a channel nobody here watches) use the
-//! command connection.
+//! The node's pub/sub connection (RESP3; one per master on a Cluster) is owned by one task
+//! (`pubsub/`), which delivers each channel's publications to the handler in offset order,
+//! exactly once. Ordinary commands (PING, the history script) run on that connection between
+//! pushes, and their replies are ordered with the pushes; that ordering makes the bookkeeping
+//! exact:
+//! - **subscribe**: SUBSCRIBE, then read the channel's position (epoch, top) on the same
+//!   connection. Publications pushed before that reply were published after the SUBSCRIBE took
+//!   effect: they are delivered first; the position then becomes the channel's baseline. The
+//!   caller gets its answer only after all this, so the node's history read comes after the
+//!   subscription is live.
+//! - **history reads** of channels with local subscribers (`BrokerHandler::has_subscribers`)
+//!   run there too, pipelined: the pushes that precede their replies are delivered before the
+//!   callers get the histories, so the node's "buffer live, read history, merge by offset"
+//!   leaves no duplicate and no gap. Other history reads (e.g. the REST API on a channel nobody
+//!   here watches) use the command connection.
+//! - **live**: each publication is checked against the channel's position: in order →
+//!   delivered; at or below the last delivered offset → dropped as a duplicate; a hole → filled
+//!   from the history first.
+//! - **reconnect** (jittered exponential backoff): re-SUBSCRIBE every channel in batches, then
+//!   gap-fill: read each channel's history after its last delivered offset (pipelined) and
+//!   deliver what is missing before any live publication; live ones already delivered are
+//!   dropped.
+//! - **probe**: a PING (`ROLE` with Sentinel or a Cluster) every `probe_interval`; no answer
+//!   within the command timeout marks the broker down and forces a reconnect.
 //!
 //! # Faults
 //! - Every Redis call has a deadline (`command_timeout`, 2s): when Redis is unreachable, calls
@@ -112,11 +138,15 @@
 //!   offset delivered to the handler, before live publications; duplicates are dropped. When
 //!   the epoch changed, the new epoch's history is delivered as it is; when the history no longer
 //!   holds the whole gap, what it holds is delivered (logged as an incomplete gap-fill).
-//! - With persistence and a restart that lost the last writes (e.g. `appendfsync everysec`), a
-//!   channel can keep its epoch while its offsets go back; the broker follows the history then.
+//! - One Redis (`redis_url`) does not track the server generation (Sentinel and Cluster do, see
+//!   `gen` above): a restart from persistence keeps every channel's epoch, so subscribers
+//!   recover across it without a gap; but if that restart lost the last acknowledged writes
+//!   (e.g. `appendfsync everysec`), a channel keeps its epoch while its offsets go back, and
+//!   those offsets are handed out again. The broker follows the history then.
 
 mod broker;
 mod channels;
+mod clock;
 mod cluster;
 mod command;
 mod context;
@@ -140,6 +170,9 @@ pub use options::{RedisOptions, StartError};
 pub use tls::check_ca_pem;
 pub use topology::Topology;
 
+// Older spellings used by `hooks.rs`.
+pub(crate) use clock::{millis, unix_ms};
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -152,16 +185,6 @@ use crier_core::{
 };
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-/// A duration in whole milliseconds, at least 1 (Redis expiries of 0 mean "now").
-pub(crate) fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-}
 
 #[async_trait]
 impl Broker for RedisBroker {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crier_core::Namespaces;
 
-use crate::Topology;
+use crate::topology::Topology;
 
 /// How to reach Redis and how long things live. [`RedisOptions::default`] holds the defaults;
 /// [`RedisOptions::new`], [`RedisOptions::sentinel`] and [`RedisOptions::cluster`] set where

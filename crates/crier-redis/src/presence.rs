@@ -102,7 +102,7 @@ pub(crate) struct Presence {
     pub(crate) hooks: crate::hooks::HookState,
 }
 
-use crate::millis as ms;
+use crate::clock::millis as ms;
 
 impl Presence {
     pub(crate) fn new(ctx: Arc<Context>) -> Presence {

@@ -10,12 +10,9 @@
 //! Redis CPU for a call of one message, ~9 µs per message in calls of 16), which a batch pays
 //! once, with one request and one reply on the socket instead of one per message.
 //!
-//! Every guarantee of a single publish holds for each message of a batch: the script applies
-//! the messages in queue order, each exactly as a call of its own would (offset, epoch, history,
-//! idempotency — also between two messages of one batch —, the failover generation check,
-//! PUBLISH), each in its own `pcall` so one message's error fails only that message, and a
-//! caller hears back only after Redis answered the call — a 200 still means Redis holds the
-//! message. A call that fails as a whole fails every message of the batch with that error:
+//! Every guarantee of a single publish (the crate docs, # Publishing) holds for each message of
+//! a batch, and a caller hears back only after Redis answered the call — a 200 still means Redis
+//! holds the message. A call that fails as a whole fails every message of the batch with that error:
 //! `OutcomeUnknown` when the call may have reached Redis (no answer within the deadline, the
 //! connection lost after sending: the messages may have been applied; idempotency keys make
 //! retries safe), `Unavailable` when it certainly did not (no connection to send it on, Redis

@@ -13,9 +13,10 @@ use std::time::Duration;
 use crier_core::{History, Namespaces, PublishResult};
 use redis::{Script, Value};
 
+use crate::clock::millis;
 use crate::error::Fault;
 use crate::keys::Keys;
-use crate::{millis, payload};
+use crate::payload;
 
 /// Shared by the scripts: milliseconds and microseconds of Redis `TIME`, and the pruning of a
 /// history list's expired head.
@@ -220,8 +221,9 @@ impl ChannelParams {
     }
 }
 
-/// TTLs and sizes the channel scripts are called with: the top-level history options, and
-/// each declared namespace's (a channel gets its namespace's, see [`Params::channel`]).
+/// TTLs and sizes the channel scripts are called with: the namespaces' default policy's history
+/// options, and each declared namespace's (a channel gets its namespace's, see
+/// [`Params::channel`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Params {
     /// Channels outside every declared namespace.
