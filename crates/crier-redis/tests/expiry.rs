@@ -5,7 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use crier_core::{Broker, NodeInfo};
+use crier_core::{Broker, NodeInfo, UserOp};
 use crier_protocol::frames::PresenceEntry;
 use crier_testkit::{poll_within, until};
 use support::{RedisServer, broker, options};
@@ -124,4 +124,24 @@ async fn a_refresh_larger_than_one_pipeline_keeps_every_entry() {
         );
     }
     assert_eq!(observer.nodes().await.map(|n| n.len()).ok(), Some(1), "the node entry, sent with the last chunk");
+}
+
+/// A token revocation (`UserOp::Invalidate`) is stored by one script call: the later `before`
+/// wins, the set's expiry is `revocation_ttl`, and revocations older than it are pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_keeps_the_later_before_sets_the_expiry_and_prunes_stale_ones() {
+    let server = RedisServer::start();
+    let mut o = options(&server, "a");
+    o.revocation_ttl = Duration::from_secs(100);
+    let (b, _h) = broker(o).await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    server.cmd(&["ZADD", "crier:revoked", "1", "stale"]);
+    for before in [now, now - 10] {
+        b.user_op("u", &UserOp::Invalidate { before }).await.unwrap_or_else(|e| panic!("invalidate: {e}"));
+    }
+    let score = server.cmd(&["ZSCORE", "crier:revoked", "u"]);
+    assert!(score.contains(&now.to_string()), "the later before wins: {score:?}");
+    assert!(server.cmd(&["ZSCORE", "crier:revoked", "stale"]).starts_with("$-1"), "the stale one is pruned");
+    let ttl: i64 = server.cmd(&["TTL", "crier:revoked"]).trim().trim_start_matches(':').parse().unwrap_or(-9);
+    assert!((1..=100).contains(&ttl), "the set expires after revocation_ttl: {ttl}");
 }
