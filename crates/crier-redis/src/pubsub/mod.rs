@@ -210,8 +210,8 @@ impl Task {
                     Some(push) => self.on_push(conn, push).await,
                     None => Err(lost("push stream ended")),
                 },
-                cmd = self.requests.recv() => match cmd {
-                    Some(cmd) => self.on_requests(conn, cmd).await,
+                request = self.requests.recv() => match request {
+                    Some(request) => self.on_requests(conn, request).await,
                     None => Err(End::Exit),
                 },
                 _ = probe.tick() => self.probe(conn).await,
@@ -229,7 +229,7 @@ impl Task {
         }
     }
 
-    /// While disconnected: answers commands without Redis until `delay` passes.
+    /// While disconnected: answers requests without Redis until `delay` passes.
     async fn wait_down(&mut self, delay: Duration) -> Step {
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
@@ -237,8 +237,8 @@ impl Task {
             tokio::select! {
                 _ = &mut sleep => return Ok(()),
                 _ = self.shutdown.changed() => return Err(End::Exit),
-                cmd = self.requests.recv() => match cmd {
-                    Some(cmd) => self.answer_offline(cmd),
+                request = self.requests.recv() => match request {
+                    Some(request) => self.answer_offline(request),
                     None => return Err(End::Exit),
                 },
             }

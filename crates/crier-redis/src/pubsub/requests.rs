@@ -22,10 +22,10 @@ const BASELINE_BATCH: usize = 100;
 type Subscribe = (String, oneshot::Sender<Result<(), BrokerError>>);
 
 impl Task {
-    /// Answers a command without a connection: a new subscribe is refused; an unsubscribe only
+    /// Answers a request without a connection: a new subscribe is refused; an unsubscribe only
     /// forgets the channel (it is not re-subscribed on reconnect).
-    pub(super) fn answer_offline(&mut self, cmd: Request) {
-        match cmd {
+    pub(super) fn answer_offline(&mut self, request: Request) {
+        match request {
             Request::Subscribe { channel, reply } => {
                 let answer = if self.channels.contains_key(channel.as_str()) {
                     Ok(())
@@ -55,7 +55,7 @@ impl Task {
         let mut batch = vec![first];
         while batch.len() < REQUEST_BATCH {
             match self.requests.try_recv() {
-                Ok(cmd) => batch.push(cmd),
+                Ok(request) => batch.push(request),
                 Err(_) => break,
             }
         }
@@ -64,8 +64,8 @@ impl Task {
         let (mut subs, mut reads) = (Vec::new(), Vec::new());
         let mut batch = batch.into_iter();
         let mut result = Ok(());
-        for cmd in batch.by_ref() {
-            match cmd {
+        for request in batch.by_ref() {
+            match request {
                 Request::Subscribe { channel, reply } => subs.push((channel, reply)),
                 Request::History(read) => reads.push(read),
                 Request::Unsubscribe { channel, reply } => {
@@ -92,8 +92,8 @@ impl Task {
         for read in reads {
             self.answer_offline(Request::History(read));
         }
-        for cmd in batch {
-            self.answer_offline(cmd);
+        for request in batch {
+            self.answer_offline(request);
         }
         result
     }
