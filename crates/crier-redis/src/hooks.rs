@@ -36,6 +36,8 @@ const GROUP: &str = "crier";
 const POLL: Duration = Duration::from_millis(50);
 /// How often dead consumers' pending events are looked for, and the gauges refreshed.
 const CLAIM_EVERY: Duration = Duration::from_secs(1);
+/// How often consumers of nodes gone (idle past the claim time, nothing pending) are deleted.
+const REAP_EVERY: Duration = Duration::from_secs(60);
 
 /// What a script needs to append events, set once by [`ClusterState::enable_hooks`].
 struct Args {
@@ -54,6 +56,7 @@ pub(crate) struct HookState {
     channels: Mutex<HashSet<String>>,
     group_ready: AtomicBool,
     last_claim: Mutex<Option<Instant>>,
+    last_reap: Mutex<Option<Instant>>,
     queued: AtomicU64,
     dropped: AtomicU64,
 }
@@ -199,6 +202,7 @@ impl ClusterState {
             };
             if due {
                 self.update_queued(a).await;
+                self.reap_consumers(a).await;
                 let mut cmd = redis::cmd("XAUTOCLAIM");
                 cmd.arg(&a.stream).arg(GROUP).arg(&self.instance).arg(crate::millis(a.claim_idle)).arg("0");
                 cmd.arg("COUNT").arg(max);
@@ -237,6 +241,38 @@ impl ClusterState {
                 return Ok(got);
             }
             tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Deletes (`XGROUP DELCONSUMER`) the group's consumers idle for longer than the claim
+    /// time with nothing pending: the nodes of earlier starts (an instance id is new at every
+    /// start). Their pending events were claimed first (`XAUTOCLAIM`, same idle bound); a live
+    /// node reads every `POLL`, and one deleted anyway is re-created by its next read.
+    async fn reap_consumers(&self, a: &Args) {
+        {
+            let mut last = self.hooks.last_reap.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|at| at.elapsed() < REAP_EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let Ok(Value::Array(consumers)) =
+            self.commands.query(redis::cmd("XINFO").arg("CONSUMERS").arg(&a.stream).arg(GROUP)).await
+        else {
+            return;
+        };
+        let idle_bound = crate::millis(a.claim_idle) as i64;
+        for c in &consumers {
+            let Some((name, pending, idle)) = consumer_info(c) else { continue };
+            if name == self.instance || pending > 0 || idle <= idle_bound {
+                continue;
+            }
+            let mut cmd = redis::cmd("XGROUP");
+            cmd.arg("DELCONSUMER").arg(&a.stream).arg(GROUP).arg(&name);
+            match self.commands.query(&cmd).await {
+                Ok(_) => tracing::debug!(consumer = %name, "webhooks: deleted the consumer of a node gone"),
+                Err(e) => tracing::debug!(error = %e, "webhooks: could not delete a stale consumer"),
+            }
         }
     }
 
@@ -332,6 +368,19 @@ impl ClusterState {
     }
 }
 
+/// One entry of `XINFO CONSUMERS` (RESP2: a flat key/value array; RESP3: a map) → its name,
+/// pending count and idle ms.
+fn consumer_info(v: &Value) -> Option<(String, i64, i64)> {
+    let pairs: Vec<(&Value, &Value)> = match v {
+        Value::Array(kv) => kv.chunks(2).filter_map(|p| Some((p.first()?, p.get(1)?))).collect(),
+        Value::Map(kv) => kv.iter().map(|(k, v)| (k, v)).collect(),
+        _ => return None,
+    };
+    let field = |name: &[u8]| pairs.iter().find(|(k, _)| bulk(k) == Some(name)).map(|(_, v)| *v);
+    let name = String::from_utf8(bulk(field(b"name")?)?.to_vec()).ok()?;
+    Some((name, int(field(b"pending")?)?, int(field(b"idle")?)?))
+}
+
 /// Stream entries `[[id, [field, value, …]], …]` → events (the id is the entry's), and the ids
 /// of the entries that are not events.
 fn entries(v: &Value) -> (Vec<HookEvent>, Vec<String>) {
@@ -400,5 +449,27 @@ mod tests {
         assert_eq!((e.user.as_deref(), e.client.as_deref(), e.data.as_ref()), (Some("u"), Some("k"), None));
         assert_eq!(bad, ["1-1", "1-2"]);
         assert_eq!(entries(&Value::Nil), (Vec::new(), Vec::new()));
+    }
+
+    #[test]
+    fn consumer_entries_in_resp2_and_resp3() {
+        let resp2 = Value::Array(vec![
+            bs("name"),
+            bs("node-a"),
+            bs("pending"),
+            Value::Int(0),
+            bs("idle"),
+            Value::Int(90_000),
+            bs("inactive"),
+            Value::Int(90_000),
+        ]);
+        assert_eq!(consumer_info(&resp2), Some(("node-a".into(), 0, 90_000)));
+        let resp3 = Value::Map(vec![
+            (Value::SimpleString("name".into()), bs("node-b")),
+            (Value::SimpleString("pending".into()), Value::Int(3)),
+            (Value::SimpleString("idle".into()), Value::Int(5)),
+        ]);
+        assert_eq!(consumer_info(&resp3), Some(("node-b".into(), 3, 5)));
+        assert_eq!(consumer_info(&Value::Array(vec![bs("name"), bs("x")])), None);
     }
 }

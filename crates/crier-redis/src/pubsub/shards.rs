@@ -79,16 +79,23 @@ impl Conn {
         Ok(())
     }
 
-    pub(super) async fn unsubscribe(&mut self, shard: usize, name: &str, t: std::time::Duration) -> Step {
+    /// Unsubscribes pub/sub channel `names` on `shard`: one UNSUBSCRIBE, or on a Cluster one
+    /// SUNSUBSCRIBE per channel, pipelined.
+    pub(super) async fn unsubscribe(&mut self, shard: usize, names: &[String], t: std::time::Duration) -> Step {
         let sharded = self.slots.is_some();
         let s = self.shard(shard)?;
-        if sharded {
-            let mut cmd = redis::cmd("SUNSUBSCRIBE");
-            cmd.arg(name);
-            bounded(t, cmd.query_async::<Value>(&mut s.con)).await.map(drop).map_err(lost)
-        } else {
-            bounded(t, s.con.unsubscribe(name)).await.map_err(lost)
+        for chunk in names.chunks(SUBSCRIBE_BATCH) {
+            if sharded {
+                let mut pipe = redis::pipe();
+                for name in chunk {
+                    pipe.cmd("SUNSUBSCRIBE").arg(name);
+                }
+                bounded(t, pipe.query_async::<Vec<Value>>(&mut s.con)).await.map(drop).map_err(lost)?;
+            } else {
+                bounded(t, s.con.unsubscribe(chunk)).await.map_err(lost)?;
+            }
         }
+        Ok(())
     }
 
     /// Runs `pipe` on `shard`.
