@@ -18,13 +18,14 @@
 //! Standalone and Sentinel Redis only: on a Redis Cluster the scripts cannot append to a stream
 //! outside the channel's slot (see docs/hooks.md for the design left to build there).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crier_core::{BrokerError, HookConfig, HookEvent, HookStats};
 use futures_util::StreamExt;
+use tokio::sync::oneshot;
 use redis::Value;
 
 use crate::presence::ClusterState;
@@ -36,6 +37,8 @@ const GROUP: &str = "crier";
 const POLL: Duration = Duration::from_millis(50);
 /// How often dead consumers' pending events are looked for, and the gauges refreshed.
 const CLAIM_EVERY: Duration = Duration::from_secs(1);
+/// Channels per occupancy script call (`HOOK_NODES`).
+const OCCUPANCY_BATCH: usize = 100;
 /// How often consumers of nodes gone (idle past the claim time, nothing pending) are deleted.
 const REAP_EVERY: Duration = Duration::from_secs(60);
 
@@ -49,6 +52,15 @@ struct Args {
     claim_idle: Duration,
 }
 
+/// Occupancy changes (`add`, `rem`, `sweep` of a channel) waiting for the script call in
+/// flight: one task runs them in order, up to [`OCCUPANCY_BATCH`] per call, so per channel
+/// they reach Redis in the order asked, and a node's channel churn costs one call per batch.
+#[derive(Default)]
+struct Occupancy {
+    queue: VecDeque<(String, &'static str, oneshot::Sender<Result<(), BrokerError>>)>,
+    running: bool,
+}
+
 #[derive(Default)]
 pub(crate) struct HookState {
     args: OnceLock<Args>,
@@ -57,6 +69,7 @@ pub(crate) struct HookState {
     group_ready: AtomicBool,
     last_claim: Mutex<Option<Instant>>,
     last_reap: Mutex<Option<Instant>>,
+    occupancy: Mutex<Occupancy>,
     queued: AtomicU64,
     dropped: AtomicU64,
 }
@@ -101,7 +114,7 @@ impl ClusterState {
     }
 
     /// The instance's first (`add`) or last (`rem`) subscriber of `channel` (broker level).
-    pub(crate) async fn hook_channel(&self, channel: &str, add: bool) {
+    pub(crate) async fn hook_channel(self: &Arc<Self>, channel: &str, add: bool) {
         let Some(a) = self.hooks.args.get() else { return };
         if !a.channels {
             return;
@@ -118,30 +131,69 @@ impl ClusterState {
         }
     }
 
-    async fn hook_nodes(&self, channel: &str, op: &str) -> Result<(), BrokerError> {
-        let mut inv = self.scripts.hook_nodes.key(self.keys.hook_nodes(channel));
-        inv.key(self.keys.hook_index());
-        inv.arg(op).arg(&self.instance).arg(crate::millis(self.presence_ttl)).arg(channel);
-        self.hook_args(&mut inv);
-        self.commands.invoke(&inv).await.map(drop)
+    /// Queues an occupancy change of `channel` for the occupancy task (started if idle) and
+    /// waits for the call that carries it.
+    async fn hook_nodes(self: &Arc<Self>, channel: &str, op: &'static str) -> Result<(), BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut o = self.hooks.occupancy.lock().unwrap_or_else(|e| e.into_inner());
+            o.queue.push_back((channel.to_owned(), op, tx));
+            !std::mem::replace(&mut o.running, true)
+        };
+        if start {
+            // A task, not the caller: a caller that gives up must not strand the queue.
+            let me = self.clone();
+            tokio::spawn(async move { me.occupancy_calls().await });
+        }
+        rx.await.unwrap_or_else(|_| Err(BrokerError::Unavailable("webhooks: the occupancy call was dropped".into())))
+    }
+
+    /// The occupancy task: runs the queued changes, a batch per script call, until none waits.
+    async fn occupancy_calls(&self) {
+        loop {
+            let batch: Vec<_> = {
+                let mut o = self.hooks.occupancy.lock().unwrap_or_else(|e| e.into_inner());
+                if o.queue.is_empty() {
+                    o.running = false;
+                    return;
+                }
+                let n = o.queue.len().min(OCCUPANCY_BATCH);
+                o.queue.drain(..n).collect()
+            };
+            let mut inv = self.scripts.hook_nodes.key(self.keys.hook_index());
+            for (channel, _, _) in &batch {
+                inv.key(self.keys.hook_nodes(channel));
+            }
+            inv.arg(&self.instance).arg(crate::millis(self.presence_ttl));
+            for (channel, op, _) in &batch {
+                inv.arg(*op).arg(channel.as_str());
+            }
+            self.hook_args(&mut inv);
+            let result = self.commands.invoke(&inv).await.map(drop);
+            for (_, _, reply) in batch {
+                let _ = reply.send(result.clone());
+            }
+        }
     }
 
     /// Periodic: re-adds this instance to the sets of the channels it holds (fresh expiry; an
     /// entry Redis lost or that expired comes back, as an occupy if the set was empty), then
     /// sweeps the sets with expired instances (dead nodes), reporting their vacates.
-    pub(crate) async fn hook_refresh(&self) -> Result<(), BrokerError> {
+    pub(crate) async fn hook_refresh(self: &Arc<Self>) -> Result<(), BrokerError> {
         let Some(a) = self.hooks.args.get() else { return Ok(()) };
         if !a.channels {
             return Ok(());
         }
         let held: Vec<String> = self.hooks.channels().iter().cloned().collect();
         let mut result = Ok(());
+        // Queued in order with the subscribes' and unsubscribes' changes: a `rem` asked after
+        // this `add` is applied after it.
         let mut calls = futures_util::stream::iter(held)
             .map(|c| async move {
                 // Still held? (A `rem` may have come meanwhile.)
                 if self.hooks.channels().contains(&c) { self.hook_nodes(&c, "add").await } else { Ok(()) }
             })
-            .buffer_unordered(16);
+            .buffer_unordered(OCCUPANCY_BATCH);
         while let Some(r) = calls.next().await {
             if r.is_err() {
                 result = r;
@@ -160,7 +212,7 @@ impl ClusterState {
         };
         let mut sweeps = futures_util::stream::iter(channels)
             .map(|c| async move { self.hook_nodes(&c, "sweep").await })
-            .buffer_unordered(16);
+            .buffer_unordered(OCCUPANCY_BATCH);
         while let Some(r) = sweeps.next().await {
             if r.is_err() {
                 result = r;

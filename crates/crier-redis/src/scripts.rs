@@ -429,39 +429,44 @@ pub(crate) const HOOK_FLAGS: [(&str, char); 5] = [
     ("client_publish", 'P'),
 ];
 
-/// The cluster-wide occupancy of a channel (webhooks): KEYS: the channel's node set (ZSET
-/// broker instance → expiry ms), the index of node sets (ZSET channel → earliest expiry).
-/// ARGV: `add`, `rem` or `sweep`, broker instance, ttl ms, channel, then the hook arguments.
-/// Expired instances (dead nodes) are swept first; the set going from empty to one instance is
+/// The cluster-wide occupancy of channels (webhooks), many channels per call: KEYS: the index
+/// of node sets (ZSET channel → earliest expiry), then per channel its node set (ZSET broker
+/// instance → expiry ms). ARGV: broker instance, ttl ms, then per channel `add`, `rem` or
+/// `sweep` and the channel, then the hook arguments. Per channel, in order: expired instances
+/// (dead nodes) are swept first; the set going from empty to one instance is
 /// `channel_occupied`, to empty `channel_vacated` — decided and appended in this one script,
-/// so a channel vacated on three nodes is one event.
+/// so a channel vacated on three nodes is one event. Returns how many channels it did.
 const HOOK_NODES: &str = r#"
-local z, idx = KEYS[1], KEYS[2]
-local op, inst, ttl, channel = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local idx, inst, ttl = KEYS[1], ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
-if redis.call('ZCARD', z) > 0 then
-  redis.call('ZREMRANGEBYSCORE', z, '-inf', string.format('%d', now))
-  if redis.call('ZCARD', z) == 0 then hook('channel_vacated', 'V', channel, nil) end
-end
-if op == 'add' then
-  local before = redis.call('ZCARD', z)
-  redis.call('ZADD', z, string.format('%d', now + ttl), inst)
-  if before == 0 then hook('channel_occupied', 'O', channel, nil) end
-elseif op == 'rem' then
-  if redis.call('ZREM', z, inst) == 1 and redis.call('ZCARD', z) == 0 then
-    hook('channel_vacated', 'V', channel, nil)
+local n = 0
+for i = 2, #KEYS do
+  local z, op, channel = KEYS[i], ARGV[2 * i - 1], ARGV[2 * i]
+  if redis.call('ZCARD', z) > 0 then
+    redis.call('ZREMRANGEBYSCORE', z, '-inf', string.format('%d', now))
+    if redis.call('ZCARD', z) == 0 then hook('channel_vacated', 'V', channel, nil) end
   end
+  if op == 'add' then
+    local before = redis.call('ZCARD', z)
+    redis.call('ZADD', z, string.format('%d', now + ttl), inst)
+    if before == 0 then hook('channel_occupied', 'O', channel, nil) end
+  elseif op == 'rem' then
+    if redis.call('ZREM', z, inst) == 1 and redis.call('ZCARD', z) == 0 then
+      hook('channel_vacated', 'V', channel, nil)
+    end
+  end
+  local first = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
+  if first[2] then
+    redis.call('ZADD', idx, first[2], channel)
+    -- Kept past its last expiry (by one more ttl) for the sweep to see it and report the vacate.
+    local last = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
+    redis.call('PEXPIREAT', z, string.format('%d', tonumber(last[2]) + ttl))
+  else
+    redis.call('ZREM', idx, channel)
+  end
+  n = n + 1
 end
-local first = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
-if first[2] then
-  redis.call('ZADD', idx, first[2], channel)
-  -- Kept past its last expiry (by one more ttl) for the sweep to see it and report the vacate.
-  local last = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
-  redis.call('PEXPIREAT', z, string.format('%d', tonumber(last[2]) + ttl))
-else
-  redis.call('ZREM', idx, channel)
-end
-return 1
+return n
 "#;
 
 /// Appends one event made by the node (`client_publish`). ARGV: the event JSON, then the hook
