@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use crier_core::{BrokerError, HookConfig, HookEvent, HookStats};
 use futures_util::StreamExt;
-use tokio::sync::oneshot;
 use redis::Value;
+use tokio::sync::oneshot;
 
 use crate::presence::ClusterState;
 use crate::scripts::{HOOK_FLAGS, bulk, int};
