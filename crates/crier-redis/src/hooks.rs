@@ -52,12 +52,15 @@ struct Args {
     claim_idle: Duration,
 }
 
+/// One queued occupancy change: the channel, `add`/`rem`/`sweep`, who waits for its call.
+type Change = (String, &'static str, oneshot::Sender<Result<(), BrokerError>>);
+
 /// Occupancy changes (`add`, `rem`, `sweep` of a channel) waiting for the script call in
 /// flight: one task runs them in order, up to [`OCCUPANCY_BATCH`] per call, so per channel
 /// they reach Redis in the order asked, and a node's channel churn costs one call per batch.
 #[derive(Default)]
 struct Occupancy {
-    queue: VecDeque<(String, &'static str, oneshot::Sender<Result<(), BrokerError>>)>,
+    queue: VecDeque<Change>,
     running: bool,
 }
 
