@@ -345,7 +345,7 @@ impl Task {
             let con = self.resolver.cluster_commands().await.map_err(|e| lost(format!("cluster commands: {e}")))?;
             self.shared.commands.replace(crate::command::Con::Cluster(con), String::new());
         }
-        let mut conn = Conn { shards, slots, pushes };
+        let mut conn = Conn { shards, slots, pushes, unsubscribing: HashMap::new() };
         // The control channel: plain pub/sub (a Cluster broadcasts it to every node).
         if let Some(shard) = conn.shards.first_mut() {
             bounded(t, shard.con.subscribe(self.keys.control())).await.map_err(lost)?;
