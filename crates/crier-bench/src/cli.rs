@@ -52,6 +52,13 @@ pub enum Scenario {
     /// `GET /api/v1/channels` with many active channels over several nodes sharing one
     /// redis-server: time of the first page, a prefix page and a page behind a cursor.
     Listing(ListingArgs),
+    /// Webhook events (channel occupied/vacated) through several nodes + redis into a local
+    /// backend: events produced and delivered per second, queue length over the run.
+    Hooks(HooksArgs),
+    /// (internal) A connect-proxy backend for scripts/bench-connect-proxy: answers every POST
+    /// with a fixed user after --delay; prints its port.
+    #[command(hide = true)]
+    ProxyBackend(ProxyBackendArgs),
     /// (internal) Holds a slice of idle connections for another crier-bench process.
     #[command(hide = true)]
     Hold(HoldArgs),
@@ -297,6 +304,41 @@ pub struct ChurnArgs {
     /// Upper bound on cycles over all loops
     #[arg(long, default_value_t = 200_000)]
     pub max_cycles: u64,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProxyBackendArgs {
+    /// How long each answer waits
+    #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
+    pub delay: Duration,
+    /// The JSON answered
+    #[arg(long, default_value = r#"{"user":"bench","channels":["*"],"publish":["*"]}"#)]
+    pub answer: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct HooksArgs {
+    /// crier nodes sharing the redis-server
+    #[arg(long, default_value_t = 2)]
+    pub nodes: usize,
+    /// WebSocket connections per node, each subscribing and unsubscribing fresh channels
+    #[arg(long, default_value_t = 50)]
+    pub connections: usize,
+    /// Channels each connection keeps in flight (subscribe → ack → unsubscribe → ack)
+    #[arg(long, default_value_t = 16)]
+    pub window: usize,
+    /// How long the loops run
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// The nodes' `[webhooks] batch` (events per POST)
+    #[arg(long, default_value_t = 500)]
+    pub batch: usize,
+    /// `presence = false` for the bench's channels (`[namespaces.bench]`): no presence write per
+    /// subscribe and unsubscribe (by default every channel is entered in presence)
+    #[arg(long)]
+    pub no_presence: bool,
     #[command(flatten)]
     pub gateway: GatewayArgs,
 }

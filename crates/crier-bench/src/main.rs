@@ -13,6 +13,7 @@
 //! - [`report`]: the table and the JSON report.
 //! - [`scenarios`]: idle, fanout/channels/cluster (pub/sub), churn, failover (on crier-client), soak (a long pub/sub run), deploy (a rolling restart behind nginx), scaleout (2 → 3 nodes behind nginx, rebalancing).
 
+mod backend;
 mod cli;
 mod clients;
 mod gateway;
@@ -43,7 +44,9 @@ fn main() -> ExitCode {
         Scenario::Deploy(a) => a.gateway.threads,
         Scenario::Scaleout(a) => a.deploy.gateway.threads,
         Scenario::Listing(a) => a.gateway.threads,
+        Scenario::Hooks(a) => a.gateway.threads,
         Scenario::Hold(_) => 2,
+        Scenario::ProxyBackend(_) => 1,
     };
     // Subscribers, and the nodes the bench starts (they inherit the limit), need a descriptor each.
     let nofile = procfs::raise_nofile(1 << 20);
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
 async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
     let (outcome, json) = match scenario {
         Scenario::Hold(a) => return scenarios::hold::run(a).await,
+        Scenario::ProxyBackend(a) => return backend::run_proxy_backend(a.delay, &a.answer).await,
         Scenario::Idle(a) => {
             let json = a.gateway.json.clone();
             (scenarios::idle::run(a, nofile).await?, json)
@@ -152,6 +156,10 @@ async fn run(scenario: Scenario, nofile: u64) -> anyhow::Result<()> {
         Scenario::Listing(a) => {
             let json = a.gateway.json.clone();
             (scenarios::listing::run(a).await?, json)
+        }
+        Scenario::Hooks(a) => {
+            let json = a.gateway.json.clone();
+            (scenarios::hooks::run(a).await?, json)
         }
         Scenario::Churn(a) => {
             warn_nofile(a.base as u64 + a.workers as u64, nofile);

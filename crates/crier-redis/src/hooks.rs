@@ -18,14 +18,15 @@
 //! Standalone and Sentinel Redis only: on a Redis Cluster the scripts cannot append to a stream
 //! outside the channel's slot (see docs/hooks.md for the design left to build there).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crier_core::{BrokerError, HookConfig, HookEvent, HookStats};
 use futures_util::StreamExt;
 use redis::Value;
+use tokio::sync::oneshot;
 
 use crate::error::Fault;
 use crate::presence::Presence;
@@ -37,6 +38,10 @@ const GROUP: &str = "crier";
 const POLL: Duration = Duration::from_millis(50);
 /// How often dead consumers' pending events are looked for, and the gauges refreshed.
 const CLAIM_EVERY: Duration = Duration::from_secs(1);
+/// Channels per occupancy script call (`HOOK_NODES`).
+const OCCUPANCY_BATCH: usize = 100;
+/// How often consumers of nodes gone (idle past the claim time, nothing pending) are deleted.
+const REAP_EVERY: Duration = Duration::from_secs(60);
 
 /// What a script needs to append events, set once by [`Presence::enable_hooks`].
 struct Args {
@@ -48,6 +53,18 @@ struct Args {
     claim_idle: Duration,
 }
 
+/// One queued occupancy change: the channel, `add`/`rem`/`sweep`, who waits for its call.
+type Change = (String, &'static str, oneshot::Sender<Result<(), BrokerError>>);
+
+/// Occupancy changes (`add`, `rem`, `sweep` of a channel) waiting for the script call in
+/// flight: one task runs them in order, up to [`OCCUPANCY_BATCH`] per call, so per channel
+/// they reach Redis in the order asked, and a node's channel churn costs one call per batch.
+#[derive(Default)]
+struct Occupancy {
+    queue: VecDeque<Change>,
+    running: bool,
+}
+
 #[derive(Default)]
 pub(crate) struct HookState {
     args: OnceLock<Args>,
@@ -55,6 +72,8 @@ pub(crate) struct HookState {
     channels: Mutex<HashSet<String>>,
     group_ready: AtomicBool,
     last_claim: Mutex<Option<Instant>>,
+    last_reap: Mutex<Option<Instant>>,
+    occupancy: Mutex<Occupancy>,
     queued: AtomicU64,
     dropped: AtomicU64,
 }
@@ -99,7 +118,7 @@ impl Presence {
     }
 
     /// The instance's first (`add`) or last (`rem`) subscriber of `channel` (broker level).
-    pub(crate) async fn hook_channel(&self, channel: &str, add: bool) {
+    pub(crate) async fn hook_channel(self: &Arc<Self>, channel: &str, add: bool) {
         let Some(a) = self.hooks.args.get() else { return };
         if !a.channels {
             return;
@@ -116,30 +135,69 @@ impl Presence {
         }
     }
 
-    async fn hook_nodes(&self, channel: &str, op: &str) -> Result<(), BrokerError> {
-        let mut inv = self.ctx.scripts.hook_nodes.key(self.ctx.keys.hook_nodes(channel));
-        inv.key(self.ctx.keys.hook_index());
-        inv.arg(op).arg(&self.ctx.instance).arg(crate::millis(self.ctx.options.presence_ttl)).arg(channel);
-        self.hook_args(&mut inv);
-        self.ctx.commands.invoke(&inv).await.map(drop).map_err(Into::into)
+    /// Queues an occupancy change of `channel` for the occupancy task (started if idle) and
+    /// waits for the call that carries it.
+    async fn hook_nodes(self: &Arc<Self>, channel: &str, op: &'static str) -> Result<(), BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut o = self.hooks.occupancy.lock().unwrap_or_else(|e| e.into_inner());
+            o.queue.push_back((channel.to_owned(), op, tx));
+            !std::mem::replace(&mut o.running, true)
+        };
+        if start {
+            // A task, not the caller: a caller that gives up must not strand the queue.
+            let me = self.clone();
+            tokio::spawn(async move { me.occupancy_calls().await });
+        }
+        rx.await.unwrap_or_else(|_| Err(BrokerError::Unavailable("webhooks: the occupancy call was dropped".into())))
+    }
+
+    /// The occupancy task: runs the queued changes, a batch per script call, until none waits.
+    async fn occupancy_calls(&self) {
+        loop {
+            let batch: Vec<_> = {
+                let mut o = self.hooks.occupancy.lock().unwrap_or_else(|e| e.into_inner());
+                if o.queue.is_empty() {
+                    o.running = false;
+                    return;
+                }
+                let n = o.queue.len().min(OCCUPANCY_BATCH);
+                o.queue.drain(..n).collect()
+            };
+            let mut inv = self.ctx.scripts.hook_nodes.key(self.ctx.keys.hook_index());
+            for (channel, _, _) in &batch {
+                inv.key(self.ctx.keys.hook_nodes(channel));
+            }
+            inv.arg(&self.ctx.instance).arg(crate::millis(self.ctx.options.presence_ttl));
+            for (channel, op, _) in &batch {
+                inv.arg(*op).arg(channel.as_str());
+            }
+            self.hook_args(&mut inv);
+            let result = self.ctx.commands.invoke(&inv).await.map(drop).map_err(BrokerError::from);
+            for (_, _, reply) in batch {
+                let _ = reply.send(result.clone());
+            }
+        }
     }
 
     /// Periodic: re-adds this instance to the sets of the channels it holds (fresh expiry; an
     /// entry Redis lost or that expired comes back, as an occupy if the set was empty), then
     /// sweeps the sets with expired instances (dead nodes), reporting their vacates.
-    pub(crate) async fn hook_refresh(&self) -> Result<(), BrokerError> {
+    pub(crate) async fn hook_refresh(self: &Arc<Self>) -> Result<(), BrokerError> {
         let Some(a) = self.hooks.args.get() else { return Ok(()) };
         if !a.channels {
             return Ok(());
         }
         let held: Vec<String> = self.hooks.channels().iter().cloned().collect();
         let mut result = Ok(());
+        // Queued in order with the subscribes' and unsubscribes' changes: a `rem` asked after
+        // this `add` is applied after it.
         let mut calls = futures_util::stream::iter(held)
             .map(|c| async move {
                 // Still held? (A `rem` may have come meanwhile.)
                 if self.hooks.channels().contains(&c) { self.hook_nodes(&c, "add").await } else { Ok(()) }
             })
-            .buffer_unordered(16);
+            .buffer_unordered(OCCUPANCY_BATCH);
         while let Some(r) = calls.next().await {
             if r.is_err() {
                 result = r;
@@ -158,7 +216,7 @@ impl Presence {
         };
         let mut sweeps = futures_util::stream::iter(channels)
             .map(|c| async move { self.hook_nodes(&c, "sweep").await })
-            .buffer_unordered(16);
+            .buffer_unordered(OCCUPANCY_BATCH);
         while let Some(r) = sweeps.next().await {
             if r.is_err() {
                 result = r;
@@ -200,6 +258,7 @@ impl Presence {
             };
             if due {
                 self.update_queued(a).await;
+                self.reap_consumers(a).await;
                 let mut cmd = redis::cmd("XAUTOCLAIM");
                 cmd.arg(&a.stream).arg(GROUP).arg(&self.ctx.instance).arg(crate::millis(a.claim_idle)).arg("0");
                 cmd.arg("COUNT").arg(max);
@@ -238,6 +297,38 @@ impl Presence {
                 return Ok(got);
             }
             tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Deletes (`XGROUP DELCONSUMER`) the group's consumers idle for longer than the claim
+    /// time with nothing pending: the nodes of earlier starts (an instance id is new at every
+    /// start). Their pending events were claimed first (`XAUTOCLAIM`, same idle bound); a live
+    /// node reads every `POLL`, and one deleted anyway is re-created by its next read.
+    async fn reap_consumers(&self, a: &Args) {
+        {
+            let mut last = self.hooks.last_reap.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|at| at.elapsed() < REAP_EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let Ok(Value::Array(consumers)) =
+            self.ctx.commands.query(redis::cmd("XINFO").arg("CONSUMERS").arg(&a.stream).arg(GROUP)).await
+        else {
+            return;
+        };
+        let idle_bound = crate::millis(a.claim_idle) as i64;
+        for c in &consumers {
+            let Some((name, pending, idle)) = consumer_info(c) else { continue };
+            if name == self.ctx.instance || pending > 0 || idle <= idle_bound {
+                continue;
+            }
+            let mut cmd = redis::cmd("XGROUP");
+            cmd.arg("DELCONSUMER").arg(&a.stream).arg(GROUP).arg(&name);
+            match self.ctx.commands.query(&cmd).await {
+                Ok(_) => tracing::debug!(consumer = %name, "webhooks: deleted the consumer of a node gone"),
+                Err(e) => tracing::debug!(error = %e, "webhooks: could not delete a stale consumer"),
+            }
         }
     }
 
@@ -333,6 +424,19 @@ impl Presence {
     }
 }
 
+/// One entry of `XINFO CONSUMERS` (RESP2: a flat key/value array; RESP3: a map) → its name,
+/// pending count and idle ms.
+fn consumer_info(v: &Value) -> Option<(String, i64, i64)> {
+    let pairs: Vec<(&Value, &Value)> = match v {
+        Value::Array(kv) => kv.chunks(2).filter_map(|p| Some((p.first()?, p.get(1)?))).collect(),
+        Value::Map(kv) => kv.iter().map(|(k, v)| (k, v)).collect(),
+        _ => return None,
+    };
+    let field = |name: &[u8]| pairs.iter().find(|(k, _)| bulk(k) == Some(name)).map(|(_, v)| *v);
+    let name = String::from_utf8(bulk(field(b"name")?)?.to_vec()).ok()?;
+    Some((name, int(field(b"pending")?)?, int(field(b"idle")?)?))
+}
+
 /// Stream entries `[[id, [field, value, …]], …]` → events (the id is the entry's), and the ids
 /// of the entries that are not events.
 fn entries(v: &Value) -> (Vec<HookEvent>, Vec<String>) {
@@ -401,5 +505,27 @@ mod tests {
         assert_eq!((e.user.as_deref(), e.client.as_deref(), e.data.as_ref()), (Some("u"), Some("k"), None));
         assert_eq!(bad, ["1-1", "1-2"]);
         assert_eq!(entries(&Value::Nil), (Vec::new(), Vec::new()));
+    }
+
+    #[test]
+    fn consumer_entries_in_resp2_and_resp3() {
+        let resp2 = Value::Array(vec![
+            bs("name"),
+            bs("node-a"),
+            bs("pending"),
+            Value::Int(0),
+            bs("idle"),
+            Value::Int(90_000),
+            bs("inactive"),
+            Value::Int(90_000),
+        ]);
+        assert_eq!(consumer_info(&resp2), Some(("node-a".into(), 0, 90_000)));
+        let resp3 = Value::Map(vec![
+            (Value::SimpleString("name".into()), bs("node-b")),
+            (Value::SimpleString("pending".into()), Value::Int(3)),
+            (Value::SimpleString("idle".into()), Value::Int(5)),
+        ]);
+        assert_eq!(consumer_info(&resp3), Some(("node-b".into(), 3, 5)));
+        assert_eq!(consumer_info(&Value::Array(vec![bs("name"), bs("x")])), None);
     }
 }

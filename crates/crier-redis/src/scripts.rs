@@ -122,12 +122,13 @@ pub(crate) const HOOK_FLAGS: [(&str, char); 5] = [
     ("client_publish", 'P'),
 ];
 
-/// The cluster-wide occupancy of a channel (webhooks): KEYS: the channel's node set (ZSET
-/// broker instance → expiry ms), the index of node sets (ZSET channel → earliest expiry).
-/// ARGV: `add`, `rem` or `sweep`, broker instance, ttl ms, channel, then the hook arguments.
-/// Expired instances (dead nodes) are swept first; the set going from empty to one instance is
+/// The cluster-wide occupancy of channels (webhooks), many channels per call: KEYS: the index
+/// of node sets (ZSET channel → earliest expiry), then per channel its node set (ZSET broker
+/// instance → expiry ms). ARGV: broker instance, ttl ms, then per channel `add`, `rem` or
+/// `sweep` and the channel, then the hook arguments. Per channel, in order: expired instances
+/// (dead nodes) are swept first; the set going from empty to one instance is
 /// `channel_occupied`, to empty `channel_vacated` — decided and appended in this one script,
-/// so a channel vacated on three nodes is one event.
+/// so a channel vacated on three nodes is one event. Returns how many channels it did.
 const HOOK_NODES: &str = include_str!("../lua/hook_nodes.lua");
 
 /// Appends one event made by the node (`client_publish`). ARGV: the event JSON, then the hook

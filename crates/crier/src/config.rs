@@ -142,6 +142,8 @@ pub struct ProxySettings {
     pub breaker_failures: u32,
     /// How long an open breaker fails calls at once before it lets one probe through.
     pub breaker_cooldown: Duration,
+    /// How long before a proxy-admitted connection's `expire_at` the refresh proxy is asked.
+    pub refresh_before: Duration,
 }
 
 /// The `[webhooks]` table (TOML only): events POSTed to the backend (docs/hooks.md, Webhooks).

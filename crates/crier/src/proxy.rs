@@ -40,9 +40,6 @@ use crate::state::AppState;
 /// Largest answer body read from a backend.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
-/// How long before a proxy-admitted connection's `expire_at` the refresh proxy is asked.
-pub const REFRESH_AHEAD: Duration = Duration::from_secs(10);
-
 /// Which proxy (the `proxy` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -242,6 +239,8 @@ pub struct Proxies {
     subscribe: Option<Endpoint>,
     publish: Option<Endpoint>,
     refresh: Option<Endpoint>,
+    /// How long before its expiry a watched connection is refreshed (`refresh_before`).
+    refresh_before: Duration,
     /// Connections the connect proxy admitted with an expiry, while `refresh_url` is set.
     refreshable: Mutex<HashMap<ConnId, Refreshable>>,
 }
@@ -293,6 +292,7 @@ impl Proxies {
             subscribe: endpoint(Kind::Subscribe, &s.subscribe_url)?,
             publish: endpoint(Kind::Publish, &s.publish_url)?,
             refresh: endpoint(Kind::Refresh, &s.refresh_url)?,
+            refresh_before: s.refresh_before,
             refreshable: Mutex::new(HashMap::new()),
         }))
     }
@@ -475,7 +475,7 @@ fn clean_reason(reason: &str) -> String {
 }
 
 /// The refresh proxy's task: once a second, asks the backend to extend each watched connection
-/// that expires within [`REFRESH_AHEAD`]; a 200 moves its expiry, a 403 leaves it to close with
+/// that expires within `refresh_before`; a 200 moves its expiry, a 403 leaves it to close with
 /// 4001 at expiry, a failure is retried on the next tick until the expiry.
 pub async fn run_refresher(proxies: Arc<Proxies>) {
     if proxies.refresh.is_none() {
@@ -486,11 +486,12 @@ pub async fn run_refresher(proxies: Arc<Proxies>) {
     loop {
         ticker.tick().await;
         let now = unix_now();
+        let ahead = proxies.refresh_before.as_secs_f64().ceil() as u64;
         let due: Vec<(ConnId, Arc<str>, String)> = {
             let mut map = proxies.refreshable.lock().unwrap_or_else(|p| p.into_inner());
             map.retain(|_, r| r.outbox.strong_count() > 0);
             map.iter_mut()
-                .filter(|(_, r)| !r.busy && r.expire_at <= now + REFRESH_AHEAD.as_secs())
+                .filter(|(_, r)| !r.busy && r.expire_at <= now + ahead)
                 .map(|(conn, r)| {
                     r.busy = true;
                     (*conn, r.user.clone(), r.client.clone())
@@ -580,6 +581,7 @@ mod tests {
             max_concurrency: 1,
             breaker_failures: 1,
             breaker_cooldown: Duration::from_secs(60),
+            refresh_before: Duration::from_secs(10),
         };
         let proxies = Proxies::new(Some(&settings))?.ok_or("proxies")?;
         let held = proxies.connect.as_ref().ok_or("the connect proxy")?.slots.acquire().await?;

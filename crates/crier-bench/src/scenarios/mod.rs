@@ -8,12 +8,14 @@
 //! - [`deploy`]: a rolling restart of three nodes behind nginx under crier-client subscribers;
 //!   and `scaleout` (same machinery): a third node joins two loaded ones, the nodes rebalance.
 //! - [`listing`]: `GET /api/v1/channels` over many active channels on several nodes + Redis.
+//! - [`hooks`]: webhook events through several nodes + Redis into a local backend.
 //! - [`hold`]: a helper process holding a slice of `idle`'s connections (descriptor limits).
 
 pub mod churn;
 pub mod deploy;
 pub mod failover;
 pub mod hold;
+pub mod hooks;
 pub mod idle;
 pub mod listing;
 pub mod pubsub;

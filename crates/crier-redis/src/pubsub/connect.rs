@@ -2,6 +2,7 @@
 //! follows it), or every master of a Cluster; then the control channels and every tracked
 //! channel are subscribed and gap-filled. And the probe that notices a lost or demoted server.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -84,7 +85,7 @@ impl Task {
             let con = self.resolver.cluster_commands().await.map_err(|e| lost(format!("cluster commands: {e}")))?;
             self.ctx.commands.replace(crate::command::Con::Cluster(con), String::new());
         }
-        let mut conn = Conn { shards, slots, pushes };
+        let mut conn = Conn { shards, slots, pushes, unsubscribing: HashMap::new() };
         // The control channel: plain pub/sub (a Cluster broadcasts it to every node).
         if let Some(shard) = conn.shards.first_mut() {
             bounded(t, shard.con.subscribe(self.ctx.keys.control())).await.map_err(lost)?;

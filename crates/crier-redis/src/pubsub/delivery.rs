@@ -37,6 +37,17 @@ impl Task {
             // A slot of a subscribed shard channel moved away (resharding, failover): the slot
             // map changed, so reconnect everything (re-subscribe on the new owners, gap-fill).
             PushKind::SUnsubscribe => {
+                // The confirmation of this task's own SUNSUBSCRIBE: not a move.
+                if let Some(Value::BulkString(name)) = push.data.first()
+                    && let Ok(name) = std::str::from_utf8(name)
+                    && let Some(n) = conn.unsubscribing.get_mut(name)
+                {
+                    *n -= 1;
+                    if *n == 0 {
+                        conn.unsubscribing.remove(name);
+                    }
+                    return Ok(());
+                }
                 let channel = push.data.first().and_then(|v| match v {
                     Value::BulkString(name) => self.ctx.keys.channel_of(name).map(str::to_owned),
                     _ => None,

@@ -59,31 +59,48 @@ impl Task {
                 Err(_) => break,
             }
         }
-        // Subscribes and history reads are batched (subscribes first); an unsubscribe is done
-        // after everything queued before it.
-        let (mut subs, mut reads) = (Vec::new(), Vec::new());
+        // Subscribes and history reads are batched (subscribes first), and so are unsubscribes:
+        // per channel, in the order asked — a request about a channel with an earlier request of
+        // the other kind waiting sends what waits first. (One UNSUBSCRIBE per channel, each
+        // waited for, bounded a node's channel churn at one round trip per vacated channel.)
+        let (mut subs, mut reads, mut unsubs) = (Vec::new(), Vec::new(), Vec::new());
         let mut batch = batch.into_iter();
         let mut result = Ok(());
         for request in batch.by_ref() {
             match request {
-                Request::Subscribe { channel, reply } => subs.push((channel, reply)),
-                Request::History(read) => reads.push(read),
-                Request::Unsubscribe { channel, reply } => {
-                    result = self.flush(conn, &mut subs, &mut reads).await;
-                    if result.is_ok() {
-                        result = self.unsubscribe(conn, &channel).await;
-                    } else {
-                        self.forget(&channel);
+                Request::Subscribe { channel, reply } => {
+                    if unsubs.iter().any(|(c, _)| *c == channel) {
+                        result = self.unsubscribe(conn, &mut unsubs).await;
                     }
-                    let _ = reply.send(());
-                    if result.is_err() {
-                        break;
-                    }
+                    subs.push((channel, reply));
                 }
+                Request::History(read) => {
+                    if unsubs.iter().any(|(c, _)| *c == read.channel) {
+                        result = self.unsubscribe(conn, &mut unsubs).await;
+                    }
+                    reads.push(read);
+                }
+                Request::Unsubscribe { channel, reply } => {
+                    if subs.iter().any(|(c, _)| *c == channel) || reads.iter().any(|r| r.channel == channel) {
+                        result = self.flush(conn, &mut subs, &mut reads).await;
+                    }
+                    unsubs.push((channel, reply));
+                }
+            }
+            if result.is_err() {
+                break;
             }
         }
         if result.is_ok() {
             result = self.flush(conn, &mut subs, &mut reads).await;
+        }
+        if result.is_ok() {
+            result = self.unsubscribe(conn, &mut unsubs).await;
+        }
+        // Unsubscribes not sent: forgotten (not re-subscribed on reconnect), answered.
+        for (channel, reply) in unsubs {
+            self.forget(&channel);
+            let _ = reply.send(());
         }
         // The connection is gone: answer the rest as if offline.
         for (channel, reply) in subs {
@@ -223,11 +240,21 @@ impl Task {
         Ok(())
     }
 
-    async fn unsubscribe(&mut self, conn: &mut Conn, channel: &str) -> Step {
-        if self.ctx.has_subscribers(channel) || self.channels.remove(channel).is_none() {
-            return Ok(());
+    /// Unsubscribes the channels of `unsubs` the node has no subscribers of again (one call per
+    /// shard), then answers them; on a failure they stay in `unsubs` for the caller to forget.
+    async fn unsubscribe(&mut self, conn: &mut Conn, unsubs: &mut Vec<(String, oneshot::Sender<()>)>) -> Step {
+        let gone: Vec<&str> = unsubs
+            .iter()
+            .map(|(c, _)| c.as_str())
+            .filter(|c| !self.ctx.has_subscribers(c) && self.channels.remove(*c).is_some())
+            .collect();
+        for (shard, channels) in conn.group(&gone) {
+            let names: Vec<String> = channels.iter().map(|c| self.ctx.keys.pubsub(c)).collect();
+            conn.unsubscribe(shard, &names, self.ctx.options.command_timeout).await?;
         }
-        let shard = conn.shard_of(channel);
-        conn.unsubscribe(shard, &self.ctx.keys.pubsub(channel), self.ctx.options.command_timeout).await
+        for (_, reply) in unsubs.drain(..) {
+            let _ = reply.send(());
+        }
+        Ok(())
     }
 }

@@ -33,6 +33,10 @@ pub(super) struct Conn {
     /// `None`: one Redis (everything on shard 0).
     pub slots: Option<SlotMap>,
     pub pushes: mpsc::UnboundedReceiver<PushInfo>,
+    /// Shard channels this task SUNSUBSCRIBEd whose confirmation push has not come yet: that
+    /// push is not a slot moving away (a channel re-subscribed meanwhile must not be taken for
+    /// one). Pub/sub channel name → confirmations awaited.
+    pub unsubscribing: std::collections::HashMap<String, u32>,
 }
 
 impl Conn {
@@ -80,16 +84,25 @@ impl Conn {
         Ok(())
     }
 
-    pub(super) async fn unsubscribe(&mut self, shard: usize, name: &str, t: std::time::Duration) -> Step {
+    /// Unsubscribes pub/sub channel `names` on `shard`: one UNSUBSCRIBE, or on a Cluster one
+    /// SUNSUBSCRIBE per channel, pipelined.
+    pub(super) async fn unsubscribe(&mut self, shard: usize, names: &[String], t: std::time::Duration) -> Step {
         let sharded = self.slots.is_some();
-        let s = self.shard(shard)?;
-        if sharded {
-            let mut cmd = redis::cmd("SUNSUBSCRIBE");
-            cmd.arg(name);
-            bounded(t, cmd.query_async::<Value>(&mut s.con)).await.map(drop).map_err(lost)
-        } else {
-            bounded(t, s.con.unsubscribe(name)).await.map_err(lost)
+        for chunk in names.chunks(SUBSCRIBE_BATCH) {
+            if sharded {
+                let mut pipe = redis::pipe();
+                for name in chunk {
+                    pipe.cmd("SUNSUBSCRIBE").arg(name);
+                    *self.unsubscribing.entry(name.clone()).or_default() += 1;
+                }
+                let s = self.shard(shard)?;
+                bounded(t, pipe.query_async::<Vec<Value>>(&mut s.con)).await.map(drop).map_err(lost)?;
+            } else {
+                let s = self.shard(shard)?;
+                bounded(t, s.con.unsubscribe(chunk)).await.map_err(lost)?;
+            }
         }
+        Ok(())
     }
 
     /// Runs history-script `calls` on `shard`, pipelined (EVALSHA with the script loaded on

@@ -542,7 +542,7 @@ fn namespaces(p: &mut Parser<'_>, raw: &[RawNamespace], default: ChannelPolicy) 
 }
 
 /// The options of the `[proxy]` table.
-const PROXY_OPTIONS: [&str; 10] = [
+const PROXY_OPTIONS: [&str; 11] = [
     "connect_url",
     "connect_headers",
     "connect_always",
@@ -553,7 +553,11 @@ const PROXY_OPTIONS: [&str; 10] = [
     "max_concurrency",
     "breaker_failures",
     "breaker_cooldown",
+    "refresh_before",
 ];
+
+/// Longest proxy `refresh_before`.
+const MAX_REFRESH_BEFORE: Duration = Duration::from_secs(3600);
 
 /// Longest proxy `timeout`.
 const MAX_PROXY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -579,6 +583,7 @@ fn proxy(p: &mut Parser<'_>, raw: &RawNamespace) -> Option<ProxySettings> {
         max_concurrency: 64,
         breaker_failures: 5,
         breaker_cooldown: Duration::from_secs(5),
+        refresh_before: Duration::from_secs(10),
     };
     let mut ok = true;
     for (key, value) in options {
@@ -637,6 +642,7 @@ fn proxy(p: &mut Parser<'_>, raw: &RawNamespace) -> Option<ProxySettings> {
             "max_concurrency" => at_least_one::<usize>(&text).map(|n| out.max_concurrency = n),
             "breaker_failures" => number::<u32>(&text).map(|n| out.breaker_failures = n),
             "breaker_cooldown" => duration_within(&text, false, MAX_DURATION).map(|d| out.breaker_cooldown = d),
+            "refresh_before" => duration_within(&text, false, MAX_REFRESH_BEFORE).map(|d| out.refresh_before = d),
             _ => continue,
         };
         if let Err(problem) = typed {

@@ -795,7 +795,7 @@ fn the_proxy_table_and_the_namespace_switches() -> TestResult {
         "crier.toml",
         "[proxy]\nconnect_url = \"http://127.0.0.1:9000/connect\"\nconnect_headers = [\"Cookie\", \"X-Request-Id\"]\n\
          subscribe_url = \"http://127.0.0.1:9000/subscribe\"\ntimeout = \"250ms\"\nmax_concurrency = 8\n\
-         [namespaces.room]\nsubscribe_proxy = true\n",
+         refresh_before = \"30s\"\n[namespaces.room]\nsubscribe_proxy = true\n",
     )?;
     let c = load_with(&["--config", &file], &[])?;
     let p = c.proxy.ok_or("the [proxy] table")?;
@@ -805,6 +805,14 @@ fn the_proxy_table_and_the_namespace_switches() -> TestResult {
     assert_eq!((p.publish_url, p.refresh_url), (None, None));
     assert_eq!((p.timeout, p.max_concurrency), (Duration::from_millis(250), 8));
     assert_eq!((p.connect_always, p.breaker_failures, p.breaker_cooldown), (false, 5, Duration::from_secs(5)));
+    assert_eq!(p.refresh_before, Duration::from_secs(30));
+    // `refresh_before`: 10 s unless set; more than an hour is a problem.
+    let dflt = dir.file("dflt.toml", "[proxy]\nconnect_url = \"http://127.0.0.1:9000/connect\"\n")?;
+    assert_eq!(load_with(&["--config", &dflt], &[])?.proxy.ok_or("proxy")?.refresh_before, Duration::from_secs(10));
+    let long =
+        dir.file("long.toml", "[proxy]\nconnect_url = \"http://127.0.0.1:9000/connect\"\nrefresh_before = \"2h\"\n")?;
+    let p2 = problems(&["--config", &long], &[]);
+    assert!(p2.len() == 1 && p2[0].starts_with("proxy.refresh_before: `2h`"), "{p2:#?}");
     assert!(c.namespaces.policy("room:1").subscribe_proxy);
     assert!(!c.namespaces.policy("room:1").publish_proxy);
     assert!(!c.namespaces.policy("news:1").subscribe_proxy, "off unless the namespace says so");
