@@ -12,10 +12,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::backoff::Backoff;
 use crate::driver::Driver;
-use crate::protocol::{Options, Reply, Request, RequestKind, Shared, ToDriver};
-use crate::state::{State, Welcome};
 use crate::error::{CloseReason, Error};
 use crate::events::{EndReason, Event, Message};
+use crate::protocol::{Options, Reply, Request, RequestKind, Shared, ToDriver};
+use crate::state::{State, Welcome};
 use crate::subscription::Subscription;
 
 /// The subscriptions the server makes for this client ([`Client::server_subscriptions`]).

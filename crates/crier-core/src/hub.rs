@@ -11,8 +11,9 @@
 //! writer).
 //!
 //! A new subscriber starts *buffering*: live publications are kept aside in the form it will be
-//! sent (the fan-out's shared one; bounded by its queue size; the oldest go first) while the session reads the channel's position/history from the
-//! broker and queues the ack and the recovered messages itself, paced by the outbox
+//! sent (the fan-out's shared one; bounded by its queue size; the oldest go first) while the
+//! session reads the channel's position/history from the broker and queues the ack and the
+//! recovered messages itself, paced by the outbox
 //! ([`crate::node::Node::subscribe`]). [`Hub::try_activate`] then, in one critical section,
 //! queues the buffered publications newer than the last recovered one and flips the subscriber
 //! to live — or says the buffer dropped some of them and more history must be read first
@@ -43,6 +44,9 @@ use forms::{Forms, Needs, out_len};
 use subscribers::Subscribers;
 
 const SHARDS: usize = 64;
+
+/// One shard of the hub: channel → its entry.
+type Shard = HashMap<Box<str>, Channel>;
 
 /// Resolves once this node's broker subscription for a channel is in place; shared by every
 /// local subscriber that joined while it was being made. Dropped from the channel's entry once
@@ -345,7 +349,7 @@ impl Hub {
 
     /// The channel's shard locked, with the forms of `frame` its subscribers take built before
     /// (with the lock released meanwhile when there are any to build). `None`: no subscriber.
-    fn lock_with_forms(&self, channel: &str, frame: &Bytes) -> Option<(MutexGuard<'_, HashMap<Box<str>, Channel>>, Forms)> {
+    fn lock_with_forms(&self, channel: &str, frame: &Bytes) -> Option<(MutexGuard<'_, Shard>, Forms)> {
         let shard = self.shard(channel);
         let needs = shard.get(channel)?.needs;
         if needs.plain() {

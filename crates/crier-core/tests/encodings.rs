@@ -131,7 +131,11 @@ async fn deflate_subscribers_share_one_compressed_frame_per_encoding_and_window(
     assert_ne!(ptr(&got[7][0]), ptr(&got[5][0]));
     for (i, bits) in [(5, 9), (7, 12)] {
         let Out::Deflated(z) = &got[i][0] else { unreachable!() };
-        assert_eq!(z.to_vec(), crier_protocol::ws::deflate_window(&p.frame, bits).unwrap(), "compressed with {bits} bits");
+        assert_eq!(
+            z.to_vec(),
+            crier_protocol::ws::deflate_window(&p.frame, bits).unwrap(),
+            "compressed with {bits} bits"
+        );
         assert_eq!(crier_protocol::ws::inflate(z, 1 << 20).unwrap(), p.frame.to_vec());
     }
 }

@@ -112,7 +112,10 @@ fn stale(span: &str, files: &[String], ix: &Index) -> Option<String> {
     let looks_like_path = !span.contains(char::is_whitespace)
         && !span.contains("::")
         && !span.contains(['{', '<', '*', '=', '(', ':', '?'])
-        && (span.contains('/') || [".rs", ".md", ".toml", ".js", ".lua", ".json", ".conf", ".py", ".html"].iter().any(|e| span.ends_with(e)));
+        && (span.contains('/')
+            || [".rs", ".md", ".toml", ".js", ".lua", ".json", ".conf", ".py", ".html"]
+                .iter()
+                .any(|e| span.ends_with(e)));
     if looks_like_path && span.starts_with('/') {
         // A route or a system path: a string the code uses.
         return (!ix.text.contains(span)).then(|| format!("`{span}` appears nowhere in the sources"));
@@ -144,7 +147,8 @@ fn stale(span: &str, files: &[String], ix: &Index) -> Option<String> {
         }
         if let Some(group) = last.strip_prefix('{').and_then(|l| l.strip_suffix('}')) {
             // `auth::{mint_hs256, generate_secret}`
-            let missing: Vec<&str> = group.split(',').map(str::trim).filter(|n| !known(n) && !ix.words.contains(*n)).collect();
+            let missing: Vec<&str> =
+                group.split(',').map(str::trim).filter(|n| !known(n) && !ix.words.contains(*n)).collect();
             return (!missing.is_empty()).then(|| format!("`{}` (of `{span}`) not found", missing.join(", ")));
         }
         if !(known(last) || (last.starts_with(char::is_uppercase) && ix.words.contains(last))) {
@@ -156,7 +160,8 @@ fn stale(span: &str, files: &[String], ix: &Index) -> Option<String> {
         return None;
     }
     if span.starts_with(char::is_uppercase) && span.chars().any(char::is_lowercase) {
-        return (!ix.defined.contains(span) && !ix.words.contains(span)).then(|| format!("`{span}` is defined nowhere"));
+        return (!ix.defined.contains(span) && !ix.words.contains(span))
+            .then(|| format!("`{span}` is defined nowhere"));
     }
     (!ix.words.contains(span)).then(|| format!("`{span}` appears nowhere in the sources"))
 }

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crier_client::{Client, Event};
-use serde_json::json;
 use crier_testkit::until;
+use serde_json::json;
 use support::{Server, WAIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,8 +82,10 @@ async fn a_drained_nodes_clients_resume_on_another_node_without_loss() {
     })
     .await;
     let after: Vec<usize> = received.iter().map(|r| r.lock().unwrap().len()).collect();
-    until("messages after the drain", async || received.iter().zip(&after).all(|(r, n)| r.lock().unwrap().len() >= n + 10))
-        .await;
+    until("messages after the drain", async || {
+        received.iter().zip(&after).all(|(r, n)| r.lock().unwrap().len() >= n + 10)
+    })
+    .await;
     stop.send(true).unwrap();
     publisher.await.unwrap();
     for r in readers {

@@ -121,7 +121,10 @@ struct HttpError {
     message: String,
 }
 
-pub(super) fn build_request(url: &str, token: Option<&str>) -> Result<tokio_tungstenite::tungstenite::http::Request<()>, String> {
+pub(super) fn build_request(
+    url: &str,
+    token: Option<&str>,
+) -> Result<tokio_tungstenite::tungstenite::http::Request<()>, String> {
     let mut req = url.into_client_request().map_err(|e| format!("invalid URL: {e}"))?;
     if let Some(t) = token {
         let value = HeaderValue::from_str(&format!("Bearer {t}"))

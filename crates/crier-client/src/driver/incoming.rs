@@ -195,7 +195,13 @@ impl Driver {
 
     /// A subscribe answered with an error: retried later when the refusal is temporary, else the
     /// subscription ends.
-    pub(super) fn subscribe_refused<S>(&mut self, conn: &mut Conn<S>, channel: String, generation: u64, error: ServerError) {
+    pub(super) fn subscribe_refused<S>(
+        &mut self,
+        conn: &mut Conn<S>,
+        channel: String,
+        generation: u64,
+        error: ServerError,
+    ) {
         let Some(sub) = self.subs.get_mut(&channel).filter(|s| s.generation == generation) else { return };
         if sub.server && error.code == "forbidden" {
             // Not subscribed by the server again (yet) on this connection: wait for its frame.

@@ -581,4 +581,3 @@ async fn join<T>(h: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinEr
         None => std::future::pending().await,
     }
 }
-

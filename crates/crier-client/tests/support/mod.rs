@@ -21,10 +21,10 @@ pub const API_KEY: &str = "client-test-api-key";
 /// How long any single wait may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// A free TCP port on 127.0.0.1 (crier-testkit's).
-pub use crier_testkit::redis::free_port;
 /// A `redis-server` on a free port, killed on drop (crier-testkit's).
 pub use crier_testkit::redis::RedisServer as Redis;
+/// A free TCP port on 127.0.0.1 (crier-testkit's).
+pub use crier_testkit::redis::free_port;
 
 /// A running `crier` node (crier-testkit's [`Process`]: output captured, killed on drop).
 pub struct Node {
@@ -55,7 +55,7 @@ impl Node {
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut node =
             Node { process: None, addr: SocketAddr::from(([127, 0, 0, 1], 0)), args, http: reqwest::Client::new() };
-        node.launch("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        node.launch("127.0.0.1:0").await.unwrap();
         node
     }
 

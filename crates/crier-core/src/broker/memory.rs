@@ -726,12 +726,12 @@ mod tests {
         b.set_revocation_ttl(Duration::from_secs(3600));
         let now = crate::now_micros() / 1_000_000;
         let invalidate = async |user: &str, before: u64| {
-            b.user_op(user, &UserOp::Invalidate { before }).await.unwrap_or_else(|e| panic!("user_op: {e}"));
+            b.user_op(user, &UserOp::Invalidate { before }).await.expect("user_op");
         };
         invalidate("old", now - 7200).await;
         invalidate("new", now).await;
         assert_eq!(lock(&b.revoked).len(), 1, "the stale one is no longer held");
-        let kept = b.revocations(0).await.unwrap_or_else(|e| panic!("revocations: {e}"));
+        let kept = b.revocations(0).await.expect("revocations");
         assert_eq!(kept, [Revocation { user: "new".into(), before: now }]);
     }
 
@@ -766,18 +766,18 @@ mod tests {
         let data = format!("\"{}\"", "x".repeat(1000));
         let one = 1000 + 100 + std::mem::size_of::<(Publication, Instant)>();
         let broker = MemoryBroker::with_history_cap(100, Duration::from_secs(60), 3 * one);
-        let first = broker.publish("a", &data, PublishOptions::default()).await.unwrap_or_else(|e| panic!("{e}"));
+        let first = broker.publish("a", &data, PublishOptions::default()).await.unwrap();
         for channel in ["b", "c", "d", "e", "f", "g", "h"] {
             // Each publish in a slice of its own (the cap keeps the newest slice whole); not a
             // synchronisation, a distinct publish time.
             std::thread::sleep(TICK);
-            broker.publish(channel, &data, PublishOptions::default()).await.unwrap_or_else(|e| panic!("{e}"));
+            broker.publish(channel, &data, PublishOptions::default()).await.unwrap();
         }
         assert!(broker.history_bytes() <= 3 * one, "{} bytes kept", broker.history_bytes());
         let pos = StreamPosition { epoch: first.epoch, offset: 0 };
-        let h = broker.history("a", Some(&pos), 10).await.unwrap_or_else(|e| panic!("{e}"));
+        let h = broker.history("a", Some(&pos), 10).await.unwrap();
         assert!(h.gap && h.publications.is_empty(), "the oldest channel's message went, and that is said");
-        let h = broker.history("h", None, 10).await.unwrap_or_else(|e| panic!("{e}"));
+        let h = broker.history("h", None, 10).await.unwrap();
         assert_eq!(h.publications.len(), 1, "the newest is kept");
     }
 }

@@ -20,15 +20,15 @@ use crier_protocol::ws::{DEFLATE_WINDOWS, deflate_window, deflate_window_slot};
 use crate::outbox::{Out, Outbox};
 
 /// The forms a channel's subscribers need besides the JSON frame: one bit per form, and the
-/// smallest frame any of them takes compressed.
+/// smallest frame any of them takes compressed. 8 bytes in every channel's entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Needs {
     bits: u16,
-    deflate_min: usize,
+    deflate_min: u32,
 }
 
 const MSGPACK: u16 = 1;
-const _: () = assert!(1 + 2 * DEFLATE_WINDOWS <= 16, "one bit per form");
+const _: () = assert!(2 * DEFLATE_WINDOWS < 16, "one bit per form");
 
 fn deflate_bit(msgpack: bool, slot: usize) -> u16 {
     1 << (1 + usize::from(msgpack) * DEFLATE_WINDOWS + slot)
@@ -36,7 +36,7 @@ fn deflate_bit(msgpack: bool, slot: usize) -> u16 {
 
 impl Default for Needs {
     fn default() -> Needs {
-        Needs { bits: 0, deflate_min: usize::MAX }
+        Needs { bits: 0, deflate_min: u32::MAX }
     }
 }
 
@@ -49,7 +49,7 @@ impl Needs {
         }
         if let Some(min) = outbox.deflate_min() {
             self.bits |= deflate_bit(msgpack, deflate_window_slot(outbox.deflate_window_bits()));
-            self.deflate_min = self.deflate_min.min(min);
+            self.deflate_min = self.deflate_min.min(u32::try_from(min).unwrap_or(u32::MAX));
         }
     }
 
@@ -81,7 +81,7 @@ impl Forms {
         }
         for (msgpack, per_window) in forms.deflated.iter_mut().enumerate() {
             let frame = if msgpack == 1 { forms.converted.as_ref() } else { Some(json) };
-            let Some(frame) = frame.filter(|f| f.len() >= needs.deflate_min) else { continue };
+            let Some(frame) = frame.filter(|f| f.len() >= needs.deflate_min as usize) else { continue };
             for (slot, out) in per_window.iter_mut().enumerate() {
                 if needs.bits & deflate_bit(msgpack == 1, slot) != 0 {
                     *out = Some(compress(frame, slot_bits(slot)));
@@ -170,7 +170,7 @@ mod tests {
 
     #[test]
     fn built_forms_are_the_ones_queued() {
-        let json = Bytes::from(crier_protocol::frames::encode_message("c", "e", 1, r#"{"text":"hello hello hello"}"#));
+        let json = crier_protocol::frames::encode_message("c", "e", 1, r#"{"text":"hello hello hello"}"#);
         let subscribers = [
             outbox(Encoding::Json, None),
             outbox(Encoding::MsgPack, None),
