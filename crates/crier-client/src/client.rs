@@ -11,9 +11,12 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::backoff::Backoff;
-use crate::driver::{Command, Driver, Options, Reply, Request, RequestKind, Shared, State, Welcome};
+use crate::driver::Driver;
 use crate::error::{CloseReason, Error};
-use crate::subscription::{EndReason, Event, Message, Subscription};
+use crate::events::{EndReason, Event, Message};
+use crate::protocol::{Options, Reply, Request, RequestKind, Shared, ToDriver};
+use crate::state::{State, Welcome};
+use crate::subscription::Subscription;
 
 /// The subscriptions the server makes for this client ([`Client::server_subscriptions`]).
 pub type ServerSubscriptions = mpsc::UnboundedReceiver<Subscription>;
@@ -166,7 +169,7 @@ pub struct History {
 
 #[derive(Debug)]
 struct Inner {
-    commands: mpsc::UnboundedSender<Command>,
+    commands: mpsc::UnboundedSender<ToDriver>,
     shared: Arc<Shared>,
     request_timeout: Option<Duration>,
     generation: AtomicU64,
@@ -175,7 +178,7 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let _ = self.commands.send(Command::Close);
+        let _ = self.commands.send(ToDriver::Close);
     }
 }
 
@@ -242,8 +245,8 @@ impl Client {
     fn subscribe_inner(&self, channel: String, from: Option<StreamPosition>) -> Subscription {
         let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        let cmd = Command::Subscribe { channel: channel.clone(), from, generation, events: tx };
-        if let Err(mpsc::error::SendError(Command::Subscribe { events, .. })) = self.inner.commands.send(cmd) {
+        let cmd = ToDriver::Subscribe { channel: channel.clone(), from, generation, events: tx };
+        if let Err(mpsc::error::SendError(ToDriver::Subscribe { events, .. })) = self.inner.commands.send(cmd) {
             let _ = events.send(Event::Ended(EndReason::ClientClosed));
         }
         Subscription { channel, generation, events: rx, commands: self.inner.commands.clone() }
@@ -251,7 +254,7 @@ impl Client {
 
     async fn request(&self, kind: RequestKind) -> Result<Reply, Error> {
         let (tx, rx) = oneshot::channel();
-        self.inner.commands.send(Command::Request(Request { kind, reply: tx })).map_err(|_| Error::Closed)?;
+        self.inner.commands.send(ToDriver::Request(Request { kind, reply: tx })).map_err(|_| Error::Closed)?;
         let reply = async { rx.await.unwrap_or(Err(Error::Closed)) };
         match self.inner.request_timeout {
             Some(t) => tokio::time::timeout(t, reply).await.unwrap_or(Err(Error::Timeout)),
@@ -340,7 +343,7 @@ impl Client {
     /// Closes the connection (code 1000) and stops; every subscription ends with
     /// [`EndReason::ClientClosed`].
     pub fn close(&self) {
-        let _ = self.inner.commands.send(Command::Close);
+        let _ = self.inner.commands.send(ToDriver::Close);
     }
 
     /// Waits until the client is [`State::Closed`] or [`State::Failed`] and returns why.

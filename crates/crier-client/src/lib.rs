@@ -44,11 +44,15 @@
 //! # }
 //! ```
 //!
-//! Modules:
+//! Modules, each depending only on those above it (no cycle):
+//! - `state`: the public [`State`] and [`Welcome`]; `events`: what a subscription yields
+//!   ([`Event`], [`Message`], [`Gap`], [`EndReason`]).
+//! - `tracker`: the position tracker that dedupes by offset and detects gaps.
+//! - `protocol`: the handle-to-task protocol (what the handles send the task and share with it).
+//! - `subscription`: [`Subscription`] (a stream of [`Event`]s; dropping it unsubscribes).
+//! - `driver`: the one task per client that owns the connection — the state machine; the
+//!   close-code table (`driver/close.rs`) and what each server frame does (`driver/incoming.rs`).
 //! - `client`: [`Client`] (the handle: state, subscribe, requests, close) and [`ClientBuilder`].
-//! - `driver`: the one task per client that owns the connection; the close-code table.
-//! - `subscription`: [`Subscription`] (a stream of [`Event`]s) and the position tracker that
-//!   dedupes and detects gaps.
 //! - `frames`: the client's side of the wire format (the shared types come from
 //!   `crier-protocol`).
 //! - `backoff`, `token`: full-jitter backoff; token sources and refresh scheduling.
@@ -61,17 +65,22 @@ mod backoff;
 mod client;
 mod driver;
 mod error;
+mod events;
 mod frames;
+mod protocol;
+mod state;
 mod subscription;
 mod token;
+mod tracker;
 
 pub use backoff::Backoff;
 pub use client::{Client, ClientBuilder, History, HistoryOptions, PresenceStats, Published, ServerSubscriptions};
 pub use crier_protocol::frames::PresenceEntry;
 pub use crier_protocol::{ErrorCode, StreamPosition};
-pub use driver::{State, Welcome};
 pub use error::{CloseReason, Error, ServerError};
-pub use subscription::{EndReason, Event, Gap, GapReason, Message, Subscription};
+pub use events::{EndReason, Event, Gap, GapReason, Message};
+pub use state::{State, Welcome};
+pub use subscription::Subscription;
 pub use token::BoxError;
 
 /// The README's example is compiled as a doctest, so it cannot drift from the API.

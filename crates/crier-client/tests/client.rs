@@ -73,7 +73,7 @@ fn gaps(events: &Mutex<Vec<Event>>) -> Vec<Gap> {
 
 #[tokio::test]
 async fn subscribes_receives_publishes_and_reads_presence_and_history() {
-    let node = Node::start(&[]);
+    let node = Node::start(&[]).await;
     let c = client(node.ws_url(), token("alice", &["chat:*"], &["chat:*"], HOUR));
     let mut sub = c.subscribe("chat:lobby");
     let (epoch, offset, recovered) = subscribed(&mut sub).await;
@@ -128,7 +128,7 @@ async fn subscribes_receives_publishes_and_reads_presence_and_history() {
 /// `presence_stats` counts clients and users.
 #[tokio::test]
 async fn join_and_leave_events_and_presence_stats() {
-    let node = Node::start(&["--dev"]);
+    let node = Node::start(&["--dev"]).await;
     let alice = client(node.ws_url(), token("alice", &["chat:*"], &[], HOUR));
     let mut sub = alice.subscribe("chat:room");
     subscribed(&mut sub).await;
@@ -165,7 +165,7 @@ async fn join_and_leave_events_and_presence_stats() {
 /// client follows the pages, so 20 messages of ~65,000 bytes come back whole, in order.
 #[tokio::test]
 async fn history_larger_than_the_queue_comes_back_whole() {
-    let node = Node::start(&[]);
+    let node = Node::start(&[]).await;
     let c = client(node.ws_url(), token("carol", &["big:*"], &[], HOUR));
     for i in 0..20 {
         let r = node.publish("big:h", json!(format!("{i:05}{}", "x".repeat(65_000)))).await;
@@ -181,7 +181,7 @@ async fn history_larger_than_the_queue_comes_back_whole() {
 
 #[tokio::test]
 async fn refusals_carry_the_contracts_error_codes() {
-    let node = Node::start(&[]);
+    let node = Node::start(&[]).await;
     let c = client(node.ws_url(), token("bob", &["chat:*"], &["chat:own"], HOUR));
     let err = c.publish("chat:other", &json!(1)).await.expect_err("no publish claim");
     assert_eq!(err.code(), Some("forbidden"));
@@ -224,8 +224,8 @@ async fn refusals_carry_the_contracts_error_codes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_and_restarted_on_the_same_port_loses_nothing_acknowledged() {
     let redis = Redis::start();
-    let mut a = Node::with_redis(&redis, "node-a", &[]);
-    let b = Arc::new(Node::with_redis(&redis, "node-b", &[]));
+    let mut a = Node::with_redis(&redis, "node-a", &[]).await;
+    let b = Arc::new(Node::with_redis(&redis, "node-b", &[]).await);
     let c = client(a.ws_url(), token("carol", &["orders:*"], &[], HOUR));
     let mut sub = c.subscribe("orders:eu");
     subscribed(&mut sub).await;
@@ -254,15 +254,15 @@ async fn a_node_killed_and_restarted_on_the_same_port_loses_nothing_acknowledged
         }
     });
 
-    until("20 messages before the kill", || messages(&events).len() >= 20).await;
+    until("20 messages before the kill", async || messages(&events).len() >= 20).await;
     a.kill();
-    until("the client noticed", || c.state() != State::Connected).await;
+    until("the client noticed", async || c.state() != State::Connected).await;
     let before_restart = acked.lock().unwrap().len();
-    until("20 publishes while node a is down", || acked.lock().unwrap().len() >= before_restart + 20).await;
-    a.restart();
-    until("the client reconnected", || c.connections() == 2).await;
+    until("20 publishes while node a is down", async || acked.lock().unwrap().len() >= before_restart + 20).await;
+    a.restart().await;
+    until("the client reconnected", async || c.connections() == 2).await;
     let delivered = messages(&events).len();
-    until("20 messages after the reconnect", || messages(&events).len() >= delivered + 20).await;
+    until("20 messages after the reconnect", async || messages(&events).len() >= delivered + 20).await;
     stop_tx.send(true).unwrap();
     publisher.await.unwrap();
     tokio::time::timeout(support::WAIT, reader).await.expect("the last message arrives").unwrap();
@@ -281,7 +281,7 @@ async fn a_node_killed_and_restarted_on_the_same_port_loses_nothing_acknowledged
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_refreshed_before_expiry_and_replaced_after_4001() {
-    let node = Node::start(&[]);
+    let node = Node::start(&[]).await;
     // Phase 1: every token lives 3 s; the provider's fresh ones go in `refresh` frames.
     let calls = Arc::new(AtomicUsize::new(0));
     let n = calls.clone();
@@ -294,7 +294,7 @@ async fn tokens_are_refreshed_before_expiry_and_replaced_after_4001() {
         .unwrap();
     let mut sub = c.subscribe("news:today");
     subscribed(&mut sub).await;
-    until("three refreshes", || calls.load(Ordering::SeqCst) >= 4).await;
+    until("three refreshes", async || calls.load(Ordering::SeqCst) >= 4).await;
     // Past the first token's lifetime, still the first connection.
     assert_eq!(c.connections(), 1, "refresh kept the connection");
     assert_eq!(c.state(), State::Connected);
@@ -323,7 +323,7 @@ async fn tokens_are_refreshed_before_expiry_and_replaced_after_4001() {
         .unwrap();
     let mut sub = c.subscribe("news:today");
     let (_, at, _) = subscribed(&mut sub).await;
-    until("the reconnect after 4001", || c.connections() == 2).await;
+    until("the reconnect after 4001", async || c.connections() == 2).await;
     assert_eq!(calls.load(Ordering::SeqCst), 3, "first token, refused refresh, token after 4001");
     let (_, _, recovered) = subscribed(&mut sub).await;
     assert_eq!(recovered, Some(true));
@@ -342,7 +342,7 @@ async fn tokens_are_refreshed_before_expiry_and_replaced_after_4001() {
 
 #[tokio::test]
 async fn close_codes_4003_and_1008_end_the_client_and_1012_does_not() {
-    let node = Node::start(&[]);
+    let node = Node::start(&[]).await;
     let c = client(node.ws_url(), token("gina", &["chat:*"], &[], HOUR));
     let mut sub = c.subscribe("chat:x");
     subscribed(&mut sub).await;
@@ -360,7 +360,7 @@ async fn close_codes_4003_and_1008_end_the_client_and_1012_does_not() {
     let mut sub = c.subscribe("chat:x");
     subscribed(&mut sub).await;
     proxy.close_all(1012);
-    until("reconnected after 1012", || c.connections() == 2).await;
+    until("reconnected after 1012", async || c.connections() == 2).await;
     assert_eq!(subscribed(&mut sub).await.2, Some(true));
     proxy.close_all(1008);
     assert!(matches!(c.closed().await, CloseReason::Server { code: 1008, .. }));
@@ -369,7 +369,7 @@ async fn close_codes_4003_and_1008_end_the_client_and_1012_does_not() {
 
 #[tokio::test]
 async fn a_replay_of_delivered_messages_is_not_delivered_twice() {
-    let node = Node::start(&[]);
+    let node = Node::start(&[]).await;
     let proxy = proxy::Proxy::start(node.ws_url()).await;
     let c = client(proxy.ws_url(), token("ivy", &["feed:*"], &[], HOUR));
     let mut sub = c.subscribe("feed:main");
@@ -400,13 +400,13 @@ async fn a_replay_of_delivered_messages_is_not_delivered_twice() {
 #[tokio::test]
 async fn a_history_lost_with_the_node_is_reported_as_a_gap() {
     // Memory broker: a restarted node has a new epoch and no history.
-    let mut node = Node::start(&[]);
+    let mut node = Node::start(&[]).await;
     let c = client(node.ws_url(), token("jo", &["room:*"], &[], HOUR));
     let mut sub = c.subscribe("room:1");
     let (old_epoch, _, _) = subscribed(&mut sub).await;
     node.publish("room:1", json!("before")).await;
     assert!(matches!(next_event(&mut sub).await, Event::Message(m) if m.offset == 1));
-    node.restart();
+    node.restart().await;
     let (epoch, offset, recovered) = subscribed(&mut sub).await;
     assert_eq!(recovered, Some(false));
     assert_ne!(epoch, old_epoch);
@@ -423,7 +423,7 @@ async fn a_history_lost_with_the_node_is_reported_as_a_gap() {
 
 #[tokio::test]
 async fn a_connection_that_stops_answering_is_pinged_then_replaced() {
-    let node = Node::start(&[]);
+    let node = Node::start(&[]).await;
     let proxy = proxy::Proxy::start(node.ws_url()).await;
     let c = Client::builder(proxy.ws_url())
         .token(token("kim", &["tick:*"], &[], HOUR))
@@ -437,7 +437,7 @@ async fn a_connection_that_stops_answering_is_pinged_then_replaced() {
     // The first connection goes silent (TCP stays up, nothing comes through).
     proxy.mute.store(0, Ordering::SeqCst);
     node.publish("tick:1", json!("lost in the silence")).await;
-    until("a new connection after the silence", || c.connections() == 2).await;
+    until("a new connection after the silence", async || c.connections() == 2).await;
     assert!(proxy.sent(0).iter().any(|t| t == "ping"), "the client pinged: {:?}", proxy.sent(0));
     assert_eq!(subscribed(&mut sub).await.2, Some(true));
     // What was published while the connection was silent is recovered.
@@ -481,7 +481,7 @@ async fn reconnect_attempts_back_off_exponentially_with_jitter() {
 #[tokio::test]
 async fn subscribes_refused_by_the_rate_limit_are_retried_until_they_hold() {
     // 1 frame/s with a burst of 3: six subscribes at once cannot all pass the first time.
-    let node = Node::start(&["--user-rate", "1", "--user-burst", "3"]);
+    let node = Node::start(&["--user-rate", "1", "--user-burst", "3"]).await;
     let c = Client::builder(node.ws_url())
         .token(token("lee", &["s:*"], &[], HOUR))
         .backoff(Duration::from_millis(200), Duration::from_secs(2))
@@ -498,7 +498,7 @@ async fn subscribes_refused_by_the_rate_limit_are_retried_until_they_hold() {
 
 #[tokio::test]
 async fn a_refused_handshake_fails_a_fixed_token_and_asks_a_provider_once() {
-    let node = Node::start(&["--allowed-origins", "https://app.example.com"]);
+    let node = Node::start(&["--allowed-origins", "https://app.example.com"]).await;
     let c = client(node.ws_url(), "not-a-jwt".into());
     match c.closed().await {
         CloseReason::Handshake { status: 401, error: Some(e) } => assert_eq!(e.code, "token_invalid"),
@@ -559,7 +559,7 @@ async fn a_refused_handshake_fails_a_fixed_token_and_asks_a_provider_once() {
 #[tokio::test]
 async fn every_close_code_of_the_table_takes_the_tables_action() {
     use crier_protocol::codes::{CLOSE_CODES, ClientAction};
-    let node = Node::start(&[]);
+    let node = Node::start(&[]).await;
     for spec in CLOSE_CODES {
         let code = spec.code.0;
         let proxy = proxy::Proxy::start(node.ws_url()).await;
@@ -582,7 +582,7 @@ async fn every_close_code_of_the_table_takes_the_tables_action() {
                 assert_eq!(proxy.accepted.load(Ordering::SeqCst), 1, "{code}: no reconnect");
             }
             ClientAction::ReconnectNow | ClientAction::ReconnectAfterJitter | ClientAction::ReconnectWithBackoff => {
-                until(&format!("reconnected after {code}"), || c.connections() == 2).await;
+                until(&format!("reconnected after {code}"), async || c.connections() == 2).await;
                 assert_eq!(subscribed(&mut sub).await.2, Some(true), "{code}: resubscribed with recovery");
             }
         }
@@ -592,7 +592,7 @@ async fn every_close_code_of_the_table_takes_the_tables_action() {
 
 #[tokio::test]
 async fn publish_with_key_repeated_is_delivered_once_and_acked_with_the_first_offset() {
-    let node = Node::start(&[]);
+    let node = Node::start(&[]).await;
     let c = client(node.ws_url(), token("alice", &["chat:*"], &["chat:*"], HOUR));
     let mut sub = c.subscribe("chat:keyed");
     subscribed(&mut sub).await;
@@ -618,8 +618,8 @@ async fn publish_with_key_repeated_is_delivered_once_and_acked_with_the_first_of
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_subscriptions_are_surfaced_and_recovered_across_a_node_restart() {
     let redis = Redis::start();
-    let mut a = Node::with_redis(&redis, "srv-a", &[]);
-    let b = Node::with_redis(&redis, "srv-b", &[]);
+    let mut a = Node::with_redis(&redis, "srv-a", &[]).await;
+    let b = Node::with_redis(&redis, "srv-b", &[]).await;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     // "feed" is not in the token's patterns: only the `subs` claim grants it.
     let claims = json!({"sub": "srv", "iat": now, "exp": now + 3600, "channels": ["chat:*"], "subs": ["feed"]});
@@ -640,14 +640,14 @@ async fn server_subscriptions_are_surfaced_and_recovered_across_a_node_restart()
     b.publish("feed", json!(1)).await;
     b.publish("feed", json!(2)).await;
     let (events, reader) = collect(feed);
-    until("two messages", || messages(&events).len() == 2).await;
+    until("two messages", async || messages(&events).len() == 2).await;
 
     a.kill();
-    until("the client noticed", || c.state() != State::Connected).await;
+    until("the client noticed", async || c.state() != State::Connected).await;
     b.publish("feed", json!(3)).await;
     b.publish("feed", json!(4)).await;
-    a.restart();
-    until("the client reconnected", || c.connections() == 2).await;
+    a.restart().await;
+    until("the client reconnected", async || c.connections() == 2).await;
     b.publish("feed", json!("last")).await;
     tokio::time::timeout(support::WAIT, reader).await.expect("the last message arrives").unwrap();
     let got: Vec<u64> = messages(&events).iter().map(|m| m.offset).collect();

@@ -2,15 +2,18 @@
 //!
 //! Sharded by channel (`std` mutexes, never held across an await). A publication is fanned out by
 //! pushing the same [`Bytes`] (a reference-count increment) into each live subscriber's
-//! [`Outbox`]; nothing is serialised per subscriber. The fan-out runs *under the channel's shard
-//! lock* on purpose: that is what orders live messages against a new subscriber's recovery merge
-//! ([`Hub::try_activate`] takes the same lock), so the critical section grows with the channel's
-//! local subscribers (one outbox push each — a short lock of its own, no allocation unless the
-//! outbox's queue was just taken by its writer).
+//! [`Outbox`]; nothing is serialised per subscriber. The other forms a channel's subscribers take
+//! (MessagePack, permessage-deflate: `forms`) are built once per fan-out *before* the lock is
+//! taken. The pushes run *under the channel's shard lock* on purpose: that is what orders live
+//! messages against a new subscriber's recovery merge ([`Hub::try_activate`] takes the same
+//! lock), so the critical section grows with the channel's local subscribers (one outbox push
+//! each — a short lock of its own, no allocation unless the outbox's queue was just taken by its
+//! writer).
 //!
-//! A new subscriber starts *buffering*: live publications are kept aside (bounded by its queue
-//! size; the oldest go first) while the session reads the channel's position/history from the
-//! broker and queues the ack and the recovered messages itself, paced by the outbox
+//! A new subscriber starts *buffering*: live publications are kept aside in the form it will be
+//! sent (the fan-out's shared one; bounded by its queue size; the oldest go first) while the
+//! session reads the channel's position/history from the broker and queues the ack and the
+//! recovered messages itself, paced by the outbox
 //! ([`crate::node::Node::subscribe`]). [`Hub::try_activate`] then, in one critical section,
 //! queues the buffered publications newer than the last recovered one and flips the subscriber
 //! to live — or says the buffer dropped some of them and more history must be read first
@@ -27,18 +30,23 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use crier_protocol::Encoding;
 use tokio::sync::OnceCell;
 
 use crate::ConnId;
 use crate::broker::Publication;
 use crate::outbox::{Out, Outbox, Push};
 
+mod forms;
 mod subscribers;
 
+pub(crate) use forms::out_for;
+use forms::{Forms, Needs, out_len};
 use subscribers::Subscribers;
 
 const SHARDS: usize = 64;
+
+/// One shard of the hub: channel → its entry.
+type Shard = HashMap<Box<str>, Channel>;
 
 /// Resolves once this node's broker subscription for a channel is in place; shared by every
 /// local subscriber that joined while it was being made. Dropped from the channel's entry once
@@ -58,21 +66,29 @@ struct Subscriber {
 /// subscriber's recovery keeps paging until it reaches what is still buffered.
 #[derive(Default)]
 struct Buffer {
-    publications: VecDeque<Publication>,
+    publications: VecDeque<Buffered>,
     bytes: usize,
     /// Publications were dropped from the front: the buffer alone no longer covers everything
     /// delivered since the subscriber was added.
     dropped: bool,
 }
 
+/// A buffered publication: its place in the stream and what the subscriber will be sent (the
+/// fan-out's shared form for it).
+struct Buffered {
+    epoch: Arc<str>,
+    offset: u64,
+    out: Out,
+}
+
 impl Buffer {
-    fn push(&mut self, publication: &Publication, bound: usize) {
-        self.bytes += publication.frame.len();
-        self.publications.push_back(publication.clone());
+    fn push(&mut self, publication: &Publication, out: Out, bound: usize) {
+        self.bytes += out_len(&out);
+        self.publications.push_back(Buffered { epoch: publication.epoch.clone(), offset: publication.offset, out });
         // The newest one stays even if it alone is over the bound (a message fits a queue).
         while self.bytes > bound && self.publications.len() > 1 {
             if let Some(old) = self.publications.pop_front() {
-                self.bytes -= old.frame.len();
+                self.bytes -= out_len(&old.out);
                 self.dropped = true;
             }
         }
@@ -91,11 +107,11 @@ impl Buffer {
 
     /// Bytes of the publications after `after` (what going live would queue).
     fn newer_bytes(&self, after: (&str, u64)) -> usize {
-        self.publications.iter().filter(|p| newer(p, after)).map(|p| p.frame.len()).sum()
+        self.publications.iter().filter(|p| newer(p, after)).map(|p| out_len(&p.out)).sum()
     }
 }
 
-fn newer(p: &Publication, (epoch, offset): (&str, u64)) -> bool {
+fn newer(p: &Buffered, (epoch, offset): (&str, u64)) -> bool {
     *p.epoch != *epoch || p.offset > offset
 }
 
@@ -104,9 +120,13 @@ impl Subscriber {
     /// live (the merge of [`Hub::activate`] and [`Hub::try_activate`]).
     fn go_live(&mut self, after: (&str, u64)) -> Push {
         let buffered = self.buffer.take().map(|b| b.publications).unwrap_or_default();
-        let outbox = &self.outbox;
-        outbox
-            .push_all(buffered.into_iter().filter(|p| newer(p, after)).map(|p| frame_for(outbox, &p.frame, &mut None)))
+        for p in buffered.into_iter().filter(|p| newer(p, after)) {
+            let pushed = self.outbox.push_out(p.out);
+            if pushed != Push::Queued {
+                return pushed;
+            }
+        }
+        Push::Queued
     }
 }
 
@@ -128,6 +148,8 @@ struct Channel {
     subscribers: Subscribers<Subscriber>,
     /// `None` once the broker subscription is in place.
     ready: Option<BrokerReady>,
+    /// The forms of a frame the subscribers take, built before a fan-out takes the lock.
+    needs: Needs,
 }
 
 /// Counts from one fan-out.
@@ -228,12 +250,19 @@ impl Hub {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
                 self.channels.fetch_add(1, Ordering::Relaxed);
-                e.insert(Channel { subscribers: Subscribers::new(), ready: Some(Arc::new(OnceCell::new())) })
+                e.insert(Channel {
+                    subscribers: Subscribers::new(),
+                    ready: Some(Arc::new(OnceCell::new())),
+                    needs: Needs::default(),
+                })
             }
         };
+        let mut needs = ch.needs;
+        needs.add(&outbox);
         if !ch.subscribers.insert_new(conn, Subscriber { outbox, buffer: Some(Box::default()) }) {
             return Err(AlreadySubscribed);
         }
+        ch.needs = needs;
         self.subscriptions.fetch_add(1, Ordering::Relaxed);
         let ready = ch.ready.clone();
         self.mark(channel);
@@ -318,24 +347,42 @@ impl Hub {
         false
     }
 
+    /// The channel's shard locked, with the forms of `frame` its subscribers take built before
+    /// (with the lock released meanwhile when there are any to build). `None`: no subscriber.
+    fn lock_with_forms(&self, channel: &str, frame: &Bytes) -> Option<(MutexGuard<'_, Shard>, Forms)> {
+        let shard = self.shard(channel);
+        let needs = shard.get(channel)?.needs;
+        if needs.plain() {
+            return Some((shard, Forms::default()));
+        }
+        drop(shard);
+        let forms = Forms::build(frame, needs);
+        Some((self.shard(channel), forms))
+    }
+
     /// Fans a publication out to the channel's local subscribers.
     pub fn deliver(&self, channel: &str, publication: &Publication) -> Fanout {
         let mut out = Fanout::default();
-        let mut shard = self.shard(channel);
+        let Some((mut shard, mut forms)) = self.lock_with_forms(channel, &publication.frame) else {
+            return out;
+        };
         let Some(ch) = shard.get_mut(channel) else {
             return out;
         };
-        let mut forms = Forms::default();
+        let mut needs = Needs::default();
         for sub in ch.subscribers.values_mut() {
+            needs.add(&sub.outbox);
+            let item = out_for(&sub.outbox, &publication.frame, &mut forms);
             match &mut sub.buffer {
-                Some(buf) => buf.push(publication, sub.outbox.max_bytes()),
-                None => match sub.outbox.push_out(out_for(&sub.outbox, &publication.frame, &mut forms)) {
+                Some(buf) => buf.push(publication, item, sub.outbox.max_bytes()),
+                None => match sub.outbox.push_out(item) {
                     Push::Queued => out.delivered += 1,
                     Push::Overflow => out.slow += 1,
                     Push::Closed => {}
                 },
             }
         }
+        ch.needs = needs;
         out
     }
 
@@ -351,11 +398,12 @@ impl Hub {
     /// hub in one order reach each subscriber in that order.
     pub fn notify_except(&self, channel: &str, frame: &Bytes, except: Option<ConnId>) -> Fanout {
         let mut out = Fanout::default();
-        let mut shard = self.shard(channel);
-        let Some(ch) = shard.get_mut(channel) else {
+        let Some((shard, mut forms)) = self.lock_with_forms(channel, frame) else {
             return out;
         };
-        let mut forms = Forms::default();
+        let Some(ch) = shard.get(channel) else {
+            return out;
+        };
         for (conn, sub) in ch.subscribers.iter() {
             if sub.buffer.is_some() || Some(*conn) == except {
                 continue;
@@ -408,48 +456,6 @@ impl Hub {
     /// Local subscriptions, all channels.
     pub fn subscription_count(&self) -> usize {
         self.subscriptions.load(Ordering::Relaxed)
-    }
-}
-
-/// `json` (a frame built once per cluster, in JSON) in the subscriber's encoding: the shared JSON
-/// bytes themselves, or the other encoding's form, converted on first use and then shared by
-/// every subscriber of this fan-out that speaks it — once per message per node, not per
-/// subscriber. (One slot: MessagePack is the one other encoding.)
-fn frame_for(outbox: &Outbox, json: &Bytes, converted: &mut Option<Bytes>) -> Bytes {
-    match outbox.encoding() {
-        Encoding::Json => json.clone(),
-        other => converted.get_or_insert_with(|| other.frame_from_json(json)).clone(),
-    }
-}
-
-/// The frames of one fan-out in each form a subscriber may need, each built on first use:
-/// the other encoding's, and each encoding's permessage-deflate form per server window in use.
-#[derive(Default)]
-struct Forms {
-    converted: Option<Bytes>,
-    /// Compressed: [JSON, the other encoding] × [`crier_protocol::ws::deflate_window_slot`].
-    deflated: [[Option<Bytes>; crier_protocol::ws::DEFLATE_WINDOWS]; 2],
-}
-
-/// What to queue for this subscriber: [`frame_for`], compressed (once per fan-out and server
-/// window) when the connection negotiated permessage-deflate and the frame is large enough.
-fn out_for(outbox: &Outbox, json: &Bytes, forms: &mut Forms) -> Out {
-    let min = outbox.deflate_min();
-    let encoding = outbox.encoding();
-    if min.is_none() && encoding == Encoding::Json {
-        return Out::Frame(json.clone());
-    }
-    let frame = frame_for(outbox, json, &mut forms.converted);
-    match min {
-        Some(min) if frame.len() >= min => {
-            let bits = outbox.deflate_window_bits();
-            let slot = &mut forms.deflated[usize::from(encoding != Encoding::Json)]
-                [crier_protocol::ws::deflate_window_slot(bits)];
-            Out::Deflated(
-                slot.get_or_insert_with(|| Bytes::from(crier_protocol::ws::deflate_window(&frame, bits))).clone(),
-            )
-        }
-        _ => Out::Frame(frame),
     }
 }
 

@@ -15,7 +15,7 @@ use crier_protocol::CloseCode;
 
 use crate::broker::{Broker, History, Publication};
 use crate::hub::{Activation, AlreadySubscribed, Hub};
-use crate::outbox::{Outbox, Push};
+use crate::outbox::{Out, Outbox, Push};
 
 /// Why a subscribe failed.
 #[derive(Debug, thiserror::Error)]
@@ -192,7 +192,6 @@ impl Node {
         mut at: Pager,
         mut page: Vec<Publication>,
     ) -> Result<usize, Option<CloseCode>> {
-        let encoding = outbox.encoding();
         let mut replayed = 0;
         // History reads in a row that brought nothing while the buffer was ahead.
         let mut idle_reads = 0;
@@ -205,8 +204,15 @@ impl Node {
                 if p.offset != at.pos + 1 {
                     return Err(Some(CloseCode::SLOW_CONSUMER));
                 }
-                let frame = encoding.frame_from_json(&p.frame);
-                if !outbox.room(frame.len()).await || outbox.push(frame) != Push::Queued {
+                // The form a live message takes on this connection (its encoding; compressed when
+                // it negotiated permessage-deflate and the frame is large enough) — built for
+                // this subscriber: a replay is its own.
+                let item = crate::hub::out_for(outbox, &p.frame, &mut Default::default());
+                let len = match &item {
+                    Out::Frame(f) | Out::Deflated(f) => f.len(),
+                    Out::Ping => 0,
+                };
+                if !outbox.room(len).await || outbox.push_out(item) != Push::Queued {
                     return Err(None);
                 }
                 at.pos = p.offset;

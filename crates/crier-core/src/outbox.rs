@@ -75,8 +75,10 @@ pub enum Next {
     Close(Close),
 }
 
+/// What an outbox holds under its lock: the queued frames and their bytes, the close, the
+/// wakers and the server commands (named apart from the client's public `State`).
 #[derive(Default)]
-struct State {
+struct Queued {
     queue: VecDeque<Out>,
     bytes: usize,
     close: Option<Close>,
@@ -91,7 +93,7 @@ struct State {
     commands: Option<Box<VecDeque<Command>>>,
 }
 
-impl State {
+impl Queued {
     fn take_waker(&mut self) -> Option<Waker> {
         self.waker.take()
     }
@@ -132,7 +134,7 @@ pub enum Beat {
 /// was last heard from, when a ping went out, when its token expires) as atomics: the node checks
 /// every connection from one periodic sweep instead of each connection keeping its own timers.
 pub struct Outbox {
-    state: Mutex<State>,
+    state: Mutex<Queued>,
     max_bytes: usize,
     /// [`clock_ms`] when the client last sent anything.
     last_seen: AtomicU64,
@@ -159,7 +161,7 @@ impl Outbox {
     /// it once per node and shares the result).
     pub fn with_encoding(max_bytes: usize, encoding: Encoding) -> Outbox {
         Outbox {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(Queued::default()),
             max_bytes,
             last_seen: AtomicU64::new(clock_ms()),
             ping_sent: AtomicU64::new(0),
@@ -224,7 +226,7 @@ impl Outbox {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, Queued> {
         // A poisoned lock only means another thread panicked mid-push; the queue is still sound.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }

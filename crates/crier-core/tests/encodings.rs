@@ -1,6 +1,7 @@
 //! The hub's fan-out in several encodings: JSON subscribers share the broker's frame, MessagePack
 //! subscribers share one MessagePack frame built from it once per fan-out (per message per
-//! node), whatever their number; buffered and notified frames are converted too.
+//! node), whatever their number; buffered and notified frames are converted too, and buffered
+//! ones keep the fan-out's shared (converted, compressed) form.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -67,8 +68,10 @@ async fn each_encoding_gets_one_shared_frame_per_message() {
     assert_eq!(mp_a[1].as_ptr(), mp_b[1].as_ptr(), "one MessagePack frame per message per node");
     assert_eq!(mp_a[2].as_ptr(), mp_b[2].as_ptr());
     assert_eq!(as_json(&mp_a[2])["type"], "gap");
-    // The buffered subscriber got message 1 converted at activation.
+    // The buffered subscriber got message 1 at activation in the form its fan-out built: the
+    // live subscriber's very bytes (transcoded once per node, buffered or not).
     assert_eq!(as_json(&mp_b[0])["offset"], 1);
+    assert_eq!(mp_b[0].as_ptr(), mp_a[0].as_ptr(), "buffered messages share the fan-out's form");
     assert_eq!(mp_b.len(), 3);
     assert_eq!(json_a.len(), 3);
 }
@@ -128,7 +131,39 @@ async fn deflate_subscribers_share_one_compressed_frame_per_encoding_and_window(
     assert_ne!(ptr(&got[7][0]), ptr(&got[5][0]));
     for (i, bits) in [(5, 9), (7, 12)] {
         let Out::Deflated(z) = &got[i][0] else { unreachable!() };
-        assert_eq!(z.to_vec(), crier_protocol::ws::deflate_window(&p.frame, bits), "compressed with {bits} bits");
+        assert_eq!(
+            z.to_vec(),
+            crier_protocol::ws::deflate_window(&p.frame, bits).unwrap(),
+            "compressed with {bits} bits"
+        );
         assert_eq!(crier_protocol::ws::inflate(z, 1 << 20).unwrap(), p.frame.to_vec());
     }
+}
+
+#[tokio::test]
+async fn a_buffering_deflate_subscriber_gets_the_shared_compressed_form() {
+    let hub = Hub::new();
+    let make = || {
+        let o = Arc::new(Outbox::with_encoding(1 << 20, Encoding::MsgPack));
+        o.set_deflate(16, 15);
+        o
+    };
+    let (live, buffering) = (make(), make());
+    assert!(hub.add("c", 1, live.clone()).is_ok());
+    assert!(hub.activate("c", 1, vec![], ("e", 0)));
+    assert!(hub.add("c", 2, buffering.clone()).is_ok());
+    let p = publication(1);
+    hub.deliver("c", &p);
+    assert!(hub.activate("c", 2, vec![], ("e", 0)));
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    assert_eq!(live.next(&mut a).await, Next::Batch);
+    assert_eq!(buffering.next(&mut b).await, Next::Batch);
+    let (Out::Deflated(x), Out::Deflated(y)) = (&a[0], &b[0]) else { panic!("compressed: {a:?} {b:?}") };
+    assert_eq!(x.as_ptr(), y.as_ptr(), "one compression for the live and the buffered subscriber");
+    let inflated = crier_protocol::ws::inflate(x, 1 << 20).unwrap();
+    assert_eq!(
+        rmp_serde::from_slice::<serde_json::Value>(&inflated).unwrap(),
+        serde_json::from_slice::<serde_json::Value>(&p.frame).unwrap()
+    );
 }

@@ -28,11 +28,11 @@ async fn each_channel_keeps_its_namespace_s_history() {
     let b = MemoryBroker::with_namespaces(Arc::new(ns), 0);
     for c in ["small:a", "none:a", "brief:a", "plain"] {
         for i in 1..=5 {
-            b.publish(c, &i.to_string(), PublishOptions::default()).await.unwrap_or_else(|e| panic!("publish: {e}"));
+            b.publish(c, &i.to_string(), PublishOptions::default()).await.expect("publish");
         }
     }
     let kept = async |c: &str| -> Vec<u64> {
-        let h = b.history(c, None, 100).await.unwrap_or_else(|e| panic!("history: {e}"));
+        let h = b.history(c, None, 100).await.expect("history");
         h.publications.iter().map(|p| p.offset).collect()
     };
     assert_eq!(kept("small:a").await, [4, 5]);

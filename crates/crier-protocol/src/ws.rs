@@ -377,17 +377,31 @@ pub fn inflate(compressed: &[u8], max: usize) -> Result<Vec<u8>, Violation> {
     })
 }
 
+/// Compressing failed (the compressor reported an error or stopped making progress): the
+/// message must go uncompressed, never as a truncated or empty compressed frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeflateError;
+
+impl std::fmt::Display for DeflateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("permessage-deflate compression failed")
+    }
+}
+
+impl std::error::Error for DeflateError {}
+
 /// Compresses a message for permessage-deflate with no context takeover (RFC 7692 §7.2.1) and
 /// the full 32 KiB window: [`deflate_window`] with 15 bits.
-pub fn deflate(message: &[u8]) -> Vec<u8> {
+pub fn deflate(message: &[u8]) -> Result<Vec<u8>, DeflateError> {
     deflate_window(message, 15)
 }
 
 /// Compresses a message for permessage-deflate with no context takeover (RFC 7692 §7.2.1),
 /// referring back at most `2^window_bits` bytes (the `server_max_window_bits` a connection
 /// negotiated, 8..=15; other values mean 15): the result (tail stripped) decodes on its own, so
-/// one compression serves every connection with that window.
-pub fn deflate_window(message: &[u8], window_bits: u8) -> Vec<u8> {
+/// one compression serves every connection with that window. On [`DeflateError`] the caller
+/// sends the message uncompressed (RFC 7692 lets any message go so).
+pub fn deflate_window(message: &[u8], window_bits: u8) -> Result<Vec<u8>, DeflateError> {
     let slot = deflate_window_slot(window_bits);
     DEFLATERS.with(|cs| {
         let mut cs = cs.borrow_mut();
@@ -402,10 +416,10 @@ pub fn deflate_window(message: &[u8], window_bits: u8) -> Vec<u8> {
                 out.reserve(out.len().max(64));
             }
             let (before_in, before_out) = (c.total_in(), out.len());
-            // zlib-rs's errors are impossible for in-memory buffers; an empty result
-            // would then fail the client's inflate loudly rather than silently.
+            // zlib-rs's errors are not expected for in-memory buffers; should one happen the
+            // message goes uncompressed (the caller's choice), never as a broken frame.
             if c.compress_vec(&message[at..], &mut out, FlushCompress::Sync).is_err() {
-                return Vec::new();
+                return Err(DeflateError);
             }
             at += (c.total_in() - before_in) as usize;
             // A sync flush is complete once all input is in and output had room left.
@@ -413,13 +427,15 @@ pub fn deflate_window(message: &[u8], window_bits: u8) -> Vec<u8> {
                 break;
             }
             if c.total_in() == before_in && out.len() == before_out && out.len() < out.capacity() {
-                return Vec::new();
+                return Err(DeflateError);
             }
         }
-        if out.ends_with(&DEFLATE_TAIL) {
-            out.truncate(out.len() - DEFLATE_TAIL.len());
+        // A sync flush always ends with the tail; without it the output is not what it claims.
+        if !out.ends_with(&DEFLATE_TAIL) {
+            return Err(DeflateError);
         }
-        out
+        out.truncate(out.len() - DEFLATE_TAIL.len());
+        Ok(out)
     })
 }
 
@@ -547,7 +563,7 @@ mod deflate_tests {
             &b"{\"type\":\"message\"}".repeat(500),
             &(0..=255u8).cycle().take(100_000).collect::<Vec<_>>(),
         ] {
-            let z = deflate(msg);
+            let z = deflate(msg).unwrap();
             assert!(!z.ends_with(&DEFLATE_TAIL));
             assert_eq!(inflate(&z, msg.len()).unwrap(), msg);
             if !msg.is_empty() {
@@ -555,7 +571,7 @@ mod deflate_tests {
             }
         }
         // 16 MiB of zeros in a few KiB: refused at the bound, not inflated whole.
-        let bomb = deflate(&vec![0u8; 16 << 20]);
+        let bomb = deflate(&vec![0u8; 16 << 20]).unwrap();
         assert!(bomb.len() < 100_000);
         assert_eq!(inflate(&bomb, 65536), Err(Violation::TooBig));
         assert!(matches!(inflate(&[0xff, 0xff, 0xff], 1000), Err(Violation::Protocol(_))));
@@ -595,21 +611,21 @@ mod deflate_tests {
             }
         };
         let data = far_repeats();
-        let full = deflate(&data);
+        let full = deflate(&data).unwrap();
         for bits in 9..=15u8 {
-            let z = deflate_window(&data, bits);
+            let z = deflate_window(&data, bits).unwrap();
             assert_eq!(strict(&z, bits).unwrap(), data, "{bits} bits");
             assert_eq!(inflate(&z, data.len()).unwrap(), data);
         }
         // The full window finds the 24 KB repeats; a 512-byte one cannot.
-        assert!(full.len() * 2 < deflate_window(&data, 9).len());
+        assert!(full.len() * 2 < deflate_window(&data, 9).unwrap().len());
         // A small window refuses data compressed with a larger one (so the test above can fail).
         assert!(strict(&full, 9).is_err());
         // 8 bits is compressed as 9 (zlib's MAX_DIST keeps every distance within 256 bytes).
         assert_eq!(deflate_window(&data, 8), deflate_window(&data, 9));
         assert_eq!(deflate_window_slot(8), deflate_window_slot(9));
         assert_eq!(deflate_window_slot(15), DEFLATE_WINDOWS - 1);
-        assert_eq!(deflate_window(&data, 0), full);
+        assert_eq!(deflate_window(&data, 0).unwrap(), full);
     }
 
     #[test]
@@ -638,7 +654,7 @@ mod deflate_tests {
 
     #[test]
     fn compressed_frames_need_the_extension() {
-        let z = deflate(b"hello");
+        let z = deflate(b"hello").unwrap();
         let mut frame = vec![0xc1, 0x80 | z.len() as u8, 0, 0, 0, 0];
         frame.extend_from_slice(&z);
         let mut r = Reader::new(1024);
@@ -656,7 +672,7 @@ mod deflate_tests {
         frames.extend_from_slice(b);
         assert_eq!(r.next(&mut BytesMut::from(&frames[..])), Ok(Some(Incoming::Text("hello".into()))));
         // Inflated text must be UTF-8.
-        let z = deflate(&[0xff, 0xfe]);
+        let z = deflate(&[0xff, 0xfe]).unwrap();
         let mut frame = vec![0xc1, 0x80 | z.len() as u8, 0, 0, 0, 0];
         frame.extend_from_slice(&z);
         assert_eq!(r.next(&mut BytesMut::from(&frame[..])), Err(Violation::InvalidUtf8));

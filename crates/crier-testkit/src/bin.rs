@@ -53,7 +53,7 @@ pub fn crier_bin() -> PathBuf {
         if let Some(p) = std::env::var_os("CRIER_BIN") {
             return PathBuf::from(p);
         }
-        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+        let exe = std::env::current_exe().expect("current_exe");
         // target/<profile>/deps/<test>-<hash>
         let Some(profile_dir) = exe.parent().and_then(Path::parent) else {
             panic!("test executable {} not in target/<profile>/deps", exe.display())
@@ -85,7 +85,7 @@ fn build_crier(profile_dir: &Path) -> PathBuf {
         cmd.arg("--target-dir").arg(target_dir);
     }
     eprintln!("building the crier binary: {cmd:?}");
-    let out = cmd.stderr(Stdio::inherit()).output().unwrap_or_else(|e| panic!("run cargo build: {e}"));
+    let out = cmd.stderr(Stdio::inherit()).output().expect("run cargo build");
     assert!(out.status.success(), "cargo build -p crier failed");
     String::from_utf8_lossy(&out.stdout)
         .lines()

@@ -280,7 +280,7 @@ impl RedisCluster {
             cmd.arg(format!("127.0.0.1:{}", n.port()));
         }
         cmd.args(["--cluster-replicas", "1", "--cluster-yes"]);
-        let out = cmd.output().unwrap_or_else(|e| panic!("redis-cli --cluster create: {e}"));
+        let out = cmd.output().expect("redis-cli --cluster create");
         assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
         let cluster = RedisCluster { nodes };
         until_blocking("the cluster to be ok on every node, every replica in sync", Duration::from_secs(60), || {

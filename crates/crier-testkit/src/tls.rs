@@ -55,7 +55,7 @@ impl TestCa {
             "subjectAltName={}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
             names.join(",")
         );
-        std::fs::write(dir.join("server.ext"), ext).unwrap_or_else(|e| panic!("write server.ext: {e}"));
+        std::fs::write(dir.join("server.ext"), ext).expect("write server.ext");
         openssl(
             &dir,
             &[

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use crate::auth::api_key_matches;
+use crate::auth::api_key_index;
 use crate::error::ApiError;
 use crate::limits::retry_after_secs;
 use crate::metrics as m;
@@ -101,11 +101,6 @@ fn log_refusal(method: &axum::http::Method, path: &str, presented: bool, resp: &
     };
     let detail = format!("{method} {path} -> {} {}: {}", status.as_u16(), err.code, err.message);
     refusal::record(Surface::Api, reason, &detail, fix);
-}
-
-/// Which configured key was presented (each compared in constant time).
-fn api_key_index(keys: &[String], presented: &str) -> Option<usize> {
-    keys.iter().position(|k| api_key_matches(std::slice::from_ref(k), presented))
 }
 
 fn endpoint_label(path: &str) -> &'static str {

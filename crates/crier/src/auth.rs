@@ -8,7 +8,7 @@
 //! - `extract_token` finds the token of a handshake: `Authorization: Bearer`, then the
 //!   `crier.bearer.<jwt>` WebSocket subprotocol, then `?token=`.
 //! - `OriginPolicy` is the `allowed_origins` list.
-//! - `api_key_matches` compares a REST API key in constant time.
+//! - `api_key_index` finds a REST API key in constant time.
 //! - [`mint_hs256`] and [`generate_secret`] (in `mint`) serve `--dev`, the tests and the bench.
 
 mod extract;
@@ -34,30 +34,31 @@ pub fn check(config: &crate::config::Config) -> Result<(), String> {
 pub(crate) use origin::OriginPolicy;
 
 use std::sync::OnceLock;
-use subtle::{Choice, ConstantTimeEq};
+use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
 
-/// Is `presented` one of `keys`?
+/// Which of `keys` is `presented` (the first, should a key be configured twice)?
 ///
-/// Every configured key is compared, with no early exit, and the comparison is on fixed-size
-/// keyed digests (HMAC-SHA256 under a random per-process key) so neither the content nor the
-/// length of a configured key leaks through timing. An empty `presented` key and empty
-/// configured keys never match.
-pub(crate) fn api_key_matches(keys: &[String], presented: &str) -> bool {
+/// Every configured key is compared, with no early exit — also after a match, whichever key
+/// matched — and the comparison is on fixed-size keyed digests (HMAC-SHA256 under a random
+/// per-process key) so neither the content, the length nor the position of a configured key
+/// leaks through timing. An empty `presented` key and empty configured keys never match.
+pub(crate) fn api_key_index(keys: &[String], presented: &str) -> Option<usize> {
     if presented.is_empty() {
-        return false;
+        return None;
     }
-    let Some(presented_digest) = api_key_digest(presented.as_bytes()) else {
-        return false;
-    };
+    let presented_digest = api_key_digest(presented.as_bytes())?;
     let mut found = Choice::from(0u8);
-    for key in keys {
+    let mut index = 0u64;
+    for (i, key) in keys.iter().enumerate() {
         let Some(digest) = api_key_digest(key.as_bytes()) else {
             continue;
         };
         let non_empty = Choice::from(u8::from(!key.is_empty()));
-        found |= digest.as_bytes().ct_eq(presented_digest.as_bytes()) & non_empty;
+        let hit = digest.as_bytes().ct_eq(presented_digest.as_bytes()) & non_empty & !found;
+        index = u64::conditional_select(&index, &(i as u64), hit);
+        found |= hit;
     }
-    found.into()
+    bool::from(found).then_some(index as usize)
 }
 
 /// HMAC-SHA256 of `data` under a random per-process key, base64url (always 43 bytes).
@@ -70,6 +71,10 @@ fn api_key_digest(data: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn api_key_matches(keys: &[String], presented: &str) -> bool {
+        api_key_index(keys, presented).is_some()
+    }
 
     #[test]
     fn api_keys() {
@@ -85,6 +90,12 @@ mod tests {
         let with_empty = vec![String::new()];
         assert!(!api_key_matches(&with_empty, ""));
         assert!(!api_key_matches(&with_empty, "x"));
+        // Which key: every one compared, the first match kept.
+        let keys = vec!["a".to_string(), "b".to_string(), "c".to_string(), "b".to_string()];
+        assert_eq!(api_key_index(&keys, "a"), Some(0));
+        assert_eq!(api_key_index(&keys, "b"), Some(1));
+        assert_eq!(api_key_index(&keys, "c"), Some(2));
+        assert_eq!(api_key_index(&keys, "d"), None);
     }
 
     #[test]

@@ -1,21 +1,27 @@
 //! crier, the server: everything between a TCP listener and the delivery core (crier-core).
 //!
-//! How a connection flows through the modules:
+//! How a connection flows through the modules (in the order it meets them; then the rest):
 //!
 //! - [`server`]: the accept loop hands each HTTP/1 connection to the router, runs the background
 //!   chores and the drain on shutdown.
-//! - [`http`]: the router ([`http::app`]): `/ws`, the REST API, health, metrics, demo page.
+//! - [`http`]: the router ([`http::app`]): `/ws`, `/sse`, the REST API, health, metrics, demo page.
+//! - [`handshake`]: the checks every transport runs before a connection opens; [`refusal`]
+//!   counts and logs every refused handshake and REST call.
 //! - [`transport`]: how a connection's bytes travel — [`transport::ws`] is WebSocket (the
-//!   upgrade, crier's own framing, the connection's task).
-//! - [`handshake`]: the checks every transport runs before a connection opens.
+//!   upgrade, crier's own framing, the connection's task), [`transport::sse`] Server-Sent Events
+//!   (receive only, on the raw socket).
 //! - [`session`]: what a client's frames mean (subscriptions, recovery, limits, refresh),
 //!   independent of the transport; it answers through the connection's outbox.
 //! - [`proxy`]: backend proxies (connect, subscribe, publish, refresh): HTTP calls to the
 //!   application with deadlines, bounded concurrency and circuit breakers.
 //! - [`heartbeat`]: one sweep per node: pings, heartbeat timeouts, token expiry.
+//! - [`rebalance`]: after a scale-out, a node over the mean closes its oldest connections
+//!   (1012), paced; [`memory`]: gives a burst's freed memory back to the system.
+//! - [`webhooks`]: one task per node POSTs the broker's queued events to the backend.
 //! - [`api`]: the REST API (publish, broadcast, history, presence, info); [`api_control`] its
 //!   server-side control routes (disconnect, subscribe, unsubscribe, invalidate, connections) and
-//!   [`control`] what a node does with them.
+//!   [`control`] what a node does with them; [`api_presence`] presence counts; [`api_channels`]
+//!   the channel listing and history deletion; [`admin`] the admin page and `/api/v1/info`.
 //! - [`state`]: the shared state handle, how it is built, and the broker → hub handler.
 //! - [`config`]: settings from flags, `CRIER_*` environment, a TOML file and defaults.
 //! - [`auth`]: JWT verification, token extraction, the Origin allow-list, API keys.

@@ -12,16 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crier_client::{Client, Event};
+use crier_testkit::until;
 use serde_json::json;
 use support::{Server, WAIT};
-
-async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_nodes_clients_resume_on_another_node_without_loss() {
@@ -81,16 +74,18 @@ async fn a_drained_nodes_clients_resume_on_another_node_without_loss() {
         }
     });
 
-    until("messages before the drain", || received.iter().all(|r| r.lock().unwrap().len() >= 10)).await;
+    until("messages before the drain", async || received.iter().all(|r| r.lock().unwrap().len() >= 10)).await;
     a.sigterm();
     assert_eq!(a.wait_exit().await, Some(0), "the drained node exits 0");
-    until("every client resumed on node b", || {
+    until("every client resumed on node b", async || {
         clients.iter().all(|c| c.connections() == 2 && c.welcome().is_some_and(|w| w.node == "node-b"))
     })
     .await;
     let after: Vec<usize> = received.iter().map(|r| r.lock().unwrap().len()).collect();
-    until("messages after the drain", || received.iter().zip(&after).all(|(r, n)| r.lock().unwrap().len() >= n + 10))
-        .await;
+    until("messages after the drain", async || {
+        received.iter().zip(&after).all(|(r, n)| r.lock().unwrap().len() >= n + 10)
+    })
+    .await;
     stop.send(true).unwrap();
     publisher.await.unwrap();
     for r in readers {

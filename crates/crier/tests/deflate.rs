@@ -476,3 +476,32 @@ async fn node_ws_with_its_default_offer_negotiates_and_round_trips() {
     assert_eq!(line["extensions"], "permessage-deflate", "ws accepted crier's answer to its offer: {line}");
     assert_eq!(line["same"], true, "{line}");
 }
+
+/// Recovered messages take the same form as live ones: compressed over the minimum size
+/// (docs/protocol.md: every message frame over the minimum is compressed).
+#[tokio::test]
+async fn recovered_messages_are_compressed_like_live_ones() {
+    let server = Server::start(&["--websocket-compression", "--max-message-bytes", "65536"]).await;
+    let token = server.token("u1", &["c"], &["c"]);
+    let big = |i: u64| json!({"i": i, "items": (0..40).map(|j| json!({"id": j, "name": format!("item {j}")})).collect::<Vec<_>>()});
+    let first = server.publish("c", big(1)).await;
+    let epoch = first["epoch"].as_str().unwrap().to_owned();
+    server.publish("c", big(2)).await;
+    server.publish("c", json!("small")).await;
+    let mut z = Raw::connect(&server, &token, Some("permessage-deflate")).await;
+    z.send(&json!({"type":"subscribe","id":1,"channel":"c","recover":{"epoch":epoch,"offset":0}}), false).await;
+    let (rsv1, ack) = z.json().await;
+    assert_eq!((ack["type"].as_str(), ack["recovered"].as_bool(), rsv1), (Some("ack"), Some(true), false), "{ack}");
+    for i in 1..=2 {
+        let (rsv1, m) = z.json().await;
+        assert_eq!((m["type"].as_str(), m["offset"].as_u64()), (Some("message"), Some(i)), "{m}");
+        assert!(rsv1, "recovered message {i} is compressed");
+        assert_eq!(m["data"], big(i));
+    }
+    let (rsv1, m) = z.json().await;
+    assert_eq!((m["offset"].as_u64(), rsv1), (Some(3), false), "under the minimum: plain, recovered or not");
+    // And live after the replay, as before.
+    server.publish("c", big(4)).await;
+    let (rsv1, m) = z.json().await;
+    assert_eq!((m["offset"].as_u64(), rsv1), (Some(4), true));
+}

@@ -3,18 +3,17 @@
 //! The binary is [`crier_bin`] (crier-testkit's: the one next to this test's executable when it
 //! is fresh, else built by cargo for the same profile; `CRIER_BIN` overrides).
 //!
-//! Everything waits by polling with a deadline; processes are killed by PID on drop.
+//! Free ports, redis-server, output capture and waits are crier-testkit's; processes are killed
+//! on drop.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use crier_testkit::bin::crier_bin;
+use crier_testkit::process::Process;
 use serde_json::{Value, json};
 
 pub const SECRET: &str = "client-test-secret-client-test-secret-0123456789";
@@ -22,82 +21,22 @@ pub const API_KEY: &str = "client-test-api-key";
 /// How long any single wait may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-pub fn free_port() -> u16 {
-    for _ in 0..50 {
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0);
-        if port != 0 && port != 6379 {
-            return port;
-        }
-    }
-    panic!("no free port");
-}
+/// A `redis-server` on a free port, killed on drop (crier-testkit's).
+pub use crier_testkit::redis::RedisServer as Redis;
+/// A free TCP port on 127.0.0.1 (crier-testkit's).
+pub use crier_testkit::redis::free_port;
 
-/// A `redis-server` on a free port, killed on drop.
-pub struct Redis {
-    child: Child,
-    pub port: u16,
-    dir: PathBuf,
-}
-
-impl Redis {
-    pub fn start() -> Redis {
-        let port = free_port();
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let dir = std::env::temp_dir().join(format!("crier-client-test-{}-{port}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start redis-server ({e}); install it: apt-get install -y redis-server"));
-        let redis = Redis { child, port, dir };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if redis.ping() {
-                return redis;
-            }
-            assert!(Instant::now() < deadline, "redis-server on port {port} did not answer PING");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn ping(&self) -> bool {
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else { return false };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut buf = [0u8; 16];
-        s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A running `crier` node; killed on drop.
+/// A running `crier` node (crier-testkit's [`Process`]: output captured, killed on drop).
 pub struct Node {
-    child: Option<Child>,
+    process: Option<Process>,
     pub addr: SocketAddr,
     args: Vec<String>,
-    stderr: Arc<Mutex<String>>,
     pub http: reqwest::Client,
 }
 
 impl Node {
     /// A memory-broker node with test defaults plus `extra` flags.
-    pub fn start(extra: &[&str]) -> Node {
+    pub async fn start(extra: &[&str]) -> Node {
         let mut args: Vec<String> = [
             "--jwt-secret",
             SECRET,
@@ -114,65 +53,31 @@ impl Node {
         .map(|s| s.to_string())
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut node = Node {
-            child: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            args,
-            stderr: Default::default(),
-            http: reqwest::Client::new(),
-        };
-        node.launch("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let mut node =
+            Node { process: None, addr: SocketAddr::from(([127, 0, 0, 1], 0)), args, http: reqwest::Client::new() };
+        node.launch("127.0.0.1:0").await.unwrap();
         node
     }
 
     /// A node on the Redis broker.
-    pub fn with_redis(redis: &Redis, name: &str, extra: &[&str]) -> Node {
+    pub async fn with_redis(redis: &Redis, name: &str, extra: &[&str]) -> Node {
         let url = redis.url();
         let mut args = vec!["--redis-url", url.as_str(), "--node-id", name];
         args.extend_from_slice(extra);
-        Node::start(&args)
+        Node::start(&args).await
     }
 
-    fn launch(&mut self, listen: &str) -> Result<(), String> {
+    async fn launch(&mut self, listen: &str) -> Result<(), String> {
         let mut cmd = Command::new(crier_bin());
         cmd.args(&self.args).args(["--listen", listen]);
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         for (k, _) in std::env::vars() {
             if k.starts_with("CRIER_") {
                 cmd.env_remove(k);
             }
         }
-        let mut child = cmd.spawn().expect("spawn crier");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let out = child.stdout.take().expect("stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("crier listening on http://") {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        });
-        let err = child.stderr.take().expect("stderr");
-        let stderr = self.stderr.clone();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(err);
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = r.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                stderr.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        match rx.recv_timeout(WAIT) {
-            Ok(a) => self.addr = a.parse().expect("listen address"),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("crier did not start listening: {}", self.stderr.lock().unwrap()));
-            }
-        }
-        self.child = Some(child);
+        let (process, addr) = Process::start(cmd, "crier listening on http://", WAIT).await?;
+        self.addr = addr.trim().parse().map_err(|e| format!("listen address {addr:?}: {e}"))?;
+        self.process = Some(process);
         Ok(())
     }
 
@@ -185,27 +90,24 @@ impl Node {
     }
 
     pub fn logs(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.process.as_ref().map(Process::logs).unwrap_or_default()
     }
 
     /// SIGKILL: no close frames, no goodbye.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.process = None;
     }
 
     /// Starts the node again on the same port (after [`Node::kill`]). Binding is retried until
     /// the deadline: the kernel may hold the port for a moment.
-    pub fn restart(&mut self) {
+    pub async fn restart(&mut self) {
         self.kill();
         let listen = self.addr.to_string();
-        let deadline = Instant::now() + WAIT;
-        while let Err(e) = self.launch(&listen) {
-            assert!(Instant::now() < deadline, "restart on {listen}: {e}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut args = Vec::new();
+        std::mem::swap(&mut args, &mut self.args);
+        let mut node = Node { process: None, addr: self.addr, args, http: self.http.clone() };
+        crier_testkit::poll_within(format!("a restart on {listen}"), WAIT, async || node.launch(&listen).await).await;
+        *self = node;
     }
 
     pub async fn publish(&self, channel: &str, data: Value) -> reqwest::Response {
@@ -225,18 +127,7 @@ impl Node {
     /// A metric's value (`name{labels}` exactly as rendered), or 0.
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.http.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap();
-        text.lines()
-            .filter_map(|l| l.strip_prefix(series))
-            .filter_map(|rest| rest.strip_prefix(' '))
-            .filter_map(|v| v.trim().parse::<f64>().ok())
-            .next()
-            .unwrap_or(0.0)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
+        crier_testkit::process::metric_value(&text, series)
     }
 }
 
@@ -252,13 +143,9 @@ pub fn token(sub: &str, channels: &[&str], publish: &[&str], ttl: Duration) -> S
     .expect("mint")
 }
 
-/// Polls `check` until it holds, failing the test after [`WAIT`].
-pub async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// Polls `check` until it holds, failing the test after [`WAIT`] (crier-testkit's wait).
+pub async fn until(what: &str, check: impl AsyncFnMut() -> bool) {
+    crier_testkit::until_within(what, WAIT, check).await
 }
 
 /// The next event of a subscription, failing the test after [`WAIT`].

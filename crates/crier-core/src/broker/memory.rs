@@ -397,17 +397,17 @@ impl Broker for MemoryBroker {
     async fn publish(&self, channel: &str, data: &str, opts: PublishOptions<'_>) -> Result<PublishResult, BrokerError> {
         let now = Instant::now();
         let idem_key = opts.idempotency_key.map(|k| (channel.to_owned(), k.to_owned()));
-        // The idempotency lock is held across the publish so two concurrent retries cannot both
-        // deliver.
-        let mut idem = idem_key.as_ref().map(|_| lock(&self.idempotency));
-        if let (Some(map), Some(key)) = (idem.as_ref(), idem_key.as_ref())
-            && let Some((res, at)) = map.get(key)
+        let policy = self.namespaces.policy(channel);
+        // Two concurrent retries of one key (one channel) are serialised by the channel's shard
+        // lock: the second finds the first's result. The idempotency map's own lock is held
+        // only for the lookup and the insert, never across the fan-out.
+        let mut map = lock(self.shard(channel));
+        if let Some(key) = idem_key.as_ref()
+            && let Some((res, at)) = lock(&self.idempotency).get(key)
             && now.duration_since(*at) <= IDEMPOTENCY_WINDOW
         {
             return Ok(res.clone());
         }
-        let policy = self.namespaces.policy(channel);
-        let mut map = lock(self.shard(channel));
         let st = map.entry(channel.to_owned()).or_insert_with(ChannelState::new);
         st.prune(policy.history_ttl, now, &self.budget);
         st.top += 1;
@@ -432,16 +432,15 @@ impl Broker for MemoryBroker {
             st.history.push_back((publication.clone(), now));
         }
         let result = PublishResult { epoch: st.epoch.to_string(), offset: st.top };
+        if let Some(key) = idem_key {
+            lock(&self.idempotency).insert(key, (result.clone(), now));
+        }
         if let Some(h) = self.handler.get()
             && lock(&self.subscribed).contains(channel)
         {
             h.on_publication(channel, publication);
         }
         drop(map);
-        if let (Some(map), Some(key)) = (idem.as_mut(), idem_key) {
-            map.insert(key, (result.clone(), now));
-        }
-        drop(idem);
         if over_cap {
             self.evict();
         }
@@ -697,10 +696,9 @@ impl Broker for MemoryBroker {
     }
 
     async fn delete_history(&self, channel: &str) -> Result<(), BrokerError> {
-        // The idempotency lock before the shard's, as `publish` takes them.
-        let mut idem = lock(&self.idempotency);
-        idem.retain(|(c, _), _| c != channel);
+        // The shard's lock before the idempotency map's, as `publish` takes them.
         let mut map = lock(self.shard(channel));
+        lock(&self.idempotency).retain(|(c, _), _| c != channel);
         let Some(st) = map.get_mut(channel) else {
             // No state: the next publish or read starts a new epoch anyway.
             return Ok(());
@@ -708,7 +706,6 @@ impl Broker for MemoryBroker {
         st.drop_front(&self.budget, |_| true);
         *st = ChannelState::new();
         let epoch = st.epoch.clone();
-        drop(idem);
         // Under the shard lock: ordered before the channel's next publication.
         if let Some(h) = self.handler.get()
             && lock(&self.subscribed).contains(channel)
@@ -729,12 +726,12 @@ mod tests {
         b.set_revocation_ttl(Duration::from_secs(3600));
         let now = crate::now_micros() / 1_000_000;
         let invalidate = async |user: &str, before: u64| {
-            b.user_op(user, &UserOp::Invalidate { before }).await.unwrap_or_else(|e| panic!("user_op: {e}"));
+            b.user_op(user, &UserOp::Invalidate { before }).await.expect("user_op");
         };
         invalidate("old", now - 7200).await;
         invalidate("new", now).await;
         assert_eq!(lock(&b.revoked).len(), 1, "the stale one is no longer held");
-        let kept = b.revocations(0).await.unwrap_or_else(|e| panic!("revocations: {e}"));
+        let kept = b.revocations(0).await.expect("revocations");
         assert_eq!(kept, [Revocation { user: "new".into(), before: now }]);
     }
 
@@ -769,18 +766,18 @@ mod tests {
         let data = format!("\"{}\"", "x".repeat(1000));
         let one = 1000 + 100 + std::mem::size_of::<(Publication, Instant)>();
         let broker = MemoryBroker::with_history_cap(100, Duration::from_secs(60), 3 * one);
-        let first = broker.publish("a", &data, PublishOptions::default()).await.unwrap_or_else(|e| panic!("{e}"));
+        let first = broker.publish("a", &data, PublishOptions::default()).await.unwrap();
         for channel in ["b", "c", "d", "e", "f", "g", "h"] {
             // Each publish in a slice of its own (the cap keeps the newest slice whole); not a
             // synchronisation, a distinct publish time.
             std::thread::sleep(TICK);
-            broker.publish(channel, &data, PublishOptions::default()).await.unwrap_or_else(|e| panic!("{e}"));
+            broker.publish(channel, &data, PublishOptions::default()).await.unwrap();
         }
         assert!(broker.history_bytes() <= 3 * one, "{} bytes kept", broker.history_bytes());
         let pos = StreamPosition { epoch: first.epoch, offset: 0 };
-        let h = broker.history("a", Some(&pos), 10).await.unwrap_or_else(|e| panic!("{e}"));
+        let h = broker.history("a", Some(&pos), 10).await.unwrap();
         assert!(h.gap && h.publications.is_empty(), "the oldest channel's message went, and that is said");
-        let h = broker.history("h", None, 10).await.unwrap_or_else(|e| panic!("{e}"));
+        let h = broker.history("h", None, 10).await.unwrap();
         assert_eq!(h.publications.len(), 1, "the newest is kept");
     }
 }

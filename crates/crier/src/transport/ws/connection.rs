@@ -360,3 +360,36 @@ async fn finish(mut ws: WsSocket, ending: Ending) {
     })
     .await;
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// The bound ARCHITECTURE.md states for a connection's task future (the `Session`, the
+    /// `WsSocket` and the loop's state; 296 bytes when this was written): with tokio's task
+    /// header and trailer it stays within a 512-byte task cell. Growing it multiplies by every
+    /// connection (BENCHMARKS.md, memory per connection); raise the bound only with the doc and
+    /// a measurement (`crier-bench idle`).
+    const CONNECTION_FUTURE_MAX_BYTES: usize = 384;
+
+    #[tokio::test]
+    async fn connection_task_size_stays_within_the_documented_bound() {
+        let mut config = crate::config::Config::default();
+        config.jwt.key = Some(crate::config::KeySource::Secret("a-test-secret-of-enough-length-0123456789".into()));
+        let st = crate::state::build(config, None).await.expect("state");
+        let admitted = crate::handshake::Admitted {
+            conn: 1,
+            claims: crate::auth::Claims { sub: "u".into(), exp: u64::MAX, ..Default::default() },
+            slot: None,
+            proxied: false,
+        };
+        let session = Session::new(st, admitted, Encoding::Json);
+        let mut req = hyper::Request::new(());
+        let upgrade = hyper::upgrade::on(&mut req);
+        let task = run(session, upgrade, 65536, false);
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= CONNECTION_FUTURE_MAX_BYTES, "a connection's task future is {size} bytes");
+        eprintln!("connection task future: {size} bytes");
+    }
+}
