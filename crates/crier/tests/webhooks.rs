@@ -731,3 +731,271 @@ async fn a_full_queue_drops_the_oldest_and_counts_them() {
         assert_eq!(channels, ["q:0", "q:16", "q:17", "q:18", "q:19", "q:20"], "{what}: the oldest dropped");
     }
 }
+
+/// A node on the Sentinel group's master (followed across failovers) with webhooks to `backend`.
+async fn sentinel_node(group: &crier_testkit::redis::SentinelGroup, file: &ConfigFile) -> Server {
+    let urls = group.urls();
+    let args = [
+        "--config",
+        file.0.to_str().unwrap(),
+        "--redis-sentinel-urls",
+        urls.as_str(),
+        "--redis-sentinel-master",
+        group.name.as_str(),
+        "--presence-ttl",
+        "2s",
+        "--user-rate",
+        "10000",
+        "--user-burst",
+        "10000",
+    ];
+    Server::start(&args).await
+}
+
+/// At least once across a Redis failover (Sentinel: a master, a replica, three Sentinels; two
+/// crier nodes). Channels are occupied and vacated before the failover; then, the backend down,
+/// ten channels are occupied so that a node holds a batch it cannot deliver, pending in the
+/// consumer group; once the replica has those entries and that pending list, the master is
+/// killed. While there is no master, the ten channels are let go (their vacates cannot be
+/// written: they come from the expiry of the node's entries, swept on the new master) and new
+/// channels are asked for; after the promotion more channels are occupied and vacated. Every
+/// transition the test caused reaches the backend (by channel and name), the batch pending on
+/// the old master is delivered from the new one with the same ids, and an id delivered twice is
+/// the same event both times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_failover_loses_no_event() {
+    let mut group = crier_testkit::redis::SentinelGroup::start("hooks-failover");
+    let backend = Backend::start().await;
+    let file = hooks_toml(&backend, &["channel_occupied", "channel_vacated"], "batch = 10\ntimeout = \"1s\"\n");
+    let nodes = [sentinel_node(&group, &file).await, sentinel_node(&group, &file).await];
+    let mut clients = Vec::new();
+    for n in &nodes {
+        clients.push(n.client(&n.token("u1", &["before:*", "pend:*", "during:*", "after:*"], &[])).await);
+    }
+    let mut expected: HashSet<(String, &str)> = HashSet::new();
+    let mut id = 0u64;
+    let mut next_id = || {
+        id += 1;
+        id
+    };
+
+    // Before: occupied and vacated on both nodes, delivered.
+    for i in 0..10 {
+        let channel = format!("before:{i}");
+        for c in &mut clients {
+            c.subscribe(&channel, next_id()).await;
+        }
+        for c in &mut clients {
+            let r = c.request(json!({"type":"unsubscribe","channel":channel}), next_id()).await;
+            assert_eq!(r["type"], "ack", "{r}");
+        }
+        expected.insert((channel.clone(), "channel_occupied"));
+        expected.insert((channel, "channel_vacated"));
+    }
+    delivered_at_least(&backend, 20).await;
+
+    // Pending: the backend refuses; a node takes a batch of these and holds it.
+    backend.seen.fail_next.store(usize::MAX, Ordering::SeqCst);
+    for i in 0..10 {
+        let channel = format!("pend:{i}");
+        clients[0].subscribe(&channel, next_id()).await;
+        expected.insert((channel, "channel_occupied"));
+    }
+    let held: Vec<String> = poll("a batch of the pend: channels refused", async || {
+        let refused = backend.events(|r| r.status == 500);
+        let held: Vec<String> = refused
+            .iter()
+            .filter(|e| e["channel"].as_str().unwrap().starts_with("pend:"))
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect();
+        if held.is_empty() { Err("none yet") } else { Ok(held) }
+    })
+    .await;
+    // The replica has the entries and the consumer group's pending list (what a failover keeps).
+    poll("the replica to hold the pending batch", async || {
+        let pending = group.replica.cmd(&["XPENDING", "crier:hooks", "crier", "-", "+", "100"]);
+        let missing: Vec<&String> = held.iter().filter(|id| !pending.contains(id.as_str())).collect();
+        if missing.is_empty() { Ok(()) } else { Err(format!("{missing:?} not pending on the replica: {pending}")) }
+    })
+    .await;
+    group.kill_master();
+
+    // During: no master. The pend: channels are let go (the vacate cannot be written now: it
+    // comes from the expiry of the node's entry, swept on the new master); new channels are asked
+    // for (those acknowledged are occupied, possibly once the node reaches the new master).
+    for i in 0..10 {
+        let channel = format!("pend:{i}");
+        let r = clients[0].request(json!({"type":"unsubscribe","channel":channel}), next_id()).await;
+        assert_eq!(r["type"], "ack", "{r}");
+        expected.insert((channel, "channel_vacated"));
+    }
+    let mut during = Vec::new();
+    for i in 0..5 {
+        let channel = format!("during:{i}");
+        let r = clients[1].request(json!({"type":"subscribe","channel":channel}), next_id()).await;
+        if r["type"] == "ack" {
+            expected.insert((channel.clone(), "channel_occupied"));
+            during.push(channel);
+        } else {
+            eprintln!("during the failover, subscribe {channel}: {r}");
+        }
+    }
+    eprintln!("during the failover: {} of 5 subscribes acknowledged", during.len());
+    crier_testkit::wait::until_within("the replica promoted", std::time::Duration::from_secs(60), async || {
+        group.replica.try_cmd(&["ROLE"]).is_some_and(|r| r.contains("master"))
+    })
+    .await;
+    for n in &nodes {
+        crier_testkit::wait::until_within(
+            "the node on the new master",
+            std::time::Duration::from_secs(60),
+            async || n.get("/readyz").await.status().as_u16() == 200,
+        )
+        .await;
+    }
+    // The batch is pending on the new master (not only in the node's memory)…
+    let pending = group.replica.cmd(&["XPENDING", "crier:hooks", "crier", "-", "+", "100"]);
+    for id in &held {
+        assert!(pending.contains(id.as_str()), "{id} pending on the new master: {pending}");
+    }
+    // …and the backend is back: it is delivered, and acknowledged there.
+    backend.seen.fail_next.store(0, Ordering::SeqCst);
+
+    // After: occupied and vacated on the new master.
+    for i in 0..10 {
+        let channel = format!("after:{i}");
+        for c in &mut clients {
+            c.subscribe(&channel, next_id()).await;
+        }
+        for c in &mut clients {
+            let r = c.request(json!({"type":"unsubscribe","channel":channel}), next_id()).await;
+            assert_eq!(r["type"], "ack", "{r}");
+        }
+        expected.insert((channel.clone(), "channel_occupied"));
+        expected.insert((channel, "channel_vacated"));
+    }
+    for channel in &during {
+        let r = clients[1].request(json!({"type":"unsubscribe","channel":channel}), next_id()).await;
+        assert_eq!(r["type"], "ack", "{r}");
+        expected.insert((channel.clone(), "channel_vacated"));
+    }
+
+    let events = crier_testkit::wait::poll_within(
+        "every transition delivered",
+        std::time::Duration::from_secs(60),
+        async || {
+            let events = backend.delivered();
+            let got: HashSet<(String, &str)> = events
+                .iter()
+                .filter_map(|e| {
+                    let name = ["channel_occupied", "channel_vacated"].into_iter().find(|n| e["name"] == *n)?;
+                    Some((e["channel"].as_str()?.to_owned(), name))
+                })
+                .collect();
+            let mut missing: Vec<&(String, &str)> = expected.difference(&got).collect();
+            missing.sort();
+            if missing.is_empty() { Ok(events) } else { Err(format!("missing {missing:?}")) }
+        },
+    )
+    .await;
+    let delivered: HashSet<String> = ids(&events).into_iter().collect();
+    for id in &held {
+        assert!(delivered.contains(id), "the batch pending on the old master ({id}) delivered from the new one");
+    }
+    // A duplicate is the same event again: same id, same channel, name and time.
+    let mut by_id = BTreeMap::<String, &Value>::new();
+    for e in &events {
+        if let Some(first) = by_id.insert(e["id"].as_str().unwrap().to_owned(), e) {
+            assert_eq!(first, e, "one id, one event");
+        }
+    }
+    // Acknowledged and deleted on the new master: nothing left to deliver again.
+    until("the new master's queue drained", async || {
+        let len = group.replica.cmd(&["XLEN", "crier:hooks"]);
+        let pending = group.replica.cmd(&["XPENDING", "crier:hooks", "crier"]);
+        len == ":0\r\n" && pending.starts_with("*4\r\n:0\r\n")
+    })
+    .await;
+    eprintln!(
+        "failover: {} events delivered, {} distinct ids, {} transitions expected",
+        events.len(),
+        by_id.len(),
+        expected.len()
+    );
+    backend.assert_signed();
+}
+
+/// A batch pending on the old master is claimed from the new one: a node holds a batch the
+/// backend refuses; a planned failover (`SENTINEL FAILOVER`, which promotes the replica once it
+/// has caught up) moves the master; then the node holding the batch is killed. The surviving
+/// node claims the batch from the new master's pending list (`XAUTOCLAIM`) and delivers it with
+/// the same ids, and reports the dead node's channels vacated once its entries expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_pending_before_a_planned_failover_is_claimed_from_the_new_master() {
+    let group = crier_testkit::redis::SentinelGroup::start("hooks-planned");
+    let backend = Backend::start().await;
+    backend.seen.fail_next.store(usize::MAX, Ordering::SeqCst);
+    let file = hooks_toml(&backend, &["channel_occupied", "channel_vacated"], "batch = 20\ntimeout = \"1s\"\n");
+    // Alone on the stream: the doomed node reads (and holds) the batch.
+    let doomed = sentinel_node(&group, &file).await;
+    let mut c = doomed.client(&doomed.token("u1", &["room:*"], &[])).await;
+    for i in 0..10u64 {
+        c.subscribe(&format!("room:{i}"), i + 1).await;
+    }
+    let held: HashSet<String> = poll("the doomed node tried the batch", async || {
+        let held: HashSet<String> = ids(&backend.events(|r| r.status == 500)).into_iter().collect();
+        if held.len() == 10 { Ok(held) } else { Err(format!("{} events tried", held.len())) }
+    })
+    .await;
+    let live = sentinel_node(&group, &file).await;
+    let reply = group.sentinels[0].cmd(&["SENTINEL", "FAILOVER", group.name.as_str()]);
+    assert!(reply.starts_with("+OK"), "SENTINEL FAILOVER: {reply}");
+    crier_testkit::wait::until_within("the replica promoted", std::time::Duration::from_secs(60), async || {
+        group.replica.try_cmd(&["ROLE"]).is_some_and(|r| r.contains("master"))
+    })
+    .await;
+    // The batch is pending on the new master, held by the doomed node (it renews its hold there).
+    poll("the batch pending on the new master", async || {
+        let pending = group.replica.cmd(&["XPENDING", "crier:hooks", "crier", "-", "+", "100"]);
+        let missing: Vec<&String> = held.iter().filter(|id| !pending.contains(id.as_str())).collect();
+        if missing.is_empty() { Ok(()) } else { Err(format!("{missing:?} not pending: {pending}")) }
+    })
+    .await;
+    crier_testkit::wait::until_within(
+        "the live node on the new master",
+        std::time::Duration::from_secs(60),
+        async || live.get("/readyz").await.status().as_u16() == 200,
+    )
+    .await;
+    drop(c);
+    drop(doomed); // SIGKILL: its batch stays pending on the new master, its channels held.
+    backend.seen.fail_next.store(0, Ordering::SeqCst);
+    let events = crier_testkit::wait::poll_within(
+        "the held batch and the dead node's vacates delivered",
+        std::time::Duration::from_secs(60),
+        async || {
+            let events = backend.delivered();
+            let per_channel = by_channel(&events);
+            let complete = (0..10).all(|i| {
+                per_channel.get(&format!("room:{i}")).is_some_and(|n| n.iter().any(|x| x == "channel_vacated"))
+            });
+            // The held batch: claimed once idle for the claim time (2 × (timeout + retry_max) + 1 s).
+            let delivered: HashSet<String> = ids(&events).into_iter().collect();
+            let claimed = held.iter().all(|id| delivered.contains(id));
+            if complete && claimed {
+                Ok(events)
+            } else {
+                let pending = group.replica.cmd(&["XPENDING", "crier:hooks", "crier", "-", "+", "100"]);
+                Err(format!(
+                    "{} events delivered, vacates {complete}, held batch {claimed}; pending {pending:?}",
+                    events.len()
+                ))
+            }
+        },
+    )
+    .await;
+    let occupied = events.iter().filter(|e| e["name"] == "channel_occupied").count();
+    assert!(occupied >= 10, "{events:?}");
+    backend.assert_signed();
+    drop(live);
+}
