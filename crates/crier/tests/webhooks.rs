@@ -8,7 +8,9 @@
 //! a replayed (old) timestamp and a tampered body. On Redis (a real redis-server): 100 channels
 //! occupied and vacated on 3 nodes give exactly 100 + 100 events by id; a node killed while it
 //! holds a batch the backend refused loses no event (a survivor claims the batch, and reports
-//! the dead node's channels vacated once its entries expire).
+//! the dead node's channels vacated once its entries expire). Through Sentinel, a failover
+//! (a killed master, a planned `SENTINEL FAILOVER`) loses no event: the batch pending on the
+//! old master is delivered, or claimed by a survivor, from the new one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
