@@ -15,10 +15,14 @@
 //!   it is retrying claimed (`XCLAIM … JUSTID`, resetting its idle time), and claims the batches
 //!   of dead consumers (`XAUTOCLAIM`, idle for longer than `claim_idle`) → at least once.
 //!
-//! Standalone and Sentinel Redis only: on a Redis Cluster the scripts cannot append to a stream
-//! outside the channel's slot (see docs/hooks.md for the design left to build there).
+//! On a Redis Cluster a script keeps to its channel's slot: `HOOK_NODES_CLUSTER` (one channel per
+//! call) pushes its events, each with its own id (`<instance>:<call>-<k>`), to the channel's
+//! outbox (`Keys::hook_outbox`), and the node moves them to the stream (`XADD`, then `HOOK_TRIM`)
+//! and writes the index itself, listing the channel before the script runs so that a node
+//! dying between the two leaves the channel for the sweep, which moves the outbox. Member events
+//! are not supported there yet (refused at start); see docs/hooks.md.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -76,6 +80,10 @@ pub(crate) struct HookState {
     occupancy: Mutex<Occupancy>,
     queued: AtomicU64,
     dropped: AtomicU64,
+    /// Redis Cluster: the calls of `HOOK_NODES_CLUSTER` (the events' id prefix), and the stream
+    /// entry of each event read whose id is its own (event id → stream id, until acknowledged).
+    calls: AtomicU64,
+    entry_ids: Mutex<HashMap<String, String>>,
 }
 
 impl HookState {
@@ -98,13 +106,15 @@ impl Presence {
     }
 
     pub(crate) fn enable_hooks(&self, config: &HookConfig, claim_idle: Duration) -> Result<(), BrokerError> {
-        if self.ctx.keys.is_cluster() {
-            return Err(BrokerError::Internal(
-                "webhooks are not supported on a Redis Cluster yet (standalone or Sentinel Redis only)".into(),
-            ));
-        }
         let flags: String =
             HOOK_FLAGS.iter().filter(|(name, _)| config.events.iter().any(|e| e == name)).map(|(_, f)| *f).collect();
+        if self.ctx.keys.is_cluster() && (flags.contains('A') || flags.contains('R')) {
+            return Err(BrokerError::Internal(
+                "member_added / member_removed webhooks are not supported on a Redis Cluster yet (channel_occupied, \
+                 channel_vacated and client_publish are)"
+                    .into(),
+            ));
+        }
         let args = Args {
             stream: self.ctx.keys.hook_stream(),
             members: flags.contains('A') || flags.contains('R'),
@@ -164,6 +174,13 @@ impl Presence {
                 let n = o.queue.len().min(OCCUPANCY_BATCH);
                 o.queue.drain(..n).collect()
             };
+            if self.ctx.keys.is_cluster() {
+                // One slot per script: one call per change, in order.
+                for (channel, op, reply) in batch {
+                    let _ = reply.send(self.hook_nodes_cluster(&channel, op).await);
+                }
+                continue;
+            }
             let mut inv = self.ctx.scripts.hook_nodes.key(self.ctx.keys.hook_index());
             for (channel, _, _) in &batch {
                 inv.key(self.ctx.keys.hook_nodes(channel));
@@ -176,6 +193,75 @@ impl Presence {
             let result = self.ctx.commands.invoke(&inv).await.map(drop).map_err(BrokerError::from);
             for (_, _, reply) in batch {
                 let _ = reply.send(result.clone());
+            }
+        }
+    }
+
+    /// One occupancy change on a Redis Cluster (see the module's doc).
+    async fn hook_nodes_cluster(&self, channel: &str, op: &str) -> Result<(), BrokerError> {
+        let Some(a) = self.hooks.args.get() else { return Ok(()) };
+        let idx = self.ctx.keys.hook_index();
+        let ttl = crate::millis(self.ctx.options.presence_ttl);
+        if op != "sweep" {
+            // Listed first (an earlier score kept): a node dying before it moved the events or
+            // wrote the index leaves the channel to the sweep.
+            let mut cmd = redis::cmd("ZADD");
+            cmd.arg(&idx).arg("LT").arg(crate::unix_ms() + ttl).arg(channel);
+            self.ctx.commands.query(&cmd).await?;
+        }
+        let call = self.hooks.calls.fetch_add(1, Ordering::Relaxed);
+        let mut inv = self.ctx.scripts.hook_nodes_cluster.key(self.ctx.keys.hook_nodes(channel));
+        inv.key(self.ctx.keys.hook_outbox(channel));
+        inv.arg(&self.ctx.instance).arg(ttl).arg(op).arg(channel);
+        inv.arg(format!("{}:{call}", self.ctx.instance)).arg(&a.flags);
+        let reply = self.ctx.commands.invoke(&inv).await?;
+        let (score, queued) = match &reply {
+            Value::Array(v) => (v.first().and_then(bulk).map(<[u8]>::to_vec), v.get(1).and_then(int).unwrap_or(0)),
+            _ => (None, 0),
+        };
+        if queued > 0 {
+            self.hook_move(a, channel).await?;
+        }
+        match score.filter(|s| !s.is_empty()) {
+            Some(score) => {
+                let mut cmd = redis::cmd("ZADD");
+                cmd.arg(&idx).arg(score).arg(channel);
+                self.ctx.commands.query(&cmd).await?;
+            }
+            None if op == "sweep" => {
+                let mut inv = self.ctx.scripts.hook_unindex.key(&idx);
+                inv.arg(channel).arg(crate::unix_ms());
+                self.ctx.commands.invoke(&inv).await?;
+            }
+            // Emptied by this change: the entry stays until its score, then the sweep finds
+            // the set empty and removes it.
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Moves a channel's outbox to the stream (Redis Cluster), oldest first, 100 at a time.
+    async fn hook_move(&self, a: &Args, channel: &str) -> Result<(), BrokerError> {
+        let out = self.ctx.keys.hook_outbox(channel);
+        loop {
+            let items = match self.ctx.commands.query(redis::cmd("LRANGE").arg(&out).arg(0).arg(99)).await? {
+                Value::Array(items) => items.iter().filter_map(bulk).map(<[u8]>::to_vec).collect::<Vec<_>>(),
+                _ => Vec::new(),
+            };
+            for item in &items {
+                let mut inv = self.ctx.scripts.hook_append.key(&a.stream);
+                inv.arg(item.as_slice());
+                self.hook_args(&mut inv);
+                self.ctx.commands.invoke(&inv).await?;
+            }
+            if items.is_empty() {
+                return Ok(());
+            }
+            let mut inv = self.ctx.scripts.hook_trim.key(&out);
+            inv.arg(&items);
+            let removed = int(&self.ctx.commands.invoke(&inv).await?).unwrap_or(0);
+            if items.len() < 100 || removed < items.len() as i64 {
+                return Ok(());
             }
         }
     }
@@ -336,7 +422,10 @@ impl Presence {
     /// something else) are acknowledged, so they are not claimed again and again.
     async fn events_of(&self, list: Option<&Value>) -> Vec<HookEvent> {
         let Some(list) = list else { return Vec::new() };
-        let (events, bad) = entries(list);
+        let (events, bad, aliases) = entries(list);
+        if !aliases.is_empty() {
+            self.hooks.entry_ids.lock().unwrap_or_else(|e| e.into_inner()).extend(aliases);
+        }
         if !bad.is_empty() {
             tracing::warn!(ids = ?bad, "webhooks: stream entries that are not events; acknowledged and skipped");
             if let Err(e) = self.hook_ack(&bad).await {
@@ -383,7 +472,8 @@ impl Presence {
             "name": "client_publish", "channel": channel, "time_ms": crate::unix_ms(),
             "user": user, "client": client, "data": data,
         });
-        let mut inv = self.ctx.scripts.hook_append.prepare_invoke();
+        // The key only routes the call on a Cluster (the script appends to the stream).
+        let mut inv = self.ctx.scripts.hook_append.key(&a.stream);
         inv.arg(event.to_string());
         self.hook_args(&mut inv);
         self.ctx.commands.invoke(&inv).await.map(drop).map_err(Into::into)
@@ -396,8 +486,9 @@ impl Presence {
         }
         // Acknowledged and deleted: the stream holds only what is still to deliver, so its
         // length is the queue's and its bound drops only undelivered events.
+        let ids = self.entry_ids(ids, true);
         let mut inv = self.ctx.scripts.hook_ack.key(&a.stream);
-        inv.arg(GROUP).arg(ids);
+        inv.arg(GROUP).arg(&ids);
         self.ctx.commands.invoke(&inv).await.map(drop).map_err(Into::into)
     }
 
@@ -408,12 +499,28 @@ impl Presence {
         if ids.is_empty() {
             return Ok(());
         }
+        let ids = self.entry_ids(ids, false);
         let mut cmd = redis::cmd("XCLAIM");
-        cmd.arg(&a.stream).arg(GROUP).arg(&self.ctx.instance).arg(0).arg(ids).arg("JUSTID");
+        cmd.arg(&a.stream).arg(GROUP).arg(&self.ctx.instance).arg(0).arg(&ids).arg("JUSTID");
         self.ctx.commands.query(&cmd).await?;
         // No read happens while a batch is retried: the gauges are refreshed here.
         self.update_queued(a).await;
         Ok(())
+    }
+
+    /// The stream entries of events (an event whose id is its own, made on a Cluster, maps to
+    /// its entry; `forget`: acknowledged, dropped from the map).
+    fn entry_ids(&self, ids: &[String], forget: bool) -> Vec<String> {
+        let mut map = self.hooks.entry_ids.lock().unwrap_or_else(|e| e.into_inner());
+        if map.is_empty() {
+            return ids.to_vec();
+        }
+        ids.iter()
+            .map(|id| {
+                let entry = if forget { map.remove(id) } else { map.get(id).cloned() };
+                entry.unwrap_or_else(|| id.clone())
+            })
+            .collect()
     }
 
     pub(crate) fn hook_stats(&self) -> HookStats {
@@ -437,12 +544,14 @@ fn consumer_info(v: &Value) -> Option<(String, i64, i64)> {
     Some((name, int(field(b"pending")?)?, int(field(b"idle")?)?))
 }
 
-/// Stream entries `[[id, [field, value, …]], …]` → events (the id is the entry's), and the ids
-/// of the entries that are not events.
-fn entries(v: &Value) -> (Vec<HookEvent>, Vec<String>) {
-    let Value::Array(items) = v else { return (Vec::new(), Vec::new()) };
+/// Stream entries `[[id, [field, value, …]], …]` → events (the id is the entry's, or the event's
+/// own when it has one: made on a Cluster), the ids of the entries that are not events, and
+/// (event id, entry id) for the events with an id of their own.
+fn entries(v: &Value) -> (Vec<HookEvent>, Vec<String>, Vec<(String, String)>) {
+    let Value::Array(items) = v else { return (Vec::new(), Vec::new(), Vec::new()) };
     let mut out = Vec::new();
     let mut bad = Vec::new();
+    let mut aliases = Vec::new();
     for item in items {
         let Value::Array(pair) = item else { continue };
         let (Some(id), Some(Value::Array(fields))) = (pair.first().and_then(bulk), pair.get(1)) else { continue };
@@ -453,6 +562,8 @@ fn entries(v: &Value) -> (Vec<HookEvent>, Vec<String>) {
         });
         #[derive(serde::Deserialize)]
         struct Stored {
+            #[serde(default)]
+            id: Option<String>,
             name: String,
             channel: String,
             time_ms: f64,
@@ -465,7 +576,13 @@ fn entries(v: &Value) -> (Vec<HookEvent>, Vec<String>) {
         }
         match body.map(serde_json::from_slice::<Stored>) {
             Some(Ok(s)) => out.push(HookEvent {
-                id: id.to_owned(),
+                id: match s.id {
+                    Some(own) => {
+                        aliases.push((own.clone(), id.to_owned()));
+                        own
+                    }
+                    None => id.to_owned(),
+                },
                 name: s.name,
                 channel: s.channel,
                 time_ms: s.time_ms as u64,
@@ -476,7 +593,7 @@ fn entries(v: &Value) -> (Vec<HookEvent>, Vec<String>) {
             _ => bad.push(id.to_owned()),
         }
     }
-    (out, bad)
+    (out, bad, aliases)
 }
 
 #[cfg(test)]
@@ -495,7 +612,7 @@ mod tests {
             Value::Array(vec![bs("1-1"), Value::Array(vec![bs("x"), bs("y")])]),
             Value::Array(vec![bs("1-2"), Value::Array(vec![bs("e"), bs("not json")])]),
         ]);
-        let (events, bad) = entries(&list);
+        let (events, bad, aliases) = entries(&list);
         assert_eq!(events.len(), 1);
         let e = &events[0];
         assert_eq!(
@@ -504,7 +621,14 @@ mod tests {
         );
         assert_eq!((e.user.as_deref(), e.client.as_deref(), e.data.as_ref()), (Some("u"), Some("k"), None));
         assert_eq!(bad, ["1-1", "1-2"]);
-        assert_eq!(entries(&Value::Nil), (Vec::new(), Vec::new()));
+        assert!(aliases.is_empty());
+        assert_eq!(entries(&Value::Nil), (Vec::new(), Vec::new(), Vec::new()));
+        // Made on a Cluster: the event's own id, mapped to its entry for the acknowledgement.
+        let own = r#"{"id":"inst:7-1","name":"channel_occupied","channel":"c","time_ms":1765000000000}"#;
+        let list = Value::Array(vec![Value::Array(vec![bs("2-0"), Value::Array(vec![bs("e"), bs(own)])])]);
+        let (events, _, aliases) = entries(&list);
+        assert_eq!(events[0].id, "inst:7-1");
+        assert_eq!(aliases, [("inst:7-1".to_owned(), "2-0".to_owned())]);
     }
 
     #[test]

@@ -107,13 +107,20 @@ impl Keys {
         format!("{}:{{{channel}}}:hooknodes", self.prefix)
     }
     /// ZSET channel → earliest expiry of its `hook_nodes` set (what the sweep of dead nodes
-    /// reads), and the STREAM of webhook events (consumer group `crier`). Standalone/Sentinel
-    /// only: the scripts append to the stream from the channel's keys' script.
+    /// reads), and the STREAM of webhook events (consumer group `crier`). Standalone/Sentinel:
+    /// the scripts append to the stream from the channel's keys' script; on a Cluster they push
+    /// to the channel's outbox and the node moves the events to the stream, whose key there
+    /// has a hash tag (`<prefix>:{hooks}`: its drop counter, written by the same script, is in
+    /// its slot).
     pub(crate) fn hook_index(&self) -> String {
         format!("{}:hooks:chans", self.prefix)
     }
     pub(crate) fn hook_stream(&self) -> String {
-        format!("{}:hooks", self.prefix)
+        if self.cluster { format!("{}:{{hooks}}", self.prefix) } else { format!("{}:hooks", self.prefix) }
+    }
+    /// LIST of a channel's webhook events not yet moved to the stream (Redis Cluster only).
+    pub(crate) fn hook_outbox(&self, channel: &str) -> String {
+        format!("{}:{{{channel}}}:hookout", self.prefix)
     }
     /// The node-wide control channel (user disconnects).
     pub(crate) fn control(&self) -> String {

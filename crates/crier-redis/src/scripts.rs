@@ -131,6 +131,24 @@ pub(crate) const HOOK_FLAGS: [(&str, char); 5] = [
 /// so a channel vacated on three nodes is one event. Returns how many channels it did.
 const HOOK_NODES: &str = include_str!("../lua/hook_nodes.lua");
 
+/// [`HOOK_NODES`] on a Redis Cluster, one channel per call (a script keeps to one slot): KEYS:
+/// the channel's node set, its outbox (`Keys::hook_outbox`). ARGV: broker instance, ttl ms,
+/// `add`/`rem`/`sweep`, the channel, the events' id prefix (unique per call: `<instance>:<n>`;
+/// the k-th event of the call is `<prefix>-<k>`), the event flags. The events are pushed to the
+/// outbox, not the stream (another slot): the node moves them ([`HOOK_TRIM`]). Returns the
+/// set's earliest expiry (`''` when empty: the node writes the index, another slot) and the
+/// outbox's length.
+const HOOK_NODES_CLUSTER: &str = include_str!("../lua/hook_nodes_cluster.lua");
+
+/// Removes from the head of an outbox (KEYS[1]) the events moved to the stream (ARGV, in order),
+/// as long as the head is the next of them: two nodes moving one outbox at once never remove an
+/// event neither moved. Returns how many it removed.
+const HOOK_TRIM: &str = include_str!("../lua/hook_trim.lua");
+
+/// Removes a channel (ARGV[1]) from the index (KEYS[1]) if its score is not after ARGV[2] (ms):
+/// an entry another node has just renewed stays.
+const HOOK_UNINDEX: &str = include_str!("../lua/hook_unindex.lua");
+
 /// Appends one event made by the node (`client_publish`). ARGV: the event JSON, then the hook
 /// arguments.
 const HOOK_APPEND: &str = include_str!("../lua/hook_append.lua");
@@ -157,6 +175,9 @@ pub(crate) struct Scripts {
     pub hook_nodes: Script,
     pub hook_append: Script,
     pub hook_ack: Script,
+    pub hook_nodes_cluster: Script,
+    pub hook_trim: Script,
+    pub hook_unindex: Script,
     pub revoke: Script,
 }
 
@@ -179,6 +200,9 @@ impl Scripts {
             hook_nodes: Script::new(&format!("{PRES_PRELUDE}{HOOK_NODES}")),
             hook_append: Script::new(&format!("{PRES_PRELUDE}{HOOK_APPEND}")),
             hook_ack: Script::new(HOOK_ACK),
+            hook_nodes_cluster: Script::new(HOOK_NODES_CLUSTER),
+            hook_trim: Script::new(HOOK_TRIM),
+            hook_unindex: Script::new(HOOK_UNINDEX),
             revoke: Script::new(REVOKE),
         }
     }

@@ -1001,3 +1001,169 @@ async fn a_batch_pending_before_a_planned_failover_is_claimed_from_the_new_maste
     backend.assert_signed();
     drop(live);
 }
+
+/// A node on the Redis Cluster `urls` with webhooks to the backend of `file`.
+async fn cluster_node(urls: &str, file: &ConfigFile, extra: &[&str]) -> Server {
+    let mut args = vec![
+        "--config",
+        file.0.to_str().unwrap(),
+        "--redis-cluster-urls",
+        urls,
+        "--user-rate",
+        "10000",
+        "--user-burst",
+        "10000",
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&args).await
+}
+
+/// On a Redis Cluster (3 masters): the occupancy script pushes its events to the channel's
+/// outbox (its slot) and the node moves them to the stream. 100 channels subscribed on three
+/// nodes and let go give exactly 100 + 100 events by id, once per cluster, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_a_redis_cluster_give_one_event_per_cluster_transition() {
+    let cluster = crier_testkit::redis::RedisCluster::start(3);
+    let urls = cluster.urls();
+    let backend = Backend::start().await;
+    let file = hooks_toml(&backend, &["channel_occupied", "channel_vacated"], "batch = 10\n");
+    let nodes = [
+        cluster_node(&urls, &file, &[]).await,
+        cluster_node(&urls, &file, &[]).await,
+        cluster_node(&urls, &file, &[]).await,
+    ];
+    let mut clients = Vec::new();
+    for n in &nodes {
+        clients.push(n.client(&n.token("u1", &["room:*", "end"], &[])).await);
+    }
+    for i in 0..100u64 {
+        for c in &mut clients {
+            c.subscribe(&format!("room:{i}"), i + 1).await;
+        }
+    }
+    for i in 0..100u64 {
+        for c in &mut clients {
+            let r = c.request(json!({"type":"unsubscribe","channel":format!("room:{i}")}), 1000 + i).await;
+            assert_eq!(r["type"], "ack", "{r}");
+        }
+    }
+    clients[0].subscribe("end", 5000).await;
+    let events = delivered_at_least(&backend, 201).await;
+    let unique: HashSet<String> = ids(&events).into_iter().collect();
+    assert_eq!((events.len(), unique.len()), (201, 201), "each event exactly once, by id");
+    let per_channel = by_channel(&events);
+    assert_eq!(per_channel["end"], ["channel_occupied"]);
+    for i in 0..100 {
+        let names = &per_channel[&format!("room:{i}")];
+        assert_eq!(names, &["channel_occupied", "channel_vacated"], "room:{i}: once per cluster, in order");
+    }
+    backend.assert_signed();
+    // Moved: the outboxes are empty.
+    for i in 0..100 {
+        let key = format!("crier:{{room:{i}}}:hookout");
+        let owner = cluster.owner_of(cluster.slot_of(&key)).unwrap();
+        let len = cluster.nodes[owner].as_ref().unwrap().cmd(&["LLEN", &key]);
+        assert_eq!(len, ":0\r\n", "{key}");
+    }
+    // The ids are the events' own (`<instance>:<call>-<k>`, made by the script), not stream ids.
+    for id in &unique {
+        let (call, k) = id.rsplit_once('-').unwrap();
+        assert!(call.contains(':') && k.parse::<u32>().is_ok(), "{id}");
+    }
+    // An outbox a node left behind (it died between the script and the move), its channel in
+    // the index: the sweep moves it, late but not lost, and forgets the channel.
+    let key = "crier:{left}:hookout";
+    let owner = cluster.nodes[cluster.owner_of(cluster.slot_of(key)).unwrap()].as_ref().unwrap();
+    let left = r#"{"id":"gone:1-1","name":"channel_vacated","channel":"left","time_ms":1765000000000}"#;
+    owner.cmd(&["RPUSH", key, left]);
+    let index = cluster.nodes[cluster.owner_of(cluster.slot_of("crier:hooks:chans")).unwrap()].as_ref().unwrap();
+    index.cmd(&["ZADD", "crier:hooks:chans", "1", "left"]);
+    let events = delivered_at_least(&backend, 202).await;
+    assert_eq!(events[201]["id"], "gone:1-1", "{:?}", events[201]);
+    until("the outbox moved and the channel unindexed", async || {
+        owner.cmd(&["LLEN", key]) == ":0\r\n" && index.cmd(&["ZSCORE", "crier:hooks:chans", "left"]).starts_with("$-1")
+    })
+    .await;
+}
+
+/// On a Redis Cluster, a node killed while it holds a batch the backend refused loses no event:
+/// a survivor claims the batch (the events keep their own ids) and reports the dead node's
+/// channels vacated once its entries expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_way_on_a_redis_cluster_loses_no_event() {
+    let cluster = crier_testkit::redis::RedisCluster::start(3);
+    let urls = cluster.urls();
+    let backend = Backend::start().await;
+    backend.seen.fail_next.store(usize::MAX, Ordering::SeqCst);
+    let file = hooks_toml(&backend, &["channel_occupied", "channel_vacated"], "batch = 20\ntimeout = \"1s\"\n");
+    let ttl = ["--presence-ttl", "2s"];
+    let doomed = cluster_node(&urls, &file, &ttl).await;
+    let mut c = doomed.client(&doomed.token("u1", &["room:*"], &[])).await;
+    for i in 0..50u64 {
+        c.subscribe(&format!("room:{i}"), i + 1).await;
+    }
+    let held: HashSet<String> = poll("the doomed node tried a batch", async || {
+        let held: HashSet<String> = ids(&backend.events(|r| r.status == 500)).into_iter().collect();
+        if held.is_empty() { Err("no attempt yet") } else { Ok(held) }
+    })
+    .await;
+    drop(c);
+    drop(doomed); // SIGKILL
+    backend.seen.fail_next.store(0, Ordering::SeqCst);
+    let _b = cluster_node(&urls, &file, &ttl).await;
+    let _c = cluster_node(&urls, &file, &ttl).await;
+    let events = crier_testkit::wait::poll_within(
+        "every event of the dead node delivered",
+        std::time::Duration::from_secs(30),
+        async || {
+            let events = backend.delivered();
+            let per_channel = by_channel(&events);
+            let complete = (0..50).all(|i| {
+                per_channel.get(&format!("room:{i}")).is_some_and(|n| {
+                    n.iter().any(|x| x == "channel_occupied") && n.iter().any(|x| x == "channel_vacated")
+                })
+            });
+            let delivered: HashSet<String> = ids(&events).into_iter().collect();
+            let claimed = held.iter().all(|id| delivered.contains(id));
+            if complete && claimed {
+                Ok(events)
+            } else {
+                Err(format!("{} channels with events, held batch delivered: {claimed}", per_channel.len()))
+            }
+        },
+    )
+    .await;
+    // A duplicate is the same event again.
+    let mut by_id = BTreeMap::<String, &Value>::new();
+    for e in &events {
+        if let Some(first) = by_id.insert(e["id"].as_str().unwrap().to_owned(), e) {
+            assert_eq!(first, e, "one id, one event");
+        }
+    }
+    backend.assert_signed();
+}
+
+/// Member events are not produced on a Redis Cluster yet: asking for them there stops the node
+/// with 64 and says so (channel events and client publishes are produced).
+#[tokio::test]
+async fn member_webhooks_on_a_redis_cluster_stop_the_node_with_64() {
+    let cluster = crier_testkit::redis::RedisCluster::start(3);
+    let urls = cluster.urls();
+    let file = ConfigFile::new(&format!(
+        "[webhooks]\nurl = \"http://127.0.0.1:9/events\"\nsecret = \"{HOOK_SECRET}\"\nevents = [\"member_added\"]\n"
+    ));
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--jwt-secret",
+        support::SECRET,
+        "--config",
+        file.0.to_str().unwrap(),
+        "--redis-cluster-urls",
+        urls.as_str(),
+    ];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_crier")).args(args).output().expect("the binary runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("not supported on a Redis Cluster yet"), "{err}");
+}
