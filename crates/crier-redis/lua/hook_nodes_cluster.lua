@@ -26,4 +26,4 @@ if first[2] then
   local last = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
   redis.call('PEXPIREAT', z, string.format('%d', tonumber(last[2]) + ttl))
 end
-return {score, redis.call('LLEN', out)}
+return {score, k, redis.call('LLEN', out)}

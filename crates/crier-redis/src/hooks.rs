@@ -215,11 +215,18 @@ impl Presence {
         inv.arg(&self.ctx.instance).arg(ttl).arg(op).arg(channel);
         inv.arg(format!("{}:{call}", self.ctx.instance)).arg(&a.flags);
         let reply = self.ctx.commands.invoke(&inv).await?;
-        let (score, queued) = match &reply {
-            Value::Array(v) => (v.first().and_then(bulk).map(<[u8]>::to_vec), v.get(1).and_then(int).unwrap_or(0)),
-            _ => (None, 0),
+        let (score, made, queued) = match &reply {
+            Value::Array(v) => (
+                v.first().and_then(bulk).map(<[u8]>::to_vec),
+                v.get(1).and_then(int).unwrap_or(0),
+                v.get(2).and_then(int).unwrap_or(0),
+            ),
+            _ => (None, 0, 0),
         };
-        if queued > 0 {
+        // Moved by the node that made them; what another node left behind (it died before its
+        // move) goes with the channel's next event, or with the sweep. Not at every call: an
+        // outbox holding another live node's events before its move would be moved twice.
+        if made > 0 || (op == "sweep" && queued > 0) {
             self.hook_move(a, channel).await?;
         }
         match score.filter(|s| !s.is_empty()) {

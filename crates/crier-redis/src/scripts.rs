@@ -136,8 +136,8 @@ const HOOK_NODES: &str = include_str!("../lua/hook_nodes.lua");
 /// `add`/`rem`/`sweep`, the channel, the events' id prefix (unique per call: `<instance>:<n>`;
 /// the k-th event of the call is `<prefix>-<k>`), the event flags. The events are pushed to the
 /// outbox, not the stream (another slot): the node moves them ([`HOOK_TRIM`]). Returns the
-/// set's earliest expiry (`''` when empty: the node writes the index, another slot) and the
-/// outbox's length.
+/// set's earliest expiry (`''` when empty: the node writes the index, another slot), how many
+/// events the call made, and the outbox's length.
 const HOOK_NODES_CLUSTER: &str = include_str!("../lua/hook_nodes_cluster.lua");
 
 /// Removes from the head of an outbox (KEYS[1]) the events moved to the stream (ARGV, in order),

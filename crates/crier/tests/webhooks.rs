@@ -692,6 +692,12 @@ async fn client_publishes_give_client_publish_events() {
     let file = hooks_toml(&backend, &["client_publish"], "");
     let server = redis_node(&redis, &file, &[]).await;
     client_publishes_are_events(&server, &backend).await;
+    // On a Redis Cluster (the stream in its own slot).
+    let cluster = crier_testkit::redis::RedisCluster::start(3);
+    let backend = Backend::start().await;
+    let file = hooks_toml(&backend, &["client_publish"], "");
+    let server = cluster_node(&cluster.urls(), &file, &[]).await;
+    client_publishes_are_events(&server, &backend).await;
 }
 
 #[tokio::test]
