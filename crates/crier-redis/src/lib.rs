@@ -54,8 +54,9 @@
 //! | `crier:revoked` | ZSET | user → `before` (Unix s): token revocations (`UserOp::Invalidate`, ZADD GT) | `revocation_ttl` (7d) after the last write; older members pruned on write |
 //! | `crier:{<channel>}:hooknodes` | ZSET | broker instance → expiry ms: instances with subscribers of the channel (webhooks only: occupied/vacated, `hooks.rs`) | `presence_ttl`, refreshed; kept one more `presence_ttl` for the sweep |
 //! | `crier:hooks:chans` | ZSET | channel → earliest expiry of its `hooknodes` (what the sweep of dead nodes reads; webhooks only) | as its members |
-//! | `crier:hooks` | STREAM | undelivered webhook events (`e` = event JSON; the entry id is the event id; deleted once delivered), consumer group `crier` | at most `max_queue` entries (`MAXLEN`: the oldest trimmed) |
-//! | `crier:hooks:dropped` | STRING | events trimmed undelivered (`crier_webhook_dropped_total`) | none |
+//! | `crier:hooks` | STREAM | undelivered webhook events (`e` = event JSON; the entry id is the event id; deleted once delivered), consumer group `crier`; `crier:{hooks}` on a Cluster, where the event JSON carries its own `id` | at most `max_queue` entries (`MAXLEN`: the oldest trimmed) |
+//! | `crier:hooks:dropped` | STRING | events trimmed undelivered (`crier_webhook_dropped_total`); `crier:{hooks}:dropped` on a Cluster | none |
+//! | `crier:{<channel>}:hookout` | LIST | Cluster only: the channel's webhook events not yet moved to the stream by the node that made them (or by the sweep) | until moved |
 //!
 //! The meta HASH also holds `gen`: the run id of the server process that last published on the
 //! channel (Sentinel, Cluster; see `scripts::PUBLISH`). The slack is a tenth of `history_ttl`,
