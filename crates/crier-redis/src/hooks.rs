@@ -44,6 +44,8 @@ const POLL: Duration = Duration::from_millis(50);
 const CLAIM_EVERY: Duration = Duration::from_secs(1);
 /// Channels per occupancy script call (`HOOK_NODES`).
 const OCCUPANCY_BATCH: usize = 100;
+/// Channels whose occupancy calls run at once on a Redis Cluster (one channel per call there).
+const CLUSTER_CONCURRENCY: usize = 16;
 /// How often consumers of nodes gone (idle past the claim time, nothing pending) are deleted.
 const REAP_EVERY: Duration = Duration::from_secs(60);
 
@@ -175,10 +177,22 @@ impl Presence {
                 o.queue.drain(..n).collect()
             };
             if self.ctx.keys.is_cluster() {
-                // One slot per script: one call per change, in order.
+                // One slot per script: one call per change, a channel's changes in order, up to
+                // CLUSTER_CONCURRENCY channels at once.
+                let mut groups: Vec<(String, Vec<(&'static str, oneshot::Sender<_>)>)> = Vec::new();
                 for (channel, op, reply) in batch {
-                    let _ = reply.send(self.hook_nodes_cluster(&channel, op).await);
+                    match groups.iter_mut().find(|(c, _)| *c == channel) {
+                        Some((_, ops)) => ops.push((op, reply)),
+                        None => groups.push((channel, vec![(op, reply)])),
+                    }
                 }
+                futures_util::stream::iter(groups)
+                    .for_each_concurrent(CLUSTER_CONCURRENCY, |(channel, ops)| async move {
+                        for (op, reply) in ops {
+                            let _ = reply.send(self.hook_nodes_cluster(&channel, op).await);
+                        }
+                    })
+                    .await;
                 continue;
             }
             let mut inv = self.ctx.scripts.hook_nodes.key(self.ctx.keys.hook_index());

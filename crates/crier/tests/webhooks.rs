@@ -456,6 +456,22 @@ async fn a_channel_churned_on_redis_alternates_occupied_and_vacated() {
     let backend = Backend::start().await;
     let file = hooks_toml(&backend, &["channel_occupied", "channel_vacated"], "");
     let server = redis_node(&redis, &file, &[]).await;
+    churn(&server, &backend).await;
+}
+
+/// The same on a Redis Cluster, where a batch runs one channel per call, several channels at
+/// once, each channel's changes in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_churned_on_a_redis_cluster_alternates_occupied_and_vacated() {
+    let cluster = crier_testkit::redis::RedisCluster::start(3);
+    let backend = Backend::start().await;
+    let file = hooks_toml(&backend, &["channel_occupied", "channel_vacated"], "");
+    let server = cluster_node(&cluster.urls(), &file, &[]).await;
+    churn(&server, &backend).await;
+}
+
+/// Three connections each subscribe to and unsubscribe from a channel of their own 30 times.
+async fn churn(server: &Server, backend: &Backend) {
     let token = server.token("u1", &["churn:*"], &[]);
     let mut tasks = Vec::new();
     for k in 0..3u64 {
@@ -479,7 +495,7 @@ async fn a_channel_churned_on_redis_alternates_occupied_and_vacated() {
     for t in tasks {
         t.await.unwrap();
     }
-    let events = delivered_at_least(&backend, 180).await;
+    let events = delivered_at_least(backend, 180).await;
     let per_channel = by_channel(&events);
     assert_eq!(per_channel.len(), 3, "{per_channel:?}");
     let alternating: Vec<&str> =
