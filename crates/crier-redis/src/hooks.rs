@@ -85,7 +85,7 @@ pub(crate) struct HookState {
     /// Redis Cluster: the calls of `HOOK_NODES_CLUSTER` (the events' id prefix), and the stream
     /// entry of each event read whose id is its own (event id → stream id, until acknowledged).
     calls: AtomicU64,
-    entry_ids: Mutex<HashMap<String, String>>,
+    entry_ids: Mutex<HashMap<String, Vec<String>>>,
 }
 
 impl HookState {
@@ -445,7 +445,13 @@ impl Presence {
         let Some(list) = list else { return Vec::new() };
         let (events, bad, aliases) = entries(list);
         if !aliases.is_empty() {
-            self.hooks.entry_ids.lock().unwrap_or_else(|e| e.into_inner()).extend(aliases);
+            let mut map = self.hooks.entry_ids.lock().unwrap_or_else(|e| e.into_inner());
+            for (own, entry) in aliases {
+                let entries = map.entry(own).or_default();
+                if !entries.contains(&entry) {
+                    entries.push(entry);
+                }
+            }
         }
         if !bad.is_empty() {
             tracing::warn!(ids = ?bad, "webhooks: stream entries that are not events; acknowledged and skipped");
@@ -529,19 +535,9 @@ impl Presence {
         Ok(())
     }
 
-    /// The stream entries of events (an event whose id is its own, made on a Cluster, maps to
-    /// its entry; `forget`: acknowledged, dropped from the map).
+    /// The stream entries of events (see [`entries_of`]).
     fn entry_ids(&self, ids: &[String], forget: bool) -> Vec<String> {
-        let mut map = self.hooks.entry_ids.lock().unwrap_or_else(|e| e.into_inner());
-        if map.is_empty() {
-            return ids.to_vec();
-        }
-        ids.iter()
-            .map(|id| {
-                let entry = if forget { map.remove(id) } else { map.get(id).cloned() };
-                entry.unwrap_or_else(|| id.clone())
-            })
-            .collect()
+        entries_of(&mut self.hooks.entry_ids.lock().unwrap_or_else(|e| e.into_inner()), ids, forget)
     }
 
     pub(crate) fn hook_stats(&self) -> HookStats {
@@ -550,6 +546,35 @@ impl Presence {
             dropped: self.hooks.dropped.load(Ordering::Relaxed),
         }
     }
+}
+
+/// The stream entries of events: an event whose id is its own (made on a Cluster) maps to its
+/// entries (two, if it was moved twice); a stream id stands for itself; anything else is
+/// skipped (an entry not known here stays pending and is claimed again). `forget`: acknowledged,
+/// dropped from the map.
+fn entries_of(map: &mut HashMap<String, Vec<String>>, ids: &[String], forget: bool) -> Vec<String> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let mapped = if forget { map.remove(id) } else { map.get(id).cloned() };
+        match mapped {
+            Some(entries) => out.extend(entries),
+            None if is_stream_id(id) => out.push(id.clone()),
+            None => {}
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// `<ms>-<seq>`.
+fn is_stream_id(id: &str) -> bool {
+    id.split_once('-').is_some_and(|(ms, seq)| {
+        !ms.is_empty()
+            && !seq.is_empty()
+            && ms.bytes().all(|b| b.is_ascii_digit())
+            && seq.bytes().all(|b| b.is_ascii_digit())
+    })
 }
 
 /// One entry of `XINFO CONSUMERS` (RESP2: a flat key/value array; RESP3: a map) → its name,
@@ -650,6 +675,23 @@ mod tests {
         let (events, _, aliases) = entries(&list);
         assert_eq!(events[0].id, "inst:7-1");
         assert_eq!(aliases, [("inst:7-1".to_owned(), "2-0".to_owned())]);
+    }
+
+    #[test]
+    fn events_map_to_their_stream_entries() {
+        let mut map = HashMap::new();
+        map.insert("i:1-1".to_owned(), vec!["5-0".to_owned(), "6-0".to_owned()]);
+        map.insert("i:1-2".to_owned(), vec!["5-1".to_owned()]);
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // A hold keeps the map; an event moved twice (and so read twice) is both its entries.
+        assert_eq!(entries_of(&mut map, &ids(&["i:1-1", "i:1-1", "i:1-2"]), false), ["5-0", "5-1", "6-0"]);
+        // Stream ids stand for themselves; an unknown own id is skipped, never sent to XACK.
+        assert_eq!(entries_of(&mut map, &ids(&["7-3", "other:9-1"]), true), ["7-3"]);
+        assert_eq!(entries_of(&mut map, &ids(&["i:1-1", "i:1-1"]), true), ["5-0", "6-0"]);
+        assert_eq!(map.len(), 1, "acknowledged, forgotten");
+        assert!(
+            is_stream_id("1765000000000-0") && !is_stream_id("i:1-1") && !is_stream_id("-1") && !is_stream_id("1-")
+        );
     }
 
     #[test]
