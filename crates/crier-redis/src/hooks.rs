@@ -28,8 +28,8 @@ use futures_util::StreamExt;
 use redis::Value;
 use tokio::sync::oneshot;
 
+use crate::context::Context;
 use crate::error::Fault;
-use crate::presence::Presence;
 use crate::scripts::{HOOK_FLAGS, bulk, int};
 
 /// The consumer group every node reads in.
@@ -43,7 +43,7 @@ const OCCUPANCY_BATCH: usize = 100;
 /// How often consumers of nodes gone (idle past the claim time, nothing pending) are deleted.
 const REAP_EVERY: Duration = Duration::from_secs(60);
 
-/// What a script needs to append events, set once by [`Presence::enable_hooks`].
+/// What a script needs to append events, set once by [`Hooks::enable_hooks`].
 struct Args {
     stream: String,
     flags: String,
@@ -65,8 +65,11 @@ struct Occupancy {
     running: bool,
 }
 
-#[derive(Default)]
-pub(crate) struct HookState {
+/// The webhook side of the broker: the hook arguments the presence scripts take (set once
+/// webhooks are enabled), the occupancy queue and the stream's consumer. Presence holds one and
+/// passes [`Hooks::hook_args`] to its scripts; this module knows nothing of presence.
+pub(crate) struct Hooks {
+    ctx: Arc<Context>,
     args: OnceLock<Args>,
     /// Channels this instance has (broker-level) subscriptions of, refreshed in `HOOK_NODES`.
     channels: Mutex<HashSet<String>>,
@@ -78,7 +81,21 @@ pub(crate) struct HookState {
     dropped: AtomicU64,
 }
 
-impl HookState {
+impl Hooks {
+    pub(crate) fn new(ctx: Arc<Context>) -> Hooks {
+        Hooks {
+            ctx,
+            args: OnceLock::new(),
+            channels: Mutex::default(),
+            group_ready: AtomicBool::new(false),
+            last_claim: Mutex::new(None),
+            last_reap: Mutex::new(None),
+            occupancy: Mutex::default(),
+            queued: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
     pub(crate) fn members_enabled(&self) -> bool {
         self.args.get().is_some_and(|a| a.members)
     }
@@ -86,12 +103,10 @@ impl HookState {
     fn channels(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-impl Presence {
     /// Appends the three hook arguments every presence script takes last.
     pub(crate) fn hook_args(&self, inv: &mut redis::ScriptInvocation<'_>) {
-        match self.hooks.args.get() {
+        match self.args.get() {
             Some(a) => inv.arg(&a.stream).arg(&a.flags).arg(a.max),
             None => inv.arg("").arg("").arg(0),
         };
@@ -113,20 +128,20 @@ impl Presence {
             max: config.max_queue.max(1) as u64,
             claim_idle,
         };
-        let _ = self.hooks.args.set(args);
+        let _ = self.args.set(args);
         Ok(())
     }
 
     /// The instance's first (`add`) or last (`rem`) subscriber of `channel` (broker level).
     pub(crate) async fn hook_channel(self: &Arc<Self>, channel: &str, add: bool) {
-        let Some(a) = self.hooks.args.get() else { return };
+        let Some(a) = self.args.get() else { return };
         if !a.channels {
             return;
         }
         if add {
-            self.hooks.channels().insert(channel.to_owned());
+            self.channels().insert(channel.to_owned());
         } else {
-            self.hooks.channels().remove(channel);
+            self.channels().remove(channel);
         }
         if let Err(e) = self.hook_nodes(channel, if add { "add" } else { "rem" }).await {
             // Redis down: the refresh re-adds a channel still held; one let go expires (its
@@ -140,7 +155,7 @@ impl Presence {
     async fn hook_nodes(self: &Arc<Self>, channel: &str, op: &'static str) -> Result<(), BrokerError> {
         let (tx, rx) = oneshot::channel();
         let start = {
-            let mut o = self.hooks.occupancy.lock().unwrap_or_else(|e| e.into_inner());
+            let mut o = self.occupancy.lock().unwrap_or_else(|e| e.into_inner());
             o.queue.push_back((channel.to_owned(), op, tx));
             !std::mem::replace(&mut o.running, true)
         };
@@ -156,7 +171,7 @@ impl Presence {
     async fn occupancy_calls(&self) {
         loop {
             let batch: Vec<_> = {
-                let mut o = self.hooks.occupancy.lock().unwrap_or_else(|e| e.into_inner());
+                let mut o = self.occupancy.lock().unwrap_or_else(|e| e.into_inner());
                 if o.queue.is_empty() {
                     o.running = false;
                     return;
@@ -184,18 +199,18 @@ impl Presence {
     /// entry Redis lost or that expired comes back, as an occupy if the set was empty), then
     /// sweeps the sets with expired instances (dead nodes), reporting their vacates.
     pub(crate) async fn hook_refresh(self: &Arc<Self>) -> Result<(), BrokerError> {
-        let Some(a) = self.hooks.args.get() else { return Ok(()) };
+        let Some(a) = self.args.get() else { return Ok(()) };
         if !a.channels {
             return Ok(());
         }
-        let held: Vec<String> = self.hooks.channels().iter().cloned().collect();
+        let held: Vec<String> = self.channels().iter().cloned().collect();
         let mut result = Ok(());
         // Queued in order with the subscribes' and unsubscribes' changes: a `rem` asked after
         // this `add` is applied after it.
         let mut calls = futures_util::stream::iter(held)
             .map(|c| async move {
                 // Still held? (A `rem` may have come meanwhile.)
-                if self.hooks.channels().contains(&c) { self.hook_nodes(&c, "add").await } else { Ok(()) }
+                if self.channels().contains(&c) { self.hook_nodes(&c, "add").await } else { Ok(()) }
             })
             .buffer_unordered(OCCUPANCY_BATCH);
         while let Some(r) = calls.next().await {
@@ -226,7 +241,7 @@ impl Presence {
     }
 
     async fn ensure_group(&self, a: &Args) -> Result<(), BrokerError> {
-        if self.hooks.group_ready.load(Ordering::Relaxed) {
+        if self.group_ready.load(Ordering::Relaxed) {
             return Ok(());
         }
         let mut cmd = redis::cmd("XGROUP");
@@ -236,12 +251,12 @@ impl Presence {
             Err(e) if e.to_string().contains("BUSYGROUP") => {}
             Err(e) => return Err(e.into()),
         }
-        self.hooks.group_ready.store(true, Ordering::Relaxed);
+        self.group_ready.store(true, Ordering::Relaxed);
         Ok(())
     }
 
     pub(crate) async fn hook_read(&self, max: usize, wait: Duration) -> Result<Vec<HookEvent>, BrokerError> {
-        let Some(a) = self.hooks.args.get() else {
+        let Some(a) = self.args.get() else {
             tokio::time::sleep(wait).await;
             return Ok(Vec::new());
         };
@@ -249,7 +264,7 @@ impl Presence {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let due = {
-                let mut last = self.hooks.last_claim.lock().unwrap_or_else(|e| e.into_inner());
+                let mut last = self.last_claim.lock().unwrap_or_else(|e| e.into_inner());
                 let due = last.is_none_or(|at| at.elapsed() >= CLAIM_EVERY);
                 if due {
                     *last = Some(Instant::now());
@@ -306,7 +321,7 @@ impl Presence {
     /// node reads every `POLL`, and one deleted anyway is re-created by its next read.
     async fn reap_consumers(&self, a: &Args) {
         {
-            let mut last = self.hooks.last_reap.lock().unwrap_or_else(|e| e.into_inner());
+            let mut last = self.last_reap.lock().unwrap_or_else(|e| e.into_inner());
             if last.is_some_and(|at| at.elapsed() < REAP_EVERY) {
                 return;
             }
@@ -349,19 +364,19 @@ impl Presence {
     /// A `NOGROUP` (Redis lost the stream): create the group again at the next read.
     fn lost_group(&self, e: Fault) -> BrokerError {
         if e.to_string().contains("NOGROUP") {
-            self.hooks.group_ready.store(false, Ordering::Relaxed);
+            self.group_ready.store(false, Ordering::Relaxed);
         }
         e.into()
     }
 
     /// The queue's length (the stream holds only undelivered events) and the drops counted
-    /// by the scripts, for [`Presence::hook_stats`].
+    /// by the scripts, for [`Hooks::hook_stats`].
     async fn update_queued(&self, a: &Args) {
         if let Ok(len) = self.ctx.commands.query(redis::cmd("XLEN").arg(&a.stream)).await {
-            self.hooks.queued.store(int(&len).unwrap_or(0).max(0) as u64, Ordering::Relaxed);
+            self.queued.store(int(&len).unwrap_or(0).max(0) as u64, Ordering::Relaxed);
         }
         if let Ok(dropped) = self.ctx.commands.query(redis::cmd("GET").arg(format!("{}:dropped", a.stream))).await {
-            self.hooks.dropped.store(int(&dropped).unwrap_or(0).max(0) as u64, Ordering::Relaxed);
+            self.dropped.store(int(&dropped).unwrap_or(0).max(0) as u64, Ordering::Relaxed);
         }
     }
 
@@ -374,7 +389,7 @@ impl Presence {
         client: &str,
         data: &str,
     ) -> Result<(), BrokerError> {
-        let Some(a) = self.hooks.args.get() else { return Ok(()) };
+        let Some(a) = self.args.get() else { return Ok(()) };
         if !a.flags.contains('P') {
             return Ok(());
         }
@@ -390,7 +405,7 @@ impl Presence {
     }
 
     pub(crate) async fn hook_ack(&self, ids: &[String]) -> Result<(), BrokerError> {
-        let Some(a) = self.hooks.args.get() else { return Ok(()) };
+        let Some(a) = self.args.get() else { return Ok(()) };
         if ids.is_empty() {
             return Ok(());
         }
@@ -404,7 +419,7 @@ impl Presence {
     /// Keeps a batch this node is retrying claimed by it (resets the entries' idle time, so no
     /// other node claims them as a dead consumer's).
     pub(crate) async fn hook_hold(&self, ids: &[String]) -> Result<(), BrokerError> {
-        let Some(a) = self.hooks.args.get() else { return Ok(()) };
+        let Some(a) = self.args.get() else { return Ok(()) };
         if ids.is_empty() {
             return Ok(());
         }
@@ -417,10 +432,7 @@ impl Presence {
     }
 
     pub(crate) fn hook_stats(&self) -> HookStats {
-        HookStats {
-            queued: self.hooks.queued.load(Ordering::Relaxed),
-            dropped: self.hooks.dropped.load(Ordering::Relaxed),
-        }
+        HookStats { queued: self.queued.load(Ordering::Relaxed), dropped: self.dropped.load(Ordering::Relaxed) }
     }
 }
 

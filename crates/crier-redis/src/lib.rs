@@ -201,41 +201,41 @@ impl Broker for RedisBroker {
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
         self.pubsub.subscribe(channel).await?;
         // Webhooks: this instance now holds the channel (cluster-wide occupancy, `hooks.rs`).
-        self.presence.hook_channel(channel, true).await;
+        self.presence.hooks.hook_channel(channel, true).await;
         Ok(())
     }
 
     async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
         let r = self.pubsub.unsubscribe(channel).await;
         if !self.ctx.has_subscribers(channel) {
-            self.presence.hook_channel(channel, false).await;
+            self.presence.hooks.hook_channel(channel, false).await;
         }
         r
     }
 
     fn enable_hooks(&self, config: crier_core::HookConfig) -> Result<(), BrokerError> {
         let claim_idle = config.claim_idle;
-        self.presence.enable_hooks(&config, claim_idle)
+        self.presence.hooks.enable_hooks(&config, claim_idle)
     }
 
     async fn hook_read(&self, max: usize, wait: Duration) -> Result<Vec<crier_core::HookEvent>, BrokerError> {
-        self.presence.hook_read(max, wait).await
+        self.presence.hooks.hook_read(max, wait).await
     }
 
     async fn hook_ack(&self, ids: &[String]) -> Result<(), BrokerError> {
-        self.presence.hook_ack(ids).await
+        self.presence.hooks.hook_ack(ids).await
     }
 
     async fn hook_publish(&self, channel: &str, user: &str, client: &str, data: &str) -> Result<(), BrokerError> {
-        self.presence.hook_publish(channel, user, client, data).await
+        self.presence.hooks.hook_publish(channel, user, client, data).await
     }
 
     async fn hook_hold(&self, ids: &[String]) -> Result<(), BrokerError> {
-        self.presence.hook_hold(ids).await
+        self.presence.hooks.hook_hold(ids).await
     }
 
     fn hook_stats(&self) -> crier_core::HookStats {
-        self.presence.hook_stats()
+        self.presence.hooks.hook_stats()
     }
 
     async fn history(
