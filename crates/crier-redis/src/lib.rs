@@ -20,7 +20,8 @@
 //! - `publisher.rs`: the task that batches a node's publishes into script calls.
 //! - `pubsub/`: the task owning the node's pub/sub connection (its own map is in its `mod.rs`:
 //!   topology connect, request batching and ordered history reads, delivery and gap-fill,
-//!   shards). `tracker.rs`: per-channel "last delivered" bookkeeping, pure logic.
+//!   shards). `node_position.rs`: per-channel "last delivered to this node" bookkeeping that asks for
+//!   gap-fills from history, pure logic.
 //! - `presence.rs`: presence, connections per user and the node registry, with expiry and a
 //!   background refresh of this node's entries; `hooks.rs`: the webhook event stream.
 //! - `control.rs`: control messages between nodes (disconnects, `user_op`), revocations, the
@@ -154,6 +155,7 @@ mod control;
 mod error;
 mod hooks;
 mod keys;
+mod node_position;
 mod options;
 mod payload;
 mod presence;
@@ -163,7 +165,6 @@ mod scripts;
 mod sentinel;
 mod tls;
 mod topology;
-mod tracker;
 
 pub use broker::RedisBroker;
 pub use options::{RedisOptions, StartError};
