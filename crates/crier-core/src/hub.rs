@@ -37,10 +37,11 @@ use crate::broker::Publication;
 use crate::outbox::{Out, Outbox, Push};
 
 mod forms;
+mod recovered;
 mod subscribers;
 
-pub(crate) use forms::out_for;
-use forms::{Forms, Needs, out_len};
+use forms::{Forms, Needs, out_for, out_len};
+use recovered::Recovered;
 use subscribers::Subscribers;
 
 const SHARDS: usize = 64;
@@ -150,6 +151,9 @@ struct Channel {
     ready: Option<BrokerReady>,
     /// The forms of a frame the subscribers take, built before a fan-out takes the lock.
     needs: Needs,
+    /// Recovered messages' forms, built once per node (`hub/recovered.rs`); `None` until a
+    /// recovering subscriber takes another form than the JSON frame.
+    recovered: Option<Box<Recovered>>,
 }
 
 /// Counts from one fan-out.
@@ -175,6 +179,8 @@ pub struct Hub {
     /// looked (the cluster's channel listing mirrors the counts into the broker). Locked after
     /// the shard's lock, never before it; only subscribe and unsubscribe touch it.
     dirty: Vec<Mutex<HashSet<Box<str>>>>,
+    /// Bytes of the recovered messages' forms held, all channels (`hub/recovered.rs`).
+    recovered_bytes: Arc<AtomicUsize>,
 }
 
 impl Default for Hub {
@@ -191,6 +197,7 @@ impl Hub {
             channels: AtomicUsize::new(0),
             subscriptions: AtomicUsize::new(0),
             dirty: (0..SHARDS).map(|_| Mutex::new(HashSet::new())).collect(),
+            recovered_bytes: Arc::default(),
         }
     }
 
@@ -254,6 +261,7 @@ impl Hub {
                     subscribers: Subscribers::new(),
                     ready: Some(Arc::new(OnceCell::new())),
                     needs: Needs::default(),
+                    recovered: None,
                 })
             }
         };
@@ -345,6 +353,33 @@ impl Hub {
             return true;
         }
         false
+    }
+
+    /// What to queue for the recovered (history) message `p` of `channel` on `outbox`'s
+    /// connection: the form a live message takes there (its encoding; compressed when it
+    /// negotiated permessage-deflate and the frame is large enough), built once per node for
+    /// every connection recovering it (`hub/recovered.rs`: looked up under the shard lock,
+    /// built outside it).
+    pub fn recovered_out(&self, channel: &str, p: &Publication, outbox: &Outbox) -> Out {
+        if outbox.deflate_min().is_none() && outbox.encoding() == crier_protocol::Encoding::Json {
+            return Out::Frame(p.frame.clone());
+        }
+        let entry = {
+            let mut shard = self.shard(channel);
+            match shard.get_mut(channel) {
+                Some(ch) => ch.recovered.get_or_insert_with(Box::default).entry(p, &self.recovered_bytes),
+                None => return out_for(outbox, &p.frame, &mut Forms::default()),
+            }
+        };
+        entry.out_for(outbox, &p.frame)
+    }
+
+    /// Bytes held by recovered messages' forms (`hub/recovered.rs`), all channels together:
+    /// per channel with recovering subscribers the forms of at most 256 messages, the oldest
+    /// going first as messages are added past 4 MiB; 0 once those channels have no local
+    /// subscriber.
+    pub fn recovered_forms_bytes(&self) -> usize {
+        self.recovered_bytes.load(Ordering::Relaxed)
     }
 
     /// The channel's shard locked, with the forms of `frame` its subscribers take built before
