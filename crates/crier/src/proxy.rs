@@ -433,7 +433,7 @@ pub async fn connect_claims(
     // A WebSocket handshake asks for the upgrade; the other transport is SSE.
     let websocket = headers.get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
     let body = serde_json::json!({
-        "client": crate::handshake::client_id(st, conn),
+        "client": crate::control::client_id(st, conn),
         "transport": if websocket { "websocket" } else { "sse" },
         "remote_addr": ip.to_string(),
         "headers": forwarded,
@@ -515,7 +515,7 @@ async fn refresh_one(proxies: &Proxies, conn: ConnId, user: &str, client: String
     match result {
         Ok(Answer::Allowed(a)) if a.expire_at > unix_now() => {
             if let Some(outbox) = entry.outbox.upgrade() {
-                outbox.set_expiry(crate::session::expiry_ms(a.expire_at));
+                outbox.set_expiry(crate::auth::expiry_ms(a.expire_at));
             }
             entry.expire_at = a.expire_at;
             entry.busy = false;
