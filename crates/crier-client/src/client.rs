@@ -10,13 +10,13 @@ use crier_protocol::frames::PresenceEntry;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::backoff::Backoff;
 use crate::driver::Driver;
 use crate::error::{CloseReason, Error};
 use crate::events::{EndReason, Event, Message};
 use crate::protocol::{Options, Reply, Request, RequestKind, Shared, ToDriver};
 use crate::state::{State, Welcome};
 use crate::subscription::Subscription;
+use crier_protocol::backoff::Backoff;
 
 /// The subscriptions the server makes for this client ([`Client::server_subscriptions`]).
 pub type ServerSubscriptions = mpsc::UnboundedReceiver<Subscription>;

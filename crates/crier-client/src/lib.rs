@@ -47,7 +47,9 @@
 //! Modules, each depending only on those above it (no cycle):
 //! - `state`: the public [`State`] and [`Welcome`]; `events`: what a subscription yields
 //!   ([`Event`], [`Message`], [`Gap`], [`EndReason`]).
-//! - `tracker`: the position tracker that dedupes by offset and detects gaps.
+//! - `app_position`: the last position delivered to the application on a channel; drops
+//!   replays by offset and tells the application of losses (it never fills them: that is the
+//!   server's recovery; crier-redis's `NodePosition` is the node's side, which does).
 //! - `protocol`: the handle-to-task protocol (what the handles send the task and share with it).
 //! - `subscription`: [`Subscription`] (a stream of [`Event`]s; dropping it unsubscribes).
 //! - `driver`: the one task per client that owns the connection — the state machine; the
@@ -55,13 +57,14 @@
 //! - `client`: [`Client`] (the handle: state, subscribe, requests, close) and [`ClientBuilder`].
 //! - `frames`: the client's side of the wire format (the shared types come from
 //!   `crier-protocol`).
-//! - `backoff`, `token`: full-jitter backoff; token sources and refresh scheduling.
+//! - `token`: token sources and refresh scheduling (the full-jitter [`Backoff`] is
+//!   `crier_protocol::backoff`'s, re-exported).
 //!
 //! TLS: `wss://` URLs work when `tokio-tungstenite` is built with one of its TLS features
 //! (e.g. add `tokio-tungstenite = { version = "0.29", features = ["rustls-tls-webpki-roots"] }`
 //! to the application); this crate enables none itself.
 
-mod backoff;
+mod app_position;
 mod client;
 mod driver;
 mod error;
@@ -71,10 +74,10 @@ mod protocol;
 mod state;
 mod subscription;
 mod token;
-mod tracker;
 
-pub use backoff::Backoff;
 pub use client::{Client, ClientBuilder, History, HistoryOptions, PresenceStats, Published, ServerSubscriptions};
+/// The reconnect backoff (moved to crier-protocol, shared with the server's Redis reconnects).
+pub use crier_protocol::backoff::Backoff;
 pub use crier_protocol::frames::PresenceEntry;
 pub use crier_protocol::{ErrorCode, StreamPosition};
 pub use error::{CloseReason, Error, ServerError};

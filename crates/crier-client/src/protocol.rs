@@ -11,11 +11,11 @@ use crier_protocol::frames::PresenceEntry;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::backoff::Backoff;
 use crate::error::{CloseReason, Error};
 use crate::events::{Event, Message};
 use crate::state::{State, Welcome};
 use crate::token::TokenSource;
+use crier_protocol::backoff::Backoff;
 
 /// What the handles and the task share (short critical sections only).
 #[derive(Debug)]

@@ -1,5 +1,5 @@
 //! A subscription as the application sees it: a stream of [`Event`]s whose drop unsubscribes.
-//! The position [`crate::tracker::Tracker`] that keeps the delivery promise (each message once, in
+//! The position [`crate::app_position::AppPosition`] that keeps the delivery promise (each message once, in
 //! order, across reconnects, or a gap) lives in the driver's book of subscriptions.
 
 use std::pin::Pin;

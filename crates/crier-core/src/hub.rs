@@ -37,10 +37,11 @@ use crate::broker::Publication;
 use crate::outbox::{Out, Outbox, Push};
 
 mod forms;
+mod recovered;
 mod subscribers;
 
-pub(crate) use forms::out_for;
-use forms::{Forms, Needs, out_len};
+use forms::{Forms, Needs, out_for, out_len};
+use recovered::Recovered;
 use subscribers::Subscribers;
 
 const SHARDS: usize = 64;
@@ -150,6 +151,9 @@ struct Channel {
     ready: Option<BrokerReady>,
     /// The forms of a frame the subscribers take, built before a fan-out takes the lock.
     needs: Needs,
+    /// Recovered messages' forms, built once per node (`hub/recovered.rs`); `None` until a
+    /// recovering subscriber takes another form than the JSON frame.
+    recovered: Option<Box<Recovered>>,
 }
 
 /// Counts from one fan-out.
@@ -175,6 +179,8 @@ pub struct Hub {
     /// looked (the cluster's channel listing mirrors the counts into the broker). Locked after
     /// the shard's lock, never before it; only subscribe and unsubscribe touch it.
     dirty: Vec<Mutex<HashSet<Box<str>>>>,
+    /// Bytes of the recovered messages' forms held, all channels (`hub/recovered.rs`).
+    recovered_bytes: Arc<AtomicUsize>,
 }
 
 impl Default for Hub {
@@ -191,6 +197,7 @@ impl Hub {
             channels: AtomicUsize::new(0),
             subscriptions: AtomicUsize::new(0),
             dirty: (0..SHARDS).map(|_| Mutex::new(HashSet::new())).collect(),
+            recovered_bytes: Arc::default(),
         }
     }
 
@@ -254,6 +261,7 @@ impl Hub {
                     subscribers: Subscribers::new(),
                     ready: Some(Arc::new(OnceCell::new())),
                     needs: Needs::default(),
+                    recovered: None,
                 })
             }
         };
@@ -345,6 +353,33 @@ impl Hub {
             return true;
         }
         false
+    }
+
+    /// What to queue for the recovered (history) message `p` of `channel` on `outbox`'s
+    /// connection: the form a live message takes there (its encoding; compressed when it
+    /// negotiated permessage-deflate and the frame is large enough), built once per node for
+    /// every connection recovering it (`hub/recovered.rs`: looked up under the shard lock,
+    /// built outside it).
+    pub fn recovered_out(&self, channel: &str, p: &Publication, outbox: &Outbox) -> Out {
+        if outbox.deflate_min().is_none() && outbox.encoding() == crier_protocol::Encoding::Json {
+            return Out::Frame(p.frame.clone());
+        }
+        let entry = {
+            let mut shard = self.shard(channel);
+            match shard.get_mut(channel) {
+                Some(ch) => ch.recovered.get_or_insert_with(Box::default).entry(p, &self.recovered_bytes),
+                None => return out_for(outbox, &p.frame, &mut Forms::default()),
+            }
+        };
+        entry.out_for(outbox, &p.frame)
+    }
+
+    /// Bytes held by recovered messages' forms (`hub/recovered.rs`), all channels together:
+    /// per channel with recovering subscribers the forms of at most 256 messages, the oldest
+    /// going first as messages are added past 4 MiB; 0 once those channels have no local
+    /// subscriber.
+    pub fn recovered_forms_bytes(&self) -> usize {
+        self.recovered_bytes.load(Ordering::Relaxed)
     }
 
     /// The channel's shard locked, with the forms of `frame` its subscribers take built before
@@ -477,149 +512,7 @@ impl crate::broker::BrokerHandler for Hub {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::outbox::{Next, Out};
-
-    fn publication(offset: u64) -> Publication {
-        Publication { offset, epoch: "e".into(), frame: Bytes::from(offset.to_string()), published_at_us: 0 }
-    }
-
-    async fn drain(o: &Outbox) -> Vec<String> {
-        let mut batch = Vec::new();
-        if o.queued_bytes() > 0 {
-            assert_eq!(o.next(&mut batch).await, Next::Batch);
-        }
-        batch
-            .into_iter()
-            .filter_map(|b| match b {
-                Out::Frame(f) => Some(String::from_utf8_lossy(&f).into_owned()),
-                Out::Ping | Out::Deflated(_) => None,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn counts_changed_since_the_last_look_are_taken_once() {
-        let hub = Hub::new();
-        let o = Arc::new(Outbox::new(1 << 20));
-        assert!(hub.add("a", 1, o.clone()).is_ok());
-        assert!(hub.add("a", 2, o.clone()).is_ok());
-        assert!(hub.add("b", 1, o.clone()).is_ok());
-        let mut c = hub.take_counts(false);
-        c.sort();
-        assert_eq!(c, [("a".to_owned(), 2), ("b".to_owned(), 1)]);
-        assert!(hub.take_counts(false).is_empty(), "nothing changed since");
-        hub.remove("b", 1);
-        hub.remove("a", 2);
-        let mut c = hub.take_counts(false);
-        c.sort();
-        assert_eq!(c, [("a".to_owned(), 1), ("b".to_owned(), 0)], "a channel left by its last subscriber counts 0");
-        assert!(hub.add("c", 1, o.clone()).is_ok());
-        hub.remove("c", 1);
-        let mut c = hub.take_counts(true);
-        c.sort();
-        assert_eq!(c, [("a".to_owned(), 1), ("c".to_owned(), 0)], "all: every channel, and the changed ones gone");
-    }
-
-    #[tokio::test]
-    async fn buffering_merge_has_no_gap_and_no_duplicate() {
-        let hub = Hub::new();
-        let o = Arc::new(Outbox::new(1 << 20));
-        assert!(hub.add("c", 1, o.clone()).is_ok());
-        assert_eq!(hub.add("c", 1, o.clone()).err(), Some(AlreadySubscribed));
-        // Live messages 5 and 6 arrive while history (up to 5) is being read.
-        hub.deliver("c", &publication(5));
-        hub.deliver("c", &publication(6));
-        assert!(drain(&o).await.is_empty(), "nothing reaches a buffering subscriber");
-        assert!(hub.activate("c", 1, vec![Bytes::from("ack"), Bytes::from("4"), Bytes::from("5")], ("e", 5)));
-        hub.deliver("c", &publication(7));
-        assert_eq!(drain(&o).await, ["ack", "4", "5", "6", "7"]);
-    }
-
-    #[tokio::test]
-    async fn an_overflowing_buffer_keeps_the_newest_and_asks_for_more_history() {
-        let hub = Hub::new();
-        // Frames are 1-2 bytes ("7", "10"): a 4-byte bound keeps the last two or three.
-        let o = Arc::new(Outbox::new(4));
-        assert!(hub.add("c", 1, o.clone()).is_ok());
-        for i in 5..=11 {
-            hub.deliver("c", &publication(i));
-        }
-        // The buffer now starts at 10: it does not continue a replay that stopped at 5...
-        assert_eq!(hub.try_activate("c", 1, ("e", 5), true), Activation::Behind);
-        assert!(!hub.activate("c", 1, vec![], ("e", 5)), "activate refuses to leave a gap");
-        // ...but does once the replay reached 9 (or 10: no duplicate).
-        assert_eq!(hub.try_activate("c", 1, ("e", 10), false), Activation::Live);
-        assert_eq!(drain(&o).await, ["11"]);
-        hub.deliver("c", &publication(12));
-        assert_eq!(drain(&o).await, ["12"]);
-
-        // Going live never overflows the queue for the buffer's sake: it asks for room.
-        let p = Arc::new(Outbox::new(4));
-        assert!(hub.add("d", 2, p.clone()).is_ok());
-        hub.deliver("d", &publication(10));
-        assert_eq!(p.push(Bytes::from_static(b"abc")), Push::Queued);
-        assert_eq!(hub.try_activate("d", 2, ("e", 9), true), Activation::Room(2));
-        assert_eq!(drain(&p).await, ["abc"]);
-        assert_eq!(hub.try_activate("d", 2, ("e", 9), true), Activation::Live);
-        assert_eq!(drain(&p).await, ["10"]);
-    }
-
-    #[tokio::test]
-    async fn readiness_cell_goes_once_the_broker_subscription_exists() {
-        let hub = Hub::new();
-        let o = Arc::new(Outbox::new(100));
-        let Ok(Some(first)) = hub.add("c", 1, o.clone()) else { panic!("a new channel has a cell") };
-        // A newcomer while the broker subscription is being made shares the cell.
-        let Ok(Some(second)) = hub.add("c", 2, o.clone()) else { panic!("still being made") };
-        assert!(Arc::ptr_eq(&first, &second));
-        hub.broker_ready("c", &first);
-        assert!(hub.add("c", 3, o.clone()).is_ok_and(|r| r.is_some()), "not initialised: kept");
-        assert!(first.set(()).is_ok());
-        hub.broker_ready("c", &first);
-        assert!(hub.add("c", 4, o.clone()).is_ok_and(|r| r.is_none()), "in place: no cell, no wait");
-        for c in 1..=4 {
-            hub.remove("c", c);
-        }
-        // A newer entry has its own cell; the old one does not mark it ready.
-        let Ok(Some(newer)) = hub.add("c", 5, o.clone()) else { panic!("a new entry has a new cell") };
-        assert!(!Arc::ptr_eq(&first, &newer));
-        hub.broker_ready("c", &first);
-        assert!(hub.add("c", 6, o).is_ok_and(|r| r.is_some()));
-    }
-
-    #[tokio::test]
-    async fn entries_go_away_and_counts_follow() {
-        let hub = Hub::new();
-        let (a, b) = (Arc::new(Outbox::new(100)), Arc::new(Outbox::new(100)));
-        assert!(hub.add("c", 1, a).is_ok());
-        assert!(hub.add("c", 2, b).is_ok());
-        assert_eq!((hub.channel_count(), hub.subscription_count()), (1, 2));
-        assert!(!hub.remove("c", 1));
-        assert!(hub.remove("c", 2), "last one out");
-        assert!(!hub.has_channel("c"));
-        assert_eq!((hub.channel_count(), hub.subscription_count()), (0, 0));
-        assert!(!hub.remove("c", 2));
-    }
-
-    #[tokio::test]
-    async fn slow_subscriber_does_not_affect_others() {
-        let hub = Hub::new();
-        let (slow, fast) = (Arc::new(Outbox::new(3)), Arc::new(Outbox::new(1000)));
-        for (id, o) in [(1, &slow), (2, &fast)] {
-            assert!(hub.add("c", id, o.clone()).is_ok());
-            assert!(hub.activate("c", id, vec![], ("e", 0)));
-        }
-        let mut slow_count = 0;
-        for i in 10..20 {
-            slow_count += hub.deliver("c", &publication(i)).slow;
-        }
-        assert_eq!(slow_count, 1, "closed once");
-        assert!(slow.is_closing());
-        assert_eq!(drain(&fast).await.len(), 10);
-    }
-}
+mod tests;
 
 /// Property tests of the recovery merge: whatever the interleaving of "history read up to T",
 /// live publications buffered before and after that read, and live publications after
@@ -627,212 +520,4 @@ mod tests {
 /// offset order, with no gap — and the channel's other subscribers are unaffected.
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-mod proptests {
-    use super::*;
-    use crate::outbox::{Next, Out};
-    use proptest::prelude::*;
-
-    const CH: &str = "c";
-
-    /// A channel as the broker keeps it: epoch, last offset, bounded history. `publish` delivers
-    /// to the hub in offset order, as the brokers do.
-    struct Channel {
-        epoch: &'static str,
-        top: u64,
-        history: Vec<Publication>,
-        history_size: usize,
-    }
-
-    impl Channel {
-        fn publish(&mut self, hub: &Hub) {
-            self.top += 1;
-            let p = Publication {
-                offset: self.top,
-                epoch: self.epoch.into(),
-                frame: Bytes::from(format!("{}:{}", self.epoch, self.top)),
-                published_at_us: 0,
-            };
-            hub.deliver(CH, &p);
-            self.history.push(p);
-            if self.history.len() > self.history_size {
-                self.history.remove(0);
-            }
-        }
-
-        /// The broker's history read: (last offset, replayed frames, recovered) for a subscribe
-        /// recovering from `since` (None = no recovery asked).
-        fn read(&self, since: Option<u64>) -> (u64, Vec<Bytes>, Option<bool>) {
-            let Some(since) = since else { return (self.top, Vec::new(), None) };
-            let first = self.history.first().map_or(self.top + 1, |p| p.offset);
-            if since > self.top || first > since + 1 {
-                return (self.top, Vec::new(), Some(false));
-            }
-            let frames = self.history.iter().filter(|p| p.offset > since).map(|p| p.frame.clone()).collect();
-            (self.top, frames, Some(true))
-        }
-    }
-
-    fn drain(rt: &tokio::runtime::Runtime, o: &Outbox, into: &mut Vec<String>) {
-        if o.queued_bytes() == 0 {
-            return;
-        }
-        let mut batch = Vec::new();
-        assert_eq!(rt.block_on(o.next(&mut batch)), Next::Batch);
-        into.extend(batch.into_iter().filter_map(|b| match b {
-            Out::Frame(f) => Some(String::from_utf8_lossy(&f).into_owned()),
-            Out::Ping | Out::Deflated(_) => None,
-        }));
-    }
-
-    fn labels(epoch: &str, offsets: impl IntoIterator<Item = u64>) -> Vec<String> {
-        offsets.into_iter().map(|o| format!("{epoch}:{o}")).collect()
-    }
-
-    #[derive(Debug, Clone, Copy)]
-    enum Step {
-        Publish,
-        /// The subscriber's writer takes what is queued.
-        Drain,
-    }
-
-    prop_compose! {
-        fn scenario()(
-            before in 0u64..30,
-            buffered_before_read in 0u64..10,
-            buffered_after_read in 0u64..10,
-            recover_back in prop::option::of(0u64..40),
-            history_size in 1usize..40,
-            epoch_reset in any::<bool>(),
-            after in prop::collection::vec(prop_oneof![3 => Just(Step::Publish), 1 => Just(Step::Drain)], 0..40),
-        ) -> (u64, u64, u64, Option<u64>, usize, bool, Vec<Step>) {
-            (before, buffered_before_read, buffered_after_read, recover_back, history_size, epoch_reset, after)
-        }
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
-
-        #[test]
-        fn recovery_merge_has_each_offset_once_in_order_without_gaps(
-            (before, buffered_before_read, buffered_after_read, recover_back, history_size, epoch_reset, after)
-                in scenario()
-        ) {
-            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            let hub = Hub::new();
-            let mut ch = Channel { epoch: "e", top: 0, history: Vec::new(), history_size };
-            // A subscriber that was live all along: it must see everything, whatever happens to
-            // the newcomer.
-            let witness = Arc::new(Outbox::new(1 << 24));
-            prop_assert!(hub.add(CH, 1, witness.clone()).is_ok());
-            prop_assert!(hub.activate(CH, 1, vec![], ("e", 0)));
-            let mut witnessed = Vec::new();
-
-            for _ in 0..before {
-                ch.publish(&hub);
-            }
-            // The newcomer joins (buffering), recovering from `recover_back` messages ago.
-            let since = recover_back.map(|back| ch.top.saturating_sub(back));
-            let o = Arc::new(Outbox::new(1 << 24));
-            prop_assert!(hub.add(CH, 2, o.clone()).is_ok());
-            for _ in 0..buffered_before_read {
-                ch.publish(&hub);
-            }
-            let (t, replay, recovered) = ch.read(since);
-            let mut frames = vec![Bytes::from_static(b"ack")];
-            if recovered == Some(true) {
-                frames.extend(replay);
-            }
-            if epoch_reset {
-                // The channel's history is lost right after the read (e.g. Redis flushed): a new
-                // epoch, offsets from 1 again.
-                ch = Channel { epoch: "f", top: 0, history: Vec::new(), history_size };
-                drain(&rt, &witness, &mut witnessed);
-            }
-            for _ in 0..buffered_after_read {
-                ch.publish(&hub);
-            }
-            prop_assert!(hub.activate(CH, 2, frames, ("e", t)));
-            let mut got = Vec::new();
-            for step in &after {
-                match step {
-                    Step::Publish => ch.publish(&hub),
-                    Step::Drain => drain(&rt, &o, &mut got),
-                }
-            }
-            drain(&rt, &o, &mut got);
-            drain(&rt, &witness, &mut witnessed);
-
-            // What the newcomer must have: ack, replay (if recovered), then every later message.
-            let mut want = vec!["ack".to_owned()];
-            let first_live = match (since, recovered) {
-                (Some(s), Some(true)) => s + 1,
-                _ => t + 1,
-            };
-            if epoch_reset {
-                want.extend(labels("e", first_live..=t));
-                want.extend(labels("f", 1..=ch.top));
-            } else {
-                want.extend(labels("e", first_live..=ch.top));
-            }
-            prop_assert_eq!(&got, &want);
-            // The witness saw every message of both epochs, in order.
-            let mut all = if epoch_reset { labels("e", 1..=t) } else { Vec::new() };
-            all.extend(labels(ch.epoch, 1..=ch.top));
-            prop_assert_eq!(witnessed, all);
-            prop_assert_eq!((hub.channel_count(), hub.subscription_count()), (1, 2));
-            prop_assert!(!hub.remove(CH, 2));
-            prop_assert!(hub.remove(CH, 1));
-            prop_assert_eq!((hub.channel_count(), hub.subscription_count()), (0, 0));
-        }
-    }
-
-    /// The same merge with real threads: a publisher delivering under the "broker lock" (as the
-    /// memory broker's shard lock and the Redis pub/sub task serialise a channel), racing a
-    /// subscriber that joins, reads the position under that lock and activates. Bounded: a fixed
-    /// number of rounds and publications.
-    #[test]
-    fn recovery_merge_under_a_concurrent_publisher() {
-        use std::sync::Mutex as StdMutex;
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        for round in 0..100u64 {
-            let hub = Arc::new(Hub::new());
-            let broker =
-                Arc::new(StdMutex::new(Channel { epoch: "e", top: 0, history: Vec::new(), history_size: 1000 }));
-            let total = 300;
-            let publisher = {
-                let (hub, broker) = (hub.clone(), broker.clone());
-                std::thread::spawn(move || {
-                    for i in 0..total {
-                        broker.lock().unwrap().publish(&hub);
-                        if i % 16 == 0 {
-                            std::thread::yield_now();
-                        }
-                    }
-                })
-            };
-            // Join at a varying moment, recovering from a varying point.
-            for _ in 0..(round % 7) * 20 {
-                std::thread::yield_now();
-            }
-            let o = Arc::new(Outbox::new(1 << 24));
-            assert!(hub.add(CH, 1, o.clone()).is_ok());
-            let (since, t, frames) = {
-                let b = broker.lock().unwrap();
-                let since = b.top.saturating_sub(round % 5);
-                let (t, replay, recovered) = b.read(Some(since));
-                assert_eq!(recovered, Some(true));
-                let mut frames = vec![Bytes::from_static(b"ack")];
-                frames.extend(replay);
-                (since, t, frames)
-            };
-            // (The broker lock is released: live publications keep coming while we activate.)
-            assert!(hub.activate(CH, 1, frames, ("e", t)));
-            publisher.join().unwrap();
-            let mut got = Vec::new();
-            drain(&rt, &o, &mut got);
-            let mut want = vec!["ack".to_owned()];
-            want.extend(labels("e", since + 1..=total));
-            assert_eq!(got, want, "round {round}: joined at {t}");
-        }
-    }
-}
+mod proptests;

@@ -205,9 +205,9 @@ impl Node {
                     return Err(Some(CloseCode::SLOW_CONSUMER));
                 }
                 // The form a live message takes on this connection (its encoding; compressed when
-                // it negotiated permessage-deflate and the frame is large enough) — built for
-                // this subscriber: a replay is its own.
-                let item = crate::hub::out_for(outbox, &p.frame, &mut Default::default());
+                // it negotiated permessage-deflate and the frame is large enough), built once per
+                // node for every connection recovering this message.
+                let item = self.hub.recovered_out(channel, &p, outbox);
                 let len = match &item {
                     Out::Frame(f) | Out::Deflated(f) => f.len(),
                     Out::Ping => 0,

@@ -167,3 +167,69 @@ async fn a_buffering_deflate_subscriber_gets_the_shared_compressed_form() {
         serde_json::from_slice::<serde_json::Value>(&p.frame).unwrap()
     );
 }
+
+/// A reconnect storm: many connections recovering the same channel over permessage-deflate (and
+/// MessagePack) are sent each missed message in one shared form, compressed once per node —
+/// concurrently, without a live subscriber to build it — and the cache goes with the channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recovering_deflate_subscribers_share_one_compression_per_message() {
+    use crier_core::broker::{Broker, PublishOptions};
+    use crier_core::{MemoryBroker, Node};
+    use crier_protocol::StreamPosition;
+
+    const N: u64 = 16;
+    const MISSED: u64 = 20;
+    let hub = Arc::new(Hub::new());
+    let broker = MemoryBroker::new(100, std::time::Duration::from_secs(60));
+    broker.set_handler(hub.clone());
+    let node = Arc::new(Node::new(hub.clone(), broker.clone()));
+    let data = format!("\"{}\"", "recovered ".repeat(20));
+    let mut epoch = String::new();
+    for _ in 0..MISSED {
+        epoch = broker.publish("c", &data, PublishOptions::default()).await.unwrap().epoch;
+    }
+    let make = |e| {
+        let o = Arc::new(Outbox::with_encoding(1 << 20, e));
+        o.set_deflate(16, 15);
+        o
+    };
+    // Half JSON, half MessagePack; all recover everything from offset 0, at once.
+    let outboxes: Vec<Arc<Outbox>> =
+        (0..N).map(|i| make(if i % 2 == 0 { Encoding::Json } else { Encoding::MsgPack })).collect();
+    let subscribes = outboxes.iter().enumerate().map(|(i, o)| {
+        let (node, o, pos) = (node.clone(), o.clone(), StreamPosition { epoch: epoch.clone(), offset: 0 });
+        tokio::spawn(async move {
+            node.subscribe("c", i as u64, &o, Some(&pos), |_, _| Bytes::from_static(b"{\"type\":\"ack\"}")).await
+        })
+    });
+    for s in subscribes.collect::<Vec<_>>() {
+        let s = s.await.unwrap().expect("subscribed");
+        assert_eq!((s.recovered, s.replayed), (Some(true), MISSED as usize));
+    }
+    assert!(hub.recovered_forms_bytes() > 0, "the shared forms are counted");
+    let mut got: Vec<Vec<Out>> = Vec::new();
+    for o in &outboxes {
+        let mut batch = Vec::new();
+        assert_eq!(o.next(&mut batch).await, Next::Batch);
+        assert_eq!(batch.len(), 1 + MISSED as usize, "the ack and every missed message");
+        got.push(batch);
+    }
+    let ptr = |o: &Out| match o {
+        Out::Deflated(b) => b.as_ptr(),
+        other => panic!("not compressed: {other:?}"),
+    };
+    for m in 1..=MISSED as usize {
+        for (i, batch) in got.iter().enumerate() {
+            // One compression per message and form, whatever the number of recovering connections.
+            assert_eq!(ptr(&batch[m]), ptr(&got[i % 2][m]), "message {m}, subscriber {i}");
+        }
+        assert_ne!(ptr(&got[0][m]), ptr(&got[1][m]), "JSON and MessagePack are two forms");
+        let Out::Deflated(z) = &got[1][m] else { unreachable!() };
+        let mp = crier_protocol::ws::inflate(z, 1 << 20).unwrap();
+        assert_eq!(rmp_serde::from_slice::<serde_json::Value>(&mp).unwrap()["offset"], m as u64);
+    }
+    for i in 0..N {
+        node.unsubscribe("c", i).await;
+    }
+    assert_eq!(hub.recovered_forms_bytes(), 0, "gone with the channel's last subscriber");
+}

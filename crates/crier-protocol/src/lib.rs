@@ -10,9 +10,12 @@
 //! - [`codes`]: error codes of `error` frames, and the table of WebSocket close codes (reason,
 //!   what the client should do).
 //! - [`ws`]: WebSocket framing (RFC 6455), server side: the reader and the frame encoder.
+//! - [`backoff`]: the reconnect backoff both sides use (crier-client's, crier-redis's pub/sub).
 //!
-//! Architecture invariant: no tokio, no I/O. Everything here is a pure function of its input.
+//! Architecture invariant: no tokio, no I/O. Everything here is a pure function of its input,
+//! but [`backoff`]'s random draws.
 
+pub mod backoff;
 pub mod channel;
 pub mod codes;
 pub mod encoding;

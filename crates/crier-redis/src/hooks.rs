@@ -32,8 +32,8 @@ use futures_util::StreamExt;
 use redis::Value;
 use tokio::sync::oneshot;
 
+use crate::context::Context;
 use crate::error::Fault;
-use crate::presence::Presence;
 use crate::scripts::{HOOK_FLAGS, bulk, int};
 
 /// The consumer group every node reads in.
@@ -49,7 +49,7 @@ const CLUSTER_CONCURRENCY: usize = 16;
 /// How often consumers of nodes gone (idle past the claim time, nothing pending) are deleted.
 const REAP_EVERY: Duration = Duration::from_secs(60);
 
-/// What a script needs to append events, set once by [`Presence::enable_hooks`].
+/// What a script needs to append events, set once by [`Hooks::enable_hooks`].
 struct Args {
     stream: String,
     flags: String,
@@ -71,8 +71,11 @@ struct Occupancy {
     running: bool,
 }
 
-#[derive(Default)]
-pub(crate) struct HookState {
+/// The webhook side of the broker: the hook arguments the presence scripts take (set once
+/// webhooks are enabled), the occupancy queue and the stream's consumer. Presence holds one and
+/// passes [`Hooks::hook_args`] to its scripts; this module knows nothing of presence.
+pub(crate) struct Hooks {
+    ctx: Arc<Context>,
     args: OnceLock<Args>,
     /// Channels this instance has (broker-level) subscriptions of, refreshed in `HOOK_NODES`.
     channels: Mutex<HashSet<String>>,
@@ -88,7 +91,23 @@ pub(crate) struct HookState {
     entry_ids: Mutex<HashMap<String, Vec<String>>>,
 }
 
-impl HookState {
+impl Hooks {
+    pub(crate) fn new(ctx: Arc<Context>) -> Hooks {
+        Hooks {
+            ctx,
+            args: OnceLock::new(),
+            channels: Mutex::default(),
+            group_ready: AtomicBool::new(false),
+            last_claim: Mutex::new(None),
+            last_reap: Mutex::new(None),
+            occupancy: Mutex::default(),
+            queued: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            entry_ids: Mutex::default(),
+        }
+    }
+
     pub(crate) fn members_enabled(&self) -> bool {
         self.args.get().is_some_and(|a| a.members)
     }
@@ -96,12 +115,10 @@ impl HookState {
     fn channels(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-impl Presence {
     /// Appends the three hook arguments every presence script takes last.
     pub(crate) fn hook_args(&self, inv: &mut redis::ScriptInvocation<'_>) {
-        match self.hooks.args.get() {
+        match self.args.get() {
             Some(a) => inv.arg(&a.stream).arg(&a.flags).arg(a.max),
             None => inv.arg("").arg("").arg(0),
         };
@@ -125,20 +142,20 @@ impl Presence {
             max: config.max_queue.max(1) as u64,
             claim_idle,
         };
-        let _ = self.hooks.args.set(args);
+        let _ = self.args.set(args);
         Ok(())
     }
 
     /// The instance's first (`add`) or last (`rem`) subscriber of `channel` (broker level).
     pub(crate) async fn hook_channel(self: &Arc<Self>, channel: &str, add: bool) {
-        let Some(a) = self.hooks.args.get() else { return };
+        let Some(a) = self.args.get() else { return };
         if !a.channels {
             return;
         }
         if add {
-            self.hooks.channels().insert(channel.to_owned());
+            self.channels().insert(channel.to_owned());
         } else {
-            self.hooks.channels().remove(channel);
+            self.channels().remove(channel);
         }
         if let Err(e) = self.hook_nodes(channel, if add { "add" } else { "rem" }).await {
             // Redis down: the refresh re-adds a channel still held; one let go expires (its
@@ -152,7 +169,7 @@ impl Presence {
     async fn hook_nodes(self: &Arc<Self>, channel: &str, op: &'static str) -> Result<(), BrokerError> {
         let (tx, rx) = oneshot::channel();
         let start = {
-            let mut o = self.hooks.occupancy.lock().unwrap_or_else(|e| e.into_inner());
+            let mut o = self.occupancy.lock().unwrap_or_else(|e| e.into_inner());
             o.queue.push_back((channel.to_owned(), op, tx));
             !std::mem::replace(&mut o.running, true)
         };
@@ -168,7 +185,7 @@ impl Presence {
     async fn occupancy_calls(&self) {
         loop {
             let batch: Vec<_> = {
-                let mut o = self.hooks.occupancy.lock().unwrap_or_else(|e| e.into_inner());
+                let mut o = self.occupancy.lock().unwrap_or_else(|e| e.into_inner());
                 if o.queue.is_empty() {
                     o.running = false;
                     return;
@@ -213,7 +230,7 @@ impl Presence {
 
     /// One occupancy change on a Redis Cluster (see the module's doc).
     async fn hook_nodes_cluster(&self, channel: &str, op: &str) -> Result<(), BrokerError> {
-        let Some(a) = self.hooks.args.get() else { return Ok(()) };
+        let Some(a) = self.args.get() else { return Ok(()) };
         let idx = self.ctx.keys.hook_index();
         let ttl = crate::millis(self.ctx.options.presence_ttl);
         if op != "sweep" {
@@ -223,7 +240,7 @@ impl Presence {
             cmd.arg(&idx).arg("LT").arg(crate::unix_ms() + ttl).arg(channel);
             self.ctx.commands.query(&cmd).await?;
         }
-        let call = self.hooks.calls.fetch_add(1, Ordering::Relaxed);
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
         let mut inv = self.ctx.scripts.hook_nodes_cluster.key(self.ctx.keys.hook_nodes(channel));
         inv.key(self.ctx.keys.hook_outbox(channel));
         inv.arg(&self.ctx.instance).arg(ttl).arg(op).arg(channel);
@@ -291,18 +308,18 @@ impl Presence {
     /// entry Redis lost or that expired comes back, as an occupy if the set was empty), then
     /// sweeps the sets with expired instances (dead nodes), reporting their vacates.
     pub(crate) async fn hook_refresh(self: &Arc<Self>) -> Result<(), BrokerError> {
-        let Some(a) = self.hooks.args.get() else { return Ok(()) };
+        let Some(a) = self.args.get() else { return Ok(()) };
         if !a.channels {
             return Ok(());
         }
-        let held: Vec<String> = self.hooks.channels().iter().cloned().collect();
+        let held: Vec<String> = self.channels().iter().cloned().collect();
         let mut result = Ok(());
         // Queued in order with the subscribes' and unsubscribes' changes: a `rem` asked after
         // this `add` is applied after it.
         let mut calls = futures_util::stream::iter(held)
             .map(|c| async move {
                 // Still held? (A `rem` may have come meanwhile.)
-                if self.hooks.channels().contains(&c) { self.hook_nodes(&c, "add").await } else { Ok(()) }
+                if self.channels().contains(&c) { self.hook_nodes(&c, "add").await } else { Ok(()) }
             })
             .buffer_unordered(OCCUPANCY_BATCH);
         while let Some(r) = calls.next().await {
@@ -333,7 +350,7 @@ impl Presence {
     }
 
     async fn ensure_group(&self, a: &Args) -> Result<(), BrokerError> {
-        if self.hooks.group_ready.load(Ordering::Relaxed) {
+        if self.group_ready.load(Ordering::Relaxed) {
             return Ok(());
         }
         let mut cmd = redis::cmd("XGROUP");
@@ -343,12 +360,12 @@ impl Presence {
             Err(e) if e.to_string().contains("BUSYGROUP") => {}
             Err(e) => return Err(e.into()),
         }
-        self.hooks.group_ready.store(true, Ordering::Relaxed);
+        self.group_ready.store(true, Ordering::Relaxed);
         Ok(())
     }
 
     pub(crate) async fn hook_read(&self, max: usize, wait: Duration) -> Result<Vec<HookEvent>, BrokerError> {
-        let Some(a) = self.hooks.args.get() else {
+        let Some(a) = self.args.get() else {
             tokio::time::sleep(wait).await;
             return Ok(Vec::new());
         };
@@ -356,7 +373,7 @@ impl Presence {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let due = {
-                let mut last = self.hooks.last_claim.lock().unwrap_or_else(|e| e.into_inner());
+                let mut last = self.last_claim.lock().unwrap_or_else(|e| e.into_inner());
                 let due = last.is_none_or(|at| at.elapsed() >= CLAIM_EVERY);
                 if due {
                     *last = Some(Instant::now());
@@ -413,7 +430,7 @@ impl Presence {
     /// node reads every `POLL`, and one deleted anyway is re-created by its next read.
     async fn reap_consumers(&self, a: &Args) {
         {
-            let mut last = self.hooks.last_reap.lock().unwrap_or_else(|e| e.into_inner());
+            let mut last = self.last_reap.lock().unwrap_or_else(|e| e.into_inner());
             if last.is_some_and(|at| at.elapsed() < REAP_EVERY) {
                 return;
             }
@@ -445,7 +462,7 @@ impl Presence {
         let Some(list) = list else { return Vec::new() };
         let (events, bad, aliases) = entries(list);
         if !aliases.is_empty() {
-            let mut map = self.hooks.entry_ids.lock().unwrap_or_else(|e| e.into_inner());
+            let mut map = self.entry_ids.lock().unwrap_or_else(|e| e.into_inner());
             for (own, entry) in aliases {
                 let entries = map.entry(own).or_default();
                 if !entries.contains(&entry) {
@@ -465,19 +482,19 @@ impl Presence {
     /// A `NOGROUP` (Redis lost the stream): create the group again at the next read.
     fn lost_group(&self, e: Fault) -> BrokerError {
         if e.to_string().contains("NOGROUP") {
-            self.hooks.group_ready.store(false, Ordering::Relaxed);
+            self.group_ready.store(false, Ordering::Relaxed);
         }
         e.into()
     }
 
     /// The queue's length (the stream holds only undelivered events) and the drops counted
-    /// by the scripts, for [`Presence::hook_stats`].
+    /// by the scripts, for [`Hooks::hook_stats`].
     async fn update_queued(&self, a: &Args) {
         if let Ok(len) = self.ctx.commands.query(redis::cmd("XLEN").arg(&a.stream)).await {
-            self.hooks.queued.store(int(&len).unwrap_or(0).max(0) as u64, Ordering::Relaxed);
+            self.queued.store(int(&len).unwrap_or(0).max(0) as u64, Ordering::Relaxed);
         }
         if let Ok(dropped) = self.ctx.commands.query(redis::cmd("GET").arg(format!("{}:dropped", a.stream))).await {
-            self.hooks.dropped.store(int(&dropped).unwrap_or(0).max(0) as u64, Ordering::Relaxed);
+            self.dropped.store(int(&dropped).unwrap_or(0).max(0) as u64, Ordering::Relaxed);
         }
     }
 
@@ -490,7 +507,7 @@ impl Presence {
         client: &str,
         data: &str,
     ) -> Result<(), BrokerError> {
-        let Some(a) = self.hooks.args.get() else { return Ok(()) };
+        let Some(a) = self.args.get() else { return Ok(()) };
         if !a.flags.contains('P') {
             return Ok(());
         }
@@ -507,7 +524,7 @@ impl Presence {
     }
 
     pub(crate) async fn hook_ack(&self, ids: &[String]) -> Result<(), BrokerError> {
-        let Some(a) = self.hooks.args.get() else { return Ok(()) };
+        let Some(a) = self.args.get() else { return Ok(()) };
         if ids.is_empty() {
             return Ok(());
         }
@@ -522,7 +539,7 @@ impl Presence {
     /// Keeps a batch this node is retrying claimed by it (resets the entries' idle time, so no
     /// other node claims them as a dead consumer's).
     pub(crate) async fn hook_hold(&self, ids: &[String]) -> Result<(), BrokerError> {
-        let Some(a) = self.hooks.args.get() else { return Ok(()) };
+        let Some(a) = self.args.get() else { return Ok(()) };
         if ids.is_empty() {
             return Ok(());
         }
@@ -537,14 +554,11 @@ impl Presence {
 
     /// The stream entries of events (see [`entries_of`]).
     fn entry_ids(&self, ids: &[String], forget: bool) -> Vec<String> {
-        entries_of(&mut self.hooks.entry_ids.lock().unwrap_or_else(|e| e.into_inner()), ids, forget)
+        entries_of(&mut self.entry_ids.lock().unwrap_or_else(|e| e.into_inner()), ids, forget)
     }
 
     pub(crate) fn hook_stats(&self) -> HookStats {
-        HookStats {
-            queued: self.hooks.queued.load(Ordering::Relaxed),
-            dropped: self.hooks.dropped.load(Ordering::Relaxed),
-        }
+        HookStats { queued: self.queued.load(Ordering::Relaxed), dropped: self.dropped.load(Ordering::Relaxed) }
     }
 }
 

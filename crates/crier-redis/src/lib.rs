@@ -20,7 +20,8 @@
 //! - `publisher.rs`: the task that batches a node's publishes into script calls.
 //! - `pubsub/`: the task owning the node's pub/sub connection (its own map is in its `mod.rs`:
 //!   topology connect, request batching and ordered history reads, delivery and gap-fill,
-//!   shards). `tracker.rs`: per-channel "last delivered" bookkeeping, pure logic.
+//!   shards). `node_position.rs`: per-channel "last delivered to this node" bookkeeping that asks for
+//!   gap-fills from history, pure logic.
 //! - `presence.rs`: presence, connections per user and the node registry, with expiry and a
 //!   background refresh of this node's entries; `hooks.rs`: the webhook event stream.
 //! - `control.rs`: control messages between nodes (disconnects, `user_op`), revocations, the
@@ -155,6 +156,7 @@ mod control;
 mod error;
 mod hooks;
 mod keys;
+mod node_position;
 mod options;
 mod payload;
 mod presence;
@@ -164,7 +166,6 @@ mod scripts;
 mod sentinel;
 mod tls;
 mod topology;
-mod tracker;
 
 pub use broker::RedisBroker;
 pub use options::{RedisOptions, StartError};
@@ -202,41 +203,41 @@ impl Broker for RedisBroker {
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
         self.pubsub.subscribe(channel).await?;
         // Webhooks: this instance now holds the channel (cluster-wide occupancy, `hooks.rs`).
-        self.presence.hook_channel(channel, true).await;
+        self.presence.hooks.hook_channel(channel, true).await;
         Ok(())
     }
 
     async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
         let r = self.pubsub.unsubscribe(channel).await;
         if !self.ctx.has_subscribers(channel) {
-            self.presence.hook_channel(channel, false).await;
+            self.presence.hooks.hook_channel(channel, false).await;
         }
         r
     }
 
     fn enable_hooks(&self, config: crier_core::HookConfig) -> Result<(), BrokerError> {
         let claim_idle = config.claim_idle;
-        self.presence.enable_hooks(&config, claim_idle)
+        self.presence.hooks.enable_hooks(&config, claim_idle)
     }
 
     async fn hook_read(&self, max: usize, wait: Duration) -> Result<Vec<crier_core::HookEvent>, BrokerError> {
-        self.presence.hook_read(max, wait).await
+        self.presence.hooks.hook_read(max, wait).await
     }
 
     async fn hook_ack(&self, ids: &[String]) -> Result<(), BrokerError> {
-        self.presence.hook_ack(ids).await
+        self.presence.hooks.hook_ack(ids).await
     }
 
     async fn hook_publish(&self, channel: &str, user: &str, client: &str, data: &str) -> Result<(), BrokerError> {
-        self.presence.hook_publish(channel, user, client, data).await
+        self.presence.hooks.hook_publish(channel, user, client, data).await
     }
 
     async fn hook_hold(&self, ids: &[String]) -> Result<(), BrokerError> {
-        self.presence.hook_hold(ids).await
+        self.presence.hooks.hook_hold(ids).await
     }
 
     fn hook_stats(&self) -> crier_core::HookStats {
-        self.presence.hook_stats()
+        self.presence.hooks.hook_stats()
     }
 
     async fn history(

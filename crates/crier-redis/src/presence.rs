@@ -20,6 +20,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::context::Context;
+use crate::hooks::Hooks;
 use crate::scripts::{bulk, int};
 
 /// Refresh calls per pipeline.
@@ -99,14 +100,14 @@ pub(crate) struct Presence {
     pub(crate) ctx: Arc<Context>,
     local: Mutex<Local>,
     /// Webhooks (`hooks.rs`): set once they are enabled.
-    pub(crate) hooks: crate::hooks::HookState,
+    pub(crate) hooks: Arc<Hooks>,
 }
 
 use crate::clock::millis as ms;
 
 impl Presence {
     pub(crate) fn new(ctx: Arc<Context>) -> Presence {
-        Presence { ctx, local: Mutex::default(), hooks: crate::hooks::HookState::default() }
+        Presence { hooks: Arc::new(Hooks::new(ctx.clone())), ctx, local: Mutex::default() }
     }
 
     /// The pub/sub channel a presence script announces `channel`'s joins and leaves on: `''`
@@ -164,7 +165,7 @@ impl Presence {
         let mut inv = self.presence_call(&self.ctx.scripts.pres_add, channel);
         inv.arg(&member).arg(ms(self.ctx.options.presence_ttl)).arg(&json);
         inv.arg(self.ctx.keys.publish_command()).arg(self.events_to(channel)).arg(channel).arg(max);
-        self.hook_args(&mut inv);
+        self.hooks.hook_args(&mut inv);
         let n = count(&self.ctx.commands.invoke(&inv).await?)?;
         if max > 0 && n > max {
             // Not added (full): not to be re-added by the refresh either.
@@ -178,7 +179,7 @@ impl Presence {
         self.local().presence.remove(&presence_key(channel, client));
         let mut inv = self.presence_call(&self.ctx.scripts.pres_remove, channel);
         inv.arg(&member).arg(self.ctx.keys.publish_command()).arg(self.events_to(channel)).arg(channel);
-        self.hook_args(&mut inv);
+        self.hooks.hook_args(&mut inv);
         self.ctx.commands.invoke(&inv).await.map(drop).map_err(Into::into)
     }
 
@@ -186,7 +187,7 @@ impl Presence {
     async fn presence_read(&self, channel: &str, what: &str) -> Result<Value, BrokerError> {
         let mut inv = self.presence_call(&self.ctx.scripts.pres_read, channel);
         inv.arg(self.ctx.keys.publish_command()).arg(self.events_to(channel)).arg(channel).arg(what);
-        self.hook_args(&mut inv);
+        self.hooks.hook_args(&mut inv);
         Ok(self.ctx.commands.invoke(&inv).await?)
     }
 
@@ -319,7 +320,7 @@ impl Presence {
                 }
             }
             if n > 0 {
-                self.hook_args(&mut inv);
+                self.hooks.hook_args(&mut inv);
                 self.ctx.commands.invoke(&inv).await?;
             }
             done += n;
@@ -379,7 +380,7 @@ pub(crate) async fn refresh_loop(state: Arc<Presence>, mut shutdown: watch::Rece
         if let Err(e) = state.sweep_join_leave().await {
             tracing::debug!(error = %e, "sweeping join/leave presence failed; retrying next period");
         }
-        if let Err(e) = state.hook_refresh().await {
+        if let Err(e) = state.hooks.hook_refresh().await {
             tracing::debug!(error = %e, "refreshing/sweeping webhook channel occupancy failed; retrying next period");
         }
     }

@@ -4,6 +4,8 @@
 //! messages of one batch), delivery in offset order, its own error — and a batch's results go
 //! to the right callers. On one server and on a Redis Cluster (a batch per hash slot).
 
+#![allow(clippy::expect_used)]
+
 mod support;
 
 use std::collections::HashMap;
@@ -74,7 +76,7 @@ async fn check_each_message(
         let epoch = got[0].1.clone();
         assert!(got.iter().all(|g| g.1 == epoch), "{channel}: one epoch");
         let since = StreamPosition { epoch: epoch.clone(), offset: 0 };
-        let hist = a.history(&channel, Some(&since), 1000).await.unwrap_or_else(|e| panic!("history: {e}"));
+        let hist = a.history(&channel, Some(&since), 1000).await.expect("history");
         assert_eq!(hist.publications.len(), per_channel, "{channel}");
         for (p, (offset, _, data)) in hist.publications.iter().zip(&got) {
             assert_eq!(p.offset, *offset);
@@ -126,7 +128,7 @@ async fn idempotency_keys_hold_inside_a_batch() {
     .await;
     let mut first: HashMap<String, (String, u64)> = HashMap::new();
     for (key, r) in results {
-        let r = r.unwrap_or_else(|e| panic!("publish: {e}"));
+        let r = r.expect("publish");
         let seen = first.entry(key.clone()).or_insert((r.epoch.clone(), r.offset));
         assert_eq!(*seen, (r.epoch, r.offset), "{key}: every repeat gets the first result");
     }
@@ -138,7 +140,7 @@ async fn idempotency_keys_hold_inside_a_batch() {
         if seen == (1..=10).collect::<Vec<_>>() { Ok(()) } else { Err(format!("{seen:?}")) }
     })
     .await;
-    let h = a.history("idem", None, 100).await.unwrap_or_else(|e| panic!("history: {e}"));
+    let h = a.history("idem", None, 100).await.expect("history");
     assert_eq!(h.publications.len(), 10, "repeats are not in the history");
 }
 
@@ -219,15 +221,15 @@ async fn the_history_is_exactly_history_size_though_the_list_is_trimmed_in_steps
     // Trimmed back to 16 whenever it outgrew 16 + 16/8: after 41 publishes it holds 17.
     let len = server.cmd(&["LLEN", "crier:{steps}:hist"]);
     assert!(len.trim().ends_with("17"), "the list holds 17 entries: {len}");
-    let latest = a.history("steps", None, 100).await.unwrap_or_else(|e| panic!("history: {e}"));
+    let latest = a.history("steps", None, 100).await.expect("history");
     let offsets: Vec<u64> = latest.publications.iter().map(|p| p.offset).collect();
     assert_eq!(offsets, (26..=41).collect::<Vec<_>>(), "the newest 16");
     let since = StreamPosition { epoch: latest.epoch.clone(), offset: 5 };
-    let h = a.history("steps", Some(&since), 100).await.unwrap_or_else(|e| panic!("history: {e}"));
+    let h = a.history("steps", Some(&since), 100).await.expect("history");
     let offsets: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
     assert_eq!((offsets, h.gap), ((26..=41).collect::<Vec<_>>(), true), "6..=25 are gone: a gap");
     let since = StreamPosition { epoch: latest.epoch.clone(), offset: 30 };
-    let h = a.history("steps", Some(&since), 3).await.unwrap_or_else(|e| panic!("history: {e}"));
+    let h = a.history("steps", Some(&since), 3).await.expect("history");
     let offsets: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
     assert_eq!((offsets, h.gap), (vec![31, 32, 33], false));
 }

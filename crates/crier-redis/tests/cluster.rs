@@ -1,6 +1,8 @@
 //! Several brokers ("nodes") on one Redis: publications cross nodes, every node sees one order,
 //! frames are byte-identical to the protocol's encoder, user disconnects reach every node.
 
+#![allow(clippy::expect_used)]
+
 mod support;
 
 use std::time::Duration;
@@ -23,7 +25,7 @@ async fn a_publish_on_one_node_reaches_the_other_byte_identical() {
     subscribe(&b, &hb, "chat:lobby").await;
     let before = crier_core::now_micros();
     let data = r#"{"text":"héllo \"there\"","n":[1,2.5,null]}"#;
-    let r = publish(&a, "chat:lobby", data).await.unwrap_or_else(|e| panic!("publish: {e}"));
+    let r = publish(&a, "chat:lobby", data).await.expect("publish");
     until_within("delivered to the other node", WAIT, async || hb.offsets("chat:lobby") == [r.offset]).await;
     let p = hb.publications.lock().unwrap_or_else(|e| e.into_inner())[0].1.clone();
     assert_eq!(p.frame, encode_message("chat:lobby", &r.epoch, r.offset, data), "byte-identical frame");
@@ -32,7 +34,7 @@ async fn a_publish_on_one_node_reaches_the_other_byte_identical() {
     assert!(p.published_at_us + 1_000_000 >= before && p.published_at_us <= now + 1_000_000, "timestamp is sane");
     // The history holds the same bytes.
     let h = a.history("chat:lobby", Some(&StreamPosition { epoch: r.epoch.clone(), offset: 0 }), 10).await;
-    let h = h.unwrap_or_else(|e| panic!("history: {e}"));
+    let h = h.expect("history");
     assert_eq!(h.publications.len(), 1);
     assert_eq!(h.publications[0].frame, p.frame);
     assert_eq!(h.publications[0].published_at_us, p.published_at_us);
@@ -106,10 +108,10 @@ async fn idempotency_keys_hold_across_nodes() {
     let (b, hb) = broker(options(&server, "b")).await;
     subscribe(&b, &hb, "idem:x").await;
     let k = PublishOptions { idempotency_key: Some("order-42") };
-    let r1 = a.publish("idem:x", "1", k).await.unwrap_or_else(|e| panic!("publish: {e}"));
-    let r2 = b.publish("idem:x", "1", k).await.unwrap_or_else(|e| panic!("publish: {e}"));
+    let r1 = a.publish("idem:x", "1", k).await.expect("publish");
+    let r2 = b.publish("idem:x", "1", k).await.expect("publish");
     assert_eq!(r1, r2, "the retry on another node returns the first result");
-    let r3 = publish(&a, "idem:x", "2").await.unwrap_or_else(|e| panic!("publish: {e}"));
+    let r3 = publish(&a, "idem:x", "2").await.expect("publish");
     until_within("the second publish delivered", WAIT, async || hb.offsets("idem:x").contains(&r3.offset)).await;
     assert_eq!(hb.offsets("idem:x"), [1, 2], "delivered once");
 }
@@ -121,15 +123,15 @@ async fn node_registry_lists_every_node_and_presence_is_shared() {
     let (b, _) = broker(options(&server, "b")).await;
     let na = NodeInfo { node: "a".into(), connections: 1, version: "t".into(), ready: true, ..Default::default() };
     let nb = NodeInfo { node: "b".into(), connections: 2, version: "t".into(), ready: true, ..Default::default() };
-    a.report_node(&na).await.unwrap_or_else(|e| panic!("report_node: {e}"));
-    b.report_node(&nb).await.unwrap_or_else(|e| panic!("report_node: {e}"));
-    let mut nodes = a.nodes().await.unwrap_or_else(|e| panic!("nodes: {e}"));
+    a.report_node(&na).await.expect("report_node");
+    b.report_node(&nb).await.expect("report_node");
+    let mut nodes = a.nodes().await.expect("nodes");
     nodes.sort_by(|x, y| x.node.cmp(&y.node));
     assert_eq!(nodes, [na, nb]);
     let e = crier_protocol::frames::PresenceEntry { client: "c1".into(), user: "u".into(), node: "b".into() };
-    b.presence_add("room:1", &e).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    b.presence_add("room:1", &e).await.expect("presence_add");
     assert_eq!(a.presence("room:1").await.ok(), Some(vec![e]), "presence is cluster-wide");
-    b.presence_remove("room:1", "c1").await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    b.presence_remove("room:1", "c1").await.expect("presence_remove");
     assert_eq!(a.presence("room:1").await.ok(), Some(vec![]));
 }
 
@@ -138,11 +140,11 @@ async fn bad_input_is_refused_not_published() {
     let server = RedisServer::start();
     let (a, _) = broker(options(&server, "a")).await;
     assert!(publish(&a, "bad channel\"", "1").await.is_err(), "an invalid channel never reaches the script");
-    let r = publish(&a, "ok", "1").await.unwrap_or_else(|e| panic!("publish: {e}"));
+    let r = publish(&a, "ok", "1").await.expect("publish");
     // A recovery position with an empty or foreign epoch is a gap, never "the latest".
     for epoch in ["", "x'y", &r.epoch] {
         let pos = StreamPosition { epoch: epoch.to_owned(), offset: u64::MAX };
-        let h = a.history("ok", Some(&pos), 10).await.unwrap_or_else(|e| panic!("history: {e}"));
+        let h = a.history("ok", Some(&pos), 10).await.expect("history");
         assert!(h.gap, "epoch {epoch:?}");
     }
 }

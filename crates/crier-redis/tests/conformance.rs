@@ -1,5 +1,7 @@
 //! The Redis broker passes the broker conformance suite, unchanged, against a real redis-server.
 
+#![allow(clippy::expect_used)]
+
 mod support;
 
 use std::sync::Arc;
@@ -15,7 +17,7 @@ async fn redis_broker_conforms() {
     conformance::run(|s| async move {
         let mut o = support::options(server, "conformance");
         o.namespaces = s.namespaces.clone();
-        let b = RedisBroker::connect(o).await.unwrap_or_else(|e| panic!("connect: {e}"));
+        let b = RedisBroker::connect(o).await.expect("connect");
         assert!(b.is_up(), "connected to a running redis");
         b as Arc<dyn Broker>
     })

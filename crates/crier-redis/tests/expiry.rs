@@ -1,6 +1,8 @@
 //! Cluster state of a node that is gone expires within a bounded time, while a live node's
 //! entries are kept alive by its broker's refresh.
 
+#![allow(clippy::expect_used)]
+
 mod support;
 
 use std::time::{Duration, Instant};
@@ -14,8 +16,8 @@ const TTL: Duration = Duration::from_secs(1);
 
 /// The user's live connection count, read through `observer` (open + close a probe connection).
 async fn connections(observer: &dyn Broker, user: &str) -> u64 {
-    let n = observer.connection_opened(user, "probe").await.unwrap_or_else(|e| panic!("connection_opened: {e}"));
-    observer.connection_closed(user, "probe").await.unwrap_or_else(|e| panic!("connection_closed: {e}"));
+    let n = observer.connection_opened(user, "probe").await.expect("connection_opened");
+    observer.connection_closed(user, "probe").await.expect("connection_closed");
     n - 1
 }
 
@@ -33,11 +35,11 @@ async fn a_dropped_nodes_entries_expire_and_a_live_nodes_do_not() {
     let (observer, _) = broker(options(&server, "observer")).await;
     for (b, name) in [(&dying, "dying"), (&living, "living")] {
         let e = PresenceEntry { client: format!("{name}-c"), user: "u".into(), node: name.into() };
-        b.presence_add("room", &e).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
-        b.connection_opened("u", &format!("{name}-c")).await.unwrap_or_else(|e| panic!("connection_opened: {e}"));
+        b.presence_add("room", &e).await.expect("presence_add");
+        b.connection_opened("u", &format!("{name}-c")).await.expect("connection_opened");
         let info =
             NodeInfo { node: name.into(), connections: 1, version: "t".into(), ready: true, ..Default::default() };
-        b.report_node(&info).await.unwrap_or_else(|e| panic!("report_node: {e}"));
+        b.report_node(&info).await.expect("report_node");
     }
     assert_eq!(observer.presence("room").await.map(|p| p.len()).ok(), Some(2));
     assert_eq!(connections(&*observer, "u").await, 2);
@@ -77,7 +79,7 @@ async fn entries_come_back_after_redis_lost_them() {
     o.node_ttl = TTL;
     let (b, _) = broker(o).await;
     let e = PresenceEntry { client: "c".into(), user: "u".into(), node: "n".into() };
-    b.presence_add("room", &e).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    b.presence_add("room", &e).await.expect("presence_add");
     server.restart(); // no persistence: everything is gone
     until("the refresh to re-create the entry", async || b.presence("room").await.ok() == Some(vec![e.clone()])).await;
 }
@@ -96,7 +98,7 @@ async fn a_refresh_larger_than_one_pipeline_keeps_every_entry() {
     const CHANNELS: usize = 700;
     for i in 0..CHANNELS {
         let e = PresenceEntry { client: format!("c{i}"), user: format!("u{}", i % 3), node: "big".into() };
-        big.presence_add(&format!("room:{i}"), &e).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+        big.presence_add(&format!("room:{i}"), &e).await.expect("presence_add");
         big.connection_opened(&format!("u{}", i % 3), &format!("c{i}")).await.unwrap_or_else(|e| panic!("{e}"));
     }
     let info = NodeInfo {
@@ -106,11 +108,11 @@ async fn a_refresh_larger_than_one_pipeline_keeps_every_entry() {
         ready: true,
         ..Default::default()
     };
-    big.report_node(&info).await.unwrap_or_else(|e| panic!("report_node: {e}"));
+    big.report_node(&info).await.expect("report_node");
     // Three TTLs: only refreshed entries are still there.
     tokio::time::sleep(TTL * 3).await;
     for i in [0, 1, CHANNELS / 2, CHANNELS - 1] {
-        let p = observer.presence(&format!("room:{i}")).await.unwrap_or_else(|e| panic!("presence: {e}"));
+        let p = observer.presence(&format!("room:{i}")).await.expect("presence");
         assert_eq!(p.len(), 1, "room:{i}");
         assert_eq!(
             (p[0].client.as_str(), p[0].user.as_str(), p[0].node.as_str()),
@@ -137,7 +139,7 @@ async fn a_revocation_keeps_the_later_before_sets_the_expiry_and_prunes_stale_on
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     server.cmd(&["ZADD", "crier:revoked", "1", "stale"]);
     for before in [now, now - 10] {
-        b.user_op("u", &UserOp::Invalidate { before }).await.unwrap_or_else(|e| panic!("invalidate: {e}"));
+        b.user_op("u", &UserOp::Invalidate { before }).await.expect("invalidate");
     }
     let score = server.cmd(&["ZSCORE", "crier:revoked", "u"]);
     assert!(score.contains(&now.to_string()), "the later before wins: {score:?}");

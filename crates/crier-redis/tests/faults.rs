@@ -2,6 +2,8 @@
 //! persistence), pub/sub connections killed under load, a wedged (SIGSTOPped) server, and a
 //! broker started while Redis is down.
 
+#![allow(clippy::expect_used)]
+
 mod support;
 
 use std::time::{Duration, Instant};
@@ -31,7 +33,7 @@ async fn restart_without_persistence_starts_a_new_epoch_and_delivery_resumes() {
     subscribe(&a, &ha, "r:1").await;
     let mut old_epoch = String::new();
     for i in 1..=3 {
-        old_epoch = publish(&b, "r:1", &i.to_string()).await.unwrap_or_else(|e| panic!("publish: {e}")).epoch;
+        old_epoch = publish(&b, "r:1", &i.to_string()).await.expect("publish").epoch;
     }
     until_within("1..=3 delivered", WAIT, async || ha.offsets("r:1") == [1, 2, 3]).await;
 
@@ -116,7 +118,7 @@ async fn restart_with_persistence_keeps_the_epoch_and_fills_the_gap() {
     let (a, ha) = broker(slow).await;
     let (b, _) = broker(options(&server, "pub")).await;
     subscribe(&a, &ha, "p:1").await;
-    let first = publish(&b, "p:1", "1").await.unwrap_or_else(|e| panic!("publish: {e}"));
+    let first = publish(&b, "p:1", "1").await.expect("publish");
     until_within("1 delivered", WAIT, async || ha.offsets("p:1") == [1]).await;
     server.restart();
     for i in 2..=5 {
@@ -139,7 +141,7 @@ async fn a_wedged_redis_is_detected_and_never_hangs_callers() {
     let server = RedisServer::start();
     let (a, ha) = broker(options(&server, "a")).await;
     subscribe(&a, &ha, "w:1").await;
-    publish(&a, "w:1", "0").await.unwrap_or_else(|e| panic!("publish before the wedge: {e}"));
+    publish(&a, "w:1", "0").await.expect("publish before the wedge");
     server.pause(true);
     let started = Instant::now();
     // Redis holds the call unanswered: it may apply it once it resumes, so the outcome is unknown.
@@ -176,7 +178,7 @@ async fn a_broker_starts_while_redis_is_down_and_comes_up_later() {
 #[test]
 fn a_malformed_url_is_a_clear_error() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
-    let rt = rt.unwrap_or_else(|e| panic!("runtime: {e}"));
+    let rt = rt.expect("runtime");
     let r = rt.block_on(crier_redis::RedisBroker::connect(crier_redis::RedisOptions::new("nope://x", "n")));
     assert!(matches!(r, Err(BrokerError::Internal(m)) if m.contains("invalid redis url")));
 }

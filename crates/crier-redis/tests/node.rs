@@ -2,6 +2,8 @@
 //! Redis broker: clients that join, recover and leave while another node publishes see, after
 //! their ack, every message exactly once and in order.
 
+#![allow(clippy::expect_used)]
+
 mod support;
 
 use std::sync::Arc;
@@ -61,7 +63,7 @@ async fn two_nodes() -> (RedisServer, Arc<crier_redis::RedisBroker>, Arc<crier_r
     let server = RedisServer::start();
     let (publisher, _) = broker(options(&server, "pub")).await;
     let broker_b = crier_redis::RedisBroker::connect(options(&server, "sub")).await;
-    let broker_b = broker_b.unwrap_or_else(|e| panic!("connect: {e}"));
+    let broker_b = broker_b.expect("connect");
     let hub = Arc::new(Hub::new());
     broker_b.set_handler(hub.clone());
     let node = Node::new(hub.clone(), broker_b.clone());
@@ -73,7 +75,7 @@ async fn clients_joining_recovering_and_leaving_under_load_miss_nothing() {
     let (_server, publisher, _broker_b, hub, node) = two_nodes().await;
     const N: u64 = 400;
     let ch = "live:merge";
-    let first = publish(&publisher, ch, "0").await.unwrap_or_else(|e| panic!("publish: {e}"));
+    let first = publish(&publisher, ch, "0").await.expect("publish");
     let pub_task = {
         let p = publisher.clone();
         tokio::spawn(async move {

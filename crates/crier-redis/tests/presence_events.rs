@@ -1,6 +1,8 @@
 //! Presence that pushes, on Redis: a dead node's clients leave once each when their presence
 //! expires, however many nodes race to sweep it; `presence_stats` counts without listing.
 
+#![allow(clippy::expect_used)]
+
 mod support;
 
 use std::sync::Arc;
@@ -38,14 +40,12 @@ async fn a_dead_node_s_clients_leave_once_each_when_two_nodes_race_to_sweep() {
     // The node that dies: 20 clients of 10 users in the channel, then gone (no more refreshes).
     let (a, _ha) = support::broker(opts(&server, "a")).await;
     for i in 0..20 {
-        a.presence_add(ch, &entry(&format!("a-{i}"), &format!("u{}", i % 10), "a"))
-            .await
-            .unwrap_or_else(|e| panic!("presence_add: {e}"));
+        a.presence_add(ch, &entry(&format!("a-{i}"), &format!("u{}", i % 10), "a")).await.expect("presence_add");
     }
     // The survivors' own clients (what makes them sweep the channel).
-    b.presence_add(ch, &entry("b-1", "ub", "b")).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
-    c.presence_add(ch, &entry("c-1", "uc", "c")).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
-    let stats = b.presence_stats(ch).await.unwrap_or_else(|e| panic!("presence_stats: {e}"));
+    b.presence_add(ch, &entry("b-1", "ub", "b")).await.expect("presence_add");
+    c.presence_add(ch, &entry("c-1", "uc", "c")).await.expect("presence_add");
+    let stats = b.presence_stats(ch).await.expect("presence_stats");
     assert_eq!(stats, PresenceStats { clients: 22, users: 12 });
     drop(a);
     // Both survivors sweep at once, over and over, until the dead node's entries are gone (their
@@ -58,11 +58,11 @@ async fn a_dead_node_s_clients_leave_once_each_when_two_nodes_race_to_sweep() {
         }
     })
     .await;
-    let stats = c.presence_stats(ch).await.unwrap_or_else(|e| panic!("presence_stats: {e}"));
+    let stats = c.presence_stats(ch).await.expect("presence_stats");
     assert_eq!(stats, PresenceStats { clients: 2, users: 2 }, "the dead node's users are gone from the count");
     // A marker after every sweep that found them: what precedes it in the channel's stream is
     // every leave there will be.
-    support::publish(&b, ch, "\"marker\"").await.unwrap_or_else(|e| panic!("publish: {e}"));
+    support::publish(&b, ch, "\"marker\"").await.expect("publish");
     for (name, h) in [("b", &hb), ("c", &hc)] {
         poll_within("the marker arrives", Duration::from_secs(5), async || {
             let s = h.stream_of(ch);
@@ -85,12 +85,11 @@ async fn an_entry_that_expired_and_is_refreshed_joins_again() {
     let ch = "room:back";
     let (b, hb) = support::broker(opts(&server, "b")).await;
     support::subscribe(&b, &hb, ch).await;
-    b.presence_add(ch, &entry("b-1", "u1", "b")).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    b.presence_add(ch, &entry("b-1", "u1", "b")).await.expect("presence_add");
     // Redis loses the entry (as after an expiry swept it, or a flush): the owner's next refresh
     // puts it back, counted and announced again.
-    let mut con =
-        redis::Client::open(server.url()).and_then(|c| c.get_connection()).unwrap_or_else(|e| panic!("redis: {e}"));
-    let _: () = redis::cmd("FLUSHALL").query(&mut con).unwrap_or_else(|e| panic!("flush: {e}"));
+    let mut con = redis::Client::open(server.url()).and_then(|c| c.get_connection()).expect("redis");
+    let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flush");
     poll_within("the refresh re-adds the entry", Duration::from_secs(5), async || match b.presence_stats(ch).await {
         Ok(PresenceStats { clients: 1, users: 1 }) => Ok(()),
         other => Err(format!("{other:?}")),
@@ -123,13 +122,13 @@ async fn lua_join_and_leave_frames_are_byte_identical_to_the_rust_ones() {
     }
     let server = support::RedisServer::start();
     let ch = "room:bytes";
-    let b = crier_redis::RedisBroker::connect(opts(&server, "b")).await.unwrap_or_else(|e| panic!("connect: {e}"));
+    let b = crier_redis::RedisBroker::connect(opts(&server, "b")).await.expect("connect");
     let h = Arc::new(Frames::default());
     b.set_handler(h.clone());
-    b.subscribe(ch).await.unwrap_or_else(|e| panic!("subscribe: {e}"));
+    b.subscribe(ch).await.expect("subscribe");
     let e = entry("n-1-2", "ü \"quoted\" \\ /slash", "b");
-    b.presence_add(ch, &e).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
-    b.presence_remove(ch, &e.client).await.unwrap_or_else(|e| panic!("presence_remove: {e}"));
+    b.presence_add(ch, &e).await.expect("presence_add");
+    b.presence_remove(ch, &e.client).await.expect("presence_remove");
     poll_within("both frames", Duration::from_secs(5), async || {
         let n = h.0.lock().unwrap_or_else(|e| e.into_inner()).len();
         if n == 2 { Ok(()) } else { Err(format!("{n} frames")) }

@@ -3,6 +3,8 @@
 //! replica takes over, the brokers re-subscribe and every acknowledged message is delivered or
 //! the subscriber told; a seed list that reaches no node.
 
+#![allow(clippy::expect_used)]
+
 mod support;
 
 use std::sync::Arc;
@@ -22,7 +24,7 @@ async fn redis_broker_conforms_on_a_cluster() {
     conformance::run(|s| async move {
         let mut o = cluster_options(cluster, "conformance");
         o.namespaces = s.namespaces.clone();
-        let b = RedisBroker::start(o).await.unwrap_or_else(|e| panic!("start: {e}"));
+        let b = RedisBroker::start(o).await.expect("start");
         assert!(b.is_up(), "connected to the cluster");
         b as Arc<dyn Broker>
     })
@@ -173,7 +175,7 @@ async fn a_seed_list_that_reaches_no_node_starts_down_and_retries() {
     let mut o = RedisOptions::cluster(vec![format!("redis://127.0.0.1:{port}/")], "n");
     o.connect_wait = Duration::from_millis(500);
     o.command_timeout = Duration::from_millis(500);
-    let b = RedisBroker::start(o).await.unwrap_or_else(|e| panic!("start: {e}"));
+    let b = RedisBroker::start(o).await.expect("start");
     assert!(!b.is_up());
     let r = b.publish("c", "1", Default::default()).await;
     assert!(matches!(r, Err(BrokerError::Unavailable(_))), "{r:?}");

@@ -2,6 +2,8 @@
 //! through Sentinel; a failover that loses the last acknowledged writes (the replica was paused
 //! while they were made) becomes a new epoch, never a reused offset; bad settings.
 
+#![allow(clippy::expect_used)]
+
 mod support;
 
 use std::sync::Arc;
@@ -30,7 +32,7 @@ async fn redis_broker_conforms_through_sentinel() {
     conformance::run(|s| async move {
         let mut o = options(group, "conformance");
         o.namespaces = s.namespaces.clone();
-        let b = RedisBroker::start(o).await.unwrap_or_else(|e| panic!("start: {e}"));
+        let b = RedisBroker::start(o).await.expect("start");
         assert!(b.is_up(), "found the master through Sentinel");
         b as Arc<dyn Broker>
     })
@@ -52,7 +54,7 @@ async fn a_failover_that_lost_acknowledged_writes_starts_a_new_epoch() {
     assert!(b.is_up());
     subscribe(&b, &h, "c").await;
     for i in 0..10 {
-        publish(&b, "c", &i.to_string()).await.unwrap_or_else(|e| panic!("publish: {e}"));
+        publish(&b, "c", &i.to_string()).await.expect("publish");
     }
     poll_within("the replica to have offset 10", Duration::from_secs(10), async || {
         let r = group.replica.cmd(&["HGET", "crier:{c}:meta", "top"]);
@@ -63,7 +65,7 @@ async fn a_failover_that_lost_acknowledged_writes_starts_a_new_epoch() {
     group.replica.pause(true);
     let mut lost = Vec::new();
     for i in 10..15 {
-        lost.push(publish(&b, "c", &i.to_string()).await.unwrap_or_else(|e| panic!("publish: {e}")));
+        lost.push(publish(&b, "c", &i.to_string()).await.expect("publish"));
     }
     let old_epoch = lost[0].epoch.clone();
     assert_eq!(lost.last().map(|r| r.offset), Some(15));
@@ -78,7 +80,7 @@ async fn a_failover_that_lost_acknowledged_writes_starts_a_new_epoch() {
     assert_eq!(after.offset, 1);
     // Recovery from the last acknowledged position is refused (recovered: false), not faked.
     let since = crier_protocol::StreamPosition { epoch: old_epoch.clone(), offset: 15 };
-    let hist = b.history("c", Some(&since), 100).await.unwrap_or_else(|e| panic!("history: {e}"));
+    let hist = b.history("c", Some(&since), 100).await.expect("history");
     assert!(hist.gap && hist.epoch == after.epoch, "{:?}", (hist.gap, &hist.epoch));
     // The subscriber: 1..=15 of the old epoch (live before the failover), then the new epoch;
     // no (epoch, offset) twice.
@@ -112,7 +114,7 @@ async fn an_unknown_master_name_is_a_setting_error_and_no_sentinel_is_an_outage(
     let mut o = RedisOptions::sentinel(vec![nobody], "known", "n");
     o.connect_wait = Duration::from_millis(500);
     o.command_timeout = Duration::from_millis(500);
-    let b = RedisBroker::start(o).await.unwrap_or_else(|e| panic!("start: {e}"));
+    let b = RedisBroker::start(o).await.expect("start");
     assert!(!b.is_up());
     let r = b.publish("c", "1", Default::default()).await;
     assert!(matches!(r, Err(BrokerError::Unavailable(_))), "{r:?}");

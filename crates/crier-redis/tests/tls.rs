@@ -3,6 +3,8 @@
 //! (wrong CA, system roots for a private CA, wrong host name, a garbage CA file, a plaintext
 //! port) failing clearly, never falling back to plaintext.
 
+#![allow(clippy::expect_used)]
+
 mod support;
 
 use std::sync::Arc;
@@ -38,16 +40,14 @@ async fn redis_broker_conforms_over_tls() {
     conformance::run(|s| async move {
         let mut o = tls_options(server.tls_url("localhost"), Some(ca));
         o.namespaces = s.namespaces.clone();
-        let b = RedisBroker::start(o).await.unwrap_or_else(|e| panic!("start: {e}"));
+        let b = RedisBroker::start(o).await.expect("start");
         assert!(b.is_up(), "connected over TLS");
         b as Arc<dyn Broker>
     })
     .await;
     // The broker's connections really are on the TLS port (CLIENT LIST's laddr).
-    let b = RedisBroker::start(tls_options(server.tls_url("localhost"), Some(ca)))
-        .await
-        .unwrap_or_else(|e| panic!("start: {e}"));
-    b.publish("tls:check", "1", Default::default()).await.unwrap_or_else(|e| panic!("publish: {e}"));
+    let b = RedisBroker::start(tls_options(server.tls_url("localhost"), Some(ca))).await.expect("start");
+    b.publish("tls:check", "1", Default::default()).await.expect("publish");
     let clients = server.cmd(&["CLIENT", "LIST"]);
     let ours: Vec<&str> = clients.lines().filter(|l| l.contains("name=crier-pubsub-tls-test")).collect();
     assert!(!ours.is_empty(), "{clients}");
@@ -94,7 +94,7 @@ async fn tls_and_plaintext_never_mix() {
     // rediss:// to the plaintext port: no TLS server there, so never up (and never plaintext).
     let mut o = tls_options(format!("rediss://localhost:{}/", server.port()), Some(&ca));
     o.connect_wait = Duration::from_millis(700);
-    let b = RedisBroker::start(o).await.unwrap_or_else(|e| panic!("start: {e}"));
+    let b = RedisBroker::start(o).await.expect("start");
     assert!(!b.is_up());
     assert!(!b.wait_up(true, Duration::from_secs(2)).await, "a TLS client never talks to a plaintext port");
     let r = b.publish("c", "1", Default::default()).await;
@@ -102,7 +102,7 @@ async fn tls_and_plaintext_never_mix() {
     // redis:// to the TLS port: the server never hears a plaintext command.
     let mut o = tls_options(format!("redis://localhost:{}/", server.tls_port()), None);
     o.connect_wait = Duration::from_millis(700);
-    let b = RedisBroker::start(o).await.unwrap_or_else(|e| panic!("start: {e}"));
+    let b = RedisBroker::start(o).await.expect("start");
     assert!(!b.wait_up(true, Duration::from_secs(2)).await);
     let r = b.publish("c", "1", Default::default()).await;
     assert!(r.is_err(), "{r:?}");

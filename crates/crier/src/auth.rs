@@ -68,6 +68,17 @@ fn api_key_digest(data: &[u8]) -> Option<String> {
     jsonwebtoken::crypto::sign(data, key, jsonwebtoken::Algorithm::HS256).ok()
 }
 
+/// The [`crier_core::clock_ms`] at which a token with this `exp` (Unix seconds) expires; `u64::MAX` if never.
+pub(crate) fn expiry_ms(exp: u64) -> u64 {
+    let now_unix =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let left = exp as f64 - now_unix;
+    if left > 10.0 * 365.0 * 86400.0 {
+        return u64::MAX;
+    }
+    crier_core::clock_ms() + (left.max(0.0) * 1000.0) as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

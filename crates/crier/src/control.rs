@@ -26,6 +26,14 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The client id of connection `conn` (in `welcome`, presence and connection counts):
+/// `<node_id>-<boot>-<conn>`, where `boot` is random per process ([`crate::state::Inner::boot`]),
+/// so a node restarted with the same `node_id` never reuses the id of a connection whose presence
+/// or connection-count entry may still be in the broker.
+pub fn client_id(st: &AppState, conn: crier_core::ConnId) -> String {
+    format!("{}-{}-{conn}", st.config.node_id, st.boot)
+}
+
 /// The token revocations in force on this node: user → `before` (tokens with an `iat` before it,
 /// or without `iat`, are refused). An entry counts for `token_max_lifetime` after its `before`.
 pub struct Revocations {

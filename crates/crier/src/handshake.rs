@@ -21,13 +21,8 @@ use crate::metrics as m;
 use crate::refusal::{self, Surface};
 use crate::state::AppState;
 
-/// The client id of connection `conn` (in `welcome`, presence and connection counts):
-/// `<node_id>-<boot>-<conn>`, where `boot` is random per process ([`crate::state::Inner::boot`]),
-/// so a node restarted with the same `node_id` never reuses the id of a connection whose presence
-/// or connection-count entry may still be in the broker.
-pub fn client_id(st: &AppState, conn: ConnId) -> String {
-    format!("{}-{}-{conn}", st.config.node_id, st.boot)
-}
+/// The client id of a connection (made in `control`, where user operations also parse it).
+pub use crate::control::client_id;
 
 /// A handshake that passed the checks: the connection's id, the token's claims, and its place
 /// in the user's connection count (when `max_connections_per_user` is set).

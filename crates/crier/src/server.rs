@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
-use crier_protocol::CloseCode;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::metrics as m;
@@ -269,37 +268,8 @@ pub async fn drain(st: &AppState) {
     let end = tokio::time::Instant::now() + window;
     let outboxes = st.registry.outboxes();
     tracing::info!(connections = outboxes.len(), over = ?window, "draining");
-    close_paced(&outboxes, window, || false, || {}).await;
+    rebalance::close_paced(&outboxes, window, || false, || {}).await;
     tokio::time::sleep_until(end).await;
-}
-
-/// Closes `outboxes` with 1012, spread evenly over `window` (the drain; a rebalancing tick),
-/// unless `stop()` says otherwise before a close; `closed()` is called for each connection it
-/// closed (not one already closing). Paced against the window's clock, not by a sleep per connection: each sleep costs at
-/// least a timer tick, and with thousands of connections the ticks added up to twice the window
-/// (measured: 10,000 clients, a 10 s drain took 23-28 s). Behind schedule (or with a zero
-/// window), the next close goes at once.
-pub(crate) async fn close_paced(
-    outboxes: &[Arc<crier_core::Outbox>],
-    window: Duration,
-    mut stop: impl FnMut() -> bool,
-    mut closed: impl FnMut(),
-) {
-    let n = outboxes.len() as u32;
-    let step = window / n.max(1);
-    let start = tokio::time::Instant::now();
-    for (i, o) in outboxes.iter().enumerate() {
-        if stop() {
-            break;
-        }
-        if o.close(CloseCode::RESTART) {
-            closed();
-        }
-        let next = start + step * (i as u32 + 1);
-        if (i as u32) + 1 < n && next > tokio::time::Instant::now() {
-            tokio::time::sleep_until(next).await;
-        }
-    }
 }
 
 /// Periodic chores: node registry, limiter housekeeping.

@@ -12,6 +12,9 @@
 //! port; the next node is stopped only once the new one answers `/readyz` (and `--between` has
 //! passed), as a Kubernetes rolling update with a readiness gate does.
 //!
+//! (~760 lines, one file: `deploy` and `scaleout` are one run — nodes, nginx, clients, publisher,
+//! accounting, report — that reads top to bottom in the order the scenario happens.)
+//!
 //! Reported: messages lost (a subscriber's offsets skipped, or short of the last acknowledged
 //! one), duplicates delivered to the application, per-outage time without a live subscription
 //! (from the client leaving `connected` to both subscriptions acknowledged again), clients that

@@ -1,5 +1,5 @@
 //! What each server frame does to the driver's book: replies settle what was pending, messages
-//! go through their channel's tracker (duplicates dropped, gaps told), presence events and
+//! go through their channel's `AppPosition` (duplicates dropped, gaps told), presence events and
 //! server subscriptions reach their subscriptions, refusals are retried or end a subscription.
 
 use std::time::Duration;
@@ -11,12 +11,12 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 use super::close::{Ended, close_decision};
 use super::{Conn, Driver, Pending, Sub};
+use crate::app_position::{AppPosition, Verdict};
 use crate::error::{Error, ServerError};
 use crate::events::{EndReason, Event, Gap, GapReason, Message};
 use crate::frames::{self, MessageFrame, PresenceEventFrame, ServerFrame};
 use crate::protocol::Reply;
 use crate::subscription::Subscription;
-use crate::tracker::{Tracker, Verdict};
 
 impl Driver {
     pub(super) fn on_close(&self, frame: Option<CloseFrame>) -> Ended {
@@ -40,7 +40,7 @@ impl Driver {
                     };
                     sub.refusals = 0;
                     let (epoch, offset) = (epoch.unwrap_or_default(), offset.unwrap_or(0));
-                    let gap = sub.tracker.on_ack(&epoch, offset, recovered);
+                    let gap = sub.delivered.on_ack(&epoch, offset, recovered);
                     sub.emit(Event::Subscribed { epoch: epoch.clone(), offset, recovered });
                     if let Some(reason) = gap {
                         sub.emit(Event::Gap(Gap { channel, epoch, offset, reason }));
@@ -96,7 +96,7 @@ impl Driver {
             ServerFrame::Leave(e) => self.on_presence_event(e, false),
             ServerFrame::Gap { channel, epoch, offset } => {
                 if let Some(sub) = self.subs.get_mut(&channel) {
-                    sub.tracker.on_gap(&epoch, offset);
+                    sub.delivered.on_gap(&epoch, offset);
                     sub.emit(Event::Gap(Gap { channel, epoch, offset, reason: GapReason::Server }));
                 }
             }
@@ -126,7 +126,7 @@ impl Driver {
 
     pub(super) fn on_message(&mut self, m: MessageFrame) {
         let Some(sub) = self.subs.get_mut(&m.channel) else { return };
-        match sub.tracker.on_message(&m.epoch, m.offset) {
+        match sub.delivered.on_message(&m.epoch, m.offset) {
             Verdict::Duplicate => {
                 tracing::trace!(channel = m.channel, offset = m.offset, "crier client: duplicate dropped");
             }
@@ -160,12 +160,12 @@ impl Driver {
             if in_flight {
                 return; // the client's own subscribe answers
             }
-            match &sub.tracker.position {
+            match &sub.delivered.position {
                 Some(p) if p.epoch != epoch || p.offset < offset => {
                     conn.retries.push((Instant::now(), channel, generation));
                 }
                 _ => {
-                    let gap = sub.tracker.on_ack(&epoch, offset, recovered);
+                    let gap = sub.delivered.on_ack(&epoch, offset, recovered);
                     sub.emit(Event::Subscribed { epoch: epoch.clone(), offset, recovered });
                     if let Some(reason) = gap {
                         sub.emit(Event::Gap(Gap { channel, epoch, offset, reason }));
@@ -178,12 +178,12 @@ impl Driver {
         self.server_generation += 1;
         let generation = self.server_generation;
         let (events, rx) = mpsc::unbounded_channel();
-        let mut tracker = Tracker::new(None);
+        let mut delivered = AppPosition::new(None);
         // Recovered by the server: the missed messages (at or below `offset`) follow.
         if recovered.is_none() {
-            tracker.on_ack(&epoch, offset, None);
+            delivered.on_ack(&epoch, offset, None);
         }
-        let sub = Sub { generation, events, tracker, refusals: 0, server: true };
+        let sub = Sub { generation, events, delivered, refusals: 0, server: true };
         sub.emit(Event::Subscribed { epoch, offset, recovered });
         self.subs.insert(channel.clone(), sub);
         let handle = Subscription { channel, generation, events: rx, commands };

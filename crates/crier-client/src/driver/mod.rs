@@ -39,6 +39,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 
+use crate::app_position::AppPosition;
 use crate::error::{CloseReason, Error, ServerError};
 use crate::events::{EndReason, Event};
 use crate::frames::ClientFrame;
@@ -46,7 +47,6 @@ use crate::protocol::{Options, Request, RequestKind, Shared, ToDriver};
 use crate::state::{State, Welcome};
 use crate::subscription::Subscription;
 use crate::token::{self, BoxError, TokenSource};
-use crate::tracker::Tracker;
 
 mod close;
 mod incoming;
@@ -67,7 +67,7 @@ impl<T> Transport for T where T: Sink<WsMessage, Error = WsError> + Stream<Item 
 struct Sub {
     generation: u64,
     events: mpsc::UnboundedSender<Event>,
-    tracker: Tracker,
+    delivered: AppPosition,
     /// Consecutive `rate_limited`/`unavailable` refusals of this channel's subscribe.
     refusals: u32,
     /// The server made it (a `subscribed` frame): after a reconnect the client waits for the
@@ -268,7 +268,8 @@ impl Driver {
                     })));
                     return None;
                 }
-                let sub = Sub { generation, events, tracker: Tracker::new(from.clone()), refusals: 0, server: false };
+                let sub =
+                    Sub { generation, events, delivered: AppPosition::new(from.clone()), refusals: 0, server: false };
                 self.subs.insert(channel.clone(), sub);
                 Some((channel, from, true))
             }
@@ -377,8 +378,8 @@ impl Driver {
         let subs: Vec<(String, Option<StreamPosition>)> = self
             .subs
             .iter()
-            .filter(|(_, s)| !s.server || s.tracker.position.is_some())
-            .map(|(c, s)| (c.clone(), s.tracker.position.clone()))
+            .filter(|(_, s)| !s.server || s.delivered.position.is_some())
+            .map(|(c, s)| (c.clone(), s.delivered.position.clone()))
             .collect();
         for (channel, position) in subs {
             self.send_subscribe(conn, channel, position).await?;
@@ -543,7 +544,7 @@ impl Driver {
                         let Some(sub) = self.subs.get(&channel).filter(|s| s.generation == generation) else {
                             continue;
                         };
-                        let position = sub.tracker.position.clone();
+                        let position = sub.delivered.position.clone();
                         if self.send_subscribe(conn, channel, position).await.is_err() {
                             return Ended::reconnect();
                         }

@@ -15,9 +15,9 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
 use super::*;
-use crate::backoff::Backoff;
 use crate::events::{Gap, GapReason};
 use crate::protocol::Reply;
+use crier_protocol::backoff::Backoff;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -151,11 +151,11 @@ async fn messages_are_delivered_once_in_order_and_holes_are_told() {
     h.server.send(message("c", "f", 4)).await;
     assert_eq!(offsets(event(&mut events).await), 4);
 
-    // 4009 (slow consumer): the table says reconnect with backoff; the tracker keeps f:4.
+    // 4009 (slow consumer): the table says reconnect with backoff; the delivered position keeps f:4.
     h.server.close(4009, "slow consumer").await;
     let (ended, driver) = h.ended().await;
     assert!(matches!(ended, Ended::Reconnect { new_token: false, wait: Wait::Backoff }), "{ended:?}");
-    let position = driver.subs.get("c").and_then(|s| s.tracker.position.clone());
+    let position = driver.subs.get("c").and_then(|s| s.delivered.position.clone());
     assert_eq!(position, Some(StreamPosition { epoch: "f".into(), offset: 4 }), "resubscribes from there");
 }
 

@@ -93,13 +93,13 @@ impl Forms {
 }
 
 /// A window that compresses for `slot` (9 serves 8 too, see [`deflate_window_slot`]).
-fn slot_bits(slot: usize) -> u8 {
+pub(super) fn slot_bits(slot: usize) -> u8 {
     9 + slot as u8
 }
 
 /// `frame` compressed, or — should the compressor fail — sent as it is (RFC 7692 lets any
 /// message go uncompressed): never a broken compressed frame.
-fn compress(frame: &Bytes, window_bits: u8) -> Out {
+pub(super) fn compress(frame: &Bytes, window_bits: u8) -> Out {
     match deflate_window(frame, window_bits) {
         Ok(z) => Out::Deflated(Bytes::from(z)),
         Err(e) => {

@@ -1,6 +1,6 @@
 //! The pub/sub task's delivery side: pushes from Redis (publications, control messages, the
 //! connection's end) and the gap-fill from the history. Every publication reaches the handler
-//! from here, in offset order per channel, exactly once (see [`Position`]).
+//! from here, in offset order per channel, exactly once (see [`NodePosition`]).
 
 use std::sync::atomic::Ordering;
 
@@ -12,9 +12,9 @@ use tokio::sync::mpsc;
 use super::shards::Conn;
 use super::{ChannelSync, Step, Task, lost};
 use crate::control;
+use crate::node_position::{NodePosition, Verdict};
 use crate::payload;
 use crate::scripts::{self, ALL, HistoryCall};
-use crate::tracker::{Position, Verdict};
 
 /// History reads per gap-fill pipeline.
 const FILL_BATCH: usize = 100;
@@ -104,7 +104,7 @@ impl Task {
         };
         let verdict = match state {
             ChannelSync::Pending => {
-                *state = ChannelSync::Tracking(Position::new(h.epoch.into(), offset));
+                *state = ChannelSync::Tracking(NodePosition::new(h.epoch.into(), offset));
                 Verdict::Deliver
             }
             ChannelSync::Tracking(pos) => {

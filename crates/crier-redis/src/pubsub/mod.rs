@@ -1,7 +1,7 @@
 //! The pub/sub task: the node's ONE Redis pub/sub connection (one per master on a Cluster),
 //! owned by ONE task that takes requests (subscribe, unsubscribe, ordered history reads) over a
 //! queue and delivers publications to the handler. Why reads run on this connection and how a
-//! channel's position is kept: the crate docs (# Delivery) and `tracker.rs`.
+//! channel's position is kept: the crate docs (# Delivery) and `node_position.rs`.
 //!
 //! - `mod.rs`: the task's life (connect, serve, reconnect with [`Backoff`]) and the broker's
 //!   [`Handle`].
@@ -19,19 +19,18 @@ use std::time::Duration;
 
 use crier_core::{BrokerError, History};
 use crier_protocol::StreamPosition;
+use crier_protocol::backoff::Backoff;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::context::Context;
+use crate::node_position::NodePosition;
 use crate::topology::Resolver;
-use crate::tracker::Position;
 
-mod backoff;
 mod connect;
 mod delivery;
 mod requests;
 mod shards;
 
-use backoff::Backoff;
 use shards::Conn;
 
 /// What the broker asks of the task.
@@ -101,7 +100,7 @@ impl Handle {
 enum ChannelSync {
     /// SUBSCRIBE sent, baseline not read yet: everything that arrives is delivered.
     Pending,
-    Tracking(Position),
+    Tracking(NodePosition),
 }
 
 /// Why the connected phase ended.
@@ -166,12 +165,13 @@ impl Task {
 
     /// Runs until the broker is dropped.
     async fn run(mut self) {
-        let mut backoff = Backoff::new(self.ctx.options.reconnect_min, self.ctx.options.reconnect_max);
+        let (min, max) = (self.ctx.options.reconnect_min, self.ctx.options.reconnect_max);
+        // Each failure waits in the upper half of its step: from `min` doubling up to `max`.
+        let backoff = Backoff { base: min, cap: max.max(min) };
         let (mut connected_before, mut failures) = (false, 0u64);
         loop {
             let end = match self.connect().await {
                 Ok(mut conn) => {
-                    backoff.reset();
                     failures = 0;
                     if connected_before {
                         self.ctx.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -192,7 +192,8 @@ impl Task {
                 End::Lost(why) => tracing::debug!(%why, failures, "redis pub/sub still unavailable"),
             }
             failures += 1;
-            if self.wait_down(backoff.next()).await.is_err() {
+            let attempt = u32::try_from(failures - 1).unwrap_or(u32::MAX);
+            if self.wait_down(backoff.equal_jitter(attempt)).await.is_err() {
                 return;
             }
         }

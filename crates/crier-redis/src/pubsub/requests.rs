@@ -11,8 +11,8 @@ use tokio::sync::oneshot;
 
 use super::shards::Conn;
 use super::{ChannelSync, End, HistoryRead, Request, Step, Task, lost};
+use crate::node_position::NodePosition;
 use crate::scripts::{self, HistoryCall};
-use crate::tracker::Position;
 
 /// Requests taken from the queue at once.
 const REQUEST_BATCH: usize = 256;
@@ -231,7 +231,7 @@ impl Task {
         for (channel, h) in positions {
             match self.channels.get_mut(channel.as_str()) {
                 Some(state @ ChannelSync::Pending) => {
-                    *state = ChannelSync::Tracking(Position::new(h.epoch.into(), h.offset))
+                    *state = ChannelSync::Tracking(NodePosition::new(h.epoch.into(), h.offset))
                 }
                 Some(ChannelSync::Tracking(pos)) if *pos.epoch == *h.epoch => pos.settle(h.offset),
                 _ => {}

@@ -2,7 +2,7 @@
 //! ([`crier_testkit::redis::RedisServer`]); here, brokers configured for tests and readers of
 //! what their [`RecordingHandler`] saw.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +33,7 @@ pub fn cluster_options(cluster: &crier_testkit::redis::RedisCluster, node: &str)
 
 /// A connected broker with a recording handler installed.
 pub async fn broker(opts: RedisOptions) -> (Arc<RedisBroker>, Arc<RecordingHandler>) {
-    let b = RedisBroker::connect(opts).await.unwrap_or_else(|e| panic!("connect: {e}"));
+    let b = RedisBroker::connect(opts).await.expect("connect");
     let h = Arc::new(RecordingHandler::default());
     b.set_handler(h.clone());
     (b, h)

@@ -24,12 +24,13 @@ mod requests;
 pub use channels::may_subscribe;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crier_core::{Command, ConnId, Outbox, Transport, clock_ms};
 use crier_protocol::frames::{ClientFrame, FrameError, ServerFrame};
 use crier_protocol::{CloseCode, Encoding, ErrorCode};
 
+use crate::auth::expiry_ms;
 use crate::config::RateScope;
 use crate::handshake::{Admitted, ConnSlot, client_id};
 use crate::metrics as m;
@@ -324,14 +325,4 @@ fn push_error(
 ) {
     metrics::counter!(m::CLIENT_ERRORS, "code" => code.as_str()).increment(1);
     outbox.push(encoding.encode(&ServerFrame::Error { id, code: code.as_str(), message, channel }));
-}
-
-/// The [`clock_ms`] at which a token with this `exp` (Unix seconds) expires; `u64::MAX` if never.
-pub(crate) fn expiry_ms(exp: u64) -> u64 {
-    let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-    let left = exp as f64 - now_unix;
-    if left > 10.0 * 365.0 * 86400.0 {
-        return u64::MAX;
-    }
-    clock_ms() + (left.max(0.0) * 1000.0) as u64
 }

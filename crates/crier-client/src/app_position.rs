@@ -1,6 +1,10 @@
 //! The client's side of the delivery promise: the last position delivered on a channel, which
 //! drops replays by offset and says when messages were lost (a new epoch, a hole in the
 //! offsets, a recovery the server could not make).
+//!
+//! Not shared with crier-redis's `NodePosition` (the node's side): that one holds a live
+//! message back and fills the hole from history before delivering; a client cannot fill, it
+//! delivers and tells the application what was lost.
 
 use crier_protocol::StreamPosition;
 
@@ -18,17 +22,17 @@ pub(crate) enum Verdict {
 
 /// The last position delivered to the application on one channel.
 #[derive(Debug, Default)]
-pub(crate) struct Tracker {
+pub(crate) struct AppPosition {
     pub(crate) position: Option<StreamPosition>,
 }
 
-impl Tracker {
-    pub(crate) fn new(position: Option<StreamPosition>) -> Tracker {
-        Tracker { position }
+impl AppPosition {
+    pub(crate) fn new(position: Option<StreamPosition>) -> AppPosition {
+        AppPosition { position }
     }
 
     /// A subscribe ack. `asked_recovery`: the subscribe carried `recover` (from
-    /// [`Tracker::position`]). Returns a gap when the server could not recover.
+    /// [`AppPosition::position`]). Returns a gap when the server could not recover.
     pub(crate) fn on_ack(&mut self, epoch: &str, offset: u64, recovered: Option<bool>) -> Option<GapReason> {
         let gap = match (&self.position, recovered) {
             // First subscription: live from the channel's current position.
@@ -66,7 +70,7 @@ mod tests {
 
     #[test]
     fn delivers_each_offset_once_in_order() {
-        let mut t = Tracker::default();
+        let mut t = AppPosition::default();
         assert_eq!(t.on_ack("e", 10, None), None);
         assert_eq!(t.on_message("e", 11), Verdict::Deliver);
         assert_eq!(t.on_message("e", 12), Verdict::Deliver);
@@ -79,7 +83,7 @@ mod tests {
 
     #[test]
     fn recovery_keeps_the_position_and_failures_are_gaps() {
-        let mut t = Tracker::new(Some(StreamPosition { epoch: "e".into(), offset: 5 }));
+        let mut t = AppPosition::new(Some(StreamPosition { epoch: "e".into(), offset: 5 }));
         assert_eq!(t.on_ack("e", 9, Some(true)), None);
         assert_eq!(t.position.as_ref().map(|p| p.offset), Some(5), "the replay follows from 6");
         assert_eq!(t.on_message("e", 6), Verdict::Deliver);

@@ -1,5 +1,10 @@
-//! Full-jitter exponential backoff: attempt `n` waits a uniformly random time in
-//! `[0, min(cap, base * 2^n)]`, so clients that lost the same node do not come back in step.
+//! Jittered exponential backoff, the one the project uses: attempt `n`'s delay is drawn below
+//! `min(cap, base * 2^n)` ([`Backoff::ceiling`]) — from all of it for clients (full jitter,
+//! [`Backoff::delay`]: clients that lost the same node do not come back in step), from its upper
+//! half for a server's own reconnects to its broker ([`Backoff::equal_jitter`]: never sooner
+//! than half the step). crier-client re-exports it as `crier_client::Backoff`; crier-redis's
+//! pub/sub reconnects use it with `reconnect_min`/`reconnect_max`. The one module of this crate
+//! that is not a pure function of its input: its draws are random.
 
 use std::time::Duration;
 
@@ -42,6 +47,14 @@ impl Backoff {
         let ceiling = self.ceiling(attempt).as_millis().min(u128::from(u64::MAX)) as u64;
         Duration::from_millis(rand::rng().random_range(0..=ceiling))
     }
+
+    /// A random delay for attempt `attempt` (0-based) in the upper half of its step:
+    /// `[ceiling / 2, ceiling]` ("equal jitter").
+    pub fn equal_jitter(&self, attempt: u32) -> Duration {
+        let ceiling = self.ceiling(attempt);
+        let half = ceiling / 2;
+        half + ceiling.saturating_sub(half).mul_f64(rand::rng().random::<f64>())
+    }
 }
 
 #[cfg(test)]
@@ -60,5 +73,14 @@ mod tests {
         assert!(delays.iter().all(|d| *d <= Duration::from_secs(4)));
         // Jitter: 200 draws from [0, 4000] ms are not all the same.
         assert!(delays.iter().any(|d| *d != delays[0]));
+    }
+
+    #[test]
+    fn equal_jitter_stays_in_the_upper_half_of_each_step() {
+        let b = Backoff { base: Duration::from_millis(50), cap: Duration::from_secs(2) };
+        let delays: Vec<Duration> = (0..10).map(|n| b.equal_jitter(n)).collect();
+        assert!(delays[0] >= Duration::from_millis(25) && delays[0] <= Duration::from_millis(50));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
+        assert!(delays[9] >= Duration::from_secs(1), "capped at the cap, jittered down to half");
     }
 }

@@ -2,7 +2,7 @@
 //! stands for this node, so live publications are delivered in offset order, exactly once, and
 //! holes (a pub/sub reconnect, a dropped message) are noticed and filled from the history.
 //!
-//! Pure logic, no I/O: the pub/sub task asks [`Position::check`] about every live publication
+//! Pure logic, no I/O: the pub/sub task asks [`NodePosition::check`] about every live publication
 //! and acts on the [`Verdict`].
 
 use std::sync::Arc;
@@ -21,16 +21,16 @@ pub(crate) enum Verdict {
 
 /// Where a channel's stream stands for this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Position {
+pub(crate) struct NodePosition {
     pub epoch: Arc<str>,
     /// The last offset delivered to the handler (or the channel's top when the subscription
     /// started: earlier publications are the node's history read's business, not the broker's).
     pub last: u64,
 }
 
-impl Position {
-    pub(crate) fn new(epoch: Arc<str>, top: u64) -> Position {
-        Position { epoch, last: top }
+impl NodePosition {
+    pub(crate) fn new(epoch: Arc<str>, top: u64) -> NodePosition {
+        NodePosition { epoch, last: top }
     }
 
     /// Judges a live publication. `gap_fill` is false when there is no history to fill from.
@@ -85,7 +85,7 @@ mod tests {
 
     #[test]
     fn in_order_duplicates_and_gaps() {
-        let mut p = Position::new("e".into(), 5);
+        let mut p = NodePosition::new("e".into(), 5);
         assert_eq!(p.check("e", 5, true), Verdict::Duplicate, "published before the subscription");
         assert_eq!(p.check("e", 6, true), Verdict::Deliver);
         assert_eq!(p.check("e", 6, true), Verdict::Duplicate);
@@ -96,17 +96,17 @@ mod tests {
 
     #[test]
     fn new_epoch_starts_over() {
-        let mut p = Position::new("old".into(), 40);
+        let mut p = NodePosition::new("old".into(), 40);
         assert_eq!(p.check("new", 1, true), Verdict::Deliver);
         assert_eq!((&*p.epoch, p.last), ("new", 1));
-        let mut p = Position::new("old".into(), 40);
+        let mut p = NodePosition::new("old".into(), 40);
         assert_eq!(p.check("new", 3, true), Verdict::Gap, "1 and 2 of the new epoch are missing");
         assert_eq!(&*p.epoch, "new");
     }
 
     #[test]
     fn fill_then_late_live_messages() {
-        let mut p = Position::new("e".into(), 10);
+        let mut p = NodePosition::new("e".into(), 10);
         // Reconnected: history says top 15 but only holds 13..=15 (11 and 12 trimmed).
         p.rebase("e", 15);
         assert!(p.take(13) && p.take(14) && p.take(15));
@@ -115,12 +115,12 @@ mod tests {
         assert_eq!(p.check("e", 14, true), Verdict::Duplicate, "queued live copy of a filled one");
         assert_eq!(p.check("e", 16, true), Verdict::Deliver);
         // History behind what we delivered (older snapshot): follow it.
-        let mut p = Position::new("e".into(), 50);
+        let mut p = NodePosition::new("e".into(), 50);
         p.rebase("e", 20);
         p.settle(20);
         assert_eq!(p.check("e", 21, true), Verdict::Deliver);
         // New epoch found by the fill: everything in it is new.
-        let mut p = Position::new("old".into(), 50);
+        let mut p = NodePosition::new("old".into(), 50);
         p.rebase("new", 3);
         assert!(p.take(1) && p.take(2) && p.take(3));
     }
