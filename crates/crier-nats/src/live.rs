@@ -1,0 +1,193 @@
+//! Live fan-out: one core NATS subscription per subscribed channel, fed by the stream's
+//! republish, and a per-channel sequencer that turns it into "every message once, in order,
+//! or a gap".
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use crier_core::broker::{BrokerError, PresenceEvent};
+use crier_protocol::StreamPosition;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::{H_CLIENT, H_KIND, Inner, Stored, header, unavailable};
+
+enum Cmd {
+    Resync,
+}
+
+#[derive(Default)]
+pub(crate) struct Live {
+    inner: OnceLock<Weak<Inner>>,
+    channels: Mutex<HashMap<String, mpsc::UnboundedSender<Cmd>>>,
+}
+
+/// Where a node is in a channel: the epoch and last offset it delivered.
+struct Seq {
+    channel: String,
+    epoch: Option<Arc<str>>,
+    last: u64,
+}
+
+impl Live {
+    pub(crate) fn set_inner(&self, w: Weak<Inner>) {
+        let _ = self.inner.set(w);
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::UnboundedSender<Cmd>>> {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// After a reconnect (or a slow-consumer drop): every channel re-reads its position.
+    pub(crate) fn resync_all(&self) {
+        for tx in self.map().values() {
+            let _ = tx.send(Cmd::Resync);
+        }
+    }
+
+    pub(crate) fn unsubscribe(&self, channel: &str) {
+        self.map().remove(channel);
+    }
+
+    pub(crate) async fn subscribe(&self, inner: &Arc<Inner>, channel: &str) -> Result<(), BrokerError> {
+        if self.map().contains_key(channel) {
+            return Ok(());
+        }
+        let sub = inner.client.subscribe(inner.live_subject(channel)).await.map_err(unavailable)?;
+        // The baseline is read after the subscription exists: nothing falls between the two.
+        let base = inner.last(channel).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        {
+            let mut m = self.map();
+            if m.contains_key(channel) {
+                return Ok(());
+            }
+            m.insert(channel.to_owned(), tx);
+        }
+        let seq = Seq {
+            channel: channel.to_owned(),
+            epoch: base.as_ref().map(|b| b.epoch.clone()),
+            last: base.map_or(0, |b| b.offset),
+        };
+        tokio::spawn(run(Arc::downgrade(inner), sub, rx, seq));
+        Ok(())
+    }
+}
+
+async fn run(inner: Weak<Inner>, mut sub: async_nats::Subscriber, mut rx: mpsc::UnboundedReceiver<Cmd>, mut seq: Seq) {
+    loop {
+        tokio::select! {
+            m = sub.next() => {
+                let Some(m) = m else { break };
+                let Some(inner) = inner.upgrade() else { break };
+                seq.on_message(&inner, m).await;
+            }
+            c = rx.recv() => {
+                match c {
+                    Some(Cmd::Resync) => {
+                        let Some(inner) = inner.upgrade() else { break };
+                        seq.resync(&inner).await;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+    let _ = sub.unsubscribe().await;
+}
+
+impl Seq {
+    async fn on_message(&mut self, inner: &Arc<Inner>, m: async_nats::Message) {
+        let Some(handler) = inner.handler().cloned() else { return };
+        let h = m.headers.as_ref();
+        match header(h, H_KIND) {
+            Some("j") | Some("l") => {
+                let client = header(h, H_CLIENT).unwrap_or_default().to_owned();
+                handler.on_presence_event(&self.channel, PresenceEvent { client, frame: m.payload });
+                return;
+            }
+            Some(_) => return,
+            None => {}
+        }
+        let Some(s) = Stored::from_headers(0, h, m.payload) else { return };
+        if self.epoch.as_deref() != Some(&*s.epoch) {
+            if self.epoch.is_some() {
+                handler.on_gap(&self.channel, &s.epoch, 0);
+            }
+            self.epoch = Some(s.epoch.clone());
+            self.last = 0;
+        }
+        if s.offset <= self.last {
+            return;
+        }
+        if s.offset > self.last + 1 {
+            self.fill(inner, s.offset).await;
+        }
+        if s.offset == self.last + 1 {
+            handler.on_publication(&self.channel, s.publication(&self.channel));
+            self.last = s.offset;
+        }
+    }
+
+    /// Delivers what the history holds between `last` and `upto` (exclusive; and after it if
+    /// stored already), or announces the gap.
+    async fn fill(&mut self, inner: &Arc<Inner>, upto: u64) {
+        let Some(handler) = inner.handler().cloned() else { return };
+        let Some(epoch) = self.epoch.clone() else { return };
+        let since = StreamPosition { epoch: epoch.to_string(), offset: self.last };
+        match inner.history(&self.channel, Some(&since), usize::MAX).await {
+            Ok(h) if !h.gap && h.epoch == *epoch => {
+                for p in h.publications {
+                    if p.offset == self.last + 1 {
+                        self.last = p.offset;
+                        handler.on_publication(&self.channel, p);
+                    }
+                }
+            }
+            Ok(h) if h.epoch != *epoch => {
+                // The channel moved to a new epoch meanwhile: told, continued from its start.
+                handler.on_gap(&self.channel, &h.epoch, 0);
+                self.epoch = Some(h.epoch.as_str().into());
+                self.last = 0;
+            }
+            _ => {
+                handler.on_gap(&self.channel, &epoch, upto - 1);
+                self.last = upto - 1;
+            }
+        }
+    }
+
+    /// Re-reads the channel after a reconnect: delivers what was missed, or tells the gap.
+    async fn resync(&mut self, inner: &Arc<Inner>) {
+        let Some(handler) = inner.handler().cloned() else { return };
+        let Some(epoch) = self.epoch.clone() else {
+            if let Ok(Some(b)) = inner.last(&self.channel).await {
+                if b.offset > 0 {
+                    handler.on_gap(&self.channel, &b.epoch, b.offset);
+                }
+                self.epoch = Some(b.epoch.clone());
+                self.last = b.offset;
+            }
+            return;
+        };
+        let since = StreamPosition { epoch: epoch.to_string(), offset: self.last };
+        match inner.history(&self.channel, Some(&since), usize::MAX).await {
+            Ok(h) if !h.gap => {
+                for p in h.publications {
+                    if p.offset == self.last + 1 {
+                        self.last = p.offset;
+                        handler.on_publication(&self.channel, p);
+                    }
+                }
+            }
+            Ok(h) => {
+                handler.on_gap(&self.channel, &h.epoch, h.offset);
+                self.epoch = Some(h.epoch.as_str().into());
+                self.last = h.offset;
+            }
+            Err(e) => {
+                tracing::warn!(channel = %self.channel, error = %e, "nats: resync failed; the next message fills")
+            }
+        }
+    }
+}
