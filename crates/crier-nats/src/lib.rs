@@ -102,6 +102,9 @@ pub struct NatsOptions {
     pub command_timeout: Duration,
     /// How long [`NatsBroker::connect`] waits for a first connection. Default 2s.
     pub connect_wait: Duration,
+    /// How long [`NatsBroker::connect`] retries laying out streams and buckets while
+    /// JetStream is not ready (a cluster electing its meta leader). Default 30s.
+    pub layout_wait: Duration,
 }
 
 impl NatsOptions {
@@ -121,6 +124,7 @@ impl NatsOptions {
             replicas: 1,
             command_timeout: Duration::from_secs(2),
             connect_wait: Duration::from_secs(2),
+            layout_wait: Duration::from_secs(30),
         }
     }
 }
@@ -363,6 +367,11 @@ impl Inner {
     }
 
     async fn publish(&self, channel: &str, data: &str, opts: PublishOptions<'_>) -> Result<PublishResult, BrokerError> {
+        // Not connected: refused before anything is sent (the client would buffer the publish
+        // and send it after a reconnect, long after the caller was told it failed).
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(BrokerError::Unavailable("not connected to NATS".into()));
+        }
         let lock = self.tail_lock(channel);
         let mut tail = lock.lock().await;
         let subject = self.hist_subject(channel);
@@ -517,15 +526,19 @@ impl NatsBroker {
                 (n.to_owned(), HistPolicy { size: p.history_size, ttl_ms: p.history_ttl.as_millis().max(1) as u64 })
             })
             .collect();
-        let mut streams = HashMap::new();
-        for p in std::iter::once(default_policy).chain(policies.values().copied()) {
-            if streams.contains_key(&p) {
-                continue;
+        // JetStream may still be electing its leaders (a cluster starting): the layout is
+        // retried for up to `layout_wait`.
+        let deadline = tokio::time::Instant::now() + opts.layout_wait;
+        let (streams, kv) = loop {
+            match layout(&js, &opts, default_policy, &policies).await {
+                Ok(l) => break l,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "nats: JetStream not ready yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
             }
-            let s = create_stream(&js, &opts, p).await?;
-            streams.insert(p, s);
-        }
-        let kv = state::Buckets::create(&js, &opts).await?;
+        };
         let inner = Arc::new(Inner {
             live: live::Live::default(),
             client,
@@ -547,6 +560,24 @@ impl NatsBroker {
         state::start_ops(&inner).await?;
         Ok(Arc::new(NatsBroker { inner }))
     }
+}
+
+async fn layout(
+    js: &jetstream::Context,
+    opts: &NatsOptions,
+    default_policy: HistPolicy,
+    policies: &HashMap<String, HistPolicy>,
+) -> Result<(HashMap<HistPolicy, stream::Stream>, state::Buckets), BrokerError> {
+    let mut streams = HashMap::new();
+    for p in std::iter::once(default_policy).chain(policies.values().copied()) {
+        if streams.contains_key(&p) {
+            continue;
+        }
+        let s = create_stream(js, opts, p).await?;
+        streams.insert(p, s);
+    }
+    let kv = state::Buckets::create(js, opts).await?;
+    Ok((streams, kv))
 }
 
 async fn create_stream(

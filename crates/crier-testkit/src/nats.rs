@@ -76,6 +76,10 @@ impl NatsServer {
         for s in &servers {
             s.wait_healthy();
         }
+        for s in &servers {
+            let what = format!("nats-server on port {} to know its JetStream meta leader", s.port);
+            until_blocking(what, Duration::from_secs(30), || s.get("/jsz").is_some_and(|r| r.contains("\"leader\"")));
+        }
         servers
     }
 
@@ -128,10 +132,15 @@ impl NatsServer {
 
     /// `GET /healthz` on the monitoring port (`None`: unreachable).
     pub fn healthz(&self) -> Option<String> {
+        self.get("/healthz")
+    }
+
+    /// `GET path` on the monitoring port (`None`: unreachable).
+    pub fn get(&self, path: &str) -> Option<String> {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.monitor_port));
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        s.write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).ok()?;
         let mut out = String::new();
         s.read_to_string(&mut out).ok()?;
         Some(out)
