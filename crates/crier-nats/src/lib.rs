@@ -637,7 +637,9 @@ impl Broker for NatsBroker {
         since: Option<&StreamPosition>,
         limit: usize,
     ) -> Result<History, BrokerError> {
-        self.inner.history(channel, since, limit).await
+        let h = self.inner.history(channel, since, limit).await?;
+        self.inner.live.wait_delivered(channel, &h.epoch, h.offset, self.inner.opts.command_timeout).await;
+        Ok(h)
     }
 
     async fn presence_add(&self, channel: &str, entry: &PresenceEntry) -> Result<(), BrokerError> {

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
 
 use crier_core::broker::{BrokerError, PresenceEvent};
 use crier_protocol::StreamPosition;
@@ -16,10 +17,30 @@ enum Cmd {
     Resync,
 }
 
+/// A subscribed channel: its task's command queue and how far it delivered.
+struct Chan {
+    tx: mpsc::UnboundedSender<Cmd>,
+    shared: Arc<Shared>,
+}
+
+/// How far a channel's task delivered (for history reads that must not run ahead of it).
+#[derive(Default)]
+struct Shared {
+    pos: Mutex<(Option<Arc<str>>, u64)>,
+    notify: tokio::sync::Notify,
+}
+
+impl Shared {
+    fn reached(&self, epoch: &str, offset: u64) -> bool {
+        let p = self.pos.lock().unwrap_or_else(|e| e.into_inner());
+        offset == 0 || (p.0.as_deref() == Some(epoch) && p.1 >= offset)
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Live {
     inner: OnceLock<Weak<Inner>>,
-    channels: Mutex<HashMap<String, mpsc::UnboundedSender<Cmd>>>,
+    channels: Mutex<HashMap<String, Chan>>,
 }
 
 /// Where a node is in a channel: the epoch and last offset it delivered.
@@ -27,6 +48,7 @@ struct Seq {
     channel: String,
     epoch: Option<Arc<str>>,
     last: u64,
+    shared: Arc<Shared>,
 }
 
 impl Live {
@@ -34,14 +56,14 @@ impl Live {
         let _ = self.inner.set(w);
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::UnboundedSender<Cmd>>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Chan>> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// After a reconnect (or a slow-consumer drop): every channel re-reads its position.
     pub(crate) fn resync_all(&self) {
-        for tx in self.map().values() {
-            let _ = tx.send(Cmd::Resync);
+        for c in self.map().values() {
+            let _ = c.tx.send(Cmd::Resync);
         }
     }
 
@@ -57,22 +79,56 @@ impl Live {
         // The baseline is read after the subscription exists: nothing falls between the two.
         let base = inner.last(channel).await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        {
+        let shared = {
             let mut m = self.map();
             if m.contains_key(channel) {
                 return Ok(());
             }
-            m.insert(channel.to_owned(), tx);
-        }
+            let shared = Arc::new(Shared::default());
+            m.insert(channel.to_owned(), Chan { tx, shared: shared.clone() });
+            shared
+        };
         let seq = Seq {
             channel: channel.to_owned(),
             epoch: base.as_ref().map(|b| b.epoch.clone()),
             last: base.map_or(0, |b| b.offset),
+            shared,
         };
+        seq.moved();
         tokio::spawn(run(Arc::downgrade(inner), sub, rx, seq));
         Ok(())
     }
+
+    /// Waits (at most `within`) until this node delivered `channel` up to `epoch`/`offset`, when
+    /// it is subscribed to it: a history read is answered only once every publication up to the
+    /// offset it returns went through `on_publication` (the hub's recovery merge relies on it).
+    /// A live message late by more than a moment is fetched from JetStream (a resync).
+    pub(crate) async fn wait_delivered(&self, channel: &str, epoch: &str, offset: u64, within: Duration) {
+        let Some((shared, tx)) = self.map().get(channel).map(|c| (c.shared.clone(), c.tx.clone())) else { return };
+        let deadline = tokio::time::Instant::now() + within;
+        let mut nudged = false;
+        loop {
+            let notified = shared.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if shared.reached(epoch, offset) {
+                return;
+            }
+            let until = if nudged { deadline } else { deadline.min(tokio::time::Instant::now() + NUDGE) };
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::debug!(channel, offset, "nats: history answered before the live stream caught up");
+                    return;
+                }
+                nudged = true;
+                let _ = tx.send(Cmd::Resync);
+            }
+        }
+    }
 }
+
+/// How long a history read waits for the live stream before asking JetStream.
+const NUDGE: Duration = Duration::from_millis(200);
 
 async fn run(inner: Weak<Inner>, mut sub: async_nats::Subscriber, mut rx: mpsc::UnboundedReceiver<Cmd>, mut seq: Seq) {
     loop {
@@ -97,6 +153,12 @@ async fn run(inner: Weak<Inner>, mut sub: async_nats::Subscriber, mut rx: mpsc::
 }
 
 impl Seq {
+    /// Publishes the position to history readers waiting on it.
+    fn moved(&self) {
+        *self.shared.pos.lock().unwrap_or_else(|e| e.into_inner()) = (self.epoch.clone(), self.last);
+        self.shared.notify.notify_waiters();
+    }
+
     async fn on_message(&mut self, inner: &Arc<Inner>, m: async_nats::Message) {
         let Some(handler) = inner.handler().cloned() else { return };
         let h = m.headers.as_ref();
@@ -127,6 +189,7 @@ impl Seq {
             handler.on_publication(&self.channel, s.publication(&self.channel));
             self.last = s.offset;
         }
+        self.moved();
     }
 
     /// Delivers what the history holds between `last` and `upto` (exclusive; and after it if
@@ -155,6 +218,7 @@ impl Seq {
                 self.last = upto - 1;
             }
         }
+        self.moved();
     }
 
     /// Re-reads the channel after a reconnect: delivers what was missed, or tells the gap.
@@ -167,6 +231,7 @@ impl Seq {
                 }
                 self.epoch = Some(b.epoch.clone());
                 self.last = b.offset;
+                self.moved();
             }
             return;
         };
