@@ -67,6 +67,11 @@ impl Live {
         }
     }
 
+    /// The channels this node is subscribed to.
+    pub(crate) fn channels(&self) -> Vec<String> {
+        self.map().keys().cloned().collect()
+    }
+
     pub(crate) fn unsubscribe(&self, channel: &str) {
         self.map().remove(channel);
     }

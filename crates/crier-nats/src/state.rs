@@ -300,6 +300,19 @@ impl Inner {
                 self.announce_all(&channel, Some((c, m)), &[]).await;
             }
         }
+        // The sweep: expired entries (a dead node's) of the join_leave channels this node is
+        // subscribed to leave, announced once (the removal is a compare-and-set).
+        for channel in self.live.channels() {
+            if !self.opts.namespaces.policy(&channel).join_leave {
+                continue;
+            }
+            let left = cas(&self.kv.presence, &token(&channel), |m: &mut Members| {
+                let left = prune(m, now_ms());
+                (!left.is_empty(), left)
+            })
+            .await?;
+            self.announce_all(&channel, None, &left).await;
+        }
         let conns: Vec<(String, Vec<String>)> = {
             let mine = self.kv.mine_conns.lock().unwrap_or_else(|e| e.into_inner());
             mine.iter().map(|(u, c)| (u.clone(), c.iter().cloned().collect())).collect()
