@@ -643,7 +643,7 @@ impl Broker for NatsBroker {
     }
 
     async fn presence_add(&self, channel: &str, entry: &PresenceEntry) -> Result<(), BrokerError> {
-        self.inner.presence_add(channel, entry, 0).await.map(|_| ())
+        self.inner.presence_add(channel, entry, 0, false).await.map(|_| ())
     }
 
     async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
@@ -661,7 +661,7 @@ impl Broker for NatsBroker {
     }
 
     async fn presence_add_counted(&self, channel: &str, entry: &PresenceEntry, max: u64) -> Result<u64, BrokerError> {
-        self.inner.presence_add(channel, entry, max).await
+        self.inner.presence_add(channel, entry, max, true).await
     }
 
     async fn connection_opened(&self, user: &str, client: &str) -> Result<u64, BrokerError> {

@@ -21,7 +21,10 @@ use serde::{Deserialize, Serialize};
 use crate::{H_CLIENT, H_KIND, H_NODE, Inner, NatsOptions, now_ms, now_us, token, unavailable, untoken};
 
 pub(crate) struct Buckets {
+    /// One key per (channel, client): `<channel token>.<client token>`.
     presence: kv::Store,
+    presence_stream: jetstream::stream::Stream,
+    presence_subject: String,
     conns: kv::Store,
     nodes: kv::Store,
     chans: kv::Store,
@@ -61,8 +64,15 @@ async fn bucket(
 
 impl Buckets {
     pub(crate) async fn create(js: &jetstream::Context, o: &NatsOptions) -> Result<Buckets, BrokerError> {
+        // Presence keys outlive their entry's expiry by one TTL, so the sweep still sees a dead
+        // node's entries (and announces their leave once) before they vanish.
+        let presence = bucket(js, o, "presence", o.presence_ttl * 2).await?;
+        let name = format!("{}_presence", o.prefix.replace(['.', '*', '>', ' '], "_"));
+        let presence_stream = js.get_stream(format!("KV_{name}")).await.map_err(unavailable)?;
         Ok(Buckets {
-            presence: bucket(js, o, "presence", o.presence_ttl).await?,
+            presence,
+            presence_stream,
+            presence_subject: format!("$KV.{name}"),
             conns: bucket(js, o, "conns", o.presence_ttl).await?,
             nodes: bucket(js, o, "nodes", o.node_ttl).await?,
             chans: bucket(js, o, "chans", o.node_ttl).await?,
@@ -124,13 +134,6 @@ struct Member {
     e: u64,
 }
 
-type Members = BTreeMap<String, Member>;
-
-fn prune(m: &mut Members, now: u64) -> Vec<(String, Member)> {
-    let gone: Vec<String> = m.iter().filter(|(_, v)| v.e <= now).map(|(k, _)| k.clone()).collect();
-    gone.into_iter().filter_map(|k| m.remove(&k).map(|v| (k, v))).collect()
-}
-
 /// A node's registry entry as stored (NodeInfo is not deserializable).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct NodeRec {
@@ -182,31 +185,97 @@ impl Inner {
         }
     }
 
+    fn presence_key(channel: &str, client: &str) -> String {
+        format!("{}.{}", token(channel), token(client))
+    }
+
+    /// The channel's presence entries as stored (expired ones included): (client, revision, entry).
+    async fn presence_entries(&self, channel: &str) -> Result<Vec<(String, u64, Member)>, BrokerError> {
+        use jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+        let config = pull::Config {
+            filter_subject: format!("{}.{}.*", self.kv.presence_subject, token(channel)),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ack_policy: AckPolicy::None,
+            inactive_threshold: Duration::from_secs(10),
+            memory_storage: true,
+            ..Default::default()
+        };
+        let consumer = self.kv.presence_stream.create_consumer(config).await.map_err(unavailable)?;
+        let name = consumer.cached_info().name.clone();
+        let pending = consumer.cached_info().num_pending as usize;
+        let mut out = Vec::with_capacity(pending);
+        if pending > 0 {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(pending)
+                .expires(self.opts.command_timeout)
+                .messages()
+                .await
+                .map_err(unavailable)?;
+            let mut seen = 0;
+            while seen < pending {
+                let Some(m) = batch.next().await else { break };
+                let m = m.map_err(unavailable)?;
+                seen += 1;
+                let deleted = crate::header(m.headers.as_ref(), "KV-Operation").is_some();
+                let Some(client) = m.subject.rsplit('.').next().and_then(untoken) else { continue };
+                let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                if let (false, Ok(member)) = (deleted, serde_json::from_slice::<Member>(&m.payload)) {
+                    out.push((client, seq, member));
+                }
+            }
+        }
+        let stream = self.kv.presence_stream.clone();
+        tokio::spawn(async move {
+            let _ = stream.delete_consumer(&name).await;
+        });
+        Ok(out)
+    }
+
+    /// Adds or refreshes `entry`; with `counted`, answers the channel's live entries after it
+    /// (and with `max` > 0 refuses a newcomer to a full channel), else 0 without listing.
     pub(crate) async fn presence_add(
         &self,
         channel: &str,
         entry: &PresenceEntry,
         max: u64,
+        counted: bool,
     ) -> Result<u64, BrokerError> {
-        let member = Member { u: entry.user.clone(), n: entry.node.clone(), e: 0 };
-        let ttl = self.ttl_ms();
-        let (count, joined, left) = cas(&self.kv.presence, &token(channel), |m: &mut Members| {
+        let member = Member { u: entry.user.clone(), n: entry.node.clone(), e: now_ms() + self.ttl_ms() };
+        let key = Inner::presence_key(channel, &entry.client);
+        // Counted: the live entries first (checked, then added: two adds racing for the last
+        // place may both get in).
+        let mut count = 0;
+        if max > 0 {
             let now = now_ms();
-            let left = prune(m, now);
-            let exists = m.contains_key(&entry.client);
-            if !exists && max > 0 && m.len() as u64 >= max {
-                return (!left.is_empty(), (m.len() as u64 + 1, false, left));
+            let live: Vec<String> =
+                self.presence_entries(channel).await?.into_iter().filter(|e| e.2.e > now).map(|e| e.0).collect();
+            let member_already = live.contains(&entry.client);
+            if !member_already && live.len() as u64 >= max {
+                return Ok(live.len() as u64 + 1);
             }
-            m.insert(entry.client.clone(), Member { e: now + ttl, ..member.clone() });
-            (true, (m.len() as u64, !exists, left))
-        })
-        .await?;
-        let added = count <= max || max == 0;
-        if added {
+            count = live.len() as u64 + u64::from(!member_already);
+        }
+        let value: bytes::Bytes = serde_json::to_vec(&member).map_err(|e| BrokerError::Internal(e.to_string()))?.into();
+        let joined = match self.kv.presence.create(&key, value.clone()).await {
+            Ok(_) => true,
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                self.kv.presence.put(&key, value).await.map_err(unavailable)?;
+                false
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        {
             let mut mine = self.kv.mine_presence.lock().unwrap_or_else(|e| e.into_inner());
             mine.entry(channel.to_owned()).or_default().insert(entry.client.clone(), entry.clone());
         }
-        self.announce_all(channel, joined.then_some((entry.client.as_str(), &member)), &left).await;
+        if joined {
+            self.announce_all(channel, Some((entry.client.as_str(), &member)), &[]).await;
+        }
+        if counted && max == 0 {
+            let now = now_ms();
+            count = self.presence_entries(channel).await?.iter().filter(|e| e.2.e > now).count() as u64;
+        }
         Ok(count)
     }
 
@@ -220,24 +289,27 @@ impl Inner {
                 }
             }
         }
-        let left = cas(&self.kv.presence, &token(channel), |m: &mut Members| {
-            let mut left = prune(m, now_ms());
-            if let Some(v) = m.remove(client) {
-                left.push((client.to_owned(), v));
-            }
-            (!left.is_empty(), left)
-        })
-        .await?;
-        self.announce_all(channel, None, &left).await;
+        let key = Inner::presence_key(channel, client);
+        let Some(e) = self.kv.presence.entry(&key).await.map_err(unavailable)? else { return Ok(()) };
+        if e.operation != kv::Operation::Put {
+            return Ok(());
+        }
+        let Ok(member) = serde_json::from_slice::<Member>(&e.value) else { return Ok(()) };
+        // Deleted at the revision read: of two removes (or a remove and a sweep) one wins, once.
+        if self.kv.presence.delete_expect_revision(&key, Some(e.revision)).await.is_ok() {
+            self.announce_all(channel, None, &[(client.to_owned(), member)]).await;
+        }
         Ok(())
     }
 
     pub(crate) async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError> {
-        let m: Members = get(&self.kv.presence, &token(channel)).await?;
         let now = now_ms();
-        Ok(m.into_iter()
-            .filter(|(_, v)| v.e > now)
-            .map(|(client, v)| PresenceEntry { client, user: v.u, node: v.n })
+        Ok(self
+            .presence_entries(channel)
+            .await?
+            .into_iter()
+            .filter(|(_, _, m)| m.e > now)
+            .map(|(client, _, m)| PresenceEntry { client, user: m.u, node: m.n })
             .collect())
     }
 
@@ -282,36 +354,35 @@ impl Inner {
             mine.iter().map(|(c, m)| (c.clone(), m.values().cloned().collect())).collect()
         };
         for (channel, entries) in presence {
-            let (left, joined) = cas(&self.kv.presence, &token(&channel), |m: &mut Members| {
-                let now = now_ms();
-                let left = prune(m, now);
-                let mut joined = Vec::new();
-                for e in &entries {
-                    let member = Member { u: e.user.clone(), n: e.node.clone(), e: now + ttl };
-                    if m.insert(e.client.clone(), member.clone()).is_none() {
-                        joined.push((e.client.clone(), member));
-                    }
-                }
-                (true, (left, joined))
-            })
-            .await?;
-            self.announce_all(&channel, None, &left).await;
-            for (c, m) in &joined {
-                self.announce_all(&channel, Some((c, m)), &[]).await;
+            for e in entries {
+                let member = Member { u: e.user.clone(), n: e.node.clone(), e: now_ms() + ttl };
+                let value = serde_json::to_vec(&member).map_err(|e| BrokerError::Internal(e.to_string()))?;
+                self.kv
+                    .presence
+                    .put(Inner::presence_key(&channel, &e.client), value.into())
+                    .await
+                    .map_err(unavailable)?;
             }
         }
         // The sweep: expired entries (a dead node's) of the join_leave channels this node is
-        // subscribed to leave, announced once (the removal is a compare-and-set).
+        // subscribed to leave, announced once (deleted at the revision read).
         for channel in self.live.channels() {
             if !self.opts.namespaces.policy(&channel).join_leave {
                 continue;
             }
-            let left = cas(&self.kv.presence, &token(&channel), |m: &mut Members| {
-                let left = prune(m, now_ms());
-                (!left.is_empty(), left)
-            })
-            .await?;
-            self.announce_all(&channel, None, &left).await;
+            let now = now_ms();
+            for (client, rev, m) in self.presence_entries(&channel).await? {
+                if m.e <= now
+                    && self
+                        .kv
+                        .presence
+                        .delete_expect_revision(Inner::presence_key(&channel, &client), Some(rev))
+                        .await
+                        .is_ok()
+                {
+                    self.announce_all(&channel, None, &[(client, m)]).await;
+                }
+            }
         }
         let conns: Vec<(String, Vec<String>)> = {
             let mine = self.kv.mine_conns.lock().unwrap_or_else(|e| e.into_inner());
