@@ -23,8 +23,8 @@
 //!   the node was cut off is delivered, or the gap announced).
 //! - **Cluster state** in JetStream key-value buckets whose `max_age` is the entries' TTL
 //!   (refreshed by rewriting, as Redis refreshes its keys): presence, per-user connection
-//!   counts, node registry, channel counts, rate limits (GCRA), token revocations. Each value is
-//!   updated by compare-and-set on the key's revision.
+//!   counts, node registry, channel counts, rate limits (GCRA), token revocations. Values are
+//!   updated by compare-and-set on the key's revision (presence: one key per channel and client).
 //! - **Server-side control** (`user_op`, `disconnect_user`): a request on `<prefix>.op` that
 //!   every other node answers on an inbox, counted against the node registry.
 //!

@@ -2,7 +2,9 @@
 //! channel counts, rate limits, revocations) and the server-side control fan-out.
 //!
 //! Every bucket keeps one revision per key and expires keys by `max_age`; a value is a small
-//! JSON document updated by compare-and-set on the key's revision. This node's own presence and
+//! JSON document updated by compare-and-set on the key's revision, except presence: one key per
+//! (channel, client), created (a join) or rewritten (a refresh), deleted at the revision read (a
+//! leave, once), listed through a short-lived consumer filtered on the channel's keys. This node's own presence and
 //! connection entries are remembered and rewritten every third of their TTL (so a dead node's
 //! entries vanish within the TTL, and they come back after NATS lost its data).
 
