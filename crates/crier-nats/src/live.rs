@@ -147,7 +147,7 @@ async fn run(inner: Weak<Inner>, mut sub: async_nats::Subscriber, mut rx: mpsc::
                 match c {
                     Some(Cmd::Resync) => {
                         let Some(inner) = inner.upgrade() else { break };
-                        seq.resync(&inner).await;
+                        Box::pin(seq.resync(&inner)).await;
                     }
                     None => break,
                 }
@@ -188,7 +188,9 @@ impl Seq {
             return;
         }
         if s.offset > self.last + 1 {
-            self.fill(inner, s.offset).await;
+            // Boxed: the history read's state is allocated only while a hole is filled, not
+            // held in every channel's idle task.
+            Box::pin(self.fill(inner, s.offset)).await;
         }
         if s.offset == self.last + 1 {
             handler.on_publication(&self.channel, s.publication(&self.channel));
