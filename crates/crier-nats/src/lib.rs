@@ -59,6 +59,11 @@ pub(crate) const H_TS: &str = "Crier-Ts";
 pub(crate) const H_KIND: &str = "Crier-Kind";
 pub(crate) const H_CLIENT: &str = "Crier-Client";
 pub(crate) const H_NODE: &str = "Crier-Node";
+/// Byte lengths of a batch's publications (absent: the message is one publication).
+pub(crate) const H_LENS: &str = "Crier-Lens";
+/// At most this many publications, and about this many bytes, per stored batch.
+const BATCH_MAX: usize = 256;
+const BATCH_BYTES: usize = 256 * 1024;
 
 /// How the broker authenticates to NATS (secrets are read from files, never logged).
 #[derive(Debug, Clone, Default)]
@@ -150,14 +155,36 @@ struct Tail {
     offset: u64,
 }
 
-/// One stored message of a channel, decoded.
+/// A publish waiting for its channel's next store.
+struct Pending {
+    data: Bytes,
+    /// `Nats-Msg-Id`: channel token + idempotency key.
+    key: Option<String>,
+    tx: tokio::sync::oneshot::Sender<Result<PublishResult, BrokerError>>,
+}
+
+/// A channel this node publishes to: its cached tail, its queue, whether a leader runs.
+#[derive(Default)]
+struct ChanPub {
+    tail: Option<Tail>,
+    queue: std::collections::VecDeque<Pending>,
+    busy: bool,
+}
+
+/// One stored message of a channel, decoded: the publications `first..=offset` (one, or a batch
+/// of a node's publishes that queued while its previous store was out).
 #[derive(Debug, Clone)]
 pub(crate) struct Stored {
     pub seq: u64,
     pub epoch: Arc<str>,
+    /// The first offset it holds (0: the epoch marker).
+    pub first: u64,
+    /// The last offset it holds.
     pub offset: u64,
     pub prev: u64,
     pub ts: u64,
+    /// Byte lengths of the batch's publications in `data` (empty: one publication).
+    pub lens: Vec<usize>,
     pub data: Bytes,
 }
 
@@ -172,24 +199,52 @@ pub(crate) fn header_u64(h: Option<&HeaderMap>, name: &str) -> u64 {
 impl Stored {
     fn from_headers(seq: u64, h: Option<&HeaderMap>, data: Bytes) -> Option<Stored> {
         let epoch = header(h, H_EPOCH)?;
+        let first = header_u64(h, H_OFFSET);
+        let lens: Vec<usize> =
+            header(h, H_LENS).map(|l| l.split(',').filter_map(|n| n.parse().ok()).collect()).unwrap_or_default();
+        if lens.iter().sum::<usize>() > data.len() {
+            return None;
+        }
+        let count = lens.len().max(1) as u64;
         Some(Stored {
             seq,
             epoch: epoch.into(),
-            offset: header_u64(h, H_OFFSET),
+            first,
+            offset: if first == 0 { 0 } else { first + count - 1 },
             prev: header_u64(h, H_PREV),
             ts: header_u64(h, H_TS),
+            lens,
             data,
         })
     }
 
-    fn publication(&self, channel: &str) -> Publication {
-        let data = std::str::from_utf8(&self.data).unwrap_or("null");
-        Publication {
-            offset: self.offset,
-            epoch: self.epoch.clone(),
-            frame: crier_protocol::frames::encode_message(channel, &self.epoch, self.offset, data),
-            published_at_us: self.ts,
+    /// Its publications, oldest first (none for the epoch marker).
+    fn publications(&self, channel: &str) -> Vec<Publication> {
+        if self.first == 0 {
+            return Vec::new();
         }
+        let one = |offset: u64, data: &[u8]| {
+            let data = std::str::from_utf8(data).unwrap_or("null");
+            Publication {
+                offset,
+                epoch: self.epoch.clone(),
+                frame: crier_protocol::frames::encode_message(channel, &self.epoch, offset, data),
+                published_at_us: self.ts,
+            }
+        };
+        if self.lens.is_empty() {
+            return vec![one(self.first, &self.data)];
+        }
+        let mut at = 0;
+        self.lens
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let p = one(self.first + i as u64, &self.data[at..at + n]);
+                at += n;
+                p
+            })
+            .collect()
     }
 }
 
@@ -237,7 +292,7 @@ pub(crate) struct Inner {
     policies: HashMap<String, HistPolicy>,
     default_policy: HistPolicy,
     streams: HashMap<HistPolicy, stream::Stream>,
-    tails: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Tail>>>>>,
+    tails: Mutex<HashMap<String, ChanPub>>,
     pub live: live::Live,
 }
 
@@ -302,9 +357,11 @@ impl Inner {
                         return Ok(Stored {
                             seq: ack.sequence,
                             epoch: epoch.into(),
+                            first: 0,
                             offset: 0,
                             prev: 0,
                             ts: 0,
+                            lens: Vec::new(),
                             data: Bytes::new(),
                         });
                     }
@@ -326,105 +383,172 @@ impl Inner {
         let last = self.last_or_marker(channel).await?;
         let (epoch, top) = (last.epoch.to_string(), last.offset);
         let size = self.policy(channel).size as u64;
-        let want = match since {
+        // The offsets the policy keeps: the last `history_size`.
+        let kept = top.saturating_sub(size) + 1;
+        let lower = match since {
             Some(p) if p.epoch != epoch || p.offset > top => {
                 return Ok(History { epoch, offset: top, publications: Vec::new(), gap: true });
             }
-            Some(p) => top - p.offset,
-            None => (limit as u64).min(size).min(top),
+            Some(p) => (p.offset + 1).max(kept),
+            None => (top + 1).saturating_sub(limit as u64).max(kept),
         };
-        // Walk back along the channel's chain of stream sequences.
+        // Walk back along the channel's chain of stream sequences until `lower` is covered.
         let mut got: Vec<Stored> = Vec::new();
         let mut cur = Some(last);
         while let Some(m) = cur.take() {
-            if m.offset == 0 || got.len() as u64 >= want.min(size) {
+            if m.offset == 0 || m.offset < lower {
                 break;
             }
-            let prev = m.prev;
+            let (prev, first) = (m.prev, m.first);
             got.push(m);
-            if prev == 0 || got.len() as u64 >= want.min(size) {
+            if prev == 0 || first <= lower || got.len() as u64 > size + 1 {
                 break;
             }
             cur = self.at(channel, prev).await?;
         }
         got.reverse();
+        let mut publications: Vec<Publication> =
+            got.iter().flat_map(|m| m.publications(channel)).filter(|p| p.offset >= lower).collect();
         let mut gap = false;
         if let Some(p) = since {
-            let first = got.first().map_or(top + 1, |m| m.offset);
-            gap = want > 0 && first != p.offset + 1;
-            got.truncate(limit);
+            let first = publications.first().map_or(top + 1, |m| m.offset);
+            gap = top > p.offset && first != p.offset + 1;
+            publications.truncate(limit);
         }
-        let publications = got.iter().map(|m| m.publication(channel)).collect();
         Ok(History { epoch, offset: top, publications, gap })
     }
 
-    fn tail_lock(&self, channel: &str) -> Arc<tokio::sync::Mutex<Option<Tail>>> {
-        let mut t = self.tails.lock().unwrap_or_else(|e| e.into_inner());
-        if t.len() > 65_536 {
-            t.retain(|_, v| Arc::strong_count(v) > 1);
-        }
-        t.entry(channel.to_owned()).or_default().clone()
-    }
-
-    async fn publish(&self, channel: &str, data: &str, opts: PublishOptions<'_>) -> Result<PublishResult, BrokerError> {
+    /// Queues a publish on the channel's batch; a leader task (one per channel at a time)
+    /// stores what queued as one message while the previous store is out.
+    async fn publish(
+        self: &Arc<Self>,
+        channel: &str,
+        data: &str,
+        opts: PublishOptions<'_>,
+    ) -> Result<PublishResult, BrokerError> {
         // Not connected: refused before anything is sent (the client would buffer the publish
         // and send it after a reconnect, long after the caller was told it failed).
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(BrokerError::Unavailable("not connected to NATS".into()));
         }
-        let lock = self.tail_lock(channel);
-        let mut tail = lock.lock().await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let pending = Pending {
+            data: Bytes::copy_from_slice(data.as_bytes()),
+            key: opts.idempotency_key.map(|k| format!("{}:{k}", token(channel))),
+            tx,
+        };
+        let lead = {
+            let mut t = self.tails.lock().unwrap_or_else(|e| e.into_inner());
+            if t.len() > 65_536 {
+                t.retain(|_, c| c.busy);
+            }
+            let c = t.entry(channel.to_owned()).or_default();
+            c.queue.push_back(pending);
+            !std::mem::replace(&mut c.busy, true)
+        };
+        if lead {
+            tokio::spawn(Inner::lead(self.clone(), channel.to_owned()));
+        }
+        rx.await.unwrap_or_else(|_| Err(BrokerError::OutcomeUnknown("the publisher stopped".into())))
+    }
+
+    /// Stores the channel's queued publishes, a batch at a time, until none is left.
+    async fn lead(self: Arc<Self>, channel: String) {
+        loop {
+            let (batch, mut tail) = {
+                let mut t = self.tails.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(c) = t.get_mut(&channel) else { return };
+                let mut batch: Vec<Pending> = Vec::new();
+                let mut bytes = 0;
+                while let Some(p) = c.queue.front() {
+                    // A keyed publish is stored alone (its key names one stored message).
+                    let keyed = p.key.is_some();
+                    if !batch.is_empty() && (keyed || batch.len() >= BATCH_MAX || bytes + p.data.len() > BATCH_BYTES) {
+                        break;
+                    }
+                    bytes += p.data.len();
+                    batch.extend(c.queue.pop_front());
+                    if keyed {
+                        break;
+                    }
+                }
+                if batch.is_empty() {
+                    c.busy = false;
+                    return;
+                }
+                (batch, c.tail.take())
+            };
+            let result = self.store(&channel, &batch, &mut tail).await;
+            if let Some(c) = self.tails.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&channel) {
+                c.tail = tail;
+            }
+            for (i, p) in batch.into_iter().enumerate() {
+                let r = result
+                    .as_ref()
+                    .map(|(epoch, first)| PublishResult { epoch: epoch.clone(), offset: first + i as u64 })
+                    .map_err(Clone::clone);
+                let _ = p.tx.send(r);
+            }
+        }
+    }
+
+    /// Stores one batch (the first offset it got and its epoch), keeping `tail` current.
+    async fn store(
+        &self,
+        channel: &str,
+        batch: &[Pending],
+        tail: &mut Option<Tail>,
+    ) -> Result<(String, u64), BrokerError> {
         let subject = self.hist_subject(channel);
-        let msg_id = opts.idempotency_key.map(|k| format!("{}:{k}", token(channel)));
-        let payload = Bytes::copy_from_slice(data.as_bytes());
+        let payload: Bytes = if batch.len() == 1 {
+            batch[0].data.clone()
+        } else {
+            batch.iter().flat_map(|p| p.data.iter().copied()).collect::<Vec<u8>>().into()
+        };
+        let lens =
+            (batch.len() > 1).then(|| batch.iter().map(|p| p.data.len().to_string()).collect::<Vec<_>>().join(","));
+        let key = batch.first().and_then(|p| p.key.clone());
         for _ in 0..16 {
-            let t = match tail.as_ref() {
-                Some(t) => t.clone(),
+            let t = match tail.take() {
+                Some(t) => t,
                 None => match self.last(channel).await? {
                     Some(s) => Tail { seq: s.seq, epoch: s.epoch, offset: s.offset },
                     None => Tail { seq: 0, epoch: new_epoch().into(), offset: 0 },
                 },
             };
-            let offset = t.offset + 1;
+            let first = t.offset + 1;
             let mut msg = PublishMessage::build()
                 .payload(payload.clone())
                 .header(H_EPOCH, &*t.epoch)
-                .header(H_OFFSET, offset.to_string().as_str())
+                .header(H_OFFSET, first.to_string().as_str())
                 .header(H_PREV, t.seq.to_string().as_str())
                 .header(H_TS, now_us().to_string().as_str())
                 .expected_last_subject_sequence(t.seq);
-            if let Some(id) = &msg_id {
+            if let Some(l) = &lens {
+                msg = msg.header(H_LENS, l.as_str());
+            }
+            if let Some(id) = &key {
                 msg = msg.message_id(id);
             }
             self.publish_calls.fetch_add(1, Ordering::Relaxed);
-            let fut = self.js.send_publish(subject.clone(), msg).await.map_err(|e| {
-                *tail = None;
-                unavailable(e)
-            })?;
+            let fut = self.js.send_publish(subject.clone(), msg).await.map_err(unavailable)?;
             match fut.await {
                 Ok(ack) if ack.duplicate => {
-                    *tail = None;
-                    let first = self.at(channel, ack.sequence).await?.ok_or_else(|| {
+                    let firstp = self.at(channel, ack.sequence).await?.ok_or_else(|| {
                         BrokerError::Internal("the first publish of this idempotency key is no longer stored".into())
                     })?;
-                    return Ok(PublishResult { epoch: first.epoch.to_string(), offset: first.offset });
+                    return Ok((firstp.epoch.to_string(), firstp.first));
                 }
                 Ok(ack) => {
                     let epoch = t.epoch.to_string();
-                    *tail = Some(Tail { seq: ack.sequence, epoch: t.epoch, offset });
-                    return Ok(PublishResult { epoch, offset });
+                    *tail = Some(Tail { seq: ack.sequence, epoch: t.epoch, offset: first + batch.len() as u64 - 1 });
+                    return Ok((epoch, first));
                 }
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                    *tail = None;
-                }
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {}
                 Err(e) if e.kind() == PublishErrorKind::TimedOut || e.kind() == PublishErrorKind::BrokenPipe => {
-                    *tail = None;
                     return Err(BrokerError::OutcomeUnknown(e.to_string()));
                 }
-                Err(e) => {
-                    *tail = None;
-                    return Err(unavailable(e));
-                }
+                Err(e) => return Err(unavailable(e)),
             }
         }
         Err(BrokerError::Unavailable("too much contention on the channel".into()))
@@ -705,8 +829,9 @@ impl Broker for NatsBroker {
     async fn delete_history(&self, channel: &str) -> Result<(), BrokerError> {
         let s = self.inner.stream(channel)?;
         s.purge().filter(self.inner.hist_subject(channel)).await.map_err(unavailable)?;
-        let lock = self.inner.tail_lock(channel);
-        *lock.lock().await = None;
+        if let Some(c) = self.inner.tails.lock().unwrap_or_else(|e| e.into_inner()).get_mut(channel) {
+            c.tail = None;
+        }
         Ok(())
     }
 

@@ -185,16 +185,19 @@ impl Seq {
             self.last = 0;
         }
         if s.offset <= self.last {
+            self.moved();
             return;
         }
-        if s.offset > self.last + 1 {
+        if s.first > self.last + 1 {
             // Boxed: the history read's state is allocated only while a hole is filled, not
             // held in every channel's idle task.
-            Box::pin(self.fill(inner, s.offset)).await;
+            Box::pin(self.fill(inner, s.first)).await;
         }
-        if s.offset == self.last + 1 {
-            handler.on_publication(&self.channel, s.publication(&self.channel));
-            self.last = s.offset;
+        for p in s.publications(&self.channel) {
+            if p.offset == self.last + 1 {
+                self.last = p.offset;
+                handler.on_publication(&self.channel, p);
+            }
         }
         self.moved();
     }
