@@ -31,6 +31,7 @@
 //! Webhooks are not built on NATS (the trait's default refuses them).
 
 mod live;
+mod rawsub;
 mod state;
 
 use std::collections::HashMap;
@@ -294,6 +295,8 @@ pub(crate) struct Inner {
     streams: HashMap<HistPolicy, stream::Stream>,
     tails: Mutex<HashMap<String, ChanPub>>,
     pub live: live::Live,
+    /// The node's own subscriber connection (plain `nats://`, no credentials or a token).
+    pub raw: Option<Arc<rawsub::RawSub>>,
 }
 
 /// The NATS broker (see the crate docs).
@@ -572,6 +575,7 @@ impl NatsBroker {
             .request_timeout(Some(opts.command_timeout))
             .subscription_capacity(65_536)
             .reconnect_delay_callback(|n| Duration::from_millis((50u64 << n.min(5)).min(2000)));
+        let mut token = None;
         match &opts.auth {
             NatsAuth::None => {}
             NatsAuth::CredentialsFile(p) => {
@@ -583,6 +587,7 @@ impl NatsBroker {
             NatsAuth::TokenFile(p) => {
                 let t =
                     std::fs::read_to_string(p).map_err(|e| BrokerError::Internal(format!("nats token file: {e}")))?;
+                token = Some(t.trim().to_owned());
                 co = co.token(t.trim().to_owned());
             }
             NatsAuth::NkeyFile(p) => {
@@ -663,7 +668,20 @@ impl NatsBroker {
                 Err(e) => return Err(e),
             }
         };
+        let plain: Option<Vec<String>> = opts.urls.iter().map(|u| rawsub::plain_addr(u)).collect();
+        let raw = match (&opts.auth, plain, &opts.tls_ca_file) {
+            (NatsAuth::None | NatsAuth::TokenFile(_), Some(addrs), None) => {
+                let w = weak.clone();
+                Some(rawsub::RawSub::start(addrs, token, format!("crier {} live", opts.node_id), move || {
+                    if let Some(inner) = w.get().and_then(Weak::upgrade) {
+                        inner.live.resync_all();
+                    }
+                }))
+            }
+            _ => None,
+        };
         let inner = Arc::new(Inner {
+            raw,
             live: live::Live::default(),
             client,
             js,

@@ -17,6 +17,34 @@ enum Cmd {
     Resync,
 }
 
+/// Where a channel's live messages come from.
+enum Feed {
+    Nats(async_nats::Subscriber),
+    Raw(u64, Arc<crate::rawsub::Inbox>),
+}
+
+impl Feed {
+    async fn next(&mut self) -> Option<crate::rawsub::Live> {
+        match self {
+            Feed::Nats(s) => s.next().await.map(|m| (m.headers, m.payload)),
+            Feed::Raw(_, inbox) => inbox.next().await,
+        }
+    }
+
+    async fn close(self, inner: &Weak<Inner>) {
+        match self {
+            Feed::Nats(mut s) => {
+                let _ = s.unsubscribe().await;
+            }
+            Feed::Raw(sid, _) => {
+                if let Some(raw) = inner.upgrade().and_then(|i| i.raw.clone()) {
+                    raw.unsubscribe(sid).await;
+                }
+            }
+        }
+    }
+}
+
 /// A subscribed channel: its task's command queue and how far it delivered.
 struct Chan {
     tx: mpsc::UnboundedSender<Cmd>,
@@ -80,18 +108,35 @@ impl Live {
         if self.map().contains_key(channel) {
             return Ok(());
         }
-        let sub = inner.client.subscribe(inner.live_subject(channel)).await.map_err(unavailable)?;
+        let sub = match &inner.raw {
+            Some(raw) => {
+                let (sid, inbox) = raw.subscribe(&inner.live_subject(channel)).await;
+                Feed::Raw(sid, inbox)
+            }
+            None => Feed::Nats(inner.client.subscribe(inner.live_subject(channel)).await.map_err(unavailable)?),
+        };
         // The baseline is read after the subscription exists: nothing falls between the two.
-        let base = inner.last(channel).await?;
+        let base = match inner.last(channel).await {
+            Ok(b) => b,
+            Err(e) => {
+                sub.close(&Arc::downgrade(inner)).await;
+                return Err(e);
+            }
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = {
             let mut m = self.map();
             if m.contains_key(channel) {
-                return Ok(());
+                None
+            } else {
+                let shared = Arc::new(Shared::default());
+                m.insert(channel.to_owned(), Chan { tx, shared: shared.clone() });
+                Some(shared)
             }
-            let shared = Arc::new(Shared::default());
-            m.insert(channel.to_owned(), Chan { tx, shared: shared.clone() });
-            shared
+        };
+        let Some(shared) = shared else {
+            sub.close(&Arc::downgrade(inner)).await;
+            return Ok(());
         };
         let seq = Seq {
             channel: channel.to_owned(),
@@ -135,7 +180,7 @@ impl Live {
 /// How long a history read waits for the live stream before asking JetStream.
 const NUDGE: Duration = Duration::from_millis(200);
 
-async fn run(inner: Weak<Inner>, mut sub: async_nats::Subscriber, mut rx: mpsc::UnboundedReceiver<Cmd>, mut seq: Seq) {
+async fn run(inner: Weak<Inner>, mut sub: Feed, mut rx: mpsc::UnboundedReceiver<Cmd>, mut seq: Seq) {
     loop {
         tokio::select! {
             m = sub.next() => {
@@ -154,7 +199,7 @@ async fn run(inner: Weak<Inner>, mut sub: async_nats::Subscriber, mut rx: mpsc::
             }
         }
     }
-    let _ = sub.unsubscribe().await;
+    sub.close(&inner).await;
 }
 
 impl Seq {
@@ -164,19 +209,20 @@ impl Seq {
         self.shared.notify.notify_waiters();
     }
 
-    async fn on_message(&mut self, inner: &Arc<Inner>, m: async_nats::Message) {
+    async fn on_message(&mut self, inner: &Arc<Inner>, m: crate::rawsub::Live) {
         let Some(handler) = inner.handler().cloned() else { return };
-        let h = m.headers.as_ref();
+        let (headers, payload) = m;
+        let h = headers.as_ref();
         match header(h, H_KIND) {
             Some("j") | Some("l") => {
                 let client = header(h, H_CLIENT).unwrap_or_default().to_owned();
-                handler.on_presence_event(&self.channel, PresenceEvent { client, frame: m.payload });
+                handler.on_presence_event(&self.channel, PresenceEvent { client, frame: payload });
                 return;
             }
             Some(_) => return,
             None => {}
         }
-        let Some(s) = Stored::from_headers(0, h, m.payload) else { return };
+        let Some(s) = Stored::from_headers(0, h, payload) else { return };
         if self.epoch.as_deref() != Some(&*s.epoch) {
             if self.epoch.is_some() {
                 handler.on_gap(&self.channel, &s.epoch, 0);
