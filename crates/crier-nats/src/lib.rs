@@ -699,6 +699,9 @@ impl NatsBroker {
         inner.up.store(inner.client.connection_state() == async_nats::connection::State::Connected, Ordering::SeqCst);
         let _ = weak.set(Arc::downgrade(&inner));
         inner.live.set_inner(Arc::downgrade(&inner));
+        if let Some(raw) = &inner.raw {
+            raw.wait_connected(inner.opts.connect_wait).await;
+        }
         state::start_ops(&inner).await?;
         Ok(Arc::new(NatsBroker { inner }))
     }

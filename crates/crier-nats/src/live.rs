@@ -9,13 +9,8 @@ use std::time::Duration;
 use crier_core::broker::{BrokerError, PresenceEvent};
 use crier_protocol::StreamPosition;
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
 
 use crate::{H_CLIENT, H_KIND, Inner, Stored, header, unavailable};
-
-enum Cmd {
-    Resync,
-}
 
 /// Where a channel's live messages come from.
 enum Feed {
@@ -47,7 +42,6 @@ impl Feed {
 
 /// A subscribed channel: its task's command queue and how far it delivered.
 struct Chan {
-    tx: mpsc::UnboundedSender<Cmd>,
     shared: Arc<Shared>,
 }
 
@@ -56,6 +50,18 @@ struct Chan {
 struct Shared {
     pos: Mutex<(Option<Arc<str>>, u64)>,
     notify: tokio::sync::Notify,
+    /// Commands to the channel's task (flags, woken by `wake`): re-read from JetStream, stop.
+    resync: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+impl Shared {
+    fn command(&self, stop: bool) {
+        let flag = if stop { &self.stop } else { &self.resync };
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_one();
+    }
 }
 
 impl Shared {
@@ -91,7 +97,7 @@ impl Live {
     /// After a reconnect (or a slow-consumer drop): every channel re-reads its position.
     pub(crate) fn resync_all(&self) {
         for c in self.map().values() {
-            let _ = c.tx.send(Cmd::Resync);
+            c.shared.command(false);
         }
     }
 
@@ -101,16 +107,22 @@ impl Live {
     }
 
     pub(crate) fn unsubscribe(&self, channel: &str) {
-        self.map().remove(channel);
+        if let Some(c) = self.map().remove(channel) {
+            c.shared.command(true);
+        }
     }
 
     pub(crate) async fn subscribe(&self, inner: &Arc<Inner>, channel: &str) -> Result<(), BrokerError> {
         if self.map().contains_key(channel) {
             return Ok(());
         }
+        let mut pending = false;
         let sub = match &inner.raw {
             Some(raw) => {
                 let (sid, inbox) = raw.subscribe(&inner.live_subject(channel)).await;
+                // Not connected now: the subscription takes effect later, so the channel
+                // re-reads JetStream once its task starts (what was published meanwhile).
+                pending = !raw.connected().await;
                 Feed::Raw(sid, inbox)
             }
             None => Feed::Nats(inner.client.subscribe(inner.live_subject(channel)).await.map_err(unavailable)?),
@@ -123,14 +135,13 @@ impl Live {
                 return Err(e);
             }
         };
-        let (tx, rx) = mpsc::unbounded_channel();
         let shared = {
             let mut m = self.map();
             if m.contains_key(channel) {
                 None
             } else {
                 let shared = Arc::new(Shared::default());
-                m.insert(channel.to_owned(), Chan { tx, shared: shared.clone() });
+                m.insert(channel.to_owned(), Chan { shared: shared.clone() });
                 Some(shared)
             }
         };
@@ -145,7 +156,10 @@ impl Live {
             shared,
         };
         seq.moved();
-        tokio::spawn(run(Arc::downgrade(inner), sub, rx, seq));
+        if pending {
+            seq.shared.command(false);
+        }
+        tokio::spawn(run(Arc::downgrade(inner), sub, seq));
         Ok(())
     }
 
@@ -154,7 +168,7 @@ impl Live {
     /// offset it returns went through `on_publication` (the hub's recovery merge relies on it).
     /// A live message late by more than a moment is fetched from JetStream (a resync).
     pub(crate) async fn wait_delivered(&self, channel: &str, epoch: &str, offset: u64, within: Duration) {
-        let Some((shared, tx)) = self.map().get(channel).map(|c| (c.shared.clone(), c.tx.clone())) else { return };
+        let Some(shared) = self.map().get(channel).map(|c| c.shared.clone()) else { return };
         let deadline = tokio::time::Instant::now() + within;
         let mut nudged = false;
         loop {
@@ -171,7 +185,7 @@ impl Live {
                     return;
                 }
                 nudged = true;
-                let _ = tx.send(Cmd::Resync);
+                shared.command(false);
             }
         }
     }
@@ -180,23 +194,25 @@ impl Live {
 /// How long a history read waits for the live stream before asking JetStream.
 const NUDGE: Duration = Duration::from_millis(200);
 
-async fn run(inner: Weak<Inner>, mut sub: Feed, mut rx: mpsc::UnboundedReceiver<Cmd>, mut seq: Seq) {
+async fn run(inner: Weak<Inner>, mut sub: Feed, mut seq: Seq) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let shared = seq.shared.clone();
     loop {
+        if shared.stop.load(SeqCst) {
+            break;
+        }
+        if shared.resync.swap(false, SeqCst) {
+            let Some(inner) = inner.upgrade() else { break };
+            Box::pin(seq.resync(&inner)).await;
+            continue;
+        }
         tokio::select! {
             m = sub.next() => {
                 let Some(m) = m else { break };
                 let Some(inner) = inner.upgrade() else { break };
-                seq.on_message(&inner, m).await;
+                Box::pin(seq.on_message(&inner, m)).await;
             }
-            c = rx.recv() => {
-                match c {
-                    Some(Cmd::Resync) => {
-                        let Some(inner) = inner.upgrade() else { break };
-                        Box::pin(seq.resync(&inner)).await;
-                    }
-                    None => break,
-                }
-            }
+            () = shared.wake.notified() => {}
         }
     }
     sub.close(&inner).await;

@@ -120,6 +120,19 @@ impl RawSub {
         (sid, inbox)
     }
 
+    /// Whether the connection is up (subscriptions take effect at once).
+    pub(crate) async fn connected(&self) -> bool {
+        self.writer.lock().await.is_some()
+    }
+
+    /// Waits (at most `within`) for the connection to be up.
+    pub(crate) async fn wait_connected(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.connected().await && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub(crate) async fn unsubscribe(&self, sid: u64) {
         if let Some((_, inbox)) = self.subs.lock().unwrap_or_else(|e| e.into_inner()).remove(&sid) {
             inbox.close();
