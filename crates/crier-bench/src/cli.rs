@@ -106,6 +106,13 @@ pub struct GatewayArgs {
     /// redis-server binary for the cluster scenario
     #[arg(long, default_value = "redis-server", value_name = "PATH")]
     pub redis_server: String,
+    /// Shapes with a shared broker use a nats-server (JetStream on a temporary store directory)
+    /// started by the bench, instead of a redis-server: crier on its NATS broker
+    #[arg(long)]
+    pub nats: bool,
+    /// nats-server binary for `--nats`
+    #[arg(long, default_value = "nats-server", value_name = "PATH")]
+    pub nats_server: String,
     /// Number of local source addresses (127.0.0.2 ...) subscribers connect from; ~28k connections fit per address
     #[arg(long, default_value_t = 4)]
     pub source_addrs: usize,

@@ -107,7 +107,9 @@ impl Gateway {
             api_key: format!("bench-{}", random_token(24)),
             started_by_bench: true,
         };
-        if redis {
+        if redis && args.nats {
+            gw.redis = Some(start_nats(&args.nats_server).await?);
+        } else if redis {
             gw.redis = Some(start_redis(&args.redis_server).await?);
         }
         let threads = worker_threads(nodes, &args.crier_arg);
@@ -283,6 +285,7 @@ impl Gateway {
             nodes: self.nodes.iter().map(|n| n.addr.to_string()).collect(),
             pids: self.pids(),
             broker: match &self.redis {
+                Some(r) if r.url.starts_with("nats://") => format!("nats {}", r.url),
                 Some(r) => format!("redis {}", r.url),
                 None if self.started_by_bench => "memory".into(),
                 None => "unknown (running nodes)".into(),
@@ -394,7 +397,11 @@ async fn start_node(
         }
     }
     if let Some(r) = &gw.redis {
-        cmd.env("CRIER_REDIS_URL", &r.url);
+        if r.url.starts_with("nats://") {
+            cmd.env("CRIER_NATS_URL", &r.url);
+        } else {
+            cmd.env("CRIER_REDIS_URL", &r.url);
+        }
     }
     let mut child = cmd.spawn().with_context(|| format!("starting {}", crier.display()))?;
     let pid = child.id();
@@ -429,6 +436,45 @@ async fn start_node(
         while matches!(rest.read(&mut buf).await, Ok(n) if n > 0) {}
     });
     Ok(Node { addr, pid, log: Some(log), child: Some(child) })
+}
+
+/// A nats-server with JetStream on a fresh temporary store directory (the shared broker of
+/// `--nats` runs; `Redis` holds it like a redis-server: its URL, PID and process).
+async fn start_nats(binary: &str) -> anyhow::Result<Redis> {
+    let port = free_port()?;
+    let dir = std::env::temp_dir().join(format!("crier-bench-nats-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let bin = if binary == "nats-server" && !std::path::Path::new("/usr/bin/nats-server").exists() {
+        "/usr/sbin/nats-server"
+    } else {
+        binary
+    };
+    let mut child = Command::new(bin)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {bin} (install nats-server, or pass --nats-server PATH)"))?;
+    let pid = child.id();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            let mut buf = [0u8; 4];
+            if matches!(s.read(&mut buf).await, Ok(4) if &buf == b"INFO") {
+                break;
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = child.kill().await;
+            bail!("nats-server did not greet on port {port} within 10s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("  started nats-server on 127.0.0.1:{port} (pid {}, store {})", pid.unwrap_or(0), dir.display());
+    Ok(Redis { url: format!("nats://127.0.0.1:{port}"), pid, child })
 }
 
 async fn start_redis(binary: &str) -> anyhow::Result<Redis> {

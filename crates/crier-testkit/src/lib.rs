@@ -8,6 +8,8 @@
 //!   (memory, Redis) runs them from its own tests.
 //! - [`redis`]: real `redis-server` processes on free ports (never 6379), killed when dropped
 //!   (plain, TLS, replicas, Sentinels).
+//! - [`nats`]: real `nats-server` processes with JetStream (one, or a cluster with routes on
+//!   loopback) on free ports, killed when dropped.
 //! - [`tls`]: a throw-away CA and server certificate (openssl CLI) for TLS tests.
 //! - [`process`]: a child process (e.g. the `crier` binary) with its stdout and stderr captured,
 //!   killed when dropped; and [`process::metric_value`] to read a Prometheus text exposition.
@@ -25,6 +27,7 @@
 
 pub mod bin;
 pub mod conformance;
+pub mod nats;
 pub mod process;
 pub mod redis;
 pub mod tls;

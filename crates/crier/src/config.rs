@@ -55,6 +55,8 @@ pub struct Config {
     pub redis_cluster_urls: Vec<RedisUrl>,
     /// PEM CA for `rediss://` (unset: the system's roots).
     pub redis_tls_ca_file: Option<PathBuf>,
+    /// The NATS broker (`nats_url` and its credentials); exclusive with every Redis topology.
+    pub nats: NatsSettings,
     pub jwt: JwtSettings,
     /// As written (trimmed): `*`, `https://app.example.com`, `https://*.example.com`.
     pub allowed_origins: Vec<String>,
@@ -329,6 +331,23 @@ impl<T> fmt::Debug for Redacted<T> {
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisUrl(pub String);
 
+impl Config {
+    /// Which broker the settings select: `nats`, `redis` or `memory` (the `broker` label of
+    /// `crier_broker_info` and the start log line).
+    pub fn broker_kind(&self) -> &'static str {
+        if !self.nats.urls.is_empty() {
+            "nats"
+        } else if self.redis_url.is_some()
+            || self.redis_sentinel_master.is_some()
+            || !self.redis_cluster_urls.is_empty()
+        {
+            "redis"
+        } else {
+            "memory"
+        }
+    }
+}
+
 impl RedisUrl {
     pub fn as_str(&self) -> &str {
         &self.0
@@ -352,4 +371,17 @@ impl fmt::Display for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&parse::redact_url(&self.0))
     }
+}
+
+/// The NATS broker's settings (`nats_*`). `urls` empty = no NATS broker. The credential files
+/// are read when connecting; their contents are never held in the settings nor logged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NatsSettings {
+    /// Seed servers (`nats://`, `tls://`; passwords in them are redacted like redis_url's).
+    pub urls: Vec<RedisUrl>,
+    pub credentials_file: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub nkey_file: Option<PathBuf>,
+    pub tls_ca_file: Option<PathBuf>,
+    pub replicas: usize,
 }

@@ -132,6 +132,7 @@ async fn metrics_text(State(st): State<AppState>) -> Response {
     metrics::gauge!(m::SUBSCRIPTIONS).set(st.hub().subscription_count() as f64);
     metrics::gauge!(m::CHANNELS).set(st.hub().channel_count() as f64);
     metrics::gauge!(m::BROKER_UP).set(if st.broker().is_up() { 1.0 } else { 0.0 });
+    metrics::gauge!(m::BROKER_INFO, "broker" => st.config.broker_kind()).set(1.0);
     metrics::counter!(m::BROKER_RECONNECTS).absolute(st.broker().reconnects());
     metrics::counter!(m::BROKER_PUBLISH_CALLS).absolute(st.broker().publish_calls());
     m::collect_process();

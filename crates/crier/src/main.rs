@@ -69,7 +69,7 @@ async fn serve(config: Config, dev_token: Option<String>) -> ExitCode {
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| config.listen.to_string());
     // Tests and scripts read this line to learn the port when listening on port 0.
     say(&format!("crier listening on http://{addr}"));
-    tracing::info!(%addr, node = %config.node_id, broker = if config.redis_url.is_some() || config.redis_sentinel_master.is_some() || !config.redis_cluster_urls.is_empty() { "redis" } else { "memory" }, "crier started");
+    tracing::info!(%addr, node = %config.node_id, broker = config.broker_kind(), "crier started");
     if let Some(token) = &dev_token {
         print_dev_banner(&addr, token, &config);
     }

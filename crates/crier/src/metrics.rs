@@ -20,6 +20,8 @@ pub const CLIENT_ERRORS: &str = "crier_client_errors_total";
 pub const BROKER_UP: &str = "crier_broker_up";
 pub const BROKER_RECONNECTS: &str = "crier_broker_reconnects_total";
 pub const BROKER_PUBLISH_CALLS: &str = "crier_broker_publish_calls_total";
+/// Always 1, labelled `broker` = `nats`, `redis` or `memory`: which broker the node runs.
+pub const BROKER_INFO: &str = "crier_broker_info";
 pub const RECOVERIES: &str = "crier_recoveries_total";
 /// crier extension: REST API requests by route group and status class.
 pub const API_REQUESTS: &str = "crier_api_requests_total";
@@ -129,6 +131,7 @@ fn describe() {
     describe_counter!(CLIENT_ERRORS, "Error frames sent to clients, by code");
     describe_gauge!(BROKER_UP, "1 when the broker is reachable, 0 otherwise");
     describe_counter!(BROKER_RECONNECTS, "Reconnections of the broker's connections");
+    describe_gauge!(BROKER_INFO, "Always 1; the label `broker` names the node's broker (nats, redis, memory)");
     describe_counter!(
         BROKER_PUBLISH_CALLS,
         "Broker calls that carried publishes (Redis: script calls; messages per call = published / calls)"

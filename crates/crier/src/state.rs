@@ -157,6 +157,19 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
     tracing::info!(algorithms = ?verifier.algorithms(), "JWT verification ready");
     let origins = OriginPolicy::new(&config.allowed_origins).map_err(|e| invalid(format!("allowed_origins: {e}")))?;
     let broker: Arc<dyn Broker> = match redis_options(&config) {
+        None if !config.nats.urls.is_empty() => {
+            let broker = crier_nats::NatsBroker::connect(nats_options(&config)).await.map_err(|e| match e {
+                // A credential file that cannot be read is a bad setting (exit 64).
+                crier_core::broker::BrokerError::Internal(why) => {
+                    anyhow::Error::new(crate::config::ConfigError::Invalid(vec![format!("nats: {why}")]))
+                }
+                e => anyhow::anyhow!("nats: {e}"),
+            })?;
+            if !broker.is_up() {
+                tracing::warn!("NATS is not reachable yet; the node stays unready and keeps retrying");
+            }
+            broker
+        }
         Some(opts) => {
             // A setting problem found while connecting (a certificate that does not verify, a
             // master name no Sentinel knows) is a bad setting: exit 64 like one found by the parse.
@@ -218,6 +231,27 @@ pub async fn build(config: Config, dev_token: Option<String>) -> anyhow::Result<
         revocations,
         config,
     })))
+}
+
+/// The NATS broker's options from the settings (`nats_url` set).
+fn nats_options(config: &Config) -> crier_nats::NatsOptions {
+    let urls = config.nats.urls.iter().map(|u| u.as_str().to_owned()).collect();
+    let mut opts = crier_nats::NatsOptions::new(urls, config.node_id.clone());
+    opts.auth = match (&config.nats.credentials_file, &config.nats.token_file, &config.nats.nkey_file) {
+        (Some(f), _, _) => crier_nats::NatsAuth::CredentialsFile(f.clone()),
+        (None, Some(f), _) => crier_nats::NatsAuth::TokenFile(f.clone()),
+        (None, None, Some(f)) => crier_nats::NatsAuth::NkeyFile(f.clone()),
+        (None, None, None) => crier_nats::NatsAuth::None,
+    };
+    opts.tls_ca_file = config.nats.tls_ca_file.clone();
+    opts.replicas = config.nats.replicas;
+    opts.history_size = config.history_size;
+    opts.history_ttl = config.history_ttl;
+    opts.namespaces = Arc::new(config.namespaces.clone());
+    opts.presence_ttl = config.presence_ttl;
+    opts.node_ttl = config.presence_ttl;
+    opts.revocation_ttl = config.token_max_lifetime;
+    opts
 }
 
 /// The Redis broker's options from the settings (`None`: the memory broker).

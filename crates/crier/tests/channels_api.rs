@@ -206,6 +206,18 @@ async fn deleting_history_on_redis_starts_a_new_epoch_on_every_node() {
 }
 
 #[tokio::test]
+async fn deleting_history_on_nats_starts_a_new_epoch_on_every_node() {
+    if !crier_testkit::nats::nats_available("deleting_history_on_nats") {
+        return;
+    }
+    let nats = crier_testkit::nats::NatsServer::start();
+    let url = nats.url();
+    let n1 = Server::start(&["--nats-url", &url, "--node-id", "n1"]).await;
+    let n2 = Server::start(&["--nats-url", &url, "--node-id", "n2"]).await;
+    delete_history_on(&n1, &n2).await;
+}
+
+#[tokio::test]
 async fn info_shows_uptime_connections_by_transport_and_memory() {
     let server = Server::start(&[]).await;
     let token = server.token("u1", &["*"], &[]);

@@ -266,3 +266,38 @@ async fn live_traffic_larger_than_the_queue_during_a_recovery_redis() {
     let server = Server::start(&["--redis-url", url.as_str(), "--client-queue-max-bytes", "262144"]).await;
     live_traffic_larger_than_the_queue_during_a_recovery(&server).await;
 }
+
+// The same recoveries on the NATS broker (JetStream history, live stream by republish).
+
+fn nats_or_skip(test: &str) -> Option<crier_testkit::nats::NatsServer> {
+    crier_testkit::nats::nats_available(test).then(crier_testkit::nats::NatsServer::start)
+}
+
+#[tokio::test]
+async fn recovery_larger_than_the_queue_nats() {
+    let Some(nats) = nats_or_skip("recovery_larger_than_the_queue_nats") else { return };
+    let server = Server::start(&["--nats-url", &nats.url()]).await;
+    recovery_larger_than_the_queue(&server).await;
+    assert_eq!(server.metric("crier_slow_consumers_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn recovery_with_live_publications_racing_nats() {
+    let Some(nats) = nats_or_skip("recovery_with_live_publications_racing_nats") else { return };
+    let server = Server::start(&["--nats-url", &nats.url()]).await;
+    recovery_with_live_publications_racing(&server).await;
+}
+
+#[tokio::test]
+async fn history_in_pages_nats() {
+    let Some(nats) = nats_or_skip("history_in_pages_nats") else { return };
+    let server = Server::start(&["--nats-url", &nats.url()]).await;
+    history_in_pages(&server).await;
+}
+
+#[tokio::test]
+async fn live_traffic_larger_than_the_queue_during_a_recovery_nats() {
+    let Some(nats) = nats_or_skip("live_traffic_larger_than_the_queue_during_a_recovery_nats") else { return };
+    let server = Server::start(&["--nats-url", &nats.url(), "--client-queue-max-bytes", "262144"]).await;
+    live_traffic_larger_than_the_queue_during_a_recovery(&server).await;
+}

@@ -363,8 +363,31 @@ async fn node(redis: &RedisServer, name: &str) -> Server {
 #[tokio::test]
 async fn on_two_nodes_every_operation_counts_and_reaches_the_whole_cluster() {
     let redis = RedisServer::start();
-    let n1 = node(&redis, "n1").await;
-    let n2 = node(&redis, "n2").await;
+    every_operation_on_two_nodes(|name| node(&redis, name)).await;
+}
+
+#[tokio::test]
+async fn on_two_nodes_on_nats_every_operation_counts_and_reaches_the_whole_cluster() {
+    if !crier_testkit::nats::nats_available("on_two_nodes_on_nats_every_operation") {
+        return;
+    }
+    let nats = crier_testkit::nats::NatsServer::start();
+    let url = nats.url();
+    let url = url.as_str();
+    every_operation_on_two_nodes(|name| async move {
+        Server::start(&["--nats-url", url, "--node-id", name, "--presence-ttl", "2s"]).await
+    })
+    .await;
+}
+
+/// Two nodes (a third one joins later) on a shared broker, started by `node`.
+async fn every_operation_on_two_nodes<F, Fut>(node: F)
+where
+    F: Fn(&'static str) -> Fut,
+    Fut: std::future::Future<Output = Server>,
+{
+    let n1 = node("n1").await;
+    let n2 = node("n2").await;
     let old = token(json!({"sub": "u1", "channels": ["own"], "iat": now() - 30}));
     let mut a = n1.client(&old).await;
     let mut sse = Sse::open(&n2, &old, "own").await;
@@ -407,7 +430,7 @@ async fn on_two_nodes_every_operation_counts_and_reaches_the_whole_cluster() {
     assert_eq!(sse.until("close").await["code"], 4001);
     assert_eq!(refused(&n1, &old).await.1["error"], "token_revoked");
     assert_eq!(refused(&n2, &old).await.1["error"], "token_revoked");
-    let n3 = node(&redis, "n3").await;
+    let n3 = node("n3").await;
     assert_eq!(refused(&n3, &old).await.1["error"], "token_revoked");
 
     // Disconnect with a code, cluster-wide.

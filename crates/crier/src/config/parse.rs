@@ -15,7 +15,7 @@ use crier_core::{ChannelPolicy, Namespaces};
 use super::sources::{Raw, RawNamespace, RawSettings, RawValue, Source, suggest};
 use super::table;
 use super::{
-    Config, ConfigError, JwtSettings, KeySource, LogFormat, ProxySettings, RateScope, Redacted, RedisUrl,
+    Config, ConfigError, JwtSettings, KeySource, LogFormat, NatsSettings, ProxySettings, RateScope, Redacted, RedisUrl,
     WebhookSettings,
 };
 
@@ -47,7 +47,7 @@ impl<'a> Parser<'a> {
     fn report(&mut self, name: &str, value: &str, source: &Source, problem: impl Display) {
         let shown = if table::find(name).is_some_and(|s| s.secret) {
             "the value".to_owned()
-        } else if name.starts_with("redis_") && name.ends_with("_urls") || name == "redis_url" {
+        } else if name.starts_with("redis_") && name.ends_with("_urls") || name == "redis_url" || name == "nats_url" {
             format!("`{}`", redact_url(value))
         } else {
             format!("`{value}`")
@@ -204,6 +204,49 @@ pub(super) fn build(
         }
     }
     let redis_tls_ca_file = p.optional("redis_tls_ca_file", path);
+    let nats_url = p.list("nats_url", |s| {
+        if ["nats://", "tls://"].iter().any(|scheme| s.starts_with(scheme)) {
+            Ok(RedisUrl(s.to_owned()))
+        } else {
+            Err("expected a NATS server address like nats://10.0.0.5:4222 (or tls://)".to_owned())
+        }
+    });
+    let nats_credentials_file = p.optional("nats_credentials_file", path);
+    let nats_token_file = p.optional("nats_token_file", path);
+    let nats_nkey_file = p.optional("nats_nkey_file", path);
+    let nats_tls_ca_file = p.optional("nats_tls_ca_file", path);
+    let nats_replicas = p.required("nats_replicas", at_least_one::<usize>);
+    let nats_set = nats_url.as_ref().is_some_and(|u| !u.is_empty());
+    if nats_set {
+        let redis: Vec<&str> = [
+            ("redis_url", redis_url.as_ref().is_some_and(Option::is_some)),
+            ("redis_sentinel_urls", sentinel_urls.as_ref().is_some_and(|s| !s.is_empty())),
+            ("redis_cluster_urls", cluster_urls.as_ref().is_some_and(|s| !s.is_empty())),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(name, _)| name)
+        .collect();
+        if !redis.is_empty() {
+            p.problems.push(format!(
+                "nats_url, {}: set one broker: nats_url (NATS with JetStream) or a Redis topology, not both",
+                redis.join(", ")
+            ));
+        }
+        if raw_webhooks.is_some() {
+            p.problems.push("webhooks: not supported with nats_url yet (use Redis for webhooks)".to_owned());
+        }
+        let auth = [
+            nats_credentials_file.as_ref().is_some_and(Option::is_some),
+            nats_token_file.as_ref().is_some_and(Option::is_some),
+            nats_nkey_file.as_ref().is_some_and(Option::is_some),
+        ];
+        if auth.iter().filter(|a| **a).count() > 1 {
+            p.problems.push(
+                "nats_credentials_file, nats_token_file, nats_nkey_file: set at most one NATS credential".to_owned(),
+            );
+        }
+    }
 
     // JWT
     let secret = p.optional("jwt_secret", |s| Ok(s.to_owned()));
@@ -381,6 +424,14 @@ pub(super) fn build(
         redis_sentinel_master: got(sentinel_master)?,
         redis_cluster_urls: got(cluster_urls)?,
         redis_tls_ca_file: got(redis_tls_ca_file)?,
+        nats: NatsSettings {
+            urls: got(nats_url)?,
+            credentials_file: got(nats_credentials_file)?,
+            token_file: got(nats_token_file)?,
+            nkey_file: got(nats_nkey_file)?,
+            tls_ca_file: got(nats_tls_ca_file)?,
+            replicas: got(nats_replicas)?,
+        },
         jwt: JwtSettings {
             key: got(key)?,
             algorithms: got(algorithms)?,

@@ -557,6 +557,8 @@ fn sample(name: &str) -> &'static str {
         "redis_sentinel_master" => "sample-master",
         "redis_cluster_urls" => "redis://c1:6379,rediss://c2:6379",
         "redis_tls_ca_file" => "/sample-ca.pem",
+        "nats_url" => "nats://n1:4222,tls://n2:4222",
+        "nats_credentials_file" | "nats_token_file" | "nats_nkey_file" | "nats_tls_ca_file" => "/sample-nats",
         "jwt_secret" => SECRET,
         "jwt_public_key_file" => "/sample.pem",
         "jwt_jwks_file" => "/sample.json",
@@ -622,6 +624,24 @@ fn usage_table_has_all_three_spellings_and_each_works() -> TestResult {
         assert_ne!(by_flag, default, "{} has no effect", s.name);
     }
     assert!(table.contains("`--config <FILE>` / `CRIER_CONFIG`"));
+    Ok(())
+}
+
+#[test]
+fn nats_url_is_one_broker_among_the_redis_topologies_and_takes_one_credential() -> TestResult {
+    let c = load_with(&["--nats-url", "nats://a:4222, tls://b:4222", "--nats-replicas", "3"], &[])?;
+    assert_eq!(c.nats.urls.iter().map(|u| u.as_str()).collect::<Vec<_>>(), ["nats://a:4222", "tls://b:4222"]);
+    assert_eq!((c.nats.replicas, c.broker_kind()), (3, "nats"));
+    let p = problems(&["--nats-url", "nats://a:4222", "--redis-url", "redis://r:6379"], &[]);
+    assert!(p.len() == 1 && p[0].contains("set one broker"), "{p:#?}");
+    let p = problems(&["--nats-url", "redis://a:4222"], &[]);
+    assert!(p.len() == 1 && p[0].starts_with("nats_url: `redis://a:4222`"), "{p:#?}");
+    let p = problems(&["--nats-url", "nats://a:4222", "--nats-token-file", "/t", "--nats-nkey-file", "/n"], &[]);
+    assert!(p.len() == 1 && p[0].contains("at most one NATS credential"), "{p:#?}");
+    // A password in the URL is not echoed in a problem.
+    let p = problems(&["--nats-url", "nats://u:hunter2@a:4222", "--redis-url", "redis://r:6379"], &[]);
+    assert!(p.iter().all(|p| !p.contains("hunter2")), "{p:#?}");
+    assert_eq!(load_with(&[], &[])?.broker_kind(), "memory");
     Ok(())
 }
 

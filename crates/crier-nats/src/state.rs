@@ -1,0 +1,607 @@
+//! Cluster state in JetStream key-value buckets (presence, connection counts, node registry,
+//! channel counts, rate limits, revocations) and the server-side control fan-out.
+//!
+//! Every bucket keeps one revision per key and expires keys by `max_age`; a value is a small
+//! JSON document updated by compare-and-set on the key's revision, except presence: one key per
+//! (channel, client), created (a join) or rewritten (a refresh), deleted at the revision read (a
+//! leave, once), listed through a short-lived consumer filtered on the channel's keys. This node's own presence and
+//! connection entries are remembered and rewritten every third of their TTL (so a dead node's
+//! entries vanish within the TTL, and they come back after NATS lost its data).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, kv};
+use crier_core::broker::{BrokerError, ChannelCount, NodeInfo, Revocation, TransportCounts, UserOp, UserOpReply};
+use crier_protocol::frames::PresenceEntry;
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::{H_CLIENT, H_KIND, H_NODE, Inner, NatsOptions, now_ms, now_us, token, unavailable, untoken};
+
+pub(crate) struct Buckets {
+    /// One key per (channel, client): `<channel token>.<client token>`.
+    presence: kv::Store,
+    presence_stream: jetstream::stream::Stream,
+    presence_subject: String,
+    conns: kv::Store,
+    nodes: kv::Store,
+    chans: kv::Store,
+    rate: kv::Store,
+    revs: kv::Store,
+    /// This node's presence entries (channel → client → entry) and connections (user → clients).
+    mine_presence: Mutex<HashMap<String, HashMap<String, PresenceEntry>>>,
+    mine_conns: Mutex<HashMap<String, HashSet<String>>>,
+}
+
+async fn bucket(
+    js: &jetstream::Context,
+    o: &NatsOptions,
+    name: &str,
+    max_age: Duration,
+) -> Result<kv::Store, BrokerError> {
+    // The bucket's stream is laid out here (as the key-value API lays it out) so the same call
+    // works on every server version (nats-server 2.9 included): one value per key, expiry by age.
+    let bucket = format!("{}_{name}", o.prefix.replace(['.', '*', '>', ' '], "_"));
+    let config = jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        duplicate_window: max_age.min(Duration::from_secs(120)),
+        discard: jetstream::stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: o.replicas.max(1),
+        ..Default::default()
+    };
+    js.create_or_update_stream(config).await.map_err(|e| unavailable(format!("bucket {name}: {e}")))?;
+    js.get_key_value(&bucket).await.map_err(|e| unavailable(format!("bucket {name}: {e}")))
+}
+
+impl Buckets {
+    pub(crate) async fn create(js: &jetstream::Context, o: &NatsOptions) -> Result<Buckets, BrokerError> {
+        // Presence keys outlive their entry's expiry by one TTL, so the sweep still sees a dead
+        // node's entries (and announces their leave once) before they vanish.
+        let presence = bucket(js, o, "presence", o.presence_ttl * 2).await?;
+        let name = format!("{}_presence", o.prefix.replace(['.', '*', '>', ' '], "_"));
+        let presence_stream = js.get_stream(format!("KV_{name}")).await.map_err(unavailable)?;
+        Ok(Buckets {
+            presence,
+            presence_stream,
+            presence_subject: format!("$KV.{name}"),
+            conns: bucket(js, o, "conns", o.presence_ttl).await?,
+            nodes: bucket(js, o, "nodes", o.node_ttl).await?,
+            chans: bucket(js, o, "chans", o.node_ttl).await?,
+            rate: bucket(js, o, "rate", Duration::from_secs(3600)).await?,
+            revs: bucket(js, o, "revs", o.revocation_ttl).await?,
+            mine_presence: Mutex::new(HashMap::new()),
+            mine_conns: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+/// Reads `key`, lets `f` change the value (returning whether to write it), writes it back if the
+/// revision is still the one read; retries on a lost race.
+async fn cas<T, R>(store: &kv::Store, key: &str, mut f: impl FnMut(&mut T) -> (bool, R)) -> Result<R, BrokerError>
+where
+    T: Serialize + DeserializeOwned + Default,
+{
+    for _ in 0..64 {
+        let entry = store.entry(key).await.map_err(unavailable)?;
+        let (mut value, revision) = match entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                (serde_json::from_slice(&e.value).unwrap_or_default(), e.revision)
+            }
+            Some(e) => (T::default(), e.revision),
+            None => (T::default(), 0),
+        };
+        let (write, r) = f(&mut value);
+        if !write {
+            return Ok(r);
+        }
+        let bytes = serde_json::to_vec(&value).map_err(|e| BrokerError::Internal(e.to_string()))?;
+        match store.update(key, bytes.into(), revision).await {
+            Ok(_) => return Ok(r),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+            Err(e) => return Err(unavailable(e)),
+        }
+    }
+    Err(BrokerError::Unavailable("too much contention on a key".into()))
+}
+
+async fn get<T: DeserializeOwned + Default>(store: &kv::Store, key: &str) -> Result<T, BrokerError> {
+    Ok(store.get(key).await.map_err(unavailable)?.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default())
+}
+
+async fn keys(store: &kv::Store) -> Result<Vec<String>, BrokerError> {
+    let mut k = store.keys().await.map_err(unavailable)?;
+    let mut out = Vec::new();
+    while let Some(key) = k.next().await {
+        out.push(key.map_err(unavailable)?);
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Member {
+    u: String,
+    n: String,
+    /// Expiry, ms since the Unix epoch.
+    e: u64,
+}
+
+/// A node's registry entry as stored (NodeInfo is not deserializable).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NodeRec {
+    node: String,
+    connections: u64,
+    version: String,
+    ready: bool,
+    #[serde(default)]
+    uptime_s: u64,
+    #[serde(default)]
+    transports: TransportCounts,
+    #[serde(default)]
+    memory_bytes: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct OpRequest {
+    user: String,
+    /// `None`: a plain `disconnect_user`.
+    op: Option<UserOp>,
+}
+
+impl Inner {
+    fn ttl_ms(&self) -> u64 {
+        self.opts.presence_ttl.as_millis() as u64
+    }
+
+    async fn announce(&self, channel: &str, kind: &str, client: &str, m: &Member) {
+        let entry = PresenceEntry { client: client.to_owned(), user: m.u.clone(), node: m.n.clone() };
+        let json = serde_json::to_string(&entry).unwrap_or_else(|_| "{}".into());
+        let frame = crier_protocol::frames::encode_presence_event(kind, channel, &json);
+        let mut h = HeaderMap::new();
+        h.insert(H_KIND, if kind == "join" { "j" } else { "l" });
+        h.insert(H_CLIENT, client);
+        if let Err(e) = self.client.publish_with_headers(self.live_subject(channel), h, frame).await {
+            tracing::warn!(error = %e, "nats: presence event not sent");
+        }
+    }
+
+    async fn announce_all(&self, channel: &str, joined: Option<(&str, &Member)>, left: &[(String, Member)]) {
+        if !self.opts.namespaces.policy(channel).join_leave {
+            return;
+        }
+        for (c, m) in left {
+            self.announce(channel, "leave", c, m).await;
+        }
+        if let Some((c, m)) = joined {
+            self.announce(channel, "join", c, m).await;
+        }
+    }
+
+    fn presence_key(channel: &str, client: &str) -> String {
+        format!("{}.{}", token(channel), token(client))
+    }
+
+    /// The channel's presence entries as stored (expired ones included): (client, revision, entry).
+    async fn presence_entries(&self, channel: &str) -> Result<Vec<(String, u64, Member)>, BrokerError> {
+        use jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+        let config = pull::Config {
+            filter_subject: format!("{}.{}.*", self.kv.presence_subject, token(channel)),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ack_policy: AckPolicy::None,
+            inactive_threshold: Duration::from_secs(10),
+            memory_storage: true,
+            ..Default::default()
+        };
+        let consumer = self.kv.presence_stream.create_consumer(config).await.map_err(unavailable)?;
+        let name = consumer.cached_info().name.clone();
+        let pending = consumer.cached_info().num_pending as usize;
+        let mut out = Vec::with_capacity(pending);
+        if pending > 0 {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(pending)
+                .expires(self.opts.command_timeout)
+                .messages()
+                .await
+                .map_err(unavailable)?;
+            let mut seen = 0;
+            while seen < pending {
+                let Some(m) = batch.next().await else { break };
+                let m = m.map_err(unavailable)?;
+                seen += 1;
+                let deleted = crate::header(m.headers.as_ref(), "KV-Operation").is_some();
+                let Some(client) = m.subject.rsplit('.').next().and_then(untoken) else { continue };
+                let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                if let (false, Ok(member)) = (deleted, serde_json::from_slice::<Member>(&m.payload)) {
+                    out.push((client, seq, member));
+                }
+            }
+        }
+        let stream = self.kv.presence_stream.clone();
+        tokio::spawn(async move {
+            let _ = stream.delete_consumer(&name).await;
+        });
+        Ok(out)
+    }
+
+    /// Adds or refreshes `entry`; with `counted`, answers the channel's live entries after it
+    /// (and with `max` > 0 refuses a newcomer to a full channel), else 0 without listing.
+    pub(crate) async fn presence_add(
+        &self,
+        channel: &str,
+        entry: &PresenceEntry,
+        max: u64,
+        counted: bool,
+    ) -> Result<u64, BrokerError> {
+        let member = Member { u: entry.user.clone(), n: entry.node.clone(), e: now_ms() + self.ttl_ms() };
+        let key = Inner::presence_key(channel, &entry.client);
+        // Counted: the live entries first (checked, then added: two adds racing for the last
+        // place may both get in).
+        let mut count = 0;
+        if max > 0 {
+            let now = now_ms();
+            let live: Vec<String> =
+                self.presence_entries(channel).await?.into_iter().filter(|e| e.2.e > now).map(|e| e.0).collect();
+            let member_already = live.contains(&entry.client);
+            if !member_already && live.len() as u64 >= max {
+                return Ok(live.len() as u64 + 1);
+            }
+            count = live.len() as u64 + u64::from(!member_already);
+        }
+        let value: bytes::Bytes = serde_json::to_vec(&member).map_err(|e| BrokerError::Internal(e.to_string()))?.into();
+        let joined = match self.kv.presence.create(&key, value.clone()).await {
+            Ok(_) => true,
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                self.kv.presence.put(&key, value).await.map_err(unavailable)?;
+                false
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        {
+            let mut mine = self.kv.mine_presence.lock().unwrap_or_else(|e| e.into_inner());
+            mine.entry(channel.to_owned()).or_default().insert(entry.client.clone(), entry.clone());
+        }
+        if joined {
+            self.announce_all(channel, Some((entry.client.as_str(), &member)), &[]).await;
+        }
+        if counted && max == 0 {
+            let now = now_ms();
+            count = self.presence_entries(channel).await?.iter().filter(|e| e.2.e > now).count() as u64;
+        }
+        Ok(count)
+    }
+
+    pub(crate) async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
+        {
+            let mut mine = self.kv.mine_presence.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(c) = mine.get_mut(channel) {
+                c.remove(client);
+                if c.is_empty() {
+                    mine.remove(channel);
+                }
+            }
+        }
+        let key = Inner::presence_key(channel, client);
+        let Some(e) = self.kv.presence.entry(&key).await.map_err(unavailable)? else { return Ok(()) };
+        if e.operation != kv::Operation::Put {
+            return Ok(());
+        }
+        let Ok(member) = serde_json::from_slice::<Member>(&e.value) else { return Ok(()) };
+        // Deleted at the revision read: of two removes (or a remove and a sweep) one wins, once.
+        if self.kv.presence.delete_expect_revision(&key, Some(e.revision)).await.is_ok() {
+            self.announce_all(channel, None, &[(client.to_owned(), member)]).await;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError> {
+        let now = now_ms();
+        Ok(self
+            .presence_entries(channel)
+            .await?
+            .into_iter()
+            .filter(|(_, _, m)| m.e > now)
+            .map(|(client, _, m)| PresenceEntry { client, user: m.u, node: m.n })
+            .collect())
+    }
+
+    pub(crate) async fn connection_opened(&self, user: &str, client: &str) -> Result<u64, BrokerError> {
+        let ttl = self.ttl_ms();
+        let n = cas(&self.kv.conns, &token(user), |m: &mut BTreeMap<String, u64>| {
+            let now = now_ms();
+            m.retain(|_, e| *e > now);
+            m.insert(client.to_owned(), now + ttl);
+            (true, m.len() as u64)
+        })
+        .await?;
+        let mut mine = self.kv.mine_conns.lock().unwrap_or_else(|e| e.into_inner());
+        mine.entry(user.to_owned()).or_default().insert(client.to_owned());
+        Ok(n)
+    }
+
+    pub(crate) async fn connection_closed(&self, user: &str, client: &str) -> Result<(), BrokerError> {
+        {
+            let mut mine = self.kv.mine_conns.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(c) = mine.get_mut(user) {
+                c.remove(client);
+                if c.is_empty() {
+                    mine.remove(user);
+                }
+            }
+        }
+        cas(&self.kv.conns, &token(user), |m: &mut BTreeMap<String, u64>| {
+            let now = now_ms();
+            let before = m.len();
+            m.retain(|c, e| *e > now && c != client);
+            (m.len() != before, ())
+        })
+        .await
+    }
+
+    /// Rewrites this node's presence and connection entries with a fresh expiry.
+    async fn refresh(&self) -> Result<(), BrokerError> {
+        let ttl = self.ttl_ms();
+        let presence: Vec<(String, Vec<PresenceEntry>)> = {
+            let mine = self.kv.mine_presence.lock().unwrap_or_else(|e| e.into_inner());
+            mine.iter().map(|(c, m)| (c.clone(), m.values().cloned().collect())).collect()
+        };
+        for (channel, entries) in presence {
+            for e in entries {
+                let member = Member { u: e.user.clone(), n: e.node.clone(), e: now_ms() + ttl };
+                let value = serde_json::to_vec(&member).map_err(|e| BrokerError::Internal(e.to_string()))?;
+                self.kv
+                    .presence
+                    .put(Inner::presence_key(&channel, &e.client), value.into())
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        // The sweep: expired entries (a dead node's) of the join_leave channels this node is
+        // subscribed to leave, announced once (deleted at the revision read).
+        for channel in self.live.channels() {
+            if !self.opts.namespaces.policy(&channel).join_leave {
+                continue;
+            }
+            let now = now_ms();
+            for (client, rev, m) in self.presence_entries(&channel).await? {
+                if m.e <= now
+                    && self
+                        .kv
+                        .presence
+                        .delete_expect_revision(Inner::presence_key(&channel, &client), Some(rev))
+                        .await
+                        .is_ok()
+                {
+                    self.announce_all(&channel, None, &[(client, m)]).await;
+                }
+            }
+        }
+        let conns: Vec<(String, Vec<String>)> = {
+            let mine = self.kv.mine_conns.lock().unwrap_or_else(|e| e.into_inner());
+            mine.iter().map(|(u, c)| (u.clone(), c.iter().cloned().collect())).collect()
+        };
+        for (user, clients) in conns {
+            cas(&self.kv.conns, &token(&user), |m: &mut BTreeMap<String, u64>| {
+                let now = now_ms();
+                m.retain(|_, e| *e > now);
+                for c in &clients {
+                    m.insert(c.clone(), now + ttl);
+                }
+                (true, ())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn report_node(&self, info: &NodeInfo) -> Result<(), BrokerError> {
+        let rec = NodeRec {
+            node: info.node.clone(),
+            connections: info.connections,
+            version: info.version.clone(),
+            ready: info.ready,
+            uptime_s: info.uptime_s,
+            transports: info.transports,
+            memory_bytes: info.memory_bytes,
+        };
+        let bytes = serde_json::to_vec(&rec).map_err(|e| BrokerError::Internal(e.to_string()))?;
+        self.kv.nodes.put(token(&info.node), bytes.into()).await.map_err(unavailable)?;
+        // The node's channel counts live as long as its registry entry.
+        cas(&self.kv.chans, &token(&info.node), |m: &mut BTreeMap<String, u64>| (!m.is_empty(), ())).await
+    }
+
+    pub(crate) async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError> {
+        let mut out = Vec::new();
+        for k in keys(&self.kv.nodes).await? {
+            if let Some(b) = self.kv.nodes.get(&k).await.map_err(unavailable)?
+                && let Ok(r) = serde_json::from_slice::<NodeRec>(&b)
+            {
+                out.push(NodeInfo {
+                    node: r.node,
+                    connections: r.connections,
+                    version: r.version,
+                    ready: r.ready,
+                    uptime_s: r.uptime_s,
+                    transports: r.transports,
+                    memory_bytes: r.memory_bytes,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(out)
+    }
+
+    pub(crate) async fn report_channels(
+        &self,
+        node: &str,
+        counts: &[(String, u64)],
+        full: bool,
+    ) -> Result<bool, BrokerError> {
+        cas(&self.kv.chans, &token(node), |m: &mut BTreeMap<String, u64>| {
+            let held = !m.is_empty();
+            if full {
+                m.clear();
+            }
+            for (c, n) in counts {
+                if *n == 0 {
+                    m.remove(c);
+                } else {
+                    m.insert(c.clone(), *n);
+                }
+            }
+            (true, held)
+        })
+        .await
+    }
+
+    pub(crate) async fn channels(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ChannelCount>, BrokerError> {
+        let live: HashSet<String> = keys(&self.kv.nodes).await?.into_iter().collect();
+        let mut sum: BTreeMap<String, u64> = BTreeMap::new();
+        for k in keys(&self.kv.chans).await? {
+            if !live.contains(&k) {
+                continue;
+            }
+            let m: BTreeMap<String, u64> = get(&self.kv.chans, &k).await?;
+            for (c, n) in m {
+                if c.starts_with(prefix) && after.is_none_or(|a| c.as_str() > a) {
+                    *sum.entry(c).or_default() += n;
+                }
+            }
+        }
+        Ok(sum.into_iter().take(limit).map(|(channel, subscribers)| ChannelCount { channel, subscribers }).collect())
+    }
+
+    pub(crate) async fn rate_limit(&self, key: &str, rate: u32, burst: u32) -> Result<Option<Duration>, BrokerError> {
+        let interval = 1_000_000 / u64::from(rate.max(1));
+        let tolerance = interval * u64::from(burst.max(1));
+        let wait = cas(&self.kv.rate, &token(key), |tat: &mut u64| {
+            let now = now_us();
+            let new_tat = (*tat).max(now) + interval;
+            if new_tat - now > tolerance {
+                return (false, Some(new_tat - now - tolerance));
+            }
+            *tat = new_tat;
+            (true, None)
+        })
+        .await?;
+        Ok(wait.map(|us| Duration::from_micros(us.max(1000))))
+    }
+
+    pub(crate) async fn store_revocation(&self, user: &str, before: u64) -> Result<(), BrokerError> {
+        cas(&self.kv.revs, &token(user), |b: &mut u64| {
+            if *b >= before {
+                return (false, ());
+            }
+            *b = before;
+            (true, ())
+        })
+        .await
+    }
+
+    pub(crate) async fn revocations(&self, since: u64) -> Result<Vec<Revocation>, BrokerError> {
+        let mut out = Vec::new();
+        for k in keys(&self.kv.revs).await? {
+            let before: u64 = get(&self.kv.revs, &k).await?;
+            if before >= since
+                && let Some(user) = untoken(&k)
+            {
+                out.push(Revocation { user, before });
+            }
+        }
+        Ok(out)
+    }
+
+    fn apply_op(&self, user: &str, op: Option<&UserOp>) -> UserOpReply {
+        let Some(h) = self.handler() else { return UserOpReply::default() };
+        match op {
+            None => UserOpReply { count: h.on_disconnect_user(user) as u64, ..Default::default() },
+            Some(op) => h.on_user_op(user, op),
+        }
+    }
+
+    fn op_subject(&self) -> String {
+        format!("{}.op", self.opts.prefix)
+    }
+
+    /// Applies an operation here and on every other live node (answers within a deadline).
+    pub(crate) async fn fan_op(&self, user: &str, op: Option<&UserOp>) -> Result<UserOpReply, BrokerError> {
+        let peers = self.nodes().await?.into_iter().filter(|n| n.node != self.opts.node_id).count();
+        let mut reply = self.apply_op(user, op);
+        if peers == 0 {
+            return Ok(reply);
+        }
+        let inbox = self.client.new_inbox();
+        let mut sub = self.client.subscribe(inbox.clone()).await.map_err(unavailable)?;
+        let req = OpRequest { user: user.to_owned(), op: op.cloned() };
+        let body = serde_json::to_vec(&req).map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let mut h = HeaderMap::new();
+        h.insert(H_NODE, self.opts.node_id.as_str());
+        self.client
+            .publish_with_reply_and_headers(self.op_subject(), inbox, h, body.into())
+            .await
+            .map_err(unavailable)?;
+        let deadline = tokio::time::Instant::now() + self.opts.command_timeout;
+        let mut got = 0;
+        while got < peers {
+            match tokio::time::timeout_at(deadline, sub.next()).await {
+                Ok(Some(m)) => {
+                    if let Ok(r) = serde_json::from_slice::<UserOpReply>(&m.payload) {
+                        reply.merge(r);
+                    }
+                    got += 1;
+                }
+                _ => break,
+            }
+        }
+        let _ = sub.unsubscribe().await;
+        Ok(reply)
+    }
+}
+
+/// Starts this node's answerer of control operations and the refresher of its entries.
+pub(crate) async fn start_ops(inner: &Arc<Inner>) -> Result<(), BrokerError> {
+    let mut sub = inner.client.subscribe(inner.op_subject()).await.map_err(unavailable)?;
+    let weak = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let Some(inner) = weak.upgrade() else { break };
+            if crate::header(m.headers.as_ref(), H_NODE) == Some(inner.opts.node_id.as_str()) {
+                continue;
+            }
+            let (Some(reply), Ok(req)) = (m.reply, serde_json::from_slice::<OpRequest>(&m.payload)) else { continue };
+            let r = inner.apply_op(&req.user, req.op.as_ref());
+            let body = serde_json::to_vec(&r).unwrap_or_default();
+            let _ = inner.client.publish(reply, body.into()).await;
+        }
+    });
+    let weak = Arc::downgrade(inner);
+    let period = inner.opts.presence_ttl / 3;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(inner) = weak.upgrade() else { break };
+            if let Err(e) = inner.refresh().await {
+                tracing::debug!(error = %e, "nats: presence refresh failed; retried next period");
+            }
+        }
+    });
+    Ok(())
+}

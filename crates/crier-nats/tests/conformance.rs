@@ -1,0 +1,28 @@
+//! The NATS broker passes the broker conformance suite, unchanged, against a real nats-server
+//! with JetStream.
+
+use std::sync::Arc;
+
+use crier_core::Broker;
+use crier_nats::{NatsBroker, NatsOptions};
+use crier_testkit::conformance;
+use crier_testkit::nats::{NatsServer, nats_available};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_broker_conforms() {
+    if !nats_available("nats_broker_conforms") {
+        return;
+    }
+    let server = NatsServer::start();
+    let server = &server;
+    conformance::run(|s| async move {
+        let mut o = NatsOptions::new(vec![server.url()], "conformance");
+        o.history_size = s.history_size;
+        o.history_ttl = s.history_ttl;
+        o.namespaces = s.namespaces.clone();
+        let b = NatsBroker::connect(o).await.unwrap_or_else(|e| panic!("connect: {e}\n{}", server.log()));
+        assert!(b.is_up(), "connected to a running nats-server");
+        b as Arc<dyn Broker>
+    })
+    .await;
+}

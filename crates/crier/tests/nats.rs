@@ -1,0 +1,323 @@
+//! crier on NATS with JetStream: real `nats-server` processes (one, or a 3-server cluster with
+//! R3 streams) and several real crier nodes. Cross-node fan-out in one order, recovery on
+//! another node after a node is killed, a NATS restart with readiness following the broker,
+//! one server of a NATS cluster killed under publish load (no silent loss), config checks.
+//! Skipped, saying so, only when `nats-server` is not installed (scripts/test installs it).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use crier_testkit::nats::{NatsServer, nats_available};
+use crier_testkit::{until, until_within};
+use serde_json::{Value, json};
+use support::Server;
+
+async fn node(urls: &str, name: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--nats-url", urls, "--node-id", name, "--presence-ttl", "2s"];
+    args.extend_from_slice(extra);
+    Server::start(&args).await
+}
+
+async fn status(server: &Server, path: &str) -> u16 {
+    reqwest::get(server.url(path)).await.map(|r| r.status().as_u16()).unwrap_or(0)
+}
+
+async fn messages(c: &mut support::Client, n: usize) -> Vec<Value> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let m = c.recv().await;
+        if m["type"] == "message" {
+            out.push(m);
+        }
+    }
+    out
+}
+
+/// `Some((epoch, offset))` on 200, `None` on 503 (unavailable) or 504 (outcome unknown).
+async fn try_publish(server: &Server, channel: &str, data: Value) -> Option<(String, u64)> {
+    let r = server
+        .http
+        .post(server.url("/api/v1/publish"))
+        .bearer_auth(support::API_KEY)
+        .json(&json!({"channel":channel,"data":data}))
+        .send()
+        .await
+        .unwrap();
+    match r.status().as_u16() {
+        200 => {
+            let v: Value = r.json().await.unwrap();
+            Some((v["epoch"].as_str().unwrap().to_owned(), v["offset"].as_u64().unwrap()))
+        }
+        503 | 504 => None,
+        s => panic!("publish answered {s}: {}", r.text().await.unwrap_or_default()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_one_nats_deliver_concurrent_publishes_everywhere_in_one_order() {
+    if !nats_available("three_nodes_on_one_nats") {
+        return;
+    }
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let nodes = [node(&url, "n1", &[]).await, node(&url, "n2", &[]).await, node(&url, "n3", &[]).await];
+    let mut clients = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let mut c = n.client(&n.token(&format!("u{i}"), &["chat:*"], &[])).await;
+        c.subscribe("chat:big.one/x@y=z", 1).await;
+        clients.push(c);
+    }
+    // Three concurrent publishers, one per node, on one channel whose name is no valid NATS subject token (dots).
+    let mut tasks = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let url = n.url("/api/v1/publish");
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut offsets = Vec::new();
+            for k in 0..100 {
+                let r = http
+                    .post(&url)
+                    .bearer_auth(support::API_KEY)
+                    .json(&json!({"channel":"chat:big.one/x@y=z","data":{"from":i,"k":k}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                offsets.push(r.json::<Value>().await.unwrap()["offset"].as_u64().unwrap());
+            }
+            offsets
+        }));
+    }
+    let mut acked = HashSet::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    assert_eq!(acked, (1..=300).collect::<HashSet<u64>>(), "every publish got its own offset, contiguous");
+    let mut orders = Vec::new();
+    for c in &mut clients {
+        let got = messages(c, 300).await;
+        let offsets: Vec<u64> = got.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+        assert_eq!(offsets, (1..=300).collect::<Vec<u64>>(), "once each, in offset order");
+        orders.push(got.iter().map(|m| m["data"].clone()).collect::<Vec<_>>());
+    }
+    assert!(orders.windows(2).all(|w| w[0] == w[1]), "one order on every node");
+    // The node registry lists the three; the broker is named in the metrics.
+    until("/api/v1/info lists the three nodes", async || {
+        let info: Value = nodes[0]
+            .http
+            .get(nodes[0].url("/api/v1/info"))
+            .bearer_auth(support::API_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or_default();
+        info["nodes"].as_array().is_some_and(|n| n.len() == 3)
+    })
+    .await;
+    assert_eq!(nodes[1].metric("crier_broker_info{broker=\"nats\"}").await, 1.0);
+    assert_eq!(nodes[1].metric("crier_broker_up").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_clients_recover_on_another_node() {
+    if !nats_available("a_killed_node_clients_recover_on_another_node") {
+        return;
+    }
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let doomed = node(&url, "doomed", &[]).await;
+    let other = node(&url, "other", &[]).await;
+    let token = doomed.token("u", &["ev"], &[]);
+    let mut c = doomed.client(&token).await;
+    c.subscribe("ev", 1).await;
+    let first = try_publish(&other, "ev", json!(1)).await.unwrap();
+    let m = messages(&mut c, 1).await.remove(0);
+    assert_eq!(m["offset"].as_u64(), Some(first.1));
+    drop(c);
+    drop(doomed); // SIGKILL
+    let mut missed = Vec::new();
+    for i in 2..=6 {
+        missed.push(try_publish(&other, "ev", json!(i)).await.unwrap());
+    }
+    let mut c = other.client(&token).await;
+    let ack = c.resubscribe("ev", &first.0, first.1, 1).await;
+    assert_eq!(ack["recovered"], true, "{ack}");
+    let got: Vec<(String, u64)> = messages(&mut c, 5)
+        .await
+        .iter()
+        .map(|m| (m["epoch"].as_str().unwrap().to_owned(), m["offset"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(got, missed, "the missed messages, in order, from JetStream");
+    // A recovery from an unknown epoch is refused honestly.
+    let mut late = other.client(&token).await;
+    assert_eq!(late.resubscribe("ev", "nope", 1, 1).await["recovered"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_readiness_follows_and_nothing_acknowledged_is_lost() {
+    if !nats_available("nats_restart_readiness_follows") {
+        return;
+    }
+    let mut nats = NatsServer::start();
+    let url = nats.url();
+    let (a, b) = (node(&url, "ra", &[]).await, node(&url, "rb", &[]).await);
+    until("ready", async || status(&a, "/readyz").await == 200 && status(&b, "/readyz").await == 200).await;
+    let mut sub = b.client(&b.token("s", &["ev"], &[])).await;
+    sub.subscribe("ev", 1).await;
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        acked.extend(try_publish(&a, "ev", json!(i)).await);
+    }
+    nats.kill();
+    until("readyz 503 on both nodes", async || {
+        status(&a, "/readyz").await == 503 && status(&b, "/readyz").await == 503
+    })
+    .await;
+    assert_eq!(a.metric("crier_broker_up").await, 0.0);
+    assert_eq!(try_publish(&a, "ev", json!("during")).await, None, "a publish during the outage is refused");
+    assert_eq!(sub.request(json!({"type":"ping"}), 2).await["type"], "pong", "the WebSocket stays open");
+    nats.restart();
+    until_within("readyz 200 again", Duration::from_secs(30), async || {
+        status(&a, "/readyz").await == 200 && status(&b, "/readyz").await == 200
+    })
+    .await;
+    for i in 20..40 {
+        acked.extend(try_publish(&a, "ev", json!(i)).await);
+    }
+    assert_eq!(acked.len(), 40);
+    // JetStream kept the stream on disk: same epoch, nothing lost, nothing but messages.
+    let mut got = Vec::new();
+    while got.len() < acked.len() {
+        let m = sub.recv().await;
+        assert_eq!(m["type"], "message", "only messages: {m}");
+        got.push((m["epoch"].as_str().unwrap().to_owned(), m["offset"].as_u64().unwrap()));
+    }
+    assert_eq!(got, acked, "every acknowledged message, once, in order, same epoch");
+    assert!(b.metric("crier_broker_reconnects_total").await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_cluster_server_killed_under_publish_load_loses_nothing_silently() {
+    if !nats_available("a_nats_cluster_server_killed_under_publish_load") {
+        return;
+    }
+    let mut cluster = NatsServer::start_cluster(3);
+    let urls = cluster.iter().map(|s| s.url()).collect::<Vec<_>>().join(",");
+    let a = node(&urls, "ca", &["--nats-replicas", "3"]).await;
+    let b = node(&urls, "cb", &["--nats-replicas", "3"]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !(status(&a, "/readyz").await == 200 && status(&b, "/readyz").await == 200) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ready on the cluster:\n{}\n{}",
+            a.logs(),
+            cluster[1].log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut subs = Vec::new();
+    for n in [&a, &b] {
+        let mut c = n.client(&n.token("s", &["load"], &[])).await;
+        c.subscribe("load", 1).await;
+        subs.push(c);
+    }
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let url = a.url("/api/v1/publish");
+    let publisher = tokio::spawn(async move {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+        let (mut acked, mut refused) = (Vec::new(), Vec::new());
+        let mut n = 0u64;
+        while !*stop.borrow() {
+            let r =
+                http.post(&url).bearer_auth(support::API_KEY).json(&json!({"channel":"load","data":n})).send().await;
+            match r {
+                Ok(r) if r.status() == 200 => {
+                    let v: Value = r.json().await.unwrap();
+                    acked.push((v["epoch"].as_str().unwrap().to_owned(), v["offset"].as_u64().unwrap(), n));
+                }
+                Ok(r) => {
+                    refused.push(r.status().as_u16());
+                    // Not a synchronisation: only paces retries while the stream has no leader.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(_) => refused.push(0),
+            }
+            n += 1;
+        }
+        (acked, refused)
+    });
+    // Traffic before the kill, then one server (of three) is killed.
+    let before = messages(&mut subs[0], 30).await;
+    let epoch = before[0]["epoch"].as_str().unwrap().to_owned();
+    cluster[0].kill();
+    // Traffic after: 50 more messages reach the first subscriber.
+    let mut seen: Vec<Vec<Value>> = vec![before, Vec::new()];
+    let after = async {
+        loop {
+            let m = subs[0].recv().await;
+            let done = m["type"] == "message" && m["offset"].as_u64().unwrap() >= 80;
+            seen[0].push(m);
+            if done {
+                break;
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(60), after).await.is_err() {
+        panic!("publishing did not continue after a server was killed: {:?}", seen[0].last());
+    }
+    stop_tx.send(true).unwrap();
+    let (acked, refused) = publisher.await.unwrap();
+    assert!(refused.iter().all(|s| matches!(*s, 503 | 504 | 0)), "only 503/504 meanwhile: {refused:?}");
+    let marker = try_publish(&a, "load", json!("marker")).await.expect("the marker is accepted");
+    for (i, c) in subs.iter_mut().enumerate() {
+        let read = async {
+            loop {
+                let m = c.recv().await;
+                let done = m["data"] == "marker";
+                seen[i].push(m);
+                if done {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(30), read).await.is_err() {
+            panic!("subscriber {i}: no marker within 30s");
+        }
+    }
+    for (i, frames) in seen.iter().enumerate() {
+        let gaps = frames.iter().filter(|m| m["type"] == "gap").count();
+        let got: Vec<(String, u64)> = frames
+            .iter()
+            .filter(|m| m["type"] == "message")
+            .map(|m| (m["epoch"].as_str().unwrap().to_owned(), m["offset"].as_u64().unwrap()))
+            .collect();
+        // R3: the stream survives one server; nothing is lost, so no gap either.
+        assert_eq!(gaps, 0, "subscriber {i}: no gap with R3 streams: {frames:?}");
+        let first = got.first().map_or(1, |g| g.1);
+        let want: Vec<(String, u64)> = (first..=marker.1).map(|o| (epoch.clone(), o)).collect();
+        assert_eq!(got, want, "subscriber {i}: every offset once, in order, one epoch");
+        for (e, o, n) in &acked {
+            assert!(got.contains(&(e.clone(), *o)), "subscriber {i}: acknowledged {e}:{o} ({n}) not delivered");
+        }
+    }
+    eprintln!("nats cluster kill: {} acknowledged, {} refused meanwhile ({refused:?})", acked.len(), refused.len());
+}
+
+#[tokio::test]
+async fn nats_url_with_a_redis_broker_or_webhooks_is_refused_with_exit_64() {
+    let both = Server::start_raw(
+        &["--listen", "127.0.0.1:0", "--nats-url", "nats://127.0.0.1:1", "--redis-url", "redis://127.0.0.1:1/"],
+        &[],
+    )
+    .await;
+    let out = both.err().expect("refused");
+    assert!(out.contains("set one broker"), "{out}");
+    let bad = Server::start_raw(&["--listen", "127.0.0.1:0", "--nats-url", "http://x:4222"], &[]).await;
+    assert!(bad.err().expect("refused").contains("nats_url"), "a non-NATS URL is named");
+}
