@@ -22,7 +22,8 @@
 //!   server-side control routes (disconnect, subscribe, unsubscribe, invalidate, connections) and
 //!   [`control`] what a node does with them; [`api_presence`] presence counts; [`api_channels`]
 //!   the channel listing and history deletion; [`admin`] the admin page and `/api/v1/info`.
-//! - [`state`]: the shared state handle, how it is built, and the broker → hub handler.
+//! - [`state`]: the shared state handle and the types it holds.
+//! - [`startup`]: how the state is built, and the broker → hub handler.
 //! - [`config`]: settings from flags, `CRIER_*` environment, a TOML file and defaults.
 //! - [`auth`]: JWT verification, token extraction, the Origin allow-list, API keys.
 //! - [`limits`]: rate limits (per-IP handshakes, per-user frames, per-key REST requests).
@@ -48,11 +49,14 @@ mod http;
 mod limits;
 mod memory;
 mod metrics;
+mod node_details;
 mod proxy;
 mod rebalance;
 mod refusal;
+mod revocations;
 mod server;
 mod session;
+mod startup;
 mod state;
 mod transport;
 mod webhooks;
@@ -72,6 +76,6 @@ pub async fn run(
     dev_token: Option<String>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let st = state::build(config, dev_token).await?;
+    let st = startup::build(config, dev_token).await?;
     server::serve(listener, st, shutdown).await
 }

@@ -31,7 +31,7 @@ pub async fn serve(
     let rebalancing = tokio::spawn(rebalance::run(st.clone()));
     let refresher = st.proxies.clone().map(|p| tokio::spawn(crate::proxy::run_refresher(p)));
     let channel_counts = tokio::spawn(crate::api_channels::mirror(st.clone()));
-    let revocations = tokio::spawn(crate::control::sync_revocations(st.clone()));
+    let revocations = tokio::spawn(crate::control::sync_revocations(st.broker().clone(), st.revocations.clone()));
     let webhooks = st.config.webhooks.clone().map(|w| tokio::spawn(crate::webhooks::run(st.broker().clone(), w)));
     let drain_st = st.clone();
     let max_pending = st.config.max_pending_handshakes;

@@ -32,7 +32,7 @@ use crier_protocol::{CloseCode, Encoding, ErrorCode};
 
 use crate::auth::expiry_ms;
 use crate::config::RateScope;
-use crate::handshake::{Admitted, ConnSlot, client_id};
+use crate::handshake::{Admitted, ConnSlot};
 use crate::metrics as m;
 use crate::state::{AppState, Patterns};
 
@@ -83,7 +83,7 @@ impl Session {
             && claims.exp != u64::MAX
             && let Some(proxies) = &st.proxies
         {
-            proxies.watch(conn, user.clone(), client_id(&st, conn), &outbox, claims.exp);
+            proxies.watch(conn, user.clone(), st.client_id(conn), &outbox, claims.exp);
         }
         // The token's `subs`: subscribed by the server once the connection is open and idle.
         for channel in &claims.subs {
@@ -218,7 +218,7 @@ impl Session {
     }
 
     fn client(&self) -> String {
-        client_id(&self.st, self.conn)
+        self.st.client_id(self.conn)
     }
 
     fn send(&self, frame: &ServerFrame<'_>) {
