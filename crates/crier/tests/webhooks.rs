@@ -1,3 +1,5 @@
+//! one file: one backend (signature check, schema, event log by id) shared by every test, whatever the broker under the nodes.
+//!
 //! Webhooks (`[webhooks]`, docs/hooks.md, *Webhooks*) against the real binary and a real HTTP
 //! backend each test starts (axum on a free port): every request's `X-Crier-Signature` is checked
 //! by the backend with the documented algorithm (HMAC-SHA256 of `"<t>.<body>"`), and every body
