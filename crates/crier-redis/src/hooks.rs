@@ -127,7 +127,7 @@ impl Hooks {
     pub(crate) fn enable_hooks(&self, config: &HookConfig, claim_idle: Duration) -> Result<(), BrokerError> {
         let flags: String =
             HOOK_FLAGS.iter().filter(|(name, _)| config.events.iter().any(|e| e == name)).map(|(_, f)| *f).collect();
-        if self.ctx.keys.is_cluster() && (flags.contains('A') || flags.contains('R')) {
+        if self.ctx.keys.is_redis_cluster() && (flags.contains('A') || flags.contains('R')) {
             return Err(BrokerError::Internal(
                 "member_added / member_removed webhooks are not supported on a Redis Cluster yet (channel_occupied, \
                  channel_vacated and client_publish are)"
@@ -193,7 +193,7 @@ impl Hooks {
                 let n = o.queue.len().min(OCCUPANCY_BATCH);
                 o.queue.drain(..n).collect()
             };
-            if self.ctx.keys.is_cluster() {
+            if self.ctx.keys.is_redis_cluster() {
                 // One slot per script: one call per change, a channel's changes in order, up to
                 // CLUSTER_CONCURRENCY channels at once.
                 let mut groups: Vec<(String, Vec<(&'static str, oneshot::Sender<_>)>)> = Vec::new();

@@ -16,7 +16,7 @@
 //!   application with deadlines, bounded concurrency and circuit breakers.
 //! - [`heartbeat`]: one sweep per node: pings, heartbeat timeouts, token expiry.
 //! - [`rebalance`]: after a scale-out, a node over the mean closes its oldest connections
-//!   (1012), paced; [`memory`]: gives a burst's freed memory back to the system.
+//!   (1012), paced; [`trim`]: gives a burst's freed memory back to the system.
 //! - [`webhooks`]: one task per node POSTs the broker's queued events to the backend.
 //! - [`api`]: the REST API (publish, broadcast, history, presence, info); [`api_control`] its
 //!   server-side control routes (disconnect, subscribe, unsubscribe, invalidate, connections) and
@@ -47,7 +47,6 @@ mod handshake;
 mod heartbeat;
 mod http;
 mod limits;
-mod memory;
 mod metrics;
 mod node_details;
 mod proxy;
@@ -59,6 +58,7 @@ mod session;
 mod startup;
 mod state;
 mod transport;
+mod trim;
 mod webhooks;
 
 use std::future::Future;

@@ -117,7 +117,7 @@ impl Session {
     /// The connection is open: it is registered with the node (drain, disconnects, heartbeats)
     /// and its first frame, `welcome`, is queued.
     pub fn open(&mut self, transport: Transport) {
-        crate::memory::note();
+        crate::trim::note();
         self.st.registry.register(self.conn, self.user.clone(), self.outbox.clone(), self.iat.into(), transport);
         self.send(&ServerFrame::Welcome {
             client: &self.client(),
@@ -157,7 +157,7 @@ impl Session {
         // Subscribe and history give it back before they wait for room in the outbox.
         let st = self.st.clone();
         let slot = st.node.broker_slot().await;
-        crate::memory::note();
+        crate::trim::note();
         match frame {
             ClientFrame::Subscribe { id, channel, recover } => {
                 Box::pin(self.subscribe(id, &channel, recover, slot)).await
@@ -189,7 +189,7 @@ impl Session {
     pub async fn on_command(&mut self, command: Command) {
         let st = self.st.clone();
         let slot = st.node.broker_slot().await;
-        crate::memory::note();
+        crate::trim::note();
         match command {
             Command::Subscribe { channel, recover } => {
                 Box::pin(self.subscribe_as(None, &channel, recover, slot, true)).await
@@ -204,7 +204,7 @@ impl Session {
     /// The connection ended (whatever ended it): leaves every channel, forgets the connection
     /// and releases the user's connection slot.
     pub async fn close(mut self) {
-        crate::memory::note();
+        crate::trim::note();
         for sub in std::mem::take(&mut self.subs) {
             self.leave(&sub.name).await;
         }
