@@ -1,3 +1,5 @@
+//! one file: the one public client, each behaviour against a real server, all sharing the event-collecting helpers.
+//!
 //! The Rust client against the real `crier` binary (and real `redis-server`s): subscribe and
 //! receive, typed results and error codes, a node killed and restarted on the same port while a
 //! publisher keeps going, token refresh and 4001, the close codes that end a client, dedupe of a

@@ -181,7 +181,7 @@ impl Commands {
 
     /// Whether commands go to a Redis Cluster (a multi-key script must then keep its keys in
     /// one slot).
-    pub(crate) fn is_cluster(&self) -> bool {
+    pub(crate) fn is_redis_cluster(&self) -> bool {
         matches!(self.manager.read().unwrap_or_else(|e| e.into_inner()).as_ref(), Some((Con::Cluster(_), _)))
     }
 }

@@ -94,7 +94,7 @@ pub(crate) async fn user_op(
         }
     }
     let _forget = Forget(ctx, id);
-    let others: Option<HashSet<String>> = if ctx.keys.is_cluster() {
+    let others: Option<HashSet<String>> = if ctx.keys.is_redis_cluster() {
         let nodes = presence.nodes().await?;
         Some(nodes.into_iter().map(|n| n.node).filter(|n| n != ctx.node()).collect())
     } else {

@@ -15,7 +15,7 @@
 //!   it is retrying claimed (`XCLAIM … JUSTID`, resetting its idle time), and claims the batches
 //!   of dead consumers (`XAUTOCLAIM`, idle for longer than `claim_idle`) → at least once.
 //!
-//! On a Redis Cluster a script keeps to its channel's slot: `HOOK_NODES_CLUSTER` (one channel per
+//! On a Redis Cluster a script keeps to its channel's slot: `HOOK_NODES_REDIS_CLUSTER` (one channel per
 //! call) pushes its events, each with its own id (`<instance>:<call>-<k>`), to the channel's
 //! outbox (`Keys::hook_outbox`), and the node moves them to the stream (`XADD`, then `HOOK_TRIM`)
 //! and writes the index itself, listing the channel before the script runs so that a node
@@ -85,7 +85,7 @@ pub(crate) struct Hooks {
     occupancy: Mutex<Occupancy>,
     queued: AtomicU64,
     dropped: AtomicU64,
-    /// Redis Cluster: the calls of `HOOK_NODES_CLUSTER` (the events' id prefix), and the stream
+    /// Redis Cluster: the calls of `HOOK_NODES_REDIS_CLUSTER` (the events' id prefix), and the stream
     /// entry of each event read whose id is its own (event id → stream id, until acknowledged).
     calls: AtomicU64,
     entry_ids: Mutex<HashMap<String, Vec<String>>>,
@@ -127,7 +127,7 @@ impl Hooks {
     pub(crate) fn enable_hooks(&self, config: &HookConfig, claim_idle: Duration) -> Result<(), BrokerError> {
         let flags: String =
             HOOK_FLAGS.iter().filter(|(name, _)| config.events.iter().any(|e| e == name)).map(|(_, f)| *f).collect();
-        if self.ctx.keys.is_cluster() && (flags.contains('A') || flags.contains('R')) {
+        if self.ctx.keys.is_redis_cluster() && (flags.contains('A') || flags.contains('R')) {
             return Err(BrokerError::Internal(
                 "member_added / member_removed webhooks are not supported on a Redis Cluster yet (channel_occupied, \
                  channel_vacated and client_publish are)"
@@ -193,7 +193,7 @@ impl Hooks {
                 let n = o.queue.len().min(OCCUPANCY_BATCH);
                 o.queue.drain(..n).collect()
             };
-            if self.ctx.keys.is_cluster() {
+            if self.ctx.keys.is_redis_cluster() {
                 // One slot per script: one call per change, a channel's changes in order, up to
                 // CLUSTER_CONCURRENCY channels at once.
                 let mut groups: Vec<(String, Vec<(&'static str, oneshot::Sender<_>)>)> = Vec::new();
@@ -206,7 +206,7 @@ impl Hooks {
                 futures_util::stream::iter(groups)
                     .for_each_concurrent(CLUSTER_CONCURRENCY, |(channel, ops)| async move {
                         for (op, reply) in ops {
-                            let _ = reply.send(self.hook_nodes_cluster(&channel, op).await);
+                            let _ = reply.send(self.hook_nodes_redis_cluster(&channel, op).await);
                         }
                     })
                     .await;
@@ -229,7 +229,7 @@ impl Hooks {
     }
 
     /// One occupancy change on a Redis Cluster (see the module's doc).
-    async fn hook_nodes_cluster(&self, channel: &str, op: &str) -> Result<(), BrokerError> {
+    async fn hook_nodes_redis_cluster(&self, channel: &str, op: &str) -> Result<(), BrokerError> {
         let Some(a) = self.args.get() else { return Ok(()) };
         let idx = self.ctx.keys.hook_index();
         let ttl = crate::millis(self.ctx.options.presence_ttl);
@@ -241,7 +241,7 @@ impl Hooks {
             self.ctx.commands.query(&cmd).await?;
         }
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
-        let mut inv = self.ctx.scripts.hook_nodes_cluster.key(self.ctx.keys.hook_nodes(channel));
+        let mut inv = self.ctx.scripts.hook_nodes_redis_cluster.key(self.ctx.keys.hook_nodes(channel));
         inv.key(self.ctx.keys.hook_outbox(channel));
         inv.arg(&self.ctx.instance).arg(ttl).arg(op).arg(channel);
         inv.arg(format!("{}:{call}", self.ctx.instance)).arg(&a.flags);

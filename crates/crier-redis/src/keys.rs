@@ -28,7 +28,7 @@ impl Keys {
     }
 
     /// Whether this is the Redis Cluster layout.
-    pub(crate) fn is_cluster(&self) -> bool {
+    pub(crate) fn is_redis_cluster(&self) -> bool {
         self.cluster
     }
 

@@ -149,7 +149,6 @@
 mod broker;
 mod channels;
 mod clock;
-mod cluster;
 mod command;
 mod context;
 mod control;
@@ -164,6 +163,7 @@ mod publisher;
 mod pubsub;
 mod scripts;
 mod sentinel;
+mod slots;
 mod tls;
 mod topology;
 

@@ -299,7 +299,7 @@ impl Presence {
             return Ok(());
         }
         // On a Cluster each entry's keys live in their own slot: one entry per call there.
-        let batch = if self.ctx.commands.is_cluster() { 1 } else { REFRESH_BATCH };
+        let batch = if self.ctx.commands.is_redis_cluster() { 1 } else { REFRESH_BATCH };
         // Presence entries: three keys each (set, hash, users), through the presence script.
         let mut done = 0usize;
         loop {

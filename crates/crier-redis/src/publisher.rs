@@ -110,8 +110,8 @@ impl Publisher {
 async fn run(ctx: Arc<Context>, mut rx: mpsc::Receiver<Job>, mut shutdown: watch::Receiver<()>) {
     // The batches are driven here, not spawned: one task hop less per publish.
     let mut in_flight = FuturesUnordered::new();
-    let mut waiting = Waiting::new(ctx.keys.is_cluster());
-    let limit = if ctx.keys.is_cluster() { IN_FLIGHT_CLUSTER } else { IN_FLIGHT };
+    let mut waiting = Waiting::new(ctx.keys.is_redis_cluster());
+    let limit = if ctx.keys.is_redis_cluster() { IN_FLIGHT_CLUSTER } else { IN_FLIGHT };
     let mut open = true;
     loop {
         if in_flight.len() < limit && !waiting.is_empty() {
@@ -201,7 +201,7 @@ impl Waiting {
 }
 
 fn slot_of(channel: &str) -> u16 {
-    crate::cluster::slot(Keys::slot_key(channel).as_bytes())
+    crate::slots::slot(Keys::slot_key(channel).as_bytes())
 }
 
 /// Runs one batch and answers each of its callers.

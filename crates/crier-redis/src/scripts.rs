@@ -138,7 +138,7 @@ const HOOK_NODES: &str = include_str!("../lua/hook_nodes.lua");
 /// outbox, not the stream (another slot): the node moves them ([`HOOK_TRIM`]). Returns the
 /// set's earliest expiry (`''` when empty: the node writes the index, another slot), how many
 /// events the call made, and the outbox's length.
-const HOOK_NODES_CLUSTER: &str = include_str!("../lua/hook_nodes_cluster.lua");
+const HOOK_NODES_REDIS_CLUSTER: &str = include_str!("../lua/hook_nodes_redis_cluster.lua");
 
 /// Removes from the head of an outbox (KEYS[1]) the events moved to the stream (ARGV, in order),
 /// as long as the head is the next of them: two nodes moving one outbox at once never remove an
@@ -175,7 +175,7 @@ pub(crate) struct Scripts {
     pub hook_nodes: Script,
     pub hook_append: Script,
     pub hook_ack: Script,
-    pub hook_nodes_cluster: Script,
+    pub hook_nodes_redis_cluster: Script,
     pub hook_trim: Script,
     pub hook_unindex: Script,
     pub revoke: Script,
@@ -200,7 +200,7 @@ impl Scripts {
             hook_nodes: Script::new(&format!("{PRES_PRELUDE}{HOOK_NODES}")),
             hook_append: Script::new(&format!("{PRES_PRELUDE}{HOOK_APPEND}")),
             hook_ack: Script::new(HOOK_ACK),
-            hook_nodes_cluster: Script::new(HOOK_NODES_CLUSTER),
+            hook_nodes_redis_cluster: Script::new(HOOK_NODES_REDIS_CLUSTER),
             hook_trim: Script::new(HOOK_TRIM),
             hook_unindex: Script::new(HOOK_UNINDEX),
             revoke: Script::new(REVOKE),

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use redis::{ConnectionInfo, ProtocolVersion};
 
-use crate::cluster::SlotMap;
 use crate::error::Fault;
 use crate::sentinel::Sentinels;
+use crate::slots::SlotMap;
 use crate::tls::{self, Tls};
 
 /// How to find Redis (from [`crate::RedisOptions`]).
@@ -100,7 +100,7 @@ impl Resolver {
         matches!(self.source, Source::Sentinel(_))
     }
 
-    pub(crate) fn is_cluster(&self) -> bool {
+    pub(crate) fn is_redis_cluster(&self) -> bool {
         matches!(self.source, Source::Cluster(_))
     }
 

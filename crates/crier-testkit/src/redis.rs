@@ -241,7 +241,7 @@ pub struct RedisCluster {
 }
 
 /// A port whose cluster bus port (+10000) is free too.
-fn free_cluster_port() -> u16 {
+fn free_redis_cluster_port() -> u16 {
     for attempt in 0..200u32 {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let port = 20000 + ((nanos / 7 + attempt * 7919) % 25000) as u16;
@@ -258,7 +258,7 @@ impl RedisCluster {
     pub fn start(masters: usize) -> RedisCluster {
         let mut nodes = Vec::new();
         for _ in 0..masters * 2 {
-            let port = free_cluster_port();
+            let port = free_redis_cluster_port();
             let mut server = RedisServer::prepare(false, &[]);
             server.port = port;
             let conf = server.dir.join("nodes.conf").display().to_string();

@@ -23,8 +23,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::api::{check_channel, read_json};
-use crate::control::unix_now;
 use crate::error::ApiError;
+use crate::revocations::unix_now;
 use crate::state::AppState;
 
 /// Largest request body of these routes.

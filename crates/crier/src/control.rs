@@ -12,79 +12,20 @@
 //!   handshake and `refresh` check them in memory ([`Revocations::is_revoked`]), without a
 //!   broker round trip.
 
-use std::collections::HashMap;
-use std::sync::RwLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
-use crier_core::{Command, ConnectionInfo, Hub, Registry, UserOp, UserOpReply};
+use crier_core::{Broker, Command, ConnectionInfo, Hub, Registry, UserOp, UserOpReply};
 use crier_protocol::CloseCode;
 
-use crate::state::AppState;
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// The client id of connection `conn` (in `welcome`, presence and connection counts):
-/// `<node_id>-<boot>-<conn>`, where `boot` is random per process ([`crate::state::Inner::boot`]),
-/// so a node restarted with the same `node_id` never reuses the id of a connection whose presence
-/// or connection-count entry may still be in the broker.
-pub fn client_id(st: &AppState, conn: crier_core::ConnId) -> String {
-    format!("{}-{}-{conn}", st.config.node_id, st.boot)
-}
-
-/// The token revocations in force on this node: user → `before` (tokens with an `iat` before it,
-/// or without `iat`, are refused). An entry counts for `token_max_lifetime` after its `before`.
-pub struct Revocations {
-    by_user: RwLock<HashMap<Box<str>, u64>>,
-    lifetime_s: u64,
-}
-
-impl Revocations {
-    pub fn new(lifetime: Duration) -> Revocations {
-        Revocations { by_user: RwLock::new(HashMap::new()), lifetime_s: lifetime.as_secs() }
-    }
-
-    /// Records that `user`'s tokens issued before `before` are revoked (a later `before` wins).
-    pub fn record(&self, user: &str, before: u64) {
-        let mut map = self.by_user.write().unwrap_or_else(|e| e.into_inner());
-        let at = map.entry(user.into()).or_insert(0);
-        *at = (*at).max(before);
-    }
-
-    /// Whether a token of `user` issued at `iat` is revoked. A token without `iat` cannot show
-    /// it was issued after the revocation: it is revoked while one is in force for its user.
-    pub fn is_revoked(&self, user: &str, iat: Option<u64>) -> bool {
-        let map = self.by_user.read().unwrap_or_else(|e| e.into_inner());
-        let Some(&before) = map.get(user) else {
-            return false;
-        };
-        if before.saturating_add(self.lifetime_s) < unix_now() {
-            return false;
-        }
-        iat.is_none_or(|iat| iat < before)
-    }
-
-    /// Forgets revocations older than `token_max_lifetime` (every token they cover expired).
-    fn prune(&self) {
-        let stale = unix_now().saturating_sub(self.lifetime_s);
-        let mut map = self.by_user.write().unwrap_or_else(|e| e.into_inner());
-        map.retain(|_, before| *before >= stale);
-    }
-
-    /// Since when revocations matter (what to load from the broker).
-    fn since(&self) -> u64 {
-        unix_now().saturating_sub(self.lifetime_s)
-    }
-}
+use crate::revocations::Revocations;
 
 /// What a node applies an operation with.
 pub struct Local<'a> {
     pub hub: &'a Hub,
     pub registry: &'a Registry,
     pub revocations: &'a Revocations,
-    /// `<node_id>-<boot>-`: the client ids' prefix (see `handshake::client_id`).
+    /// `<node_id>-<boot>-`: the client ids' prefix (see `AppState::client_id`).
     pub client_prefix: &'a str,
     pub node: &'a str,
 }
@@ -138,7 +79,7 @@ pub fn apply(local: &Local<'_>, user: &str, op: &UserOp) -> UserOpReply {
 /// Loads the revocations in force from the broker at start, again after every broker reconnect
 /// (a revocation published while this node's pub/sub was down was missed), and retries a load
 /// that failed; once a second. Also forgets expired ones.
-pub async fn sync_revocations(st: AppState) {
+pub async fn sync_revocations(broker: Arc<dyn Broker>, revocations: Arc<Revocations>) {
     let mut loaded_at: Option<u64> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
@@ -146,42 +87,20 @@ pub async fn sync_revocations(st: AppState) {
         tick.tick().await;
         n += 1;
         if n.is_multiple_of(600) {
-            st.revocations.prune();
+            revocations.prune();
         }
-        let reconnects = st.broker().reconnects();
-        if loaded_at == Some(reconnects) || !st.broker().is_up() {
+        let reconnects = broker.reconnects();
+        if loaded_at == Some(reconnects) || !broker.is_up() {
             continue;
         }
-        match st.broker().revocations(st.revocations.since()).await {
+        match broker.revocations(revocations.since()).await {
             Ok(list) => {
                 for r in list {
-                    st.revocations.record(&r.user, r.before);
+                    revocations.record(&r.user, r.before);
                 }
                 loaded_at = Some(reconnects);
             }
             Err(e) => tracing::warn!(error = %e, "could not load token revocations; retrying"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn revocations_cover_older_and_iat_less_tokens_for_their_lifetime() {
-        let r = Revocations::new(Duration::from_secs(100));
-        let now = unix_now();
-        assert!(!r.is_revoked("u", None));
-        r.record("u", now);
-        r.record("u", now - 50);
-        assert!(r.is_revoked("u", Some(now - 1)));
-        assert!(!r.is_revoked("u", Some(now)), "issued at `before`: not revoked");
-        assert!(r.is_revoked("u", None), "no iat: revoked while in force");
-        assert!(!r.is_revoked("v", Some(0)));
-        r.record("old", now - 200);
-        assert!(!r.is_revoked("old", Some(0)), "past token_max_lifetime the revocation no longer counts");
-        r.prune();
-        assert!(r.by_user.read().map(|m| !m.contains_key("old") && m.contains_key("u")).unwrap_or(false));
     }
 }

@@ -21,9 +21,6 @@ use crate::metrics as m;
 use crate::refusal::{self, Surface};
 use crate::state::AppState;
 
-/// The client id of a connection (made in `control`, where user operations also parse it).
-pub use crate::control::client_id;
-
 /// A handshake that passed the checks: the connection's id, the token's claims, and its place
 /// in the user's connection count (when `max_connections_per_user` is set).
 pub struct Admitted {
@@ -118,7 +115,7 @@ pub async fn admit(
     let proxy = st.proxies.as_deref().filter(|p| p.connects(token.is_some()));
     let proxied = proxy.is_some();
     let claims = match (proxy, token) {
-        (Some(proxies), _) => crate::proxy::connect_claims(st, proxies, conn, ip, headers)
+        (Some(proxies), _) => crate::proxy::connect_claims(proxies, &st.client_id(conn), ip, headers)
             .await
             .map_err(|(reason, fix, e)| reject_as(reason, fix, e))?,
         (None, Some((token, _source))) => match st.verifier.verify(&token) {
@@ -132,7 +129,7 @@ pub async fn admit(
         (None, None) if st.config.allow_anonymous => Claims::anonymous(),
         (None, None) => return Err(reject(ApiError::new(StatusCode::UNAUTHORIZED, "token_missing", "no token given"))),
     };
-    // Token invalidation: checked in memory (see `control::Revocations`), no broker round trip.
+    // Token invalidation: checked in memory (see `revocations::Revocations`), no broker round trip.
     // A connection the connect proxy admitted has no token to revoke: the backend decides.
     if !proxied && !claims.sub.is_empty() && st.revocations.is_revoked(&claims.sub, claims.iat) {
         return Err(reject_as(
@@ -148,7 +145,7 @@ pub async fn admit(
         // The slot is held from before the broker is asked: a handshake that dies while its
         // count is being taken (the client resets the connection and hyper drops this future)
         // releases it on drop, and so does a failed call (it may have counted the connection).
-        let held = ConnSlot { st: st.clone(), user: claims.sub.clone(), client: client_id(st, conn), held: true };
+        let held = ConnSlot { st: st.clone(), user: claims.sub.clone(), client: st.client_id(conn), held: true };
         match st.broker().connection_opened(&held.user, &held.client).await {
             Ok(n) => {
                 if n > max {

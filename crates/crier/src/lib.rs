@@ -16,13 +16,14 @@
 //!   application with deadlines, bounded concurrency and circuit breakers.
 //! - [`heartbeat`]: one sweep per node: pings, heartbeat timeouts, token expiry.
 //! - [`rebalance`]: after a scale-out, a node over the mean closes its oldest connections
-//!   (1012), paced; [`memory`]: gives a burst's freed memory back to the system.
+//!   (1012), paced; [`trim`]: gives a burst's freed memory back to the system.
 //! - [`webhooks`]: one task per node POSTs the broker's queued events to the backend.
 //! - [`api`]: the REST API (publish, broadcast, history, presence, info); [`api_control`] its
 //!   server-side control routes (disconnect, subscribe, unsubscribe, invalidate, connections) and
 //!   [`control`] what a node does with them; [`api_presence`] presence counts; [`api_channels`]
 //!   the channel listing and history deletion; [`admin`] the admin page and `/api/v1/info`.
-//! - [`state`]: the shared state handle, how it is built, and the broker → hub handler.
+//! - [`state`]: the shared state handle and the types it holds.
+//! - [`startup`]: how the state is built, and the broker → hub handler.
 //! - [`config`]: settings from flags, `CRIER_*` environment, a TOML file and defaults.
 //! - [`auth`]: JWT verification, token extraction, the Origin allow-list, API keys.
 //! - [`limits`]: rate limits (per-IP handshakes, per-user frames, per-key REST requests).
@@ -46,15 +47,18 @@ mod handshake;
 mod heartbeat;
 mod http;
 mod limits;
-mod memory;
 mod metrics;
+mod node_details;
 mod proxy;
 mod rebalance;
 mod refusal;
+mod revocations;
 mod server;
 mod session;
+mod startup;
 mod state;
 mod transport;
+mod trim;
 mod webhooks;
 
 use std::future::Future;
@@ -72,6 +76,6 @@ pub async fn run(
     dev_token: Option<String>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let st = state::build(config, dev_token).await?;
+    let st = startup::build(config, dev_token).await?;
     server::serve(listener, st, shutdown).await
 }

@@ -32,10 +32,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 
 use crate::auth::Claims;
 use crate::config::ProxySettings;
-use crate::control::unix_now;
 use crate::error::ApiError;
 use crate::metrics as m;
-use crate::state::AppState;
+use crate::revocations::unix_now;
 
 /// Largest answer body read from a backend.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -413,12 +412,11 @@ impl Proxies {
     }
 }
 
-/// The connect proxy's verdict on a handshake: the claims it grants, or the refusal (the
+/// The connect proxy's verdict on the handshake of connection `client` (its client id): the claims it grants, or the refusal (the
 /// refusal-log reason, what to change, the HTTP answer).
 pub async fn connect_claims(
-    st: &AppState,
     proxies: &Proxies,
-    conn: ConnId,
+    client: &str,
     ip: std::net::IpAddr,
     headers: &HeaderMap,
 ) -> Result<Claims, (&'static str, &'static str, ApiError)> {
@@ -433,7 +431,7 @@ pub async fn connect_claims(
     // A WebSocket handshake asks for the upgrade; the other transport is SSE.
     let websocket = headers.get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
     let body = serde_json::json!({
-        "client": crate::control::client_id(st, conn),
+        "client": client,
         "transport": if websocket { "websocket" } else { "sse" },
         "remote_addr": ip.to_string(),
         "headers": forwarded,

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::metrics as m;
 use crate::state::AppState;
-use crate::{heartbeat, http, memory, rebalance};
+use crate::{heartbeat, http, rebalance, trim};
 
 /// How often a node refreshes its entry in the node registry.
 const REPORT_INTERVAL: Duration = Duration::from_secs(5);
@@ -27,11 +27,11 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let background = tokio::spawn(background(st.clone()));
     let heartbeats = tokio::spawn(heartbeat::run(st.clone()));
-    let trims = tokio::spawn(memory::run());
+    let trims = tokio::spawn(trim::run());
     let rebalancing = tokio::spawn(rebalance::run(st.clone()));
     let refresher = st.proxies.clone().map(|p| tokio::spawn(crate::proxy::run_refresher(p)));
     let channel_counts = tokio::spawn(crate::api_channels::mirror(st.clone()));
-    let revocations = tokio::spawn(crate::control::sync_revocations(st.clone()));
+    let revocations = tokio::spawn(crate::control::sync_revocations(st.broker().clone(), st.revocations.clone()));
     let webhooks = st.config.webhooks.clone().map(|w| tokio::spawn(crate::webhooks::run(st.broker().clone(), w)));
     let drain_st = st.clone();
     let max_pending = st.config.max_pending_handshakes;

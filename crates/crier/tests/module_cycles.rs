@@ -2,10 +2,6 @@
 //! workspace, a module that uses another (`crate::a::…`, `super::…`, outside its tests) is not
 //! used back by it, directly or through others. A module's own submodules and ancestors do not
 //! count (a parent declares its children; a child may use its parent's items).
-//!
-//! One stated exception: the server crate's `state` (`AppState`, the shared context every part
-//! of the server takes, and `state::build`, which wires those parts together) — the graph is
-//! checked without it, as crier-redis's `Context` is a leaf.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -179,14 +175,7 @@ fn no_crate_has_an_import_cycle_between_its_modules() {
             continue;
         }
         let krate = e.file_name().to_string_lossy().into_owned();
-        let mut g = graph(&src);
-        if krate == "crier" {
-            let state = vec!["state".to_owned()];
-            g.remove(&state);
-            g.values_mut().for_each(|t| {
-                t.remove(&state);
-            });
-        }
+        let g = graph(&src);
         checked += g.len();
         for c in cycles(&g) {
             let detail: Vec<String> = c

@@ -1,3 +1,5 @@
+//! one file: one description (docs/openapi.json) checked against one router: every operation runs from one request table on the same nodes.
+//!
 //! docs/openapi.json against the real binary: the description must match what crier does.
 //!
 //! - The router's routes (every `.route(..)` in crates/crier/src) and the description's paths

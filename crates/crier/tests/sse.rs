@@ -1,3 +1,5 @@
+//! one file: one transport (`GET /sse`) and its raw-socket helpers (stuck streams, chunked reads), shared by every test.
+//!
 //! Server-Sent Events (`GET /sse`) against the real binary: the stream's events and ids, resuming
 //! through `Last-Event-ID` (on one node, and across nodes on a real Redis while a node restarts),
 //! SSE and WebSocket subscribers of one channel in one order, keep-alives, server closes, a

@@ -1,3 +1,5 @@
+//! one file: one backend (signature check, schema, event log by id) shared by every test, whatever the broker under the nodes.
+//!
 //! Webhooks (`[webhooks]`, docs/hooks.md, *Webhooks*) against the real binary and a real HTTP
 //! backend each test starts (axum on a free port): every request's `X-Crier-Signature` is checked
 //! by the backend with the documented algorithm (HMAC-SHA256 of `"<t>.<body>"`), and every body
@@ -466,7 +468,7 @@ async fn a_channel_churned_on_a_redis_cluster_alternates_occupied_and_vacated() 
     let cluster = crier_testkit::redis::RedisCluster::start(3);
     let backend = Backend::start().await;
     let file = hooks_toml(&backend, &["channel_occupied", "channel_vacated"], "");
-    let server = cluster_node(&cluster.urls(), &file, &[]).await;
+    let server = redis_cluster_node(&cluster.urls(), &file, &[]).await;
     churn(&server, &backend).await;
 }
 
@@ -712,7 +714,7 @@ async fn client_publishes_give_client_publish_events() {
     let cluster = crier_testkit::redis::RedisCluster::start(3);
     let backend = Backend::start().await;
     let file = hooks_toml(&backend, &["client_publish"], "");
-    let server = cluster_node(&cluster.urls(), &file, &[]).await;
+    let server = redis_cluster_node(&cluster.urls(), &file, &[]).await;
     client_publishes_are_events(&server, &backend).await;
 }
 
@@ -1025,7 +1027,7 @@ async fn a_batch_pending_before_a_planned_failover_is_claimed_from_the_new_maste
 }
 
 /// A node on the Redis Cluster `urls` with webhooks to the backend of `file`.
-async fn cluster_node(urls: &str, file: &ConfigFile, extra: &[&str]) -> Server {
+async fn redis_cluster_node(urls: &str, file: &ConfigFile, extra: &[&str]) -> Server {
     let mut args = vec![
         "--config",
         file.0.to_str().unwrap(),
@@ -1050,9 +1052,9 @@ async fn three_nodes_on_a_redis_cluster_give_one_event_per_cluster_transition() 
     let backend = Backend::start().await;
     let file = hooks_toml(&backend, &["channel_occupied", "channel_vacated"], "batch = 10\n");
     let nodes = [
-        cluster_node(&urls, &file, &[]).await,
-        cluster_node(&urls, &file, &[]).await,
-        cluster_node(&urls, &file, &[]).await,
+        redis_cluster_node(&urls, &file, &[]).await,
+        redis_cluster_node(&urls, &file, &[]).await,
+        redis_cluster_node(&urls, &file, &[]).await,
     ];
     let mut clients = Vec::new();
     for n in &nodes {
@@ -1119,7 +1121,7 @@ async fn a_node_killed_mid_way_on_a_redis_cluster_loses_no_event() {
     backend.seen.fail_next.store(usize::MAX, Ordering::SeqCst);
     let file = hooks_toml(&backend, &["channel_occupied", "channel_vacated"], "batch = 20\ntimeout = \"1s\"\n");
     let ttl = ["--presence-ttl", "2s"];
-    let doomed = cluster_node(&urls, &file, &ttl).await;
+    let doomed = redis_cluster_node(&urls, &file, &ttl).await;
     let mut c = doomed.client(&doomed.token("u1", &["room:*"], &[])).await;
     for i in 0..50u64 {
         c.subscribe(&format!("room:{i}"), i + 1).await;
@@ -1132,8 +1134,8 @@ async fn a_node_killed_mid_way_on_a_redis_cluster_loses_no_event() {
     drop(c);
     drop(doomed); // SIGKILL
     backend.seen.fail_next.store(0, Ordering::SeqCst);
-    let _b = cluster_node(&urls, &file, &ttl).await;
-    let _c = cluster_node(&urls, &file, &ttl).await;
+    let _b = redis_cluster_node(&urls, &file, &ttl).await;
+    let _c = redis_cluster_node(&urls, &file, &ttl).await;
     let events = crier_testkit::wait::poll_within(
         "every event of the dead node delivered",
         std::time::Duration::from_secs(30),

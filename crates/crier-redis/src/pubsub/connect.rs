@@ -29,7 +29,7 @@ impl Task {
     /// every channel, and gap-fills them.
     pub(super) async fn connect(&mut self) -> Result<Conn, End> {
         let t = self.ctx.options.command_timeout;
-        let (targets, slots) = if self.resolver.is_cluster() {
+        let (targets, slots) = if self.resolver.is_redis_cluster() {
             match self.resolver.shards().await {
                 Ok((map, targets)) => (targets, Some(map)),
                 Err(f) => {
@@ -81,7 +81,7 @@ impl Task {
         {
             self.follow(&mut shard.con, target).await?;
         }
-        if self.resolver.is_cluster() && !self.ctx.commands.is_set() {
+        if self.resolver.is_redis_cluster() && !self.ctx.commands.is_set() {
             let con = self.resolver.cluster_commands().await.map_err(|e| lost(format!("cluster commands: {e}")))?;
             self.ctx.commands.replace(crate::command::Con::Cluster(con), String::new());
         }
@@ -124,7 +124,7 @@ impl Task {
     /// master still answers PING).
     pub(super) async fn probe(&self, conn: &mut Conn) -> Step {
         let t = self.ctx.options.command_timeout;
-        let check_role = self.resolver.is_sentinel() || self.resolver.is_cluster();
+        let check_role = self.resolver.is_sentinel() || self.resolver.is_redis_cluster();
         for shard in &mut conn.shards {
             if !check_role {
                 let ping = redis::cmd("PING");

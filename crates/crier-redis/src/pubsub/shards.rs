@@ -13,10 +13,10 @@ use redis::{PushInfo, Value};
 use tokio::sync::mpsc;
 
 use super::{Step, lost};
-use crate::cluster::{self, SlotMap};
 use crate::command::bounded;
 use crate::keys::Keys;
 use crate::scripts::HistoryCall;
+use crate::slots::{self, SlotMap};
 
 /// Channels per SUBSCRIBE command (or per SSUBSCRIBE pipeline).
 pub(super) const SUBSCRIBE_BATCH: usize = 500;
@@ -44,7 +44,7 @@ impl Conn {
     pub(super) fn shard_of(&self, channel: &str) -> usize {
         match &self.slots {
             None => 0,
-            Some(map) => map.master_of(cluster::slot(Keys::slot_key(channel).as_bytes())),
+            Some(map) => map.master_of(slots::slot(Keys::slot_key(channel).as_bytes())),
         }
     }
 

@@ -32,7 +32,7 @@ use crier_protocol::{CloseCode, Encoding, ErrorCode};
 
 use crate::auth::expiry_ms;
 use crate::config::RateScope;
-use crate::handshake::{Admitted, ConnSlot, client_id};
+use crate::handshake::{Admitted, ConnSlot};
 use crate::metrics as m;
 use crate::state::{AppState, Patterns};
 
@@ -83,7 +83,7 @@ impl Session {
             && claims.exp != u64::MAX
             && let Some(proxies) = &st.proxies
         {
-            proxies.watch(conn, user.clone(), client_id(&st, conn), &outbox, claims.exp);
+            proxies.watch(conn, user.clone(), st.client_id(conn), &outbox, claims.exp);
         }
         // The token's `subs`: subscribed by the server once the connection is open and idle.
         for channel in &claims.subs {
@@ -117,7 +117,7 @@ impl Session {
     /// The connection is open: it is registered with the node (drain, disconnects, heartbeats)
     /// and its first frame, `welcome`, is queued.
     pub fn open(&mut self, transport: Transport) {
-        crate::memory::note();
+        crate::trim::note();
         self.st.registry.register(self.conn, self.user.clone(), self.outbox.clone(), self.iat.into(), transport);
         self.send(&ServerFrame::Welcome {
             client: &self.client(),
@@ -157,7 +157,7 @@ impl Session {
         // Subscribe and history give it back before they wait for room in the outbox.
         let st = self.st.clone();
         let slot = st.node.broker_slot().await;
-        crate::memory::note();
+        crate::trim::note();
         match frame {
             ClientFrame::Subscribe { id, channel, recover } => {
                 Box::pin(self.subscribe(id, &channel, recover, slot)).await
@@ -189,7 +189,7 @@ impl Session {
     pub async fn on_command(&mut self, command: Command) {
         let st = self.st.clone();
         let slot = st.node.broker_slot().await;
-        crate::memory::note();
+        crate::trim::note();
         match command {
             Command::Subscribe { channel, recover } => {
                 Box::pin(self.subscribe_as(None, &channel, recover, slot, true)).await
@@ -204,7 +204,7 @@ impl Session {
     /// The connection ended (whatever ended it): leaves every channel, forgets the connection
     /// and releases the user's connection slot.
     pub async fn close(mut self) {
-        crate::memory::note();
+        crate::trim::note();
         for sub in std::mem::take(&mut self.subs) {
             self.leave(&sub.name).await;
         }
@@ -218,7 +218,7 @@ impl Session {
     }
 
     fn client(&self) -> String {
-        client_id(&self.st, self.conn)
+        self.st.client_id(self.conn)
     }
 
     fn send(&self, frame: &ServerFrame<'_>) {

@@ -377,7 +377,7 @@ mod tests {
     async fn connection_task_size_stays_within_the_documented_bound() {
         let mut config = crate::config::Config::default();
         config.jwt.key = Some(crate::config::KeySource::Secret("a-test-secret-of-enough-length-0123456789".into()));
-        let st = crate::state::build(config, None).await.expect("state");
+        let st = crate::startup::build(config, None).await.expect("state");
         let admitted = crate::handshake::Admitted {
             conn: 1,
             claims: crate::auth::Claims { sub: "u".into(), exp: u64::MAX, ..Default::default() },
