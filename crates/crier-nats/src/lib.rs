@@ -772,7 +772,7 @@ impl Broker for NatsBroker {
         if self.inner.handler().is_some_and(|h| h.has_subscribers(channel)) {
             return Ok(());
         }
-        self.inner.live.unsubscribe(channel);
+        self.inner.live.unsubscribe(&self.inner, channel).await;
         Ok(())
     }
 
