@@ -371,7 +371,8 @@ impl Live {
                 let sub = inner.client.subscribe(inner.live_subject(channel)).await.map_err(unavailable)?;
                 let (handle, reg) = AbortHandle::new_pair();
                 let c = chan.clone();
-                let tagged: Tagged = Box::pin(Abortable::new(sub.map(move |m| (c.clone(), (m.headers, m.payload))), reg));
+                let tagged: Tagged =
+                    Box::pin(Abortable::new(sub.map(move |m| (c.clone(), (m.headers, m.payload))), reg));
                 if self.dispatcher().send(tagged).is_err() {
                     return Err(BrokerError::Internal("nats: the live dispatcher stopped".into()));
                 }
