@@ -59,10 +59,19 @@ impl NatsBroker {
                     async_nats::Event::Connected => {
                         let was = up.swap(true, Ordering::SeqCst);
                         if let Some(inner) = w.get().and_then(Weak::upgrade) {
-                            inner.up.store(true, Ordering::SeqCst);
-                            if !was {
+                            if was {
+                                inner.up.store(true, Ordering::SeqCst);
+                            } else {
+                                // A reconnect: the server may have lost its store (streams and
+                                // buckets gone). They are laid out again before the node is up
+                                // and every channel re-reads its position (a lost channel's new
+                                // epoch is announced as a gap).
                                 inner.reconnects.fetch_add(1, Ordering::Relaxed);
-                                inner.live.resync_all();
+                                tokio::spawn(async move {
+                                    inner.relayout().await;
+                                    inner.up.store(up.load(Ordering::SeqCst), Ordering::SeqCst);
+                                    inner.live.resync_all();
+                                });
                             }
                         }
                     }
@@ -153,6 +162,28 @@ impl NatsBroker {
         }
         state::start_ops(&inner).await?;
         Ok(Arc::new(NatsBroker { inner }))
+    }
+}
+
+impl Inner {
+    /// Lays the streams and buckets out again (idempotent; re-creates what a server lost),
+    /// retried for a few seconds: after it the node serves even if it failed (a cluster that
+    /// cannot update a stream now still serves the existing one).
+    async fn relayout(&self) {
+        let deadline = tokio::time::Instant::now() + self.opts.layout_wait.min(Duration::from_secs(5));
+        loop {
+            match layout(&self.js, &self.opts, self.default_policy, &self.policies).await {
+                Ok(_) => return,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "nats: laying out again after a reconnect; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "nats: streams and buckets not laid out again after a reconnect");
+                    return;
+                }
+            }
+        }
     }
 }
 
