@@ -28,12 +28,15 @@ pub(crate) trait Sink: Send + Sync {
     fn push(&self, m: Live);
 }
 
+/// A subscription: its subject and where its messages go.
+type Subscription = (String, Arc<dyn Sink>);
+
 /// The subscriber connection.
 pub(crate) struct RawSub {
     writer: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
     /// Waiters for the server's `PONG`s, in the order their `PING`s were written.
     pongs: Mutex<VecDeque<tokio::sync::oneshot::Sender<()>>>,
-    subs: Mutex<HashMap<u64, (String, Arc<dyn Sink>)>>,
+    subs: Mutex<HashMap<u64, Subscription>>,
     next_sid: AtomicU64,
 }
 
