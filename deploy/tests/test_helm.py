@@ -1,5 +1,5 @@
 """The Helm chart (deploy/helm/crier): `helm lint`, `helm template` with the default values and
-with each ci/*-values.yaml (Sentinel, Cluster), every rendered object validated against the
+with each ci/*-values.yaml (Sentinel, Cluster, NATS), every rendered object validated against the
 Kubernetes 1.30 and 1.37 schemas (kubernetes-validate, strict: unknown fields fail), and the
 same consistency checks as the kustomize manifests (selectors, ports, drain-aware grace period,
 every CRIER_* variable a real setting, client paths in the Ingress and the API kept out of it).
@@ -23,7 +23,7 @@ from support import ROOT
 from test_static import CLIENT_PATHS, K8S_VERSIONS, SERVICE_MONITOR_SCHEMA, by_kind, crier_routes, crier_settings, matches
 
 CHART = os.path.join(ROOT, "deploy", "helm", "crier")
-VALUES = ["default", "sentinel", "cluster"]
+VALUES = ["default", "sentinel", "cluster", "nats"]
 # The ServiceMonitor here also sets jobLabel (so the job label is `crier`, as the alerts and the
 # dashboard expect).
 CHART_SERVICE_MONITOR_SCHEMA = copy.deepcopy(SERVICE_MONITOR_SCHEMA)
@@ -129,10 +129,12 @@ def test_helm_chart_is_consistent(rendered):
     port = int(values["CRIER_LISTEN"].rsplit(":", 1)[1])
     assert c["ports"][0]["containerPort"] == port
     # The Redis topology asked for, and only that one.
-    redis_keys = names & {"CRIER_REDIS_URL", "CRIER_REDIS_SENTINEL_URLS", "CRIER_REDIS_CLUSTER_URLS"}
+    redis_keys = names & {"CRIER_REDIS_URL", "CRIER_REDIS_SENTINEL_URLS", "CRIER_REDIS_CLUSTER_URLS", "CRIER_NATS_URL"}
     expected = {"default": {"CRIER_REDIS_URL"}, "sentinel": {"CRIER_REDIS_SENTINEL_URLS"},
-                "cluster": {"CRIER_REDIS_CLUSTER_URLS"}}[which]
+                "cluster": {"CRIER_REDIS_CLUSTER_URLS"}, "nats": {"CRIER_NATS_URL"}}[which]
     assert redis_keys == expected
+    if which == "nats":
+        assert values["CRIER_NATS_URL"].count("nats://") == 3 and values["CRIER_NATS_REPLICAS"] == "3"
     # A Redis address may hold a password: never in the ConfigMap unless it is the internal one.
     config = by_kind(docs, "ConfigMap", "rel-crier")["data"]
     assert not any("@" in str(v) for v in config.values())
@@ -230,6 +232,10 @@ def test_helm_keeps_the_kustomize_topology():
     (["redis.url=redis://r:6379", "redis.mode=internal"], "redis.url is set but redis.mode is \"internal\""),
     (["redis.mode=sentinel", "redis.sentinel.urls={redis://s:26379}"], "needs redis.sentinel.master"),
     (["redis.mode=cluster", "redis.url=redis://r:6379", "redis.cluster.urls={redis://c:6379}"], "one Redis topology at a time"),
+    (["broker=nats"], "broker=nats needs its servers: set nats.urls"),
+    (["broker=nats", "nats.urls={nats://n:4222}", "redis.mode=url", "redis.url=redis://r:6379"], "one broker at a time"),
+    (["broker=kafka"], "broker: broker must be one of the following"),
+    (["broker=nats", "nats.urls={n:4222}"], "Does not match pattern"),
     # values.schema.json: unknown keys (typos) and wrong types or forms.
     (["redis.mode=standalone"], 'redis.mode: redis.mode must be one of the following: "internal", "url"'),
     (["ingres.enabled=true"], "Additional property ingres is not allowed"),

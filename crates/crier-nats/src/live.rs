@@ -1,88 +1,302 @@
 //! Live fan-out: one core NATS subscription per subscribed channel, fed by the stream's
 //! republish, and a per-channel sequencer that turns it into "every message once, in order,
 //! or a gap".
+//!
+//! No task per channel: a channel is a small state machine driven by the node's one dispatcher
+//! (the subscriber connection's read loop, or one task over every async-nats subscription),
+//! which sequences a message inline. Only when a channel needs JetStream (a hole to fill, a
+//! resync after a reconnect or a late message) does it get a worker task for as long as that
+//! takes; live messages arriving meanwhile wait in the channel's queue, in order, and the worker
+//! drains them before it ends.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use crier_core::broker::{BrokerError, PresenceEvent};
+use crier_core::broker::{BrokerError, BrokerHandler, PresenceEvent};
 use crier_protocol::StreamPosition;
 use futures_util::StreamExt;
+use futures_util::stream::{AbortHandle, Abortable, SelectAll, Stream};
 
+use crate::rawsub::{Live as Msg, Sink};
 use crate::{H_CLIENT, H_KIND, Inner, Stored, header, unavailable};
 
-/// Where a channel's live messages come from.
+/// How a channel's subscription is closed.
 enum Feed {
-    Nats(async_nats::Subscriber),
-    Raw(u64, Arc<crate::rawsub::Inbox>),
+    None,
+    Raw(u64),
+    Nats(AbortHandle),
 }
 
-impl Feed {
-    async fn next(&mut self) -> Option<crate::rawsub::Live> {
-        match self {
-            Feed::Nats(s) => s.next().await.map(|m| (m.headers, m.payload)),
-            Feed::Raw(_, inbox) => inbox.next().await,
+/// A subscribed channel.
+pub(crate) struct Chan {
+    name: String,
+    inner: Weak<Inner>,
+    /// Itself (a sink is called by reference; a worker needs the `Arc`).
+    me: Weak<Chan>,
+    st: Mutex<St>,
+    /// Woken when the channel delivered further (history reads wait on it).
+    notify: tokio::sync::Notify,
+    feed: Mutex<Feed>,
+}
+
+/// Where the channel is, and what waits.
+#[derive(Default)]
+struct St {
+    epoch: Option<Arc<str>>,
+    last: u64,
+    /// A worker task runs (or the subscription is being set up): messages wait in `pending`.
+    busy: bool,
+    /// Re-read the channel from JetStream (after a reconnect, or a message late).
+    resync: bool,
+    stopped: bool,
+    pending: VecDeque<Msg>,
+}
+
+/// What sequencing a message left to do.
+enum Step {
+    Done,
+    /// A hole before the message: fill up to `first` (exclusive) from JetStream first.
+    Fill(u64),
+}
+
+impl Sink for Chan {
+    fn push(&self, m: Msg) {
+        let mut st = self.lock();
+        if st.stopped {
+            return;
+        }
+        if st.busy {
+            st.pending.push_back(m);
+            return;
+        }
+        let Some(handler) = self.handler() else { return };
+        if let Step::Fill(_) = self.apply(&mut st, &handler, &m, true)
+            && let Some(me) = self.me.upgrade()
+        {
+            st.pending.push_front(m);
+            st.busy = true;
+            drop(st);
+            tokio::spawn(me.work());
+        }
+    }
+}
+
+impl Chan {
+    fn lock(&self) -> std::sync::MutexGuard<'_, St> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn handler(&self) -> Option<Arc<dyn BrokerHandler>> {
+        self.inner.upgrade().and_then(|i| i.handler().cloned())
+    }
+
+    fn reached(&self, epoch: &str, offset: u64) -> bool {
+        let st = self.lock();
+        offset == 0 || (st.epoch.as_deref() == Some(epoch) && st.last >= offset)
+    }
+
+    /// Asks for a re-read from JetStream (a worker starts unless one runs).
+    fn request_resync(self: &Arc<Self>) {
+        let mut st = self.lock();
+        if st.stopped {
+            return;
+        }
+        st.resync = true;
+        if !st.busy {
+            st.busy = true;
+            drop(st);
+            tokio::spawn(self.clone().work());
         }
     }
 
-    async fn close(self, inner: &Weak<Inner>) {
-        match self {
-            Feed::Nats(mut s) => {
-                let _ = s.unsubscribe().await;
+    fn stop(&self) -> Feed {
+        let mut st = self.lock();
+        st.stopped = true;
+        st.pending = VecDeque::new();
+        drop(st);
+        self.notify.notify_waiters();
+        std::mem::replace(&mut *self.feed.lock().unwrap_or_else(|e| e.into_inner()), Feed::None)
+    }
+
+    /// Sequences one live message (under the state lock, so deliveries keep their order). With
+    /// `may_fill` false (the message that caused a fill, after it) a message of another epoch is
+    /// dropped and only what continues the channel is delivered.
+    fn apply(&self, st: &mut St, handler: &Arc<dyn BrokerHandler>, m: &Msg, may_fill: bool) -> Step {
+        let (headers, payload) = m;
+        let h = headers.as_ref();
+        match header(h, H_KIND) {
+            Some("j") | Some("l") => {
+                let client = header(h, H_CLIENT).unwrap_or_default().to_owned();
+                handler.on_presence_event(&self.name, PresenceEvent { client, frame: payload.clone() });
+                return Step::Done;
             }
-            Feed::Raw(sid, _) => {
-                if let Some(raw) = inner.upgrade().and_then(|i| i.raw.clone()) {
-                    raw.unsubscribe(sid).await;
+            Some(_) => return Step::Done,
+            None => {}
+        }
+        let Some(s) = Stored::from_headers(0, h, payload.clone()) else { return Step::Done };
+        if st.epoch.as_deref() != Some(&*s.epoch) {
+            if !may_fill {
+                return Step::Done;
+            }
+            if st.epoch.is_some() {
+                handler.on_gap(&self.name, &s.epoch, 0);
+            }
+            st.epoch = Some(s.epoch.clone());
+            st.last = 0;
+        }
+        if s.offset <= st.last {
+            self.notify.notify_waiters();
+            return Step::Done;
+        }
+        if may_fill && s.first > st.last + 1 {
+            return Step::Fill(s.first);
+        }
+        for p in s.publications(&self.name) {
+            if p.offset == st.last + 1 {
+                st.last = p.offset;
+                handler.on_publication(&self.name, p);
+            }
+        }
+        self.notify.notify_waiters();
+        Step::Done
+    }
+
+    /// The channel's worker: resyncs, fills holes and drains the waiting messages, then ends.
+    async fn work(self: Arc<Self>) {
+        loop {
+            let (Some(inner), Some(handler)) = (self.inner.upgrade(), self.handler()) else {
+                let mut st = self.lock();
+                st.busy = false;
+                st.pending.clear();
+                return;
+            };
+            let fill = {
+                let mut st = self.lock();
+                if st.stopped {
+                    st.busy = false;
+                    return;
+                }
+                if std::mem::take(&mut st.resync) {
+                    None
+                } else {
+                    let mut fill = None;
+                    while let Some(m) = st.pending.pop_front() {
+                        if let Step::Fill(upto) = self.apply(&mut st, &handler, &m, true) {
+                            st.pending.push_front(m);
+                            fill = Some(upto);
+                            break;
+                        }
+                    }
+                    let Some(upto) = fill else {
+                        st.busy = false;
+                        st.pending = VecDeque::new();
+                        return;
+                    };
+                    Some(upto)
+                }
+            };
+            match fill {
+                None => self.resync(&inner, &handler).await,
+                Some(upto) => {
+                    self.fill(&inner, &handler, upto).await;
+                    // The message that caused the fill: what it adds after the filled part.
+                    let mut st = self.lock();
+                    if let Some(m) = st.pending.pop_front() {
+                        self.apply(&mut st, &handler, &m, false);
+                    }
                 }
             }
         }
     }
-}
 
-/// A subscribed channel: its task's command queue and how far it delivered.
-struct Chan {
-    shared: Arc<Shared>,
-}
+    fn position(&self) -> (Option<Arc<str>>, u64) {
+        let st = self.lock();
+        (st.epoch.clone(), st.last)
+    }
 
-/// How far a channel's task delivered (for history reads that must not run ahead of it).
-#[derive(Default)]
-struct Shared {
-    pos: Mutex<(Option<Arc<str>>, u64)>,
-    notify: tokio::sync::Notify,
-    /// Commands to the channel's task (flags, woken by `wake`): re-read from JetStream, stop.
-    resync: std::sync::atomic::AtomicBool,
-    stop: std::sync::atomic::AtomicBool,
-    wake: tokio::sync::Notify,
-}
+    /// Delivers what the history holds between `last` and `upto` (exclusive; and after it if
+    /// stored already), or announces the gap.
+    async fn fill(&self, inner: &Arc<Inner>, handler: &Arc<dyn BrokerHandler>, upto: u64) {
+        let (Some(epoch), last) = self.position() else { return };
+        let since = StreamPosition { epoch: epoch.to_string(), offset: last };
+        let h = inner.history(&self.name, Some(&since), usize::MAX).await;
+        let mut st = self.lock();
+        match h {
+            Ok(h) if !h.gap && h.epoch == *epoch => {
+                for p in h.publications {
+                    if p.offset == st.last + 1 {
+                        st.last = p.offset;
+                        handler.on_publication(&self.name, p);
+                    }
+                }
+            }
+            Ok(h) if h.epoch != *epoch => {
+                // The channel moved to a new epoch meanwhile: told, continued from its start.
+                handler.on_gap(&self.name, &h.epoch, 0);
+                st.epoch = Some(h.epoch.as_str().into());
+                st.last = 0;
+            }
+            _ => {
+                handler.on_gap(&self.name, &epoch, upto - 1);
+                st.last = upto - 1;
+            }
+        }
+        drop(st);
+        self.notify.notify_waiters();
+    }
 
-impl Shared {
-    fn command(&self, stop: bool) {
-        let flag = if stop { &self.stop } else { &self.resync };
-        flag.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.wake.notify_one();
+    /// Re-reads the channel after a reconnect: delivers what was missed, or tells the gap.
+    async fn resync(&self, inner: &Arc<Inner>, handler: &Arc<dyn BrokerHandler>) {
+        let (epoch, last) = self.position();
+        let Some(epoch) = epoch else {
+            if let Ok(Some(b)) = inner.last(&self.name).await {
+                if b.offset > 0 {
+                    handler.on_gap(&self.name, &b.epoch, b.offset);
+                }
+                let mut st = self.lock();
+                st.epoch = Some(b.epoch.clone());
+                st.last = b.offset;
+                drop(st);
+                self.notify.notify_waiters();
+            }
+            return;
+        };
+        let since = StreamPosition { epoch: epoch.to_string(), offset: last };
+        let h = inner.history(&self.name, Some(&since), usize::MAX).await;
+        let mut st = self.lock();
+        match h {
+            Ok(h) if !h.gap => {
+                for p in h.publications {
+                    if p.offset == st.last + 1 {
+                        st.last = p.offset;
+                        handler.on_publication(&self.name, p);
+                    }
+                }
+            }
+            Ok(h) => {
+                handler.on_gap(&self.name, &h.epoch, h.offset);
+                st.epoch = Some(h.epoch.as_str().into());
+                st.last = h.offset;
+            }
+            Err(e) => {
+                tracing::warn!(channel = %self.name, error = %e, "nats: resync failed; the next message fills")
+            }
+        }
+        drop(st);
+        self.notify.notify_waiters();
     }
 }
 
-impl Shared {
-    fn reached(&self, epoch: &str, offset: u64) -> bool {
-        let p = self.pos.lock().unwrap_or_else(|e| e.into_inner());
-        offset == 0 || (p.0.as_deref() == Some(epoch) && p.1 >= offset)
-    }
-}
+type Tagged = Pin<Box<dyn Stream<Item = (Arc<Chan>, Msg)> + Send>>;
 
 #[derive(Default)]
 pub(crate) struct Live {
     inner: OnceLock<Weak<Inner>>,
-    channels: Mutex<HashMap<String, Chan>>,
-}
-
-/// Where a node is in a channel: the epoch and last offset it delivered.
-struct Seq {
-    channel: String,
-    epoch: Option<Arc<str>>,
-    last: u64,
-    shared: Arc<Shared>,
+    channels: Mutex<HashMap<String, Arc<Chan>>>,
+    /// The dispatcher of async-nats subscriptions (started by the first one).
+    nats: OnceLock<tokio::sync::mpsc::UnboundedSender<Tagged>>,
 }
 
 impl Live {
@@ -90,14 +304,15 @@ impl Live {
         let _ = self.inner.set(w);
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Chan>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Chan>>> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// After a reconnect (or a slow-consumer drop): every channel re-reads its position.
     pub(crate) fn resync_all(&self) {
-        for c in self.map().values() {
-            c.shared.command(false);
+        let all: Vec<Arc<Chan>> = self.map().values().cloned().collect();
+        for c in all {
+            c.request_resync();
         }
     }
 
@@ -106,60 +321,101 @@ impl Live {
         self.map().keys().cloned().collect()
     }
 
-    pub(crate) fn unsubscribe(&self, channel: &str) {
-        if let Some(c) = self.map().remove(channel) {
-            c.shared.command(true);
-        }
+    pub(crate) async fn unsubscribe(&self, inner: &Arc<Inner>, channel: &str) {
+        let Some(c) = self.map().remove(channel) else { return };
+        close(inner, c.stop()).await;
+    }
+
+    fn dispatcher(&self) -> &tokio::sync::mpsc::UnboundedSender<Tagged> {
+        self.nats.get_or_init(|| {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Tagged>();
+            tokio::spawn(async move {
+                let mut all: SelectAll<Tagged> = SelectAll::new();
+                loop {
+                    tokio::select! {
+                        s = rx.recv() => match s {
+                            Some(s) => all.push(s),
+                            None => break,
+                        },
+                        Some((chan, m)) = all.next(), if !all.is_empty() => chan.push(m),
+                    }
+                }
+            });
+            tx
+        })
     }
 
     pub(crate) async fn subscribe(&self, inner: &Arc<Inner>, channel: &str) -> Result<(), BrokerError> {
         if self.map().contains_key(channel) {
             return Ok(());
         }
+        // Busy until the baseline is read: what arrives meanwhile waits in the queue.
+        let chan = Arc::new_cyclic(|me| Chan {
+            name: channel.to_owned(),
+            inner: Arc::downgrade(inner),
+            me: me.clone(),
+            st: Mutex::new(St { busy: true, ..Default::default() }),
+            notify: tokio::sync::Notify::new(),
+            feed: Mutex::new(Feed::None),
+        });
         let mut pending = false;
-        let sub = match &inner.raw {
+        let feed = match &inner.raw {
             Some(raw) => {
-                let (sid, inbox) = raw.subscribe(&inner.live_subject(channel)).await;
+                let sid = raw.subscribe(&inner.live_subject(channel), chan.clone()).await;
                 // Not connected now: the subscription takes effect later, so the channel
-                // re-reads JetStream once its task starts (what was published meanwhile).
+                // re-reads JetStream once it is set up (what was published meanwhile).
                 pending = !raw.connected().await;
-                Feed::Raw(sid, inbox)
+                Feed::Raw(sid)
             }
-            None => Feed::Nats(inner.client.subscribe(inner.live_subject(channel)).await.map_err(unavailable)?),
+            None => {
+                let sub = inner.client.subscribe(inner.live_subject(channel)).await.map_err(unavailable)?;
+                let (handle, reg) = AbortHandle::new_pair();
+                let c = chan.clone();
+                let tagged: Tagged =
+                    Box::pin(Abortable::new(sub.map(move |m| (c.clone(), (m.headers, m.payload))), reg));
+                if self.dispatcher().send(tagged).is_err() {
+                    return Err(BrokerError::Internal("nats: the live dispatcher stopped".into()));
+                }
+                Feed::Nats(handle)
+            }
         };
+        *chan.feed.lock().unwrap_or_else(|e| e.into_inner()) = feed;
         // The baseline is read after the subscription exists: nothing falls between the two.
         let base = match inner.last(channel).await {
             Ok(b) => b,
             Err(e) => {
-                sub.close(&Arc::downgrade(inner)).await;
+                close(inner, chan.stop()).await;
                 return Err(e);
             }
         };
-        let shared = {
+        let raced = {
             let mut m = self.map();
-            if m.contains_key(channel) {
-                None
+            let raced = m.contains_key(channel);
+            if !raced {
+                m.insert(channel.to_owned(), chan.clone());
+            }
+            raced
+        };
+        if raced {
+            close(inner, chan.stop()).await;
+            return Ok(());
+        }
+        let work = {
+            let mut st = chan.lock();
+            st.epoch = base.as_ref().map(|b| b.epoch.clone());
+            st.last = base.map_or(0, |b| b.offset);
+            st.resync |= pending;
+            if st.resync || !st.pending.is_empty() {
+                true
             } else {
-                let shared = Arc::new(Shared::default());
-                m.insert(channel.to_owned(), Chan { shared: shared.clone() });
-                Some(shared)
+                st.busy = false;
+                false
             }
         };
-        let Some(shared) = shared else {
-            sub.close(&Arc::downgrade(inner)).await;
-            return Ok(());
-        };
-        let seq = Seq {
-            channel: channel.to_owned(),
-            epoch: base.as_ref().map(|b| b.epoch.clone()),
-            last: base.map_or(0, |b| b.offset),
-            shared,
-        };
-        seq.moved();
-        if pending {
-            seq.shared.command(false);
+        chan.notify.notify_waiters();
+        if work {
+            tokio::spawn(chan.work());
         }
-        tokio::spawn(run(Arc::downgrade(inner), sub, seq));
         Ok(())
     }
 
@@ -168,14 +424,14 @@ impl Live {
     /// offset it returns went through `on_publication` (the hub's recovery merge relies on it).
     /// A live message late by more than a moment is fetched from JetStream (a resync).
     pub(crate) async fn wait_delivered(&self, channel: &str, epoch: &str, offset: u64, within: Duration) {
-        let Some(shared) = self.map().get(channel).map(|c| c.shared.clone()) else { return };
+        let Some(chan) = self.map().get(channel).cloned() else { return };
         let deadline = tokio::time::Instant::now() + within;
         let mut nudged = false;
         loop {
-            let notified = shared.notify.notified();
+            let notified = chan.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if shared.reached(epoch, offset) {
+            if chan.reached(epoch, offset) || chan.lock().stopped {
                 return;
             }
             let until = if nudged { deadline } else { deadline.min(tokio::time::Instant::now() + NUDGE) };
@@ -185,146 +441,25 @@ impl Live {
                     return;
                 }
                 nudged = true;
-                shared.command(false);
+                chan.request_resync();
             }
         }
+    }
+}
+
+/// Closes a channel's subscription.
+async fn close(inner: &Arc<Inner>, feed: Feed) {
+    match feed {
+        Feed::None => {}
+        Feed::Raw(sid) => {
+            if let Some(raw) = &inner.raw {
+                raw.unsubscribe(sid).await;
+            }
+        }
+        // The dispatcher drops the aborted stream, and with it the subscription.
+        Feed::Nats(handle) => handle.abort(),
     }
 }
 
 /// How long a history read waits for the live stream before asking JetStream.
 const NUDGE: Duration = Duration::from_millis(200);
-
-async fn run(inner: Weak<Inner>, mut sub: Feed, mut seq: Seq) {
-    use std::sync::atomic::Ordering::SeqCst;
-    let shared = seq.shared.clone();
-    loop {
-        if shared.stop.load(SeqCst) {
-            break;
-        }
-        if shared.resync.swap(false, SeqCst) {
-            let Some(inner) = inner.upgrade() else { break };
-            Box::pin(seq.resync(&inner)).await;
-            continue;
-        }
-        tokio::select! {
-            m = sub.next() => {
-                let Some(m) = m else { break };
-                let Some(inner) = inner.upgrade() else { break };
-                Box::pin(seq.on_message(&inner, m)).await;
-            }
-            () = shared.wake.notified() => {}
-        }
-    }
-    sub.close(&inner).await;
-}
-
-impl Seq {
-    /// Publishes the position to history readers waiting on it.
-    fn moved(&self) {
-        *self.shared.pos.lock().unwrap_or_else(|e| e.into_inner()) = (self.epoch.clone(), self.last);
-        self.shared.notify.notify_waiters();
-    }
-
-    async fn on_message(&mut self, inner: &Arc<Inner>, m: crate::rawsub::Live) {
-        let Some(handler) = inner.handler().cloned() else { return };
-        let (headers, payload) = m;
-        let h = headers.as_ref();
-        match header(h, H_KIND) {
-            Some("j") | Some("l") => {
-                let client = header(h, H_CLIENT).unwrap_or_default().to_owned();
-                handler.on_presence_event(&self.channel, PresenceEvent { client, frame: payload });
-                return;
-            }
-            Some(_) => return,
-            None => {}
-        }
-        let Some(s) = Stored::from_headers(0, h, payload) else { return };
-        if self.epoch.as_deref() != Some(&*s.epoch) {
-            if self.epoch.is_some() {
-                handler.on_gap(&self.channel, &s.epoch, 0);
-            }
-            self.epoch = Some(s.epoch.clone());
-            self.last = 0;
-        }
-        if s.offset <= self.last {
-            self.moved();
-            return;
-        }
-        if s.first > self.last + 1 {
-            // Boxed: the history read's state is allocated only while a hole is filled, not
-            // held in every channel's idle task.
-            Box::pin(self.fill(inner, s.first)).await;
-        }
-        for p in s.publications(&self.channel) {
-            if p.offset == self.last + 1 {
-                self.last = p.offset;
-                handler.on_publication(&self.channel, p);
-            }
-        }
-        self.moved();
-    }
-
-    /// Delivers what the history holds between `last` and `upto` (exclusive; and after it if
-    /// stored already), or announces the gap.
-    async fn fill(&mut self, inner: &Arc<Inner>, upto: u64) {
-        let Some(handler) = inner.handler().cloned() else { return };
-        let Some(epoch) = self.epoch.clone() else { return };
-        let since = StreamPosition { epoch: epoch.to_string(), offset: self.last };
-        match inner.history(&self.channel, Some(&since), usize::MAX).await {
-            Ok(h) if !h.gap && h.epoch == *epoch => {
-                for p in h.publications {
-                    if p.offset == self.last + 1 {
-                        self.last = p.offset;
-                        handler.on_publication(&self.channel, p);
-                    }
-                }
-            }
-            Ok(h) if h.epoch != *epoch => {
-                // The channel moved to a new epoch meanwhile: told, continued from its start.
-                handler.on_gap(&self.channel, &h.epoch, 0);
-                self.epoch = Some(h.epoch.as_str().into());
-                self.last = 0;
-            }
-            _ => {
-                handler.on_gap(&self.channel, &epoch, upto - 1);
-                self.last = upto - 1;
-            }
-        }
-        self.moved();
-    }
-
-    /// Re-reads the channel after a reconnect: delivers what was missed, or tells the gap.
-    async fn resync(&mut self, inner: &Arc<Inner>) {
-        let Some(handler) = inner.handler().cloned() else { return };
-        let Some(epoch) = self.epoch.clone() else {
-            if let Ok(Some(b)) = inner.last(&self.channel).await {
-                if b.offset > 0 {
-                    handler.on_gap(&self.channel, &b.epoch, b.offset);
-                }
-                self.epoch = Some(b.epoch.clone());
-                self.last = b.offset;
-                self.moved();
-            }
-            return;
-        };
-        let since = StreamPosition { epoch: epoch.to_string(), offset: self.last };
-        match inner.history(&self.channel, Some(&since), usize::MAX).await {
-            Ok(h) if !h.gap => {
-                for p in h.publications {
-                    if p.offset == self.last + 1 {
-                        self.last = p.offset;
-                        handler.on_publication(&self.channel, p);
-                    }
-                }
-            }
-            Ok(h) => {
-                handler.on_gap(&self.channel, &h.epoch, h.offset);
-                self.epoch = Some(h.epoch.as_str().into());
-                self.last = h.offset;
-            }
-            Err(e) => {
-                tracing::warn!(channel = %self.channel, error = %e, "nats: resync failed; the next message fills")
-            }
-        }
-    }
-}

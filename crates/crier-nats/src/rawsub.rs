@@ -1,15 +1,15 @@
 //! The node's own subscriber connection for the live subjects: one TCP connection speaking the
 //! NATS client protocol (`CONNECT`, `SUB`/`UNSUB`, `MSG`/`HMSG`, `PING`/`PONG`), dispatching
-//! messages by subscription id into each channel's inbox — as the Redis broker owns its pub/sub
+//! messages by subscription id to each channel's sink, inline in its read loop (the node's one
+//! dispatcher: no task and no queue per channel) — as the Redis broker owns its pub/sub
 //! connection. It exists for memory: the async-nats client gives every subscription its own
-//! queue whose first block (32 messages) is allocated at once, ~6 KiB per subscribed channel;
-//! an inbox here allocates only while messages wait in it.
+//! queue whose first block (32 messages) is allocated at once, ~6 KiB per subscribed channel.
 //!
 //! Used for plain `nats://` servers without credentials or with a token; with TLS, a `.creds`
 //! file, an nkey or a user in the URL the broker subscribes through async-nats instead.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -22,51 +22,21 @@ use tokio::net::tcp::OwnedWriteHalf;
 /// A message of a live subject: its headers and payload.
 pub(crate) type Live = (Option<HeaderMap>, Bytes);
 
-/// A channel's waiting messages (allocated only while some wait).
-#[derive(Default)]
-pub(crate) struct Inbox {
-    queue: Mutex<VecDeque<Live>>,
-    notify: tokio::sync::Notify,
-    closed: AtomicBool,
+/// Where a subscription's messages go: called inline by the connection's read loop (the
+/// node's one dispatcher), in the order the server sent them.
+pub(crate) trait Sink: Send + Sync {
+    fn push(&self, m: Live);
 }
 
-impl Inbox {
-    fn push(&self, m: Live) {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push_back(m);
-        self.notify.notify_one();
-    }
-
-    fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        self.notify.notify_one();
-    }
-
-    /// The next message; `None` once closed.
-    pub(crate) async fn next(&self) -> Option<Live> {
-        loop {
-            {
-                let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(m) = q.pop_front() {
-                    if q.is_empty() && q.capacity() > 64 {
-                        q.shrink_to_fit();
-                    }
-                    return Some(m);
-                }
-            }
-            if self.closed.load(Ordering::SeqCst) {
-                return None;
-            }
-            self.notify.notified().await;
-        }
-    }
-}
+/// A subscription: its subject and where its messages go.
+type Subscription = (String, Arc<dyn Sink>);
 
 /// The subscriber connection.
 pub(crate) struct RawSub {
     writer: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
     /// Waiters for the server's `PONG`s, in the order their `PING`s were written.
     pongs: Mutex<VecDeque<tokio::sync::oneshot::Sender<()>>>,
-    subs: Mutex<HashMap<u64, (String, Arc<Inbox>)>>,
+    subs: Mutex<HashMap<u64, Subscription>>,
     next_sid: AtomicU64,
 }
 
@@ -96,12 +66,11 @@ impl RawSub {
         me
     }
 
-    /// Subscribes `subject`; its messages go to the returned inbox. Returns once the server
-    /// has the subscription (a `PING` after the `SUB` was answered), or after 2 s.
-    pub(crate) async fn subscribe(&self, subject: &str) -> (u64, Arc<Inbox>) {
+    /// Subscribes `subject`; its messages go to `sink`. Returns the subscription id once the
+    /// server has the subscription (a `PING` after the `SUB` was answered), or after 2 s.
+    pub(crate) async fn subscribe(&self, subject: &str, sink: Arc<dyn Sink>) -> u64 {
         let sid = self.next_sid.fetch_add(1, Ordering::Relaxed);
-        let inbox = Arc::new(Inbox::default());
-        self.subs.lock().unwrap_or_else(|e| e.into_inner()).insert(sid, (subject.to_owned(), inbox.clone()));
+        self.subs.lock().unwrap_or_else(|e| e.into_inner()).insert(sid, (subject.to_owned(), sink));
         let (tx, rx) = tokio::sync::oneshot::channel();
         {
             // Not connected: the connection task sends it (and every channel resyncs) once up.
@@ -117,7 +86,7 @@ impl RawSub {
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), rx).await;
-        (sid, inbox)
+        sid
     }
 
     /// Whether the connection is up (subscriptions take effect at once).
@@ -134,9 +103,7 @@ impl RawSub {
     }
 
     pub(crate) async fn unsubscribe(&self, sid: u64) {
-        if let Some((_, inbox)) = self.subs.lock().unwrap_or_else(|e| e.into_inner()).remove(&sid) {
-            inbox.close();
-        }
+        self.subs.lock().unwrap_or_else(|e| e.into_inner()).remove(&sid);
         let mut w = self.writer.lock().await;
         if let Some(wr) = w.as_mut()
             && wr.write_all(format!("UNSUB {sid}\r\n").as_bytes()).await.is_err()
@@ -292,11 +259,11 @@ async fn read_loop(me: &Weak<RawSub>, mut r: Reader) {
         }
         buf.truncate(total);
         let Some(sub) = me.upgrade() else { return };
-        let inbox = sub.subs.lock().unwrap_or_else(|e| e.into_inner()).get(&sid).map(|(_, i)| i.clone());
-        if let Some(inbox) = inbox {
+        let sink = sub.subs.lock().unwrap_or_else(|e| e.into_inner()).get(&sid).map(|(_, s)| s.clone());
+        if let Some(sink) = sink {
             let headers = (hlen > 0).then(|| parse_headers(&buf[..hlen]));
             let payload = Bytes::from(buf).slice(hlen..);
-            inbox.push((headers, payload));
+            sink.push((headers, payload));
         }
     }
 }

@@ -179,6 +179,26 @@ impl NatsServer {
     }
 }
 
+impl NatsServer {
+    /// SIGKILL, then starts again on the same ports with an empty store directory: everything
+    /// JetStream held (streams, key-value buckets) is lost, as with a server moved to a new disk.
+    pub fn restart_with_empty_store(&mut self) {
+        self.kill();
+        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            if e.file_name() == "server.log" {
+                continue;
+            }
+            let p = e.path();
+            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
+        if self.cluster_port.is_some() {
+            self.spawn();
+        } else {
+            self.launch();
+        }
+    }
+}
+
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();

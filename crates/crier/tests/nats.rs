@@ -202,6 +202,48 @@ async fn nats_restart_readiness_follows_and_nothing_acknowledged_is_lost() {
     assert!(b.metric("crier_broker_reconnects_total").await >= 1.0);
 }
 
+/// A NATS server restarted with its store lost (streams and buckets gone): once ready again
+/// publishes are accepted in a new epoch, the live subscriber is told (a `gap` frame with the
+/// new epoch) before anything of it, and a client recovering from the old epoch is told it cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_that_lost_its_store_is_never_silent() {
+    if !nats_available("a_nats_restart_that_lost_its_store_is_never_silent") {
+        return;
+    }
+    let mut nats = NatsServer::start();
+    let url = nats.url();
+    let (a, b) = (node(&url, "la", &[]).await, node(&url, "lb", &[]).await);
+    until("ready", async || status(&a, "/readyz").await == 200 && status(&b, "/readyz").await == 200).await;
+    let token = b.token("s", &["ev"], &[]);
+    let mut sub = b.client(&token).await;
+    let old_epoch = sub.subscribe("ev", 1).await["epoch"].as_str().unwrap().to_owned();
+    let before = try_publish(&a, "ev", json!("before")).await.unwrap();
+    assert_eq!(messages(&mut sub, 1).await[0]["offset"], before.1);
+    nats.restart_with_empty_store();
+    until_within("both nodes reconnected", Duration::from_secs(30), async || {
+        a.metric("crier_broker_reconnects_total").await >= 1.0 && b.metric("crier_broker_reconnects_total").await >= 1.0
+    })
+    .await;
+    until("ready again", async || status(&a, "/readyz").await == 200 && status(&b, "/readyz").await == 200).await;
+    // Once ready again, publishes are accepted (the streams and buckets are laid out again).
+    let after = try_publish(&a, "ev", json!("after")).await.expect("accepted once ready");
+    assert_ne!(after.0, old_epoch, "lost history means a new epoch");
+    // The live subscriber is told before anything of the new epoch: a `gap` frame with it.
+    let gap = sub.recv().await;
+    assert_eq!((gap["type"].as_str(), gap["channel"].as_str()), (Some("gap"), Some("ev")), "{gap}");
+    assert_eq!(gap["epoch"].as_str(), Some(after.0.as_str()), "{gap}");
+    // Told a position at or past the publish (the node re-read the channel after it), or the
+    // publish arrives next.
+    if gap["offset"].as_u64().unwrap_or(0) < after.1 {
+        let m = messages(&mut sub, 1).await.remove(0);
+        assert_eq!((m["epoch"].as_str().unwrap(), m["offset"].as_u64().unwrap()), (after.0.as_str(), after.1));
+    }
+    // A client recovering from the old epoch is told it cannot.
+    let mut late = a.client(&token).await;
+    let ack = late.resubscribe("ev", &old_epoch, 1, 1).await;
+    assert_eq!(ack["recovered"], false, "{ack}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_cluster_server_killed_under_publish_load_loses_nothing_silently() {
     if !nats_available("a_nats_cluster_server_killed_under_publish_load") {

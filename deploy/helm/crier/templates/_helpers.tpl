@@ -41,6 +41,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- define "crier.redisAddress" -}}
 {{- $r := .Values.redis -}}
 {{- $has := dict "url" (ne (toString $r.url) "") "sentinel" (gt (len $r.sentinel.urls) 0) "cluster" (gt (len $r.cluster.urls) 0) -}}
+{{- if eq (toString .Values.broker) "nats" -}}
+{{- if or (ne $r.mode "internal") (get $has "url") (get $has "sentinel") (get $has "cluster") $r.tlsCa.secretName -}}
+{{- fail "broker=nats: unset redis.* (one broker at a time; redis.* is for broker=redis)" -}}
+{{- end -}}
+{{- if and (not .Values.nats.urls) (not $.Values.auth.existingSecret) -}}
+{{- fail "broker=nats needs its servers: set nats.urls (or put CRIER_NATS_URL in auth.existingSecret)" -}}
+{{- end -}}
+{{- if .Values.nats.urls }}CRIER_NATS_URL: {{ join "," .Values.nats.urls | quote }}{{ end }}
+{{- else -}}
 {{- if not (has $r.mode (list "internal" "url" "sentinel" "cluster")) -}}
 {{- fail (printf "redis.mode is %q: it must be internal, url, sentinel or cluster" (toString $r.mode)) -}}
 {{- end -}}
@@ -58,6 +67,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- if eq $r.mode "url" }}{{ if $r.url }}CRIER_REDIS_URL: {{ $r.url | quote }}{{ end }}
 {{- else if eq $r.mode "sentinel" }}{{ if $r.sentinel.urls }}CRIER_REDIS_SENTINEL_URLS: {{ join "," $r.sentinel.urls | quote }}{{ end }}
 {{- else if eq $r.mode "cluster" }}{{ if $r.cluster.urls }}CRIER_REDIS_CLUSTER_URLS: {{ join "," $r.cluster.urls | quote }}{{ end }}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 

@@ -1,0 +1,235 @@
+//! Connecting: the client and its events, the streams and buckets laid out, the subscriber
+//! connection and the background tasks started.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use crier_core::broker::{BrokerError, IDEMPOTENCY_WINDOW};
+
+use crate::{HistPolicy, Inner, NatsAuth, NatsBroker, NatsOptions, live, rawsub, state, unavailable};
+
+impl NatsBroker {
+    /// Connects, creates (or updates) the streams and buckets, and starts the background tasks.
+    pub async fn connect(opts: NatsOptions) -> Result<Arc<NatsBroker>, BrokerError> {
+        let weak: Arc<OnceLock<Weak<Inner>>> = Arc::new(OnceLock::new());
+        let up = Arc::new(AtomicBool::new(false));
+        let mut co = async_nats::ConnectOptions::new()
+            .name(format!("crier {}", opts.node_id))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(opts.connect_wait)
+            .request_timeout(Some(opts.command_timeout))
+            .subscription_capacity(65_536)
+            .reconnect_delay_callback(|n| Duration::from_millis((50u64 << n.min(5)).min(2000)));
+        let mut token = None;
+        match &opts.auth {
+            NatsAuth::None => {}
+            NatsAuth::CredentialsFile(p) => {
+                co = co
+                    .credentials_file(p)
+                    .await
+                    .map_err(|e| BrokerError::Internal(format!("nats credentials file: {e}")))?
+            }
+            NatsAuth::TokenFile(p) => {
+                let t =
+                    std::fs::read_to_string(p).map_err(|e| BrokerError::Internal(format!("nats token file: {e}")))?;
+                token = Some(t.trim().to_owned());
+                co = co.token(t.trim().to_owned());
+            }
+            NatsAuth::NkeyFile(p) => {
+                let t =
+                    std::fs::read_to_string(p).map_err(|e| BrokerError::Internal(format!("nats nkey file: {e}")))?;
+                co = co.nkey(t.trim().to_owned());
+            }
+        }
+        if let Some(ca) = &opts.tls_ca_file {
+            co = co.add_root_certificates(ca.clone());
+        }
+        if opts.urls.iter().any(|u| u.starts_with("tls://")) {
+            co = co.require_tls(true);
+        }
+        let (ev_weak, ev_up) = (weak.clone(), up.clone());
+        co = co.event_callback(move |ev| {
+            let (w, up) = (ev_weak.clone(), ev_up.clone());
+            async move {
+                match ev {
+                    async_nats::Event::Connected => {
+                        let was = up.swap(true, Ordering::SeqCst);
+                        if let Some(inner) = w.get().and_then(Weak::upgrade) {
+                            if was {
+                                inner.up.store(true, Ordering::SeqCst);
+                            } else {
+                                // A reconnect: the server may have lost its store (streams and
+                                // buckets gone). They are laid out again before the node is up
+                                // and every channel re-reads its position (a lost channel's new
+                                // epoch is announced as a gap).
+                                inner.reconnects.fetch_add(1, Ordering::Relaxed);
+                                tokio::spawn(async move {
+                                    inner.relayout().await;
+                                    inner.up.store(up.load(Ordering::SeqCst), Ordering::SeqCst);
+                                    inner.live.resync_all();
+                                });
+                            }
+                        }
+                    }
+                    async_nats::Event::Disconnected | async_nats::Event::Closed => {
+                        up.store(false, Ordering::SeqCst);
+                        if let Some(inner) = w.get().and_then(Weak::upgrade) {
+                            inner.up.store(false, Ordering::SeqCst);
+                        }
+                    }
+                    async_nats::Event::SlowConsumer(_) => {
+                        if let Some(inner) = w.get().and_then(Weak::upgrade) {
+                            inner.live.resync_all();
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let urls: Vec<async_nats::ServerAddr> = opts
+            .urls
+            .iter()
+            .map(|u| u.parse::<async_nats::ServerAddr>().map_err(|e| BrokerError::Internal(format!("nats_url: {e}"))))
+            .collect::<Result<_, _>>()?;
+        let client = co.connect(urls).await.map_err(unavailable)?;
+        let js = jetstream::ContextBuilder::new().timeout(opts.command_timeout).build(client.clone());
+        // Wait (bounded) for the first connection, then lay out streams and buckets.
+        let deadline = tokio::time::Instant::now() + opts.connect_wait.max(Duration::from_secs(5));
+        while client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() > deadline {
+                return Err(BrokerError::Unavailable("no NATS server reachable".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let default_policy = HistPolicy { size: opts.history_size, ttl_ms: opts.history_ttl.as_millis().max(1) as u64 };
+        let policies: HashMap<String, HistPolicy> = opts
+            .namespaces
+            .named()
+            .map(|(n, p)| {
+                (n.to_owned(), HistPolicy { size: p.history_size, ttl_ms: p.history_ttl.as_millis().max(1) as u64 })
+            })
+            .collect();
+        // JetStream may still be electing its leaders (a cluster starting): the layout is
+        // retried for up to `layout_wait`.
+        let deadline = tokio::time::Instant::now() + opts.layout_wait;
+        let (streams, kv) = loop {
+            match layout(&js, &opts, default_policy, &policies).await {
+                Ok(l) => break l,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "nats: JetStream not ready yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let plain: Option<Vec<String>> = opts.urls.iter().map(|u| rawsub::plain_addr(u)).collect();
+        let raw = match (&opts.auth, plain, &opts.tls_ca_file) {
+            (NatsAuth::None | NatsAuth::TokenFile(_), Some(addrs), None) => {
+                let w = weak.clone();
+                Some(rawsub::RawSub::start(addrs, token, format!("crier {} live", opts.node_id), move || {
+                    if let Some(inner) = w.get().and_then(Weak::upgrade) {
+                        inner.live.resync_all();
+                    }
+                }))
+            }
+            _ => None,
+        };
+        let inner = Arc::new(Inner {
+            raw,
+            live: live::Live::default(),
+            client,
+            js,
+            up: AtomicBool::new(up.load(Ordering::SeqCst)),
+            reconnects: AtomicU64::new(0),
+            publish_calls: AtomicU64::new(0),
+            handler: OnceLock::new(),
+            kv,
+            policies,
+            default_policy,
+            streams,
+            tails: Mutex::new(HashMap::new()),
+            opts,
+        });
+        inner.up.store(inner.client.connection_state() == async_nats::connection::State::Connected, Ordering::SeqCst);
+        let _ = weak.set(Arc::downgrade(&inner));
+        inner.live.set_inner(Arc::downgrade(&inner));
+        if let Some(raw) = &inner.raw {
+            raw.wait_connected(inner.opts.connect_wait).await;
+        }
+        state::start_ops(&inner).await?;
+        Ok(Arc::new(NatsBroker { inner }))
+    }
+}
+
+impl Inner {
+    /// Lays the streams and buckets out again (idempotent; re-creates what a server lost),
+    /// retried for a few seconds: after it the node serves even if it failed (a cluster that
+    /// cannot update a stream now still serves the existing one).
+    async fn relayout(&self) {
+        let deadline = tokio::time::Instant::now() + self.opts.layout_wait.min(Duration::from_secs(5));
+        loop {
+            match layout(&self.js, &self.opts, self.default_policy, &self.policies).await {
+                Ok(_) => return,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "nats: laying out again after a reconnect; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "nats: streams and buckets not laid out again after a reconnect");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn layout(
+    js: &jetstream::Context,
+    opts: &NatsOptions,
+    default_policy: HistPolicy,
+    policies: &HashMap<String, HistPolicy>,
+) -> Result<(HashMap<HistPolicy, stream::Stream>, state::Buckets), BrokerError> {
+    let mut streams = HashMap::new();
+    for p in std::iter::once(default_policy).chain(policies.values().copied()) {
+        if streams.contains_key(&p) {
+            continue;
+        }
+        let s = create_stream(js, opts, p).await?;
+        streams.insert(p, s);
+    }
+    let kv = state::Buckets::create(js, opts).await?;
+    Ok((streams, kv))
+}
+
+async fn create_stream(
+    js: &jetstream::Context,
+    opts: &NatsOptions,
+    p: HistPolicy,
+) -> Result<stream::Stream, BrokerError> {
+    let id = p.id();
+    let max_age = Duration::from_millis(p.ttl_ms);
+    let config = stream::Config {
+        name: format!("{}_h_{id}", opts.prefix.replace(['.', '*', '>', ' '], "_")),
+        subjects: vec![format!("{}.h.{id}.*", opts.prefix)],
+        max_messages_per_subject: p.size.max(1) as i64,
+        max_age,
+        duplicate_window: IDEMPOTENCY_WINDOW.min(max_age),
+        storage: stream::StorageType::File,
+        num_replicas: opts.replicas.max(1),
+        discard: stream::DiscardPolicy::Old,
+        republish: Some(stream::Republish {
+            source: format!("{}.h.{id}.*", opts.prefix),
+            destination: format!("{}.l.{id}.{{{{wildcard(1)}}}}", opts.prefix),
+            headers_only: false,
+        }),
+        ..Default::default()
+    };
+    js.create_or_update_stream(config.clone())
+        .await
+        .map_err(|e| unavailable(format!("stream {}: {e}", config.name)))?;
+    js.get_stream(&config.name).await.map_err(unavailable)
+}

@@ -1,0 +1,227 @@
+//! History, offsets and epochs in JetStream: the streams' policies, a channel's subjects, its
+//! last stored message, the epoch marker, and history reads along the chain of stored messages.
+
+use std::sync::Arc;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{context::PublishErrorKind, message::PublishMessage, stream};
+use bytes::Bytes;
+use crier_core::Namespaces;
+use crier_core::broker::{BrokerError, History, Publication};
+use crier_protocol::StreamPosition;
+
+use crate::{H_EPOCH, H_LENS, H_OFFSET, H_PREV, H_TS, Inner, token, unavailable};
+
+/// A channel's history policy, as the streams are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct HistPolicy {
+    pub(crate) size: usize,
+    pub(crate) ttl_ms: u64,
+}
+
+impl HistPolicy {
+    pub(crate) fn id(&self) -> String {
+        format!("{}_{}", self.size, self.ttl_ms)
+    }
+}
+
+/// One stored message of a channel, decoded: the publications `first..=offset` (one, or a batch
+/// of a node's publishes that queued while its previous store was out).
+#[derive(Debug, Clone)]
+pub(crate) struct Stored {
+    pub seq: u64,
+    pub epoch: Arc<str>,
+    /// The first offset it holds (0: the epoch marker).
+    pub first: u64,
+    /// The last offset it holds.
+    pub offset: u64,
+    pub prev: u64,
+    pub ts: u64,
+    /// Byte lengths of the batch's publications in `data` (empty: one publication).
+    pub lens: Vec<usize>,
+    pub data: Bytes,
+}
+
+pub(crate) fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    h.and_then(|h| h.get(name)).map(|v| v.as_str())
+}
+
+pub(crate) fn header_u64(h: Option<&HeaderMap>, name: &str) -> u64 {
+    header(h, name).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+impl Stored {
+    pub(crate) fn from_headers(seq: u64, h: Option<&HeaderMap>, data: Bytes) -> Option<Stored> {
+        let epoch = header(h, H_EPOCH)?;
+        let first = header_u64(h, H_OFFSET);
+        let lens: Vec<usize> =
+            header(h, H_LENS).map(|l| l.split(',').filter_map(|n| n.parse().ok()).collect()).unwrap_or_default();
+        if lens.iter().sum::<usize>() > data.len() {
+            return None;
+        }
+        let count = lens.len().max(1) as u64;
+        Some(Stored {
+            seq,
+            epoch: epoch.into(),
+            first,
+            offset: if first == 0 { 0 } else { first + count - 1 },
+            prev: header_u64(h, H_PREV),
+            ts: header_u64(h, H_TS),
+            lens,
+            data,
+        })
+    }
+
+    /// Its publications, oldest first (none for the epoch marker).
+    pub(crate) fn publications(&self, channel: &str) -> Vec<Publication> {
+        if self.first == 0 {
+            return Vec::new();
+        }
+        let one = |offset: u64, data: &[u8]| {
+            let data = std::str::from_utf8(data).unwrap_or("null");
+            Publication {
+                offset,
+                epoch: self.epoch.clone(),
+                frame: crier_protocol::frames::encode_message(channel, &self.epoch, offset, data),
+                published_at_us: self.ts,
+            }
+        };
+        if self.lens.is_empty() {
+            return vec![one(self.first, &self.data)];
+        }
+        let mut at = 0;
+        self.lens
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let p = one(self.first + i as u64, &self.data[at..at + n]);
+                at += n;
+                p
+            })
+            .collect()
+    }
+}
+
+pub(crate) fn new_epoch() -> String {
+    use rand::Rng;
+    let n: u64 = rand::rng().random();
+    format!("{:08x}", n as u32)
+}
+
+impl Inner {
+    pub(crate) fn policy(&self, channel: &str) -> HistPolicy {
+        Namespaces::namespace_of(channel).and_then(|ns| self.policies.get(ns)).copied().unwrap_or(self.default_policy)
+    }
+
+    pub(crate) fn hist_subject(&self, channel: &str) -> String {
+        format!("{}.h.{}.{}", self.opts.prefix, self.policy(channel).id(), token(channel))
+    }
+
+    pub(crate) fn live_subject(&self, channel: &str) -> String {
+        format!("{}.l.{}.{}", self.opts.prefix, self.policy(channel).id(), token(channel))
+    }
+
+    pub(crate) fn stream(&self, channel: &str) -> Result<&stream::Stream, BrokerError> {
+        self.streams.get(&self.policy(channel)).ok_or_else(|| BrokerError::Internal("no stream for the policy".into()))
+    }
+
+    /// The channel's last stored message (marker included), `None` when it has none.
+    pub(crate) async fn last(&self, channel: &str) -> Result<Option<Stored>, BrokerError> {
+        let s = self.stream(channel)?;
+        match s.get_last_raw_message_by_subject(&self.hist_subject(channel)).await {
+            Ok(m) => Ok(Stored::from_headers(m.sequence, Some(&m.headers), m.payload)),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// The stored message at stream sequence `seq`, `None` when gone.
+    pub(crate) async fn at(&self, channel: &str, seq: u64) -> Result<Option<Stored>, BrokerError> {
+        let s = self.stream(channel)?;
+        match s.get_raw_message(seq).await {
+            Ok(m) => Ok(Stored::from_headers(m.sequence, Some(&m.headers), m.payload)),
+            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// The channel's last message, writing an epoch marker when it has none.
+    pub(crate) async fn last_or_marker(&self, channel: &str) -> Result<Stored, BrokerError> {
+        for _ in 0..5 {
+            if let Some(s) = self.last(channel).await? {
+                return Ok(s);
+            }
+            let epoch = new_epoch();
+            let msg = PublishMessage::build()
+                .payload(Bytes::new())
+                .header(H_EPOCH, epoch.as_str())
+                .header(H_OFFSET, "0")
+                .header(H_PREV, "0")
+                .expected_last_subject_sequence(0);
+            match self.js.send_publish(self.hist_subject(channel), msg).await {
+                Ok(f) => match f.await {
+                    Ok(ack) => {
+                        return Ok(Stored {
+                            seq: ack.sequence,
+                            epoch: epoch.into(),
+                            first: 0,
+                            offset: 0,
+                            prev: 0,
+                            ts: 0,
+                            lens: Vec::new(),
+                            data: Bytes::new(),
+                        });
+                    }
+                    Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
+                    Err(e) => return Err(unavailable(e)),
+                },
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Err(BrokerError::Unavailable("could not settle the channel's epoch".into()))
+    }
+
+    pub(crate) async fn history(
+        &self,
+        channel: &str,
+        since: Option<&StreamPosition>,
+        limit: usize,
+    ) -> Result<History, BrokerError> {
+        let last = self.last_or_marker(channel).await?;
+        let (epoch, top) = (last.epoch.to_string(), last.offset);
+        let size = self.policy(channel).size as u64;
+        // The offsets the policy keeps: the last `history_size`.
+        let kept = top.saturating_sub(size) + 1;
+        let lower = match since {
+            Some(p) if p.epoch != epoch || p.offset > top => {
+                return Ok(History { epoch, offset: top, publications: Vec::new(), gap: true });
+            }
+            Some(p) => (p.offset + 1).max(kept),
+            None => (top + 1).saturating_sub(limit as u64).max(kept),
+        };
+        // Walk back along the channel's chain of stream sequences until `lower` is covered.
+        let mut got: Vec<Stored> = Vec::new();
+        let mut cur = Some(last);
+        while let Some(m) = cur.take() {
+            if m.offset == 0 || m.offset < lower {
+                break;
+            }
+            let (prev, first) = (m.prev, m.first);
+            got.push(m);
+            if prev == 0 || first <= lower || got.len() as u64 > size + 1 {
+                break;
+            }
+            cur = self.at(channel, prev).await?;
+        }
+        got.reverse();
+        let mut publications: Vec<Publication> =
+            got.iter().flat_map(|m| m.publications(channel)).filter(|p| p.offset >= lower).collect();
+        let mut gap = false;
+        if let Some(p) = since {
+            let first = publications.first().map_or(top + 1, |m| m.offset);
+            gap = top > p.offset && first != p.offset + 1;
+            publications.truncate(limit);
+        }
+        Ok(History { epoch, offset: top, publications, gap })
+    }
+}

@@ -1,0 +1,179 @@
+//! Publishing: per channel, publishes queue while the previous store is out and a leader task
+//! stores what queued as one JetStream message with the channel's expected last sequence
+//! (offsets stay contiguous whatever the number of publishers).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use async_nats::jetstream::{context::PublishErrorKind, message::PublishMessage};
+use bytes::Bytes;
+use crier_core::broker::{BrokerError, PublishOptions, PublishResult};
+
+use crate::history::new_epoch;
+use crate::{H_EPOCH, H_LENS, H_OFFSET, H_PREV, H_TS, Inner, now_us, token, unavailable};
+
+/// At most this many publications, and about this many bytes, per stored batch.
+pub(crate) const BATCH_MAX: usize = 256;
+pub(crate) const BATCH_BYTES: usize = 256 * 1024;
+
+/// The cached position of a channel this node publishes to.
+#[derive(Debug, Clone)]
+pub(crate) struct Tail {
+    seq: u64,
+    epoch: Arc<str>,
+    offset: u64,
+}
+
+/// A publish waiting for its channel's next store.
+pub(crate) struct Pending {
+    data: Bytes,
+    /// `Nats-Msg-Id`: channel token + idempotency key.
+    key: Option<String>,
+    tx: tokio::sync::oneshot::Sender<Result<PublishResult, BrokerError>>,
+}
+
+/// A channel this node publishes to: its cached tail, its queue, whether a leader runs.
+#[derive(Default)]
+pub(crate) struct ChanPub {
+    pub(crate) tail: Option<Tail>,
+    queue: std::collections::VecDeque<Pending>,
+    busy: bool,
+}
+
+impl Inner {
+    /// Queues a publish on the channel's batch; a leader task (one per channel at a time)
+    /// stores what queued as one message while the previous store is out.
+    pub(crate) async fn publish(
+        self: &Arc<Self>,
+        channel: &str,
+        data: &str,
+        opts: PublishOptions<'_>,
+    ) -> Result<PublishResult, BrokerError> {
+        // Not connected: refused before anything is sent (the client would buffer the publish
+        // and send it after a reconnect, long after the caller was told it failed).
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(BrokerError::Unavailable("not connected to NATS".into()));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let pending = Pending {
+            data: Bytes::copy_from_slice(data.as_bytes()),
+            key: opts.idempotency_key.map(|k| format!("{}:{k}", token(channel))),
+            tx,
+        };
+        let lead = {
+            let mut t = self.tails.lock().unwrap_or_else(|e| e.into_inner());
+            if t.len() > 65_536 {
+                t.retain(|_, c| c.busy);
+            }
+            let c = t.entry(channel.to_owned()).or_default();
+            c.queue.push_back(pending);
+            !std::mem::replace(&mut c.busy, true)
+        };
+        if lead {
+            tokio::spawn(Inner::lead(self.clone(), channel.to_owned()));
+        }
+        rx.await.unwrap_or_else(|_| Err(BrokerError::OutcomeUnknown("the publisher stopped".into())))
+    }
+
+    /// Stores the channel's queued publishes, a batch at a time, until none is left.
+    pub(crate) async fn lead(self: Arc<Self>, channel: String) {
+        loop {
+            let (batch, mut tail) = {
+                let mut t = self.tails.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(c) = t.get_mut(&channel) else { return };
+                let mut batch: Vec<Pending> = Vec::new();
+                let mut bytes = 0;
+                while let Some(p) = c.queue.front() {
+                    // A keyed publish is stored alone (its key names one stored message).
+                    let keyed = p.key.is_some();
+                    if !batch.is_empty() && (keyed || batch.len() >= BATCH_MAX || bytes + p.data.len() > BATCH_BYTES) {
+                        break;
+                    }
+                    bytes += p.data.len();
+                    batch.extend(c.queue.pop_front());
+                    if keyed {
+                        break;
+                    }
+                }
+                if batch.is_empty() {
+                    c.busy = false;
+                    return;
+                }
+                (batch, c.tail.take())
+            };
+            let result = self.store(&channel, &batch, &mut tail).await;
+            if let Some(c) = self.tails.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&channel) {
+                c.tail = tail;
+            }
+            for (i, p) in batch.into_iter().enumerate() {
+                let r = result
+                    .as_ref()
+                    .map(|(epoch, first)| PublishResult { epoch: epoch.clone(), offset: first + i as u64 })
+                    .map_err(Clone::clone);
+                let _ = p.tx.send(r);
+            }
+        }
+    }
+
+    /// Stores one batch (the first offset it got and its epoch), keeping `tail` current.
+    pub(crate) async fn store(
+        &self,
+        channel: &str,
+        batch: &[Pending],
+        tail: &mut Option<Tail>,
+    ) -> Result<(String, u64), BrokerError> {
+        let subject = self.hist_subject(channel);
+        let payload: Bytes = if batch.len() == 1 {
+            batch[0].data.clone()
+        } else {
+            batch.iter().flat_map(|p| p.data.iter().copied()).collect::<Vec<u8>>().into()
+        };
+        let lens =
+            (batch.len() > 1).then(|| batch.iter().map(|p| p.data.len().to_string()).collect::<Vec<_>>().join(","));
+        let key = batch.first().and_then(|p| p.key.clone());
+        for _ in 0..16 {
+            let t = match tail.take() {
+                Some(t) => t,
+                None => match self.last(channel).await? {
+                    Some(s) => Tail { seq: s.seq, epoch: s.epoch, offset: s.offset },
+                    None => Tail { seq: 0, epoch: new_epoch().into(), offset: 0 },
+                },
+            };
+            let first = t.offset + 1;
+            let mut msg = PublishMessage::build()
+                .payload(payload.clone())
+                .header(H_EPOCH, &*t.epoch)
+                .header(H_OFFSET, first.to_string().as_str())
+                .header(H_PREV, t.seq.to_string().as_str())
+                .header(H_TS, now_us().to_string().as_str())
+                .expected_last_subject_sequence(t.seq);
+            if let Some(l) = &lens {
+                msg = msg.header(H_LENS, l.as_str());
+            }
+            if let Some(id) = &key {
+                msg = msg.message_id(id);
+            }
+            self.publish_calls.fetch_add(1, Ordering::Relaxed);
+            let fut = self.js.send_publish(subject.clone(), msg).await.map_err(unavailable)?;
+            match fut.await {
+                Ok(ack) if ack.duplicate => {
+                    let firstp = self.at(channel, ack.sequence).await?.ok_or_else(|| {
+                        BrokerError::Internal("the first publish of this idempotency key is no longer stored".into())
+                    })?;
+                    return Ok((firstp.epoch.to_string(), firstp.first));
+                }
+                Ok(ack) => {
+                    let epoch = t.epoch.to_string();
+                    *tail = Some(Tail { seq: ack.sequence, epoch: t.epoch, offset: first + batch.len() as u64 - 1 });
+                    return Ok((epoch, first));
+                }
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {}
+                Err(e) if e.kind() == PublishErrorKind::TimedOut || e.kind() == PublishErrorKind::BrokenPipe => {
+                    return Err(BrokerError::OutcomeUnknown(e.to_string()));
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Err(BrokerError::Unavailable("too much contention on the channel".into()))
+    }
+}
