@@ -10,10 +10,14 @@
 //!   stream `Keys::hook_stream` by the same script, atomically with the change. Delivered events
 //!   are acknowledged and deleted (`HOOK_ACK`), so the stream holds only undelivered ones: at
 //!   the bound the oldest is trimmed and counted (`<stream>:dropped`).
-//! - Consumed through the consumer group `crier`: each node reads with `XREADGROUP` (no
-//!   `BLOCK`: the command connection is shared, so it polls), `XACK`s and `XDEL`s after a 2xx, keeps a batch
-//!   it is retrying claimed (`XCLAIM … JUSTID`, resetting its idle time), and claims the batches
-//!   of dead consumers (`XAUTOCLAIM`, idle for longer than `claim_idle`) → at least once.
+//! - Consumed through the consumer group `crier` by one node at a time, the one holding the
+//!   delivery lease (`HOOK_LEAD`, `<stream>:lead`, renewed on every read and while it retries,
+//!   given up when it stops), so events go out in stream order: it first takes what is pending
+//!   (`XAUTOCLAIM` from 0: the batch of a delivering node that stopped or died, or one whose
+//!   acknowledgement failed), then reads new events with `XREADGROUP` (no `BLOCK`: the command
+//!   connection is shared, so it polls), `XACK`s and `XDEL`s after a 2xx, and keeps a batch it
+//!   is retrying claimed (`XCLAIM … JUSTID`) → at least once, in order. Consumers of earlier
+//!   starts, idle past `claim_idle` with nothing pending, are deleted.
 //!
 //! On a Redis Cluster a script keeps to its channel's slot: `HOOK_NODES_REDIS_CLUSTER` (one channel per
 //! call) pushes its events, each with its own id (`<instance>:<call>-<k>`), to the channel's
@@ -57,6 +61,7 @@ struct Args {
     members: bool,
     channels: bool,
     claim_idle: Duration,
+    lease: Duration,
 }
 
 /// One queued occupancy change: the channel, `add`/`rem`/`sweep`, who waits for its call.
@@ -141,6 +146,7 @@ impl Hooks {
             flags,
             max: config.max_queue.max(1) as u64,
             claim_idle,
+            lease: config.lease,
         };
         let _ = self.args.set(args);
         Ok(())
@@ -383,18 +389,25 @@ impl Hooks {
             if due {
                 self.update_queued(a).await;
                 self.reap_consumers(a).await;
-                let mut cmd = redis::cmd("XAUTOCLAIM");
-                cmd.arg(&a.stream).arg(GROUP).arg(&self.ctx.instance).arg(crate::millis(a.claim_idle)).arg("0");
-                cmd.arg("COUNT").arg(max);
-                let claimed = match self.ctx.commands.query(&cmd).await {
-                    Ok(Value::Array(parts)) => self.events_of(parts.get(1)).await,
-                    Ok(_) => Vec::new(),
-                    Err(e) => return Err(self.lost_group(e)),
-                };
-                if !claimed.is_empty() {
-                    tracing::info!(events = claimed.len(), "webhooks: claimed events a dead node left pending");
-                    return Ok(claimed);
-                }
+            }
+            if !self.lead(a).await? {
+                // Another node delivers (one at a time, so events go out in stream order).
+                tokio::time::sleep_until(deadline).await;
+                return Ok(Vec::new());
+            }
+            // The delivering node: what is pending first — a batch of the node that delivered
+            // before (it stopped or died) or one whose acknowledgement failed — then new events.
+            let mut cmd = redis::cmd("XAUTOCLAIM");
+            cmd.arg(&a.stream).arg(GROUP).arg(&self.ctx.instance).arg(0).arg("0");
+            cmd.arg("COUNT").arg(max);
+            let claimed = match self.ctx.commands.query(&cmd).await {
+                Ok(Value::Array(parts)) => self.events_of(parts.get(1)).await,
+                Ok(_) => Vec::new(),
+                Err(e) => return Err(self.lost_group(e)),
+            };
+            if !claimed.is_empty() {
+                tracing::debug!(events = claimed.len(), "webhooks: delivering events left pending");
+                return Ok(claimed);
             }
             let mut cmd = redis::cmd("XREADGROUP");
             cmd.arg("GROUP")
@@ -422,6 +435,23 @@ impl Hooks {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// Takes or renews the delivery lease (`HOOK_LEAD`, for `lease`): whether this node is
+    /// the one delivering.
+    async fn lead(&self, a: &Args) -> Result<bool, BrokerError> {
+        let mut inv = self.ctx.scripts.hook_lead.key(format!("{}:lead", a.stream));
+        inv.arg(&self.ctx.instance).arg(crate::millis(a.lease).max(1));
+        let held = self.ctx.commands.invoke(&inv).await.map_err(|e| self.lost_group(e))?;
+        Ok(int(&held) == Some(1))
+    }
+
+    /// Gives the delivery lease up (a node stopping), so another node delivers at once.
+    pub(crate) async fn hook_release(&self) -> Result<(), BrokerError> {
+        let Some(a) = self.args.get() else { return Ok(()) };
+        let mut inv = self.ctx.scripts.hook_lead.key(format!("{}:lead", a.stream));
+        inv.arg(&self.ctx.instance).arg(0);
+        self.ctx.commands.invoke(&inv).await.map(drop).map_err(Into::into)
     }
 
     /// Deletes (`XGROUP DELCONSUMER`) the group's consumers idle for longer than the claim
@@ -547,7 +577,10 @@ impl Hooks {
         let mut cmd = redis::cmd("XCLAIM");
         cmd.arg(&a.stream).arg(GROUP).arg(&self.ctx.instance).arg(0).arg(&ids).arg("JUSTID");
         self.ctx.commands.query(&cmd).await?;
-        // No read happens while a batch is retried: the gauges are refreshed here.
+        // No read happens while a batch is retried: the lease and the gauges are renewed here.
+        if !self.lead(a).await? {
+            tracing::debug!("webhooks: another node took the delivery lease while this one retried a batch");
+        }
         self.update_queued(a).await;
         Ok(())
     }

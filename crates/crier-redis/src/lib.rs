@@ -236,6 +236,10 @@ impl Broker for RedisBroker {
         self.presence.hooks.hook_hold(ids).await
     }
 
+    async fn hook_release(&self) -> Result<(), BrokerError> {
+        self.presence.hooks.hook_release().await
+    }
+
     fn hook_stats(&self) -> crier_core::HookStats {
         self.presence.hooks.hook_stats()
     }

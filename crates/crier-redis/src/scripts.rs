@@ -149,6 +149,12 @@ const HOOK_TRIM: &str = include_str!("../lua/hook_trim.lua");
 /// an entry another node has just renewed stays.
 const HOOK_UNINDEX: &str = include_str!("../lua/hook_unindex.lua");
 
+/// The webhook delivery lease: one node of the cluster delivers at a time, so events go out in
+/// stream order. KEYS: the lease key. ARGV: broker instance, lease ms. Takes the lease when free,
+/// renews it when this instance holds it; returns 1 when it holds it after the call, else 0.
+/// A lease of `0` ms releases it if this instance holds it (a node stopping).
+const HOOK_LEAD: &str = include_str!("../lua/hook_lead.lua");
+
 /// Appends one event made by the node (`client_publish`). ARGV: the event JSON, then the hook
 /// arguments.
 const HOOK_APPEND: &str = include_str!("../lua/hook_append.lua");
@@ -178,6 +184,7 @@ pub(crate) struct Scripts {
     pub hook_nodes_redis_cluster: Script,
     pub hook_trim: Script,
     pub hook_unindex: Script,
+    pub hook_lead: Script,
     pub revoke: Script,
 }
 
@@ -203,6 +210,7 @@ impl Scripts {
             hook_nodes_redis_cluster: Script::new(HOOK_NODES_REDIS_CLUSTER),
             hook_trim: Script::new(HOOK_TRIM),
             hook_unindex: Script::new(HOOK_UNINDEX),
+            hook_lead: Script::new(HOOK_LEAD),
             revoke: Script::new(REVOKE),
         }
     }

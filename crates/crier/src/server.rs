@@ -55,6 +55,13 @@ pub async fn serve(
     revocations.abort();
     if let Some(w) = webhooks {
         w.abort();
+        // Another node delivers from now on (a batch this node was delivering is pending: the
+        // next delivering node sends it first, same ids).
+        match tokio::time::timeout(Duration::from_secs(2), st.broker().hook_release()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "webhooks: could not release the delivery lease"),
+            Err(_) => tracing::debug!("webhooks: releasing the delivery lease timed out"),
+        }
     }
     Ok(())
 }

@@ -19,12 +19,18 @@ pub const SIGNATURE_HEADER: &str = "x-crier-signature";
 
 /// How long a read waits for events before the gauges are refreshed.
 const READ_WAIT: Duration = Duration::from_secs(1);
+/// While a batch waits to be retried, the node renews its hold on it (and its delivery turn)
+/// this often.
+const HOLD_EVERY: Duration = Duration::from_secs(1);
 
 /// Starts the broker's production of the configured events.
 pub fn enable(broker: &dyn Broker, s: &WebhookSettings) -> Result<(), crier_core::BrokerError> {
     // Held longer than a POST plus the longest backoff without a word: the holder is dead.
     let claim_idle = (s.timeout + s.retry_max) * 2 + Duration::from_secs(1);
-    broker.enable_hooks(HookConfig { events: s.events.clone(), max_queue: s.max_queue, claim_idle })
+    // The delivering node renews its turn around every request (which lasts at most `timeout`)
+    // and at least every `HOLD_EVERY` while it waits to retry one.
+    let lease = s.timeout + HOLD_EVERY * 2;
+    broker.enable_hooks(HookConfig { events: s.events.clone(), max_queue: s.max_queue, claim_idle, lease })
 }
 
 /// `t=<unix s>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
@@ -120,12 +126,19 @@ pub async fn run(broker: Arc<dyn Broker>, s: WebhookSettings) {
                         tracing::warn!(failure = %why, events = batch.len(), retry_in = ?delay, "webhooks: the backend did not take a batch; retrying");
                     }
                     let jitter = rand::rng().random_range(0.8..1.2);
-                    tokio::time::sleep(delay.mul_f64(jitter)).await;
+                    let retry_at = tokio::time::Instant::now() + delay.mul_f64(jitter);
                     delay = (delay * 2).min(s.retry_max);
-                    gauges(&*broker, batch.len());
                     let ids: Vec<String> = batch.iter().map(|e| e.id.clone()).collect();
-                    if let Err(e) = broker.hook_hold(&ids).await {
-                        tracing::debug!(error = %e, "webhooks: could not renew the hold on a batch being retried");
+                    loop {
+                        let now = tokio::time::Instant::now();
+                        if now >= retry_at {
+                            break;
+                        }
+                        tokio::time::sleep((retry_at - now).min(HOLD_EVERY)).await;
+                        gauges(&*broker, batch.len());
+                        if let Err(e) = broker.hook_hold(&ids).await {
+                            tracing::debug!(error = %e, "webhooks: could not renew the hold on a batch being retried");
+                        }
                     }
                 }
             }

@@ -57,6 +57,8 @@ struct Seen {
     bad_signatures: Mutex<Vec<String>>,
     /// Answer 500 to this many more requests.
     fail_next: AtomicUsize,
+    /// Answer 500 to every request until then (a backend down for a while).
+    fail_until: Mutex<Option<std::time::Instant>>,
     /// Events in the requests answered 2xx.
     delivered_count: AtomicUsize,
 }
@@ -114,7 +116,8 @@ async fn receive(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: axum::
     let schema_errors: Vec<String> =
         schema().iter_errors(&parsed).map(|e| format!("{e} at {}", e.instance_path())).collect();
     seen.bad_signatures.lock().unwrap().extend(schema_errors);
-    let failing = seen.fail_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+    let down = seen.fail_until.lock().unwrap().is_some_and(|until| std::time::Instant::now() < until);
+    let failing = down || seen.fail_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
     let status = if failing { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::NO_CONTENT };
     if !failing {
         let n = parsed["events"].as_array().map_or(0, Vec::len);
@@ -161,10 +164,13 @@ impl Backend {
     }
 }
 
+/// The tests' webhooks: quick retries, and a 2 s request timeout unless `extra` sets one (the
+/// delivering node's turn lasts the timeout plus 2 s: a dead one is replaced within that).
 fn hooks_toml(backend: &Backend, events: &[&str], extra: &str) -> ConfigFile {
+    let timeout = if extra.contains("timeout") { "" } else { "timeout = \"2s\"\n" };
     ConfigFile::new(&format!(
         "[webhooks]\nurl = \"http://{}/events\"\nsecret = \"{HOOK_SECRET}\"\nevents = {}\nretry_min = \"50ms\"\n\
-         retry_max = \"200ms\"\n{extra}",
+         retry_max = \"200ms\"\n{timeout}{extra}",
         backend.addr,
         serde_json::to_string(events).unwrap()
     ))
@@ -448,6 +454,51 @@ async fn three_nodes_on_redis_give_one_event_per_cluster_transition() {
     assert_eq!(total, 201.0);
 }
 
+/// The issue's outage: the backend answers 500 to everything for 10 s while two nodes on Redis
+/// produce events; every event is retried (same id) and delivered once the backend is back,
+/// none lost, none delivered twice, the queue drained.
+#[tokio::test]
+async fn a_backend_down_for_ten_seconds_gets_every_event_after_on_redis() {
+    let redis = crier_testkit::redis::RedisServer::start();
+    let backend = Backend::start().await;
+    *backend.seen.fail_until.lock().unwrap() = Some(std::time::Instant::now() + std::time::Duration::from_secs(10));
+    let file = hooks_toml(&backend, &["channel_occupied", "channel_vacated"], "batch = 8\n");
+    let nodes = [redis_node(&redis, &file, &[]).await, redis_node(&redis, &file, &[]).await];
+    for (k, n) in nodes.iter().enumerate() {
+        let mut c = n.client(&n.token("u1", &["down:*"], &[])).await;
+        for i in 0..20u64 {
+            c.subscribe(&format!("down:{k}:{i}"), i + 1).await;
+        }
+        for i in 0..20u64 {
+            let r = c.request(json!({"type":"unsubscribe","channel":format!("down:{k}:{i}")}), 100 + i).await;
+            assert_eq!(r["type"], "ack", "{r}");
+        }
+    }
+    // The outage (10 s) plus the retries' backoff (at most 200 ms here): well within a minute.
+    let events = crier_testkit::poll_within(
+        "80 events delivered after the outage",
+        std::time::Duration::from_secs(60),
+        async || {
+            let events = backend.delivered();
+            if events.len() >= 80 { Ok(events) } else { Err(format!("{} delivered", events.len())) }
+        },
+    )
+    .await;
+    let unique: HashSet<String> = ids(&events).into_iter().collect();
+    assert_eq!((events.len(), unique.len()), (80, 80), "each event delivered once, by id");
+    for (channel, names) in by_channel(&events) {
+        assert_eq!(names, ["channel_occupied", "channel_vacated"], "{channel}");
+    }
+    // Refused while down, then the same ids taken.
+    let refused: HashSet<String> = ids(&backend.events(|r| r.status == 500)).into_iter().collect();
+    assert!(!refused.is_empty(), "the backend refused attempts while down");
+    assert!(refused.is_subset(&unique), "a refused event is delivered later with the same id");
+    backend.assert_signed();
+    for n in &nodes {
+        until("the queue drained", async || n.metric("crier_webhook_queue_length").await == 0.0).await;
+    }
+}
+
 /// On Redis a node's occupancy changes are batched (many channels per script call, one call
 /// in flight). Three connections each churn a channel of their own 30 times (subscribe,
 /// unsubscribe, pipelined frames), so their changes share calls: each channel's events still
@@ -586,6 +637,11 @@ async fn member_events_on_redis_include_a_dead_nodes_members() {
     let r = bob.request(json!({"type":"unsubscribe","channel":"chat:1"}), 2).await;
     assert_eq!(r["type"], "ack", "{r}");
     delivered_at_least(&backend, 4).await;
+    // Acknowledged before the kill: a node killed between a 2xx and its acknowledgement has
+    // its batch delivered again (at least once), which this test is not about.
+    for n in [&doomed, &live] {
+        until("the 4 events acknowledged", async || n.metric("crier_webhook_queue_length").await == 0.0).await;
+    }
     // The node holding alice dies: her entry expires, and the live node's sweep reports it.
     drop(alice);
     drop(doomed);

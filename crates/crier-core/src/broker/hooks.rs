@@ -43,6 +43,11 @@ pub struct HookConfig {
     /// A durable queue hands events a node has held this long without acknowledging (or
     /// holding) them to another node: the holder is taken for dead.
     pub claim_idle: Duration,
+    /// Where one node of the cluster delivers at a time (so events go out in the order they
+    /// were queued): how long its turn lasts without being renewed. The delivering node renews
+    /// it at least once a second and around every request, so a dead one is replaced after
+    /// at most this.
+    pub lease: Duration,
 }
 
 /// What a broker's queue holds, as this node sees it.
@@ -159,6 +164,7 @@ mod tests {
             events: vec![CHANNEL_OCCUPIED.into(), MEMBER_ADDED.into()],
             max_queue: 2,
             claim_idle: Duration::from_secs(1),
+            lease: Duration::from_secs(1),
         });
         q.push(CHANNEL_OCCUPIED, "a", None);
         q.push(CHANNEL_VACATED, "a", None);

@@ -365,6 +365,12 @@ pub trait Broker: Send + Sync + 'static {
         Ok(())
     }
 
+    /// This node stops delivering events (it is stopping): where one node of the cluster
+    /// delivers at a time, another takes over at once.
+    async fn hook_release(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
     /// The queue's length and drops, as this node sees them.
     fn hook_stats(&self) -> HookStats {
         HookStats::default()
