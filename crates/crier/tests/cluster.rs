@@ -24,65 +24,12 @@ async fn status(server: &Server, path: &str) -> u16 {
     reqwest::get(server.url(path)).await.map(|r| r.status().as_u16()).unwrap_or(0)
 }
 
-/// Collects `n` message frames from a client (skipping other frames).
-async fn messages(c: &mut support::Client, n: usize) -> Vec<Value> {
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let m = c.recv().await;
-        if m["type"] == "message" {
-            out.push(m);
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn a_thousand_publishes_over_three_nodes_arrive_everywhere_in_one_order() {
     let redis = RedisServer::start();
     let nodes = [node(&redis, "n1", &[]).await, node(&redis, "n2", &[]).await, node(&redis, "n3", &[]).await];
-    let mut clients = Vec::new();
-    for (i, n) in nodes.iter().enumerate() {
-        let mut c = n.client(&n.token(&format!("u{i}"), &["chat:*"], &[])).await;
-        c.subscribe("chat:big", 1).await;
-        clients.push(c);
-    }
-    // Three concurrent publishers, one per node.
-    let mut tasks = Vec::new();
-    for (i, n) in nodes.iter().enumerate() {
-        let url = n.url("/api/v1/publish");
-        tasks.push(tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            let mut offsets = Vec::new();
-            for k in 0..334 {
-                if i == 2 && k == 332 {
-                    break;
-                }
-                let r = http
-                    .post(&url)
-                    .bearer_auth(support::API_KEY)
-                    .json(&json!({"channel":"chat:big","data":{"from":i,"k":k}}))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 200);
-                offsets.push(r.json::<Value>().await.unwrap()["offset"].as_u64().unwrap());
-            }
-            offsets
-        }));
-    }
-    let mut acked = HashSet::new();
-    for t in tasks {
-        acked.extend(t.await.unwrap());
-    }
-    assert_eq!(acked, (1..=1000).collect::<HashSet<u64>>(), "every publish got its own offset");
-    let mut orders = Vec::new();
-    for c in &mut clients {
-        let got = messages(c, 1000).await;
-        let offsets: Vec<u64> = got.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
-        assert_eq!(offsets, (1..=1000).collect::<Vec<_>>(), "no gap, no duplicate, in order");
-        orders.push(got.iter().map(|m| m["data"].clone()).collect::<Vec<_>>());
-    }
-    assert!(orders.windows(2).all(|w| w[0] == w[1]), "every node delivered the same order");
+    // Three concurrent publishers, one per node: 334 + 334 + 332.
+    let _clients = support::concurrent_publishes_in_one_order(&nodes, "chat:big", &[334, 334, 332]).await;
     // The latency histogram is fed on every node.
     for n in &nodes {
         assert!(n.metric("crier_broadcast_latency_seconds_count").await >= 1000.0);
@@ -107,7 +54,7 @@ async fn recovery_after_reconnecting_to_another_node() {
     let ack = client.resubscribe("news", &epoch, 1, 2).await;
     assert_eq!((ack["recovered"].as_bool(), ack["offset"].as_u64()), (Some(true), Some(5)));
     a.publish("news", json!(6)).await;
-    let got: Vec<u64> = messages(&mut client, 5).await.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    let got: Vec<u64> = support::messages(&mut client, 5).await.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
     assert_eq!(got, vec![2, 3, 4, 5, 6]);
 }
 
@@ -174,7 +121,7 @@ async fn redis_restart_without_persistence_is_never_silent() {
     let mut sub = b.client(&token).await;
     let old_epoch = sub.subscribe("ev", 1).await["epoch"].as_str().unwrap().to_owned();
     let before = try_publish(&a, "ev", json!("before")).await.unwrap();
-    assert_eq!(messages(&mut sub, 1).await[0]["offset"], before.1);
+    assert_eq!(support::messages(&mut sub, 1).await[0]["offset"], before.1);
     redis.kill();
     until("unready", async || status(&a, "/readyz").await == 503).await;
     redis.restart();
@@ -186,7 +133,7 @@ async fn redis_restart_without_persistence_is_never_silent() {
     let gap = sub.recv().await;
     assert_eq!((gap["type"].as_str(), gap["channel"].as_str()), (Some("gap"), Some("ev")), "{gap}");
     assert_eq!(gap["epoch"].as_str(), Some(after.0.as_str()));
-    let m = messages(&mut sub, 1).await.remove(0);
+    let m = support::messages(&mut sub, 1).await.remove(0);
     assert_eq!((m["epoch"].as_str().unwrap(), m["offset"].as_u64().unwrap()), (after.0.as_str(), after.1));
     // A client recovering from the old epoch is told it cannot.
     let mut late = a.client(&token).await;
@@ -205,7 +152,7 @@ async fn a_killed_node_clients_recover_elsewhere_and_its_presence_expires() {
     let mut watcher = survivor.client(&survivor.token("w", &["room"], &[])).await;
     watcher.subscribe("room", 1).await;
     survivor.publish("room", json!(1)).await;
-    assert_eq!(messages(&mut c, 1).await[0]["offset"], 1);
+    assert_eq!(support::messages(&mut c, 1).await[0]["offset"], 1);
     let p: Value = survivor.get("/api/v1/channels/room/presence").await.json().await.unwrap();
     assert_eq!(p["clients"].as_array().map(Vec::len), Some(2));
 
@@ -218,7 +165,7 @@ async fn a_killed_node_clients_recover_elsewhere_and_its_presence_expires() {
     let mut c = survivor.client(&token).await;
     let ack = c.resubscribe("room", &epoch, 1, 2).await;
     assert_eq!(ack["recovered"], true);
-    let got: Vec<u64> = messages(&mut c, 3).await.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    let got: Vec<u64> = support::messages(&mut c, 3).await.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
     assert_eq!(got, vec![2, 3, 4]);
 
     // The killed node's presence entry expires (presence_ttl 2s); the live ones stay.
@@ -299,7 +246,7 @@ async fn a_broadcast_to_many_channels_is_a_few_script_calls_and_reaches_every_ch
     let calls = a.metric("crier_broker_publish_calls_total").await - calls_before;
     assert!((1.0..100.0).contains(&calls), "200 publishes went in {calls} script calls");
     let got: HashSet<String> =
-        messages(&mut sub, 3).await.iter().map(|m| m["channel"].as_str().unwrap_or("").to_owned()).collect();
+        support::messages(&mut sub, 3).await.iter().map(|m| m["channel"].as_str().unwrap_or("").to_owned()).collect();
     assert_eq!(got, HashSet::from(["fan:0".to_owned(), "fan:99".to_owned(), "fan:199".to_owned()]));
 }
 

@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use crier_testkit::nats::{NatsServer, nats_available};
@@ -24,17 +23,6 @@ async fn node(urls: &str, name: &str, extra: &[&str]) -> Server {
 
 async fn status(server: &Server, path: &str) -> u16 {
     reqwest::get(server.url(path)).await.map(|r| r.status().as_u16()).unwrap_or(0)
-}
-
-async fn messages(c: &mut support::Client, n: usize) -> Vec<Value> {
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let m = c.recv().await;
-        if m["type"] == "message" {
-            out.push(m);
-        }
-    }
-    out
 }
 
 /// `Some((epoch, offset))` on 200, `None` on 503 (unavailable) or 504 (outcome unknown).
@@ -65,46 +53,9 @@ async fn three_nodes_on_one_nats_deliver_concurrent_publishes_everywhere_in_one_
     let nats = NatsServer::start();
     let url = nats.url();
     let nodes = [node(&url, "n1", &[]).await, node(&url, "n2", &[]).await, node(&url, "n3", &[]).await];
-    let mut clients = Vec::new();
-    for (i, n) in nodes.iter().enumerate() {
-        let mut c = n.client(&n.token(&format!("u{i}"), &["chat:*"], &[])).await;
-        c.subscribe("chat:big.one/x@y=z", 1).await;
-        clients.push(c);
-    }
-    // Three concurrent publishers, one per node, on one channel whose name is no valid NATS subject token (dots).
-    let mut tasks = Vec::new();
-    for (i, n) in nodes.iter().enumerate() {
-        let url = n.url("/api/v1/publish");
-        tasks.push(tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            let mut offsets = Vec::new();
-            for k in 0..100 {
-                let r = http
-                    .post(&url)
-                    .bearer_auth(support::API_KEY)
-                    .json(&json!({"channel":"chat:big.one/x@y=z","data":{"from":i,"k":k}}))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 200);
-                offsets.push(r.json::<Value>().await.unwrap()["offset"].as_u64().unwrap());
-            }
-            offsets
-        }));
-    }
-    let mut acked = HashSet::new();
-    for t in tasks {
-        acked.extend(t.await.unwrap());
-    }
-    assert_eq!(acked, (1..=300).collect::<HashSet<u64>>(), "every publish got its own offset, contiguous");
-    let mut orders = Vec::new();
-    for c in &mut clients {
-        let got = messages(c, 300).await;
-        let offsets: Vec<u64> = got.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
-        assert_eq!(offsets, (1..=300).collect::<Vec<u64>>(), "once each, in offset order");
-        orders.push(got.iter().map(|m| m["data"].clone()).collect::<Vec<_>>());
-    }
-    assert!(orders.windows(2).all(|w| w[0] == w[1]), "one order on every node");
+    // Three concurrent publishers, one per node, on one channel whose name is no valid NATS
+    // subject token (dots).
+    let _clients = support::concurrent_publishes_in_one_order(&nodes, "chat:big.one/x@y=z", &[100, 100, 100]).await;
     // The node registry lists the three; the broker is named in the metrics.
     until("/api/v1/info lists the three nodes", async || {
         let info: Value = nodes[0]
@@ -137,7 +88,7 @@ async fn a_killed_node_clients_recover_on_another_node() {
     let mut c = doomed.client(&token).await;
     c.subscribe("ev", 1).await;
     let first = try_publish(&other, "ev", json!(1)).await.unwrap();
-    let m = messages(&mut c, 1).await.remove(0);
+    let m = support::messages(&mut c, 1).await.remove(0);
     assert_eq!(m["offset"].as_u64(), Some(first.1));
     drop(c);
     drop(doomed); // SIGKILL
@@ -148,7 +99,7 @@ async fn a_killed_node_clients_recover_on_another_node() {
     let mut c = other.client(&token).await;
     let ack = c.resubscribe("ev", &first.0, first.1, 1).await;
     assert_eq!(ack["recovered"], true, "{ack}");
-    let got: Vec<(String, u64)> = messages(&mut c, 5)
+    let got: Vec<(String, u64)> = support::messages(&mut c, 5)
         .await
         .iter()
         .map(|m| (m["epoch"].as_str().unwrap().to_owned(), m["offset"].as_u64().unwrap()))
@@ -218,7 +169,7 @@ async fn a_nats_restart_that_lost_its_store_is_never_silent() {
     let mut sub = b.client(&token).await;
     let old_epoch = sub.subscribe("ev", 1).await["epoch"].as_str().unwrap().to_owned();
     let before = try_publish(&a, "ev", json!("before")).await.unwrap();
-    assert_eq!(messages(&mut sub, 1).await[0]["offset"], before.1);
+    assert_eq!(support::messages(&mut sub, 1).await[0]["offset"], before.1);
     nats.restart_with_empty_store();
     until_within("both nodes reconnected", Duration::from_secs(30), async || {
         a.metric("crier_broker_reconnects_total").await >= 1.0 && b.metric("crier_broker_reconnects_total").await >= 1.0
@@ -235,7 +186,7 @@ async fn a_nats_restart_that_lost_its_store_is_never_silent() {
     // Told a position at or past the publish (the node re-read the channel after it), or the
     // publish arrives next.
     if gap["offset"].as_u64().unwrap_or(0) < after.1 {
-        let m = messages(&mut sub, 1).await.remove(0);
+        let m = support::messages(&mut sub, 1).await.remove(0);
         assert_eq!((m["epoch"].as_str().unwrap(), m["offset"].as_u64().unwrap()), (after.0.as_str(), after.1));
     }
     // A client recovering from the old epoch is told it cannot.
@@ -295,7 +246,7 @@ async fn a_nats_cluster_server_killed_under_publish_load_loses_nothing_silently(
         (acked, refused)
     });
     // Traffic before the kill, then one server (of three) is killed.
-    let before = messages(&mut subs[0], 30).await;
+    let before = support::messages(&mut subs[0], 30).await;
     let epoch = before[0]["epoch"].as_str().unwrap().to_owned();
     cluster[0].kill();
     // Traffic after: 50 more messages reach the first subscriber.

@@ -339,3 +339,67 @@ impl Client {
         tokio::time::timeout(WAIT, close).await.unwrap_or_else(|_| panic!("no close within {WAIT:?}"))
     }
 }
+
+/// Collects `n` message frames from a client (skipping other frames).
+#[allow(dead_code)]
+pub async fn messages(c: &mut Client, n: usize) -> Vec<serde_json::Value> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let m = c.recv().await;
+        if m["type"] == "message" {
+            out.push(m);
+        }
+    }
+    out
+}
+
+/// Every node gets a subscriber of `channel`, then each node publishes `per_node[i]` messages
+/// through its REST API concurrently with the others: every publish must get its own offset
+/// (1..=total, contiguous) and every subscriber all of them once, in offset order, in one order
+/// across the nodes. Returns the subscribers.
+#[allow(dead_code)]
+pub async fn concurrent_publishes_in_one_order(nodes: &[Server], channel: &str, per_node: &[u64]) -> Vec<Client> {
+    use serde_json::{Value, json};
+    let mut clients = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let mut c = n.client(&n.token(&format!("u{i}"), &["chat:*"], &[])).await;
+        c.subscribe(channel, 1).await;
+        clients.push(c);
+    }
+    let mut tasks = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let url = n.url("/api/v1/publish");
+        let (channel, count) = (channel.to_owned(), per_node[i]);
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut offsets = Vec::new();
+            for k in 0..count {
+                let r = http
+                    .post(&url)
+                    .bearer_auth(API_KEY)
+                    .json(&json!({"channel":channel,"data":{"from":i,"k":k}}))
+                    .send()
+                    .await
+                    .expect("the publish is answered");
+                assert_eq!(r.status(), 200);
+                offsets.push(r.json::<Value>().await.expect("a JSON answer")["offset"].as_u64().expect("an offset"));
+            }
+            offsets
+        }));
+    }
+    let total: u64 = per_node.iter().sum();
+    let mut acked = std::collections::HashSet::new();
+    for t in tasks {
+        acked.extend(t.await.expect("the publisher task"));
+    }
+    assert_eq!(acked, (1..=total).collect(), "every publish got its own offset, contiguous");
+    let mut orders = Vec::new();
+    for c in &mut clients {
+        let got = messages(c, total as usize).await;
+        let offsets: Vec<u64> = got.iter().map(|m| m["offset"].as_u64().expect("an offset")).collect();
+        assert_eq!(offsets, (1..=total).collect::<Vec<_>>(), "no gap, no duplicate, in offset order");
+        orders.push(got.iter().map(|m| m["data"].clone()).collect::<Vec<_>>());
+    }
+    assert!(orders.windows(2).all(|w| w[0] == w[1]), "every node delivered the same order");
+    clients
+}
