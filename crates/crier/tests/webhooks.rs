@@ -405,19 +405,17 @@ async fn delivered_at_least(backend: &Backend, n: usize) -> Vec<Value> {
     .await
 }
 
-#[tokio::test]
-async fn three_nodes_on_redis_give_one_event_per_cluster_transition() {
-    let redis = crier_testkit::redis::RedisServer::start();
-    let backend = Backend::start().await;
-    let file = hooks_toml(&backend, &["channel_occupied", "channel_vacated"], "batch = 10\n");
-    let nodes = [
-        redis_node(&redis, &file, &[]).await,
-        redis_node(&redis, &file, &[]).await,
-        redis_node(&redis, &file, &[]).await,
-    ];
-    // Every channel subscribed on every node: occupied once (the first node), vacated once (the last).
+/// Every node subscribes each of 100 channels, then lets each go, then one node subscribes
+/// `end` (an event produced after all the others: once it is in, a duplicate of an earlier one
+/// would have been delivered too — events go out in stream order): exactly 100 occupied + 100
+/// vacated + 1 by id, once per cluster, each channel's in order, every request signed. The ids, and
+/// the clients (`end` stays occupied while they live).
+async fn hundred_channels_once_per_cluster(
+    nodes: &[Server],
+    backend: &Backend,
+) -> (HashSet<String>, Vec<support::Client>) {
     let mut clients = Vec::new();
-    for n in &nodes {
+    for n in nodes {
         clients.push(n.client(&n.token("u1", &["room:*", "end"], &[])).await);
     }
     for i in 0..100u64 {
@@ -431,10 +429,8 @@ async fn three_nodes_on_redis_give_one_event_per_cluster_transition() {
             assert_eq!(r["type"], "ack", "{r}");
         }
     }
-    // A last event, produced after all the others: once it is in, a duplicate of the earlier
-    // ones would have been delivered too (each node delivers its batches in stream order).
     clients[0].subscribe("end", 5000).await;
-    let events = delivered_at_least(&backend, 201).await;
+    let events = delivered_at_least(backend, 201).await;
     let unique: HashSet<String> = ids(&events).into_iter().collect();
     assert_eq!((events.len(), unique.len()), (201, 201), "each event exactly once, by id");
     let per_channel = by_channel(&events);
@@ -444,6 +440,20 @@ async fn three_nodes_on_redis_give_one_event_per_cluster_transition() {
         assert_eq!(names, &["channel_occupied", "channel_vacated"], "room:{i}: once per cluster, in order");
     }
     backend.assert_signed();
+    (unique, clients)
+}
+
+#[tokio::test]
+async fn three_nodes_on_redis_give_one_event_per_cluster_transition() {
+    let redis = crier_testkit::redis::RedisServer::start();
+    let backend = Backend::start().await;
+    let file = hooks_toml(&backend, &["channel_occupied", "channel_vacated"], "batch = 10\n");
+    let nodes = [
+        redis_node(&redis, &file, &[]).await,
+        redis_node(&redis, &file, &[]).await,
+        redis_node(&redis, &file, &[]).await,
+    ];
+    let _clients = hundred_channels_once_per_cluster(&nodes, &backend).await;
     // Delivered by the cluster: the counters of the three nodes add up to the events.
     let mut total = 0.0;
     for n in &nodes {
@@ -1112,32 +1122,7 @@ async fn three_nodes_on_a_redis_cluster_give_one_event_per_cluster_transition() 
         redis_cluster_node(&urls, &file, &[]).await,
         redis_cluster_node(&urls, &file, &[]).await,
     ];
-    let mut clients = Vec::new();
-    for n in &nodes {
-        clients.push(n.client(&n.token("u1", &["room:*", "end"], &[])).await);
-    }
-    for i in 0..100u64 {
-        for c in &mut clients {
-            c.subscribe(&format!("room:{i}"), i + 1).await;
-        }
-    }
-    for i in 0..100u64 {
-        for c in &mut clients {
-            let r = c.request(json!({"type":"unsubscribe","channel":format!("room:{i}")}), 1000 + i).await;
-            assert_eq!(r["type"], "ack", "{r}");
-        }
-    }
-    clients[0].subscribe("end", 5000).await;
-    let events = delivered_at_least(&backend, 201).await;
-    let unique: HashSet<String> = ids(&events).into_iter().collect();
-    assert_eq!((events.len(), unique.len()), (201, 201), "each event exactly once, by id");
-    let per_channel = by_channel(&events);
-    assert_eq!(per_channel["end"], ["channel_occupied"]);
-    for i in 0..100 {
-        let names = &per_channel[&format!("room:{i}")];
-        assert_eq!(names, &["channel_occupied", "channel_vacated"], "room:{i}: once per cluster, in order");
-    }
-    backend.assert_signed();
+    let (unique, _clients) = hundred_channels_once_per_cluster(&nodes, &backend).await;
     // Moved: the outboxes are empty.
     for i in 0..100 {
         let key = format!("crier:{{room:{i}}}:hookout");
