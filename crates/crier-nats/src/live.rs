@@ -11,6 +11,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -23,22 +24,22 @@ use crate::rawsub::{Live as Msg, Sink};
 use crate::{H_CLIENT, H_KIND, Inner, Stored, header, unavailable};
 
 /// How a channel's subscription is closed.
+#[derive(Default)]
 enum Feed {
+    #[default]
     None,
     Raw(u64),
     Nats(AbortHandle),
 }
 
-/// A subscribed channel.
+/// A subscribed channel: small (one per subscribed channel), so what every channel needs only
+/// now and then is elsewhere — the wake-up of history reads waiting for a delivery is one for
+/// the node ([`Live::delivered`]), the queue of waiting messages exists only while one waits.
 pub(crate) struct Chan {
-    name: String,
+    /// Shared with the key of [`Live`]'s map.
+    name: Arc<str>,
     inner: Weak<Inner>,
-    /// Itself (a sink is called by reference; a worker needs the `Arc`).
-    me: Weak<Chan>,
     st: Mutex<St>,
-    /// Woken when the channel delivered further (history reads wait on it).
-    notify: tokio::sync::Notify,
-    feed: Mutex<Feed>,
 }
 
 /// Where the channel is, and what waits.
@@ -51,7 +52,18 @@ struct St {
     /// Re-read the channel from JetStream (after a reconnect, or a message late).
     resync: bool,
     stopped: bool,
-    pending: VecDeque<Msg>,
+    feed: Feed,
+    pending: Option<Box<VecDeque<Msg>>>,
+}
+
+impl St {
+    fn pending(&mut self) -> &mut VecDeque<Msg> {
+        self.pending.get_or_insert_with(Default::default)
+    }
+
+    fn pop_pending(&mut self) -> Option<Msg> {
+        self.pending.as_mut().and_then(|p| p.pop_front())
+    }
 }
 
 /// What sequencing a message left to do.
@@ -62,34 +74,40 @@ enum Step {
 }
 
 impl Sink for Chan {
-    fn push(&self, m: Msg) {
+    fn push(self: Arc<Self>, m: Msg) {
         let mut st = self.lock();
         if st.stopped {
             return;
         }
         if st.busy {
-            st.pending.push_back(m);
+            st.pending().push_back(m);
             return;
         }
-        let Some(handler) = self.handler() else { return };
-        if let Step::Fill(_) = self.apply(&mut st, &handler, &m, true)
-            && let Some(me) = self.me.upgrade()
-        {
-            st.pending.push_front(m);
+        let Some(inner) = self.inner.upgrade() else { return };
+        let Some(handler) = inner.handler() else { return };
+        let step = self.apply(&mut st, handler, &m, true);
+        if let Step::Fill(_) = step {
+            st.pending().push_front(m);
             st.busy = true;
             drop(st);
-            tokio::spawn(me.work());
+            tokio::spawn(self.work());
+        } else {
+            drop(st);
+            inner.live.delivered();
         }
+    }
+
+    fn subject(&self) -> Option<String> {
+        if self.lock().stopped {
+            return None;
+        }
+        self.inner.upgrade().map(|i| i.live_subject(&self.name))
     }
 }
 
 impl Chan {
     fn lock(&self) -> std::sync::MutexGuard<'_, St> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn handler(&self) -> Option<Arc<dyn BrokerHandler>> {
-        self.inner.upgrade().and_then(|i| i.handler().cloned())
     }
 
     fn reached(&self, epoch: &str, offset: u64) -> bool {
@@ -114,10 +132,8 @@ impl Chan {
     fn stop(&self) -> Feed {
         let mut st = self.lock();
         st.stopped = true;
-        st.pending = VecDeque::new();
-        drop(st);
-        self.notify.notify_waiters();
-        std::mem::replace(&mut *self.feed.lock().unwrap_or_else(|e| e.into_inner()), Feed::None)
+        st.pending = None;
+        std::mem::take(&mut st.feed)
     }
 
     /// Sequences one live message (under the state lock, so deliveries keep their order). With
@@ -147,7 +163,6 @@ impl Chan {
             st.last = 0;
         }
         if s.offset <= st.last {
-            self.notify.notify_waiters();
             return Step::Done;
         }
         if may_fill && s.first > st.last + 1 {
@@ -159,17 +174,22 @@ impl Chan {
                 handler.on_publication(&self.name, p);
             }
         }
-        self.notify.notify_waiters();
         Step::Done
     }
 
     /// The channel's worker: resyncs, fills holes and drains the waiting messages, then ends.
     async fn work(self: Arc<Self>) {
         loop {
-            let (Some(inner), Some(handler)) = (self.inner.upgrade(), self.handler()) else {
+            let Some(inner) = self.inner.upgrade() else {
                 let mut st = self.lock();
                 st.busy = false;
-                st.pending.clear();
+                st.pending = None;
+                return;
+            };
+            let Some(handler) = inner.handler().cloned() else {
+                let mut st = self.lock();
+                st.busy = false;
+                st.pending = None;
                 return;
             };
             let fill = {
@@ -182,16 +202,18 @@ impl Chan {
                     None
                 } else {
                     let mut fill = None;
-                    while let Some(m) = st.pending.pop_front() {
+                    while let Some(m) = st.pop_pending() {
                         if let Step::Fill(upto) = self.apply(&mut st, &handler, &m, true) {
-                            st.pending.push_front(m);
+                            st.pending().push_front(m);
                             fill = Some(upto);
                             break;
                         }
                     }
                     let Some(upto) = fill else {
                         st.busy = false;
-                        st.pending = VecDeque::new();
+                        st.pending = None;
+                        drop(st);
+                        inner.live.delivered();
                         return;
                     };
                     Some(upto)
@@ -203,9 +225,11 @@ impl Chan {
                     self.fill(&inner, &handler, upto).await;
                     // The message that caused the fill: what it adds after the filled part.
                     let mut st = self.lock();
-                    if let Some(m) = st.pending.pop_front() {
+                    if let Some(m) = st.pop_pending() {
                         self.apply(&mut st, &handler, &m, false);
                     }
+                    drop(st);
+                    inner.live.delivered();
                 }
             }
         }
@@ -244,7 +268,7 @@ impl Chan {
             }
         }
         drop(st);
-        self.notify.notify_waiters();
+        inner.live.delivered();
     }
 
     /// Re-reads the channel after a reconnect: delivers what was missed, or tells the gap.
@@ -259,7 +283,7 @@ impl Chan {
                 st.epoch = Some(b.epoch.clone());
                 st.last = b.offset;
                 drop(st);
-                self.notify.notify_waiters();
+                inner.live.delivered();
             }
             return;
         };
@@ -285,7 +309,7 @@ impl Chan {
             }
         }
         drop(st);
-        self.notify.notify_waiters();
+        inner.live.delivered();
     }
 }
 
@@ -294,7 +318,11 @@ type Tagged = Pin<Box<dyn Stream<Item = (Arc<Chan>, Msg)> + Send>>;
 #[derive(Default)]
 pub(crate) struct Live {
     inner: OnceLock<Weak<Inner>>,
-    channels: Mutex<HashMap<String, Arc<Chan>>>,
+    channels: Mutex<HashMap<Arc<str>, Arc<Chan>>>,
+    /// Woken when a channel delivered further, while a history read waits on it
+    /// ([`Live::wait_delivered`]; `waiting` counts them, so a delivery with none is one load).
+    notify: tokio::sync::Notify,
+    waiting: AtomicUsize,
     /// The dispatcher of async-nats subscriptions (started by the first one).
     nats: OnceLock<tokio::sync::mpsc::UnboundedSender<Tagged>>,
 }
@@ -304,8 +332,18 @@ impl Live {
         let _ = self.inner.set(w);
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Chan>>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Chan>>> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A channel delivered further (or stopped): wakes the history reads waiting, if any.
+    fn delivered(&self) {
+        // Pairs with the fence in `wait_delivered`: either this sees the waiter, or the
+        // waiter sees what was delivered.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_waiters();
+        }
     }
 
     /// After a reconnect (or a slow-consumer drop): every channel re-reads its position.
@@ -318,12 +356,13 @@ impl Live {
 
     /// The channels this node is subscribed to.
     pub(crate) fn channels(&self) -> Vec<String> {
-        self.map().keys().cloned().collect()
+        self.map().keys().map(|k| k.to_string()).collect()
     }
 
     pub(crate) async fn unsubscribe(&self, inner: &Arc<Inner>, channel: &str) {
         let Some(c) = self.map().remove(channel) else { return };
         close(inner, c.stop()).await;
+        self.delivered();
     }
 
     fn dispatcher(&self) -> &tokio::sync::mpsc::UnboundedSender<Tagged> {
@@ -350,13 +389,10 @@ impl Live {
             return Ok(());
         }
         // Busy until the baseline is read: what arrives meanwhile waits in the queue.
-        let chan = Arc::new_cyclic(|me| Chan {
-            name: channel.to_owned(),
+        let chan = Arc::new(Chan {
+            name: channel.into(),
             inner: Arc::downgrade(inner),
-            me: me.clone(),
             st: Mutex::new(St { busy: true, ..Default::default() }),
-            notify: tokio::sync::Notify::new(),
-            feed: Mutex::new(Feed::None),
         });
         let mut pending = false;
         let feed = match &inner.raw {
@@ -379,7 +415,7 @@ impl Live {
                 Feed::Nats(handle)
             }
         };
-        *chan.feed.lock().unwrap_or_else(|e| e.into_inner()) = feed;
+        chan.lock().feed = feed;
         // The baseline is read after the subscription exists: nothing falls between the two.
         let base = match inner.last(channel).await {
             Ok(b) => b,
@@ -392,7 +428,7 @@ impl Live {
             let mut m = self.map();
             let raced = m.contains_key(channel);
             if !raced {
-                m.insert(channel.to_owned(), chan.clone());
+                m.insert(chan.name.clone(), chan.clone());
             }
             raced
         };
@@ -405,14 +441,14 @@ impl Live {
             st.epoch = base.as_ref().map(|b| b.epoch.clone());
             st.last = base.map_or(0, |b| b.offset);
             st.resync |= pending;
-            if st.resync || !st.pending.is_empty() {
+            if st.resync || st.pending.as_ref().is_some_and(|p| !p.is_empty()) {
                 true
             } else {
                 st.busy = false;
                 false
             }
         };
-        chan.notify.notify_waiters();
+        self.delivered();
         if work {
             tokio::spawn(chan.work());
         }
@@ -427,8 +463,11 @@ impl Live {
         let Some(chan) = self.map().get(channel).cloned() else { return };
         let deadline = tokio::time::Instant::now() + within;
         let mut nudged = false;
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
+        std::sync::atomic::fence(Ordering::SeqCst);
         loop {
-            let notified = chan.notify.notified();
+            let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if chan.reached(epoch, offset) || chan.lock().stopped {
@@ -444,6 +483,15 @@ impl Live {
                 chan.request_resync();
             }
         }
+    }
+}
+
+/// Counts a waiter of [`Live::wait_delivered`] out when it ends (returned or dropped).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -25,18 +25,19 @@ pub(crate) type Live = (Option<HeaderMap>, Bytes);
 /// Where a subscription's messages go: called inline by the connection's read loop (the
 /// node's one dispatcher), in the order the server sent them.
 pub(crate) trait Sink: Send + Sync {
-    fn push(&self, m: Live);
+    fn push(self: Arc<Self>, m: Live);
+    /// The subject it subscribes (asked again when the connection is re-established; `None`:
+    /// no longer wanted).
+    fn subject(&self) -> Option<String>;
 }
-
-/// A subscription: its subject and where its messages go.
-type Subscription = (String, Arc<dyn Sink>);
 
 /// The subscriber connection.
 pub(crate) struct RawSub {
     writer: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
     /// Waiters for the server's `PONG`s, in the order their `PING`s were written.
     pongs: Mutex<VecDeque<tokio::sync::oneshot::Sender<()>>>,
-    subs: Mutex<HashMap<u64, Subscription>>,
+    /// Subscription id → where its messages go (the subject is asked of the sink when needed).
+    subs: Mutex<HashMap<u64, Arc<dyn Sink>>>,
     next_sid: AtomicU64,
 }
 
@@ -70,7 +71,7 @@ impl RawSub {
     /// server has the subscription (a `PING` after the `SUB` was answered), or after 2 s.
     pub(crate) async fn subscribe(&self, subject: &str, sink: Arc<dyn Sink>) -> u64 {
         let sid = self.next_sid.fetch_add(1, Ordering::Relaxed);
-        self.subs.lock().unwrap_or_else(|e| e.into_inner()).insert(sid, (subject.to_owned(), sink));
+        self.subs.lock().unwrap_or_else(|e| e.into_inner()).insert(sid, sink);
         let (tx, rx) = tokio::sync::oneshot::channel();
         {
             // Not connected: the connection task sends it (and every channel resyncs) once up.
@@ -131,13 +132,15 @@ async fn conn_loop(
                     // waits, then sends its own), then the channels re-read what they missed.
                     let mut w = sub.writer.lock().await;
                     sub.pongs.lock().unwrap_or_else(|e| e.into_inner()).clear();
-                    let all: Vec<(u64, String)> = {
+                    let all: Vec<(u64, Arc<dyn Sink>)> = {
                         let s = sub.subs.lock().unwrap_or_else(|e| e.into_inner());
-                        s.iter().map(|(sid, (subject, _))| (*sid, subject.clone())).collect()
+                        s.iter().map(|(sid, sink)| (*sid, sink.clone())).collect()
                     };
                     let mut out = String::new();
-                    for (sid, subject) in all {
-                        out.push_str(&format!("SUB {subject} {sid}\r\n"));
+                    for (sid, sink) in all {
+                        if let Some(subject) = sink.subject() {
+                            out.push_str(&format!("SUB {subject} {sid}\r\n"));
+                        }
                     }
                     if writer.write_all(out.as_bytes()).await.is_err() {
                         continue;
@@ -259,7 +262,7 @@ async fn read_loop(me: &Weak<RawSub>, mut r: Reader) {
         }
         buf.truncate(total);
         let Some(sub) = me.upgrade() else { return };
-        let sink = sub.subs.lock().unwrap_or_else(|e| e.into_inner()).get(&sid).map(|(_, s)| s.clone());
+        let sink = sub.subs.lock().unwrap_or_else(|e| e.into_inner()).get(&sid).cloned();
         if let Some(sink) = sink {
             let headers = (hlen > 0).then(|| parse_headers(&buf[..hlen]));
             let payload = Bytes::from(buf).slice(hlen..);

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, kv};
-use crier_core::broker::{BrokerError, ChannelCount, NodeInfo, Revocation, TransportCounts};
+use bytes::Bytes;
+use crier_core::broker::{BrokerError, ChannelCount, NodeInfo, OwnEntries, Revocation, TransportCounts};
 use crier_protocol::frames::PresenceEntry;
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
@@ -32,9 +33,8 @@ pub(crate) struct Buckets {
     chans: kv::Store,
     rate: kv::Store,
     revs: kv::Store,
-    /// This node's presence entries (channel → client → entry) and connections (user → clients).
-    mine_presence: Mutex<HashMap<String, HashMap<String, PresenceEntry>>>,
-    mine_conns: Mutex<HashMap<String, HashSet<String>>>,
+    /// This node's presence entries and connections.
+    own: Mutex<OwnEntries>,
 }
 
 async fn bucket(
@@ -80,8 +80,7 @@ impl Buckets {
             chans: bucket(js, o, "chans", o.node_ttl).await?,
             rate: bucket(js, o, "rate", Duration::from_secs(3600)).await?,
             revs: bucket(js, o, "revs", o.revocation_ttl).await?,
-            mine_presence: Mutex::new(HashMap::new()),
-            mine_conns: Mutex::new(HashMap::new()),
+            own: Mutex::default(),
         })
     }
 }
@@ -149,6 +148,17 @@ struct NodeRec {
     transports: TransportCounts,
     #[serde(default)]
     memory_bytes: u64,
+}
+
+/// Entries copied out of [`OwnEntries`] per step of a refresh.
+const REFRESH_BATCH: usize = 500;
+/// Key-value writes in flight at once during a refresh.
+const REFRESH_CONCURRENCY: usize = 32;
+
+impl Buckets {
+    fn own(&self) -> std::sync::MutexGuard<'_, OwnEntries> {
+        self.own.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Inner {
@@ -260,10 +270,7 @@ impl Inner {
             }
             Err(e) => return Err(unavailable(e)),
         };
-        {
-            let mut mine = self.kv.mine_presence.lock().unwrap_or_else(|e| e.into_inner());
-            mine.entry(channel.to_owned()).or_default().insert(entry.client.clone(), entry.clone());
-        }
+        self.kv.own().add_presence(channel, entry);
         if joined {
             self.announce_all(channel, Some((entry.client.as_str(), &member)), &[]).await;
         }
@@ -275,15 +282,7 @@ impl Inner {
     }
 
     pub(crate) async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
-        {
-            let mut mine = self.kv.mine_presence.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(c) = mine.get_mut(channel) {
-                c.remove(client);
-                if c.is_empty() {
-                    mine.remove(channel);
-                }
-            }
-        }
+        self.kv.own().remove_presence(channel, client);
         let key = Inner::presence_key(channel, client);
         let Some(e) = self.kv.presence.entry(&key).await.map_err(unavailable)? else { return Ok(()) };
         if e.operation != kv::Operation::Put {
@@ -317,21 +316,12 @@ impl Inner {
             (true, m.len() as u64)
         })
         .await?;
-        let mut mine = self.kv.mine_conns.lock().unwrap_or_else(|e| e.into_inner());
-        mine.entry(user.to_owned()).or_default().insert(client.to_owned());
+        self.kv.own().add_connection(user, client);
         Ok(n)
     }
 
     pub(crate) async fn connection_closed(&self, user: &str, client: &str) -> Result<(), BrokerError> {
-        {
-            let mut mine = self.kv.mine_conns.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(c) = mine.get_mut(user) {
-                c.remove(client);
-                if c.is_empty() {
-                    mine.remove(user);
-                }
-            }
-        }
+        self.kv.own().remove_connection(user, client);
         cas(&self.kv.conns, &token(user), |m: &mut BTreeMap<String, u64>| {
             let now = now_ms();
             let before = m.len();
@@ -344,19 +334,34 @@ impl Inner {
     /// Rewrites this node's presence and connection entries with a fresh expiry.
     async fn refresh(&self) -> Result<(), BrokerError> {
         let ttl = self.ttl_ms();
-        let presence: Vec<(String, Vec<PresenceEntry>)> = {
-            let mine = self.kv.mine_presence.lock().unwrap_or_else(|e| e.into_inner());
-            mine.iter().map(|(c, m)| (c.clone(), m.values().cloned().collect())).collect()
-        };
-        for (channel, entries) in presence {
-            for e in entries {
-                let member = Member { u: e.user.clone(), n: e.node.clone(), e: now_ms() + ttl };
-                let value = serde_json::to_vec(&member).map_err(|e| BrokerError::Internal(e.to_string()))?;
-                self.kv
-                    .presence
-                    .put(Inner::presence_key(&channel, &e.client), value.into())
-                    .await
-                    .map_err(unavailable)?;
+        // In batches (the entries of a batch copied out of the lock, then written a few at a
+        // time): the node's entries may be many, and the refresh must not hold a copy of all.
+        let mut done = 0usize;
+        loop {
+            let batch: Vec<(String, Bytes)> = {
+                let own = self.kv.own();
+                own.presence()
+                    .skip(done)
+                    .take(REFRESH_BATCH)
+                    .map(|p| {
+                        let member = Member { u: p.user.to_owned(), n: p.node.to_owned(), e: now_ms() + ttl };
+                        let value = serde_json::to_vec(&member).unwrap_or_default();
+                        (Inner::presence_key(p.channel, p.client), value.into())
+                    })
+                    .collect()
+            };
+            let n = batch.len();
+            let mut puts = futures_util::stream::iter(batch)
+                .map(
+                    |(key, value)| async move { self.kv.presence.put(key, value).await.map(drop).map_err(unavailable) },
+                )
+                .buffer_unordered(REFRESH_CONCURRENCY);
+            while let Some(r) = puts.next().await {
+                r?;
+            }
+            done += n;
+            if n < REFRESH_BATCH {
+                break;
             }
         }
         // The sweep: expired entries (a dead node's) of the join_leave channels this node is
@@ -379,20 +384,38 @@ impl Inner {
                 }
             }
         }
-        let conns: Vec<(String, Vec<String>)> = {
-            let mine = self.kv.mine_conns.lock().unwrap_or_else(|e| e.into_inner());
-            mine.iter().map(|(u, c)| (u.clone(), c.iter().cloned().collect())).collect()
-        };
-        for (user, clients) in conns {
-            cas(&self.kv.conns, &token(&user), |m: &mut BTreeMap<String, u64>| {
-                let now = now_ms();
-                m.retain(|_, e| *e > now);
-                for c in &clients {
-                    m.insert(c.clone(), now + ttl);
+        let mut done = 0usize;
+        loop {
+            let (n, by_user) = {
+                let own = self.kv.own();
+                let mut by_user: HashMap<String, Vec<String>> = HashMap::new();
+                let mut n = 0;
+                for (user, client) in own.connections().skip(done).take(REFRESH_BATCH) {
+                    by_user.entry(user.to_owned()).or_default().push(client.to_owned());
+                    n += 1;
                 }
-                (true, ())
-            })
-            .await?;
+                (n, by_user)
+            };
+            let mut writes = futures_util::stream::iter(by_user)
+                .map(|(user, clients)| async move {
+                    cas(&self.kv.conns, &token(&user), |m: &mut BTreeMap<String, u64>| {
+                        let now = now_ms();
+                        m.retain(|_, e| *e > now);
+                        for c in &clients {
+                            m.insert(c.clone(), now + ttl);
+                        }
+                        (true, ())
+                    })
+                    .await
+                })
+                .buffer_unordered(REFRESH_CONCURRENCY);
+            while let Some(r) = writes.next().await {
+                r?;
+            }
+            done += n;
+            if n < REFRESH_BATCH {
+                break;
+            }
         }
         Ok(())
     }

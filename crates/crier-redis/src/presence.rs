@@ -8,10 +8,11 @@
 //! Members are `<broker instance>/<client>`, so two nodes can never overwrite each other's
 //! entries even if their client ids collide.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crier_core::broker::OwnEntries;
 use crier_core::{BrokerError, NodeInfo, PresenceStats};
 use crier_protocol::frames::PresenceEntry;
 use futures_util::StreamExt;
@@ -28,49 +29,13 @@ const REFRESH_BATCH: usize = 500;
 /// Join/leave sweeps of different channels in flight at once.
 const SWEEP_CONCURRENCY: usize = 16;
 
-/// `channel NUL client` → (user, node) of a presence entry: the channel and the client in one
-/// allocation (a channel name has no NUL, so the first one separates them; [`presence_key`]).
-type PresenceMap = HashMap<Box<str>, (Box<str>, Arc<str>)>;
-
-/// The [`PresenceMap`] key of (channel, client).
-fn presence_key(channel: &str, client: &str) -> Box<str> {
-    let mut key = String::with_capacity(channel.len() + 1 + client.len());
-    key.push_str(channel);
-    key.push('\0');
-    key.push_str(client);
-    key.into_boxed_str()
-}
-
-/// (channel, client) of a [`PresenceMap`] key.
-fn split_presence_key(key: &str) -> (&str, &str) {
-    key.split_once('\0').unwrap_or((key, ""))
-}
-
-/// This node's own entries, kept compact (one per subscription and per connection): the member
-/// and the entry JSON are rebuilt when refreshing instead of being stored.
+/// This node's own entries (one per subscription and per connection, compact: the member and
+/// the entry JSON are rebuilt when refreshing) and its registry entry.
 #[derive(Default)]
 struct Local {
-    /// (channel, client) → (user, node) of the presence entry.
-    presence: PresenceMap,
-    /// (user, client).
-    connections: HashSet<(Box<str>, Box<str>)>,
+    own: OwnEntries,
     /// (node, NodeInfo JSON).
     node: Option<(String, String)>,
-    /// The last node name seen in a presence entry, shared by the entries that carry it.
-    node_name: Option<Arc<str>>,
-}
-
-impl Local {
-    fn node_name(&mut self, node: &str) -> Arc<str> {
-        match &self.node_name {
-            Some(n) if **n == *node => n.clone(),
-            _ => {
-                let n: Arc<str> = Arc::from(node);
-                self.node_name = Some(n.clone());
-                n
-            }
-        }
-    }
 }
 
 /// `NodeInfo` as read back (the core type is serialise-only).
@@ -158,9 +123,7 @@ impl Presence {
         let member = self.member(&entry.client);
         // Remembered first: if Redis is down now, the refresh adds it once Redis is back.
         {
-            let mut local = self.local();
-            let node = local.node_name(&entry.node);
-            local.presence.insert(presence_key(channel, &entry.client), (entry.user.as_str().into(), node));
+            self.local().own.add_presence(channel, entry);
         }
         let mut inv = self.presence_call(&self.ctx.scripts.pres_add, channel);
         inv.arg(&member).arg(ms(self.ctx.options.presence_ttl)).arg(&json);
@@ -169,14 +132,14 @@ impl Presence {
         let n = count(&self.ctx.commands.invoke(&inv).await?)?;
         if max > 0 && n > max {
             // Not added (full): not to be re-added by the refresh either.
-            self.local().presence.remove(&presence_key(channel, &entry.client));
+            self.local().own.remove_presence(channel, &entry.client);
         }
         Ok(n)
     }
 
     pub(crate) async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
         let member = self.member(client);
-        self.local().presence.remove(&presence_key(channel, client));
+        self.local().own.remove_presence(channel, client);
         let mut inv = self.presence_call(&self.ctx.scripts.pres_remove, channel);
         inv.arg(&member).arg(self.ctx.keys.publish_command()).arg(self.events_to(channel)).arg(channel);
         self.hooks.hook_args(&mut inv);
@@ -214,9 +177,9 @@ impl Presence {
         let channels: HashSet<String> = {
             let local = self.local();
             local
-                .presence
-                .keys()
-                .map(|k| split_presence_key(k).0)
+                .own
+                .presence()
+                .map(|p| p.channel)
                 .filter(|c| self.ctx.options.namespaces.policy(c).join_leave || self.hooks.members_enabled())
                 .map(str::to_owned)
                 .collect()
@@ -240,13 +203,13 @@ impl Presence {
         let mut inv = self.ctx.scripts.ttl_add.key(self.ctx.keys.connections(user));
         inv.arg(&member).arg(ms(self.ctx.options.presence_ttl));
         let count = count(&self.ctx.commands.invoke(&inv).await?)?;
-        self.local().connections.insert((user.into(), client.into()));
+        self.local().own.add_connection(user, client);
         Ok(count)
     }
 
     pub(crate) async fn connection_closed(&self, user: &str, client: &str) -> Result<(), BrokerError> {
         let member = self.member(client);
-        self.local().connections.remove(&(Box::from(user), Box::from(client)));
+        self.local().own.remove_connection(user, client);
         let mut inv = self.ctx.scripts.ttl_remove.key(self.ctx.keys.connections(user));
         inv.arg(&member);
         self.ctx.commands.invoke(&inv).await.map(drop).map_err(Into::into)
@@ -308,11 +271,9 @@ impl Presence {
             let mut n = 0usize;
             {
                 let local = self.local();
-                for (key, (user, node)) in local.presence.iter().skip(done).take(batch) {
-                    let (channel, client) = split_presence_key(key);
-                    let entry =
-                        PresenceEntry { client: client.to_string(), user: user.to_string(), node: node.to_string() };
-                    let json = serde_json::to_string(&entry).map_err(|e| BrokerError::Internal(e.to_string()))?;
+                for p in local.own.presence().skip(done).take(batch) {
+                    let (channel, client) = (p.channel, p.client);
+                    let json = serde_json::to_string(&p.entry()).map_err(|e| BrokerError::Internal(e.to_string()))?;
                     let (z, h) = self.ctx.keys.presence(channel);
                     inv.key(z).key(h).key(self.ctx.keys.presence_users(channel));
                     inv.arg(self.member(client)).arg(json).arg(self.events_to(channel)).arg(channel);
@@ -336,7 +297,7 @@ impl Presence {
             let mut n = 0usize;
             {
                 let local = self.local();
-                for (user, client) in local.connections.iter().skip(done).take(batch) {
+                for (user, client) in local.own.connections().skip(done).take(batch) {
                     let z = self.ctx.keys.connections(user);
                     inv.key(&z).key(z).arg(self.member(client)).arg("");
                     n += 1;
@@ -362,7 +323,7 @@ impl Presence {
 
     fn is_empty(&self) -> bool {
         let local = self.local();
-        local.presence.is_empty() && local.connections.is_empty() && local.node.is_none()
+        local.own.is_empty() && local.node.is_none()
     }
 }
 
@@ -401,15 +362,6 @@ fn json_values<T: serde::de::DeserializeOwned>(v: &Value) -> Vec<T> {
 #[cfg(test)]
 mod key_tests {
     use super::*;
-
-    #[test]
-    fn presence_keys_split_back() {
-        let key = presence_key("chat:room-1", "node-a-x1y2-17");
-        assert_eq!(split_presence_key(&key), ("chat:room-1", "node-a-x1y2-17"));
-        // Only the first NUL separates (a channel name has none; a client id could).
-        assert_eq!(split_presence_key(&presence_key("c", "a\0b")), ("c", "a\0b"));
-        assert_ne!(presence_key("a", "bc"), presence_key("ab", "c"));
-    }
 
     #[test]
     fn a_node_entry_written_before_readiness_was_reported_reads_as_ready() -> serde_json::Result<()> {

@@ -18,6 +18,7 @@
 
 pub mod hooks;
 mod memory;
+pub mod own;
 
 use std::sync::Arc;
 
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 pub use hooks::{HookConfig, HookEvent, HookStats};
 pub use memory::MemoryBroker;
+pub use own::{OwnEntries, OwnPresence};
 
 /// One published message as nodes pass it around: its place in the channel's stream and the
 /// `message` frame, encoded once.
