@@ -42,17 +42,71 @@ pub(crate) struct Stored {
     pub data: Bytes,
 }
 
-pub(crate) fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
-    h.and_then(|h| h.get(name)).map(|v| v.as_str())
+/// Read access to a message's headers: async-nats's map (JetStream reads), or the block the
+/// subscriber connection received, read in place (live messages: no allocation per header).
+pub(crate) trait Headers {
+    fn value(&self, name: &str) -> Option<&str>;
 }
 
-pub(crate) fn header_u64(h: Option<&HeaderMap>, name: &str) -> u64 {
+impl Headers for HeaderMap {
+    fn value(&self, name: &str) -> Option<&str> {
+        self.get(name).map(|v| v.as_str())
+    }
+}
+
+/// A header block as received (`NATS/1.0[ status]\r\nName: value\r\n...`).
+#[derive(Debug, Clone)]
+pub(crate) struct RawHeaders(pub Bytes);
+
+impl Headers for RawHeaders {
+    fn value(&self, name: &str) -> Option<&str> {
+        let text = std::str::from_utf8(&self.0).ok()?;
+        text.split("\r\n").skip(1).find_map(|line| {
+            let (k, v) = line.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+impl RawHeaders {
+    /// The block of an async-nats map.
+    pub(crate) fn from_map(h: &HeaderMap) -> RawHeaders {
+        let mut out = String::from("NATS/1.0\r\n");
+        for (k, vs) in h.iter() {
+            for v in vs {
+                out.push_str(k.as_ref());
+                out.push_str(": ");
+                out.push_str(v.as_str());
+                out.push_str("\r\n");
+            }
+        }
+        out.push_str("\r\n");
+        RawHeaders(out.into())
+    }
+}
+
+pub(crate) fn header<'a, H: Headers>(h: Option<&'a H>, name: &str) -> Option<&'a str> {
+    h.and_then(|h| h.value(name))
+}
+
+pub(crate) fn header_u64<H: Headers>(h: Option<&H>, name: &str) -> u64 {
     header(h, name).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 impl Stored {
-    pub(crate) fn from_headers(seq: u64, h: Option<&HeaderMap>, data: Bytes) -> Option<Stored> {
+    /// Decodes a stored message; `known` is an epoch already held (shared when it is the
+    /// message's, instead of allocated again).
+    pub(crate) fn from_headers<H: Headers>(
+        seq: u64,
+        h: Option<&H>,
+        data: Bytes,
+        known: Option<&Arc<str>>,
+    ) -> Option<Stored> {
         let epoch = header(h, H_EPOCH)?;
+        let epoch: Arc<str> = match known {
+            Some(k) if **k == *epoch => k.clone(),
+            _ => epoch.into(),
+        };
         let first = header_u64(h, H_OFFSET);
         let lens: Vec<usize> =
             header(h, H_LENS).map(|l| l.split(',').filter_map(|n| n.parse().ok()).collect()).unwrap_or_default();
@@ -62,7 +116,7 @@ impl Stored {
         let count = lens.len().max(1) as u64;
         Some(Stored {
             seq,
-            epoch: epoch.into(),
+            epoch,
             first,
             offset: if first == 0 { 0 } else { first + count - 1 },
             prev: header_u64(h, H_PREV),
@@ -129,7 +183,7 @@ impl Inner {
     pub(crate) async fn last(&self, channel: &str) -> Result<Option<Stored>, BrokerError> {
         let s = self.stream(channel)?;
         match s.get_last_raw_message_by_subject(&self.hist_subject(channel)).await {
-            Ok(m) => Ok(Stored::from_headers(m.sequence, Some(&m.headers), m.payload)),
+            Ok(m) => Ok(Stored::from_headers(m.sequence, Some(&m.headers), m.payload, None)),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(unavailable(e)),
         }
@@ -139,7 +193,7 @@ impl Inner {
     pub(crate) async fn at(&self, channel: &str, seq: u64) -> Result<Option<Stored>, BrokerError> {
         let s = self.stream(channel)?;
         match s.get_raw_message(seq).await {
-            Ok(m) => Ok(Stored::from_headers(m.sequence, Some(&m.headers), m.payload)),
+            Ok(m) => Ok(Stored::from_headers(m.sequence, Some(&m.headers), m.payload, None)),
             Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(unavailable(e)),
         }
@@ -223,5 +277,31 @@ impl Inner {
             publications.truncate(limit);
         }
         Ok(History { epoch, offset: top, publications, gap })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_raw_header_block_reads_like_the_map_it_came_from() {
+        let raw = RawHeaders(Bytes::from_static(
+            b"NATS/1.0\r\nCrier-Epoch: 0a1b2c3d\r\nCrier-Offset: 17\r\nNats-Sequence:  5 \r\n\r\n",
+        ));
+        assert_eq!(header(Some(&raw), H_EPOCH), Some("0a1b2c3d"));
+        assert_eq!(header_u64(Some(&raw), H_OFFSET), 17);
+        assert_eq!(header(Some(&raw), "nats-sequence"), Some("5"));
+        assert_eq!(header(Some(&raw), H_PREV), None);
+        assert_eq!(header::<RawHeaders>(None, H_EPOCH), None);
+        let mut map = HeaderMap::new();
+        map.insert(H_EPOCH, "e1");
+        map.insert(H_OFFSET, "3");
+        let back = RawHeaders::from_map(&map);
+        assert_eq!(header(Some(&back), H_EPOCH), Some("e1"));
+        assert_eq!(header_u64(Some(&back), H_OFFSET), 3);
+        let known: Arc<str> = "e1".into();
+        let s = Stored::from_headers(9, Some(&back), Bytes::from_static(b"x"), Some(&known));
+        assert!(s.is_some_and(|s| Arc::ptr_eq(&s.epoch, &known) && s.first == 3 && s.seq == 9));
     }
 }

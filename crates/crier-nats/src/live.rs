@@ -20,6 +20,7 @@ use crier_protocol::StreamPosition;
 use futures_util::StreamExt;
 use futures_util::stream::{AbortHandle, Abortable, SelectAll, Stream};
 
+use crate::history::RawHeaders;
 use crate::rawsub::{Live as Msg, Sink};
 use crate::{H_CLIENT, H_KIND, Inner, Stored, header, unavailable};
 
@@ -151,7 +152,7 @@ impl Chan {
             Some(_) => return Step::Done,
             None => {}
         }
-        let Some(s) = Stored::from_headers(0, h, payload.clone()) else { return Step::Done };
+        let Some(s) = Stored::from_headers(0, h, payload.clone(), st.epoch.as_ref()) else { return Step::Done };
         if st.epoch.as_deref() != Some(&*s.epoch) {
             if !may_fill {
                 return Step::Done;
@@ -407,8 +408,10 @@ impl Live {
                 let sub = inner.client.subscribe(inner.live_subject(channel)).await.map_err(unavailable)?;
                 let (handle, reg) = AbortHandle::new_pair();
                 let c = chan.clone();
-                let tagged: Tagged =
-                    Box::pin(Abortable::new(sub.map(move |m| (c.clone(), (m.headers, m.payload))), reg));
+                let tagged: Tagged = Box::pin(Abortable::new(
+                    sub.map(move |m| (c.clone(), (m.headers.as_ref().map(RawHeaders::from_map), m.payload))),
+                    reg,
+                ));
                 if self.dispatcher().send(tagged).is_err() {
                     return Err(BrokerError::Internal("nats: the live dispatcher stopped".into()));
                 }

@@ -13,14 +13,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 
-/// A message of a live subject: its headers and payload.
-pub(crate) type Live = (Option<HeaderMap>, Bytes);
+use crate::history::RawHeaders;
+
+/// A message of a live subject: its header block and payload (slices of one buffer).
+pub(crate) type Live = (Option<RawHeaders>, Bytes);
 
 /// Where a subscription's messages go: called inline by the connection's read loop (the
 /// node's one dispatcher), in the order the server sent them.
@@ -199,17 +200,6 @@ async fn connect(addr: &str, token: Option<&str>, name: &str) -> std::io::Result
     }
 }
 
-fn parse_headers(block: &[u8]) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    let text = String::from_utf8_lossy(block);
-    for l in text.split("\r\n").skip(1) {
-        if let Some((k, v)) = l.split_once(':') {
-            h.insert(k.trim(), v.trim());
-        }
-    }
-    h
-}
-
 async fn read_loop(me: &Weak<RawSub>, mut r: Reader) {
     let mut line = String::new();
     loop {
@@ -243,11 +233,19 @@ async fn read_loop(me: &Weak<RawSub>, mut r: Reader) {
             }
             continue;
         };
-        let t: Vec<&str> = rest.split_whitespace().collect();
         // MSG <subject> <sid> [reply] <bytes> ; HMSG <subject> <sid> [reply] <hdr bytes> <total bytes>
-        let (sid, hlen, total) = match (hdr, t.len()) {
-            (false, 3 | 4) => (t[1], "0", t[t.len() - 1]),
-            (true, 4 | 5) => (t[1], t[t.len() - 2], t[t.len() - 1]),
+        let mut t = [""; 5];
+        let mut n = 0;
+        for word in rest.split_ascii_whitespace() {
+            if n == t.len() {
+                return;
+            }
+            t[n] = word;
+            n += 1;
+        }
+        let (sid, hlen, total) = match (hdr, n) {
+            (false, 3 | 4) => (t[1], "0", t[n - 1]),
+            (true, 4 | 5) => (t[1], t[n - 2], t[n - 1]),
             _ => return,
         };
         let (Ok(sid), Ok(hlen), Ok(total)) = (sid.parse::<u64>(), hlen.parse::<usize>(), total.parse::<usize>()) else {
@@ -264,9 +262,9 @@ async fn read_loop(me: &Weak<RawSub>, mut r: Reader) {
         let Some(sub) = me.upgrade() else { return };
         let sink = sub.subs.lock().unwrap_or_else(|e| e.into_inner()).get(&sid).cloned();
         if let Some(sink) = sink {
-            let headers = (hlen > 0).then(|| parse_headers(&buf[..hlen]));
-            let payload = Bytes::from(buf).slice(hlen..);
-            sink.push((headers, payload));
+            let buf = Bytes::from(buf);
+            let headers = (hlen > 0).then(|| RawHeaders(buf.slice(..hlen)));
+            sink.push((headers, buf.slice(hlen..)));
         }
     }
 }
