@@ -54,6 +54,9 @@ struct St {
     resync: bool,
     stopped: bool,
     feed: Feed,
+    /// Boxed: 8 bytes in every channel instead of 32, for a queue that exists only while a
+    /// worker runs.
+    #[allow(clippy::box_collection)]
     pending: Option<Box<VecDeque<Msg>>>,
 }
 
