@@ -97,12 +97,12 @@ impl NatsBroker {
             .collect::<Result<_, _>>()?;
         let client = co.connect(urls).await.map_err(unavailable)?;
         let js = jetstream::ContextBuilder::new().timeout(opts.command_timeout).build(client.clone());
-        // Wait (bounded) for the first connection, then lay out streams and buckets.
+        // A first connection is waited for a moment; without one the node starts unready (the
+        // client keeps trying, and the layout follows once connected).
         let deadline = tokio::time::Instant::now() + opts.connect_wait.max(Duration::from_secs(5));
-        while client.connection_state() != async_nats::connection::State::Connected {
-            if tokio::time::Instant::now() > deadline {
-                return Err(BrokerError::Unavailable("no NATS server reachable".into()));
-            }
+        while client.connection_state() != async_nats::connection::State::Connected
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let default_policy = HistPolicy { size: opts.history_size, ttl_ms: opts.history_ttl.as_millis().max(1) as u64 };
@@ -113,19 +113,6 @@ impl NatsBroker {
                 (n.to_owned(), HistPolicy { size: p.history_size, ttl_ms: p.history_ttl.as_millis().max(1) as u64 })
             })
             .collect();
-        // JetStream may still be electing its leaders (a cluster starting): the layout is
-        // retried for up to `layout_wait`.
-        let deadline = tokio::time::Instant::now() + opts.layout_wait;
-        let (streams, kv) = loop {
-            match layout(&js, &opts, default_policy, &policies).await {
-                Ok(l) => break l,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::warn!(error = %e, "nats: JetStream not ready yet; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        };
         let plain: Option<Vec<String>> = opts.urls.iter().map(|u| rawsub::plain_addr(u)).collect();
         let raw = match (&opts.auth, plain, &opts.tls_ca_file) {
             (NatsAuth::None | NatsAuth::TokenFile(_), Some(addrs), None) => {
@@ -147,16 +134,38 @@ impl NatsBroker {
             reconnects: AtomicU64::new(0),
             publish_calls: AtomicU64::new(0),
             handler: OnceLock::new(),
-            kv,
+            laid: OnceLock::new(),
+            own: Mutex::default(),
             policies,
             default_policy,
-            streams,
             tails: Mutex::new(HashMap::new()),
             opts,
         });
         inner.up.store(inner.client.connection_state() == async_nats::connection::State::Connected, Ordering::SeqCst);
         let _ = weak.set(Arc::downgrade(&inner));
         inner.live.set_inner(Arc::downgrade(&inner));
+        // JetStream may still be electing its leaders (a cluster starting): the layout is
+        // retried for up to `layout_wait`; past it the node starts unready and a task lays the
+        // streams and buckets out as soon as JetStream answers.
+        if inner.up.load(Ordering::SeqCst) {
+            let deadline = tokio::time::Instant::now() + inner.opts.layout_wait;
+            loop {
+                match inner.lay_out().await {
+                    Ok(()) => break,
+                    Err(e) if tokio::time::Instant::now() < deadline => {
+                        tracing::warn!(error = %e, "nats: JetStream not ready yet; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "nats: JetStream not ready; starting unready, retrying in the background");
+                        break;
+                    }
+                }
+            }
+        }
+        if inner.laid.get().is_none() {
+            tokio::spawn(lay_out_later(Arc::downgrade(&inner)));
+        }
         if let Some(raw) = &inner.raw {
             raw.wait_connected(inner.opts.connect_wait).await;
         }
@@ -165,15 +174,49 @@ impl NatsBroker {
     }
 }
 
+/// Lays the streams and buckets out once JetStream answers (the node started without them).
+async fn lay_out_later(inner: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.laid.get().is_some() {
+            return;
+        }
+        if inner.client.connection_state() != async_nats::connection::State::Connected {
+            continue;
+        }
+        match inner.lay_out().await {
+            Ok(()) => {
+                tracing::info!("nats: JetStream streams and buckets laid out; the node is ready");
+                inner.up.store(
+                    inner.client.connection_state() == async_nats::connection::State::Connected,
+                    Ordering::SeqCst,
+                );
+                inner.live.resync_all();
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "nats: JetStream not ready yet; retrying"),
+        }
+    }
+}
+
 impl Inner {
+    /// Lays the streams and buckets out (idempotent: creates what is missing, updates what
+    /// changed); the first success is kept as the node's handles.
+    async fn lay_out(&self) -> Result<(), BrokerError> {
+        let (streams, kv) = layout(&self.js, &self.opts, self.default_policy, &self.policies).await?;
+        let _ = self.laid.set(crate::Laid { streams, kv });
+        Ok(())
+    }
+
     /// Lays the streams and buckets out again (idempotent; re-creates what a server lost),
     /// retried for a few seconds: after it the node serves even if it failed (a cluster that
     /// cannot update a stream now still serves the existing one).
     async fn relayout(&self) {
         let deadline = tokio::time::Instant::now() + self.opts.layout_wait.min(Duration::from_secs(5));
         loop {
-            match layout(&self.js, &self.opts, self.default_policy, &self.policies).await {
-                Ok(_) => return,
+            match self.lay_out().await {
+                Ok(()) => return,
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::debug!(error = %e, "nats: laying out again after a reconnect; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;

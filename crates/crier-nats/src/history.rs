@@ -176,7 +176,10 @@ impl Inner {
     }
 
     pub(crate) fn stream(&self, channel: &str) -> Result<&stream::Stream, BrokerError> {
-        self.streams.get(&self.policy(channel)).ok_or_else(|| BrokerError::Internal("no stream for the policy".into()))
+        self.laid()?
+            .streams
+            .get(&self.policy(channel))
+            .ok_or_else(|| BrokerError::Internal("no stream for the policy".into()))
     }
 
     /// The channel's last stored message (marker included), `None` when it has none.

@@ -49,8 +49,8 @@ use async_trait::async_trait;
 use base64::Engine;
 use crier_core::Namespaces;
 use crier_core::broker::{
-    Broker, BrokerError, BrokerHandler, ChannelCount, History, NodeInfo, PresenceStats, PublishOptions, PublishResult,
-    Revocation, UserOp, UserOpReply,
+    Broker, BrokerError, BrokerHandler, ChannelCount, History, NodeInfo, OwnEntries, PresenceStats, PublishOptions,
+    PublishResult, Revocation, UserOp, UserOpReply,
 };
 use crier_protocol::StreamPosition;
 use crier_protocol::frames::PresenceEntry;
@@ -111,7 +111,8 @@ pub struct NatsOptions {
     /// How long [`NatsBroker::connect`] waits for a first connection. Default 2s.
     pub connect_wait: Duration,
     /// How long [`NatsBroker::connect`] retries laying out streams and buckets while
-    /// JetStream is not ready (a cluster electing its meta leader). Default 30s.
+    /// JetStream is not ready (a cluster electing its meta leader) before it returns a broker
+    /// that is not up yet (a background task keeps trying). Default 10s.
     pub layout_wait: Duration,
 }
 
@@ -132,7 +133,7 @@ impl NatsOptions {
             replicas: 1,
             command_timeout: Duration::from_secs(2),
             connect_wait: Duration::from_secs(2),
-            layout_wait: Duration::from_secs(30),
+            layout_wait: Duration::from_secs(10),
         }
     }
 }
@@ -145,10 +146,13 @@ pub(crate) struct Inner {
     pub reconnects: AtomicU64,
     pub publish_calls: AtomicU64,
     pub handler: OnceLock<Arc<dyn BrokerHandler>>,
-    pub kv: state::Buckets,
+    /// The streams and buckets, once laid out (until then the node is unready and every
+    /// JetStream operation answers `Unavailable`; a background task keeps trying).
+    laid: OnceLock<Laid>,
+    /// This node's presence entries and connections (refreshed; kept while NATS is away).
+    own: Mutex<OwnEntries>,
     policies: HashMap<String, HistPolicy>,
     default_policy: HistPolicy,
-    streams: HashMap<HistPolicy, stream::Stream>,
     tails: Mutex<HashMap<String, ChanPub>>,
     pub live: live::Live,
     /// The node's own subscriber connection (plain `nats://`, no credentials or a token).
@@ -186,9 +190,23 @@ pub(crate) fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
+/// The streams (one per history policy) and the key-value buckets.
+pub(crate) struct Laid {
+    streams: HashMap<HistPolicy, stream::Stream>,
+    kv: state::Buckets,
+}
+
 impl Inner {
     pub(crate) fn handler(&self) -> Option<&Arc<dyn BrokerHandler>> {
         self.handler.get()
+    }
+
+    fn laid(&self) -> Result<&Laid, BrokerError> {
+        self.laid.get().ok_or_else(|| BrokerError::Unavailable("NATS JetStream is not ready yet".into()))
+    }
+
+    pub(crate) fn kv(&self) -> Result<&state::Buckets, BrokerError> {
+        self.laid().map(|l| &l.kv)
     }
 }
 
@@ -269,6 +287,7 @@ impl Broker for NatsBroker {
 
     fn is_up(&self) -> bool {
         self.inner.up.load(Ordering::SeqCst)
+            && self.inner.laid.get().is_some()
             && self.inner.client.connection_state() == async_nats::connection::State::Connected
     }
 

@@ -9,7 +9,7 @@
 //! entries vanish within the TTL, and they come back after NATS lost its data).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -33,8 +33,6 @@ pub(crate) struct Buckets {
     chans: kv::Store,
     rate: kv::Store,
     revs: kv::Store,
-    /// This node's presence entries and connections.
-    own: Mutex<OwnEntries>,
 }
 
 async fn bucket(
@@ -80,7 +78,6 @@ impl Buckets {
             chans: bucket(js, o, "chans", o.node_ttl).await?,
             rate: bucket(js, o, "rate", Duration::from_secs(3600)).await?,
             revs: bucket(js, o, "revs", o.revocation_ttl).await?,
-            own: Mutex::default(),
         })
     }
 }
@@ -155,13 +152,11 @@ const REFRESH_BATCH: usize = 500;
 /// Key-value writes in flight at once during a refresh.
 const REFRESH_CONCURRENCY: usize = 32;
 
-impl Buckets {
+impl Inner {
     fn own(&self) -> std::sync::MutexGuard<'_, OwnEntries> {
         self.own.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-impl Inner {
     fn ttl_ms(&self) -> u64 {
         self.opts.presence_ttl.as_millis() as u64
     }
@@ -198,14 +193,14 @@ impl Inner {
     async fn presence_entries(&self, channel: &str) -> Result<Vec<(String, u64, Member)>, BrokerError> {
         use jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
         let config = pull::Config {
-            filter_subject: format!("{}.{}.*", self.kv.presence_subject, token(channel)),
+            filter_subject: format!("{}.{}.*", self.kv()?.presence_subject, token(channel)),
             deliver_policy: DeliverPolicy::LastPerSubject,
             ack_policy: AckPolicy::None,
             inactive_threshold: Duration::from_secs(10),
             memory_storage: true,
             ..Default::default()
         };
-        let consumer = self.kv.presence_stream.create_consumer(config).await.map_err(unavailable)?;
+        let consumer = self.kv()?.presence_stream.create_consumer(config).await.map_err(unavailable)?;
         let name = consumer.cached_info().name.clone();
         let pending = consumer.cached_info().num_pending as usize;
         let mut out = Vec::with_capacity(pending);
@@ -230,7 +225,7 @@ impl Inner {
                 }
             }
         }
-        let stream = self.kv.presence_stream.clone();
+        let stream = self.kv()?.presence_stream.clone();
         tokio::spawn(async move {
             let _ = stream.delete_consumer(&name).await;
         });
@@ -262,15 +257,15 @@ impl Inner {
             count = live.len() as u64 + u64::from(!member_already);
         }
         let value: bytes::Bytes = serde_json::to_vec(&member).map_err(|e| BrokerError::Internal(e.to_string()))?.into();
-        let joined = match self.kv.presence.create(&key, value.clone()).await {
+        let joined = match self.kv()?.presence.create(&key, value.clone()).await {
             Ok(_) => true,
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                self.kv.presence.put(&key, value).await.map_err(unavailable)?;
+                self.kv()?.presence.put(&key, value).await.map_err(unavailable)?;
                 false
             }
             Err(e) => return Err(unavailable(e)),
         };
-        self.kv.own().add_presence(channel, entry);
+        self.own().add_presence(channel, entry);
         if joined {
             self.announce_all(channel, Some((entry.client.as_str(), &member)), &[]).await;
         }
@@ -282,15 +277,15 @@ impl Inner {
     }
 
     pub(crate) async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
-        self.kv.own().remove_presence(channel, client);
+        self.own().remove_presence(channel, client);
         let key = Inner::presence_key(channel, client);
-        let Some(e) = self.kv.presence.entry(&key).await.map_err(unavailable)? else { return Ok(()) };
+        let Some(e) = self.kv()?.presence.entry(&key).await.map_err(unavailable)? else { return Ok(()) };
         if e.operation != kv::Operation::Put {
             return Ok(());
         }
         let Ok(member) = serde_json::from_slice::<Member>(&e.value) else { return Ok(()) };
         // Deleted at the revision read: of two removes (or a remove and a sweep) one wins, once.
-        if self.kv.presence.delete_expect_revision(&key, Some(e.revision)).await.is_ok() {
+        if self.kv()?.presence.delete_expect_revision(&key, Some(e.revision)).await.is_ok() {
             self.announce_all(channel, None, &[(client.to_owned(), member)]).await;
         }
         Ok(())
@@ -309,20 +304,20 @@ impl Inner {
 
     pub(crate) async fn connection_opened(&self, user: &str, client: &str) -> Result<u64, BrokerError> {
         let ttl = self.ttl_ms();
-        let n = cas(&self.kv.conns, &token(user), |m: &mut BTreeMap<String, u64>| {
+        let n = cas(&self.kv()?.conns, &token(user), |m: &mut BTreeMap<String, u64>| {
             let now = now_ms();
             m.retain(|_, e| *e > now);
             m.insert(client.to_owned(), now + ttl);
             (true, m.len() as u64)
         })
         .await?;
-        self.kv.own().add_connection(user, client);
+        self.own().add_connection(user, client);
         Ok(n)
     }
 
     pub(crate) async fn connection_closed(&self, user: &str, client: &str) -> Result<(), BrokerError> {
-        self.kv.own().remove_connection(user, client);
-        cas(&self.kv.conns, &token(user), |m: &mut BTreeMap<String, u64>| {
+        self.own().remove_connection(user, client);
+        cas(&self.kv()?.conns, &token(user), |m: &mut BTreeMap<String, u64>| {
             let now = now_ms();
             let before = m.len();
             m.retain(|c, e| *e > now && c != client);
@@ -339,7 +334,7 @@ impl Inner {
         let mut done = 0usize;
         loop {
             let batch: Vec<(String, Bytes)> = {
-                let own = self.kv.own();
+                let own = self.own();
                 own.presence()
                     .skip(done)
                     .take(REFRESH_BATCH)
@@ -351,11 +346,12 @@ impl Inner {
                     .collect()
             };
             let n = batch.len();
-            let mut puts = futures_util::stream::iter(batch)
-                .map(
-                    |(key, value)| async move { self.kv.presence.put(key, value).await.map(drop).map_err(unavailable) },
-                )
-                .buffer_unordered(REFRESH_CONCURRENCY);
+            let mut puts =
+                futures_util::stream::iter(batch)
+                    .map(|(key, value)| async move {
+                        self.kv()?.presence.put(key, value).await.map(drop).map_err(unavailable)
+                    })
+                    .buffer_unordered(REFRESH_CONCURRENCY);
             while let Some(r) = puts.next().await {
                 r?;
             }
@@ -374,7 +370,7 @@ impl Inner {
             for (client, rev, m) in self.presence_entries(&channel).await? {
                 if m.e <= now
                     && self
-                        .kv
+                        .kv()?
                         .presence
                         .delete_expect_revision(Inner::presence_key(&channel, &client), Some(rev))
                         .await
@@ -387,7 +383,7 @@ impl Inner {
         let mut done = 0usize;
         loop {
             let (n, by_user) = {
-                let own = self.kv.own();
+                let own = self.own();
                 let mut by_user: HashMap<String, Vec<String>> = HashMap::new();
                 let mut n = 0;
                 for (user, client) in own.connections().skip(done).take(REFRESH_BATCH) {
@@ -398,7 +394,7 @@ impl Inner {
             };
             let mut writes = futures_util::stream::iter(by_user)
                 .map(|(user, clients)| async move {
-                    cas(&self.kv.conns, &token(&user), |m: &mut BTreeMap<String, u64>| {
+                    cas(&self.kv()?.conns, &token(&user), |m: &mut BTreeMap<String, u64>| {
                         let now = now_ms();
                         m.retain(|_, e| *e > now);
                         for c in &clients {
@@ -431,15 +427,15 @@ impl Inner {
             memory_bytes: info.memory_bytes,
         };
         let bytes = serde_json::to_vec(&rec).map_err(|e| BrokerError::Internal(e.to_string()))?;
-        self.kv.nodes.put(token(&info.node), bytes.into()).await.map_err(unavailable)?;
+        self.kv()?.nodes.put(token(&info.node), bytes.into()).await.map_err(unavailable)?;
         // The node's channel counts live as long as its registry entry.
-        cas(&self.kv.chans, &token(&info.node), |m: &mut BTreeMap<String, u64>| (!m.is_empty(), ())).await
+        cas(&self.kv()?.chans, &token(&info.node), |m: &mut BTreeMap<String, u64>| (!m.is_empty(), ())).await
     }
 
     pub(crate) async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError> {
         let mut out = Vec::new();
-        for k in keys(&self.kv.nodes).await? {
-            if let Some(b) = self.kv.nodes.get(&k).await.map_err(unavailable)?
+        for k in keys(&self.kv()?.nodes).await? {
+            if let Some(b) = self.kv()?.nodes.get(&k).await.map_err(unavailable)?
                 && let Ok(r) = serde_json::from_slice::<NodeRec>(&b)
             {
                 out.push(NodeInfo {
@@ -463,7 +459,7 @@ impl Inner {
         counts: &[(String, u64)],
         full: bool,
     ) -> Result<bool, BrokerError> {
-        cas(&self.kv.chans, &token(node), |m: &mut BTreeMap<String, u64>| {
+        cas(&self.kv()?.chans, &token(node), |m: &mut BTreeMap<String, u64>| {
             let held = !m.is_empty();
             if full {
                 m.clear();
@@ -486,13 +482,13 @@ impl Inner {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<ChannelCount>, BrokerError> {
-        let live: HashSet<String> = keys(&self.kv.nodes).await?.into_iter().collect();
+        let live: HashSet<String> = keys(&self.kv()?.nodes).await?.into_iter().collect();
         let mut sum: BTreeMap<String, u64> = BTreeMap::new();
-        for k in keys(&self.kv.chans).await? {
+        for k in keys(&self.kv()?.chans).await? {
             if !live.contains(&k) {
                 continue;
             }
-            let m: BTreeMap<String, u64> = get(&self.kv.chans, &k).await?;
+            let m: BTreeMap<String, u64> = get(&self.kv()?.chans, &k).await?;
             for (c, n) in m {
                 if c.starts_with(prefix) && after.is_none_or(|a| c.as_str() > a) {
                     *sum.entry(c).or_default() += n;
@@ -505,7 +501,7 @@ impl Inner {
     pub(crate) async fn rate_limit(&self, key: &str, rate: u32, burst: u32) -> Result<Option<Duration>, BrokerError> {
         let interval = 1_000_000 / u64::from(rate.max(1));
         let tolerance = interval * u64::from(burst.max(1));
-        let wait = cas(&self.kv.rate, &token(key), |tat: &mut u64| {
+        let wait = cas(&self.kv()?.rate, &token(key), |tat: &mut u64| {
             let now = now_us();
             let new_tat = (*tat).max(now) + interval;
             if new_tat - now > tolerance {
@@ -519,7 +515,7 @@ impl Inner {
     }
 
     pub(crate) async fn store_revocation(&self, user: &str, before: u64) -> Result<(), BrokerError> {
-        cas(&self.kv.revs, &token(user), |b: &mut u64| {
+        cas(&self.kv()?.revs, &token(user), |b: &mut u64| {
             if *b >= before {
                 return (false, ());
             }
@@ -531,8 +527,8 @@ impl Inner {
 
     pub(crate) async fn revocations(&self, since: u64) -> Result<Vec<Revocation>, BrokerError> {
         let mut out = Vec::new();
-        for k in keys(&self.kv.revs).await? {
-            let before: u64 = get(&self.kv.revs, &k).await?;
+        for k in keys(&self.kv()?.revs).await? {
+            let before: u64 = get(&self.kv()?.revs, &k).await?;
             if before >= since
                 && let Some(user) = untoken(&k)
             {

@@ -153,6 +153,34 @@ async fn nats_restart_readiness_follows_and_nothing_acknowledged_is_lost() {
     assert!(b.metric("crier_broker_reconnects_total").await >= 1.0);
 }
 
+/// A node started while NATS is down starts anyway, unready (`/readyz` 503, publishes refused
+/// with 503), and becomes ready by itself once NATS is up: its streams and buckets are laid out
+/// then, and a message published after reaches a subscriber of the other node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_nats_is_unready_until_nats_is_up() {
+    if !nats_available("a_node_started_before_nats") {
+        return;
+    }
+    let mut nats = NatsServer::start();
+    let url = nats.url();
+    nats.kill();
+    let a = node(&url, "ua", &[]).await;
+    assert_eq!(status(&a, "/readyz").await, 503, "unready while NATS is down");
+    assert_eq!(status(&a, "/healthz").await, 200, "alive: the process serves");
+    assert_eq!(a.metric("crier_broker_up").await, 0.0);
+    assert_eq!(try_publish(&a, "late", json!("before")).await, None, "a publish is refused while unready");
+    nats.restart();
+    until_within("ready once NATS is up", Duration::from_secs(30), async || status(&a, "/readyz").await == 200).await;
+    let b = node(&url, "ub", &[]).await;
+    until("b ready", async || status(&b, "/readyz").await == 200).await;
+    let mut sub = b.client(&b.token("s", &["late"], &[])).await;
+    sub.subscribe("late", 1).await;
+    let (epoch, offset) = try_publish(&a, "late", json!("after")).await.expect("published once ready");
+    let m = sub.recv().await;
+    assert_eq!((m["type"].as_str(), m["data"].as_str()), (Some("message"), Some("after")), "{m}");
+    assert_eq!((m["epoch"].as_str().unwrap(), m["offset"].as_u64().unwrap()), (epoch.as_str(), offset));
+}
+
 /// A NATS server restarted with its store lost (streams and buckets gone): once ready again
 /// publishes are accepted in a new epoch, the live subscriber is told (a `gap` frame with the
 /// new epoch) before anything of it, and a client recovering from the old epoch is told it cannot.
