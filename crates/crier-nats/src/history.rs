@@ -10,7 +10,7 @@ use crier_core::Namespaces;
 use crier_core::broker::{BrokerError, History, Publication};
 use crier_protocol::StreamPosition;
 
-use crate::{H_EPOCH, H_LENS, H_OFFSET, H_PREV, H_TS, Inner, token, unavailable};
+use crate::{H_CLIENT, H_EPOCH, H_KIND, H_LENS, H_OFFSET, H_PREV, H_TS, Inner, token, unavailable};
 
 /// A channel's history policy, as the streams are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -45,12 +45,27 @@ pub(crate) struct Stored {
 /// Read access to a message's headers: async-nats's map (JetStream reads), or the block the
 /// subscriber connection received, read in place (live messages: no allocation per header).
 pub(crate) trait Headers {
-    fn value(&self, name: &str) -> Option<&str>;
+    /// Calls `f` with each (name, value), in order.
+    fn each<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a str));
+
+    fn value(&self, name: &str) -> Option<&str> {
+        let mut found = None;
+        self.each(&mut |k, v| {
+            if found.is_none() && k.eq_ignore_ascii_case(name) {
+                found = Some(v);
+            }
+        });
+        found
+    }
 }
 
 impl Headers for HeaderMap {
-    fn value(&self, name: &str) -> Option<&str> {
-        self.get(name).map(|v| v.as_str())
+    fn each<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a str)) {
+        for (k, vs) in self.iter() {
+            for v in vs {
+                f(k.as_ref(), v.as_str());
+            }
+        }
     }
 }
 
@@ -59,13 +74,52 @@ impl Headers for HeaderMap {
 pub(crate) struct RawHeaders(pub Bytes);
 
 impl Headers for RawHeaders {
-    fn value(&self, name: &str) -> Option<&str> {
-        let text = std::str::from_utf8(&self.0).ok()?;
-        text.split("\r\n").skip(1).find_map(|line| {
-            let (k, v) = line.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
+    fn each<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a str)) {
+        let Ok(text) = std::str::from_utf8(&self.0) else { return };
+        for line in text.split("\r\n").skip(1) {
+            if let Some((k, v)) = line.split_once(':') {
+                f(k.trim(), v.trim());
+            }
+        }
     }
+}
+
+/// The crier headers of a message, read in one pass.
+#[derive(Debug, Default)]
+pub(crate) struct Fields<'a> {
+    pub kind: Option<&'a str>,
+    pub client: Option<&'a str>,
+    epoch: Option<&'a str>,
+    offset: Option<&'a str>,
+    prev: Option<&'a str>,
+    ts: Option<&'a str>,
+    lens: Option<&'a str>,
+}
+
+impl<'a> Fields<'a> {
+    pub(crate) fn of<H: Headers>(h: Option<&'a H>) -> Fields<'a> {
+        let mut f = Fields::default();
+        if let Some(h) = h {
+            h.each(&mut |k, v| {
+                let slot = match k {
+                    H_EPOCH => &mut f.epoch,
+                    H_OFFSET => &mut f.offset,
+                    H_PREV => &mut f.prev,
+                    H_TS => &mut f.ts,
+                    H_LENS => &mut f.lens,
+                    H_KIND => &mut f.kind,
+                    H_CLIENT => &mut f.client,
+                    _ => return,
+                };
+                slot.get_or_insert(v);
+            });
+        }
+        f
+    }
+}
+
+fn parse_u64(v: Option<&str>) -> u64 {
+    v.and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 impl RawHeaders {
@@ -89,10 +143,6 @@ pub(crate) fn header<'a, H: Headers>(h: Option<&'a H>, name: &str) -> Option<&'a
     h.and_then(|h| h.value(name))
 }
 
-pub(crate) fn header_u64<H: Headers>(h: Option<&H>, name: &str) -> u64 {
-    header(h, name).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
-
 impl Stored {
     /// Decodes a stored message; `known` is an epoch already held (shared when it is the
     /// message's, instead of allocated again).
@@ -102,14 +152,18 @@ impl Stored {
         data: Bytes,
         known: Option<&Arc<str>>,
     ) -> Option<Stored> {
-        let epoch = header(h, H_EPOCH)?;
+        Stored::from_fields(seq, &Fields::of(h), data, known)
+    }
+
+    pub(crate) fn from_fields(seq: u64, f: &Fields<'_>, data: Bytes, known: Option<&Arc<str>>) -> Option<Stored> {
+        let epoch = f.epoch?;
         let epoch: Arc<str> = match known {
             Some(k) if **k == *epoch => k.clone(),
             _ => epoch.into(),
         };
-        let first = header_u64(h, H_OFFSET);
+        let first = parse_u64(f.offset);
         let lens: Vec<usize> =
-            header(h, H_LENS).map(|l| l.split(',').filter_map(|n| n.parse().ok()).collect()).unwrap_or_default();
+            f.lens.map(|l| l.split(',').filter_map(|n| n.parse().ok()).collect()).unwrap_or_default();
         if lens.iter().sum::<usize>() > data.len() {
             return None;
         }
@@ -119,8 +173,8 @@ impl Stored {
             epoch,
             first,
             offset: if first == 0 { 0 } else { first + count - 1 },
-            prev: header_u64(h, H_PREV),
-            ts: header_u64(h, H_TS),
+            prev: parse_u64(f.prev),
+            ts: parse_u64(f.ts),
             lens,
             data,
         })
@@ -293,7 +347,7 @@ mod tests {
             b"NATS/1.0\r\nCrier-Epoch: 0a1b2c3d\r\nCrier-Offset: 17\r\nNats-Sequence:  5 \r\n\r\n",
         ));
         assert_eq!(header(Some(&raw), H_EPOCH), Some("0a1b2c3d"));
-        assert_eq!(header_u64(Some(&raw), H_OFFSET), 17);
+        assert_eq!(header(Some(&raw), H_OFFSET), Some("17"));
         assert_eq!(header(Some(&raw), "nats-sequence"), Some("5"));
         assert_eq!(header(Some(&raw), H_PREV), None);
         assert_eq!(header::<RawHeaders>(None, H_EPOCH), None);
@@ -302,7 +356,7 @@ mod tests {
         map.insert(H_OFFSET, "3");
         let back = RawHeaders::from_map(&map);
         assert_eq!(header(Some(&back), H_EPOCH), Some("e1"));
-        assert_eq!(header_u64(Some(&back), H_OFFSET), 3);
+        assert_eq!(Fields::of(Some(&back)).offset, Some("3"));
         let known: Arc<str> = "e1".into();
         let s = Stored::from_headers(9, Some(&back), Bytes::from_static(b"x"), Some(&known));
         assert!(s.is_some_and(|s| Arc::ptr_eq(&s.epoch, &known) && s.first == 3 && s.seq == 9));

@@ -20,9 +20,9 @@ use crier_protocol::StreamPosition;
 use futures_util::StreamExt;
 use futures_util::stream::{AbortHandle, Abortable, SelectAll, Stream};
 
-use crate::history::RawHeaders;
+use crate::history::{Fields, RawHeaders};
 use crate::rawsub::{Live as Msg, Sink};
-use crate::{H_CLIENT, H_KIND, Inner, Stored, header, unavailable};
+use crate::{Inner, Stored, unavailable};
 
 /// How a channel's subscription is closed.
 #[derive(Default)]
@@ -145,17 +145,17 @@ impl Chan {
     /// dropped and only what continues the channel is delivered.
     fn apply(&self, st: &mut St, handler: &Arc<dyn BrokerHandler>, m: &Msg, may_fill: bool) -> Step {
         let (headers, payload) = m;
-        let h = headers.as_ref();
-        match header(h, H_KIND) {
+        let f = Fields::of(headers.as_ref());
+        match f.kind {
             Some("j") | Some("l") => {
-                let client = header(h, H_CLIENT).unwrap_or_default().to_owned();
+                let client = f.client.unwrap_or_default().to_owned();
                 handler.on_presence_event(&self.name, PresenceEvent { client, frame: payload.clone() });
                 return Step::Done;
             }
             Some(_) => return Step::Done,
             None => {}
         }
-        let Some(s) = Stored::from_headers(0, h, payload.clone(), st.epoch.as_ref()) else { return Step::Done };
+        let Some(s) = Stored::from_fields(0, &f, payload.clone(), st.epoch.as_ref()) else { return Step::Done };
         if st.epoch.as_deref() != Some(&*s.epoch) {
             if !may_fill {
                 return Step::Done;

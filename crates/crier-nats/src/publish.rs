@@ -1,6 +1,7 @@
-//! Publishing: per channel, publishes queue while the previous store is out and a leader task
-//! stores what queued as one JetStream message with the channel's expected last sequence
-//! (offsets stay contiguous whatever the number of publishers).
+//! Publishing: per channel, publishes queue while the previous store is out and a leader stores
+//! what queued as one JetStream message with the channel's expected last sequence (offsets stay
+//! contiguous whatever the number of publishers). The leader is the publishing caller itself when
+//! the channel was idle (its own store, no task), else a task.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,6 +16,22 @@ use crate::{H_EPOCH, H_LENS, H_OFFSET, H_PREV, H_TS, Inner, now_us, token, unava
 /// At most this many publications, and about this many bytes, per stored batch.
 pub(crate) const BATCH_MAX: usize = 256;
 pub(crate) const BATCH_BYTES: usize = 256 * 1024;
+
+/// A caller leading its channel's publishes inline: dropped before it is done (the caller
+/// went away mid-store), a task takes the channel over.
+struct Takeover<'a> {
+    inner: &'a Arc<Inner>,
+    channel: &'a str,
+    done: bool,
+}
+
+impl Drop for Takeover<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            tokio::spawn(Inner::lead(self.inner.clone(), self.channel.to_owned()));
+        }
+    }
+}
 
 /// The cached position of a channel this node publishes to.
 #[derive(Debug, Clone)]
@@ -70,48 +87,82 @@ impl Inner {
             !std::mem::replace(&mut c.busy, true)
         };
         if lead {
-            tokio::spawn(Inner::lead(self.clone(), channel.to_owned()));
+            // The caller leads: its own publish (alone in the queue: nobody led) is stored from
+            // here, without a task; what queued meanwhile goes to a leader task. Dropped while
+            // storing (the caller went away), the guard hands the channel to a task.
+            let mut guard = Takeover { inner: self, channel, done: false };
+            if let Some((batch, tail)) = self.next_batch(channel) {
+                self.run_batch(channel, batch, tail).await;
+            }
+            guard.done = true;
+            self.hand_over(channel);
         }
         rx.await.unwrap_or_else(|_| Err(BrokerError::OutcomeUnknown("the publisher stopped".into())))
     }
 
+    /// After an inline store: a task leads what queued meanwhile, or the channel is idle.
+    fn hand_over(self: &Arc<Self>, channel: &str) {
+        let rest = {
+            let mut t = self.tails.lock().unwrap_or_else(|e| e.into_inner());
+            match t.get_mut(channel) {
+                Some(c) if !c.queue.is_empty() => true,
+                Some(c) => {
+                    c.busy = false;
+                    false
+                }
+                None => false,
+            }
+        };
+        if rest {
+            tokio::spawn(Inner::lead(self.clone(), channel.to_owned()));
+        }
+    }
+
     /// Stores the channel's queued publishes, a batch at a time, until none is left.
     pub(crate) async fn lead(self: Arc<Self>, channel: String) {
-        loop {
-            let (batch, mut tail) = {
-                let mut t = self.tails.lock().unwrap_or_else(|e| e.into_inner());
-                let Some(c) = t.get_mut(&channel) else { return };
-                let mut batch: Vec<Pending> = Vec::new();
-                let mut bytes = 0;
-                while let Some(p) = c.queue.front() {
-                    // A keyed publish is stored alone (its key names one stored message).
-                    let keyed = p.key.is_some();
-                    if !batch.is_empty() && (keyed || batch.len() >= BATCH_MAX || bytes + p.data.len() > BATCH_BYTES) {
-                        break;
-                    }
-                    bytes += p.data.len();
-                    batch.extend(c.queue.pop_front());
-                    if keyed {
-                        break;
-                    }
-                }
-                if batch.is_empty() {
-                    c.busy = false;
-                    return;
-                }
-                (batch, c.tail.take())
-            };
-            let result = self.store(&channel, &batch, &mut tail).await;
-            if let Some(c) = self.tails.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&channel) {
-                c.tail = tail;
+        while let Some((batch, tail)) = self.next_batch(&channel) {
+            self.run_batch(&channel, batch, tail).await;
+        }
+    }
+
+    /// The next batch of the channel's queue and its cached tail; `None` (and the channel no
+    /// longer led) when the queue is empty.
+    fn next_batch(&self, channel: &str) -> Option<(Vec<Pending>, Option<Tail>)> {
+        let mut t = self.tails.lock().unwrap_or_else(|e| e.into_inner());
+        let c = t.get_mut(channel)?;
+        let mut batch: Vec<Pending> = Vec::new();
+        let mut bytes = 0;
+        while let Some(p) = c.queue.front() {
+            // A keyed publish is stored alone (its key names one stored message).
+            let keyed = p.key.is_some();
+            if !batch.is_empty() && (keyed || batch.len() >= BATCH_MAX || bytes + p.data.len() > BATCH_BYTES) {
+                break;
             }
-            for (i, p) in batch.into_iter().enumerate() {
-                let r = result
-                    .as_ref()
-                    .map(|(epoch, first)| PublishResult { epoch: epoch.clone(), offset: first + i as u64 })
-                    .map_err(Clone::clone);
-                let _ = p.tx.send(r);
+            bytes += p.data.len();
+            batch.extend(c.queue.pop_front());
+            if keyed {
+                break;
             }
+        }
+        if batch.is_empty() {
+            c.busy = false;
+            return None;
+        }
+        Some((batch, c.tail.take()))
+    }
+
+    /// Stores a batch and answers its publishers.
+    async fn run_batch(&self, channel: &str, batch: Vec<Pending>, mut tail: Option<Tail>) {
+        let result = self.store(channel, &batch, &mut tail).await;
+        if let Some(c) = self.tails.lock().unwrap_or_else(|e| e.into_inner()).get_mut(channel) {
+            c.tail = tail;
+        }
+        for (i, p) in batch.into_iter().enumerate() {
+            let r = result
+                .as_ref()
+                .map(|(epoch, first)| PublishResult { epoch: epoch.clone(), offset: first + i as u64 })
+                .map_err(Clone::clone);
+            let _ = p.tx.send(r);
         }
     }
 
