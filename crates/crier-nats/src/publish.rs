@@ -182,7 +182,13 @@ impl Inner {
         let lens =
             (batch.len() > 1).then(|| batch.iter().map(|p| p.data.len().to_string()).collect::<Vec<_>>().join(","));
         let key = batch.first().and_then(|p| p.key.clone());
-        for _ in 0..16 {
+        for attempt in 0..16u64 {
+            if attempt >= 2 {
+                // Lost the race twice: other nodes publish to this channel now. A short random
+                // pause lets one of them through instead of colliding again.
+                let pause = rand::random_range(0..=attempt * 500);
+                tokio::time::sleep(std::time::Duration::from_micros(pause)).await;
+            }
             let t = match tail.take() {
                 Some(t) => t,
                 None => match self.last(channel).await? {
