@@ -449,12 +449,23 @@ impl Live {
             st.epoch = Some(base.epoch);
             st.last = base.offset;
             st.resync |= pending;
-            if st.resync || st.pending.as_ref().is_some_and(|p| !p.is_empty()) {
-                true
-            } else {
-                st.busy = false;
-                false
+            // What arrived meanwhile (often just the channel's epoch marker, written by the
+            // baseline read) is sequenced here; a worker only for a hole or a re-read.
+            let mut work = st.resync;
+            if !work && let Some(handler) = inner.handler() {
+                while let Some(m) = st.pop_pending() {
+                    if let Step::Fill(_) = chan.apply(&mut st, handler, &m, true) {
+                        st.pending().push_front(m);
+                        work = true;
+                        break;
+                    }
+                }
             }
+            if !work {
+                st.pending = None;
+                st.busy = false;
+            }
+            work
         };
         self.delivered();
         if work {
