@@ -24,27 +24,38 @@ impl NatsBroker {
             .request_timeout(Some(opts.command_timeout))
             .subscription_capacity(65_536)
             .reconnect_delay_callback(|n| Duration::from_millis((50u64 << n.min(5)).min(2000)));
-        let mut token = None;
-        match &opts.auth {
-            NatsAuth::None => {}
+        // The subscriber connection's credential, read from the same file (errors never
+        // quote the file's content).
+        let cred = match &opts.auth {
+            NatsAuth::None => rawsub::Cred::None,
             NatsAuth::CredentialsFile(p) => {
                 co = co
                     .credentials_file(p)
                     .await
-                    .map_err(|e| BrokerError::Internal(format!("nats credentials file: {e}")))?
+                    .map_err(|e| BrokerError::Internal(format!("nats credentials file: {e}")))?;
+                let t = std::fs::read_to_string(p)
+                    .map_err(|e| BrokerError::Internal(format!("nats credentials file: {e}")))?;
+                let bad =
+                    || BrokerError::Internal(format!("nats credentials file {}: no user JWT and seed", p.display()));
+                let (jwt, seed) = rawsub::parse_creds(&t).ok_or_else(bad)?;
+                rawsub::Cred::Jwt(jwt, nkeys::KeyPair::from_seed(&seed).map_err(|_| bad())?)
             }
             NatsAuth::TokenFile(p) => {
                 let t =
                     std::fs::read_to_string(p).map_err(|e| BrokerError::Internal(format!("nats token file: {e}")))?;
-                token = Some(t.trim().to_owned());
                 co = co.token(t.trim().to_owned());
+                rawsub::Cred::Token(t.trim().to_owned())
             }
             NatsAuth::NkeyFile(p) => {
                 let t =
                     std::fs::read_to_string(p).map_err(|e| BrokerError::Internal(format!("nats nkey file: {e}")))?;
+                let kp = nkeys::KeyPair::from_seed(t.trim()).map_err(|_| {
+                    BrokerError::Internal(format!("nats nkey file {}: not an nkey seed (SU...)", p.display()))
+                })?;
                 co = co.nkey(t.trim().to_owned());
+                rawsub::Cred::Nkey(kp)
             }
-        }
+        };
         if let Some(ca) = &opts.tls_ca_file {
             co = co.add_root_certificates(ca.clone());
         }
@@ -95,6 +106,22 @@ impl NatsBroker {
             .iter()
             .map(|u| u.parse::<async_nats::ServerAddr>().map_err(|e| BrokerError::Internal(format!("nats_url: {e}"))))
             .collect::<Result<_, _>>()?;
+        // async-nats does not take a user from the URL itself.
+        if let Some((user, pass)) = rawsub::url_user(&urls) {
+            co = co.user_and_password(user, pass);
+        }
+        let raw_conf = rawsub::Conf {
+            addrs: rawsub::Conf::addrs(&urls).map_err(BrokerError::Internal)?,
+            cred,
+            ca_file: opts.tls_ca_file.clone(),
+            name: format!("crier {} live", opts.node_id),
+        };
+        // TLS certain (a `tls://` URL or a CA file): its roots load now, a bad file stops the start.
+        let raw_tls = if opts.tls_ca_file.is_some() || urls.iter().any(|u| u.tls_required()) {
+            Some(raw_conf.tls_config().map_err(BrokerError::Internal)?)
+        } else {
+            None
+        };
         let client = co.connect(urls).await.map_err(unavailable)?;
         let js = jetstream::ContextBuilder::new().timeout(opts.command_timeout).build(client.clone());
         // Wait (bounded) for the first connection, then lay out streams and buckets.
@@ -126,18 +153,12 @@ impl NatsBroker {
                 Err(e) => return Err(e),
             }
         };
-        let plain: Option<Vec<String>> = opts.urls.iter().map(|u| rawsub::plain_addr(u)).collect();
-        let raw = match (&opts.auth, plain, &opts.tls_ca_file) {
-            (NatsAuth::None | NatsAuth::TokenFile(_), Some(addrs), None) => {
-                let w = weak.clone();
-                Some(rawsub::RawSub::start(addrs, token, format!("crier {} live", opts.node_id), move || {
-                    if let Some(inner) = w.get().and_then(Weak::upgrade) {
-                        inner.live.resync_all();
-                    }
-                }))
+        let w = weak.clone();
+        let raw = rawsub::RawSub::start(raw_conf, raw_tls, move || {
+            if let Some(inner) = w.get().and_then(Weak::upgrade) {
+                inner.live.resync_all();
             }
-            _ => None,
-        };
+        });
         let inner = Arc::new(Inner {
             raw,
             live: live::Live::default(),
@@ -157,9 +178,7 @@ impl NatsBroker {
         inner.up.store(inner.client.connection_state() == async_nats::connection::State::Connected, Ordering::SeqCst);
         let _ = weak.set(Arc::downgrade(&inner));
         inner.live.set_inner(Arc::downgrade(&inner));
-        if let Some(raw) = &inner.raw {
-            raw.wait_connected(inner.opts.connect_wait).await;
-        }
+        inner.raw.wait_connected(inner.opts.connect_wait).await;
         state::start_ops(&inner).await?;
         Ok(Arc::new(NatsBroker { inner }))
     }

@@ -151,8 +151,8 @@ pub(crate) struct Inner {
     streams: HashMap<HistPolicy, stream::Stream>,
     tails: Mutex<HashMap<String, ChanPub>>,
     pub live: live::Live,
-    /// The node's own subscriber connection (plain `nats://`, no credentials or a token).
-    pub raw: Option<Arc<rawsub::RawSub>>,
+    /// The node's own subscriber connection (every live subscription).
+    pub raw: Arc<rawsub::RawSub>,
 }
 
 /// The NATS broker (see the crate docs).

@@ -49,6 +49,28 @@ impl NatsServer {
         s
     }
 
+    /// One server like [`NatsServer::start`] with `config` (nats-server configuration syntax)
+    /// in a configuration file: TLS ([`NatsServer::tls_config`]), `authorization { token: "…" }`,
+    /// `authorization { users: [{nkey: "U…"}] }`, … (the command-line ports and store win).
+    pub fn start_with_config(config: &str) -> NatsServer {
+        let mut s = NatsServer::prepare("n1");
+        let file = s.dir.join("server.conf");
+        std::fs::write(&file, config).unwrap_or_else(|e| panic!("write {file:?}: {e}"));
+        s.args.extend(["-c".to_owned(), file.display().to_string()]);
+        s.launch();
+        s
+    }
+
+    /// The configuration block of a server whose clients must use TLS, with the certificate of
+    /// `ca` (make it for `IP:127.0.0.1`: the server is reached on loopback).
+    pub fn tls_config(ca: &crate::tls::TestCa) -> String {
+        format!(
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  timeout: 5\n}}\n",
+            ca.server_cert.display().to_string(),
+            ca.server_key.display().to_string()
+        )
+    }
+
     /// `n` servers in one cluster (routes on loopback), JetStream clustered; returns once every
     /// one is healthy (JetStream meta leader elected).
     pub fn start_cluster(n: usize) -> Vec<NatsServer> {
@@ -152,6 +174,11 @@ impl NatsServer {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The URL with the `tls://` scheme (the client requires TLS).
+    pub fn tls_url(&self) -> String {
+        format!("tls://127.0.0.1:{}", self.port)
     }
 
     /// The server's log (stderr).
