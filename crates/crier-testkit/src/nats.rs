@@ -181,6 +181,11 @@ impl NatsServer {
         format!("tls://127.0.0.1:{}", self.port)
     }
 
+    /// The server's directory (its store; removed when dropped): a place for test files.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// The server's log (stderr).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
