@@ -1,5 +1,6 @@
 //! crier on a NATS server that requires TLS or credentials, with the real binary: `tls://` with
-//! a private CA (`nats_tls_ca_file`), a token (`nats_token_file`), an nkey (`nats_nkey_file`).
+//! a private CA (`nats_tls_ca_file`), a token (`nats_token_file`), an nkey (`nats_nkey_file`),
+//! a `.creds` file (`nats_credentials_file`, a server in operator mode with JWTs minted here).
 //! Each check subscribes over WebSocket, publishes over REST and receives the message live (on
 //! the node's own subscriber connection, which must have done TLS / authenticated like the
 //! async-nats client), then reads it back through history or recovery (JetStream). Secrets
@@ -148,4 +149,71 @@ async fn a_nats_nkey_works_and_its_seed_is_never_printed() {
     // The server saw the subscriber connection authenticate with the nkey too.
     let connz = nats.get("/connz?auth=1").unwrap_or_default();
     assert!(connz.contains("crier nk1 live") && connz.contains(&user.public_key()), "{connz}");
+}
+
+/// A JWT as NATS signs them: `{"typ":"JWT","alg":"ed25519-nkey"}`, the claims, and the
+/// ed25519 signature of `header.claims` by `signer`, each unpadded base64url.
+fn nats_jwt(signer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let iat = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims = json!({
+        "jti": format!("J{}{iat}", name.to_uppercase()), "iat": iat, "iss": signer.public_key(),
+        "name": name, "sub": subject, "nats": nats,
+    });
+    let unsigned = format!("{}.{}", b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#), b64(claims.to_string().as_bytes()));
+    let sig = signer.sign(unsigned.as_bytes()).unwrap();
+    format!("{unsigned}.{}", b64(&sig))
+}
+
+/// A `.creds` file (operator mode: the server trusts an operator, which signed an account with
+/// JetStream on, which signed the user): works, and neither the seed nor the JWT is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_creds_file_works_and_is_never_printed() {
+    if !nats_available("a_nats_creds_file_works_and_is_never_printed") {
+        return;
+    }
+    let (operator, account, user) =
+        (nkeys::KeyPair::new_operator(), nkeys::KeyPair::new_account(), nkeys::KeyPair::new_user());
+    let operator_jwt = nats_jwt(&operator, &operator.public_key(), "op", json!({"type":"operator","version":2}));
+    let unlimited = json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
+        "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let account_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        "acc",
+        json!({"limits": unlimited, "default_permissions": {"pub": {}, "sub": {}}, "type": "account", "version": 2}),
+    );
+    let user_jwt = nats_jwt(
+        &account,
+        &user.public_key(),
+        "crier",
+        json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2}),
+    );
+    // JetStream needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = nats_jwt(&operator, &system.public_key(), "sys", json!({"type": "account", "version": 2}));
+    let config = format!(
+        "operator: {operator_jwt:?}\nsystem_account: {sys}\nresolver: MEMORY\n\
+         resolver_preload: {{ {sys}: {system_jwt:?}, {acc}: {account_jwt:?} }}\n",
+        sys = system.public_key(),
+        acc = account.public_key()
+    );
+    let nats = NatsServer::start_with_config(&config);
+    let seed = user.seed().unwrap();
+    let creds = format!(
+        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    );
+    let file = secret_file(&nats, "crier.creds", &creds);
+    let node = ready_node(&nats.url(), "cr1", &["--nats-credentials-file", &file], &nats).await;
+    delivers_and_recovers(&node, "creds:ev").await;
+    never_printed(&node, &seed);
+    never_printed(&node, &user_jwt);
+    let connz = nats.get("/connz?auth=1").unwrap_or_default();
+    assert!(connz.contains("crier cr1 live") && connz.contains(&user.public_key()), "{connz}");
 }
