@@ -84,6 +84,10 @@ async fn tls_nats_with_a_private_ca_delivers_and_recovers() {
     // on TLS: the server requires it, and lists them.
     let connz = nats.get("/connz").unwrap_or_default();
     assert!(connz.contains("crier tls1 live") && connz.matches("\"tls_version\"").count() >= 2, "{connz}");
+    // A `nats://` URL to a server that requires TLS: both connections upgrade after `INFO`.
+    let plain = ready_node(&nats.url(), "tls2", &["--nats-tls-ca-file", &ca_file], &nats).await;
+    delivers_and_recovers(&plain, "tls:ev2").await;
+    assert!(nats.get("/connz").unwrap_or_default().contains("crier tls2 live"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
