@@ -24,38 +24,25 @@ impl NatsBroker {
             .request_timeout(Some(opts.command_timeout))
             .subscription_capacity(65_536)
             .reconnect_delay_callback(|n| Duration::from_millis((50u64 << n.min(5)).min(2000)));
-        // The subscriber connection's credential, read from the same file (errors never
-        // quote the file's content).
-        let cred = match &opts.auth {
-            NatsAuth::None => rawsub::Cred::None,
+        match &opts.auth {
+            NatsAuth::None => {}
             NatsAuth::CredentialsFile(p) => {
                 co = co
                     .credentials_file(p)
                     .await
-                    .map_err(|e| BrokerError::Internal(format!("nats credentials file: {e}")))?;
-                let t = std::fs::read_to_string(p)
-                    .map_err(|e| BrokerError::Internal(format!("nats credentials file: {e}")))?;
-                let bad =
-                    || BrokerError::Internal(format!("nats credentials file {}: no user JWT and seed", p.display()));
-                let (jwt, seed) = rawsub::parse_creds(&t).ok_or_else(bad)?;
-                rawsub::Cred::Jwt(jwt, nkeys::KeyPair::from_seed(&seed).map_err(|_| bad())?)
+                    .map_err(|e| BrokerError::Internal(format!("nats credentials file: {e}")))?
             }
             NatsAuth::TokenFile(p) => {
                 let t =
                     std::fs::read_to_string(p).map_err(|e| BrokerError::Internal(format!("nats token file: {e}")))?;
                 co = co.token(t.trim().to_owned());
-                rawsub::Cred::Token(t.trim().to_owned())
             }
             NatsAuth::NkeyFile(p) => {
                 let t =
                     std::fs::read_to_string(p).map_err(|e| BrokerError::Internal(format!("nats nkey file: {e}")))?;
-                let kp = nkeys::KeyPair::from_seed(t.trim()).map_err(|_| {
-                    BrokerError::Internal(format!("nats nkey file {}: not an nkey seed (SU...)", p.display()))
-                })?;
                 co = co.nkey(t.trim().to_owned());
-                rawsub::Cred::Nkey(kp)
             }
-        };
+        }
         if let Some(ca) = &opts.tls_ca_file {
             co = co.add_root_certificates(ca.clone());
         }
@@ -106,22 +93,12 @@ impl NatsBroker {
             .iter()
             .map(|u| u.parse::<async_nats::ServerAddr>().map_err(|e| BrokerError::Internal(format!("nats_url: {e}"))))
             .collect::<Result<_, _>>()?;
+        // The subscriber connection's settings (a bad CA, seed or .creds file stops the start).
+        let (raw_conf, raw_tls) = rawsub::Conf::new(&opts, &urls)?;
         // async-nats does not take a user from the URL itself.
         if let Some((user, pass)) = rawsub::url_user(&urls) {
             co = co.user_and_password(user, pass);
         }
-        let raw_conf = rawsub::Conf {
-            addrs: rawsub::Conf::addrs(&urls).map_err(BrokerError::Internal)?,
-            cred,
-            ca_file: opts.tls_ca_file.clone(),
-            name: format!("crier {} live", opts.node_id),
-        };
-        // TLS certain (a `tls://` URL or a CA file): its roots load now, a bad file stops the start.
-        let raw_tls = if opts.tls_ca_file.is_some() || urls.iter().any(|u| u.tls_required()) {
-            Some(raw_conf.tls_config().map_err(BrokerError::Internal)?)
-        } else {
-            None
-        };
         let client = co.connect(urls).await.map_err(unavailable)?;
         let js = jetstream::ContextBuilder::new().timeout(opts.command_timeout).build(client.clone());
         // Wait (bounded) for the first connection, then lay out streams and buckets.

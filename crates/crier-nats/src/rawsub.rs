@@ -22,8 +22,11 @@ use async_nats::HeaderMap;
 use async_nats::rustls;
 use base64::Engine;
 use bytes::Bytes;
+use crier_core::broker::BrokerError;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+
+use crate::NatsAuth;
 
 /// A message of a live subject: its headers and payload.
 pub(crate) type Live = (Option<HeaderMap>, Bytes);
@@ -72,14 +75,53 @@ pub(crate) enum Cred {
 
 /// What the connection needs: the servers, the credential, the TLS roots, its name.
 pub(crate) struct Conf {
-    pub addrs: Vec<Addr>,
-    pub cred: Cred,
+    addrs: Vec<Addr>,
+    cred: Cred,
     /// PEM file of the private CA (`None`: the system roots).
-    pub ca_file: Option<std::path::PathBuf>,
-    pub name: String,
+    ca_file: Option<std::path::PathBuf>,
+    name: String,
 }
 
 impl Conf {
+    /// The settings from the broker's options and parsed URLs (the credential read again from
+    /// its file; errors name the file, never its content), and the TLS configuration when TLS
+    /// is certain (a `tls://` URL or a CA file: loaded now, so a bad CA file stops the start).
+    pub(crate) fn new(
+        opts: &crate::NatsOptions,
+        urls: &[async_nats::ServerAddr],
+    ) -> Result<(Conf, Option<Arc<rustls::ClientConfig>>), BrokerError> {
+        let read = |what: &str, p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| BrokerError::Internal(format!("nats {what} {}: {e}", p.display())))
+        };
+        let cred = match &opts.auth {
+            NatsAuth::None => Cred::None,
+            NatsAuth::TokenFile(p) => Cred::Token(read("token file", p)?.trim().to_owned()),
+            NatsAuth::NkeyFile(p) => {
+                Cred::Nkey(nkeys::KeyPair::from_seed(read("nkey file", p)?.trim()).map_err(|_| {
+                    BrokerError::Internal(format!("nats nkey file {}: not an nkey seed (SU...)", p.display()))
+                })?)
+            }
+            NatsAuth::CredentialsFile(p) => {
+                let bad =
+                    || BrokerError::Internal(format!("nats credentials file {}: no user JWT and seed", p.display()));
+                let (jwt, seed) = parse_creds(&read("credentials file", p)?).ok_or_else(bad)?;
+                Cred::Jwt(jwt, nkeys::KeyPair::from_seed(&seed).map_err(|_| bad())?)
+            }
+        };
+        let conf = Conf {
+            addrs: Conf::addrs(urls).map_err(BrokerError::Internal)?,
+            cred,
+            ca_file: opts.tls_ca_file.clone(),
+            name: format!("crier {} live", opts.node_id),
+        };
+        let tls = if conf.ca_file.is_some() || urls.iter().any(|u| u.tls_required()) {
+            Some(tls_config(conf.ca_file.as_deref()).map_err(BrokerError::Internal)?)
+        } else {
+            None
+        };
+        Ok((conf, tls))
+    }
+
     /// Servers from the broker's URLs (`nats://`, `tls://`; `user:password@` taken from them).
     pub(crate) fn addrs(urls: &[async_nats::ServerAddr]) -> Result<Vec<Addr>, String> {
         urls.iter()
@@ -92,15 +134,9 @@ impl Conf {
             })
             .collect()
     }
-
-    /// The TLS client configuration: roots from the CA file, else the system's. Loaded at
-    /// start when TLS is certain (a `tls://` URL or a CA file: a bad file stops the start),
-    /// else the first time a server requires TLS.
-    pub(crate) fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, String> {
-        tls_config(self.ca_file.as_deref())
-    }
 }
 
+/// The TLS client configuration: roots from the CA file, else the system's.
 fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
