@@ -221,3 +221,42 @@ async fn a_nats_creds_file_works_and_is_never_printed() {
     let connz = nats.get("/connz?auth=1").unwrap_or_default();
     assert!(connz.contains("crier cr1 live") && connz.contains(&user.public_key()), "{connz}");
 }
+
+/// A CA file that is no certificate, a seed file that is no seed, a `.creds` file that holds
+/// no JWT and seed: the node stops with exit 64 naming the setting, never quoting the file.
+#[tokio::test]
+async fn unusable_nats_tls_and_credential_files_stop_the_start_with_exit_64_without_their_content() {
+    let dir = std::env::temp_dir().join(format!("crier-nats-bad-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (flag, named, content) in [
+        ("--nats-tls-ca-file", "nats_tls_ca_file", "not-a-certificate-c0ntent"),
+        ("--nats-nkey-file", "nats nkey file", "SUnot-a-seed-c0ntent"),
+        ("--nats-credentials-file", "nats credentials file", "garbage-creds-c0ntent"),
+    ] {
+        let file = dir.join(named.replace(' ', "_"));
+        std::fs::write(&file, content).unwrap();
+        let file = file.display().to_string();
+        let args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--jwt-secret",
+            support::SECRET,
+            "--api-keys",
+            support::API_KEY,
+            "--nats-url",
+            "tls://127.0.0.1:1",
+            flag,
+            &file,
+        ];
+        let out = match Server::start_raw(&args, &[]).await {
+            Err(out) => out,
+            Ok(mut s) => {
+                assert_eq!(s.wait_exit().await, Some(64), "{flag}: exit 64\n{}", s.logs());
+                format!("{}{}", s.stdout(), s.logs())
+            }
+        };
+        assert!(out.contains(named), "{flag}: the setting is named:\n{out}");
+        assert!(!out.contains(content), "{flag}: the file's content is quoted:\n{out}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
