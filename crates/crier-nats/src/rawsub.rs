@@ -10,7 +10,9 @@
 //! `INFO`, as the NATS protocol does; roots from `nats_tls_ca_file`, else the system's), and
 //! no credentials, a token, a user and password from the URL, an nkey (the `INFO` nonce signed
 //! with the seed) or a `.creds` file (its user JWT, and the nonce signed with its seed).
-//! Secrets are never logged: errors name what failed, never the token, password or seed.
+//! It reconnects to the seed URLs, then to the servers they announced (`connect_urls` of their
+//! `INFO`), as the async-nats client does. Secrets are never logged: errors name what failed,
+//! never the token, password or seed.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -54,6 +56,7 @@ pub(crate) struct RawSub {
 }
 
 /// A server to connect to.
+#[derive(Clone)]
 pub(crate) struct Addr {
     host: String,
     port: u16,
@@ -292,12 +295,18 @@ async fn conn_loop(
     on_reconnect: impl Fn() + Send + Sync + 'static,
 ) {
     let mut failures = 0u32;
+    // The seeds, then the servers they told of (`connect_urls`), as the async-nats client
+    // does: a cluster named by one seed is still reached when that server is gone.
+    let mut known = conf.addrs.clone();
     loop {
-        for addr in &conf.addrs {
+        let mut i = 0;
+        while let Some(addr) = known.get(i).cloned() {
+            i += 1;
             let Some(sub) = me.upgrade() else { return };
-            match connect(addr, &conf, &mut tls).await {
-                Ok((reader, mut writer)) => {
+            match connect(&addr, &conf, &mut tls).await {
+                Ok((reader, mut writer, urls)) => {
                     failures = 0;
+                    learn(&mut known, &addr, &urls);
                     // Every subscription again (under the writer's lock: a subscribe meanwhile
                     // waits, then sends its own), then the channels re-read what they missed.
                     let mut w = sub.writer.lock().await;
@@ -346,17 +355,30 @@ async fn send(w: &mut Writer, bytes: &[u8]) -> std::io::Result<()> {
     w.flush().await
 }
 
+/// Adds the servers of an `INFO`'s `connect_urls` (`host:port`) not known yet, reached like
+/// the server that told of them (TLS, user).
+fn learn(known: &mut Vec<Addr>, from: &Addr, urls: &[String]) {
+    for u in urls {
+        let Some((host, port)) = u.rsplit_once(':') else { continue };
+        let Ok(port) = port.parse::<u16>() else { continue };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if !known.iter().any(|k| k.host == host && k.port == port) {
+            known.push(Addr { host: host.to_owned(), port, tls: from.tls, user: from.user.clone() });
+        }
+    }
+}
+
 fn io_err(what: impl Into<String>) -> std::io::Error {
     std::io::Error::other(what.into())
 }
 
 /// Connects to `addr`: `INFO`, TLS if the URL or the server asks for it, `CONNECT` with the
-/// credential, and a `PING` answered.
+/// credential, and a `PING` answered. Returns the `connect_urls` of the server's `INFO` too.
 async fn connect(
     addr: &Addr,
     conf: &Conf,
     tls: &mut Option<Arc<rustls::ClientConfig>>,
-) -> std::io::Result<(Reader, Writer)> {
+) -> std::io::Result<(Reader, Writer, Vec<String>)> {
     let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect((addr.host.as_str(), addr.port)))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
@@ -427,7 +449,13 @@ async fn connect(
             return Err(io_err("closed during the handshake"));
         }
         match line.trim_end() {
-            "PONG" => return Ok((r, w)),
+            "PONG" => {
+                let urls = info["connect_urls"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|u| u.as_str().map(str::to_owned)).collect())
+                    .unwrap_or_default();
+                return Ok((r, w, urls));
+            }
             // The server's error (`-ERR 'Authorization Violation'`) names no secret.
             l if l.starts_with("-ERR") => return Err(io_err(l.to_owned())),
             _ => {}
@@ -558,5 +586,12 @@ mod tests {
         assert_eq!(url_user(&urls), Some(("u@x".to_owned(), "p/".to_owned())));
         let addrs = Conf::addrs(&urls).unwrap_or_default();
         assert_eq!((addrs[0].tls, addrs[1].tls, addrs[1].port), (true, false, 2));
+        // Servers told of in INFO: new ones added once, reached like their teller.
+        let mut known = addrs.clone();
+        let told = ["h2:2", "10.0.0.3:4222", "[::1]:4223", "junk", "h:99999"].map(String::from);
+        learn(&mut known, &addrs[0], &told);
+        learn(&mut known, &addrs[0], &told);
+        let got: Vec<(&str, u16, bool)> = known.iter().map(|a| (a.host.as_str(), a.port, a.tls)).collect();
+        assert_eq!(got, [("h", 1, true), ("h2", 2, false), ("10.0.0.3", 4222, true), ("::1", 4223, true)]);
     }
 }
