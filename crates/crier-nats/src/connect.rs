@@ -132,7 +132,12 @@ impl NatsBroker {
         };
         let w = weak.clone();
         let raw = rawsub::RawSub::start(raw_conf, raw_tls, move || {
-            if let Some(inner) = w.get().and_then(Weak::upgrade) {
+            // Only once the client is up again: a server restarted without its store has no
+            // streams until the client's re-layout, which re-reads every channel itself (and
+            // nats-server 2.9 may crash on a message get for a stream not laid out yet).
+            if let Some(inner) = w.get().and_then(Weak::upgrade)
+                && inner.up.load(Ordering::SeqCst)
+            {
                 inner.live.resync_all();
             }
         });

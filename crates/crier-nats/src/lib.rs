@@ -272,9 +272,11 @@ impl Broker for NatsBroker {
         self.inner.nodes().await
     }
 
+    /// Both connections up: the async-nats client and the subscriber connection.
     fn is_up(&self) -> bool {
         self.inner.up.load(Ordering::SeqCst)
             && self.inner.client.connection_state() == async_nats::connection::State::Connected
+            && self.inner.raw.is_up()
     }
 
     async fn report_channels(&self, node: &str, counts: &[(String, u64)], full: bool) -> Result<bool, BrokerError> {

@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -53,6 +53,8 @@ pub(crate) struct RawSub {
     /// Subscription id → where its messages go (the subject is asked of the sink when needed).
     subs: Mutex<HashMap<u64, Arc<dyn Sink>>>,
     next_sid: AtomicU64,
+    /// Connected and subscribed (the broker's readiness includes it, as on Redis).
+    up: AtomicBool,
 }
 
 /// A server to connect to.
@@ -236,6 +238,7 @@ impl RawSub {
             pongs: Mutex::new(VecDeque::new()),
             subs: Mutex::new(HashMap::new()),
             next_sid: AtomicU64::new(1),
+            up: AtomicBool::new(false),
         });
         tokio::spawn(conn_loop(Arc::downgrade(&me), conf, tls, on_reconnect));
         me
@@ -267,6 +270,11 @@ impl RawSub {
     /// Whether the connection is up (subscriptions take effect at once).
     pub(crate) async fn connected(&self) -> bool {
         self.writer.lock().await.is_some()
+    }
+
+    /// Whether the connection is up and its subscriptions sent (lock-free, for readiness).
+    pub(crate) fn is_up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
     }
 
     /// Waits (at most `within`) for the connection to be up.
@@ -325,11 +333,13 @@ async fn conn_loop(
                         continue;
                     }
                     *w = Some(writer);
+                    sub.up.store(true, Ordering::SeqCst);
                     drop(w);
                     on_reconnect();
                     drop(sub);
                     read_loop(&me, reader).await;
                     if let Some(sub) = me.upgrade() {
+                        sub.up.store(false, Ordering::SeqCst);
                         *sub.writer.lock().await = None;
                     }
                 }

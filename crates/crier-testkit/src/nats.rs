@@ -61,6 +61,23 @@ impl NatsServer {
         s
     }
 
+    /// Replaces the configuration file of a server started with
+    /// [`NatsServer::start_with_config`] and makes the server reload it (SIGHUP). The store
+    /// directory and the server's name are added (a reload forgets the `-js` and `-n` flags
+    /// and refuses to rename the server).
+    pub fn reload_config(&self, config: &str) {
+        let file = self.dir.join("server.conf");
+        let name = self.args.iter().skip_while(|a| *a != "-n").nth(1).cloned().unwrap_or_default();
+        let config = format!(
+            "{config}\nserver_name: {name:?}\njetstream {{ store_dir: {:?} }}\n",
+            self.dir.display().to_string()
+        );
+        std::fs::write(&file, config).unwrap_or_else(|e| panic!("write {file:?}: {e}"));
+        let pid = self.child.as_ref().map(|c| c.id()).unwrap_or_else(|| panic!("nats-server not running"));
+        let ok = Command::new("kill").args(["-HUP", &pid.to_string()]).status().is_ok_and(|s| s.success());
+        assert!(ok, "SIGHUP to nats-server {pid}");
+    }
+
     /// The configuration block of a server whose clients must use TLS, with the certificate of
     /// `ca` (make it for `IP:127.0.0.1`: the server is reached on loopback).
     pub fn tls_config(ca: &crate::tls::TestCa) -> String {

@@ -260,3 +260,30 @@ async fn unusable_nats_tls_and_credential_files_stop_the_start_with_exit_64_with
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Readiness includes the node's subscriber connection (as on Redis, both connections): a
+/// server that takes one connection only (`max_connections: 1`, the async-nats client's) leaves
+/// the node unready, saying why; once the server takes more, the node turns ready and delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_the_subscriber_connection() {
+    if !nats_available("readiness_waits_for_the_subscriber_connection") {
+        return;
+    }
+    let nats = NatsServer::start_with_config("max_connections: 1\n");
+    let node = Server::start(&["--nats-url", &nats.url(), "--node-id", "one"]).await;
+    until("the subscriber connection's refusal logged", async || {
+        assert_ne!(status(&node, "/readyz").await, 200, "ready without its subscriber connection");
+        node.logs().contains("nats subscriber connection failed")
+    })
+    .await;
+    assert_ne!(status(&node, "/readyz").await, 200, "ready without its subscriber connection");
+    nats.reload_config("max_connections: 10\n");
+    let deadline = tokio::time::Instant::now() + crier_testkit::WAIT;
+    while status(&node, "/readyz").await != 200 {
+        let logs = || format!("{}\nnats:\n{}", node.logs(), nats.log());
+        assert!(tokio::time::Instant::now() < deadline, "not ready once the subscriber connection is in:\n{}", logs());
+        // Not a synchronisation: paces the polling of /readyz.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    delivers_and_recovers(&node, "one:ev").await;
+}
