@@ -296,6 +296,9 @@ impl RawSub {
     }
 }
 
+/// The longest a connection attempt (TCP, `INFO`, TLS, `CONNECT` answered) may take.
+const HANDSHAKE: Duration = Duration::from_secs(5);
+
 async fn conn_loop(
     me: Weak<RawSub>,
     conf: Conf,
@@ -311,7 +314,10 @@ async fn conn_loop(
         while let Some(addr) = known.get(i).cloned() {
             i += 1;
             let Some(sub) = me.upgrade() else { return };
-            match connect(&addr, &conf, &mut tls).await {
+            // Bounded as a whole: a server that takes the socket but never answers is skipped.
+            let attempt = tokio::time::timeout(HANDSHAKE, connect(&addr, &conf, &mut tls)).await;
+            let attempt = attempt.unwrap_or_else(|_| Err(io_err("no answer to CONNECT within 5s")));
+            match attempt {
                 Ok((reader, mut writer, urls)) => {
                     failures = 0;
                     learn(&mut known, &addr, &urls);
@@ -578,6 +584,47 @@ async fn read_loop(me: &Weak<RawSub>, mut r: Reader) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that greets, then never answers `CONNECT`, is skipped after [`HANDSHAKE`]: the
+    /// connection goes on to the next server (here a minimal fake that answers the `PING`).
+    #[tokio::test]
+    async fn a_server_that_never_answers_connect_is_skipped() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = |l: &tokio::net::TcpListener| Addr {
+            host: "127.0.0.1".into(),
+            port: l.local_addr().unwrap().port(),
+            tls: false,
+            user: None,
+        };
+        let conf = Conf { addrs: vec![addr(&silent), addr(&fake)], cred: Cred::None, ca_file: None, name: "t".into() };
+        let greeted = Arc::new(AtomicU64::new(0));
+        let g = greeted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut s, _)) = silent.accept().await {
+                g.fetch_add(1, Ordering::SeqCst);
+                let _ = s.write_all(b"INFO {}\r\n").await;
+                held.push(s);
+            }
+        });
+        tokio::spawn(async move {
+            while let Ok((s, _)) = fake.accept().await {
+                let (r, mut w) = s.into_split();
+                let _ = w.write_all(b"INFO {}\r\n").await;
+                let mut lines = BufReader::new(r).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    if l == "PING" {
+                        let _ = w.write_all(b"PONG\r\n").await;
+                    }
+                }
+            }
+        });
+        let sub = RawSub::start(conf, None, || {});
+        sub.wait_connected(HANDSHAKE * 3).await;
+        assert!(sub.is_up(), "connected to the second server within {:?}", HANDSHAKE * 3);
+        assert!(greeted.load(Ordering::SeqCst) >= 1, "the first server was tried first");
+    }
 
     #[test]
     fn reads_creds_files_and_url_users() {
