@@ -24,7 +24,6 @@ impl NatsBroker {
             .request_timeout(Some(opts.command_timeout))
             .subscription_capacity(65_536)
             .reconnect_delay_callback(|n| Duration::from_millis((50u64 << n.min(5)).min(2000)));
-        let mut token = None;
         match &opts.auth {
             NatsAuth::None => {}
             NatsAuth::CredentialsFile(p) => {
@@ -36,7 +35,6 @@ impl NatsBroker {
             NatsAuth::TokenFile(p) => {
                 let t =
                     std::fs::read_to_string(p).map_err(|e| BrokerError::Internal(format!("nats token file: {e}")))?;
-                token = Some(t.trim().to_owned());
                 co = co.token(t.trim().to_owned());
             }
             NatsAuth::NkeyFile(p) => {
@@ -95,6 +93,12 @@ impl NatsBroker {
             .iter()
             .map(|u| u.parse::<async_nats::ServerAddr>().map_err(|e| BrokerError::Internal(format!("nats_url: {e}"))))
             .collect::<Result<_, _>>()?;
+        // The subscriber connection's settings (a bad CA, seed or .creds file stops the start).
+        let (raw_conf, raw_tls) = rawsub::Conf::new(&opts, &urls)?;
+        // async-nats does not take a user from the URL itself.
+        if let Some((user, pass)) = rawsub::url_user(&urls) {
+            co = co.user_and_password(user, pass);
+        }
         let client = co.connect(urls).await.map_err(unavailable)?;
         let js = jetstream::ContextBuilder::new().timeout(opts.command_timeout).build(client.clone());
         // A first connection is waited for a moment; without one the node starts unready (the
@@ -113,18 +117,17 @@ impl NatsBroker {
                 (n.to_owned(), HistPolicy { size: p.history_size, ttl_ms: p.history_ttl.as_millis().max(1) as u64 })
             })
             .collect();
-        let plain: Option<Vec<String>> = opts.urls.iter().map(|u| rawsub::plain_addr(u)).collect();
-        let raw = match (&opts.auth, plain, &opts.tls_ca_file) {
-            (NatsAuth::None | NatsAuth::TokenFile(_), Some(addrs), None) => {
-                let w = weak.clone();
-                Some(rawsub::RawSub::start(addrs, token, format!("crier {} live", opts.node_id), move || {
-                    if let Some(inner) = w.get().and_then(Weak::upgrade) {
-                        inner.live.resync_all();
-                    }
-                }))
+        let w = weak.clone();
+        let raw = rawsub::RawSub::start(raw_conf, raw_tls, move || {
+            // Only once the client is up again: a server restarted without its store has no
+            // streams until the client's re-layout, which re-reads every channel itself (and
+            // nats-server 2.9 may crash on a message get for a stream not laid out yet).
+            if let Some(inner) = w.get().and_then(Weak::upgrade)
+                && inner.up.load(Ordering::SeqCst)
+            {
+                inner.live.resync_all();
             }
-            _ => None,
-        };
+        });
         let inner = Arc::new(Inner {
             raw,
             live: live::Live::default(),
@@ -166,9 +169,7 @@ impl NatsBroker {
         if inner.laid.get().is_none() {
             tokio::spawn(lay_out_later(Arc::downgrade(&inner)));
         }
-        if let Some(raw) = &inner.raw {
-            raw.wait_connected(inner.opts.connect_wait).await;
-        }
+        inner.raw.wait_connected(inner.opts.connect_wait).await;
         state::start_ops(&inner).await?;
         Ok(Arc::new(NatsBroker { inner }))
     }

@@ -122,23 +122,6 @@ fn parse_u64(v: Option<&str>) -> u64 {
     v.and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
-impl RawHeaders {
-    /// The block of an async-nats map.
-    pub(crate) fn from_map(h: &HeaderMap) -> RawHeaders {
-        let mut out = String::from("NATS/1.0\r\n");
-        for (k, vs) in h.iter() {
-            for v in vs {
-                out.push_str(k.as_ref());
-                out.push_str(": ");
-                out.push_str(v.as_str());
-                out.push_str("\r\n");
-            }
-        }
-        out.push_str("\r\n");
-        RawHeaders(out.into())
-    }
-}
-
 pub(crate) fn header<'a, H: Headers>(h: Option<&'a H>, name: &str) -> Option<&'a str> {
     h.and_then(|h| h.value(name))
 }
@@ -354,11 +337,10 @@ mod tests {
         let mut map = HeaderMap::new();
         map.insert(H_EPOCH, "e1");
         map.insert(H_OFFSET, "3");
-        let back = RawHeaders::from_map(&map);
-        assert_eq!(header(Some(&back), H_EPOCH), Some("e1"));
-        assert_eq!(Fields::of(Some(&back)).offset, Some("3"));
+        assert_eq!(header(Some(&map), H_EPOCH), Some("e1"));
+        assert_eq!(Fields::of(Some(&map)).offset, Some("3"));
         let known: Arc<str> = "e1".into();
-        let s = Stored::from_headers(9, Some(&back), Bytes::from_static(b"x"), Some(&known));
+        let s = Stored::from_headers(9, Some(&map), Bytes::from_static(b"x"), Some(&known));
         assert!(s.is_some_and(|s| Arc::ptr_eq(&s.epoch, &known) && s.first == 3 && s.seq == 9));
     }
 }

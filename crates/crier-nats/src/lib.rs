@@ -16,7 +16,9 @@
 //!   ([`crier_core::broker::IDEMPOTENCY_WINDOW`], or the history TTL when shorter).
 //! - **Live fan-out** over core NATS: the stream *republishes* every stored message to
 //!   `<prefix>.l.<policy>.<token>` (server side, in stream order, only once stored); each node
-//!   holds one core subscription per subscribed channel. Per channel the node keeps the last
+//!   holds one core subscription per subscribed channel, all on its own subscriber connection
+//!   (`rawsub`: plain or TLS, with the same credential as the async-nats client, which serves
+//!   JetStream, the buckets and requests). Per channel the node keeps the last
 //!   delivered offset and epoch: duplicates are dropped, a hole is filled from JetStream before
 //!   the message after it, an unfillable hole or a new epoch is announced (`on_gap`). After a
 //!   reconnect every subscribed channel is re-read from JetStream (what was published while
@@ -68,7 +70,8 @@ pub(crate) const H_NODE: &str = "Crier-Node";
 /// Byte lengths of a batch's publications (absent: the message is one publication).
 pub(crate) const H_LENS: &str = "Crier-Lens";
 
-/// How the broker authenticates to NATS (secrets are read from files, never logged).
+/// How the broker authenticates to NATS (secrets are read from files, never logged); both of
+/// the node's connections use it. A user and password may also come in the URL.
 #[derive(Debug, Clone, Default)]
 pub enum NatsAuth {
     #[default]
@@ -84,10 +87,12 @@ pub enum NatsAuth {
 /// What [`NatsBroker::connect`] needs.
 #[derive(Debug, Clone)]
 pub struct NatsOptions {
-    /// Seed servers (`nats://host:port`, `tls://host:port`); the client learns the others.
+    /// Seed servers (`nats://host:port`, `tls://host:port`, `nats://user:password@host:port`);
+    /// the async-nats client learns the others (the subscriber connection uses these).
     pub urls: Vec<String>,
     pub auth: NatsAuth,
-    /// PEM file of the CA that signed the servers' certificates (`tls://`); unset = system roots.
+    /// PEM file of the CA that signed the servers' certificates (`tls://`, or a server that
+    /// requires TLS); unset = system roots.
     pub tls_ca_file: Option<PathBuf>,
     /// This node's name.
     pub node_id: String,
@@ -155,8 +160,8 @@ pub(crate) struct Inner {
     default_policy: HistPolicy,
     tails: Mutex<HashMap<String, ChanPub>>,
     pub live: live::Live,
-    /// The node's own subscriber connection (plain `nats://`, no credentials or a token).
-    pub raw: Option<Arc<rawsub::RawSub>>,
+    /// The node's own subscriber connection (every live subscription).
+    pub raw: Arc<rawsub::RawSub>,
 }
 
 /// The NATS broker (see the crate docs).
@@ -293,10 +298,12 @@ impl Broker for NatsBroker {
         self.inner.nodes().await
     }
 
+    /// Both connections up: the async-nats client and the subscriber connection.
     fn is_up(&self) -> bool {
         self.inner.up.load(Ordering::SeqCst)
             && self.inner.laid.get().is_some()
             && self.inner.client.connection_state() == async_nats::connection::State::Connected
+            && self.inner.raw.is_up()
     }
 
     async fn report_channels(&self, node: &str, counts: &[(String, u64)], full: bool) -> Result<bool, BrokerError> {

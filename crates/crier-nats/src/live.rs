@@ -3,34 +3,30 @@
 //! or a gap".
 //!
 //! No task per channel: a channel is a small state machine driven by the node's one dispatcher
-//! (the subscriber connection's read loop, or one task over every async-nats subscription),
-//! which sequences a message inline. Only when a channel needs JetStream (a hole to fill, a
+//! (the subscriber connection's read loop, [`crate::rawsub`]), which sequences a message inline. Only when a channel needs JetStream (a hole to fill, a
 //! resync after a reconnect or a late message) does it get a worker task for as long as that
 //! takes; live messages arriving meanwhile wait in the channel's queue, in order, and the worker
 //! drains them before it ends.
 
 use std::collections::{HashMap, VecDeque};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use crier_core::broker::{BrokerError, BrokerHandler, PresenceEvent};
 use crier_protocol::StreamPosition;
-use futures_util::StreamExt;
-use futures_util::stream::{AbortHandle, Abortable, SelectAll, Stream};
 
-use crate::history::{Fields, RawHeaders};
+use crate::history::Fields;
 use crate::rawsub::{Live as Msg, Sink};
-use crate::{Inner, Stored, unavailable};
+use crate::{Inner, Stored};
 
 /// How a channel's subscription is closed.
 #[derive(Default)]
 enum Feed {
     #[default]
     None,
+    /// The subscription id on the subscriber connection.
     Raw(u64),
-    Nats(AbortHandle),
 }
 
 /// A subscribed channel: small (one per subscribed channel), so what every channel needs only
@@ -317,8 +313,6 @@ impl Chan {
     }
 }
 
-type Tagged = Pin<Box<dyn Stream<Item = (Arc<Chan>, Msg)> + Send>>;
-
 #[derive(Default)]
 pub(crate) struct Live {
     inner: OnceLock<Weak<Inner>>,
@@ -327,8 +321,6 @@ pub(crate) struct Live {
     /// ([`Live::wait_delivered`]; `waiting` counts them, so a delivery with none is one load).
     notify: tokio::sync::Notify,
     waiting: AtomicUsize,
-    /// The dispatcher of async-nats subscriptions (started by the first one).
-    nats: OnceLock<tokio::sync::mpsc::UnboundedSender<Tagged>>,
 }
 
 impl Live {
@@ -369,25 +361,6 @@ impl Live {
         self.delivered();
     }
 
-    fn dispatcher(&self) -> &tokio::sync::mpsc::UnboundedSender<Tagged> {
-        self.nats.get_or_init(|| {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Tagged>();
-            tokio::spawn(async move {
-                let mut all: SelectAll<Tagged> = SelectAll::new();
-                loop {
-                    tokio::select! {
-                        s = rx.recv() => match s {
-                            Some(s) => all.push(s),
-                            None => break,
-                        },
-                        Some((chan, m)) = all.next(), if !all.is_empty() => chan.push(m),
-                    }
-                }
-            });
-            tx
-        })
-    }
-
     pub(crate) async fn subscribe(&self, inner: &Arc<Inner>, channel: &str) -> Result<(), BrokerError> {
         if self.map().contains_key(channel) {
             return Ok(());
@@ -398,30 +371,11 @@ impl Live {
             inner: Arc::downgrade(inner),
             st: Mutex::new(St { busy: true, ..Default::default() }),
         });
-        let mut pending = false;
-        let feed = match &inner.raw {
-            Some(raw) => {
-                let sid = raw.subscribe(&inner.live_subject(channel), chan.clone()).await;
-                // Not connected now: the subscription takes effect later, so the channel
-                // re-reads JetStream once it is set up (what was published meanwhile).
-                pending = !raw.connected().await;
-                Feed::Raw(sid)
-            }
-            None => {
-                let sub = inner.client.subscribe(inner.live_subject(channel)).await.map_err(unavailable)?;
-                let (handle, reg) = AbortHandle::new_pair();
-                let c = chan.clone();
-                let tagged: Tagged = Box::pin(Abortable::new(
-                    sub.map(move |m| (c.clone(), (m.headers.as_ref().map(RawHeaders::from_map), m.payload))),
-                    reg,
-                ));
-                if self.dispatcher().send(tagged).is_err() {
-                    return Err(BrokerError::Internal("nats: the live dispatcher stopped".into()));
-                }
-                Feed::Nats(handle)
-            }
-        };
-        chan.lock().feed = feed;
+        let sid = inner.raw.subscribe(&inner.live_subject(channel), chan.clone()).await;
+        // Not connected now: the subscription takes effect later, so the channel re-reads
+        // JetStream once it is set up (what was published meanwhile).
+        let pending = !inner.raw.connected().await;
+        chan.lock().feed = Feed::Raw(sid);
         // The baseline is read after the subscription exists: nothing falls between the two.
         // A channel without messages gets its epoch marker now (the read that follows a
         // subscribe, the channel's position, is then answered from here: `Live::position`).
@@ -531,13 +485,7 @@ impl Drop for Waiting<'_> {
 async fn close(inner: &Arc<Inner>, feed: Feed) {
     match feed {
         Feed::None => {}
-        Feed::Raw(sid) => {
-            if let Some(raw) = &inner.raw {
-                raw.unsubscribe(sid).await;
-            }
-        }
-        // The dispatcher drops the aborted stream, and with it the subscription.
-        Feed::Nats(handle) => handle.abort(),
+        Feed::Raw(sid) => inner.raw.unsubscribe(sid).await,
     }
 }
 

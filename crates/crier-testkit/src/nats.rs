@@ -49,6 +49,45 @@ impl NatsServer {
         s
     }
 
+    /// One server like [`NatsServer::start`] with `config` (nats-server configuration syntax)
+    /// in a configuration file: TLS ([`NatsServer::tls_config`]), `authorization { token: "…" }`,
+    /// `authorization { users: [{nkey: "U…"}] }`, … (the command-line ports and store win).
+    pub fn start_with_config(config: &str) -> NatsServer {
+        let mut s = NatsServer::prepare("n1");
+        let file = s.dir.join("server.conf");
+        std::fs::write(&file, config).unwrap_or_else(|e| panic!("write {file:?}: {e}"));
+        s.args.extend(["-c".to_owned(), file.display().to_string()]);
+        s.launch();
+        s
+    }
+
+    /// Replaces the configuration file of a server started with
+    /// [`NatsServer::start_with_config`] and makes the server reload it (SIGHUP). The store
+    /// directory and the server's name are added (a reload forgets the `-js` and `-n` flags
+    /// and refuses to rename the server).
+    pub fn reload_config(&self, config: &str) {
+        let file = self.dir.join("server.conf");
+        let name = self.args.iter().skip_while(|a| *a != "-n").nth(1).cloned().unwrap_or_default();
+        let config = format!(
+            "{config}\nserver_name: {name:?}\njetstream {{ store_dir: {:?} }}\n",
+            self.dir.display().to_string()
+        );
+        std::fs::write(&file, config).unwrap_or_else(|e| panic!("write {file:?}: {e}"));
+        let pid = self.child.as_ref().map(|c| c.id()).unwrap_or_else(|| panic!("nats-server not running"));
+        let ok = Command::new("kill").args(["-HUP", &pid.to_string()]).status().is_ok_and(|s| s.success());
+        assert!(ok, "SIGHUP to nats-server {pid}");
+    }
+
+    /// The configuration block of a server whose clients must use TLS, with the certificate of
+    /// `ca` (make it for `IP:127.0.0.1`: the server is reached on loopback).
+    pub fn tls_config(ca: &crate::tls::TestCa) -> String {
+        format!(
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  timeout: 5\n}}\n",
+            ca.server_cert.display().to_string(),
+            ca.server_key.display().to_string()
+        )
+    }
+
     /// `n` servers in one cluster (routes on loopback), JetStream clustered; returns once every
     /// one is healthy (JetStream meta leader elected).
     pub fn start_cluster(n: usize) -> Vec<NatsServer> {
@@ -152,6 +191,16 @@ impl NatsServer {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The URL with the `tls://` scheme (the client requires TLS).
+    pub fn tls_url(&self) -> String {
+        format!("tls://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's directory (its store; removed when dropped): a place for test files.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     /// The server's log (stderr).

@@ -342,3 +342,46 @@ async fn nats_url_with_a_redis_broker_or_webhooks_is_refused_with_exit_64() {
     let bad = Server::start_raw(&["--listen", "127.0.0.1:0", "--nats-url", "http://x:4222"], &[]).await;
     assert!(bad.err().expect("refused").contains("nats_url"), "a non-NATS URL is named");
 }
+
+/// A node given one seed of a 3-server cluster: when that server dies, both of its NATS
+/// connections (the async-nats client, and its own subscriber connection, which learns the
+/// others from the seed's `INFO`) move to another server, and live delivery goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_given_one_seed_of_a_nats_cluster_follows_the_cluster_when_the_seed_dies() {
+    if !nats_available("a_node_given_one_seed_of_a_nats_cluster_follows_the_cluster_when_the_seed_dies") {
+        return;
+    }
+    let mut cluster = NatsServer::start_cluster(3);
+    let all = cluster.iter().map(|s| s.url()).collect::<Vec<_>>().join(",");
+    let a = node(&cluster[0].url(), "seed1", &["--nats-replicas", "3"]).await;
+    let b = node(&all, "seedall", &["--nats-replicas", "3"]).await;
+    until_within("both ready on the cluster", Duration::from_secs(30), async || {
+        status(&a, "/readyz").await == 200 && status(&b, "/readyz").await == 200
+    })
+    .await;
+    let mut c = a.client(&a.token("s", &["ev"], &[])).await;
+    c.subscribe("ev", 1).await;
+    let first = try_publish(&b, "ev", json!("before")).await.unwrap();
+    assert_eq!(support::messages(&mut c, 1).await[0]["offset"].as_u64(), Some(first.1));
+    cluster[0].kill();
+    let mut after = None;
+    until_within("a publish accepted after the seed died", Duration::from_secs(30), async || {
+        after = try_publish(&b, "ev", json!("after")).await;
+        after.is_some()
+    })
+    .await;
+    let after = after.unwrap();
+    let m = support::messages(&mut c, 1).await.remove(0);
+    assert_eq!((m["epoch"].as_str(), m["offset"].as_u64()), (Some(after.0.as_str()), Some(after.1)), "{m}");
+    until_within("the seed-only node ready again", Duration::from_secs(30), async || {
+        status(&a, "/readyz").await == 200
+    })
+    .await;
+    // The re-read after the client's reconnect may have brought the messages so far: once the
+    // next one has come (by either way), a message more can only come live.
+    for data in ["then", "live"] {
+        let p = try_publish(&b, "ev", json!(data)).await.expect("accepted");
+        let m = support::messages(&mut c, 1).await.remove(0);
+        assert_eq!((m["offset"].as_u64(), &m["data"]), (Some(p.1), &json!(data)), "{m}");
+    }
+}
