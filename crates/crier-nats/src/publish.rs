@@ -41,6 +41,13 @@ pub(crate) struct Tail {
     offset: u64,
 }
 
+/// What a leader stores next: publishes, the channel's cached tail, its subject.
+struct Batch {
+    pending: Vec<Pending>,
+    tail: Option<Tail>,
+    subject: async_nats::Subject,
+}
+
 /// A publish waiting for its channel's next store.
 pub(crate) struct Pending {
     data: Bytes,
@@ -50,8 +57,9 @@ pub(crate) struct Pending {
 }
 
 /// A channel this node publishes to: its cached tail, its queue, whether a leader runs.
-#[derive(Default)]
 pub(crate) struct ChanPub {
+    /// The channel's history subject (made once).
+    subject: async_nats::Subject,
     pub(crate) tail: Option<Tail>,
     queue: std::collections::VecDeque<Pending>,
     busy: bool,
@@ -82,7 +90,12 @@ impl Inner {
             if t.len() > 65_536 {
                 t.retain(|_, c| c.busy);
             }
-            let c = t.entry(channel.to_owned()).or_default();
+            let c = t.entry(channel.to_owned()).or_insert_with(|| ChanPub {
+                subject: self.hist_subject(channel).into(),
+                tail: None,
+                queue: Default::default(),
+                busy: false,
+            });
             c.queue.push_back(pending);
             !std::mem::replace(&mut c.busy, true)
         };
@@ -91,8 +104,8 @@ impl Inner {
             // here, without a task; what queued meanwhile goes to a leader task. Dropped while
             // storing (the caller went away), the guard hands the channel to a task.
             let mut guard = Takeover { inner: self, channel, done: false };
-            if let Some((batch, tail)) = self.next_batch(channel) {
-                self.run_batch(channel, batch, tail).await;
+            if let Some(batch) = self.next_batch(channel) {
+                self.run_batch(channel, batch).await;
             }
             guard.done = true;
             self.hand_over(channel);
@@ -120,14 +133,14 @@ impl Inner {
 
     /// Stores the channel's queued publishes, a batch at a time, until none is left.
     pub(crate) async fn lead(self: Arc<Self>, channel: String) {
-        while let Some((batch, tail)) = self.next_batch(&channel) {
-            self.run_batch(&channel, batch, tail).await;
+        while let Some(batch) = self.next_batch(&channel) {
+            self.run_batch(&channel, batch).await;
         }
     }
 
     /// The next batch of the channel's queue and its cached tail; `None` (and the channel no
     /// longer led) when the queue is empty.
-    fn next_batch(&self, channel: &str) -> Option<(Vec<Pending>, Option<Tail>)> {
+    fn next_batch(&self, channel: &str) -> Option<Batch> {
         let mut t = self.tails.lock().unwrap_or_else(|e| e.into_inner());
         let c = t.get_mut(channel)?;
         let mut batch: Vec<Pending> = Vec::new();
@@ -148,12 +161,13 @@ impl Inner {
             c.busy = false;
             return None;
         }
-        Some((batch, c.tail.take()))
+        Some(Batch { pending: batch, tail: c.tail.take(), subject: c.subject.clone() })
     }
 
     /// Stores a batch and answers its publishers.
-    async fn run_batch(&self, channel: &str, batch: Vec<Pending>, mut tail: Option<Tail>) {
-        let result = self.store(channel, &batch, &mut tail).await;
+    async fn run_batch(&self, channel: &str, batch: Batch) {
+        let Batch { pending: batch, mut tail, subject } = batch;
+        let result = self.store(channel, subject, &batch, &mut tail).await;
         if let Some(c) = self.tails.lock().unwrap_or_else(|e| e.into_inner()).get_mut(channel) {
             c.tail = tail;
         }
@@ -167,13 +181,13 @@ impl Inner {
     }
 
     /// Stores one batch (the first offset it got and its epoch), keeping `tail` current.
-    pub(crate) async fn store(
+    async fn store(
         &self,
         channel: &str,
+        subject: async_nats::Subject,
         batch: &[Pending],
         tail: &mut Option<Tail>,
     ) -> Result<(String, u64), BrokerError> {
-        let subject = self.hist_subject(channel);
         let payload: Bytes = if batch.len() == 1 {
             batch[0].data.clone()
         } else {
