@@ -116,7 +116,12 @@ struct Occ {
 #[derive(Default)]
 pub(crate) struct Hooks {
     cfg: OnceLock<Cfg>,
-    laid: tokio::sync::OnceCell<Laid>,
+    /// Laid out on first use, again after a failure (NATS may have lost its store).
+    laid: std::sync::RwLock<Option<Arc<Laid>>>,
+    laying: tokio::sync::Mutex<()>,
+    /// When a publish of this node's events last failed: its own events kept in a channel's
+    /// key are then published again too (see `occupancy_change`).
+    push_failed: Mutex<Option<Instant>>,
     seq: AtomicU64,
     /// Channels this instance holds (broker-level subscriptions), rewritten by the refresh.
     channels: Mutex<HashSet<String>>,
@@ -160,36 +165,52 @@ impl Inner {
         Ok(())
     }
 
-    async fn hook_laid(&self) -> Result<&Laid, BrokerError> {
+    fn hook_laid_now(&self) -> Option<Arc<Laid>> {
+        self.hooks.laid.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The queue and buckets are laid out again on next use (after a failure).
+    fn hook_relay(&self) {
+        *self.hooks.laid.write().unwrap_or_else(|e| e.into_inner()) = None;
+        if let Ok(mut c) = self.hooks.consumer.try_lock() {
+            *c = None;
+        }
+    }
+
+    async fn hook_laid(&self) -> Result<Arc<Laid>, BrokerError> {
+        if let Some(l) = self.hook_laid_now() {
+            return Ok(l);
+        }
         let cfg = self.hooks.cfg.get().ok_or_else(|| BrokerError::Internal("webhooks not enabled".into()))?;
         // Only once JetStream answers (the broker's own layout done).
         self.kv()?;
-        self.hooks
-            .laid
-            .get_or_try_init(|| async {
-                let p = self.hooks_prefix();
-                let config = stream::Config {
-                    name: format!("{p}_hooks"),
-                    subjects: vec![format!("{}.hooks", self.opts.prefix)],
-                    retention: stream::RetentionPolicy::WorkQueue,
-                    max_messages: cfg.max_queue as i64,
-                    discard: stream::DiscardPolicy::Old,
-                    duplicate_window: DUPLICATE_WINDOW,
-                    storage: stream::StorageType::File,
-                    num_replicas: self.opts.replicas.max(1),
-                    ..Default::default()
-                };
-                self.js
-                    .create_or_update_stream(config.clone())
-                    .await
-                    .map_err(|e| unavailable(format!("stream {}: {e}", config.name)))?;
-                let stream = self.js.get_stream(&config.name).await.map_err(unavailable)?;
-                // Kept well past their last refresh: the sweep sees a dead node's entries.
-                let nodes = crate::state::bucket(&self.js, &self.opts, "hooknodes", self.opts.presence_ttl * 10).await?;
-                let lease = crate::state::bucket(&self.js, &self.opts, "hooklease", cfg.lease).await?;
-                Ok(Laid { stream, subject: format!("{}.hooks", self.opts.prefix), nodes, lease })
-            })
+        let _laying = self.hooks.laying.lock().await;
+        if let Some(l) = self.hook_laid_now() {
+            return Ok(l);
+        }
+        let p = self.hooks_prefix();
+        let config = stream::Config {
+            name: format!("{p}_hooks"),
+            subjects: vec![format!("{}.hooks", self.opts.prefix)],
+            retention: stream::RetentionPolicy::WorkQueue,
+            max_messages: cfg.max_queue as i64,
+            discard: stream::DiscardPolicy::Old,
+            duplicate_window: DUPLICATE_WINDOW,
+            storage: stream::StorageType::File,
+            num_replicas: self.opts.replicas.max(1),
+            ..Default::default()
+        };
+        self.js
+            .create_or_update_stream(config.clone())
             .await
+            .map_err(|e| unavailable(format!("stream {}: {e}", config.name)))?;
+        let stream = self.js.get_stream(&config.name).await.map_err(unavailable)?;
+        // Kept well past their last refresh: the sweep sees a dead node's entries.
+        let nodes = crate::state::bucket(&self.js, &self.opts, "hooknodes", self.opts.presence_ttl * 10).await?;
+        let lease = crate::state::bucket(&self.js, &self.opts, "hooklease", cfg.lease).await?;
+        let laid = Arc::new(Laid { stream, subject: format!("{}.hooks", self.opts.prefix), nodes, lease });
+        *self.hooks.laid.write().unwrap_or_else(|e| e.into_inner()) = Some(laid.clone());
+        Ok(laid)
     }
 
     /// A new event made by this node (id: `<ms>-<n>.<instance>`, unique cluster-wide).
@@ -225,6 +246,8 @@ impl Inner {
                 Err(e) => last = Some(unavailable(e)),
             }
         }
+        *lock(&self.hooks.push_failed) = Some(Instant::now());
+        self.hook_relay();
         Err(last.unwrap_or_else(|| BrokerError::Unavailable("webhooks: event not queued".into())))
     }
 
@@ -240,7 +263,13 @@ impl Inner {
         }
     }
 
-    pub(crate) async fn hook_publish(&self, channel: &str, user: &str, client: &str, data: &str) -> Result<(), BrokerError> {
+    pub(crate) async fn hook_publish(
+        &self,
+        channel: &str,
+        user: &str,
+        client: &str,
+        data: &str,
+    ) -> Result<(), BrokerError> {
         let Some(cfg) = self.hooks.cfg.get() else { return Ok(()) };
         if !cfg.wants(CLIENT_PUBLISH) {
             return Ok(());
@@ -361,14 +390,15 @@ impl Inner {
             if !changed {
                 return Ok(());
             }
-            // Others' events still within the duplicate window: published again before this
-            // one's (stored once), so the stream keeps the key's order.
+            // Others' events still within the duplicate window (this node's own too after one of
+            // its publishes failed): published again before this one's (stored once), so the
+            // stream keeps the key's order.
+            let window = DUPLICATE_WINDOW / 2;
+            let mine_too = lock(&self.hooks.push_failed).is_some_and(|at| at.elapsed() < window);
             let earlier: Vec<HookEvent> = occ
                 .ev
                 .iter()
-                .filter(|(by, e)| {
-                    *by != cfg.instance && e.time_ms + (DUPLICATE_WINDOW.as_millis() as u64) / 2 > now
-                })
+                .filter(|(by, e)| (mine_too || *by != cfg.instance) && e.time_ms + window.as_millis() as u64 > now)
                 .map(|(_, e)| e.clone())
                 .collect();
             let events: Vec<HookEvent> =
@@ -433,8 +463,7 @@ impl Inner {
             max_ack_pending: max.max(1) as i64,
             ..Default::default()
         };
-        let consumer: PullConsumer =
-            laid.stream.get_or_create_consumer(CONSUMER, config).await.map_err(unavailable)?;
+        let consumer: PullConsumer = laid.stream.get_or_create_consumer(CONSUMER, config).await.map_err(unavailable)?;
         *c = Some(consumer.clone());
         Ok(consumer)
     }
@@ -468,14 +497,20 @@ impl Inner {
         let laid = self.hook_laid().await?;
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            self.hook_update_stats(laid).await;
-            if !self.hook_lead(laid, cfg).await? {
+            self.hook_update_stats(&laid).await;
+            if !self.hook_lead(&laid, cfg).await? {
                 // Another node delivers (one at a time, so events go out in queue order).
                 tokio::time::sleep_until(deadline).await;
                 return Ok(Vec::new());
             }
-            let consumer = self.hook_consumer(laid, cfg, max).await?;
-            let mut batch = consumer.fetch().max_messages(max).messages().await.map_err(unavailable)?;
+            let consumer = self.hook_consumer(&laid, cfg, max).await?;
+            let mut batch = match consumer.fetch().max_messages(max).messages().await {
+                Ok(b) => b,
+                Err(e) => {
+                    self.hook_relay();
+                    return Err(unavailable(e));
+                }
+            };
             let mut out = Vec::new();
             while let Some(m) = batch.next().await {
                 let m = m.map_err(unavailable)?;
@@ -524,7 +559,7 @@ impl Inner {
     pub(crate) async fn hook_hold(&self, ids: &[String]) -> Result<(), BrokerError> {
         let Some(cfg) = self.hooks.cfg.get() else { return Ok(()) };
         let laid = self.hook_laid().await?;
-        let _ = self.hook_lead(laid, cfg).await?;
+        let _ = self.hook_lead(&laid, cfg).await?;
         let msgs: Vec<jetstream::Message> = {
             let held = lock(&self.hooks.held);
             ids.iter().filter_map(|id| held.get(id).cloned()).collect()
@@ -536,7 +571,7 @@ impl Inner {
     }
 
     pub(crate) async fn hook_release(&self) -> Result<(), BrokerError> {
-        let Some(laid) = self.hooks.laid.get() else { return Ok(()) };
+        let Some(laid) = self.hook_laid_now() else { return Ok(()) };
         let msgs: Vec<jetstream::Message> = lock(&self.hooks.held).drain().map(|(_, m)| m).collect();
         for m in msgs {
             // Given back at once to the next delivering node.
@@ -584,6 +619,7 @@ pub(crate) async fn refresh(inner: &Arc<Inner>) -> Result<(), BrokerError> {
         return result;
     }
     let laid = inner.hook_laid().await?;
+    let laid = &*laid;
     let mut keys = laid.nodes.keys().await.map_err(unavailable)?;
     let mut all = Vec::new();
     while let Some(k) = keys.next().await {
