@@ -480,11 +480,17 @@ impl Inner {
         if !due {
             return;
         }
-        match laid.stream.get_info().await {
+        // Not yet delivered, plus delivered and not acknowledged by another node (a dead
+        // one's batch); without the consumer yet (nothing read so far), the stream's length.
+        let queued = match laid.stream.consumer_info(CONSUMER).await {
             Ok(info) => {
-                let held = lock(&self.hooks.held).len() as u64;
-                self.hooks.queued.store(info.state.messages.saturating_sub(held), Ordering::Relaxed);
+                let held = lock(&self.hooks.held).len();
+                Ok(info.num_pending + info.num_ack_pending.saturating_sub(held) as u64)
             }
+            Err(_) => laid.stream.get_info().await.map(|i| i.state.messages).map_err(unavailable),
+        };
+        match queued {
+            Ok(n) => self.hooks.queued.store(n, Ordering::Relaxed),
             Err(e) => tracing::debug!(error = %e, "webhooks: could not read the queue's length"),
         }
     }
@@ -559,6 +565,7 @@ impl Inner {
     pub(crate) async fn hook_hold(&self, ids: &[String]) -> Result<(), BrokerError> {
         let Some(cfg) = self.hooks.cfg.get() else { return Ok(()) };
         let laid = self.hook_laid().await?;
+        self.hook_update_stats(&laid).await;
         let _ = self.hook_lead(&laid, cfg).await?;
         let msgs: Vec<jetstream::Message> = {
             let held = lock(&self.hooks.held);

@@ -922,6 +922,33 @@ async fn a_full_queue_drops_the_oldest_and_counts_them() {
     }
 }
 
+/// On NATS the queue is a stream bounded to `max_queue` messages (the oldest discarded, the
+/// batch being delivered included): the delivering node counts the drops when it reads past
+/// the hole they left.
+#[tokio::test]
+async fn a_full_queue_on_nats_drops_the_oldest_and_counts_them() {
+    let Some(nats) = Shared::nats("a_full_queue_on_nats_drops_the_oldest_and_counts_them") else { return };
+    let backend = Backend::start().await;
+    backend.seen.fail_next.store(usize::MAX, Ordering::SeqCst);
+    let file = hooks_toml(&backend, &["channel_occupied"], "max_queue = 5\nbatch = 1\n");
+    let server = nats.node(&file, &[]).await;
+    let mut c = server.client(&server.token("u1", &["q:*"], &[])).await;
+    c.subscribe("q:0", 1).await;
+    until("the first batch attempted", async || !backend.requests().is_empty()).await;
+    for i in 1..=20 {
+        c.subscribe(&format!("q:{i}"), i + 1).await;
+    }
+    // 5 kept in the stream (the batch in flight was among the 16 discarded) + 1 in flight.
+    until("queue length 5 + 1 in flight", async || server.metric("crier_webhook_queue_length").await == 6.0).await;
+    backend.seen.fail_next.store(0, Ordering::SeqCst);
+    let events = delivered_at_least(&backend, 6).await;
+    let mut channels: Vec<String> = by_channel(&events).into_keys().collect();
+    channels.sort();
+    assert_eq!(channels, ["q:0", "q:16", "q:17", "q:18", "q:19", "q:20"], "the oldest dropped");
+    // q:0 was delivered (the node held it), then 15 holes read past.
+    until("15 drops counted", async || server.metric("crier_webhook_dropped_total").await == 15.0).await;
+}
+
 /// A node on the Sentinel group's master (followed across failovers) with webhooks to `backend`.
 async fn sentinel_node(group: &crier_testkit::redis::SentinelGroup, file: &ConfigFile) -> Server {
     let urls = group.urls();
