@@ -407,15 +407,21 @@ impl Inner {
             let extra = occ.ev.len().saturating_sub(KEPT_EVENTS);
             occ.ev.drain(..extra);
             let bytes = serde_json::to_vec(&occ).map_err(|e| BrokerError::Internal(e.to_string()))?;
-            match laid.nodes.update(&key, bytes.into(), revision).await {
-                Ok(_) => {}
+            let written = match laid.nodes.update(&key, bytes.into(), revision).await {
+                Ok(r) => r,
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
                 Err(e) => return Err(unavailable(e)),
-            }
-            if !events.is_empty() {
+            };
+            // (Before the key goes, too: what it kept is queued first.)
+            if !events.is_empty() || occ.n.is_empty() {
                 for e in earlier.iter().chain(&events) {
                     self.hook_push(e).await?;
                 }
+            }
+            if occ.n.is_empty() {
+                // Vacated and its events queued: the key goes (unless written since), so the
+                // sweep lists only held channels.
+                let _ = laid.nodes.delete_expect_revision(&key, Some(written)).await;
             }
             return Ok(());
         }
