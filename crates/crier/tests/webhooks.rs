@@ -778,11 +778,24 @@ async fn bad_webhook_settings_stop_the_node_with_64() {
 #[tokio::test]
 #[ignore]
 async fn events_per_second() {
-    let redis = crier_testkit::redis::RedisServer::start();
+    events_per_second_on(Shared::redis()).await;
+}
+
+/// The same measurement with 2 nodes on one nats-server (`… -- --ignored --nocapture
+/// events_per_second_on_nats`).
+#[tokio::test]
+#[ignore]
+async fn events_per_second_on_nats() {
+    if let Some(nats) = Shared::nats("events_per_second_on_nats") {
+        events_per_second_on(nats).await;
+    }
+}
+
+async fn events_per_second_on(shared: Shared) {
     let backend = Backend::start().await;
     let file = hooks_toml(&backend, &["channel_occupied", "channel_vacated"], "batch = 500\n");
     let extra = ["--max-subscriptions-per-connection", "10000"];
-    let nodes = [redis_node(&redis, &file, &extra).await, redis_node(&redis, &file, &extra).await];
+    let nodes = [shared.node(&file, &extra).await, shared.node(&file, &extra).await];
     let per_client = 2_500u64;
     let started = std::time::Instant::now();
     let mut tasks = Vec::new();
