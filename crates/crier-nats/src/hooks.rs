@@ -53,6 +53,8 @@ const STATS_EVERY: Duration = Duration::from_secs(1);
 /// Changes taken per step of the occupancy task, and channels changed at once.
 const OCCUPANCY_BATCH: usize = 100;
 const OCCUPANCY_CONCURRENCY: usize = 16;
+/// Acknowledgements in flight at once.
+const ACK_CONCURRENCY: usize = 64;
 /// A channel's last events kept in its key (see the module docs).
 const KEPT_EVENTS: usize = 4;
 /// The queue's duplicate window: an event published again within it is stored once.
@@ -558,11 +560,15 @@ impl Inner {
             let mut held = lock(&self.hooks.held);
             ids.iter().filter_map(|id| held.remove(id)).collect()
         };
+        // A few at once (each waits for the server's confirmation). One not acknowledged is
+        // delivered again after the claim time (same id).
+        let mut acks = futures_util::stream::iter(msgs)
+            .map(|m| async move { m.double_ack().await.map_err(unavailable) })
+            .buffer_unordered(ACK_CONCURRENCY);
         let mut result = Ok(());
-        for m in msgs {
-            // Not acknowledged: delivered again after the claim time (same id).
-            if let Err(e) = m.double_ack().await {
-                result = Err(unavailable(e));
+        while let Some(r) = acks.next().await {
+            if r.is_err() {
+                result = r;
             }
         }
         result
