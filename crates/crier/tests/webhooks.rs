@@ -778,25 +778,25 @@ async fn bad_webhook_settings_stop_the_node_with_64() {
 #[tokio::test]
 #[ignore]
 async fn events_per_second() {
-    events_per_second_on(Shared::redis()).await;
+    events_per_second_on(Shared::redis(), 2_500).await;
 }
 
 /// The same measurement with 2 nodes on one nats-server (`… -- --ignored --nocapture
-/// events_per_second_on_nats`).
+/// events_per_second_on_nats`), 1,000 channels per connection (16,000 events; with 2,500 the
+/// rate fell further and the run did not finish within its 120 s: docs/hooks.md, *On NATS*).
 #[tokio::test]
 #[ignore]
 async fn events_per_second_on_nats() {
     if let Some(nats) = Shared::nats("events_per_second_on_nats") {
-        events_per_second_on(nats).await;
+        events_per_second_on(nats, 1_000).await;
     }
 }
 
-async fn events_per_second_on(shared: Shared) {
+async fn events_per_second_on(shared: Shared, per_client: u64) {
     let backend = Backend::start().await;
     let file = hooks_toml(&backend, &["channel_occupied", "channel_vacated"], "batch = 500\n");
     let extra = ["--max-subscriptions-per-connection", "10000"];
     let nodes = [shared.node(&file, &extra).await, shared.node(&file, &extra).await];
-    let per_client = 2_500u64;
     let started = std::time::Instant::now();
     let mut tasks = Vec::new();
     for (n, node) in nodes.iter().enumerate() {
