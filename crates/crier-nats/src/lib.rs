@@ -249,6 +249,14 @@ impl Broker for NatsBroker {
         since: Option<&StreamPosition>,
         limit: usize,
     ) -> Result<History, BrokerError> {
+        // A position read (a fresh subscribe's) of a channel this node follows: from the
+        // channel's sequencer, without JetStream.
+        if since.is_none()
+            && limit == 0
+            && let Some((epoch, offset)) = self.inner.live.position(channel)
+        {
+            return Ok(History { epoch: epoch.to_string(), offset, publications: Vec::new(), gap: false });
+        }
         let h = self.inner.history(channel, since, limit).await?;
         self.inner.live.wait_delivered(channel, &h.epoch, h.offset, self.inner.opts.command_timeout).await;
         Ok(h)

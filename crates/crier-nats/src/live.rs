@@ -423,7 +423,9 @@ impl Live {
         };
         chan.lock().feed = feed;
         // The baseline is read after the subscription exists: nothing falls between the two.
-        let base = match inner.last(channel).await {
+        // A channel without messages gets its epoch marker now (the read that follows a
+        // subscribe, the channel's position, is then answered from here: `Live::position`).
+        let base = match inner.last_or_marker(channel).await {
             Ok(b) => b,
             Err(e) => {
                 close(inner, chan.stop()).await;
@@ -444,21 +446,45 @@ impl Live {
         }
         let work = {
             let mut st = chan.lock();
-            st.epoch = base.as_ref().map(|b| b.epoch.clone());
-            st.last = base.map_or(0, |b| b.offset);
+            st.epoch = Some(base.epoch);
+            st.last = base.offset;
             st.resync |= pending;
-            if st.resync || st.pending.as_ref().is_some_and(|p| !p.is_empty()) {
-                true
-            } else {
-                st.busy = false;
-                false
+            // What arrived meanwhile (often just the channel's epoch marker, written by the
+            // baseline read) is sequenced here; a worker only for a hole or a re-read.
+            let mut work = st.resync;
+            if !work && let Some(handler) = inner.handler() {
+                while let Some(m) = st.pop_pending() {
+                    if let Step::Fill(_) = chan.apply(&mut st, handler, &m, true) {
+                        st.pending().push_front(m);
+                        work = true;
+                        break;
+                    }
+                }
             }
+            if !work {
+                st.pending = None;
+                st.busy = false;
+            }
+            work
         };
         self.delivered();
         if work {
             tokio::spawn(chan.work());
         }
         Ok(())
+    }
+
+    /// Where this node's delivery of `channel` stands, when it is subscribed and settled (no
+    /// worker filling or re-reading): a position every publication up to which went through
+    /// `on_publication` here, so it answers a position read as well as JetStream would (a
+    /// message stored meanwhile arrives live).
+    pub(crate) fn position(&self, channel: &str) -> Option<(Arc<str>, u64)> {
+        let chan = self.map().get(channel).cloned()?;
+        let st = chan.lock();
+        if st.busy || st.stopped {
+            return None;
+        }
+        Some((st.epoch.clone()?, st.last))
     }
 
     /// Waits (at most `within`) until this node delivered `channel` up to `epoch`/`offset`, when
