@@ -142,6 +142,7 @@ impl NatsBroker {
             policies,
             default_policy,
             tails: Mutex::new(HashMap::new()),
+            hooks: Default::default(),
             opts,
         });
         inner.up.store(inner.client.connection_state() == async_nats::connection::State::Connected, Ordering::SeqCst);

@@ -30,11 +30,14 @@
 //! - **Server-side control** (`user_op`, `disconnect_user`): a request on `<prefix>.op` that
 //!   every other node answers on an inbox, counted against the node registry.
 //!
-//! Webhooks are not built on NATS (the trait's default refuses them).
+//! - **Webhooks** (hooks.rs): channel occupancy in a key-value bucket changed by
+//!   compare-and-set, events queued in a work-queue stream (deduplicated by id), delivered by
+//!   the node holding a lease through one durable pull consumer.
 
 mod connect;
 mod control;
 mod history;
+mod hooks;
 mod live;
 mod publish;
 mod rawsub;
@@ -162,6 +165,8 @@ pub(crate) struct Inner {
     pub live: live::Live,
     /// The node's own subscriber connection (every live subscription).
     pub raw: Arc<rawsub::RawSub>,
+    /// Webhooks (hooks.rs).
+    hooks: hooks::Hooks,
 }
 
 /// The NATS broker (see the crate docs).
@@ -226,7 +231,10 @@ impl Broker for NatsBroker {
     }
 
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
-        self.inner.live.subscribe(&self.inner, channel).await
+        self.inner.live.subscribe(&self.inner, channel).await?;
+        // Webhooks: this instance now holds the channel (cluster-wide occupancy, hooks.rs).
+        self.inner.hook_channel(channel, true).await;
+        Ok(())
     }
 
     async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
@@ -234,6 +242,9 @@ impl Broker for NatsBroker {
             return Ok(());
         }
         self.inner.live.unsubscribe(&self.inner, channel).await;
+        if !self.inner.handler().is_some_and(|h| h.has_subscribers(channel)) {
+            self.inner.hook_channel(channel, false).await;
+        }
         Ok(())
     }
 
@@ -345,6 +356,34 @@ impl Broker for NatsBroker {
 
     fn shares_rate_limits(&self) -> bool {
         true
+    }
+
+    fn enable_hooks(&self, config: crier_core::HookConfig) -> Result<(), BrokerError> {
+        self.inner.enable_hooks(config)
+    }
+
+    async fn hook_read(&self, max: usize, wait: Duration) -> Result<Vec<crier_core::HookEvent>, BrokerError> {
+        self.inner.hook_read(max, wait).await
+    }
+
+    async fn hook_publish(&self, channel: &str, user: &str, client: &str, data: &str) -> Result<(), BrokerError> {
+        self.inner.hook_publish(channel, user, client, data).await
+    }
+
+    async fn hook_ack(&self, ids: &[String]) -> Result<(), BrokerError> {
+        self.inner.hook_ack(ids).await
+    }
+
+    async fn hook_hold(&self, ids: &[String]) -> Result<(), BrokerError> {
+        self.inner.hook_hold(ids).await
+    }
+
+    async fn hook_release(&self) -> Result<(), BrokerError> {
+        self.inner.hook_release().await
+    }
+
+    fn hook_stats(&self) -> crier_core::HookStats {
+        self.inner.hook_stats()
     }
 
     fn reconnects(&self) -> u64 {

@@ -35,7 +35,7 @@ pub(crate) struct Buckets {
     revs: kv::Store,
 }
 
-async fn bucket(
+pub(crate) async fn bucket(
     js: &jetstream::Context,
     o: &NatsOptions,
     name: &str,
@@ -268,6 +268,7 @@ impl Inner {
         self.own().add_presence(channel, entry);
         if joined {
             self.announce_all(channel, Some((entry.client.as_str(), &member)), &[]).await;
+            self.hook_member(crier_core::broker::hooks::MEMBER_ADDED, channel, &entry.user, &entry.client).await;
         }
         if counted && max == 0 {
             let now = now_ms();
@@ -286,6 +287,7 @@ impl Inner {
         let Ok(member) = serde_json::from_slice::<Member>(&e.value) else { return Ok(()) };
         // Deleted at the revision read: of two removes (or a remove and a sweep) one wins, once.
         if self.kv()?.presence.delete_expect_revision(&key, Some(e.revision)).await.is_ok() {
+            self.hook_member(crier_core::broker::hooks::MEMBER_REMOVED, channel, &member.u, client).await;
             self.announce_all(channel, None, &[(client.to_owned(), member)]).await;
         }
         Ok(())
@@ -361,9 +363,10 @@ impl Inner {
             }
         }
         // The sweep: expired entries (a dead node's) of the join_leave channels this node is
-        // subscribed to leave, announced once (deleted at the revision read).
+        // subscribed to (all of them with member webhooks) leave, announced once (deleted at
+        // the revision read).
         for channel in self.live.channels() {
-            if !self.opts.namespaces.policy(&channel).join_leave {
+            if !self.opts.namespaces.policy(&channel).join_leave && !self.hooks.members_enabled() {
                 continue;
             }
             let now = now_ms();
@@ -376,6 +379,7 @@ impl Inner {
                         .await
                         .is_ok()
                 {
+                    self.hook_member(crier_core::broker::hooks::MEMBER_REMOVED, &channel, &m.u, &client).await;
                     self.announce_all(&channel, None, &[(client, m)]).await;
                 }
             }
@@ -553,6 +557,9 @@ pub(crate) async fn start_ops(inner: &Arc<Inner>) -> Result<(), BrokerError> {
             let Some(inner) = weak.upgrade() else { break };
             if let Err(e) = inner.refresh().await {
                 tracing::debug!(error = %e, "nats: presence refresh failed; retried next period");
+            }
+            if let Err(e) = crate::hooks::refresh(&inner).await {
+                tracing::debug!(error = %e, "nats: webhook occupancy refresh failed; retried next period");
             }
         }
     });

@@ -331,7 +331,7 @@ async fn a_nats_cluster_server_killed_under_publish_load_loses_nothing_silently(
 }
 
 #[tokio::test]
-async fn nats_url_with_a_redis_broker_or_webhooks_is_refused_with_exit_64() {
+async fn nats_url_with_a_redis_broker_is_refused_with_exit_64() {
     let both = Server::start_raw(
         &["--listen", "127.0.0.1:0", "--nats-url", "nats://127.0.0.1:1", "--redis-url", "redis://127.0.0.1:1/"],
         &[],

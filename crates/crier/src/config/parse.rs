@@ -246,9 +246,6 @@ pub(super) fn build(
                 redis.join(", ")
             ));
         }
-        if raw_webhooks.is_some() {
-            p.problems.push("webhooks: not supported with nats_url yet (use Redis for webhooks)".to_owned());
-        }
         let auth = [
             nats_credentials_file.as_ref().is_some_and(Option::is_some),
             nats_token_file.as_ref().is_some_and(Option::is_some),
