@@ -449,12 +449,14 @@ async fn start_nats(binary: &str) -> anyhow::Result<Redis> {
     } else {
         binary
     };
+    // Its log next to its store (what to read when a run goes wrong).
+    let log = std::fs::File::create(dir.join("nats-server.log"))?;
     let mut child = Command::new(bin)
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
         .arg(&dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {bin} (install nats-server, or pass --nats-server PATH)"))?;
