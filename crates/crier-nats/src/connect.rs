@@ -65,6 +65,8 @@ impl NatsBroker {
                                 // and every channel re-reads its position (a lost channel's new
                                 // epoch is announced as a gap).
                                 inner.reconnects.fetch_add(1, Ordering::Relaxed);
+                                // Cached tails may name sequences of a store that is gone.
+                                inner.forget_tails();
                                 tokio::spawn(async move {
                                     inner.relayout().await;
                                     inner.up.store(up.load(Ordering::SeqCst), Ordering::SeqCst);
@@ -266,6 +268,8 @@ async fn create_stream(
         storage: stream::StorageType::File,
         num_replicas: opts.replicas.max(1),
         discard: stream::DiscardPolicy::Old,
+        // Direct gets: a publisher re-reads a channel's last message without the JetStream API.
+        allow_direct: true,
         republish: Some(stream::Republish {
             source: format!("{}.h.{id}.*", opts.prefix),
             destination: format!("{}.l.{id}.{{{{wildcard(1)}}}}", opts.prefix),

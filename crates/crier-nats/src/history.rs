@@ -94,9 +94,16 @@ pub(crate) struct Fields<'a> {
     prev: Option<&'a str>,
     ts: Option<&'a str>,
     lens: Option<&'a str>,
+    /// `Nats-Sequence`: the stream sequence, on a republished message.
+    nats_seq: Option<&'a str>,
 }
 
 impl<'a> Fields<'a> {
+    /// The stream sequence of a republished message (0: not one).
+    pub(crate) fn stream_seq(&self) -> u64 {
+        parse_u64(self.nats_seq)
+    }
+
     pub(crate) fn of<H: Headers>(h: Option<&'a H>) -> Fields<'a> {
         let mut f = Fields::default();
         if let Some(h) = h {
@@ -109,6 +116,7 @@ impl<'a> Fields<'a> {
                     H_LENS => &mut f.lens,
                     H_KIND => &mut f.kind,
                     H_CLIENT => &mut f.client,
+                    "Nats-Sequence" => &mut f.nats_seq,
                     _ => return,
                 };
                 slot.get_or_insert(v);
@@ -225,6 +233,19 @@ impl Inner {
         match s.get_last_raw_message_by_subject(&self.hist_subject(channel)).await {
             Ok(m) => Ok(Stored::from_headers(m.sequence, Some(&m.headers), m.payload, None)),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// [`Inner::last`] through a direct get (no JetStream API request: cheaper for the server;
+    /// on a replicated stream possibly answered by a replica a little behind — for a
+    /// publisher, whose expected-sequence check catches that, not for history reads).
+    pub(crate) async fn last_direct(&self, channel: &str) -> Result<Option<Stored>, BrokerError> {
+        use async_nats::jetstream::stream::DirectGetErrorKind;
+        let s = self.stream(channel)?;
+        match s.direct_get_last_for_subject(self.hist_subject(channel)).await {
+            Ok(m) => Ok(Stored::from_headers(m.sequence, Some(&m.headers), m.payload, None)),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(unavailable(e)),
         }
     }

@@ -20,15 +20,6 @@ use crate::history::Fields;
 use crate::rawsub::{Live as Msg, Sink};
 use crate::{Inner, Stored};
 
-/// How a channel's subscription is closed.
-#[derive(Default)]
-enum Feed {
-    #[default]
-    None,
-    /// The subscription id on the subscriber connection.
-    Raw(u64),
-}
-
 /// A subscribed channel: small (one per subscribed channel), so what every channel needs only
 /// now and then is elsewhere — the wake-up of history reads waiting for a delivery is one for
 /// the node ([`Live::delivered`]), the queue of waiting messages exists only while one waits.
@@ -44,12 +35,16 @@ pub(crate) struct Chan {
 struct St {
     epoch: Option<Arc<str>>,
     last: u64,
+    /// The stream sequence of the stored message holding `last` (0: not known, after a fill
+    /// or re-read): with `epoch` and `last`, the channel's tail for a publisher on this node.
+    seq: u64,
     /// A worker task runs (or the subscription is being set up): messages wait in `pending`.
     busy: bool,
     /// Re-read the channel from JetStream (after a reconnect, or a message late).
     resync: bool,
     stopped: bool,
-    feed: Feed,
+    /// The subscription id on the subscriber connection (0: none).
+    sid: u64,
     /// Boxed: 8 bytes in every channel instead of 32, for a queue that exists only while a
     /// worker runs.
     #[allow(clippy::box_collection)]
@@ -129,11 +124,11 @@ impl Chan {
         }
     }
 
-    fn stop(&self) -> Feed {
+    fn stop(&self) -> u64 {
         let mut st = self.lock();
         st.stopped = true;
         st.pending = None;
-        std::mem::take(&mut st.feed)
+        std::mem::take(&mut st.sid)
     }
 
     /// Sequences one live message (under the state lock, so deliveries keep their order). With
@@ -151,7 +146,9 @@ impl Chan {
             Some(_) => return Step::Done,
             None => {}
         }
-        let Some(s) = Stored::from_fields(0, &f, payload.clone(), st.epoch.as_ref()) else { return Step::Done };
+        let Some(s) = Stored::from_fields(f.stream_seq(), &f, payload.clone(), st.epoch.as_ref()) else {
+            return Step::Done;
+        };
         if st.epoch.as_deref() != Some(&*s.epoch) {
             if !may_fill {
                 return Step::Done;
@@ -161,8 +158,13 @@ impl Chan {
             }
             st.epoch = Some(s.epoch.clone());
             st.last = 0;
+            st.seq = 0;
         }
         if s.offset <= st.last {
+            if s.offset == st.last && s.seq > 0 {
+                // The message holding the last offset (the epoch marker, a repeat): its sequence.
+                st.seq = s.seq;
+            }
             return Step::Done;
         }
         if may_fill && s.first > st.last + 1 {
@@ -174,6 +176,7 @@ impl Chan {
                 handler.on_publication(&self.name, p);
             }
         }
+        st.seq = if st.last == s.offset { s.seq } else { 0 };
         Step::Done
     }
 
@@ -252,6 +255,7 @@ impl Chan {
                 for p in h.publications {
                     if p.offset == st.last + 1 {
                         st.last = p.offset;
+                        st.seq = 0;
                         handler.on_publication(&self.name, p);
                     }
                 }
@@ -261,10 +265,12 @@ impl Chan {
                 handler.on_gap(&self.name, &h.epoch, 0);
                 st.epoch = Some(h.epoch.as_str().into());
                 st.last = 0;
+                st.seq = 0;
             }
             _ => {
                 handler.on_gap(&self.name, &epoch, upto - 1);
                 st.last = upto - 1;
+                st.seq = 0;
             }
         }
         drop(st);
@@ -282,6 +288,7 @@ impl Chan {
                 let mut st = self.lock();
                 st.epoch = Some(b.epoch.clone());
                 st.last = b.offset;
+                st.seq = b.seq;
                 drop(st);
                 inner.live.delivered();
             }
@@ -295,6 +302,7 @@ impl Chan {
                 for p in h.publications {
                     if p.offset == st.last + 1 {
                         st.last = p.offset;
+                        st.seq = 0;
                         handler.on_publication(&self.name, p);
                     }
                 }
@@ -303,6 +311,7 @@ impl Chan {
                 handler.on_gap(&self.name, &h.epoch, h.offset);
                 st.epoch = Some(h.epoch.as_str().into());
                 st.last = h.offset;
+                st.seq = 0;
             }
             Err(e) => {
                 tracing::warn!(channel = %self.name, error = %e, "nats: resync failed; the next message fills")
@@ -375,7 +384,7 @@ impl Live {
         // Not connected now: the subscription takes effect later, so the channel re-reads
         // JetStream once it is set up (what was published meanwhile).
         let pending = !inner.raw.connected().await;
-        chan.lock().feed = Feed::Raw(sid);
+        chan.lock().sid = sid;
         // The baseline is read after the subscription exists: nothing falls between the two.
         // A channel without messages gets its epoch marker now (the read that follows a
         // subscribe, the channel's position, is then answered from here: `Live::position`).
@@ -400,8 +409,9 @@ impl Live {
         }
         let work = {
             let mut st = chan.lock();
-            st.epoch = Some(base.epoch);
             st.last = base.offset;
+            st.seq = base.seq;
+            st.epoch = Some(base.epoch);
             st.resync |= pending;
             // What arrived meanwhile (often just the channel's epoch marker, written by the
             // baseline read) is sequenced here; a worker only for a hole or a re-read.
@@ -439,6 +449,18 @@ impl Live {
             return None;
         }
         Some((st.epoch.clone()?, st.last))
+    }
+
+    /// The channel's tail as this node last delivered it — (epoch, offset, stream sequence) —
+    /// when it is subscribed, settled and knows the sequence: what a publisher on this node
+    /// tries first after another node published to the channel.
+    pub(crate) fn tail(&self, channel: &str) -> Option<(Arc<str>, u64, u64)> {
+        let chan = self.map().get(channel).cloned()?;
+        let st = chan.lock();
+        if st.busy || st.stopped || st.seq == 0 {
+            return None;
+        }
+        Some((st.epoch.clone()?, st.last, st.seq))
     }
 
     /// Waits (at most `within`) until this node delivered `channel` up to `epoch`/`offset`, when
@@ -482,10 +504,9 @@ impl Drop for Waiting<'_> {
 }
 
 /// Closes a channel's subscription.
-async fn close(inner: &Arc<Inner>, feed: Feed) {
-    match feed {
-        Feed::None => {}
-        Feed::Raw(sid) => inner.raw.unsubscribe(sid).await,
+async fn close(inner: &Arc<Inner>, sid: u64) {
+    if sid != 0 {
+        inner.raw.unsubscribe(sid).await;
     }
 }
 

@@ -113,6 +113,14 @@ impl Inner {
         rx.await.unwrap_or_else(|_| Err(BrokerError::OutcomeUnknown("the publisher stopped".into())))
     }
 
+    /// Drops every cached tail (after a reconnect: the server may have lost its store, and a
+    /// sequence of the old one could match one of the new).
+    pub(crate) fn forget_tails(&self) {
+        for c in self.tails.lock().unwrap_or_else(|e| e.into_inner()).values_mut() {
+            c.tail = None;
+        }
+    }
+
     /// After an inline store: a task leads what queued meanwhile, or the channel is idle.
     fn hand_over(self: &Arc<Self>, channel: &str) {
         let rest = {
@@ -196,6 +204,9 @@ impl Inner {
         let lens =
             (batch.len() > 1).then(|| batch.iter().map(|p| p.data.len().to_string()).collect::<Vec<_>>().join(","));
         let key = batch.first().and_then(|p| p.key.clone());
+        // After a lost race: the sequence this node expected, and the channel's last sequence
+        // as the server reported it.
+        let (mut tried, mut reported): (Option<u64>, Option<u64>) = (None, None);
         for attempt in 0..16u64 {
             if attempt >= 2 {
                 // Lost the race twice: other nodes publish to this channel now. A short random
@@ -203,9 +214,14 @@ impl Inner {
                 let pause = rand::random_range(0..=attempt * 500);
                 tokio::time::sleep(std::time::Duration::from_micros(pause)).await;
             }
-            let t = match tail.take() {
-                Some(t) => t,
-                None => match self.last(channel).await? {
+            // When this node follows the channel, its sequencer knows the tail as last
+            // delivered: fresher than the cached one after another node published, and no read.
+            let live = self.live.tail(channel).map(|(epoch, offset, seq)| Tail { seq, epoch, offset });
+            let t = match (tail.take(), live) {
+                (Some(c), Some(l)) if l.seq > c.seq => l,
+                (Some(c), _) => c,
+                (None, Some(l)) if reported.map_or_else(|| tried.is_none_or(|t| l.seq > t), |r| l.seq == r) => l,
+                (None, _) => match self.last_direct(channel).await? {
                     Some(s) => Tail { seq: s.seq, epoch: s.epoch, offset: s.offset },
                     None => Tail { seq: 0, epoch: new_epoch().into(), offset: 0 },
                 },
@@ -238,7 +254,10 @@ impl Inner {
                     *tail = Some(Tail { seq: ack.sequence, epoch: t.epoch, offset: first + batch.len() as u64 - 1 });
                     return Ok((epoch, first));
                 }
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {}
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    tried = Some(t.seq);
+                    reported = reported_last(&e);
+                }
                 Err(e) if e.kind() == PublishErrorKind::TimedOut || e.kind() == PublishErrorKind::BrokenPipe => {
                     return Err(BrokerError::OutcomeUnknown(e.to_string()));
                 }
@@ -246,5 +265,54 @@ impl Inner {
             }
         }
         Err(BrokerError::Unavailable("too much contention on the channel".into()))
+    }
+}
+
+/// The channel's last sequence as a refused publish reports it ("wrong last sequence: N").
+fn reported_last(e: &(dyn std::error::Error + 'static)) -> Option<u64> {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push(' ');
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    let at = text.rfind("sequence: ")? + "sequence: ".len();
+    let digits: String = text[at..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_reported_last_sequence_is_read_from_the_error() {
+        let e = std::io::Error::other("wrong last sequence: 4217");
+        assert_eq!(super::reported_last(&e), Some(4217));
+        assert_eq!(super::reported_last(&std::io::Error::other("wrong last sequence")), None);
+    }
+
+    /// The same, from a refusal of a real nats-server (the text is the server's).
+    #[tokio::test]
+    async fn a_real_refusal_reports_the_last_sequence() {
+        use async_nats::jetstream::{self, message::PublishMessage, stream};
+        if !crier_testkit::nats::nats_available("a_real_refusal_reports_the_last_sequence") {
+            return;
+        }
+        let server = crier_testkit::nats::NatsServer::start();
+        let client = async_nats::connect(server.url()).await.expect("connected");
+        let js = jetstream::new(client);
+        js.create_stream(stream::Config { name: "t".into(), subjects: vec!["t.*".into()], ..Default::default() })
+            .await
+            .expect("a stream");
+        for _ in 0..3 {
+            js.publish("t.a", "x".into()).await.expect("sent").await.expect("stored");
+        }
+        let refused = js
+            .send_publish("t.a", PublishMessage::build().payload("y".into()).expected_last_subject_sequence(1))
+            .await
+            .expect("sent")
+            .await
+            .expect_err("refused");
+        assert_eq!(super::reported_last(&refused), Some(3));
     }
 }
