@@ -173,7 +173,7 @@ impl NatsBroker {
             tokio::spawn(lay_out_later(Arc::downgrade(&inner)));
         }
         inner.raw.wait_connected(inner.opts.connect_wait).await;
-        state::start_ops(&inner).await?;
+        start_ops(&inner).await?;
         Ok(Arc::new(NatsBroker { inner }))
     }
 }
@@ -281,4 +281,27 @@ async fn create_stream(
         .await
         .map_err(|e| unavailable(format!("stream {}: {e}", config.name)))?;
     js.get_stream(&config.name).await.map_err(unavailable)
+}
+
+/// Starts this node's answerer of control operations and the refresher of its entries.
+async fn start_ops(inner: &Arc<Inner>) -> Result<(), BrokerError> {
+    crate::control::start(inner).await?;
+    let weak = Arc::downgrade(inner);
+    let period = inner.opts.presence_ttl / 3;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(inner) = weak.upgrade() else { break };
+            if let Err(e) = inner.refresh().await {
+                tracing::debug!(error = %e, "nats: presence refresh failed; retried next period");
+            }
+            if let Err(e) = crate::hooks::refresh(&inner).await {
+                tracing::debug!(error = %e, "nats: webhook occupancy refresh failed; retried next period");
+            }
+        }
+    });
+    Ok(())
 }

@@ -9,7 +9,6 @@
 //! entries vanish within the TTL, and they come back after NATS lost its data).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -329,7 +328,7 @@ impl Inner {
     }
 
     /// Rewrites this node's presence and connection entries with a fresh expiry.
-    async fn refresh(&self) -> Result<(), BrokerError> {
+    pub(crate) async fn refresh(&self) -> Result<(), BrokerError> {
         let ttl = self.ttl_ms();
         // In batches (the entries of a batch copied out of the lock, then written a few at a
         // time): the node's entries may be many, and the refresh must not hold a copy of all.
@@ -541,27 +540,4 @@ impl Inner {
         }
         Ok(out)
     }
-}
-
-/// Starts this node's answerer of control operations and the refresher of its entries.
-pub(crate) async fn start_ops(inner: &Arc<Inner>) -> Result<(), BrokerError> {
-    crate::control::start(inner).await?;
-    let weak = Arc::downgrade(inner);
-    let period = inner.opts.presence_ttl / 3;
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            let Some(inner) = weak.upgrade() else { break };
-            if let Err(e) = inner.refresh().await {
-                tracing::debug!(error = %e, "nats: presence refresh failed; retried next period");
-            }
-            if let Err(e) = crate::hooks::refresh(&inner).await {
-                tracing::debug!(error = %e, "nats: webhook occupancy refresh failed; retried next period");
-            }
-        }
-    });
-    Ok(())
 }
