@@ -26,7 +26,7 @@
 //!   join, a delete at the revision read a leave, once), **client_publish** from
 //!   [`Inner::hook_publish`].
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -34,11 +34,12 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, AckKind, kv, stream};
-use crier_core::broker::hooks::{CHANNEL_OCCUPIED, CHANNEL_VACATED, CLIENT_PUBLISH, MEMBER_ADDED, MEMBER_REMOVED};
+use crier_core::broker::hooks::{
+    CHANNEL_OCCUPIED, CHANNEL_VACATED, CLIENT_PUBLISH, MEMBER_ADDED, MEMBER_REMOVED, OccupancyQueue, by_channel,
+};
 use crier_core::{BrokerError, HookConfig, HookEvent, HookStats};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
 
 use crate::{Inner, now_ms, token, unavailable};
 
@@ -95,14 +96,6 @@ enum Op {
     Sweep,
 }
 
-type Change = (String, Op, oneshot::Sender<Result<(), BrokerError>>);
-
-#[derive(Default)]
-struct Occupancy {
-    queue: VecDeque<Change>,
-    running: bool,
-}
-
 /// A channel's occupancy key.
 #[derive(Default, Serialize, Deserialize)]
 struct Occ {
@@ -127,7 +120,7 @@ pub(crate) struct Hooks {
     seq: AtomicU64,
     /// Channels this instance holds (broker-level subscriptions), rewritten by the refresh.
     channels: Mutex<HashSet<String>>,
-    occupancy: Mutex<Occupancy>,
+    occupancy: OccupancyQueue<Op>,
     /// The lease's revision while this node holds it.
     lead: Mutex<Option<u64>>,
     consumer: tokio::sync::Mutex<Option<PullConsumer>>,
@@ -301,14 +294,8 @@ impl Inner {
 
     /// Queues an occupancy change for the occupancy task (started if idle) and waits for it.
     async fn hook_nodes(self: &Arc<Self>, channel: &str, op: Op) -> Result<(), BrokerError> {
-        let (tx, rx) = oneshot::channel();
-        let start = {
-            let mut o = lock(&self.hooks.occupancy);
-            o.queue.push_back((channel.to_owned(), op, tx));
-            !std::mem::replace(&mut o.running, true)
-        };
+        let (start, rx) = self.hooks.occupancy.push(channel, op);
         if start {
-            // A task, not the caller: a caller that gives up must not strand the queue.
             let me = self.clone();
             tokio::spawn(async move { me.occupancy_task().await });
         }
@@ -317,24 +304,8 @@ impl Inner {
 
     /// Runs the queued changes: a channel's in order, several channels at once.
     async fn occupancy_task(&self) {
-        loop {
-            let batch: Vec<Change> = {
-                let mut o = lock(&self.hooks.occupancy);
-                if o.queue.is_empty() {
-                    o.running = false;
-                    return;
-                }
-                let n = o.queue.len().min(OCCUPANCY_BATCH);
-                o.queue.drain(..n).collect()
-            };
-            let mut groups: Vec<(String, Vec<(Op, oneshot::Sender<_>)>)> = Vec::new();
-            for (channel, op, reply) in batch {
-                match groups.iter_mut().find(|(c, _)| *c == channel) {
-                    Some((_, ops)) => ops.push((op, reply)),
-                    None => groups.push((channel, vec![(op, reply)])),
-                }
-            }
-            futures_util::stream::iter(groups)
+        while let Some(batch) = self.hooks.occupancy.next_batch(OCCUPANCY_BATCH) {
+            futures_util::stream::iter(by_channel(batch))
                 .for_each_concurrent(OCCUPANCY_CONCURRENCY, |(channel, ops)| async move {
                     for (op, reply) in ops {
                         let _ = reply.send(self.occupancy_change(&channel, op).await);

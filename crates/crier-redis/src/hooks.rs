@@ -28,15 +28,15 @@
 //! dying between the two leaves the channel for the sweep, which moves the outbox. Member events
 //! are not supported there yet (refused at start); see docs/hooks.md.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crier_core::broker::hooks::{OccupancyQueue, by_channel};
 use crier_core::{BrokerError, HookConfig, HookEvent, HookStats};
 use futures_util::StreamExt;
 use redis::Value;
-use tokio::sync::oneshot;
 
 use crate::context::Context;
 use crate::error::Fault;
@@ -66,18 +66,6 @@ struct Args {
     lease: Duration,
 }
 
-/// One queued occupancy change: the channel, `add`/`rem`/`sweep`, who waits for its call.
-type Change = (String, &'static str, oneshot::Sender<Result<(), BrokerError>>);
-
-/// Occupancy changes (`add`, `rem`, `sweep` of a channel) waiting for the script call in
-/// flight: one task runs them in order, up to [`OCCUPANCY_BATCH`] per call, so per channel
-/// they reach Redis in the order asked, and a node's channel churn costs one call per batch.
-#[derive(Default)]
-struct Occupancy {
-    queue: VecDeque<Change>,
-    running: bool,
-}
-
 /// The webhook side of the broker: the hook arguments the presence scripts take (set once
 /// webhooks are enabled), the occupancy queue and the stream's consumer. Presence holds one and
 /// passes [`Hooks::hook_args`] to its scripts; this module knows nothing of presence.
@@ -89,7 +77,9 @@ pub(crate) struct Hooks {
     group_ready: AtomicBool,
     last_claim: Mutex<Option<Instant>>,
     last_reap: Mutex<Option<Instant>>,
-    occupancy: Mutex<Occupancy>,
+    /// Occupancy changes for the script calls: per channel in the order asked, up to
+    /// [`OCCUPANCY_BATCH`] per call (a node's channel churn costs one call per batch).
+    occupancy: OccupancyQueue<&'static str>,
     queued: AtomicU64,
     dropped: AtomicU64,
     /// Redis Cluster: the calls of `HOOK_NODES_REDIS_CLUSTER` (the events' id prefix), and the stream
@@ -107,7 +97,7 @@ impl Hooks {
             group_ready: AtomicBool::new(false),
             last_claim: Mutex::new(None),
             last_reap: Mutex::new(None),
-            occupancy: Mutex::default(),
+            occupancy: OccupancyQueue::default(),
             queued: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             calls: AtomicU64::new(0),
@@ -175,14 +165,8 @@ impl Hooks {
     /// Queues an occupancy change of `channel` for the occupancy task (started if idle) and
     /// waits for the call that carries it.
     async fn hook_nodes(self: &Arc<Self>, channel: &str, op: &'static str) -> Result<(), BrokerError> {
-        let (tx, rx) = oneshot::channel();
-        let start = {
-            let mut o = self.occupancy.lock().unwrap_or_else(|e| e.into_inner());
-            o.queue.push_back((channel.to_owned(), op, tx));
-            !std::mem::replace(&mut o.running, true)
-        };
+        let (start, rx) = self.occupancy.push(channel, op);
         if start {
-            // A task, not the caller: a caller that gives up must not strand the queue.
             let me = self.clone();
             tokio::spawn(async move { me.occupancy_calls().await });
         }
@@ -191,27 +175,11 @@ impl Hooks {
 
     /// The occupancy task: runs the queued changes, a batch per script call, until none waits.
     async fn occupancy_calls(&self) {
-        loop {
-            let batch: Vec<_> = {
-                let mut o = self.occupancy.lock().unwrap_or_else(|e| e.into_inner());
-                if o.queue.is_empty() {
-                    o.running = false;
-                    return;
-                }
-                let n = o.queue.len().min(OCCUPANCY_BATCH);
-                o.queue.drain(..n).collect()
-            };
+        while let Some(batch) = self.occupancy.next_batch(OCCUPANCY_BATCH) {
             if self.ctx.keys.is_redis_cluster() {
                 // One slot per script: one call per change, a channel's changes in order, up to
                 // CLUSTER_CONCURRENCY channels at once.
-                let mut groups: Vec<(String, Vec<(&'static str, oneshot::Sender<_>)>)> = Vec::new();
-                for (channel, op, reply) in batch {
-                    match groups.iter_mut().find(|(c, _)| *c == channel) {
-                        Some((_, ops)) => ops.push((op, reply)),
-                        None => groups.push((channel, vec![(op, reply)])),
-                    }
-                }
-                futures_util::stream::iter(groups)
+                futures_util::stream::iter(by_channel(batch))
                     .for_each_concurrent(CLUSTER_CONCURRENCY, |(channel, ops)| async move {
                         for (op, reply) in ops {
                             let _ = reply.send(self.hook_nodes_redis_cluster(&channel, op).await);

@@ -489,17 +489,29 @@ async fn hundred_channels_once_per_cluster(
     (unique, clients)
 }
 
-#[tokio::test]
-async fn three_nodes_on_redis_give_one_event_per_cluster_transition() {
-    three_nodes_give_one_event_per_cluster_transition(Shared::redis()).await;
+/// A scenario (an `async fn(Shared)`) run on Redis and on NATS as two named tests; the NATS one
+/// is skipped, saying so, where `nats-server` is not installed.
+macro_rules! on_redis_and_nats {
+    ($body:ident: $redis:ident, $nats:ident) => {
+        #[tokio::test]
+        async fn $redis() {
+            $body(Shared::redis()).await;
+        }
+
+        #[tokio::test]
+        async fn $nats() {
+            if let Some(nats) = Shared::nats(stringify!($nats)) {
+                $body(nats).await;
+            }
+        }
+    };
 }
 
-#[tokio::test]
-async fn three_nodes_on_nats_give_one_event_per_cluster_transition() {
-    if let Some(nats) = Shared::nats("three_nodes_on_nats_give_one_event_per_cluster_transition") {
-        three_nodes_give_one_event_per_cluster_transition(nats).await;
-    }
-}
+on_redis_and_nats!(
+    three_nodes_give_one_event_per_cluster_transition:
+    three_nodes_on_redis_give_one_event_per_cluster_transition,
+    three_nodes_on_nats_give_one_event_per_cluster_transition
+);
 
 async fn three_nodes_give_one_event_per_cluster_transition(shared: Shared) {
     let backend = Backend::start().await;
@@ -516,21 +528,15 @@ async fn three_nodes_give_one_event_per_cluster_transition(shared: Shared) {
     assert_eq!(total, 201.0);
 }
 
+on_redis_and_nats!(
+    a_backend_down_for_ten_seconds_gets_every_event_after:
+    a_backend_down_for_ten_seconds_gets_every_event_after_on_redis,
+    a_backend_down_for_ten_seconds_gets_every_event_after_on_nats
+);
+
 /// The outage: the backend answers 500 to everything for 10 s while two nodes on Redis
 /// produce events; every event is retried (same id) and delivered once the backend is back,
 /// none lost, none delivered twice, the queue drained.
-#[tokio::test]
-async fn a_backend_down_for_ten_seconds_gets_every_event_after_on_redis() {
-    a_backend_down_for_ten_seconds_gets_every_event_after(Shared::redis()).await;
-}
-
-#[tokio::test]
-async fn a_backend_down_for_ten_seconds_gets_every_event_after_on_nats() {
-    if let Some(nats) = Shared::nats("a_backend_down_for_ten_seconds_gets_every_event_after_on_nats") {
-        a_backend_down_for_ten_seconds_gets_every_event_after(nats).await;
-    }
-}
-
 async fn a_backend_down_for_ten_seconds_gets_every_event_after(shared: Shared) {
     let backend = Backend::start().await;
     *backend.seen.fail_until.lock().unwrap() = Some(std::time::Instant::now() + std::time::Duration::from_secs(10));
@@ -642,17 +648,11 @@ async fn churn(server: &Server, backend: &Backend) {
     assert_eq!((events.len(), unique.len()), (180, 180), "no event twice");
 }
 
-#[tokio::test]
-async fn a_node_killed_mid_way_loses_no_event() {
-    a_node_killed_mid_way_loses_none(Shared::redis()).await;
-}
-
-#[tokio::test]
-async fn a_node_killed_mid_way_on_nats_loses_no_event() {
-    if let Some(nats) = Shared::nats("a_node_killed_mid_way_on_nats_loses_no_event") {
-        a_node_killed_mid_way_loses_none(nats).await;
-    }
-}
+on_redis_and_nats!(
+    a_node_killed_mid_way_loses_none:
+    a_node_killed_mid_way_loses_no_event,
+    a_node_killed_mid_way_on_nats_loses_no_event
+);
 
 async fn a_node_killed_mid_way_loses_none(shared: Shared) {
     let backend = Backend::start().await;
@@ -709,17 +709,11 @@ async fn a_node_killed_mid_way_loses_none(shared: Shared) {
     drop(b);
 }
 
-#[tokio::test]
-async fn member_events_on_redis_include_a_dead_nodes_members() {
-    member_events_include_a_dead_nodes_members(Shared::redis()).await;
-}
-
-#[tokio::test]
-async fn member_events_on_nats_include_a_dead_nodes_members() {
-    if let Some(nats) = Shared::nats("member_events_on_nats_include_a_dead_nodes_members") {
-        member_events_include_a_dead_nodes_members(nats).await;
-    }
-}
+on_redis_and_nats!(
+    member_events_include_a_dead_nodes_members:
+    member_events_on_redis_include_a_dead_nodes_members,
+    member_events_on_nats_include_a_dead_nodes_members
+);
 
 async fn member_events_include_a_dead_nodes_members(shared: Shared) {
     let backend = Backend::start().await;

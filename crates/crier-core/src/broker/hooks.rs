@@ -150,10 +150,84 @@ impl MemoryHookQueue {
     }
 }
 
+/// Who waits for an occupancy change's result.
+pub type OccupancyReply = tokio::sync::oneshot::Sender<Result<(), crate::BrokerError>>;
+
+/// One queued occupancy change: the channel, the broker's operation, who waits for its result.
+pub type OccupancyChange<T> = (String, T, OccupancyReply);
+
+/// The occupancy changes (a channel got its first subscriber on this node, lost its last, a
+/// sweep) a distributed broker runs for webhooks: queued by whoever makes them, run by one task
+/// of the broker's, started by the change that finds none running, a batch at a time (a
+/// channel's changes in the order they came).
+pub struct OccupancyQueue<T> {
+    /// The changes waiting, and whether a task runs.
+    inner: Mutex<(VecDeque<OccupancyChange<T>>, bool)>,
+}
+
+impl<T> Default for OccupancyQueue<T> {
+    fn default() -> Self {
+        OccupancyQueue { inner: Mutex::new((VecDeque::new(), false)) }
+    }
+}
+
+impl<T> OccupancyQueue<T> {
+    /// Queues a change; the receiver answers its result. `true`: no task runs, the caller
+    /// starts one (a task, not the caller itself: a caller that gives up must not strand the
+    /// queue).
+    pub fn push(&self, channel: &str, op: T) -> (bool, tokio::sync::oneshot::Receiver<Result<(), crate::BrokerError>>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut q = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        q.0.push_back((channel.to_owned(), op, tx));
+        (!std::mem::replace(&mut q.1, true), rx)
+    }
+
+    /// The task's next batch (at most `max` changes); `None` when none waits — the task ends
+    /// then, and the next change starts another.
+    pub fn next_batch(&self, max: usize) -> Option<Vec<OccupancyChange<T>>> {
+        let mut q = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if q.0.is_empty() {
+            q.1 = false;
+            return None;
+        }
+        let n = q.0.len().min(max);
+        Some(q.0.drain(..n).collect())
+    }
+}
+
+/// A batch's changes by channel (first appearance order), each channel's in the order queued:
+/// what runs one channel at a time while several channels run at once.
+pub fn by_channel<T>(batch: Vec<OccupancyChange<T>>) -> Vec<(String, Vec<(T, OccupancyReply)>)> {
+    let mut groups: Vec<(String, Vec<_>)> = Vec::new();
+    for (channel, op, reply) in batch {
+        match groups.iter_mut().find(|(c, _)| *c == channel) {
+            Some((_, ops)) => ops.push((op, reply)),
+            None => groups.push((channel, vec![(op, reply)])),
+        }
+    }
+    groups
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn occupancy_changes_start_one_task_and_keep_each_channels_order() {
+        let q: OccupancyQueue<&str> = OccupancyQueue::default();
+        let (start, _a) = q.push("a", "add");
+        assert!(start, "the first change starts the task");
+        let (start, _b) = q.push("b", "add");
+        let (again, _c) = q.push("a", "rem");
+        assert!(!start && !again, "one task at a time");
+        let batch = q.next_batch(10).unwrap();
+        let groups: Vec<(String, Vec<&str>)> =
+            by_channel(batch).into_iter().map(|(c, ops)| (c, ops.into_iter().map(|(op, _)| op).collect())).collect();
+        assert_eq!(groups, [("a".to_owned(), vec!["add", "rem"]), ("b".to_owned(), vec!["add"])]);
+        assert!(q.next_batch(10).is_none(), "empty: the task ends");
+        assert!(q.push("c", "add").0, "the next change starts another");
+    }
 
     #[tokio::test]
     async fn bounded_oldest_dropped_only_enabled_events() {
