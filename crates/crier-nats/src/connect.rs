@@ -153,21 +153,10 @@ impl NatsBroker {
         // JetStream may still be electing its leaders (a cluster starting): the layout is
         // retried for up to `layout_wait`; past it the node starts unready and a task lays the
         // streams and buckets out as soon as JetStream answers.
-        if inner.up.load(Ordering::SeqCst) {
-            let deadline = tokio::time::Instant::now() + inner.opts.layout_wait;
-            loop {
-                match inner.lay_out().await {
-                    Ok(()) => break,
-                    Err(e) if tokio::time::Instant::now() < deadline => {
-                        tracing::warn!(error = %e, "nats: JetStream not ready yet; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "nats: JetStream not ready; starting unready, retrying in the background");
-                        break;
-                    }
-                }
-            }
+        if inner.up.load(Ordering::SeqCst)
+            && let Err(e) = inner.lay_out_within(inner.opts.layout_wait, Duration::from_millis(500)).await
+        {
+            tracing::warn!(error = %e, "nats: JetStream not ready; starting unready, retrying in the background");
         }
         if inner.laid.get().is_none() {
             tokio::spawn(lay_out_later(Arc::downgrade(&inner)));
@@ -217,18 +206,24 @@ impl Inner {
     /// retried for a few seconds: after it the node serves even if it failed (a cluster that
     /// cannot update a stream now still serves the existing one).
     async fn relayout(&self) {
-        let deadline = tokio::time::Instant::now() + self.opts.layout_wait.min(Duration::from_secs(5));
+        let within = self.opts.layout_wait.min(Duration::from_secs(5));
+        if let Err(e) = self.lay_out_within(within, Duration::from_millis(200)).await {
+            tracing::warn!(error = %e, "nats: streams and buckets not laid out again after a reconnect");
+        }
+    }
+
+    /// [`Inner::lay_out`], retried every `pause` for up to `within` (JetStream electing its
+    /// leaders answers errors meanwhile); the last error when it never succeeded.
+    async fn lay_out_within(&self, within: Duration, pause: Duration) -> Result<(), BrokerError> {
+        let deadline = tokio::time::Instant::now() + within;
         loop {
             match self.lay_out().await {
-                Ok(()) => return,
+                Ok(()) => return Ok(()),
                 Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::debug!(error = %e, "nats: laying out again after a reconnect; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tracing::debug!(error = %e, "nats: JetStream not ready yet; retrying");
+                    tokio::time::sleep(pause).await;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "nats: streams and buckets not laid out again after a reconnect");
-                    return;
-                }
+                Err(e) => return Err(e),
             }
         }
     }
