@@ -252,7 +252,12 @@ async fn unusable_nats_tls_and_credential_files_stop_the_start_with_exit_64_with
             Err(out) => out,
             Ok(mut s) => {
                 assert_eq!(s.wait_exit().await, Some(64), "{flag}: exit 64\n{}", s.logs());
-                format!("{}{}", s.stdout(), s.logs())
+                // The output is read by other tasks: wait until it is read to the refusal.
+                let read = async || {
+                    let out = format!("{}{}", s.stdout(), s.logs());
+                    if out.contains(named) { Ok(out) } else { Err(out) }
+                };
+                crier_testkit::wait::poll("the refusal in the node's output", read).await
             }
         };
         assert!(out.contains(named), "{flag}: the setting is named:\n{out}");
