@@ -41,6 +41,7 @@ mod hooks;
 mod live;
 mod publish;
 mod rawsub;
+mod route;
 mod state;
 
 use std::collections::HashMap;
@@ -153,6 +154,8 @@ pub(crate) struct Inner {
     pub up: AtomicBool,
     pub reconnects: AtomicU64,
     pub publish_calls: AtomicU64,
+    /// Publishes sent to their channel's owner node (route.rs).
+    pub publish_forwards: AtomicU64,
     pub handler: OnceLock<Arc<dyn BrokerHandler>>,
     /// The streams and buckets, once laid out (until then the node is unready and every
     /// JetStream operation answers `Unavailable`; a background task keeps trying).
@@ -162,6 +165,8 @@ pub(crate) struct Inner {
     policies: HashMap<String, HistPolicy>,
     default_policy: HistPolicy,
     tails: Mutex<HashMap<String, ChanPub>>,
+    /// The other nodes that store their channels' publishes (route.rs).
+    peers: route::Peers,
     pub live: live::Live,
     /// The node's own subscriber connection (every live subscription).
     pub raw: Arc<rawsub::RawSub>,
@@ -392,5 +397,9 @@ impl Broker for NatsBroker {
 
     fn publish_calls(&self) -> u64 {
         self.inner.publish_calls.load(Ordering::Relaxed)
+    }
+
+    fn publish_forwards(&self) -> u64 {
+        self.inner.publish_forwards.load(Ordering::Relaxed)
     }
 }
