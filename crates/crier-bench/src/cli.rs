@@ -177,6 +177,11 @@ pub struct PublishArgs {
     /// REST publish requests in flight at once
     #[arg(long, default_value_t = 32)]
     pub publish_concurrency: usize,
+    /// Send a channel's consecutive publishes through the nodes in turn (a backend publishing
+    /// through a load balancer); without it message k goes through node k mod nodes, so with
+    /// as many channels as a multiple of the nodes each channel is published through one node
+    #[arg(long)]
+    pub spread_publishes: bool,
     /// Shell command run (and awaited) just before each measured step, with CRIER_BENCH_PIDS set
     /// to the gateway PIDs (space-separated), e.g. "callgrind_control -z $CRIER_BENCH_PIDS"
     #[arg(long, value_name = "CMD")]

@@ -22,6 +22,9 @@ pub struct Publisher {
     auth: String,
     pad: Arc<str>,
     concurrency: usize,
+    /// A channel's consecutive publishes go through the nodes in turn (else a channel is
+    /// always published through the same node).
+    spread: bool,
 }
 
 /// What one publishing step did.
@@ -99,7 +102,15 @@ impl Publisher {
             auth: format!("Bearer {api_key}"),
             pad: Publisher::body_rest(payload_bytes, realistic).into(),
             concurrency: concurrency.max(1),
+            spread: false,
         }
+    }
+
+    /// A channel's consecutive publishes through the nodes in turn (a backend publishing
+    /// through a load balancer), instead of each channel through one node.
+    pub fn spread(mut self, spread: bool) -> Publisher {
+        self.spread = spread;
+        self
     }
 
     /// A `message` frame as the gateway builds it for one of this publisher's messages.
@@ -130,7 +141,8 @@ impl Publisher {
             };
             let ci = (k as usize) % channels.len();
             let channel = channels[ci].clone();
-            let url = self.endpoints[(k as usize) % self.endpoints.len()].clone();
+            let via = if self.spread { k as usize + k as usize / channels.len() } else { k as usize };
+            let url = self.endpoints[via % self.endpoints.len()].clone();
             let (client, auth, pad) = (self.client.clone(), self.auth.clone(), self.pad.clone());
             tasks.spawn(async move {
                 let body = format!(r#"{{"channel":"{channel}","data":{{"ts":{},{pad}}}}}"#, now_us());

@@ -138,14 +138,13 @@ impl NatsBroker {
             up: AtomicBool::new(up.load(Ordering::SeqCst)),
             reconnects: AtomicU64::new(0),
             publish_calls: AtomicU64::new(0),
-            publish_forwards: AtomicU64::new(0),
             handler: OnceLock::new(),
             laid: OnceLock::new(),
             own: Mutex::default(),
             policies,
             default_policy,
             tails: Mutex::new(HashMap::new()),
-            peers: Default::default(),
+            followed: Default::default(),
             hooks: Default::default(),
             opts,
         });
@@ -280,11 +279,9 @@ async fn create_stream(
     js.get_stream(&config.name).await.map_err(unavailable)
 }
 
-/// Starts this node's answerer of control operations, its publish routing and the refresher
-/// of its entries.
+/// Starts this node's answerer of control operations and the refresher of its entries.
 async fn start_ops(inner: &Arc<Inner>) -> Result<(), BrokerError> {
     crate::control::start(inner).await?;
-    crate::route::start(inner).await?;
     let weak = Arc::downgrade(inner);
     let period = inner.opts.presence_ttl / 3;
     tokio::spawn(async move {
@@ -297,6 +294,7 @@ async fn start_ops(inner: &Arc<Inner>) -> Result<(), BrokerError> {
             if let Err(e) = inner.refresh().await {
                 tracing::debug!(error = %e, "nats: presence refresh failed; retried next period");
             }
+            inner.unfollow_idle().await;
             if let Err(e) = crate::hooks::refresh(&inner).await {
                 tracing::debug!(error = %e, "nats: webhook occupancy refresh failed; retried next period");
             }

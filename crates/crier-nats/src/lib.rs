@@ -12,6 +12,9 @@
 //!   epoch from a marker message (offset 0) written on first read, so the epoch seen before
 //!   the first publish is the channel's. When every message of a channel has expired or was
 //!   purged, the next read or publish starts a new epoch (a recovery across it reports the gap).
+//! - **Following** (follow.rs): a node that lost the race for a channel's next offset (another
+//!   node publishes to it too) subscribes to the channel's live subject for a while, so its
+//!   tail stays current and its publishes are one JetStream operation again.
 //! - **Idempotent publish**: `Nats-Msg-Id` = channel token + key, JetStream's duplicate window
 //!   ([`crier_core::broker::IDEMPOTENCY_WINDOW`], or the history TTL when shorter).
 //! - **Live fan-out** over core NATS: the stream *republishes* every stored message to
@@ -36,12 +39,12 @@
 
 mod connect;
 mod control;
+mod follow;
 mod history;
 mod hooks;
 mod live;
 mod publish;
 mod rawsub;
-mod route;
 mod state;
 
 use std::collections::HashMap;
@@ -154,8 +157,6 @@ pub(crate) struct Inner {
     pub up: AtomicBool,
     pub reconnects: AtomicU64,
     pub publish_calls: AtomicU64,
-    /// Publishes sent to their channel's owner node (route.rs).
-    pub publish_forwards: AtomicU64,
     pub handler: OnceLock<Arc<dyn BrokerHandler>>,
     /// The streams and buckets, once laid out (until then the node is unready and every
     /// JetStream operation answers `Unavailable`; a background task keeps trying).
@@ -165,8 +166,8 @@ pub(crate) struct Inner {
     policies: HashMap<String, HistPolicy>,
     default_policy: HistPolicy,
     tails: Mutex<HashMap<String, ChanPub>>,
-    /// The other nodes that store their channels' publishes (route.rs).
-    peers: route::Peers,
+    /// Channels followed after a lost race (follow.rs).
+    followed: follow::Followed,
     pub live: live::Live,
     /// The node's own subscriber connection (every live subscription).
     pub raw: Arc<rawsub::RawSub>,
@@ -246,7 +247,10 @@ impl Broker for NatsBroker {
         if self.inner.handler().is_some_and(|h| h.has_subscribers(channel)) {
             return Ok(());
         }
-        self.inner.live.unsubscribe(&self.inner, channel).await;
+        // A followed channel keeps its live subscription until it is no longer contended.
+        if !self.inner.followed.contains(channel) {
+            self.inner.live.unsubscribe(&self.inner, channel).await;
+        }
         if !self.inner.handler().is_some_and(|h| h.has_subscribers(channel)) {
             self.inner.hook_channel(channel, false).await;
         }
@@ -397,9 +401,5 @@ impl Broker for NatsBroker {
 
     fn publish_calls(&self) -> u64 {
         self.inner.publish_calls.load(Ordering::Relaxed)
-    }
-
-    fn publish_forwards(&self) -> u64 {
-        self.inner.publish_forwards.load(Ordering::Relaxed)
     }
 }

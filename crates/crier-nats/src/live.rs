@@ -359,6 +359,22 @@ impl Live {
         }
     }
 
+    /// Is this node subscribed to the channel?
+    pub(crate) fn has(&self, channel: &str) -> bool {
+        self.map().contains_key(channel)
+    }
+
+    /// Subscribes to the channel in a task (a followed channel, follow.rs).
+    pub(crate) fn spawn_subscribe(&self, channel: &str) {
+        let Some(inner) = self.inner.get().and_then(Weak::upgrade) else { return };
+        let channel = channel.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = inner.live.subscribe(&inner, &channel).await {
+                tracing::debug!(%channel, error = %e, "nats: following a contended channel failed");
+            }
+        });
+    }
+
     /// The channels this node is subscribed to.
     pub(crate) fn channels(&self) -> Vec<String> {
         self.map().keys().map(|k| k.to_string()).collect()

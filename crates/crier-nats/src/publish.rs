@@ -1,5 +1,4 @@
-//! Publishing: a channel's publishes are stored by its owner node (route.rs); there,
-//! per channel, publishes queue while the previous store is out and a leader stores
+//! Publishing: per channel, publishes queue while the previous store is out and a leader stores
 //! what queued as one JetStream message with the channel's expected last sequence (offsets stay
 //! contiguous whatever the number of publishers). The leader is the publishing caller itself when
 //! the channel was idle (its own store, no task), else a task.
@@ -67,9 +66,8 @@ pub(crate) struct ChanPub {
 }
 
 impl Inner {
-    /// Publishes: through the channel's owner node when another node owns it (route.rs: one
-    /// node stores a channel's publishes, so its cached tail stays current and a publish is
-    /// one JetStream operation), else here.
+    /// Queues a publish on the channel's batch; a leader task (one per channel at a time)
+    /// stores what queued as one message while the previous store is out.
     pub(crate) async fn publish(
         self: &Arc<Self>,
         channel: &str,
@@ -81,48 +79,26 @@ impl Inner {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(BrokerError::Unavailable("not connected to NATS".into()));
         }
-        if let Some(owner) = self.owner(channel)
-            && let Some(r) = self.forward(&owner, channel, data, opts.idempotency_key).await
-        {
-            return r;
-        }
-        let key = opts.idempotency_key.map(|k| format!("{}:{k}", token(channel)));
-        let (rx, lead) = self.enqueue(channel, Bytes::copy_from_slice(data.as_bytes()), key);
-        self.complete(channel, rx, lead).await
-    }
-
-    /// Queues a publish on the channel's batch (in call order); `true` when the caller is to
-    /// lead the channel's stores (it was idle).
-    pub(crate) fn enqueue(
-        &self,
-        channel: &str,
-        data: Bytes,
-        key: Option<String>,
-    ) -> (tokio::sync::oneshot::Receiver<Result<PublishResult, BrokerError>>, bool) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let pending = Pending { data, key, tx };
-        let mut t = self.tails.lock().unwrap_or_else(|e| e.into_inner());
-        if t.len() > 65_536 {
-            t.retain(|_, c| c.busy);
-        }
-        let c = t.entry(channel.to_owned()).or_insert_with(|| ChanPub {
-            subject: self.hist_subject(channel).into(),
-            tail: None,
-            queue: Default::default(),
-            busy: false,
-        });
-        c.queue.push_back(pending);
-        (rx, !std::mem::replace(&mut c.busy, true))
-    }
-
-    /// Waits for a queued publish's outcome; a leading caller stores first (a leader task, one
-    /// per channel at a time, stores what queued meanwhile as one message).
-    pub(crate) async fn complete(
-        self: &Arc<Self>,
-        channel: &str,
-        rx: tokio::sync::oneshot::Receiver<Result<PublishResult, BrokerError>>,
-        lead: bool,
-    ) -> Result<PublishResult, BrokerError> {
+        let pending = Pending {
+            data: Bytes::copy_from_slice(data.as_bytes()),
+            key: opts.idempotency_key.map(|k| format!("{}:{k}", token(channel))),
+            tx,
+        };
+        let lead = {
+            let mut t = self.tails.lock().unwrap_or_else(|e| e.into_inner());
+            if t.len() > 65_536 {
+                t.retain(|_, c| c.busy);
+            }
+            let c = t.entry(channel.to_owned()).or_insert_with(|| ChanPub {
+                subject: self.hist_subject(channel).into(),
+                tail: None,
+                queue: Default::default(),
+                busy: false,
+            });
+            c.queue.push_back(pending);
+            !std::mem::replace(&mut c.busy, true)
+        };
         if lead {
             // The caller leads: its own publish (alone in the queue: nobody led) is stored from
             // here, without a task; what queued meanwhile goes to a leader task. Dropped while
@@ -279,6 +255,7 @@ impl Inner {
                     return Ok((epoch, first));
                 }
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    self.lost_race(channel);
                     tried = Some(t.seq);
                     reported = reported_last(&e);
                 }

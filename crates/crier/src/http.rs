@@ -135,7 +135,6 @@ async fn metrics_text(State(st): State<AppState>) -> Response {
     metrics::gauge!(m::BROKER_INFO, "broker" => st.config.broker_kind()).set(1.0);
     metrics::counter!(m::BROKER_RECONNECTS).absolute(st.broker().reconnects());
     metrics::counter!(m::BROKER_PUBLISH_CALLS).absolute(st.broker().publish_calls());
-    metrics::counter!(m::BROKER_PUBLISH_FORWARDS).absolute(st.broker().publish_forwards());
     m::collect_process();
     match &st.metrics {
         Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),

@@ -20,8 +20,6 @@ pub const CLIENT_ERRORS: &str = "crier_client_errors_total";
 pub const BROKER_UP: &str = "crier_broker_up";
 pub const BROKER_RECONNECTS: &str = "crier_broker_reconnects_total";
 pub const BROKER_PUBLISH_CALLS: &str = "crier_broker_publish_calls_total";
-/// crier extension: publishes sent to another node to store (NATS: the channel's owner node).
-pub const BROKER_PUBLISH_FORWARDS: &str = "crier_broker_publish_forwards_total";
 /// Always 1, labelled `broker` = `nats`, `redis` or `memory`: which broker the node runs.
 pub const BROKER_INFO: &str = "crier_broker_info";
 pub const RECOVERIES: &str = "crier_recoveries_total";
@@ -138,10 +136,6 @@ fn describe() {
         BROKER_PUBLISH_CALLS,
         "Broker calls that carried publishes (Redis: script calls; messages per call = published / calls)"
     );
-    describe_counter!(
-        BROKER_PUBLISH_FORWARDS,
-        "Publishes sent to another node to store (NATS: each channel's publishes are stored by its owner node)"
-    );
     describe_counter!(RECOVERIES, "Subscriptions with recovery, by result (recovered, failed)");
     describe_counter!(API_REQUESTS, "REST API requests by endpoint and status code");
     describe_counter!(HTTP_REJECTIONS, "HTTP rejections answered outside the handlers (404, 405, …), by code");
@@ -231,7 +225,6 @@ fn zero() {
         HEARTBEAT_TIMEOUTS,
         BROKER_RECONNECTS,
         BROKER_PUBLISH_CALLS,
-        BROKER_PUBLISH_FORWARDS,
         MESSAGE_ASSEMBLY_TIMEOUTS,
         REBALANCED,
     ] {

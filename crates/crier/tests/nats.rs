@@ -386,58 +386,46 @@ async fn a_node_given_one_seed_of_a_nats_cluster_follows_the_cluster_when_the_se
     }
 }
 
-/// Publish routing: a channel's publishes made through any node are stored by its owner node
-/// (one JetStream publish each, never a lost race), and when the owner dies the survivors
-/// store its channels themselves, without an error.
+/// Two nodes publishing the same channels in turn, with no client subscribed anywhere: each
+/// node follows the channels it lost a race for, so its tail stays current and a publish costs
+/// one JetStream operation (without following, every publish after the other node's would lose
+/// the race: two or three operations); offsets stay contiguous throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_channel_is_stored_by_one_owner_node_and_a_dead_owner_hands_its_channels_over() {
-    if !nats_available("each_channel_is_stored_by_one_owner_node") {
+async fn a_node_follows_the_channels_another_node_publishes_to_as_well() {
+    if !nats_available("a_node_follows_the_channels_another_node_publishes_to_as_well") {
         return;
     }
     let nats = NatsServer::start();
     let url = nats.url();
-    let a = node(&url, "ra", &[]).await;
-    let b = node(&url, "rb", &[]).await;
-    let forwards = async |n: &Server| n.metric("crier_broker_publish_forwards_total").await;
-    let calls = async |n: &Server| n.metric("crier_broker_publish_calls_total").await;
-    // The nodes have heard of each other once each forwarded a publish of a warm-up channel.
-    let mut warm = 0;
-    until("each node forwards to the other", async || {
-        warm += 1;
-        for n in [&a, &b] {
-            try_publish(n, &format!("warm-{warm}"), json!(0)).await;
-        }
-        forwards(&a).await > 0.0 && forwards(&b).await > 0.0
-    })
-    .await;
-    let before = (calls(&a).await + calls(&b).await, forwards(&a).await + forwards(&b).await);
-    // Twenty channels, each published through both nodes in turn, one publish at a time.
+    let a = node(&url, "fa", &[]).await;
+    let b = node(&url, "fb", &[]).await;
+    let calls = async || {
+        a.metric("crier_broker_publish_calls_total").await + b.metric("crier_broker_publish_calls_total").await
+    };
     let mut offsets: std::collections::HashMap<String, Vec<u64>> = Default::default();
-    for i in 0..100 {
-        let channel = format!("user-{}", i % 20);
-        let via = if i % 2 == 0 { &a } else { &b };
-        let (_, offset) = try_publish(via, &channel, json!(i)).await.expect("published");
-        offsets.entry(channel).or_default().push(offset);
+    let mut round = async || {
+        for i in 0..20 {
+            let channel = format!("user-{i}");
+            for via in [&a, &b] {
+                let (_, offset) = try_publish(via, &channel, json!(i)).await.expect("published");
+                offsets.entry(channel.clone()).or_default().push(offset);
+            }
+        }
+    };
+    // Each node loses a race or two per channel, and follows it.
+    round().await;
+    round().await;
+    let before = calls().await;
+    for _ in 0..3 {
+        round().await;
     }
-    let stored = calls(&a).await + calls(&b).await - before.0;
-    let forwarded = forwards(&a).await + forwards(&b).await - before.1;
-    assert_eq!(stored, 100.0, "one JetStream publish per publish (no lost race)");
-    assert!((20.0..=80.0).contains(&forwarded), "about half of them forwarded: {forwarded}");
+    let stored = calls().await - before;
+    assert!(
+        (120.0..150.0).contains(&stored),
+        "120 publishes took {stored} JetStream publishes (about one each, a race lost now and then)"
+    );
     for (channel, o) in &offsets {
+        assert_eq!(o.len(), 10);
         assert!(o.windows(2).all(|w| w[1] == w[0] + 1), "{channel}: contiguous offsets {o:?}");
-    }
-    // The owner of half the channels dies: the survivor stores every channel itself.
-    drop(b); // SIGKILL
-    // Once NATS has seen its connection close (a request sent before that is lost with the
-    // node and answered 504, outcome unknown: not what this test is about).
-    until("NATS dropped the dead node's connection", async || {
-        nats.get("/connz").is_some_and(|c| !c.contains("\"crier rb\""))
-    })
-    .await;
-    for i in 0..20 {
-        let channel = format!("user-{i}");
-        let (_, offset) = try_publish(&a, &channel, json!("after")).await.expect("published without the dead owner");
-        let last = *offsets[&channel].last().unwrap();
-        assert_eq!(offset, last + 1, "{channel} continues after its owner died");
     }
 }

@@ -132,7 +132,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
         plan.publish.payload_bytes,
         plan.publish.realistic_payload,
         plan.publish.publish_concurrency,
-    );
+    )
+    .spread(plan.publish.spread_publishes);
     // Warm-up (not measured): a second at the lowest rate, so connection pools and channel
     // entries exist before the first measured step.
     let warm = rates.iter().cloned().fold(f64::INFINITY, f64::min).max(1.0);
@@ -200,6 +201,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
             "rates": rates, "step_duration_s": plan.publish.step_duration.as_secs_f64(),
             "payload_bytes": plan.publish.payload_bytes, "realistic_payload": plan.publish.realistic_payload,
             "transport": plan.publish.transport, "publish_concurrency": plan.publish.publish_concurrency,
+            "spread_publishes": plan.publish.spread_publishes,
             "source_addrs": sources.len(),
         }),
         machine,

@@ -403,11 +403,4 @@ pub trait Broker: Send + Sync + 'static {
     fn publish_calls(&self) -> u64 {
         0
     }
-
-    /// Publishes this node sent to another node to store (`crier_broker_publish_forwards_total`;
-    /// the NATS broker routes each channel's publishes to one owner node). 0 for one that never
-    /// forwards.
-    fn publish_forwards(&self) -> u64 {
-        0
-    }
 }

@@ -1,0 +1,78 @@
+//! Following contended channels. A publish needs the channel's tail (last stream sequence,
+//! offset, epoch); a node keeps the tail of its own last publish, and a node subscribed to the
+//! channel sees every later one on the live subject. When another node publishes to the
+//! channel too (a backend publishing through a load balancer reaches any node), a node that is
+//! not subscribed holds a stale tail: its publish loses the race for the next offset and costs
+//! a re-read and a second store. So a node that loses that race follows the channel: it
+//! subscribes to the live subject as if it had a subscriber (deliveries reach no one), its
+//! tail stays current and its next publishes are one JetStream operation again. It stops
+//! following [`FOLLOW_FOR`] after its last lost race, unless clients subscribe to the channel.
+//!
+//! Correctness never depends on it: every publish is stored with the expected last sequence.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::Inner;
+
+/// How long after its last lost race a node follows a channel.
+pub(crate) const FOLLOW_FOR: Duration = Duration::from_secs(30);
+/// At most this many channels followed at once (past it, a contended channel is not followed:
+/// its publishes only cost more).
+const MAX_FOLLOWED: usize = 65_536;
+
+/// The channels this node follows: name → its last lost race.
+#[derive(Default)]
+pub(crate) struct Followed(Mutex<HashMap<String, Instant>>);
+
+impl Followed {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Instant>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Is the channel followed (its live subscription kept though no client subscribes)?
+    pub(crate) fn contains(&self, channel: &str) -> bool {
+        self.lock().contains_key(channel)
+    }
+}
+
+impl Inner {
+    /// This node lost the race for the channel's next offset: it follows the channel (its live
+    /// subscription is started unless it exists).
+    pub(crate) fn lost_race(&self, channel: &str) {
+        {
+            let mut f = self.followed.lock();
+            let n = f.len();
+            match f.get_mut(channel) {
+                Some(at) => *at = Instant::now(),
+                None if n < MAX_FOLLOWED => {
+                    f.insert(channel.to_owned(), Instant::now());
+                }
+                None => return,
+            }
+        }
+        if !self.live.has(channel) {
+            self.live.spawn_subscribe(channel);
+        }
+    }
+
+    /// Stops following the channels not contended for [`FOLLOW_FOR`] (their live subscription
+    /// is dropped unless clients subscribe to them meanwhile).
+    pub(crate) async fn unfollow_idle(self: &Arc<Self>) {
+        let idle: Vec<String> = {
+            let mut f = self.followed.lock();
+            let idle: Vec<String> =
+                f.iter().filter(|(_, at)| at.elapsed() >= FOLLOW_FOR).map(|(c, _)| c.clone()).collect();
+            for c in &idle {
+                f.remove(c);
+            }
+            idle
+        };
+        for channel in idle {
+            if !self.handler().is_some_and(|h| h.has_subscribers(&channel)) && !self.followed.contains(&channel) {
+                self.live.unsubscribe(self, &channel).await;
+            }
+        }
+    }
+}
