@@ -6,18 +6,16 @@
 //! a re-read and a second store. So a node that loses that race follows the channel: it
 //! subscribes to the live subject as if it had a subscriber (deliveries reach no one), its
 //! tail stays current and its next publishes are one JetStream operation again. It stops
-//! following [`FOLLOW_FOR`] after its last lost race, unless clients subscribe to the channel.
+//! following `follow_for` (30 s) after its last lost race, unless clients subscribe to the channel.
 //!
 //! Correctness never depends on it: every publish is stored with the expected last sequence.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::Inner;
 
-/// How long after its last lost race a node follows a channel.
-pub(crate) const FOLLOW_FOR: Duration = Duration::from_secs(30);
 /// At most this many channels followed at once (past it, a contended channel is not followed:
 /// its publishes only cost more).
 const MAX_FOLLOWED: usize = 65_536;
@@ -29,6 +27,10 @@ pub(crate) struct Followed(Mutex<HashMap<String, Instant>>);
 impl Followed {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Instant>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn channels(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
     }
 
     /// Is the channel followed (its live subscription kept though no client subscribes)?
@@ -57,13 +59,13 @@ impl Inner {
         }
     }
 
-    /// Stops following the channels not contended for [`FOLLOW_FOR`] (their live subscription
+    /// Stops following the channels not contended for `follow_for` (their live subscription
     /// is dropped unless clients subscribe to them meanwhile).
     pub(crate) async fn unfollow_idle(self: &Arc<Self>) {
         let idle: Vec<String> = {
             let mut f = self.followed.lock();
             let idle: Vec<String> =
-                f.iter().filter(|(_, at)| at.elapsed() >= FOLLOW_FOR).map(|(c, _)| c.clone()).collect();
+                f.iter().filter(|(_, at)| at.elapsed() >= self.opts.follow_for).map(|(c, _)| c.clone()).collect();
             for c in &idle {
                 f.remove(c);
             }

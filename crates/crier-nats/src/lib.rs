@@ -112,6 +112,9 @@ pub struct NatsOptions {
     pub presence_ttl: Duration,
     /// Expiry of node registry entries. Default 30s.
     pub node_ttl: Duration,
+    /// How long after its last lost race for a channel's next offset the node follows the
+    /// channel (follow.rs; checked every third of `presence_ttl`). Default 30s.
+    pub follow_for: Duration,
     /// How long a token revocation is kept. Default 7 days.
     pub revocation_ttl: Duration,
     /// Prefix of every subject, stream and bucket. Default `crier`.
@@ -140,6 +143,7 @@ impl NatsOptions {
             namespaces: Arc::new(Namespaces::default()),
             presence_ttl: Duration::from_secs(30),
             node_ttl: Duration::from_secs(30),
+            follow_for: Duration::from_secs(30),
             revocation_ttl: Duration::from_secs(7 * 24 * 3600),
             prefix: "crier".into(),
             replicas: 1,
@@ -178,6 +182,18 @@ pub(crate) struct Inner {
 /// The NATS broker (see the crate docs).
 pub struct NatsBroker {
     inner: Arc<Inner>,
+}
+
+impl NatsBroker {
+    /// The channels this node follows after a lost race (follow.rs), for tests and diagnostics.
+    pub fn followed(&self) -> Vec<String> {
+        self.inner.followed.channels()
+    }
+
+    /// Does this node hold a live subscription to the channel (subscribed or followed)?
+    pub fn holds_live(&self, channel: &str) -> bool {
+        self.inner.live.has(channel)
+    }
 }
 
 pub(crate) fn now_us() -> u64 {
