@@ -45,7 +45,7 @@ impl NatsServer {
     /// One server, JetStream on a temporary store directory (kept across [`NatsServer::restart`]).
     pub fn start() -> NatsServer {
         let mut s = NatsServer::prepare("n1");
-        s.launch();
+        s.launch_on_free_ports();
         s
     }
 
@@ -57,7 +57,7 @@ impl NatsServer {
         let file = s.dir.join("server.conf");
         std::fs::write(&file, config).unwrap_or_else(|e| panic!("write {file:?}: {e}"));
         s.args.extend(["-c".to_owned(), file.display().to_string()]);
-        s.launch();
+        s.launch_on_free_ports();
         s
     }
 
@@ -164,9 +164,55 @@ impl NatsServer {
         self.wait_healthy();
     }
 
+    /// [`NatsServer::launch`] for a fresh server: a port taken between [`free_port`] and the
+    /// server's bind (another process's listener or outgoing connection) is replaced by a new
+    /// one and the server started again.
+    fn launch_on_free_ports(&mut self) {
+        for _ in 0..3 {
+            self.spawn();
+            if !self.exited_on_a_taken_port() {
+                self.wait_healthy();
+                return;
+            }
+            let (port, monitor) = (free_port(), free_port());
+            for (flag, value) in [("-p", port), ("-m", monitor)] {
+                if let Some(i) = self.args.iter().position(|a| a == flag) {
+                    self.args[i + 1] = value.to_string();
+                }
+            }
+            (self.port, self.monitor_port) = (port, monitor);
+        }
+        self.spawn();
+        self.wait_healthy();
+    }
+
+    /// Waits until the server is healthy or has exited; `true` when it exited because a port
+    /// was taken.
+    fn exited_on_a_taken_port(&mut self) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if self.healthz().is_some_and(|r| r.contains("\"ok\"")) {
+                return false;
+            }
+            if let Some(child) = self.child.as_mut()
+                && child.try_wait().ok().flatten().is_some()
+            {
+                self.child = None;
+                return self.log().contains("address already in use");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     fn wait_healthy(&self) {
         let what = format!("nats-server on port {} healthy (JetStream ready)", self.port);
-        until_blocking(what, Duration::from_secs(20), || self.healthz().is_some_and(|r| r.contains("\"ok\"")));
+        let healthy = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            until_blocking(&what, Duration::from_secs(20), || self.healthz().is_some_and(|r| r.contains("\"ok\"")))
+        }));
+        if healthy.is_err() {
+            panic!("timed out waiting for {what}; its log:\n{}", self.log());
+        }
     }
 
     /// `GET /healthz` on the monitoring port (`None`: unreachable).
@@ -252,5 +298,24 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port taken between `free_port` and the server's bind: the server starts on another.
+    #[test]
+    fn a_taken_port_is_replaced() {
+        if !nats_available("a_taken_port_is_replaced") {
+            return;
+        }
+        let mut s = NatsServer::prepare("n1");
+        let taken = s.port;
+        let _holder = std::net::TcpListener::bind(("127.0.0.1", taken)).expect("the port is still free");
+        s.launch_on_free_ports();
+        assert_ne!(s.port, taken);
+        assert!(s.healthz().is_some_and(|r| r.contains("\"ok\"")), "healthy on port {}", s.port);
     }
 }
