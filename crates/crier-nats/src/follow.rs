@@ -59,6 +59,11 @@ impl Inner {
         }
     }
 
+    /// Is the channel's live subscription still needed (a client subscribed here, or followed)?
+    pub(crate) fn keeps_live(&self, channel: &str) -> bool {
+        self.handler().is_some_and(|h| h.has_subscribers(channel)) || self.followed.contains(channel)
+    }
+
     /// Stops following the channels not contended for `follow_for` (their live subscription
     /// is dropped unless clients subscribe to them meanwhile).
     pub(crate) async fn unfollow_idle(self: &Arc<Self>) {
@@ -72,9 +77,7 @@ impl Inner {
             idle
         };
         for channel in idle {
-            if !self.handler().is_some_and(|h| h.has_subscribers(&channel)) && !self.followed.contains(&channel) {
-                self.live.unsubscribe(self, &channel).await;
-            }
+            self.live.unsubscribe_unless(self, &channel, || self.keeps_live(&channel)).await;
         }
     }
 }

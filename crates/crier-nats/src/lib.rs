@@ -264,9 +264,7 @@ impl Broker for NatsBroker {
             return Ok(());
         }
         // A followed channel keeps its live subscription until it is no longer contended.
-        if !self.inner.followed.contains(channel) {
-            self.inner.live.unsubscribe(&self.inner, channel).await;
-        }
+        self.inner.live.unsubscribe_unless(&self.inner, channel, || self.inner.keeps_live(channel)).await;
         if !self.inner.handler().is_some_and(|h| h.has_subscribers(channel)) {
             self.inner.hook_channel(channel, false).await;
         }

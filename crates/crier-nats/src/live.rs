@@ -380,8 +380,19 @@ impl Live {
         self.map().keys().map(|k| k.to_string()).collect()
     }
 
-    pub(crate) async fn unsubscribe(&self, inner: &Arc<Inner>, channel: &str) {
-        let Some(c) = self.map().remove(channel) else { return };
+    /// Unsubscribes unless `keep()`, asked while no subscribe of the channel can pass: a
+    /// subscribe made after `keep()` said no finds the channel gone and subscribes afresh (the
+    /// hub marks a channel subscribed before it calls the broker, so `keep` = "has subscribers"
+    /// never drops a subscription a client just joined).
+    pub(crate) async fn unsubscribe_unless(&self, inner: &Arc<Inner>, channel: &str, keep: impl FnOnce() -> bool) {
+        let c = {
+            let mut m = self.map();
+            if keep() {
+                return;
+            }
+            m.remove(channel)
+        };
+        let Some(c) = c else { return };
         close(inner, c.stop()).await;
         self.delivered();
     }
