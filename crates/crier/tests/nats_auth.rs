@@ -108,19 +108,7 @@ async fn a_nats_token_works_is_never_printed_and_a_wrong_one_never_gets_ready() 
     // cannot be reached (an exit is accepted too: either way never ready, the token unprinted).
     let wrong = "wr0ng-t0ken-that-must-not-leak";
     let bad = secret_file(&nats, "wrong", wrong);
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--jwt-secret",
-        support::SECRET,
-        "--api-keys",
-        support::API_KEY,
-        "--nats-url",
-        &nats.url(),
-        "--nats-token-file",
-        &bad,
-    ];
-    match Server::start_raw(&args, &[]).await {
+    match Server::try_start(&["--nats-url", &nats.url(), "--nats-token-file", &bad]).await {
         Err(out) => {
             assert!(!out.contains(wrong), "the token is in the output:\n{out}");
             assert!(out.to_lowercase().contains("authorization violation"), "{out}");
@@ -236,19 +224,7 @@ async fn unusable_nats_tls_and_credential_files_stop_the_start_with_exit_64_with
         let file = dir.join(named.replace(' ', "_"));
         std::fs::write(&file, content).unwrap();
         let file = file.display().to_string();
-        let args = [
-            "--listen",
-            "127.0.0.1:0",
-            "--jwt-secret",
-            support::SECRET,
-            "--api-keys",
-            support::API_KEY,
-            "--nats-url",
-            "tls://127.0.0.1:1",
-            flag,
-            &file,
-        ];
-        let out = match Server::start_raw(&args, &[]).await {
+        let out = match Server::try_start(&["--nats-url", "tls://127.0.0.1:1", flag, &file]).await {
             Err(out) => out,
             Ok(mut s) => {
                 assert_eq!(s.wait_exit().await, Some(64), "{flag}: exit 64\n{}", s.logs());

@@ -69,6 +69,12 @@ pub struct Server {
 impl Server {
     /// Starts a node with test defaults (HS256 secret, an API key, fast drain) plus `extra` args.
     pub async fn start(extra: &[&str]) -> Server {
+        Server::try_start(extra).await.expect("server starts")
+    }
+
+    /// [`Server::start`] for a start that may fail: the output of a node that exited (or
+    /// never said it listens), instead of a panic.
+    pub async fn try_start(extra: &[&str]) -> Result<Server, String> {
         let mut args = vec![
             "--listen",
             "127.0.0.1:0",
@@ -82,7 +88,7 @@ impl Server {
             "500ms",
         ];
         args.extend_from_slice(extra);
-        Server::start_raw(&args, &[]).await.expect("server starts")
+        Server::start_raw(&args, &[]).await
     }
 
     /// Starts the binary with exactly these args and env; `Err(output)` if it exits first.
