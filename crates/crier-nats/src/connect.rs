@@ -65,8 +65,10 @@ impl NatsBroker {
                                 // and every channel re-reads its position (a lost channel's new
                                 // epoch is announced as a gap).
                                 inner.reconnects.fetch_add(1, Ordering::Relaxed);
-                                // Cached tails may name sequences of a store that is gone.
+                                // Cached tails and messages may name sequences of a store
+                                // that is gone.
                                 inner.forget_tails();
+                                inner.cache.clear();
                                 tokio::spawn(async move {
                                     inner.relayout().await;
                                     inner.up.store(up.load(Ordering::SeqCst), Ordering::SeqCst);
@@ -138,6 +140,9 @@ impl NatsBroker {
             up: AtomicBool::new(up.load(Ordering::SeqCst)),
             reconnects: AtomicU64::new(0),
             publish_calls: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            cache: crate::cache::ReadCache::new(opts.read_cache_bytes),
+            walks: (0..crate::history::WALK_STRIPES).map(|_| Default::default()).collect(),
             handler: OnceLock::new(),
             laid: OnceLock::new(),
             own: Mutex::default(),

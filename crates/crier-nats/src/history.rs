@@ -2,6 +2,7 @@
 //! last stored message, the epoch marker, and history reads along the chain of stored messages.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{context::PublishErrorKind, message::PublishMessage, stream};
@@ -201,6 +202,14 @@ impl Stored {
     }
 }
 
+/// Lock stripes of history walks ([`Inner::history`]).
+pub(crate) const WALK_STRIPES: usize = 64;
+
+fn walk_stripe(channel: &str) -> usize {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(channel) as usize % WALK_STRIPES
+}
+
 pub(crate) fn new_epoch() -> String {
     use rand::Rng;
     let n: u64 = rand::rng().random();
@@ -227,14 +236,21 @@ impl Inner {
             .ok_or_else(|| BrokerError::Internal("no stream for the policy".into()))
     }
 
-    /// The channel's last stored message (marker included), `None` when it has none.
+    /// The channel's last stored message (marker included), `None` when it has none: through
+    /// the JetStream API (answered by the stream's leader), or a direct get when the stream has
+    /// one replica (answered by its only server: as exact, and cheaper for it).
     pub(crate) async fn last(&self, channel: &str) -> Result<Option<Stored>, BrokerError> {
-        let s = self.stream(channel)?;
-        match s.get_last_raw_message_by_subject(&self.hist_subject(channel)).await {
-            Ok(m) => Ok(Stored::from_headers(m.sequence, Some(&m.headers), m.payload, None)),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(unavailable(e)),
+        if self.opts.replicas <= 1 {
+            return self.last_direct(channel).await;
         }
+        let s = self.stream(channel)?;
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let got = match s.get_last_raw_message_by_subject(&self.hist_subject(channel)).await {
+            Ok(m) => Stored::from_headers(m.sequence, Some(&m.headers), m.payload, None),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => None,
+            Err(e) => return Err(unavailable(e)),
+        };
+        Ok(self.cached(channel, got))
     }
 
     /// [`Inner::last`] through a direct get (no JetStream API request: cheaper for the server;
@@ -243,18 +259,48 @@ impl Inner {
     pub(crate) async fn last_direct(&self, channel: &str) -> Result<Option<Stored>, BrokerError> {
         use async_nats::jetstream::stream::DirectGetErrorKind;
         let s = self.stream(channel)?;
-        match s.direct_get_last_for_subject(self.hist_subject(channel)).await {
-            Ok(m) => Ok(Stored::from_headers(m.sequence, Some(&m.headers), m.payload, None)),
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(unavailable(e)),
-        }
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let got = match s.direct_get_last_for_subject(self.hist_subject(channel)).await {
+            Ok(m) => Stored::from_headers(m.sequence, Some(&m.headers), m.payload, None),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => None,
+            Err(e) => return Err(unavailable(e)),
+        };
+        Ok(self.cached(channel, got))
     }
 
-    /// The stored message at stream sequence `seq`, `None` when gone.
+    /// Keeps a message read from JetStream in the read cache.
+    fn cached(&self, channel: &str, s: Option<Stored>) -> Option<Stored> {
+        if let Some(s) = &s {
+            self.cache.put(self.policy(channel), s);
+        }
+        s
+    }
+
+    /// The stored message at stream sequence `seq`, `None` when gone: from the read cache
+    /// (unless past the history TTL there), else a direct get — on a replicated stream a
+    /// replica a little behind may not hold it yet, so "not found" is asked again of the
+    /// leader through the JetStream API.
     pub(crate) async fn at(&self, channel: &str, seq: u64) -> Result<Option<Stored>, BrokerError> {
+        use async_nats::jetstream::stream::DirectGetErrorKind;
+        let policy = self.policy(channel);
+        if let Some(m) = self.cache.get(policy, seq)
+            && (m.ts == 0 || crate::now_us() <= m.ts.saturating_add(policy.ttl_ms.saturating_mul(1000)))
+        {
+            return Ok(Some(m));
+        }
         let s = self.stream(channel)?;
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        match s.direct_get(seq).await {
+            Ok(m) => {
+                return Ok(self.cached(channel, Stored::from_headers(m.sequence, Some(&m.headers), m.payload, None)));
+            }
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound && self.opts.replicas > 1 => {}
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(unavailable(e)),
+        }
+        self.reads.fetch_add(1, Ordering::Relaxed);
         match s.get_raw_message(seq).await {
-            Ok(m) => Ok(Stored::from_headers(m.sequence, Some(&m.headers), m.payload, None)),
+            Ok(m) => Ok(self.cached(channel, Stored::from_headers(m.sequence, Some(&m.headers), m.payload, None))),
             Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(unavailable(e)),
         }
@@ -314,7 +360,11 @@ impl Inner {
             Some(p) => (p.offset + 1).max(kept),
             None => (top + 1).saturating_sub(limit as u64).max(kept),
         };
-        // Walk back along the channel's chain of stream sequences until `lower` is covered.
+        // Walk back along the channel's chain of stream sequences until `lower` is covered. One
+        // walk of a channel at a time (of channels sharing a lock stripe): readers of the same
+        // channel arriving together (a failover's recoveries) find what the first one read in
+        // the read cache instead of each reading it from JetStream.
+        let _walk = self.walks[walk_stripe(channel)].lock().await;
         let mut got: Vec<Stored> = Vec::new();
         let mut cur = Some(last);
         while let Some(m) = cur.take() {

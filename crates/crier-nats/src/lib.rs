@@ -37,6 +37,7 @@
 //!   compare-and-set, events queued in a work-queue stream (deduplicated by id), delivered by
 //!   the node holding a lease through one durable pull consumer.
 
+mod cache;
 mod connect;
 mod control;
 mod follow;
@@ -121,6 +122,10 @@ pub struct NatsOptions {
     pub prefix: String,
     /// Replicas of every stream and bucket (3 on a 3-server cluster). Default 1.
     pub replicas: usize,
+    /// Bytes of stored messages kept in memory for history reads (cache.rs: read once per
+    /// node, not once per reader; the channels this node holds as they are delivered).
+    /// Default 8 MiB; 0 keeps none.
+    pub read_cache_bytes: usize,
     /// Deadline of every JetStream call. Default 2s.
     pub command_timeout: Duration,
     /// How long [`NatsBroker::connect`] waits for a first connection. Default 2s.
@@ -147,6 +152,7 @@ impl NatsOptions {
             revocation_ttl: Duration::from_secs(7 * 24 * 3600),
             prefix: "crier".into(),
             replicas: 1,
+            read_cache_bytes: 8 << 20,
             command_timeout: Duration::from_secs(2),
             connect_wait: Duration::from_secs(2),
             layout_wait: Duration::from_secs(10),
@@ -161,6 +167,12 @@ pub(crate) struct Inner {
     pub up: AtomicBool,
     pub reconnects: AtomicU64,
     pub publish_calls: AtomicU64,
+    /// Stored messages read from JetStream (history reads, tails, baselines).
+    pub reads: AtomicU64,
+    /// Stored messages by stream sequence, for history reads (cache.rs).
+    cache: cache::ReadCache,
+    /// Lock stripes of history walks (one walk of a channel at a time: history.rs).
+    walks: Vec<tokio::sync::Mutex<()>>,
     pub handler: OnceLock<Arc<dyn BrokerHandler>>,
     /// The streams and buckets, once laid out (until then the node is unready and every
     /// JetStream operation answers `Unavailable`; a background task keeps trying).
@@ -188,6 +200,12 @@ impl NatsBroker {
     /// The channels this node follows after a lost race (follow.rs), for tests and diagnostics.
     pub fn followed(&self) -> Vec<String> {
         self.inner.followed.channels()
+    }
+
+    /// Stored messages this node read from JetStream so far (history reads, tails, baselines;
+    /// not the key-value buckets), for tests and diagnostics.
+    pub fn stored_reads(&self) -> u64 {
+        self.inner.reads.load(Ordering::Relaxed)
     }
 
     /// Does this node hold a live subscription to the channel (subscribed or followed)?
