@@ -5,9 +5,9 @@
 //! every one of them walked the same messages again (one JetStream request each), and the
 //! recoveries took seconds, long enough for the history to move past them.
 //!
-//! Filled by the reads themselves and by the live stream (a channel this node holds is in the
-//! cache as it is delivered, so recovering it costs no read past the channel's last message).
-//! A stored message never changes under its sequence, so an entry is never stale; it can
+//! Filled by the reads themselves, not by the live stream: nothing is kept for channels nobody
+//! recovers, and a channel being recovered costs each later reader only what was stored since
+//! the previous one read it. A stored message never changes under its sequence, so an entry is never stale; it can
 //! outlive the stored message (expired, purged), which is why a read never starts from the
 //! cache — the channel's last message always comes from JetStream — and why an entry past the
 //! history TTL is read again instead of served. Bounded in bytes, oldest entries out first;
@@ -18,9 +18,9 @@ use std::sync::Mutex;
 
 use crate::{HistPolicy, Stored};
 
-/// What an entry costs besides its data: a live message's header block (its payload shares the
-/// allocation), the key, decoded headers, map and queue slots.
-const ENTRY_OVERHEAD: usize = 400;
+/// What an entry costs besides its data: its allocation, the decoded headers, the key, its map
+/// and queue slots.
+const ENTRY_OVERHEAD: usize = 256;
 
 type Key = (HistPolicy, u64);
 
@@ -74,7 +74,11 @@ impl ReadCache {
                 st.bytes -= cost(&o);
             }
         }
-        st.map.insert(key, s.clone());
+        // The data copied: a message as read shares its allocation with what it was read from
+        // (a connection's read buffer), which a cached slice would keep alive.
+        let mut kept = s.clone();
+        kept.data = bytes::Bytes::copy_from_slice(&s.data);
+        st.map.insert(key, kept);
         st.order.push_back(key);
         st.bytes += c;
     }

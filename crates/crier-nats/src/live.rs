@@ -16,7 +16,6 @@ use std::time::Duration;
 use crier_core::broker::{BrokerError, BrokerHandler, PresenceEvent};
 use crier_protocol::StreamPosition;
 
-use crate::HistPolicy;
 use crate::history::Fields;
 use crate::rawsub::{Live as Msg, Sink};
 use crate::{Inner, Stored};
@@ -27,8 +26,6 @@ use crate::{Inner, Stored};
 pub(crate) struct Chan {
     /// Shared with the key of [`Live`]'s map.
     name: Arc<str>,
-    /// Its history policy (the stream its messages are stored in: their read-cache key).
-    policy: HistPolicy,
     inner: Weak<Inner>,
     st: Mutex<St>,
 }
@@ -83,7 +80,7 @@ impl Sink for Chan {
         }
         let Some(inner) = self.inner.upgrade() else { return };
         let Some(handler) = inner.handler() else { return };
-        let step = self.apply(&mut st, &inner, handler, &m, true);
+        let step = self.apply(&mut st, handler, &m, true);
         if let Step::Fill(_) = step {
             st.pending().push_front(m);
             st.busy = true;
@@ -137,7 +134,7 @@ impl Chan {
     /// Sequences one live message (under the state lock, so deliveries keep their order). With
     /// `may_fill` false (the message that caused a fill, after it) a message of another epoch is
     /// dropped and only what continues the channel is delivered.
-    fn apply(&self, st: &mut St, inner: &Inner, handler: &Arc<dyn BrokerHandler>, m: &Msg, may_fill: bool) -> Step {
+    fn apply(&self, st: &mut St, handler: &Arc<dyn BrokerHandler>, m: &Msg, may_fill: bool) -> Step {
         let (headers, payload) = m;
         let f = Fields::of(headers.as_ref());
         match f.kind {
@@ -152,8 +149,6 @@ impl Chan {
         let Some(s) = Stored::from_fields(f.stream_seq(), &f, payload.clone(), st.epoch.as_ref()) else {
             return Step::Done;
         };
-        // Read by the recoveries of this channel without asking JetStream (cache.rs).
-        inner.cache.put(self.policy, &s);
         if st.epoch.as_deref() != Some(&*s.epoch) {
             if !may_fill {
                 return Step::Done;
@@ -211,7 +206,7 @@ impl Chan {
                 } else {
                     let mut fill = None;
                     while let Some(m) = st.pop_pending() {
-                        if let Step::Fill(upto) = self.apply(&mut st, &inner, &handler, &m, true) {
+                        if let Step::Fill(upto) = self.apply(&mut st, &handler, &m, true) {
                             st.pending().push_front(m);
                             fill = Some(upto);
                             break;
@@ -234,7 +229,7 @@ impl Chan {
                     // The message that caused the fill: what it adds after the filled part.
                     let mut st = self.lock();
                     if let Some(m) = st.pop_pending() {
-                        self.apply(&mut st, &inner, &handler, &m, false);
+                        self.apply(&mut st, &handler, &m, false);
                     }
                     drop(st);
                     inner.live.delivered();
@@ -409,7 +404,6 @@ impl Live {
         // Busy until the baseline is read: what arrives meanwhile waits in the queue.
         let chan = Arc::new(Chan {
             name: channel.into(),
-            policy: inner.policy(channel),
             inner: Arc::downgrade(inner),
             st: Mutex::new(St { busy: true, ..Default::default() }),
         });
@@ -451,7 +445,7 @@ impl Live {
             let mut work = st.resync;
             if !work && let Some(handler) = inner.handler() {
                 while let Some(m) = st.pop_pending() {
-                    if let Step::Fill(_) = chan.apply(&mut st, inner, handler, &m, true) {
+                    if let Step::Fill(_) = chan.apply(&mut st, handler, &m, true) {
                         st.pending().push_front(m);
                         work = true;
                         break;
