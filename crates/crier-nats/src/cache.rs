@@ -7,11 +7,12 @@
 //!
 //! Filled by the reads themselves, not by the live stream: nothing is kept for channels nobody
 //! recovers, and a channel being recovered costs each later reader only what was stored since
-//! the previous one read it. A stored message never changes under its sequence, so an entry is never stale; it can
-//! outlive the stored message (expired, purged), which is why a read never starts from the
-//! cache — the channel's last message always comes from JetStream — and why an entry past the
-//! history TTL is read again instead of served. Bounded in bytes, oldest entries out first;
-//! emptied on a reconnect (a server that lost its store reuses sequences).
+//! the previous one read it. A stored message never changes under its sequence, but an entry
+//! can outlive it (expired, purged), which is why a read never starts from the cache — the
+//! channel's last message always comes from JetStream — and why an entry past the history TTL
+//! is read again instead of served. Bounded in bytes, oldest entries out first; emptied on a
+//! reconnect (a server that lost its store reuses sequences), and a walk takes an entry only
+//! when it carries the walk's epoch (an entry of a lost store has another one).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;

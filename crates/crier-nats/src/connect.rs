@@ -22,6 +22,11 @@ impl NatsBroker {
             .max_reconnects(None)
             .connection_timeout(opts.connect_wait)
             .request_timeout(Some(opts.command_timeout))
+            // A server hanging with its socket open is left after three unanswered PINGs, ~15 s
+            // (60 s apart by default: minutes). Readiness follows the subscriber connection's
+            // own probe (1 s, answered within the command timeout); this one only moves JetStream
+            // calls, which time out meanwhile anyway, to another server sooner.
+            .ping_interval(Duration::from_secs(5))
             .subscription_capacity(65_536)
             .reconnect_delay_callback(|n| Duration::from_millis((50u64 << n.min(5)).min(2000)));
         match &opts.auth {

@@ -276,14 +276,17 @@ impl Inner {
         s
     }
 
-    /// The stored message at stream sequence `seq`, `None` when gone: from the read cache
-    /// (unless past the history TTL there), else a direct get — on a replicated stream a
-    /// replica a little behind may not hold it yet, so "not found" is asked again of the
-    /// leader through the JetStream API.
-    pub(crate) async fn at(&self, channel: &str, seq: u64) -> Result<Option<Stored>, BrokerError> {
+    /// The stored message at stream sequence `seq`, `None` when gone: from the read cache when
+    /// it holds a message of `epoch` there (a walk's epoch: an entry left from a store the
+    /// server lost has another one) not past the history TTL, else a direct get — on a
+    /// replicated stream a replica a little behind may not hold it yet, so "not found" is asked
+    /// again of the leader through the JetStream API.
+    pub(crate) async fn at(&self, channel: &str, seq: u64, epoch: Option<&str>) -> Result<Option<Stored>, BrokerError> {
         use async_nats::jetstream::stream::DirectGetErrorKind;
         let policy = self.policy(channel);
-        if let Some(m) = self.cache.get(policy, seq)
+        if let Some(epoch) = epoch
+            && let Some(m) = self.cache.get(policy, seq)
+            && *m.epoch == *epoch
             && (m.ts == 0 || crate::now_us() <= m.ts.saturating_add(policy.ttl_ms.saturating_mul(1000)))
         {
             return Ok(Some(m));
@@ -376,7 +379,7 @@ impl Inner {
             if prev == 0 || first <= lower || got.len() as u64 > size + 1 {
                 break;
             }
-            cur = self.at(channel, prev).await?;
+            cur = self.at(channel, prev, Some(&epoch)).await?;
         }
         got.reverse();
         let mut publications: Vec<Publication> =

@@ -128,6 +128,10 @@ pub struct NatsOptions {
     pub read_cache_bytes: usize,
     /// Deadline of every JetStream call. Default 2s.
     pub command_timeout: Duration,
+    /// The subscriber connection sends a `PING` this often; one not answered within
+    /// `command_timeout` marks the broker down and the connection is made again (a server
+    /// hanging with its socket open is noticed, as on Redis). Default 1s.
+    pub probe_interval: Duration,
     /// How long [`NatsBroker::connect`] waits for a first connection. Default 2s.
     pub connect_wait: Duration,
     /// How long [`NatsBroker::connect`] retries laying out streams and buckets while
@@ -154,6 +158,7 @@ impl NatsOptions {
             replicas: 1,
             read_cache_bytes: 8 << 20,
             command_timeout: Duration::from_secs(2),
+            probe_interval: Duration::from_secs(1),
             connect_wait: Duration::from_secs(2),
             layout_wait: Duration::from_secs(10),
         }

@@ -244,7 +244,7 @@ impl Inner {
             let fut = self.js.send_publish(subject.clone(), msg).await.map_err(unavailable)?;
             match fut.await {
                 Ok(ack) if ack.duplicate => {
-                    let firstp = self.at(channel, ack.sequence).await?.ok_or_else(|| {
+                    let firstp = self.at(channel, ack.sequence, None).await?.ok_or_else(|| {
                         BrokerError::Internal("the first publish of this idempotency key is no longer stored".into())
                     })?;
                     return Ok((firstp.epoch.to_string(), firstp.first));

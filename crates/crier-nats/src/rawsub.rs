@@ -86,6 +86,11 @@ pub(crate) struct Conf {
     /// PEM file of the private CA (`None`: the system roots).
     ca_file: Option<std::path::PathBuf>,
     name: String,
+    /// A `PING` every `probe_every`, answered within `probe_within`, or the connection is
+    /// dropped and made again (a server that hangs with its socket open: `SIGSTOP`, a full
+    /// disk stalling it, a network path that black-holes packets).
+    probe_every: Duration,
+    probe_within: Duration,
 }
 
 impl Conf {
@@ -119,6 +124,8 @@ impl Conf {
             cred,
             ca_file: opts.tls_ca_file.clone(),
             name: format!("crier {} live", opts.node_id),
+            probe_every: opts.probe_interval,
+            probe_within: opts.command_timeout,
         };
         let tls = if conf.ca_file.is_some() || urls.iter().any(|u| u.tls_required()) {
             Some(tls_config(conf.ca_file.as_deref()).map_err(BrokerError::Internal)?)
@@ -344,7 +351,12 @@ async fn conn_loop(
                     drop(w);
                     on_reconnect();
                     drop(sub);
-                    read_loop(&me, reader).await;
+                    tokio::select! {
+                        () = read_loop(&me, reader) => {}
+                        () = probe(&me, conf.probe_every, conf.probe_within) => {
+                            tracing::warn!(host = %addr.host, port = addr.port, "nats subscriber connection: no PONG within {:?}; connecting again", conf.probe_within);
+                        }
+                    }
                     if let Some(sub) = me.upgrade() {
                         sub.up.store(false, Ordering::SeqCst);
                         *sub.writer.lock().await = None;
@@ -366,10 +378,42 @@ async fn conn_loop(
     }
 }
 
-/// Writes and flushes (TLS: the record goes out now).
+/// The longest a write may take (a server that stopped reading fills the socket's buffer).
+const WRITE_WITHIN: Duration = Duration::from_secs(2);
+
+/// Writes and flushes (TLS: the record goes out now), within [`WRITE_WITHIN`].
 async fn send(w: &mut Writer, bytes: &[u8]) -> std::io::Result<()> {
-    w.write_all(bytes).await?;
-    w.flush().await
+    let write = async {
+        w.write_all(bytes).await?;
+        w.flush().await
+    };
+    tokio::time::timeout(WRITE_WITHIN, write).await.unwrap_or_else(|_| Err(io_err("write timed out")))
+}
+
+/// Returns when a `PING` (one every `every`) got no `PONG` within `within` — the connection is
+/// then dropped by the caller — or when the connection is gone.
+async fn probe(me: &Weak<RawSub>, every: Duration, within: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(sub) = me.upgrade() else { return };
+        // Bounded as a whole: taking the writer may wait for a write to a server that hangs.
+        let answered = tokio::time::timeout(within, async {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            {
+                let mut w = sub.writer.lock().await;
+                let Some(wr) = w.as_mut() else { return false };
+                sub.pongs.lock().unwrap_or_else(|e| e.into_inner()).push_back(tx);
+                if send(wr, b"PING\r\n").await.is_err() {
+                    return false;
+                }
+            }
+            rx.await.is_ok()
+        })
+        .await;
+        if answered != Ok(true) {
+            return;
+        }
+    }
 }
 
 /// Adds the servers of an `INFO`'s `connect_urls` (`host:port`) not known yet, reached like
@@ -595,7 +639,14 @@ mod tests {
             tls: false,
             user: None,
         };
-        let conf = Conf { addrs: vec![addr(&silent), addr(&fake)], cred: Cred::None, ca_file: None, name: "t".into() };
+        let conf = Conf {
+            addrs: vec![addr(&silent), addr(&fake)],
+            cred: Cred::None,
+            ca_file: None,
+            name: "t".into(),
+            probe_every: Duration::from_secs(1),
+            probe_within: Duration::from_secs(2),
+        };
         let greeted = Arc::new(AtomicU64::new(0));
         let g = greeted.clone();
         tokio::spawn(async move {

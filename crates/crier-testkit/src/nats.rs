@@ -254,6 +254,14 @@ impl NatsServer {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
 
+    /// SIGSTOP / SIGCONT: the server hangs with its sockets open (a wedged server).
+    pub fn pause(&self, paused: bool) {
+        let Some(pid) = self.child.as_ref().map(|c| c.id()) else { return };
+        let sig = if paused { "-STOP" } else { "-CONT" };
+        let ok = std::process::Command::new("kill").arg(sig).arg(pid.to_string()).status().is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     /// SIGKILL.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -153,6 +153,61 @@ async fn nats_restart_readiness_follows_and_nothing_acknowledged_is_lost() {
     assert!(b.metric("crier_broker_reconnects_total").await >= 1.0);
 }
 
+/// A nats-server that hangs with its sockets open (SIGSTOP): the nodes notice within seconds
+/// (the subscriber connection's PING goes unanswered) and turn unready; a publish meanwhile is
+/// answered within the command timeout, never hangs; once the server runs again the nodes turn
+/// ready by themselves, and a keyed publish retried after its unknown outcome is delivered once,
+/// in order with everything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wedged_nats_server_turns_the_nodes_unready_and_a_keyed_retry_delivers_once() {
+    if !nats_available("a_wedged_nats_server_turns_the_nodes_unready") {
+        return;
+    }
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let (a, b) = (node(&url, "wa", &[]).await, node(&url, "wb", &[]).await);
+    until("ready", async || status(&a, "/readyz").await == 200 && status(&b, "/readyz").await == 200).await;
+    let mut sub = b.client(&b.token("s", &["wedge"], &[])).await;
+    sub.subscribe("wedge", 1).await;
+    let keyed = async |key: &str| -> u16 {
+        let r = a
+            .http
+            .post(a.url("/api/v1/publish"))
+            .bearer_auth(support::API_KEY)
+            .json(&json!({"channel":"wedge","data":key,"idempotency_key":key}))
+            .send();
+        tokio::time::timeout(Duration::from_secs(10), r)
+            .await
+            .expect("answered, never hangs")
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(keyed("before").await, 200);
+    nats.pause(true);
+    until_within("readyz 503 on both nodes", Duration::from_secs(15), async || {
+        status(&a, "/readyz").await == 503 && status(&b, "/readyz").await == 503
+    })
+    .await;
+    assert_eq!(a.metric("crier_broker_up").await, 0.0);
+    let during = keyed("during").await;
+    assert!(during == 503 || during == 504, "refused or outcome unknown: {during}");
+    nats.pause(false);
+    until_within("readyz 200 again", Duration::from_secs(30), async || {
+        status(&a, "/readyz").await == 200 && status(&b, "/readyz").await == 200
+    })
+    .await;
+    until_within("the retry with the same key", Duration::from_secs(10), async || keyed("during").await == 200).await;
+    assert_eq!(keyed("after").await, 200);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let m = sub.recv().await;
+        assert_eq!(m["type"], "message", "only messages: {m}");
+        got.push((m["offset"].as_u64().unwrap(), m["data"].as_str().unwrap().to_owned()));
+    }
+    assert_eq!(got, [(1, "before".into()), (2, "during".into()), (3, "after".into())], "once each, in order");
+}
+
 /// A node started while NATS is down starts anyway, unready (`/readyz` 503, publishes refused
 /// with 503), and becomes ready by itself once NATS is up: its streams and buckets are laid out
 /// then, and a message published after reaches a subscriber of the other node.
