@@ -21,6 +21,13 @@ async fn node(urls: &str, name: &str, extra: &[&str]) -> Server {
     Server::start(&args).await
 }
 
+/// Two nodes on `url`, both ready.
+async fn ready_pair(url: &str, a: &str, b: &str) -> (Server, Server) {
+    let (a, b) = (node(url, a, &[]).await, node(url, b, &[]).await);
+    until("ready", async || status(&a, "/readyz").await == 200 && status(&b, "/readyz").await == 200).await;
+    (a, b)
+}
+
 async fn status(server: &Server, path: &str) -> u16 {
     reqwest::get(server.url(path)).await.map(|r| r.status().as_u16()).unwrap_or(0)
 }
@@ -117,8 +124,7 @@ async fn nats_restart_readiness_follows_and_nothing_acknowledged_is_lost() {
     }
     let mut nats = NatsServer::start();
     let url = nats.url();
-    let (a, b) = (node(&url, "ra", &[]).await, node(&url, "rb", &[]).await);
-    until("ready", async || status(&a, "/readyz").await == 200 && status(&b, "/readyz").await == 200).await;
+    let (a, b) = ready_pair(&url, "ra", "rb").await;
     let mut sub = b.client(&b.token("s", &["ev"], &[])).await;
     sub.subscribe("ev", 1).await;
     let mut acked = Vec::new();
@@ -165,8 +171,7 @@ async fn a_wedged_nats_server_turns_the_nodes_unready_and_a_keyed_retry_delivers
     }
     let nats = NatsServer::start();
     let url = nats.url();
-    let (a, b) = (node(&url, "wa", &[]).await, node(&url, "wb", &[]).await);
-    until("ready", async || status(&a, "/readyz").await == 200 && status(&b, "/readyz").await == 200).await;
+    let (a, b) = ready_pair(&url, "wa", "wb").await;
     let mut sub = b.client(&b.token("s", &["wedge"], &[])).await;
     sub.subscribe("wedge", 1).await;
     let keyed = async |key: &str| -> u16 {
@@ -246,8 +251,7 @@ async fn a_nats_restart_that_lost_its_store_is_never_silent() {
     }
     let mut nats = NatsServer::start();
     let url = nats.url();
-    let (a, b) = (node(&url, "la", &[]).await, node(&url, "lb", &[]).await);
-    until("ready", async || status(&a, "/readyz").await == 200 && status(&b, "/readyz").await == 200).await;
+    let (a, b) = ready_pair(&url, "la", "lb").await;
     let token = b.token("s", &["ev"], &[]);
     let mut sub = b.client(&token).await;
     let old_epoch = sub.subscribe("ev", 1).await["epoch"].as_str().unwrap().to_owned();
