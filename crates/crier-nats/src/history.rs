@@ -241,7 +241,8 @@ impl Inner {
     /// one replica (answered by its only server: as exact, and cheaper for it).
     pub(crate) async fn last(&self, channel: &str) -> Result<Option<Stored>, BrokerError> {
         if self.opts.replicas <= 1 {
-            return self.last_direct(channel).await;
+            let got = self.last_direct(channel).await?;
+            return Ok(self.cached(channel, got));
         }
         let s = self.stream(channel)?;
         self.reads.fetch_add(1, Ordering::Relaxed);
@@ -255,17 +256,17 @@ impl Inner {
 
     /// [`Inner::last`] through a direct get (no JetStream API request: cheaper for the server;
     /// on a replicated stream possibly answered by a replica a little behind — for a
-    /// publisher, whose expected-sequence check catches that, not for history reads).
+    /// publisher, whose expected-sequence check catches that, not for history reads). Not
+    /// kept in the read cache (a publisher's read: nothing on the publish path is cached).
     pub(crate) async fn last_direct(&self, channel: &str) -> Result<Option<Stored>, BrokerError> {
         use async_nats::jetstream::stream::DirectGetErrorKind;
         let s = self.stream(channel)?;
         self.reads.fetch_add(1, Ordering::Relaxed);
-        let got = match s.direct_get_last_for_subject(self.hist_subject(channel)).await {
-            Ok(m) => Stored::from_headers(m.sequence, Some(&m.headers), m.payload, None),
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => None,
-            Err(e) => return Err(unavailable(e)),
-        };
-        Ok(self.cached(channel, got))
+        match s.direct_get_last_for_subject(self.hist_subject(channel)).await {
+            Ok(m) => Ok(Stored::from_headers(m.sequence, Some(&m.headers), m.payload, None)),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     /// Keeps a message read from JetStream in the read cache.
