@@ -111,3 +111,51 @@ async fn a_later_reader_reads_only_what_was_stored_since_the_previous_one() {
     let h = since(&b, ch, &epoch, 10).await;
     assert!(h.gap && h.publications.is_empty(), "deleted history is not replayed from memory: {h:?}");
 }
+
+/// On a 3-server cluster with R3 streams a walk's direct gets may reach a replica: every
+/// history read still answers exactly what was stored, from a node on another server than the
+/// publisher's, and again once a server is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_reads_on_a_replicated_stream_answer_every_message() {
+    if !nats_available("history_reads_on_a_replicated_stream_answer_every_message") {
+        return;
+    }
+    let mut cluster = NatsServer::start_cluster(3);
+    let on = |i: usize, name: &str| {
+        let mut o = NatsOptions::new(vec![cluster[i].url()], name);
+        o.replicas = 3;
+        o.layout_wait = std::time::Duration::from_secs(30);
+        o
+    };
+    let (oa, ob) = (on(0, "r3a"), on(1, "r3b"));
+    let a = NatsBroker::connect(oa).await.unwrap_or_else(|e| panic!("connect: {e}"));
+    let b = NatsBroker::connect(ob).await.unwrap_or_else(|e| panic!("connect: {e}"));
+    until("both up on the cluster", async || a.is_up() && b.is_up()).await;
+    let ch = "reads:r3";
+    let mut epoch = String::new();
+    for i in 1..=30u64 {
+        // A publish refused while the cluster settles is tried again (refused: not stored),
+        // for up to 30 s.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        let r = loop {
+            match a.publish(ch, &format!("{{\"i\":{i}}}"), PublishOptions::default()).await {
+                Ok(r) => break r,
+                Err(crier_core::BrokerError::Unavailable(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::task::yield_now().await;
+                }
+                Err(e) => panic!("publish {i}: {e}"),
+            }
+        };
+        assert_eq!(r.offset, i);
+        epoch = r.epoch;
+    }
+    for i in [0, 12, 29] {
+        check(&since(&b, ch, &epoch, i).await, ch, i + 1, 30);
+    }
+    cluster[2].kill();
+    until("b reads again with a server gone", async || {
+        let pos = StreamPosition { epoch: epoch.clone(), offset: 5 };
+        b.history(ch, Some(&pos), 1000).await.is_ok_and(|h| h.publications.len() == 25 && !h.gap)
+    })
+    .await;
+}
