@@ -122,8 +122,8 @@ pub struct NatsOptions {
     pub prefix: String,
     /// Replicas of every stream and bucket (3 on a 3-server cluster). Default 1.
     pub replicas: usize,
-    /// Bytes of stored messages kept in memory for history reads (cache.rs: read once per
-    /// node, not once per reader; the channels this node holds as they are delivered).
+    /// Bytes of stored messages kept in memory for history reads (cache.rs: what history
+    /// reads fetched, so each message is read once per node, not once per reader).
     /// Default 8 MiB; 0 keeps none.
     pub read_cache_bytes: usize,
     /// Deadline of every JetStream call. Default 2s.

@@ -34,14 +34,7 @@ async fn status(server: &Server, path: &str) -> u16 {
 
 /// `Some((epoch, offset))` on 200, `None` on 503 (unavailable) or 504 (outcome unknown).
 async fn try_publish(server: &Server, channel: &str, data: Value) -> Option<(String, u64)> {
-    let r = server
-        .http
-        .post(server.url("/api/v1/publish"))
-        .bearer_auth(support::API_KEY)
-        .json(&json!({"channel":channel,"data":data}))
-        .send()
-        .await
-        .unwrap();
+    let r = server.post("/api/v1/publish", json!({"channel":channel,"data":data})).await;
     match r.status().as_u16() {
         200 => {
             let v: Value = r.json().await.unwrap();
@@ -175,18 +168,8 @@ async fn a_wedged_nats_server_turns_the_nodes_unready_and_a_keyed_retry_delivers
     let mut sub = b.client(&b.token("s", &["wedge"], &[])).await;
     sub.subscribe("wedge", 1).await;
     let keyed = async |key: &str| -> u16 {
-        let r = a
-            .http
-            .post(a.url("/api/v1/publish"))
-            .bearer_auth(support::API_KEY)
-            .json(&json!({"channel":"wedge","data":key,"idempotency_key":key}))
-            .send();
-        tokio::time::timeout(Duration::from_secs(10), r)
-            .await
-            .expect("answered, never hangs")
-            .unwrap()
-            .status()
-            .as_u16()
+        let r = a.post("/api/v1/publish", json!({"channel":"wedge","data":key,"idempotency_key":key}));
+        tokio::time::timeout(Duration::from_secs(10), r).await.expect("answered, never hangs").status().as_u16()
     };
     assert_eq!(keyed("before").await, 200);
     nats.pause(true);
