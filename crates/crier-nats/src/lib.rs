@@ -21,7 +21,8 @@
 //!   `<prefix>.l.<policy>.<token>` (server side, in stream order, only once stored); each node
 //!   holds one core subscription per subscribed channel, all on its own subscriber connection
 //!   (`rawsub`: plain or TLS, with the same credential as the async-nats client, which serves
-//!   JetStream, the buckets and requests). Per channel the node keeps the last
+//!   JetStream's API, the buckets and requests). The node's publishes — stored messages and
+//!   presence events — are sent on that connection too, and acknowledged on it. Per channel the node keeps the last
 //!   delivered offset and epoch: duplicates are dropped, a hole is filled from JetStream before
 //!   the message after it, an unfillable hole or a new epoch is announced (`on_gap`). After a
 //!   reconnect every subscribed channel is re-read from JetStream (what was published while

@@ -6,12 +6,13 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use async_nats::jetstream::{context::PublishErrorKind, message::PublishMessage};
+use base64::Engine;
 use bytes::Bytes;
 use crier_core::broker::{BrokerError, PublishOptions, PublishResult};
 
 use crate::history::new_epoch;
-use crate::{H_EPOCH, H_LENS, H_OFFSET, H_PREV, H_TS, Inner, now_us, token, unavailable};
+use crate::rawsub::ReqError;
+use crate::{H_EPOCH, H_LENS, H_OFFSET, H_PREV, H_TS, Inner, now_us, token};
 
 /// At most this many publications, and about this many bytes, per stored batch.
 pub(crate) const BATCH_MAX: usize = 256;
@@ -76,13 +77,13 @@ impl Inner {
     ) -> Result<PublishResult, BrokerError> {
         // Not connected: refused before anything is sent (the client would buffer the publish
         // and send it after a reconnect, long after the caller was told it failed).
-        if self.client.connection_state() != async_nats::connection::State::Connected {
+        if !self.raw.is_up() {
             return Err(BrokerError::Unavailable("not connected to NATS".into()));
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let pending = Pending {
             data: Bytes::copy_from_slice(data.as_bytes()),
-            key: opts.idempotency_key.map(|k| format!("{}:{k}", token(channel))),
+            key: opts.idempotency_key.map(|k| msg_id(channel, k)),
             tx,
         };
         let lead = {
@@ -218,7 +219,12 @@ impl Inner {
             // delivered: fresher than the cached one after another node published, and no read.
             let live = self.live.tail(channel).map(|(epoch, offset, seq)| Tail { seq, epoch, offset });
             let t = match (tail.take(), live) {
-                (Some(c), Some(l)) if l.seq > c.seq => l,
+                (Some(c), Some(l)) if l.seq > c.seq => {
+                    // Another node published since this node's last publish: following saved
+                    // a lost race, so the channel is still contended.
+                    self.followed.touch(channel);
+                    l
+                }
                 (Some(c), _) => c,
                 (None, Some(l)) if reported.map_or_else(|| tried.is_none_or(|t| l.seq > t), |r| l.seq == r) => l,
                 (None, _) => match self.last_direct(channel).await? {
@@ -227,57 +233,131 @@ impl Inner {
                 },
             };
             let first = t.offset + 1;
-            let mut msg = PublishMessage::build()
-                .payload(payload.clone())
-                .header(H_EPOCH, &*t.epoch)
-                .header(H_OFFSET, first.to_string().as_str())
-                .header(H_PREV, t.seq.to_string().as_str())
-                .header(H_TS, now_us().to_string().as_str())
-                .expected_last_subject_sequence(t.seq);
+            let mut h = String::with_capacity(192);
+            h.push_str("NATS/1.0\r\n");
+            let mut put = |k: &str, v: &str| {
+                h.push_str(k);
+                h.push_str(": ");
+                h.push_str(v);
+                h.push_str("\r\n");
+            };
+            put(H_EPOCH, &t.epoch);
+            put(H_OFFSET, &first.to_string());
+            put(H_PREV, &t.seq.to_string());
+            put(H_TS, &now_us().to_string());
+            put(EXPECTED_LAST_SUBJECT_SEQ, &t.seq.to_string());
             if let Some(l) = &lens {
-                msg = msg.header(H_LENS, l.as_str());
+                put(H_LENS, l);
             }
             if let Some(id) = &key {
-                msg = msg.message_id(id);
+                put(MSG_ID, id);
             }
+            h.push_str("\r\n");
             self.publish_calls.fetch_add(1, Ordering::Relaxed);
-            let fut = self.js.send_publish(subject.clone(), msg).await.map_err(unavailable)?;
-            match fut.await {
-                Ok(ack) if ack.duplicate => {
-                    let firstp = self.at(channel, ack.sequence, None).await?.ok_or_else(|| {
+            let reply = match self.raw.request(&subject, h.as_bytes(), &payload, self.opts.command_timeout).await {
+                Ok(reply) => reply,
+                Err(ReqError::NotSent(e)) => return Err(BrokerError::Unavailable(e)),
+                Err(ReqError::Unknown(e)) => return Err(BrokerError::OutcomeUnknown(e)),
+            };
+            match Ack::of(&reply) {
+                Ack::Stored { seq, duplicate: true } => {
+                    let firstp = self.at(channel, seq, None).await?.ok_or_else(|| {
                         BrokerError::Internal("the first publish of this idempotency key is no longer stored".into())
                     })?;
                     return Ok((firstp.epoch.to_string(), firstp.first));
                 }
-                Ok(ack) => {
+                Ack::Stored { seq, duplicate: false } => {
                     let epoch = t.epoch.to_string();
-                    *tail = Some(Tail { seq: ack.sequence, epoch: t.epoch, offset: first + batch.len() as u64 - 1 });
+                    *tail = Some(Tail { seq, epoch: t.epoch, offset: first + batch.len() as u64 - 1 });
                     return Ok((epoch, first));
                 }
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                Ack::WrongLast(last) => {
                     self.lost_race(channel);
                     tried = Some(t.seq);
-                    reported = reported_last(&e);
+                    reported = last;
                 }
-                Err(e) if e.kind() == PublishErrorKind::TimedOut || e.kind() == PublishErrorKind::BrokenPipe => {
-                    return Err(BrokerError::OutcomeUnknown(e.to_string()));
-                }
-                Err(e) => return Err(unavailable(e)),
+                Ack::Refused(e) => return Err(BrokerError::Unavailable(e)),
             }
         }
         Err(BrokerError::Unavailable("too much contention on the channel".into()))
     }
 }
 
-/// The channel's last sequence as a refused publish reports it ("wrong last sequence: N").
-fn reported_last(e: &(dyn std::error::Error + 'static)) -> Option<u64> {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push(' ');
-        text.push_str(&s.to_string());
-        source = s.source();
+/// JetStream's headers: the store only if the subject's last sequence is this one; the
+/// de-duplication id.
+const EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
+const MSG_ID: &str = "Nats-Msg-Id";
+
+/// A publish's `Nats-Msg-Id`: the channel's token, `:`, the idempotency key. A key that is not
+/// printable ASCII (it could end the header line) is written `;` + its base64url instead — no
+/// other key can give the same id, as the token's alphabet has neither `:` nor `;`.
+fn msg_id(channel: &str, key: &str) -> String {
+    if key.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        format!("{}:{key}", token(channel))
+    } else {
+        format!("{};{}", token(channel), base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key))
     }
+}
+
+/// What JetStream answered a publish.
+#[derive(Debug, PartialEq)]
+enum Ack {
+    Stored {
+        seq: u64,
+        duplicate: bool,
+    },
+    /// Refused: the subject's last sequence is not the expected one (the reported one, when
+    /// the answer says it).
+    WrongLast(Option<u64>),
+    /// Refused otherwise (no stream, a limit, JetStream unavailable): nothing was stored.
+    Refused(String),
+}
+
+/// JetStream's error code of a wrong expected last subject sequence.
+const ERR_WRONG_LAST_SEQUENCE: u64 = 10071;
+
+impl Ack {
+    /// Reads a publish's answer: the JSON of a publish acknowledgement or error, or a status
+    /// (`503`: no stream listens on the subject).
+    fn of((headers, payload): &crate::rawsub::Live) -> Ack {
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            seq: Option<u64>,
+            #[serde(default)]
+            duplicate: bool,
+            error: Option<ApiError>,
+        }
+        #[derive(serde::Deserialize)]
+        struct ApiError {
+            #[serde(default)]
+            err_code: u64,
+            #[serde(default)]
+            description: String,
+        }
+        if let Some(h) = headers {
+            let status = h.0.split(|&b| b == b'\r').next().unwrap_or_default();
+            let status = String::from_utf8_lossy(status);
+            let code = status.split_ascii_whitespace().nth(1).unwrap_or("");
+            if !code.is_empty() {
+                return Ack::Refused(match code {
+                    "503" => "no JetStream stream answers for the channel (no responders)".into(),
+                    _ => format!("nats status: {}", status.trim()),
+                });
+            }
+        }
+        match serde_json::from_slice::<Answer>(payload) {
+            Ok(Answer { error: Some(e), .. }) if e.err_code == ERR_WRONG_LAST_SEQUENCE => {
+                Ack::WrongLast(reported_last(&e.description))
+            }
+            Ok(Answer { error: Some(e), .. }) => Ack::Refused(format!("jetstream: {}", e.description)),
+            Ok(Answer { seq: Some(seq), duplicate, .. }) => Ack::Stored { seq, duplicate },
+            _ => Ack::Refused(format!("jetstream: an answer not understood: {}", String::from_utf8_lossy(payload))),
+        }
+    }
+}
+
+/// The channel's last sequence as a refused publish reports it ("wrong last sequence: N").
+fn reported_last(text: &str) -> Option<u64> {
     let at = text.rfind("sequence: ")? + "sequence: ".len();
     let digits: String = text[at..].chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
@@ -285,35 +365,57 @@ fn reported_last(e: &(dyn std::error::Error + 'static)) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn the_reported_last_sequence_is_read_from_the_error() {
-        let e = std::io::Error::other("wrong last sequence: 4217");
-        assert_eq!(super::reported_last(&e), Some(4217));
-        assert_eq!(super::reported_last(&std::io::Error::other("wrong last sequence")), None);
+    use super::{Ack, msg_id, reported_last};
+    use crate::history::RawHeaders;
+    use bytes::Bytes;
+
+    fn ack(headers: Option<&'static str>, payload: &'static str) -> Ack {
+        Ack::of(&(headers.map(|h| RawHeaders(Bytes::from(h))), Bytes::from(payload)))
     }
 
-    /// The same, from a refusal of a real nats-server (the text is the server's).
+    #[test]
+    fn answers_are_read() {
+        assert_eq!(ack(None, r#"{"stream":"s","seq":42}"#), Ack::Stored { seq: 42, duplicate: false });
+        assert_eq!(ack(None, r#"{"stream":"s","seq":7,"duplicate":true}"#), Ack::Stored { seq: 7, duplicate: true });
+        let wrong = r#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 4217"}}"#;
+        assert_eq!(ack(None, wrong), Ack::WrongLast(Some(4217)));
+        assert!(matches!(ack(Some("NATS/1.0 503\r\n\r\n"), ""), Ack::Refused(e) if e.contains("no responders")));
+        let full = r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#;
+        assert!(matches!(ack(None, full), Ack::Refused(e) if e.contains("maximum messages exceeded")));
+        assert!(matches!(ack(None, "garbage"), Ack::Refused(_)));
+        assert_eq!(reported_last("wrong last sequence"), None);
+    }
+
+    /// An idempotency key that could end a header line is encoded; others are kept as written
+    /// (the ids of publishes stored before stay the same).
+    #[test]
+    fn message_ids_are_header_safe() {
+        assert_eq!(msg_id("a", "k-1"), format!("{}:k-1", crate::token("a")));
+        let odd = msg_id("a", "k\r\nNats-Expected-Stream: x");
+        assert!(odd.starts_with(&format!("{};", crate::token("a"))) && !odd.contains(['\r', '\n', ':']), "{odd}");
+        assert_ne!(msg_id("a", "é"), msg_id("a", "e"));
+    }
+
+    /// A refusal of a real nats-server (its words) is read as a lost race with the last sequence.
     #[tokio::test]
     async fn a_real_refusal_reports_the_last_sequence() {
-        use async_nats::jetstream::{self, message::PublishMessage, stream};
+        use async_nats::jetstream::{self, stream};
         if !crier_testkit::nats::nats_available("a_real_refusal_reports_the_last_sequence") {
             return;
         }
         let server = crier_testkit::nats::NatsServer::start();
         let client = async_nats::connect(server.url()).await.expect("connected");
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         js.create_stream(stream::Config { name: "t".into(), subjects: vec!["t.*".into()], ..Default::default() })
             .await
             .expect("a stream");
         for _ in 0..3 {
             js.publish("t.a", "x".into()).await.expect("sent").await.expect("stored");
         }
-        let refused = js
-            .send_publish("t.a", PublishMessage::build().payload("y".into()).expected_last_subject_sequence(1))
-            .await
-            .expect("sent")
-            .await
-            .expect_err("refused");
-        assert_eq!(super::reported_last(&refused), Some(3));
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Expected-Last-Subject-Sequence", "1");
+        let reply = client.request_with_headers("t.a", h, "y".into()).await.expect("answered");
+        let raw = (None, reply.payload);
+        assert_eq!(Ack::of(&raw), Ack::WrongLast(Some(3)));
     }
 }

@@ -4,6 +4,11 @@
 //! dispatcher: no task and no queue per channel) — as the Redis broker owns its pub/sub
 //! connection. It exists for memory: the async-nats client gives every subscription its own
 //! queue whose first block (32 messages) is allocated at once, ~6 KiB per subscribed channel.
+//! The node's publishes take it too ([`RawSub::request`], [`RawSub::publish`]): a JetStream
+//! publish's acknowledgement comes back on the connection that also receives the republished
+//! message (one connection for the server to write to per publish instead of two, and no client
+//! task between the caller and the socket), and a presence event follows the message stored
+//! before it on one connection, so every node sees them in that order.
 //!
 //! It serves every kind of connection the broker accepts ([`Conf`]): plain TCP or TLS (a
 //! `tls://` URL, or a server whose `INFO` says `tls_required`: upgraded with rustls after
@@ -46,9 +51,36 @@ pub(crate) trait Sink: Send + Sync {
 type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 type Reader = BufReader<Box<dyn AsyncRead + Send + Unpin>>;
 
+/// The subscription id of the connection's reply inbox (channel subscriptions count from 1).
+const REPLY_SID: u64 = 0;
+
+/// Why a request got no answer.
+#[derive(Debug)]
+pub(crate) enum ReqError {
+    /// Nothing was sent (not connected).
+    NotSent(String),
+    /// Sent, and no answer came (timed out, or the connection was lost): the server may have
+    /// acted on it.
+    Unknown(String),
+}
+
+impl std::fmt::Display for ReqError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReqError::NotSent(e) | ReqError::Unknown(e) => f.write_str(e),
+        }
+    }
+}
+
 /// The subscriber connection.
 pub(crate) struct RawSub {
     writer: tokio::sync::Mutex<Option<Writer>>,
+    /// The reply subjects' prefix (`_INBOX.<random>`: what a NATS user's permissions allow
+    /// for replies, as for the async-nats client's requests).
+    inbox: String,
+    /// Requests waiting for their reply, by the last token of their reply subject.
+    replies: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Live>>>,
+    next_req: AtomicU64,
     /// Waiters for the server's `PONG`s, in the order their `PING`s were written.
     pongs: Mutex<VecDeque<tokio::sync::oneshot::Sender<()>>>,
     /// Subscription id → where its messages go (the subject is asked of the sink when needed).
@@ -243,6 +275,9 @@ impl RawSub {
     ) -> Arc<RawSub> {
         let me = Arc::new(RawSub {
             writer: tokio::sync::Mutex::new(None),
+            inbox: format!("_INBOX.{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>()),
+            replies: Mutex::new(HashMap::new()),
+            next_req: AtomicU64::new(1),
             pongs: Mutex::new(VecDeque::new()),
             subs: Mutex::new(HashMap::new()),
             next_sid: AtomicU64::new(1),
@@ -293,6 +328,90 @@ impl RawSub {
         }
     }
 
+    /// Sends a request (`HPUB` with a reply subject of this connection's inbox; `headers`: a
+    /// whole header block, `NATS/1.0\r\n...\r\n\r\n`) and returns its reply, waiting at most
+    /// `within`. The node's JetStream publishes go this way: on the connection that also
+    /// receives their republished messages, one fewer connection for the server to write to
+    /// per publish, and no client task between the caller and the socket.
+    pub(crate) async fn request(
+        &self,
+        subject: &str,
+        headers: &[u8],
+        payload: &[u8],
+        within: Duration,
+    ) -> Result<Live, ReqError> {
+        let id = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut frame = Vec::with_capacity(subject.len() + self.inbox.len() + headers.len() + payload.len() + 64);
+        let total = headers.len() + payload.len();
+        frame.extend_from_slice(format!("HPUB {subject} {}.{id} {} {total}\r\n", self.inbox, headers.len()).as_bytes());
+        frame.extend_from_slice(headers);
+        frame.extend_from_slice(payload);
+        frame.extend_from_slice(b"\r\n");
+        let sent = tokio::time::timeout(within, async {
+            let mut w = self.writer.lock().await;
+            let Some(wr) = w.as_mut() else {
+                return Err(ReqError::NotSent("not connected to NATS".into()));
+            };
+            // Registered under the writer's lock: a lost connection clears the waiters under
+            // it too, so no waiter of an old connection outlives it.
+            self.replies.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+            if let Err(e) = send(wr, &frame).await {
+                // Maybe partly written: the read side notices and reconnects.
+                *w = None;
+                return Err(ReqError::Unknown(format!("nats write: {e}")));
+            }
+            Ok(())
+        })
+        .await;
+        let forget = || self.replies.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                forget();
+                return Err(e);
+            }
+            Err(_) => {
+                // The writer's lock was not had within `within`: maybe being written.
+                forget();
+                return Err(ReqError::Unknown("nats write timed out".into()));
+            }
+        }
+        match tokio::time::timeout(within, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(ReqError::Unknown("the nats connection was lost before the answer".into())),
+            Err(_) => {
+                forget();
+                Err(ReqError::Unknown(format!("no answer from nats within {within:?}")))
+            }
+        }
+    }
+
+    /// Publishes a message (`HPUB`, no reply; `headers`: a whole header block). On this
+    /// connection, after the node's publishes sent before it — a presence event after the
+    /// message stored before it, as the node issued them.
+    pub(crate) async fn publish(&self, subject: &str, headers: &[u8], payload: &[u8]) -> Result<(), ReqError> {
+        let total = headers.len() + payload.len();
+        let mut frame = Vec::with_capacity(subject.len() + total + 32);
+        frame.extend_from_slice(format!("HPUB {subject} {} {total}\r\n", headers.len()).as_bytes());
+        frame.extend_from_slice(headers);
+        frame.extend_from_slice(payload);
+        frame.extend_from_slice(b"\r\n");
+        let mut w = self.writer.lock().await;
+        let Some(wr) = w.as_mut() else {
+            return Err(ReqError::NotSent("not connected to NATS".into()));
+        };
+        send(wr, &frame).await.map_err(|e| {
+            *w = None;
+            ReqError::Unknown(format!("nats write: {e}"))
+        })
+    }
+
+    /// Fails every request waiting for a reply (the connection they were sent on is gone).
+    fn drop_waiters(&self) {
+        self.replies.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     pub(crate) async fn unsubscribe(&self, sid: u64) {
         self.subs.lock().unwrap_or_else(|e| e.into_inner()).remove(&sid);
         let mut w = self.writer.lock().await;
@@ -337,7 +456,7 @@ async fn conn_loop(
                         let s = sub.subs.lock().unwrap_or_else(|e| e.into_inner());
                         s.iter().map(|(sid, sink)| (*sid, sink.clone())).collect()
                     };
-                    let mut out = String::new();
+                    let mut out = format!("SUB {}.* {REPLY_SID}\r\n", sub.inbox);
                     for (sid, sink) in all {
                         if let Some(subject) = sink.subject() {
                             out.push_str(&format!("SUB {subject} {sid}\r\n"));
@@ -359,7 +478,9 @@ async fn conn_loop(
                     }
                     if let Some(sub) = me.upgrade() {
                         sub.up.store(false, Ordering::SeqCst);
-                        *sub.writer.lock().await = None;
+                        let mut w = sub.writer.lock().await;
+                        *w = None;
+                        sub.drop_waiters();
                     }
                 }
                 Err(e) => {
@@ -476,7 +597,7 @@ async fn connect(
     };
     let mut r = BufReader::new(r);
     let mut connect = serde_json::json!({
-        "verbose": false, "pedantic": false, "headers": true, "no_responders": false,
+        "verbose": false, "pedantic": false, "headers": true, "no_responders": true,
         "protocol": 1, "lang": "rust-crier", "version": env!("CARGO_PKG_VERSION"), "name": conf.name,
         "tls_required": tls_required,
     });
@@ -614,6 +735,17 @@ async fn read_loop(me: &Weak<RawSub>, mut r: Reader) {
         }
         buf.truncate(total);
         let Some(sub) = me.upgrade() else { return };
+        if sid == REPLY_SID {
+            // A reply: to the request named by the subject's last token.
+            let id = t[0].rsplit('.').next().and_then(|id| id.parse::<u64>().ok());
+            let waiter = id.and_then(|id| sub.replies.lock().unwrap_or_else(|e| e.into_inner()).remove(&id));
+            if let Some(tx) = waiter {
+                let buf = Bytes::from(buf);
+                let headers = (hlen > 0).then(|| RawHeaders(buf.slice(..hlen)));
+                let _ = tx.send((headers, buf.slice(hlen..)));
+            }
+            continue;
+        }
         let sink = sub.subs.lock().unwrap_or_else(|e| e.into_inner()).get(&sid).cloned();
         if let Some(sink) = sink {
             let buf = Bytes::from(buf);

@@ -11,7 +11,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use crier_core::broker::{BrokerError, ChannelCount, NodeInfo, OwnEntries, Revocation, TransportCounts};
@@ -164,10 +163,12 @@ impl Inner {
         let entry = PresenceEntry { client: client.to_owned(), user: m.u.clone(), node: m.n.clone() };
         let json = serde_json::to_string(&entry).unwrap_or_else(|_| "{}".into());
         let frame = crier_protocol::frames::encode_presence_event(kind, channel, &json);
-        let mut h = HeaderMap::new();
-        h.insert(H_KIND, if kind == "join" { "j" } else { "l" });
-        h.insert(H_CLIENT, client);
-        if let Err(e) = self.client.publish_with_headers(self.live_subject(channel), h, frame).await {
+        // On the connection the node's publishes take: the event lands between the messages
+        // stored before and after it.
+        let client: String = client.chars().filter(|c| !c.is_control()).collect();
+        let kind = if kind == "join" { "j" } else { "l" };
+        let h = format!("NATS/1.0\r\n{H_KIND}: {kind}\r\n{H_CLIENT}: {client}\r\n\r\n");
+        if let Err(e) = self.raw.publish(&self.live_subject(channel), h.as_bytes(), &frame).await {
             tracing::warn!(error = %e, "nats: presence event not sent");
         }
     }
