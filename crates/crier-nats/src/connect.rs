@@ -151,6 +151,9 @@ impl NatsBroker {
             handler: OnceLock::new(),
             laid: OnceLock::new(),
             own: Mutex::default(),
+            instance: format!("{}.{:016x}", opts.node_id, rand::random::<u64>()),
+            alive: Mutex::default(),
+            rewrites: Mutex::default(),
             policies,
             default_policy,
             tails: Mutex::new(HashMap::new()),
@@ -210,6 +213,9 @@ impl Inner {
     async fn lay_out(&self) -> Result<(), BrokerError> {
         let (streams, kv) = layout(&self.js, &self.opts, self.default_policy, &self.policies).await?;
         let _ = self.laid.set(crate::Laid { streams, kv });
+        // Laid out (again: the store may be new): this node's presence entries are live from
+        // now on, not from its next refresh.
+        let _ = self.beat().await;
         Ok(())
     }
 
@@ -294,6 +300,19 @@ async fn start_ops(inner: &Arc<Inner>) -> Result<(), BrokerError> {
     crate::control::start(inner).await?;
     let weak = Arc::downgrade(inner);
     let period = inner.opts.presence_ttl / 3;
+    // The liveness key, on its own timer (state.rs).
+    let beat = weak.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(inner) = beat.upgrade() else { break };
+            if let Err(e) = inner.beat().await {
+                tracing::debug!(error = %e, "nats: liveness key not written; retried next period");
+            }
+        }
+    });
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -185,6 +185,11 @@ pub(crate) struct Inner {
     laid: OnceLock<Laid>,
     /// This node's presence entries and connections (refreshed; kept while NATS is away).
     own: Mutex<OwnEntries>,
+    /// This start of the node: the writer named in its presence entries (state.rs).
+    instance: String,
+    /// The writers of presence entries known alive, and when this node last rewrote its own.
+    alive: Mutex<state::Alive>,
+    rewrites: Mutex<state::Rewrites>,
     policies: HashMap<String, HistPolicy>,
     default_policy: HistPolicy,
     tails: Mutex<HashMap<String, ChanPub>>,

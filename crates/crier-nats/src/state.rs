@@ -4,9 +4,18 @@
 //! Every bucket keeps one revision per key and expires keys by `max_age`; a value is a small
 //! JSON document updated by compare-and-set on the key's revision, except presence: one key per
 //! (channel, client), created (a join) or rewritten (a refresh), deleted at the revision read (a
-//! leave, once), listed through a short-lived consumer filtered on the channel's keys. This node's own presence and
-//! connection entries are remembered and rewritten every third of their TTL (so a dead node's
-//! entries vanish within the TTL, and they come back after NATS lost its data).
+//! leave, once), listed through a short-lived consumer filtered on the channel's keys.
+//!
+//! A presence entry names its writer (this start of a node, [`Inner::instance`]) and is live
+//! while its writer is: each node writes one key of its own in the bucket `<prefix>_alive`
+//! (`max_age` = `presence_ttl`) every third of `presence_ttl`, so a dead node's entries drop out
+//! of listings within `presence_ttl` — one write per node per period, where rewriting every
+//! entry cost one JetStream store per entry (100,000 subscriptions: 10,000 stores a second with
+//! nobody doing anything). An entry's own expiry (`presence_ttl` × [`ENTRY_LIFE_TTLS`]) is a
+//! backstop, and the node rewrites its entries only every third of that, after a reconnect
+//! (NATS may have lost its data) and after its liveness key may have lapsed (other nodes may
+//! have swept its entries as a dead node's). Connection entries are rewritten every third of
+//! their TTL.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -27,6 +36,9 @@ pub(crate) struct Buckets {
     presence_stream: jetstream::stream::Stream,
     presence_subject: String,
     conns: kv::Store,
+    /// One key per live writer of presence entries ([`Inner::instance`]), `max_age` =
+    /// `presence_ttl`.
+    alive: kv::Store,
     nodes: kv::Store,
     chans: kv::Store,
     rate: kv::Store,
@@ -62,9 +74,9 @@ pub(crate) async fn bucket(
 
 impl Buckets {
     pub(crate) async fn create(js: &jetstream::Context, o: &NatsOptions) -> Result<Buckets, BrokerError> {
-        // Presence keys outlive their entry's expiry by one TTL, so the sweep still sees a dead
-        // node's entries (and announces their leave once) before they vanish.
-        let presence = bucket(js, o, "presence", o.presence_ttl * 2).await?;
+        // Presence keys outlive their entry's own expiry (the backstop) by as much again, so the
+        // sweep still sees an expired entry (and announces its leave once) before it vanishes.
+        let presence = bucket(js, o, "presence", o.presence_ttl * ENTRY_LIFE_TTLS * 2).await?;
         let name = format!("{}_presence", o.prefix.replace(['.', '*', '>', ' '], "_"));
         let presence_stream = js.get_stream(format!("KV_{name}")).await.map_err(unavailable)?;
         Ok(Buckets {
@@ -72,6 +84,7 @@ impl Buckets {
             presence_stream,
             presence_subject: format!("$KV.{name}"),
             conns: bucket(js, o, "conns", o.presence_ttl).await?,
+            alive: bucket(js, o, "alive", o.presence_ttl).await?,
             nodes: bucket(js, o, "nodes", o.node_ttl).await?,
             chans: bucket(js, o, "chans", o.node_ttl).await?,
             rate: bucket(js, o, "rate", Duration::from_secs(3600)).await?,
@@ -113,11 +126,17 @@ async fn get<T: DeserializeOwned + Default>(store: &kv::Store, key: &str) -> Res
     Ok(store.get(key).await.map_err(unavailable)?.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default())
 }
 
+/// The bucket's keys: the subjects of its stream, in one API request (paged) — not a key-value
+/// key listing, whose consumer can wait on a key that expires while it is listed (these buckets'
+/// keys expire by `max_age`, and none is ever deleted, so every subject is a key with a value).
 async fn keys(store: &kv::Store) -> Result<Vec<String>, BrokerError> {
-    let mut k = store.keys().await.map_err(unavailable)?;
+    let mut subjects = store.stream.info_with_subjects(format!("{}>", store.prefix)).await.map_err(unavailable)?;
     let mut out = Vec::new();
-    while let Some(key) = k.next().await {
-        out.push(key.map_err(unavailable)?);
+    while let Some(s) = subjects.next().await {
+        let (subject, _) = s.map_err(unavailable)?;
+        if let Some(key) = subject.strip_prefix(store.prefix.as_str()) {
+            out.push(key.to_owned());
+        }
     }
     Ok(out)
 }
@@ -128,6 +147,32 @@ struct Member {
     n: String,
     /// Expiry, ms since the Unix epoch.
     e: u64,
+    /// The writer ([`Inner::instance`]): the entry is live while its key in the `alive` bucket
+    /// is. Absent (an entry of an older crier): live until its expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    w: Option<String>,
+}
+
+/// A presence entry's own expiry, in `presence_ttl`s (the writer's liveness decides first).
+pub(crate) const ENTRY_LIFE_TTLS: u32 = 30;
+
+/// The writers known alive (the `alive` bucket's keys, listed now and then).
+#[derive(Default)]
+pub(crate) struct Alive {
+    listed: Option<std::time::Instant>,
+    writers: HashSet<String>,
+}
+
+/// When this node's entries were last all rewritten, and its liveness key last written.
+#[derive(Default)]
+pub(crate) struct Rewrites {
+    /// The last rewrite of every entry, and the reconnect count then.
+    full: Option<(std::time::Instant, u64)>,
+    /// The last liveness write that succeeded.
+    beat: Option<std::time::Instant>,
+    /// A beat came a `presence_ttl` or more after the one before: other nodes may have swept
+    /// this node's entries as a dead node's, so every entry is written again.
+    lapsed: bool,
 }
 
 /// A node's registry entry as stored (NodeInfo is not deserializable).
@@ -157,6 +202,68 @@ impl Inner {
 
     fn ttl_ms(&self) -> u64 {
         self.opts.presence_ttl.as_millis() as u64
+    }
+
+    /// A presence entry written now by this node.
+    fn member(&self, user: &str, node: &str) -> Member {
+        Member {
+            u: user.to_owned(),
+            n: node.to_owned(),
+            e: now_ms() + self.ttl_ms() * u64::from(ENTRY_LIFE_TTLS),
+            w: Some(self.instance.clone()),
+        }
+    }
+
+    /// The writers alive: the `alive` bucket's keys, listed again when the list is older than a
+    /// third of `presence_ttl`, or older than a second and missing one of `writers` (a node
+    /// started since).
+    async fn alive_writers(&self, writers: &[&str]) -> Result<HashSet<String>, BrokerError> {
+        let stale = {
+            let a = self.alive.lock().unwrap_or_else(|e| e.into_inner());
+            a.listed.is_none_or(|at| {
+                at.elapsed() >= self.opts.presence_ttl / 3
+                    || (at.elapsed() >= Duration::from_secs(1)
+                        && writers.iter().any(|w| *w != self.instance && !a.writers.contains(*w)))
+            })
+        };
+        if stale {
+            let listed: HashSet<String> = keys(&self.kv()?.alive).await?.iter().filter_map(|k| untoken(k)).collect();
+            let mut a = self.alive.lock().unwrap_or_else(|e| e.into_inner());
+            a.listed = Some(std::time::Instant::now());
+            a.writers = listed;
+        }
+        Ok(self.alive.lock().unwrap_or_else(|e| e.into_inner()).writers.clone())
+    }
+
+    /// The channel's presence entries as stored, each with whether it is live (not expired, and
+    /// its writer alive).
+    async fn presence_judged(&self, channel: &str) -> Result<Vec<(String, u64, Member, bool)>, BrokerError> {
+        let entries = self.presence_entries(channel).await?;
+        let alive = {
+            let writers: Vec<&str> = entries.iter().filter_map(|e| e.2.w.as_deref()).collect();
+            self.alive_writers(&writers).await?
+        };
+        let now = now_ms();
+        Ok(entries
+            .into_iter()
+            .map(|(client, rev, m)| {
+                let live = m.e > now && m.w.as_ref().is_none_or(|w| *w == self.instance || alive.contains(w.as_str()));
+                (client, rev, m, live)
+            })
+            .collect())
+    }
+
+    /// Writes this node's liveness key (its presence entries are live while it lasts): every
+    /// third of `presence_ttl` from a task of its own (a slow refresh never delays it), and once
+    /// the streams and buckets are laid out.
+    pub(crate) async fn beat(&self) -> Result<(), BrokerError> {
+        self.kv()?.alive.put(token(&self.instance), self.opts.node_id.clone().into()).await.map_err(unavailable)?;
+        let mut r = self.rewrites.lock().unwrap_or_else(|e| e.into_inner());
+        if r.beat.is_none_or(|b| b.elapsed() >= self.opts.presence_ttl) {
+            r.lapsed = true;
+        }
+        r.beat = Some(std::time::Instant::now());
+        Ok(())
     }
 
     async fn announce(&self, channel: &str, kind: &str, client: &str, m: &Member) {
@@ -241,15 +348,14 @@ impl Inner {
         max: u64,
         counted: bool,
     ) -> Result<u64, BrokerError> {
-        let member = Member { u: entry.user.clone(), n: entry.node.clone(), e: now_ms() + self.ttl_ms() };
+        let member = self.member(&entry.user, &entry.node);
         let key = Inner::presence_key(channel, &entry.client);
         // Counted: the live entries first (checked, then added: two adds racing for the last
         // place may both get in).
         let mut count = 0;
         if max > 0 {
-            let now = now_ms();
             let live: Vec<String> =
-                self.presence_entries(channel).await?.into_iter().filter(|e| e.2.e > now).map(|e| e.0).collect();
+                self.presence_judged(channel).await?.into_iter().filter(|e| e.3).map(|e| e.0).collect();
             let member_already = live.contains(&entry.client);
             if !member_already && live.len() as u64 >= max {
                 return Ok(live.len() as u64 + 1);
@@ -271,8 +377,7 @@ impl Inner {
             self.hook_member(crier_core::broker::hooks::MEMBER_ADDED, channel, &entry.user, &entry.client).await;
         }
         if counted && max == 0 {
-            let now = now_ms();
-            count = self.presence_entries(channel).await?.iter().filter(|e| e.2.e > now).count() as u64;
+            count = self.presence_judged(channel).await?.iter().filter(|e| e.3).count() as u64;
         }
         Ok(count)
     }
@@ -294,13 +399,12 @@ impl Inner {
     }
 
     pub(crate) async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError> {
-        let now = now_ms();
         Ok(self
-            .presence_entries(channel)
+            .presence_judged(channel)
             .await?
             .into_iter()
-            .filter(|(_, _, m)| m.e > now)
-            .map(|(client, _, m)| PresenceEntry { client, user: m.u, node: m.n })
+            .filter(|e| e.3)
+            .map(|(client, _, m, _)| PresenceEntry { client, user: m.u, node: m.n })
             .collect())
     }
 
@@ -328,9 +432,56 @@ impl Inner {
         .await
     }
 
-    /// Rewrites this node's presence and connection entries with a fresh expiry.
+    /// Writes this node's liveness key, rewrites its presence entries when due (see the module
+    /// docs), sweeps the entries of dead writers, and rewrites its connection entries with a
+    /// fresh expiry.
     pub(crate) async fn refresh(&self) -> Result<(), BrokerError> {
         let ttl = self.ttl_ms();
+        let reconnects = self.reconnects.load(std::sync::atomic::Ordering::Relaxed);
+        let full = {
+            let mut r = self.rewrites.lock().unwrap_or_else(|e| e.into_inner());
+            // Every entry again: never done, after a reconnect (the store may be new), after a
+            // lapse of this node's liveness key, and every third of the entries' own life.
+            let due = std::mem::take(&mut r.lapsed)
+                || r.full.is_none_or(|(at, n)| {
+                    n != reconnects || at.elapsed() >= self.opts.presence_ttl * ENTRY_LIFE_TTLS / 3
+                });
+            if due {
+                r.full = None;
+            }
+            due
+        };
+        if full {
+            self.rewrite_presence().await?;
+            self.rewrites.lock().unwrap_or_else(|e| e.into_inner()).full =
+                Some((std::time::Instant::now(), reconnects));
+        }
+        // The sweep: entries of dead writers (and expired ones) of the join_leave channels this
+        // node is subscribed to (all of them with member webhooks) leave, announced once
+        // (deleted at the revision read).
+        for channel in self.live.channels() {
+            if !self.opts.namespaces.policy(&channel).join_leave && !self.hooks.members_enabled() {
+                continue;
+            }
+            for (client, rev, m, live) in self.presence_judged(&channel).await? {
+                if !live
+                    && self
+                        .kv()?
+                        .presence
+                        .delete_expect_revision(Inner::presence_key(&channel, &client), Some(rev))
+                        .await
+                        .is_ok()
+                {
+                    self.hook_member(crier_core::broker::hooks::MEMBER_REMOVED, &channel, &m.u, &client).await;
+                    self.announce_all(&channel, None, &[(client, m)]).await;
+                }
+            }
+        }
+        self.refresh_connections(ttl).await
+    }
+
+    /// Rewrites every presence entry of this node.
+    async fn rewrite_presence(&self) -> Result<(), BrokerError> {
         // In batches (the entries of a batch copied out of the lock, then written a few at a
         // time): the node's entries may be many, and the refresh must not hold a copy of all.
         let mut done = 0usize;
@@ -341,8 +492,7 @@ impl Inner {
                     .skip(done)
                     .take(REFRESH_BATCH)
                     .map(|p| {
-                        let member = Member { u: p.user.to_owned(), n: p.node.to_owned(), e: now_ms() + ttl };
-                        let value = serde_json::to_vec(&member).unwrap_or_default();
+                        let value = serde_json::to_vec(&self.member(p.user, p.node)).unwrap_or_default();
                         (Inner::presence_key(p.channel, p.client), value.into())
                     })
                     .collect()
@@ -362,28 +512,11 @@ impl Inner {
                 break;
             }
         }
-        // The sweep: expired entries (a dead node's) of the join_leave channels this node is
-        // subscribed to (all of them with member webhooks) leave, announced once (deleted at
-        // the revision read).
-        for channel in self.live.channels() {
-            if !self.opts.namespaces.policy(&channel).join_leave && !self.hooks.members_enabled() {
-                continue;
-            }
-            let now = now_ms();
-            for (client, rev, m) in self.presence_entries(&channel).await? {
-                if m.e <= now
-                    && self
-                        .kv()?
-                        .presence
-                        .delete_expect_revision(Inner::presence_key(&channel, &client), Some(rev))
-                        .await
-                        .is_ok()
-                {
-                    self.hook_member(crier_core::broker::hooks::MEMBER_REMOVED, &channel, &m.u, &client).await;
-                    self.announce_all(&channel, None, &[(client, m)]).await;
-                }
-            }
-        }
+        Ok(())
+    }
+
+    /// Rewrites this node's connection entries with a fresh expiry.
+    async fn refresh_connections(&self, ttl: u64) -> Result<(), BrokerError> {
         let mut done = 0usize;
         loop {
             let (n, by_user) = {

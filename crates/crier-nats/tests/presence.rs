@@ -1,0 +1,65 @@
+//! Presence on NATS (state.rs): an entry is live while its writer's liveness key is. A node's
+//! periodic work is one liveness write, not a rewrite of each of its entries; a node that dies
+//! takes its entries out of every listing once its key lapses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crier_core::Broker;
+use crier_nats::{NatsBroker, NatsOptions};
+use crier_protocol::frames::PresenceEntry;
+use crier_testkit::conformance::RecordingHandler;
+use crier_testkit::nats::{NatsServer, nats_available};
+use crier_testkit::until;
+
+const TTL: Duration = Duration::from_millis(300);
+
+async fn node(server: &NatsServer, name: &str) -> Arc<NatsBroker> {
+    let mut o = NatsOptions::new(vec![server.url()], name);
+    o.presence_ttl = TTL;
+    let b = NatsBroker::connect(o).await.unwrap_or_else(|e| panic!("connect: {e}"));
+    b.set_handler(Arc::new(RecordingHandler::default()));
+    b
+}
+
+/// The last sequence of a key-value bucket's stream: one more per write.
+async fn writes(js: &async_nats::jetstream::Context, bucket: &str) -> u64 {
+    let mut s = js.get_stream(format!("KV_crier_{bucket}")).await.unwrap_or_else(|e| panic!("{bucket}: {e}"));
+    s.info().await.unwrap_or_else(|e| panic!("{bucket}: {e}")).state.last_sequence
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_entries_cost_one_liveness_write_per_period_and_a_dead_writer_s_entries_drop_out() {
+    if !nats_available("idle_entries_cost_one_liveness_write_per_period_and_a_dead_writer_s_entries_drop_out") {
+        return;
+    }
+    let server = NatsServer::start();
+    let a = node(&server, "pa").await;
+    let b = node(&server, "pb").await;
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap_or_else(|e| panic!("{e}")));
+    for i in 0..50 {
+        let e = PresenceEntry { client: format!("pb-{i}"), user: format!("u{i}"), node: "pb".into() };
+        b.presence_add("room", &e).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    }
+    let e = PresenceEntry { client: "pa-0".into(), user: "ua".into(), node: "pa".into() };
+    a.presence_add("room", &e).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
+    until("51 entries listed", async || a.presence("room").await.is_ok_and(|p| p.len() == 51)).await;
+
+    // Both nodes' first refresh (each writes its entries once) is behind a few beats; from then
+    // on, five more beats of each node write no presence entry.
+    let beats = async |n: u64| {
+        let from = writes(&js, "alive").await;
+        until("liveness writes", async || writes(&js, "alive").await >= from + n).await;
+    };
+    beats(6).await;
+    let before = writes(&js, "presence").await;
+    beats(10).await;
+    assert_eq!(writes(&js, "presence").await, before, "no presence entry rewritten while idle");
+
+    // b dies (dropped: its connections close, its timers stop): its 50 entries drop out of a's
+    // listings once its liveness key lapses; a's own entry stays.
+    drop(b);
+    until("b's entries out", async || a.presence("room").await.is_ok_and(|p| p.len() == 1)).await;
+    let p = a.presence("room").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p[0].client, "pa-0");
+}
