@@ -166,13 +166,14 @@ pub(crate) struct Alive {
 /// When this node's entries were last all rewritten, and its liveness key last written.
 #[derive(Default)]
 pub(crate) struct Rewrites {
-    /// The last rewrite of every entry, and the reconnect count then.
-    full: Option<(std::time::Instant, u64)>,
+    /// The last rewrite of every entry (the first refresh, at first), and the reconnect count
+    /// and lapse count then.
+    full: Option<(std::time::Instant, u64, u64)>,
     /// The last liveness write that succeeded.
     beat: Option<std::time::Instant>,
-    /// A beat came a `presence_ttl` or more after the one before: other nodes may have swept
-    /// this node's entries as a dead node's, so every entry is written again.
-    lapsed: bool,
+    /// Beats that came a `presence_ttl` or more after the one before: other nodes may have
+    /// swept this node's entries as a dead node's meanwhile, so every entry is written again.
+    lapses: u64,
 }
 
 /// A node's registry entry as stored (NodeInfo is not deserializable).
@@ -259,8 +260,8 @@ impl Inner {
     pub(crate) async fn beat(&self) -> Result<(), BrokerError> {
         self.kv()?.alive.put(token(&self.instance), self.opts.node_id.clone().into()).await.map_err(unavailable)?;
         let mut r = self.rewrites.lock().unwrap_or_else(|e| e.into_inner());
-        if r.beat.is_none_or(|b| b.elapsed() >= self.opts.presence_ttl) {
-            r.lapsed = true;
+        if r.beat.is_some_and(|b| b.elapsed() >= self.opts.presence_ttl) {
+            r.lapses += 1;
         }
         r.beat = Some(std::time::Instant::now());
         Ok(())
@@ -440,21 +441,18 @@ impl Inner {
         let reconnects = self.reconnects.load(std::sync::atomic::Ordering::Relaxed);
         let full = {
             let mut r = self.rewrites.lock().unwrap_or_else(|e| e.into_inner());
-            // Every entry again: never done, after a reconnect (the store may be new), after a
-            // lapse of this node's liveness key, and every third of the entries' own life.
-            let due = std::mem::take(&mut r.lapsed)
-                || r.full.is_none_or(|(at, n)| {
-                    n != reconnects || at.elapsed() >= self.opts.presence_ttl * ENTRY_LIFE_TTLS / 3
-                });
-            if due {
-                r.full = None;
-            }
-            due
+            // Every entry again: after a reconnect (the store may be new), after a lapse of this
+            // node's liveness key, and every third of the entries' own life. (Not at the first
+            // refresh: every entry of this start was written since, by its add.)
+            let lapses = r.lapses;
+            let (at, n, l) = *r.full.get_or_insert((std::time::Instant::now(), 0, 0));
+            let due = l != lapses || n != reconnects || at.elapsed() >= self.opts.presence_ttl * ENTRY_LIFE_TTLS / 3;
+            due.then_some(lapses)
         };
-        if full {
+        if let Some(lapses) = full {
             self.rewrite_presence().await?;
             self.rewrites.lock().unwrap_or_else(|e| e.into_inner()).full =
-                Some((std::time::Instant::now(), reconnects));
+                Some((std::time::Instant::now(), reconnects, lapses));
         }
         // The sweep: entries of dead writers (and expired ones) of the join_leave channels this
         // node is subscribed to (all of them with member webhooks) leave, announced once

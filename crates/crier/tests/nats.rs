@@ -259,6 +259,13 @@ async fn a_nats_restart_that_lost_its_store_is_never_silent() {
         let m = support::messages(&mut sub, 1).await.remove(0);
         assert_eq!((m["epoch"].as_str().unwrap(), m["offset"].as_u64().unwrap()), (after.0.as_str(), after.1));
     }
+    // The subscriber's presence entry, lost with the store, is written again by its node (every
+    // entry after a reconnect), without a new subscribe.
+    until("the presence entry back", async || {
+        let r = a.get("/api/v1/channels/ev/presence_stats").await;
+        r.status() == 200 && r.json::<Value>().await.is_ok_and(|v| v["clients"] == 1)
+    })
+    .await;
     // A client recovering from the old epoch is told it cannot.
     let mut late = a.client(&token).await;
     let ack = late.resubscribe("ev", &old_epoch, 1, 1).await;
