@@ -212,10 +212,10 @@ impl Inner {
     /// changed); the first success is kept as the node's handles.
     async fn lay_out(&self) -> Result<(), BrokerError> {
         let (streams, kv) = layout(&self.js, &self.opts, self.default_policy, &self.policies).await?;
+        // Laid out (again: the store may be new): this node's liveness key first, so no entry
+        // of it is ever read before its writer is known alive.
+        let _ = self.beat_in(self.laid.get().map_or(&kv, |l| &l.kv)).await;
         let _ = self.laid.set(crate::Laid { streams, kv });
-        // Laid out (again: the store may be new): this node's presence entries are live from
-        // now on, not from its next refresh.
-        let _ = self.beat().await;
         Ok(())
     }
 

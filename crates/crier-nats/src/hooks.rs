@@ -4,11 +4,15 @@
 //!   token): the broker instances holding the channel, each with an expiry (`n`), and the
 //!   channel's last few events (`ev`). A change is a compare-and-set on the key's revision; the
 //!   instance whose write makes the set non-empty produces `channel_occupied`, the one that
-//!   empties it `channel_vacated` (expired instances — dead nodes — are dropped by any write, as
-//!   on Redis). A node's changes run in order through one task (a channel's in the order asked,
-//!   several channels at once); its held channels are rewritten with the presence refresh, and
-//!   the delivering node sweeps the keys holding expired instances, so a channel held only by a
-//!   dead node gets its `channel_vacated` once.
+//!   empties it `channel_vacated` (instances of dead nodes are dropped by any write, as on
+//!   Redis). An instance is the node's start (state.rs) and is live while its liveness key is
+//!   (an entry of an older crier, rewritten every period with a short expiry: until its
+//!   expiry). A node's changes run in order through one task (a channel's in the order asked,
+//!   several channels at once); a change that failed is tried again by the refresh, and every
+//!   held channel is written again when the presence entries are (after a reconnect, a lapse of
+//!   the liveness key, a third of the entries' life) — not every period. The delivering node
+//!   sweeps the keys holding instances of dead nodes when a node died since its last sweep, so
+//!   a channel held only by a dead node gets its `channel_vacated` once.
 //! - **Queue**: the stream `<prefix>_hooks` (subject `<prefix>.hooks`, work-queue retention,
 //!   `max_msgs` = `max_queue`, the oldest dropped), each event published with `Nats-Msg-Id` =
 //!   its id, so publishing it again within the duplicate window stores nothing. A channel's
@@ -118,8 +122,15 @@ pub(crate) struct Hooks {
     /// key are then published again too (see `occupancy_change`).
     push_failed: Mutex<Option<Instant>>,
     seq: AtomicU64,
-    /// Channels this instance holds (broker-level subscriptions), rewritten by the refresh.
+    /// Channels this instance holds (broker-level subscriptions).
     channels: Mutex<HashSet<String>>,
+    /// Channels whose last occupancy change failed (NATS away): tried again by the refresh.
+    dirty: Mutex<HashSet<String>>,
+    /// Every held channel is written again at the next refresh (the presence entries were:
+    /// after a reconnect, a lapse of the liveness key, a third of the entries' life).
+    rewrite: std::sync::atomic::AtomicBool,
+    /// The dead writers the delivering node's sweeps handled (`None`: no sweep since it leads).
+    swept: Mutex<Option<HashSet<String>>>,
     occupancy: OccupancyQueue<Op>,
     /// The lease's revision while this node holds it.
     lead: Mutex<Option<u64>>,
@@ -149,7 +160,8 @@ impl Inner {
     }
 
     pub(crate) fn enable_hooks(&self, config: HookConfig) -> Result<(), BrokerError> {
-        let instance = format!("{}.{:08x}", self.opts.node_id, rand::random::<u32>());
+        // The node's instance (state.rs): an occupancy entry is live while its liveness key is.
+        let instance = self.instance.clone();
         let _ = self.hooks.cfg.set(Cfg {
             events: config.events,
             max_queue: config.max_queue.max(1),
@@ -286,8 +298,9 @@ impl Inner {
             lock(&self.hooks.channels).remove(channel);
         }
         if let Err(e) = self.hook_nodes(channel, if add { Op::Add } else { Op::Rem }).await {
-            // NATS away: the refresh re-adds a channel still held; one let go expires (its
-            // vacate then comes from the sweep).
+            // NATS away: the refresh tries again (an add if the channel is still held, else a
+            // remove).
+            lock(&self.hooks.dirty).insert(channel.to_owned());
             tracing::warn!(error = %e, channel, "webhooks: could not record the channel's occupancy; retried by the refresh");
         }
     }
@@ -321,7 +334,9 @@ impl Inner {
         let laid = self.hook_laid().await?;
         let key = token(channel);
         let ttl = self.opts.presence_ttl.as_millis() as u64;
+        let life = ttl * u64::from(crate::state::ENTRY_LIFE_TTLS);
         for _ in 0..64 {
+            let read_at = Instant::now();
             let entry = laid.nodes.entry(&key).await.map_err(unavailable)?;
             let (mut occ, revision) = match entry {
                 Some(e) if e.operation == kv::Operation::Put => {
@@ -335,7 +350,9 @@ impl Inner {
             let mut changed = false;
             if !occ.n.is_empty() {
                 let before = occ.n.len();
-                occ.n.retain(|_, e| *e > now);
+                let instances: Vec<&str> = occ.n.keys().map(String::as_str).collect();
+                let alive = self.alive_among(&instances, read_at).await?;
+                occ.n.retain(|i, e| live_instance(i, *e, now, ttl, &alive));
                 changed |= occ.n.len() != before;
                 if occ.n.is_empty() {
                     made.push(CHANNEL_VACATED);
@@ -344,7 +361,7 @@ impl Inner {
             match op {
                 Op::Add => {
                     let was_empty = occ.n.is_empty();
-                    occ.n.insert(cfg.instance.clone(), now + ttl);
+                    occ.n.insert(cfg.instance.clone(), now + life);
                     changed = true;
                     if was_empty {
                         made.push(CHANNEL_OCCUPIED);
@@ -582,21 +599,46 @@ impl Inner {
     }
 }
 
-/// Periodic (with the presence refresh): rewrites this instance's entries of the channels it
-/// holds (fresh expiry; an entry NATS lost comes back, as an occupy if the set was empty); the
-/// delivering node then sweeps the keys holding expired instances (dead nodes), reporting their
-/// vacates.
+/// An occupancy entry's instance is live: not expired, and (an entry of this crier, whose
+/// expiry is far: the entries' life) its writer alive. An entry of an older crier (its expiry
+/// within two TTLs: it is rewritten every period) is live until its expiry.
+fn live_instance(instance: &str, expiry: u64, now: u64, ttl: u64, alive: &HashSet<String>) -> bool {
+    expiry > now && (expiry <= now + 2 * ttl || alive.contains(instance))
+}
+
+/// The presence entries were all written again (state.rs): so are the held channels, at the
+/// next refresh.
+pub(crate) fn rewrite_due(inner: &Inner) {
+    inner.hooks.rewrite.store(true, Ordering::Relaxed);
+}
+
+/// Periodic (with the presence refresh): writes again the channels whose last change failed, or
+/// every held channel when due ([`rewrite_due`]: an entry NATS lost comes back, as an occupy if
+/// the set was empty); the delivering node then sweeps the keys holding instances of dead
+/// writers (their liveness key lapsed) or expired ones — only when a writer died since its last
+/// sweep, or at a rewrite — reporting their vacates.
 pub(crate) async fn refresh(inner: &Arc<Inner>) -> Result<(), BrokerError> {
     let Some(cfg) = inner.hooks.cfg.get() else { return Ok(()) };
     if !cfg.channels() {
         return Ok(());
     }
-    let held: Vec<String> = lock(&inner.hooks.channels).iter().cloned().collect();
+    let all = inner.hooks.rewrite.swap(false, Ordering::Relaxed);
+    let todo: Vec<String> = if all {
+        lock(&inner.hooks.dirty).clear();
+        lock(&inner.hooks.channels).iter().cloned().collect()
+    } else {
+        std::mem::take(&mut *lock(&inner.hooks.dirty)).into_iter().collect()
+    };
     let mut result = Ok(());
-    let mut calls = futures_util::stream::iter(held)
+    let mut calls = futures_util::stream::iter(todo)
         .map(|c| async move {
-            // Still held? (A `rem` may have come meanwhile.)
-            if lock(&inner.hooks.channels).contains(&c) { inner.hook_nodes(&c, Op::Add).await } else { Ok(()) }
+            // Held or let go since? (The change asked last is what is written.)
+            let op = if lock(&inner.hooks.channels).contains(&c) { Op::Add } else { Op::Rem };
+            let r = inner.hook_nodes(&c, op).await;
+            if r.is_err() {
+                lock(&inner.hooks.dirty).insert(c);
+            }
+            r
         })
         .buffer_unordered(OCCUPANCY_BATCH);
     while let Some(r) = calls.next().await {
@@ -604,32 +646,50 @@ pub(crate) async fn refresh(inner: &Arc<Inner>) -> Result<(), BrokerError> {
             result = r;
         }
     }
+    if result.is_err() && all {
+        inner.hooks.rewrite.store(true, Ordering::Relaxed);
+    }
     drop(calls);
     if lock(&inner.hooks.lead).is_none() {
+        *lock(&inner.hooks.swept) = None;
+        return result;
+    }
+    // A sweep only when a writer died since the last one (or at a rewrite, or the first time
+    // since this node leads). (A node that lived less than a listing period is only seen dead
+    // by the sweep of a rewrite: a third of the entries' life.)
+    let (alive, gone) = inner.alive_listed().await?;
+    let died = lock(&inner.hooks.swept).as_ref().is_none_or(|handled| gone.iter().any(|w| !handled.contains(w)));
+    if !died && !all {
         return result;
     }
     let laid = inner.hook_laid().await?;
     let laid = &*laid;
-    let mut keys = laid.nodes.keys().await.map_err(unavailable)?;
-    let mut all = Vec::new();
-    while let Some(k) = keys.next().await {
-        all.push(k.map_err(unavailable)?);
-    }
+    let keys = crate::state::keys(&laid.nodes).await?;
     let now = now_ms();
-    let mut sweeps = futures_util::stream::iter(all)
+    let ttl = inner.opts.presence_ttl.as_millis() as u64;
+    let alive = &alive;
+    let mut sweeps = futures_util::stream::iter(keys)
         .map(|k| async move {
+            // (A key deleted since it was listed reads as none.)
             let Some(value) = laid.nodes.get(&k).await.map_err(unavailable)? else { return Ok(()) };
             let occ: Occ = serde_json::from_slice(&value).unwrap_or_default();
             match crate::untoken(&k) {
-                Some(channel) if occ.n.values().any(|e| *e <= now) => inner.hook_nodes(&channel, Op::Sweep).await,
+                Some(channel) if occ.n.iter().any(|(i, e)| !live_instance(i, *e, now, ttl, alive)) => {
+                    inner.hook_nodes(&channel, Op::Sweep).await
+                }
                 _ => Ok(()),
             }
         })
         .buffer_unordered(OCCUPANCY_CONCURRENCY);
+    let mut swept = Ok(());
     while let Some(r) = sweeps.next().await {
         if r.is_err() {
-            result = r;
+            swept = r;
         }
     }
-    result
+    // Remembered only after a whole sweep (a failed one is done again next period).
+    if swept.is_ok() {
+        *lock(&inner.hooks.swept) = Some(gone);
+    }
+    result.and(swept)
 }

@@ -129,7 +129,7 @@ async fn get<T: DeserializeOwned + Default>(store: &kv::Store, key: &str) -> Res
 /// The bucket's keys: the subjects of its stream, in one API request (paged) — not a key-value
 /// key listing, whose consumer can wait on a key that expires while it is listed (these buckets'
 /// keys expire by `max_age`, and none is ever deleted, so every subject is a key with a value).
-async fn keys(store: &kv::Store) -> Result<Vec<String>, BrokerError> {
+pub(crate) async fn keys(store: &kv::Store) -> Result<Vec<String>, BrokerError> {
     let mut subjects = store.stream.info_with_subjects(format!("{}>", store.prefix)).await.map_err(unavailable)?;
     let mut out = Vec::new();
     while let Some(s) = subjects.next().await {
@@ -161,6 +161,12 @@ pub(crate) const ENTRY_LIFE_TTLS: u32 = 30;
 pub(crate) struct Alive {
     listed: Option<std::time::Instant>,
     writers: HashSet<String>,
+    /// Writers missing from a listing taken after an entry naming them was read, and when:
+    /// dead, without listing again, for a `presence_ttl` (a writer whose key lapsed and came
+    /// back is alive again after that).
+    dead: HashMap<String, std::time::Instant>,
+    /// Every writer some listing held (for the webhook sweep: those no longer alive died).
+    seen: HashSet<String>,
 }
 
 /// When this node's entries were last all rewritten, and its liveness key last written.
@@ -215,34 +221,71 @@ impl Inner {
         }
     }
 
-    /// The writers alive: the `alive` bucket's keys, listed again when the list is older than a
-    /// third of `presence_ttl`, or older than a second and missing one of `writers` (a node
-    /// started since).
-    async fn alive_writers(&self, writers: &[&str]) -> Result<HashSet<String>, BrokerError> {
-        let stale = {
-            let a = self.alive.lock().unwrap_or_else(|e| e.into_inner());
-            a.listed.is_none_or(|at| {
-                at.elapsed() >= self.opts.presence_ttl / 3
-                    || (at.elapsed() >= Duration::from_secs(1)
-                        && writers.iter().any(|w| *w != self.instance && !a.writers.contains(*w)))
-            })
-        };
-        if stale {
+    /// Which of `writers` (named by entries read at `read_at`) are alive: this node, and those in
+    /// the `alive` bucket's keys. The keys are listed again when the list is older than a third
+    /// of `presence_ttl`, and when a writer is missing from a list taken before `read_at` (a node
+    /// started since) unless it was found dead lately; one missing from a list taken after is
+    /// dead (its key lapsed).
+    pub(crate) async fn alive_among(
+        &self,
+        writers: &[&str],
+        read_at: std::time::Instant,
+    ) -> Result<HashSet<String>, BrokerError> {
+        for _ in 0..2 {
+            {
+                let mut guard = self.alive.lock().unwrap_or_else(|e| e.into_inner());
+                let a = &mut *guard;
+                let ttl = self.opts.presence_ttl;
+                let fresh = a.listed.is_some_and(|at| at.elapsed() < ttl / 3);
+                let after = a.listed.is_some_and(|at| at > read_at);
+                let missing: Vec<&str> =
+                    writers.iter().copied().filter(|w| *w != self.instance && !a.writers.contains(*w)).collect();
+                let undecided = !after && missing.iter().any(|w| a.dead.get(*w).is_none_or(|at| at.elapsed() >= ttl));
+                if fresh && !undecided {
+                    let mut out: HashSet<String> =
+                        writers.iter().filter(|w| !missing.contains(w)).map(|w| (*w).to_owned()).collect();
+                    out.insert(self.instance.clone());
+                    if after {
+                        let now = std::time::Instant::now();
+                        for w in &missing {
+                            a.dead.entry((*w).to_owned()).or_insert(now);
+                        }
+                    }
+                    a.dead.retain(|_, at| at.elapsed() < ttl);
+                    return Ok(out);
+                }
+            }
             let listed: HashSet<String> = keys(&self.kv()?.alive).await?.iter().filter_map(|k| untoken(k)).collect();
             let mut a = self.alive.lock().unwrap_or_else(|e| e.into_inner());
             a.listed = Some(std::time::Instant::now());
+            if a.seen.len() > 65_536 {
+                a.seen.clear();
+            }
+            a.seen.extend(listed.iter().cloned());
             a.writers = listed;
         }
-        Ok(self.alive.lock().unwrap_or_else(|e| e.into_inner()).writers.clone())
+        Err(BrokerError::Unavailable("nats: the liveness keys could not be listed".into()))
+    }
+
+    /// The writers alive now (this node included), and those a listing held that are no longer
+    /// alive (listed again when the list is older than a third of `presence_ttl`).
+    pub(crate) async fn alive_listed(&self) -> Result<(HashSet<String>, HashSet<String>), BrokerError> {
+        self.alive_among(&[], std::time::Instant::now()).await?;
+        let a = self.alive.lock().unwrap_or_else(|e| e.into_inner());
+        let mut alive = a.writers.clone();
+        alive.insert(self.instance.clone());
+        let gone = a.seen.iter().filter(|w| !alive.contains(*w)).cloned().collect();
+        Ok((alive, gone))
     }
 
     /// The channel's presence entries as stored, each with whether it is live (not expired, and
     /// its writer alive).
     async fn presence_judged(&self, channel: &str) -> Result<Vec<(String, u64, Member, bool)>, BrokerError> {
+        let read_at = std::time::Instant::now();
         let entries = self.presence_entries(channel).await?;
         let alive = {
             let writers: Vec<&str> = entries.iter().filter_map(|e| e.2.w.as_deref()).collect();
-            self.alive_writers(&writers).await?
+            self.alive_among(&writers, read_at).await?
         };
         let now = now_ms();
         Ok(entries
@@ -258,7 +301,12 @@ impl Inner {
     /// third of `presence_ttl` from a task of its own (a slow refresh never delays it), and once
     /// the streams and buckets are laid out.
     pub(crate) async fn beat(&self) -> Result<(), BrokerError> {
-        self.kv()?.alive.put(token(&self.instance), self.opts.node_id.clone().into()).await.map_err(unavailable)?;
+        self.beat_in(self.kv()?).await
+    }
+
+    /// [`Inner::beat`] into `kv` (before it is the node's: a first beat precedes every entry).
+    pub(crate) async fn beat_in(&self, kv: &Buckets) -> Result<(), BrokerError> {
+        kv.alive.put(token(&self.instance), self.opts.node_id.clone().into()).await.map_err(unavailable)?;
         let mut r = self.rewrites.lock().unwrap_or_else(|e| e.into_inner());
         if r.beat.is_some_and(|b| b.elapsed() >= self.opts.presence_ttl) {
             r.lapses += 1;
@@ -451,6 +499,7 @@ impl Inner {
         };
         if let Some(lapses) = full {
             self.rewrite_presence().await?;
+            crate::hooks::rewrite_due(self);
             self.rewrites.lock().unwrap_or_else(|e| e.into_inner()).full =
                 Some((std::time::Instant::now(), reconnects, lapses));
         }

@@ -63,3 +63,34 @@ async fn idle_entries_cost_one_liveness_write_per_period_and_a_dead_writer_s_ent
     let p = a.presence("room").await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(p[0].client, "pa-0");
 }
+
+/// Webhook occupancy (hooks.rs) likewise: a node holding channels writes them once, when it
+/// takes them, not again every period (before: a compare-and-set per held channel per period).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_channels_are_not_written_again_every_period() {
+    if !nats_available("held_channels_are_not_written_again_every_period") {
+        return;
+    }
+    let server = NatsServer::start();
+    let a = node(&server, "ha").await;
+    a.enable_hooks(crier_core::HookConfig {
+        events: vec!["channel_occupied".into(), "channel_vacated".into()],
+        max_queue: 10_000,
+        claim_idle: Duration::from_secs(5),
+        lease: Duration::from_secs(5),
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..50 {
+        a.subscribe(&format!("held:{i}")).await.unwrap_or_else(|e| panic!("subscribe: {e}"));
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap_or_else(|e| panic!("{e}")));
+    until("50 occupied channels written", async || writes(&js, "hooknodes").await >= 50).await;
+    let beats = async |n: u64| {
+        let from = writes(&js, "alive").await;
+        until("liveness writes", async || writes(&js, "alive").await >= from + n).await;
+    };
+    beats(3).await;
+    let before = writes(&js, "hooknodes").await;
+    beats(10).await;
+    assert_eq!(writes(&js, "hooknodes").await, before, "no held channel written again while idle");
+}
