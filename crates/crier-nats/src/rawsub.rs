@@ -334,7 +334,7 @@ impl RawSub {
     /// receives their republished messages, one fewer connection for the server to write to
     /// per publish, and no client task between the caller and the socket.
     pub(crate) async fn request(
-        &self,
+        self: &Arc<Self>,
         subject: &str,
         headers: &[u8],
         payload: &[u8],
@@ -348,35 +348,31 @@ impl RawSub {
         frame.extend_from_slice(headers);
         frame.extend_from_slice(payload);
         frame.extend_from_slice(b"\r\n");
-        let sent = tokio::time::timeout(within, async {
-            let mut w = self.writer.lock().await;
+        // Written by a task of its own: a caller that goes away (its request dropped) cannot
+        // cut a frame half way and leave the connection mid-frame. Only the wait for the writer
+        // is bounded here (`send` bounds the write, dropping the connection when it times out).
+        let me = self.clone();
+        let write = tokio::spawn(async move {
+            let Ok(mut w) = tokio::time::timeout(within, me.writer.lock()).await else {
+                return Err(ReqError::NotSent("the nats connection stayed busy".into()));
+            };
             let Some(wr) = w.as_mut() else {
                 return Err(ReqError::NotSent("not connected to NATS".into()));
             };
-            // Registered under the writer's lock: a lost connection clears the waiters under
-            // it too, so no waiter of an old connection outlives it.
-            self.replies.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+            // Registered under the writer's lock: a lost connection clears the waiters under it
+            // too, so no waiter of an old connection outlives it.
+            me.replies.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
             if let Err(e) = send(wr, &frame).await {
-                // Maybe partly written: the read side notices and reconnects.
+                // Maybe partly written: the connection is dropped (the read side reconnects).
                 *w = None;
+                drop(w);
+                me.replies.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
                 return Err(ReqError::Unknown(format!("nats write: {e}")));
             }
             Ok(())
-        })
-        .await;
+        });
+        write.await.unwrap_or_else(|e| Err(ReqError::Unknown(format!("nats write: {e}"))))?;
         let forget = || self.replies.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-        match sent {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                forget();
-                return Err(e);
-            }
-            Err(_) => {
-                // The writer's lock was not had within `within`: maybe being written.
-                forget();
-                return Err(ReqError::Unknown("nats write timed out".into()));
-            }
-        }
         match tokio::time::timeout(within, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(ReqError::Unknown("the nats connection was lost before the answer".into())),
@@ -390,21 +386,31 @@ impl RawSub {
     /// Publishes a message (`HPUB`, no reply; `headers`: a whole header block). On this
     /// connection, after the node's publishes sent before it — a presence event after the
     /// message stored before it, as the node issued them.
-    pub(crate) async fn publish(&self, subject: &str, headers: &[u8], payload: &[u8]) -> Result<(), ReqError> {
+    pub(crate) async fn publish(
+        self: &Arc<Self>,
+        subject: &str,
+        headers: &[u8],
+        payload: &[u8],
+    ) -> Result<(), ReqError> {
         let total = headers.len() + payload.len();
         let mut frame = Vec::with_capacity(subject.len() + total + 32);
         frame.extend_from_slice(format!("HPUB {subject} {} {total}\r\n", headers.len()).as_bytes());
         frame.extend_from_slice(headers);
         frame.extend_from_slice(payload);
         frame.extend_from_slice(b"\r\n");
-        let mut w = self.writer.lock().await;
-        let Some(wr) = w.as_mut() else {
-            return Err(ReqError::NotSent("not connected to NATS".into()));
-        };
-        send(wr, &frame).await.map_err(|e| {
-            *w = None;
-            ReqError::Unknown(format!("nats write: {e}"))
-        })
+        // A task of its own, as for a request (a frame is never cut half way).
+        let me = self.clone();
+        let write = tokio::spawn(async move {
+            let mut w = me.writer.lock().await;
+            let Some(wr) = w.as_mut() else {
+                return Err(ReqError::NotSent("not connected to NATS".into()));
+            };
+            send(wr, &frame).await.map_err(|e| {
+                *w = None;
+                ReqError::Unknown(format!("nats write: {e}"))
+            })
+        });
+        write.await.unwrap_or_else(|e| Err(ReqError::Unknown(format!("nats write: {e}"))))
     }
 
     /// Fails every request waiting for a reply (the connection they were sent on is gone).

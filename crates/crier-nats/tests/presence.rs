@@ -28,6 +28,12 @@ async fn writes(js: &async_nats::jetstream::Context, bucket: &str) -> u64 {
     s.info().await.unwrap_or_else(|e| panic!("{bucket}: {e}")).state.last_sequence
 }
 
+/// Waits for `n` more liveness writes (of any node): refresh periods going by.
+async fn beats(js: &async_nats::jetstream::Context, n: u64) {
+    let from = writes(js, "alive").await;
+    until("liveness writes", async || writes(js, "alive").await >= from + n).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_entries_cost_one_liveness_write_per_period_and_a_dead_writer_s_entries_drop_out() {
     if !nats_available("idle_entries_cost_one_liveness_write_per_period_and_a_dead_writer_s_entries_drop_out") {
@@ -45,15 +51,11 @@ async fn idle_entries_cost_one_liveness_write_per_period_and_a_dead_writer_s_ent
     a.presence_add("room", &e).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
     until("51 entries listed", async || a.presence("room").await.is_ok_and(|p| p.len() == 51)).await;
 
-    // Both nodes' first refresh (each writes its entries once) is behind a few beats; from then
-    // on, five more beats of each node write no presence entry.
-    let beats = async |n: u64| {
-        let from = writes(&js, "alive").await;
-        until("liveness writes", async || writes(&js, "alive").await >= from + n).await;
-    };
-    beats(6).await;
+    // A few refreshes of both nodes pass; from then on, five more beats of each node write no
+    // presence entry.
+    beats(&js, 6).await;
     let before = writes(&js, "presence").await;
-    beats(10).await;
+    beats(&js, 10).await;
     assert_eq!(writes(&js, "presence").await, before, "no presence entry rewritten while idle");
 
     // b dies (dropped: its connections close, its timers stop): its 50 entries drop out of a's
@@ -85,12 +87,8 @@ async fn held_channels_are_not_written_again_every_period() {
     }
     let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap_or_else(|e| panic!("{e}")));
     until("50 occupied channels written", async || writes(&js, "hooknodes").await >= 50).await;
-    let beats = async |n: u64| {
-        let from = writes(&js, "alive").await;
-        until("liveness writes", async || writes(&js, "alive").await >= from + n).await;
-    };
-    beats(3).await;
+    beats(&js, 3).await;
     let before = writes(&js, "hooknodes").await;
-    beats(10).await;
+    beats(&js, 10).await;
     assert_eq!(writes(&js, "hooknodes").await, before, "no held channel written again while idle");
 }
