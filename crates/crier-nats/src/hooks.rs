@@ -126,9 +126,10 @@ pub(crate) struct Hooks {
     channels: Mutex<HashSet<String>>,
     /// Channels whose last occupancy change failed (NATS away): tried again by the refresh.
     dirty: Mutex<HashSet<String>>,
-    /// Every held channel is written again at the next refresh (the presence entries were:
-    /// after a reconnect, a lapse of the liveness key, a third of the entries' life).
-    rewrite: std::sync::atomic::AtomicBool,
+    /// The presence rewrites (state.rs: after a reconnect, a lapse of the liveness key, a third
+    /// of the entries' life) whose held channels were written again: every held channel is when
+    /// another was done (`u64::MAX`: a rewrite of them failed).
+    rewrites_seen: AtomicU64,
     /// The dead writers the delivering node's sweeps handled (`None`: no sweep since it leads).
     swept: Mutex<Option<HashSet<String>>>,
     occupancy: OccupancyQueue<Op>,
@@ -606,15 +607,9 @@ fn live_instance(instance: &str, expiry: u64, now: u64, ttl: u64, alive: &HashSe
     expiry > now && (expiry <= now + 2 * ttl || alive.contains(instance))
 }
 
-/// The presence entries were all written again (state.rs): so are the held channels, at the
-/// next refresh.
-pub(crate) fn rewrite_due(inner: &Inner) {
-    inner.hooks.rewrite.store(true, Ordering::Relaxed);
-}
-
 /// Periodic (with the presence refresh): writes again the channels whose last change failed, or
-/// every held channel when due ([`rewrite_due`]: an entry NATS lost comes back, as an occupy if
-/// the set was empty); the delivering node then sweeps the keys holding instances of dead
+/// every held channel after the presence entries were all written again (an entry NATS lost
+/// comes back, as an occupy if the set was empty); the delivering node then sweeps the keys holding instances of dead
 /// writers (their liveness key lapsed) or expired ones — only when a writer died since its last
 /// sweep, or at a rewrite — reporting their vacates.
 pub(crate) async fn refresh(inner: &Arc<Inner>) -> Result<(), BrokerError> {
@@ -622,7 +617,8 @@ pub(crate) async fn refresh(inner: &Arc<Inner>) -> Result<(), BrokerError> {
     if !cfg.channels() {
         return Ok(());
     }
-    let all = inner.hooks.rewrite.swap(false, Ordering::Relaxed);
+    let done = inner.rewrites_done();
+    let all = inner.hooks.rewrites_seen.swap(done, Ordering::Relaxed) != done;
     let todo: Vec<String> = if all {
         lock(&inner.hooks.dirty).clear();
         lock(&inner.hooks.channels).iter().cloned().collect()
@@ -647,7 +643,7 @@ pub(crate) async fn refresh(inner: &Arc<Inner>) -> Result<(), BrokerError> {
         }
     }
     if result.is_err() && all {
-        inner.hooks.rewrite.store(true, Ordering::Relaxed);
+        inner.hooks.rewrites_seen.store(u64::MAX, Ordering::Relaxed);
     }
     drop(calls);
     if lock(&inner.hooks.lead).is_none() {

@@ -180,6 +180,8 @@ pub(crate) struct Rewrites {
     /// Beats that came a `presence_ttl` or more after the one before: other nodes may have
     /// swept this node's entries as a dead node's meanwhile, so every entry is written again.
     lapses: u64,
+    /// Rewrites of every entry done (the webhook occupancy follows them: hooks.rs).
+    done: u64,
 }
 
 /// A node's registry entry as stored (NodeInfo is not deserializable).
@@ -295,6 +297,12 @@ impl Inner {
                 (client, rev, m, live)
             })
             .collect())
+    }
+
+    /// How many times this node wrote every presence entry again (after a reconnect, a lapse,
+    /// a third of the entries' life).
+    pub(crate) fn rewrites_done(&self) -> u64 {
+        self.rewrites.lock().unwrap_or_else(|e| e.into_inner()).done
     }
 
     /// Writes this node's liveness key (its presence entries are live while it lasts): every
@@ -499,9 +507,9 @@ impl Inner {
         };
         if let Some(lapses) = full {
             self.rewrite_presence().await?;
-            crate::hooks::rewrite_due(self);
-            self.rewrites.lock().unwrap_or_else(|e| e.into_inner()).full =
-                Some((std::time::Instant::now(), reconnects, lapses));
+            let mut r = self.rewrites.lock().unwrap_or_else(|e| e.into_inner());
+            r.full = Some((std::time::Instant::now(), reconnects, lapses));
+            r.done += 1;
         }
         // The sweep: entries of dead writers (and expired ones) of the join_leave channels this
         // node is subscribed to (all of them with member webhooks) leave, announced once
