@@ -182,6 +182,8 @@ pub(crate) struct Rewrites {
     lapses: u64,
     /// Rewrites of every entry done (the webhook occupancy follows them: hooks.rs).
     done: u64,
+    /// The dead writers the last sweep of presence handled, and when it ran (`None`: none yet).
+    swept: Option<(HashSet<String>, std::time::Instant)>,
 }
 
 /// A node's registry entry as stored (NodeInfo is not deserializable).
@@ -513,7 +515,29 @@ impl Inner {
         }
         // The sweep: entries of dead writers (and expired ones) of the join_leave channels this
         // node is subscribed to (all of them with member webhooks) leave, announced once
-        // (deleted at the revision read).
+        // (deleted at the revision read). Only when a writer died since the last sweep, after a
+        // rewrite, and every third of the entries' life (an older crier's entries expire):
+        // listing a channel's presence is a consumer, and a node may hold thousands of
+        // join_leave channels.
+        let (_, gone) = self.alive_listed().await?;
+        let due = {
+            let r = self.rewrites.lock().unwrap_or_else(|e| e.into_inner());
+            full.is_some()
+                || r.swept.as_ref().is_none_or(|(handled, at)| {
+                    gone.iter().any(|w| !handled.contains(w))
+                        || at.elapsed() >= self.opts.presence_ttl * ENTRY_LIFE_TTLS / 3
+                })
+        };
+        if due {
+            self.sweep_presence().await?;
+            self.rewrites.lock().unwrap_or_else(|e| e.into_inner()).swept = Some((gone, std::time::Instant::now()));
+        }
+        self.refresh_connections(ttl).await
+    }
+
+    /// Deletes the entries of dead writers (and expired ones) of the channels this node sweeps
+    /// (see [`Inner::refresh`]), each leave announced once.
+    async fn sweep_presence(&self) -> Result<(), BrokerError> {
         for channel in self.live.channels() {
             if !self.opts.namespaces.policy(&channel).join_leave && !self.hooks.members_enabled() {
                 continue;
@@ -532,7 +556,7 @@ impl Inner {
                 }
             }
         }
-        self.refresh_connections(ttl).await
+        Ok(())
     }
 
     /// Rewrites every presence entry of this node.
