@@ -372,12 +372,11 @@ impl RawSub {
             Ok(())
         });
         write.await.unwrap_or_else(|e| Err(ReqError::Unknown(format!("nats write: {e}"))))?;
-        let forget = || self.replies.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         match tokio::time::timeout(within, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(ReqError::Unknown("the nats connection was lost before the answer".into())),
             Err(_) => {
-                forget();
+                self.replies.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
                 Err(ReqError::Unknown(format!("no answer from nats within {within:?}")))
             }
         }

@@ -28,6 +28,11 @@ async fn writes(js: &async_nats::jetstream::Context, bucket: &str) -> u64 {
     s.info().await.unwrap_or_else(|e| panic!("{bucket}: {e}")).state.last_sequence
 }
 
+/// A JetStream context of its own on `server` (to read the buckets' streams).
+async fn jetstream(server: &NatsServer) -> async_nats::jetstream::Context {
+    async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap_or_else(|e| panic!("{e}")))
+}
+
 /// Waits for `n` more liveness writes (of any node): refresh periods going by.
 async fn beats(js: &async_nats::jetstream::Context, n: u64) {
     let from = writes(js, "alive").await;
@@ -42,7 +47,7 @@ async fn idle_entries_cost_one_liveness_write_per_period_and_a_dead_writer_s_ent
     let server = NatsServer::start();
     let a = node(&server, "pa").await;
     let b = node(&server, "pb").await;
-    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap_or_else(|e| panic!("{e}")));
+    let js = jetstream(&server).await;
     for i in 0..50 {
         let e = PresenceEntry { client: format!("pb-{i}"), user: format!("u{i}"), node: "pb".into() };
         b.presence_add("room", &e).await.unwrap_or_else(|e| panic!("presence_add: {e}"));
@@ -85,7 +90,7 @@ async fn held_channels_are_not_written_again_every_period() {
     for i in 0..50 {
         a.subscribe(&format!("held:{i}")).await.unwrap_or_else(|e| panic!("subscribe: {e}"));
     }
-    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap_or_else(|e| panic!("{e}")));
+    let js = jetstream(&server).await;
     until("50 occupied channels written", async || writes(&js, "hooknodes").await >= 50).await;
     beats(&js, 3).await;
     let before = writes(&js, "hooknodes").await;
